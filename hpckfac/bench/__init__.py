@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m hpckfac.bench {comm,step,kernels,convergence,scaling,model}``."""

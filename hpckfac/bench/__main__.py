@@ -1,0 +1,29 @@
+"""Entry point: ``python -m hpckfac.bench NAME [options]``; each NAME is a module here."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "comm": "collective bandwidth and latency: ring vs MPI allreduce, ReduceScatterV, AllGatherV",
+    "step": "iteration time: SGD + ring-allreduce vs K-FAC, per-stage breakdown",
+    "kernels": "CUDA kernels against their obvious alternatives (needs a GPU)",
+    "convergence": "K-FAC vs SGD vs Adam: steps and seconds to target accuracy",
+    "scaling": "strong/weak scaling on ResNet-50 layer shapes, per-stage breakdown",
+    "model": "alpha-beta performance model, calibrated here, extrapolated to 1024 GPUs",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run benchmark ``argv[0]`` with the remaining arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        lines = "\n".join(f"  {name:12s} {text}" for name, text in BENCHMARKS.items())
+        print(f"usage: python -m hpckfac.bench NAME [options]\n{lines}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

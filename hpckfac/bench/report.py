@@ -1,0 +1,86 @@
+"""Shared benchmark plumbing: timing with medians, aligned tables and JSON results."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+
+def time_calls(fn: Callable[[], Any], repeat: int, warmup: int = 1,
+               barrier: Callable[[], Any] | None = None) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    ``barrier`` (e.g. ``comm.barrier``) runs before each timed call so that every
+    rank starts together and a straggler from the previous call is not charged
+    to the next one.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if barrier is not None:
+            barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of ``values`` (the statistic quoted everywhere in docs/)."""
+    return float(statistics.median(values))
+
+
+def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str],
+                 floatfmt: str = ".3f") -> str:
+    """Render ``rows`` as an aligned plain-text table with the given ``columns``."""
+    def cell(value: Any) -> str:
+        return format(value, floatfmt) if isinstance(value, float) else str(value)
+
+    body = [[cell(row.get(col, "")) for col in columns] for row in rows]
+    widths = [max([len(col)] + [len(r[i]) for r in body]) for i, col in enumerate(columns)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def environment() -> dict[str, Any]:
+    """Where a result was measured: host, Python, library versions, thread settings."""
+    import numpy
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        from mpi4py import MPI
+
+        info["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(path: str | os.PathLike, name: str, config: dict[str, Any],
+               results: Any) -> None:
+    """Write one benchmark's results with its configuration and environment."""
+    payload = {"benchmark": name, "config": config, "environment": environment(),
+               "results": results}
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")

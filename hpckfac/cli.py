@@ -1,0 +1,22 @@
+"""The ``hpckfac`` console script: ``hpckfac train ...`` and ``hpckfac bench ...``."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``hpckfac <command> [args]`` to the command's own ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": "hpckfac.train.cli", "bench": "hpckfac.bench.__main__"}
+    if not argv or argv[0] not in commands:
+        print(f"usage: hpckfac {{{'|'.join(commands)}}} [options]  (hpckfac COMMAND --help)",
+              file=sys.stderr)
+        return 2
+    import importlib
+
+    module = importlib.import_module(commands[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Rank-tagged logging: every record says which MPI rank speaks."""
+from __future__ import annotations
+
+import logging
+import os
+
+_FORMAT = "%(asctime)s [rank %(rank)s/%(world)s] %(name)s %(levelname)s: %(message)s"
+
+
+def _rank_and_size() -> tuple[int, int]:
+    # Read the launcher's environment rather than MPI so that logging works before
+    # (and without) MPI initialisation; set_rank() overrides once a communicator exists.
+    for rank_var, size_var in (
+        ("PMI_RANK", "PMI_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+        ("PMIX_RANK", "PMIX_SIZE"),
+    ):
+        if rank_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1"))
+    return 0, 1
+
+
+class _RankFilter(logging.Filter):
+    rank, world = _rank_and_size()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        record.world = self.world
+        return True
+
+
+def set_rank(rank: int, world: int) -> None:
+    """Tag subsequent records with ``rank``/``world`` (called by the Communicator)."""
+    _RankFilter.rank, _RankFilter.world = rank, world
+
+
+def get_logger(name: str = "hpckfac") -> logging.Logger:
+    """Logger under the ``hpckfac`` hierarchy whose records carry the MPI rank.
+
+    The level comes from ``HPCKFAC_LOG_LEVEL`` (default ``WARNING``).
+    """
+    root = logging.getLogger("hpckfac")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.addFilter(_RankFilter())
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("HPCKFAC_LOG_LEVEL", "WARNING").upper())
+        root.propagate = False
+    return logging.getLogger(name if name.startswith("hpckfac") else f"hpckfac.{name}")

@@ -1,0 +1,43 @@
+"""Packaging for hpckfac: distributed K-FAC over MPI with CUDA kernels."""
+from setuptools import setup
+
+PACKAGES = [
+    "hpckfac",
+    "hpckfac.comm",
+    "hpckfac.ops",
+    "hpckfac.layers",
+    "hpckfac.stages",
+    "hpckfac.torch",
+    "hpckfac.bench",
+    "hpckfac.train",
+    "hpckfac.kernels",
+]
+
+setup(
+    name="hpckfac",
+    version="0.1.0",
+    description="Distributed K-FAC natural-gradient training over MPI (Osawa et al. 2018)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    # The CUDA sources live in the top-level kernels/ folder and ship inside the
+    # installed package as hpckfac.kernels, so CuPy finds them after `pip install .`.
+    package_dir={"hpckfac.kernels": "kernels"},
+    package_data={"hpckfac.kernels": ["*.cu", "*.cuh"], "hpckfac.train": ["data/*.npz"]},
+    install_requires=[
+        "numpy>=1.24",
+        "mpi4py>=3.1",
+        # Never pinned here: clusters bring their own CUDA build of torch.
+        "torch>=2.1",
+        "ml_dtypes>=0.3",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+    ],
+    extras_require={
+        "mpi": ["mpich"],
+        "gpu": ["cupy-cuda12x"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6"],
+    },
+    entry_points={"console_scripts": ["hpckfac=hpckfac.cli:main"]},
+)
