@@ -1,0 +1,187 @@
+"""Numerical core of K-FAC on arrays: packing, factor accumulation, running
+averages and damped inversion.
+
+Every entry point validates its arguments (``hpckfac.ops.checks``) and then
+dispatches on the array type: NumPy arrays go to the CPU reference modules
+(``packing``, ``factors``, ``average``, ``inverse``), CuPy arrays to
+``hpckfac.ops.cuda``, which implements functions of the same names and
+signatures as the CPU modules. CuPy is imported only when a CuPy array arrives.
+See docs/numerics.md for layouts, precisions and the inversion fallbacks.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from hpckfac.log import get_logger
+from hpckfac.ops import average, checks, factors, inverse, packing
+from hpckfac.ops.inverse import CHOLESKY, EIGEN, JITTER
+from hpckfac.ops.packing import packed_offsets as _packed_offsets
+from hpckfac.ops.packing import packed_size as _packed_size
+
+__all__ = [
+    "CHOLESKY", "JITTER", "EIGEN", "InverseResult",
+    "packed_size", "packed_offsets", "pack_sym", "unpack_sym",
+    "accumulate_factor", "ema_update", "damped_inverse",
+    "inversion_counters", "reset_inversion_counters",
+]
+
+_log = get_logger("hpckfac.ops")
+_STATUS_NAMES = {CHOLESKY: "cholesky", JITTER: "jitter", EIGEN: "eigen"}
+_counters = dict.fromkeys(_STATUS_NAMES.values(), 0)
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+def _backend(x):
+    """Module implementing the operations for arrays like ``x``."""
+    if _is_cupy(x):
+        from hpckfac.ops import cuda
+
+        return cuda
+    return None
+
+
+def packed_size(n: int) -> int:
+    """``n*(n+1)//2``: elements in the packed upper triangle of an ``n x n`` matrix."""
+    return _packed_size(checks.check_sizes([n])[0])
+
+
+def packed_offsets(sizes: Sequence[int]) -> np.ndarray:
+    """int64 array of ``len(sizes)+1`` entries: where each matrix starts in a packed
+    buffer, ``offsets[m] = sum_{k<m} sizes[k]*(sizes[k]+1)//2``; the last entry is the
+    buffer length."""
+    return _packed_offsets(checks.check_sizes(sizes))
+
+
+def pack_sym(mats: Sequence, dtype=None, out=None):
+    """Pack the upper triangles of square symmetric ``mats`` into one 1-D buffer.
+
+    Matrix ``m`` occupies ``out[offsets[m]:offsets[m+1]]`` (``packed_offsets``) in
+    the order of ``M[np.triu_indices(n)]``: ``(0,0),(0,1)..(0,n-1),(1,1)..(n-1,n-1)``.
+    The lower triangles are not read. The buffer has dtype ``dtype`` (default: the
+    common dtype of ``mats``, float64 for an empty list); with ``out`` (1-D, of the
+    packed length) it is written there and ``dtype``, if given, must match it.
+    """
+    mats = list(mats)
+    sizes = [checks.check_square(mat, f"mats[{i}]") for i, mat in enumerate(mats)]
+    total = int(_packed_offsets(sizes)[-1])
+    if out is None:
+        if dtype is None:
+            dtype = np.result_type(*[m.dtype for m in mats]) if mats else np.float64
+        backend = _backend(mats[0]) if mats else None
+        out = (backend.empty if backend else np.empty)(total, dtype=dtype)
+    else:
+        if getattr(out, "ndim", None) != 1 or out.shape[0] != total:
+            raise ValueError(f"out: expected a 1-D array of length {total}, got shape {getattr(out, 'shape', None)}")
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            raise ValueError(f"dtype: {np.dtype(dtype)} differs from out.dtype {out.dtype}")
+    backend = _backend(out)
+    return (backend or packing).pack_sym(mats, sizes, out)
+
+
+def unpack_sym(buffer, sizes: Sequence[int], dtype=None) -> list:
+    """Symmetric ``(n, n)`` matrices, one per entry of ``sizes``, from a buffer laid
+    out as ``pack_sym`` writes it; dtype ``dtype`` (default ``buffer.dtype``)."""
+    sizes = checks.check_sizes(sizes)
+    total = int(_packed_offsets(sizes)[-1])
+    if getattr(buffer, "ndim", None) != 1 or buffer.shape[0] != total:
+        raise ValueError(f"buffer: expected a 1-D array of length {total}, got shape {getattr(buffer, 'shape', None)}")
+    dtype = buffer.dtype if dtype is None else np.dtype(dtype)
+    return (_backend(buffer) or packing).unpack_sym(buffer, sizes, dtype)
+
+
+def accumulate_factor(x, scale: float = 1.0, *, packed: bool = False, out=None, decay: float | None = None):
+    """``scale * x.T @ x`` for ``x`` of shape (rows, d), accumulated in float32.
+
+    ``x`` may be float64, float32, float16 or ``ml_dtypes.bfloat16``; half
+    inputs are upcast to float32 before the product. The result is float32
+    (float64 for float64 ``x``), dense ``(d, d)`` or, with ``packed``, the
+    ``packed_size(d)`` upper triangle in ``pack_sym`` order. With ``out`` (that
+    dtype and shape) the result is written there and ``out`` returned; with
+    ``decay`` as well, ``out <- decay*out + (1-decay)*scale*x.T@x`` and a
+    non-finite product raises ValueError leaving ``out`` untouched.
+    """
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"x: expected a 2-D (rows, d) array, got shape {getattr(x, 'shape', None)}")
+    checks.check_float(x, "x")
+    scale = checks.check_scalar(scale, "scale")
+    d = int(x.shape[1])
+    shape = (_packed_size(d),) if packed else (d, d)
+    if decay is not None:
+        decay = checks.check_decay(decay)
+        if out is None:
+            raise ValueError("out: decay needs out holding the running average")
+    if out is not None:
+        want = checks.accumulation_dtype(x.dtype)
+        if tuple(out.shape) != shape or out.dtype != want:
+            raise ValueError(f"out: expected shape {shape} and dtype {want}, got {tuple(out.shape)} {out.dtype}")
+    return (_backend(x) or factors).accumulate_factor(x, scale, bool(packed), out, decay)
+
+
+def ema_update(running, new, decay: float, *, first: bool = False) -> bool:
+    """``running <- decay*running + (1-decay)*new`` in place; ``first``: ``running <- new``.
+
+    ``decay`` (0 <= decay < 1) weighs the old value. If ``new`` holds NaN or
+    Inf nothing is written and False is returned (the caller logs or counts);
+    True otherwise.
+    """
+    decay = checks.check_decay(decay)
+    if tuple(getattr(new, "shape", ())) != tuple(running.shape):
+        raise ValueError(f"new: shape {getattr(new, 'shape', None)} differs from running {running.shape}")
+    return (_backend(running) or average).ema_update(running, new, decay, bool(first))
+
+
+class InverseResult(NamedTuple):
+    """Result of ``damped_inverse``."""
+
+    inverse: object  # (batch, n, n), float32 (float64 for float64 input)
+    status: object   # (batch,) int8: CHOLESKY, JITTER or EIGEN per matrix
+
+
+def damped_inverse(mats, damping) -> InverseResult:
+    """Inverses of ``mats[i] + damping[i]*I`` for a (batch, n, n) stack of SPD-ish matrices.
+
+    ``damping`` is a scalar or a (batch,) array, finite and >= 0. Each matrix is
+    symmetrised and Cholesky-factorised; failures are retried with growing
+    jitter, then inverted by a clipped eigendecomposition (``status`` says which
+    path each took; see hpckfac.ops.inverse and docs/numerics.md). The result is
+    always finite; fallbacks are counted (``inversion_counters``) and logged as a
+    warning. Non-finite input raises ValueError naming the batch indices.
+    """
+    batch, _ = checks.check_square_batch(mats)
+    if not (_is_cupy(damping) or np.ndim(damping) == 0):
+        damping = np.asarray(damping)
+    damping = checks.check_damping(damping, batch)
+    backend = _backend(mats)
+    inv, status = (backend or inverse).damped_inverse(mats, damping)
+    _record(status.get() if backend else status)
+    return InverseResult(inv, status)
+
+
+def _record(status: np.ndarray) -> None:
+    """Count each matrix's path and warn about fallbacks."""
+    counts = np.bincount(status, minlength=len(_STATUS_NAMES))
+    for code, name in _STATUS_NAMES.items():
+        _counters[name] += int(counts[code])
+    if counts[JITTER] or counts[EIGEN]:
+        _log.warning(
+            "damped_inverse: %d of %d matrices needed jitter (indices %s), %d the eigen fallback (indices %s)",
+            counts[JITTER], status.size, np.flatnonzero(status == JITTER).tolist(),
+            counts[EIGEN], np.flatnonzero(status == EIGEN).tolist(),
+        )
+
+
+def inversion_counters() -> dict[str, int]:
+    """Matrices inverted by each path since import (or the last reset):
+    ``{"cholesky": ..., "jitter": ..., "eigen": ...}``."""
+    return dict(_counters)
+
+
+def reset_inversion_counters() -> None:
+    """Set every inversion counter back to 0."""
+    for name in _counters:
+        _counters[name] = 0

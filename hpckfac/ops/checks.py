@@ -1,0 +1,91 @@
+"""Argument validation shared by every backend of ``hpckfac.ops``.
+
+The public entry points in ``hpckfac.ops`` call these before dispatching, so a
+backend (CPU here, CUDA in ``hpckfac.ops.cuda``) receives arguments that are
+already known to be well formed. Only shapes, dtypes and scalars are checked;
+data-dependent checks (finiteness of array contents) belong to the backends.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import numpy as np
+
+# Input dtypes a factor may be accumulated from, by name so that ml_dtypes'
+# bfloat16 and a CuPy array's dtype compare alike.
+FACTOR_INPUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """float64 for float64 input, float32 for every narrower float."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def check_sizes(sizes: Sequence[int]) -> list[int]:
+    """Matrix orders of a packed buffer: non-negative integers."""
+    try:
+        values = [operator_index(n) for n in sizes]
+    except TypeError as exc:
+        raise ValueError(f"sizes: expected a sequence of non-negative integers, got {sizes!r}") from exc
+    if any(n < 0 for n in values):
+        raise ValueError(f"sizes: matrix orders must be non-negative, got {values}")
+    return values
+
+
+def operator_index(n) -> int:
+    """``int(n)`` for genuine integers (NumPy integers included), TypeError otherwise."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{n!r} is not an integer")
+    return int(n)
+
+
+def check_square(mat, name: str) -> int:
+    """Order of a 2-D square array ``mat``; ValueError naming ``name`` otherwise."""
+    if getattr(mat, "ndim", None) != 2 or mat.shape[0] != mat.shape[1]:
+        raise ValueError(f"{name}: expected a square 2-D array, got shape {getattr(mat, 'shape', None)}")
+    return int(mat.shape[0])
+
+
+def check_square_batch(mats, name: str = "mats") -> tuple[int, int]:
+    """(batch, n) of a (batch, n, n) array of floats."""
+    if getattr(mats, "ndim", None) != 3 or mats.shape[1] != mats.shape[2]:
+        raise ValueError(f"{name}: expected a (batch, n, n) array, got shape {getattr(mats, 'shape', None)}")
+    check_float(mats, name)
+    return int(mats.shape[0]), int(mats.shape[1])
+
+
+def check_float(arr, name: str) -> None:
+    """TypeError naming ``name`` unless ``arr`` holds one of FACTOR_INPUT_DTYPES."""
+    if np.dtype(arr.dtype).name not in FACTOR_INPUT_DTYPES:
+        raise TypeError(f"{name}: dtype {arr.dtype} not supported, expected one of {FACTOR_INPUT_DTYPES}")
+
+
+def check_scalar(value, name: str, *, low: float | None = None, high_open: float | None = None) -> float:
+    """A finite real ``value`` with ``low <= value < high_open`` (bounds optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
+    value = float(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name}: must be >= {low}, got {value}")
+    if high_open is not None and value >= high_open:
+        raise ValueError(f"{name}: must be < {high_open}, got {value}")
+    return value
+
+
+def check_decay(decay) -> float:
+    """Running-average weight of the old value: 0 <= decay < 1."""
+    return check_scalar(decay, "decay", low=0.0, high_open=1.0)
+
+
+def check_damping(damping, batch: int):
+    """Scalar damping as float, or a (batch,) array; finite and >= 0 either way."""
+    if getattr(damping, "ndim", 0) == 0:
+        return check_scalar(damping.item() if hasattr(damping, "item") else damping, "damping", low=0.0)
+    if damping.ndim != 1 or damping.shape[0] != batch:
+        raise ValueError(f"damping: expected a scalar or shape ({batch},), got shape {damping.shape}")
+    # Both comparisons are False for NaN, so NaN, inf and negatives all fail here.
+    if not bool(((damping >= 0) & (damping < math.inf)).all()):
+        raise ValueError("damping: every entry must be finite and >= 0")
+    return damping

@@ -1,0 +1,121 @@
+"""Damped inversion of a batch of SPD matrices with per-matrix fallbacks (CPU).
+
+For each matrix ``S = (M + M^T)/2 + damping*I``:
+
+1. CHOLESKY: ``S = L L^T``; accepted when LAPACK succeeds and the factor is not
+   numerically singular, ``min(L_ii)^2 >= PIVOT_RTOL * eps * max(L_ii)^2``
+   (``eps`` of the working dtype; ``(max L_ii / min L_ii)^2`` is a lower bound
+   of the condition number of ``S``). The inverse is ``L^-T L^-1``.
+2. JITTER: Cholesky of ``S + j * s * I`` for ``j`` in ``JITTERS``
+   (1e-6 ... 1e-1) where ``s`` is the mean of ``|diag(S)|`` (1 if that is 0);
+   the first accepted ``j`` wins.
+3. EIGEN: ``S = V diag(w) V^T`` (``eigh``) and the inverse
+   ``V diag(1/max(w, floor)) V^T`` with
+   ``floor = max(damping, EIGEN_RFLOOR * max|w|, sqrt(tiny))``
+   (``max|w|`` taken as 1 when 0): eigenvalues of a PSD matrix plus damping
+   are ``>= damping``, so only what rounding or corruption pushed below that is
+   raised, and the floor keeps the inverse finite.
+
+Every result is finite and exactly symmetric.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CHOLESKY, JITTER, EIGEN = 0, 1, 2
+JITTERS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PIVOT_RTOL = 10.0
+EIGEN_RFLOOR = 1e-6
+
+
+def damped_inverse(mats: np.ndarray, damping) -> tuple[np.ndarray, np.ndarray]:
+    """Inverses of ``mats + damping*I`` (batch, n, n) and their int8 status (batch,).
+
+    ``damping`` is a float or a (batch,) array, already validated. Works in
+    float64 for float64 input, float32 otherwise. Non-finite input raises
+    ValueError naming the offending batch indices.
+    """
+    dtype = np.float64 if mats.dtype == np.float64 else np.float32
+    mats = mats.astype(dtype, copy=False)
+    bad = np.flatnonzero(~np.isfinite(mats).all(axis=(1, 2)))
+    if bad.size:
+        raise ValueError(f"mats: non-finite values in batch indices {bad.tolist()}")
+    batch, n = mats.shape[:2]
+    damping = np.broadcast_to(np.asarray(damping, dtype=dtype), (batch,))
+    # Symmetrise before factorising: LAPACK's Cholesky and eigh read one triangle
+    # only, so an input that rounding left slightly asymmetric (fp32 accumulation,
+    # fp16 communication) would otherwise be inverted as a matrix that depends on
+    # which triangle the backend reads; the average is the nearest symmetric matrix.
+    eye = np.eye(n, dtype=dtype)
+    damped = 0.5 * (mats + mats.swapaxes(1, 2)) + damping[:, None, None] * eye
+
+    inverse = np.empty_like(damped)
+    status = np.full(batch, CHOLESKY, dtype=np.int8)
+    factors, ok = _cholesky_batch(damped)
+    inverse[ok] = _inverse_from_cholesky(factors[ok])
+    for i in np.flatnonzero(~ok):
+        diag_scale = float(np.abs(np.diagonal(damped[i])).mean()) or 1.0
+        for jitter in JITTERS:
+            factor = _cholesky(damped[i] + (jitter * diag_scale) * eye)
+            if factor is not None:
+                inverse[i] = _inverse_from_cholesky(factor[None])[0]
+                status[i] = JITTER
+                break
+        else:
+            inverse[i] = _clipped_eigen_inverse(damped[i], float(damping[i]))
+            status[i] = EIGEN
+    return inverse, status
+
+
+def _well_conditioned(factors: np.ndarray) -> np.ndarray:
+    """Per matrix: Cholesky factor finite and its pivots not numerically singular."""
+    diag = np.diagonal(factors, axis1=-2, axis2=-1)
+    finite = np.isfinite(factors).all(axis=(-2, -1))
+    eps = np.finfo(factors.dtype).eps
+    with np.errstate(invalid="ignore", over="ignore"):
+        return finite & (diag.min(axis=-1) ** 2 >= PIVOT_RTOL * eps * diag.max(axis=-1) ** 2)
+
+
+def _cholesky(mat: np.ndarray) -> np.ndarray | None:
+    """Lower Cholesky factor of one matrix, or None when it fails or is numerically singular."""
+    try:
+        factor = np.linalg.cholesky(mat)
+    except np.linalg.LinAlgError:
+        return None
+    return factor if _well_conditioned(factor) else None
+
+
+def _cholesky_batch(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky factors of a batch and which of them are usable.
+
+    NumPy's batched Cholesky fails as a whole when one matrix fails, so only then
+    is the batch factorised matrix by matrix to tell which ones did.
+    """
+    try:
+        factors = np.linalg.cholesky(mats)
+        return factors, _well_conditioned(factors)
+    except np.linalg.LinAlgError:
+        factors = np.zeros_like(mats)
+        ok = np.zeros(mats.shape[0], dtype=bool)
+        for i, mat in enumerate(mats):
+            factor = _cholesky(mat)
+            if factor is not None:
+                factors[i], ok[i] = factor, True
+        return factors, ok
+
+
+def _inverse_from_cholesky(factors: np.ndarray) -> np.ndarray:
+    """``L^-T L^-1`` for a batch of lower factors, symmetrised exactly."""
+    eye = np.broadcast_to(np.eye(factors.shape[-1], dtype=factors.dtype), factors.shape)
+    lower_inv = np.linalg.solve(factors, eye)
+    inverse = lower_inv.swapaxes(-1, -2) @ lower_inv
+    return 0.5 * (inverse + inverse.swapaxes(-1, -2))
+
+
+def _clipped_eigen_inverse(mat: np.ndarray, damping: float) -> np.ndarray:
+    """``V diag(1/max(w, floor)) V^T`` for a symmetric ``mat`` (see module docstring)."""
+    eigvals, eigvecs = np.linalg.eigh(mat)
+    top = float(np.abs(eigvals).max(initial=0.0)) or 1.0
+    floor = max(damping, EIGEN_RFLOOR * top, float(np.sqrt(np.finfo(mat.dtype).tiny)))
+    inverse = (eigvecs / np.maximum(eigvals, floor)) @ eigvecs.T
+    return 0.5 * (inverse + inverse.T)
