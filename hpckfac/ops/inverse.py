@@ -2,10 +2,12 @@
 
 For each matrix ``S = (M + M^T)/2 + damping*I``:
 
-1. CHOLESKY: ``S = L L^T``; accepted when LAPACK succeeds and the factor is not
-   numerically singular, ``min(L_ii)^2 >= PIVOT_RTOL * eps * max(L_ii)^2``
-   (``eps`` of the working dtype; ``(max L_ii / min L_ii)^2`` is a lower bound
-   of the condition number of ``S``). The inverse is ``L^-T L^-1``.
+1. CHOLESKY: ``S = L L^T``; accepted when LAPACK succeeds and no pivot is
+   numerically zero: ``L_ii^2 >= PIVOT_RTOL * eps * S_ii`` for every ``i``
+   (``eps`` of the working dtype). ``L_ii^2 / S_ii`` is the share of the i-th
+   diagonal entry not explained by the earlier rows; for a singular matrix
+   rounding leaves a few eps of it, and the test is invariant under diagonal
+   scaling. The inverse is ``L^-T L^-1``.
 2. JITTER: Cholesky of ``S + j * s * I`` for ``j`` in ``JITTERS``
    (1e-6 ... 1e-1) where ``s`` is the mean of ``|diag(S)|`` (1 if that is 0);
    the first accepted ``j`` wins.
@@ -24,7 +26,7 @@ import numpy as np
 
 CHOLESKY, JITTER, EIGEN = 0, 1, 2
 JITTERS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-PIVOT_RTOL = 10.0
+PIVOT_RTOL = 100.0
 EIGEN_RFLOOR = 1e-6
 
 
@@ -67,13 +69,14 @@ def damped_inverse(mats: np.ndarray, damping) -> tuple[np.ndarray, np.ndarray]:
     return inverse, status
 
 
-def _well_conditioned(factors: np.ndarray) -> np.ndarray:
-    """Per matrix: Cholesky factor finite and its pivots not numerically singular."""
-    diag = np.diagonal(factors, axis1=-2, axis2=-1)
-    finite = np.isfinite(factors).all(axis=(-2, -1))
+def _well_conditioned(mats: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Per matrix: Cholesky factor finite and no pivot numerically zero (module docstring)."""
+    pivots = np.diagonal(factors, axis1=-2, axis2=-1) ** 2
+    diag = np.diagonal(mats, axis1=-2, axis2=-1)
     eps = np.finfo(factors.dtype).eps
+    finite = np.isfinite(factors).all(axis=(-2, -1))
     with np.errstate(invalid="ignore", over="ignore"):
-        return finite & (diag.min(axis=-1) ** 2 >= PIVOT_RTOL * eps * diag.max(axis=-1) ** 2)
+        return finite & (pivots >= PIVOT_RTOL * eps * diag).all(axis=-1)
 
 
 def _cholesky(mat: np.ndarray) -> np.ndarray | None:
@@ -82,7 +85,7 @@ def _cholesky(mat: np.ndarray) -> np.ndarray | None:
         factor = np.linalg.cholesky(mat)
     except np.linalg.LinAlgError:
         return None
-    return factor if _well_conditioned(factor) else None
+    return factor if _well_conditioned(mat, factor) else None
 
 
 def _cholesky_batch(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +96,7 @@ def _cholesky_batch(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     try:
         factors = np.linalg.cholesky(mats)
-        return factors, _well_conditioned(factors)
+        return factors, _well_conditioned(mats, factors)
     except np.linalg.LinAlgError:
         factors = np.zeros_like(mats)
         ok = np.zeros(mats.shape[0], dtype=bool)

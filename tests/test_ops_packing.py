@@ -1,0 +1,114 @@
+"""Symmetric packing: layout, offsets, exact float64 round trip, dtype casts."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from hpckfac import ops
+
+
+def random_symmetric(rng, n, dtype=np.float64):
+    a = rng.standard_normal((n, n))
+    return (a + a.T).astype(dtype)
+
+
+def explicit_pack(mats):
+    """Oracle: the documented order written out as a double loop i <= j."""
+    return np.array([m[i, j] for m in mats for i in range(m.shape[0]) for j in range(i, m.shape[0])])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_round_trip_and_layout_random_sizes(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [1] + rng.integers(1, 12, size=rng.integers(1, 6)).tolist()
+    rng.shuffle(sizes)
+    mats = [random_symmetric(rng, n) for n in sizes]
+    buf = ops.pack_sym(mats)
+    assert buf.dtype == np.float64 and buf.ndim == 1
+    np.testing.assert_array_equal(buf, explicit_pack(mats))
+    offsets = ops.packed_offsets(sizes)
+    assert offsets.dtype == np.int64
+    assert offsets.tolist() == [sum(n * (n + 1) // 2 for n in sizes[:m]) for m in range(len(sizes) + 1)]
+    for mat, back in zip(mats, ops.unpack_sym(buf, sizes), strict=True):
+        np.testing.assert_array_equal(back, mat)  # bit-exact
+
+
+def test_element_position_formula():
+    rng = np.random.default_rng(7)
+    sizes = [3, 4]
+    mats = [random_symmetric(rng, n) for n in sizes]
+    buf = ops.pack_sym(mats)
+    offsets = ops.packed_offsets(sizes)
+    for m, n in enumerate(sizes):
+        for i in range(n):
+            for j in range(i, n):
+                assert buf[offsets[m] + i * n - i * (i - 1) // 2 + (j - i)] == mats[m][i, j]
+
+
+def test_worked_example_two_three():
+    a = np.array([[1.0, 2.0], [2.0, 3.0]])
+    b = np.array([[4.0, 5.0, 6.0], [5.0, 7.0, 8.0], [6.0, 8.0, 9.0]])
+    np.testing.assert_array_equal(ops.pack_sym([a, b]), [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert ops.packed_offsets([2, 3]).tolist() == [0, 3, 9]
+    assert ops.packed_size(3) == 6
+
+
+def test_empty_list():
+    buf = ops.pack_sym([])
+    assert buf.shape == (0,) and buf.dtype == np.float64
+    assert ops.unpack_sym(buf, []) == []
+    assert ops.packed_offsets([]).tolist() == [0]
+
+
+def test_lower_triangle_not_read():
+    rng = np.random.default_rng(3)
+    mat = random_symmetric(rng, 5)
+    skewed = mat.copy()
+    skewed[np.tril_indices(5, -1)] = rng.standard_normal(10)
+    np.testing.assert_array_equal(ops.pack_sym([skewed]), ops.pack_sym([mat]))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, ml_dtypes.bfloat16])
+def test_pack_with_cast(dtype):
+    rng = np.random.default_rng(11)
+    sizes = [4, 1, 6]
+    mats = [random_symmetric(rng, n) for n in sizes]
+    buf = ops.pack_sym(mats, dtype=dtype)
+    assert buf.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(buf, explicit_pack(mats).astype(dtype))
+    back = ops.unpack_sym(buf, sizes, dtype=np.float64)
+    for mat, got in zip(mats, back):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, got.T)
+        np.testing.assert_allclose(got, mat, rtol=float(ml_dtypes.finfo(dtype).eps), atol=0)
+
+
+def test_pack_into_out():
+    rng = np.random.default_rng(5)
+    mats = [random_symmetric(rng, n, np.float32) for n in (2, 5)]
+    out = np.full(ops.packed_offsets([2, 5])[-1], np.nan, dtype=np.float16)
+    assert ops.pack_sym(mats, out=out) is out
+    np.testing.assert_array_equal(out, explicit_pack(mats).astype(np.float16))
+
+
+def test_mixed_input_dtypes_promote():
+    rng = np.random.default_rng(2)
+    buf = ops.pack_sym([random_symmetric(rng, 2, np.float32), random_symmetric(rng, 3, np.float64)])
+    assert buf.dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: ops.pack_sym([np.zeros((2, 3))]), "mats[0]"),
+        (lambda: ops.pack_sym([np.eye(2), np.zeros(4)]), "mats[1]"),
+        (lambda: ops.pack_sym([np.eye(2)], out=np.zeros(4)), "out"),
+        (lambda: ops.pack_sym([np.eye(2)], dtype=np.float16, out=np.zeros(3)), "dtype"),
+        (lambda: ops.unpack_sym(np.zeros(5), [2]), "buffer"),
+        (lambda: ops.unpack_sym(np.zeros(3), [2.0]), "sizes"),
+        (lambda: ops.packed_offsets([2, -1]), "sizes"),
+        (lambda: ops.packed_size(-3), "sizes"),
+    ],
+)
+def test_invalid_arguments(call, name):
+    with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("]", r"\]")):
+        call()
