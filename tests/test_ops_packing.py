@@ -106,7 +106,8 @@ def test_mixed_input_dtypes_promote():
         (lambda: ops.unpack_sym(np.zeros(5), [2]), "buffer"),
         (lambda: ops.unpack_sym(np.zeros(3), [2.0]), "sizes"),
         (lambda: ops.packed_offsets([2, -1]), "sizes"),
-        (lambda: ops.packed_size(-3), "sizes"),
+        (lambda: ops.packed_size(-3), "n"),
+        (lambda: ops.packed_size(2.5), "n"),
     ],
 )
 def test_invalid_arguments(call, name):

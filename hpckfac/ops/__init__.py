@@ -5,12 +5,15 @@ Every entry point validates its arguments (``hpckfac.ops.checks``) and then
 dispatches on the array type: NumPy arrays go to the CPU reference modules
 (``packing``, ``factors``, ``average``, ``inverse``), CuPy arrays to
 ``hpckfac.ops.cuda``, which implements functions of the same names and
-signatures as the CPU modules. CuPy is imported only when a CuPy array arrives.
+signatures as the CPU modules (``packing.pack_sym``, ``packing.unpack_sym``,
+``factors.accumulate_factor``, ``average.ema_update``, ``inverse.damped_inverse``),
+receives validated arguments and returns arrays of its own type. CuPy is
+imported only when a CuPy array arrives.
 See docs/numerics.md for layouts, precisions and the inversion fallbacks.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -26,6 +29,9 @@ __all__ = [
     "accumulate_factor", "ema_update", "damped_inverse",
     "inversion_counters", "reset_inversion_counters",
 ]
+
+# A NumPy array on the CPU path, a CuPy array on the CUDA path.
+ArrayLike = Any
 
 _log = get_logger("hpckfac.ops")
 _STATUS_NAMES = {CHOLESKY: "cholesky", JITTER: "jitter", EIGEN: "eigen"}
@@ -47,7 +53,7 @@ def _backend(x):
 
 def packed_size(n: int) -> int:
     """``n*(n+1)//2``: elements in the packed upper triangle of an ``n x n`` matrix."""
-    return _packed_size(checks.check_sizes([n])[0])
+    return _packed_size(checks.check_sizes([n], "n")[0])
 
 
 def packed_offsets(sizes: Sequence[int]) -> np.ndarray:
@@ -57,7 +63,7 @@ def packed_offsets(sizes: Sequence[int]) -> np.ndarray:
     return _packed_offsets(checks.check_sizes(sizes))
 
 
-def pack_sym(mats: Sequence, dtype=None, out=None):
+def pack_sym(mats: Sequence, dtype=None, out=None) -> ArrayLike:
     """Pack the upper triangles of square symmetric ``mats`` into one 1-D buffer.
 
     Matrix ``m`` occupies ``out[offsets[m]:offsets[m+1]]`` (``packed_offsets``) in
@@ -69,21 +75,19 @@ def pack_sym(mats: Sequence, dtype=None, out=None):
     mats = list(mats)
     sizes = [checks.check_square(mat, f"mats[{i}]") for i, mat in enumerate(mats)]
     total = int(_packed_offsets(sizes)[-1])
-    if out is None:
-        if dtype is None:
-            dtype = np.result_type(*[m.dtype for m in mats]) if mats else np.float64
-        backend = _backend(mats[0]) if mats else None
-        out = (backend.empty if backend else np.empty)(total, dtype=dtype)
-    else:
+    if out is not None:
         if getattr(out, "ndim", None) != 1 or out.shape[0] != total:
             raise ValueError(f"out: expected a 1-D array of length {total}, got shape {getattr(out, 'shape', None)}")
         if dtype is not None and np.dtype(dtype) != out.dtype:
             raise ValueError(f"dtype: {np.dtype(dtype)} differs from out.dtype {out.dtype}")
-    backend = _backend(out)
-    return (backend or packing).pack_sym(mats, sizes, out)
+        dtype = out.dtype
+    elif dtype is None:
+        dtype = np.result_type(*[m.dtype for m in mats]) if mats else np.float64
+    backend = _backend(out if out is not None else (mats[0] if mats else None))
+    return (backend or packing).pack_sym(mats, sizes, np.dtype(dtype), out)
 
 
-def unpack_sym(buffer, sizes: Sequence[int], dtype=None) -> list:
+def unpack_sym(buffer, sizes: Sequence[int], dtype=None) -> list[ArrayLike]:
     """Symmetric ``(n, n)`` matrices, one per entry of ``sizes``, from a buffer laid
     out as ``pack_sym`` writes it; dtype ``dtype`` (default ``buffer.dtype``)."""
     sizes = checks.check_sizes(sizes)
@@ -94,7 +98,9 @@ def unpack_sym(buffer, sizes: Sequence[int], dtype=None) -> list:
     return (_backend(buffer) or packing).unpack_sym(buffer, sizes, dtype)
 
 
-def accumulate_factor(x, scale: float = 1.0, *, packed: bool = False, out=None, decay: float | None = None):
+def accumulate_factor(
+    x, scale: float = 1.0, *, packed: bool = False, out=None, decay: float | None = None
+) -> ArrayLike:
     """``scale * x.T @ x`` for ``x`` of shape (rows, d), accumulated in float32.
 
     ``x`` may be float64, float32, float16 or ``ml_dtypes.bfloat16``; half
@@ -138,8 +144,8 @@ def ema_update(running, new, decay: float, *, first: bool = False) -> bool:
 class InverseResult(NamedTuple):
     """Result of ``damped_inverse``."""
 
-    inverse: object  # (batch, n, n), float32 (float64 for float64 input)
-    status: object   # (batch,) int8: CHOLESKY, JITTER or EIGEN per matrix
+    inverse: ArrayLike  # (batch, n, n), float32 (float64 for float64 input)
+    status: ArrayLike   # (batch,) int8: CHOLESKY, JITTER or EIGEN per matrix
 
 
 def damped_inverse(mats, damping) -> InverseResult:

@@ -23,14 +23,14 @@ def accumulation_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def check_sizes(sizes: Sequence[int]) -> list[int]:
-    """Matrix orders of a packed buffer: non-negative integers."""
+def check_sizes(sizes: Sequence[int], name: str = "sizes") -> list[int]:
+    """Matrix orders of a packed buffer: non-negative integers (ValueError naming ``name``)."""
     try:
         values = [operator_index(n) for n in sizes]
     except TypeError as exc:
-        raise ValueError(f"sizes: expected a sequence of non-negative integers, got {sizes!r}") from exc
+        raise ValueError(f"{name}: expected non-negative integers, got {sizes!r}") from exc
     if any(n < 0 for n in values):
-        raise ValueError(f"sizes: matrix orders must be non-negative, got {values}")
+        raise ValueError(f"{name}: matrix orders must be non-negative, got {values}")
     return values
 
 

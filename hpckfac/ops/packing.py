@@ -35,9 +35,13 @@ def triu(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def pack_sym(mats: Sequence[np.ndarray], sizes: list[int], out: np.ndarray) -> np.ndarray:
-    """Write the upper triangles of ``mats`` (orders ``sizes``) into ``out``, casting to its dtype."""
+def pack_sym(
+    mats: Sequence[np.ndarray], sizes: list[int], dtype: np.dtype, out: np.ndarray | None
+) -> np.ndarray:
+    """Upper triangles of ``mats`` (orders ``sizes``) in one buffer of ``dtype``, ``out`` if given."""
     offsets = packed_offsets(sizes)
+    if out is None:
+        out = np.empty(int(offsets[-1]), dtype=dtype)
     for mat, n, start, stop in zip(mats, sizes, offsets[:-1], offsets[1:]):
         out[start:stop] = mat[triu(n)]
     return out
