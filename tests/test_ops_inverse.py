@@ -160,3 +160,18 @@ def test_non_finite_input_names_batch_indices(bad):
 def test_invalid_arguments(mats, damping, name):
     with pytest.raises(ValueError, match=name):
         ops.damped_inverse(mats, damping)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("magnitude", ["max", "tiny"])
+def test_extreme_magnitudes_stay_finite(dtype, magnitude):
+    info = np.finfo(dtype)
+    v = float(info.max) / 2 if magnitude == "max" else float(info.tiny) * 4
+    rng = np.random.default_rng(28)
+    spd = spd_batch(rng, 1, 4)[0]
+    spd /= np.abs(spd).max()
+    indefinite = np.array([[1.0, -1 / 3], [-1 / 3, -1.0]])
+    for mat, expect in ((spd, ops.CHOLESKY), (indefinite, ops.EIGEN)):
+        result = ops.damped_inverse((mat * v).astype(dtype)[None], 0.0)
+        assert result.status[0] == expect
+        assert np.isfinite(result.inverse).all()

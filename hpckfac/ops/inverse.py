@@ -4,13 +4,13 @@ For each matrix ``S = (M + M^T)/2 + damping*I``:
 
 1. CHOLESKY: ``S = L L^T``; accepted when LAPACK succeeds and no pivot is
    numerically zero: ``L_ii^2 >= PIVOT_RTOL * eps * S_ii`` for every ``i``
-   (``eps`` of the working dtype). ``L_ii^2 / S_ii`` is the share of the i-th
-   diagonal entry not explained by the earlier rows; for a singular matrix
-   rounding leaves a few eps of it, and the test is invariant under diagonal
-   scaling. The inverse is ``L^-T L^-1``.
+   (``eps`` of the working dtype) and the inverse ``L^-T L^-1`` is finite.
+   ``L_ii^2 / S_ii`` is the share of the i-th diagonal entry not explained by
+   the earlier rows; for a singular matrix rounding leaves a few eps of it, and
+   the test is invariant under diagonal scaling.
 2. JITTER: Cholesky of ``S + j * s * I`` for ``j`` in ``JITTERS``
    (1e-6 ... 1e-1) where ``s`` is the mean of ``|diag(S)|`` (1 if that is 0);
-   the first accepted ``j`` wins.
+   the first ``j`` accepted as in 1 wins.
 3. EIGEN: ``S = V diag(w) V^T`` (``eigh``) and the inverse
    ``V diag(1/max(w, floor)) V^T`` with
    ``floor = max(damping, EIGEN_RFLOOR * max|w|, sqrt(tiny))``
@@ -23,6 +23,8 @@ Every result is finite and exactly symmetric.
 from __future__ import annotations
 
 import numpy as np
+
+from hpckfac.ops.checks import accumulation_dtype
 
 CHOLESKY, JITTER, EIGEN = 0, 1, 2
 JITTERS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -37,7 +39,7 @@ def damped_inverse(mats: np.ndarray, damping) -> tuple[np.ndarray, np.ndarray]:
     float64 for float64 input, float32 otherwise. Non-finite input raises
     ValueError naming the offending batch indices.
     """
-    dtype = np.float64 if mats.dtype == np.float64 else np.float32
+    dtype = accumulation_dtype(mats.dtype)
     mats = mats.astype(dtype, copy=False)
     bad = np.flatnonzero(~np.isfinite(mats).all(axis=(1, 2)))
     if bad.size:
@@ -48,25 +50,36 @@ def damped_inverse(mats: np.ndarray, damping) -> tuple[np.ndarray, np.ndarray]:
     # only, so an input that rounding left slightly asymmetric (fp32 accumulation,
     # fp16 communication) would otherwise be inverted as a matrix that depends on
     # which triangle the backend reads; the average is the nearest symmetric matrix.
-    eye = np.eye(n, dtype=dtype)
-    damped = 0.5 * (mats + mats.swapaxes(1, 2)) + damping[:, None, None] * eye
+    # Halving before adding keeps entries near the dtype's maximum finite.
+    damped = 0.5 * mats + 0.5 * mats.swapaxes(1, 2) + damping[:, None, None] * np.eye(n, dtype=dtype)
 
     inverse = np.empty_like(damped)
     status = np.full(batch, CHOLESKY, dtype=np.int8)
     factors, ok = _cholesky_batch(damped)
-    inverse[ok] = _inverse_from_cholesky(factors[ok])
+    with np.errstate(over="ignore", invalid="ignore"):
+        inverse[ok] = _inverse_from_cholesky(factors[ok])
+    ok[ok] = np.isfinite(inverse[ok]).all(axis=(1, 2))
     for i in np.flatnonzero(~ok):
-        diag_scale = float(np.abs(np.diagonal(damped[i])).mean()) or 1.0
-        for jitter in JITTERS:
-            factor = _cholesky(damped[i] + (jitter * diag_scale) * eye)
-            if factor is not None:
-                inverse[i] = _inverse_from_cholesky(factor[None])[0]
-                status[i] = JITTER
-                break
+        jittered = _jittered_inverse(damped[i])
+        if jittered is not None:
+            inverse[i], status[i] = jittered, JITTER
         else:
-            inverse[i] = _clipped_eigen_inverse(damped[i], float(damping[i]))
-            status[i] = EIGEN
+            inverse[i], status[i] = _clipped_eigen_inverse(damped[i], float(damping[i])), EIGEN
     return inverse, status
+
+
+def _jittered_inverse(mat: np.ndarray) -> np.ndarray | None:
+    """Inverse of ``mat + j*s*I`` for the first ``j`` in JITTERS whose Cholesky is usable."""
+    eye = np.eye(mat.shape[0], dtype=mat.dtype)
+    diag_scale = float(np.abs(np.diagonal(mat)).mean()) or 1.0
+    for jitter in JITTERS:
+        factor = _cholesky(mat + (jitter * diag_scale) * eye)
+        if factor is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                inverse = _inverse_from_cholesky(factor)
+            if np.isfinite(inverse).all():
+                return inverse
+    return None
 
 
 def _well_conditioned(mats: np.ndarray, factors: np.ndarray) -> np.ndarray:
@@ -112,7 +125,7 @@ def _inverse_from_cholesky(factors: np.ndarray) -> np.ndarray:
     eye = np.broadcast_to(np.eye(factors.shape[-1], dtype=factors.dtype), factors.shape)
     lower_inv = np.linalg.solve(factors, eye)
     inverse = lower_inv.swapaxes(-1, -2) @ lower_inv
-    return 0.5 * (inverse + inverse.swapaxes(-1, -2))
+    return 0.5 * inverse + 0.5 * inverse.swapaxes(-1, -2)
 
 
 def _clipped_eigen_inverse(mat: np.ndarray, damping: float) -> np.ndarray:
@@ -121,4 +134,4 @@ def _clipped_eigen_inverse(mat: np.ndarray, damping: float) -> np.ndarray:
     top = float(np.abs(eigvals).max(initial=0.0)) or 1.0
     floor = max(damping, EIGEN_RFLOOR * top, float(np.sqrt(np.finfo(mat.dtype).tiny)))
     inverse = (eigvecs / np.maximum(eigvals, floor)) @ eigvecs.T
-    return 0.5 * (inverse + inverse.T)
+    return 0.5 * inverse + 0.5 * inverse.T
