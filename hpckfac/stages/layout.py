@@ -1,0 +1,135 @@
+"""Buffer layouts of the two per-step collectives.
+
+ReduceScatterV buffer (every rank sends the whole buffer, owner ``r`` receives
+segment ``r`` averaged over ranks). Segment ``r`` holds, for the blocks ``r``
+owns in model order:
+
+- on factor-update steps, for each owned block: its packed statistics
+  (``BlockSpec.stat_size`` elements) followed by one *presence* element, 1.0
+  if this rank has statistics for the block this step, else 0.0 (a module not
+  called this step); after the mean the presence is the share of ranks that
+  contributed, and the owner divides by it (or skips the update when it is 0);
+- then, every step, each owned block's gradient matrix, row-major.
+
+AllGatherV buffer: segment ``r`` holds the preconditioned gradients of the
+blocks ``r`` owns followed by one element, ``r``'s partial sum
+``sum_l <V_l, grad_l>`` for the KL clip. A rank that owns nothing has an empty
+segment in both collectives (count 0).
+
+Packed statistics of a block: Kronecker blocks ``pack_sym([A, G])`` (upper
+triangles, ``hpckfac.ops`` order); BatchNorm blocks the ``C`` symmetric 2x2
+Fishers as ``(F00, F01, F11)`` per channel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpckfac.ops import packed_size
+
+BN_PACKED = 3  # (F00, F01, F11) of a channel's 2x2 Fisher
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Shapes of one curvature block as the pipeline sees them.
+
+    ``kind`` is ``"kron"`` (``d_A``, ``d_G`` set; gradient ``(d_G, d_A)``) or
+    ``"bn"`` (``channels`` set; gradient ``(C, 2)``: columns gamma, beta).
+    """
+
+    name: str
+    kind: str
+    d_A: int = 0
+    d_G: int = 0
+    channels: int = 0
+
+    @property
+    def stat_size(self) -> int:
+        """Elements of the block's packed statistics (without the presence flag)."""
+        if self.kind == "kron":
+            return packed_size(self.d_A) + packed_size(self.d_G)
+        return BN_PACKED * self.channels
+
+    @property
+    def grad_shape(self) -> tuple[int, int]:
+        """Shape of the gradient matrix the engine takes and returns."""
+        return (self.d_G, self.d_A) if self.kind == "kron" else (self.channels, 2)
+
+    @property
+    def grad_size(self) -> int:
+        rows, cols = self.grad_shape
+        return rows * cols
+
+
+def block_spec(block) -> BlockSpec:
+    """``BlockSpec`` of an ``hpckfac.layers`` block (KronBlock or BatchNormBlock)."""
+    if hasattr(block, "d_A"):
+        return BlockSpec(block.name, "kron", d_A=int(block.d_A), d_G=int(block.d_G))
+    return BlockSpec(block.name, "bn", channels=int(block.num_features))
+
+
+class SegmentLayout:
+    """Offsets of every block in the ReduceScatterV and AllGatherV buffers.
+
+    ``owners[l]`` is the rank owning block ``l``. Offsets are into the whole
+    buffer; ``segment_start`` converts to offsets inside one rank's segment.
+    """
+
+    def __init__(self, specs: list[BlockSpec], owners: list[int], size: int) -> None:
+        self.specs, self.owners, self.size = list(specs), list(owners), int(size)
+        self.owned = [[l for l, o in enumerate(self.owners) if o == r] for r in range(self.size)]
+        # reduce[factors]: (counts per rank, stat offset per block, grad offset per block)
+        self.reduce = {factors: self._reduce_layout(factors) for factors in (False, True)}
+        self.gather_counts, self.gather_offsets, self.partial_offsets = self._gather_layout()
+
+    def _reduce_layout(self, factors: bool):
+        counts = [0] * self.size
+        stat_at, grad_at = [0] * len(self.specs), [0] * len(self.specs)
+        start = 0
+        for rank, blocks in enumerate(self.owned):
+            offset = start
+            if factors:
+                for l in blocks:
+                    stat_at[l] = offset
+                    offset += self.specs[l].stat_size + 1
+            for l in blocks:
+                grad_at[l] = offset
+                offset += self.specs[l].grad_size
+            counts[rank], start = offset - start, offset
+        return counts, stat_at, grad_at
+
+    def _gather_layout(self):
+        counts, at, partial = [0] * self.size, [0] * len(self.specs), [None] * self.size
+        start = 0
+        for rank, blocks in enumerate(self.owned):
+            offset = start
+            for l in blocks:
+                at[l] = offset
+                offset += self.specs[l].grad_size
+            if blocks:
+                partial[rank] = offset
+                offset += 1
+            counts[rank], start = offset - start, offset
+        return counts, at, partial
+
+    def reduce_counts(self, factors: bool) -> list[int]:
+        """ReduceScatterV count of each rank's segment."""
+        return self.reduce[factors][0]
+
+    def reduce_total(self, factors: bool) -> int:
+        """Length of the whole ReduceScatterV buffer."""
+        return sum(self.reduce[factors][0])
+
+    def stat_offset(self, block: int) -> int:
+        """Start of block's statistics (then its presence flag) on factor-update steps."""
+        return self.reduce[True][1][block]
+
+    def grad_offset(self, block: int, factors: bool) -> int:
+        """Start of block's gradient in the ReduceScatterV buffer."""
+        return self.reduce[factors][2][block]
+
+    def segment_start(self, rank: int, counts: list[int]) -> int:
+        """Offset of ``rank``'s segment in a buffer with per-rank ``counts``."""
+        return int(np.sum(counts[:rank], dtype=np.int64))

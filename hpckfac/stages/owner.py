@@ -1,0 +1,127 @@
+"""Stage 3: what an owner does with the blocks it owns.
+
+Running averages of the packed statistics (``ops.ema_update``, which refuses
+non-finite values), pi-damped inverses on inverse-update steps with all
+matrices of the same order inverted in one ``ops.damped_inverse`` call, and
+the preconditioned gradients ``V = G^-1 grad A^-1`` (Kronecker blocks) or
+``(F_c + lambda I)^-1 grad_c`` per channel (BatchNorm blocks).
+
+A block whose factors were never set (every update so far refused) passes its
+gradient through unpreconditioned; a block with factors but no inverse yet is
+inverted at the step that first needs it.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from hpckfac import ops
+from hpckfac.layers import pi_damping
+from hpckfac.log import get_logger
+from hpckfac.stages.layout import BlockSpec
+
+_log = get_logger("hpckfac.stages.owner")
+
+
+def unpack_batchnorm(packed: np.ndarray, channels: int) -> np.ndarray:
+    """(C, 2, 2) symmetric Fishers from the (F00, F01, F11)-per-channel layout."""
+    tri = packed.reshape(channels, 3)
+    mats = np.empty((channels, 2, 2), dtype=packed.dtype)
+    mats[:, 0, 0], mats[:, 0, 1], mats[:, 1, 0], mats[:, 1, 1] = tri[:, 0], tri[:, 1], tri[:, 1], tri[:, 2]
+    return mats
+
+
+class OwnerState:
+    """Running statistics and inverses of the blocks one rank owns.
+
+    ``blocks``/``specs`` are the owned blocks in model order; block ``i`` here
+    is the ``i``-th owned block. ``dtype`` is the dtype of the running
+    statistics, the inverses and the preconditioning arithmetic.
+    """
+
+    def __init__(self, blocks: Sequence[Any], specs: Sequence[BlockSpec], dtype) -> None:
+        self.blocks, self.specs, self.dtype = list(blocks), list(specs), np.dtype(dtype)
+        self.running = [np.zeros(s.stat_size, dtype=self.dtype) for s in self.specs]
+        self.initialized = [False] * len(self.specs)
+        self.inverses: list[list[np.ndarray] | None] = [None] * len(self.specs)
+        self.refused = 0
+
+    def update(self, i: int, received: np.ndarray, decay: float) -> bool:
+        """Blend block ``i``'s reduced statistics (packed, then the presence
+        share) into its running average. Returns False when nothing changed:
+        no rank had statistics, or they were not finite (logged)."""
+        presence = float(received[-1])
+        if presence <= 0.0:
+            return False
+        new = received[:-1].astype(self.dtype)
+        if presence != 1.0:
+            new /= presence
+        if not ops.ema_update(self.running[i], new, decay, first=not self.initialized[i]):
+            self.refused += 1
+            _log.warning("block %s: non-finite statistics refused; the running average keeps its old value",
+                         self.specs[i].name)
+            return False
+        self.initialized[i] = True
+        return True
+
+    def invert(self, damping: float, missing_only: bool = False) -> None:
+        """Damped inverses of every initialized block (or only of those without
+        one), same-order matrices batched into one ``damped_inverse`` call."""
+        groups: dict[int, list] = {}  # order -> [(matrices (k,n,n), damping (k,), block, slot)]
+        for i, spec in enumerate(self.specs):
+            if not self.initialized[i] or (missing_only and self.inverses[i] is not None):
+                continue
+            if spec.kind == "kron":
+                a, g = ops.unpack_sym(self.running[i], [spec.d_A, spec.d_G])
+                damp_a, damp_g = pi_damping(a, g, damping)
+                groups.setdefault(spec.d_A, []).append((a[None], np.full(1, damp_a), i, 0))
+                groups.setdefault(spec.d_G, []).append((g[None], np.full(1, damp_g), i, 1))
+            else:
+                fisher = unpack_batchnorm(self.running[i], spec.channels)
+                groups.setdefault(2, []).append((fisher, np.full(spec.channels, damping), i, 0))
+            self.inverses[i] = [None, None] if spec.kind == "kron" else [None]
+        for items in groups.values():
+            mats = np.concatenate([m for m, _, _, _ in items]).astype(self.dtype, copy=False)
+            damp = np.concatenate([d for _, d, _, _ in items]).astype(self.dtype)
+            result = ops.damped_inverse(mats, damp).inverse
+            start = 0
+            for m, _, i, slot in items:
+                inv = result[start:start + len(m)]
+                self.inverses[i][slot] = inv[0] if self.specs[i].kind == "kron" else inv
+                start += len(m)
+
+    def precondition(self, grads: Sequence[np.ndarray], out: np.ndarray, damping: float) -> float:
+        """Write each owned block's preconditioned gradient into consecutive
+        slices of ``out`` and return ``sum_i <V_i, grad_i>`` (float64)."""
+        if any(ok and inv is None for ok, inv in zip(self.initialized, self.inverses)):
+            self.invert(damping, missing_only=True)
+        partial, at = 0.0, 0
+        for i, (spec, grad) in enumerate(zip(self.specs, grads)):
+            grad = grad.astype(self.dtype, copy=False)
+            inv = self.inverses[i]
+            if inv is None:
+                v = grad
+            elif spec.kind == "kron":
+                v = self.blocks[i].precondition(grad, inv[0], inv[1])
+            else:
+                v = np.einsum("cij,cj->ci", inv[0], grad)
+            out[at:at + spec.grad_size] = v.reshape(-1)
+            partial += float(np.vdot(v, grad))
+            at += spec.grad_size
+        return partial
+
+    def block_state(self, i: int) -> dict[str, Any]:
+        """Block ``i``'s running statistics (None if never set) and inverses (copies)."""
+        return {"factors": self.running[i].copy() if self.initialized[i] else None,
+                "inverses": None if self.inverses[i] is None else [x.copy() for x in self.inverses[i]]}
+
+    def load_block_state(self, i: int, state: dict[str, Any]) -> None:
+        """Restore block ``i`` from ``block_state`` output, checking shapes."""
+        spec, factors, inverses = self.specs[i], state["factors"], state["inverses"]
+        if factors is not None and np.shape(factors) != (spec.stat_size,):
+            raise ValueError(f"state: block {spec.name!r} factors have shape {np.shape(factors)}, "
+                             f"expected ({spec.stat_size},)")
+        self.initialized[i] = factors is not None
+        self.running[i][...] = 0.0 if factors is None else np.asarray(factors)
+        self.inverses[i] = None if inverses is None else [np.array(x, dtype=self.dtype) for x in inverses]
