@@ -8,6 +8,13 @@
 - ``engine``: ``KFACEngine``, stages 2-4 for a list of blocks.
 - ``options``: validation of every hyperparameter, in one place.
 """
-from hpckfac.stages.engine import KFACEngine
-
 __all__ = ["KFACEngine"]
+
+
+def __getattr__(name: str):
+    # Imported on first use so that ``layout`` and ``options`` load without the numerical core.
+    if name == "KFACEngine":
+        from hpckfac.stages.engine import KFACEngine
+
+        return KFACEngine
+    raise AttributeError(f"module 'hpckfac.stages' has no attribute {name!r}")

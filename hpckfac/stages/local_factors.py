@@ -54,16 +54,19 @@ class LocalStatistics:
         self._sums[block][:spec.d_A * (spec.d_A + 1) // 2] += self.blocks[block].a_factor(a, packed=True)
         self._seen[block][0] = True
 
-    def add_output_grads(self, block: int, g) -> None:
-        """Add ``(1/|T|) sum g g^T`` of a Kronecker block's per-example output gradients ``g``."""
+    def add_output_grads(self, block: int, g, scale: float = 1.0) -> None:
+        """Add ``scale * (1/|T|) sum g g^T`` of a Kronecker block's output
+        gradients ``g`` (with ``g = g_i / s``, ``scale = s**2`` gives the factor of the
+        per-example gradients, see ``hpckfac.torch``)."""
         spec = self.specs[block]
-        self._sums[block][spec.d_A * (spec.d_A + 1) // 2:] += self.blocks[block].g_factor(g, packed=True)
+        self._sums[block][spec.d_A * (spec.d_A + 1) // 2:] += self.blocks[block].g_factor(g, scale, packed=True)
         self._seen[block][1] = True
 
-    def add_batchnorm(self, block: int, x, g) -> None:
-        """Add the per-channel Fishers of a BatchNorm block from its input ``x``
-        and the per-example gradients ``g`` of its output."""
-        fisher = self.blocks[block].fisher(x, g)
+    def add_batchnorm(self, block: int, x, g, scale: float = 1.0) -> None:
+        """Add ``scale`` times the per-channel Fishers of a BatchNorm block from
+        its input ``x`` and the gradients ``g`` of its output (``scale`` as in
+        ``add_output_grads``)."""
+        fisher = self.blocks[block].fisher(x, g, scale)
         self._sums[block].reshape(-1, BN_PACKED)[...] += fisher[:, _BN_TRIU[0], _BN_TRIU[1]]
         self._seen[block][0] = self._seen[block][1] = True
 

@@ -1,0 +1,119 @@
+"""``python -m hpckfac.bench step``: iteration time of SGD + ring-allreduce vs K-FAC.
+
+Under ``mpiexec -n N``. Every configuration trains its own copy of a
+ResNet-style CNN with BatchNorm (``hpckfac.models.resnet``) on random
+CIFAR-shaped data, and the configurations take turns step by step, so that
+they are measured side by side under the same machine load. Reported per
+configuration: median and mean (amortised over the update intervals)
+milliseconds per iteration, the ratio to SGD, and the mean per-stage time of
+the preconditioner (rank 0's view; iteration times are the max over ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpckfac.bench.report import format_table, median, time_calls, write_json
+from hpckfac.comm import Communicator
+from hpckfac.models import resnet
+from hpckfac.torch import KFACPreconditioner, allreduce_gradients, broadcast_parameters
+from hpckfac.torch.preconditioner import TIMED
+
+CONFIGS = {"sgd": None, "kfac_1_10": (1, 10), "kfac_10_100": (10, 100)}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench step", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    parser.add_argument("--batch", type=int, default=128, help="examples per rank per iteration")
+    parser.add_argument("--depth", type=int, default=20, help="ResNet depth (6n+2)")
+    parser.add_argument("--width", type=int, default=16, help="channels of the first stage")
+    parser.add_argument("--image", type=int, default=32, help="input height and width")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    args.configs = args.configs.split(",")
+    bad = [c for c in args.configs if c not in CONFIGS]
+    if bad or args.steps < 1 or args.batch < 1:
+        parser.error(f"invalid --configs {bad}" if bad else "--steps and --batch must be positive")
+    return args
+
+
+class Runner:
+    """One configuration: model, optimizer, optional preconditioner, per-step timings."""
+
+    def __init__(self, name: str, args: argparse.Namespace, comm: Communicator) -> None:
+        torch.manual_seed(0)
+        self.name, self.comm = name, comm
+        self.model = resnet(depth=args.depth, width=args.width)
+        broadcast_parameters(self.model, comm)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        intervals = CONFIGS[name]
+        self.precond = None
+        if intervals:
+            self.precond = KFACPreconditioner(self.model, lr=0.01, comm=comm, factor_update_interval=intervals[0],
+                                              inverse_update_interval=intervals[1])
+        gen = torch.Generator().manual_seed(comm.rank)
+        self.x = torch.randn(args.batch, 3, args.image, args.image, generator=gen)
+        self.y = torch.randint(0, 10, (args.batch,), generator=gen)
+        self.times: list[float] = []
+        self.stages: dict[str, list[float]] = {k: [] for k in ("forward_backward",) + TIMED}
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        self.opt.zero_grad()
+        nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        self.fb = time.perf_counter() - start
+        if self.precond is None:
+            allreduce_gradients(self.model, self.comm)
+        else:
+            self.precond.step()
+        self.opt.step()
+
+    def timed_step(self) -> None:
+        self.times += time_calls(self.step, repeat=1, warmup=0, barrier=self.comm.barrier)
+        self.stages["forward_backward"].append(self.fb)
+        if self.precond is not None:
+            for name in TIMED:
+                self.stages[name].append(self.precond.timings[name])
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    torch.set_num_threads(1)
+    comm = Communicator()
+    runners = [Runner(name, args, comm) for name in args.configs]
+    for _ in range(args.warmup):
+        for runner in runners:
+            runner.step()
+    for _ in range(args.steps):
+        for runner in runners:
+            runner.timed_step()
+    results = []
+    base = None
+    for runner in runners:
+        # The iteration time of a data-parallel step is the slowest rank's.
+        times = np.max(np.array(comm.allgather_object(runner.times)), axis=0)
+        row = {"config": runner.name, "median_ms": 1e3 * median(times), "mean_ms": 1e3 * float(np.mean(times))}
+        row.update({f"{k}_ms": 1e3 * float(np.mean(v)) for k, v in runner.stages.items() if v})
+        if base is None and runner.name == "sgd":
+            base = row
+        results.append(row)
+    for row in results:
+        if base is not None:
+            row["median_vs_sgd"] = row["median_ms"] / base["median_ms"]
+            row["mean_vs_sgd"] = row["mean_ms"] / base["mean_ms"]
+    if comm.rank == 0:
+        print(f"ranks={comm.size} batch/rank={args.batch} resnet{args.depth} width={args.width} "
+              f"image={args.image} steps={args.steps}")
+        print(format_table(results, ["config", "median_ms", "mean_ms", "median_vs_sgd", "mean_vs_sgd"]))
+        stage_cols = ["config", "forward_backward_ms"] + [f"{k}_ms" for k in TIMED]
+        print(format_table([r for r in results if "local_factors_ms" in r], stage_cols))
+        if args.json:
+            write_json(args.json, "step", {**vars(args), "ranks": comm.size}, results)
+    return 0

@@ -1,0 +1,57 @@
+"""Data-parallel helpers on ``hpckfac.comm``: identical starting weights,
+gradient averaging for first-order baselines, BatchNorm statistics averaging."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hpckfac.torch.bridge import to_array
+
+
+def _comm(comm):
+    if comm is None:
+        from hpckfac.comm import Communicator
+
+        comm = Communicator()
+    return comm
+
+
+def _is_float(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.float64, torch.float32, torch.float16)
+
+
+def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
+    """Copy rank ``root``'s parameters and buffers (BatchNorm statistics
+    included) into ``model`` on every rank, in place."""
+    comm = _comm(comm)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        array = to_array(tensor)
+        if _is_float(tensor):
+            comm.broadcast(array, root=root)
+        else:  # integer buffers such as BatchNorm's num_batches_tracked
+            comm.mpi.Bcast(array, root=root)
+
+
+def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
+    """Average every ``.grad`` of ``model`` over ranks in place, with the same
+    fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters."""
+    comm = _comm(comm)
+    grads = [to_array(p.grad) for p in model.parameters() if p.grad is not None]
+    kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    comm.allreduce_many(grads, op="mean", algorithm=algorithm, **kwargs)
+
+
+def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
+    """Average BatchNorm ``running_mean`` and ``running_var`` over ranks in place.
+
+    Each rank's statistics come from its own shards, so replicas differ after
+    training; call this before evaluating or checkpointing. The variance is the
+    mean of the ranks' running variances (the spread of the running means
+    between ranks is not added).
+    """
+    comm = _comm(comm)
+    stats = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            stats += [to_array(module.running_mean), to_array(module.running_var)]
+    comm.allreduce_many(stats, op="mean")

@@ -1,0 +1,312 @@
+"""``KFACPreconditioner``: distributed K-FAC on a PyTorch model.
+
+Stage 1 runs in module hooks (``hpckfac.torch.hooks``) on factor-update
+steps; ``step()`` runs stages 2-4 through ``hpckfac.stages.engine.KFACEngine``
+and the ring-allreduce of the remaining gradients, then overwrites ``.grad``.
+Conventions (per-example gradients, accumulation, GradScaler, dtypes) are in
+docs/preconditioner.md.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpckfac.comm import CollectiveMismatchError, Communicator
+from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
+from hpckfac.bench.report import format_table
+from hpckfac.log import get_logger
+from hpckfac.stages.engine import STAGES, KFACEngine
+from hpckfac.stages.local_factors import LocalStatistics
+from hpckfac.stages.options import check_options
+from hpckfac.torch.bridge import copy_into, to_array
+from hpckfac.torch.hooks import CaptureHooks
+
+_log = get_logger("hpckfac.torch")
+TIMED = ("local_factors", "reduce_scatter", "inversion", "precondition", "all_gather", "allreduce")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+def _make_block(name: str, module: nn.Module):
+    """The curvature block of ``module``, or None for a first-order module."""
+    if isinstance(module, nn.Linear):
+        return LinearBlock(name, module.in_features, module.out_features, bias=module.bias is not None)
+    if isinstance(module, _CONV):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(f"padding: {module.padding_mode!r}/{module.padding!r} padding is not supported")
+        return ConvBlock(name, module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                         module.padding, module.dilation, bias=module.bias is not None, groups=module.groups)
+    if isinstance(module, _BATCHNORM) and module.affine:
+        return BatchNormBlock(name, module.num_features, module.eps)
+    return None
+
+
+class KFACPreconditioner:
+    """Replace each ``.grad`` of ``model`` by its distributed K-FAC natural gradient.
+
+    Call ``step()`` after the backward pass(es) of a step and before
+    ``optimizer.step()``; every rank must call it. Linear, Conv1d/2d/3d and
+    affine BatchNorm modules are preconditioned (unless in ``skip_layers``);
+    all other parameters are averaged over ranks by ring-allreduce.
+
+    Args (all validated here, ValueError naming the parameter):
+        model: the model, identical on every rank (checked at construction).
+        lr: learning rate for the KL clip, a float or ``callable(step) -> float``.
+        damping: Tikhonov damping lambda (pi-corrected for Kronecker factors).
+        factor_decay: running-average weight of the old factors.
+        factor_update_interval: statistics are taken every that many steps.
+        inverse_update_interval: inverses are recomputed every that many steps.
+        kl_clip: kappa of the KL clip, None to disable.
+        skip_layers: module names (a name also skips its children) or module
+            types to leave first-order.
+        factor_dtype: dtype of the ReduceScatterV buffer (factors and the
+            K-FAC gradients travel together): float64/float32/float16; None
+            takes the parameters' dtype (float32 for half-precision models).
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale is undone in G.
+        assignment: owner assignment, ``"lpt"`` or ``"contiguous"``.
+        bucket_bytes: fusion bucket size of the ring-allreduce (None: the
+            Communicator's default).
+        accumulation_steps: forward/backward micro-batches per ``step()``.
+        comm: an ``hpckfac.comm.Communicator`` (default: on COMM_WORLD).
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = 0.1, damping: float = 1e-3,
+                 factor_decay: float = 0.95, factor_update_interval: int = 1, inverse_update_interval: int = 10,
+                 kl_clip: float | None = 1e-3, skip_layers=(), factor_dtype=None, grad_scaler=None,
+                 assignment: str = "lpt", bucket_bytes: int | None = None, accumulation_steps: int = 1,
+                 comm: Communicator | None = None) -> None:
+        opts = check_options(lr=lr, damping=damping, factor_decay=factor_decay,
+                             factor_update_interval=factor_update_interval,
+                             inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
+                             skip_layers=skip_layers, factor_dtype=factor_dtype, grad_scaler=grad_scaler,
+                             assignment=assignment, accumulation_steps=accumulation_steps,
+                             **({} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}))
+        self.model = model
+        self.comm = comm if comm is not None else Communicator()
+        self.lr = opts["lr"]
+        self.grad_scaler = grad_scaler
+        self.accumulation_steps = opts["accumulation_steps"]
+        self.bucket_bytes = bucket_bytes
+        self.skip_layers = opts["skip_layers"]
+        self.modules, blocks, kfac_params = self._find_blocks()
+        self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in kfac_params]
+        param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+        comm_dtype = opts["factor_dtype"] or (np.float64 if param_dtype == torch.float64 else np.float32)
+        self._check_agreement(opts)
+        self.engine = KFACEngine(blocks, self.comm, damping=damping, factor_decay=factor_decay,
+                                 factor_update_interval=factor_update_interval,
+                                 inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
+                                 assignment=assignment, comm_dtype=comm_dtype)
+        self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32)
+        self._bn_inputs: list[list] = [[] for _ in blocks]
+        self._micro_batch = 0
+        self._hook_seconds = 0.0
+        self.timings = dict.fromkeys(TIMED, 0.0)
+        self._totals = dict.fromkeys(TIMED, 0.0)
+        self._timed_steps = 0
+        self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad)
+        self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
+
+    # ----------------------------------------------------------------- setup
+    def _skipped(self, name: str, module: nn.Module) -> bool:
+        return any(isinstance(s, type) and isinstance(module, s) or
+                   isinstance(s, str) and (name == s or name.startswith(s + ".")) for s in self.skip_layers)
+
+    def _find_blocks(self):
+        """K-FAC modules, their blocks, and the ids of the parameters they cover."""
+        modules, blocks, covered = [], [], set()
+        for name, module in self.model.named_modules():
+            if self._skipped(name, module):
+                continue
+            try:
+                block = _make_block(name, module)
+            except (ValueError, NotImplementedError) as exc:
+                _log.warning("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
+                continue
+            if block is None:
+                continue
+            modules.append(module)
+            blocks.append(block)
+            covered.update(id(p) for p in (module.weight, module.bias) if p is not None)
+        return modules, blocks, covered
+
+    def _check_agreement(self, opts: dict[str, Any]) -> None:
+        """One allgather of every rank's layer list and options; on any
+        difference every rank raises CollectiveMismatchError naming the first
+        differing layer (or option)."""
+        kfac = {id(m) for m in self.modules}
+        layers = [(name, type(m).__name__, "kfac" if id(m) in kfac else "first-order",
+                   [tuple(p.shape) for p in m.parameters(recurse=False)])
+                  for name, m in self.model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        options = {k: repr(v) for k, v in opts.items() if k not in ("lr", "grad_scaler")}
+        everyone = self.comm.allgather_object((layers, options))
+        for rank, (other_layers, other_options) in enumerate(everyone):
+            for i in range(max(len(layers), len(other_layers))):
+                mine = layers[i] if i < len(layers) else None
+                theirs = other_layers[i] if i < len(other_layers) else None
+                if mine != theirs:
+                    first = everyone[0][0][i] if i < len(everyone[0][0]) else theirs
+                    raise CollectiveMismatchError(
+                        f"ranks disagree on the model at layer {i} ({first[0] if first else mine[0]!r}): "
+                        f"rank {self.comm.rank} has {mine}, rank {rank} has {theirs}")
+            if other_options != options:
+                name = next(k for k in sorted(set(options) | set(other_options))
+                            if options.get(k) != other_options.get(k))
+                raise CollectiveMismatchError(f"ranks disagree on option {name}: rank {self.comm.rank} has "
+                                              f"{options.get(name)}, rank {rank} has {other_options.get(name)}")
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this preconditioner registered."""
+        self._hooks.remove()
+        self._root_hook.remove()
+
+    # ----------------------------------------------------------------- hooks
+    def _on_model_input(self, module: nn.Module, args, kwargs) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        if first is not None:
+            self._micro_batch = int(first.shape[0])
+            self.local.add_examples(self._micro_batch)
+
+    def _grad_scale(self) -> float:
+        """Factor turning this micro-batch's output gradients into per-example ones."""
+        scale = self._micro_batch * self.accumulation_steps
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale /= float(self.grad_scaler.get_scale())
+        return scale
+
+    def _on_input(self, index: int, a: torch.Tensor) -> None:
+        if not self.engine.is_factor_step():
+            return
+        start = time.perf_counter()
+        if self.engine.specs[index].kind == "bn":
+            self._bn_inputs[index].append(to_array(a))  # needed with the output gradient
+        else:
+            self.local.add_inputs(index, to_array(a))
+        self._hook_seconds += time.perf_counter() - start
+
+    def _on_output_grad(self, index: int, g: torch.Tensor) -> None:
+        if not self.engine.is_factor_step():
+            return
+        start = time.perf_counter()
+        scale = self._grad_scale() ** 2
+        if self.engine.specs[index].kind == "bn":
+            if self._bn_inputs[index]:
+                self.local.add_batchnorm(index, self._bn_inputs[index].pop(), to_array(g), scale)
+        else:
+            self.local.add_output_grads(index, to_array(g), scale)
+        self._hook_seconds += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ step
+    def current_lr(self) -> float:
+        """The learning rate the KL clip uses at this step."""
+        return float(self.lr(self.engine.steps)) if callable(self.lr) else self.lr
+
+    def _grad_matrix(self, index: int) -> np.ndarray:
+        module, block = self.modules[index], self.engine.blocks[index]
+        grads = [None if p is None else to_array(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
+                 for p in (module.weight, module.bias)]
+        if self.engine.specs[index].kind == "bn":
+            return np.stack(grads, axis=1)
+        return block.grad_matrix(grads[0], grads[1])
+
+    def step(self) -> None:
+        """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``."""
+        start = time.perf_counter()
+        stats = self.local.result() if self.engine.is_factor_step() else None
+        grads = [self._grad_matrix(i) for i in range(len(self.modules))]
+        self.timings["local_factors"] = self._hook_seconds + time.perf_counter() - start
+
+        start = time.perf_counter()
+        others = [to_array(p.grad) for p in self.other_params if p.grad is not None]
+        kwargs = {} if self.bucket_bytes is None else {"bucket_bytes": self.bucket_bytes}
+        self.comm.allreduce_many(others, op="mean", algorithm="ring", **kwargs)
+        self.timings["allreduce"] = time.perf_counter() - start
+
+        updates = self.engine.step(grads, stats, lr=self.current_lr())
+        start = time.perf_counter()
+        for module, block, spec, update in zip(self.modules, self.engine.blocks, self.engine.specs, updates):
+            parts = (update[:, 0], update[:, 1]) if spec.kind == "bn" else block.split_matrix(update)
+            for param, part in zip((module.weight, module.bias), parts):
+                if param is not None:
+                    if param.grad is None:
+                        param.grad = torch.empty_like(param)
+                    copy_into(param.grad, part)
+        self.timings.update(self.engine.timings)
+        self.timings["all_gather"] += time.perf_counter() - start
+        self.local.reset()
+        for pending in self._bn_inputs:
+            pending.clear()
+        self._hook_seconds = 0.0
+        for name in TIMED:
+            self._totals[name] += self.timings[name]
+        self._timed_steps += 1
+
+    @property
+    def steps(self) -> int:
+        """Completed ``step()`` calls."""
+        return self.engine.steps
+
+    @property
+    def last_nu(self) -> float:
+        """KL-clip factor applied at the last step."""
+        return self.engine.last_nu
+
+    # ---------------------------------------------------------------- report
+    def report(self, gather: bool = True) -> str:
+        """Per-stage mean milliseconds per step since construction, as a table
+        printed on rank 0 (and returned on every rank). With ``gather`` (a
+        collective) the table shows the mean and max over ranks."""
+        mean = {k: 1e3 * v / max(self._timed_steps, 1) for k, v in self._totals.items()}
+        everyone = self.comm.allgather_object(mean) if gather else [mean]
+        rows = [{"stage": name, "mean_ms": float(np.mean([m[name] for m in everyone])),
+                 "max_ms": float(np.max([m[name] for m in everyone]))} for name in TIMED]
+        rows.append({"stage": "total", "mean_ms": sum(r["mean_ms"] for r in rows),
+                     "max_ms": float(np.max([sum(m.values()) for m in everyone]))})
+        table = format_table(rows, ["stage", "mean_ms", "max_ms"])
+        if self.comm.rank == 0:
+            print(table)
+        return table
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, hyperparameters, layer names, and every block's running
+        factors and inverses gathered to every rank (a collective), as torch
+        tensors, so it ``torch.save``s and loads on any number of ranks."""
+        state = self.engine.state_dict()
+        state["hyperparameters"].update(lr=None if callable(self.lr) else self.lr,
+                                        accumulation_steps=self.accumulation_steps)
+        state["blocks"] = {name: {k: _to_tensors(v) for k, v in block.items()}
+                           for name, block in state["blocks"].items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()`` (saved at any rank count); each rank keeps its owned blocks."""
+        hyper = dict(state["hyperparameters"])
+        lr, accumulation = hyper.pop("lr", None), hyper.pop("accumulation_steps", self.accumulation_steps)
+        blocks = {name: {k: _to_arrays(v) for k, v in block.items()} for name, block in state["blocks"].items()}
+        self.engine.load_state_dict({"steps": state["steps"], "hyperparameters": hyper, "blocks": blocks})
+        self.accumulation_steps = check_options(accumulation_steps=accumulation)["accumulation_steps"]
+        if lr is not None and not callable(self.lr):
+            self.lr = check_options(lr=lr)["lr"]
+
+
+def _to_tensors(value):
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [torch.from_numpy(np.array(v)) for v in value]
+    return torch.from_numpy(np.array(value))
+
+
+def _to_arrays(value):
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in value]
+    return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

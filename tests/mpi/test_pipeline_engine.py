@@ -1,0 +1,196 @@
+"""KFACEngine (stages 2-4) at any rank count against a dense float64 oracle.
+
+Every rank draws every rank's local statistics and gradients from the same
+seed, so each rank can compute the oracle: averages over ranks, running
+averages, pi-damped inverses by np.linalg.inv, V = G^-1 grad A^-1, BatchNorm
+per-channel solves, and the KL clip, all written out here independently of
+the pipeline code.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
+from hpckfac.stages.engine import KFACEngine
+
+DAMPING, DECAY, LR = 1e-2, 0.9, 0.5
+
+
+def make_blocks(n=4):
+    blocks = [LinearBlock("fc1", 5, 4, bias=True), ConvBlock("conv", 2, 3, (3, 3), (2, 2), (1, 1), (1, 1), bias=True),
+              BatchNormBlock("bn", 3, 1e-5), LinearBlock("fc2", 4, 3, bias=False)]
+    return blocks[:n]
+
+
+def spd(rng, n):
+    x = rng.standard_normal((n, n + 2))
+    return x @ x.T / (n + 2)
+
+
+def triu_pack(mat):
+    return mat[np.triu_indices(mat.shape[0])]
+
+
+def draw(rng, blocks, size):
+    """Per rank: dense statistics per block and packed ones (the engine's input), and gradients."""
+    dense, packed, grads = [], [], []
+    for _ in range(size):
+        d_r, p_r, g_r = [], [], []
+        for b in blocks:
+            if isinstance(b, BatchNormBlock):
+                mats = np.stack([spd(rng, 2) for _ in range(b.num_features)])
+                d_r.append([mats])
+                p_r.append(np.stack([mats[:, 0, 0], mats[:, 0, 1], mats[:, 1, 1]], axis=1).ravel())
+                g_r.append(rng.standard_normal((b.num_features, 2)))
+            else:
+                a, g = spd(rng, b.d_A), spd(rng, b.d_G)
+                d_r.append([a, g])
+                p_r.append(np.concatenate([triu_pack(a), triu_pack(g)]))
+                g_r.append(rng.standard_normal((b.d_G, b.d_A)))
+        dense.append(d_r)
+        packed.append(p_r)
+        grads.append(g_r)
+    return dense, packed, grads
+
+
+class Oracle:
+    def __init__(self, blocks, kl_clip):
+        self.blocks, self.kl_clip = blocks, kl_clip
+        self.running, self.inverse = [None] * len(blocks), [None] * len(blocks)
+
+    def update(self, dense_per_rank, present):
+        for l in range(len(self.blocks)):
+            ranks = [r for r in range(len(dense_per_rank)) if present[r][l]]
+            if not ranks:
+                continue
+            new = [sum(dense_per_rank[r][l][k] for r in ranks) / len(ranks) for k in range(len(dense_per_rank[0][l]))]
+            if self.running[l] is None:
+                self.running[l] = new
+            else:
+                self.running[l] = [DECAY * old + (1 - DECAY) * n for old, n in zip(self.running[l], new)]
+
+    def invert(self):
+        for l, b in enumerate(self.blocks):
+            if self.running[l] is None:
+                continue
+            if isinstance(b, BatchNormBlock):
+                (f,) = self.running[l]
+                self.inverse[l] = [np.linalg.inv(f + DAMPING * np.eye(2))]
+            else:
+                a, g = self.running[l]
+                pi = math.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+                self.inverse[l] = [np.linalg.inv(a + pi * math.sqrt(DAMPING) * np.eye(len(a))),
+                                   np.linalg.inv(g + math.sqrt(DAMPING) / pi * np.eye(len(g)))]
+
+    def precondition(self, grads_per_rank):
+        vs, total = [], 0.0
+        for l, b in enumerate(self.blocks):
+            grad = sum(g[l] for g in grads_per_rank) / len(grads_per_rank)
+            if isinstance(b, BatchNormBlock):
+                v = np.einsum("cij,cj->ci", self.inverse[l][0], grad)
+            else:
+                v = self.inverse[l][1] @ grad @ self.inverse[l][0]
+            vs.append(v)
+            total += float(np.sum(v * grad))
+        nu = 1.0 if self.kl_clip is None else min(1.0, math.sqrt(self.kl_clip / (LR ** 2 * total)))
+        return [nu * v for v in vs], nu
+
+
+def run(comm, blocks, steps, fui, iui, kl_clip, assignment="lpt", absent=None, seed=0):
+    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, factor_update_interval=fui,
+                        inverse_update_interval=iui, kl_clip=kl_clip, assignment=assignment, comm_dtype=np.float64)
+    oracle = Oracle(blocks, kl_clip)
+    rng = np.random.default_rng(seed)
+    nus = []
+    for k in range(steps):
+        dense, packed, grads = draw(rng, blocks, comm.size)
+        # absent(k, rank, block): that rank has no statistics of the block at step k
+        present = [[not (absent and absent(k, r, l)) for l in range(len(blocks))] for r in range(comm.size)]
+        stats = [p if present[comm.rank][l] else None for l, p in enumerate(packed[comm.rank])]
+        assert engine.is_factor_step() == (k % fui == 0) and engine.is_inverse_step() == (k % iui == 0)
+        if k % fui == 0:
+            oracle.update(dense, present)
+        if k % iui == 0:
+            oracle.invert()
+        out = engine.step(grads[comm.rank], stats if k % fui == 0 else None, lr=LR)
+        want, nu = oracle.precondition(grads)
+        assert engine.last_nu == pytest.approx(nu, rel=1e-12)
+        nus.append(nu)
+        for got, expected in zip(out, want):
+            np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    return engine, nus
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("assignment", ["lpt", "contiguous"])
+def test_engine_matches_dense_oracle_with_intervals_and_kl_clip(comm, assignment):
+    _, nus = run(comm, make_blocks(), steps=7, fui=2, iui=3, kl_clip=1e-3, assignment=assignment)
+    assert min(nus) < 1.0  # the clip was active
+
+
+@pytest.mark.mpi
+def test_engine_two_blocks_ranks_owning_nothing(comm):
+    engine, _ = run(comm, make_blocks(2), steps=3, fui=1, iui=1, kl_clip=None)
+    assert sorted(set(engine.owners)) == list(range(min(2, comm.size)))
+    if comm.rank >= 2:  # owns nothing: empty segments in both collectives
+        assert engine.owned == [] and engine.layout.gather_counts[comm.rank] == 0
+        assert engine.layout.reduce_counts(True)[comm.rank] == 0
+
+
+@pytest.mark.mpi
+def test_engine_blocks_without_statistics_average_over_present_ranks(comm):
+    # Rank 0 never sees block 1; at step 1 no rank sees block 0 (its running average must not move).
+    absent = lambda k, r, l: (l == 1 and r == 0 and comm.size > 1) or (k == 1 and l == 0)
+    run(comm, make_blocks(), steps=3, fui=1, iui=1, kl_clip=None, absent=absent)
+
+
+@pytest.mark.mpi
+def test_engine_refuses_non_finite_statistics_and_propagates_non_finite_gradients(comm):
+    blocks = make_blocks()
+    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, kl_clip=1e-3, comm_dtype=np.float64)
+    rng = np.random.default_rng(3)
+    _, packed, grads = draw(rng, blocks, comm.size)
+    engine.step(grads[comm.rank], packed[comm.rank], lr=LR)
+    before = engine.state_dict()
+    bad = [p.copy() for p in packed[comm.rank]]
+    if comm.rank == comm.size - 1:
+        for p in bad:
+            p[0] = np.nan
+    out = engine.step(grads[comm.rank], bad, lr=LR)  # poisoned statistics, finite gradients
+    assert all(np.isfinite(v).all() for v in out)
+    after = engine.state_dict()
+    for name in before["blocks"]:
+        np.testing.assert_array_equal(before["blocks"][name]["factors"], after["blocks"][name]["factors"])
+    nan_grads = [g.copy() for g in grads[comm.rank]]
+    nan_grads[0][0, 0] = np.inf
+    out = engine.step(nan_grads, packed[comm.rank], lr=LR)
+    assert all(not np.isfinite(v).all() for v in out)  # nu is NaN: a GradScaler skips this step
+    for name, block in engine.state_dict()["blocks"].items():
+        assert np.isfinite(block["factors"]).all() and all(np.isfinite(x).all() for x in block["inverses"])
+
+
+@pytest.mark.mpi
+def test_engine_state_dict_resumes_on_another_rank_count(comm):
+    from hpckfac.comm import Communicator
+    from mpi4py import MPI
+
+    blocks = make_blocks()
+    kwargs = dict(damping=DAMPING, factor_decay=DECAY, factor_update_interval=2, inverse_update_interval=3,
+                  kl_clip=1e-3, comm_dtype=np.float64)
+    engine = KFACEngine(blocks, comm, **kwargs)
+    rng = np.random.default_rng(5)
+    data = [draw(rng, blocks, 1) for _ in range(6)]
+    for k in range(3):
+        _, packed, grads = data[k]
+        engine.step(grads[0], packed[0], lr=LR)  # every rank the same data: the mean is that data
+    state = engine.state_dict()
+    single = KFACEngine(make_blocks(), Communicator(MPI.COMM_SELF), **kwargs)
+    single.load_state_dict(state)
+    assert single.steps == 3
+    for k in range(3, 6):
+        _, packed, grads = data[k]
+        a = engine.step(grads[0], packed[0], lr=LR)
+        b = single.step(grads[0], packed[0], lr=LR)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-12)

@@ -1,0 +1,97 @@
+"""The main correctness test: P ranks with one micro-batch each equal one
+process taking the same P micro-batches with accumulation_steps=P (and, without
+BatchNorm, one process taking the whole batch at once), in float64.
+
+The reference runs inside every rank on a size-1 communicator (COMM_SELF).
+"""
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from hpckfac.comm import Communicator
+from hpckfac.torch import KFACPreconditioner
+
+MICRO, STEPS, LR = 4, 10, 0.1
+
+
+def bn_model():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(27, 4, bias=False))
+
+
+def plain_model():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=True), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(27, 4, bias=False))
+
+
+def two_layer_model():
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
+
+
+def batches(shape, classes, parts):
+    """Per step the global batch as ``parts`` micro-batches, identical on every rank."""
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(STEPS):
+        x = torch.randn((parts * MICRO,) + shape, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, classes, (parts * MICRO,), generator=gen)
+        yield x.split(MICRO), y.split(MICRO)
+
+
+def train(make_model, shape, classes, comm, micro_ids, parts, **options):
+    """Parameters after STEPS steps (and the KL factors) processing micro-batches ``micro_ids`` per step."""
+    torch.manual_seed(0)
+    model = make_model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    precond = KFACPreconditioner(model, lr=LR, comm=comm, accumulation_steps=len(micro_ids), **options)
+    nus = []
+    for xs, ys in batches(shape, classes, parts):
+        opt.zero_grad()
+        for i in micro_ids:
+            loss = nn.functional.cross_entropy(model(xs[i]), ys[i]) / len(micro_ids)
+            loss.backward()
+        precond.step()
+        opt.step()
+        nus.append(precond.last_nu)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy(), nus
+
+
+def check(make_model, shape, classes, comm, **options):
+    dist, nus = train(make_model, shape, classes, comm, [comm.rank], comm.size, **options)
+    ref, ref_nus = train(make_model, shape, classes, Communicator(MPI.COMM_SELF),
+                         list(range(comm.size)), comm.size, **options)
+    np.testing.assert_allclose(dist, ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(nus, ref_nus, rtol=1e-9)
+    return dist, nus
+
+
+@pytest.mark.mpi
+def test_bn_model_with_intervals_and_active_kl_clip(comm):
+    _, nus = check(bn_model, (2, 6, 6), 4, comm, damping=1e-2, factor_update_interval=2,
+                   inverse_update_interval=3, kl_clip=1e-3)
+    assert min(nus) < 1.0  # the KL clip was active
+
+
+@pytest.mark.mpi
+def test_plain_model_equals_whole_batch_on_one_rank(comm):
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=1, kl_clip=None)
+    dist, _ = check(plain_model, (2, 6, 6), 4, comm, **options)
+    # One rank, one forward/backward of the whole global batch.
+    torch.manual_seed(0)
+    model = plain_model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    precond = KFACPreconditioner(model, lr=LR, comm=Communicator(MPI.COMM_SELF), **options)
+    for xs, ys in batches((2, 6, 6), 4, comm.size):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
+        precond.step()
+        opt.step()
+    whole = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    np.testing.assert_allclose(dist, whole, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.mpi
+def test_two_layers_more_ranks_than_layers(comm):
+    check(two_layer_model, (5,), 3, comm, damping=1e-2, inverse_update_interval=2, kl_clip=1e-2,
+          assignment="contiguous")

@@ -1,0 +1,133 @@
+"""KFACPreconditioner on one process: option validation, hooks, and one step
+against a dense np.kron oracle built from independently captured tensors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from hpckfac.comm import Communicator
+from hpckfac.torch import KFACPreconditioner
+
+DAMPING = 1e-2
+
+
+@pytest.fixture
+def comm():
+    return Communicator(MPI.COMM_SELF)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).double()
+
+
+@pytest.mark.parametrize("name,value", [
+    ("lr", 0.0), ("lr", "fast"), ("damping", -1.0), ("damping", math.nan), ("factor_decay", 1.0),
+    ("factor_update_interval", 0), ("inverse_update_interval", 1.5), ("kl_clip", 0.0),
+    ("assignment", "random"), ("factor_dtype", "int8"), ("bucket_bytes", 0), ("accumulation_steps", 0),
+    ("skip_layers", [3]), ("grad_scaler", object()),
+])
+def test_invalid_options_name_the_parameter(comm, name, value):
+    with pytest.raises(ValueError, match=name):
+        KFACPreconditioner(mlp(), comm=comm, **{name: value})
+
+
+def test_finds_layers_and_hooks_follow_modes(comm):
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
+                          nn.LazyLinear(3) if False else nn.Linear(4, 3), nn.LayerNorm(3))
+    precond = KFACPreconditioner(model, comm=comm, skip_layers=[nn.LayerNorm])
+    kinds = [(type(m).__name__, s.kind) for m, s in zip(precond.modules, precond.engine.specs)]
+    assert kinds[:3] == [("Conv2d", "kron"), ("BatchNorm2d", "bn"), ("Conv2d", "kron")] or \
+        kinds[:2] == [("Conv2d", "kron"), ("BatchNorm2d", "bn")]
+    assert ("Linear", "kron") in kinds and all(k != "LayerNorm" for k, _ in kinds)
+    x = torch.randn(2, 2, 5, 5)
+    model.eval()
+    model(x).sum().backward()
+    assert precond.local.examples == 0 and all(s is None for s in precond.local.result())
+    model.train()
+    precond.remove_hooks()
+    model(x).sum().backward()
+    assert precond.local.examples == 0
+
+
+def test_repeated_and_unused_modules(comm):
+    torch.manual_seed(1)
+    shared, unused = nn.Linear(3, 3).double(), nn.Linear(3, 2).double()
+    model = nn.ModuleDict({"shared": shared, "unused": unused})
+    forward = lambda x: shared(torch.tanh(shared(x)))
+    model.forward = forward
+    precond = KFACPreconditioner(model, comm=comm, kl_clip=None, damping=DAMPING)
+    inputs = []
+    handle = shared.register_forward_hook(lambda m, a, out: inputs.append(a[0].detach()))
+    x = torch.randn(6, 3, dtype=torch.float64)
+    model(x).pow(2).mean().backward()
+    handle.remove()
+    stats = precond.local.result()
+    assert stats[1] is None  # the unused module has no statistics this step
+    a = torch.cat([torch.cat([i, torch.ones(6, 1, dtype=torch.float64)], 1) for i in inputs]).numpy()
+    np.testing.assert_allclose(stats[0][:10], (a.T @ a / 6)[np.triu_indices(4)], rtol=1e-12)
+    precond.step()  # no crash; the unused module's parameters got a (zero-gradient) update
+    assert torch.isfinite(shared.weight.grad).all()
+
+
+def captured_step(model, x, y, comm):
+    """One step; returns the oracle's captured inputs/output-gradients and the preconditioned grads."""
+    captured = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            handles.append(m.register_forward_hook(lambda mod, a, out, n=name: captured.setdefault(n, {}).update(a=a[0].detach())))
+            handles.append(m.register_full_backward_hook(lambda mod, gi, go, n=name: captured[n].update(g=go[0].detach())))
+    precond = KFACPreconditioner(model, comm=comm, damping=DAMPING, kl_clip=None)
+    nn.functional.cross_entropy(model(x), y).backward()
+    raw = {n: torch.cat([p.grad.reshape(p.shape[0], -1) for p in m.parameters(recurse=False)][::1], 1).clone()
+           for n, m in model.named_modules() if n in captured}
+    for h in handles:
+        h.remove()
+    precond.step()
+    return captured, raw, precond
+
+
+def kron_oracle(a_rows, g_rows, batch, positions, grad):
+    """V from the dense damped Kronecker Fisher (A+pi*sqrt(l) I) kron (G+sqrt(l)/pi I)."""
+    A = a_rows.T @ a_rows / batch
+    G = g_rows.T @ g_rows / (batch * positions)
+    pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+    fisher = np.kron(A + pi * math.sqrt(DAMPING) * np.eye(len(A)), G + math.sqrt(DAMPING) / pi * np.eye(len(G)))
+    vec = grad.reshape(-1, order="F")  # vec stacks the columns of the (d_G, d_A) gradient
+    return np.linalg.solve(fisher, vec).reshape(grad.shape, order="F")
+
+
+def test_one_step_against_dense_kron_oracle(comm):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(27, 4, bias=False)).double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    captured, raw, _ = captured_step(model, x, y, comm)
+    # conv: im2col by torch's unfold, plus the bias column; per-example g = grad_output * batch
+    conv = captured["0"]
+    patches = nn.functional.unfold(conv["a"], 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18).numpy()
+    a_rows = np.hstack([patches, np.ones((len(patches), 1))])
+    g_rows = (conv["g"] * 5).permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    want = kron_oracle(a_rows, g_rows, 5, 9, raw["0"].numpy())
+    got = torch.cat([model[0].weight.grad.reshape(3, -1), model[0].bias.grad[:, None]], 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-13)
+    fc = captured["3"]
+    want = kron_oracle(fc["a"].numpy(), (fc["g"] * 5).numpy(), 5, 1, raw["3"].numpy())
+    np.testing.assert_allclose(model[3].weight.grad.numpy(), want, rtol=1e-9, atol=1e-13)
+
+
+def test_single_example_linear_fisher_is_exact(comm):
+    # B = 1: A kron G is that example's exact Fisher block vec(grad) vec(grad)^T (DESIGN.md's oracle).
+    model = nn.Sequential(nn.Linear(4, 3, bias=False)).double()
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.tensor([1])
+    captured, raw, precond = captured_step(model, x, y, comm)
+    grad = raw["0"].numpy()
+    vec = grad.reshape(-1, order="F")
+    A = captured["0"]["a"].numpy().T @ captured["0"]["a"].numpy()
+    G = (captured["0"]["g"].numpy().T @ captured["0"]["g"].numpy())
+    np.testing.assert_allclose(np.kron(A, G), np.outer(vec, vec), rtol=1e-12, atol=1e-15)
+    assert precond.steps == 1
