@@ -1,0 +1,390 @@
+"""Performance model of one distributed K-FAC iteration: ``python -m hpckfac.bench model``.
+
+Each stage's time at ``P`` ranks is predicted from the layer shapes
+(``hpckfac.bench.shapes``), compute rates and an alpha-beta model of the ring
+collectives (``alpha`` seconds per message, ``beta`` seconds per byte):
+
+- local factors: ``sum_l 2 rows_l (d_A^2 + d_G^2)`` flops (``rows = batch * |T|``)
+  at the factor GEMM rate;
+- ReduceScatterV and AllGatherV of ``n`` bytes: ``(P-1)/P n beta + (P-1) alpha``;
+  their sizes are those of the engine's own buffer layout
+  (``hpckfac.stages.layout.SegmentLayout``);
+- inversion: the most loaded owner's ``sum (d_A^3 + d_G^3)``
+  (``hpckfac.assignment.block_cost``) at the inversion rate;
+- preconditioning: the most loaded owner's ``sum 2 d_G d_A (d_A + d_G)`` flops;
+- ring allreduce of the gradients no block owns: ``2(P-1)/P n beta + 2(P-1) alpha``;
+- optionally forward/backward: ``3 x`` the forward flops at a training rate.
+
+Stages do not overlap (the engine runs them one after another), so the
+iteration time is their sum. ``calibrate`` fits the rates and ``alpha``,
+``beta`` to a scaling run's JSON (``hpckfac.bench.scaling``) and reports the
+prediction error at the measured rank counts; the presets extrapolate
+ResNet-50 at 32 images per GPU to thousands of GPUs (assumptions in
+docs/scaling.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from hpckfac.assignment import assign_owners, block_cost, owner_loads
+from hpckfac.bench import shapes
+from hpckfac.bench.report import format_table, write_json
+from hpckfac.stages.layout import BlockSpec, SegmentLayout
+
+STAGES = ("local_factors", "reduce_scatter", "inversion", "precondition", "all_gather", "allreduce")
+COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
+# OTU+18 (arXiv 1811.12019, Table / slides in seed/): 1024 V100, batch 32,768, 1,760 iterations in 10 min.
+OTU18 = {"gpus": 1024, "batch": 32768, "iterations": 1760, "minutes": 10.0}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Rates of one rank and of the network between ranks.
+
+    ``inverse_rate`` counts ``n^3`` per inverted ``n x n`` matrix (Cholesky
+    factorisation plus inverse). ``train_flops`` (forward+backward, None: not
+    modelled). ``cores``: compute is shared when more ranks than this run on
+    one machine (the oversubscribed local runs); None for one rank per device.
+    """
+
+    name: str
+    factor_flops: float
+    inverse_rate: float
+    gemm_flops: float
+    alpha: float
+    beta: float
+    train_flops: float | None = None
+    cores: int | None = None
+
+
+# Assumptions behind each number: docs/scaling.md, "Presets".
+PRESETS = {
+    "v100-edr": Machine("V100 + 2x IB EDR per 4 GPUs", factor_flops=10e12, inverse_rate=2e12,
+                        gemm_flops=10e12, alpha=5e-6, beta=1 / 6.25e9, train_flops=30e12),
+    "h100-ndr": Machine("H100 + IB NDR400 per GPU", factor_flops=50e12, inverse_rate=8e12,
+                        gemm_flops=50e12, alpha=3e-6, beta=1 / 50e9, train_flops=75e12),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One iteration's work on one rank.
+
+    ``batch``: examples per rank; ``comm_bytes``: bytes per communicated
+    element (the engine's ``comm_dtype``); ``batchnorm``: ``"kfac"`` (unit-wise
+    BatchNorm blocks owned like the others) or ``"allreduce"`` (BatchNorm
+    gradients averaged by the ring allreduce, no BatchNorm curvature).
+    """
+
+    model: shapes.ModelShapes
+    batch: int
+    comm_bytes: int = 4
+    batchnorm: str = "kfac"
+    assignment: str = "lpt"
+    factor_interval: int = 1
+    inverse_interval: int = 1
+
+
+def ring_allreduce_time(nbytes: float, ranks: int, alpha: float, beta: float) -> float:
+    """``2(P-1)/P n beta + 2(P-1) alpha`` (0 at one rank)."""
+    return 2 * (ranks - 1) / ranks * nbytes * beta + 2 * (ranks - 1) * alpha
+
+
+def ring_scatter_gather_time(nbytes: float, ranks: int, alpha: float, beta: float) -> float:
+    """Reduce-scatter or all-gather of ``n`` bytes in total: ``(P-1)/P n beta + (P-1) alpha``."""
+    return (ranks - 1) / ranks * nbytes * beta + (ranks - 1) * alpha
+
+
+def block_specs(model: shapes.ModelShapes, batchnorm: str = "kfac") -> list[BlockSpec]:
+    """The engine's ``BlockSpec`` of every curvature block of ``model``, in model order."""
+    if batchnorm not in ("kfac", "allreduce"):
+        raise ValueError(f"batchnorm: expected 'kfac' or 'allreduce', got {batchnorm!r}")
+    specs = []
+    for s in model.layers:
+        if isinstance(s, shapes.KronShape):
+            specs.append(BlockSpec(s.name, "kron", d_A=s.d_A, d_G=s.d_G))
+        elif batchnorm == "kfac":
+            specs.append(BlockSpec(s.name, "bn", channels=s.channels))
+    return specs
+
+
+def imbalance(costs: Sequence[float], owners: Sequence[int], ranks: int) -> float:
+    """Load imbalance ``max / mean`` of the owners' total cost (1.0 is perfect)."""
+    loads = owner_loads(costs, owners, ranks)
+    return max(loads) / (sum(loads) / ranks)
+
+
+def imbalance_table(model: shapes.ModelShapes, ranks: Sequence[int],
+                    batchnorm: str = "kfac") -> list[dict[str, Any]]:
+    """Inversion-cost imbalance of ``lpt`` and ``contiguous`` at each rank count,
+    with the best any assignment of whole blocks can do (``max(largest block,
+    mean) / mean``); computed, not run."""
+    costs = [block_cost(s) for s in block_specs(model, batchnorm)]
+    rows = []
+    for p in ranks:
+        row: dict[str, Any] = {"ranks": p, "owners_max": min(p, len(costs))}
+        for method in ("lpt", "contiguous"):
+            row[method] = imbalance(costs, assign_owners(costs, p, method), p)
+        row["bound"] = max(max(costs), sum(costs) / p) / (sum(costs) / p)
+        rows.append(row)
+    return rows
+
+
+def stage_work(work: Workload, ranks: int) -> dict[str, float]:
+    """Per-iteration work of the critical rank, amortised over the update intervals:
+    flops (or inversion cost units) of the compute stages, bytes of the collectives."""
+    model = work.model
+    specs = block_specs(model, work.batchnorm)
+    owners = assign_owners([block_cost(s) for s in specs], ranks, work.assignment)
+    layout = SegmentLayout(specs, owners, ranks)
+    kron = [s for s in model.layers if isinstance(s, shapes.KronShape)]
+    factor_flops = sum(2.0 * work.batch * s.positions * (s.d_A ** 2 + s.d_G ** 2) for s in kron)
+    if work.batchnorm == "kfac":
+        # x_hat, the two per-example sums and the 3 products per channel: ~10 flops an element.
+        factor_flops += sum(10.0 * work.batch * s.channels * s.positions for s in model.batchnorm)
+    precond = [2.0 * s.d_G * s.d_A * (s.d_A + s.d_G) if s.kind == "kron" else 8.0 * s.channels
+               for s in specs]
+    f, i = 1.0 / work.factor_interval, 1.0 / work.inverse_interval
+    unowned = sum(s.params for s in model.batchnorm) if work.batchnorm == "allreduce" else 0
+    return {
+        "local_factors": f * factor_flops,
+        "reduce_scatter": work.comm_bytes * (f * layout.reduce_total(True) + (1 - f) * layout.reduce_total(False)),
+        "inversion": i * max(owner_loads([block_cost(s) for s in specs], owners, ranks)),
+        "precondition": max(owner_loads(precond, owners, ranks)),
+        "all_gather": work.comm_bytes * sum(layout.gather_counts),
+        "allreduce": work.comm_bytes * unowned,
+        "forward_backward": 3.0 * work.batch * model.forward_flops,
+    }
+
+
+def predict(work: Workload, machine: Machine, ranks: int) -> dict[str, float]:
+    """Seconds of each stage in ``STAGES`` (and ``forward_backward`` when the machine
+    has a training rate) at ``ranks`` ranks, plus their sum ``total``."""
+    w = stage_work(work, ranks)
+    share = 1.0 if machine.cores is None else max(1.0, ranks / machine.cores)
+    out = {
+        "local_factors": share * w["local_factors"] / machine.factor_flops,
+        "reduce_scatter": ring_scatter_gather_time(w["reduce_scatter"], ranks, machine.alpha, machine.beta),
+        "inversion": share * w["inversion"] / machine.inverse_rate,
+        "precondition": share * w["precondition"] / machine.gemm_flops,
+        "all_gather": ring_scatter_gather_time(w["all_gather"], ranks, machine.alpha, machine.beta),
+        # Nothing to average (every parameter owned by a block): no allreduce at all.
+        "allreduce": ring_allreduce_time(w["allreduce"], ranks, machine.alpha, machine.beta) if w["allreduce"] else 0.0,
+    }
+    if machine.train_flops:
+        out["forward_backward"] = share * w["forward_backward"] / machine.train_flops
+    out["total"] = sum(out.values())
+    return out
+
+
+def predict_sgd(work: Workload, machine: Machine, ranks: int) -> float:
+    """Seconds of a first-order iteration: forward/backward plus a ring allreduce of
+    every gradient (the baseline K-FAC's cost is compared with)."""
+    compute = 3.0 * work.batch * work.model.forward_flops / machine.train_flops if machine.train_flops else 0.0
+    return compute + ring_allreduce_time(work.comm_bytes * work.model.params, ranks, machine.alpha, machine.beta)
+
+
+def workload_from_config(config: dict[str, Any], ranks: int) -> Workload:
+    """The ``Workload`` of one rank in a scaling run (``hpckfac.bench.scaling`` config)."""
+    model = shapes.scaled(shapes.get(config["model"], config["image"]), config["scale"])
+    batch = config["batch"] // ranks if config["mode"] == "strong" else config["batch"]
+    return Workload(model, batch, comm_bytes=np.dtype(config["comm_dtype"]).itemsize,
+                    batchnorm=config["batchnorm"])
+
+
+def _fit_alpha_beta(points: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Least-squares non-negative ``(alpha, beta)`` for ``t = m*alpha + b*beta`` from
+    (messages m, effective bytes b, seconds t) points."""
+    if not points:
+        return 0.0, 0.0
+    x = np.array([[m, b] for m, b, _ in points], dtype=float)
+    t = np.array([p[2] for p in points], dtype=float)
+    if len(points) >= 2 and np.linalg.matrix_rank(x) == 2:
+        alpha, beta = np.linalg.lstsq(x, t, rcond=None)[0]
+        if alpha >= 0 and beta >= 0:
+            return float(alpha), float(beta)
+    # One coefficient clipped at zero: the better of the two one-parameter fits.
+    fits = []
+    for col in (0, 1):
+        denom = float(x[:, col] @ x[:, col])
+        coef = max(0.0, float(x[:, col] @ t) / denom) if denom > 0 else 0.0
+        pair = (coef, 0.0) if col == 0 else (0.0, coef)
+        fits.append((float(np.sum((x @ np.array(pair) - t) ** 2)), pair))
+    return min(fits)[1]
+
+
+def calibrate(config: dict[str, Any], runs: list[dict[str, Any]], cores: int) -> Machine:
+    """A ``Machine`` fitted to measured runs (one assignment): compute rates from
+    the one-rank run, ``alpha`` and ``beta`` from the collectives of the
+    multi-rank runs; ``cores`` as in ``Machine``."""
+    one = [r for r in runs if r["ranks"] == 1]
+    if not one:
+        raise ValueError("runs: calibration needs the one-rank run")
+    work1, t1 = stage_work(workload_from_config(config, 1), 1), one[0]["stages"]
+    rate = lambda stage: work1[stage] / max(t1[stage], 1e-9)
+    points = []
+    for run in runs:
+        p = run["ranks"]
+        if p == 1:
+            continue
+        w = stage_work(workload_from_config(config, p), p)
+        for stage in COLLECTIVES:
+            hops = 2 if stage == "allreduce" else 1
+            if stage == "allreduce" and w[stage] == 0:
+                continue
+            points.append((hops * (p - 1), hops * (p - 1) / p * w[stage], run["stages"][stage]))
+    alpha, beta = _fit_alpha_beta(points)
+    return Machine("calibrated here", factor_flops=rate("local_factors"), inverse_rate=rate("inversion"),
+                   gemm_flops=rate("precondition"), alpha=alpha, beta=beta, cores=cores)
+
+
+def validation_rows(config: dict[str, Any], runs: list[dict[str, Any]], machine: Machine) -> list[dict[str, Any]]:
+    """Predicted against measured time per stage and in total at each measured rank count."""
+    rows = []
+    for run in sorted(runs, key=lambda r: r["ranks"]):
+        p = run["ranks"]
+        pred = predict(workload_from_config(config, p), machine, p)
+        measured = sum(run["stages"][s] for s in STAGES)
+        row: dict[str, Any] = {"ranks": p}
+        for stage in STAGES:
+            row[f"{stage}_ms"] = f"{1e3 * run['stages'][stage]:.1f}/{1e3 * pred[stage]:.1f}"
+        row["measured_ms"] = 1e3 * measured
+        row["predicted_ms"] = 1e3 * pred["total"]
+        row["error_pct"] = 100.0 * (pred["total"] - measured) / measured
+        rows.append(row)
+    return rows
+
+
+def prediction_rows(model: shapes.ModelShapes, machine: Machine, ranks: Sequence[int], batch: int,
+                    mode: str = "weak", **workload: Any) -> list[dict[str, Any]]:
+    """Predicted ms per stage, iteration and SGD iteration at each rank count;
+    ``batch`` is per rank (weak) or global (strong)."""
+    rows = []
+    for p in ranks:
+        work = Workload(model, batch if mode == "weak" else max(1, batch // p), **workload)
+        pred = predict(work, machine, p)
+        row: dict[str, Any] = {"ranks": p, "batch": work.batch * p}
+        row.update({f"{k}_ms": 1e3 * v for k, v in pred.items()})
+        row["sgd_ms"] = 1e3 * predict_sgd(work, machine, p)
+        row["kfac/sgd"] = pred["total"] / (row["sgd_ms"] / 1e3)
+        rows.append(row)
+    return rows
+
+
+def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: str) -> None:
+    """Stacked bars of predicted time per stage against rank count, one panel per machine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ("forward_backward",) + STAGES
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], tables.items()):
+        labels = [str(r["ranks"]) for r in rows]
+        bottom = np.zeros(len(rows))
+        for stage in stages:
+            values = np.array([r.get(f"{stage}_ms", 0.0) for r in rows])
+            ax.bar(labels, values, bottom=bottom, label=stage)
+            bottom += values
+        ax.set_title(name)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("predicted ms / iteration")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with open(path, encoding="utf-8") as fh:
+        payload = json.load(fh)
+    return payload["config"], payload["results"]["runs"]
+
+
+def _machine_args(parser: argparse.ArgumentParser) -> None:
+    for field in ("factor_flops", "inverse_rate", "gemm_flops", "alpha", "beta", "train_flops"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=None,
+                            help=f"override the presets' {field}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: calibrate on a scaling JSON (optional), then predict ResNet-50 at many GPUs."""
+    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench model", description=__doc__.split("\n")[0])
+    parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="cores the calibration runs shared (default: this machine's count)")
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                        help="machines to extrapolate to (default: all)")
+    parser.add_argument("--ranks", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
+                        help="comma-separated GPU counts")
+    parser.add_argument("--batch", type=int, default=32, help="examples per GPU (weak) or global (strong)")
+    parser.add_argument("--mode", choices=("weak", "strong"), default="weak")
+    parser.add_argument("--comm-dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--batchnorm", default="kfac", choices=("kfac", "allreduce"))
+    parser.add_argument("--assignment", default="lpt", choices=("lpt", "contiguous"))
+    parser.add_argument("--factor-interval", type=int, default=1)
+    parser.add_argument("--inverse-interval", type=int, default=1)
+    parser.add_argument("--json", help="write results here")
+    parser.add_argument("--png", help="stacked-bar plot of the predictions")
+    _machine_args(parser)
+    args = parser.parse_args(argv)
+    for name in ("batch", "factor_interval", "inverse_interval"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
+    ranks = [int(p) for p in args.ranks.split(",")]
+    results: dict[str, Any] = {}
+
+    if args.calibrate:
+        import os
+
+        config, runs = _load_runs(args.calibrate)
+        cores = args.cores or os.cpu_count() or 1
+        for method in sorted({r["assignment"] for r in runs}):
+            mine = [r for r in runs if r["assignment"] == method]
+            machine = calibrate(config, mine, cores)
+            rows = validation_rows(config, mine, machine)
+            print(f"calibration on {args.calibrate} ({config['mode']}, {method}): "
+                  f"alpha={machine.alpha * 1e6:.1f} us, beta={machine.beta * 1e9:.3f} s/GB, "
+                  f"factor {machine.factor_flops / 1e9:.2f} GF/s, inversion {machine.inverse_rate / 1e9:.2f} "
+                  f"G/s, preconditioning {machine.gemm_flops / 1e9:.2f} GF/s, {cores} cores")
+            print("stage columns: measured/predicted ms")
+            print(format_table(rows, ["ranks"] + [f"{s}_ms" for s in STAGES]
+                               + ["measured_ms", "predicted_ms", "error_pct"], ".1f"))
+            results.setdefault("calibration", {})[method] = {"machine": asdict(machine), "rows": rows}
+
+    model = shapes.resnet50()
+    overrides = {k: v for k in ("factor_flops", "inverse_rate", "gemm_flops", "alpha", "beta", "train_flops")
+                 if (v := getattr(args, k)) is not None}
+    workload = dict(comm_bytes=np.dtype(args.comm_dtype).itemsize, batchnorm=args.batchnorm,
+                    assignment=args.assignment, factor_interval=args.factor_interval,
+                    inverse_interval=args.inverse_interval)
+    tables = {}
+    columns = ["ranks", "batch"] + [f"{s}_ms" for s in ("forward_backward",) + STAGES] \
+        + ["total_ms", "sgd_ms", "kfac/sgd"]
+    for name in args.preset or sorted(PRESETS):
+        machine = replace(PRESETS[name], **overrides)
+        rows = prediction_rows(model, machine, ranks, args.batch, args.mode, **workload)
+        tables[name] = rows
+        print(f"\nResNet-50, {args.mode} scaling, {args.batch} {'per GPU' if args.mode == 'weak' else 'global'}, "
+              f"{machine.name} ({args.comm_dtype} communication, intervals "
+              f"{args.factor_interval}/{args.inverse_interval})")
+        print(format_table(rows, columns, ".1f"))
+        results.setdefault("predictions", {})[name] = {"machine": asdict(machine), "rows": rows}
+    it_s = OTU18["minutes"] * 60 / OTU18["iterations"]
+    print(f"\nOTU+18: {OTU18['gpus']} V100, batch {OTU18['batch']}, {OTU18['iterations']} iterations in "
+          f"{OTU18['minutes']:.0f} min = {1e3 * it_s:.0f} ms per iteration on average (everything included)")
+    results["otu18"] = dict(OTU18, ms_per_iteration=1e3 * it_s)
+    if args.json:
+        write_json(args.json, "model", vars(args), results)
+    if args.png:
+        plot_predictions(tables, args.png, f"ResNet-50 K-FAC iteration, {args.mode} scaling, "
+                                           f"batch {args.batch}{' per GPU' if args.mode == 'weak' else ''}")
+    return 0

@@ -1,0 +1,237 @@
+"""Layer shapes and the alpha-beta performance model against hand-computed values."""
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hpckfac.assignment import assign_owners, block_cost, owner_loads
+from hpckfac.bench import model, shapes
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def test_resnet50_shapes():
+    net = shapes.resnet50()
+    assert len(net.kron) == 54 and len(net.batchnorm) == 53
+    assert sum(s.linear for s in net.kron) == 1
+    assert max(s.d_A for s in net.kron) == 4608 == 3 * 3 * 512
+    assert max(s.d_G for s in net.kron) == 2048
+    # torchvision's resnet50(): 25,557,032 parameters = conv 23,454,912 + fc 2,049,000 + BN 53,120.
+    assert net.params == 25_557_032
+    assert sum(s.params for s in net.kron if not s.linear) == 23_454_912
+    assert sum(s.channels for s in net.batchnorm) == 26_560
+    conv1, fc = net.kron[0], net.kron[-1]
+    assert (conv1.d_A, conv1.d_G, conv1.h_out) == (147, 64, 112)
+    assert (fc.d_A, fc.d_G, fc.positions) == (2049, 1000, 1)
+    assert {s.h_out for s in net.kron if s.name.startswith("layer4")} <= {7, 14}
+    assert net.kron[-2].h_out == 7
+    # Every convolution is followed by its BatchNorm of the same channels and spatial size.
+    for conv, bn in zip(net.layers[:-1:2], net.layers[1::2]):
+        assert (conv.c_out, conv.h_out) == (bn.channels, bn.h)
+    # Forward pass of ResNet-50: ~4.1 GMACs per 224x224 image.
+    assert 8.0e9 < net.forward_flops < 8.3e9
+
+
+def test_scaled_shapes():
+    net = shapes.scaled(shapes.resnet50(), 4)
+    assert max(s.d_A for s in net.kron) == 4608 // 4
+    assert net.kron[0].c_in == 3 and net.kron[0].c_out == 16
+    assert net.kron[-1].d_A == 2048 // 4 + 1 and net.kron[-1].d_G == 250
+    assert shapes.scaled(shapes.resnet50(), 1) == shapes.resnet50()
+    with pytest.raises(ValueError, match="factor"):
+        shapes.scaled(shapes.resnet50(), 0)
+
+
+def test_small_cnn_matches_torch():
+    from hpckfac.models import digits_cnn
+
+    net = shapes.get("small")
+    assert net.params == sum(p.numel() for p in digits_cnn().parameters())
+    assert len(net.kron) == sum(1 for _ in net.kron) and net.kron[-1].linear
+    assert net.kron[0].positions == 64  # 8x8 input, 3x3 stem with padding 1
+    with pytest.raises(ValueError, match="model"):
+        shapes.get("vgg")
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def test_ring_formulas_hand_computed():
+    n, alpha, beta = 1e6, 1e-5, 1e-9
+    # 2*3/4*1e6*1e-9 + 2*3*1e-5
+    assert model.ring_allreduce_time(n, 4, alpha, beta) == pytest.approx(1.5e-3 + 6e-5)
+    # 3/4*1e6*1e-9 + 3*1e-5
+    assert model.ring_scatter_gather_time(n, 4, alpha, beta) == pytest.approx(7.5e-4 + 3e-5)
+    assert model.ring_scatter_gather_time(n, 1, alpha, beta) == 0.0
+    assert model.ring_allreduce_time(n, 1, alpha, beta) == 0.0
+    # An allreduce is a reduce-scatter followed by an all-gather.
+    assert model.ring_allreduce_time(n, 7, alpha, beta) == pytest.approx(
+        2 * model.ring_scatter_gather_time(n, 7, alpha, beta))
+
+
+# ----------------------------------------------------------------------------- work and prediction
+
+def tiny_model():
+    """conv (3x3, 2->4 channels, 4x4 output) + BN + Linear(4 -> 3, bias)."""
+    conv = shapes.KronShape("conv", 2, 4, kernel=3, stride=1, padding=1, h_in=4, h_out=4)
+    bn = shapes.BatchNormShape("bn", 4, 4)
+    fc = shapes.KronShape("fc", 4, 3, bias=True, linear=True)
+    return shapes.ModelShapes("tiny", (conv, bn, fc), 4)
+
+
+def test_stage_work_hand_computed():
+    work = model.Workload(tiny_model(), batch=5, comm_bytes=4)
+    w = model.stage_work(work, 1)
+    # conv: d_A 18, d_G 4, 16 positions; fc: d_A 5, d_G 3; BN: 10 flops per element.
+    assert w["local_factors"] == 2 * 5 * 16 * (18 ** 2 + 4 ** 2) + 2 * 5 * (5 ** 2 + 3 ** 2) + 10 * 5 * 4 * 16
+    assert w["inversion"] == (18 ** 3 + 4 ** 3) + 8 * 4 + (5 ** 3 + 3 ** 3)
+    assert w["precondition"] == 2 * 4 * 18 * 22 + 8 * 4 + 2 * 3 * 5 * 8
+    # Factor step, one rank: packed A and G + presence flag + gradient per Kronecker block;
+    # BN: 3 per channel + flag + 2 per channel.
+    stats = (171 + 10 + 1 + 72) + (3 * 4 + 1 + 8) + (15 + 6 + 1 + 15)
+    assert w["reduce_scatter"] == 4 * stats
+    assert w["all_gather"] == 4 * (72 + 8 + 15 + 1)
+    assert w["allreduce"] == 0
+    assert w["forward_backward"] == 3 * 5 * (2 * 16 * 4 * 18 + 2 * 3 * 4)
+
+
+def test_intervals_amortise_and_batchnorm_allreduce():
+    base = model.stage_work(model.Workload(tiny_model(), batch=5), 2)
+    lazy = model.stage_work(model.Workload(tiny_model(), batch=5, factor_interval=2, inverse_interval=4), 2)
+    assert lazy["local_factors"] == pytest.approx(base["local_factors"] / 2)
+    assert lazy["inversion"] == pytest.approx(base["inversion"] / 4)
+    grads_only = 4 * (72 + 8 + 15)
+    assert lazy["reduce_scatter"] == pytest.approx((base["reduce_scatter"] + grads_only) / 2)
+    bn = model.stage_work(model.Workload(tiny_model(), batch=5, batchnorm="allreduce"), 2)
+    assert bn["allreduce"] == 4 * 8
+    with pytest.raises(ValueError, match="batchnorm"):
+        model.block_specs(tiny_model(), "sgd")
+
+
+def test_predict_hand_computed():
+    work = model.Workload(tiny_model(), batch=5)
+    machine = model.Machine("m", factor_flops=1e9, inverse_rate=1e8, gemm_flops=2e9, alpha=1e-5, beta=1e-9)
+    w = model.stage_work(work, 2)
+    t = model.predict(work, machine, 2)
+    assert t["local_factors"] == pytest.approx(w["local_factors"] / 1e9)
+    assert t["inversion"] == pytest.approx(w["inversion"] / 1e8)
+    assert t["precondition"] == pytest.approx(w["precondition"] / 2e9)
+    assert t["reduce_scatter"] == pytest.approx(0.5 * w["reduce_scatter"] * 1e-9 + 1e-5)
+    assert t["all_gather"] == pytest.approx(0.5 * w["all_gather"] * 1e-9 + 1e-5)
+    assert t["allreduce"] == 0.0 and "forward_backward" not in t
+    assert t["total"] == pytest.approx(sum(t[s] for s in model.STAGES))
+    # Four ranks on two cores: compute takes twice as long per rank.
+    shared = model.predict(work, model.Machine("m", 1e9, 1e8, 2e9, 1e-5, 1e-9, cores=2), 4)
+    alone = model.predict(work, machine, 4)
+    assert shared["local_factors"] == pytest.approx(2 * alone["local_factors"])
+    assert shared["all_gather"] == pytest.approx(alone["all_gather"])
+
+
+def test_strong_scaling_divides_the_batch():
+    rows = model.prediction_rows(shapes.resnet50(), model.PRESETS["v100-edr"], [1, 4], 128, "strong")
+    assert [r["batch"] for r in rows] == [128, 128]
+    assert rows[1]["local_factors_ms"] == pytest.approx(rows[0]["local_factors_ms"] / 4)
+
+
+def test_resnet50_inversion_stage_stops_at_the_largest_block():
+    net = shapes.resnet50()
+    machine = model.PRESETS["v100-edr"]
+    t = {p: model.predict(model.Workload(net, 32), machine, p) for p in (64, 1024)}
+    largest = 4608 ** 3 + 512 ** 3
+    assert t[64]["inversion"] == pytest.approx(largest / machine.inverse_rate)
+    assert t[1024]["inversion"] == t[64]["inversion"]
+    # Communication grows with P, compute per GPU does not (weak scaling).
+    assert t[1024]["reduce_scatter"] > t[64]["reduce_scatter"]
+    assert t[1024]["local_factors"] == t[64]["local_factors"]
+
+
+# ----------------------------------------------------------------------------- imbalance
+
+def brute_force_imbalance(costs, ranks):
+    best = min(max(owner_loads(costs, o, ranks)) for o in itertools.product(range(ranks), repeat=len(costs)))
+    return best / (sum(costs) / ranks)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_lpt_imbalance_near_brute_force_optimum(ranks):
+    # Inversion costs d_A^3 + d_G^3 of ResNet-like blocks (random widths).
+    rng = np.random.default_rng(ranks)
+    dims = rng.choice([64, 147, 256, 576, 1024, 1152, 2304], size=(7, 2))
+    costs = [float(a) ** 3 + float(g) ** 3 for a, g in dims]
+    lpt = model.imbalance(costs, assign_owners(costs, ranks, "lpt"), ranks)
+    best = brute_force_imbalance(costs, ranks)
+    assert best <= lpt + 1e-12
+    assert lpt <= (4 / 3 - 1 / (3 * ranks)) * best + 1e-12
+
+
+def test_imbalance_table_resnet50():
+    net = shapes.resnet50()
+    rows = {r["ranks"]: r for r in model.imbalance_table(net, [1, 2, 4, 107, 1024])}
+    assert rows[1]["lpt"] == rows[1]["contiguous"] == 1.0
+    for row in rows.values():
+        assert row["bound"] <= row["lpt"] + 1e-12 and row["bound"] <= row["contiguous"] + 1e-12
+        assert row["lpt"] <= row["contiguous"] + 1e-12
+    # 107 blocks (54 Kronecker + 53 BatchNorm): beyond that ranks own nothing, and the
+    # largest block alone sets the maximum load.
+    costs = [block_cost(s) for s in model.block_specs(net)]
+    assert len(costs) == 107 and rows[1024]["owners_max"] == 107
+    assert rows[1024]["lpt"] == pytest.approx(max(costs) / (sum(costs) / 1024))
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def scaling_config():
+    return {"model": "small", "image": 8, "scale": 1, "batch": 8, "mode": "strong",
+            "comm_dtype": "float32", "batchnorm": "kfac"}
+
+
+def test_calibration_recovers_known_machine():
+    config = scaling_config()
+    truth = model.Machine("truth", factor_flops=3e9, inverse_rate=5e8, gemm_flops=2e9,
+                          alpha=4e-5, beta=2e-9, cores=2)
+    runs = []
+    for p in (1, 2, 4):
+        t = model.predict(model.workload_from_config(config, p), truth, p)
+        runs.append({"ranks": p, "assignment": "lpt", "stages": {s: t[s] for s in model.STAGES}})
+    fitted = model.calibrate(config, runs, cores=2)
+    for field in ("factor_flops", "inverse_rate", "gemm_flops", "alpha", "beta"):
+        assert getattr(fitted, field) == pytest.approx(getattr(truth, field), rel=1e-6)
+    rows = model.validation_rows(config, runs, fitted)
+    assert all(abs(r["error_pct"]) < 1e-6 for r in rows)
+    with pytest.raises(ValueError, match="one-rank"):
+        model.calibrate(config, runs[1:], cores=2)
+
+
+def test_alpha_beta_fit_never_negative():
+    # Times that fall with the message count would need alpha < 0: clipped to 0.
+    alpha, beta = model._fit_alpha_beta([(1, 1e6, 2e-3), (3, 1.5e6, 1.5e-3)])
+    assert alpha >= 0 and beta >= 0
+    assert model._fit_alpha_beta([]) == (0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_writes_json_and_png(tmp_path, capsys):
+    config = scaling_config()
+    truth = model.Machine("truth", 3e9, 5e8, 2e9, 4e-5, 2e-9, cores=2)
+    runs = [{"ranks": p, "assignment": a,
+             "stages": {s: v for s, v in model.predict(model.workload_from_config(config, p), truth, p).items()
+                        if s in model.STAGES}}
+            for p in (1, 2) for a in ("lpt", "contiguous")]
+    combined = tmp_path / "combined.json"
+    combined.write_text(json.dumps({"config": config, "results": {"runs": runs}}))
+    out, png = tmp_path / "model.json", tmp_path / "model.png"
+    assert model.main(["--calibrate", str(combined), "--cores", "2", "--ranks", "1,8,1024",
+                       "--json", str(out), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "OTU+18" in text and "error_pct" in text
+    result = json.loads(out.read_text())["results"]
+    assert set(result["predictions"]) == set(model.PRESETS)
+    assert set(result["calibration"]) == {"lpt", "contiguous"}
+    assert result["otu18"]["ms_per_iteration"] == pytest.approx(600_000 / 1760)
+    assert [r["ranks"] for r in result["predictions"]["v100-edr"]["rows"]] == [1, 8, 1024]
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="batch"):
+        model.main(["--batch", "0"])
+    assert math.isfinite(result["predictions"]["h100-ndr"]["rows"][-1]["total_ms"])
