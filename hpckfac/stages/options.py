@@ -52,6 +52,10 @@ def _factor_dtype(value: Any):
     if value is None:
         return None
     name = str(value).replace("torch.", "")
+    try:
+        name = np.dtype(name if name in FACTOR_DTYPES else value).name
+    except TypeError:
+        pass
     if name not in FACTOR_DTYPES:
         raise ValueError(f"factor_dtype: expected None or one of {FACTOR_DTYPES}, got {value!r}")
     return np.dtype(name)

@@ -8,6 +8,7 @@ call; a module not called fires nothing.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -15,6 +16,10 @@ from torch import nn
 
 InputCallback = Callable[[int, torch.Tensor], None]
 GradCallback = Callable[[int, torch.Tensor], None]
+
+# The first layer's input (the data) needs no gradient; torch then warns on every backward that
+# the full backward hook still fires with the output gradient -- which is exactly what we use.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
 class CaptureHooks:
