@@ -196,9 +196,14 @@ class KFACEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` output (from any rank count): step count,
         hyperparameters, and the owned blocks' factors and inverses."""
-        missing = [s.name for s in self.specs if s.name not in state["blocks"]]
-        if missing:
-            raise ValueError(f"state: no saved state for block {missing[0]!r}")
+        saved = state["blocks"]
+        if list(saved) != [s.name for s in self.specs]:
+            raise ValueError(f"state: saved blocks {list(saved)} differ from this model's {[s.name for s in self.specs]}")
+        for spec in self.specs:  # every block, not only the owned ones, so that all ranks agree
+            factors = saved[spec.name]["factors"]
+            if factors is not None and tuple(np.shape(factors)) != (spec.stat_size,):
+                raise ValueError(f"state: block {spec.name!r} has factors of shape {tuple(np.shape(factors))}, "
+                                 f"expected ({spec.stat_size},)")
         hyper = check_options(**state["hyperparameters"])
         if hyper.pop("assignment", self.assignment) != self.assignment:
             raise ValueError("state: assignment differs from the engine's (owners are fixed at construction)")

@@ -117,11 +117,8 @@ class OwnerState:
                 "inverses": None if self.inverses[i] is None else [x.copy() for x in self.inverses[i]]}
 
     def load_block_state(self, i: int, state: dict[str, Any]) -> None:
-        """Restore block ``i`` from ``block_state`` output, checking shapes."""
-        spec, factors, inverses = self.specs[i], state["factors"], state["inverses"]
-        if factors is not None and np.shape(factors) != (spec.stat_size,):
-            raise ValueError(f"state: block {spec.name!r} factors have shape {np.shape(factors)}, "
-                             f"expected ({spec.stat_size},)")
+        """Restore block ``i`` from ``block_state`` output (shapes checked by the engine)."""
+        factors, inverses = state["factors"], state["inverses"]
         self.initialized[i] = factors is not None
         self.running[i][...] = 0.0 if factors is None else np.asarray(factors)
         self.inverses[i] = None if inverses is None else [np.array(x, dtype=self.dtype) for x in inverses]
