@@ -1,0 +1,334 @@
+"""``python -m hpckfac.bench scaling``: strong/weak scaling of one K-FAC iteration.
+
+Under ``mpiexec -n P``. Every rank builds the curvature blocks of a model's
+real layer shapes (``hpckfac.bench.shapes``: ResNet-50, or the trainer's small
+CNN), draws random activations and output gradients of those shapes, and runs
+stages 1-4 of an iteration: stage 1 with ``hpckfac.stages.local_factors``
+(im2col and factor GEMMs on the synthetic tensors), stages 2-4 with
+``KFACEngine``, and the ring allreduce of any gradient no block owns (the
+BatchNorm gradients with ``--batchnorm allreduce``). No forward/backward pass,
+no data set and no GPU are needed.
+
+To fit a 2-core CPU, ``--scale S`` divides every channel count by S (the
+inversions shrink by S^3; ResNet-50's 4608x4608 ones take ~1 s each here at
+S=1) and ``--image`` shrinks the input (fewer positions per example). Full-size
+figures come from the performance model (``python -m hpckfac.bench model``).
+
+Per stage, the time of one iteration is the maximum over ranks for compute
+stages (the others wait for that rank) and the minimum over ranks for
+collectives (the last rank to arrive waits least, so its time is the
+collective's own cost); the iteration time is the maximum over ranks of the
+whole step. Medians over ``--repeat`` iterations are reported, with bytes
+sent per rank (by the ring algorithms of the model), the load imbalance
+(max/mean inversion cost over ranks) of the owner assignment, and, for
+ResNet-50, the imbalance of ``lpt`` vs ``contiguous`` at 2..1024 ranks
+computed without running. ``--combine`` merges the JSON of the runs at
+different rank counts into one table with scaling efficiency (strong:
+``T1 / (P T_P)``, weak: ``T1 / T_P``) and a stacked-bar PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from hpckfac.assignment import block_cost
+from hpckfac.bench import model as perf
+from hpckfac.bench import shapes
+from hpckfac.bench.report import format_table, median, write_json
+
+STAGES = perf.STAGES
+COMPUTE = ("local_factors", "inversion", "precondition")
+IMBALANCE_RANKS = (2, 4, 8, 16, 32, 64, 107, 128, 256, 512, 1024)
+
+
+def build_blocks(model: shapes.ModelShapes, batchnorm: str) -> tuple[list, list]:
+    """``hpckfac.layers`` blocks of ``model`` in model order: (engine blocks,
+    BatchNorm layers averaged by allreduce instead)."""
+    from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
+
+    blocks, reduced = [], []
+    for s in model.layers:
+        if isinstance(s, shapes.BatchNormShape):
+            (blocks if batchnorm == "kfac" else reduced).append(BatchNormBlock(s.name, s.channels, 1e-5))
+        elif s.linear:
+            blocks.append(LinearBlock(s.name, s.c_in, s.c_out, s.bias))
+        else:
+            blocks.append(ConvBlock(s.name, s.c_in, s.c_out, (s.kernel, s.kernel), (s.stride, s.stride),
+                                    (s.padding, s.padding), (1, 1), s.bias))
+    return blocks, reduced
+
+
+def synthetic_tensors(model: shapes.ModelShapes, batch: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(layer input, output gradient) of every layer, float32, for ``batch`` examples."""
+    rng = np.random.default_rng(seed)
+    draw = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+    out = []
+    for s in model.layers:
+        if isinstance(s, shapes.BatchNormShape):
+            out.append((draw(batch, s.channels, s.h, s.h), draw(batch, s.channels, s.h, s.h)))
+        elif s.linear:
+            out.append((draw(batch, s.c_in), draw(batch, s.c_out)))
+        else:
+            out.append((draw(batch, s.c_in, s.h_in, s.h_in), draw(batch, s.c_out, s.h_out, s.h_out)))
+    return out
+
+
+def ring_bytes_sent(counts: Sequence[int], itemsize: int) -> tuple[list[int], list[int]]:
+    """Bytes each rank sends in a ring reduce-scatter (all segments but its own)
+    and a ring all-gather (all but its successor's) of segments ``counts``."""
+    total, size = sum(counts), len(counts)
+    if size == 1:
+        return [0], [0]
+    scatter = [itemsize * (total - counts[r]) for r in range(size)]
+    gather = [itemsize * (total - counts[(r + 1) % size]) for r in range(size)]
+    return scatter, gather
+
+
+class Iteration:
+    """One rank's workload: blocks, synthetic tensors and the engine."""
+
+    def __init__(self, comm, args: argparse.Namespace, assignment: str) -> None:
+        from hpckfac.stages import KFACEngine
+        from hpckfac.stages.local_factors import LocalStatistics
+
+        self.comm = comm
+        self.model = shapes.scaled(shapes.get(args.model, args.image), args.scale)
+        self.batch = local_batch(args, comm.size)
+        self.blocks, bn_reduced = build_blocks(self.model, args.batchnorm)
+        self.engine = KFACEngine(self.blocks, comm, damping=1e-3, assignment=assignment,
+                                 comm_dtype=np.dtype(args.comm_dtype))
+        self.stats = LocalStatistics(self.blocks)
+        tensors = synthetic_tensors(self.model, self.batch, seed=1000 + comm.rank)
+        kinds = [not isinstance(s, shapes.BatchNormShape) or args.batchnorm == "kfac" for s in self.model.layers]
+        self.tensors = [t for t, engine in zip(tensors, kinds) if engine]
+        rng = np.random.default_rng(comm.rank)
+        self.grads = [rng.standard_normal(s.grad_shape).astype(args.comm_dtype) for s in self.engine.specs]
+        self.reduced = [rng.standard_normal(2 * b.num_features).astype(args.comm_dtype) for b in bn_reduced]
+        self.timings = dict.fromkeys(STAGES, 0.0)
+
+    def local_statistics(self) -> list:
+        """Stage 1 on this rank's synthetic tensors."""
+        self.stats.reset()
+        self.stats.add_examples(self.batch)
+        for i, (spec, (x, g)) in enumerate(zip(self.engine.specs, self.tensors)):
+            if spec.kind == "kron":
+                self.stats.add_inputs(i, x)
+                self.stats.add_output_grads(i, g)
+            else:
+                self.stats.add_batchnorm(i, x, g)
+        return self.stats.result()
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        stats = self.local_statistics()
+        self.timings["local_factors"] = time.perf_counter() - start
+        self.engine.step(self.grads, stats)
+        self.timings.update(self.engine.timings)
+        start = time.perf_counter()
+        if self.reduced:
+            self.comm.allreduce_many(self.reduced, op="mean", algorithm="ring")
+        self.timings["allreduce"] = time.perf_counter() - start
+
+    def bytes_sent(self) -> dict[str, int]:
+        """Most bytes any rank sends per iteration, per collective (ring algorithms)."""
+        itemsize, layout, size = np.dtype(self.engine.comm_dtype).itemsize, self.engine.layout, self.comm.size
+        scatter, _ = ring_bytes_sent(layout.reduce_counts(True), itemsize)
+        _, gather = ring_bytes_sent(layout.gather_counts, itemsize)
+        n = itemsize * sum(r.size for r in self.reduced)
+        return {"reduce_scatter": max(scatter), "all_gather": max(gather),
+                "allreduce": int(round(2 * (size - 1) / size * n))}
+
+
+def local_batch(args: argparse.Namespace, size: int) -> int:
+    """Examples per rank: ``--batch`` split over ranks (strong) or ``--batch`` (weak)."""
+    if args.mode == "weak":
+        return args.batch
+    if args.batch % size:
+        raise ValueError(f"batch: strong scaling needs a global batch divisible by {size} ranks, got {args.batch}")
+    return args.batch // size
+
+
+def measure(comm, args: argparse.Namespace, assignment: str) -> dict[str, Any]:
+    """Median stage and iteration times of ``args.repeat`` iterations (collective)."""
+    it = Iteration(comm, args, assignment)
+    for _ in range(args.warmup):
+        it()
+    per_iteration = []
+    for _ in range(args.repeat):
+        comm.barrier()
+        start = time.perf_counter()
+        it()
+        per_iteration.append((time.perf_counter() - start, dict(it.timings)))
+    everyone = comm.allgather_object(per_iteration)
+    stages, totals = {s: [] for s in STAGES}, []
+    for k in range(args.repeat):
+        totals.append(max(rank[k][0] for rank in everyone))
+        for s in STAGES:
+            values = [rank[k][1][s] for rank in everyone]
+            stages[s].append(max(values) if s in COMPUTE else min(values))
+    inversion = [median([rank[k][1]["inversion"] for k in range(args.repeat)]) for rank in everyone]
+    costs = [block_cost(s) for s in it.engine.specs]
+    return {
+        "ranks": comm.size, "assignment": assignment, "batch_per_rank": it.batch,
+        "iteration": median(totals), "stages": {s: median(v) for s in STAGES for v in [stages[s]]},
+        "bytes_sent": it.bytes_sent(),
+        "imbalance": perf.imbalance(costs, it.engine.owners, comm.size),
+        "inversion_time_imbalance": max(inversion) / max(np.mean(inversion), 1e-12),
+        "owners": comm.size - sum(1 for r in range(comm.size) if not it.engine.layout.owned[r]),
+        "blocks": len(costs),
+    }
+
+
+def add_efficiency(runs: list[dict[str, Any]], mode: str) -> None:
+    """Scaling efficiency of each run against the one-rank run of its assignment."""
+    for run in runs:
+        base = [r for r in runs if r["ranks"] == 1 and r["assignment"] == run["assignment"]]
+        if base:
+            ratio = base[0]["iteration"] / run["iteration"]
+            run["efficiency"] = ratio / run["ranks"] if mode == "strong" else ratio
+
+
+def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One printable row per run: ms per stage, shares, bytes, imbalance, efficiency."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (r["assignment"], r["ranks"])):
+        total = sum(run["stages"].values())
+        row: dict[str, Any] = {"assign": run["assignment"], "P": run["ranks"], "B/rank": run["batch_per_rank"],
+                               "iter_ms": 1e3 * run["iteration"]}
+        for s in STAGES:
+            row[s] = f"{1e3 * run['stages'][s]:.1f} ({100 * run['stages'][s] / max(total, 1e-12):.0f}%)"
+        row["MB_sent"] = sum(run["bytes_sent"].values()) / 1e6
+        row["imbalance"] = run["imbalance"]
+        row["efficiency"] = run.get("efficiency", "")
+        rows.append(row)
+    return rows
+
+
+COLUMNS = ["assign", "P", "B/rank", "iter_ms"] + list(STAGES) + ["MB_sent", "imbalance", "efficiency"]
+
+
+def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
+    """Stacked bars of median time per stage against rank count, one panel per assignment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["assignment"] for r in runs})
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.5), squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        mine = sorted((r for r in runs if r["assignment"] == method), key=lambda r: r["ranks"])
+        labels = [str(r["ranks"]) for r in mine]
+        bottom = np.zeros(len(mine))
+        for s in STAGES:
+            values = np.array([1e3 * r["stages"][s] for r in mine])
+            ax.bar(labels, values, bottom=bottom, label=s)
+            bottom += values
+        ax.plot(labels, [1e3 * r["iteration"] for r in mine], "k_", markersize=30, label="iteration (max over ranks)")
+        ax.set_title(f"assignment {method}")
+        ax.set_xlabel("ranks")
+        ax.set_ylabel("ms per iteration (median)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def config_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that define a workload (equal across the runs to be combined)."""
+    return {"mode": args.mode, "model": args.model, "scale": args.scale, "image": args.image,
+            "batch": args.batch, "comm_dtype": args.comm_dtype, "batchnorm": args.batchnorm,
+            "repeat": args.repeat, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def title_of(config: dict[str, Any]) -> str:
+    batch = "per rank" if config["mode"] == "weak" else "global"
+    return (f"{config['model']} channels/{config['scale']}, {config['image']}px, {config['mode']} scaling, "
+            f"batch {config['batch']} {batch}")
+
+
+def combine(paths: Sequence[str], json_path: str | None, png_path: str | None) -> int:
+    """Merge the runs of several JSON files (same workload, different rank counts)."""
+    payloads = []
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            payloads.append(json.load(fh))
+    config = payloads[0]["config"]
+    for path, payload in zip(paths, payloads):
+        if payload["config"] != config:
+            raise ValueError(f"combine: {path} ran another workload ({payload['config']} vs {config})")
+    runs = [run for p in payloads for run in p["results"]["runs"]]
+    add_efficiency(runs, config["mode"])
+    print(title_of(config))
+    print(format_table(table_rows(runs), COLUMNS, ".2f"))
+    results = {"runs": runs, "imbalance_table": payloads[0]["results"].get("imbalance_table")}
+    if json_path:
+        write_json(json_path, "scaling", config, results)
+    if png_path:
+        plot(runs, png_path, title_of(config))
+    return 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench scaling", description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
+                        help="strong: --batch is global, split over ranks; weak: --batch per rank")
+    parser.add_argument("--model", choices=sorted(shapes.MODELS), default="resnet50")
+    parser.add_argument("--scale", type=int, default=8, help="divide every channel count by this")
+    parser.add_argument("--image", type=int, default=None, help="input height/width (default: the model's)")
+    parser.add_argument("--batch", type=int, default=4, help="examples: global (strong) or per rank (weak)")
+    parser.add_argument("--assignment", choices=("lpt", "contiguous", "both"), default="both")
+    parser.add_argument("--batchnorm", choices=("kfac", "allreduce"), default="kfac",
+                        help="BatchNorm as unit-wise curvature blocks, or its gradients by ring allreduce")
+    parser.add_argument("--comm-dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--repeat", type=int, default=5, help="timed iterations (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--png", default=None, help="stacked-bar plot of the per-stage times")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                        help="merge these results (runs at different rank counts); no MPI run")
+    args = parser.parse_args(argv)
+    for name in ("scale", "batch", "repeat"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
+    if args.warmup < 0:
+        raise ValueError(f"warmup: expected an integer >= 0, got {args.warmup!r}")
+    if args.image is None:
+        args.image = shapes.MODELS[args.model][1]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark on COMM_WORLD (or combine earlier results)."""
+    args = parse(list(argv or []))
+    if args.combine:
+        return combine(args.combine, args.json, args.png)
+    from hpckfac.comm import Communicator
+
+    comm = Communicator()
+    config = config_of(args)
+    comm.check_same(config, "scaling benchmark settings")
+    methods = ("lpt", "contiguous") if args.assignment == "both" else (args.assignment,)
+    runs = [measure(comm, args, method) for method in methods]
+    if comm.rank != 0:
+        return 0
+    add_efficiency(runs, args.mode)
+    print(f"{title_of(config)}, {comm.size} ranks")
+    print(format_table(table_rows(runs), COLUMNS, ".2f"))
+    results: dict[str, Any] = {"runs": runs}
+    if args.model == "resnet50":
+        table = perf.imbalance_table(shapes.resnet50(), IMBALANCE_RANKS, args.batchnorm)
+        print("\nResNet-50 (full size) owner imbalance, max/mean inversion cost, computed:")
+        print(format_table(table, ["ranks", "owners_max", "lpt", "contiguous", "bound"], ".3f"))
+        results["imbalance_table"] = table
+    if args.json:
+        write_json(args.json, "scaling", config, results)
+    if args.png:
+        plot(runs, args.png, f"{title_of(config)}, {comm.size} ranks")
+    return 0

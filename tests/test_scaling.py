@@ -1,0 +1,102 @@
+"""The scaling benchmark: bytes, efficiency, combining, and real runs under mpiexec."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hpckfac.bench import model, scaling, shapes
+
+BIN = os.path.dirname(sys.executable)
+
+
+def test_ring_bytes_hand_computed():
+    scatter, gather = scaling.ring_bytes_sent([3, 5, 0], 4)
+    assert scatter == [4 * 5, 4 * 3, 4 * 8]   # all segments but the rank's own
+    assert gather == [4 * 3, 4 * 8, 4 * 5]    # all segments but the successor's
+    assert scaling.ring_bytes_sent([7], 8) == ([0], [0])
+    # Equal segments: every rank sends (P-1)/P of the buffer, the model's volume.
+    scatter, gather = scaling.ring_bytes_sent([4] * 4, 4)
+    assert scatter == gather == [3 / 4 * 16 * 4] * 4
+
+
+def test_efficiency():
+    runs = [{"ranks": 1, "assignment": "lpt", "iteration": 1.0},
+            {"ranks": 2, "assignment": "lpt", "iteration": 0.625},
+            {"ranks": 4, "assignment": "contiguous", "iteration": 0.5}]
+    scaling.add_efficiency(runs, "strong")
+    assert runs[0]["efficiency"] == 1.0 and runs[1]["efficiency"] == pytest.approx(0.8)
+    assert "efficiency" not in runs[2]  # no one-rank run of that assignment
+    scaling.add_efficiency(runs, "weak")
+    assert runs[1]["efficiency"] == pytest.approx(1.6)
+
+
+def test_options_validated():
+    with pytest.raises(ValueError, match="scale"):
+        scaling.parse(["--scale", "0"])
+    with pytest.raises(ValueError, match="repeat"):
+        scaling.parse(["--repeat", "0"])
+    args = scaling.parse(["--mode", "strong", "--batch", "6"])
+    assert args.image == 224
+    with pytest.raises(ValueError, match="batch"):
+        scaling.local_batch(args, 4)
+    assert scaling.local_batch(args, 3) == 2
+    assert scaling.local_batch(scaling.parse(["--mode", "weak", "--batch", "6"]), 4) == 6
+
+
+def test_synthetic_tensors_have_layer_shapes():
+    net = shapes.scaled(shapes.resnet50(64), 16)
+    tensors = scaling.synthetic_tensors(net, 2, seed=0)
+    for s, (x, g) in zip(net.layers, tensors):
+        if isinstance(s, shapes.BatchNormShape):
+            assert x.shape == g.shape == (2, s.channels, s.h, s.h)
+        elif s.linear:
+            assert (x.shape, g.shape) == ((2, s.c_in), (2, s.c_out))
+        else:
+            assert x.shape == (2, s.c_in, s.h_in, s.h_in) and g.shape == (2, s.c_out, s.h_out, s.h_out)
+        assert x.dtype == np.float32 and np.std(x) > 0.5
+
+
+def mpirun(ranks, *args):
+    cmd = [os.path.join(BIN, "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpckfac.bench", "scaling", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_resnet50_runs_and_combines(tmp_path):
+    common = ["--mode", "weak", "--scale", "16", "--image", "32", "--batch", "2", "--repeat", "2",
+              "--batchnorm", "allreduce"]
+    files = []
+    for p in (1, 3):
+        files.append(str(tmp_path / f"r{p}.json"))
+        out = mpirun(p, *common, "--json", files[-1])
+        assert "owner imbalance" in out
+    one, three = (json.loads(open(f).read()) for f in files)
+    table = {r["ranks"]: r for r in one["results"]["imbalance_table"]}
+    assert table[1024]["lpt"] <= table[1024]["contiguous"]
+    config = one["config"]
+    for run in three["results"]["runs"]:
+        assert set(run["stages"]) == set(model.STAGES) and run["iteration"] > 0
+        assert run["blocks"] == 54 and run["owners"] == 3
+        # Most bytes a rank sends: between the even share (P-1)/P n and the whole buffer.
+        work = model.stage_work(model.workload_from_config(config, 3), 3)
+        assert 2 / 3 * work["reduce_scatter"] <= run["bytes_sent"]["reduce_scatter"] <= work["reduce_scatter"]
+        assert run["bytes_sent"]["allreduce"] == pytest.approx(2 * 2 / 3 * work["allreduce"], abs=1)
+        assert run["imbalance"] >= 1.0
+    assert all(r["bytes_sent"] == {"reduce_scatter": 0, "all_gather": 0, "allreduce": 0}
+               for r in one["results"]["runs"])
+    png, merged = tmp_path / "all.png", tmp_path / "all.json"
+    assert scaling.main(["--combine", *files, "--json", str(merged), "--png", str(png)]) == 0
+    runs = json.loads(merged.read_text())["results"]["runs"]
+    assert len(runs) == 4 and all("efficiency" in r for r in runs)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # Runs of another workload are refused.
+    other = json.loads(open(files[0]).read())
+    other["config"]["scale"] = 8
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another workload"):
+        scaling.main(["--combine", files[0], str(tmp_path / "other.json")])
