@@ -235,3 +235,9 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     with pytest.raises(ValueError, match="batch"):
         model.main(["--batch", "0"])
     assert math.isfinite(result["predictions"]["h100-ndr"]["rows"][-1]["total_ms"])
+
+
+def test_measured_rates_are_positive():
+    rates = model.measure_rates(tiny_model(), batch=3, repeat=1)
+    assert set(rates) == {"factor_flops", "inverse_rate", "gemm_flops"}
+    assert all(math.isfinite(v) and v > 0 for v in rates.values())

@@ -34,7 +34,7 @@ import numpy as np
 
 from hpckfac.assignment import assign_owners, block_cost, owner_loads
 from hpckfac.bench import shapes
-from hpckfac.bench.report import format_table, write_json
+from hpckfac.bench.report import format_table, median, write_json
 from hpckfac.stages.layout import BlockSpec, SegmentLayout
 
 STAGES = ("local_factors", "reduce_scatter", "inversion", "precondition", "all_gather", "allreduce")
@@ -303,6 +303,35 @@ def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: 
     plt.close(fig)
 
 
+def measure_rates(model: shapes.ModelShapes, batch: int, repeat: int = 3) -> dict[str, float]:
+    """This machine's rates on ``model``'s shapes with the NumPy reference, one
+    thread as configured: factor GEMMs (``ops.accumulate_factor`` on random rows),
+    damped inversion (``ops.damped_inverse``, counted as ``n^3``) and the
+    preconditioning products ``G^-1 X A^-1``; medians of ``repeat`` passes."""
+    from hpckfac import ops
+    from hpckfac.bench.report import time_calls
+
+    rng = np.random.default_rng(0)
+    kron = model.kron
+    rows = [rng.standard_normal((batch * s.positions, d), dtype=np.float32) for s in kron for d in (s.d_A, s.d_G)]
+    spd = {}
+    for s in kron:
+        for d in (s.d_A, s.d_G):
+            if d not in spd:
+                x = rng.standard_normal((d, d)).astype(np.float32)
+                spd[d] = (x @ x.T / d)[None]
+    grads = [(rng.standard_normal((s.d_G, s.d_A), dtype=np.float32), spd[s.d_G][0], spd[s.d_A][0]) for s in kron]
+    work = {
+        "factor_flops": (sum(2.0 * r.shape[0] * r.shape[1] ** 2 for r in rows),
+                         lambda: [ops.accumulate_factor(r, packed=True) for r in rows]),
+        "inverse_rate": (sum(float(s.d_A) ** 3 + float(s.d_G) ** 3 for s in kron),
+                         lambda: [ops.damped_inverse(spd[d], 1e-3) for s in kron for d in (s.d_A, s.d_G)]),
+        "gemm_flops": (sum(2.0 * s.d_G * s.d_A * (s.d_A + s.d_G) for s in kron),
+                       lambda: [g_inv @ x @ a_inv for x, g_inv, a_inv in grads]),
+    }
+    return {name: flops / median(time_calls(fn, repeat)) for name, (flops, fn) in work.items()}
+
+
 def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     with open(path, encoding="utf-8") as fh:
         payload = json.load(fh)
@@ -319,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: calibrate on a scaling JSON (optional), then predict ResNet-50 at many GPUs."""
     parser = argparse.ArgumentParser(prog="python -m hpckfac.bench model", description=__doc__.split("\n")[0])
     parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
+    parser.add_argument("--measure", metavar="SCALE", type=int, default=None,
+                        help="time the NumPy compute rates here on ResNet-50 with channels / SCALE "
+                             "(64x64 images, 2 per rank)")
     parser.add_argument("--cores", type=int, default=None,
                         help="cores the calibration runs shared (default: this machine's count)")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
@@ -359,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(rows, ["ranks"] + [f"{s}_ms" for s in STAGES]
                                + ["measured_ms", "predicted_ms", "error_pct"], ".1f"))
             results.setdefault("calibration", {})[method] = {"machine": asdict(machine), "rows": rows}
+
+    if args.measure:
+        rates = measure_rates(shapes.scaled(shapes.resnet50(64), args.measure), batch=2)
+        print(f"NumPy rates here (ResNet-50/{args.measure}, 64px, 2 examples): "
+              + ", ".join(f"{k} {v / 1e9:.2f} G/s" for k, v in rates.items()))
+        results["measured_rates"] = rates
 
     model = shapes.resnet50()
     overrides = {k: v for k in ("factor_flops", "inverse_rate", "gemm_flops", "alpha", "beta", "train_flops")
