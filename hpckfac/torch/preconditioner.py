@@ -19,7 +19,7 @@ from hpckfac.comm import CollectiveMismatchError, Communicator
 from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
 from hpckfac.bench.report import format_table
 from hpckfac.log import get_logger
-from hpckfac.stages.engine import STAGES, KFACEngine
+from hpckfac.stages.engine import KFACEngine
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import check_options
 from hpckfac.torch.bridge import copy_into, to_array
