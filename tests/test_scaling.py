@@ -39,7 +39,7 @@ def test_options_validated():
     with pytest.raises(ValueError, match="repeat"):
         scaling.parse(["--repeat", "0"])
     args = scaling.parse(["--mode", "strong", "--batch", "6"])
-    assert args.image == 224
+    assert args.image == 224 and args.scale == 8 and scaling.parse(["--model", "small"]).scale == 1
     with pytest.raises(ValueError, match="batch"):
         scaling.local_batch(args, 4)
     assert scaling.local_batch(args, 3) == 2

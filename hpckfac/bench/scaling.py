@@ -43,6 +43,7 @@ from hpckfac.bench.report import format_table, median, write_json
 
 STAGES = perf.STAGES
 COMPUTE = ("local_factors", "inversion", "precondition")
+DEFAULT_SCALE = {"resnet50": 8, "small": 1}
 IMBALANCE_RANKS = (2, 4, 8, 16, 32, 64, 107, 128, 256, 512, 1024)
 
 
@@ -280,7 +281,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")
     parser.add_argument("--model", choices=sorted(shapes.MODELS), default="resnet50")
-    parser.add_argument("--scale", type=int, default=8, help="divide every channel count by this")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="divide every channel count by this (default: 8 for resnet50, 1 for small)")
     parser.add_argument("--image", type=int, default=None, help="input height/width (default: the model's)")
     parser.add_argument("--batch", type=int, default=4, help="examples: global (strong) or per rank (weak)")
     parser.add_argument("--assignment", choices=("lpt", "contiguous", "both"), default="both")
@@ -294,6 +296,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                         help="merge these results (runs at different rank counts); no MPI run")
     args = parser.parse_args(argv)
+    if args.scale is None:
+        args.scale = DEFAULT_SCALE[args.model]
     for name in ("scale", "batch", "repeat"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
