@@ -4,49 +4,53 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// Host and device, so that the index arithmetic is unit-tested on the host
+// (tests/test_kernels_compile.py) where no GPU exists.
+#define HK_HD __host__ __device__
+
 namespace hk {
 
 // Value conversions between float64/float32/float16/bfloat16 with one rounding
 // (round to nearest even), as NumPy's astype does.
 template <typename D> struct Convert;
 template <> struct Convert<double> {
-  __device__ static double from(double v) { return v; }
-  __device__ static double from(float v) { return v; }
-  __device__ static double from(__half v) { return __half2float(v); }
-  __device__ static double from(__nv_bfloat16 v) { return __bfloat162float(v); }
+  HK_HD static double from(double v) { return v; }
+  HK_HD static double from(float v) { return v; }
+  HK_HD static double from(__half v) { return __half2float(v); }
+  HK_HD static double from(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 template <> struct Convert<float> {
-  __device__ static float from(double v) { return static_cast<float>(v); }
-  __device__ static float from(float v) { return v; }
-  __device__ static float from(__half v) { return __half2float(v); }
-  __device__ static float from(__nv_bfloat16 v) { return __bfloat162float(v); }
+  HK_HD static float from(double v) { return static_cast<float>(v); }
+  HK_HD static float from(float v) { return v; }
+  HK_HD static float from(__half v) { return __half2float(v); }
+  HK_HD static float from(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 template <> struct Convert<__half> {
-  __device__ static __half from(double v) { return __double2half(v); }
-  __device__ static __half from(float v) { return __float2half_rn(v); }
-  __device__ static __half from(__half v) { return v; }
+  HK_HD static __half from(double v) { return __double2half(v); }
+  HK_HD static __half from(float v) { return __float2half_rn(v); }
+  HK_HD static __half from(__half v) { return v; }
   // bfloat16 -> float is exact, so this rounds once.
-  __device__ static __half from(__nv_bfloat16 v) { return __float2half_rn(__bfloat162float(v)); }
+  HK_HD static __half from(__nv_bfloat16 v) { return __float2half_rn(__bfloat162float(v)); }
 };
 template <> struct Convert<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 from(double v) { return __double2bfloat16(v); }
-  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  __device__ static __nv_bfloat16 from(__half v) { return __float2bfloat16_rn(__half2float(v)); }
-  __device__ static __nv_bfloat16 from(__nv_bfloat16 v) { return v; }
+  HK_HD static __nv_bfloat16 from(double v) { return __double2bfloat16(v); }
+  HK_HD static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+  HK_HD static __nv_bfloat16 from(__half v) { return __float2bfloat16_rn(__half2float(v)); }
+  HK_HD static __nv_bfloat16 from(__nv_bfloat16 v) { return v; }
 };
 
 template <typename D, typename S>
-__device__ __forceinline__ D convert(S v) { return Convert<D>::from(v); }
+HK_HD __forceinline__ D convert(S v) { return Convert<D>::from(v); }
 
 // Start of row i of an n x n upper triangle packed row by row.
-__device__ __forceinline__ long long tri_row_start(long long i, long long n) {
+HK_HD __forceinline__ long long tri_row_start(long long i, long long n) {
   return i * n - i * (i - 1) / 2;
 }
 
 // Row of packed element k (0 <= k < n(n+1)/2): the largest i with
 // tri_row_start(i, n) <= k. The closed form in double precision is exact to
 // within one row for any n that fits in memory; the two loops correct it.
-__device__ __forceinline__ long long tri_row(long long k, long long n) {
+HK_HD __forceinline__ long long tri_row(long long k, long long n) {
   const double b = 2.0 * n + 1.0;
   long long i = static_cast<long long>((b - sqrt(b * b - 8.0 * static_cast<double>(k))) * 0.5);
   if (i < 0) i = 0;
@@ -58,7 +62,7 @@ __device__ __forceinline__ long long tri_row(long long k, long long n) {
 
 // Index m with offsets[m] <= g < offsets[m + 1] for a non-decreasing table of
 // count + 1 entries (empty segments are skipped).
-__device__ __forceinline__ int find_segment(const long long* __restrict__ offsets, int count, long long g) {
+HK_HD __forceinline__ int find_segment(const long long* __restrict__ offsets, int count, long long g) {
   int lo = 0, hi = count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;

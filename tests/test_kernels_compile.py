@@ -60,3 +60,106 @@ def test_tensor_core_paths_follow_architecture():
     assert cuda_module.syrk_name("float32", 90) == "syrk_fma<float>"
     with pytest.raises(TypeError, match="int32"):
         cuda_module.ctype("int32")
+
+
+# Host program exercising kernels/common.cuh (its helpers are __host__ __device__):
+# packed-index arithmetic against brute force, then conversions of the values on
+# stdin, printed as bit patterns for comparison with NumPy / ml_dtypes.
+HOST_CHECK = r"""
+#include <cstdio>
+#include <cstring>
+#include <vector>
+#include "common.cuh"
+
+static int check_triangle(long long n) {
+  long long k = 0;
+  for (long long i = 0; i < n; ++i)
+    for (long long j = i; j < n; ++j, ++k) {
+      const long long r = hk::tri_row(k, n);
+      if (r != i || r + k - hk::tri_row_start(r, n) != j) {
+        std::printf("triangle n=%lld k=%lld: row %lld, expected (%lld, %lld)\n", n, k, r, i, j);
+        return 1;
+      }
+    }
+  return 0;
+}
+
+static int check_row_edges(long long n) {
+  for (long long i = 0; i < n; i += 1 + i / 7) {
+    const long long first = hk::tri_row_start(i, n), last = hk::tri_row_start(i + 1, n) - 1;
+    if (hk::tri_row(first, n) != i || hk::tri_row(last, n) != i) {
+      std::printf("row edges n=%lld i=%lld\n", n, i);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static int check_segments() {
+  const long long offsets[] = {0, 3, 3, 3, 9, 10, 10};  // empty segments included
+  const int count = 6;
+  for (long long g = 0; g < offsets[count]; ++g) {
+    const int m = hk::find_segment(offsets, count, g);
+    if (!(offsets[m] <= g && g < offsets[m + 1])) {
+      std::printf("segment g=%lld -> %d\n", g, m);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+template <typename T> static unsigned bits(T v) {
+  unsigned out = 0;
+  std::memcpy(&out, &v, sizeof(T));
+  return out;
+}
+
+int main() {
+  int bad = check_segments();
+  for (long long n : {1, 2, 3, 31, 64, 65, 257, 1152, 4608}) bad |= check_triangle(n);
+  for (long long n : {100000LL, 3000000LL}) bad |= check_row_edges(n);
+  if (bad) return 1;
+  double v;
+  while (std::scanf("%la", &v) == 1) {
+    const __half h = hk::convert<__half>(v);
+    const __nv_bfloat16 b = hk::convert<__nv_bfloat16>(v);
+    const float f = hk::convert<float>(v);
+    std::printf("%u %u %u %u %u %u %u\n", bits(h), bits(b), bits(f),
+                bits(hk::convert<__half>(f)), bits(hk::convert<__nv_bfloat16>(f)),
+                bits(hk::convert<__nv_bfloat16>(h)), bits(hk::convert<__half>(b)));
+  }
+  return 0;
+}
+"""
+
+
+def test_common_helpers_on_host(tmp_path):
+    import ml_dtypes
+    import numpy as np
+
+    program = tmp_path / "host_check.cu"
+    program.write_text(HOST_CHECK)
+    binary = tmp_path / "host_check"
+    cmd = [NVCC, *cuda_module.BASE_OPTIONS, f"-I{cuda_module.include_dirs()[0]}", str(program), "-o", str(binary)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    rng = np.random.default_rng(5)
+    values = np.concatenate([
+        rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 9, 2000),
+        # Ties and near-ties of float16/bfloat16 rounding, overflow, subnormals, specials.
+        [1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 2.0 ** -11 + 2.0 ** -40, 65504.0, 65520.0,
+         70000.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 1e-300, 3.4e38, 3.5e38, 0.0, -0.0, np.inf, -np.inf],
+    ])
+    done = subprocess.run([str(binary)], input="\n".join(float(v).hex() for v in values),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    got = np.array([line.split() for line in done.stdout.splitlines()], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        f16, bf16, f32 = values.astype(np.float16), values.astype(ml_dtypes.bfloat16), values.astype(np.float32)
+        expected = [f16, bf16, f32, f32.astype(np.float16), f32.astype(ml_dtypes.bfloat16),
+                    f16.astype(np.float32).astype(ml_dtypes.bfloat16), bf16.astype(np.float32).astype(np.float16)]
+    for column, want in enumerate(expected):
+        want_bits = want.view(np.uint16 if want.itemsize == 2 else np.uint32).astype(np.uint64)
+        mismatch = np.flatnonzero(got[:, column] != want_bits)
+        assert mismatch.size == 0, (column, values[mismatch[:5]], got[mismatch[:5], column], want_bits[mismatch[:5]])

@@ -1,0 +1,307 @@
+"""CUDA backend of ``hpckfac.ops`` for CuPy arrays.
+
+Implements the functions ``hpckfac.ops`` dispatches to, with the signatures and
+results of the CPU reference modules (``packing``, ``factors``, ``average``,
+``inverse``); arguments arrive validated. Kernels live in ``kernels/*.cu``
+(see docs/gpu.md) and are compiled on first use (``cuda_module``).
+
+- ``pack_sym`` / ``unpack_sym``: one launch per source dtype, offset tables
+  uploaded as one small int64 array.
+- ``accumulate_factor``: float32/float16/bfloat16 ``x`` through the
+  triangle-tiled kernel (tensor cores for half inputs where the GPU has them),
+  float64 through cuBLAS.
+- ``damped_inverse``: matrices of order <= ``CHOLESKY_KERNEL_MAX_N`` through the
+  one-block-per-matrix kernel, larger ones through cuSOLVER; failures take the
+  CPU reference's jitter and clipped-eigenvalue fallbacks, batched on the GPU.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import cupy
+import cupyx
+import numpy as np
+
+from hpckfac.ops import cuda_module
+from hpckfac.ops.checks import accumulation_dtype
+from hpckfac.ops.inverse import CHOLESKY, EIGEN, EIGEN_RFLOOR, JITTER, JITTERS, PIVOT_RTOL
+from hpckfac.ops.packing import packed_offsets
+
+# Largest order the shared-memory Cholesky kernel handles (its design limit).
+KERNEL_LIMIT_N = 64
+# Orders up to this go to the Cholesky kernel, larger ones to cuSOLVER. The
+# crossover is measured by ``python -m hpckfac.bench kernels`` (docs/gpu.md).
+CHOLESKY_KERNEL_MAX_N = 64
+
+# Factor accumulation: row tile of both kernels, rows per split at least
+# MIN_SPLIT_ROWS, and enough (tile, split) blocks for BLOCKS_PER_SM per SM.
+_SYRK_TILE = 64
+_SYRK_ROW_STEP = 32
+MIN_SPLIT_ROWS = 256
+BLOCKS_PER_SM = 4
+
+_THREADS = 256
+_NULL = np.uint64(0)
+
+
+@lru_cache(maxsize=None)
+def _sm_count_of(device: int) -> int:
+    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device)
+
+
+def _sm_count() -> int:
+    """Streaming multiprocessors of the current device."""
+    return _sm_count_of(cupy.cuda.Device().id)
+
+
+def _launch_blocks(total: int) -> int:
+    """Blocks of a grid-stride launch over ``total`` elements."""
+    return max(1, min(-(-total // _THREADS), 32 * _sm_count()))
+
+
+def _table(*columns) -> cupy.ndarray:
+    """The int64 columns concatenated into one device array (one upload)."""
+    return cupy.asarray(np.concatenate([np.asarray(c, dtype=np.int64).ravel() for c in columns]))
+
+
+def _name(dtype) -> str:
+    return cuda_module.dtype_name(dtype)
+
+
+# ---------------------------------------------------------------- packing
+
+def pack_sym(mats, sizes: list[int], dtype: np.dtype, out):
+    """Upper triangles of ``mats`` (orders ``sizes``) in one buffer of ``dtype``, ``out`` if given."""
+    offsets = packed_offsets(sizes)
+    target = out if out is not None and out.flags.c_contiguous else cupy.empty(int(offsets[-1]), dtype=dtype)
+    mats = [cupy.asarray(m) for m in mats]
+    groups: dict[str, list[int]] = {}
+    for index, (mat, n) in enumerate(zip(mats, sizes)):
+        if n:
+            groups.setdefault(_name(mat.dtype), []).append(index)
+    for src, members in groups.items():
+        kernel = cuda_module.function("pack.cu", cuda_module.pack_name("pack_sym", src, dtype))
+        chosen = [mats[i] for i in members]
+        ptrs = np.array([m.data.ptr for m in chosen], dtype=np.uint64).view(np.int64)
+        strides = [[s // m.itemsize for s in m.strides] for m in chosen]
+        n = np.array([sizes[i] for i in members], dtype=np.int64)
+        seg = packed_offsets(n.tolist())
+        count = len(members)
+        table = _table(ptrs, strides, n, seg, offsets[members])
+        kernel((_launch_blocks(int(seg[-1])),), (_THREADS,),
+               (table, table[count:], table[3 * count:], table[4 * count:], table[5 * count + 1:],
+                np.int32(count), target))
+    if out is None:
+        return target
+    if target is not out:
+        out[...] = target
+    return out
+
+
+def unpack_sym(buffer, sizes: list[int], dtype: np.dtype) -> list:
+    """Symmetric ``(n, n)`` matrices of ``dtype`` rebuilt from the packed ``buffer``
+    (views of one freshly allocated array, one launch)."""
+    dense = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(np.square(np.asarray(sizes, dtype=np.int64)), out=dense[1:])
+    flat = cupy.empty(int(dense[-1]), dtype=dtype)
+    if sizes and dense[-1]:
+        count = len(sizes)
+        table = _table(sizes, packed_offsets(sizes)[:-1], dense)
+        kernel = cuda_module.function("pack.cu", cuda_module.pack_name("unpack_sym", buffer.dtype, dtype))
+        kernel((_launch_blocks(int(dense[-1])),), (_THREADS,),
+               (cupy.ascontiguousarray(buffer), table, table[count:], table[2 * count:], np.int32(count), flat))
+    return [flat[start:stop].reshape(n, n) for n, start, stop in zip(sizes, dense[:-1], dense[1:])]
+
+
+# ---------------------------------------------------------------- factors
+
+def _syrk_splits(rows: int, d: int) -> tuple[int, int]:
+    """(splits, rows per split) for a ``d``-column factor over ``rows`` rows."""
+    tiles_per_side = -(-d // _SYRK_TILE)
+    tiles = tiles_per_side * (tiles_per_side + 1) // 2
+    wanted = -(-BLOCKS_PER_SM * _sm_count() // tiles)
+    splits = max(1, min(wanted, rows // MIN_SPLIT_ROWS))
+    per_split = -(-max(rows, 1) // splits)
+    per_split = -(-per_split // _SYRK_ROW_STEP) * _SYRK_ROW_STEP
+    return max(1, -(-rows // per_split)), per_split
+
+
+def _syrk(x, scale: float, target, prev, decay: float, flag, dense: bool) -> None:
+    """``target <- epilogue(scale * x.T @ x)`` by the tiled kernel (see kernels/syrk.cu)."""
+    rows, d = x.shape
+    arch = cuda_module.device_arch()
+    name = cuda_module.syrk_name(x.dtype, arch)
+    kernel = cuda_module.function("syrk.cu", name)
+    splits, per_split = _syrk_splits(rows, d)
+    packed = d * (d + 1) // 2
+    workspace = cupy.empty(splits * packed, dtype=np.float32) if splits > 1 else None
+    tail = (np.float32(decay), np.float32(1.0 - decay), np.int32(dense))
+    final = (target, _NULL if prev is None else prev, _NULL if flag is None else flag)
+    direct = final if workspace is None else (_NULL, _NULL, _NULL)
+    args = (x, np.int64(rows), np.int64(d), np.int64(per_split), np.float32(scale), *tail, *direct,
+            _NULL if workspace is None else workspace)
+    tiles_per_side = -(-d // _SYRK_TILE)
+    grid = (tiles_per_side * (tiles_per_side + 1) // 2, splits)
+    if name.startswith("syrk_wmma"):
+        vec = int(d % 8 == 0 and x.data.ptr % 16 == 0)
+        kernel(grid, (128,), args + (np.int32(vec),))
+    else:
+        kernel(grid, (256,), args)
+    if workspace is not None:
+        finish = cuda_module.function("syrk.cu", "syrk_finish")
+        finish((_launch_blocks(packed),), (_THREADS,),
+               (workspace, np.int32(splits), np.int64(d), np.float32(scale), *tail, *final))
+
+
+def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
+    """``scale * x.T @ x`` in float32 (float64 for float64 ``x``), dense or packed;
+    with ``decay`` blended into ``out``, which a non-finite product leaves untouched
+    (ValueError), as the CPU reference does."""
+    d = int(x.shape[1])
+    shape = (d * (d + 1) // 2,) if packed else (d, d)
+    dtype = accumulation_dtype(x.dtype)
+    if dtype == np.float64:
+        factor = x.T @ x
+        factor *= scale
+        if packed:
+            factor = pack_sym([factor], [d], factor.dtype, None)
+        if out is None:
+            return factor
+        if decay is None:
+            out[...] = factor
+        elif not ema_update(out, factor, decay, False):
+            raise ValueError("x: the factor scale * x.T @ x is not finite; the running average was left untouched")
+        return out
+
+    # With decay the kernel writes the blend to a scratch buffer: only once the
+    # product is known to be finite may `out` change.
+    direct = out is not None and decay is None and out.flags.c_contiguous
+    target = out if direct else cupy.empty(shape, dtype=np.float32)
+    prev = cupy.ascontiguousarray(out) if decay is not None else None
+    flag = cupy.zeros(1, dtype=np.int32) if decay is not None else None
+    if d:
+        _syrk(cupy.ascontiguousarray(x), scale, target, prev, 0.0 if decay is None else decay, flag, not packed)
+    if out is None or direct:
+        return target
+    if flag is not None and int(flag.get()[0]):
+        raise ValueError("x: the factor scale * x.T @ x is not finite; the running average was left untouched")
+    out[...] = target
+    return out
+
+
+# ---------------------------------------------------------------- running average
+
+def ema_update(running, new, decay: float, first: bool) -> bool:
+    """``running <- decay*running + (1-decay)*new`` in place (``first``: ``running <- new``);
+    False, leaving ``running`` untouched, when ``new`` holds NaN or Inf."""
+    if not bool(cupy.isfinite(new).all()):
+        return False
+    if first:
+        running[...] = new
+    else:
+        running *= decay
+        running += (1.0 - decay) * cupy.asarray(new, dtype=running.dtype)
+    return True
+
+
+# ---------------------------------------------------------------- inversion
+
+def _damped(mats, damping, shift=None):
+    """``(M + M^T)/2 + damping I (+ shift I)`` per matrix, as the CPU reference forms it."""
+    eye = cupy.eye(mats.shape[-1], dtype=mats.dtype)
+    damped = 0.5 * mats + 0.5 * mats.swapaxes(1, 2) + damping[:, None, None] * eye
+    if shift is not None:
+        damped += shift[:, None, None] * eye
+    return damped
+
+
+def _kernel_inverse(mats, damping, shift):
+    """(inverse, ok) of the small-matrix kernel (kernels/chol.cu)."""
+    batch, n = mats.shape[:2]
+    dtype = mats.dtype
+    inverse = cupy.empty_like(mats)
+    failed = cupy.empty(batch, dtype=np.int8)
+    threads = 32 if n <= 8 else 64 if n <= 16 else 128 if n <= 32 else 256
+    shared = (n * (n + 1) + 2 * n) * dtype.itemsize
+    tol = dtype.type(PIVOT_RTOL * np.finfo(dtype).eps)
+    kernel = cuda_module.function("chol.cu", cuda_module.chol_name(dtype))
+    kernel((batch,), (threads,), (mats, np.int32(n), damping, _NULL if shift is None else shift, tol,
+                                  inverse, failed), shared_mem=shared)
+    return inverse, failed == 0
+
+
+def _solver_inverse(mats, damping, shift):
+    """(inverse, ok) through cuSOLVER: batched Cholesky, triangular solves per matrix."""
+    # Imported here: loading it needs cuBLAS, which a GPU-less machine lacks.
+    from cupyx.scipy.linalg import solve_triangular
+
+    damped = _damped(mats, damping, shift)
+    with cupyx.errstate(linalg="ignore"):
+        factors = cupy.linalg.cholesky(damped)
+    pivots = cupy.diagonal(factors, axis1=1, axis2=2)
+    diag = cupy.diagonal(damped, axis1=1, axis2=2)
+    tol = PIVOT_RTOL * np.finfo(mats.dtype).eps
+    # L_ii > 0 also rejects a factorisation cuSOLVER stopped at a non-positive pivot.
+    ok = cupy.isfinite(factors).all(axis=(1, 2)) & ((pivots > 0) & (pivots * pivots >= tol * diag)).all(axis=1)
+    inverse = cupy.empty_like(mats)
+    eye = cupy.eye(mats.shape[-1], dtype=mats.dtype)
+    for i in cupy.flatnonzero(ok).get():
+        lower_inv = solve_triangular(factors[i], eye, lower=True)
+        inverse[i] = lower_inv.T @ lower_inv
+    inverse = 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
+    ok &= cupy.isfinite(inverse).all(axis=(1, 2))
+    return inverse, ok
+
+
+def _cholesky_inverse(mats, damping, shift=None):
+    """Inverses of the damped (and shifted) matrices and which of them succeeded."""
+    if mats.shape[-1] <= min(CHOLESKY_KERNEL_MAX_N, KERNEL_LIMIT_N):
+        return _kernel_inverse(mats, damping, shift)
+    return _solver_inverse(mats, damping, shift)
+
+
+def _clipped_eigen_inverse(damped, damping):
+    """``V diag(1/max(w, floor)) V^T`` per matrix (CPU reference's floor, batched)."""
+    eigvals, eigvecs = cupy.linalg.eigh(damped)
+    top = cupy.abs(eigvals).max(axis=1)
+    top = cupy.where(top == 0, 1.0, top)
+    floor = cupy.maximum(cupy.maximum(damping, EIGEN_RFLOOR * top), math.sqrt(np.finfo(damped.dtype).tiny))
+    inverse = (eigvecs / cupy.maximum(eigvals, floor[:, None])[:, None, :]) @ eigvecs.swapaxes(1, 2)
+    return 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
+
+
+def damped_inverse(mats, damping):
+    """Inverses of ``mats + damping*I`` (batch, n, n) and their int8 status (batch,),
+    on the GPU, with the CPU reference's acceptance test and fallbacks."""
+    dtype = accumulation_dtype(mats.dtype)
+    mats = cupy.ascontiguousarray(mats.astype(dtype, copy=False))
+    bad = cupy.flatnonzero(~cupy.isfinite(mats).all(axis=(1, 2))).get()
+    if bad.size:
+        raise ValueError(f"mats: non-finite values in batch indices {bad.tolist()}")
+    batch = mats.shape[0]
+    damping = cupy.ascontiguousarray(cupy.broadcast_to(cupy.asarray(damping, dtype=dtype), (batch,)))
+    status = cupy.full(batch, CHOLESKY, dtype=np.int8)
+    if batch == 0 or mats.shape[-1] == 0:
+        return cupy.empty_like(mats), status
+    inverse, ok = _cholesky_inverse(mats, damping)
+    pending = cupy.flatnonzero(~ok)
+    if pending.size:
+        damped = _damped(mats[pending], damping[pending])
+        scale = cupy.abs(cupy.diagonal(damped, axis1=1, axis2=2)).mean(axis=1).astype(np.float64)
+        scale = cupy.where(scale == 0, 1.0, scale)
+        left = cupy.arange(pending.size)
+        for jitter in JITTERS:
+            shift = (jitter * scale[left]).astype(dtype)
+            retried, fixed = _cholesky_inverse(mats[pending[left]], damping[pending[left]], shift)
+            done = pending[left[fixed]]
+            inverse[done] = retried[fixed]
+            status[done] = JITTER
+            left = left[~fixed]
+            if not left.size:
+                break
+        if left.size:
+            rest = pending[left]
+            inverse[rest] = _clipped_eigen_inverse(damped[left], damping[rest])
+            status[rest] = EIGEN
+    return inverse, status
