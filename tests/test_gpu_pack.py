@@ -1,0 +1,86 @@
+"""GPU symmetric pack / unpack (kernels/pack.cu) against the CPU reference:
+bit-identical buffers and matrices for every pair of float dtypes, outputs
+poisoned before each run."""
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gpu_helpers import SIZES, assert_same_bits, cupy, poisoned_allocations, requires_gpu
+from hpckfac import ops
+
+pytestmark = requires_gpu
+
+DTYPES = (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)
+PAIRS = list(itertools.product(DTYPES, repeat=2))
+
+
+def random_mats(rng, sizes, dtype):
+    """Symmetric-looking random matrices; the lower triangles differ from the
+    upper ones so that reading the wrong triangle shows."""
+    return [(rng.standard_normal((n, n)) * 100).astype(dtype) for n in sizes]
+
+
+@pytest.mark.parametrize("src,dst", PAIRS, ids=lambda t: np.dtype(t).name)
+def test_pack_matches_cpu_for_every_dtype_pair(src, dst):
+    rng = np.random.default_rng(11)
+    mats = random_mats(rng, SIZES, src)
+    want = ops.pack_sym(mats, dtype=dst)
+    with poisoned_allocations():
+        got = ops.pack_sym([cupy.asarray(m) for m in mats], dtype=dst)
+    assert_same_bits(got, want)
+
+
+def test_pack_into_poisoned_out_with_strided_and_mixed_inputs():
+    rng = np.random.default_rng(12)
+    sizes = [3, 0, 65, 1, 31, 257]
+    mats = random_mats(rng, sizes, np.float32)
+    mats[0] = mats[0].astype(np.float64)
+    mats[4] = mats[4].astype(np.float16)
+    # Transposed, sliced-with-step and Fortran-ordered views.
+    device = [cupy.asarray(m) for m in mats]
+    device[2] = cupy.asarray(mats[2].T).T
+    big = rng.standard_normal((2 * 257, 3 * 257)).astype(np.float32)
+    mats[5] = big[::2, 1::3]
+    device[5] = cupy.asarray(big)[::2, 1::3]
+    device[3] = cupy.asfortranarray(device[3])
+    want = ops.pack_sym(mats, dtype=np.float32)
+    out = cupy.full(want.shape, cupy.nan, dtype=np.float32)
+    assert ops.pack_sym(device, out=out) is out
+    assert_same_bits(out, want)
+
+
+def test_pack_into_non_contiguous_out():
+    rng = np.random.default_rng(13)
+    mats = random_mats(rng, [4, 9], np.float32)
+    want = ops.pack_sym(mats)
+    backing = cupy.full(2 * want.size, cupy.nan, dtype=np.float32)
+    out = backing[::2]
+    ops.pack_sym([cupy.asarray(m) for m in mats], out=out)
+    assert_same_bits(out, want)
+    assert bool(cupy.isnan(backing[1::2]).all())
+
+
+@pytest.mark.parametrize("src,dst", PAIRS, ids=lambda t: np.dtype(t).name)
+def test_unpack_matches_cpu_for_every_dtype_pair(src, dst):
+    rng = np.random.default_rng(14)
+    sizes = list(SIZES) + [0, 2]
+    total = int(ops.packed_offsets(sizes)[-1])
+    buffer = (rng.standard_normal(total) * 100).astype(src)
+    want = ops.unpack_sym(buffer, sizes, dtype=dst)
+    with poisoned_allocations():
+        got = ops.unpack_sym(cupy.asarray(buffer), sizes, dtype=dst)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_same_bits(g, w)
+
+
+def test_round_trip_is_exact_and_symmetric():
+    rng = np.random.default_rng(15)
+    sizes = [2, 64, 65, 1152]
+    upper = [np.triu(m) for m in random_mats(rng, sizes, np.float32)]
+    sym = [cupy.asarray(u + np.triu(u, 1).T) for u in upper]
+    back = ops.unpack_sym(ops.pack_sym(sym), sizes)
+    for m, b in zip(sym, back):
+        assert_same_bits(b, m)
