@@ -1,0 +1,97 @@
+"""Training checkpoints: one ``torch.save`` file per checkpointed step, written
+atomically (temporary file, fsync, rename), loaded with ``weights_only=True``.
+
+A checkpoint holds ``{"format", "version", "step", "config", "data", "model",
+"optimizer", "preconditioner", "data_order", "history", "wall", "torch_rng"}``
+(``preconditioner`` is None for SGD/Adam). Files are ``step_XXXXXXXX.pt`` in
+``OUT/checkpoints``; ``--resume`` takes such a file or a directory holding them
+(the latest step wins).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import re
+import zipfile
+from typing import Any
+
+import torch
+
+FORMAT = "hpckfac-train-checkpoint"
+VERSION = 1
+KEYS = ("format", "version", "step", "config", "data", "model", "optimizer", "preconditioner",
+        "data_order", "history", "wall", "torch_rng")
+_NAME = re.compile(r"step_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or from a different run setup."""
+
+
+def checkpoint_path(directory: str, step: int) -> str:
+    """Where the checkpoint of ``step`` goes inside ``directory``."""
+    return os.path.join(directory, f"step_{step:08d}.pt")
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: readers see the old file or the whole new one."""
+    missing = [k for k in KEYS if k not in state and k not in ("format", "version")]
+    if missing:
+        raise ValueError(f"state: missing {missing}")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_checkpoint(path: str) -> str:
+    """``path`` itself if a file, else the latest ``step_*.pt`` in ``path`` or ``path/checkpoints``."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"resume: no checkpoint file or directory at {path}")
+    for directory in (path, os.path.join(path, "checkpoints")):
+        found = [(int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
+                 if (m := _NAME.search(f))]
+        if found:
+            return max(found)[1]
+    raise CheckpointError(f"resume: no step_*.pt checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read and check the structure of a checkpoint written by ``save_checkpoint``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not an hpckfac training checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state.get('version')!r}, "
+                              f"this hpckfac reads {VERSION}")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
+    return state
+
+
+def check_compatible(state: dict[str, Any], config: dict[str, Any], data_fingerprint: str,
+                     keys: tuple[str, ...], path: str) -> None:
+    """Raise CheckpointError naming the first setting in ``keys`` (or the data) that differs."""
+    for key in keys:
+        if state["config"].get(key) != config.get(key):
+            raise CheckpointError(f"checkpoint {path} does not match this run: {key} is "
+                                  f"{state['config'].get(key)!r} there, {config.get(key)!r} here")
+    if state["data"] != data_fingerprint:
+        raise CheckpointError(f"checkpoint {path} was trained on different data "
+                              f"(fingerprint {state['data']}, this run {data_fingerprint})")

@@ -1,0 +1,131 @@
+"""``hpckfac train``: data-parallel training of a small ResNet with K-FAC, SGD or Adam.
+
+Launch with ``mpiexec -n N hpckfac train [options]`` (or plainly, as one rank).
+Bad arguments, data or checkpoints give one line on stderr and exit status 2;
+a diverged run exits with 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, TrainConfig
+
+PROG = "hpckfac train"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block, raised to main()
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hpckfac train`` argument parser (defaults from ``TrainConfig``)."""
+    d = TrainConfig()
+    p = _Parser(prog=PROG, description="Train a small ResNet with BatchNorm on the embedded handwritten "
+                "digits (or --data FILE.npz) with distributed K-FAC, SGD or Adam.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="kfac: K-FAC preconditioner + SGD with momentum")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split evenly over ranks")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    p.add_argument("--decay-power", type=float, default=d.decay_power,
+                   help="power of the polynomial decay to 0 after warmup (0: constant)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD/K-FAC momentum (not Adam)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--damping", type=float, default=d.damping, help="K-FAC Tikhonov damping (pi-corrected)")
+    p.add_argument("--factor-decay", type=float, default=d.factor_decay, help="K-FAC running-average weight")
+    p.add_argument("--factor-update-interval", type=int, default=d.factor_update_interval)
+    p.add_argument("--inverse-update-interval", type=int, default=d.inverse_update_interval)
+    p.add_argument("--kl-clip", type=float, default=d.kl_clip, help="K-FAC KL clip kappa (0 disables)")
+    p.add_argument("--width", type=int, default=d.width, help="channels of the first ResNet stage")
+    p.add_argument("--seed", type=int, default=d.seed, help="weights and data order")
+    p.add_argument("--data", metavar="FILE.npz", default=None,
+                   help="arrays x (N,H,W) or (N,C,H,W), y (N,), optional x_test, y_test (default: digits)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write log.json, training.png and checkpoints/ here")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
+                   help="checkpoint every K steps and at the end (0: never; needs --out)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue from the latest checkpoint in DIR (or DIR/checkpoints), or from a file")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="K",
+                   help="evaluate on the test set every K steps")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def _world_rank() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def _fail(message: str, code: int = 2) -> int:
+    """Print one line on rank 0 and return the exit status."""
+    if _world_rank() == 0:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _cli_message(exc: Exception) -> str:
+    """The error's first line, with a leading setting name spelled as its option."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    name, sep, rest = message.partition(":")
+    if sep and name in {f.name for f in fields(TrainConfig)}:
+        return f"--{name.replace('_', '-')}:{rest}"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hpckfac train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        return _fail(str(exc))
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    config = TrainConfig(**vars(args))
+    try:
+        config.validate()
+    except ValueError as exc:
+        return _fail(_cli_message(exc))
+
+    import logging
+
+    from hpckfac.comm import CollectiveMismatchError, Communicator
+    from hpckfac.log import get_logger
+    from hpckfac.train.loop import LOG_NAME, PLOT_NAME, Trainer, TrainingDiverged
+
+    comm = Communicator()
+    if "HPCKFAC_LOG_LEVEL" not in os.environ:
+        get_logger("hpckfac.train").setLevel(logging.INFO if comm.rank == 0 else logging.WARNING)
+    try:
+        trainer = Trainer(config, comm)
+    except ValueError as exc:  # data, checkpoint, batch split: the same on every rank
+        return _fail(_cli_message(exc))
+    try:
+        result = trainer.run()
+    except (TrainingDiverged, CollectiveMismatchError, OSError) as exc:
+        return _fail(_cli_message(exc), code=1)
+    s = result.summary
+    if comm.rank == 0:
+        print(f"{PROG}: {s['optimizer']} on {trainer.data.name}, {s['ranks']} rank(s), global batch "
+              f"{config.batch_size}: {s['steps']} steps ({s['epochs']:.1f} epochs) in {s['wall']:.1f} s of training\n"
+              f"test accuracy {100 * s['test_acc']:.2f}% (loss {s['test_loss']:.4f}), "
+              f"best {100 * s['best_test_acc']:.2f}% at step {s['best_step']}")
+        if config.out:
+            print(f"log: {os.path.join(config.out, LOG_NAME)}  plot: {os.path.join(config.out, PLOT_NAME)}")
+    if result.preconditioner is not None:
+        result.preconditioner.report()  # collective; prints the per-stage table on rank 0
+    return 0

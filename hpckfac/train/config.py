@@ -1,0 +1,90 @@
+"""The settings of one training run, validated in one place."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+OPTIMIZERS = ("kfac", "sgd", "adam")
+DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
+
+# Settings that fix the trajectory: a checkpoint may only be resumed with the same values.
+TRAJECTORY_KEYS = ("optimizer", "batch_size", "seed", "width", "momentum", "weight_decay", "damping",
+                   "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``hpckfac train`` takes; ``validate()`` raises ValueError naming the setting.
+
+    ``lr=None`` picks ``DEFAULT_LR[optimizer]``; ``steps=None`` means ``epochs``
+    epochs; ``kl_clip=0`` disables the KL clip. ``momentum`` is SGD's and
+    K-FAC's heavy-ball momentum (Adam keeps its default betas).
+    """
+
+    optimizer: str = "kfac"
+    batch_size: int = 128
+    epochs: int = 10
+    steps: int | None = None
+    lr: float | None = None
+    warmup_steps: int = 0
+    decay_power: float = 2.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    damping: float = 1e-2
+    factor_decay: float = 0.95
+    factor_update_interval: int = 1
+    inverse_update_interval: int = 10
+    kl_clip: float = 1e-2
+    width: int = 8
+    seed: int = 0
+    data: str | None = None
+    out: str | None = None
+    checkpoint_every: int = 0
+    resume: str | None = None
+    eval_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Check every value; returns self with ``lr`` filled in."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.steps is not None:
+            _integer("steps", self.steps, 1)
+        _integer("epochs", self.epochs, 1)
+        _integer("batch_size", self.batch_size, 1)
+        _integer("warmup_steps", self.warmup_steps, 0)
+        _integer("factor_update_interval", self.factor_update_interval, 1)
+        _integer("inverse_update_interval", self.inverse_update_interval, 1)
+        _integer("width", self.width, 1)
+        _integer("seed", self.seed, 0)
+        _integer("checkpoint_every", self.checkpoint_every, 0)
+        _integer("eval_every", self.eval_every, 1)
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
+        _real("lr", self.lr, low=0.0, strict=True)
+        _real("decay_power", self.decay_power, low=0.0)
+        _real("momentum", self.momentum, low=0.0, below=1.0)
+        _real("weight_decay", self.weight_decay, low=0.0)
+        _real("damping", self.damping, low=0.0, strict=True)
+        _real("factor_decay", self.factor_decay, low=0.0, below=1.0)
+        _real("kl_clip", self.kl_clip, low=0.0)
+        if self.checkpoint_every and not self.out:
+            raise ValueError("checkpoint_every: needs --out DIR to write the checkpoints into")
+        return self
+
+    def as_dict(self) -> dict:
+        """Plain values (for the JSON log and the checkpoint)."""
+        return asdict(self)
+
+
+def _integer(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def _real(name: str, value, *, low: float, strict: bool = False, below: float | None = None) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if strict else value >= low) and (below is None or value < below))
+    if not ok:
+        bound = f"{'>' if strict else '>='} {low}" + ("" if below is None else f" and < {below}")
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")

@@ -1,0 +1,275 @@
+"""The data-parallel training loop behind ``hpckfac train``.
+
+Every rank holds the whole model and takes its slice of each global batch
+(``hpckfac.train.data.BatchOrder``). K-FAC: ``KFACPreconditioner.step()``
+then SGD with momentum; SGD/Adam: ``allreduce_gradients`` (the same fused
+ring-allreduce) then the optimizer. Evaluation and checkpoints first average
+the BatchNorm running statistics over ranks. Wall time counts training steps
+only (not evaluation or checkpointing).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpckfac.log import get_logger
+from hpckfac.models import resnet
+from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, find_checkpoint,
+                                      load_checkpoint, save_checkpoint)
+from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
+from hpckfac.train.data import BatchOrder, Dataset, load_dataset
+from hpckfac.train.schedule import WarmupPolynomialDecay
+
+_log = get_logger("hpckfac.train")
+LOG_NAME, PLOT_NAME, CHECKPOINT_DIR = "log.json", "training.png", "checkpoints"
+EVAL_CHUNK = 1024
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or Inf (raised on every rank at the same step)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: one record per evaluated step (see ``Trainer.evaluate``)."""
+
+    records: list[dict[str, float]]
+    total_steps: int
+    model: nn.Module
+    preconditioner: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def agree(comm, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raises on any rank, every rank raises the first
+    rank's error (same type and message) instead of the others hanging later."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank)
+        error = exc
+    errors = comm.allgather_object(None if error is None else (type(error), str(error)))
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return result
+    if error is not None:
+        raise error
+    try:
+        other = first[0](first[1])
+    except Exception:  # noqa: BLE001  (an exception type not built from one message)
+        other = RuntimeError(first[1])
+    raise other
+
+
+class Trainer:
+    """One training run: data, model, optimizer (and preconditioner), schedule, state.
+
+    Construction validates ``config`` (ValueError naming the setting), loads the
+    data and, with ``config.resume``, the checkpoint (CheckpointError, raised on
+    every rank, if it is corrupt or from a different setup).
+    """
+
+    def __init__(self, config: TrainConfig, comm=None) -> None:
+        from hpckfac.comm import Communicator
+        from hpckfac.torch import KFACPreconditioner, broadcast_parameters
+
+        self.config = config.validate()
+        self.comm = comm if comm is not None else Communicator()
+        self.rank, self.size = self.comm.rank, self.comm.size
+        self.data: Dataset = agree(self.comm, lambda: load_dataset(config.data))
+        if config.batch_size % self.size:
+            raise ValueError(f"batch_size: global batch {config.batch_size} does not split evenly over "
+                             f"{self.size} ranks")
+        self.order = BatchOrder(len(self.data.x_train), config.batch_size, config.seed)
+        self.total_steps = config.steps or config.epochs * self.order.steps_per_epoch
+        self.schedule = WarmupPolynomialDecay(config.lr, self.total_steps, config.warmup_steps, config.decay_power)
+        self.x_train, self.y_train = torch.from_numpy(self.data.x_train), torch.from_numpy(self.data.y_train)
+        test = np.array_split(np.arange(len(self.data.x_test)), self.size)[self.rank]
+        self.x_test = torch.from_numpy(self.data.x_test[test])
+        self.y_test = torch.from_numpy(self.data.y_test[test])
+
+        torch.manual_seed(config.seed)
+        self.model = resnet(depth=8, width=config.width, in_channels=self.data.in_channels,
+                            num_classes=self.data.num_classes)
+        broadcast_parameters(self.model, self.comm)
+        self.optimizer = self._make_optimizer()
+        self.precond = None
+        if config.optimizer == "kfac":
+            self.precond = KFACPreconditioner(
+                self.model, lr=self.schedule, damping=config.damping, factor_decay=config.factor_decay,
+                factor_update_interval=config.factor_update_interval,
+                inverse_update_interval=config.inverse_update_interval,
+                kl_clip=config.kl_clip or None, comm=self.comm)
+        self.step, self.wall, self.records = 0, 0.0, []
+        self._interval = np.zeros(3)  # loss sum, correct, examples since the last evaluation (this rank)
+        if config.resume:
+            agree(self.comm, lambda: self._resume(config.resume))
+
+    # --------------------------------------------------------------- setup
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c, params = self.config, self.model.parameters()
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def _identity(self) -> dict[str, Any]:
+        return {**self.config.as_dict(), "total_steps": self.total_steps}
+
+    def _resume(self, path: str) -> None:
+        path = find_checkpoint(path)
+        state = load_checkpoint(path)
+        check_compatible(state, self._identity(), self.data.fingerprint(),
+                         TRAJECTORY_KEYS + ("lr", "warmup_steps", "decay_power", "total_steps"), path)
+        try:
+            self.order.check_state(state["data_order"])
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.precond is not None:
+                self.precond.load_state_dict(state["preconditioner"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc).splitlines()[0]})") from None
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.wall, self.records = int(state["step"]), float(state["wall"]), list(state["history"])
+        _log.info("resumed from %s at step %d", path, self.step)
+
+    # ---------------------------------------------------------------- step
+    def train_step(self) -> float:
+        """One optimizer step on this rank's shard of global batch ``self.step``; returns its seconds."""
+        index = torch.from_numpy(self.order.shard(self.step, self.rank, self.size))
+        x, y = self.x_train[index], self.y_train[index]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(self.step)
+        start = time.perf_counter()
+        self.optimizer.zero_grad()
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        if self.precond is not None:
+            self.precond.step()
+        else:
+            from hpckfac.torch import allreduce_gradients
+
+            allreduce_gradients(self.model, self.comm)
+        self.optimizer.step()
+        seconds = time.perf_counter() - start
+        self._interval += (float(loss) * len(y), float((logits.argmax(1) == y).sum()), len(y))
+        self.step += 1
+        self.wall += seconds
+        return seconds
+
+    def evaluate(self) -> dict[str, float]:
+        """Average BatchNorm statistics, then the record of this step: ``step``, ``epoch``,
+        ``loss`` and ``train_acc`` (over the global batches since the last evaluation),
+        ``test_loss``, ``test_acc``, ``wall`` (training seconds so far), ``lr`` (last step's)."""
+        from hpckfac.torch import sync_batchnorm_stats
+
+        sync_batchnorm_stats(self.model, self.comm)
+        self.model.eval()
+        test = np.zeros(3)
+        with torch.no_grad():
+            for start in range(0, len(self.y_test), EVAL_CHUNK):
+                x, y = self.x_test[start:start + EVAL_CHUNK], self.y_test[start:start + EVAL_CHUNK]
+                logits = self.model(x)
+                test += (float(nn.functional.cross_entropy(logits, y, reduction="sum")),
+                         float((logits.argmax(1) == y).sum()), len(y))
+        self.model.train()
+        sums = np.concatenate([self._interval, test])
+        self.comm.allreduce(sums, op="sum")
+        self._interval[:] = 0
+        train_loss = sums[0] / max(sums[2], 1)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training diverged: loss {train_loss} at step {self.step} "
+                                   f"(try a smaller --lr or a larger --damping)")
+        record = {"step": self.step, "epoch": self.step / self.order.steps_per_epoch,
+                  "loss": float(train_loss), "train_acc": float(sums[1] / max(sums[2], 1)),
+                  "test_loss": float(sums[3] / max(sums[5], 1)), "test_acc": float(sums[4] / max(sums[5], 1)),
+                  "wall": self.wall, "lr": self.schedule(max(self.step - 1, 0))}
+        self.records.append(record)
+        return record
+
+    def save(self) -> str:
+        """Write the checkpoint of this step (a collective: every rank must call it)."""
+        state = {"step": self.step, "config": self._identity(), "data": self.data.fingerprint(),
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "preconditioner": None if self.precond is None else self.precond.state_dict(),
+                 "data_order": self.order.state_dict(), "history": self.records, "wall": self.wall,
+                 "torch_rng": torch.get_rng_state()}
+        path = checkpoint_path(os.path.join(self.config.out, CHECKPOINT_DIR), self.step)
+        if self.rank == 0:
+            save_checkpoint(path, state)
+            _log.info("checkpoint %s", path)
+        self.comm.barrier()
+        return path
+
+    # ----------------------------------------------------------------- run
+    def run(self, progress: bool | None = None) -> TrainResult:
+        """Train from ``self.step`` to ``total_steps``; evaluate every ``eval_every``
+        steps, at checkpoints and at the end; write the log, plot and checkpoints."""
+        from tqdm import tqdm
+
+        c = self.config
+        show = (c.progress if progress is None else progress) and self.rank == 0
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=not show,
+                   dynamic_ncols=True, leave=True)
+        test_acc = self.records[-1]["test_acc"] if self.records else float("nan")
+        try:
+            while self.step < self.total_steps:
+                seconds = self.train_step()
+                checkpoint = c.checkpoint_every and (self.step % c.checkpoint_every == 0
+                                                     or self.step == self.total_steps)
+                if self.step % c.eval_every == 0 or self.step == self.total_steps or checkpoint:
+                    record = self.evaluate()
+                    test_acc = record["test_acc"]
+                    self._write_log()
+                if checkpoint:
+                    self.save()
+                loss, correct, count = self._interval
+                bar.update(1)
+                if show:
+                    bar.set_postfix(loss=f"{loss / count:.3f}" if count else "-",
+                                    acc=f"{correct / count:.3f}" if count else "-",
+                                    test=f"{test_acc:.3f}", ms=f"{1e3 * seconds:.1f}", refresh=False)
+        finally:
+            bar.close()
+        if not self.records or self.records[-1]["step"] != self.step:
+            self.evaluate()
+            self._write_log()
+        if c.out and self.rank == 0:
+            from hpckfac.train.plot import plot_history
+
+            plot_history(self.records, os.path.join(c.out, PLOT_NAME), title=self._title())
+        return TrainResult(self.records, self.total_steps, self.model, self.precond, self.summary())
+
+    def summary(self) -> dict[str, Any]:
+        """Final and best test accuracy, steps, epochs, training seconds."""
+        last = self.records[-1]
+        best = max(self.records, key=lambda r: r["test_acc"])
+        return {"optimizer": self.config.optimizer, "ranks": self.size, "steps": self.step,
+                "epochs": last["epoch"], "wall": self.wall, "test_acc": last["test_acc"],
+                "test_loss": last["test_loss"], "best_test_acc": best["test_acc"], "best_step": best["step"]}
+
+    def _title(self) -> str:
+        c = self.config
+        return (f"{c.optimizer} on {self.data.name}: global batch {c.batch_size}, {self.size} rank(s), "
+                f"lr {c.lr:g}" + (f", damping {c.damping:g}" if c.optimizer == "kfac" else ""))
+
+    def _write_log(self) -> None:
+        if not self.config.out or self.rank != 0:
+            return
+        os.makedirs(self.config.out, exist_ok=True)
+        path = os.path.join(self.config.out, LOG_NAME)
+        payload = {"config": self._identity(), "ranks": self.size, "dataset": self.data.name,
+                   "train_examples": len(self.data.x_train), "test_examples": len(self.data.x_test),
+                   "records": self.records}
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+            fh.write("\n")
+        os.replace(path + ".tmp", path)

@@ -1,0 +1,58 @@
+"""PNG plots of training logs (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def plot_history(records: Sequence[dict], path: str, title: str = "") -> None:
+    """Loss (train and test) and test accuracy against steps (top) and wall seconds (bottom)."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for row, (key, label) in enumerate((("step", "step"), ("wall", "wall time (s)"))):
+        xs = [r[key] for r in records]
+        loss_ax, acc_ax = axes[row]
+        loss_ax.plot(xs, [r["loss"] for r in records], label="train (mean since last eval)")
+        loss_ax.plot(xs, [r["test_loss"] for r in records], label="test")
+        loss_ax.set_yscale("log")
+        loss_ax.set_xlabel(label)
+        loss_ax.set_ylabel("cross-entropy loss")
+        loss_ax.legend()
+        acc_ax.plot(xs, [100 * r["test_acc"] for r in records], color="C2")
+        acc_ax.set_xlabel(label)
+        acc_ax.set_ylabel("test accuracy (%)")
+        for ax in (loss_ax, acc_ax):
+            ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(panels: Sequence[tuple[str, dict[str, Sequence[Sequence[dict]]]]], path: str,
+                targets: Sequence[float] = (), title: str = "") -> None:
+    """One panel per ``(panel title, {label: [run records, ...]})``: test accuracy
+    against steps, one colour per label, one thin line per run (e.g. per seed),
+    with dashed horizontal lines at the ``targets`` (fractions)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False,
+                             constrained_layout=True)
+    for ax, (panel_title, curves) in zip(axes[0], panels):
+        for colour, (label, runs) in enumerate(curves.items()):
+            for i, records in enumerate(runs):
+                ax.plot([r["step"] for r in records], [100 * r["test_acc"] for r in records],
+                        color=f"C{colour}", alpha=0.8, lw=1.2, label=label if i == 0 else None)
+        for target in targets:
+            ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
+        ax.set_ylim(80, 100)
+        ax.set_xlabel("step")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(panel_title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

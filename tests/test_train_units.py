@@ -1,0 +1,230 @@
+"""Serial tests of the training front end's pieces: data, batch order, schedule,
+configuration, checkpoints and plots."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hpckfac.train import checkpoint as ckpt
+from hpckfac.train.config import TrainConfig
+from hpckfac.train.data import BatchOrder, DataError, load_dataset
+from hpckfac.train.plot import plot_curves, plot_history
+from hpckfac.train.schedule import WarmupPolynomialDecay
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DIGITS = os.path.join(os.path.dirname(__file__), "..", "hpckfac", "train", "data", "digits.npz")
+
+
+# ------------------------------------------------------------------ data
+def _unstandardise(x):
+    """Raw grey levels 0..16 back from standardised ones: the smallest value is level 0
+    and neighbouring levels are 1/std apart."""
+    levels = np.unique(x.astype(np.float64))
+    std = 1.0 / np.diff(levels).min()
+    return np.round((x - levels[0]) * std).astype(np.uint8)
+
+
+def test_digits_split_standardised_and_complete():
+    raw = np.load(DIGITS)
+    assert raw["x"].dtype == np.uint8 and raw["x"].shape == (1797, 8, 8) and raw["x"].max() == 16
+    data = load_dataset()
+    assert data.x_train.shape == (1438, 1, 8, 8) and data.x_test.shape == (359, 1, 8, 8)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64 and data.num_classes == 10
+    assert abs(float(data.x_train.mean())) < 1e-5 and abs(float(data.x_train.std()) - 1) < 1e-4
+    # train + test are exactly the raw (image, label) pairs, each once
+    images = _unstandardise(np.concatenate([data.x_train, data.x_test])[:, 0])
+    labels = np.concatenate([data.y_train, data.y_test])
+    assert sorted((i.tobytes(), int(y)) for i, y in zip(images, labels)) == \
+        sorted((i.tobytes(), int(y)) for i, y in zip(raw["x"], raw["y"]))
+    assert load_dataset().fingerprint() == data.fingerprint()
+
+
+def test_user_npz_with_and_without_test_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(3.0, 2.0, (50, 2, 6, 6)), rng.integers(0, 4, 50)
+    path = tmp_path / "own.npz"
+    np.savez(path, x=x, y=y)
+    data = load_dataset(str(path))
+    assert data.x_train.shape == (40, 2, 6, 6) and data.x_test.shape == (10, 2, 6, 6) and data.in_channels == 2
+    np.savez(path, x=x[:, 0], y=y, x_test=x[:7, 0] + 1, y_test=y[:7])
+    data = load_dataset(str(path))
+    assert data.x_train.shape == (50, 1, 6, 6) and data.x_test.shape == (7, 1, 6, 6)
+    mean, std = x[:, 0].mean(), x[:, 0].std()
+    np.testing.assert_allclose(data.x_test[:, 0], (x[:7, 0] + 1 - mean) / std, rtol=1e-5, atol=1e-5)
+    assert data.num_classes == int(y.max()) + 1
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.zeros(4, int)}, "missing array(s) 'x'"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.zeros(5, int)}, "'y' must be an integer array of shape (4,)"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.zeros(4)}, "'y' must be an integer array"),
+    ({"x": np.zeros((4, 64)), "y": np.zeros(4, int)}, "'x' must be a non-empty numeric array of shape (N, H, W)"),
+    ({"x": np.array([[[np.nan]]] * 4), "y": np.arange(4)}, "'x' contains NaN or Inf"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.arange(4), "x_test": np.zeros((2, 8, 8))}, "given together"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.arange(4), "x_test": np.zeros((2, 7, 8)), "y_test": np.arange(2)},
+     "'x_test' examples have shape"),
+    ({"x": np.zeros((4, 8, 8)), "y": -np.arange(4)}, "negative labels"),
+])
+def test_bad_npz_contents_raise_one_line_data_errors(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError) as info:
+        load_dataset(str(path))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        load_dataset(str(tmp_path / "nope.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_dataset(str(tmp_path / "junk.npz"))
+
+
+# ----------------------------------------------------------- batch order
+def test_batch_order_epochs_shards_and_seeds():
+    order = BatchOrder(103, 20, seed=5)
+    assert order.steps_per_epoch == 5
+    for epoch in range(2):
+        seen = np.concatenate([order.global_indices(epoch * 5 + k) for k in range(5)])
+        assert len(seen) == 100 and len(np.unique(seen)) == 100 and seen.max() < 103
+    # the permutation is numpy's Generator([seed, epoch]); rank shards tile the global batch
+    perm = np.random.default_rng([5, 1]).permutation(103)
+    np.testing.assert_array_equal(order.global_indices(7), perm[40:60])
+    for size in (1, 2, 4, 5):
+        shards = [order.shard(7, r, size) for r in range(size)]
+        np.testing.assert_array_equal(np.concatenate(shards), perm[40:60])
+    with pytest.raises(ValueError, match="batch_size: 20 does not split evenly over 3 ranks"):
+        order.shard(0, 0, 3)
+    assert not np.array_equal(BatchOrder(103, 20, seed=6).global_indices(0), order.global_indices(0))
+    with pytest.raises(ValueError, match="batch_size: expected 1..103"):
+        BatchOrder(103, 104, seed=0)
+    order.check_state(order.state_dict())
+    with pytest.raises(ValueError, match="seed"):
+        order.check_state({**order.state_dict(), "seed": 4})
+
+
+# -------------------------------------------------------------- schedule
+def test_warmup_then_polynomial_decay():
+    s = WarmupPolynomialDecay(0.4, total_steps=14, warmup_steps=4, power=2.0)
+    np.testing.assert_allclose([s(k) for k in range(4)], [0.1, 0.2, 0.3, 0.4])
+    for k in range(4, 14):
+        assert math.isclose(s(k), 0.4 * (1 - (k - 4) / 10) ** 2)
+    assert s(13) > 0 and s(14) == 0.0
+    flat = WarmupPolynomialDecay(0.1, total_steps=5, power=0.0)
+    assert [flat(k) for k in range(5)] == [0.1] * 5
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"base_lr": 0.0}, "lr"), ({"base_lr": float("nan")}, "lr"), ({"total_steps": 0}, "steps"),
+    ({"warmup_steps": 10}, "warmup_steps"), ({"warmup_steps": -1}, "warmup_steps"), ({"power": -1.0}, "decay_power"),
+])
+def test_schedule_validation_names_the_parameter(kwargs, name):
+    args = {"base_lr": 0.1, "total_steps": 10, "warmup_steps": 0, "power": 2.0, **kwargs}
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        WarmupPolynomialDecay(**args)
+
+
+# ---------------------------------------------------------------- config
+@pytest.mark.parametrize("field, value", [
+    ("optimizer", "lbfgs"), ("batch_size", 0), ("steps", 0), ("epochs", -1), ("lr", -0.1),
+    ("lr", float("inf")), ("momentum", 1.0), ("weight_decay", -1e-4), ("damping", 0.0),
+    ("factor_decay", 1.0), ("factor_update_interval", 0), ("inverse_update_interval", 0),
+    ("kl_clip", -1.0), ("width", 0), ("seed", -1), ("eval_every", 0), ("checkpoint_every", -2),
+    ("batch_size", 2.5), ("steps", True),
+])
+def test_config_validation_names_the_setting(field, value):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_config_defaults_and_checkpoint_needs_out():
+    assert TrainConfig(optimizer="adam").validate().lr == 0.003
+    assert TrainConfig(optimizer="sgd", lr=0.5).validate().lr == 0.5
+    with pytest.raises(ValueError, match="^checkpoint_every: needs --out"):
+        TrainConfig(checkpoint_every=5).validate()
+
+
+# ------------------------------------------------------------ checkpoint
+def _state(step=3):
+    return {"step": step, "config": {"optimizer": "sgd", "batch_size": 8}, "data": "abc",
+            "model": {"w": torch.randn(3, 2)}, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+            "preconditioner": None, "data_order": {"seed": 1}, "history": [{"step": 1, "loss": 2.5}],
+            "wall": 1.5, "torch_rng": torch.get_rng_state()}
+
+
+def test_checkpoint_round_trip_is_atomic_and_findable(tmp_path):
+    state = _state()
+    for step in (3, 12, 7):
+        ckpt.save_checkpoint(ckpt.checkpoint_path(str(tmp_path / "checkpoints"), step), _state(step))
+    ckpt.save_checkpoint(ckpt.checkpoint_path(str(tmp_path / "checkpoints"), 3), state)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"step_{k:08d}.pt" for k in (3, 7, 12)]
+    latest = ckpt.find_checkpoint(str(tmp_path))
+    assert latest.endswith("step_00000012.pt") and ckpt.find_checkpoint(latest) == latest
+    loaded = ckpt.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "checkpoints"), 3))
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["history"] == state["history"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="no step_"):
+        ckpt.find_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint file or directory"):
+        ckpt.find_checkpoint(str(tmp_path / "missing"))
+
+
+def test_checkpoint_that_fails_to_write_leaves_the_old_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "step_00000001.pt")
+    ckpt.save_checkpoint(path, _state(1))
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(path, _state(2))
+    assert os.listdir(tmp_path) == ["step_00000001.pt"]
+    assert ckpt.load_checkpoint(path)["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign", "incomplete", "version"])
+def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage):
+    path = str(tmp_path / "step_00000004.pt")
+    ckpt.save_checkpoint(path, _state(4))
+    if damage == "truncate":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    elif damage == "garbage":
+        open(path, "wb").write(os.urandom(2000))
+    elif damage == "foreign":
+        torch.save({"model": torch.zeros(2)}, path)
+    else:
+        state = torch.load(path, weights_only=True)
+        if damage == "incomplete":
+            del state["optimizer"]
+        else:
+            state["version"] = 99
+        torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_checkpoint(path)
+    assert path in str(info.value) and "\n" not in str(info.value)
+
+
+def test_check_compatible_names_the_differing_setting():
+    state = _state()
+    ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 8}, "abc", ("optimizer", "batch_size"), "p")
+    with pytest.raises(ckpt.CheckpointError, match="batch_size is 8 there, 16 here"):
+        ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 16}, "abc", ("optimizer", "batch_size"), "p")
+    with pytest.raises(ckpt.CheckpointError, match="different data"):
+        ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 8}, "xyz", ("optimizer",), "p")
+
+
+# ------------------------------------------------------------------ plots
+def test_plots_are_png(tmp_path):
+    records = [{"step": s, "wall": 0.1 * s, "loss": 2.0 / s, "test_loss": 2.2 / s, "test_acc": 1 - 0.5 / s}
+               for s in range(1, 30)]
+    plot_history(records, str(tmp_path / "h.png"), title="t")
+    plot_curves([("batch 8", {"a": [records, records[:10]], "b": [records]}), ("full", {"a": [records]})],
+                str(tmp_path / "c.png"), targets=(0.95, 0.97))
+    for name in ("h.png", "c.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
