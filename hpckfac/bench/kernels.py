@@ -1,0 +1,211 @@
+"""``python -m hpckfac.bench kernels``: the CUDA kernels against their obvious alternatives.
+
+- factor accumulation (packed ``scale * X^T X``) vs CuPy/cuBLAS ``X.T @ X`` in
+  the same input precision (aim: at most 0.75x its time);
+- batched damped Cholesky inversion vs ``torch.linalg.cholesky`` +
+  ``torch.cholesky_inverse`` batched (aim: 2x faster for n <= 64), plus the
+  cuSOLVER route of ``hpckfac.ops.cuda`` at the same n: the largest n where the
+  kernel still wins is the measured value for ``CHOLESKY_KERNEL_MAX_N``;
+- pack / unpack of all ResNet-50 factors in one buffer vs a device-to-device
+  copy of the same bytes (aim: 80% of its bandwidth).
+
+Every timed call ends with a device synchronisation. Needs a CUDA GPU and
+CuPy; without them it says so and exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from hpckfac.bench import shapes
+from hpckfac.bench.report import format_table, median, time_calls, write_json
+
+FACTOR_SHAPES = ((32768, 64), (32768, 576), (16384, 1152), (8192, 2304), (4096, 4608))
+FACTOR_DTYPES = ("float32", "float16", "bfloat16")
+CHOLESKY_SIZES = (2, 4, 8, 16, 24, 32, 48, 64)
+
+
+def _gpu_problem() -> str | None:
+    """Why the benchmark cannot run here, or None when a CUDA device is usable."""
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA device"
+    except ImportError:
+        return "CuPy is not installed (pip install cupy-cuda12x, or hpckfac[gpu])"
+    except Exception as exc:  # driver missing or too old
+        return f"no usable CUDA device ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _timed(fn: Callable[[], Any], repeat: int) -> float:
+    """Median seconds of ``fn`` followed by a device synchronisation."""
+    import cupy
+
+    def call() -> None:
+        fn()
+        cupy.cuda.Device().synchronize()
+
+    return median(time_calls(call, repeat, warmup=2))
+
+
+def _dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def bench_factors(repeat: int, shape_list=FACTOR_SHAPES) -> list[dict[str, Any]]:
+    """Packed factor accumulation vs ``X.T @ X`` (cuBLAS) at the same precision."""
+    import cupy
+
+    from hpckfac import ops
+
+    rows_out = []
+    for rows, d in shape_list:
+        for name in FACTOR_DTYPES:
+            x = cupy.asarray(np.random.default_rng(0).standard_normal((rows, d)).astype(_dtype(name)))
+            ours = _timed(lambda: ops.accumulate_factor(x, 1.0 / rows, packed=True), repeat)
+            try:
+                cublas = _timed(lambda: x.T @ x, repeat)
+            except Exception as exc:  # e.g. no bfloat16 GEMM in this CuPy
+                cublas, note = float("nan"), f"X.T@X unavailable: {type(exc).__name__}"
+            else:
+                note = ""
+            rows_out.append({"kernel": "factor", "rows": rows, "d": d, "dtype": name,
+                             "ours_ms": ours * 1e3, "baseline_ms": cublas * 1e3,
+                             "ratio": ours / cublas, "aim": "<= 0.75", "note": note})
+    return rows_out
+
+
+def bench_cholesky(repeat: int, sizes=CHOLESKY_SIZES) -> tuple[list[dict[str, Any]], int]:
+    """Batched damped inversion: kernel vs torch (cholesky + cholesky_inverse) vs
+    the cuSOLVER route; returns the rows and the measured kernel/cuSOLVER crossover."""
+    import cupy
+
+    from hpckfac.ops import cuda as ops_cuda
+
+    try:
+        import torch
+
+        has_torch = torch.cuda.is_available()
+    except ImportError:
+        has_torch = False
+    rows_out, crossover = [], 0
+    for n in sizes:
+        batch = 4096 if n <= 8 else 1024 if n <= 32 else 256
+        rng = np.random.default_rng(n)
+        x = rng.standard_normal((batch, 2 * n, n))
+        mats = cupy.asarray((x.transpose(0, 2, 1) @ x / (2 * n)).astype(np.float32))
+        damping = cupy.full(batch, 1e-3, dtype=np.float32)
+        kernel = _timed(lambda: ops_cuda._kernel_inverse(mats, damping, None), repeat)
+        solver = _timed(lambda: ops_cuda._solver_inverse(mats, damping, None), repeat)
+        if kernel < solver:
+            crossover = n
+        if has_torch:
+            t = torch.from_dlpack(mats)
+            eye = torch.eye(n, device=t.device, dtype=t.dtype)
+            damped = t + 1e-3 * eye
+
+            def with_torch():
+                return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+
+            baseline = _timed(with_torch, repeat)
+        else:
+            baseline = float("nan")
+        rows_out.append({"kernel": "cholesky", "n": n, "batch": batch, "ours_ms": kernel * 1e3,
+                         "cusolver_route_ms": solver * 1e3, "baseline_ms": baseline * 1e3,
+                         "ratio": kernel / baseline if has_torch else float("nan"), "aim": "<= 0.5",
+                         "note": "" if has_torch else "torch without CUDA: no baseline"})
+    return rows_out, crossover
+
+
+def bench_packing(repeat: int) -> list[dict[str, Any]]:
+    """Pack / unpack of all ResNet-50 factors vs a device-to-device copy of the same bytes."""
+    import cupy
+
+    from hpckfac import ops
+
+    sizes = [d for layer in shapes.resnet50().kron for d in (layer.d_A, layer.d_G)]
+    rng = np.random.default_rng(1)
+    mats = [cupy.asarray(rng.standard_normal((n, n)).astype(np.float32)) for n in sizes]
+    total = int(ops.packed_offsets(sizes)[-1])
+    rows_out = []
+    for dst in ("float32", "float16"):
+        out = cupy.empty(total, dtype=dst)
+        moved = total * (4 + out.itemsize)  # read fp32 upper triangles, write the buffer
+        ours = _timed(lambda: ops.pack_sym(mats, out=out), repeat)
+        src = cupy.empty(moved // 2, dtype=np.uint8)
+        dst_buf = cupy.empty_like(src)
+        copy = _timed(lambda: dst_buf.__setitem__(Ellipsis, src), repeat)
+        rows_out.append({"kernel": f"pack fp32->{dst}", "elements": total, "ours_ms": ours * 1e3,
+                         "baseline_ms": copy * 1e3, "ours_GBps": moved / ours / 1e9,
+                         "baseline_GBps": moved / copy / 1e9, "ratio": copy / ours, "aim": ">= 0.8"})
+        buffer = out
+        dense = sum(n * n for n in sizes)
+        moved = total * out.itemsize + dense * 4
+        ours = _timed(lambda: ops.unpack_sym(buffer, sizes, dtype=np.float32), repeat)
+        src = cupy.empty(moved // 2, dtype=np.uint8)
+        dst_buf = cupy.empty_like(src)
+        copy = _timed(lambda: dst_buf.__setitem__(Ellipsis, src), repeat)
+        rows_out.append({"kernel": f"unpack {dst}->fp32", "elements": dense, "ours_ms": ours * 1e3,
+                         "baseline_ms": copy * 1e3, "ours_GBps": moved / ours / 1e9,
+                         "baseline_GBps": moved / copy / 1e9, "ratio": copy / ours, "aim": ">= 0.8"})
+    return rows_out
+
+
+def device_info() -> dict[str, Any]:
+    """GPU name, compute capability, CUDA runtime/driver versions, CuPy version."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return {"gpu": props["name"].decode(), "compute_capability": cupy.cuda.Device().compute_capability,
+            "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cupy.cuda.runtime.driverGetVersion(), "cupy": cupy.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the kernel benchmarks; print tables, optionally write JSON."""
+    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls per case (median reported)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    problem = _gpu_problem()
+    if problem:
+        print(f"hpckfac.bench kernels needs a CUDA GPU: {problem}", file=sys.stderr)
+        return 1
+
+    info = device_info()
+    print(f"# {info['gpu']} (sm_{info['compute_capability']}), CUDA runtime {info['cuda_runtime']}, "
+          f"driver {info['cuda_driver']}, CuPy {info['cupy']}")
+    results: dict[str, Any] = {"device": info}
+    if args.only in (None, "factor"):
+        results["factor"] = bench_factors(args.repeat)
+        print(format_table(results["factor"], ["rows", "d", "dtype", "ours_ms", "baseline_ms", "ratio", "aim", "note"]))
+    if args.only in (None, "cholesky"):
+        results["cholesky"], crossover = bench_cholesky(args.repeat)
+        results["cholesky_kernel_max_n"] = crossover
+        print(format_table(results["cholesky"], ["n", "batch", "ours_ms", "cusolver_route_ms", "baseline_ms",
+                                                 "ratio", "aim", "note"]))
+        print(f"kernel faster than the cuSOLVER route up to n = {crossover} "
+              f"(hpckfac.ops.cuda.CHOLESKY_KERNEL_MAX_N)")
+    if args.only in (None, "pack"):
+        results["pack"] = bench_packing(args.repeat)
+        print(format_table(results["pack"], ["kernel", "elements", "ours_ms", "baseline_ms", "ours_GBps",
+                                             "baseline_GBps", "ratio", "aim"]))
+    if args.json:
+        write_json(args.json, "kernels", {"repeat": args.repeat, "only": args.only}, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""``python -m hpckfac.bench kernels``: a clear refusal without a GPU, a
+complete table and JSON with one."""
+import json
+
+import pytest
+
+from gpu_helpers import DEVICES, requires_gpu
+from hpckfac.bench import kernels
+
+
+@pytest.mark.skipif(DEVICES > 0, reason="checks the behaviour on machines without a CUDA device")
+def test_refuses_without_gpu(capsys):
+    assert kernels.main(["--repeat", "1"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_rejects_invalid_repeat():
+    with pytest.raises(SystemExit):
+        kernels.main(["--repeat", "0"])
+
+
+@requires_gpu
+def test_runs_and_writes_json(tmp_path, capsys):
+    rows = kernels.bench_factors(1, shape_list=((300, 70),))
+    assert {r["dtype"] for r in rows} == set(kernels.FACTOR_DTYPES)
+    cholesky, crossover = kernels.bench_cholesky(1, sizes=(2, 16))
+    assert len(cholesky) == 2 and crossover in (0, 2, 16)
+    path = tmp_path / "kernels.json"
+    assert kernels.main(["--repeat", "1", "--only", "pack", "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "kernels" and len(payload["results"]["pack"]) == 4
+    assert payload["results"]["device"]["gpu"]
+    assert "pack fp32->float16" in capsys.readouterr().out
