@@ -22,6 +22,7 @@ import itertools
 import os
 import sys
 import threading
+from functools import lru_cache
 from importlib import resources
 
 import numpy as np
@@ -95,17 +96,20 @@ def name_expressions(file: str, arch: int) -> tuple[str, ...]:
 def include_dirs() -> list[str]:
     """``-I`` directories: the kernel sources (for ``common.cuh``) and the CUDA headers NVRTC needs."""
     dirs = [str(resources.files(kernel_sources))]
-    candidates = [os.environ.get("CUDA_PATH")]
+    # pip's headers first: they match the NVRTC that CuPy loads (CUDA 12), while
+    # CUDA_PATH may name a newer toolkit.
+    candidates: list[str | None] = []
+    try:
+        import nvidia.cuda_runtime  # nvidia-cuda-runtime-cu12, from cupy-cuda12x[ctk]
+
+        candidates.extend(nvidia.cuda_runtime.__path__)
+    except ImportError:
+        pass
+    candidates.append(os.environ.get("CUDA_PATH"))
     try:
         import cupy
 
         candidates.append(cupy.cuda.get_cuda_path())
-    except ImportError:
-        pass
-    try:
-        import nvidia.cuda_runtime  # pip's nvidia-cuda-runtime-cu12 headers
-
-        candidates.extend(nvidia.cuda_runtime.__path__)
     except ImportError:
         pass
     for root in candidates:
@@ -114,8 +118,9 @@ def include_dirs() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
+@lru_cache(maxsize=1)
 def options() -> tuple[str, ...]:
-    """NVRTC options used for every kernel source on this machine."""
+    """NVRTC options used for every kernel source on this machine (looked up once)."""
     return BASE_OPTIONS + tuple(f"-I{d}" for d in include_dirs())
 
 
