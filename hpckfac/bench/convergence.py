@@ -1,0 +1,204 @@
+"""Convergence study: K-FAC vs SGD with momentum vs Adam on the embedded digits.
+
+For each global batch size (moderate and full-batch) and method, a small grid of
+learning rates (and dampings for K-FAC) runs with seed 0; the best setting
+(fewest steps to 97% test accuracy, then to 95%, then highest final accuracy)
+is rerun with the other seeds. Reported per method: steps and training seconds
+to first reach 95% and 97% test accuracy and final accuracy, mean ± std over
+seeds. Runs go through ``hpckfac.train.loop.Trainer``: the same model, data
+order, schedule and gradient communication as ``hpckfac train``.
+
+    python -m hpckfac.bench convergence [--quick] [--json PATH] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hpckfac.bench.report import format_table, write_json
+
+TARGETS = (0.95, 0.97)
+FULL_BATCH = 0  # stands for "every training example"
+
+
+@dataclass(frozen=True)
+class Study:
+    """One batch size's budget and grids."""
+
+    batch: int            # FULL_BATCH: all training examples
+    steps: int            # step cap (the learning-rate schedule decays to 0 there)
+    eval_every: int
+    warmup: int
+    lrs: dict[str, tuple[float, ...]]
+    dampings: tuple[float, ...]
+
+
+FULL = (
+    Study(batch=128, steps=250, eval_every=5, warmup=0,
+          lrs={"sgd": (0.05, 0.1, 0.2), "adam": (1e-3, 3e-3, 1e-2), "kfac": (0.02, 0.05, 0.1)},
+          dampings=(1e-2, 1e-1)),
+    Study(batch=FULL_BATCH, steps=120, eval_every=2, warmup=0,
+          lrs={"sgd": (0.1, 0.2, 0.4), "adam": (3e-3, 1e-2, 3e-2), "kfac": (0.05, 0.1, 0.2)},
+          dampings=(1e-2, 1e-1)),
+)
+QUICK = (
+    Study(batch=128, steps=60, eval_every=5, warmup=0,
+          lrs={"sgd": (0.1,), "adam": (3e-3,), "kfac": (0.05,)}, dampings=(1e-2,)),
+    Study(batch=FULL_BATCH, steps=20, eval_every=2, warmup=0,
+          lrs={"sgd": (0.2,), "adam": (1e-2,), "kfac": (0.1,)}, dampings=(1e-2,)),
+)
+METHODS = ("kfac", "sgd", "adam")
+
+
+def first_reach(records: list[dict[str, float]], target: float) -> tuple[int | None, float | None]:
+    """Step and training seconds of the first evaluation with test accuracy >= ``target``."""
+    for record in records:
+        if record["test_acc"] >= target:
+            return int(record["step"]), float(record["wall"])
+    return None, None
+
+
+def run_one(comm, method: str, batch: int, lr: float, damping: float | None, seed: int,
+            study: Study) -> dict[str, Any]:
+    """One training run; its records and the first-reach figures."""
+    from hpckfac.train.config import TrainConfig
+    from hpckfac.train.loop import Trainer
+
+    config = TrainConfig(optimizer=method, batch_size=batch, steps=study.steps, lr=lr,
+                         warmup_steps=study.warmup, damping=damping or TrainConfig.damping, seed=seed,
+                         eval_every=study.eval_every, progress=False)
+    result = Trainer(config, comm).run()
+    run: dict[str, Any] = {"method": method, "batch": batch, "lr": lr, "damping": damping, "seed": seed,
+                           "final_acc": result.records[-1]["test_acc"],
+                           "best_acc": max(r["test_acc"] for r in result.records),
+                           "wall": result.records[-1]["wall"], "records": result.records}
+    for target in TARGETS:
+        run[f"steps_{target:.0%}"], run[f"wall_{target:.0%}"] = first_reach(result.records, target)
+    return run
+
+
+def _rank_key(run: dict[str, Any]) -> tuple:
+    """Fewest steps to 97%, then to 95%, then highest final accuracy."""
+    hi, lo = (run[f"steps_{t:.0%}"] for t in reversed(TARGETS))
+    return (math.inf if hi is None else hi, math.inf if lo is None else lo, -run["final_acc"])
+
+
+def _stats(values: list[float | None]) -> dict[str, Any]:
+    reached = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(reached) if reached else None,
+            "std": statistics.pstdev(reached) if len(reached) > 1 else 0.0 if reached else None,
+            "reached": len(reached), "runs": len(values)}
+
+
+def _cell(stats: dict[str, Any], fmt: str) -> str:
+    if stats["mean"] is None:
+        return f"never (0/{stats['runs']})"
+    text = f"{stats['mean']:{fmt}} ± {stats['std']:{fmt}}"
+    return text if stats["reached"] == stats["runs"] else f"{text} ({stats['reached']}/{stats['runs']})"
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds of every figure of one method's best setting."""
+    summary = {key: _stats([r[key] for r in runs])
+               for key in [f"{kind}_{t:.0%}" for t in TARGETS for kind in ("steps", "wall")]}
+    summary["final_acc"] = _stats([r["final_acc"] for r in runs])
+    summary["wall_per_step_ms"] = _stats([1e3 * r["wall"] / r["records"][-1]["step"] for r in runs])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study; print the table, write JSON and the plot."""
+    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench convergence", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one setting per method, short runs (a smoke test)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for each method's best setting")
+    parser.add_argument("--json", metavar="PATH", help="write the results here (default OUT/convergence.json)")
+    parser.add_argument("--out", metavar="DIR", help="write convergence.json and convergence.png here")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds: expected an integer >= 1")
+
+    import torch
+
+    from hpckfac.comm import Communicator
+    from hpckfac.train.data import load_dataset
+
+    comm = Communicator()
+    n_train = len(load_dataset().x_train)
+    studies = QUICK if args.quick else FULL
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    say(f"convergence study on digits ({n_train} training examples), {comm.size} rank(s), "
+        f"{torch.get_num_threads()} torch thread(s) per rank")
+    started = time.perf_counter()
+    grid, best, rows, panels, ratios = [], [], [], [], {}
+    for study in studies:
+        batch = study.batch or n_train
+        curves = {}
+        for method in METHODS:
+            dampings = study.dampings if method == "kfac" else (None,)
+            tried = []
+            for lr, damping in itertools.product(study.lrs[method], dampings):
+                run = run_one(comm, method, batch, lr, damping, 0, study)
+                tried.append(run)
+                grid.append({k: v for k, v in run.items() if k != "records"})
+                say(f"  batch {batch:5d} {method:4s} lr {lr:<6g} damping {damping or '-':<6} "
+                    f"steps to 95/97%: {run['steps_95%']}/{run['steps_97%']}, final {run['final_acc']:.4f}, "
+                    f"{run['wall']:.1f} s", flush=True)
+            choice = min(tried, key=_rank_key)
+            seeds = [choice] + [run_one(comm, method, batch, choice["lr"], choice["damping"], seed, study)
+                                for seed in range(1, args.seeds)]
+            summary = summarise(seeds)
+            best.append({"batch": batch, "method": method, "lr": choice["lr"], "damping": choice["damping"],
+                         "steps": study.steps, "summary": summary,
+                         "runs": seeds})
+            curves[f"{method} (lr {choice['lr']:g}" + (f", damping {choice['damping']:g})" if choice["damping"]
+                                                        else ")")] = [r["records"] for r in seeds]
+            rows.append({"batch": batch, "method": method, "lr": f"{choice['lr']:g}",
+                         "damping": f"{choice['damping']:g}" if choice["damping"] else "-",
+                         "steps→95%": _cell(summary["steps_95%"], ".1f"), "s→95%": _cell(summary["wall_95%"], ".2f"),
+                         "steps→97%": _cell(summary["steps_97%"], ".1f"), "s→97%": _cell(summary["wall_97%"], ".2f"),
+                         "final acc": _cell(summary["final_acc"], ".4f"),
+                         "ms/step": f"{summary['wall_per_step_ms']['mean']:.1f}"})
+        ratios[str(batch)] = _ratios(best[-len(METHODS):])
+        panels.append((f"global batch {batch}" + (" (full batch)" if not study.batch else ""), curves))
+    columns = ["batch", "method", "lr", "damping", "steps→95%", "s→95%", "steps→97%", "s→97%", "final acc",
+               "ms/step"]
+    say(format_table(rows, columns))
+    for batch, ratio in ratios.items():
+        say(f"batch {batch}: K-FAC/SGD steps to 97% {_fmt(ratio['steps_97%'])}, seconds to 97% "
+            f"{_fmt(ratio['wall_97%'])}; K-FAC/Adam steps {_fmt(ratio['steps_97%_adam'])}, "
+            f"seconds {_fmt(ratio['wall_97%_adam'])}")
+    elapsed = time.perf_counter() - started
+    say(f"total {elapsed:.0f} s")
+    if comm.rank == 0:
+        json_path = args.json or (os.path.join(args.out, "convergence.json") if args.out else None)
+        config = {"quick": args.quick, "seeds": args.seeds, "ranks": comm.size, "train_examples": n_train,
+                  "targets": TARGETS, "studies": [s.__dict__ for s in studies], "elapsed_s": elapsed}
+        if json_path:
+            write_json(json_path, "convergence", config, {"best": best, "grid": grid, "ratios": ratios})
+        if args.out:
+            from hpckfac.train.plot import plot_curves
+
+            plot_curves(panels, os.path.join(args.out, "convergence.png"), targets=TARGETS,
+                        title="digits: test accuracy vs steps, best setting per method, one line per seed")
+    return 0
+
+
+def _ratios(best: list[dict[str, Any]]) -> dict[str, float | None]:
+    """K-FAC's mean steps and seconds to 97% divided by SGD's and Adam's (None if one never got there)."""
+    by = {b["method"]: b["summary"] for b in best}
+    out = {}
+    for other, suffix in (("sgd", ""), ("adam", "_adam")):
+        for key in ("steps_97%", "wall_97%"):
+            k, o = by["kfac"][key]["mean"], by[other][key]["mean"]
+            out[key + suffix] = None if k is None or o is None else k / o
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a (a method never reached 97%)" if value is None else f"{value:.2f}x"
