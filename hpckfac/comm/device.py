@@ -1,0 +1,139 @@
+"""CuPy device buffers for the collectives (``hpckfac.comm.backend`` seam).
+
+Two ways for MPI to reach GPU memory:
+
+- **CUDA-aware MPI** (``cuda_aware_mpi()``): device arrays go to MPI as they
+  are (mpi4py reads ``__cuda_array_interface__``); scratch buffers live on the
+  GPU and the ring's reductions run there (``DeviceBackend``).
+- otherwise **pinned host staging** (``StagedDeviceBackend``): the buffer is
+  copied once into page-locked host memory reused across steps, the
+  collective runs on the host copy, and the result is copied back.
+
+MPI does not know CuPy's streams, so every hand-over to MPI first waits for
+the current stream (``stage_in`` and ``add`` synchronise).
+``install_device_backend()`` registers the backend that fits this MPI.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from hpckfac.comm.backend import register_backend
+
+# "1"/"0" forces CUDA-aware MPI on/off (e.g. an MPI that is CUDA-aware but
+# cannot be asked, or to compare the two paths).
+CUDA_AWARE_ENV = "HPCKFAC_CUDA_AWARE_MPI"
+
+
+def _loaded_mpi_libraries() -> list[str]:
+    """Paths of the MPI shared libraries mapped into this process (Linux)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "libmpi" in line and "/" in line}
+    except OSError:
+        return []
+    return sorted(paths)
+
+
+@lru_cache(maxsize=1)
+def cuda_aware_mpi() -> bool:
+    """Whether MPI accepts CUDA device buffers: ``$HPCKFAC_CUDA_AWARE_MPI`` if set,
+    else ``MPIX_Query_cuda_support()`` of the loaded MPI library (Open MPI,
+    MPICH >= 4), else False."""
+    forced = os.environ.get(CUDA_AWARE_ENV)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{CUDA_AWARE_ENV}: expected 0 or 1, got {forced!r}")
+        return forced == "1"
+    from mpi4py import MPI  # noqa: F401  (loads the MPI library)
+
+    for path in _loaded_mpi_libraries():
+        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        if query is not None:
+            query.restype = ctypes.c_int
+            return bool(query())
+    return False
+
+
+def _is_cupy(array: Any) -> bool:
+    return type(array).__module__.startswith("cupy")
+
+
+class DeviceBackend:
+    """CuPy arrays handed to a CUDA-aware MPI directly; reductions on the GPU."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.xp = cupy
+
+    def accepts(self, array: Any) -> bool:
+        return _is_cupy(array)
+
+    def stage_in(self, array: Any) -> Any:
+        work = array.reshape(-1) if array.flags.c_contiguous else self.xp.ascontiguousarray(array).reshape(-1)
+        self.xp.cuda.get_current_stream().synchronize()
+        return work
+
+    def stage_out(self, work: Any, array: Any) -> None:
+        if not self.xp.shares_memory(work, array):
+            array[...] = work.reshape(array.shape)
+
+    def add(self, dst: Any, src: Any) -> None:
+        self.xp.add(dst, src, out=dst)
+        # The ring sends this chunk in its next step.
+        self.xp.cuda.get_current_stream().synchronize()
+
+
+class StagedDeviceBackend:
+    """CuPy arrays staged through pinned host buffers for an MPI without CUDA support.
+
+    One page-locked buffer per dtype, grown on demand and reused by every
+    collective; the collective itself runs on the host copy (``xp`` is NumPy).
+    """
+
+    name = "cupy-staged"
+    xp = np
+
+    def __init__(self) -> None:
+        import cupy
+
+        self._cupy = cupy
+        self._pinned: dict[np.dtype, tuple[Any, np.ndarray]] = {}
+
+    def accepts(self, array: Any) -> bool:
+        return _is_cupy(array)
+
+    def host_buffer(self, dtype: Any, length: int) -> np.ndarray:
+        """A pinned host array of ``length`` elements of ``dtype`` (reused across calls)."""
+        dtype = np.dtype(dtype)
+        memory, view = self._pinned.get(dtype, (None, np.empty(0, dtype)))
+        if view.size < length:
+            memory = self._cupy.cuda.alloc_pinned_memory(max(length, 2 * view.size) * dtype.itemsize)
+            view = np.frombuffer(memory, dtype=dtype)
+            self._pinned[dtype] = (memory, view)
+        return view[:length]
+
+    def stage_in(self, array: Any) -> np.ndarray:
+        host = self.host_buffer(array.dtype, array.size)
+        self._cupy.ascontiguousarray(array).reshape(-1).get(out=host)  # synchronous copy
+        return host
+
+    def stage_out(self, work: np.ndarray, array: Any) -> None:
+        array[...] = self._cupy.asarray(work).reshape(array.shape)
+
+    def add(self, dst: np.ndarray, src: np.ndarray) -> None:
+        np.add(dst, src, out=dst)
+
+
+def install_device_backend() -> Any:
+    """Register the device backend that fits this MPI with the collectives and return it."""
+    backend = DeviceBackend() if cuda_aware_mpi() else StagedDeviceBackend()
+    register_backend(backend)
+    return backend
