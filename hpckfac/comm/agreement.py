@@ -1,0 +1,100 @@
+"""Cheap check that every rank called the same collective with matching arguments.
+
+Each rank describes its call as a fixed-length vector of integers (which
+collective, whether its arguments passed local validation, dtype, length, op,
+algorithm, a parameter such as the root, and a digest of counts, array layouts
+or a value). One MAX allreduce of ``[v, -v]`` yields both the element-wise maximum
+and minimum over ranks; they are equal exactly when all ranks agree. Cost: one
+allreduce of 14 int64 values (a latency-bound message) per collective. Only
+when ranks disagree is there a second step, an allgather of the vectors, to
+name the ranks in the error raised on every rank.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from hpckfac.comm.dtypes import DTYPE_CODES
+
+COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v", "broadcast", "check_same")
+OPS = ("sum", "mean")
+ALGORITHMS = ("ring", "mpi")
+_DTYPE_NAMES = {code: str(dtype) for dtype, code in DTYPE_CODES.items()}
+
+
+class Signature(NamedTuple):
+    """One rank's description of its call (all fields integers)."""
+
+    collective: int  # index into COLLECTIVES
+    valid: int = 1  # 0 when the rank's own arguments failed validation
+    dtype: int = 0  # DTYPE_CODES value, 0 when not applicable
+    length: int = 0  # elements in the buffer (or in all arrays)
+    op: int = 0  # index into OPS
+    algorithm: int = 0  # index into ALGORITHMS
+    parameter: int = 0  # root, or bucket size
+    layout: int = 0  # digest of counts, of array sizes and dtypes, or of a value
+
+
+def signature(collective: str, **fields: int) -> Signature:
+    """A signature for ``collective`` with the given fields."""
+    return Signature(COLLECTIVES.index(collective), **fields)
+
+
+def rejected(collective: str) -> Signature:
+    """The signature of a rank whose arguments failed validation."""
+    return Signature(COLLECTIVES.index(collective), valid=0)
+
+
+def digest(values: Sequence[int] | bytes) -> int:
+    """A 56-bit digest of integers or bytes (for counts, layouts and values);
+    it fits an int64 with room to negate."""
+    data = values if isinstance(values, bytes) else np.asarray(values, dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little")
+
+
+def _show(field: str, value: int) -> str:
+    if field == "collective":
+        return COLLECTIVES[value]
+    if field == "dtype":
+        return _DTYPE_NAMES.get(value, "-")
+    if field == "op":
+        return OPS[value]
+    if field == "algorithm":
+        return ALGORITHMS[value]
+    if field == "valid":
+        return "accepted" if value else "rejected (raised its own error)"
+    if field == "layout":
+        return f"digest {value:014x}"
+    return str(value)
+
+
+def describe(everyone: Sequence[Signature]) -> str:
+    """The fields that differ between ranks, each with the ranks holding each value,
+    e.g. ``length (3 on ranks [0]; 4 on ranks [1])``."""
+    refused = [rank for rank, sig in enumerate(everyone) if not sig.valid]
+    # A rank that rejected its arguments sent no dtype, length etc. to compare.
+    fields = ("collective", "valid") if refused else Signature._fields
+    parts = []
+    for field in fields:
+        i = Signature._fields.index(field)
+        groups: dict[int, list[int]] = {}
+        for rank, sig in enumerate(everyone):
+            groups.setdefault(sig[i], []).append(rank)
+        if len(groups) > 1:
+            held = "; ".join(f"{_show(field, value)} on ranks {ranks}" for value, ranks in groups.items())
+            parts.append(f"{'arguments' if field == 'valid' else field} ({held})")
+    return ", ".join(parts)
+
+
+def disagreement(mpi: MPI.Comm, mine: Signature) -> list[Signature] | None:
+    """Every rank's signature if any two ranks differ, else None (same answer on every rank)."""
+    vec = np.array(mine, dtype=np.int64)
+    both = np.concatenate([vec, -vec])
+    extremes = np.empty_like(both)
+    mpi.Allreduce(both, extremes, op=MPI.MAX)
+    if np.array_equal(extremes[:vec.size], -extremes[vec.size:]):
+        return None
+    return [Signature(*sig) for sig in mpi.allgather(tuple(int(x) for x in mine))]

@@ -1,0 +1,72 @@
+"""Array backends: which array library holds a buffer and how MPI reaches its memory.
+
+A collective asks ``backend_for(buffer)`` once, then works only through the
+backend: ``xp`` for scratch arrays, ``stage_in``/``stage_out`` around the MPI
+calls, ``add`` for the reductions done in our own code. The host backend below
+hands NumPy memory to MPI directly. A device backend (CuPy arrays, either
+passed straight to a CUDA-aware MPI or staged through pinned host buffers)
+registers itself with ``register_backend`` and every algorithm runs unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """What the collectives need from an array library."""
+
+    name: str
+    xp: Any  # the array module (numpy, cupy) used for scratch buffers
+
+    def accepts(self, array: Any) -> bool:
+        """Whether ``array`` belongs to this backend."""
+
+    def stage_in(self, array: Any) -> Any:
+        """A contiguous 1-D array holding ``array``'s values that MPI can read and write."""
+
+    def stage_out(self, work: Any, array: Any) -> None:
+        """Write the collective's result in ``work`` back into ``array``."""
+
+    def add(self, dst: Any, src: Any) -> None:
+        """``dst += src`` element-wise, in ``dst``'s dtype."""
+
+
+class HostBackend:
+    """NumPy arrays in host memory: MPI reads and writes them in place."""
+
+    name = "numpy"
+    xp = np
+
+    def accepts(self, array: Any) -> bool:
+        return isinstance(array, np.ndarray)
+
+    def stage_in(self, array: np.ndarray) -> np.ndarray:
+        # A contiguous array is its own staging buffer (a flat view, no copy);
+        # a strided view is copied so that MPI sees one contiguous block.
+        return array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
+
+    def stage_out(self, work: np.ndarray, array: np.ndarray) -> None:
+        if not np.shares_memory(work, array):
+            array[...] = work.reshape(array.shape)
+
+    def add(self, dst: np.ndarray, src: np.ndarray) -> None:
+        np.add(dst, src, out=dst)
+
+
+_BACKENDS: list[Backend] = [HostBackend()]
+
+
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` available to every collective (tried before the host backend)."""
+    _BACKENDS.insert(0, backend)
+
+
+def backend_for(array: Any) -> Backend:
+    """The backend owning ``array``; TypeError naming its type if none does."""
+    for backend in _BACKENDS:
+        if backend.accepts(array):
+            return backend
+    raise TypeError(f"unsupported buffer type {type(array).__module__}.{type(array).__qualname__}: "
+                    f"collectives take {', '.join(b.name for b in _BACKENDS)} arrays")

@@ -1,0 +1,235 @@
+"""The Communicator: hpckfac's collectives on top of an mpi4py communicator."""
+from __future__ import annotations
+
+import pickle
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+from mpi4py import MPI
+
+from hpckfac.comm import ring, vcoll
+from hpckfac.comm.agreement import (ALGORITHMS, OPS, Signature, describe, digest, disagreement,
+                                    rejected, signature)
+from hpckfac.comm.backend import Backend, HostBackend, backend_for
+from hpckfac.comm.dtypes import DTYPE_CODES, check_dtype, mpi_type, sum_op
+from hpckfac.comm.errors import CollectiveMismatchError
+from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBuffers, plan_buckets, reduce_fused
+from hpckfac.comm.topology import node_rank_and_size, visible_gpu_count
+from hpckfac.log import set_rank
+
+
+def _op_index(op: str) -> int:
+    if not isinstance(op, str) or op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return OPS.index(op)
+
+
+def _algorithm_index(algorithm: str) -> int:
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return ALGORITHMS.index(algorithm)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # e.g. arrays, whose == is element-wise
+        return pickle.dumps(a) == pickle.dumps(b)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Communicator:
+    """Collectives over the ranks of an MPI communicator.
+
+    Array collectives take NumPy arrays of float64, float32 or float16 (any
+    shape; non-contiguous arrays are staged through a contiguous copy).
+
+    With ``check_agreement`` (the default) every array collective starts with
+    one small allreduce comparing what each rank passed (collective, dtype,
+    length, op, algorithm, root, counts); if ranks disagree, every rank raises
+    CollectiveMismatchError instead of hanging or reading garbage. A rank whose
+    own arguments are invalid raises ValueError/TypeError after that check
+    (no data has moved) and its peers raise CollectiveMismatchError. With
+    ``check_agreement=False`` the check is skipped and invalid arguments raise
+    before any communication; disagreeing ranks then hang or fail in MPI.
+
+    Args:
+        mpi_comm: the mpi4py intracommunicator to wrap (default ``MPI.COMM_WORLD``;
+            a plain ``python script.py`` is a world of size 1).
+        check_agreement: run the agreement check before each array collective.
+    """
+
+    def __init__(self, mpi_comm: MPI.Intracomm | None = None, check_agreement: bool = True) -> None:
+        mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        if not isinstance(mpi_comm, MPI.Intracomm):
+            raise TypeError(f"mpi_comm must be an mpi4py Intracomm, got {type(mpi_comm).__name__}")
+        self.mpi = mpi_comm
+        self.rank: int = mpi_comm.Get_rank()
+        self.size: int = mpi_comm.Get_size()
+        self.local_rank, self.local_size = node_rank_and_size(mpi_comm)
+        self.check_agreement = bool(check_agreement)
+        self._fusion = FusionBuffers()
+        set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
+
+    def __repr__(self) -> str:
+        return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
+                f"local_size={self.local_size}, check_agreement={self.check_agreement})")
+
+    @cached_property
+    def device(self) -> int | None:
+        """The GPU bound to this rank (``local_rank % visible GPUs``), None without CUDA.
+
+        Counted on first use, without creating a CUDA context.
+        """
+        count = visible_gpu_count()
+        return self.local_rank % count if count else None
+
+    def _enter(self, collective: str, validate: Callable[[], tuple[Any, Signature]]) -> Any:
+        """Validate this rank's arguments and, with the agreement check on, confirm
+        that every rank called ``collective`` compatibly. Returns what ``validate`` planned."""
+        if not self.check_agreement:
+            return validate()[0]
+        try:
+            plan, mine = validate()
+        except (TypeError, ValueError):
+            disagreement(self.mpi, rejected(collective))  # lets the peers raise too
+            raise
+        everyone = disagreement(self.mpi, mine)
+        if everyone is not None:
+            raise CollectiveMismatchError(f"{collective}: ranks disagree on {describe(everyone)}")
+        return plan
+
+    def _reduce_flat(self, flat: Any, mean: bool, algorithm: str, backend: Backend) -> None:
+        datatype = mpi_type(flat.dtype)
+        if algorithm == "ring":
+            ring.allreduce(self.mpi, flat, datatype, backend, mean)
+            return
+        self.mpi.Allreduce(MPI.IN_PLACE, [flat, datatype], op=sum_op(flat.dtype))
+        if mean and self.size > 1:
+            flat /= self.size
+
+    def allreduce(self, buf: Any, op: str = "sum", algorithm: str = "ring") -> Any:
+        """Sum (or mean) ``buf`` over ranks, in place; returns ``buf``.
+
+        ``algorithm="ring"`` is hpckfac's ring allreduce; ``"mpi"`` is MPI's Allreduce.
+        """
+        def validate():
+            backend, dtype = backend_for(buf), check_dtype(buf.dtype)
+            op_index, alg = _op_index(op), _algorithm_index(algorithm)
+            return backend, signature("allreduce", dtype=DTYPE_CODES[dtype], length=buf.size,
+                                      op=op_index, algorithm=alg)
+
+        backend = self._enter("allreduce", validate)
+        work = backend.stage_in(buf)
+        self._reduce_flat(work, op == "mean", algorithm, backend)
+        backend.stage_out(work, buf)
+        return buf
+
+    def allreduce_many(self, arrays: Sequence[Any], op: str = "mean",
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, algorithm: str = "ring") -> None:
+        """Allreduce every array in ``arrays`` in place, fused into buffers of at most
+        ``bucket_bytes`` per dtype (an array larger than that is reduced on its own)."""
+        arrays = list(arrays)
+
+        def validate():
+            op_index, alg = _op_index(op), _algorithm_index(algorithm)
+            if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+                raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+            backends = [backend_for(a) for a in arrays]
+            if len({b.name for b in backends}) > 1:
+                raise TypeError(f"allreduce_many: arrays of mixed types {sorted({b.name for b in backends})}")
+            dtypes = [check_dtype(a.dtype) for a in arrays]
+            buckets = plan_buckets([a.nbytes for a in arrays], dtypes, bucket_bytes)
+            layout = digest([x for a, d in zip(arrays, dtypes) for x in (DTYPE_CODES[d], a.size)])
+            plan = (backends[0] if backends else HostBackend(), buckets)
+            return plan, signature("allreduce_many", length=sum(a.size for a in arrays), op=op_index,
+                                   algorithm=alg, parameter=bucket_bytes, layout=layout)
+
+        backend, buckets = self._enter("allreduce_many", validate)
+        reduce_fused(arrays, buckets, backend, self._fusion,
+                     lambda flat: self._reduce_flat(flat, op == "mean", algorithm, backend))
+
+    def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: str = "sum") -> Any:
+        """Sum (or mean) ``sendbuf`` over ranks and return this rank's segment: elements
+        ``sum(counts[:rank])`` to ``sum(counts[:rank+1])`` of the result (a new array).
+
+        ``counts`` (one non-negative integer per rank, zeros allowed) must sum to
+        ``sendbuf.size`` and be the same on every rank.
+        """
+        def validate():
+            backend, dtype, op_index = backend_for(sendbuf), check_dtype(sendbuf.dtype), _op_index(op)
+            cnt = vcoll.check_counts(counts, self.size)
+            if int(cnt.sum()) != sendbuf.size:
+                raise ValueError(f"counts sum to {int(cnt.sum())} but sendbuf holds {sendbuf.size} elements")
+            return (backend, cnt), signature("reduce_scatter_v", dtype=DTYPE_CODES[dtype],
+                                             length=sendbuf.size, op=op_index, layout=digest(cnt))
+
+        backend, cnt = self._enter("reduce_scatter_v", validate)
+        work = backend.stage_in(sendbuf)
+        return vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
+                                      backend, op == "mean")
+
+    def allgather_v(self, segment: Any, counts: Sequence[int]) -> Any:
+        """Concatenate every rank's ``segment`` (``counts[rank]`` elements) in rank
+        order; returns the whole buffer (a new 1-D array of ``sum(counts)`` elements)."""
+        def validate():
+            backend, dtype = backend_for(segment), check_dtype(segment.dtype)
+            cnt = vcoll.check_counts(counts, self.size)
+            if segment.size != cnt[self.rank]:
+                raise ValueError(f"segment holds {segment.size} elements but counts[{self.rank}] "
+                                 f"is {int(cnt[self.rank])}")
+            return (backend, cnt), signature("allgather_v", dtype=DTYPE_CODES[dtype],
+                                             length=int(cnt.sum()), layout=digest(cnt))
+
+        backend, cnt = self._enter("allgather_v", validate)
+        return vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend)
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        """Copy rank ``root``'s ``buf`` into ``buf`` on every rank, in place; returns ``buf``."""
+        def validate():
+            backend, dtype = backend_for(buf), check_dtype(buf.dtype)
+            if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.size:
+                raise ValueError(f"root must be a rank in [0, {self.size}), got {root!r}")
+            return backend, signature("broadcast", dtype=DTYPE_CODES[dtype], length=buf.size, parameter=root)
+
+        backend = self._enter("broadcast", validate)
+        work = backend.stage_in(buf)
+        self.mpi.Bcast([work, mpi_type(work.dtype)], root=root)
+        backend.stage_out(work, buf)
+        return buf
+
+    def allgather_object(self, obj: Any) -> list:
+        """Every rank's (picklable) ``obj``, in rank order."""
+        return self.mpi.allgather(obj)
+
+    def check_same(self, value: Any, what: str) -> None:
+        """Raise CollectiveMismatchError on every rank unless every rank passed an equal
+        (picklable) ``value``; the message names ``what`` and the ranks that differ.
+
+        Runs whatever ``check_agreement`` says: one digest allreduce, plus an
+        allgather of the values only when digests differ.
+        """
+        try:
+            mine = signature("check_same", layout=digest(pickle.dumps(value, protocol=4)))
+        except (pickle.PicklingError, TypeError, AttributeError) as err:
+            disagreement(self.mpi, rejected("check_same"))
+            raise TypeError(f"check_same: {what} is not picklable: {err}") from err
+        everyone = disagreement(self.mpi, mine)
+        if everyone is None:
+            return
+        if any(sig._replace(layout=0) != everyone[0]._replace(layout=0) for sig in everyone):
+            raise CollectiveMismatchError(f"check_same({what}): ranks disagree on {describe(everyone)}")
+        # Digests differ; equal values may still pickle differently (e.g. set order).
+        values = self.mpi.allgather(value)
+        differ = [r for r, v in enumerate(values) if not _same(v, values[0])]
+        if differ:
+            others = "; ".join(f"rank {r} has {_short(values[r])}" for r in differ)
+            raise CollectiveMismatchError(f"ranks disagree on {what}: rank 0 has {_short(values[0])}; {others}")
+
+    def barrier(self) -> None:
+        """Wait until every rank has arrived."""
+        self.mpi.Barrier()
