@@ -141,8 +141,9 @@ class Trainer:
         _log.info("resumed from %s at step %d", path, self.step)
 
     # ---------------------------------------------------------------- step
-    def train_step(self) -> float:
-        """One optimizer step on this rank's shard of global batch ``self.step``; returns its seconds."""
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step on this rank's shard of global batch ``self.step``;
+        returns its seconds and this rank's loss and accuracy on its shard."""
         index = torch.from_numpy(self.order.shard(self.step, self.rank, self.size))
         x, y = self.x_train[index], self.y_train[index]
         for group in self.optimizer.param_groups:
@@ -160,10 +161,11 @@ class Trainer:
             allreduce_gradients(self.model, self.comm)
         self.optimizer.step()
         seconds = time.perf_counter() - start
-        self._interval += (float(loss) * len(y), float((logits.argmax(1) == y).sum()), len(y))
+        loss, correct = float(loss.detach()), float((logits.detach().argmax(1) == y).sum())
+        self._interval += (loss * len(y), correct, len(y))
         self.step += 1
         self.wall += seconds
-        return seconds
+        return seconds, loss, correct / len(y)
 
     def evaluate(self) -> dict[str, float]:
         """Average BatchNorm statistics, then the record of this step: ``step``, ``epoch``,
@@ -222,7 +224,7 @@ class Trainer:
         test_acc = self.records[-1]["test_acc"] if self.records else float("nan")
         try:
             while self.step < self.total_steps:
-                seconds = self.train_step()
+                seconds, loss, accuracy = self.train_step()
                 checkpoint = c.checkpoint_every and (self.step % c.checkpoint_every == 0
                                                      or self.step == self.total_steps)
                 if self.step % c.eval_every == 0 or self.step == self.total_steps or checkpoint:
@@ -231,12 +233,10 @@ class Trainer:
                     self._write_log()
                 if checkpoint:
                     self.save()
-                loss, correct, count = self._interval
                 bar.update(1)
                 if show:
-                    bar.set_postfix(loss=f"{loss / count:.3f}" if count else "-",
-                                    acc=f"{correct / count:.3f}" if count else "-",
-                                    test=f"{test_acc:.3f}", ms=f"{1e3 * seconds:.1f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", test=f"{test_acc:.3f}",
+                                    ms=f"{1e3 * seconds:.1f}", refresh=False)
         finally:
             bar.close()
         if not self.records or self.records[-1]["step"] != self.step:

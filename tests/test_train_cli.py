@@ -1,0 +1,135 @@
+"""End-to-end tests of ``hpckfac train``: real processes at 1 and 2 ranks, the JSON log
+and PNG plot, resume equal to an uninterrupted run, and one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from test_multirank import mpiexec
+
+PNG = b"\x89PNG\r\n\x1a\n"
+RECORD_KEYS = {"step", "epoch", "loss", "train_acc", "test_loss", "test_acc", "wall", "lr"}
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def train(args, ranks=None, timeout=300):
+    """Run ``hpckfac train args`` (under ``mpiexec -n ranks`` if given)."""
+    cmd = [sys.executable, "-m", "hpckfac", "train", *map(str, args)]
+    if ranks is not None:
+        cmd = [mpiexec(), "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def checkpoint(out, step):
+    return torch.load(os.path.join(out, "checkpoints", f"step_{step:08d}.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def kfac_run(tmp_path_factory):
+    """K-FAC at 2 ranks, 8 steps, checkpoints at 4 and 8."""
+    out = str(tmp_path_factory.mktemp("kfac2"))
+    proc = train(["--optimizer", "kfac", "--batch-size", 64, "--steps", 8, "--eval-every", 2,
+                  "--checkpoint-every", 4, "--warmup-steps", 2, "--out", out, "--seed", 3], ranks=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+def test_two_ranks_kfac_end_to_end(kfac_run):
+    out, proc = kfac_run
+    log = json.load(open(os.path.join(out, "log.json")))
+    assert log["ranks"] == 2 and log["config"]["optimizer"] == "kfac" and log["dataset"] == "digits"
+    steps = [r["step"] for r in log["records"]]
+    assert steps == [2, 4, 6, 8]
+    walls = [r["wall"] for r in log["records"]]
+    assert all(b > a for a, b in zip(walls, walls[1:]))
+    for record in log["records"]:
+        assert set(record) == RECORD_KEYS
+        assert 0 <= record["test_acc"] <= 1 and np.isfinite(record["loss"]) and record["lr"] > 0
+    assert open(os.path.join(out, "training.png"), "rb").read(8) == PNG
+    assert "test accuracy" in proc.stdout and "reduce_scatter" in proc.stdout  # summary + per-stage table
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_rank_first_order_end_to_end(tmp_path, optimizer):
+    proc = train(["--optimizer", optimizer, "--batch-size", 32, "--steps", 5, "--eval-every", 2,
+                  "--out", tmp_path], ranks=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.load(open(tmp_path / "log.json"))["records"]
+    assert [r["step"] for r in records] == [2, 4, 5]  # the last step is always evaluated
+    assert (tmp_path / "training.png").read_bytes()[:8] == PNG
+
+
+def test_resume_continues_the_same_trajectory(kfac_run, tmp_path):
+    out, _ = kfac_run
+    resumed = str(tmp_path / "resumed")
+    proc = train(["--optimizer", "kfac", "--batch-size", 64, "--steps", 8, "--eval-every", 2,
+                  "--checkpoint-every", 4, "--warmup-steps", 2, "--out", resumed, "--seed", 3,
+                  "--resume", os.path.join(out, "checkpoints", "step_00000004.pt")], ranks=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    whole, rerun = checkpoint(out, 8), checkpoint(resumed, 8)
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, rerun["model"][name]), name
+    for a, b in zip(whole["optimizer"]["state"].values(), rerun["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert whole["preconditioner"]["steps"] == rerun["preconditioner"]["steps"] == 8
+    for name, block in whole["preconditioner"]["blocks"].items():
+        assert torch.equal(block["factors"], rerun["preconditioner"]["blocks"][name]["factors"]), name
+    drop_wall = lambda records: [{k: v for k, v in r.items() if k != "wall"} for r in records]
+    assert drop_wall(json.load(open(os.path.join(resumed, "log.json")))["records"]) == \
+        drop_wall(json.load(open(os.path.join(out, "log.json")))["records"])
+
+
+def _write(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("optimizer", "argument --optimizer: invalid choice: 'lbfgs'"),
+    ("batch", "--batch-size: expected an integer >= 1"),
+    ("too_big", "--batch-size: expected 1..1438"),
+    ("lr", "--lr: expected a finite number > 0"),
+    ("both_lengths", "not allowed with argument"),
+    ("no_out", "--checkpoint-every: needs --out"),
+    ("missing_data", "data file not found"),
+    ("bad_shape", "'x' must be a non-empty numeric array of shape (N, H, W)"),
+    ("bad_labels", "'y' must be an integer array of shape (10,)"),
+    ("corrupt", "is corrupt or unreadable"),
+    ("mismatch", "does not match this run: optimizer is 'kfac' there, 'sgd' here"),
+    ("no_checkpoint", "no checkpoint file or directory"),
+])
+def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac_run):
+    base = ["--steps", 2, "--batch-size", 32, "--no-progress"]
+    args = {
+        "optimizer": ["--optimizer", "lbfgs"],
+        "batch": base + ["--batch-size", 0],
+        "too_big": base + ["--batch-size", 5000],
+        "lr": base + ["--lr", -1],
+        "both_lengths": base + ["--epochs", 2],
+        "no_out": base + ["--checkpoint-every", 1],
+        "missing_data": base + ["--data", tmp_path / "nope.npz"],
+        "bad_shape": base + ["--data", _write(tmp_path / "a.npz", x=np.zeros((10, 64)), y=np.zeros(10, int))],
+        "bad_labels": base + ["--data", _write(tmp_path / "b.npz", x=np.zeros((10, 8, 8)), y=np.zeros(9, int))],
+        "corrupt": base + ["--resume", tmp_path],
+        "mismatch": ["--optimizer", "sgd", "--batch-size", 64, "--steps", 8, "--seed", 3, "--resume", kfac_run[0]],
+        "no_checkpoint": base + ["--resume", tmp_path / "missing"],
+    }[case]
+    if case == "corrupt":
+        (tmp_path / "step_00000002.pt").write_bytes(os.urandom(3000))
+    proc = train(args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpckfac train: error: ") and message in lines[0], proc.stderr
+
+
+def test_batch_that_does_not_split_over_ranks():
+    proc = train(["--batch-size", 33, "--steps", 2, "--no-progress"], ranks=2)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["hpckfac train: error: --batch-size: global batch 33 does not split evenly over 2 ranks"], \
+        proc.stderr
