@@ -42,6 +42,7 @@ class TrainResult:
     """What a run produced: one record per evaluated step (see ``Trainer.evaluate``)."""
 
     records: list[dict[str, float]]
+    step_seconds: list[float]  # every step this process ran (not those before a resume)
     total_steps: int
     model: nn.Module
     preconditioner: Any = None
@@ -108,7 +109,7 @@ class Trainer:
                 factor_update_interval=config.factor_update_interval,
                 inverse_update_interval=config.inverse_update_interval,
                 kl_clip=config.kl_clip or None, comm=self.comm)
-        self.step, self.wall, self.records = 0, 0.0, []
+        self.step, self.wall, self.records, self.step_seconds = 0, 0.0, [], []
         self._interval = np.zeros(3)  # loss sum, correct, examples since the last evaluation (this rank)
         if config.resume:
             agree(self.comm, lambda: self._resume(config.resume))
@@ -165,6 +166,7 @@ class Trainer:
         self._interval += (loss * len(y), correct, len(y))
         self.step += 1
         self.wall += seconds
+        self.step_seconds.append(seconds)
         return seconds, loss, correct / len(y)
 
     def evaluate(self) -> dict[str, float]:
@@ -246,7 +248,7 @@ class Trainer:
             from hpckfac.train.plot import plot_history
 
             plot_history(self.records, os.path.join(c.out, PLOT_NAME), title=self._title())
-        return TrainResult(self.records, self.total_steps, self.model, self.precond, self.summary())
+        return TrainResult(self.records, self.step_seconds, self.total_steps, self.model, self.precond, self.summary())
 
     def summary(self) -> dict[str, Any]:
         """Final and best test accuracy, steps, epochs, training seconds."""

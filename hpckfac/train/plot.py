@@ -46,7 +46,7 @@ def plot_curves(panels: Sequence[tuple[str, dict[str, Sequence[Sequence[dict]]]]
                         color=f"C{colour}", alpha=0.8, lw=1.2, label=label if i == 0 else None)
         for target in targets:
             ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
-        ax.set_ylim(80, 100)
+        ax.set_ylim(50, 100)
         ax.set_xlabel("step")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(panel_title)
