@@ -1,0 +1,61 @@
+"""The convergence study's bookkeeping (first reach, seed statistics, choice of the best
+setting) and a miniature end-to-end run writing its table, JSON and plot."""
+import json
+import statistics
+
+import pytest
+
+from hpckfac.bench import convergence as conv
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _records(accs, step_s=0.5):
+    return [{"step": 2 * (i + 1), "wall": step_s * 2 * (i + 1), "test_acc": a} for i, a in enumerate(accs)]
+
+
+def test_first_reach_takes_the_first_evaluation_at_or_above_the_target():
+    records = _records([0.90, 0.96, 0.94, 0.97, 0.99])
+    assert conv.first_reach(records, 0.95) == (4, 2.0)
+    assert conv.first_reach(records, 0.97) == (8, 4.0)
+    assert conv.first_reach(records, 0.995) == (None, None)
+
+
+def test_summary_statistics_over_seeds_count_runs_that_never_reach():
+    runs = []
+    for steps97, final in ((10, 0.98), (14, 0.975), (None, 0.96)):
+        runs.append({"steps_95%": 6, "wall_95%": 3.0, "median_wall_95%": 2.5, "steps_97%": steps97,
+                     "wall_97%": None if steps97 is None else steps97 / 2,
+                     "median_wall_97%": None if steps97 is None else steps97 / 3,
+                     "final_acc": final, "step_ms": 40.0})
+    s = conv.summarise(runs)
+    assert s["steps_97%"] == {"mean": 12.0, "std": 2.0, "reached": 2, "runs": 3}
+    assert s["final_acc"]["mean"] == pytest.approx(statistics.fmean([0.98, 0.975, 0.96]))
+    assert s["final_acc"]["std"] == pytest.approx(statistics.pstdev([0.98, 0.975, 0.96]))
+    assert conv._cell(s["steps_97%"], ".1f") == "12.0 ± 2.0 (2/3)"
+    assert conv._cell(conv._stats([None, None]), ".1f") == "never (0/2)"
+
+
+def test_best_setting_prefers_fewest_steps_to_97_then_95_then_final_accuracy():
+    a = {"steps_95%": 8, "steps_97%": 20, "final_acc": 0.98}
+    b = {"steps_95%": 10, "steps_97%": 16, "final_acc": 0.975}
+    c = {"steps_95%": 4, "steps_97%": None, "final_acc": 0.99}
+    d = {"steps_95%": 6, "steps_97%": 16, "final_acc": 0.97}
+    assert min([a, b, c, d], key=conv._rank_key) is d
+    assert min([a, c], key=conv._rank_key) is a
+
+
+def test_miniature_study_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
+    tiny = (conv.Study(batch=64, steps=3, eval_every=1, warmup=0,
+                       lrs={"sgd": (0.1,), "adam": (3e-3,), "kfac": (0.05, 0.1)}, dampings=(1e-2,)),)
+    monkeypatch.setattr(conv, "QUICK", tiny)
+    assert conv.main(["--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "steps→97%" in out and "K-FAC/SGD" in out
+    result = json.load(open(tmp_path / "convergence.json"))
+    assert result["benchmark"] == "convergence"
+    best = result["results"]["best"]
+    assert [b["method"] for b in best] == ["kfac", "sgd", "adam"]
+    assert all(len(b["runs"]) == 2 and [r["seed"] for r in b["runs"]] == [0, 1] for b in best)
+    assert len(result["results"]["grid"]) == 4  # two K-FAC learning rates, one each for SGD and Adam
+    assert (tmp_path / "convergence.png").read_bytes()[:8] == PNG
