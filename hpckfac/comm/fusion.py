@@ -1,6 +1,8 @@
 """Tensor fusion (Horovod's idea): many small arrays reduced as few large buffers."""
 from __future__ import annotations
 
+import itertools
+import sys
 from typing import Any, Callable, Hashable, Sequence
 
 from hpckfac.comm.backend import Backend
@@ -29,39 +31,48 @@ def plan_buckets(nbytes: Sequence[int], keys: Sequence[Hashable], bucket_bytes: 
     return sorted(buckets)
 
 
+def _array_module(array: Any) -> Any:
+    # The library the caller's arrays come from (numpy, cupy): fusion buffers are
+    # packed next to the arrays, then staged like any single buffer.
+    return sys.modules[type(array).__module__.partition(".")[0]]
+
+
 class FusionBuffers:
-    """Reusable flat buffers, one per dtype, grown on demand (kept between calls
-    so that a training step does not allocate its fusion buffers every time)."""
+    """Reusable flat buffers, one per array library and dtype, grown on demand (kept
+    between calls so that a training step does not allocate its fusion buffers)."""
 
     def __init__(self) -> None:
         self._buffers: dict[Any, Any] = {}
 
-    def get(self, backend: Backend, dtype: Any, length: int) -> Any:
-        """A contiguous 1-D buffer of ``length`` elements of ``dtype`` (contents undefined)."""
-        key = (backend.name, dtype)
+    def like(self, array: Any, length: int) -> Any:
+        """A contiguous 1-D buffer of ``length`` elements in ``array``'s library and dtype."""
+        xp = _array_module(array)
+        key = (xp.__name__, array.dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.size < length:
-            buf = self._buffers[key] = backend.xp.empty(length, dtype=dtype)
+            buf = self._buffers[key] = xp.empty(length, dtype=array.dtype)
         return buf[:length]
 
 
 def reduce_fused(arrays: Sequence[Any], buckets: list[list[int]], backend: Backend,
                  buffers: FusionBuffers, reduce_flat: Callable[[Any], None]) -> None:
-    """Reduce every bucket of ``arrays`` with one ``reduce_flat`` call on a packed buffer, in place."""
+    """Reduce every bucket of ``arrays`` with one ``reduce_flat`` call, in place.
+
+    A bucket of one array is reduced where it lies; larger buckets are packed
+    into a fusion buffer and unpacked afterwards.
+    """
     for bucket in buckets:
         members = [arrays[i] for i in bucket]
-        if len(members) == 1:  # nothing to fuse: reduce the array itself
-            work = backend.stage_in(members[0])
-            reduce_flat(work)
-            backend.stage_out(work, members[0])
-            continue
-        flat = buffers.get(backend, members[0].dtype, sum(a.size for a in members))
-        offset = 0
-        for array in members:
-            flat[offset:offset + array.size] = array.reshape(-1)
-            offset += array.size
-        reduce_flat(flat)
-        offset = 0
-        for array in members:
-            array[...] = flat[offset:offset + array.size].reshape(array.shape)
-            offset += array.size
+        ends = list(itertools.accumulate(a.size for a in members))
+        spans = [slice(end - a.size, end) for a, end in zip(members, ends)]
+        fused = len(members) > 1
+        packed = buffers.like(members[0], ends[-1]) if fused else members[0]
+        if fused:
+            for array, span in zip(members, spans):
+                packed[span] = array.reshape(-1)
+        work = backend.stage_in(packed)
+        reduce_flat(work)
+        backend.stage_out(work, packed)
+        if fused:
+            for array, span in zip(members, spans):
+                array[...] = packed[span].reshape(array.shape)

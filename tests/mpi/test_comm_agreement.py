@@ -1,0 +1,123 @@
+"""Ranks that disagree about a collective get CollectiveMismatchError on every rank
+(never a hang), and the communicator keeps working afterwards."""
+import time
+
+import numpy as np
+import pytest
+
+from hpckfac.comm import CollectiveMismatchError, Communicator
+
+
+def odd_one_out(comm):
+    """True on the last rank when there is someone to disagree with."""
+    return comm.size > 1 and comm.rank == comm.size - 1
+
+
+def expect_mismatch(comm, call, match):
+    """``call()`` raises CollectiveMismatchError matching ``match`` on every rank,
+    promptly; at one rank (nobody to disagree with) it just succeeds."""
+    start = time.perf_counter()
+    if comm.size == 1:
+        call()
+        return
+    with pytest.raises(CollectiveMismatchError, match=match):
+        call()
+    assert time.perf_counter() - start < 10.0
+    still_works(comm)
+
+
+def still_works(comm):
+    """No stray messages were left behind: the next collective is correct."""
+    buf = np.full(5, comm.rank + 1.0)
+    np.testing.assert_array_equal(comm.allreduce(buf), np.full(5, comm.size * (comm.size + 1) / 2))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+def test_allreduce_lengths_differ(comm, algorithm):
+    n = 11 if odd_one_out(comm) else 10
+    expect_mismatch(comm, lambda: comm.allreduce(np.ones(n), algorithm=algorithm),
+                    rf"allreduce.*length \(10 on ranks .*11 on ranks \[{comm.size - 1}\]")
+
+
+@pytest.mark.mpi
+def test_allreduce_dtypes_differ(comm):
+    dtype = np.float32 if odd_one_out(comm) else np.float64
+    expect_mismatch(comm, lambda: comm.allreduce(np.ones(4, dtype)), "dtype.*float32")
+
+
+@pytest.mark.mpi
+def test_allreduce_algorithms_differ(comm):
+    algorithm = "mpi" if odd_one_out(comm) else "ring"
+    expect_mismatch(comm, lambda: comm.allreduce(np.ones(4), algorithm=algorithm), "algorithm")
+
+
+@pytest.mark.mpi
+def test_different_collectives(comm):
+    buf = np.ones(4)
+    call = (lambda: comm.broadcast(buf)) if odd_one_out(comm) else (lambda: comm.allreduce(buf))
+    expect_mismatch(comm, call, "collective.*broadcast")
+
+
+@pytest.mark.mpi
+def test_reduce_scatter_v_counts_differ(comm):
+    counts = [2] * comm.size
+    if odd_one_out(comm):
+        counts[0], counts[-1] = 1, 3  # same total, different split
+    expect_mismatch(comm, lambda: comm.reduce_scatter_v(np.ones(2 * comm.size), counts), "layout")
+
+
+@pytest.mark.mpi
+def test_allgather_v_segment_does_not_match_counts(comm):
+    counts = [3] * comm.size
+    segment = np.ones(4 if odd_one_out(comm) else 3)
+    if comm.size == 1:
+        comm.allgather_v(segment, counts)
+    elif odd_one_out(comm):
+        with pytest.raises(ValueError, match=r"counts\[%d\]" % comm.rank):
+            comm.allgather_v(segment, counts)
+    else:
+        with pytest.raises(CollectiveMismatchError, match=rf"rejected .* on ranks \[{comm.size - 1}\]"):
+            comm.allgather_v(segment, counts)
+
+
+@pytest.mark.mpi
+def test_one_rank_with_a_bad_op(comm):
+    op = "max" if odd_one_out(comm) else "sum"
+    if odd_one_out(comm):
+        with pytest.raises(ValueError, match="'max'"):
+            comm.allreduce(np.ones(3), op=op)
+        still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: comm.allreduce(np.ones(3), op=op), "arguments")
+
+
+@pytest.mark.mpi
+def test_broadcast_roots_differ(comm):
+    root = comm.size - 1 if odd_one_out(comm) else 0
+    expect_mismatch(comm, lambda: comm.broadcast(np.ones(3), root=root), "parameter")
+
+
+@pytest.mark.mpi
+def test_allreduce_many_layouts_differ(comm):
+    arrays = [np.ones(3), np.ones(4, np.float32)] + ([np.ones(1)] if odd_one_out(comm) else [])
+    expect_mismatch(comm, lambda: comm.allreduce_many(arrays, bucket_bytes=64), "allreduce_many")
+
+
+@pytest.mark.mpi
+def test_check_same(comm):
+    comm.check_same({"lr": 0.1, "layers": [3, 4]}, "settings")
+    # Equal sets of strings may pickle in different orders on different ranks.
+    comm.check_same({f"layer{i}" for i in range(20)}, "layer names")
+    value = {"lr": 0.2 if odd_one_out(comm) else 0.1}
+    expect_mismatch(comm, lambda: comm.check_same(value, "settings"),
+                    rf"ranks disagree on settings: rank 0 has {{'lr': 0.1}}; rank {comm.size - 1} has")
+
+
+@pytest.mark.mpi
+def test_agreement_check_can_be_switched_off(comm):
+    quiet = Communicator(comm.mpi, check_agreement=False)
+    xs = [np.random.default_rng([9, r]).integers(-9, 9, 31).astype(np.float64) for r in range(comm.size)]
+    np.testing.assert_array_equal(quiet.allreduce(xs[comm.rank].copy()), np.sum(xs, axis=0))
+    with pytest.raises(ValueError, match="counts"):  # every rank, with no communication
+        quiet.reduce_scatter_v(np.ones(3), [4] * comm.size)

@@ -1,0 +1,182 @@
+"""Every collective against NumPy on all ranks' inputs, at any number of ranks.
+
+Each rank's input comes from a generator seeded by (test seed, rank), so every
+rank can rebuild every other rank's input without communication: the oracle
+does not depend on the code under test.
+"""
+import numpy as np
+import pytest
+
+DTYPES = [np.float64, np.float32, np.float16]
+
+
+def lengths(size):
+    # empty, one element, fewer elements than ranks, primes, and ~4 MB of float32
+    return sorted({0, 1, max(size - 1, 0), 2, 3, 7, 13, 97, 1009, 2**20 + 7})
+
+
+def inputs(seed, size, length, dtype, integer=False):
+    """Every rank's input: integer-valued (exact sums in any order) or normal."""
+    out = []
+    for rank in range(size):
+        rng = np.random.default_rng([seed, rank])
+        values = rng.integers(-1000, 1000, length) if integer else rng.standard_normal(length)
+        out.append(values.astype(dtype))
+    return out
+
+
+def reduce_oracle(xs, op):
+    """Sum (or mean) over ranks in float64, and a bound on the rounding of the
+    reduced dtype: one rounding per addition and one for the mean."""
+    total = np.sum([x.astype(np.float64) for x in xs], axis=0)
+    magnitude = np.sum([np.abs(x.astype(np.float64)) for x in xs], axis=0)
+    size = len(xs)
+    if op == "mean":
+        total, magnitude = total / size, magnitude / size
+    eps = np.finfo(xs[0].dtype).eps
+    return total, (size + 1) * eps * magnitude
+
+
+def check_reduced(got, xs, op):
+    want, bound = reduce_oracle(xs, op)
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err <= bound + np.finfo(xs[0].dtype).tiny), f"max error {err.max()} (bound {bound.max()})"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_allreduce_integer_valued_float64_is_exact(comm, algorithm, op):
+    for seed, length in enumerate(lengths(comm.size)):
+        xs = inputs(seed, comm.size, length, np.float64, integer=True)
+        got = comm.allreduce(xs[comm.rank].copy(), op=op, algorithm=algorithm)
+        want = np.sum(xs, axis=0) / (comm.size if op == "mean" else 1)
+        np.testing.assert_array_equal(got, want, err_msg=f"length {length}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_allreduce_within_rounding(comm, algorithm, dtype, op):
+    for seed, length in enumerate(lengths(comm.size)):
+        xs = inputs(100 + seed, comm.size, length, dtype)
+        buf = xs[comm.rank].copy()
+        assert comm.allreduce(buf, op=op, algorithm=algorithm) is buf
+        assert buf.dtype == dtype
+        check_reduced(buf, xs, op)
+
+
+@pytest.mark.mpi
+def test_ring_result_is_bit_identical_on_every_rank(comm):
+    xs = inputs(7, comm.size, 10007, np.float32)
+    buf = comm.allreduce(xs[comm.rank].copy(), op="mean")
+    everyone = comm.allgather_object(buf.tobytes())
+    assert all(b == everyone[0] for b in everyone)
+
+
+@pytest.mark.mpi
+def test_allreduce_of_strided_and_multidimensional_buffers(comm):
+    whole = [np.random.default_rng([11, r]).integers(-50, 50, (6, 10)).astype(np.float32)
+             for r in range(comm.size)]
+    mine = whole[comm.rank].copy()
+    view = mine[:, ::3]  # non-contiguous: staged through a contiguous copy
+    comm.allreduce(view)
+    want = np.sum(whole, axis=0)
+    np.testing.assert_array_equal(mine[:, ::3], want[:, ::3])
+    untouched = np.ones(10, bool)
+    untouched[::3] = False
+    np.testing.assert_array_equal(mine[:, untouched], whole[comm.rank][:, untouched])
+
+
+def random_counts(rng, size):
+    counts = rng.integers(0, 40, size)
+    counts[rng.random(size) < 0.4] = 0  # ranks owning nothing
+    return [int(c) for c in counts]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_reduce_scatter_v(comm, dtype, op):
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        counts = random_counts(rng, comm.size) if seed else [0] * comm.size
+        if seed == 1:
+            counts[-1] = 2**18 + 3  # a large segment on the last rank
+        xs = inputs(200 + seed, comm.size, sum(counts), dtype)
+        got = comm.reduce_scatter_v(xs[comm.rank].copy(), counts, op=op)
+        start = sum(counts[:comm.rank])
+        assert got.shape == (counts[comm.rank],) and got.dtype == dtype
+        check_reduced(got, [x[start:start + counts[comm.rank]] for x in xs], op)
+
+
+@pytest.mark.mpi
+def test_reduce_scatter_v_integer_valued_float64_is_exact(comm):
+    counts = random_counts(np.random.default_rng(3), comm.size)
+    xs = inputs(3, comm.size, sum(counts), np.float64, integer=True)
+    start = sum(counts[:comm.rank])
+    got = comm.reduce_scatter_v(xs[comm.rank], counts)
+    np.testing.assert_array_equal(got, np.sum(xs, axis=0)[start:start + counts[comm.rank]])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_allgather_v(comm, dtype):
+    for seed in range(12):
+        counts = random_counts(np.random.default_rng(seed), comm.size) if seed else [0] * comm.size
+        segments = [np.random.default_rng([300 + seed, r]).standard_normal(counts[r]).astype(dtype)
+                    for r in range(comm.size)]
+        got = comm.allgather_v(segments[comm.rank], counts)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, np.concatenate(segments))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broadcast(comm, dtype):
+    for seed in range(4):
+        root = int(np.random.default_rng(seed).integers(comm.size))
+        xs = inputs(400 + seed, comm.size, 257, dtype)
+        buf = xs[comm.rank].reshape(1, 257).copy()
+        assert comm.broadcast(buf, root=root) is buf
+        np.testing.assert_array_equal(buf[0], xs[root])
+
+
+def many_arrays(seed, size):
+    """Per rank: 60 arrays of mixed sizes (empty included), shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(rng.integers(0, 6, rng.integers(1, 3))) for _ in range(60)]
+    dtypes = [DTYPES[i] for i in rng.integers(0, 3, 60)]
+    return [[np.random.default_rng([seed, r, i]).integers(-20, 20, s).astype(d)
+             for i, (s, d) in enumerate(zip(shapes, dtypes))] for r in range(size)]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bucket_bytes", [1, 48, 256, 2**20])
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_allreduce_many(comm, bucket_bytes, algorithm, op):
+    everyone = many_arrays(500 + bucket_bytes, comm.size)
+    mine = [a.copy() for a in everyone[comm.rank]]
+    comm.allreduce_many(mine, op=op, bucket_bytes=bucket_bytes, algorithm=algorithm)
+    for i, got in enumerate(mine):
+        xs = [arrays[i] for arrays in everyone]
+        assert got.shape == xs[0].shape and got.dtype == xs[0].dtype
+        check_reduced(got, xs, op)
+
+
+@pytest.mark.mpi
+def test_allgather_object_and_barrier(comm):
+    comm.barrier()
+    assert comm.allgather_object({"rank": comm.rank}) == [{"rank": r} for r in range(comm.size)]
+
+
+@pytest.mark.mpi
+def test_topology(comm):
+    from hpckfac.comm.topology import visible_gpu_count
+
+    # All ranks of these tests share one node.
+    assert comm.local_size == comm.size and comm.local_rank == comm.rank
+    gpus = visible_gpu_count()
+    assert comm.device == (comm.local_rank % gpus if gpus else None)
