@@ -1,0 +1,63 @@
+"""Pure planning logic of hpckfac.comm: ring chunking, fusion buckets, agreement messages."""
+import numpy as np
+import pytest
+
+from hpckfac.comm.agreement import Signature, describe, digest, rejected, signature
+from hpckfac.comm.fusion import plan_buckets
+from hpckfac.comm.ring import chunk_bounds
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 7, 64])
+def test_chunk_bounds_cover_the_buffer_in_near_equal_chunks(parts):
+    rng = np.random.default_rng(parts)
+    for length in [0, 1, parts - 1, parts, parts + 1, 97, 1009] + list(rng.integers(0, 10**7, 20)):
+        bounds = chunk_bounds(int(length), parts)
+        sizes = np.diff(bounds)
+        assert len(bounds) == parts + 1 and bounds[0] == 0 and bounds[-1] == length
+        assert sizes.min() >= 0 and sizes.max() - sizes.min() <= 1
+        assert np.all(np.diff(sizes) <= 0)  # the larger chunks come first
+        assert sizes.max() == -(-length // parts)
+
+
+def test_chunk_bounds_rejects_nonsense():
+    with pytest.raises(ValueError, match="parts"):
+        chunk_bounds(5, 0)
+    with pytest.raises(ValueError, match="length"):
+        chunk_bounds(-1, 2)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 10, 64, 1000, 10**9])
+def test_plan_buckets(bucket_bytes):
+    rng = np.random.default_rng(bucket_bytes)
+    nbytes = [int(n) for n in rng.integers(0, 100, 200)]
+    keys = [str(k) for k in rng.choice(["float16", "float32", "float64"], 200)]
+    buckets = plan_buckets(nbytes, keys, bucket_bytes)
+    assert sorted(i for b in buckets for i in b) == list(range(200))
+    for bucket in buckets:
+        assert len({keys[i] for i in bucket}) == 1
+        assert bucket == sorted(bucket)
+        assert len(bucket) == 1 or sum(nbytes[i] for i in bucket) <= bucket_bytes
+    assert buckets == plan_buckets(nbytes, keys, bucket_bytes)
+    if bucket_bytes >= sum(nbytes):
+        assert len(buckets) == 3  # one per dtype
+
+
+def test_plan_buckets_rejects_empty_buckets():
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets([4], ["f"], 0)
+
+
+def test_describe_names_fields_and_ranks():
+    a = signature("allreduce", dtype=1, length=10)
+    b = a._replace(length=11)
+    assert describe([a, a, b]) == "length (10 on ranks [0, 1]; 11 on ranks [2])"
+    assert "rejected" in describe([a, rejected("allreduce")])
+    assert "collective (allreduce on ranks [0]; broadcast on ranks [1])" in describe(
+        [a, signature("broadcast", dtype=1, length=10)])
+
+
+def test_digest_fits_int64_with_room_to_negate():
+    values = [digest([i, 2 * i]) for i in range(100)] + [digest(b"x" * 1000)]
+    assert all(0 <= v < 2**56 for v in values) and len(set(values)) == len(values)
+    assert digest([1, 2]) == digest(np.array([1, 2], np.int32))
+    assert len(Signature._fields) == 8

@@ -1,0 +1,149 @@
+"""hpckfac.comm in a world of one process (plain ``python``/``pytest``, no mpiexec):
+properties, in-place semantics, and argument validation."""
+import ml_dtypes
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from hpckfac.comm import CollectiveMismatchError, Communicator
+from hpckfac.comm.dtypes import mpi_type, sum_op
+from hpckfac.comm.topology import visible_gpu_count
+
+DTYPES = [np.float64, np.float32, np.float16]
+
+
+@pytest.fixture(params=[True, False], ids=["checked", "unchecked"])
+def comm(request):
+    return Communicator(check_agreement=request.param)
+
+
+class SpyMPI:
+    """Forwards to a real communicator and records the names of the calls made."""
+
+    def __init__(self, mpi):
+        self._mpi, self.calls = mpi, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self._mpi, name)
+
+
+def test_world_of_one(comm):
+    assert (comm.rank, comm.size, comm.local_rank, comm.local_size) == (0, 1, 0, 1)
+    assert comm.mpi is MPI.COMM_WORLD
+    assert comm.device == (0 if visible_gpu_count() else None)
+    assert "size=1" in repr(comm)
+
+
+def test_wraps_a_given_communicator():
+    sub = MPI.COMM_WORLD.Dup()
+    try:
+        assert Communicator(sub).mpi is sub
+    finally:
+        sub.Free()
+    with pytest.raises(TypeError, match="mpi_comm"):
+        Communicator("world")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_allreduce_is_identity_in_place(comm, dtype, algorithm, op):
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(dtype)
+    want = x.copy()
+    assert comm.allreduce(x, op=op, algorithm=algorithm) is x
+    np.testing.assert_array_equal(x, want)
+
+
+def test_allreduce_many_leaves_values(comm):
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(n).astype(d) for n, d in zip([0, 3, 7, 1], DTYPES + [np.float64])]
+    want = [a.copy() for a in arrays]
+    comm.allreduce_many(arrays, bucket_bytes=16)
+    comm.allreduce_many([])
+    for got, expected in zip(arrays, want):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_v_collectives_return_new_arrays(comm, dtype):
+    x = np.random.default_rng(2).standard_normal(9).astype(dtype)
+    seg = comm.reduce_scatter_v(x, [9], op="mean")
+    assert not np.shares_memory(seg, x) and seg.dtype == dtype
+    np.testing.assert_array_equal(seg, x)
+    whole = comm.allgather_v(seg, [9])
+    assert not np.shares_memory(whole, seg)
+    np.testing.assert_array_equal(whole, x)
+    assert comm.reduce_scatter_v(x[:0], [0]).shape == (0,)
+
+
+def test_broadcast_object_and_check_same(comm):
+    x = np.arange(4.0)
+    assert comm.broadcast(x) is x
+    assert comm.allgather_object(("a", 1)) == [("a", 1)]
+    comm.check_same({"lr": 0.1}, "settings")
+    comm.barrier()
+    with pytest.raises(TypeError, match="settings"):
+        comm.check_same(lambda: None, "settings")
+
+
+def test_half_precision_sum_op_adds_in_float16():
+    a = np.array([1.0, 2048.0, -3.5], np.float16)
+    b = np.array([0.5, 1.0, 3.5], np.float16)
+    sum_op(np.float16).Reduce_local([a, mpi_type(np.float16)], [b, mpi_type(np.float16)])
+    # 2048 + 1 rounds to 2048 in float16: the sum really is done in float16.
+    np.testing.assert_array_equal(b, np.array([1.5, 2048.0, 0.0], np.float16))
+    assert sum_op(np.float32) == MPI.SUM
+
+
+@pytest.mark.parametrize("bad", [np.int32, np.int64, np.complex64, ml_dtypes.bfloat16])
+def test_unsupported_dtype_is_a_type_error_naming_it(comm, bad):
+    x = np.ones(3, dtype=bad)
+    name = np.dtype(bad).name
+    for call in (lambda: comm.allreduce(x), lambda: comm.allreduce_many([np.ones(2), x]),
+                 lambda: comm.reduce_scatter_v(x, [3]), lambda: comm.allgather_v(x, [3]),
+                 lambda: comm.broadcast(x)):
+        with pytest.raises(TypeError, match=name):
+            call()
+
+
+def test_unsupported_buffer_type(comm):
+    with pytest.raises(TypeError, match="list"):
+        comm.allreduce([1.0, 2.0])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda c: c.allreduce(np.ones(2), op="max"), "op.*'max'"),
+    (lambda c: c.allreduce(np.ones(2), algorithm="tree"), "algorithm.*'tree'"),
+    (lambda c: c.allreduce_many([np.ones(2)], op="prod"), "'prod'"),
+    (lambda c: c.allreduce_many([np.ones(2)], algorithm="nccl"), "'nccl'"),
+    (lambda c: c.allreduce_many([np.ones(2)], bucket_bytes=0), "bucket_bytes"),
+    (lambda c: c.reduce_scatter_v(np.ones(4), [3]), "counts sum to 3 but sendbuf holds 4"),
+    (lambda c: c.reduce_scatter_v(np.ones(4), [4, 0]), "one entry per rank"),
+    (lambda c: c.reduce_scatter_v(np.ones(0), [-1]), "non-negative"),
+    (lambda c: c.reduce_scatter_v(np.ones(4), [4.0]), "non-negative integers"),
+    (lambda c: c.reduce_scatter_v(np.ones(4), [4], op="min"), "'min'"),
+    (lambda c: c.allgather_v(np.ones(2), [3]), r"segment holds 2 elements but counts\[0\] is 3"),
+    (lambda c: c.broadcast(np.ones(2), root=1), "root"),
+    (lambda c: c.broadcast(np.ones(2), root=-1), "root"),
+])
+def test_bad_arguments_are_value_errors_before_any_data_moves(comm, call, match):
+    spy = SpyMPI(comm.mpi)
+    comm.mpi = spy
+    with pytest.raises(ValueError, match=match):
+        call(comm)
+    # At most the agreement check's small allreduce (so that peers can raise too).
+    assert spy.calls == (["Allreduce"] if comm.check_agreement else [])
+
+
+def test_error_class():
+    assert issubclass(CollectiveMismatchError, RuntimeError)
+
+
+def test_import_needs_no_gpu():
+    import subprocess
+    import sys
+
+    code = "import hpckfac.comm, sys; print('cupy' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
