@@ -1,0 +1,111 @@
+"""``ConvBlock``: K-FAC block of an n-d convolution by KFC (Grosse & Martens 2016).
+
+Every output position ``t`` of example ``i`` contributes one row: the input
+patch the kernel sees there (im2col; zero padding, stride and dilation as in
+PyTorch), flattened in the order of PyTorch's ``weight.reshape(C_out, -1)``,
+i.e. ``(C_in, k_1, ..., k_n)``, and the output gradient ``g[i, :, t]``. Rows
+are ordered ``(i, t)`` with ``t`` the row-major output position. ``A`` sums
+over positions, ``G`` averages (DESIGN.md). One code path serves Conv1d,
+Conv2d and Conv3d.
+
+Grouped convolutions (``groups > 1``) are not Kronecker-factored: their
+weight is block-diagonal over groups, which one ``A kron G`` pair does not
+describe. The constructor raises ValueError naming ``groups``; callers keep
+such a layer first-order (docs/curvature.md).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from hpckfac.layers.base import Array, KronBlock, array_module, check_positive_int, prod
+
+
+def _tuple(value: Any, name: str, ndim: int, minimum: int) -> tuple[int, ...]:
+    """``value`` (an int or a length-``ndim`` sequence of ints >= ``minimum``) as a tuple."""
+    values = (value,) * ndim if not isinstance(value, Sequence) else tuple(value)
+    if len(values) != ndim or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ValueError(f"{name}: expected an int >= {minimum} or {ndim} of them, got {value!r}")
+    return values
+
+
+def _split_view(rows: Array, row_shape: tuple[int, ...], col_shape: tuple[int, ...]) -> Array:
+    """View of a 2-D ``rows`` whose row axis is split into ``row_shape`` and column axis into ``col_shape``."""
+    xp = array_module(rows)
+    r, c = rows.strides
+    strides = tuple(r * prod(row_shape[i + 1:]) for i in range(len(row_shape)))
+    strides += tuple(c * prod(col_shape[i + 1:]) for i in range(len(col_shape)))
+    return xp.lib.stride_tricks.as_strided(rows, row_shape + col_shape, strides)
+
+
+class ConvBlock(KronBlock):
+    """Curvature block of ``torch.nn.ConvNd`` (zero padding, ``groups == 1``).
+
+    ``kernel_size`` is a tuple (its length is the number of spatial
+    dimensions); ``stride``, ``padding`` and ``dilation`` are tuples of that
+    length or ints. ``d_A = in_channels * prod(kernel_size) + bias``,
+    ``d_G = out_channels``; the weight is ``(out_channels, in_channels, *kernel_size)``.
+    """
+
+    def __init__(self, name: str, in_channels: int, out_channels: int, kernel_size: tuple, stride: tuple,
+                 padding: tuple, dilation: tuple, bias: bool, groups: int = 1) -> None:
+        in_channels = check_positive_int(in_channels, "in_channels")
+        out_channels = check_positive_int(out_channels, "out_channels")
+        if not isinstance(kernel_size, Sequence) or not kernel_size:
+            raise ValueError(f"kernel_size: expected a non-empty tuple of ints, got {kernel_size!r}")
+        ndim = len(kernel_size)
+        self.kernel_size = _tuple(kernel_size, "kernel_size", ndim, 1)
+        self.stride = _tuple(stride, "stride", ndim, 1)
+        self.padding = _tuple(padding, "padding", ndim, 0)
+        self.dilation = _tuple(dilation, "dilation", ndim, 1)
+        if check_positive_int(groups, "groups") != 1:
+            raise ValueError(f"groups: grouped convolutions (groups={groups}) have no single Kronecker "
+                             f"factorisation; keep layer {name!r} first-order")
+        super().__init__(name, in_channels * prod(self.kernel_size), out_channels, bias,
+                         (out_channels, in_channels, *self.kernel_size))
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        """Spatial output size for spatial input size ``input_size`` (PyTorch's formula)."""
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+                     zip(input_size, self.kernel_size, self.stride, self.padding, self.dilation))
+
+    def a_rows(self, a: Array) -> Array:
+        """im2col rows ``(N * T, d_A)`` of the input ``a`` of shape ``(N, C_in, *spatial)``."""
+        ndim = len(self.kernel_size)
+        if getattr(a, "ndim", None) != ndim + 2 or a.shape[1] != self.in_channels:
+            raise ValueError(f"a: block {self.name!r} expects (N, {self.in_channels}, {ndim} spatial dims), "
+                             f"got shape {getattr(a, 'shape', None)}")
+        out_size = self.output_size(a.shape[2:])
+        if min(out_size) < 1:
+            raise ValueError(f"a: spatial size {a.shape[2:]} is smaller than the (dilated) kernel of {self.name!r}")
+        xp = array_module(a)
+        # One copy pads and moves channels last: the window copy below then reads runs of
+        # channels contiguously, measurably faster than gathering from (N, C, *spatial).
+        alloc = xp.zeros if any(self.padding) else xp.empty
+        padded = alloc((a.shape[0], *(n + 2 * p for n, p in zip(a.shape[2:], self.padding)), self.in_channels),
+                       dtype=a.dtype)
+        interior = tuple(slice(p, p + n) for n, p in zip(a.shape[2:], self.padding))
+        padded[(slice(None), *interior, slice(None))] = xp.moveaxis(a, 1, -1)
+        # Strided view (N, *out, C_in, *kernel): element [i, t, c, k] = padded[i, t*stride + k*dilation, c].
+        batch, *spatial, channel = padded.strides
+        strides = (batch, *(st * s for st, s in zip(spatial, self.stride)), channel,
+                   *(st * d for st, d in zip(spatial, self.dilation)))
+        shape = (a.shape[0], *out_size, self.in_channels, *self.kernel_size)
+        patches = xp.lib.stride_tricks.as_strided(padded, shape, strides)
+        rows = xp.empty((a.shape[0] * prod(out_size), self.d_A), dtype=a.dtype)
+        # The second and last copy, straight into the rows beside the bias column.
+        _split_view(rows[:, :self.d_A - self.has_bias], shape[:ndim + 1], shape[ndim + 1:])[...] = patches
+        if self.has_bias:
+            rows[:, -1] = 1
+        return rows
+
+    def g_rows(self, g: Array) -> Array:
+        """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
+        if getattr(g, "ndim", None) != len(self.kernel_size) + 2 or g.shape[1] != self.out_channels:
+            raise ValueError(f"g: block {self.name!r} expects (N, {self.out_channels}, "
+                             f"{len(self.kernel_size)} spatial dims), got shape {getattr(g, 'shape', None)}")
+        return array_module(g).moveaxis(g, 1, -1).reshape(-1, self.out_channels)
+
+    def positions(self, g: Array) -> int:
+        """Spatial output positions ``|T|`` of ``g`` (N, C_out, *spatial)."""
+        return prod(g.shape[2:])

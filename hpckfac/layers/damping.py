@@ -1,0 +1,64 @@
+"""π-corrected Tikhonov damping of Kronecker factors (Martens & Grosse 2015, §6.3).
+
+``A kron G + λ I`` is approximated by ``(A + π√λ I) kron (G + √λ/π I)`` with
+``π = sqrt((tr A / d_A) / (tr G / d_G))``, which balances the damping between
+the factors by their mean eigenvalues.
+"""
+from __future__ import annotations
+
+import math
+
+from hpckfac import ops
+from hpckfac.layers.base import Array
+
+
+def check_damping(damping: float) -> float:
+    """``damping`` as a float if finite and >= 0; ValueError naming ``damping`` otherwise."""
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}") from None
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
+    return value
+
+
+def pi_damping(a: Array, g: Array, damping: float) -> tuple[float, float]:
+    """``(π√λ, √λ/π)``: the damping to add to ``a`` and to ``g`` (square factor matrices).
+
+    Guard: when π is not a finite positive number -- a trace of 0, inf or NaN,
+    a negative mean eigenvalue -- or a damping term would overflow, π = 1 is
+    used, i.e. both factors get ``√λ``.
+    """
+    damping = check_damping(damping)
+    for mat, name in ((a, "a"), (g, "g")):
+        if getattr(mat, "ndim", None) != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] == 0:
+            raise ValueError(f"{name}: expected a non-empty square matrix, got shape {getattr(mat, 'shape', None)}")
+    root = math.sqrt(damping)
+    mean_a = float(a.trace()) / a.shape[0]
+    mean_g = float(g.trace()) / g.shape[0]
+    with_pi = _balanced(mean_a, mean_g, root)
+    return with_pi if with_pi is not None else (root, root)
+
+
+def _balanced(mean_a: float, mean_g: float, root: float) -> tuple[float, float] | None:
+    """``(π root, root / π)`` or None where π or either term is not finite and positive."""
+    if not (math.isfinite(mean_a) and math.isfinite(mean_g) and mean_a > 0.0 and mean_g > 0.0):
+        return None
+    pi = math.sqrt(mean_a / mean_g)
+    terms = (pi * root, root / pi)
+    if not (pi > 0.0 and math.isfinite(pi) and all(math.isfinite(t) for t in terms)):
+        return None
+    return terms
+
+
+def damped_kron_inverses(a: Array, g: Array, damping: float) -> tuple[Array, Array]:
+    """``((A + π√λ I)^-1, (G + √λ/π I)^-1)`` via ``hpckfac.ops.damped_inverse``.
+
+    The inputs for ``KronBlock.precondition`` of one block; an owner with many
+    blocks batches same-order factors into one ``damped_inverse`` call instead.
+    """
+    damp_a, damp_g = pi_damping(a, g, damping)
+    inv_a = ops.damped_inverse(a[None], damp_a).inverse[0]
+    inv_g = ops.damped_inverse(g[None], damp_g).inverse[0]
+    return inv_a, inv_g
