@@ -46,10 +46,10 @@ def _balanced(mean_a: float, mean_g: float, root: float) -> tuple[float, float] 
     if not (math.isfinite(mean_a) and math.isfinite(mean_g) and mean_a > 0.0 and mean_g > 0.0):
         return None
     pi = math.sqrt(mean_a / mean_g)
-    terms = (pi * root, root / pi)
-    if not (pi > 0.0 and math.isfinite(pi) and all(math.isfinite(t) for t in terms)):
+    if not (pi > 0.0 and math.isfinite(pi)):  # the ratio under- or overflowed
         return None
-    return terms
+    terms = (pi * root, root / pi)
+    return terms if all(math.isfinite(t) for t in terms) else None
 
 
 def damped_kron_inverses(a: Array, g: Array, damping: float) -> tuple[Array, Array]:

@@ -1,0 +1,106 @@
+"""BatchNormBlock: unit-wise 2x2 Fishers against per-example gradients of (gamma, beta) from
+torch.func, and the per-channel solve against np.linalg (float64)."""
+import numpy as np
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from hpckfac.layers import BatchNormBlock
+
+EPS = 1e-3
+
+
+def per_example_affine_grads(x, weights):
+    """Per-example gradients of (gamma, beta) and of the output for y = gamma x_hat + beta,
+    x_hat from torch's batch normalisation in training mode (batch statistics), held fixed."""
+    x = torch.from_numpy(x)
+    x_hat = torch.nn.functional.batch_norm(x, None, None, training=True, eps=EPS)
+    channels = x.shape[1]
+    view = (channels,) + (1,) * (x.dim() - 2)
+    gamma = torch.linspace(0.5, 1.5, channels, dtype=torch.float64)
+    beta = torch.linspace(-0.3, 0.2, channels, dtype=torch.float64)
+    w = torch.from_numpy(weights)
+
+    def loss(params, xh, wi):
+        y = params[0].reshape(view) * xh + params[1].reshape(view)
+        return (wi * torch.tanh(y)).sum()
+
+    def loss_of_output(y, wi):
+        return (wi * torch.tanh(y)).sum()
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))((gamma, beta), x_hat, w)
+    y = gamma.reshape(view) * x_hat + beta.reshape(view)
+    return grads[0].numpy(), grads[1].numpy(), vmap(grad(loss_of_output))(y, w).numpy()
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 3, 7), (4, 3, 3, 5)])
+def test_fisher_against_per_example_gradients(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape) * 2.0 + 0.5
+    grad_gamma, grad_beta, g = per_example_affine_grads(x, rng.standard_normal(shape))
+    block = BatchNormBlock("bn", shape[1], EPS)
+    got = block.fisher(x, g, scale=1 / shape[0])
+    assert got.shape == (shape[1], 2, 2) and got.dtype == np.float64
+    for c in range(shape[1]):
+        u = np.stack([grad_gamma[:, c], grad_beta[:, c]], axis=1)  # (N, 2)
+        np.testing.assert_allclose(got[c], u.T @ u / shape[0], rtol=1e-11, atol=1e-14)
+
+
+def test_fisher_of_float32_input_is_float32():
+    rng = np.random.default_rng(1)
+    x, g = rng.standard_normal((8, 3, 4)), rng.standard_normal((8, 3, 4))
+    block = BatchNormBlock("bn", 3, EPS)
+    got = block.fisher(x.astype(np.float32), g.astype(np.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, block.fisher(x, g), rtol=1e-4, atol=1e-5)
+
+
+def test_precondition_against_linalg_solve():
+    rng = np.random.default_rng(2)
+    block = BatchNormBlock("bn", 5, EPS)
+    fisher = block.fisher(rng.standard_normal((7, 5, 3)), rng.standard_normal((7, 5, 3)), 1 / 7)
+    grad_gamma, grad_beta = rng.standard_normal(5), rng.standard_normal(5)
+    v_gamma, v_beta = block.precondition(grad_gamma, grad_beta, fisher, 0.01)
+    for c in range(5):
+        want = np.linalg.solve(fisher[c] + 0.01 * np.eye(2), [grad_gamma[c], grad_beta[c]])
+        np.testing.assert_allclose([v_gamma[c], v_beta[c]], want, rtol=1e-11)
+
+
+def test_singular_channels_get_the_minimum_norm_solution():
+    rng = np.random.default_rng(3)
+    block = BatchNormBlock("bn", 3, EPS)
+    u = rng.standard_normal(2)
+    fisher = np.stack([np.outer(u, u), np.zeros((2, 2)), np.array([[2.0, 0.3], [0.3, 1.0]])])  # rank 1, 0, full
+    grad_gamma, grad_beta = rng.standard_normal(3), rng.standard_normal(3)
+    v_gamma, v_beta = block.precondition(grad_gamma, grad_beta, fisher, 0.0)
+    for c in range(3):
+        want = np.linalg.pinv(fisher[c]) @ [grad_gamma[c], grad_beta[c]]
+        np.testing.assert_allclose([v_gamma[c], v_beta[c]], want, rtol=1e-10, atol=1e-14)
+    assert np.isfinite(v_gamma).all() and np.isfinite(v_beta).all()
+
+
+def test_bad_arguments_name_the_parameter():
+    block = BatchNormBlock("bn", 2, EPS)
+    fisher = np.stack([np.eye(2)] * 2)
+    with pytest.raises(ValueError, match="fisher"):
+        block.precondition(np.ones(2), np.ones(2), fisher * np.nan, 0.1)
+    with pytest.raises(ValueError, match="fisher"):
+        block.precondition(np.ones(2), np.ones(2), np.eye(2), 0.1)
+    with pytest.raises(ValueError, match="grad_beta"):
+        block.precondition(np.ones(2), np.ones(3), fisher, 0.1)
+    with pytest.raises(ValueError, match="damping"):
+        block.precondition(np.ones(2), np.ones(2), fisher, -1.0)
+    with pytest.raises(ValueError, match="x:"):
+        block.fisher(np.ones((4, 3)), np.ones((4, 3)))
+    with pytest.raises(ValueError, match="g:"):
+        block.fisher(np.ones((4, 2, 3)), np.ones((4, 2, 2)))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"num_features": 0}, "num_features"), ({"num_features": 2.0}, "num_features"), ({"eps": 0.0}, "eps"),
+    ({"eps": float("nan")}, "eps"), ({"eps": "small"}, "eps"), ({"name": 1}, "name"),
+])
+def test_invalid_constructor_arguments(kwargs, name):
+    args = {"name": "bn", "num_features": 3, "eps": EPS, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        BatchNormBlock(**args)

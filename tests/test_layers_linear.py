@@ -1,0 +1,130 @@
+"""LinearBlock against per-example gradients from torch.func and explicit sums (float64)."""
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from hpckfac.layers import LinearBlock
+
+
+def per_example_grads(model, x, y):
+    """(param name -> per-example gradients, per-example output gradients) of a cross-entropy loss."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    def loss_of_output(si, yi):
+        return nn.functional.cross_entropy(si[None], yi[None])
+
+    with torch.no_grad():
+        outputs = model(x)
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y), vmap(grad(loss_of_output))(outputs, y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_example_kron_equals_exact_fisher(bias):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=bias).double()
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.tensor([2])
+    grads, g = per_example_grads(model, x, y)
+    block = LinearBlock("fc", 4, 3, bias=bias)
+    a_factor = block.a_factor(x.numpy())
+    g_factor = block.g_factor(g.numpy())
+    weight_grad = grads["weight"][0].numpy()
+    matrix = block.grad_matrix(weight_grad, grads["bias"][0].numpy() if bias else None)
+    assert matrix.shape == (3, 4 + bias)
+    vec = matrix.reshape(-1, order="F")  # column-major vec of (d_G, d_A): the Fisher block is A kron G
+    np.testing.assert_allclose(np.kron(a_factor, g_factor), np.outer(vec, vec), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_factors_are_normalised_sums_over_examples(bias):
+    rng = np.random.default_rng(1)
+    a, g = rng.standard_normal((7, 5)), rng.standard_normal((7, 3))
+    block = LinearBlock("fc", 5, 3, bias=bias)
+    want_a = sum(np.outer(r, r) for r in (np.append(row, 1.0) if bias else row for row in a)) / 7
+    want_g = sum(np.outer(r, r) for r in g) / 7
+    np.testing.assert_allclose(block.a_factor(a, 1 / 7), want_a, rtol=1e-13)
+    np.testing.assert_allclose(block.g_factor(g, 1 / 7), want_g, rtol=1e-13)
+    assert block.positions(g) == 1
+    packed = block.a_factor(a, 1 / 7, packed=True)
+    np.testing.assert_allclose(packed, want_a[np.triu_indices(5 + bias)], rtol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 2)])
+def test_extra_dimensions_are_positions(shape):
+    rng = np.random.default_rng(2)
+    a, g = rng.standard_normal((*shape, 5)), rng.standard_normal((*shape, 2))
+    block = LinearBlock("proj", 5, 2, bias=True)
+    want_a, want_g = np.zeros((6, 6)), np.zeros((2, 2))
+    positions = int(np.prod(shape[1:]))
+    for i in range(shape[0]):
+        for t in np.ndindex(*shape[1:]):
+            row = np.append(a[(i, *t)], 1.0)
+            want_a += np.outer(row, row)
+            want_g += np.outer(g[(i, *t)], g[(i, *t)])
+    scale = 1 / shape[0]
+    assert block.positions(g) == positions
+    np.testing.assert_allclose(block.a_factor(a, scale), want_a * scale, rtol=1e-13)
+    np.testing.assert_allclose(block.g_factor(g, scale), want_g * scale / positions, rtol=1e-13)
+
+
+def test_grad_matrix_matches_torch_layout_and_splits_back():
+    torch.manual_seed(3)
+    layer = nn.Linear(5, 3).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    gout = torch.randn(4, 3, dtype=torch.float64)
+    layer(x).backward(gout)
+    block = LinearBlock("fc", 5, 3, bias=True)
+    matrix = block.grad_matrix(layer.weight.grad.numpy(), layer.bias.grad.numpy())
+    # the weight gradient is sum over rows of g a~^T
+    np.testing.assert_allclose(matrix, block.g_rows(gout.numpy()).T @ block.a_rows(x.numpy()), rtol=1e-12)
+    weight, bias = block.split_matrix(matrix)
+    np.testing.assert_array_equal(weight, layer.weight.grad.numpy())
+    np.testing.assert_array_equal(bias, layer.bias.grad.numpy())
+    nobias = LinearBlock("fc", 5, 3, bias=False)
+    weight, bias = nobias.split_matrix(nobias.grad_matrix(layer.weight.grad.numpy()))
+    assert bias is None and np.array_equal(weight, layer.weight.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_narrow_inputs_accumulate_in_float32(dtype):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((64, 6)).astype(dtype)
+    block = LinearBlock("fc", 6, 2, bias=True)
+    exact = np.hstack([a.astype(np.float64), np.ones((64, 1))])
+    got = block.a_factor(a, 1 / 64)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, exact.T @ exact / 64, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_shapes_name_the_argument():
+    block = LinearBlock("fc", 5, 3, bias=True)
+    with pytest.raises(ValueError, match="a:"):
+        block.a_rows(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="g:"):
+        block.g_rows(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="weight_grad"):
+        block.grad_matrix(np.zeros((3, 4)), np.zeros(3))
+    with pytest.raises(ValueError, match="bias_grad"):
+        block.grad_matrix(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="bias_grad"):
+        LinearBlock("fc", 5, 3, bias=False).grad_matrix(np.zeros((3, 5)), np.zeros(3))
+    with pytest.raises(ValueError, match="mat"):
+        block.split_matrix(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="a_inv"):
+        block.precondition(np.zeros((3, 6)), np.eye(5), np.eye(3))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"in_features": 0}, "in_features"), ({"in_features": 2.5}, "in_features"), ({"in_features": True}, "in_features"),
+    ({"out_features": -1}, "out_features"), ({"out_features": "3"}, "out_features"),
+    ({"bias": "yes"}, "bias"), ({"name": 3}, "name"),
+])
+def test_invalid_constructor_arguments(kwargs, name):
+    args = {"name": "fc", "in_features": 4, "out_features": 3, "bias": True, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        LinearBlock(**args)

@@ -1,0 +1,90 @@
+"""pi-damping guards, and preconditioned gradients of Linear and Conv blocks against the dense
+damped Kronecker Fisher solved with np.kron (float64)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.layers import ConvBlock, LinearBlock, damped_kron_inverses, pi_damping
+
+DAMPING = 0.03
+
+
+def dense_oracle(a_rows, g_rows, batch, positions, grad):
+    """Solve (A + pi sqrt(l) I) kron (G + sqrt(l)/pi I) vec(V) = vec(grad), vec column-major."""
+    A = a_rows.T @ a_rows / batch
+    G = g_rows.T @ g_rows / (batch * positions)
+    pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+    root = math.sqrt(DAMPING)
+    fisher = np.kron(A + pi * root * np.eye(len(A)), G + root / pi * np.eye(len(G)))
+    return np.linalg.solve(fisher, grad.reshape(-1, order="F")).reshape(grad.shape, order="F")
+
+
+def block_update(block, a, g, batch, grad):
+    inv_a, inv_g = damped_kron_inverses(block.a_factor(a, 1 / batch), block.g_factor(g, 1 / batch), DAMPING)
+    return block.precondition(grad, inv_a, inv_g)
+
+
+@pytest.mark.parametrize("bias,extra", [(True, ()), (False, ()), (True, (3,))])
+def test_linear_against_dense_kron(bias, extra):
+    rng = np.random.default_rng(0)
+    batch = 6
+    a, g = rng.standard_normal((batch, *extra, 4)), rng.standard_normal((batch, *extra, 3))
+    grad = rng.standard_normal((3, 4 + bias))
+    block = LinearBlock("fc", 4, 3, bias=bias)
+    a_rows = a.reshape(-1, 4)
+    if bias:
+        a_rows = np.hstack([a_rows, np.ones((len(a_rows), 1))])
+    want = dense_oracle(a_rows, g.reshape(-1, 3), batch, int(np.prod(extra)), grad)
+    np.testing.assert_allclose(block_update(block, a, g, batch, grad), want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_against_dense_kron(bias):
+    rng = np.random.default_rng(1)
+    batch, kernel, stride, padding = 3, (2, 3), (2, 1), (1, 1)
+    x = rng.standard_normal((batch, 2, 5, 4))
+    block = ConvBlock("conv", 2, 3, kernel, stride, padding, (1, 1), bias)
+    out = block.output_size(x.shape[2:])
+    g = rng.standard_normal((batch, 3, *out))
+    patches = nn.functional.unfold(torch.from_numpy(x), kernel, padding=padding, stride=stride)
+    a_rows = patches.transpose(1, 2).reshape(-1, 12).numpy()
+    if bias:
+        a_rows = np.hstack([a_rows, np.ones((len(a_rows), 1))])
+    g_rows = g.transpose(0, 2, 3, 1).reshape(-1, 3)
+    grad = rng.standard_normal((3, block.d_A))
+    want = dense_oracle(a_rows, g_rows, batch, int(np.prod(out)), grad)
+    np.testing.assert_allclose(block_update(block, x, g, batch, grad), want, rtol=1e-10, atol=1e-13)
+
+
+def test_pi_damping_balances_mean_eigenvalues():
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((9, 4)), rng.standard_normal((9, 3))
+    a, g = x.T @ x, y.T @ y * 0.01
+    pi = math.sqrt((np.trace(a) / 4) / (np.trace(g) / 3))
+    damp_a, damp_g = pi_damping(a, g, 0.04)
+    assert damp_a == pytest.approx(pi * 0.2, rel=1e-14) and damp_g == pytest.approx(0.2 / pi, rel=1e-14)
+    assert damp_a * damp_g == pytest.approx(0.04, rel=1e-14)
+    assert pi_damping(a, g, 0.0) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("trace_a,trace_g", [
+    (0.0, 1.0), (1.0, 0.0), (0.0, 0.0), (math.inf, 1.0), (1.0, math.inf), (math.nan, 1.0), (1.0, math.nan),
+    (-1.0, 1.0), (1e-300, 1e300), (1e300, 1e-300),
+])
+def test_pi_damping_guards(trace_a, trace_g):
+    a, g = np.diag([trace_a, 0.0]), np.diag([trace_g, 0.0, 0.0])
+    assert pi_damping(a, g, 0.09) == pytest.approx((0.3, 0.3), rel=1e-15)
+
+
+@pytest.mark.parametrize("damping", [-1e-3, math.nan, math.inf, "big", None])
+def test_pi_damping_rejects_bad_damping(damping):
+    with pytest.raises(ValueError, match="damping"):
+        pi_damping(np.eye(2), np.eye(2), damping)
+
+
+def test_pi_damping_rejects_non_square_factors():
+    with pytest.raises(ValueError, match="g:"):
+        pi_damping(np.eye(2), np.ones((2, 3)), 0.1)
