@@ -123,6 +123,8 @@ def test_unsupported_buffer_type(comm):
     (lambda c: c.reduce_scatter_v(np.ones(0), [-1]), "non-negative"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [4.0]), "non-negative integers"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [4], op="min"), "'min'"),
+    (lambda c: c.reduce_scatter_v(np.ones(4), [4], algorithm="tree"), "'tree'"),
+    (lambda c: c.allgather_v(np.ones(4), [4], algorithm="tree"), "'tree'"),
     (lambda c: c.allgather_v(np.ones(2), [3]), r"segment holds 2 elements but counts\[0\] is 3"),
     (lambda c: c.broadcast(np.ones(2), root=1), "root"),
     (lambda c: c.broadcast(np.ones(2), root=-1), "root"),

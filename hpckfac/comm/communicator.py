@@ -153,40 +153,46 @@ class Communicator:
         reduce_fused(arrays, buckets, backend, self._fusion,
                      lambda flat: self._reduce_flat(flat, op == "mean", algorithm, backend))
 
-    def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: str = "sum") -> Any:
+    def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: str = "sum",
+                         algorithm: str = "mpi") -> Any:
         """Sum (or mean) ``sendbuf`` over ranks and return this rank's segment: elements
         ``sum(counts[:rank])`` to ``sum(counts[:rank+1])`` of the result (a new array).
 
         ``counts`` (one non-negative integer per rank, zeros allowed) must sum to
-        ``sendbuf.size`` and be the same on every rank.
+        ``sendbuf.size`` and be the same on every rank. ``algorithm``: ``"mpi"``
+        (``MPI_Reduce_scatter``) or ``"ring"`` (the ring's reduce-scatter phase).
         """
         def validate():
             backend, dtype, op_index = backend_for(sendbuf), check_dtype(sendbuf.dtype), _op_index(op)
+            alg = _algorithm_index(algorithm)
             cnt = vcoll.check_counts(counts, self.size)
             if int(cnt.sum()) != sendbuf.size:
                 raise ValueError(f"counts sum to {int(cnt.sum())} but sendbuf holds {sendbuf.size} elements")
-            return (backend, cnt), signature("reduce_scatter_v", dtype=DTYPE_CODES[dtype],
-                                             length=sendbuf.size, op=op_index, layout=digest(cnt))
+            return (backend, cnt), signature("reduce_scatter_v", dtype=DTYPE_CODES[dtype], length=sendbuf.size,
+                                             op=op_index, algorithm=alg, layout=digest(cnt))
 
         backend, cnt = self._enter("reduce_scatter_v", validate)
         work = backend.stage_in(sendbuf)
         return vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
-                                      backend, op == "mean")
+                                      backend, op == "mean", algorithm)
 
-    def allgather_v(self, segment: Any, counts: Sequence[int]) -> Any:
+    def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: str = "mpi") -> Any:
         """Concatenate every rank's ``segment`` (``counts[rank]`` elements) in rank
-        order; returns the whole buffer (a new 1-D array of ``sum(counts)`` elements)."""
+        order; returns the whole buffer (a new 1-D array of ``sum(counts)`` elements).
+        ``algorithm``: ``"mpi"`` (``MPI_Allgatherv``) or ``"ring"``."""
         def validate():
             backend, dtype = backend_for(segment), check_dtype(segment.dtype)
+            alg = _algorithm_index(algorithm)
             cnt = vcoll.check_counts(counts, self.size)
             if segment.size != cnt[self.rank]:
                 raise ValueError(f"segment holds {segment.size} elements but counts[{self.rank}] "
                                  f"is {int(cnt[self.rank])}")
-            return (backend, cnt), signature("allgather_v", dtype=DTYPE_CODES[dtype],
-                                             length=int(cnt.sum()), layout=digest(cnt))
+            return (backend, cnt), signature("allgather_v", dtype=DTYPE_CODES[dtype], length=int(cnt.sum()),
+                                             algorithm=alg, layout=digest(cnt))
 
         backend, cnt = self._enter("allgather_v", validate)
-        return vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend)
+        return vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
+                                 algorithm)
 
     def broadcast(self, buf: Any, root: int = 0) -> Any:
         """Copy rank ``root``'s ``buf`` into ``buf`` on every rank, in place; returns ``buf``."""

@@ -7,6 +7,8 @@ right neighbour and adds the chunk arriving from its left neighbour; afterwards
 rank ``r`` holds the complete sum of chunk ``r + 1``. Allgather: ``size - 1``
 more steps pass the finished chunks around. Each rank sends and receives
 ``2 (size-1)/size`` of the buffer in total, independent of ``size``.
+With chunk bounds taken from per-rank counts (``shift=0``) the same two
+phases are ReduceScatterV and AllGatherV.
 """
 from __future__ import annotations
 
@@ -39,28 +41,29 @@ def _chunk(flat: Any, bounds: list[int], index: int) -> Any:
 
 
 def reduce_scatter(mpi: MPI.Comm, flat: Any, bounds: list[int], datatype: MPI.Datatype,
-                   backend: Backend) -> Any:
-    """Sum ``flat`` over ranks chunk-wise in place; returns this rank's finished chunk, ``rank + 1``."""
+                   backend: Backend, shift: int = 1) -> Any:
+    """Sum ``flat`` over ranks chunk-wise in place; returns this rank's finished
+    chunk, number ``rank + shift`` (``shift=0``: chunk ``rank``, as ReduceScatterV)."""
     rank, size = mpi.Get_rank(), mpi.Get_size()
     right, left = (rank + 1) % size, (rank - 1) % size
     largest = max(b - a for a, b in zip(bounds, bounds[1:]))
     scratch = backend.xp.empty(largest, dtype=flat.dtype)
     for step in range(size - 1):
-        send = _chunk(flat, bounds, rank - step)
-        into = _chunk(flat, bounds, rank - step - 1)
+        send = _chunk(flat, bounds, rank + shift - 1 - step)
+        into = _chunk(flat, bounds, rank + shift - 2 - step)
         incoming = scratch[:into.size]
         mpi.Sendrecv([send, datatype], right, RING_TAG, [incoming, datatype], left, RING_TAG)
         backend.add(into, incoming)
-    return _chunk(flat, bounds, rank + 1)
+    return _chunk(flat, bounds, rank + shift)
 
 
-def allgather(mpi: MPI.Comm, flat: Any, bounds: list[int], datatype: MPI.Datatype) -> None:
-    """Starting from each rank holding chunk ``rank + 1``, give every rank every chunk, in place."""
+def allgather(mpi: MPI.Comm, flat: Any, bounds: list[int], datatype: MPI.Datatype, shift: int = 1) -> None:
+    """Starting from each rank holding chunk ``rank + shift``, give every rank every chunk, in place."""
     rank, size = mpi.Get_rank(), mpi.Get_size()
     right, left = (rank + 1) % size, (rank - 1) % size
     for step in range(size - 1):
-        send = _chunk(flat, bounds, rank + 1 - step)
-        into = _chunk(flat, bounds, rank - step)
+        send = _chunk(flat, bounds, rank + shift - step)
+        into = _chunk(flat, bounds, rank + shift - 1 - step)
         mpi.Sendrecv([send, datatype], right, RING_TAG, [into, datatype], left, RING_TAG)
 
 

@@ -1,4 +1,5 @@
-"""ReduceScatterV and AllGatherV with per-rank counts, on MPI's own collectives."""
+"""ReduceScatterV and AllGatherV with per-rank counts: MPI's own collectives
+(``algorithm="mpi"``) or the two phases of hpckfac's ring (``"ring"``)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -6,6 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from hpckfac.comm import ring
 from hpckfac.comm.backend import Backend
 
 
@@ -19,25 +21,35 @@ def check_counts(counts: Sequence[int], size: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def displacements(counts: np.ndarray) -> np.ndarray:
-    """Offset of each rank's segment in the whole buffer."""
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+def bounds(counts: np.ndarray) -> list[int]:
+    """Segment boundaries: rank ``r`` owns ``[bounds[r], bounds[r+1])``."""
+    return [0] + np.cumsum(counts).tolist()
 
 
 def reduce_scatter_v(mpi: MPI.Comm, send: Any, counts: np.ndarray, datatype: MPI.Datatype,
-                     op: MPI.Op, backend: Backend, mean: bool) -> Any:
-    """Sum ``send`` (contiguous, length ``counts.sum()``) over ranks; this rank's segment."""
+                     op: MPI.Op, backend: Backend, mean: bool, algorithm: str) -> Any:
+    """Sum ``send`` (contiguous, length ``counts.sum()``) over ranks; this rank's
+    segment as a new array (``send`` is left unchanged)."""
     rank, size = mpi.Get_rank(), mpi.Get_size()
-    out = backend.xp.empty(int(counts[rank]), dtype=send.dtype)
-    mpi.Reduce_scatter([send, datatype], [out, datatype], recvcounts=counts.tolist(), op=op)
+    if algorithm == "ring":
+        work = backend.xp.array(send, copy=True)  # the ring sums in place
+        out = ring.reduce_scatter(mpi, work, bounds(counts), datatype, backend, shift=0).copy()
+    else:
+        out = backend.xp.empty(int(counts[rank]), dtype=send.dtype)
+        mpi.Reduce_scatter([send, datatype], [out, datatype], recvcounts=counts.tolist(), op=op)
     if mean and size > 1:
         out /= size
     return out
 
 
 def allgather_v(mpi: MPI.Comm, segment: Any, counts: np.ndarray, datatype: MPI.Datatype,
-                backend: Backend) -> Any:
+                backend: Backend, algorithm: str) -> Any:
     """Concatenate every rank's ``segment`` (length ``counts[rank]``) on every rank."""
     out = backend.xp.empty(int(counts.sum()), dtype=segment.dtype)
-    mpi.Allgatherv([segment, datatype], [out, (counts.tolist(), displacements(counts).tolist()), datatype])
+    if algorithm == "ring":
+        edges = bounds(counts)
+        out[edges[mpi.Get_rank()]:edges[mpi.Get_rank() + 1]] = segment
+        ring.allgather(mpi, out, edges, datatype, shift=0)
+    else:
+        mpi.Allgatherv([segment, datatype], [out, (counts.tolist(), bounds(counts)[:-1]), datatype])
     return out

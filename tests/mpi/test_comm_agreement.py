@@ -93,6 +93,13 @@ def test_one_rank_with_a_bad_op(comm):
 
 
 @pytest.mark.mpi
+def test_allgather_v_algorithms_differ(comm):
+    algorithm = "ring" if odd_one_out(comm) else "mpi"
+    expect_mismatch(comm, lambda: comm.allgather_v(np.ones(2), [2] * comm.size, algorithm=algorithm),
+                    "algorithm")
+
+
+@pytest.mark.mpi
 def test_broadcast_roots_differ(comm):
     root = comm.size - 1 if odd_one_out(comm) else 0
     expect_mismatch(comm, lambda: comm.broadcast(np.ones(3), root=root), "parameter")

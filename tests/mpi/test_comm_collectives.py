@@ -96,38 +96,43 @@ def random_counts(rng, size):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["sum", "mean"])
-def test_reduce_scatter_v(comm, dtype, op):
+def test_reduce_scatter_v(comm, dtype, op, algorithm):
     for seed in range(12):
         rng = np.random.default_rng(seed)
         counts = random_counts(rng, comm.size) if seed else [0] * comm.size
         if seed == 1:
             counts[-1] = 2**18 + 3  # a large segment on the last rank
         xs = inputs(200 + seed, comm.size, sum(counts), dtype)
-        got = comm.reduce_scatter_v(xs[comm.rank].copy(), counts, op=op)
+        send = xs[comm.rank].copy()
+        got = comm.reduce_scatter_v(send, counts, op=op, algorithm=algorithm)
+        np.testing.assert_array_equal(send, xs[comm.rank])  # input left alone
         start = sum(counts[:comm.rank])
         assert got.shape == (counts[comm.rank],) and got.dtype == dtype
         check_reduced(got, [x[start:start + counts[comm.rank]] for x in xs], op)
 
 
 @pytest.mark.mpi
-def test_reduce_scatter_v_integer_valued_float64_is_exact(comm):
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_reduce_scatter_v_integer_valued_float64_is_exact(comm, algorithm):
     counts = random_counts(np.random.default_rng(3), comm.size)
     xs = inputs(3, comm.size, sum(counts), np.float64, integer=True)
     start = sum(counts[:comm.rank])
-    got = comm.reduce_scatter_v(xs[comm.rank], counts)
+    got = comm.reduce_scatter_v(xs[comm.rank], counts, algorithm=algorithm)
     np.testing.assert_array_equal(got, np.sum(xs, axis=0)[start:start + counts[comm.rank]])
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_allgather_v(comm, dtype):
+def test_allgather_v(comm, dtype, algorithm):
     for seed in range(12):
         counts = random_counts(np.random.default_rng(seed), comm.size) if seed else [0] * comm.size
         segments = [np.random.default_rng([300 + seed, r]).standard_normal(counts[r]).astype(dtype)
                     for r in range(comm.size)]
-        got = comm.allgather_v(segments[comm.rank], counts)
+        got = comm.allgather_v(segments[comm.rank], counts, algorithm=algorithm)
         assert got.dtype == dtype
         np.testing.assert_array_equal(got, np.concatenate(segments))
 
