@@ -34,6 +34,11 @@ def array_module(x: Array):
     return np
 
 
+def prod(values) -> int:
+    """Product of integers (1 for none)."""
+    return math.prod(int(v) for v in values)
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """``value`` as an int if it is an integer >= 1; ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -90,7 +95,7 @@ class KronBlock:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- shared
-    def with_ones(self, rows: Array) -> Array:
+    def _with_ones(self, rows: Array) -> Array:
         """``rows`` (rows, d_A - has_bias) with a column of ones appended if the layer has a bias."""
         if not self.has_bias:
             return rows
@@ -156,12 +161,3 @@ class KronBlock:
         if tuple(getattr(mat, "shape", ())) != (self.d_G, self.d_A):
             raise ValueError(f"{name}: expected shape ({self.d_G}, {self.d_A}), got {getattr(mat, 'shape', None)}")
 
-    def _check_width(self, x: Array, name: str, width: int, axis: int) -> None:
-        check_array(x, name, 2 if axis == 1 else 1)
-        if x.shape[axis] != width:
-            raise ValueError(f"{name}: block {self.name!r} expects size {width} on axis {axis}, got shape {x.shape}")
-
-
-def prod(values) -> int:
-    """Product of integers (1 for none)."""
-    return math.prod(int(v) for v in values)

@@ -7,7 +7,14 @@ index ``t``: ``A`` is summed over those positions and ``G`` averaged
 """
 from __future__ import annotations
 
-from hpckfac.layers.base import Array, KronBlock, check_positive_int, prod
+from hpckfac.layers.base import Array, KronBlock, check_array, check_positive_int, prod
+
+
+def _check_features(x: Array, name: str, block: str, width: int) -> None:
+    """ValueError naming ``name`` unless ``x`` is an array whose last axis has ``width`` entries."""
+    check_array(x, name, 1)
+    if x.shape[-1] != width:
+        raise ValueError(f"{name}: block {block!r} expects {width} features on the last axis, got shape {x.shape}")
 
 
 class LinearBlock(KronBlock):
@@ -25,12 +32,12 @@ class LinearBlock(KronBlock):
 
     def a_rows(self, a: Array) -> Array:
         """``a.reshape(-1, in_features)`` (+ a column of ones with a bias)."""
-        self._check_width(a, "a", self.in_features, -1)
-        return self.with_ones(a.reshape(-1, self.in_features))
+        _check_features(a, "a", self.name, self.in_features)
+        return self._with_ones(a.reshape(-1, self.in_features))
 
     def g_rows(self, g: Array) -> Array:
         """``g.reshape(-1, out_features)``."""
-        self._check_width(g, "g", self.out_features, -1)
+        _check_features(g, "g", self.name, self.out_features)
         return g.reshape(-1, self.out_features)
 
     def positions(self, g: Array) -> int:
