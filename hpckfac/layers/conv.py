@@ -15,6 +15,7 @@ such a layer first-order (docs/curvature.md).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 from hpckfac.layers.base import Array, KronBlock, array_module, check_positive_int, prod
@@ -23,9 +24,10 @@ from hpckfac.layers.base import Array, KronBlock, array_module, check_positive_i
 def _tuple(value: Any, name: str, ndim: int, minimum: int) -> tuple[int, ...]:
     """``value`` (an int or a length-``ndim`` sequence of ints >= ``minimum``) as a tuple."""
     values = (value,) * ndim if not isinstance(value, Sequence) else tuple(value)
-    if len(values) != ndim or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+    valid = all(not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= minimum for v in values)
+    if len(values) != ndim or not valid:
         raise ValueError(f"{name}: expected an int >= {minimum} or {ndim} of them, got {value!r}")
-    return values
+    return tuple(int(v) for v in values)
 
 
 def _split_view(rows: Array, row_shape: tuple[int, ...], col_shape: tuple[int, ...]) -> Array:
