@@ -51,11 +51,11 @@ def test_miniature_study_writes_table_json_and_plot(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(conv, "QUICK", tiny)
     assert conv.main(["--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "steps→97%" in out and "K-FAC/SGD" in out
+    assert "steps→97%" in out and "kfac/sgd to 97%" in out
     result = json.load(open(tmp_path / "convergence.json"))
     assert result["benchmark"] == "convergence"
     best = result["results"]["best"]
-    assert [b["method"] for b in best] == ["kfac", "sgd", "adam"]
+    assert [b["method"] for b in best] == ["kfac", "kfac-10/10", "sgd", "adam"]
     assert all(len(b["runs"]) == 2 and [r["seed"] for r in b["runs"]] == [0, 1] for b in best)
-    assert len(result["results"]["grid"]) == 4  # two K-FAC learning rates, one each for SGD and Adam
+    assert len(result["results"]["grid"]) == 6  # two learning rates for each K-FAC variant, one for SGD, Adam
     assert (tmp_path / "convergence.png").read_bytes()[:8] == PNG
