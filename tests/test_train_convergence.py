@@ -21,13 +21,18 @@ def test_first_reach_takes_the_first_evaluation_at_or_above_the_target():
     assert conv.first_reach(records, 0.995) == (None, None)
 
 
+def test_first_loss_below():
+    records = [{"step": 2, "loss": 0.3}, {"step": 4, "loss": 0.05}, {"step": 6, "loss": 0.01}]
+    assert conv.first_loss_below(records, 0.05) == 4 and conv.first_loss_below(records, 0.001) is None
+
+
 def test_summary_statistics_over_seeds_count_runs_that_never_reach():
     runs = []
     for steps97, final in ((10, 0.98), (14, 0.975), (None, 0.96)):
         runs.append({"steps_95%": 6, "wall_95%": 3.0, "median_wall_95%": 2.5, "steps_97%": steps97,
                      "wall_97%": None if steps97 is None else steps97 / 2,
                      "median_wall_97%": None if steps97 is None else steps97 / 3,
-                     "final_acc": final, "step_ms": 40.0})
+                     "steps_loss": 5, "final_acc": final, "step_ms": 40.0})
     s = conv.summarise(runs)
     assert s["steps_97%"] == {"mean": 12.0, "std": 2.0, "reached": 2, "runs": 3}
     assert s["final_acc"]["mean"] == pytest.approx(statistics.fmean([0.98, 0.975, 0.96]))
