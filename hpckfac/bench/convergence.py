@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             from hpckfac.train.plot import plot_curves
 
             plot_curves(panels, os.path.join(args.out, "convergence.png"), targets=TARGETS,
-                        title="digits: test accuracy vs steps, best setting per method, one line per seed")
+                        title="digits: best setting per method, one line per seed")
     return 0
 
 

@@ -34,24 +34,30 @@ def plot_history(records: Sequence[dict], path: str, title: str = "") -> None:
 
 def plot_curves(panels: Sequence[tuple[str, dict[str, Sequence[Sequence[dict]]]]], path: str,
                 targets: Sequence[float] = (), title: str = "") -> None:
-    """One panel per ``(panel title, {label: [run records, ...]})``: test accuracy
-    against steps, one colour per label, one thin line per run (e.g. per seed),
-    with dashed horizontal lines at the ``targets`` (fractions)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False,
+    """One column per ``(panel title, {label: [run records, ...]})``: test accuracy (top,
+    with dashed lines at the ``targets``, fractions) and training loss (bottom, log scale)
+    against steps, one colour per label, one thin line per run (e.g. per seed)."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False,
                              constrained_layout=True)
-    for ax, (panel_title, curves) in zip(axes[0], panels):
+    for column, (panel_title, curves) in enumerate(panels):
+        acc_ax, loss_ax = axes[0][column], axes[1][column]
         for colour, (label, runs) in enumerate(curves.items()):
             for i, records in enumerate(runs):
-                ax.plot([r["step"] for r in records], [100 * r["test_acc"] for r in records],
-                        color=f"C{colour}", alpha=0.8, lw=1.2, label=label if i == 0 else None)
+                steps = [r["step"] for r in records]
+                style = {"color": f"C{colour}", "alpha": 0.8, "lw": 1.2, "label": label if i == 0 else None}
+                acc_ax.plot(steps, [100 * r["test_acc"] for r in records], **style)
+                loss_ax.plot(steps, [r["loss"] for r in records], **style)
         for target in targets:
-            ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
-        ax.set_ylim(50, 100)
-        ax.set_xlabel("step")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(panel_title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+            acc_ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
+        acc_ax.set_ylim(50, 100)
+        acc_ax.set_ylabel("test accuracy (%)")
+        acc_ax.set_title(panel_title)
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylabel("training loss (mean since last eval)")
+        for ax in (acc_ax, loss_ax):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right" if ax is acc_ax else "upper right")
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=100)
