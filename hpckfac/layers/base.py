@@ -13,6 +13,7 @@ matrix (column-major), so the Fisher block is ``A kron G`` and
 """
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 from typing import Any
@@ -60,7 +61,7 @@ def check_array(x: Any, name: str, ndim_min: int) -> None:
                          f"got {type(x).__name__} of shape {getattr(x, 'shape', None)}")
 
 
-class KronBlock:
+class KronBlock(abc.ABC):
     """Curvature block ``A kron G`` of a layer with weight ``weight_shape``.
 
     Attributes: ``name``; ``d_A`` (input rows' width, +1 with a bias);
@@ -82,17 +83,17 @@ class KronBlock:
                 f"has_bias={self.has_bias})")
 
     # ------------------------------------------------------------ subclasses
+    @abc.abstractmethod
     def a_rows(self, a: Array) -> Array:
         """Input rows ``(rows, d_A)``, a trailing column of ones with a bias."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def g_rows(self, g: Array) -> Array:
         """Output-gradient rows ``(rows, d_G)``, in the same row order as ``a_rows``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def positions(self, g: Array) -> int:
         """``|T|``: positions per example (spatial or extra dimensions; 1 for a plain batch)."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- shared
     def _with_ones(self, rows: Array) -> Array:

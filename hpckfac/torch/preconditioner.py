@@ -124,7 +124,7 @@ class KFACPreconditioner:
                 continue
             try:
                 block = _make_block(name, module)
-            except (ValueError, NotImplementedError) as exc:
+            except ValueError as exc:
                 _log.warning("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
                 continue
             if block is None:
