@@ -12,7 +12,8 @@ docs/curvature.md.
 from hpckfac.layers.base import KronBlock
 from hpckfac.layers.batchnorm import BatchNormBlock
 from hpckfac.layers.conv import ConvBlock
-from hpckfac.layers.damping import damped_kron_inverses, pi_damping
+from hpckfac.layers.damping import damped_kron_inverses, pi_damping, pi_damping_terms
 from hpckfac.layers.linear import LinearBlock
 
-__all__ = ["KronBlock", "LinearBlock", "ConvBlock", "BatchNormBlock", "pi_damping", "damped_kron_inverses"]
+__all__ = ["KronBlock", "LinearBlock", "ConvBlock", "BatchNormBlock", "pi_damping", "pi_damping_terms",
+           "damped_kron_inverses"]

@@ -21,18 +21,10 @@ from typing import Any
 import numpy as np
 
 from hpckfac import ops
+from hpckfac.arrays import namespace as array_module
 
 # A NumPy array, or a CuPy array on the GPU path.
 Array = Any
-
-
-def array_module(x: Array):
-    """``cupy`` for a CuPy array, ``numpy`` otherwise (CuPy is imported only then)."""
-    if type(x).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
 
 
 def prod(values) -> int:

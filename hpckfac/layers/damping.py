@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from hpckfac import ops
 from hpckfac.layers.base import Array
 
@@ -34,22 +36,26 @@ def pi_damping(a: Array, g: Array, damping: float) -> tuple[float, float]:
     for mat, name in ((a, "a"), (g, "g")):
         if getattr(mat, "ndim", None) != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] == 0:
             raise ValueError(f"{name}: expected a non-empty square matrix, got shape {getattr(mat, 'shape', None)}")
-    root = math.sqrt(damping)
-    mean_a = float(a.trace()) / a.shape[0]
-    mean_g = float(g.trace()) / g.shape[0]
-    with_pi = _balanced(mean_a, mean_g, root)
-    return with_pi if with_pi is not None else (root, root)
+    mean_a = np.float64(float(a.trace()) / a.shape[0])
+    mean_g = np.float64(float(g.trace()) / g.shape[0])
+    terms = pi_damping_terms(mean_a, mean_g, damping, np)
+    return float(terms[0]), float(terms[1])
 
 
-def _balanced(mean_a: float, mean_g: float, root: float) -> tuple[float, float] | None:
-    """``(π root, root / π)`` or None where π or either term is not finite and positive."""
-    if not (math.isfinite(mean_a) and math.isfinite(mean_g) and mean_a > 0.0 and mean_g > 0.0):
-        return None
-    pi = math.sqrt(mean_a / mean_g)
-    if not (pi > 0.0 and math.isfinite(pi)):  # the ratio under- or overflowed
-        return None
-    terms = (pi * root, root / pi)
-    return terms if all(math.isfinite(t) for t in terms) else None
+def pi_damping_terms(mean_a: Array, mean_g: Array, damping: float, xp) -> tuple[Array, Array]:
+    """``pi_damping`` for arrays of mean eigenvalues ``tr A / d_A`` and ``tr G / d_G``
+    (float64, any shape), computed element-wise in namespace ``xp``.
+
+    Runs where the factors live, so an owner on a GPU forms the damping of all
+    its blocks without reading the traces back to the host.
+    """
+    root = math.sqrt(check_damping(damping))
+    with np.errstate(all="ignore"):  # invalid ratios are masked out below
+        pi = xp.sqrt(mean_a / mean_g)
+        term_a, term_g = pi * root, root / pi
+    ok = (xp.isfinite(mean_a) & xp.isfinite(mean_g) & (mean_a > 0) & (mean_g > 0) & (pi > 0)
+          & xp.isfinite(pi) & xp.isfinite(term_a) & xp.isfinite(term_g))
+    return xp.where(ok, term_a, root), xp.where(ok, term_g, root)
 
 
 def damped_kron_inverses(a: Array, g: Array, damping: float) -> tuple[Array, Array]:

@@ -2,9 +2,9 @@
 averages and damped inversion.
 
 Every entry point validates its arguments (``hpckfac.ops.checks``) and then
-dispatches on the array type: NumPy arrays go to the CPU reference modules
-(``packing``, ``factors``, ``average``, ``inverse``), CuPy arrays to
-``hpckfac.ops.cuda``, which implements functions of the same names and
+dispatches on the array type (``hpckfac.arrays``): NumPy arrays go to the CPU
+reference modules (``packing``, ``factors``, ``average``, ``inverse``), CuPy
+arrays to ``hpckfac.ops.cuda``, which implements functions of the same names and
 signatures as the CPU modules (``packing.pack_sym``, ``packing.unpack_sym``,
 ``factors.accumulate_factor``, ``average.ema_update``, ``inverse.damped_inverse``),
 receives validated arguments and returns arrays of its own type. CuPy is
@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from hpckfac import arrays
 from hpckfac.log import get_logger
 from hpckfac.ops import average, checks, factors, inverse, packing
 from hpckfac.ops.inverse import CHOLESKY, EIGEN, JITTER
@@ -38,17 +39,9 @@ _STATUS_NAMES = {CHOLESKY: "cholesky", JITTER: "jitter", EIGEN: "eigen"}
 _counters = dict.fromkeys(_STATUS_NAMES.values(), 0)
 
 
-def _is_cupy(x) -> bool:
-    return type(x).__module__.startswith("cupy")
-
-
 def _backend(x):
-    """Module implementing the operations for arrays like ``x``."""
-    if _is_cupy(x):
-        from hpckfac.ops import cuda
-
-        return cuda
-    return None
+    """Module implementing the operations for arrays like ``x`` (None: the CPU reference)."""
+    return None if x is None else arrays.ops_backend(x)
 
 
 def packed_size(n: int) -> int:
@@ -159,12 +152,12 @@ def damped_inverse(mats, damping) -> InverseResult:
     warning. Non-finite input raises ValueError naming the batch indices.
     """
     batch, _ = checks.check_square_batch(mats)
-    if not (_is_cupy(damping) or np.ndim(damping) == 0):
+    if not (arrays.is_device(damping) or np.ndim(damping) == 0):
         damping = np.asarray(damping)
     damping = checks.check_damping(damping, batch)
     backend = _backend(mats)
     inv, status = (backend or inverse).damped_inverse(mats, damping)
-    _record(status.get() if backend else status)
+    _record(arrays.to_host(status))
     return InverseResult(inv, status)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hpckfac.arrays import to_host
 from hpckfac.assignment import assign_owners, block_cost
 from hpckfac.stages import gather
 from hpckfac.stages.layout import SegmentLayout, block_spec
@@ -50,24 +51,29 @@ class KFACEngine:
         assignment: ``"lpt"`` or ``"contiguous"`` (``hpckfac.assignment``).
         comm_dtype: dtype of the ReduceScatterV buffer (factors and gradients)
             and of the returned gradients: float64, float32 or float16.
+        xp: array namespace of every buffer the engine keeps or allocates
+            (``numpy``, or ``cupy`` for a model on a GPU): the arrays passed
+            to ``step`` must belong to it (``hpckfac.arrays``).
 
     Attributes:
         specs: ``BlockSpec`` of each block; owners: owning rank of each block;
         layout: the ``SegmentLayout``; steps: completed steps;
         damping, factor_decay, kl_clip: may be changed between steps;
-        last_nu: KL-clip factor of the last step (1.0 without clipping);
+        last_nu: KL-clip factor of the last step (1.0 without clipping; read
+            lazily, so a GPU step does not wait for it);
         timings: wall seconds of each stage in ``STAGES`` in the last step.
     """
 
     def __init__(self, blocks: Sequence[Any], comm, *, damping: float = 1e-3,
                  factor_decay: float = 0.95, factor_update_interval: int = 1,
                  inverse_update_interval: int = 1, kl_clip: float | None = None,
-                 assignment: str = "lpt", comm_dtype=np.float32) -> None:
+                 assignment: str = "lpt", comm_dtype=np.float32, xp=np) -> None:
         opts = check_options(damping=damping, factor_decay=factor_decay,
                              factor_update_interval=factor_update_interval,
                              inverse_update_interval=inverse_update_interval,
                              kl_clip=kl_clip, assignment=assignment, factor_dtype=comm_dtype)
         self.comm = comm
+        self.xp = xp
         self.blocks = list(blocks)
         self.specs = [block_spec(b) for b in self.blocks]
         self.damping, self.factor_decay, self.kl_clip = opts["damping"], opts["factor_decay"], opts["kl_clip"]
@@ -81,10 +87,13 @@ class KFACEngine:
         # Running factors in float64 when communicating float64, float32 otherwise.
         state_dtype = np.float64 if self.comm_dtype == np.float64 else np.float32
         self.state = OwnerState([self.blocks[l] for l in self.owned], [self.specs[l] for l in self.owned],
-                                state_dtype)
-        self._send = {f: np.zeros(self.layout.reduce_total(f), dtype=self.comm_dtype) for f in (False, True)}
+                                state_dtype, xp)
+        self._send = {f: xp.zeros(self.layout.reduce_total(f), dtype=self.comm_dtype) for f in (False, True)}
+        # Where each owned block's presence share sits in this rank's factor-step segment.
+        base = self.layout.segment_start(comm.rank, self.layout.reduce_counts(True))
+        self._presence_at = [self.layout.stat_offset(l) + self.specs[l].stat_size - base for l in self.owned]
         self.steps = 0
-        self.last_nu = 1.0
+        self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
         self.timings = dict.fromkeys(STAGES, 0.0)
 
     def is_factor_step(self) -> bool:
@@ -126,17 +135,19 @@ class KFACEngine:
         self.timings["reduce_scatter"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if factors:
+        if factors and self.owned:
+            # One read of all presence shares: the owner must know on the host which blocks to update.
+            presence = to_host(segment[self._presence_at]).tolist()
             for i, l in enumerate(self.owned):
                 at = self.layout.stat_offset(l) - base
-                self.state.update(i, segment[at:at + self.specs[l].stat_size + 1], self.factor_decay)
+                self.state.update(i, segment[at:at + self.specs[l].stat_size], presence[i], self.factor_decay)
         if self.is_inverse_step():
             self.state.invert(self.damping)
         self.timings["inversion"] = time.perf_counter() - start
 
         start = time.perf_counter()
         gcounts = self.layout.gather_counts
-        out = np.empty(gcounts[self.comm.rank], dtype=self.comm_dtype)
+        out = self.xp.empty(gcounts[self.comm.rank], dtype=self.comm_dtype)
         if self.owned:
             owned_grads = [segment[self.layout.grad_offset(l, factors) - base:][:self.specs[l].grad_size]
                            .reshape(self.specs[l].grad_shape) for l in self.owned]
@@ -145,16 +156,21 @@ class KFACEngine:
 
         start = time.perf_counter()
         whole = self.comm.allgather_v(out, gcounts)
-        self.last_nu = gather.kl_clip_factor(whole, self.layout, self.kl_clip, lr)
-        if self.last_nu != 1.0:
-            whole *= self.last_nu
+        self._nu = gather.kl_clip_factor(whole, self.layout, self.kl_clip, lr)
+        if self._nu is not None:
+            whole *= self._nu.astype(whole.dtype)
         result = [whole[at:at + s.grad_size].reshape(s.grad_shape)
                   for at, s in zip(self.layout.gather_offsets, self.specs)]
         self.timings["all_gather"] = time.perf_counter() - start
         self.steps += 1
         return result
 
-    def _fill(self, grads, stats) -> np.ndarray:
+    @property
+    def last_nu(self) -> float:
+        """KL-clip factor applied at the last step (1.0 without clipping)."""
+        return 1.0 if self._nu is None else float(self._nu)
+
+    def _fill(self, grads, stats):
         """The ReduceScatterV send buffer for this step."""
         factors = stats is not None
         buf = self._send[factors]

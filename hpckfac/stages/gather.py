@@ -7,25 +7,29 @@ float on every rank, hence the same ``nu`` and the same update everywhere.
 """
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import numpy as np
 
+from hpckfac.arrays import namespace
 from hpckfac.stages.layout import SegmentLayout
 
 
-def kl_clip_factor(gathered: np.ndarray, layout: SegmentLayout, kl_clip: float | None, lr: float) -> float:
-    """``nu = min(1, sqrt(kl_clip / (lr^2 * sum_l <V_l, grad_l>)))``.
+def kl_clip_factor(gathered: Any, layout: SegmentLayout, kl_clip: float | None, lr: float) -> Any:
+    """``nu = min(1, sqrt(kl_clip / (lr^2 * sum_l <V_l, grad_l>)))`` as a float64
+    0-d array of ``gathered``'s namespace (computed where the gradients live, so
+    a GPU step does not wait for it), or None when ``kl_clip`` is None.
 
-    1.0 when ``kl_clip`` is None or the sum is not positive; NaN when the sum
-    is not finite (non-finite gradients), so that the update is non-finite
-    too and a GradScaler skips the step.
+    1 when the sum is not positive or ``lr`` is 0; NaN when the sum is not
+    finite (non-finite gradients), so that the update is non-finite too and a
+    GradScaler skips the step.
     """
     if kl_clip is None:
-        return 1.0
-    total = math.fsum(float(gathered[at]) for at in layout.partial_offsets if at is not None)
-    if not math.isfinite(total):
-        return math.nan
-    if total <= 0.0:
-        return 1.0
-    return min(1.0, math.sqrt(kl_clip / (lr * lr * total)))
+        return None
+    xp = namespace(gathered)
+    at = [offset for offset in layout.partial_offsets if offset is not None]
+    total = gathered[at].astype(np.float64).sum()
+    with np.errstate(all="ignore"):  # lr = 0 or an underflowing product: ratio inf, nu 1
+        nu = xp.minimum(1.0, xp.sqrt(kl_clip / (lr * lr * total)))
+    nu = xp.where(total > 0, nu, 1.0)
+    return xp.where(xp.isfinite(total), nu, np.nan)

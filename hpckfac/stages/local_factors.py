@@ -5,8 +5,8 @@
 ``sum_i sum_t a a^T`` and ``(1/|T|) sum_i sum_t g g^T`` (Kronecker blocks,
 via ``block.a_factor``/``block.g_factor``, accumulated in float32 or float64)
 and the BatchNorm Fishers ``sum_i u_i u_i^T``; ``result()`` divides by the
-number of examples the rank processed this step, giving DESIGN.md's ``A``,
-``G`` and ``F`` for the local batch in the packed layout of
+number of examples the rank processed this step, giving the ``A``,
+``G`` and ``F`` of docs/design.md for the local batch in the packed layout of
 ``hpckfac.stages.layout``. The output gradients passed in must be the
 per-example loss gradients (see ``hpckfac.torch``).
 """
@@ -25,15 +25,17 @@ class LocalStatistics:
     """Per-step accumulators of every block's packed local statistics.
 
     ``blocks`` are ``hpckfac.layers`` blocks in model order; ``dtype`` is the
-    accumulation dtype (float32, or float64 for float64 models).
+    accumulation dtype (float32, or float64 for float64 models); ``xp`` the
+    array namespace of the accumulators and of the arrays passed in
+    (``numpy``, or ``cupy`` for a model on a GPU).
     """
 
-    def __init__(self, blocks: Sequence[Any], dtype=np.float32) -> None:
+    def __init__(self, blocks: Sequence[Any], dtype=np.float32, xp=np) -> None:
         self.blocks = list(blocks)
         self.specs = [block_spec(b) for b in self.blocks]
         self.dtype = np.dtype(dtype)
         self.examples = 0
-        self._sums = [np.zeros(s.stat_size, dtype=self.dtype) for s in self.specs]
+        self._sums = [xp.zeros(s.stat_size, dtype=self.dtype) for s in self.specs]
         # Kronecker blocks need both an input and an output-gradient contribution.
         self._seen = [[False, False] for _ in self.specs]
 
@@ -70,7 +72,7 @@ class LocalStatistics:
         self._sums[block].reshape(-1, BN_PACKED)[...] += fisher[:, _BN_TRIU[0], _BN_TRIU[1]]
         self._seen[block][0] = self._seen[block][1] = True
 
-    def result(self) -> list[np.ndarray | None]:
+    def result(self) -> list[Any]:
         """Each block's statistics divided by the examples of this step, or
         None for a block without a complete contribution (not called)."""
         scale = 1.0 / max(self.examples, 1)

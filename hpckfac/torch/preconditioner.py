@@ -22,7 +22,7 @@ from hpckfac.log import get_logger
 from hpckfac.stages.engine import KFACEngine
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import check_options
-from hpckfac.torch.bridge import copy_into, to_array
+from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array
 from hpckfac.torch.hooks import CaptureHooks
 
 _log = get_logger("hpckfac.torch")
@@ -72,6 +72,12 @@ class KFACPreconditioner:
             Communicator's default).
         accumulation_steps: forward/backward micro-batches per ``step()``.
         comm: an ``hpckfac.comm.Communicator`` (default: on COMM_WORLD).
+
+    Device: the pipeline runs where the model's parameters are (construct the
+    preconditioner after ``model.to(device)``): NumPy buffers for a CPU model,
+    CuPy buffers on the same GPU for a CUDA model (CuPy required), sharing
+    memory with the tensors through DLPack and running on torch's current
+    stream. ``hpckfac.torch.bind_device`` picks each rank's GPU.
     """
 
     def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = 0.1, damping: float = 1e-3,
@@ -92,6 +98,8 @@ class KFACPreconditioner:
         self.accumulation_steps = opts["accumulation_steps"]
         self.bucket_bytes = bucket_bytes
         self.skip_layers = opts["skip_layers"]
+        self.device = _model_device(model)
+        self.xp = namespace_for(self.device)
         self.modules, blocks, kfac_params = self._find_blocks()
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in kfac_params]
         param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
@@ -100,8 +108,8 @@ class KFACPreconditioner:
         self.engine = KFACEngine(blocks, self.comm, damping=damping, factor_decay=factor_decay,
                                  factor_update_interval=factor_update_interval,
                                  inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
-                                 assignment=assignment, comm_dtype=comm_dtype)
-        self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32)
+                                 assignment=assignment, comm_dtype=comm_dtype, xp=self.xp)
+        self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32, self.xp)
         self._bn_inputs: list[list] = [[] for _ in blocks]
         self._micro_batch = 0
         self._hook_seconds = 0.0
@@ -187,7 +195,8 @@ class KFACPreconditioner:
         if self.engine.specs[index].kind == "bn":
             self._bn_inputs[index].append(to_array(a))  # needed with the output gradient
         else:
-            self.local.add_inputs(index, to_array(a))
+            with device_scope(self.device):
+                self.local.add_inputs(index, to_array(a))
         self._hook_seconds += time.perf_counter() - start
 
     def _on_output_grad(self, index: int, g: torch.Tensor) -> None:
@@ -195,11 +204,12 @@ class KFACPreconditioner:
             return
         start = time.perf_counter()
         scale = self._grad_scale() ** 2
-        if self.engine.specs[index].kind == "bn":
-            if self._bn_inputs[index]:
-                self.local.add_batchnorm(index, self._bn_inputs[index].pop(), to_array(g), scale)
-        else:
-            self.local.add_output_grads(index, to_array(g), scale)
+        with device_scope(self.device):
+            if self.engine.specs[index].kind == "bn":
+                if self._bn_inputs[index]:
+                    self.local.add_batchnorm(index, self._bn_inputs[index].pop(), to_array(g), scale)
+            else:
+                self.local.add_output_grads(index, to_array(g), scale)
         self._hook_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ step
@@ -209,14 +219,18 @@ class KFACPreconditioner:
 
     def _grad_matrix(self, index: int) -> np.ndarray:
         module, block = self.modules[index], self.engine.blocks[index]
-        grads = [None if p is None else to_array(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
+        grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
                  for p in (module.weight, module.bias)]
         if self.engine.specs[index].kind == "bn":
-            return np.stack(grads, axis=1)
+            return self.xp.stack(grads, axis=1)
         return block.grad_matrix(grads[0], grads[1])
 
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``."""
+        with device_scope(self.device):
+            self._step()
+
+    def _step(self) -> None:
         start = time.perf_counter()
         stats = self.local.result() if self.engine.is_factor_step() else None
         grads = [self._grad_matrix(i) for i in range(len(self.modules))]
@@ -294,6 +308,15 @@ class KFACPreconditioner:
         self.accumulation_steps = check_options(accumulation_steps=accumulation)["accumulation_steps"]
         if lr is not None and not callable(self.lr):
             self.lr = check_options(lr=lr)["lr"]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The one device holding ``model``'s parameters (CPU for a model without any)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(f"model: parameters on several devices {sorted(map(str, devices))}; "
+                         f"K-FAC needs the model on one device per rank")
+    return devices.pop() if devices else torch.device("cpu")
 
 
 def _to_tensors(value):

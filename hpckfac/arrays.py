@@ -1,0 +1,100 @@
+"""Which array library holds an array: NumPy in host memory, CuPy on a GPU.
+
+The pipeline allocates every buffer with the namespace (``xp``) of the arrays
+it is given, so one code path serves host and device. This module answers the
+few questions that code needs:
+
+- ``namespace(x)``: the array module of ``x`` (``numpy``, ``cupy``, or a
+  registered kind);
+- ``ops_backend(x)``: the module implementing ``hpckfac.ops`` for ``x``
+  (None for NumPy, whose reference implementation lives in ``hpckfac.ops``);
+- ``to_host(x)`` / ``from_host(a, xp)``: the explicit copies between the two,
+  used only where data must leave the device (checkpoints, logs).
+
+CuPy is imported only when a CuPy array arrives. ``register`` adds another
+kind of array; the test suite uses it for a stand-in device array that
+refuses implicit conversion to host memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """One array library: how to recognise its arrays and work with them."""
+
+    name: str
+    accepts: Callable[[Any], bool]
+    namespace: Callable[[], Any]
+    ops: Callable[[], Any]
+    to_host: Callable[[Any], np.ndarray]
+
+
+def _is_cupy(x: Any) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _cuda_ops():
+    from hpckfac.ops import cuda
+
+    return cuda
+
+
+_KINDS: list[ArrayKind] = [
+    ArrayKind("cupy", _is_cupy, _cupy, _cuda_ops, lambda x: x.get()),
+]
+
+
+def register(kind: ArrayKind) -> None:
+    """Make arrays accepted by ``kind`` work everywhere (tried before the built-in kinds)."""
+    _KINDS.insert(0, kind)
+
+
+def unregister(name: str) -> None:
+    """Forget the registered kind called ``name`` (no error if absent)."""
+    _KINDS[:] = [k for k in _KINDS if k.name != name]
+
+
+def kind_of(x: Any) -> ArrayKind | None:
+    """The registered kind of ``x``; None for NumPy arrays and anything else."""
+    if isinstance(x, np.ndarray):
+        return None
+    return next((k for k in _KINDS if k.accepts(x)), None)
+
+
+def namespace(x: Any):
+    """The array module of ``x``: ``numpy`` for host arrays, ``cupy`` for CuPy arrays."""
+    kind = kind_of(x)
+    return np if kind is None else kind.namespace()
+
+
+def is_device(x: Any) -> bool:
+    """Whether ``x`` lives outside host memory (a CuPy array or a registered kind)."""
+    return kind_of(x) is not None
+
+
+def ops_backend(x: Any):
+    """The module implementing ``hpckfac.ops`` for arrays like ``x``; None for NumPy."""
+    kind = kind_of(x)
+    return None if kind is None else kind.ops()
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of a device array (NumPy arrays and scalars are returned as arrays, not copied)."""
+    kind = kind_of(x)
+    return np.asarray(x) if kind is None else kind.to_host(x)
+
+
+def from_host(a: Any, xp) -> Any:
+    """``a`` (host data) as an array of namespace ``xp`` (a copy to the device, or ``a`` itself)."""
+    return np.asarray(a) if xp is np else xp.asarray(a)
