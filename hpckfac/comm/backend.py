@@ -2,10 +2,13 @@
 
 A collective asks ``backend_for(buffer)`` once, then works only through the
 backend: ``xp`` for scratch arrays, ``stage_in``/``stage_out`` around the MPI
-calls, ``add`` for the reductions done in our own code. The host backend below
-hands NumPy memory to MPI directly. A device backend (CuPy arrays, either
-passed straight to a CUDA-aware MPI or staged through pinned host buffers)
-registers itself with ``register_backend`` and every algorithm runs unchanged.
+calls, ``add`` for the reductions done in our own code, ``synchronize`` before
+MPI reads memory that our own code just wrote, ``result`` to hand a new array
+back in the caller's library. The host backend below hands NumPy memory to MPI
+directly. The device backend for CuPy arrays (``hpckfac.comm.device``: passed
+straight to a CUDA-aware MPI, or staged through pinned host buffers) is
+installed the first time a CuPy array arrives; other backends register
+themselves with ``register_backend``, and every algorithm runs unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ class Backend(Protocol):
 
     name: str
     xp: Any  # the array module (numpy, cupy) used for scratch buffers
+    device_memory: bool  # MPI reads and writes device memory directly
 
     def accepts(self, array: Any) -> bool:
         """Whether ``array`` belongs to this backend."""
@@ -32,12 +36,19 @@ class Backend(Protocol):
     def add(self, dst: Any, src: Any) -> None:
         """``dst += src`` element-wise, in ``dst``'s dtype."""
 
+    def synchronize(self) -> None:
+        """Wait until work our code queued on ``xp`` arrays has finished (MPI is about to read them)."""
+
+    def result(self, work: Any, like: Any) -> Any:
+        """A new collective result ``work`` (in ``xp``) as an array of ``like``'s library."""
+
 
 class HostBackend:
     """NumPy arrays in host memory: MPI reads and writes them in place."""
 
     name = "numpy"
     xp = np
+    device_memory = False
 
     def accepts(self, array: Any) -> bool:
         return isinstance(array, np.ndarray)
@@ -54,6 +65,12 @@ class HostBackend:
     def add(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.add(dst, src, out=dst)
 
+    def synchronize(self) -> None:
+        pass
+
+    def result(self, work: np.ndarray, like: Any) -> np.ndarray:
+        return work
+
 
 _BACKENDS: list[Backend] = [HostBackend()]
 
@@ -68,5 +85,9 @@ def backend_for(array: Any) -> Backend:
     for backend in _BACKENDS:
         if backend.accepts(array):
             return backend
+    if type(array).__module__.startswith("cupy"):
+        from hpckfac.comm.device import install_device_backend
+
+        return install_device_backend()
     raise TypeError(f"unsupported buffer type {type(array).__module__}.{type(array).__qualname__}: "
                     f"collectives take {', '.join(b.name for b in _BACKENDS)} arrays")

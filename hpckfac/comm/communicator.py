@@ -5,6 +5,7 @@ import pickle
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from mpi4py import MPI
 
 from hpckfac.comm import ring, vcoll
@@ -35,6 +36,15 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except (TypeError, ValueError):  # e.g. arrays, whose == is element-wise
         return pickle.dumps(a) == pickle.dumps(b)
+
+
+def _for_reduction(backend: Backend, dtype, algorithm: str) -> Backend:
+    """The backend a reduction of ``dtype`` by ``algorithm`` runs through: MPI's own
+    float16 sum is a Python user op that reads host memory, so a device-memory
+    backend hands such reductions to its host-staging twin."""
+    if backend.device_memory and algorithm == "mpi" and dtype == np.float16:
+        return backend.staged
+    return backend
 
 
 def _short(value: Any, limit: int = 200) -> str:
@@ -120,7 +130,7 @@ class Communicator:
         def validate():
             backend, dtype = backend_for(buf), check_dtype(buf.dtype)
             op_index, alg = _op_index(op), _algorithm_index(algorithm)
-            return backend, signature("allreduce", dtype=DTYPE_CODES[dtype], length=buf.size,
+            return _for_reduction(backend, dtype, algorithm), signature("allreduce", dtype=DTYPE_CODES[dtype], length=buf.size,
                                       op=op_index, algorithm=alg)
 
         backend = self._enter("allreduce", validate)
@@ -145,13 +155,16 @@ class Communicator:
             dtypes = [check_dtype(a.dtype) for a in arrays]
             buckets = plan_buckets([a.nbytes for a in arrays], dtypes, bucket_bytes)
             layout = digest([x for a, d in zip(arrays, dtypes) for x in (DTYPE_CODES[d], a.size)])
-            plan = (backends[0] if backends else HostBackend(), buckets)
+            backend = backends[0] if backends else HostBackend()
+            plan = ([_for_reduction(backend, d, algorithm) for d in dtypes], buckets)
             return plan, signature("allreduce_many", length=sum(a.size for a in arrays), op=op_index,
                                    algorithm=alg, parameter=bucket_bytes, layout=layout)
 
-        backend, buckets = self._enter("allreduce_many", validate)
-        reduce_fused(arrays, buckets, backend, self._fusion,
-                     lambda flat: self._reduce_flat(flat, op == "mean", algorithm, backend))
+        backends, buckets = self._enter("allreduce_many", validate)
+        for bucket in buckets:  # a bucket holds one dtype, hence one backend
+            backend = backends[bucket[0]]
+            reduce_fused(arrays, [bucket], backend, self._fusion,
+                         lambda flat: self._reduce_flat(flat, op == "mean", algorithm, backend))
 
     def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: str = "sum",
                          algorithm: str = "mpi") -> Any:
@@ -168,13 +181,14 @@ class Communicator:
             cnt = vcoll.check_counts(counts, self.size)
             if int(cnt.sum()) != sendbuf.size:
                 raise ValueError(f"counts sum to {int(cnt.sum())} but sendbuf holds {sendbuf.size} elements")
-            return (backend, cnt), signature("reduce_scatter_v", dtype=DTYPE_CODES[dtype], length=sendbuf.size,
+            return (_for_reduction(backend, dtype, algorithm), cnt), signature("reduce_scatter_v", dtype=DTYPE_CODES[dtype], length=sendbuf.size,
                                              op=op_index, algorithm=alg, layout=digest(cnt))
 
         backend, cnt = self._enter("reduce_scatter_v", validate)
         work = backend.stage_in(sendbuf)
-        return vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
-                                      backend, op == "mean", algorithm)
+        out = vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
+                                     backend, op == "mean", algorithm)
+        return backend.result(out, sendbuf)
 
     def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: str = "mpi") -> Any:
         """Concatenate every rank's ``segment`` (``counts[rank]`` elements) in rank
@@ -191,8 +205,9 @@ class Communicator:
                                              algorithm=alg, layout=digest(cnt))
 
         backend, cnt = self._enter("allgather_v", validate)
-        return vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
-                                 algorithm)
+        out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
+                                algorithm)
+        return backend.result(out, segment)
 
     def broadcast(self, buf: Any, root: int = 0) -> Any:
         """Copy rank ``root``'s ``buf`` into ``buf`` on every rank, in place; returns ``buf``."""

@@ -10,8 +10,11 @@ Two ways for MPI to reach GPU memory:
   collective runs on the host copy, and the result is copied back.
 
 MPI does not know CuPy's streams, so every hand-over to MPI first waits for
-the current stream (``stage_in`` and ``add`` synchronise).
-``install_device_backend()`` registers the backend that fits this MPI.
+the current stream (``stage_in``, ``add`` and ``synchronize`` do). MPI's
+float16 sum is a Python user op reading host memory, so float16 reductions by
+MPI itself always go through the staged backend (``DeviceBackend.staged``).
+The Communicator installs the backend that fits this MPI
+(``install_device_backend``) when the first CuPy array arrives.
 """
 from __future__ import annotations
 
@@ -63,15 +66,23 @@ def _is_cupy(array: Any) -> bool:
     return type(array).__module__.startswith("cupy")
 
 
+def _is_view_of(work: Any, array: Any) -> bool:
+    # stage_in returns either a flat view of the array (same first address) or a fresh copy,
+    # which cannot start at the address of a live array: one pointer comparison tells them apart.
+    return work.data.ptr == array.data.ptr
+
+
 class DeviceBackend:
     """CuPy arrays handed to a CUDA-aware MPI directly; reductions on the GPU."""
 
     name = "cupy"
+    device_memory = True
 
     def __init__(self) -> None:
         import cupy
 
         self.xp = cupy
+        self.staged = StagedDeviceBackend()
 
     def accepts(self, array: Any) -> bool:
         return _is_cupy(array)
@@ -82,13 +93,19 @@ class DeviceBackend:
         return work
 
     def stage_out(self, work: Any, array: Any) -> None:
-        if not self.xp.shares_memory(work, array):
+        if not _is_view_of(work, array):
             array[...] = work.reshape(array.shape)
 
     def add(self, dst: Any, src: Any) -> None:
         self.xp.add(dst, src, out=dst)
         # The ring sends this chunk in its next step.
+        self.synchronize()
+
+    def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
+
+    def result(self, work: Any, like: Any) -> Any:
+        return work
 
 
 class StagedDeviceBackend:
@@ -100,6 +117,7 @@ class StagedDeviceBackend:
 
     name = "cupy-staged"
     xp = np
+    device_memory = False
 
     def __init__(self) -> None:
         import cupy
@@ -131,9 +149,20 @@ class StagedDeviceBackend:
     def add(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.add(dst, src, out=dst)
 
+    def synchronize(self) -> None:
+        pass  # our own reductions run on the host copy
+
+    def result(self, work: np.ndarray, like: Any) -> Any:
+        return self._cupy.asarray(work)
+
+
+_installed: list[Any] = []
+
 
 def install_device_backend() -> Any:
-    """Register the device backend that fits this MPI with the collectives and return it."""
-    backend = DeviceBackend() if cuda_aware_mpi() else StagedDeviceBackend()
-    register_backend(backend)
-    return backend
+    """Register the device backend that fits this MPI with the collectives (once) and return it."""
+    if not _installed:
+        backend = DeviceBackend() if cuda_aware_mpi() else StagedDeviceBackend()
+        register_backend(backend)
+        _installed.append(backend)
+    return _installed[0]

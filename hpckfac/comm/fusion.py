@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import itertools
-import sys
 from typing import Any, Callable, Hashable, Sequence
 
+from hpckfac.arrays import namespace
 from hpckfac.comm.backend import Backend
 
 DEFAULT_BUCKET_BYTES = 64 * 2**20  # Horovod's default fusion threshold
@@ -31,12 +31,6 @@ def plan_buckets(nbytes: Sequence[int], keys: Sequence[Hashable], bucket_bytes: 
     return sorted(buckets)
 
 
-def _array_module(array: Any) -> Any:
-    # The library the caller's arrays come from (numpy, cupy): fusion buffers are
-    # packed next to the arrays, then staged like any single buffer.
-    return sys.modules[type(array).__module__.partition(".")[0]]
-
-
 class FusionBuffers:
     """Reusable flat buffers, one per array library and dtype, grown on demand (kept
     between calls so that a training step does not allocate its fusion buffers)."""
@@ -46,7 +40,8 @@ class FusionBuffers:
 
     def like(self, array: Any, length: int) -> Any:
         """A contiguous 1-D buffer of ``length`` elements in ``array``'s library and dtype."""
-        xp = _array_module(array)
+        # Packed next to the caller's arrays (numpy, cupy), then staged like any single buffer.
+        xp = namespace(array)
         key = (xp.__name__, array.dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.size < length:

@@ -79,4 +79,5 @@ def allreduce(mpi: MPI.Comm, flat: Any, datatype: MPI.Datatype, backend: Backend
     done = reduce_scatter(mpi, flat, bounds, datatype, backend)
     if mean and size > 1:
         done /= size
+        backend.synchronize()  # the allgather sends the divided chunk
     allgather(mpi, flat, bounds, datatype)

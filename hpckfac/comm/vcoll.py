@@ -29,10 +29,11 @@ def bounds(counts: np.ndarray) -> list[int]:
 def reduce_scatter_v(mpi: MPI.Comm, send: Any, counts: np.ndarray, datatype: MPI.Datatype,
                      op: MPI.Op, backend: Backend, mean: bool, algorithm: str) -> Any:
     """Sum ``send`` (contiguous, length ``counts.sum()``) over ranks; this rank's
-    segment as a new array (``send`` is left unchanged)."""
+    segment as a new array of ``backend.xp`` (``send`` is left unchanged)."""
     rank, size = mpi.Get_rank(), mpi.Get_size()
     if algorithm == "ring":
         work = backend.xp.array(send, copy=True)  # the ring sums in place
+        backend.synchronize()
         out = ring.reduce_scatter(mpi, work, bounds(counts), datatype, backend, shift=0).copy()
     else:
         out = backend.xp.empty(int(counts[rank]), dtype=send.dtype)
@@ -44,11 +45,13 @@ def reduce_scatter_v(mpi: MPI.Comm, send: Any, counts: np.ndarray, datatype: MPI
 
 def allgather_v(mpi: MPI.Comm, segment: Any, counts: np.ndarray, datatype: MPI.Datatype,
                 backend: Backend, algorithm: str) -> Any:
-    """Concatenate every rank's ``segment`` (length ``counts[rank]``) on every rank."""
+    """Concatenate every rank's ``segment`` (length ``counts[rank]``) on every rank,
+    in a new array of ``backend.xp``."""
     out = backend.xp.empty(int(counts.sum()), dtype=segment.dtype)
     if algorithm == "ring":
         edges = bounds(counts)
         out[edges[mpi.Get_rank()]:edges[mpi.Get_rank() + 1]] = segment
+        backend.synchronize()
         ring.allgather(mpi, out, edges, datatype, shift=0)
     else:
         mpi.Allgatherv([segment, datatype], [out, (counts.tolist(), bounds(counts)[:-1]), datatype])

@@ -1,0 +1,117 @@
+"""The GPU code path of the whole K-FAC step, run on a stand-in device array
+(tests/standin.py) on every machine: a stray host conversion in the stages,
+the engine or the torch bridge fails here rather than on a cluster, and the
+result must equal the host path's bit for bit (same kernels underneath)."""
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+import standin
+from hpckfac import arrays
+from hpckfac.comm import Communicator
+from hpckfac.layers import LinearBlock
+from hpckfac.stages.engine import KFACEngine
+from hpckfac.stages.local_factors import LocalStatistics
+from hpckfac.torch import bridge, preconditioner
+from hpckfac.torch import KFACPreconditioner
+
+OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_interval=4, kl_clip=1e-3)
+
+
+@contextlib.contextmanager
+def device_path():
+    """Within the block, KFACPreconditioner sees every CPU tensor as a stand-in device array."""
+    with standin.installed(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preconditioner, "to_array", lambda t: standin.to_device(bridge.to_array(t)))
+        # On a GPU this is a DLPack view, not a read: hand over the wrapped array uncounted.
+        patch.setattr(preconditioner, "copy_into", lambda t, a: bridge.copy_into(t, a._a))
+        patch.setattr(preconditioner, "namespace_for", lambda device: standin.xp)
+        yield
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3, bias=False)).double()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+            for _ in range(8)]
+    return model, data
+
+
+def train(reads=None):
+    """Eight K-FAC steps; with ``reads``, the host reads of each step are appended."""
+    model, data = model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=OPTIONS["lr"])
+    pre = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), **OPTIONS)
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = standin.HOST_READS["count"]
+        pre.step()
+        if reads is not None:
+            reads.append(standin.HOST_READS["count"] - before)
+        opt.step()
+    return model, pre
+
+
+def test_the_standin_refuses_host_conversion():
+    x = standin.to_device(np.arange(4.0))
+    with pytest.raises(TypeError, match="implicit conversion"):
+        np.asarray(x)
+    with pytest.raises(TypeError, match="device array"):
+        np.concatenate([x, x])
+    assert np.array_equal(x.get(), np.arange(4.0))
+
+
+def test_whole_step_on_the_device_path_equals_the_host_path():
+    host_model, host_pre = train()
+    reads: list[int] = []
+    with device_path():
+        model, pre = train(reads)
+    assert pre.xp is standin.xp and all(isinstance(r, standin.DeviceArray) for r in pre.engine.state.running)
+    for (name, p), q in zip(model.named_parameters(), host_model.parameters()):
+        assert torch.equal(p, q), name
+    assert pre.last_nu == host_pre.last_nu and pre.last_nu < 1.0  # the KL clip was active
+    # Steps 1, 3, 5, 7 take no statistics and keep the inverses: nothing comes back to the host.
+    assert [reads[k] for k in (1, 3, 5, 7)] == [0, 0, 0, 0], reads
+    # Factor steps read the presence shares once (and, on inverse steps, the inversion status).
+    assert reads[2] == 1 and reads[6] == 1, reads
+
+
+def test_state_dict_of_the_device_path_is_host_data():
+    with device_path():
+        _, pre = train()
+        state = pre.state_dict()
+        for block in state["blocks"].values():
+            assert isinstance(block["factors"], torch.Tensor) and torch.isfinite(block["factors"]).all()
+        model, _ = model_and_data()
+        other = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), **OPTIONS)
+        other.load_state_dict(state)
+        for mine, theirs in zip(other.engine.state.running, pre.engine.state.running):
+            assert isinstance(mine, standin.DeviceArray) and np.array_equal(mine.get(), theirs.get())
+
+
+def test_engine_buffers_live_in_the_gradients_namespace():
+    blocks = [LinearBlock("a", 5, 4, bias=True), LinearBlock("b", 4, 3, bias=False)]
+    comm = Communicator(MPI.COMM_SELF)
+    results = []
+    for xp, wrap in ((np, np.asarray), (standin.xp, standin.to_device)):
+        with standin.installed():
+            engine = KFACEngine(blocks, comm, damping=1e-2, kl_clip=1e-2, xp=xp)
+            local = LocalStatistics(blocks, np.float64, xp)
+            local.add_examples(7)
+            draws = np.random.default_rng(3)
+            for index, (d_in, d_out) in enumerate(((5, 4), (4, 3))):
+                local.add_inputs(index, wrap(draws.standard_normal((7, d_in))))
+                local.add_output_grads(index, wrap(draws.standard_normal((7, d_out))))
+            grads = [wrap(draws.standard_normal(s.grad_shape)) for s in engine.specs]
+            out = engine.step(grads, local.result(), lr=0.1)
+            assert all(arrays.namespace(o) is xp for o in out)
+            results.append([arrays.to_host(o) for o in out])
+    for host, device in zip(*results):
+        assert np.array_equal(host, device)
