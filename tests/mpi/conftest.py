@@ -1,5 +1,11 @@
 """Fixtures shared by the multi-rank tests (run under mpiexec with --with-mpi)."""
+import os
+import sys
+
 import pytest
+
+# The serial tests' helpers (the stand-in device array) are shared with the multi-rank ones.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture

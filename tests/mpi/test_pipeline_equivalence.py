@@ -3,7 +3,11 @@ process taking the same P micro-batches with accumulation_steps=P (and, without
 BatchNorm, one process taking the whole batch at once), in float64.
 
 The reference runs inside every rank on a size-1 communicator (COMM_SELF).
+The same check runs on the device code path: with the stand-in device array
+(every machine) and with a CUDA model (where a GPU exists; ranks may share it).
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +15,17 @@ from mpi4py import MPI
 from torch import nn
 
 from hpckfac.comm import Communicator
-from hpckfac.torch import KFACPreconditioner
+from hpckfac.torch import KFACPreconditioner, bind_device
+
+import standin
+from test_device_path import device_path
+
+try:
+    import cupy  # noqa: F401
+
+    CUDA = torch.cuda.is_available()
+except ImportError:
+    CUDA = False
 
 MICRO, STEPS, LR = 4, 10, 0.1
 
@@ -39,31 +53,49 @@ def batches(shape, classes, parts):
         yield x.split(MICRO), y.split(MICRO)
 
 
-def train(make_model, shape, classes, comm, micro_ids, parts, **options):
-    """Parameters after STEPS steps (and the KL factors) processing micro-batches ``micro_ids`` per step."""
+def train(make_model, shape, classes, comm, micro_ids, parts, device="cpu", **options):
+    """Parameters after STEPS steps (and the KL factors) processing micro-batches ``micro_ids`` per step,
+    on ``device``: "cpu", "cuda" or "standin" (the CPU model seen as device arrays)."""
     torch.manual_seed(0)
-    model = make_model().double()
+    where = bind_device("cuda", comm) if device == "cuda" else torch.device("cpu")
+    model = make_model().double().to(where)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    precond = KFACPreconditioner(model, lr=LR, comm=comm, accumulation_steps=len(micro_ids), **options)
     nus = []
-    for xs, ys in batches(shape, classes, parts):
-        opt.zero_grad()
-        for i in micro_ids:
-            loss = nn.functional.cross_entropy(model(xs[i]), ys[i]) / len(micro_ids)
-            loss.backward()
-        precond.step()
-        opt.step()
-        nus.append(precond.last_nu)
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy(), nus
+    with device_path() if device == "standin" else contextlib.nullcontext():
+        precond = KFACPreconditioner(model, lr=LR, comm=comm, accumulation_steps=len(micro_ids), **options)
+        if device != "cpu":
+            assert precond.xp.__name__ in ("cupy", "standin"), precond.xp
+        for xs, ys in batches(shape, classes, parts):
+            opt.zero_grad()
+            for i in micro_ids:
+                loss = nn.functional.cross_entropy(model(xs[i].to(where)), ys[i].to(where)) / len(micro_ids)
+                loss.backward()
+            precond.step()
+            opt.step()
+            nus.append(precond.last_nu)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu().numpy(), nus
 
 
-def check(make_model, shape, classes, comm, **options):
-    dist, nus = train(make_model, shape, classes, comm, [comm.rank], comm.size, **options)
+def check(make_model, shape, classes, comm, device="cpu", **options):
+    dist, nus = train(make_model, shape, classes, comm, [comm.rank], comm.size, device, **options)
     ref, ref_nus = train(make_model, shape, classes, Communicator(MPI.COMM_SELF),
-                         list(range(comm.size)), comm.size, **options)
+                         list(range(comm.size)), comm.size, device, **options)
     np.testing.assert_allclose(dist, ref, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(nus, ref_nus, rtol=1e-9)
     return dist, nus
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device", ["standin", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
+def test_device_path_equals_one_process(comm, device):
+    options = dict(damping=1e-2, factor_update_interval=2, inverse_update_interval=3, kl_clip=1e-3)
+    dist, nus = check(bn_model, (2, 6, 6), 4, comm, device, **options)
+    assert min(nus) < 1.0  # the KL clip was active
+    # Against the host path: identical kernels for the stand-in; CUDA's float64 kernels sum in another order.
+    host, host_nus = train(bn_model, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
+    np.testing.assert_allclose(dist, host, rtol=0 if device == "standin" else 1e-9, atol=1e-12)
+    np.testing.assert_allclose(nus, host_nus, rtol=0 if device == "standin" else 1e-9)
 
 
 @pytest.mark.mpi
