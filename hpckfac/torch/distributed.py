@@ -25,11 +25,13 @@ def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
     included) into ``model`` on every rank, in place."""
     comm = _comm(comm)
     for tensor in list(model.parameters()) + list(model.buffers()):
-        array = to_array(tensor)
         if _is_float(tensor):
-            comm.broadcast(array, root=root)
-        else:  # integer buffers such as BatchNorm's num_batches_tracked
-            comm.mpi.Bcast(array, root=root)
+            comm.broadcast(to_array(tensor), root=root)
+        else:  # integer buffers such as BatchNorm's num_batches_tracked: a few bytes, through the host
+            host = tensor.detach().cpu()
+            comm.mpi.Bcast(host.numpy(), root=root)
+            with torch.no_grad():
+                tensor.copy_(host)
 
 
 def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import fields
 
-from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, TrainConfig
+from hpckfac.train.config import DEVICES, DEFAULT_LR, OPTIMIZERS, TrainConfig
 
 PROG = "hpckfac train"
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="K",
                    help="evaluate on the test set every K steps")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--device", choices=DEVICES, default=d.device,
+                   help="auto: one GPU per rank (local rank %% visible GPUs) when CUDA is present, else CPU")
     return p
 
 
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_cli_message(exc), code=1)
     s = result.summary
     if comm.rank == 0:
-        print(f"{PROG}: {s['optimizer']} on {trainer.data.name}, {s['ranks']} rank(s), global batch "
+        print(f"{PROG}: {s['optimizer']} on {trainer.data.name}, {s['ranks']} rank(s) on {s['device']}, global batch "
               f"{config.batch_size}: {s['steps']} steps ({s['epochs']:.1f} epochs) in {s['wall']:.1f} s of training\n"
               f"test accuracy {100 * s['test_acc']:.2f}% (loss {s['test_loss']:.4f}), "
               f"best {100 * s['best_test_acc']:.2f}% at step {s['best_step']}")

@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass
 
 OPTIMIZERS = ("kfac", "sgd", "adam")
+DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
 
 # Settings that fix the trajectory: a checkpoint may only be resumed with the same values.
@@ -17,7 +18,8 @@ class TrainConfig:
     """Everything ``hpckfac train`` takes; ``validate()`` raises ValueError naming the setting.
 
     ``lr=None`` picks ``DEFAULT_LR[optimizer]``; ``steps=None`` means ``epochs``
-    epochs; ``kl_clip=0`` disables the KL clip. ``momentum`` is SGD's and
+    epochs; ``kl_clip=0`` disables the KL clip; ``device`` is ``auto`` (a GPU
+    per rank when CUDA is present), ``cuda`` or ``cpu``. ``momentum`` is SGD's and
     K-FAC's heavy-ball momentum (Adam keeps its default betas).
     """
 
@@ -43,11 +45,14 @@ class TrainConfig:
     resume: str | None = None
     eval_every: int = 10
     progress: bool = True
+    device: str = "auto"
 
     def validate(self) -> "TrainConfig":
         """Check every value; returns self with ``lr`` filled in."""
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.steps is not None:
             _integer("steps", self.steps, 1)
         _integer("epochs", self.epochs, 1)

@@ -80,11 +80,13 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, comm=None) -> None:
         from hpckfac.comm import Communicator
-        from hpckfac.torch import KFACPreconditioner, broadcast_parameters
+        from hpckfac.torch import KFACPreconditioner, bind_device, broadcast_parameters
 
         self.config = config.validate()
         self.comm = comm if comm is not None else Communicator()
         self.rank, self.size = self.comm.rank, self.comm.size
+        # First, before anything touches CUDA: each rank on its own GPU.
+        self.device = agree(self.comm, lambda: bind_device(config.device, self.comm))
         self.data: Dataset = agree(self.comm, lambda: load_dataset(config.data))
         if config.batch_size % self.size:
             raise ValueError(f"batch_size: global batch {config.batch_size} does not split evenly over "
@@ -92,14 +94,16 @@ class Trainer:
         self.order = BatchOrder(len(self.data.x_train), config.batch_size, config.seed)
         self.total_steps = config.steps or config.epochs * self.order.steps_per_epoch
         self.schedule = WarmupPolynomialDecay(config.lr, self.total_steps, config.warmup_steps, config.decay_power)
-        self.x_train, self.y_train = torch.from_numpy(self.data.x_train), torch.from_numpy(self.data.y_train)
+        # The data sets are small: each rank keeps them on its device and slices batches there.
+        self.x_train = torch.from_numpy(self.data.x_train).to(self.device)
+        self.y_train = torch.from_numpy(self.data.y_train).to(self.device)
         test = np.array_split(np.arange(len(self.data.x_test)), self.size)[self.rank]
-        self.x_test = torch.from_numpy(self.data.x_test[test])
-        self.y_test = torch.from_numpy(self.data.y_test[test])
+        self.x_test = torch.from_numpy(self.data.x_test[test]).to(self.device)
+        self.y_test = torch.from_numpy(self.data.y_test[test]).to(self.device)
 
         torch.manual_seed(config.seed)
         self.model = resnet(depth=8, width=config.width, in_channels=self.data.in_channels,
-                            num_classes=self.data.num_classes)
+                            num_classes=self.data.num_classes).to(self.device)
         broadcast_parameters(self.model, self.comm)
         self.optimizer = self._make_optimizer()
         self.precond = None
@@ -145,7 +149,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step on this rank's shard of global batch ``self.step``;
         returns its seconds and this rank's loss and accuracy on its shard."""
-        index = torch.from_numpy(self.order.shard(self.step, self.rank, self.size))
+        index = torch.from_numpy(self.order.shard(self.step, self.rank, self.size)).to(self.device)
         x, y = self.x_train[index], self.y_train[index]
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule(self.step)
@@ -161,6 +165,8 @@ class Trainer:
 
             allreduce_gradients(self.model, self.comm)
         self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step's kernels, not only their launches
         seconds = time.perf_counter() - start
         loss, correct = float(loss.detach()), float((logits.detach().argmax(1) == y).sum())
         self._interval += (loss * len(y), correct, len(y))
@@ -254,7 +260,8 @@ class Trainer:
         """Final and best test accuracy, steps, epochs, training seconds."""
         last = self.records[-1]
         best = max(self.records, key=lambda r: r["test_acc"])
-        return {"optimizer": self.config.optimizer, "ranks": self.size, "steps": self.step,
+        return {"optimizer": self.config.optimizer, "ranks": self.size, "device": str(self.device),
+                "steps": self.step,
                 "epochs": last["epoch"], "wall": self.wall, "test_acc": last["test_acc"],
                 "test_loss": last["test_loss"], "best_test_acc": best["test_acc"], "best_step": best["step"]}
 
