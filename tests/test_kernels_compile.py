@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 
-import hpckfac.kernels as kernel_sources
 from hpckfac.ops import cuda_module
 
 NVCC = shutil.which("nvcc")
@@ -38,12 +37,12 @@ def compile_ptx(tmp_path, file: str, arch: int) -> str:
 
 
 def test_every_source_is_listed():
-    for file in kernel_sources.names():
+    for file in cuda_module.source_names():
         assert cuda_module.name_expressions(file, 90)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("file", kernel_sources.names())
+@pytest.mark.parametrize("file", cuda_module.source_names())
 def test_source_compiles_with_loader_instantiations(tmp_path, file, arch):
     ptx = compile_ptx(tmp_path, file, arch)
     entries = re.findall(r"^\.(?:visible\s+)?\.entry\s+(\S+?)\(", ptx, flags=re.M)

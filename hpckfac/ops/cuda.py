@@ -232,7 +232,8 @@ def _kernel_inverse(mats, damping, shift):
 
 
 def _solver_inverse(mats, damping, shift):
-    """(inverse, ok) through cuSOLVER: batched Cholesky, triangular solves per matrix."""
+    """(inverse, ok) through cuSOLVER and cuBLAS: batched Cholesky, one batched
+    triangular solve for ``L^-1``, one batched product ``L^-T L^-1``."""
     # Imported here: loading it needs cuBLAS, which a GPU-less machine lacks.
     from cupyx.scipy.linalg import solve_triangular
 
@@ -244,11 +245,10 @@ def _solver_inverse(mats, damping, shift):
     tol = PIVOT_RTOL * np.finfo(mats.dtype).eps
     # L_ii > 0 also rejects a factorisation cuSOLVER stopped at a non-positive pivot.
     ok = cupy.isfinite(factors).all(axis=(1, 2)) & ((pivots > 0) & (pivots * pivots >= tol * diag)).all(axis=1)
-    inverse = cupy.empty_like(mats)
-    eye = cupy.eye(mats.shape[-1], dtype=mats.dtype)
-    for i in cupy.flatnonzero(ok).get():
-        lower_inv = solve_triangular(factors[i], eye, lower=True)
-        inverse[i] = lower_inv.T @ lower_inv
+    # Failed factorisations give garbage here; ``ok`` masks them and the fallbacks replace them.
+    eye = cupy.broadcast_to(cupy.eye(mats.shape[-1], dtype=mats.dtype), mats.shape)
+    lower_inv = solve_triangular(factors, eye, lower=True)
+    inverse = lower_inv.swapaxes(1, 2) @ lower_inv
     inverse = 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
     ok &= cupy.isfinite(inverse).all(axis=(1, 2))
     return inverse, ok

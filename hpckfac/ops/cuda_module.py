@@ -1,33 +1,48 @@
-"""Compile-once loader of the CUDA sources in ``kernels/`` (package ``hpckfac.kernels``).
+"""Compile-once loader of the CUDA sources in ``kernels/``.
 
 Each source file is compiled by CuPy's NVRTC backend (``cupy.RawModule``) with
 every kernel instantiation it provides (``name_expressions``), once per
-process for each (file, options, device architecture); CuPy keeps the loaded
-module per device and caches the binary on disk across processes.
+process for each (file, options, device architecture, instantiations); CuPy
+keeps the loaded module per device and caches the binary on disk across
+processes.
 
 The instantiations a file provides are listed here and nowhere else:
 ``tests/test_kernels_compile.py`` compiles the same sources with ``nvcc`` for
 exactly ``name_expressions(file, arch)`` and ``BASE_OPTIONS``.
 
-NVRTC needs ``cuda_fp16.h``, ``cuda_bf16.h`` and ``mma.h``: they come from the
-CUDA toolkit's include directory, which CuPy locates (``CUDA_PATH``) and which
-is added to the options here, or from the pip package
-``nvidia-cuda-runtime-cu12`` (``pip install cupy-cuda12x[ctk]``).
+Sources: from the installed package ``hpckfac.kernels`` (a wheel or an
+editable install), else from the ``kernels/`` folder of the checkout this
+module sits in (``python -m pytest`` at the repository root works without
+installing).
+
+Headers: NVRTC needs ``cuda_fp16.h``, ``cuda_bf16.h``, ``mma.h`` and the
+``crt/mma.h`` it includes. ``include_dirs`` looks for each of them, in order,
+under pip's CUDA packages of the NVRTC's major version (CUDA 12:
+``nvidia/cuda_runtime``, ``nvidia/cuda_nvcc``, ...; CUDA 13: ``nvidia/cu13``),
+then ``$CUDA_PATH``, CuPy's CUDA path and ``/usr/local/cuda``; a header found
+nowhere raises ``KernelBuildError`` naming it and the folders searched.
 
 Importing this module does not import CuPy.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import sys
 import threading
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
-import hpckfac.kernels as kernel_sources
+# Headers the kernels include (``mma.h`` pulls in ``crt/mma.h``).
+REQUIRED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h")
+
+
+class KernelBuildError(RuntimeError):
+    """The CUDA kernels cannot be built on this machine (sources or headers missing)."""
+
 
 # Options shared by NVRTC (here) and nvcc (the compile test); include paths are
 # added per machine by ``options()``.
@@ -46,7 +61,30 @@ CTYPES: dict[str, str] = {
 WMMA_MIN_ARCH: dict[str, int] = {"float16": 70, "bfloat16": 80}
 
 _lock = threading.Lock()
-_modules: dict[tuple[str, tuple[str, ...], int], object] = {}
+_modules: dict[tuple, object] = {}
+
+
+@lru_cache(maxsize=1)
+def kernel_dir() -> Path:
+    """Folder holding the ``.cu`` sources: the installed ``hpckfac.kernels``, else the checkout's ``kernels/``."""
+    spec = importlib.util.find_spec("hpckfac.kernels")
+    candidates = list(spec.submodule_search_locations or []) if spec is not None else []
+    candidates.append(str(Path(__file__).resolve().parents[2] / "kernels"))
+    for folder in candidates:
+        if (Path(folder) / "common.cuh").is_file():
+            return Path(folder)
+    raise KernelBuildError(f"the CUDA sources (kernels/*.cu) were not found in {candidates}; "
+                           f"reinstall hpckfac or run from a complete checkout")
+
+
+def source(file: str) -> str:
+    """Text of the CUDA source ``file`` (e.g. ``"pack.cu"``)."""
+    return (kernel_dir() / file).read_text(encoding="utf-8")
+
+
+def source_names() -> list[str]:
+    """Names of the ``.cu`` sources."""
+    return sorted(p.name for p in kernel_dir().glob("*.cu"))
 
 
 def dtype_name(dtype) -> str:
@@ -90,31 +128,57 @@ def name_expressions(file: str, arch: int) -> tuple[str, ...]:
         return tuple(sorted(names)) + ("syrk_finish",)
     if file == "chol.cu":
         return (chol_name("float32"), chol_name("float64"))
-    raise ValueError(f"file: unknown kernel source {file!r}, expected one of {kernel_sources.names()}")
+    raise ValueError(f"file: unknown kernel source {file!r}, expected one of {source_names()}")
 
 
-def include_dirs() -> list[str]:
-    """``-I`` directories: the kernel sources (for ``common.cuh``) and the CUDA headers NVRTC needs."""
-    dirs = [str(resources.files(kernel_sources))]
-    # pip's headers first: they match the NVRTC that CuPy loads (CUDA 12), while
-    # CUDA_PATH may name a newer toolkit.
-    candidates: list[str | None] = []
-    try:
-        import nvidia.cuda_runtime  # nvidia-cuda-runtime-cu12, from cupy-cuda12x[ctk]
+def _nvidia_roots() -> list[Path]:
+    """Folders of pip's ``nvidia`` namespace package (CUDA wheels), if installed."""
+    spec = importlib.util.find_spec("nvidia")
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
 
-        candidates.extend(nvidia.cuda_runtime.__path__)
-    except ImportError:
-        pass
-    candidates.append(os.environ.get("CUDA_PATH"))
+
+def _nvrtc_major() -> int | None:
     try:
         import cupy
 
-        candidates.append(cupy.cuda.get_cuda_path())
+        return int(cupy.cuda.nvrtc.getVersion()[0])
+    except Exception:  # no CuPy, or no NVRTC library
+        return None
+
+
+def header_candidates(major: int | None = None) -> list[Path]:
+    """Include folders searched for the CUDA headers, in order (see the module docstring)."""
+    pip = []
+    for root in _nvidia_roots():
+        # CUDA 13 wheels share one tree per major version; CUDA 12 wheels have one per component.
+        pip += [root / f"cu{major}" / "include"] if major is not None else sorted(root.glob("cu[0-9]*/include"))
+        pip += [root / part / "include" for part in ("cuda_runtime", "cuda_nvcc", "cuda_crt", "cuda_nvrtc")]
+    system = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")]
+    try:
+        import cupy
+
+        system.append(cupy.cuda.get_cuda_path())
     except ImportError:
         pass
-    for root in candidates:
-        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
-            dirs.append(os.path.join(root, "include"))
+    system.append("/usr/local/cuda")
+    found = pip + [Path(root) / "include" for root in system if root]
+    return list(dict.fromkeys(p for p in found if p.is_dir()))
+
+
+def include_dirs(major: int | None = None) -> list[str]:
+    """``-I`` folders: the kernel sources (for ``common.cuh``), then for each required
+    header the first candidate folder holding it. ``KernelBuildError`` names a missing header."""
+    candidates = header_candidates(_nvrtc_major() if major is None else major)
+    dirs = [str(kernel_dir())]
+    for header in REQUIRED_HEADERS:
+        folder = next((c for c in candidates if (c / header).is_file()), None)
+        if folder is None:
+            searched = ", ".join(map(str, candidates)) or "none found"
+            raise KernelBuildError(
+                f"CUDA header {header} not found (searched: {searched}); install the CUDA headers of your "
+                f"CuPy's CUDA version (pip install 'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]') or set "
+                f"CUDA_PATH to a CUDA toolkit")
+        dirs.append(str(folder))
     return list(dict.fromkeys(dirs))
 
 
@@ -136,12 +200,12 @@ def module(file: str):
     import cupy
 
     opts, arch = options(), device_arch()
-    key = (file, opts, arch)
+    names = name_expressions(file, arch)
+    key = (file, opts, arch, names)
     with _lock:
         mod = _modules.get(key)
         if mod is None:
-            mod = cupy.RawModule(code=kernel_sources.source(file), options=opts,
-                                 name_expressions=name_expressions(file, arch))
+            mod = cupy.RawModule(code=source(file), options=opts, name_expressions=names)
             _modules[key] = mod
     return mod
 

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hpckfac.ops.casting import cast
+
 
 def packed_size(n: int) -> int:
     """Number of elements of the packed upper triangle of an ``n x n`` matrix."""
@@ -43,7 +45,7 @@ def pack_sym(
     if out is None:
         out = np.empty(int(offsets[-1]), dtype=dtype)
     for mat, n, start, stop in zip(mats, sizes, offsets[:-1], offsets[1:]):
-        out[start:stop] = mat[triu(n)]
+        out[start:stop] = cast(mat[triu(n)], out.dtype)
     return out
 
 
@@ -54,7 +56,8 @@ def unpack_sym(buffer: np.ndarray, sizes: list[int], dtype: np.dtype) -> list[np
     for n, start, stop in zip(sizes, offsets[:-1], offsets[1:]):
         rows, cols = triu(n)
         mat = np.empty((n, n), dtype=dtype)
-        mat[rows, cols] = buffer[start:stop]
-        mat[cols, rows] = buffer[start:stop]
+        values = cast(buffer[start:stop], dtype)
+        mat[rows, cols] = values
+        mat[cols, rows] = values
         mats.append(mat)
     return mats
