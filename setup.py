@@ -36,7 +36,9 @@ setup(
     ],
     extras_require={
         "mpi": ["mpich"],
-        "gpu": ["cupy-cuda12x"],
+        # CuPy for the CUDA major version of the machine's driver and torch build.
+        "cuda12": ["cupy-cuda12x"],
+        "cuda13": ["cupy-cuda13x"],
         "test": ["pytest>=7", "pytest-mpi>=0.6"],
     },
     entry_points={"console_scripts": ["hpckfac=hpckfac.cli:main"]},

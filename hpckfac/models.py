@@ -1,10 +1,15 @@
-"""Small ResNet-style CNNs with BatchNorm for 8x8 digits and CIFAR-like 32x32 inputs.
+"""ResNet-style CNNs with BatchNorm: small ones for 8x8 digits and CIFAR-like
+32x32 inputs, and ImageNet's ResNet-50 for benchmarks at real layer shapes.
 
 ``resnet(depth=20, width=16)`` is He et al.'s CIFAR ResNet-20: a 3x3 stem,
 three stages of ``(depth - 2) // 6`` basic blocks with ``width``, ``2*width``,
 ``4*width`` channels (stride 1, 2, 2), global average pooling and a Linear
 classifier. Global pooling makes it work for any input of at least 4x4
 (``digits_cnn`` is the small one the trainer uses on 8x8 digits).
+
+``resnet50()`` is He et al.'s ImageNet ResNet-50 (bottleneck blocks [3, 4, 6,
+3], stride on the 3x3 convolution), with torchvision's module names, so its
+K-FAC blocks are exactly ``hpckfac.bench.shapes.resnet50()``.
 """
 from __future__ import annotations
 
@@ -65,3 +70,60 @@ def resnet(depth: int = 20, width: int = 16, in_channels: int = 3, num_classes: 
 def digits_cnn(width: int = 8, num_classes: int = 10) -> ResNet:
     """ResNet-8 for 1x8x8 inputs (scikit-learn digits)."""
     return resnet(depth=8, width=width, in_channels=1, num_classes=num_classes)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand (x4), each with BN; shortcut downsample when the shape changes."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out = planes * 4
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or in_channels != out:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    """ImageNet ResNet-50: 7x7/2 stem, 3x3/2 max pool, four bottleneck stages, pooling, Linear head."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        channels = 64
+        for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+            layer = []
+            for b in range(blocks):
+                layer.append(Bottleneck(channels, planes, 2 if (b == 0 and stage > 1) else 1))
+                channels = planes * 4
+            setattr(self, f"layer{stage}", nn.Sequential(*layer))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def resnet50(num_classes: int = 1000) -> ResNet50:
+    """ImageNet ResNet-50 (25,557,032 parameters with 1000 classes)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+    return ResNet50(num_classes)

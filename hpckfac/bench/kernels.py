@@ -36,7 +36,7 @@ def _gpu_problem() -> str | None:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return "CuPy sees no CUDA device"
     except ImportError:
-        return "CuPy is not installed (pip install cupy-cuda12x, or hpckfac[gpu])"
+        return "CuPy is not installed (pip install 'hpckfac[cuda12]' or 'hpckfac[cuda13]')"
     except Exception as exc:  # driver missing or too old
         return f"no usable CUDA device ({type(exc).__name__}: {exc})"
     return None

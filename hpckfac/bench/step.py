@@ -1,12 +1,16 @@
 """``python -m hpckfac.bench step``: iteration time of SGD + ring-allreduce vs K-FAC.
 
 Under ``mpiexec -n N``. Every configuration trains its own copy of a
-ResNet-style CNN with BatchNorm (``hpckfac.models.resnet``) on random
-CIFAR-shaped data, and the configurations take turns step by step, so that
-they are measured side by side under the same machine load. Reported per
-configuration: median and mean (amortised over the update intervals)
-milliseconds per iteration, the ratio to SGD, and the mean per-stage time of
-the preconditioner (rank 0's view; iteration times are the max over ranks).
+ResNet-style CNN with BatchNorm on random data -- CIFAR's ResNet-20
+(``--model cifar``, 32x32) or ImageNet's ResNet-50 (``--model resnet50``,
+224x224) -- and the configurations take turns step by step, so that they are
+measured side by side under the same machine load. ``--device cuda`` puts
+each rank on its GPU (``bind_device``) and ends every timed step with a device
+synchronisation. Reported per configuration: median and mean (amortised over
+the update intervals) milliseconds per iteration, the ratio to SGD, and the
+mean per-stage time of the preconditioner (rank 0's view; iteration times are
+the max over ranks). With ``--stage-sync`` the stages of a GPU step are timed
+with a synchronisation at each boundary (a separate run: it costs overlap).
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from torch import nn
 
 from hpckfac.bench.report import format_table, median, time_calls, write_json
 from hpckfac.comm import Communicator
-from hpckfac.models import resnet
-from hpckfac.torch import KFACPreconditioner, allreduce_gradients, broadcast_parameters
+from hpckfac.models import resnet, resnet50
+from hpckfac.torch import KFACPreconditioner, allreduce_gradients, bind_device, broadcast_parameters
 from hpckfac.torch.preconditioner import TIMED
 
 CONFIGS = {"sgd": None, "kfac_1_10": (1, 10), "kfac_10_100": (10, 100)}
@@ -31,13 +35,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--batch", type=int, default=128, help="examples per rank per iteration")
-    parser.add_argument("--depth", type=int, default=20, help="ResNet depth (6n+2)")
-    parser.add_argument("--width", type=int, default=16, help="channels of the first stage")
-    parser.add_argument("--image", type=int, default=32, help="input height and width")
+    parser.add_argument("--model", choices=("cifar", "resnet50"), default="cifar",
+                        help="CIFAR ResNet (--depth, --width) or ImageNet ResNet-50")
+    parser.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth (6n+2)")
+    parser.add_argument("--width", type=int, default=16, help="channels of the CIFAR ResNet's first stage")
+    parser.add_argument("--image", type=int, default=None, help="input height and width (32 cifar, 224 resnet50)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="cuda: one GPU per rank (local rank %% visible GPUs); auto: CUDA when present")
+    parser.add_argument("--stage-sync", action="store_true",
+                        help="synchronise the GPU at every stage boundary (per-stage times on a GPU)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     args.configs = args.configs.split(",")
+    if args.image is None:
+        args.image = 224 if args.model == "resnet50" else 32
     bad = [c for c in args.configs if c not in CONFIGS]
     if bad or args.steps < 1 or args.batch < 1:
         parser.error(f"invalid --configs {bad}" if bad else "--steps and --batch must be positive")
@@ -47,10 +59,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 class Runner:
     """One configuration: model, optimizer, optional preconditioner, per-step timings."""
 
-    def __init__(self, name: str, args: argparse.Namespace, comm: Communicator) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, comm: Communicator, device: torch.device) -> None:
         torch.manual_seed(0)
-        self.name, self.comm = name, comm
-        self.model = resnet(depth=args.depth, width=args.width)
+        self.name, self.comm, self.device = name, comm, device
+        model = resnet50() if args.model == "resnet50" else resnet(depth=args.depth, width=args.width)
+        self.model = model.to(device)
         broadcast_parameters(self.model, comm)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         intervals = CONFIGS[name]
@@ -58,22 +71,31 @@ class Runner:
         if intervals:
             self.precond = KFACPreconditioner(self.model, lr=0.01, comm=comm, factor_update_interval=intervals[0],
                                               inverse_update_interval=intervals[1])
+            if args.stage_sync:
+                self.precond.synchronize_timings()
         gen = torch.Generator().manual_seed(comm.rank)
-        self.x = torch.randn(args.batch, 3, args.image, args.image, generator=gen)
-        self.y = torch.randint(0, 10, (args.batch,), generator=gen)
+        classes = 1000 if args.model == "resnet50" else 10
+        self.x = torch.randn(args.batch, 3, args.image, args.image, generator=gen).to(device)
+        self.y = torch.randint(0, classes, (args.batch,), generator=gen).to(device)
         self.times: list[float] = []
         self.stages: dict[str, list[float]] = {k: [] for k in ("forward_backward",) + TIMED}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def step(self) -> None:
         start = time.perf_counter()
         self.opt.zero_grad()
         nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        self.sync()
         self.fb = time.perf_counter() - start
         if self.precond is None:
             allreduce_gradients(self.model, self.comm)
         else:
             self.precond.step()
         self.opt.step()
+        self.sync()
 
     def timed_step(self) -> None:
         self.times += time_calls(self.step, repeat=1, warmup=0, barrier=self.comm.barrier)
@@ -87,7 +109,8 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     torch.set_num_threads(1)
     comm = Communicator()
-    runners = [Runner(name, args, comm) for name in args.configs]
+    device = bind_device(args.device, comm)
+    runners = [Runner(name, args, comm, device) for name in args.configs]
     for _ in range(args.warmup):
         for runner in runners:
             runner.step()
@@ -109,7 +132,8 @@ def main(argv: list[str]) -> int:
             row["median_vs_sgd"] = row["median_ms"] / base["median_ms"]
             row["mean_vs_sgd"] = row["mean_ms"] / base["mean_ms"]
     if comm.rank == 0:
-        print(f"ranks={comm.size} batch/rank={args.batch} resnet{args.depth} width={args.width} "
+        model = "resnet50" if args.model == "resnet50" else f"resnet{args.depth} width={args.width}"
+        print(f"ranks={comm.size} device={device} batch/rank={args.batch} {model} "
               f"image={args.image} steps={args.steps}")
         print(format_table(results, ["config", "median_ms", "mean_ms", "median_vs_sgd", "mean_vs_sgd"]))
         stage_cols = ["config", "forward_backward_ms"] + [f"{k}_ms" for k in TIMED]

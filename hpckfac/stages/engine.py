@@ -20,7 +20,7 @@ whole ReduceScatterV buffer travels in one dtype, ``comm_dtype``.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -61,7 +61,8 @@ class KFACEngine:
         damping, factor_decay, kl_clip: may be changed between steps;
         last_nu: KL-clip factor of the last step (1.0 without clipping; read
             lazily, so a GPU step does not wait for it);
-        timings: wall seconds of each stage in ``STAGES`` in the last step.
+        timings: wall seconds of each stage in ``STAGES`` in the last step;
+        synchronize: None, or a function called before each clock reading.
     """
 
     def __init__(self, blocks: Sequence[Any], comm, *, damping: float = 1e-3,
@@ -95,6 +96,9 @@ class KFACEngine:
         self.steps = 0
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
         self.timings = dict.fromkeys(STAGES, 0.0)
+        # Called before every clock reading when set (e.g. a device synchronisation, so that
+        # the stage times of a GPU step are the stages' own and not their launch times).
+        self.synchronize: Callable[[], None] | None = None
 
     def is_factor_step(self) -> bool:
         """Whether the next ``step()`` reduces and averages statistics."""
@@ -128,13 +132,13 @@ class KFACEngine:
             raise ValueError(f"stats: a factor-update step needs one entry per block ({len(self.specs)})")
         if len(grads) != len(self.specs):
             raise ValueError(f"grads: expected {len(self.specs)} gradient matrices, got {len(grads)}")
-        start = time.perf_counter()
+        start = self._clock()
         counts = self.layout.reduce_counts(factors)
         segment = self.comm.reduce_scatter_v(self._fill(grads, stats if factors else None), counts, op="mean")
         base = self.layout.segment_start(self.comm.rank, counts)
-        self.timings["reduce_scatter"] = time.perf_counter() - start
+        self.timings["reduce_scatter"] = self._clock() - start
 
-        start = time.perf_counter()
+        start = self._clock()
         if factors and self.owned:
             # One read of all presence shares: the owner must know on the host which blocks to update.
             presence = to_host(segment[self._presence_at]).tolist()
@@ -143,27 +147,32 @@ class KFACEngine:
                 self.state.update(i, segment[at:at + self.specs[l].stat_size], presence[i], self.factor_decay)
         if self.is_inverse_step():
             self.state.invert(self.damping)
-        self.timings["inversion"] = time.perf_counter() - start
+        self.timings["inversion"] = self._clock() - start
 
-        start = time.perf_counter()
+        start = self._clock()
         gcounts = self.layout.gather_counts
         out = self.xp.empty(gcounts[self.comm.rank], dtype=self.comm_dtype)
         if self.owned:
             owned_grads = [segment[self.layout.grad_offset(l, factors) - base:][:self.specs[l].grad_size]
                            .reshape(self.specs[l].grad_shape) for l in self.owned]
             out[-1] = self.state.precondition(owned_grads, out[:-1], self.damping)
-        self.timings["precondition"] = time.perf_counter() - start
+        self.timings["precondition"] = self._clock() - start
 
-        start = time.perf_counter()
+        start = self._clock()
         whole = self.comm.allgather_v(out, gcounts)
         self._nu = gather.kl_clip_factor(whole, self.layout, self.kl_clip, lr)
         if self._nu is not None:
             whole *= self._nu.astype(whole.dtype)
         result = [whole[at:at + s.grad_size].reshape(s.grad_shape)
                   for at, s in zip(self.layout.gather_offsets, self.specs)]
-        self.timings["all_gather"] = time.perf_counter() - start
+        self.timings["all_gather"] = self._clock() - start
         self.steps += 1
         return result
+
+    def _clock(self) -> float:
+        if self.synchronize is not None:
+            self.synchronize()
+        return time.perf_counter()
 
     @property
     def last_nu(self) -> float:

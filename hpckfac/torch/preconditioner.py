@@ -231,19 +231,19 @@ class KFACPreconditioner:
             self._step()
 
     def _step(self) -> None:
-        start = time.perf_counter()
+        start = self._clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
         grads = [self._grad_matrix(i) for i in range(len(self.modules))]
-        self.timings["local_factors"] = self._hook_seconds + time.perf_counter() - start
+        self.timings["local_factors"] = self._hook_seconds + self._clock() - start
 
-        start = time.perf_counter()
+        start = self._clock()
         others = [to_array(p.grad) for p in self.other_params if p.grad is not None]
         kwargs = {} if self.bucket_bytes is None else {"bucket_bytes": self.bucket_bytes}
         self.comm.allreduce_many(others, op="mean", algorithm="ring", **kwargs)
-        self.timings["allreduce"] = time.perf_counter() - start
+        self.timings["allreduce"] = self._clock() - start
 
         updates = self.engine.step(grads, stats, lr=self.current_lr())
-        start = time.perf_counter()
+        start = self._clock()
         for module, block, spec, update in zip(self.modules, self.engine.blocks, self.engine.specs, updates):
             parts = (update[:, 0], update[:, 1]) if spec.kind == "bn" else block.split_matrix(update)
             for param, part in zip((module.weight, module.bias), parts):
@@ -252,7 +252,7 @@ class KFACPreconditioner:
                         param.grad = torch.empty_like(param)
                     copy_into(param.grad, part)
         self.timings.update(self.engine.timings)
-        self.timings["all_gather"] += time.perf_counter() - start
+        self.timings["all_gather"] += self._clock() - start
         self.local.reset()
         for pending in self._bn_inputs:
             pending.clear()
@@ -260,6 +260,19 @@ class KFACPreconditioner:
         for name in TIMED:
             self._totals[name] += self.timings[name]
         self._timed_steps += 1
+
+    def synchronize_timings(self, enabled: bool = True) -> None:
+        """Wait for the device at every stage boundary of ``step()`` so that ``timings`` and
+        ``report()`` give each stage's own time on a GPU (costs the overlap; for profiling)."""
+        sync = None
+        if enabled and self.device.type == "cuda":
+            sync = lambda: torch.cuda.synchronize(self.device)  # noqa: E731
+        self.engine.synchronize = sync
+
+    def _clock(self) -> float:
+        if self.engine.synchronize is not None:
+            self.engine.synchronize()
+        return time.perf_counter()
 
     @property
     def steps(self) -> int:
