@@ -84,3 +84,18 @@ def test_round_trip_is_exact_and_symmetric():
     back = ops.unpack_sym(ops.pack_sym(sym), sizes)
     for m, b in zip(sym, back):
         assert_same_bits(b, m)
+
+
+def test_float32_subnormals_from_float64():
+    """CuPy compiles with -ftz=true: a float64 value in float32's subnormal range may
+    flush to a zero of its sign on the GPU. Normal-range values stay bit-exact."""
+    rng = np.random.default_rng(14)
+    values = rng.uniform(0.5, 1.0, 64 * 65 // 2) * 2.0 ** rng.integers(-149, -126, 64 * 65 // 2)
+    values *= rng.choice([-1, 1], values.size)
+    mat = np.zeros((64, 64))
+    mat[np.triu_indices(64)] = values
+    want = ops.pack_sym([mat], dtype=np.float32)
+    got = ops.pack_sym([cupy.asarray(mat)], dtype=np.float32).get()
+    flushed = (got != want) & (got == 0) & (np.signbit(got) == np.signbit(want))
+    assert np.all((got.view(np.uint32) == want.view(np.uint32)) | flushed)
+    print(f"float64 -> float32 subnormals flushed to zero on this GPU: {int(flushed.sum())} of {values.size}")

@@ -92,7 +92,8 @@ class KFACEngine:
         self._send = {f: xp.zeros(self.layout.reduce_total(f), dtype=self.comm_dtype) for f in (False, True)}
         # Where each owned block's presence share sits in this rank's factor-step segment.
         base = self.layout.segment_start(comm.rank, self.layout.reduce_counts(True))
-        self._presence_at = [self.layout.stat_offset(l) + self.specs[l].stat_size - base for l in self.owned]
+        self._presence_at = xp.asarray([self.layout.stat_offset(l) + self.specs[l].stat_size - base
+                                        for l in self.owned], dtype=np.int64)
         self.steps = 0
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
         self.timings = dict.fromkeys(STAGES, 0.0)

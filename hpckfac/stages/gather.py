@@ -27,7 +27,7 @@ def kl_clip_factor(gathered: Any, layout: SegmentLayout, kl_clip: float | None, 
     if kl_clip is None:
         return None
     xp = namespace(gathered)
-    at = [offset for offset in layout.partial_offsets if offset is not None]
+    at = xp.asarray([offset for offset in layout.partial_offsets if offset is not None], dtype=np.int64)
     total = gathered[at].astype(np.float64).sum()
     with np.errstate(all="ignore"):  # lr = 0 or an underflowing product: ratio inf, nu 1
         nu = xp.minimum(1.0, xp.sqrt(kl_clip / (lr * lr * total)))

@@ -18,7 +18,7 @@ import numpy as np
 
 from hpckfac.stages.layout import BN_PACKED, block_spec
 
-_BN_TRIU = ((0, 0, 1), (0, 1, 1))  # (F00, F01, F11)
+_BN_TRIU = ((0, 0), (0, 1), (1, 1))  # (F00, F01, F11)
 
 
 class LocalStatistics:
@@ -69,7 +69,9 @@ class LocalStatistics:
         its input ``x`` and the gradients ``g`` of its output (``scale`` as in
         ``add_output_grads``)."""
         fisher = self.blocks[block].fisher(x, g, scale)
-        self._sums[block].reshape(-1, BN_PACKED)[...] += fisher[:, _BN_TRIU[0], _BN_TRIU[1]]
+        packed = self._sums[block].reshape(-1, BN_PACKED)
+        for k, (i, j) in enumerate(_BN_TRIU):
+            packed[:, k] += fisher[:, i, j]
         self._seen[block][0] = self._seen[block][1] = True
 
     def result(self) -> list[Any]:
