@@ -42,21 +42,23 @@ step env 60 bash -c "nvidia-smi -L; $PYTHON -c 'import cupy, torch, mpi4py, nump
 
 FACTOR_FILTER=()
 [[ "$QUICK" == 1 ]] && FACTOR_FILTER=(-k "not 4608 and not 30000")
-step tests-kernels 400 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_pack.py tests/test_gpu_inverse.py \
+step tests-kernels 240 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_pack.py tests/test_gpu_inverse.py \
     tests/test_gpu_comm.py tests/test_gpu_bench.py tests/test_kernel_loader.py tests/test_device_path.py
-step tests-factors 400 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_factors.py "${FACTOR_FILTER[@]}"
-step mpi2-collectives 180 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
+step tests-factors 240 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_factors.py "${FACTOR_FILTER[@]}"
+step mpi2-collectives 120 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
     tests/mpi/test_comm_device.py
-step mpi2-equivalence 300 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
+step mpi2-equivalence 180 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
     tests/mpi/test_pipeline_equivalence.py -k device
 for run in "cpu 1" "cuda 1" "cuda 2"; do
     set -- $run
-    step "train-$1-$2rank" 300 "$MPIEXEC" -n "$2" "$PYTHON" -m hpckfac train --optimizer kfac --batch-size 256 \
+    step "train-$1-$2rank" 150 "$MPIEXEC" -n "$2" "$PYTHON" -m hpckfac train --optimizer kfac --batch-size 256 \
         --epochs "$TRAIN_EPOCHS" --device "$1" --no-progress --out "$OUT/train_$1_$2"
 done
-step bench-kernels 300 "$PYTHON" -m hpckfac.bench kernels --repeat 10 --json "$OUT/kernels.json"
-step bench-step-resnet50 400 "$PYTHON" -m hpckfac.bench step --device cuda --model resnet50 --batch 32 \
-    --steps "$STEP_STEPS" --json "$OUT/step_resnet50.json"
-step bench-step-stages 300 "$PYTHON" -m hpckfac.bench step --device cuda --model resnet50 --batch 32 \
+step bench-kernels 150 "$PYTHON" -m hpckfac.bench kernels --repeat 10 --json "$OUT/kernels.json"
+for route in kernel gemm; do
+    step "bench-step-resnet50-$route" 120 env HPCKFAC_FACTOR_ROUTE=$route "$PYTHON" -m hpckfac.bench step \
+        --device cuda --model resnet50 --batch 32 --steps "$STEP_STEPS" --json "$OUT/step_resnet50_$route.json"
+done
+step bench-step-stages 100 "$PYTHON" -m hpckfac.bench step --device cuda --model resnet50 --batch 32 \
     --steps 10 --configs kfac_1_10 --stage-sync --json "$OUT/step_resnet50_stages.json"
 echo "logs: $OUT" | tee -a "$SUMMARY"

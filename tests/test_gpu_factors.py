@@ -153,3 +153,31 @@ def test_ema_update_on_device():
     assert bool((running == before).all())
     new[7] = 1.0
     assert ops.ema_update(running, new, 0.8, first=True) and bool((running == new).all())
+
+
+GEMM_CASES = [(1, 7), (3, 5000), (65, 300), (513, 2000), (577, 100), (1152, 3000), (4608, 600), (300, 0)]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("d,rows", GEMM_CASES)
+def test_gemm_route_matches_oracle(monkeypatch, d, rows, dtype, packed):
+    """The cuBLAS route (upper-triangle panels, float32 output) against the float64 oracle,
+    fresh output, ``out`` and the fused running average."""
+    monkeypatch.setenv("HPCKFAC_FACTOR_ROUTE", "gemm")
+    rng = np.random.default_rng(d * 31 + rows)
+    x, scale = case(rng, rows, d, dtype)
+    want = oracle(x, scale)
+    with poisoned_allocations():
+        got = ops.accumulate_factor(cupy.asarray(x), scale, packed=packed)
+    assert got.dtype == np.float32 and got.shape == ((d * (d + 1) // 2,) if packed else (d, d))
+    dense = ops.unpack_sym(got, [d])[0] if packed else got
+    assert factor_error(dense, want) <= tolerance(dtype, rows)
+    if not packed:
+        assert bool((got == got.T).all())
+    old = cupy.asarray(ops.pack_sym([np.eye(d, dtype=np.float32)]) if packed else np.eye(d, dtype=np.float32))
+    ops.accumulate_factor(cupy.asarray(x), scale, packed=packed, out=old, decay=0.5)
+    blended = ops.unpack_sym(old, [d])[0] if packed else old
+    err = np.abs(host(blended).astype(np.float64) - (0.5 * np.eye(d) + 0.5 * want))
+    diag = np.sqrt(np.diagonal(want))
+    assert np.max(err / (1 + np.outer(diag, diag)), initial=0.0) <= tolerance(dtype, rows)

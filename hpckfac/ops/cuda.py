@@ -17,6 +17,7 @@ results of the CPU reference modules (``packing``, ``factors``, ``average``,
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import cupy
@@ -43,6 +44,18 @@ BLOCKS_PER_SM = 4
 
 _THREADS = 256
 _NULL = np.uint64(0)
+
+# Factor accumulation of float32/float16/bfloat16 input: "gemm" (cuBLAS over the upper
+# triangle's column panels, then the pack kernel) or "kernel" (kernels/syrk.cu); chosen
+# by measurement (docs/gpu.md), overridable with $HPCKFAC_FACTOR_ROUTE.
+FACTOR_ROUTES = ("gemm", "kernel")
+FACTOR_ROUTE_ENV = "HPCKFAC_FACTOR_ROUTE"
+DEFAULT_FACTOR_ROUTE = "kernel"
+# cudaDataType / cublasComputeType_t / cublasGemmAlgo_t values (CUDA's stable ABI).
+_CUDA_DATA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}
+_CUDA_R_32F = 0
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_GEMM_DEFAULT = -1
 
 
 @lru_cache(maxsize=None)
@@ -154,6 +167,50 @@ def _syrk(x, scale: float, target, prev, decay: float, flag, dense: bool) -> Non
                (workspace, np.int32(splits), np.int64(d), np.float32(scale), *tail, *final))
 
 
+def factor_route() -> str:
+    """How float32/float16/bfloat16 factors are accumulated: ``$HPCKFAC_FACTOR_ROUTE`` if
+    set, else ``DEFAULT_FACTOR_ROUTE`` (``"gemm"`` or ``"kernel"``, see docs/gpu.md)."""
+    route = os.environ.get(FACTOR_ROUTE_ENV, DEFAULT_FACTOR_ROUTE)
+    if route not in FACTOR_ROUTES:
+        raise ValueError(f"{FACTOR_ROUTE_ENV}: expected one of {FACTOR_ROUTES}, got {route!r}")
+    return route
+
+
+def _panel_width(d: int) -> int:
+    """Columns per cuBLAS call: one call up to 512, else at most 8 panels, multiples of 64."""
+    if d <= 512:
+        return max(d, 1)
+    return -(-d // min(8, -(-d // 256)) // 64) * 64
+
+
+def _gemm_upper(x, scale: float):
+    """``scale * x.T @ x`` in float32 by cuBLAS ``GemmEx`` (float32 accumulation, tensor cores
+    for half inputs), only the column panels of the upper triangle: with ``k`` panels
+    ``(k+1)/(2k)`` of a full product's flops. Column-major result: entry ``(i, j)``,
+    ``i <= j``, sits at ``[j, i]``; the rest is zero."""
+    from cupy_backends.cuda.libs import cublas
+
+    rows, d = x.shape
+    out = cupy.zeros((d, d), dtype=np.float32)
+    if rows == 0 or d == 0:
+        return out
+    x = cupy.ascontiguousarray(x)
+    kind = _CUDA_DATA_TYPES[np.dtype(x.dtype).name]
+    alpha, beta = np.array(scale, dtype=np.float32), np.array(0.0, dtype=np.float32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    width = _panel_width(d)
+    for start in range(0, d, width):
+        n = min(width, d - start)
+        # Column-major view: X^T is (d, rows) with leading dimension d; C[0:start+n, start:start+n].
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, start + n, n, rows,
+                      alpha.ctypes.data, x.data.ptr, kind, d, x.data.ptr + start * x.itemsize, kind, d,
+                      beta.ctypes.data, out.data.ptr + start * d * out.itemsize, _CUDA_R_32F, d,
+                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+    return out
+
+
 def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
     """``scale * x.T @ x`` in float32 (float64 for float64 ``x``), dense or packed;
     with ``decay`` blended into ``out``, which a non-finite product leaves untouched
@@ -161,11 +218,17 @@ def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
     d = int(x.shape[1])
     shape = (d * (d + 1) // 2,) if packed else (d, d)
     dtype = accumulation_dtype(x.dtype)
-    if dtype == np.float64:
-        factor = x.T @ x
-        factor *= scale
+    if dtype == np.float64 or factor_route() == "gemm":
+        if dtype == np.float64:
+            factor = x.T @ x
+            factor *= scale
+        else:
+            # The upper triangle (of the transposed, column-major result) in cuBLAS panels.
+            factor = _gemm_upper(x, scale).T
         if packed:
             factor = pack_sym([factor], [d], factor.dtype, None)
+        elif dtype != np.float64:
+            factor = unpack_sym(pack_sym([factor], [d], factor.dtype, None), [d], factor.dtype)[0]
         if out is None:
             return factor
         if decay is None:
