@@ -11,12 +11,13 @@ STEPS=${STEPS:-100}
 OUT=${OUT:-out/train}
 PYTHON=${PYTHON:-python}
 MPIEXEC=${MPIEXEC:-mpiexec}
+DEVICE=${DEVICE:-auto}              # auto: one GPU per rank where CUDA is present, else CPU
 DRY_RUN=${DRY_RUN:-0}               # 1: print the commands, run nothing
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 for p in $RANKS; do
     cmd=("$MPIEXEC" -n "$p" "$PYTHON" -m hpckfac train --optimizer "$OPTIMIZER" --batch-size "$BATCH"
-         --steps "$STEPS" --out "$OUT/${OPTIMIZER}_${p}ranks" "$@")
+         --steps "$STEPS" --device "$DEVICE" --out "$OUT/${OPTIMIZER}_${p}ranks" "$@")
     echo "+ ${cmd[*]}"
     if [[ "$DRY_RUN" != 1 ]]; then "${cmd[@]}"; fi
 done

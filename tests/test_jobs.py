@@ -36,7 +36,9 @@ def test_cluster_templates_bind_one_rank_per_gpu():
         text = open(os.path.join(JOBS, name)).read()
         assert "#PBS -l select=" in text and "ngpus=" in text and "mpiprocs=" in text and "mpirun" in text
     for name in ("slurm_train.sbatch", "pbs_train.pbs"):
-        assert "python -m hpckfac train --optimizer" in open(os.path.join(JOBS, name)).read()
+        text = open(os.path.join(JOBS, name)).read()
+        assert "python -m hpckfac train --optimizer" in text and '--device "$DEVICE"' in text
+        assert "DEVICE=${DEVICE:-cuda}" in text
 
 
 def test_local_scaling_dry_run_prints_commands():

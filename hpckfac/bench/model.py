@@ -39,7 +39,7 @@ from hpckfac.stages.layout import BlockSpec, SegmentLayout
 
 STAGES = ("local_factors", "reduce_scatter", "inversion", "precondition", "all_gather", "allreduce")
 COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
-# OTU+18 (arXiv 1811.12019, Table / slides in seed/): 1024 V100, batch 32,768, 1,760 iterations in 10 min.
+# OTU+18 (arXiv 1811.12019): 1024 V100, batch 32,768, 1,760 iterations in 10 min.
 OTU18 = {"gpus": 1024, "batch": 32768, "iterations": 1760, "minutes": 10.0}
 
 

@@ -6,7 +6,7 @@ Kronecker factors ``A`` and ``G`` and precondition its gradient as
 ``G^-1 grad A^-1``; ``BatchNormBlock`` holds per-channel 2x2 Fishers of
 ``(gamma, beta)``; ``pi_damping`` splits the Tikhonov damping between the
 factors. Blocks take NumPy arrays (CuPy arrays on the GPU path) and know
-nothing of PyTorch modules. Conventions: DESIGN.md "Math conventions" and
+nothing of PyTorch modules. Conventions: docs/design.md "Math conventions" and
 docs/curvature.md.
 """
 from hpckfac.layers.base import KronBlock

@@ -1,7 +1,7 @@
 """``KronBlock``: the Kronecker-factored curvature block shared by Linear and Conv.
 
 A block sees a layer as ``W~ = [W | b]`` of shape ``(d_G, d_A)`` acting on
-rows ``a~ = [a, 1]`` (DESIGN.md, "Math conventions"). Subclasses say how the
+rows ``a~ = [a, 1]`` (docs/design.md, "Math conventions"). Subclasses say how the
 captured layer input ``a`` becomes rows ``a~`` (``a_rows``) and the output
 gradients ``g`` become rows (``g_rows``), and how many positions ``|T|`` one
 example has; the factor products themselves go through
@@ -99,7 +99,7 @@ class KronBlock(abc.ABC):
         return out
 
     def a_factor(self, a: Array, scale: float = 1.0, *, packed: bool = False) -> Array:
-        """``scale * sum_i sum_t a~ a~^T``: DESIGN.md's ``A`` with ``scale = 1/B``.
+        """``scale * sum_i sum_t a~ a~^T``: the ``A`` of docs/design.md with ``scale = 1/B``.
 
         Dense ``(d_A, d_A)`` or, with ``packed``, its upper triangle in
         ``hpckfac.ops.pack_sym`` order; float32 (float64 for float64 input).
@@ -107,7 +107,7 @@ class KronBlock(abc.ABC):
         return ops.accumulate_factor(self.a_rows(a), scale, packed=packed)
 
     def g_factor(self, g: Array, scale: float = 1.0, *, packed: bool = False) -> Array:
-        """``scale / |T| * sum_i sum_t g g^T``: DESIGN.md's ``G`` with ``scale = 1/B``.
+        """``scale / |T| * sum_i sum_t g g^T``: the ``G`` of docs/design.md with ``scale = 1/B``.
 
         ``g`` must be the gradients of the *per-example* losses with respect
         to the layer output (undo a mean reduction). Layout as ``a_factor``.

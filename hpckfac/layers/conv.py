@@ -5,7 +5,7 @@ patch the kernel sees there (im2col; zero padding, stride and dilation as in
 PyTorch), flattened in the order of PyTorch's ``weight.reshape(C_out, -1)``,
 i.e. ``(C_in, k_1, ..., k_n)``, and the output gradient ``g[i, :, t]``. Rows
 are ordered ``(i, t)`` with ``t`` the row-major output position. ``A`` sums
-over positions, ``G`` averages (DESIGN.md). One code path serves Conv1d,
+over positions, ``G`` averages (docs/design.md). One code path serves Conv1d,
 Conv2d and Conv3d.
 
 Grouped convolutions (``groups > 1``) are not Kronecker-factored: their

@@ -3,7 +3,7 @@
 Inputs ``(B, d_in)`` give one row per example. Inputs with extra dimensions
 ``(B, ..., d_in)`` (token sequences, ...) give one row per example and extra
 index ``t``: ``A`` is summed over those positions and ``G`` averaged
-(DESIGN.md), exactly as for a convolution's spatial positions.
+(docs/design.md), exactly as for a convolution's spatial positions.
 """
 from __future__ import annotations
 
