@@ -139,3 +139,24 @@ def test_single_example_linear_factors_give_the_exact_fisher(comm):
         dense.append(mat + np.triu(mat, 1).T)
     vec = raw["0"].numpy().reshape(-1, order="F")
     np.testing.assert_allclose(np.kron(dense[0], dense[1]), np.outer(vec, vec), rtol=1e-10, atol=1e-15)
+
+
+def test_inplace_relu_after_preconditioned_layers_gives_the_same_steps():
+    """torchvision-style nn.ReLU(inplace=True) after Conv/BatchNorm: the output-gradient
+    hooks must see the gradient of the layer's own output, as without the in-place op."""
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=inplace),
+                              nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.Flatten(),
+                              nn.Linear(4 * 8 * 8, 3)).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), inverse_update_interval=1)
+        for _ in range(3):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
+    assert torch.equal(grads[0], grads[1])
