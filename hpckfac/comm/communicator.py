@@ -9,6 +9,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpckfac.comm import ring, vcoll
+from hpckfac.comm.abort import install_abort_on_error
 from hpckfac.comm.agreement import (ALGORITHMS, OPS, Signature, describe, digest, disagreement,
                                     rejected, signature)
 from hpckfac.comm.backend import Backend, HostBackend, backend_for
@@ -67,6 +68,10 @@ class Communicator:
     ``check_agreement=False`` the check is skipped and invalid arguments raise
     before any communication; disagreeing ranks then hang or fail in MPI.
 
+    In a job of several ranks, creating a Communicator also makes an uncaught
+    exception on any rank abort the whole job (``hpckfac.comm.abort``; opt out
+    with ``HPCKFAC_ABORT_ON_ERROR=0``).
+
     Args:
         mpi_comm: the mpi4py intracommunicator to wrap (default ``MPI.COMM_WORLD``;
             a plain ``python script.py`` is a world of size 1).
@@ -84,6 +89,7 @@ class Communicator:
         self.check_agreement = bool(check_agreement)
         self._fusion = FusionBuffers()
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
+        install_abort_on_error()
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "

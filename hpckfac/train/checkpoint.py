@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from hpckfac.train.files import atomic_write
+
 FORMAT = "hpckfac-train-checkpoint"
 VERSION = 1
 KEYS = ("format", "version", "step", "config", "data", "model", "optimizer", "preconditioner",
@@ -39,18 +41,7 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     missing = [k for k in KEYS if k not in state and k not in ("format", "version")]
     if missing:
         raise ValueError(f"state: missing {missing}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT, "version": VERSION, **state}, fh), binary=True)
 
 
 def find_checkpoint(path: str) -> str:

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from hpckfac.comm import CollectiveMismatchError, Communicator
+    from hpckfac.comm.abort import abort_job
     from hpckfac.log import get_logger
     from hpckfac.train.loop import LOG_NAME, PLOT_NAME, Trainer, TrainingDiverged
 
@@ -137,8 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_cli_message(exc))
     try:
         result = trainer.run()
-    except (TrainingDiverged, CollectiveMismatchError, OSError) as exc:
+    except (TrainingDiverged, CollectiveMismatchError) as exc:  # raised on every rank together
         return _fail(_cli_message(exc), code=1)
+    except (Exception, KeyboardInterrupt) as exc:  # this rank alone: the others would wait forever
+        message = f"{PROG}: error: {_cli_message(exc)}"
+        if comm.size > 1:
+            abort_job(message)
+        print(message, file=sys.stderr)
+        return 1
     s = result.summary
     if comm.rank == 0:
         print(f"{PROG}: {s['optimizer']} on {trainer.data.name}, {s['ranks']} rank(s) on {s['device']}, global batch "

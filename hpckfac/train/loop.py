@@ -26,6 +26,7 @@ from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpo
                                       load_checkpoint, save_checkpoint)
 from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
+from hpckfac.train.files import atomic_write, check_output_dir
 from hpckfac.train.schedule import WarmupPolynomialDecay
 
 _log = get_logger("hpckfac.train")
@@ -87,6 +88,9 @@ class Trainer:
         self.rank, self.size = self.comm.rank, self.comm.size
         # First, before anything touches CUDA: each rank on its own GPU.
         self.device = agree(self.comm, lambda: bind_device(config.device, self.comm))
+        if config.out:  # rank 0 writes there: find a problem before the first step, on every rank
+            agree(self.comm, lambda: check_output_dir(config.out, (LOG_NAME, PLOT_NAME), (CHECKPOINT_DIR,))
+                  if self.rank == 0 else None)
         self.data: Dataset = agree(self.comm, lambda: load_dataset(config.data))
         if config.batch_size % self.size:
             raise ValueError(f"batch_size: global batch {config.batch_size} does not split evenly over "
@@ -278,7 +282,4 @@ class Trainer:
         payload = {"config": self._identity(), "ranks": self.size, "dataset": self.data.name,
                    "train_examples": len(self.data.x_train), "test_examples": len(self.data.x_test),
                    "records": self.records}
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.write("\n")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda fh: fh.write(json.dumps(payload, indent=1) + "\n"))

@@ -1,0 +1,51 @@
+"""Ending the whole job when one rank fails.
+
+In a multi-rank run an exception on one rank leaves the others waiting in
+their next collective until the batch system kills the job, burning the
+allocation. Once a Communicator exists on a world of several ranks, an
+uncaught exception (Ctrl-C included) on any rank prints its traceback, one
+line naming the rank and the cause, and aborts every rank through
+``MPI_Abort`` (what ``python -m mpi4py`` does for scripts). Set
+``HPCKFAC_ABORT_ON_ERROR=0`` to keep Python's default (the rank exits, the
+others may wait).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from types import TracebackType
+
+from mpi4py import MPI
+
+ABORT_ENV = "HPCKFAC_ABORT_ON_ERROR"
+_installed = False
+
+
+def abort_job(message: str, code: int = 1) -> None:
+    """Print ``message`` tagged with this rank and abort every rank of the job."""
+    world = MPI.COMM_WORLD
+    sys.stderr.write(f"{message} [rank {world.Get_rank()} of {world.Get_size()}; aborting the job]\n")
+    sys.stderr.flush()
+    world.Abort(code)
+
+
+def _hook(previous):
+    def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        previous(kind, error, tb)
+        cause = "".join(traceback.format_exception_only(kind, error)).strip().splitlines()
+        abort_job(f"hpckfac: uncaught {cause[-1] if cause else kind.__name__}")
+    return hook
+
+
+def install_abort_on_error() -> bool:
+    """Abort the job on an uncaught exception on any rank (once; only with several ranks
+    and unless ``HPCKFAC_ABORT_ON_ERROR=0``). Returns whether the hook is installed."""
+    global _installed
+    value = os.environ.get(ABORT_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ABORT_ENV}: expected 0 or 1, got {value!r}")
+    if not _installed and value == "1" and MPI.COMM_WORLD.Get_size() > 1:
+        sys.excepthook = _hook(sys.excepthook)
+        _installed = True
+    return _installed

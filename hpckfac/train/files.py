@@ -1,0 +1,53 @@
+"""Files the trainer writes: checked before training, replaced atomically.
+
+``check_output_dir`` runs on rank 0 before the first step (through
+``agree``, so every rank gets its error): the folder must be creatable and
+writable, and the names the run writes must not be taken by something of the
+wrong kind. ``atomic_write`` writes a sibling temporary file created with
+``O_EXCL`` under an unpredictable name (``tempfile.mkstemp``: it never follows
+a planted symlink), then renames it over the target; readers see the old file
+or the whole new one, and a failure leaves no temporary file behind.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import IO, Callable
+
+
+def check_output_dir(out: str, files: tuple[str, ...], folders: tuple[str, ...]) -> None:
+    """ValueError naming the problem unless ``out`` can hold ``files`` and ``folders``."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".hpckfac-write-test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"out: cannot write into {out} ({exc.strerror or exc})") from None
+    for name in files:
+        if os.path.isdir(os.path.join(out, name)):
+            raise ValueError(f"out: {os.path.join(out, name)} is a directory; the run writes a file there")
+    for name in folders:
+        path = os.path.join(out, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"out: {path} is a file; the run writes a directory there")
+
+
+def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write(fh)`` on a fresh temporary file beside ``path``, flush it to disk,
+    then rename it to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

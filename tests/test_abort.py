@@ -1,0 +1,72 @@
+"""A failure on one rank ends the whole job in bounded time, with one line naming
+the rank and the cause (real processes at 2 ranks; a hang fails on the timeout)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mpi4py import MPI
+
+from hpckfac.comm import Communicator
+from hpckfac.comm.abort import ABORT_ENV, install_abort_on_error
+from test_multirank import mpiexec
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def run(tmp_path, script, ranks=2, timeout=120, **env):
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    return subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(path)], capture_output=True,
+                          text=True, timeout=timeout, env=dict(ENV, **env))
+
+
+def test_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
+    proc = run(tmp_path, """
+        from hpckfac.comm import Communicator
+        comm = Communicator()
+        if comm.rank == 1:
+            raise RuntimeError("disk full on this rank")
+        comm.barrier()  # rank 0 would wait here forever
+    """)
+    assert proc.returncode != 0
+    assert "hpckfac: uncaught RuntimeError: disk full on this rank [rank 1 of 2; aborting the job]" in proc.stderr
+
+
+def test_rank_local_error_in_train_aborts_with_one_line(tmp_path):
+    proc = run(tmp_path, f"""
+        import sys
+        from mpi4py import MPI
+        from hpckfac.train import cli, loop
+
+        def run(self, progress=None):
+            if self.rank == 0:
+                raise OSError(28, "No space left on device")
+            self.comm.barrier()
+        loop.Trainer.run = run
+        sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--no-progress", "--out", {str(tmp_path / 'o')!r}]))
+    """)
+    assert proc.returncode != 0
+    assert "hpckfac train: error: [Errno 28] No space left on device [rank 0 of 2; aborting the job]" in proc.stderr
+
+
+def test_output_folder_is_checked_before_training_on_every_rank(tmp_path):
+    (tmp_path / "o" / "training.png").mkdir(parents=True)
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac", "train", "--no-progress", "--steps", "5",
+           "--batch-size", "16", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"hpckfac train: error: --out: {tmp_path / 'o' / 'training.png'} is a directory; the run writes a file there")
+    (tmp_path / "p").write_text("a file")
+    proc = subprocess.run(cmd[:-1] + [str(tmp_path / "p" / "sub")], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 2 and "--out: cannot write into" in proc.stderr
+
+
+def test_abort_setting_is_validated(monkeypatch):
+    monkeypatch.setenv(ABORT_ENV, "maybe")
+    with pytest.raises(ValueError, match=ABORT_ENV):
+        Communicator(MPI.COMM_SELF)
+    monkeypatch.setenv(ABORT_ENV, "1")
+    assert install_abort_on_error() is (MPI.COMM_WORLD.Get_size() > 1)
