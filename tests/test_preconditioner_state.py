@@ -140,3 +140,37 @@ def test_non_finite_gradients_reach_grad_but_not_the_factors(comm):
     for name in before:
         torch.testing.assert_close(before[name]["factors"], after[name]["factors"], rtol=0, atol=0)
         assert all(torch.isfinite(t).all() for t in after[name]["inverses"])
+
+
+def test_learning_rate_from_zero_and_bad_learning_rates(comm):
+    """A warmup from lr = 0 (and an lr that underflows) leaves the KL clip at 1; NaN or a
+    negative lr raises ValueError naming lr instead of silently disabling the clip."""
+    model, data = model_and_data()
+    schedule = lambda k: [0.0, 1e-300, 0.05, float("nan"), -1.0][k]  # noqa: E731
+    precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, lr=schedule))
+    for k, (x, y) in enumerate(data[:5]):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if k < 3:
+            precond.step()
+            assert precond.last_nu == 1.0 if k < 2 else precond.last_nu <= 1.0
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        else:
+            with pytest.raises(ValueError, match="^lr: expected a finite number >= 0 at step"):
+                precond.step()
+            break
+
+
+def test_frozen_weights_keep_no_gradient(comm):
+    model, data = model_and_data()
+    model[0].weight.requires_grad_(False)
+    before = model[0].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    for x, y in data[:4]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        opt.step()
+    assert model[0].weight.grad is None and torch.equal(model[0].weight, before)
+    assert model[0].bias.grad is not None and model[-1].weight.grad.abs().max() > 0

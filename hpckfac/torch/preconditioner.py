@@ -8,6 +8,7 @@ docs/preconditioner.md.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -214,8 +215,16 @@ class KFACPreconditioner:
 
     # ------------------------------------------------------------------ step
     def current_lr(self) -> float:
-        """The learning rate the KL clip uses at this step."""
-        return float(self.lr(self.engine.steps)) if callable(self.lr) else self.lr
+        """The learning rate the KL clip uses at this step (ValueError naming ``lr`` unless
+        it is a finite number >= 0: a warmup may start at 0, which leaves the clip at 1)."""
+        lr = self.lr(self.engine.steps) if callable(self.lr) else self.lr
+        try:
+            value = float(lr)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"lr: expected a finite number >= 0 at step {self.engine.steps}, got {lr!r}")
+        return value
 
     def _grad_matrix(self, index: int) -> np.ndarray:
         module, block = self.modules[index], self.engine.blocks[index]
@@ -231,6 +240,7 @@ class KFACPreconditioner:
             self._step()
 
     def _step(self) -> None:
+        lr = self.current_lr()  # validated before anything is reduced or written
         start = self._clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
         grads = [self._grad_matrix(i) for i in range(len(self.modules))]
@@ -242,12 +252,12 @@ class KFACPreconditioner:
         self.comm.allreduce_many(others, op="mean", algorithm="ring", **kwargs)
         self.timings["allreduce"] = self._clock() - start
 
-        updates = self.engine.step(grads, stats, lr=self.current_lr())
+        updates = self.engine.step(grads, stats, lr=lr)
         start = self._clock()
         for module, block, spec, update in zip(self.modules, self.engine.blocks, self.engine.specs, updates):
             parts = (update[:, 0], update[:, 1]) if spec.kind == "bn" else block.split_matrix(update)
             for param, part in zip((module.weight, module.bias), parts):
-                if param is not None:
+                if param is not None and param.requires_grad:  # frozen weights keep .grad None
                     if param.grad is None:
                         param.grad = torch.empty_like(param)
                     copy_into(param.grad, part)
