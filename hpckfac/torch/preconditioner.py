@@ -295,10 +295,13 @@ class KFACPreconditioner:
         return self.engine.last_nu
 
     # ---------------------------------------------------------------- report
-    def report(self, gather: bool = True) -> str:
-        """Per-stage mean milliseconds per step since construction, as a table
-        printed on rank 0 (and returned on every rank). With ``gather`` (a
-        collective) the table shows the mean and max over ranks."""
+    def report(self, gather: bool = False) -> str:
+        """Per-stage mean milliseconds per step since construction, as a table.
+
+        By default this rank's own times, printed here and returned: safe to call
+        on one rank (``if rank == 0: precond.report()``). With ``gather=True`` it is a
+        collective (call it on every rank): the table shows the mean and max over
+        ranks, printed on rank 0 and returned on every rank."""
         mean = {k: 1e3 * v / max(self._timed_steps, 1) for k, v in self._totals.items()}
         everyone = self.comm.allgather_object(mean) if gather else [mean]
         rows = [{"stage": name, "mean_ms": float(np.mean([m[name] for m in everyone])),
@@ -306,7 +309,7 @@ class KFACPreconditioner:
         rows.append({"stage": "total", "mean_ms": sum(r["mean_ms"] for r in rows),
                      "max_ms": float(np.max([sum(m.values()) for m in everyone]))})
         table = format_table(rows, ["stage", "mean_ms", "max_ms"])
-        if self.comm.rank == 0:
+        if self.comm.rank == 0 or not gather:
             print(table)
         return table
 

@@ -155,5 +155,5 @@ def main(argv: list[str] | None = None) -> int:
         if config.out:
             print(f"log: {os.path.join(config.out, LOG_NAME)}  plot: {os.path.join(config.out, PLOT_NAME)}")
     if result.preconditioner is not None:
-        result.preconditioner.report()  # collective; prints the per-stage table on rank 0
+        result.preconditioner.report(gather=True)  # collective; prints the per-stage table on rank 0
     return 0

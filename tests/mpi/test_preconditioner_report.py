@@ -1,0 +1,21 @@
+"""report() on one rank does not wait for the others; report(gather=True) is the collective view."""
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.torch import KFACPreconditioner
+
+
+@pytest.mark.mpi
+def test_report_on_one_rank_then_gathered(comm, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(comm.rank))
+    model(x).pow(2).mean().backward()
+    precond.step()
+    if comm.rank == comm.size - 1:  # the others go straight to the next collective
+        local = precond.report()
+        assert "local_factors" in local and local in capsys.readouterr().out
+    gathered = precond.report(gather=True)
+    assert "max_ms" in gathered and "total" in gathered
