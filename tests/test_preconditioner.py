@@ -160,3 +160,26 @@ def test_inplace_relu_after_preconditioned_layers_gives_the_same_steps():
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
     assert torch.equal(grads[0], grads[1])
+
+
+def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding="same"), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding="valid"),
+                          nn.Conv2d(4, 4, 2, padding="same"), nn.Conv2d(4, 4, 3, groups=2), nn.LayerNorm(2),
+                          nn.Flatten(), nn.Linear(8, 3))
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), skip_layers=["7"])
+    text = repr(precond)
+    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert "3 of 7 layers with parameters preconditioned" in text.splitlines()[0]
+    assert "K-FAC (A 19x19, G 4x4)" in lines["0"] and "K-FAC (4 channels" in lines["1"]
+    assert "K-FAC (A 37x37" in lines["2"]
+    assert "first-order: padding: 'same' with an even" in lines["3"]
+    assert "first-order: groups" in lines["4"]
+    assert "first-order: no curvature block" in lines["5"] and "first-order: in skip_layers" in lines["7"]
+    # "same" at stride 1 with an odd kernel is plain symmetric padding: the factors match padding=1.
+    x = torch.randn(3, 2, 5, 5)
+    blocks = [KFACPreconditioner(nn.Sequential(nn.Conv2d(2, 4, 3, padding=p)), comm=Communicator(MPI.COMM_SELF))
+              .engine.blocks[0] for p in ("same", 1)]
+    assert np.array_equal(blocks[0].a_rows(x.numpy()), blocks[1].a_rows(x.numpy()))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        KFACPreconditioner(nn.Sequential(nn.LayerNorm(3)), comm=Communicator(MPI.COMM_SELF))
+    assert "no layer of the model is preconditioned" in caplog.text

@@ -32,15 +32,29 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
+def _conv_padding(module: nn.Module) -> tuple[int, ...]:
+    """Explicit zero padding of a convolution, also for ``padding="valid"`` and ``"same"``
+    (stride 1; ValueError where "same" pads one side more than the other)."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+    if any(t % 2 for t in totals):
+        raise ValueError("padding: 'same' with an even (dilated) kernel pads one side more than the other, "
+                         "which im2col does not model")
+    return tuple(t // 2 for t in totals)
+
+
 def _make_block(name: str, module: nn.Module):
     """The curvature block of ``module``, or None for a first-order module."""
     if isinstance(module, nn.Linear):
         return LinearBlock(name, module.in_features, module.out_features, bias=module.bias is not None)
     if isinstance(module, _CONV):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(f"padding: {module.padding_mode!r}/{module.padding!r} padding is not supported")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"padding_mode: {module.padding_mode!r} padding is not supported (zeros only)")
         return ConvBlock(name, module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                         module.padding, module.dilation, bias=module.bias is not None, groups=module.groups)
+                         _conv_padding(module), module.dilation, bias=module.bias is not None, groups=module.groups)
     if isinstance(module, _BATCHNORM) and module.affine:
         return BatchNormBlock(name, module.num_features, module.eps)
     return None
@@ -126,22 +140,43 @@ class KFACPreconditioner:
                    isinstance(s, str) and (name == s or name.startswith(s + ".")) for s in self.skip_layers)
 
     def _find_blocks(self):
-        """K-FAC modules, their blocks, and the ids of the parameters they cover."""
+        """K-FAC modules, their blocks, and the ids of the parameters they cover; records in
+        ``self.coverage`` what happens to every module with parameters of its own, and why."""
         modules, blocks, covered = [], [], set()
+        self.coverage: list[tuple[str, str, str]] = []
         for name, module in self.model.named_modules():
+            own = any(True for _ in module.parameters(recurse=False))
             if self._skipped(name, module):
+                if own:
+                    self.coverage.append((name, type(module).__name__, "first-order: in skip_layers"))
                 continue
             try:
                 block = _make_block(name, module)
             except ValueError as exc:
                 _log.warning("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
+                self.coverage.append((name, type(module).__name__, f"first-order: {exc}"))
                 continue
             if block is None:
+                if own:
+                    self.coverage.append((name, type(module).__name__, "first-order: no curvature block for this type"))
                 continue
             modules.append(module)
             blocks.append(block)
             covered.update(id(p) for p in (module.weight, module.bias) if p is not None)
+            shape = (f"A {block.d_A}x{block.d_A}, G {block.d_G}x{block.d_G}" if hasattr(block, "d_A")
+                     else f"{block.num_features} channels, 2x2 each")
+            self.coverage.append((name, type(module).__name__, f"K-FAC ({shape})"))
+        if not blocks:
+            _log.warning("no layer of the model is preconditioned (K-FAC covers Linear, Conv1d/2d/3d and affine "
+                         "BatchNorm); every gradient is only averaged over ranks")
         return modules, blocks, covered
+
+    def __repr__(self) -> str:
+        width = max([len(n) for n, _, _ in self.coverage] + [6])
+        lines = [f"KFACPreconditioner(device={self.device}, ranks={self.comm.size}, "
+                 f"{len(self.modules)} of {len(self.coverage)} layers with parameters preconditioned)"]
+        lines += [f"  {name or '(model)':<{width}}  {kind:<12} {status}" for name, kind, status in self.coverage]
+        return "\n".join(lines)
 
     def _check_agreement(self, opts: dict[str, Any]) -> None:
         """One allgather of every rank's layer list and options; on any
