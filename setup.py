@@ -32,6 +32,7 @@ setup(
         "torch>=2.1",
         "ml_dtypes>=0.3",
         "tqdm>=4.60",
+        "threadpoolctl>=3",
         "matplotlib>=3.6",
     ],
     extras_require={

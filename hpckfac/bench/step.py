@@ -42,6 +42,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image", type=int, default=None, help="input height and width (32 cifar, 224 resnet50)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="cuda: one GPU per rank (local rank %% visible GPUs); auto: CUDA when present")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="pin torch to this many threads (default 0: the process's own setting, as users run)")
     parser.add_argument("--stage-sync", action="store_true",
                         help="synchronise the GPU at every stage boundary (per-stage times on a GPU)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
@@ -107,7 +109,8 @@ class Runner:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    torch.set_num_threads(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     comm = Communicator()
     device = bind_device(args.device, comm)
     runners = [Runner(name, args, comm, device) for name in args.configs]

@@ -18,6 +18,7 @@ from hpckfac.comm.errors import CollectiveMismatchError
 from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBuffers, plan_buckets, reduce_fused
 from hpckfac.comm.topology import node_rank_and_size, visible_gpu_count
 from hpckfac.log import set_rank
+from hpckfac.threads import configure_threads
 
 
 def _op_index(op: str) -> int:
@@ -68,7 +69,9 @@ class Communicator:
     ``check_agreement=False`` the check is skipped and invalid arguments raise
     before any communication; disagreeing ranks then hang or fail in MPI.
 
-    In a job of several ranks, creating a Communicator also makes an uncaught
+    The first Communicator of a process also sizes the rank's thread pools
+    (``hpckfac.threads``) unless the user set thread counts. In a job of
+    several ranks, creating a Communicator also makes an uncaught
     exception on any rank abort the whole job (``hpckfac.comm.abort``; opt out
     with ``HPCKFAC_ABORT_ON_ERROR=0``).
 
@@ -90,6 +93,7 @@ class Communicator:
         self._fusion = FusionBuffers()
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
+        configure_threads(self.local_size)
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "

@@ -1,11 +1,37 @@
-"""Kronecker-factor accumulation ``scale * X^T X`` with fp32 accumulation (CPU)."""
+"""Kronecker-factor accumulation ``scale * X^T X`` with fp32 accumulation (CPU).
+
+The product runs through torch (zero-copy views of the NumPy rows) so that it
+uses torch's thread pool, the one the model's forward and backward use,
+instead of starting NumPy's BLAS pool beside it (``hpckfac.threads``), and
+computes only the upper triangle, in column panels.
+"""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hpckfac.ops.average import ema_update
 from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.ops.packing import triu
+
+
+# Column panels of the upper triangle: about 64 columns each, at most 8 (the flops of k panels
+# are (k+1)/(2k) of a full product; more, narrower panels lose more in GEMM efficiency).
+PANEL_COLUMNS = 64
+MAX_PANELS = 8
+
+
+def _upper_gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.T @ rows`` with only the upper triangle computed (the strict lower
+    triangle of the result is garbage), panel by panel in torch's thread pool."""
+    d = rows.shape[1]
+    out = torch.empty((d, d), dtype=rows.dtype)
+    panels = max(1, min(MAX_PANELS, d // PANEL_COLUMNS))
+    bounds = [d * k // panels for k in range(panels + 1)]
+    for start, stop in zip(bounds, bounds[1:]):
+        # Rows 0..stop of columns start..stop: the panel's blocks on and above the diagonal.
+        torch.mm(rows[:, :stop].T, rows[:, start:stop], out=out[:stop, start:stop])
+    return out
 
 
 def accumulate_factor(
@@ -23,11 +49,15 @@ def accumulate_factor(
     With ``decay`` the result is blended into ``out`` (see ``ema_update``); a
     non-finite product raises ValueError and leaves ``out`` untouched.
     """
-    rows = x.astype(accumulation_dtype(x.dtype), copy=False)
-    factor = rows.T @ rows
+    rows = np.ascontiguousarray(x, dtype=accumulation_dtype(x.dtype))
+    rows = torch.from_numpy(rows if rows.flags.writeable else rows.copy())
+    factor = _upper_gram(rows).numpy()
     factor *= scale
     if packed:
         factor = factor[triu(factor.shape[0])]
+    else:
+        lower = np.tril_indices(factor.shape[0], -1)
+        factor[lower] = factor.T[lower]
     if out is None:
         return factor
     if decay is None:
