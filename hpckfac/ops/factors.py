@@ -23,9 +23,9 @@ MAX_PANELS = 8
 
 def _upper_gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows.T @ rows`` with only the upper triangle computed (the strict lower
-    triangle of the result is garbage), panel by panel in torch's thread pool."""
+    triangle of the result is zero), panel by panel in torch's thread pool."""
     d = rows.shape[1]
-    out = torch.empty((d, d), dtype=rows.dtype)
+    out = torch.zeros((d, d), dtype=rows.dtype)
     panels = max(1, min(MAX_PANELS, d // PANEL_COLUMNS))
     bounds = [d * k // panels for k in range(panels + 1)]
     for start, stop in zip(bounds, bounds[1:]):
