@@ -140,10 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds: expected an integer >= 1")
-    from hpckfac.train.cli import limit_blas_threads
-
-    limit_blas_threads()
-
     import torch
 
     from hpckfac.comm import Communicator
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     studies = QUICK if args.quick else FULL
     say = print if comm.rank == 0 else (lambda *a, **k: None)
     say(f"convergence study on digits ({n_train} training examples), {comm.size} rank(s), "
-        f"{torch.get_num_threads()} torch thread(s) and OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')} per rank")
+        f"{torch.get_num_threads()} torch thread(s) per rank (hpckfac.threads)")
     started = time.perf_counter()
     grid, best, rows, panels, ratios = [], [], [], [], {}
     for study in studies:

@@ -74,17 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def limit_blas_threads() -> None:
-    """One OpenBLAS thread per process unless the user chose otherwise.
-
-    NumPy's OpenBLAS threads (the K-FAC factor and inverse work) and torch's
-    OpenMP threads both busy-wait between calls; on a machine where ranks already
-    fill the cores they fight for them, which made K-FAC steps 2-5x slower here
-    (docs/convergence.md). Only effective before NumPy is first imported.
-    """
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-
 def _world_rank() -> int:
     from mpi4py import MPI
 
@@ -109,7 +98,6 @@ def _cli_message(exc: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``hpckfac train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    limit_blas_threads()
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as exc:
