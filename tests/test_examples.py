@@ -1,0 +1,40 @@
+"""The scripts in examples/ run as the README says (2 ranks, a minute at most) and learn."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from test_multirank import mpiexec
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+ENV = dict(os.environ, PYTHONWARNINGS="ignore")
+
+
+def run(script, *args, ranks=2):
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, os.path.join(EXAMPLES, script), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_cnn_with_batchnorm(tmp_path):
+    out = run("cnn_batchnorm.py", "--out", tmp_path)
+    accuracy = float(re.search(r"test accuracy ([0-9.]+)", out).group(1))
+    assert accuracy > 0.9  # chance is 0.25
+    assert (tmp_path / "checkpoint.pt").is_file()
+    assert "K-FAC (16 channels, 2x2 each)" in out and "max_ms" in out
+
+
+def test_transformer_on_token_sequences():
+    out = run("transformer_tokens.py")
+    losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
+    assert losses[-1] < 0.5 < losses[0]  # reversal learnt (chance: log 12 = 2.48)
+    assert "embed" in out and "first-order" in out
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_accumulation_and_resume(ranks):
+    out = run("accumulate_and_resume.py", ranks=ranks)
+    assert "resumed run matches the uninterrupted one: True" in out
