@@ -174,3 +174,44 @@ def test_frozen_weights_keep_no_gradient(comm):
         opt.step()
     assert model[0].weight.grad is None and torch.equal(model[0].weight, before)
     assert model[0].bias.grad is not None and model[-1].weight.grad.abs().max() > 0
+
+
+def trained(comm):
+    model, data = model_and_data()
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    for x, y in data[:4]:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+    return precond
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: s["blocks"]["0"]["inverses"].__setitem__(0, torch.zeros(3, 3)), "has inverses of shapes"),
+    (lambda s: s["blocks"]["1"]["factors"].__setitem__(0, float("nan")), "has non-finite factors"),
+    (lambda s: s["blocks"]["4"]["inverses"][1].__setitem__((0, 0), float("inf")), "has non-finite inverses"),
+    (lambda s: s.__setitem__("steps", -3), "steps must be an integer >= 0"),
+    (lambda s: s.__setitem__("steps", 2.5), "steps must be an integer >= 0"),
+    (lambda s: s["blocks"]["0"].__setitem__("factors", None), "has inverses but no factors"),
+])
+def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, message):
+    state = trained(comm).state_dict()
+    damage(state)
+    target = trained(comm)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert after["steps"] == before["steps"]
+    for name in before["blocks"]:
+        assert torch.equal(after["blocks"][name]["factors"], before["blocks"][name]["factors"])
+
+
+def test_checkpoint_hyperparameters_win_with_a_warning(comm, caplog):
+    state = trained(comm).state_dict()
+    model, _ = model_and_data()
+    other = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, damping=0.5))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        other.load_state_dict(state)
+    assert other.engine.damping == OPTIONS["damping"]
+    assert "damping 0.5 -> 0.01" in caplog.text

@@ -19,6 +19,7 @@ whole ReduceScatterV buffer travels in one dtype, ``comm_dtype``.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any, Callable, Sequence
 
@@ -26,12 +27,35 @@ import numpy as np
 
 from hpckfac.arrays import to_host
 from hpckfac.assignment import assign_owners, block_cost
+from hpckfac.log import get_logger
 from hpckfac.stages import gather
 from hpckfac.stages.layout import SegmentLayout, block_spec
 from hpckfac.stages.options import check_options
 from hpckfac.stages.owner import OwnerState
 
+_log = get_logger("hpckfac.stages.engine")
 STAGES = ("reduce_scatter", "inversion", "precondition", "all_gather")
+
+
+def _check_block_state(spec, block: dict[str, Any]) -> None:
+    """ValueError naming the block unless its saved factors and inverses fit ``spec`` and are finite."""
+    factors, inverses = block.get("factors"), block.get("inverses")
+    if factors is not None:
+        if tuple(np.shape(factors)) != (spec.stat_size,):
+            raise ValueError(f"state: block {spec.name!r} has factors of shape {tuple(np.shape(factors))}, "
+                             f"expected ({spec.stat_size},)")
+        if not np.isfinite(np.asarray(factors, dtype=np.float64)).all():
+            raise ValueError(f"state: block {spec.name!r} has non-finite factors")
+    if inverses is None:
+        return
+    if factors is None:
+        raise ValueError(f"state: block {spec.name!r} has inverses but no factors")
+    want = [(spec.d_A, spec.d_A), (spec.d_G, spec.d_G)] if spec.kind == "kron" else [(spec.channels, 2, 2)]
+    shapes = [tuple(np.shape(x)) for x in inverses]
+    if shapes != want:
+        raise ValueError(f"state: block {spec.name!r} has inverses of shapes {shapes}, expected {want}")
+    if not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in inverses):
+        raise ValueError(f"state: block {spec.name!r} has non-finite inverses")
 
 
 class KFACEngine:
@@ -221,20 +245,31 @@ class KFACEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` output (from any rank count): step count,
-        hyperparameters, and the owned blocks' factors and inverses."""
+        hyperparameters, and the owned blocks' factors and inverses.
+
+        Everything is checked on every rank, for every block, before anything
+        changes: block names, shapes, finiteness, the step count. A bad state
+        raises ValueError on every rank and leaves the engine as it was. The
+        checkpoint's hyperparameters win (an exact resume needs them, as with
+        ``torch.optim``); a warning names those that differ from the current ones.
+        """
         saved = state["blocks"]
         if list(saved) != [s.name for s in self.specs]:
             raise ValueError(f"state: saved blocks {list(saved)} differ from this model's {[s.name for s in self.specs]}")
         for spec in self.specs:  # every block, not only the owned ones, so that all ranks agree
-            factors = saved[spec.name]["factors"]
-            if factors is not None and tuple(np.shape(factors)) != (spec.stat_size,):
-                raise ValueError(f"state: block {spec.name!r} has factors of shape {tuple(np.shape(factors))}, "
-                                 f"expected ({spec.stat_size},)")
+            _check_block_state(spec, saved[spec.name])
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"state: steps must be an integer >= 0, got {steps!r}")
         hyper = check_options(**state["hyperparameters"])
         if hyper.pop("assignment", self.assignment) != self.assignment:
             raise ValueError("state: assignment differs from the engine's (owners are fixed at construction)")
+        differ = {name: (getattr(self, name), value) for name, value in hyper.items() if getattr(self, name) != value}
+        if differ:
+            _log.warning("load_state_dict: the checkpoint's hyperparameters replace the current ones: %s",
+                         ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()))
         for name, value in hyper.items():
             setattr(self, name, value)
-        self.steps = int(state["steps"])
+        self.steps = int(steps)
         for i, l in enumerate(self.owned):
             self.state.load_block_state(i, state["blocks"][self.specs[l].name])

@@ -361,14 +361,24 @@ class KFACPreconditioner:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` (saved at any rank count); each rank keeps its owned blocks."""
+        """Restore a ``state_dict()`` (saved at any rank count); each rank keeps its owned blocks.
+
+        Validated on every rank before anything changes (ValueError naming the
+        problem, see ``KFACEngine.load_state_dict``). The checkpoint's
+        hyperparameters win, with a warning naming those that differ; a
+        callable ``lr`` (a schedule) stays the caller's."""
         hyper = dict(state["hyperparameters"])
         lr, accumulation = hyper.pop("lr", None), hyper.pop("accumulation_steps", self.accumulation_steps)
+        accumulation = check_options(accumulation_steps=accumulation)["accumulation_steps"]
+        lr = None if lr is None or callable(self.lr) else check_options(lr=lr)["lr"]
         blocks = {name: {k: _to_arrays(v) for k, v in block.items()} for name, block in state["blocks"].items()}
-        self.engine.load_state_dict({"steps": state["steps"], "hyperparameters": hyper, "blocks": blocks})
-        self.accumulation_steps = check_options(accumulation_steps=accumulation)["accumulation_steps"]
-        if lr is not None and not callable(self.lr):
-            self.lr = check_options(lr=lr)["lr"]
+        steps = state["steps"]
+        self.engine.load_state_dict({"steps": int(steps) if isinstance(steps, torch.Tensor) else steps,
+                                     "hyperparameters": hyper, "blocks": blocks})
+        for name, value in (("accumulation_steps", accumulation), ("lr", lr)):
+            if value is not None and getattr(self, name) != value:
+                _log.warning("load_state_dict: the checkpoint's %s %r replaces %r", name, value, getattr(self, name))
+                setattr(self, name, value)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -1,0 +1,22 @@
+"""A checkpoint with one malformed block raises ValueError on every rank (its owner and the
+others alike) instead of raising on the owner and hanging the rest."""
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.torch import KFACPreconditioner
+
+
+@pytest.mark.mpi
+def test_bad_inverse_raises_on_every_rank(comm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
+    model(x).pow(2).mean().backward()
+    precond.step()
+    state = precond.state_dict()
+    state["blocks"]["2"]["inverses"][0] = torch.zeros(2, 2)  # one block, owned by one rank
+    with pytest.raises(ValueError, match="block '2' has inverses of shapes"):
+        precond.load_state_dict(state)
+    comm.barrier()  # every rank got here: nobody is left waiting
