@@ -22,14 +22,19 @@ def _is_float(tensor: torch.Tensor) -> bool:
 
 def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
     """Copy rank ``root``'s parameters and buffers (BatchNorm statistics
-    included) into ``model`` on every rank, in place."""
+    included) into ``model`` on every rank, in place (a collective).
+
+    Ranks whose models differ in the number, shapes or dtypes of their tensors
+    raise ``CollectiveMismatchError`` on every rank instead of hanging."""
     comm = _comm(comm)
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    tensors = list(model.parameters()) + list(model.buffers())
+    comm.check_same([(tuple(t.shape), str(t.dtype)) for t in tensors], "the model's parameters and buffers")
+    for tensor in tensors:
         if _is_float(tensor):
             comm.broadcast(to_array(tensor), root=root)
-        else:  # integer buffers such as BatchNorm's num_batches_tracked: a few bytes, through the host
-            host = tensor.detach().cpu()
-            comm.mpi.Bcast(host.numpy(), root=root)
+        else:  # integer buffers (BatchNorm's num_batches_tracked), bfloat16: their bytes, through the host
+            host = tensor.detach().cpu().contiguous()
+            comm.mpi.Bcast(host.reshape(-1).view(torch.uint8).numpy(), root=root)
             with torch.no_grad():
                 tensor.copy_(host)
 
@@ -52,8 +57,16 @@ def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
     between ranks is not added).
     """
     comm = _comm(comm)
-    stats = []
+    stats, narrow = [], []
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            stats += [to_array(module.running_mean), to_array(module.running_var)]
+            for tensor in (module.running_mean, module.running_var):
+                if _is_float(tensor):
+                    stats.append(to_array(tensor))
+                else:  # bfloat16 statistics: averaged in float32, written back
+                    narrow.append((tensor, tensor.float()))
+                    stats.append(to_array(narrow[-1][1]))
     comm.allreduce_many(stats, op="mean")
+    with torch.no_grad():
+        for tensor, wide in narrow:
+            tensor.copy_(wide)

@@ -1,0 +1,34 @@
+"""broadcast_parameters: rank 0's weights everywhere (bfloat16 models too); ranks whose models
+differ raise on every rank instead of hanging."""
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.comm import CollectiveMismatchError
+from hpckfac.torch import broadcast_parameters, sync_batchnorm_stats
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_zero_weights_everywhere(comm, dtype):
+    torch.manual_seed(comm.rank)  # different weights on every rank
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(dtype)
+    model[1].num_batches_tracked += comm.rank
+    broadcast_parameters(model, comm)
+    torch.manual_seed(0)
+    root = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(dtype)
+    for mine, theirs in zip(model.state_dict().values(), root.state_dict().values()):
+        assert torch.equal(mine, theirs)
+    model[1].running_mean.fill_(comm.rank)
+    sync_batchnorm_stats(model, comm)
+    assert torch.equal(model[1].running_mean, torch.full((4,), (comm.size - 1) / 2, dtype=dtype))
+
+
+@pytest.mark.mpi
+def test_different_models_raise_on_every_rank(comm):
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    width = 5 if comm.rank == comm.size - 1 else 4
+    model = nn.Sequential(nn.Linear(3, width))
+    with pytest.raises(CollectiveMismatchError, match="parameters and buffers"):
+        broadcast_parameters(model, comm)
