@@ -8,12 +8,19 @@ from torch import nn
 from hpckfac.torch.bridge import to_array
 
 
+_default: list = []
+
+
 def _comm(comm):
-    if comm is None:
+    """``comm``, or one Communicator on COMM_WORLD made on first use and reused (creating
+    one is a collective and allocates fusion buffers: not something to do every step)."""
+    if comm is not None:
+        return comm
+    if not _default:
         from hpckfac.comm import Communicator
 
-        comm = Communicator()
-    return comm
+        _default.append(Communicator())
+    return _default[0]
 
 
 def _is_float(tensor: torch.Tensor) -> bool:

@@ -18,9 +18,9 @@ from torch import nn
 
 from hpckfac.comm import CollectiveMismatchError, Communicator
 from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
-from hpckfac.bench.report import format_table
 from hpckfac.log import get_logger
 from hpckfac.stages.engine import KFACEngine
+from hpckfac.tables import format_table
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import check_options
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array
