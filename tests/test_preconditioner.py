@@ -183,3 +183,24 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     with caplog.at_level("WARNING", logger="hpckfac"):
         KFACPreconditioner(nn.Sequential(nn.LayerNorm(3)), comm=Communicator(MPI.COMM_SELF))
     assert "no layer of the model is preconditioned" in caplog.text
+
+
+@pytest.mark.parametrize("fraction,n", [(0.25, 12), (0.5, 7), (1e-3, 5)])
+def test_statistics_fraction_takes_the_factors_of_the_first_examples(fraction, n):
+    """The factors from a fraction of each batch are those of the whole pipeline run on those
+    examples alone (the per-example gradient does not depend on the batch size)."""
+    x = torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(6))
+    m = max(1, math.ceil(fraction * n))
+    factors = []
+    for inputs, targets, frac in ((x, y, fraction), (x[:m], y[:m], 1.0)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(75, 3)).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=frac)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        precond.step()
+        factors.append([r.copy() for r in precond.engine.state.running])
+    for sampled, alone in zip(*factors):
+        np.testing.assert_allclose(sampled, alone, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="statistics_fraction"):
+        KFACPreconditioner(nn.Linear(2, 2), comm=Communicator(MPI.COMM_SELF), statistics_fraction=0)

@@ -42,6 +42,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image", type=int, default=None, help="input height and width (32 cifar, 224 resnet50)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="cuda: one GPU per rank (local rank %% visible GPUs); auto: CUDA when present")
+    parser.add_argument("--statistics-fraction", type=float, default=1.0,
+                        help="K-FAC statistics from this fraction of each batch (KFACPreconditioner option)")
     parser.add_argument("--threads", type=int, default=0,
                         help="pin torch to this many threads (default 0: the process's own setting, as users run)")
     parser.add_argument("--stage-sync", action="store_true",
@@ -72,7 +74,8 @@ class Runner:
         self.precond = None
         if intervals:
             self.precond = KFACPreconditioner(self.model, lr=0.01, comm=comm, factor_update_interval=intervals[0],
-                                              inverse_update_interval=intervals[1])
+                                              inverse_update_interval=intervals[1],
+                                              statistics_fraction=args.statistics_fraction)
             if args.stage_sync:
                 self.precond.synchronize_timings()
         gen = torch.Generator().manual_seed(comm.rank)

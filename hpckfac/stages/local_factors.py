@@ -34,21 +34,23 @@ class LocalStatistics:
         self.blocks = list(blocks)
         self.specs = [block_spec(b) for b in self.blocks]
         self.dtype = np.dtype(dtype)
-        self.examples = 0
+        self.examples = self.sampled = 0
         self._sums = [xp.zeros(s.stat_size, dtype=self.dtype) for s in self.specs]
         # Kronecker blocks need both an input and an output-gradient contribution.
         self._seen = [[False, False] for _ in self.specs]
 
     def reset(self) -> None:
         """Forget everything accumulated (start of a step)."""
-        self.examples = 0
+        self.examples = self.sampled = 0
         for total, seen in zip(self._sums, self._seen):
             total[...] = 0.0
             seen[0] = seen[1] = False
 
-    def add_examples(self, count: int) -> None:
-        """Count ``count`` more examples processed by this rank this step."""
+    def add_examples(self, count: int, sampled: int | None = None) -> None:
+        """Count ``count`` more examples processed by this rank this step, of which the
+        Kronecker blocks' statistics take ``sampled`` (default: all of them)."""
         self.examples += int(count)
+        self.sampled += int(count if sampled is None else sampled)
 
     def add_inputs(self, block: int, a) -> None:
         """Add ``sum a~ a~^T`` of a Kronecker block's layer input ``a``."""
@@ -75,7 +77,9 @@ class LocalStatistics:
         self._seen[block][0] = self._seen[block][1] = True
 
     def result(self) -> list[Any]:
-        """Each block's statistics divided by the examples of this step, or
-        None for a block without a complete contribution (not called)."""
-        scale = 1.0 / max(self.examples, 1)
-        return [total * scale if all(seen) else None for total, seen in zip(self._sums, self._seen)]
+        """Each block's statistics divided by the examples they came from this step
+        (the sampled ones for Kronecker blocks, all for BatchNorm), or None for a
+        block without a complete contribution (not called)."""
+        scales = {"kron": 1.0 / max(self.sampled, 1), "bn": 1.0 / max(self.examples, 1)}
+        return [total * scales[spec.kind] if all(seen) else None
+                for total, seen, spec in zip(self._sums, self._seen, self.specs)]

@@ -90,6 +90,7 @@ CHECKS = {
     "bucket_bytes": lambda v: _integer("bucket_bytes", v, 1),
     "accumulation_steps": lambda v: _integer("accumulation_steps", v, 1),
     "skip_layers": _skip_layers,
+    "statistics_fraction": lambda v: _real("statistics_fraction", v, low=0.0, low_open=True, high_open=1.0 + 1e-12),
     "grad_scaler": _grad_scaler,
 }
 
@@ -100,7 +101,7 @@ def check_options(**options: Any) -> dict[str, Any]:
     Accepted names and rules: ``lr`` > 0 or a callable ``step -> lr``;
     ``damping`` > 0; 0 <= ``factor_decay`` < 1; ``factor_update_interval``,
     ``inverse_update_interval``, ``accumulation_steps``, ``bucket_bytes``
-    integers >= 1; ``kl_clip`` None or > 0; ``assignment`` in ASSIGNMENTS;
+    integers >= 1; ``kl_clip`` None or > 0; 0 < ``statistics_fraction`` <= 1; ``assignment`` in ASSIGNMENTS;
     ``factor_dtype`` None or float64/float32/float16 (NumPy or torch dtype or
     name; returned as a NumPy dtype); ``skip_layers`` names or module types;
     ``grad_scaler`` None or an object with ``get_scale()``.

@@ -86,6 +86,10 @@ class KFACPreconditioner:
         bucket_bytes: fusion bucket size of the ring-allreduce (None: the
             Communicator's default).
         accumulation_steps: forward/backward micro-batches per ``step()``.
+        statistics_fraction: the Kronecker factors of a factor-update step come
+            from the first ``ceil(fraction * n)`` examples of each micro-batch of
+            ``n`` (1: all); the statistics cost shrinks in proportion, the gradients
+            are untouched. BatchNorm statistics always use the whole micro-batch.
         comm: an ``hpckfac.comm.Communicator`` (default: on COMM_WORLD).
 
     Device: the pipeline runs where the model's parameters are (construct the
@@ -99,18 +103,21 @@ class KFACPreconditioner:
                  factor_decay: float = 0.95, factor_update_interval: int = 1, inverse_update_interval: int = 10,
                  kl_clip: float | None = 1e-3, skip_layers=(), factor_dtype=None, grad_scaler=None,
                  assignment: str = "lpt", bucket_bytes: int | None = None, accumulation_steps: int = 1,
-                 comm: Communicator | None = None) -> None:
+                 statistics_fraction: float = 1.0, comm: Communicator | None = None) -> None:
         opts = check_options(lr=lr, damping=damping, factor_decay=factor_decay,
                              factor_update_interval=factor_update_interval,
                              inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
                              skip_layers=skip_layers, factor_dtype=factor_dtype, grad_scaler=grad_scaler,
                              assignment=assignment, accumulation_steps=accumulation_steps,
+                             statistics_fraction=statistics_fraction,
                              **({} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}))
         self.model = model
         self.comm = comm if comm is not None else Communicator()
         self.lr = opts["lr"]
         self.grad_scaler = grad_scaler
         self.accumulation_steps = opts["accumulation_steps"]
+        self.statistics_fraction = opts["statistics_fraction"]
+        self._sample = 0
         self.bucket_bytes = bucket_bytes
         self.skip_layers = opts["skip_layers"]
         self.device = _model_device(model)
@@ -215,7 +222,8 @@ class KFACPreconditioner:
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
         if first is not None:
             self._micro_batch = int(first.shape[0])
-            self.local.add_examples(self._micro_batch)
+            self._sample = max(1, math.ceil(self.statistics_fraction * self._micro_batch))
+            self.local.add_examples(self._micro_batch, self._sample)
 
     def _grad_scale(self) -> float:
         """Factor turning this micro-batch's output gradients into per-example ones."""
@@ -232,7 +240,7 @@ class KFACPreconditioner:
             self._bn_inputs[index].append(to_array(a))  # needed with the output gradient
         else:
             with device_scope(self.device):
-                self.local.add_inputs(index, to_array(a))
+                self.local.add_inputs(index, to_array(a[:self._sample]))
         self._hook_seconds += time.perf_counter() - start
 
     def _on_output_grad(self, index: int, g: torch.Tensor) -> None:
@@ -245,7 +253,7 @@ class KFACPreconditioner:
                 if self._bn_inputs[index]:
                     self.local.add_batchnorm(index, self._bn_inputs[index].pop(), to_array(g), scale)
             else:
-                self.local.add_output_grads(index, to_array(g), scale)
+                self.local.add_output_grads(index, to_array(g[:self._sample]), scale)
         self._hook_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ step

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hpckfac.train.config import TrainConfig
 from hpckfac.train.files import atomic_write
 
 FORMAT = "hpckfac-train-checkpoint"
@@ -25,6 +26,7 @@ VERSION = 1
 KEYS = ("format", "version", "step", "config", "data", "model", "optimizer", "preconditioner",
         "data_order", "history", "wall", "torch_rng")
 _NAME = re.compile(r"step_(\d+)\.pt$")
+_DEFAULTS = TrainConfig().as_dict()
 
 
 class CheckpointError(ValueError):
@@ -80,9 +82,11 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], data_fingerp
                      keys: tuple[str, ...], path: str) -> None:
     """Raise CheckpointError naming the first setting in ``keys`` (or the data) that differs."""
     for key in keys:
-        if state["config"].get(key) != config.get(key):
+        # A setting newer than the checkpoint: it was trained with the setting's default.
+        saved = state["config"].get(key, _DEFAULTS.get(key))
+        if saved != config.get(key):
             raise CheckpointError(f"checkpoint {path} does not match this run: {key} is "
-                                  f"{state['config'].get(key)!r} there, {config.get(key)!r} here")
+                                  f"{saved!r} there, {config.get(key)!r} here")
     if state["data"] != data_fingerprint:
         raise CheckpointError(f"checkpoint {path} was trained on different data "
                               f"(fingerprint {state['data']}, this run {data_fingerprint})")

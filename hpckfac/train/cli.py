@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="K",
                    help="evaluate on the test set every K steps")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--statistics-fraction", type=float, default=d.statistics_fraction, metavar="F",
+                   help="K-FAC statistics from the first F of each rank's batch (0 < F <= 1)")
     p.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto: one GPU per rank (local rank %% visible GPUs) when CUDA is present, else CPU")
     return p

@@ -10,7 +10,8 @@ DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
 
 # Settings that fix the trajectory: a checkpoint may only be resumed with the same values.
 TRAJECTORY_KEYS = ("optimizer", "batch_size", "seed", "width", "momentum", "weight_decay", "damping",
-                   "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip")
+                   "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip",
+                   "statistics_fraction")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     eval_every: int = 10
     progress: bool = True
     device: str = "auto"
+    statistics_fraction: float = 1.0
 
     def validate(self) -> "TrainConfig":
         """Check every value; returns self with ``lr`` filled in."""
@@ -73,6 +75,9 @@ class TrainConfig:
         _real("damping", self.damping, low=0.0, strict=True)
         _real("factor_decay", self.factor_decay, low=0.0, below=1.0)
         _real("kl_clip", self.kl_clip, low=0.0)
+        _real("statistics_fraction", self.statistics_fraction, low=0.0, strict=True)
+        if self.statistics_fraction > 1.0:
+            raise ValueError(f"statistics_fraction: expected a number in (0, 1], got {self.statistics_fraction!r}")
         if self.checkpoint_every and not self.out:
             raise ValueError("checkpoint_every: needs --out DIR to write the checkpoints into")
         return self

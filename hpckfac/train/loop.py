@@ -116,7 +116,7 @@ class Trainer:
                 self.model, lr=self.schedule, damping=config.damping, factor_decay=config.factor_decay,
                 factor_update_interval=config.factor_update_interval,
                 inverse_update_interval=config.inverse_update_interval,
-                kl_clip=config.kl_clip or None, comm=self.comm)
+                kl_clip=config.kl_clip or None, statistics_fraction=config.statistics_fraction, comm=self.comm)
         self.step, self.wall, self.records, self.step_seconds = 0, 0.0, [], []
         self._interval = np.zeros(3)  # loss sum, correct, examples since the last evaluation (this rank)
         if config.resume:
