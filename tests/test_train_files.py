@@ -38,3 +38,18 @@ def test_check_output_dir(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         check_output_dir(str(tmp_path / "file"), (), ())
+
+
+def test_any_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
+    """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, ...):
+    every one of them must come out as the one-line CheckpointError."""
+    import numpy as np
+
+    from hpckfac.train.checkpoint import CheckpointError, load_checkpoint
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "step_00000001.pt"
+    for _ in range(300):
+        path.write_bytes(rng.bytes(int(rng.integers(1, 4000))))
+        with pytest.raises(CheckpointError, match="is corrupt or unreadable|is not an hpckfac training checkpoint"):
+            load_checkpoint(str(path))

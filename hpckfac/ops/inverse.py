@@ -2,7 +2,9 @@
 
 For each matrix ``S = (M + M^T)/2 + damping*I``:
 
-1. CHOLESKY: ``S = L L^T``; accepted when LAPACK succeeds and no pivot is
+1. CHOLESKY: ``S = L L^T``, then ``S^-1`` from ``L`` (LAPACK ``potrf`` and a
+   ``potri``-class inverse, batched, through torch so that they run in torch's
+   thread pool like the factor products); accepted when LAPACK succeeds and no pivot is
    numerically zero: ``L_ii^2 >= PIVOT_RTOL * eps * S_ii`` for every ``i``
    (``eps`` of the working dtype) and the inverse ``L^-T L^-1`` is finite.
    ``L_ii^2 / S_ii`` is the share of the i-th diagonal entry not explained by
@@ -23,6 +25,7 @@ Every result is finite and exactly symmetric.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hpckfac.ops.checks import accumulation_dtype
 
@@ -94,37 +97,25 @@ def _well_conditioned(mats: np.ndarray, factors: np.ndarray) -> np.ndarray:
 
 def _cholesky(mat: np.ndarray) -> np.ndarray | None:
     """Lower Cholesky factor of one matrix, or None when it fails or is numerically singular."""
-    try:
-        factor = np.linalg.cholesky(mat)
-    except np.linalg.LinAlgError:
-        return None
-    return factor if _well_conditioned(mat, factor) else None
+    factors, ok = _cholesky_batch(mat[None])
+    return factors[0] if ok[0] else None
 
 
 def _cholesky_batch(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cholesky factors of a batch and which of them are usable.
-
-    NumPy's batched Cholesky fails as a whole when one matrix fails, so only then
-    is the batch factorised matrix by matrix to tell which ones did.
-    """
-    try:
-        factors = np.linalg.cholesky(mats)
-        return factors, _well_conditioned(mats, factors)
-    except np.linalg.LinAlgError:
-        factors = np.zeros_like(mats)
-        ok = np.zeros(mats.shape[0], dtype=bool)
-        for i, mat in enumerate(mats):
-            factor = _cholesky(mat)
-            if factor is not None:
-                factors[i], ok[i] = factor, True
-        return factors, ok
+    """Cholesky factors of a batch (LAPACK ``potrf`` through torch, in its thread pool)
+    and which of them are usable: factorised without error and well conditioned."""
+    factors, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(mats)))
+    factors = factors.numpy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        return factors, (info.numpy() == 0) & _well_conditioned(mats, factors)
 
 
 def _inverse_from_cholesky(factors: np.ndarray) -> np.ndarray:
-    """``L^-T L^-1`` for a batch of lower factors, symmetrised exactly."""
-    eye = np.broadcast_to(np.eye(factors.shape[-1], dtype=factors.dtype), factors.shape)
-    lower_inv = np.linalg.solve(factors, eye)
-    inverse = lower_inv.swapaxes(-1, -2) @ lower_inv
+    """``L^-T L^-1`` for a batch of lower factors (LAPACK ``potri``-class, batched, through
+    torch), symmetrised exactly."""
+    if not factors.size:
+        return np.empty_like(factors)
+    inverse = torch.cholesky_inverse(torch.from_numpy(np.ascontiguousarray(factors))).numpy()
     return 0.5 * inverse + 0.5 * inverse.swapaxes(-1, -2)
 
 
