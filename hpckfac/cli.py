@@ -8,13 +8,20 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch ``hpckfac <command> [args]`` to the command's own ``main``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "hpckfac.train.cli", "bench": "hpckfac.bench.__main__"}
+    usage = (f"usage: hpckfac {{{'|'.join(commands)}}} [options]  (hpckfac COMMAND --help)\n"
+             "  train   train a ResNet with distributed K-FAC, SGD or Adam (mpiexec -n N hpckfac train)\n"
+             "  bench   benchmarks: comm, step, kernels, convergence, scaling, model")
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in commands:
-        print(f"usage: hpckfac {{{'|'.join(commands)}}} [options]  (hpckfac COMMAND --help)",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     import importlib
 
     module = importlib.import_module(commands[argv[0]])
+    if argv[0] == "bench":
+        return int(module.main(argv[1:], prog="hpckfac bench") or 0)
     return int(module.main(argv[1:]) or 0)
 
 

@@ -14,12 +14,16 @@ BENCHMARKS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -> int:
     """Run benchmark ``argv[0]`` with the remaining arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    lines = "\n".join(f"  {name:12s} {text}" for name, text in BENCHMARKS.items())
+    usage = f"usage: {prog} NAME [options]  ({prog} NAME --help)\n{lines}"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in BENCHMARKS:
-        lines = "\n".join(f"  {name:12s} {text}" for name, text in BENCHMARKS.items())
-        print(f"usage: python -m hpckfac.bench NAME [options]\n{lines}", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
     return int(module.main(argv[1:]) or 0)

@@ -200,8 +200,8 @@ class Trainer:
         self._interval[:] = 0
         train_loss = sums[0] / max(sums[2], 1)
         if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training diverged: loss {train_loss} at step {self.step} "
-                                   f"(try a smaller --lr or a larger --damping)")
+            advice = "a smaller --lr or a larger --damping" if self.config.optimizer == "kfac" else "a smaller --lr"
+            raise TrainingDiverged(f"training diverged: loss {train_loss} at step {self.step} (try {advice})")
         record = {"step": self.step, "epoch": self.step / self.order.steps_per_epoch,
                   "loss": float(train_loss), "train_acc": float(sums[1] / max(sums[2], 1)),
                   "test_loss": float(sums[3] / max(sums[5], 1)), "test_acc": float(sums[4] / max(sums[5], 1)),
@@ -247,7 +247,8 @@ class Trainer:
                     self.save()
                 bar.update(1)
                 if show:
-                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", test=f"{test_acc:.3f}",
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}",
+                                    test="-" if math.isnan(test_acc) else f"{test_acc:.3f}",
                                     ms=f"{1e3 * seconds:.1f}", refresh=False)
         finally:
             bar.close()
