@@ -46,6 +46,11 @@ def get_logger(name: str = "hpckfac") -> logging.Logger:
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(_RankFilter())
         root.addHandler(handler)
-        root.setLevel(os.environ.get("HPCKFAC_LOG_LEVEL", "WARNING").upper())
+        level = os.environ.get("HPCKFAC_LOG_LEVEL", "WARNING").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            root.warning("HPCKFAC_LOG_LEVEL=%r is not a level (DEBUG, INFO, WARNING, ERROR, CRITICAL); "
+                         "using WARNING", os.environ["HPCKFAC_LOG_LEVEL"])
+            level = "WARNING"
+        root.setLevel(level)
         root.propagate = False
     return logging.getLogger(name if name.startswith("hpckfac") else f"hpckfac.{name}")

@@ -133,3 +133,14 @@ def test_batch_that_does_not_split_over_ranks():
     lines = proc.stderr.strip().splitlines()
     assert lines == ["hpckfac train: error: --batch-size: global batch 33 does not split evenly over 2 ranks"], \
         proc.stderr
+
+
+def test_resource_errors_and_bad_log_level_are_one_line():
+    proc = train(["--steps", 1, "--no-progress", "--width", 100000])
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpckfac train: error: ") and "allocate" in lines[0], proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "hpckfac", "train", "--steps", "1", "--batch-size", "32",
+                           "--no-progress"], capture_output=True, text=True, timeout=300,
+                          env=dict(ENV, HPCKFAC_LOG_LEVEL="LOUD"))
+    assert proc.returncode == 0 and "HPCKFAC_LOG_LEVEL='LOUD' is not a level" in proc.stderr

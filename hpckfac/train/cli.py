@@ -98,6 +98,18 @@ def _cli_message(exc: Exception) -> str:
     return message
 
 
+def _rank_failure(comm, exc: BaseException) -> int:
+    """An error that may strike this rank alone: one line, then the whole job ends
+    (``MPI_Abort`` with several ranks, so that no rank waits forever); returns 1."""
+    from hpckfac.comm.abort import abort_job
+
+    message = f"{PROG}: error: {_cli_message(exc)}"
+    if comm.size > 1:
+        abort_job(message)
+    print(message, file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``hpckfac train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
@@ -115,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from hpckfac.comm import CollectiveMismatchError, Communicator
-    from hpckfac.comm.abort import abort_job
     from hpckfac.log import get_logger
     from hpckfac.train.loop import LOG_NAME, PLOT_NAME, Trainer, TrainingDiverged
 
@@ -126,16 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config, comm)
     except ValueError as exc:  # data, checkpoint, batch split: the same on every rank
         return _fail(_cli_message(exc))
+    except (Exception, KeyboardInterrupt) as exc:  # e.g. the model does not fit in memory
+        return _rank_failure(comm, exc)
     try:
         result = trainer.run()
     except (TrainingDiverged, CollectiveMismatchError) as exc:  # raised on every rank together
         return _fail(_cli_message(exc), code=1)
     except (Exception, KeyboardInterrupt) as exc:  # this rank alone: the others would wait forever
-        message = f"{PROG}: error: {_cli_message(exc)}"
-        if comm.size > 1:
-            abort_job(message)
-        print(message, file=sys.stderr)
-        return 1
+        return _rank_failure(comm, exc)
     s = result.summary
     if comm.rank == 0:
         print(f"{PROG}: {s['optimizer']} on {trainer.data.name}, {s['ranks']} rank(s) on {s['device']}, global batch "
