@@ -35,9 +35,10 @@ import numpy as np
 from hpckfac.assignment import assign_owners, block_cost, owner_loads
 from hpckfac.bench import shapes
 from hpckfac.bench.report import format_table, median, write_json
+from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import BlockSpec, SegmentLayout
 
-STAGES = ("local_factors", "reduce_scatter", "inversion", "precondition", "all_gather", "allreduce")
+STAGES = ITERATION_STAGES
 COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
 # OTU+18 (arXiv 1811.12019): 1024 V100, batch 32,768, 1,760 iterations in 10 min.
 OTU18 = {"gpus": 1024, "batch": 32768, "iterations": 1760, "minutes": 10.0}

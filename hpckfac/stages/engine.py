@@ -34,7 +34,10 @@ from hpckfac.stages.options import check_options
 from hpckfac.stages.owner import OwnerState
 
 _log = get_logger("hpckfac.stages.engine")
+# The timed parts of one iteration, in order: stage 1 (local statistics, in the hooks), the
+# engine's stages 2-4, and the allreduce of the gradients no block owns. Defined here only.
 STAGES = ("reduce_scatter", "inversion", "precondition", "all_gather")
+ITERATION_STAGES = ("local_factors",) + STAGES + ("allreduce",)
 
 
 def _check_block_state(spec, block: dict[str, Any]) -> None:

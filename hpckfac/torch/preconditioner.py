@@ -19,7 +19,7 @@ from torch import nn
 from hpckfac.comm import CollectiveMismatchError, Communicator
 from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
 from hpckfac.log import get_logger
-from hpckfac.stages.engine import KFACEngine
+from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine
 from hpckfac.tables import format_table
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import check_options
@@ -27,7 +27,7 @@ from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_arra
 from hpckfac.torch.hooks import CaptureHooks
 
 _log = get_logger("hpckfac.torch")
-TIMED = ("local_factors", "reduce_scatter", "inversion", "precondition", "all_gather", "allreduce")
+TIMED = ITERATION_STAGES
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
