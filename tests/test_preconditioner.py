@@ -26,13 +26,18 @@ def mlp():
 
 @pytest.mark.parametrize("name,value", [
     ("lr", 0.0), ("lr", "fast"), ("damping", -1.0), ("damping", math.nan), ("factor_decay", 1.0),
-    ("factor_update_interval", 0), ("inverse_update_interval", 1.5), ("kl_clip", 0.0),
+    ("factor_update_interval", 0), ("inverse_update_interval", 1.5), ("kl_clip", -1.0),
     ("assignment", "random"), ("factor_dtype", "int8"), ("bucket_bytes", 0), ("accumulation_steps", 0),
     ("skip_layers", [3]), ("grad_scaler", object()),
 ])
 def test_invalid_options_name_the_parameter(comm, name, value):
     with pytest.raises(ValueError, match=name):
         KFACPreconditioner(mlp(), comm=comm, **{name: value})
+
+
+def test_kl_clip_zero_or_none_switches_the_clip_off(comm):
+    for value in (0, 0.0, None):
+        assert KFACPreconditioner(mlp(), comm=comm, kl_clip=value).engine.kl_clip is None
 
 
 def test_finds_layers_and_hooks_follow_modes(comm):

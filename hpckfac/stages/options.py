@@ -39,7 +39,10 @@ def _lr(value: Any):
 
 
 def _kl_clip(value: Any):
-    return None if value is None else _real("kl_clip", value, low=0.0, low_open=True)
+    # 0 and None both switch the clip off, in the library as in ``hpckfac train --kl-clip 0``.
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
+        return None
+    return _real("kl_clip", value, low=0.0, low_open=True)
 
 
 def _assignment(value: Any) -> str:
@@ -101,7 +104,7 @@ def check_options(**options: Any) -> dict[str, Any]:
     Accepted names and rules: ``lr`` > 0 or a callable ``step -> lr``;
     ``damping`` > 0; 0 <= ``factor_decay`` < 1; ``factor_update_interval``,
     ``inverse_update_interval``, ``accumulation_steps``, ``bucket_bytes``
-    integers >= 1; ``kl_clip`` None or > 0; 0 < ``statistics_fraction`` <= 1; ``assignment`` in ASSIGNMENTS;
+    integers >= 1; ``kl_clip`` None, 0 (both: no clip) or > 0; 0 < ``statistics_fraction`` <= 1; ``assignment`` in ASSIGNMENTS;
     ``factor_dtype`` None or float64/float32/float16 (NumPy or torch dtype or
     name; returned as a NumPy dtype); ``skip_layers`` names or module types;
     ``grad_scaler`` None or an object with ``get_scale()``.
