@@ -120,7 +120,10 @@ def main(argv: list[str]) -> int:
     for _ in range(args.warmup):
         for runner in runners:
             runner.step()
-    for _ in range(args.steps):
+    from tqdm import tqdm
+
+    # Progress on rank 0 (stderr), so that a long run shows it is alive.
+    for _ in tqdm(range(args.steps), desc="timed steps", disable=comm.rank != 0, leave=False):
         for runner in runners:
             runner.timed_step()
     results = []
