@@ -10,8 +10,10 @@ only (not evaluation or checkpointing).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -226,30 +228,22 @@ class Trainer:
     # ----------------------------------------------------------------- run
     def run(self, progress: bool | None = None) -> TrainResult:
         """Train from ``self.step`` to ``total_steps``; evaluate every ``eval_every``
-        steps, at checkpoints and at the end; write the log, plot and checkpoints."""
+        steps, at checkpoints and at the end; write the log, plot and checkpoints.
+
+        Rank 0 shows a progress bar on a terminal; where stderr is not a terminal
+        (a batch job's log file) it prints one line per evaluation instead of a bar
+        redrawn with carriage returns. Log records print above the bar."""
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         c = self.config
         show = (c.progress if progress is None else progress) and self.rank == 0
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=not show,
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=not (show and interactive),
                    dynamic_ncols=True, leave=True)
-        test_acc = self.records[-1]["test_acc"] if self.records else float("nan")
         try:
-            while self.step < self.total_steps:
-                seconds, loss, accuracy = self.train_step()
-                checkpoint = c.checkpoint_every and (self.step % c.checkpoint_every == 0
-                                                     or self.step == self.total_steps)
-                if self.step % c.eval_every == 0 or self.step == self.total_steps or checkpoint:
-                    record = self.evaluate()
-                    test_acc = record["test_acc"]
-                    self._write_log()
-                if checkpoint:
-                    self.save()
-                bar.update(1)
-                if show:
-                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}",
-                                    test="-" if math.isnan(test_acc) else f"{test_acc:.3f}",
-                                    ms=f"{1e3 * seconds:.1f}", refresh=False)
+            with logging_redirect_tqdm(loggers=[logging.getLogger("hpckfac")]):
+                self._steps(bar, lines=show and not interactive)
         finally:
             bar.close()
         if not self.records or self.records[-1]["step"] != self.step:
@@ -260,6 +254,28 @@ class Trainer:
 
             plot_history(self.records, os.path.join(c.out, PLOT_NAME), title=self._title())
         return TrainResult(self.records, self.step_seconds, self.total_steps, self.model, self.precond, self.summary())
+
+    def _steps(self, bar, lines: bool) -> None:
+        """The steps of ``run``, with their evaluations and checkpoints."""
+        c = self.config
+        test_acc = self.records[-1]["test_acc"] if self.records else float("nan")
+        while self.step < self.total_steps:
+            seconds, loss, accuracy = self.train_step()
+            checkpoint = c.checkpoint_every and (self.step % c.checkpoint_every == 0
+                                                 or self.step == self.total_steps)
+            if self.step % c.eval_every == 0 or self.step == self.total_steps or checkpoint:
+                record = self.evaluate()
+                test_acc = record["test_acc"]
+                self._write_log()
+                if lines:
+                    print(f"{c.optimizer} step {self.step}/{self.total_steps}: loss {record['loss']:.4f}, "
+                          f"test accuracy {test_acc:.4f}, {record['wall']:.1f} s", file=sys.stderr, flush=True)
+            if checkpoint:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}",
+                            test="-" if math.isnan(test_acc) else f"{test_acc:.3f}",
+                            ms=f"{1e3 * seconds:.1f}", refresh=False)
 
     def summary(self) -> dict[str, Any]:
         """Final and best test accuracy, steps, epochs, training seconds."""
