@@ -209,3 +209,31 @@ def test_statistics_fraction_takes_the_factors_of_the_first_examples(fraction, n
         np.testing.assert_allclose(sampled, alone, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="statistics_fraction"):
         KFACPreconditioner(nn.Linear(2, 2), comm=Communicator(MPI.COMM_SELF), statistics_fraction=0)
+
+
+class DictInput(nn.Module):
+    """A model called as model({"x": x}): no tensor among its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, batch):
+        return self.net(batch["x"])
+
+
+def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(comm):
+    x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(3))
+    states = []
+    for wrapped in (True, False):
+        torch.manual_seed(0)  # DictInput builds the same Sequential first: identical weights
+        model = DictInput().double() if wrapped else nn.Sequential(nn.Linear(5, 4), nn.Tanh(),
+                                                                    nn.Linear(4, 3)).double()
+        precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
+        nn.functional.cross_entropy(model({"x": x}) if wrapped else model(x), y).backward()
+        assert precond.local.examples == 7
+        precond.step()
+        states.append([r.copy() for r in precond.engine.state.running])
+    for wrapped, plain in zip(*states):
+        np.testing.assert_allclose(wrapped, plain, rtol=1e-12)

@@ -118,6 +118,7 @@ class KFACPreconditioner:
         self.accumulation_steps = opts["accumulation_steps"]
         self.statistics_fraction = opts["statistics_fraction"]
         self._sample = 0
+        self._count_pending = False
         self.bucket_bytes = bucket_bytes
         self.skip_layers = opts["skip_layers"]
         self.device = _model_device(model)
@@ -220,10 +221,17 @@ class KFACPreconditioner:
         if not (module.training and torch.is_grad_enabled()):
             return
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        if first is not None:
-            self._micro_batch = int(first.shape[0])
-            self._sample = max(1, math.ceil(self.statistics_fraction * self._micro_batch))
-            self.local.add_examples(self._micro_batch, self._sample)
+        if first is not None and first.dim() > 0:
+            self._count(int(first.shape[0]))
+        else:  # e.g. model({"x": x}): the first K-FAC layer's input tells the batch size
+            self._count_pending = True
+
+    def _count(self, examples: int) -> None:
+        """Count a micro-batch of ``examples`` (and the sample its statistics use)."""
+        self._count_pending = False
+        self._micro_batch = examples
+        self._sample = max(1, math.ceil(self.statistics_fraction * examples))
+        self.local.add_examples(examples, self._sample)
 
     def _grad_scale(self) -> float:
         """Factor turning this micro-batch's output gradients into per-example ones."""
@@ -233,6 +241,8 @@ class KFACPreconditioner:
         return scale
 
     def _on_input(self, index: int, a: torch.Tensor) -> None:
+        if self._count_pending:
+            self._count(int(a.shape[0]))
         if not self.engine.is_factor_step():
             return
         start = time.perf_counter()
