@@ -144,3 +144,24 @@ def test_resource_errors_and_bad_log_level_are_one_line():
                            "--no-progress"], capture_output=True, text=True, timeout=300,
                           env=dict(ENV, HPCKFAC_LOG_LEVEL="LOUD"))
     assert proc.returncode == 0 and "HPCKFAC_LOG_LEVEL='LOUD' is not a level" in proc.stderr
+
+
+def test_resume_takes_the_runs_own_settings_and_says_when_it_is_finished(tmp_path):
+    data = _write(tmp_path / "mine.npz", x=np.random.default_rng(0).standard_normal((200, 8, 8)),
+                  y=np.random.default_rng(1).integers(0, 10, 200))
+    out = tmp_path / "run"
+    proc = train(["--data", data, "--steps", 6, "--batch-size", 32, "--checkpoint-every", 3, "--out", out,
+                  "--no-progress", "--seed", 4])
+    assert proc.returncode == 0, proc.stderr
+    whole = checkpoint(out, 6)
+    os.remove(os.path.join(out, "checkpoints", "step_00000006.pt"))
+    proc = train(["--resume", out, "--no-progress"])  # nothing else: data, steps, batch from the run
+    assert proc.returncode == 0, proc.stderr
+    assert "kfac on mine.npz" in proc.stdout and "6 steps" in proc.stdout
+    resumed = checkpoint(out, 6)
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    proc = train(["--resume", out, "--no-progress"])
+    assert proc.returncode == 0 and "already finished (step 6 of 6); nothing to train" in proc.stdout
+    proc = train(["--resume", out, "--no-progress", "--steps", 9])  # an explicit setting still wins
+    assert proc.returncode == 2 and "total_steps is 6 there, 9 here" in proc.stderr

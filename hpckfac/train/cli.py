@@ -98,6 +98,32 @@ def _cli_message(exc: Exception) -> str:
     return message
 
 
+# Settings of the machine running the resumed job, not of the run: never taken from a checkpoint.
+_LOCAL_SETTINGS = ("resume", "progress", "device")
+
+
+def _explicit(argv: list[str] | None) -> set[str]:
+    """The settings given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:  # a default of SUPPRESS leaves the setting out of the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _resumed_settings(path: str, explicit: set[str], settings: dict) -> dict:
+    """The run's own settings from its checkpoint, for every setting not given on the
+    command line, so that ``--resume DIR`` alone continues the run as it was started.
+    A missing or unreadable checkpoint is reported later, with the run's other checks."""
+    from hpckfac.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+
+    try:
+        saved = load_checkpoint(find_checkpoint(path))["config"]
+    except (CheckpointError, KeyError, TypeError):
+        return {}
+    return {key: value for key, value in saved.items()
+            if key in settings and key not in explicit and key not in _LOCAL_SETTINGS}
+
+
 def _rank_failure(comm, exc: BaseException) -> int:
     """An error that may strike this rank alone: one line, then the whole job ends
     (``MPI_Abort`` with several ranks, so that no rank waits forever); returns 1."""
@@ -118,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    config = TrainConfig(**vars(args))
+    settings = vars(args)
+    if args.resume:
+        settings.update(_resumed_settings(args.resume, _explicit(argv), settings))
+    config = TrainConfig(**settings)
     try:
         config.validate()
     except ValueError as exc:
@@ -139,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_cli_message(exc))
     except (Exception, KeyboardInterrupt) as exc:  # e.g. the model does not fit in memory
         return _rank_failure(comm, exc)
+    if trainer.step >= trainer.total_steps:
+        if comm.rank == 0:
+            print(f"{PROG}: the run in {config.resume} already finished (step {trainer.step} of "
+                  f"{trainer.total_steps}); nothing to train")
+        return 0
     try:
         result = trainer.run()
     except (TrainingDiverged, CollectiveMismatchError) as exc:  # raised on every rank together
