@@ -53,3 +53,14 @@ def test_any_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
         path.write_bytes(rng.bytes(int(rng.integers(1, 4000))))
         with pytest.raises(CheckpointError, match="is corrupt or unreadable|is not an hpckfac training checkpoint"):
             load_checkpoint(str(path))
+
+
+def test_keep_only_the_newest_checkpoints(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "hpckfac", "train", "--steps", "8", "--batch-size", "32", "--no-progress",
+           "--checkpoint-every", "2", "--keep-checkpoints", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000006.pt", "step_00000008.pt"]

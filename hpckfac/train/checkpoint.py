@@ -45,6 +45,13 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     atomic_write(path, lambda fh: torch.save({"format": FORMAT, "version": VERSION, **state}, fh), binary=True)
 
 
+def list_checkpoints(directory: str) -> list[str]:
+    """The ``step_*.pt`` files in ``directory``, oldest step first."""
+    found = [(int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
+             if (m := _NAME.search(f))]
+    return [f for _, f in sorted(found)]
+
+
 def find_checkpoint(path: str) -> str:
     """``path`` itself if a file, else the latest ``step_*.pt`` in ``path`` or ``path/checkpoints``."""
     if os.path.isfile(path):
@@ -52,10 +59,9 @@ def find_checkpoint(path: str) -> str:
     if not os.path.isdir(path):
         raise CheckpointError(f"resume: no checkpoint file or directory at {path}")
     for directory in (path, os.path.join(path, "checkpoints")):
-        found = [(int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
-                 if (m := _NAME.search(f))]
+        found = list_checkpoints(directory)
         if found:
-            return max(found)[1]
+            return found[-1]
     raise CheckpointError(f"resume: no step_*.pt checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
 
 

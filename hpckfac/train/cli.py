@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write log.json, training.png and checkpoints/ here")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
                    help="checkpoint every K steps and at the end (0: never; needs --out)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="N",
+                   help="keep only the newest N checkpoints (0: keep all)")
     p.add_argument("--resume", metavar="DIR", default=None,
                    help="continue from the latest checkpoint in DIR (or DIR/checkpoints), or from a file")
     p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="K",

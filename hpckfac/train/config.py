@@ -43,6 +43,7 @@ class TrainConfig:
     data: str | None = None
     out: str | None = None
     checkpoint_every: int = 0
+    keep_checkpoints: int = 0
     resume: str | None = None
     eval_every: int = 10
     progress: bool = True
@@ -65,6 +66,7 @@ class TrainConfig:
         _integer("width", self.width, 1)
         _integer("seed", self.seed, 0)
         _integer("checkpoint_every", self.checkpoint_every, 0)
+        _integer("keep_checkpoints", self.keep_checkpoints, 0)
         _integer("eval_every", self.eval_every, 1)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]

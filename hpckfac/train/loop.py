@@ -25,7 +25,7 @@ from torch import nn
 from hpckfac.log import get_logger
 from hpckfac.models import resnet
 from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, find_checkpoint,
-                                      load_checkpoint, save_checkpoint)
+                                      list_checkpoints, load_checkpoint, save_checkpoint)
 from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
 from hpckfac.train.files import atomic_write, check_output_dir
@@ -222,6 +222,9 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(path, state)
             _log.info("checkpoint %s", path)
+            if self.config.keep_checkpoints:
+                for old in list_checkpoints(os.path.dirname(path))[:-self.config.keep_checkpoints]:
+                    os.remove(old)
         self.comm.barrier()
         return path
 
