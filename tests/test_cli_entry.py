@@ -10,3 +10,9 @@ def test_help_and_usage(capsys):
     assert capsys.readouterr().out.startswith("usage: hpckfac bench NAME")
     assert cli.main(["nope"]) == 2
     assert "usage: hpckfac" in capsys.readouterr().err
+
+
+def test_every_train_flag_has_help_text():
+    from hpckfac.train.cli import build_parser
+
+    assert [a.option_strings for a in build_parser()._actions if not a.help] == []

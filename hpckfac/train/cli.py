@@ -50,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay-power", type=float, default=d.decay_power,
                    help="power of the polynomial decay to 0 after warmup (0: constant)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD/K-FAC momentum (not Adam)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay of the optimizer")
     p.add_argument("--damping", type=float, default=d.damping, help="K-FAC Tikhonov damping (pi-corrected)")
     p.add_argument("--factor-decay", type=float, default=d.factor_decay, help="K-FAC running-average weight")
-    p.add_argument("--factor-update-interval", type=int, default=d.factor_update_interval)
-    p.add_argument("--inverse-update-interval", type=int, default=d.inverse_update_interval)
+    p.add_argument("--factor-update-interval", type=int, default=d.factor_update_interval,
+                   help="K-FAC statistics every that many steps")
+    p.add_argument("--inverse-update-interval", type=int, default=d.inverse_update_interval,
+                   help="K-FAC inverses recomputed every that many steps")
     p.add_argument("--kl-clip", type=float, default=d.kl_clip, help="K-FAC KL clip kappa (0 disables)")
     p.add_argument("--width", type=int, default=d.width, help="channels of the first ResNet stage")
     p.add_argument("--seed", type=int, default=d.seed, help="weights and data order")
