@@ -237,3 +237,27 @@ def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(com
         states.append([r.copy() for r in precond.engine.state.running])
     for wrapped, plain in zip(*states):
         np.testing.assert_allclose(wrapped, plain, rtol=1e-12)
+
+
+def test_misuse_warnings_and_tied_weights(comm, caplog):
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        assert "step() without" not in caplog.text
+        precond.step()  # twice in one optimizer step
+    assert "step() without a training forward/backward" in caplog.text
+    # Two Linear layers sharing one weight: the second stays first-order, the weight gets one update.
+    shared = nn.Linear(4, 4, bias=False)
+    tied = nn.Sequential(nn.Linear(5, 4), shared, nn.Tanh(), nn.Linear(4, 4, bias=False), nn.Linear(4, 3))
+    tied[3].weight = shared.weight
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond = KFACPreconditioner(tied.double(), comm=comm)
+    lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
+    assert "first-order: shares a parameter with K-FAC layer '1'" in lines["3"]
+    assert [id(m) for m in precond.modules].count(id(tied[3])) == 0
+    nn.functional.cross_entropy(tied(x), y).backward()
+    precond.step()
+    assert torch.isfinite(shared.weight.grad).all()

@@ -119,6 +119,8 @@ class KFACPreconditioner:
         self.statistics_fraction = opts["statistics_fraction"]
         self._sample = 0
         self._count_pending = False
+        self._forwards = 0  # training forwards since the last step()
+        self._warned: set[str] = set()
         self.bucket_bytes = bucket_bytes
         self.skip_layers = opts["skip_layers"]
         self.device = _model_device(model)
@@ -167,6 +169,15 @@ class KFACPreconditioner:
             if block is None:
                 if own:
                     self.coverage.append((name, type(module).__name__, "first-order: no curvature block for this type"))
+                continue
+            shared = [p for p in (module.weight, module.bias) if p is not None and id(p) in covered]
+            if shared:
+                first = next(n for n, m in self.model.named_modules() if m in modules and any(
+                    p is q for p in shared for q in (m.weight, m.bias) if q is not None))
+                reason = f"first-order: shares a parameter with K-FAC layer {first!r} (tied weights)"
+                _log.warning("layer %s (%s) stays first-order: it shares a parameter with %s; that layer's block "
+                             "preconditions the summed gradient", name, type(module).__name__, first)
+                self.coverage.append((name, type(module).__name__, reason))
                 continue
             modules.append(module)
             blocks.append(block)
@@ -220,6 +231,7 @@ class KFACPreconditioner:
     def _on_model_input(self, module: nn.Module, args, kwargs) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        self._forwards += 1
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
         if first is not None and first.dim() > 0:
             self._count(int(first.shape[0]))
@@ -292,8 +304,21 @@ class KFACPreconditioner:
         with device_scope(self.device):
             self._step()
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning(message)
+
     def _step(self) -> None:
         lr = self.current_lr()  # validated before anything is reduced or written
+        if self._forwards == 0:
+            self._warn_once("no-forward", "step() without a training forward/backward since the last step(): the "
+                            "gradients are averaged and preconditioned again (call step() once per optimizer step; "
+                            "in eval() mode or under torch.no_grad() no statistics are taken)")
+        elif self.engine.is_factor_step() and self.local.examples == 0:
+            self._warn_once("no-statistics", "a factor-update step without statistics: no K-FAC layer saw a "
+                            "training forward under autograd")
+        self._forwards = 0
         start = self._clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
         grads = [self._grad_matrix(i) for i in range(len(self.modules))]
