@@ -34,7 +34,8 @@ class ArrayKind:
     to_host: Callable[[Any], np.ndarray]
 
 
-def _is_cupy(x: Any) -> bool:
+def is_cupy(x: Any) -> bool:
+    """Whether ``x`` is a CuPy array (without importing CuPy)."""
     return type(x).__module__.startswith("cupy")
 
 
@@ -51,7 +52,7 @@ def _cuda_ops():
 
 
 _KINDS: list[ArrayKind] = [
-    ArrayKind("cupy", _is_cupy, _cupy, _cuda_ops, lambda x: x.get()),
+    ArrayKind("cupy", is_cupy, _cupy, _cuda_ops, lambda x: x.get()),
 ]
 
 

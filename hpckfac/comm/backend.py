@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hpckfac.arrays import is_cupy
+
 
 class Backend(Protocol):
     """What the collectives need from an array library."""
@@ -85,7 +87,7 @@ def backend_for(array: Any) -> Backend:
     for backend in _BACKENDS:
         if backend.accepts(array):
             return backend
-    if type(array).__module__.startswith("cupy"):
+    if is_cupy(array):
         from hpckfac.comm.device import install_device_backend
 
         return install_device_backend()

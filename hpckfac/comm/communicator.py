@@ -140,8 +140,8 @@ class Communicator:
         def validate():
             backend, dtype = backend_for(buf), check_dtype(buf.dtype)
             op_index, alg = _op_index(op), _algorithm_index(algorithm)
-            return _for_reduction(backend, dtype, algorithm), signature("allreduce", dtype=DTYPE_CODES[dtype], length=buf.size,
-                                      op=op_index, algorithm=alg)
+            return _for_reduction(backend, dtype, algorithm), signature(
+                "allreduce", dtype=DTYPE_CODES[dtype], length=buf.size, op=op_index, algorithm=alg)
 
         backend = self._enter("allreduce", validate)
         work = backend.stage_in(buf)
@@ -191,8 +191,9 @@ class Communicator:
             cnt = vcoll.check_counts(counts, self.size)
             if int(cnt.sum()) != sendbuf.size:
                 raise ValueError(f"counts sum to {int(cnt.sum())} but sendbuf holds {sendbuf.size} elements")
-            return (_for_reduction(backend, dtype, algorithm), cnt), signature("reduce_scatter_v", dtype=DTYPE_CODES[dtype], length=sendbuf.size,
-                                             op=op_index, algorithm=alg, layout=digest(cnt))
+            return (_for_reduction(backend, dtype, algorithm), cnt), signature(
+                "reduce_scatter_v", dtype=DTYPE_CODES[dtype], length=sendbuf.size, op=op_index, algorithm=alg,
+                layout=digest(cnt))
 
         backend, cnt = self._enter("reduce_scatter_v", validate)
         work = backend.stage_in(sendbuf)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from hpckfac.arrays import is_cupy
 from hpckfac.comm.backend import register_backend
 
 # "1"/"0" forces CUDA-aware MPI on/off (e.g. an MPI that is CUDA-aware but
@@ -62,10 +63,6 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
-def _is_cupy(array: Any) -> bool:
-    return type(array).__module__.startswith("cupy")
-
-
 def _is_view_of(work: Any, array: Any) -> bool:
     # stage_in returns either a flat view of the array (same first address) or a fresh copy,
     # which cannot start at the address of a live array: one pointer comparison tells them apart.
@@ -85,7 +82,7 @@ class DeviceBackend:
         self.staged = StagedDeviceBackend()
 
     def accepts(self, array: Any) -> bool:
-        return _is_cupy(array)
+        return is_cupy(array)
 
     def stage_in(self, array: Any) -> Any:
         work = array.reshape(-1) if array.flags.c_contiguous else self.xp.ascontiguousarray(array).reshape(-1)
@@ -126,7 +123,7 @@ class StagedDeviceBackend:
         self._pinned: dict[np.dtype, tuple[Any, np.ndarray]] = {}
 
     def accepts(self, array: Any) -> bool:
-        return _is_cupy(array)
+        return is_cupy(array)
 
     def host_buffer(self, dtype: Any, length: int) -> np.ndarray:
         """A pinned host array of ``length`` elements of ``dtype`` (reused across calls)."""

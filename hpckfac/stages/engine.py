@@ -121,6 +121,8 @@ class KFACEngine:
         base = self.layout.segment_start(comm.rank, self.layout.reduce_counts(True))
         self._presence_at = xp.asarray([self.layout.stat_offset(l) + self.specs[l].stat_size - base
                                         for l in self.owned], dtype=np.int64)
+        # Where each owner's partial KL sum sits in the AllGatherV buffer (uploaded once, not per step).
+        self._partial_at = xp.asarray([at for at in self.layout.partial_offsets if at is not None], dtype=np.int64)
         self.steps = 0
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
         self.timings = dict.fromkeys(STAGES, 0.0)
@@ -160,13 +162,13 @@ class KFACEngine:
             raise ValueError(f"stats: a factor-update step needs one entry per block ({len(self.specs)})")
         if len(grads) != len(self.specs):
             raise ValueError(f"grads: expected {len(self.specs)} gradient matrices, got {len(grads)}")
-        start = self._clock()
+        start = self.clock()
         counts = self.layout.reduce_counts(factors)
         segment = self.comm.reduce_scatter_v(self._fill(grads, stats if factors else None), counts, op="mean")
         base = self.layout.segment_start(self.comm.rank, counts)
-        self.timings["reduce_scatter"] = self._clock() - start
+        self.timings["reduce_scatter"] = self.clock() - start
 
-        start = self._clock()
+        start = self.clock()
         if factors and self.owned:
             # One read of all presence shares: the owner must know on the host which blocks to update.
             presence = to_host(segment[self._presence_at]).tolist()
@@ -175,29 +177,30 @@ class KFACEngine:
                 self.state.update(i, segment[at:at + self.specs[l].stat_size], presence[i], self.factor_decay)
         if self.is_inverse_step():
             self.state.invert(self.damping)
-        self.timings["inversion"] = self._clock() - start
+        self.timings["inversion"] = self.clock() - start
 
-        start = self._clock()
+        start = self.clock()
         gcounts = self.layout.gather_counts
         out = self.xp.empty(gcounts[self.comm.rank], dtype=self.comm_dtype)
         if self.owned:
             owned_grads = [segment[self.layout.grad_offset(l, factors) - base:][:self.specs[l].grad_size]
                            .reshape(self.specs[l].grad_shape) for l in self.owned]
             out[-1] = self.state.precondition(owned_grads, out[:-1], self.damping)
-        self.timings["precondition"] = self._clock() - start
+        self.timings["precondition"] = self.clock() - start
 
-        start = self._clock()
+        start = self.clock()
         whole = self.comm.allgather_v(out, gcounts)
-        self._nu = gather.kl_clip_factor(whole, self.layout, self.kl_clip, lr)
+        self._nu = gather.kl_clip_factor(whole, self._partial_at, self.kl_clip, lr)
         if self._nu is not None:
             whole *= self._nu.astype(whole.dtype)
         result = [whole[at:at + s.grad_size].reshape(s.grad_shape)
                   for at, s in zip(self.layout.gather_offsets, self.specs)]
-        self.timings["all_gather"] = self._clock() - start
+        self.timings["all_gather"] = self.clock() - start
         self.steps += 1
         return result
 
-    def _clock(self) -> float:
+    def clock(self) -> float:
+        """``time.perf_counter()``, after ``synchronize`` when one is set."""
         if self.synchronize is not None:
             self.synchronize()
         return time.perf_counter()

@@ -18,12 +18,14 @@ from hpckfac.assignment import ASSIGNMENTS
 FACTOR_DTYPES = ("float64", "float32", "float16")
 
 
-def _real(name: str, value: Any, *, low: float, low_open: bool, high_open: float | None = None) -> float:
+def _real(name: str, value: Any, *, low: float, low_open: bool, high_open: float | None = None,
+          high: float | None = None) -> float:
     ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
           and (value > low if low_open else value >= low)
-          and (high_open is None or value < high_open))
+          and (high_open is None or value < high_open) and (high is None or value <= high))
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high_open}" if high_open is not None else "")
+        bound += f" and <= {high}" if high is not None else ""
         raise ValueError(f"{name}: expected a finite real number {bound}, got {value!r}")
     return float(value)
 
@@ -93,7 +95,7 @@ CHECKS = {
     "bucket_bytes": lambda v: _integer("bucket_bytes", v, 1),
     "accumulation_steps": lambda v: _integer("accumulation_steps", v, 1),
     "skip_layers": _skip_layers,
-    "statistics_fraction": lambda v: _real("statistics_fraction", v, low=0.0, low_open=True, high_open=1.0 + 1e-12),
+    "statistics_fraction": lambda v: _real("statistics_fraction", v, low=0.0, low_open=True, high=1.0),
     "grad_scaler": _grad_scaler,
 }
 

@@ -152,7 +152,8 @@ class KFACPreconditioner:
     def _find_blocks(self):
         """K-FAC modules, their blocks, and the ids of the parameters they cover; records in
         ``self.coverage`` what happens to every module with parameters of its own, and why."""
-        modules, blocks, covered = [], [], set()
+        modules, blocks = [], []
+        covered: dict[int, str] = {}  # id of each covered parameter -> the K-FAC layer covering it
         self.coverage: list[tuple[str, str, str]] = []
         for name, module in self.model.named_modules():
             own = any(True for _ in module.parameters(recurse=False))
@@ -170,10 +171,8 @@ class KFACPreconditioner:
                 if own:
                     self.coverage.append((name, type(module).__name__, "first-order: no curvature block for this type"))
                 continue
-            shared = [p for p in (module.weight, module.bias) if p is not None and id(p) in covered]
-            if shared:
-                first = next(n for n, m in self.model.named_modules() if m in modules and any(
-                    p is q for p in shared for q in (m.weight, m.bias) if q is not None))
+            first = next((covered[id(p)] for p in (module.weight, module.bias) if id(p) in covered), None)
+            if first is not None:
                 reason = f"first-order: shares a parameter with K-FAC layer {first!r} (tied weights)"
                 _log.warning("layer %s (%s) stays first-order: it shares a parameter with %s; that layer's block "
                              "preconditions the summed gradient", name, type(module).__name__, first)
@@ -181,7 +180,7 @@ class KFACPreconditioner:
                 continue
             modules.append(module)
             blocks.append(block)
-            covered.update(id(p) for p in (module.weight, module.bias) if p is not None)
+            covered.update((id(p), name) for p in (module.weight, module.bias) if p is not None)
             shape = (f"A {block.d_A}x{block.d_A}, G {block.d_G}x{block.d_G}" if hasattr(block, "d_A")
                      else f"{block.num_features} channels, 2x2 each")
             self.coverage.append((name, type(module).__name__, f"K-FAC ({shape})"))
@@ -319,19 +318,19 @@ class KFACPreconditioner:
             self._warn_once("no-statistics", "a factor-update step without statistics: no K-FAC layer saw a "
                             "training forward under autograd")
         self._forwards = 0
-        start = self._clock()
+        start = self.engine.clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
         grads = [self._grad_matrix(i) for i in range(len(self.modules))]
-        self.timings["local_factors"] = self._hook_seconds + self._clock() - start
+        self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
-        start = self._clock()
+        start = self.engine.clock()
         others = [to_array(p.grad) for p in self.other_params if p.grad is not None]
         kwargs = {} if self.bucket_bytes is None else {"bucket_bytes": self.bucket_bytes}
         self.comm.allreduce_many(others, op="mean", algorithm="ring", **kwargs)
-        self.timings["allreduce"] = self._clock() - start
+        self.timings["allreduce"] = self.engine.clock() - start
 
         updates = self.engine.step(grads, stats, lr=lr)
-        start = self._clock()
+        start = self.engine.clock()
         for module, block, spec, update in zip(self.modules, self.engine.blocks, self.engine.specs, updates):
             parts = (update[:, 0], update[:, 1]) if spec.kind == "bn" else block.split_matrix(update)
             for param, part in zip((module.weight, module.bias), parts):
@@ -340,7 +339,7 @@ class KFACPreconditioner:
                         param.grad = torch.empty_like(param)
                     copy_into(param.grad, part)
         self.timings.update(self.engine.timings)
-        self.timings["all_gather"] += self._clock() - start
+        self.timings["all_gather"] += self.engine.clock() - start
         self.local.reset()
         for pending in self._bn_inputs:
             pending.clear()
@@ -356,11 +355,6 @@ class KFACPreconditioner:
         if enabled and self.device.type == "cuda":
             sync = lambda: torch.cuda.synchronize(self.device)  # noqa: E731
         self.engine.synchronize = sync
-
-    def _clock(self) -> float:
-        if self.engine.synchronize is not None:
-            self.engine.synchronize()
-        return time.perf_counter()
 
     @property
     def steps(self) -> int:
