@@ -11,9 +11,9 @@ communication is needed. Two methods:
   nearly equal length (the first ``n % size`` ranks take one more), as the
   paper's chainerkfac code divides its links; it ignores cost.
 
-Costs (``block_cost``) model the inversion work: ``d_A^3 + d_G^3`` for a
-Kronecker block, and ``8 * C`` for a BatchNorm block, whose ``C`` channels
-each invert a 2x2 matrix (a handful of flops each).
+Costs model the inversion work; each block states its own
+(``hpckfac.layers.CurvatureBlock.cost``: ``sum count * n^3`` over the matrices
+it inverts, e.g. ``d_A^3 + d_G^3`` for a Kronecker pair).
 """
 from __future__ import annotations
 
@@ -21,15 +21,6 @@ import heapq
 from typing import Sequence
 
 ASSIGNMENTS = ("lpt", "contiguous")
-BATCHNORM_COST_PER_CHANNEL = 8
-
-
-def block_cost(spec) -> int:
-    """Inversion cost of one block, from its ``hpckfac.stages.layout.BlockSpec``
-    (see the module docstring)."""
-    if spec.kind == "kron":
-        return spec.d_A ** 3 + spec.d_G ** 3
-    return BATCHNORM_COST_PER_CHANNEL * spec.channels
 
 
 def assign_owners(costs: Sequence[float], size: int, method: str = "lpt") -> list[int]:

@@ -4,8 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from hpckfac.assignment import assign_owners, block_cost, owner_loads
-from hpckfac.stages.layout import BlockSpec
+from hpckfac.assignment import assign_owners, owner_loads
 
 
 def best_makespan(costs, size):
@@ -48,8 +47,3 @@ def test_deterministic_and_validated():
         assign_owners(costs, 2, "random")
     with pytest.raises(ValueError, match="size"):
         assign_owners(costs, 0)
-
-
-def test_block_cost():
-    assert block_cost(BlockSpec("fc", "kron", d_A=4, d_G=3)) == 64 + 27
-    assert block_cost(BlockSpec("bn", "bn", channels=16)) == 8 * 16

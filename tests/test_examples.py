@@ -24,7 +24,7 @@ def test_cnn_with_batchnorm(tmp_path):
     accuracy = float(re.search(r"test accuracy ([0-9.]+)", out).group(1))
     assert accuracy > 0.9  # chance is 0.25
     assert (tmp_path / "checkpoint.pt").is_file()
-    assert "K-FAC (16 channels, 2x2 each)" in out and "max_ms" in out
+    assert "K-FAC (16 units, 2x2 each)" in out and "max_ms" in out
 
 
 def test_transformer_on_token_sequences():

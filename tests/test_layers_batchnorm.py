@@ -55,41 +55,55 @@ def test_fisher_of_float32_input_is_float32():
     np.testing.assert_allclose(got, block.fisher(x, g), rtol=1e-4, atol=1e-5)
 
 
-def test_precondition_against_linalg_solve():
+def test_solve_against_linalg_solve():
     rng = np.random.default_rng(2)
     block = BatchNormBlock("bn", 5, EPS)
-    fisher = block.fisher(rng.standard_normal((7, 5, 3)), rng.standard_normal((7, 5, 3)), 1 / 7)
-    grad_gamma, grad_beta = rng.standard_normal(5), rng.standard_normal(5)
-    v_gamma, v_beta = block.precondition(grad_gamma, grad_beta, fisher, 0.01)
+    x, g = rng.standard_normal((7, 5, 3)), rng.standard_normal((7, 5, 3))
+    fisher = block.fisher(x, g, 1 / 7)
+    grad = rng.standard_normal((5, 2))
+    got = block.solve(block.statistics(x, g, 1 / 7), grad, 0.01)
     for c in range(5):
-        want = np.linalg.solve(fisher[c] + 0.01 * np.eye(2), [grad_gamma[c], grad_beta[c]])
-        np.testing.assert_allclose([v_gamma[c], v_beta[c]], want, rtol=1e-11)
+        want = np.linalg.solve(fisher[c] + 0.01 * np.eye(2), grad[c])
+        np.testing.assert_allclose(got[c], want, rtol=1e-11)
 
 
-def test_singular_channels_get_the_minimum_norm_solution():
+def test_singular_channels_solve_with_the_damping():
+    """Rank-1 and zero Fishers: the damped system is still solved exactly (no pseudo-inverse)."""
     rng = np.random.default_rng(3)
     block = BatchNormBlock("bn", 3, EPS)
     u = rng.standard_normal(2)
     fisher = np.stack([np.outer(u, u), np.zeros((2, 2)), np.array([[2.0, 0.3], [0.3, 1.0]])])  # rank 1, 0, full
-    grad_gamma, grad_beta = rng.standard_normal(3), rng.standard_normal(3)
-    v_gamma, v_beta = block.precondition(grad_gamma, grad_beta, fisher, 0.0)
+    stats = fisher[:, [0, 0, 1], [0, 1, 1]].reshape(-1)
+    grad = rng.standard_normal((3, 2))
+    got = block.solve(stats, grad, 1e-6)
     for c in range(3):
-        want = np.linalg.pinv(fisher[c]) @ [grad_gamma[c], grad_beta[c]]
-        np.testing.assert_allclose([v_gamma[c], v_beta[c]], want, rtol=1e-10, atol=1e-14)
-    assert np.isfinite(v_gamma).all() and np.isfinite(v_beta).all()
+        np.testing.assert_allclose(got[c], np.linalg.solve(fisher[c] + 1e-6 * np.eye(2), grad[c]), rtol=1e-8)
+
+
+def test_grad_matrix_columns_and_split():
+    rng = np.random.default_rng(4)
+    block = BatchNormBlock("bn", 4, EPS)
+    gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+    mat = block.grad_matrix(gamma, beta)
+    np.testing.assert_array_equal(mat, np.stack([gamma, beta], 1))
+    back = block.split_matrix(mat)
+    np.testing.assert_array_equal(back[0], gamma)
+    np.testing.assert_array_equal(back[1], beta)
 
 
 def test_bad_arguments_name_the_parameter():
     block = BatchNormBlock("bn", 2, EPS)
-    fisher = np.stack([np.eye(2)] * 2)
-    with pytest.raises(ValueError, match="fisher"):
-        block.precondition(np.ones(2), np.ones(2), fisher * np.nan, 0.1)
-    with pytest.raises(ValueError, match="fisher"):
-        block.precondition(np.ones(2), np.ones(2), np.eye(2), 0.1)
-    with pytest.raises(ValueError, match="grad_beta"):
-        block.precondition(np.ones(2), np.ones(3), fisher, 0.1)
+    stats = np.array([1.0, 0.0, 1.0, 2.0, 0.1, 1.0])
+    with pytest.raises(ValueError, match="mats"):
+        block.solve(stats * np.nan, np.ones((2, 2)), 0.1)
+    with pytest.raises(ValueError, match="stats"):
+        block.solve(stats[:5], np.ones((2, 2)), 0.1)
+    with pytest.raises(ValueError, match="grad"):
+        block.solve(stats, np.ones((3, 2)), 0.1)
     with pytest.raises(ValueError, match="damping"):
-        block.precondition(np.ones(2), np.ones(2), fisher, -1.0)
+        block.solve(stats, np.ones((2, 2)), -1.0)
+    with pytest.raises(ValueError, match="bias_grad"):
+        block.grad_matrix(np.ones(2), np.ones(3))
     with pytest.raises(ValueError, match="x:"):
         block.fisher(np.ones((4, 3)), np.ones((4, 3)))
     with pytest.raises(ValueError, match="g:"):

@@ -115,8 +115,8 @@ def test_wrong_shapes_name_the_argument():
         LinearBlock("fc", 5, 3, bias=False).grad_matrix(np.zeros((3, 5)), np.zeros(3))
     with pytest.raises(ValueError, match="mat"):
         block.split_matrix(np.zeros((3, 5)))
-    with pytest.raises(ValueError, match="a_inv"):
-        block.precondition(np.zeros((3, 6)), np.eye(5), np.eye(3))
+    with pytest.raises(ValueError, match="inverses"):
+        block.precondition(np.zeros((3, 6)), [np.eye(5)[None], np.eye(3)[None]])
 
 
 @pytest.mark.parametrize("kwargs,name", [

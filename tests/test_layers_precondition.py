@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpckfac.layers import ConvBlock, LinearBlock, damped_kron_inverses, pi_damping
+from hpckfac.layers import ConvBlock, LinearBlock, pi_damping
 
 DAMPING = 0.03
 
@@ -23,8 +23,8 @@ def dense_oracle(a_rows, g_rows, batch, positions, grad):
 
 
 def block_update(block, a, g, batch, grad):
-    inv_a, inv_g = damped_kron_inverses(block.a_factor(a, 1 / batch), block.g_factor(g, 1 / batch), DAMPING)
-    return block.precondition(grad, inv_a, inv_g)
+    """The block's own solve (the pipeline's steps for one block) on its packed statistics."""
+    return block.solve(block.statistics(a, g, 1 / batch), grad, DAMPING)
 
 
 @pytest.mark.parametrize("bias,extra", [(True, ()), (False, ()), (True, (3,))])

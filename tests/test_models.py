@@ -2,6 +2,7 @@
 import torch
 
 from hpckfac.bench import shapes
+from hpckfac.layers import BatchNormBlock, KronBlock
 from hpckfac.models import resnet50
 from hpckfac.torch import KFACPreconditioner
 from hpckfac.comm import Communicator
@@ -12,8 +13,8 @@ def test_resnet50_blocks_are_the_shapes_table():
     model = resnet50()
     assert sum(p.numel() for p in model.parameters()) == 25_557_032
     precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
-    kron = {s.name: (s.d_A, s.d_G) for s in precond.engine.specs if s.kind == "kron"}
-    bn = {s.name: s.channels for s in precond.engine.specs if s.kind == "bn"}
+    kron = {b.name: (b.d_A, b.d_G) for b in precond.engine.blocks if isinstance(b, KronBlock)}
+    bn = {b.name: b.num_features for b in precond.engine.blocks if isinstance(b, BatchNormBlock)}
     table = shapes.resnet50()
     assert kron == {k.name: (k.d_A, k.d_G) for k in table.kron}
     assert bn == {b.name: b.channels for b in table.batchnorm}

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hpckfac.assignment import assign_owners, block_cost, owner_loads
+from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import model, shapes
 
 
@@ -174,7 +174,7 @@ def test_imbalance_table_resnet50():
         assert row["lpt"] <= row["contiguous"] + 1e-12
     # 107 blocks (54 Kronecker + 53 BatchNorm): beyond that ranks own nothing, and the
     # largest block alone sets the maximum load.
-    costs = [block_cost(s) for s in model.block_specs(net)]
+    costs = [b.cost() for b in model.block_specs(net)]
     assert len(costs) == 107 and rows[1024]["owners_max"] == 107
     assert rows[1024]["lpt"] == pytest.approx(max(costs) / (sum(costs) / 1024))
 

@@ -44,9 +44,10 @@ def test_finds_layers_and_hooks_follow_modes(comm):
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 3), nn.LayerNorm(3),
                           nn.Linear(3, 2))
     precond = KFACPreconditioner(model, comm=comm, skip_layers=["5"])
-    kinds = [(type(m).__name__, s.kind) for m, s in zip(precond.modules, precond.engine.specs)]
-    assert kinds == [("Conv2d", "kron"), ("BatchNorm2d", "bn"), ("Linear", "kron")]
-    assert {id(p) for p in precond.other_params} == {id(p) for p in (*model[4].parameters(), *model[5].parameters())}
+    kinds = [(type(m).__name__, type(b).__name__) for m, b in zip(precond.modules, precond.engine.blocks)]
+    assert kinds == [("Conv2d", "ConvBlock"), ("BatchNorm2d", "BatchNormBlock"), ("Linear", "LinearBlock"),
+                     ("LayerNorm", "LayerNormBlock")]
+    assert {id(p) for p in precond.other_params} == {id(p) for p in model[5].parameters()}
     x = torch.randn(2, 2, 5, 5)
     model.eval()
     model(x).sum().backward()
@@ -169,16 +170,16 @@ def test_inplace_relu_after_preconditioned_layers_gives_the_same_steps():
 
 def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding="same"), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding="valid"),
-                          nn.Conv2d(4, 4, 2, padding="same"), nn.Conv2d(4, 4, 3, groups=2), nn.LayerNorm(2),
+                          nn.Conv2d(4, 4, 2, padding="same"), nn.Conv2d(4, 4, 3, groups=2), nn.PReLU(),
                           nn.Flatten(), nn.Linear(8, 3))
     precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), skip_layers=["7"])
     text = repr(precond)
     lines = {line.split()[0]: line for line in text.splitlines()[1:]}
-    assert "3 of 7 layers with parameters preconditioned" in text.splitlines()[0]
-    assert "K-FAC (A 19x19, G 4x4)" in lines["0"] and "K-FAC (4 channels" in lines["1"]
+    assert "4 of 7 layers with parameters preconditioned" in text.splitlines()[0]
+    assert "K-FAC (A 19x19, G 4x4)" in lines["0"] and "K-FAC (4 units, 2x2 each)" in lines["1"]
     assert "K-FAC (A 37x37" in lines["2"]
     assert "first-order: padding: 'same' with an even" in lines["3"]
-    assert "first-order: groups" in lines["4"]
+    assert "K-FAC (2 groups of A 19x19, G 2x2)" in lines["4"]
     assert "first-order: no curvature block" in lines["5"] and "first-order: in skip_layers" in lines["7"]
     # "same" at stride 1 with an odd kernel is plain symmetric padding: the factors match padding=1.
     x = torch.randn(3, 2, 5, 5)
@@ -186,7 +187,7 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
               .engine.blocks[0] for p in ("same", 1)]
     assert np.array_equal(blocks[0].a_rows(x.numpy()), blocks[1].a_rows(x.numpy()))
     with caplog.at_level("WARNING", logger="hpckfac"):
-        KFACPreconditioner(nn.Sequential(nn.LayerNorm(3)), comm=Communicator(MPI.COMM_SELF))
+        KFACPreconditioner(nn.Sequential(nn.PReLU()), comm=Communicator(MPI.COMM_SELF))
     assert "no layer of the model is preconditioned" in caplog.text
 
 
@@ -249,15 +250,17 @@ def test_misuse_warnings_and_tied_weights(comm, caplog):
         assert "step() without" not in caplog.text
         precond.step()  # twice in one optimizer step
     assert "step() without a training forward/backward" in caplog.text
-    # Two Linear layers sharing one weight: the second stays first-order, the weight gets one update.
+    # Two Linear layers sharing one weight: both stay first-order, the weight gets one update.
     shared = nn.Linear(4, 4, bias=False)
     tied = nn.Sequential(nn.Linear(5, 4), shared, nn.Tanh(), nn.Linear(4, 4, bias=False), nn.Linear(4, 3))
     tied[3].weight = shared.weight
     with caplog.at_level("WARNING", logger="hpckfac"):
         precond = KFACPreconditioner(tied.double(), comm=comm)
     lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
-    assert "first-order: shares a parameter with K-FAC layer '1'" in lines["3"]
-    assert [id(m) for m in precond.modules].count(id(tied[3])) == 0
+    assert "first-order: shares a parameter with '1' (tied weights)" in lines["3"]
+    assert "first-order: shares a parameter with '3' (tied weights)" in lines["1"]
+    assert not {id(tied[1]), id(tied[3])} & {id(m) for m in precond.modules}
+    assert [m for m in precond.modules] == [tied[0], tied[4]]
     nn.functional.cross_entropy(tied(x), y).backward()
     precond.step()
     assert torch.isfinite(shared.weight.grad).all()

@@ -9,9 +9,14 @@ collectives (``alpha`` seconds per message, ``beta`` seconds per byte):
 - ReduceScatterV and AllGatherV of ``n`` bytes: ``(P-1)/P n beta + (P-1) alpha``;
   their sizes are those of the engine's own buffer layout
   (``hpckfac.stages.layout.SegmentLayout``);
+- running averages: the most loaded owner's ``3 x`` packed statistic elements
+  at the memory rate (elements per second);
 - inversion: the most loaded owner's ``sum (d_A^3 + d_G^3)``
-  (``hpckfac.assignment.block_cost``) at the inversion rate;
-- preconditioning: the most loaded owner's ``sum 2 d_G d_A (d_A + d_G)`` flops;
+  (``CurvatureBlock.cost``) at the inversion rate;
+- preconditioning: the most loaded owner's ``sum 2 d_G d_A (d_A + d_G)`` flops
+  (``CurvatureBlock.precondition_flops``);
+- writing the results into ``.grad``: every block's gradient elements at the
+  memory rate;
 - ring allreduce of the gradients no block owns: ``2(P-1)/P n beta + 2(P-1) alpha``;
 - optionally forward/backward: ``3 x`` the forward flops at a training rate.
 
@@ -32,11 +37,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hpckfac.assignment import assign_owners, block_cost, owner_loads
+from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
 from hpckfac.bench.report import format_table, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
-from hpckfac.stages.layout import BlockSpec, SegmentLayout
+from hpckfac.stages.layout import SegmentLayout
 
 STAGES = ITERATION_STAGES
 COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
@@ -49,7 +54,8 @@ class Machine:
     """Rates of one rank and of the network between ranks.
 
     ``inverse_rate`` counts ``n^3`` per inverted ``n x n`` matrix (Cholesky
-    factorisation plus inverse). ``train_flops`` (forward+backward, None: not
+    factorisation plus inverse); ``memory_rate`` elements per second of the
+    streaming stages (running averages, writing ``.grad``). ``train_flops`` (forward+backward, None: not
     modelled). ``cores``: compute is shared when more ranks than this run on
     one machine (the oversubscribed local runs); None for one rank per device.
     """
@@ -61,15 +67,16 @@ class Machine:
     alpha: float
     beta: float
     train_flops: float | None = None
+    memory_rate: float = 1e10
     cores: int | None = None
 
 
 # Assumptions behind each number: docs/scaling.md, "Presets".
 PRESETS = {
     "v100-edr": Machine("V100 + 2x IB EDR per 4 GPUs", factor_flops=10e12, inverse_rate=2e12,
-                        gemm_flops=10e12, alpha=5e-6, beta=1 / 6.25e9, train_flops=30e12),
+                        gemm_flops=10e12, alpha=5e-6, beta=1 / 6.25e9, train_flops=30e12, memory_rate=1e11),
     "h100-ndr": Machine("H100 + IB NDR400 per GPU", factor_flops=50e12, inverse_rate=8e12,
-                        gemm_flops=50e12, alpha=3e-6, beta=1 / 50e9, train_flops=75e12),
+                        gemm_flops=50e12, alpha=3e-6, beta=1 / 50e9, train_flops=75e12, memory_rate=4e11),
 }
 
 
@@ -102,17 +109,9 @@ def ring_scatter_gather_time(nbytes: float, ranks: int, alpha: float, beta: floa
     return (ranks - 1) / ranks * nbytes * beta + (ranks - 1) * alpha
 
 
-def block_specs(model: shapes.ModelShapes, batchnorm: str = "kfac") -> list[BlockSpec]:
-    """The engine's ``BlockSpec`` of every curvature block of ``model``, in model order."""
-    if batchnorm not in ("kfac", "allreduce"):
-        raise ValueError(f"batchnorm: expected 'kfac' or 'allreduce', got {batchnorm!r}")
-    specs = []
-    for s in model.layers:
-        if isinstance(s, shapes.KronShape):
-            specs.append(BlockSpec(s.name, "kron", d_A=s.d_A, d_G=s.d_G))
-        elif batchnorm == "kfac":
-            specs.append(BlockSpec(s.name, "bn", channels=s.channels))
-    return specs
+def block_specs(model: shapes.ModelShapes, batchnorm: str = "kfac") -> list:
+    """The engine's curvature blocks of ``model``, in model order (``shapes.blocks``)."""
+    return shapes.blocks(model, batchnorm)[0]
 
 
 def imbalance(costs: Sequence[float], owners: Sequence[int], ranks: int) -> float:
@@ -126,7 +125,7 @@ def imbalance_table(model: shapes.ModelShapes, ranks: Sequence[int],
     """Inversion-cost imbalance of ``lpt`` and ``contiguous`` at each rank count,
     with the best any assignment of whole blocks can do (``max(largest block,
     mean) / mean``); computed, not run."""
-    costs = [block_cost(s) for s in block_specs(model, batchnorm)]
+    costs = [b.cost() for b in block_specs(model, batchnorm)]
     rows = []
     for p in ranks:
         row: dict[str, Any] = {"ranks": p, "owners_max": min(p, len(costs))}
@@ -142,23 +141,24 @@ def stage_work(work: Workload, ranks: int) -> dict[str, float]:
     flops (or inversion cost units) of the compute stages, bytes of the collectives."""
     model = work.model
     specs = block_specs(model, work.batchnorm)
-    owners = assign_owners([block_cost(s) for s in specs], ranks, work.assignment)
+    owners = assign_owners([b.cost() for b in specs], ranks, work.assignment)
     layout = SegmentLayout(specs, owners, ranks)
     kron = [s for s in model.layers if isinstance(s, shapes.KronShape)]
     factor_flops = sum(2.0 * work.batch * s.positions * (s.d_A ** 2 + s.d_G ** 2) for s in kron)
     if work.batchnorm == "kfac":
         # x_hat, the two per-example sums and the 3 products per channel: ~10 flops an element.
         factor_flops += sum(10.0 * work.batch * s.channels * s.positions for s in model.batchnorm)
-    precond = [2.0 * s.d_G * s.d_A * (s.d_A + s.d_G) if s.kind == "kron" else 8.0 * s.channels
-               for s in specs]
+    precond = [b.precondition_flops() for b in specs]
     f, i = 1.0 / work.factor_interval, 1.0 / work.inverse_interval
     unowned = sum(s.params for s in model.batchnorm) if work.batchnorm == "allreduce" else 0
     return {
         "local_factors": f * factor_flops,
         "reduce_scatter": work.comm_bytes * (f * layout.reduce_total(True) + (1 - f) * layout.reduce_total(False)),
-        "inversion": i * max(owner_loads([block_cost(s) for s in specs], owners, ranks)),
+        "running_average": f * 3.0 * max(owner_loads([b.stat_size for b in specs], owners, ranks)),
+        "inversion": i * max(owner_loads([b.cost() for b in specs], owners, ranks)),
         "precondition": max(owner_loads(precond, owners, ranks)),
         "all_gather": work.comm_bytes * sum(layout.gather_counts),
+        "write_grads": float(sum(b.grad_size for b in specs)),
         "allreduce": work.comm_bytes * unowned,
         "forward_backward": 3.0 * work.batch * model.forward_flops,
     }
@@ -172,9 +172,11 @@ def predict(work: Workload, machine: Machine, ranks: int) -> dict[str, float]:
     out = {
         "local_factors": share * w["local_factors"] / machine.factor_flops,
         "reduce_scatter": ring_scatter_gather_time(w["reduce_scatter"], ranks, machine.alpha, machine.beta),
+        "running_average": share * w["running_average"] / machine.memory_rate,
         "inversion": share * w["inversion"] / machine.inverse_rate,
         "precondition": share * w["precondition"] / machine.gemm_flops,
         "all_gather": ring_scatter_gather_time(w["all_gather"], ranks, machine.alpha, machine.beta),
+        "write_grads": share * w["write_grads"] / machine.memory_rate,
         # Nothing to average (every parameter owned by a block): no allreduce at all.
         "allreduce": ring_allreduce_time(w["allreduce"], ranks, machine.alpha, machine.beta) if w["allreduce"] else 0.0,
     }
@@ -241,8 +243,10 @@ def calibrate(config: dict[str, Any], runs: list[dict[str, Any]], cores: int) ->
                 continue
             points.append((hops * (p - 1), hops * (p - 1) / p * w[stage], run["stages"][stage]))
     alpha, beta = _fit_alpha_beta(points)
+    streamed = ("running_average", "write_grads")
+    memory = sum(work1[s] for s in streamed) / max(sum(t1[s] for s in streamed), 1e-9)
     return Machine("calibrated here", factor_flops=rate("local_factors"), inverse_rate=rate("inversion"),
-                   gemm_flops=rate("precondition"), alpha=alpha, beta=beta, cores=cores)
+                   gemm_flops=rate("precondition"), alpha=alpha, beta=beta, cores=cores, memory_rate=memory)
 
 
 def validation_rows(config: dict[str, Any], runs: list[dict[str, Any]], machine: Machine) -> list[dict[str, Any]]:

@@ -36,32 +36,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hpckfac.assignment import block_cost
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
 from hpckfac.bench.report import format_table, median, write_json
 
 STAGES = perf.STAGES
-COMPUTE = ("local_factors", "inversion", "precondition")
+COMPUTE = ("local_factors", "running_average", "inversion", "precondition", "write_grads")
 DEFAULT_SCALE = {"resnet50": 8, "small": 1}
 IMBALANCE_RANKS = (2, 4, 8, 16, 32, 64, 107, 128, 256, 512, 1024)
-
-
-def build_blocks(model: shapes.ModelShapes, batchnorm: str) -> tuple[list, list]:
-    """``hpckfac.layers`` blocks of ``model`` in model order: (engine blocks,
-    BatchNorm layers averaged by allreduce instead)."""
-    from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
-
-    blocks, reduced = [], []
-    for s in model.layers:
-        if isinstance(s, shapes.BatchNormShape):
-            (blocks if batchnorm == "kfac" else reduced).append(BatchNormBlock(s.name, s.channels, 1e-5))
-        elif s.linear:
-            blocks.append(LinearBlock(s.name, s.c_in, s.c_out, s.bias))
-        else:
-            blocks.append(ConvBlock(s.name, s.c_in, s.c_out, (s.kernel, s.kernel), (s.stride, s.stride),
-                                    (s.padding, s.padding), (1, 1), s.bias))
-    return blocks, reduced
 
 
 def synthetic_tensors(model: shapes.ModelShapes, batch: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -100,7 +82,7 @@ class Iteration:
         self.comm = comm
         self.model = shapes.scaled(shapes.get(args.model, args.image), args.scale)
         self.batch = local_batch(args, comm.size)
-        self.blocks, bn_reduced = build_blocks(self.model, args.batchnorm)
+        self.blocks, bn_reduced = shapes.blocks(self.model, args.batchnorm)
         self.engine = KFACEngine(self.blocks, comm, damping=1e-3, assignment=assignment,
                                  comm_dtype=np.dtype(args.comm_dtype))
         self.stats = LocalStatistics(self.blocks)
@@ -108,7 +90,7 @@ class Iteration:
         kinds = [not isinstance(s, shapes.BatchNormShape) or args.batchnorm == "kfac" for s in self.model.layers]
         self.tensors = [t for t, engine in zip(tensors, kinds) if engine]
         rng = np.random.default_rng(comm.rank)
-        self.grads = [rng.standard_normal(s.grad_shape).astype(args.comm_dtype) for s in self.engine.specs]
+        self.grads = [rng.standard_normal(b.grad_shape).astype(args.comm_dtype) for b in self.engine.blocks]
         self.reduced = [rng.standard_normal(2 * b.num_features).astype(args.comm_dtype) for b in bn_reduced]
         self.timings = dict.fromkeys(STAGES, 0.0)
 
@@ -116,12 +98,9 @@ class Iteration:
         """Stage 1 on this rank's synthetic tensors."""
         self.stats.reset()
         self.stats.add_examples(self.batch)
-        for i, (spec, (x, g)) in enumerate(zip(self.engine.specs, self.tensors)):
-            if spec.kind == "kron":
-                self.stats.add_inputs(i, x)
-                self.stats.add_output_grads(i, g)
-            else:
-                self.stats.add_batchnorm(i, x, g)
+        for i, (x, g) in enumerate(self.tensors):
+            self.stats.add_inputs(i, x)
+            self.stats.add_output_grads(i, g)
         return self.stats.result()
 
     def __call__(self) -> None:
@@ -173,7 +152,7 @@ def measure(comm, args: argparse.Namespace, assignment: str) -> dict[str, Any]:
             values = [rank[k][1][s] for rank in everyone]
             stages[s].append(max(values) if s in COMPUTE else min(values))
     inversion = [median([rank[k][1]["inversion"] for k in range(args.repeat)]) for rank in everyone]
-    costs = [block_cost(s) for s in it.engine.specs]
+    costs = [b.cost() for b in it.engine.blocks]
     return {
         "ranks": comm.size, "assignment": assignment, "batch_per_rank": it.batch,
         "iteration": median(totals), "stages": {s: median(v) for s in STAGES for v in [stages[s]]},

@@ -206,3 +206,23 @@ def get(name: str, image: int | None = None) -> ModelShapes:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
     build, default = MODELS[name]
     return build(default if image is None else int(image))
+
+
+def blocks(model: ModelShapes, batchnorm: str = "kfac") -> tuple[list, list]:
+    """``hpckfac.layers`` blocks of ``model`` in model order: (the engine's blocks, the
+    BatchNorm blocks whose gradients the allreduce averages instead with
+    ``batchnorm="allreduce"``)."""
+    from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
+
+    if batchnorm not in ("kfac", "allreduce"):
+        raise ValueError(f"batchnorm: expected 'kfac' or 'allreduce', got {batchnorm!r}")
+    engine, reduced = [], []
+    for s in model.layers:
+        if isinstance(s, BatchNormShape):
+            (engine if batchnorm == "kfac" else reduced).append(BatchNormBlock(s.name, s.channels, 1e-5))
+        elif s.linear:
+            engine.append(LinearBlock(s.name, s.c_in, s.c_out, s.bias))
+        else:
+            engine.append(ConvBlock(s.name, s.c_in, s.c_out, (s.kernel, s.kernel), (s.stride, s.stride),
+                                    (s.padding, s.padding), (1, 1), s.bias))
+    return engine, reduced

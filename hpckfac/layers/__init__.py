@@ -1,19 +1,28 @@
 """Curvature blocks: what K-FAC knows about each layer kind, on arrays.
 
-``LinearBlock`` and ``ConvBlock`` (``KronBlock`` subclasses) turn a layer's
-captured input ``a`` and per-example output gradients ``g`` into the
-Kronecker factors ``A`` and ``G`` and precondition its gradient as
-``G^-1 grad A^-1``; ``BatchNormBlock`` holds per-channel 2x2 Fishers of
-``(gamma, beta)``; ``pi_damping`` splits the Tikhonov damping between the
-factors. Blocks take NumPy arrays (CuPy arrays on the GPU path) and know
-nothing of PyTorch modules. Conventions: docs/design.md "Math conventions" and
-docs/curvature.md.
+Every block implements ``CurvatureBlock`` (``hpckfac.layers.block``): its
+statistics and their packing, its gradient layout, its cost and how it is
+solved. Kronecker blocks (``KronBlock``: ``LinearBlock``, ``ConvBlock``,
+``ConvTransposeBlock``, one pair per group) precondition ``G^-1 grad A^-1``;
+unit-wise blocks (``UnitWiseBlock``: ``BatchNormBlock``, ``LayerNormBlock``,
+``GroupNormBlock``) hold a small Fisher per unit of a normalisation layer;
+``EmbeddingBlock`` has a diagonal ``A``. ``pi_damping`` splits the Tikhonov
+damping between two factors. Blocks take NumPy arrays (CuPy arrays on the GPU
+path) and know nothing of PyTorch modules. Conventions: docs/design.md "Math
+conventions" and docs/curvature.md.
 """
-from hpckfac.layers.base import KronBlock
 from hpckfac.layers.batchnorm import BatchNormBlock
+from hpckfac.layers.block import CurvatureBlock
 from hpckfac.layers.conv import ConvBlock
-from hpckfac.layers.damping import damped_kron_inverses, pi_damping, pi_damping_terms
+from hpckfac.layers.conv_transpose import ConvTransposeBlock
+from hpckfac.layers.damping import pi_damping, pi_damping_terms
+from hpckfac.layers.embedding import EmbeddingBlock
+from hpckfac.layers.groupnorm import GroupNormBlock
+from hpckfac.layers.kron import KronBlock
+from hpckfac.layers.layernorm import LayerNormBlock
 from hpckfac.layers.linear import LinearBlock
+from hpckfac.layers.unitwise import UnitWiseBlock
 
-__all__ = ["KronBlock", "LinearBlock", "ConvBlock", "BatchNormBlock", "pi_damping", "pi_damping_terms",
-           "damped_kron_inverses"]
+__all__ = ["CurvatureBlock", "KronBlock", "LinearBlock", "ConvBlock", "ConvTransposeBlock", "UnitWiseBlock",
+           "BatchNormBlock", "LayerNormBlock", "GroupNormBlock", "EmbeddingBlock", "pi_damping",
+           "pi_damping_terms"]

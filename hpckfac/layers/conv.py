@@ -8,20 +8,21 @@ are ordered ``(i, t)`` with ``t`` the row-major output position. ``A`` sums
 over positions, ``G`` averages (docs/design.md). One code path serves Conv1d,
 Conv2d and Conv3d.
 
-Grouped convolutions (``groups > 1``) are not Kronecker-factored: their
-weight is block-diagonal over groups, which one ``A kron G`` pair does not
-describe. The constructor raises ValueError naming ``groups``; callers keep
-such a layer first-order (docs/curvature.md).
+Grouped and depthwise convolutions (``groups > 1``) are block-diagonal over
+groups: group ``j`` maps input channels ``j`` to output channels ``j``, and
+gets its own Kronecker pair (``hpckfac.layers.kron``); the im2col rows are
+the same, their columns already group after group.
 """
 from __future__ import annotations
 
 import numbers
 from typing import Any, Sequence
 
-from hpckfac.layers.base import Array, KronBlock, array_module, check_positive_int, prod
+from hpckfac.layers.block import Array, array_module, check_positive_int, prod
+from hpckfac.layers.kron import KronBlock
 
 
-def _tuple(value: Any, name: str, ndim: int, minimum: int) -> tuple[int, ...]:
+def conv_tuple(value: Any, name: str, ndim: int, minimum: int) -> tuple[int, ...]:
     """``value`` (an int or a length-``ndim`` sequence of ints >= ``minimum``) as a tuple."""
     values = (value,) * ndim if not isinstance(value, Sequence) else tuple(value)
     valid = all(not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= minimum for v in values)
@@ -39,31 +40,54 @@ def _split_view(rows: Array, row_shape: tuple[int, ...], col_shape: tuple[int, .
     return xp.lib.stride_tricks.as_strided(rows, row_shape + col_shape, strides)
 
 
+def patch_rows(padded: Array, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+               out_size: tuple[int, ...], width: int, bias: bool) -> Array:
+    """im2col rows ``(N * T, width)`` from a zero-padded channels-last input ``(N, *spatial, C)``:
+    the patch at every output position, columns ``(C, *kernel)``, then a 1 with ``bias``."""
+    xp = array_module(padded)
+    ndim = len(kernel)
+    channels = padded.shape[-1]
+    # Strided view (N, *out, C, *kernel): element [i, t, c, k] = padded[i, t*stride + k*dilation, c].
+    batch, *spatial, channel = padded.strides
+    strides = (batch, *(st * s for st, s in zip(spatial, stride)), channel,
+               *(st * d for st, d in zip(spatial, dilation)))
+    shape = (padded.shape[0], *out_size, channels, *kernel)
+    patches = xp.lib.stride_tricks.as_strided(padded, shape, strides)
+    rows = xp.empty((padded.shape[0] * prod(out_size), width), dtype=padded.dtype)
+    # The last copy, straight into the rows beside the bias column.
+    _split_view(rows[:, :width - bias], shape[:ndim + 1], shape[ndim + 1:])[...] = patches
+    if bias:
+        rows[:, -1] = 1
+    return rows
+
+
 class ConvBlock(KronBlock):
-    """Curvature block of ``torch.nn.ConvNd`` (zero padding, ``groups == 1``).
+    """Curvature block of ``torch.nn.ConvNd`` (zero padding).
 
     ``kernel_size`` is a tuple (its length is the number of spatial
     dimensions); ``stride``, ``padding`` and ``dilation`` are tuples of that
-    length or ints. ``d_A = in_channels * prod(kernel_size) + bias``,
-    ``d_G = out_channels``; the weight is ``(out_channels, in_channels, *kernel_size)``.
+    length or ints. Per group, ``d_A = (in_channels / groups) * prod(kernel_size) + bias``
+    and ``d_G = out_channels / groups``; the weight is
+    ``(out_channels, in_channels / groups, *kernel_size)``.
     """
 
     def __init__(self, name: str, in_channels: int, out_channels: int, kernel_size: tuple, stride: tuple,
                  padding: tuple, dilation: tuple, bias: bool, groups: int = 1) -> None:
         in_channels = check_positive_int(in_channels, "in_channels")
         out_channels = check_positive_int(out_channels, "out_channels")
+        groups = check_positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: {groups} does not divide in_channels {in_channels} and "
+                             f"out_channels {out_channels}")
         if not isinstance(kernel_size, Sequence) or not kernel_size:
             raise ValueError(f"kernel_size: expected a non-empty tuple of ints, got {kernel_size!r}")
         ndim = len(kernel_size)
-        self.kernel_size = _tuple(kernel_size, "kernel_size", ndim, 1)
-        self.stride = _tuple(stride, "stride", ndim, 1)
-        self.padding = _tuple(padding, "padding", ndim, 0)
-        self.dilation = _tuple(dilation, "dilation", ndim, 1)
-        if check_positive_int(groups, "groups") != 1:
-            raise ValueError(f"groups: grouped convolutions (groups={groups}) have no single Kronecker "
-                             f"factorisation; keep layer {name!r} first-order")
-        super().__init__(name, in_channels * prod(self.kernel_size), out_channels, bias,
-                         (out_channels, in_channels, *self.kernel_size))
+        self.kernel_size = conv_tuple(kernel_size, "kernel_size", ndim, 1)
+        self.stride = conv_tuple(stride, "stride", ndim, 1)
+        self.padding = conv_tuple(padding, "padding", ndim, 0)
+        self.dilation = conv_tuple(dilation, "dilation", ndim, 1)
+        super().__init__(name, in_channels // groups * prod(self.kernel_size), out_channels // groups, bias,
+                         (out_channels, in_channels // groups, *self.kernel_size), groups)
         self.in_channels, self.out_channels = in_channels, out_channels
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
@@ -71,37 +95,30 @@ class ConvBlock(KronBlock):
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.dilation))
 
-    def a_rows(self, a: Array) -> Array:
-        """im2col rows ``(N * T, d_A)`` of the input ``a`` of shape ``(N, C_in, *spatial)``."""
+    def _check_input(self, a: Array) -> None:
         ndim = len(self.kernel_size)
         if getattr(a, "ndim", None) != ndim + 2 or a.shape[1] != self.in_channels:
             raise ValueError(f"a: block {self.name!r} expects (N, {self.in_channels}, {ndim} spatial dims), "
                              f"got shape {getattr(a, 'shape', None)}")
+
+    def input_rows(self, a: Array, ones: bool = False) -> Array:
+        """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``."""
+        self._check_input(a)
         out_size = self.output_size(a.shape[2:])
         if min(out_size) < 1:
             raise ValueError(f"a: spatial size {a.shape[2:]} is smaller than the (dilated) kernel of {self.name!r}")
         xp = array_module(a)
-        # One copy pads and moves channels last: the window copy below then reads runs of
+        # One copy pads and moves channels last: the window copy then reads runs of
         # channels contiguously, measurably faster than gathering from (N, C, *spatial).
         alloc = xp.zeros if any(self.padding) else xp.empty
         padded = alloc((a.shape[0], *(n + 2 * p for n, p in zip(a.shape[2:], self.padding)), self.in_channels),
                        dtype=a.dtype)
         interior = tuple(slice(p, p + n) for n, p in zip(a.shape[2:], self.padding))
         padded[(slice(None), *interior, slice(None))] = xp.moveaxis(a, 1, -1)
-        # Strided view (N, *out, C_in, *kernel): element [i, t, c, k] = padded[i, t*stride + k*dilation, c].
-        batch, *spatial, channel = padded.strides
-        strides = (batch, *(st * s for st, s in zip(spatial, self.stride)), channel,
-                   *(st * d for st, d in zip(spatial, self.dilation)))
-        shape = (a.shape[0], *out_size, self.in_channels, *self.kernel_size)
-        patches = xp.lib.stride_tricks.as_strided(padded, shape, strides)
-        rows = xp.empty((a.shape[0] * prod(out_size), self.d_A), dtype=a.dtype)
-        # The second and last copy, straight into the rows beside the bias column.
-        _split_view(rows[:, :self.d_A - self.has_bias], shape[:ndim + 1], shape[ndim + 1:])[...] = patches
-        if self.has_bias:
-            rows[:, -1] = 1
-        return rows
+        return patch_rows(padded, self.kernel_size, self.stride, self.dilation, out_size,
+                          self.in_channels * prod(self.kernel_size) + ones, ones)
 
-    def g_rows(self, g: Array) -> Array:
+    def output_rows(self, g: Array) -> Array:
         """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
         if getattr(g, "ndim", None) != len(self.kernel_size) + 2 or g.shape[1] != self.out_channels:
             raise ValueError(f"g: block {self.name!r} expects (N, {self.out_channels}, "

@@ -10,8 +10,7 @@ import math
 
 import numpy as np
 
-from hpckfac import ops
-from hpckfac.layers.base import Array
+from hpckfac.layers.block import Array
 
 
 def check_damping(damping: float) -> float:
@@ -56,15 +55,3 @@ def pi_damping_terms(mean_a: Array, mean_g: Array, damping: float, xp) -> tuple[
     ok = (xp.isfinite(mean_a) & xp.isfinite(mean_g) & (mean_a > 0) & (mean_g > 0) & (pi > 0)
           & xp.isfinite(pi) & xp.isfinite(term_a) & xp.isfinite(term_g))
     return xp.where(ok, term_a, root), xp.where(ok, term_g, root)
-
-
-def damped_kron_inverses(a: Array, g: Array, damping: float) -> tuple[Array, Array]:
-    """``((A + π√λ I)^-1, (G + √λ/π I)^-1)`` via ``hpckfac.ops.damped_inverse``.
-
-    The inputs for ``KronBlock.precondition`` of one block; an owner with many
-    blocks batches same-order factors into one ``damped_inverse`` call instead.
-    """
-    damp_a, damp_g = pi_damping(a, g, damping)
-    inv_a = ops.damped_inverse(a[None], damp_a).inverse[0]
-    inv_g = ops.damped_inverse(g[None], damp_g).inverse[0]
-    return inv_a, inv_g

@@ -4,10 +4,14 @@ Inputs ``(B, d_in)`` give one row per example. Inputs with extra dimensions
 ``(B, ..., d_in)`` (token sequences, ...) give one row per example and extra
 index ``t``: ``A`` is summed over those positions and ``G`` averaged
 (docs/design.md), exactly as for a convolution's spatial positions.
+
+``transposed=True`` is the same layer with its weight stored ``(in, out)``,
+as Hugging Face's GPT-2 ``Conv1D`` stores it (``s = a W + b``).
 """
 from __future__ import annotations
 
-from hpckfac.layers.base import Array, KronBlock, check_array, check_positive_int, prod
+from hpckfac.layers.block import Array, check_array, check_bool, check_positive_int, prod
+from hpckfac.layers.kron import KronBlock
 
 
 def _check_features(x: Array, name: str, block: str, width: int) -> None:
@@ -21,21 +25,25 @@ class LinearBlock(KronBlock):
     """Curvature block of ``torch.nn.Linear(in_features, out_features, bias)``.
 
     ``d_A = in_features + bias``, ``d_G = out_features``; the weight is
-    ``(out_features, in_features)``.
+    ``(out_features, in_features)``, or ``(in_features, out_features)`` with
+    ``transposed``.
     """
 
-    def __init__(self, name: str, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, name: str, in_features: int, out_features: int, bias: bool, transposed: bool = False) -> None:
         in_features = check_positive_int(in_features, "in_features")
         out_features = check_positive_int(out_features, "out_features")
-        super().__init__(name, in_features, out_features, bias, (out_features, in_features))
+        self.transposed = check_bool(transposed, "transposed")
+        shape = (in_features, out_features) if self.transposed else (out_features, in_features)
+        super().__init__(name, in_features, out_features, bias, shape)
         self.in_features, self.out_features = in_features, out_features
 
-    def a_rows(self, a: Array) -> Array:
-        """``a.reshape(-1, in_features)`` (+ a column of ones with a bias)."""
+    def input_rows(self, a: Array, ones: bool = False) -> Array:
+        """``a.reshape(-1, in_features)`` (+ a column of ones with ``ones``)."""
         _check_features(a, "a", self.name, self.in_features)
-        return self._with_ones(a.reshape(-1, self.in_features))
+        rows = a.reshape(-1, self.in_features)
+        return self._with_ones(rows) if ones else rows
 
-    def g_rows(self, g: Array) -> Array:
+    def output_rows(self, g: Array) -> Array:
         """``g.reshape(-1, out_features)``."""
         _check_features(g, "g", self.name, self.out_features)
         return g.reshape(-1, self.out_features)
@@ -43,3 +51,9 @@ class LinearBlock(KronBlock):
     def positions(self, g: Array) -> int:
         """Product of the extra dimensions of ``g`` (between batch and features); 1 for ``(B, d_out)``."""
         return prod(g.shape[1:-1])
+
+    def weight_matrix(self, weight: Array) -> Array:
+        return weight.T if self.transposed else weight
+
+    def weight_from_matrix(self, mat: Array) -> Array:
+        return mat.T if self.transposed else mat

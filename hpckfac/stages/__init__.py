@@ -3,10 +3,11 @@
 - ``local_factors``: stage 1, each rank's packed statistics of one step.
 - ``layout``: where each block's statistics and gradient sit in the
   ReduceScatterV buffer and its preconditioned gradient in the AllGatherV buffer.
+- ``reduce_scatter``: stage 2, the send buffer and the ReduceScatterV.
 - ``owner``: stage 3, running averages, damped inversion, preconditioning.
-- ``gather``: stage 4, the KL-clip factor from the owners' partial sums.
-- ``engine``: ``KFACEngine``, stages 2-4 for a list of blocks.
-- ``options``: validation of every hyperparameter, in one place.
+- ``all_gather``: stage 4, the AllGatherV and the KL clip.
+- ``engine``: ``KFACEngine``, stages 2-4 in order for a list of blocks.
+- ``options``: the defaults and the validation of every hyperparameter.
 """
 __all__ = ["KFACEngine"]
 

@@ -16,69 +16,26 @@ blocks ``r`` owns followed by one element, ``r``'s partial sum
 ``sum_l <V_l, grad_l>`` for the KL clip. A rank that owns nothing has an empty
 segment in both collectives (count 0).
 
-Packed statistics of a block: Kronecker blocks ``pack_sym([A, G])`` (upper
-triangles, ``hpckfac.ops`` order); BatchNorm blocks the ``C`` symmetric 2x2
-Fishers as ``(F00, F01, F11)`` per channel.
+A block's packed statistics and gradient matrix are laid out as the block
+says (``CurvatureBlock.factor_shapes``, ``grad_shape``); the layout only needs
+their sizes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
-
-from hpckfac.ops import packed_size
-
-BN_PACKED = 3  # (F00, F01, F11) of a channel's 2x2 Fisher
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """Shapes of one curvature block as the pipeline sees them.
-
-    ``kind`` is ``"kron"`` (``d_A``, ``d_G`` set; gradient ``(d_G, d_A)``) or
-    ``"bn"`` (``channels`` set; gradient ``(C, 2)``: columns gamma, beta).
-    """
-
-    name: str
-    kind: str
-    d_A: int = 0
-    d_G: int = 0
-    channels: int = 0
-
-    @property
-    def stat_size(self) -> int:
-        """Elements of the block's packed statistics (without the presence flag)."""
-        if self.kind == "kron":
-            return packed_size(self.d_A) + packed_size(self.d_G)
-        return BN_PACKED * self.channels
-
-    @property
-    def grad_shape(self) -> tuple[int, int]:
-        """Shape of the gradient matrix the engine takes and returns."""
-        return (self.d_G, self.d_A) if self.kind == "kron" else (self.channels, 2)
-
-    @property
-    def grad_size(self) -> int:
-        rows, cols = self.grad_shape
-        return rows * cols
-
-
-def block_spec(block) -> BlockSpec:
-    """``BlockSpec`` of an ``hpckfac.layers`` block (KronBlock or BatchNormBlock)."""
-    if hasattr(block, "d_A"):
-        return BlockSpec(block.name, "kron", d_A=int(block.d_A), d_G=int(block.d_G))
-    return BlockSpec(block.name, "bn", channels=int(block.num_features))
-
 
 class SegmentLayout:
     """Offsets of every block in the ReduceScatterV and AllGatherV buffers.
 
-    ``owners[l]`` is the rank owning block ``l``. Offsets are into the whole
+    ``blocks`` are ``CurvatureBlock``s (anything with ``stat_size`` and
+    ``grad_size``); ``owners[l]`` is the rank owning block ``l``. Offsets are into the whole
     buffer; ``segment_start`` converts to offsets inside one rank's segment.
     """
 
-    def __init__(self, specs: list[BlockSpec], owners: list[int], size: int) -> None:
-        self.specs, self.owners, self.size = list(specs), list(owners), int(size)
+    def __init__(self, blocks: Sequence, owners: list[int], size: int) -> None:
+        self.blocks, self.owners, self.size = list(blocks), list(owners), int(size)
         self.owned = [[l for l, o in enumerate(self.owners) if o == r] for r in range(self.size)]
         # reduce[factors]: (counts per rank, stat offset per block, grad offset per block)
         self.reduce = {factors: self._reduce_layout(factors) for factors in (False, True)}
@@ -86,28 +43,28 @@ class SegmentLayout:
 
     def _reduce_layout(self, factors: bool):
         counts = [0] * self.size
-        stat_at, grad_at = [0] * len(self.specs), [0] * len(self.specs)
+        stat_at, grad_at = [0] * len(self.blocks), [0] * len(self.blocks)
         start = 0
         for rank, blocks in enumerate(self.owned):
             offset = start
             if factors:
                 for l in blocks:
                     stat_at[l] = offset
-                    offset += self.specs[l].stat_size + 1
+                    offset += self.blocks[l].stat_size + 1
             for l in blocks:
                 grad_at[l] = offset
-                offset += self.specs[l].grad_size
+                offset += self.blocks[l].grad_size
             counts[rank], start = offset - start, offset
         return counts, stat_at, grad_at
 
     def _gather_layout(self):
-        counts, at, partial = [0] * self.size, [0] * len(self.specs), [None] * self.size
+        counts, at, partial = [0] * self.size, [0] * len(self.blocks), [None] * self.size
         start = 0
         for rank, blocks in enumerate(self.owned):
             offset = start
             for l in blocks:
                 at[l] = offset
-                offset += self.specs[l].grad_size
+                offset += self.blocks[l].grad_size
             if blocks:
                 partial[rank] = offset
                 offset += 1

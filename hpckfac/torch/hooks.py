@@ -9,6 +9,12 @@ hook registered before an in-place change still receives the gradient with
 respect to the value the layer produced. Nothing is captured in ``eval()``
 mode or with autograd disabled. A module called several times in a step
 fires once per call; a module not called fires nothing.
+
+A module marked ``broadcast`` whose input has batch size 1 while the
+micro-batch has more examples returns its output expanded to the micro-batch
+(a view with the same values) and reports the input expanded the same way, so
+that the tensor hook receives every example's own gradient
+(``hpckfac.torch.register_layer``, ``broadcast_batch``).
 """
 from __future__ import annotations
 
@@ -22,20 +28,34 @@ GradCallback = Callable[[int, torch.Tensor], None]
 
 
 class CaptureHooks:
-    """Hooks on ``modules``; callbacks receive the module's index in ``modules``."""
+    """Hooks on ``modules``; callbacks receive the module's index in ``modules``.
 
-    def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback) -> None:
-        self.handles = [module.register_forward_hook(self._forward(index, on_input, on_output_grad))
+    ``broadcast[i]`` marks module ``i`` as above; ``micro_batch()`` returns the
+    current micro-batch's size.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
+                 broadcast: Sequence[bool] = (), micro_batch: Callable[[], int] = lambda: 0) -> None:
+        broadcast = list(broadcast) or [False] * len(modules)
+        self.handles = [module.register_forward_hook(self._forward(index, on_input, on_output_grad,
+                                                                   broadcast[index], micro_batch))
                         for index, module in enumerate(modules)]
 
     @staticmethod
-    def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback):
-        def hook(module: nn.Module, inputs, output) -> None:
+    def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
+                 micro_batch: Callable[[], int]):
+        def hook(module: nn.Module, inputs, output):
             if not (module.training and torch.is_grad_enabled()):
-                return
-            on_input(index, inputs[0])
+                return None
+            a, replaced = inputs[0], None
+            batch = micro_batch()
+            if broadcast and isinstance(output, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 < batch:
+                a = a.expand(batch, *a.shape[1:])
+                output = replaced = output.expand(batch, *output.shape[1:])
+            on_input(index, a)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda grad: on_output_grad(index, grad))
+            return replaced
         return hook
 
     def remove(self) -> None:

@@ -17,62 +17,42 @@ import torch
 from torch import nn
 
 from hpckfac.comm import CollectiveMismatchError, Communicator
-from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
 from hpckfac.log import get_logger
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine
-from hpckfac.tables import format_table
 from hpckfac.stages.local_factors import LocalStatistics
-from hpckfac.stages.options import check_options
+from hpckfac.stages.options import DEFAULTS, Assignment
+from hpckfac.tables import format_table
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array
 from hpckfac.torch.hooks import CaptureHooks
+from hpckfac.torch.options import check_options
+from hpckfac.torch.registry import block_for, broadcasts_batch
 
 _log = get_logger("hpckfac.torch")
 TIMED = ITERATION_STAGES
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORM = nn.modules.batchnorm._BatchNorm
-
-
-def _conv_padding(module: nn.Module) -> tuple[int, ...]:
-    """Explicit zero padding of a convolution, also for ``padding="valid"`` and ``"same"``
-    (stride 1; ValueError where "same" pads one side more than the other)."""
-    if not isinstance(module.padding, str):
-        return tuple(module.padding)
-    if module.padding == "valid":
-        return (0,) * len(module.kernel_size)
-    totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
-    if any(t % 2 for t in totals):
-        raise ValueError("padding: 'same' with an even (dilated) kernel pads one side more than the other, "
-                         "which im2col does not model")
-    return tuple(t // 2 for t in totals)
-
-
-def _make_block(name: str, module: nn.Module):
-    """The curvature block of ``module``, or None for a first-order module."""
-    if isinstance(module, nn.Linear):
-        return LinearBlock(name, module.in_features, module.out_features, bias=module.bias is not None)
-    if isinstance(module, _CONV):
-        if module.padding_mode != "zeros":
-            raise ValueError(f"padding_mode: {module.padding_mode!r} padding is not supported (zeros only)")
-        return ConvBlock(name, module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                         _conv_padding(module), module.dilation, bias=module.bias is not None, groups=module.groups)
-    if isinstance(module, _BATCHNORM) and module.affine:
-        return BatchNormBlock(name, module.num_features, module.eps)
-    return None
 
 
 class KFACPreconditioner:
     """Replace each ``.grad`` of ``model`` by its distributed K-FAC natural gradient.
 
     Call ``step()`` after the backward pass(es) of a step and before
-    ``optimizer.step()``; every rank must call it. Linear, Conv1d/2d/3d and
-    affine BatchNorm modules are preconditioned (unless in ``skip_layers``);
-    all other parameters are averaged over ranks by ring-allreduce.
+    ``optimizer.step()``; every rank must call it. Modules of every registered
+    kind (``hpckfac.torch.register_layer``; built in: Linear, Conv and
+    ConvTranspose 1d/2d/3d with groups, affine BatchNorm, LayerNorm and
+    GroupNorm, Embedding) are preconditioned unless in ``skip_layers``; all
+    other parameters are averaged over ranks by ring-allreduce. A parameter
+    shared by two such modules (tied weights) is preconditioned by neither:
+    its curvature is the sum of both layers', which no single block describes
+    (skip one of them to let the other's block take it). ``print(precond)``
+    lists every module and why it is or is not preconditioned.
 
-    Args (all validated here, ValueError naming the parameter):
+    Args (all validated here, ValueError naming the parameter; defaults shared
+    with ``KFACEngine`` and ``hpckfac train``, ``hpckfac.stages.options.DEFAULTS``):
         model: the model, identical on every rank (checked at construction).
         lr: learning rate for the KL clip, a float or ``callable(step) -> float``.
-        damping: Tikhonov damping lambda (pi-corrected for Kronecker factors).
-        factor_decay: running-average weight of the old factors.
+        damping: Tikhonov damping lambda (pi-corrected for Kronecker factors),
+            a float or ``callable(step) -> float``.
+        factor_decay: running-average weight of the old factors, a float or
+            ``callable(step) -> float``.
         factor_update_interval: statistics are taken every that many steps.
         inverse_update_interval: inverses are recomputed every that many steps.
         kl_clip: kappa of the KL clip, None to disable.
@@ -86,10 +66,10 @@ class KFACPreconditioner:
         bucket_bytes: fusion bucket size of the ring-allreduce (None: the
             Communicator's default).
         accumulation_steps: forward/backward micro-batches per ``step()``.
-        statistics_fraction: the Kronecker factors of a factor-update step come
-            from the first ``ceil(fraction * n)`` examples of each micro-batch of
-            ``n`` (1: all); the statistics cost shrinks in proportion, the gradients
-            are untouched. BatchNorm statistics always use the whole micro-batch.
+        statistics_fraction: the statistics of a factor-update step come from
+            the first ``ceil(fraction * n)`` examples of each micro-batch of
+            ``n`` (1: all); their cost shrinks in proportion, the gradients are
+            untouched. BatchNorm statistics always use the whole micro-batch.
         comm: an ``hpckfac.comm.Communicator`` (default: on COMM_WORLD).
 
     Device: the pipeline runs where the model's parameters are (construct the
@@ -99,11 +79,15 @@ class KFACPreconditioner:
     stream. ``hpckfac.torch.bind_device`` picks each rank's GPU.
     """
 
-    def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = 0.1, damping: float = 1e-3,
-                 factor_decay: float = 0.95, factor_update_interval: int = 1, inverse_update_interval: int = 10,
-                 kl_clip: float | None = 1e-3, skip_layers=(), factor_dtype=None, grad_scaler=None,
-                 assignment: str = "lpt", bucket_bytes: int | None = None, accumulation_steps: int = 1,
-                 statistics_fraction: float = 1.0, comm: Communicator | None = None) -> None:
+    def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = 0.1,
+                 damping: float | Callable[[int], float] = DEFAULTS["damping"],
+                 factor_decay: float | Callable[[int], float] = DEFAULTS["factor_decay"],
+                 factor_update_interval: int = DEFAULTS["factor_update_interval"],
+                 inverse_update_interval: int = DEFAULTS["inverse_update_interval"],
+                 kl_clip: float | None = DEFAULTS["kl_clip"], skip_layers=(), factor_dtype=None, grad_scaler=None,
+                 assignment: Assignment = DEFAULTS["assignment"], bucket_bytes: int | None = None,
+                 accumulation_steps: int = 1, statistics_fraction: float = 1.0,
+                 comm: Communicator | None = None) -> None:
         opts = check_options(lr=lr, damping=damping, factor_decay=factor_decay,
                              factor_update_interval=factor_update_interval,
                              inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
@@ -135,13 +119,13 @@ class KFACPreconditioner:
                                  inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
                                  assignment=assignment, comm_dtype=comm_dtype, xp=self.xp)
         self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32, self.xp)
-        self._bn_inputs: list[list] = [[] for _ in blocks]
         self._micro_batch = 0
         self._hook_seconds = 0.0
         self.timings = dict.fromkeys(TIMED, 0.0)
         self._totals = dict.fromkeys(TIMED, 0.0)
         self._timed_steps = 0
-        self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad)
+        self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
+                                   [broadcasts_batch(m) for m in self.modules], lambda: self._micro_batch)
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
 
     # ----------------------------------------------------------------- setup
@@ -152,41 +136,47 @@ class KFACPreconditioner:
     def _find_blocks(self):
         """K-FAC modules, their blocks, and the ids of the parameters they cover; records in
         ``self.coverage`` what happens to every module with parameters of its own, and why."""
-        modules, blocks = [], []
-        covered: dict[int, str] = {}  # id of each covered parameter -> the K-FAC layer covering it
+        candidates = []  # (name, module, block) of every module a block could cover
         self.coverage: list[tuple[str, str, str]] = []
+        status: dict[str, str] = {}
         for name, module in self.model.named_modules():
             own = any(True for _ in module.parameters(recurse=False))
             if self._skipped(name, module):
                 if own:
-                    self.coverage.append((name, type(module).__name__, "first-order: in skip_layers"))
+                    status[name] = "first-order: in skip_layers"
                 continue
             try:
-                block = _make_block(name, module)
+                block = block_for(name, module)
             except ValueError as exc:
                 _log.warning("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
-                self.coverage.append((name, type(module).__name__, f"first-order: {exc}"))
+                status[name] = f"first-order: {exc}"
                 continue
             if block is None:
                 if own:
-                    self.coverage.append((name, type(module).__name__, "first-order: no curvature block for this type"))
+                    status[name] = "first-order: no curvature block for this type"
                 continue
-            first = next((covered[id(p)] for p in (module.weight, module.bias) if id(p) in covered), None)
-            if first is not None:
-                reason = f"first-order: shares a parameter with K-FAC layer {first!r} (tied weights)"
-                _log.warning("layer %s (%s) stays first-order: it shares a parameter with %s; that layer's block "
-                             "preconditions the summed gradient", name, type(module).__name__, first)
-                self.coverage.append((name, type(module).__name__, reason))
+            candidates.append((name, module, block))
+        users: dict[int, list[str]] = {}  # id of each parameter -> the candidate layers using it
+        for name, module, _ in candidates:
+            for p in _covered(module):
+                users.setdefault(id(p), []).append(name)
+        modules, blocks, covered = [], [], set()
+        for name, module, block in candidates:
+            tied = sorted({other for p in _covered(module) for other in users[id(p)] if other != name})
+            if tied:
+                _log.warning("layer %s (%s) stays first-order: it shares a parameter with %s (tied weights)",
+                             name, type(module).__name__, ", ".join(tied))
+                status[name] = f"first-order: shares a parameter with {', '.join(map(repr, tied))} (tied weights)"
                 continue
             modules.append(module)
             blocks.append(block)
-            covered.update((id(p), name) for p in (module.weight, module.bias) if p is not None)
-            shape = (f"A {block.d_A}x{block.d_A}, G {block.d_G}x{block.d_G}" if hasattr(block, "d_A")
-                     else f"{block.num_features} channels, 2x2 each")
-            self.coverage.append((name, type(module).__name__, f"K-FAC ({shape})"))
+            covered.update(id(p) for p in _covered(module))
+            status[name] = f"K-FAC ({block.describe()})"
+        self.coverage = [(name, type(module).__name__, status[name]) for name, module in self.model.named_modules()
+                         if name in status]
         if not blocks:
-            _log.warning("no layer of the model is preconditioned (K-FAC covers Linear, Conv1d/2d/3d and affine "
-                         "BatchNorm); every gradient is only averaged over ranks")
+            _log.warning("no layer of the model is preconditioned (see print(preconditioner) for why); every "
+                         "gradient is only averaged over ranks")
         return modules, blocks, covered
 
     def __repr__(self) -> str:
@@ -204,7 +194,9 @@ class KFACPreconditioner:
         layers = [(name, type(m).__name__, "kfac" if id(m) in kfac else "first-order",
                    [tuple(p.shape) for p in m.parameters(recurse=False)])
                   for name, m in self.model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-        options = {k: repr(v) for k, v in opts.items() if k not in ("lr", "grad_scaler")}
+        # Schedules (callables) compare by kind only: their reprs hold per-process addresses.
+        options = {k: "<callable>" if callable(v) else repr(v) for k, v in opts.items()
+                   if k not in ("lr", "grad_scaler")}
         everyone = self.comm.allgather_object((layers, options))
         for rank, (other_layers, other_options) in enumerate(everyone):
             for i in range(max(len(layers), len(other_layers))):
@@ -257,11 +249,10 @@ class KFACPreconditioner:
         if not self.engine.is_factor_step():
             return
         start = time.perf_counter()
-        if self.engine.specs[index].kind == "bn":
-            self._bn_inputs[index].append(to_array(a))  # needed with the output gradient
-        else:
-            with device_scope(self.device):
-                self.local.add_inputs(index, to_array(a[:self._sample]))
+        if self.engine.blocks[index].uses_sample:
+            a = a[:self._sample]
+        with device_scope(self.device):
+            self.local.add_inputs(index, to_array(a))
         self._hook_seconds += time.perf_counter() - start
 
     def _on_output_grad(self, index: int, g: torch.Tensor) -> None:
@@ -269,12 +260,10 @@ class KFACPreconditioner:
             return
         start = time.perf_counter()
         scale = self._grad_scale() ** 2
+        if self.engine.blocks[index].uses_sample:
+            g = g[:self._sample]
         with device_scope(self.device):
-            if self.engine.specs[index].kind == "bn":
-                if self._bn_inputs[index]:
-                    self.local.add_batchnorm(index, self._bn_inputs[index].pop(), to_array(g), scale)
-            else:
-                self.local.add_output_grads(index, to_array(g[:self._sample]), scale)
+            self.local.add_output_grads(index, to_array(g), scale)
         self._hook_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ step
@@ -290,13 +279,10 @@ class KFACPreconditioner:
             raise ValueError(f"lr: expected a finite number >= 0 at step {self.engine.steps}, got {lr!r}")
         return value
 
-    def _grad_matrix(self, index: int) -> np.ndarray:
-        module, block = self.modules[index], self.engine.blocks[index]
+    def _grad_matrix(self, index: int):
         grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
-                 for p in (module.weight, module.bias)]
-        if self.engine.specs[index].kind == "bn":
-            return self.xp.stack(grads, axis=1)
-        return block.grad_matrix(grads[0], grads[1])
+                 for p in _params(self.modules[index])]
+        return self.engine.blocks[index].grad_matrix(*grads)
 
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``."""
@@ -331,18 +317,15 @@ class KFACPreconditioner:
 
         updates = self.engine.step(grads, stats, lr=lr)
         start = self.engine.clock()
-        for module, block, spec, update in zip(self.modules, self.engine.blocks, self.engine.specs, updates):
-            parts = (update[:, 0], update[:, 1]) if spec.kind == "bn" else block.split_matrix(update)
-            for param, part in zip((module.weight, module.bias), parts):
+        for module, block, update in zip(self.modules, self.engine.blocks, updates):
+            for param, part in zip(_params(module), block.split_matrix(update)):
                 if param is not None and param.requires_grad:  # frozen weights keep .grad None
                     if param.grad is None:
                         param.grad = torch.empty_like(param)
                     copy_into(param.grad, part)
         self.timings.update(self.engine.timings)
-        self.timings["all_gather"] += self.engine.clock() - start
+        self.timings["write_grads"] = self.engine.clock() - start
         self.local.reset()
-        for pending in self._bn_inputs:
-            pending.clear()
         self._hook_seconds = 0.0
         for name in TIMED:
             self._totals[name] += self.timings[name]
@@ -416,6 +399,15 @@ class KFACPreconditioner:
             if value is not None and getattr(self, name) != value:
                 _log.warning("load_state_dict: the checkpoint's %s %r replaces %r", name, value, getattr(self, name))
                 setattr(self, name, value)
+
+
+def _params(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The parameters a block covers: the module's ``weight`` and ``bias`` (None where absent)."""
+    return getattr(module, "weight", None), getattr(module, "bias", None)
+
+
+def _covered(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in _params(module) if isinstance(p, torch.Tensor)]
 
 
 def _model_device(model: nn.Module) -> torch.device:

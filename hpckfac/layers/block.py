@@ -1,0 +1,238 @@
+"""``CurvatureBlock``: what the pipeline knows about one layer's curvature.
+
+A block describes one layer's Fisher approximation entirely through this
+interface, so that the stages, the owner assignment and the torch bridge never
+ask what kind of layer it is:
+
+- **statistics** (stage 1): ``add_input`` and ``add_output_grad`` add one
+  forward/backward call's contribution to the block's packed statistics, a 1-D
+  buffer of ``stat_size`` elements laid out as ``factor_shapes`` says: for each
+  entry ``(count, n)``, ``count`` symmetric ``n x n`` matrices, upper triangles
+  in ``hpckfac.ops.pack_sym`` order, one after another;
+- **gradient layout**: ``grad_matrix`` turns the parameter gradients into one
+  ``grad_shape`` matrix, the unit the collectives carry; ``split_matrix``
+  turns it back;
+- **cost** for the owner assignment (``cost``: inversion work) and the
+  performance model (``precondition_flops``);
+- **solving** (stage 3): ``factors`` unpacks the statistics into matrix stacks,
+  ``damping`` gives each matrix its damping, ``hpckfac.ops.damped_inverse``
+  inverts them (the owner batches same-order matrices of all its blocks into
+  one call), and ``precondition`` applies the inverses to a gradient matrix.
+  ``solve`` chains the three for one block; the pipeline runs the same steps.
+
+Blocks work on NumPy arrays, or CuPy arrays on the GPU path, and know nothing
+of PyTorch modules: ``hpckfac.torch.register_layer`` maps module types to
+blocks.
+"""
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+
+from hpckfac import ops
+from hpckfac.arrays import namespace as array_module
+
+# A NumPy array, or a CuPy array on the GPU path.
+Array = Any
+
+
+def prod(values) -> int:
+    """Product of integers (1 for none)."""
+    return math.prod(int(v) for v in values)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int if it is an integer >= 1; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool; ValueError naming ``name`` unless it is one."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def check_name(name: Any) -> str:
+    """A block's name: a string (ValueError naming ``name`` otherwise)."""
+    if not isinstance(name, str):
+        raise ValueError(f"name: expected a string, got {name!r}")
+    return name
+
+
+def check_array(x: Any, name: str, ndim_min: int) -> None:
+    """ValueError naming ``name`` unless ``x`` is an array with at least ``ndim_min`` dims."""
+    if getattr(x, "ndim", -1) < ndim_min:
+        raise ValueError(f"{name}: expected an array with at least {ndim_min} dimensions, "
+                         f"got {type(x).__name__} of shape {getattr(x, 'shape', None)}")
+
+
+def check_shape(x: Any, shape: tuple[int, ...], name: str) -> None:
+    """ValueError naming ``name`` unless ``x`` has exactly ``shape``."""
+    if tuple(getattr(x, "shape", ())) != tuple(shape) or not hasattr(x, "shape"):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {getattr(x, 'shape', None)}")
+
+
+@lru_cache(maxsize=64)
+def _triu_host(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.triu_indices(n)
+    return rows, cols
+
+
+def triu_indices(n: int, xp) -> tuple[Array, Array]:
+    """Row and column of each packed element of an ``n x n`` matrix, as ``xp`` arrays."""
+    rows, cols = _triu_host(n)
+    return (rows, cols) if xp is np else (xp.asarray(rows), xp.asarray(cols))
+
+
+def pack_stack(mats: Array) -> Array:
+    """Upper triangles of a ``(count, n, n)`` stack, matrix after matrix (``pack_sym`` order), 1-D."""
+    rows, cols = triu_indices(mats.shape[-1], array_module(mats))
+    return mats[:, rows, cols].reshape(-1)
+
+
+def unpack_stack(packed: Array, count: int, n: int, dtype=None) -> Array:
+    """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds."""
+    xp = array_module(packed)
+    rows, cols = triu_indices(n, xp)
+    values = packed.reshape(count, -1)
+    mats = xp.empty((count, n, n), dtype=packed.dtype if dtype is None else dtype)
+    mats[:, rows, cols] = values
+    mats[:, cols, rows] = values
+    return mats
+
+
+class CurvatureBlock(abc.ABC):
+    """One layer's curvature: statistics, gradient layout, cost, solve (module docstring).
+
+    Subclasses set ``name`` and implement the abstract members. ``uses_sample``
+    says whether the statistics may come from a sub-sample of the micro-batch
+    (``statistics_fraction``); blocks whose statistics depend on the whole
+    batch (BatchNorm) set it False.
+    """
+
+    name: str
+    uses_sample: bool = True
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    @abc.abstractmethod
+    def factor_shapes(self) -> tuple[tuple[int, int], ...]:
+        """``(count, n)`` per matrix stack of the statistics, in packed order."""
+
+    @property
+    @abc.abstractmethod
+    def param_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """Shapes of the layer's weight and bias (None without a bias)."""
+
+    @property
+    @abc.abstractmethod
+    def grad_shape(self) -> tuple[int, int]:
+        """Shape of the gradient matrix the pipeline carries for this block."""
+
+    @property
+    def stat_size(self) -> int:
+        """Elements of the packed statistics."""
+        return sum(count * n * (n + 1) // 2 for count, n in self.factor_shapes)
+
+    @property
+    def grad_size(self) -> int:
+        """Elements of the gradient matrix."""
+        return prod(self.grad_shape)
+
+    @property
+    def inverse_shapes(self) -> list[tuple[int, int, int]]:
+        """Shapes of the inverses ``solve`` and the owner keep: ``(count, n, n)`` per stack."""
+        return [(count, n, n) for count, n in self.factor_shapes]
+
+    def cost(self) -> float:
+        """Inversion work, ``sum count * n^3`` over the stacks: the owner assignment's cost."""
+        return float(sum(count * n ** 3 for count, n in self.factor_shapes))
+
+    def precondition_flops(self) -> float:
+        """Flops of ``precondition``: each stack's inverses multiply the gradient once."""
+        return float(2 * self.grad_size * sum(n for _, n in self.factor_shapes))
+
+    def describe(self) -> str:
+        """One line for ``print(preconditioner)``: the matrices this block inverts."""
+        return ", ".join(f"{count} x {n}x{n}" if count > 1 else f"{n}x{n}" for count, n in self.factor_shapes)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, {self.describe()})"
+
+    # -------------------------------------------------------------- statistics
+    @abc.abstractmethod
+    def add_input(self, stats: Array, a: Array) -> Any:
+        """Add the contribution of the layer input ``a`` of one call to ``stats``;
+        return what ``add_output_grad`` of the same call needs (None if nothing)."""
+
+    @abc.abstractmethod
+    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: Any) -> None:
+        """Add ``scale`` times the contribution of the per-example output gradients
+        ``g`` of one call to ``stats`` (``saved``: what ``add_input`` returned)."""
+
+    def statistics(self, a: Array, g: Array, scale: float = 1.0, dtype=None) -> Array:
+        """Packed statistics of one call, ``scale`` applied to every part (``1/B`` gives
+        the block's curvature for a batch of ``B``); float32, or float64 for float64 ``a``/``g``."""
+        if dtype is None:
+            dtype = ops.checks.accumulation_dtype(np.result_type(*[x.dtype for x in (a, g) if x.dtype.kind == "f"]))
+        stats = array_module(g).zeros(self.stat_size, dtype=dtype)
+        saved = self.add_input(stats, a)
+        self.add_output_grad(stats, g, 1.0, saved)
+        stats *= scale
+        return stats
+
+    # --------------------------------------------------------------- gradients
+    @abc.abstractmethod
+    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None) -> Array:
+        """The ``grad_shape`` matrix of the parameter gradients."""
+
+    @abc.abstractmethod
+    def split_matrix(self, mat: Array) -> tuple[Array, Array | None]:
+        """Inverse of ``grad_matrix``: (weight-shaped array, bias-shaped array or None)."""
+
+    def _check_params(self, weight_grad: Array, bias_grad: Array | None) -> None:
+        weight_shape, bias_shape = self.param_shapes
+        check_shape(weight_grad, weight_shape, "weight_grad")
+        if bias_shape is None:
+            if bias_grad is not None:
+                raise ValueError(f"bias_grad: block {self.name!r} has no bias")
+        else:
+            check_shape(bias_grad, bias_shape, "bias_grad")
+
+    # ------------------------------------------------------------------- solve
+    def factors(self, stats: Array, dtype=None) -> list[Array]:
+        """The symmetric ``(count, n, n)`` stacks held in the packed ``stats``."""
+        check_shape(stats, (self.stat_size,), "stats")
+        stacks, at = [], 0
+        for count, n in self.factor_shapes:
+            size = count * n * (n + 1) // 2
+            stacks.append(unpack_stack(stats[at:at + size], count, n, dtype))
+            at += size
+        return stacks
+
+    @abc.abstractmethod
+    def damping(self, factors: Sequence[Array], damping: float) -> list[Array]:
+        """Damping of every matrix of ``factors``: one ``(count,)`` float64 array per stack,
+        in the factors' namespace (formed there, without a read-back to the host)."""
+
+    @abc.abstractmethod
+    def precondition(self, grad: Array, inverses: Sequence[Array]) -> Array:
+        """The preconditioned ``grad_shape`` gradient, from the damped ``inverses``."""
+
+    def inverses(self, stats: Array, damping: float) -> list[Array]:
+        """Damped inverses of the block's factors (one ``damped_inverse`` call per stack)."""
+        stacks = self.factors(stats)
+        return [ops.damped_inverse(mats, damp).inverse for mats, damp in zip(stacks, self.damping(stacks, damping))]
+
+    def solve(self, stats: Array, grad: Array, damping: float) -> Array:
+        """``precondition(grad, inverses(stats, damping))``: the block's natural gradient."""
+        check_shape(grad, self.grad_shape, "grad")
+        return self.precondition(grad, self.inverses(stats, damping))

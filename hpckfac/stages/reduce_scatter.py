@@ -1,0 +1,47 @@
+"""Stage 2: every block's statistics and gradient to its owner, in one ReduceScatterV.
+
+``ReduceScatter`` fills the send buffer laid out by
+``hpckfac.stages.layout.SegmentLayout`` (on factor-update steps the packed
+statistics with their presence element, every step the gradient matrices)
+and calls one ``comm.reduce_scatter_v(..., op="mean")``; the owner of each
+block receives the average over ranks of its own blocks only.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from hpckfac.stages.layout import SegmentLayout
+
+
+class ReduceScatter:
+    """Send buffers (one per step kind, allocated once in ``xp``) and the collective.
+
+    ``dtype`` is the dtype the whole buffer travels in (``comm_dtype``).
+    """
+
+    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm, dtype, xp) -> None:
+        self.blocks, self.layout, self.comm = list(blocks), layout, comm
+        self._send = {f: xp.zeros(layout.reduce_total(f), dtype=dtype) for f in (False, True)}
+
+    def __call__(self, grads: Sequence[Any], stats: Sequence[Any] | None) -> Any:
+        """This rank's averaged segment; ``stats`` is None on steps without statistics,
+        else one packed array (or None: no statistics here this step) per block."""
+        factors = stats is not None
+        counts = self.layout.reduce_counts(factors)
+        return self.comm.reduce_scatter_v(self._fill(grads, stats), counts, op="mean")
+
+    def _fill(self, grads, stats):
+        factors = stats is not None
+        buf = self._send[factors]
+        for l, block in enumerate(self.blocks):
+            if factors:
+                at = self.layout.stat_offset(l)
+                present = stats[l] is not None
+                if present:
+                    buf[at:at + block.stat_size] = stats[l]
+                else:
+                    buf[at:at + block.stat_size] = 0.0
+                buf[at + block.stat_size] = float(present)
+            at = self.layout.grad_offset(l, factors)
+            buf[at:at + block.grad_size].reshape(block.grad_shape)[...] = grads[l]
+        return buf

@@ -1,0 +1,49 @@
+"""Validation of the options only ``KFACPreconditioner`` has, on top of the engine's
+(``hpckfac.stages.options``, which also holds the shared defaults)."""
+from __future__ import annotations
+
+from typing import Any
+
+from hpckfac.stages.options import CHECKS as ENGINE_CHECKS
+from hpckfac.stages.options import check_integer, check_options as _check, check_real
+
+
+def _lr(value: Any):
+    return value if callable(value) else check_real("lr", value, low=0.0, low_open=True)
+
+
+def _skip_layers(value: Any) -> tuple:
+    items = (value,) if isinstance(value, (str, type)) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ValueError(f"skip_layers: expected layer names or module types, got {value!r}") from None
+    if not all(isinstance(item, (str, type)) for item in items):
+        raise ValueError(f"skip_layers: expected layer names or module types, got {value!r}")
+    return items
+
+
+def _grad_scaler(value: Any):
+    if value is not None and not callable(getattr(value, "get_scale", None)):
+        raise ValueError(f"grad_scaler: expected None or a torch.amp.GradScaler, got {value!r}")
+    return value
+
+
+CHECKS = {
+    **ENGINE_CHECKS,
+    "lr": _lr,
+    "bucket_bytes": lambda v: check_integer("bucket_bytes", v, 1),
+    "accumulation_steps": lambda v: check_integer("accumulation_steps", v, 1),
+    "skip_layers": _skip_layers,
+    "statistics_fraction": lambda v: check_real("statistics_fraction", v, low=0.0, low_open=True, high=1.0),
+    "grad_scaler": _grad_scaler,
+}
+
+
+def check_options(**options: Any) -> dict[str, Any]:
+    """Validated copies of the engine's and the bridge's options (ValueError naming the
+    first bad one): ``lr`` > 0 or a callable of the step; ``accumulation_steps``,
+    ``bucket_bytes`` integers >= 1; 0 < ``statistics_fraction`` <= 1;
+    ``skip_layers`` names or module types; ``grad_scaler`` None or an object with
+    ``get_scale()``; the engine's options as ``hpckfac.stages.options.check_options``."""
+    return _check(CHECKS, **options)

@@ -1,0 +1,142 @@
+"""Which curvature block a PyTorch module gets: ``register_layer`` and the built-in kinds.
+
+A *builder* takes ``(name, module)`` and returns an
+``hpckfac.layers.CurvatureBlock`` for that module (or None: no curvature for
+this instance, e.g. a BatchNorm without affine parameters); raising ValueError
+keeps the module first-order with the message as the reason. Lookup follows
+the module's class hierarchy, so a subclass of a registered type gets its
+parent's builder unless it has its own. The block covers the module's
+``weight`` and, when present, ``bias``.
+
+Built in: ``Linear``, ``Conv1d/2d/3d`` (groups included), ``ConvTranspose1d/2d/3d``,
+``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm`` and ``Embedding``. A type of
+your own that computes one of these (Hugging Face's GPT-2 ``Conv1D`` is a
+Linear with an ``(in, out)`` weight) is one call::
+
+    from hpckfac.layers import LinearBlock
+    from hpckfac.torch import register_layer
+    from transformers.pytorch_utils import Conv1D
+
+    register_layer(Conv1D, lambda name, m: LinearBlock(
+        name, m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None, transposed=True))
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from hpckfac.layers import (BatchNormBlock, ConvBlock, ConvTransposeBlock, CurvatureBlock, EmbeddingBlock,
+                            GroupNormBlock, LayerNormBlock, LinearBlock)
+
+Builder = Callable[[str, nn.Module], "CurvatureBlock | None"]
+_BUILDERS: dict[type, tuple[Builder, bool]] = {}
+
+
+def register_layer(module_type: type, build: Builder, *, broadcast_batch: bool = False) -> None:
+    """Precondition modules of ``module_type`` (and its subclasses) with the block ``build(name, module)``
+    returns. Register before constructing the ``KFACPreconditioner``, identically on every rank.
+
+    ``broadcast_batch``: a call whose input has batch size 1 while the micro-batch
+    has ``B > 1`` examples (position ids shared by the whole batch) is taken as
+    that input broadcast to all ``B`` examples: the module's output is returned
+    expanded to batch ``B`` (the same values, as a view), so that each example's
+    own output gradient reaches the statistics. Right for outputs that are
+    added to per-example tensors, as position embeddings are; the Embedding
+    registration sets it.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ValueError(f"module_type: expected a torch.nn.Module subclass, got {module_type!r}")
+    if not callable(build):
+        raise ValueError(f"build: expected a callable (name, module) -> CurvatureBlock, got {build!r}")
+    _BUILDERS[module_type] = (build, bool(broadcast_batch))
+
+
+def _entry(module: nn.Module) -> tuple[Builder, bool] | None:
+    return next((_BUILDERS[t] for t in type(module).__mro__ if t in _BUILDERS), None)
+
+
+def block_for(name: str, module: nn.Module) -> CurvatureBlock | None:
+    """The curvature block of ``module`` (None: no registered kind); ValueError
+    with the reason when its kind cannot precondition this instance."""
+    entry = _entry(module)
+    block = None if entry is None else entry[0](name, module)
+    if block is not None and not isinstance(block, CurvatureBlock):
+        raise ValueError(f"the builder registered for {type(module).__name__} returned {block!r}, "
+                         f"not an hpckfac.layers.CurvatureBlock")
+    return block
+
+
+def broadcasts_batch(module: nn.Module) -> bool:
+    """Whether ``module``'s kind was registered with ``broadcast_batch``."""
+    entry = _entry(module)
+    return entry is not None and entry[1]
+
+
+def registered() -> tuple[type, ...]:
+    """The registered module types."""
+    return tuple(_BUILDERS)
+
+
+def _conv_padding(module: nn.Module) -> tuple[int, ...]:
+    """Explicit zero padding of a convolution, also for ``padding="valid"`` and ``"same"``
+    (stride 1; ValueError where "same" pads one side more than the other)."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+    if any(t % 2 for t in totals):
+        raise ValueError("padding: 'same' with an even (dilated) kernel pads one side more than the other, "
+                         "which im2col does not model")
+    return tuple(t // 2 for t in totals)
+
+
+def _zeros_padding(module: nn.Module) -> None:
+    if module.padding_mode != "zeros":
+        raise ValueError(f"padding_mode: {module.padding_mode!r} padding is not supported (zeros only)")
+
+
+def _linear(name: str, module: nn.Linear) -> LinearBlock:
+    return LinearBlock(name, module.in_features, module.out_features, bias=module.bias is not None)
+
+
+def _conv(name: str, module: nn.modules.conv._ConvNd) -> ConvBlock:
+    _zeros_padding(module)
+    return ConvBlock(name, module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                     _conv_padding(module), module.dilation, bias=module.bias is not None, groups=module.groups)
+
+
+def _conv_transpose(name: str, module: nn.modules.conv._ConvTransposeNd) -> ConvTransposeBlock:
+    _zeros_padding(module)
+    return ConvTransposeBlock(name, module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                              module.padding, module.output_padding, module.dilation,
+                              bias=module.bias is not None, groups=module.groups)
+
+
+def _batchnorm(name: str, module: nn.modules.batchnorm._BatchNorm) -> BatchNormBlock | None:
+    return BatchNormBlock(name, module.num_features, module.eps) if module.affine else None
+
+
+def _layernorm(name: str, module: nn.LayerNorm) -> LayerNormBlock | None:
+    if not module.elementwise_affine:
+        return None
+    return LayerNormBlock(name, module.normalized_shape, module.eps, bias=module.bias is not None)
+
+
+def _groupnorm(name: str, module: nn.GroupNorm) -> GroupNormBlock | None:
+    return GroupNormBlock(name, module.num_groups, module.num_channels, module.eps) if module.affine else None
+
+
+def _embedding(name: str, module: nn.Embedding) -> EmbeddingBlock:
+    if module.sparse:
+        raise ValueError("sparse: sparse gradients are not supported (use sparse=False)")
+    return EmbeddingBlock(name, module.num_embeddings, module.embedding_dim)
+
+
+for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
+                      (nn.ConvTranspose1d, _conv_transpose), (nn.ConvTranspose2d, _conv_transpose),
+                      (nn.ConvTranspose3d, _conv_transpose), (nn.modules.batchnorm._BatchNorm, _batchnorm),
+                      (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm)):
+    register_layer(_type, _build)
+register_layer(nn.Embedding, _embedding, broadcast_batch=True)
