@@ -40,7 +40,8 @@ setup(
         # CuPy for the CUDA major version of the machine's driver and torch build.
         "cuda12": ["cupy-cuda12x"],
         "cuda13": ["cupy-cuda13x"],
-        "test": ["pytest>=7", "pytest-mpi>=0.6"],
+        # transformers: the Hugging Face BERT and GPT-2 coverage tests (skipped without it).
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["hpckfac=hpckfac.cli:main"]},
 )

@@ -104,6 +104,8 @@ class KFACPreconditioner:
         self._sample = 0
         self._count_pending = False
         self._forwards = 0  # training forwards since the last step()
+        self._root_seen = False  # whether the model's own forward ran since the last step()
+        self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
         self.bucket_bytes = bucket_bytes
         self.skip_layers = opts["skip_layers"]
@@ -183,7 +185,8 @@ class KFACPreconditioner:
         width = max([len(n) for n, _, _ in self.coverage] + [6])
         lines = [f"KFACPreconditioner(device={self.device}, ranks={self.comm.size}, "
                  f"{len(self.modules)} of {len(self.coverage)} layers with parameters preconditioned)"]
-        lines += [f"  {name or '(model)':<{width}}  {kind:<12} {status}" for name, kind, status in self.coverage]
+        kinds = max([len(k) for _, k, _ in self.coverage] + [12])
+        lines += [f"  {name or '(model)':<{width}}  {kind:<{kinds}} {status}" for name, kind, status in self.coverage]
         return "\n".join(lines)
 
     def _check_agreement(self, opts: dict[str, Any]) -> None:
@@ -223,6 +226,7 @@ class KFACPreconditioner:
         if not (module.training and torch.is_grad_enabled()):
             return
         self._forwards += 1
+        self._root_seen = True
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
         if first is not None and first.dim() > 0:
             self._count(int(first.shape[0]))
@@ -246,6 +250,13 @@ class KFACPreconditioner:
     def _on_input(self, index: int, a: torch.Tensor) -> None:
         if self._count_pending:
             self._count(int(a.shape[0]))
+        elif not self._root_seen and (not self._fired or index in self._fired):
+            # Submodules called directly (the model's own forward never ran): a pass starts when
+            # the first K-FAC layer fires, and again when a layer that already fired fires again.
+            self._forwards += 1
+            self._count(int(a.shape[0]))
+            self._fired = set()
+        self._fired.add(index)
         if not self.engine.is_factor_step():
             return
         start = time.perf_counter()
@@ -303,7 +314,8 @@ class KFACPreconditioner:
         elif self.engine.is_factor_step() and self.local.examples == 0:
             self._warn_once("no-statistics", "a factor-update step without statistics: no K-FAC layer saw a "
                             "training forward under autograd")
-        self._forwards = 0
+        self._forwards, self._root_seen = 0, False
+        self._fired = set()
         start = self.engine.clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
         grads = [self._grad_matrix(i) for i in range(len(self.modules))]

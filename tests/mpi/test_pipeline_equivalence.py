@@ -44,6 +44,28 @@ def two_layer_model():
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
 
 
+class KindsModel(nn.Module):
+    """Every other block kind: token and position embeddings (positions shared by the batch),
+    LayerNorm and a Linear on the sequence; a grouped convolution, GroupNorm, a depthwise
+    convolution and a grouped transposed convolution on the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(5, 4), nn.Embedding(6, 4)
+        self.ln, self.seq = nn.LayerNorm(4), nn.Linear(4, 4)
+        self.conv, self.gn = nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.GroupNorm(2, 4)
+        self.dw = nn.Conv2d(4, 4, 3, stride=2, groups=4)
+        self.up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.head = nn.Linear(36, 4)
+
+    def forward(self, x):
+        tokens = (x[:, 0, 0, :] * 2).floor().clamp(-2, 2).long() + 2  # (B, 6) from the data
+        h = self.ln(self.tok(tokens) + self.pos(torch.arange(6).unsqueeze(0)))
+        h = torch.tanh(self.seq(h)).mean(1)
+        c = torch.tanh(self.dw(torch.tanh(self.gn(self.conv(x)))))
+        return self.head(torch.cat([h, self.up(c).flatten(1)], 1))
+
+
 def batches(shape, classes, parts):
     """Per step the global batch as ``parts`` micro-batches, identical on every rank."""
     gen = torch.Generator().manual_seed(1234)
@@ -121,6 +143,13 @@ def test_plain_model_equals_whole_batch_on_one_rank(comm):
         opt.step()
     whole = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
     np.testing.assert_allclose(dist, whole, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.mpi
+def test_every_block_kind_equals_one_process(comm):
+    _, nus = check(KindsModel, (2, 6, 6), 4, comm, damping=1e-2, factor_update_interval=1,
+                   inverse_update_interval=2, kl_clip=1e-2)
+    assert min(nus) < 1.0
 
 
 @pytest.mark.mpi

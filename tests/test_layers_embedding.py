@@ -1,0 +1,71 @@
+"""EmbeddingBlock: its factors are a Linear layer's on one-hot inputs; one token gives the exact
+Fisher; the solve against the dense damped Kronecker Fisher; the gradient layout against autograd."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hpckfac.layers import EmbeddingBlock, LinearBlock
+
+
+def test_factors_are_those_of_a_linear_layer_on_one_hot_inputs():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 7, size=(5, 4))
+    g = rng.standard_normal((5, 4, 3))
+    block, linear = EmbeddingBlock("emb", 7, 3), LinearBlock("lin", 7, 3, bias=False)
+    one_hot = np.eye(7)[tokens]  # (5, 4, 7)
+    a_stack, g_stack = block.factors(block.statistics(tokens, g, 1 / 5))
+    np.testing.assert_allclose(np.diag(a_stack[:, 0, 0]), linear.a_factor(one_hot, 1 / 5), rtol=1e-15)
+    np.testing.assert_allclose(g_stack[0], linear.g_factor(g, 1 / 5), rtol=1e-14)
+    assert block.factor_shapes == ((7, 1), (1, 3)) and block.stat_size == 7 + 6
+
+
+def test_one_token_gives_the_exact_fisher():
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(6, 3).double()
+    token = torch.tensor([[4]])
+    g = torch.randn(1, 1, 3, dtype=torch.float64)
+    emb(token).backward(g)
+    block = EmbeddingBlock("emb", 6, 3)
+    a_stack, g_stack = block.factors(block.statistics(token.numpy(), g.numpy()))
+    vec = block.grad_matrix(emb.weight.grad.numpy()).reshape(-1, order="F")
+    np.testing.assert_allclose(np.kron(np.diag(a_stack[:, 0, 0]), g_stack[0]), np.outer(vec, vec), atol=1e-15)
+
+
+def test_gradient_layout_and_solve():
+    rng = np.random.default_rng(2)
+    torch.manual_seed(2)
+    emb = torch.nn.Embedding(5, 3).double()
+    tokens = torch.from_numpy(rng.integers(0, 4, size=(6, 2)))  # token 4 never occurs
+    g = torch.randn(6, 2, 3, dtype=torch.float64)
+    emb(tokens).backward(g)
+    block = EmbeddingBlock("emb", 5, 3)
+    mat = block.grad_matrix(emb.weight.grad.numpy())
+    np.testing.assert_array_equal(mat, emb.weight.grad.numpy().T)
+    np.testing.assert_array_equal(block.split_matrix(mat)[0], emb.weight.grad.numpy())
+    stats = block.statistics(tokens.numpy(), g.numpy(), 1 / 6)
+    grad = rng.standard_normal((3, 5))
+    got = block.solve(stats, grad, 0.03)
+    counts = np.bincount(tokens.numpy().ravel(), minlength=5) / 6.0
+    rows = g.numpy().reshape(-1, 3)
+    G = rows.T @ rows / (6 * 2)
+    A = np.diag(counts)
+    pi = math.sqrt((np.trace(A) / 5) / (np.trace(G) / 3))
+    fisher = np.kron(A + pi * math.sqrt(0.03) * np.eye(5), G + math.sqrt(0.03) / pi * np.eye(3))
+    want = np.linalg.solve(fisher, grad.reshape(-1, order="F")).reshape(grad.shape, order="F")
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_bad_inputs_name_the_argument():
+    block = EmbeddingBlock("emb", 4, 2)
+    with pytest.raises(ValueError, match="a:.*integer"):
+        block.statistics(np.zeros((2, 3)), np.zeros((2, 3, 2)))
+    with pytest.raises(ValueError, match="a:.*outside"):
+        block.statistics(np.array([[1, 4]]), np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match="g:"):
+        block.statistics(np.array([[1, 2]]), np.zeros((1, 2, 3)))
+    with pytest.raises(ValueError, match="weight_grad"):
+        block.grad_matrix(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="num_embeddings"):
+        EmbeddingBlock("emb", 0, 2)

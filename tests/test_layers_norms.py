@@ -1,0 +1,95 @@
+"""LayerNormBlock and GroupNormBlock: unit-wise Fishers against per-example gradients of
+(gamma, beta) from torch.func, and the per-unit damped solve against np.linalg (float64)."""
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from hpckfac.layers import GroupNormBlock, LayerNormBlock
+
+EPS = 1e-4
+
+
+def per_example(module, x):
+    """Per-example gradients of the affine parameters, and of the output, for a nonlinear loss."""
+    x = torch.from_numpy(x)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def loss(p, xi, wi):
+        return (wi * torch.tanh(functional_call(module, p, (xi[None],))[0])).sum()
+
+    def loss_of_output(y, wi):
+        return (wi * torch.tanh(y)).sum()
+
+    with torch.no_grad():
+        y = module(x)
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, w), vmap(grad(loss_of_output))(y, w).numpy()
+
+
+def check_fisher(block, module, x):
+    grads, g = per_example(module, x)
+    got = block.fisher(x, g, scale=1 / x.shape[0])
+    names = ["weight"] + (["bias"] if block.has_bias else [])
+    u = np.stack([grads[n].reshape(x.shape[0], -1).numpy() for n in names], axis=-1)  # (N, units, k)
+    assert got.shape == (block.units, block.k, block.k) and got.dtype == np.float64
+    for c in range(block.units):
+        np.testing.assert_allclose(got[c], u[:, c].T @ u[:, c] / x.shape[0], rtol=1e-10, atol=1e-13)
+    stats = block.statistics(x, g, 1 / x.shape[0])
+    np.testing.assert_allclose(block.factors(stats)[0], got, rtol=1e-15)
+    return got, stats
+
+
+@pytest.mark.parametrize("shape,normalized,bias", [((5, 6), (6,), True), ((4, 3, 5), (5,), True),
+                                                   ((3, 2, 3, 4), (3, 4), False)])
+def test_layernorm_fisher_against_per_example_gradients(shape, normalized, bias):
+    torch.manual_seed(1)
+    module = torch.nn.LayerNorm(normalized, eps=EPS, bias=bias).double()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        if bias:
+            module.bias.uniform_(-0.5, 0.5)
+    x = np.random.default_rng(2).standard_normal(shape) * 2 + 0.3
+    check_fisher(LayerNormBlock("ln", normalized, EPS, bias=bias), module, x)
+
+
+@pytest.mark.parametrize("shape,groups", [((5, 6, 3), 3), ((4, 4, 2, 3), 1), ((3, 6, 2, 2), 6)])
+def test_groupnorm_fisher_against_per_example_gradients(shape, groups):
+    torch.manual_seed(3)
+    module = torch.nn.GroupNorm(groups, shape[1], eps=EPS).double()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+    x = np.random.default_rng(4).standard_normal(shape) * 2 + 0.3
+    check_fisher(GroupNormBlock("gn", groups, shape[1], EPS), module, x)
+
+
+def test_solve_and_gradient_layout():
+    rng = np.random.default_rng(5)
+    block = LayerNormBlock("ln", (2, 3), EPS)
+    x, g = rng.standard_normal((4, 5, 2, 3)), rng.standard_normal((4, 5, 2, 3))
+    fisher = block.fisher(x, g, 0.25)
+    weight, bias = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    mat = block.grad_matrix(weight, bias)
+    assert mat.shape == (6, 2)
+    got = block.solve(block.statistics(x, g, 0.25), mat, 0.01)
+    for c in range(6):
+        np.testing.assert_allclose(got[c], np.linalg.solve(fisher[c] + 0.01 * np.eye(2), mat[c]), rtol=1e-10)
+    back = block.split_matrix(mat)
+    np.testing.assert_array_equal(back[0], weight)
+    np.testing.assert_array_equal(back[1], bias)
+    single = LayerNormBlock("ln", 3, EPS, bias=False)
+    assert single.grad_matrix(weight[0]).shape == (3, 1) and single.split_matrix(np.ones((3, 1)))[1] is None
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="num_groups"):
+        GroupNormBlock("gn", 4, 6, EPS)
+    with pytest.raises(ValueError, match="eps"):
+        LayerNormBlock("ln", 3, 0.0)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        LayerNormBlock("ln", (3, 0), EPS)
+    with pytest.raises(ValueError, match="x:"):
+        LayerNormBlock("ln", 3, EPS).fisher(np.ones((2, 4)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="g:"):
+        GroupNormBlock("gn", 2, 4, EPS).fisher(np.ones((2, 4, 3)), np.ones((2, 4, 2)))

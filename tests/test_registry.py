@@ -1,0 +1,113 @@
+"""register_layer: a module type of one's own (a Linear with a transposed weight, as GPT-2's
+Conv1D) preconditioned exactly as its nn.Linear twin; subclasses, bad registrations; a position
+embedding shared by the batch gets every example's own statistics."""
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from hpckfac.comm import Communicator
+from hpckfac.layers import LinearBlock
+from hpckfac.torch import KFACPreconditioner, register_layer
+
+
+class TransposedLinear(nn.Module):
+    """Hugging Face's Conv1D in miniature: ``x @ weight + bias`` with ``weight`` of shape (in, out)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.3)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+register_layer(TransposedLinear, lambda name, m: LinearBlock(name, m.weight.shape[0], m.weight.shape[1],
+                                                             bias=m.bias is not None, transposed=True))
+
+
+def comm():
+    return Communicator(MPI.COMM_SELF)
+
+
+def train(model, steps=4):
+    torch.manual_seed(5)
+    precond = KFACPreconditioner(model, comm=comm(), lr=0.1, inverse_update_interval=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x).mean(1), y).backward()
+        precond.step()
+        opt.step()
+    return precond
+
+
+def test_registered_type_is_preconditioned_like_its_linear_twin():
+    torch.manual_seed(0)
+    mine = nn.Sequential(TransposedLinear(4, 5), nn.Tanh(), TransposedLinear(5, 2)).double()
+    twin = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    with torch.no_grad():
+        for a, b in ((mine[0], twin[0]), (mine[2], twin[2])):
+            b.weight.copy_(a.weight.T)
+            b.bias.copy_(a.bias)
+    precond = train(mine)
+    train(twin)
+    assert len(precond.modules) == 2 and not precond.other_params
+    assert "K-FAC (A 5x5, G 5x5)" in repr(precond)
+    for a, b in ((mine[0], twin[0]), (mine[2], twin[2])):
+        np.testing.assert_allclose(a.weight.detach().T.numpy(), b.weight.detach().numpy(), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(a.bias.detach().numpy(), b.bias.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_subclasses_inherit_and_bad_registrations_are_refused():
+    class MyLinear(nn.Linear):
+        pass
+
+    precond = KFACPreconditioner(nn.Sequential(MyLinear(3, 2)), comm=comm())
+    assert len(precond.modules) == 1
+    with pytest.raises(ValueError, match="module_type"):
+        register_layer(int, lambda n, m: None)
+    with pytest.raises(ValueError, match="build"):
+        register_layer(MyLinear, "LinearBlock")
+
+    class Odd(nn.Linear):
+        pass
+
+    register_layer(Odd, lambda name, m: "not a block")
+    precond = KFACPreconditioner(nn.Sequential(Odd(3, 2)), comm=comm())
+    assert not precond.modules and "not an hpckfac.layers.CurvatureBlock" in repr(precond)
+
+
+class Tokens(nn.Module):
+    """Token and position embeddings; positions either shared by the batch (1, T) or per example."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared
+        self.tok, self.pos, self.ln, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+        if not self.shared:
+            positions = positions.expand(tokens.shape[0], -1)
+        return self.out(torch.tanh(self.ln(self.tok(tokens) + self.pos(positions)))).mean(1)
+
+
+def test_positions_shared_by_the_batch_give_per_example_statistics():
+    results = []
+    for shared in (True, False):
+        torch.manual_seed(3)
+        model = Tokens(shared).double()
+        precond = KFACPreconditioner(model, comm=comm(), factor_dtype=torch.float64)
+        tokens = torch.randint(0, 7, (6, 5), generator=torch.Generator().manual_seed(4))
+        y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(5))
+        nn.functional.cross_entropy(model(tokens), y).backward()
+        results.append(([s.copy() for s in precond.local.result()], precond))
+        precond.step()
+    (shared, p1), (expanded, _) = results
+    assert len(p1.modules) == 4
+    for a, b in zip(shared, expanded):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
