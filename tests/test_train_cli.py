@@ -93,7 +93,7 @@ def _write(path, **arrays):
     ("optimizer", "argument --optimizer: invalid choice: 'lbfgs'"),
     ("batch", "--batch-size: expected an integer >= 1"),
     ("too_big", "--batch-size: expected 1..1438"),
-    ("lr", "--lr: expected a finite number > 0"),
+    ("lr", "--lr: expected a finite real number > 0"),
     ("both_lengths", "not allowed with argument"),
     ("no_out", "--checkpoint-every: needs --out"),
     ("missing_data", "data file not found"),

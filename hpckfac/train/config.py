@@ -1,8 +1,9 @@
 """The settings of one training run, validated in one place."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+
+from hpckfac.stages.options import DEFAULTS, check_integer, check_real
 
 OPTIMIZERS = ("kfac", "sgd", "adam")
 DEVICES = ("auto", "cuda", "cpu")
@@ -33,11 +34,11 @@ class TrainConfig:
     decay_power: float = 2.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    damping: float = 1e-2
-    factor_decay: float = 0.95
-    factor_update_interval: int = 1
-    inverse_update_interval: int = 10
-    kl_clip: float = 1e-2
+    damping: float = DEFAULTS["damping"]
+    factor_decay: float = DEFAULTS["factor_decay"]
+    factor_update_interval: int = DEFAULTS["factor_update_interval"]
+    inverse_update_interval: int = DEFAULTS["inverse_update_interval"]
+    kl_clip: float = DEFAULTS["kl_clip"]
     width: int = 8
     seed: int = 0
     data: str | None = None
@@ -90,13 +91,8 @@ class TrainConfig:
 
 
 def _integer(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    check_integer(name, value, low)
 
 
 def _real(name: str, value, *, low: float, strict: bool = False, below: float | None = None) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > low if strict else value >= low) and (below is None or value < below))
-    if not ok:
-        bound = f"{'>' if strict else '>='} {low}" + ("" if below is None else f" and < {below}")
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+    check_real(name, value, low=low, low_open=strict, high_open=below)
