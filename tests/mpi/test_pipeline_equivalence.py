@@ -146,10 +146,16 @@ def test_plain_model_equals_whole_batch_on_one_rank(comm):
 
 
 @pytest.mark.mpi
-def test_every_block_kind_equals_one_process(comm):
-    _, nus = check(KindsModel, (2, 6, 6), 4, comm, damping=1e-2, factor_update_interval=1,
-                   inverse_update_interval=2, kl_clip=1e-2)
+@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
+def test_every_block_kind_equals_one_process(comm, device):
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2)
+    dist, nus = check(KindsModel, (2, 6, 6), 4, comm, device, **options)
     assert min(nus) < 1.0
+    if device != "cpu":
+        host, host_nus = train(KindsModel, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
+        np.testing.assert_allclose(dist, host, rtol=0 if device == "standin" else 1e-9, atol=1e-12)
+        np.testing.assert_allclose(nus, host_nus, rtol=0 if device == "standin" else 1e-9)
 
 
 @pytest.mark.mpi
