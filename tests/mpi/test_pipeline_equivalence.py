@@ -60,7 +60,7 @@ class KindsModel(nn.Module):
 
     def forward(self, x):
         tokens = (x[:, 0, 0, :] * 2).floor().clamp(-2, 2).long() + 2  # (B, 6) from the data
-        h = self.ln(self.tok(tokens) + self.pos(torch.arange(6).unsqueeze(0)))
+        h = self.ln(self.tok(tokens) + self.pos(torch.arange(6, device=x.device).unsqueeze(0)))
         h = torch.tanh(self.seq(h)).mean(1)
         c = torch.tanh(self.dw(torch.tanh(self.gn(self.conv(x)))))
         return self.head(torch.cat([h, self.up(c).flatten(1)], 1))
