@@ -196,6 +196,8 @@ class Communicator:
                 layout=digest(cnt))
 
         backend, cnt = self._enter("reduce_scatter_v", validate)
+        if self.size == 1:  # the sum (or mean) over one rank is the buffer itself: no staging, no MPI
+            return sendbuf.copy()
         work = backend.stage_in(sendbuf)
         out = vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
                                      backend, op == "mean", algorithm)
@@ -216,6 +218,8 @@ class Communicator:
                                              algorithm=alg, layout=digest(cnt))
 
         backend, cnt = self._enter("allgather_v", validate)
+        if self.size == 1:
+            return segment.copy()
         out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
                                 algorithm)
         return backend.result(out, segment)
