@@ -1,4 +1,8 @@
 """The ``hpckfac`` console entry point: help exits 0, unknown commands exit 2 with usage."""
+import contextlib
+
+import pytest
+
 from hpckfac import cli
 
 
@@ -16,3 +20,15 @@ def test_every_train_flag_has_help_text():
     from hpckfac.train.cli import build_parser
 
     assert [a.option_strings for a in build_parser()._actions if not a.help] == []
+
+
+@pytest.mark.parametrize("argv", [["model", "--ranks", "0"], ["model", "--calibrate", "/nonexistent/run.json"],
+                                  ["scaling", "--scale", "0"], ["step", "--threads", "-2"], ["step", "--steps", "0"],
+                                  ["kernels", "--repeat", "0"]])
+def test_bad_benchmark_arguments_give_one_line(argv, capsys):
+    from hpckfac.bench.__main__ import main as bench
+
+    with pytest.raises(SystemExit) if argv[0] in ("step", "kernels") else contextlib.nullcontext():
+        assert bench(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and f"bench {argv[0]}: error:" in err[-1]

@@ -66,6 +66,7 @@ def test_user_npz_with_and_without_test_arrays(tmp_path):
     ({"x": np.zeros((4, 8, 8)), "y": np.arange(4), "x_test": np.zeros((2, 7, 8)), "y_test": np.arange(2)},
      "'x_test' examples have shape"),
     ({"x": np.zeros((4, 8, 8)), "y": -np.arange(4)}, "negative labels"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 2, 10**9])}, "labels go up to 1000000000 (4 distinct values)"),
 ])
 def test_bad_npz_contents_raise_one_line_data_errors(tmp_path, arrays, message):
     path = tmp_path / "bad.npz"
@@ -73,6 +74,19 @@ def test_bad_npz_contents_raise_one_line_data_errors(tmp_path, arrays, message):
     with pytest.raises(DataError) as info:
         load_dataset(str(path))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_channels_last_images_are_flagged(tmp_path, caplog):
+    path = tmp_path / "nhwc.npz"
+    np.savez(path, x=np.random.default_rng(0).random((10, 8, 8, 3)), y=np.arange(10) % 2)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        data = load_dataset(str(path))
+    assert "looks channels-last" in caplog.text and data.x_train.shape[1:] == (8, 8, 3)
+    caplog.clear()
+    np.savez(path, x=np.random.default_rng(0).random((10, 3, 8, 8)), y=np.arange(10) % 2)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        load_dataset(str(path))
+    assert "channels-last" not in caplog.text
 
 
 def test_missing_and_unreadable_files(tmp_path):

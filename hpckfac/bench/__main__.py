@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
         print(usage, file=sys.stderr)
         return 2
     module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
-    return int(module.main(argv[1:]) or 0)
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except (ValueError, OSError) as exc:
+        # A bad argument or an unreadable file is the user's to fix: one line, no traceback.
+        print(f"{prog} {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = [c for c in args.configs if c not in CONFIGS]
     if bad or args.steps < 1 or args.batch < 1:
         parser.error(f"invalid --configs {bad}" if bad else "--steps and --batch must be positive")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0 (0: the process's own setting)")
     return args
 
 

@@ -16,6 +16,13 @@ from importlib import resources
 
 import numpy as np
 
+from hpckfac.log import get_logger
+
+_log = get_logger("hpckfac.train")
+# Labels are class indices 0..K-1 and the model gets a K-way output layer: beyond this K is a
+# labelling mistake (raw ids, hashes), not a classification problem this trainer handles.
+MAX_CLASSES = 100_000
+
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # the train/test split is fixed, whatever the training --seed
 
@@ -55,6 +62,10 @@ def _images(name: str, array: np.ndarray, path: str) -> np.ndarray:
                         f"(N, C, H, W), got {array.dtype} {array.shape}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise DataError(f"{path}: '{name}' contains NaN or Inf")
+    channel_like = (1, 3, 4)
+    if array.ndim == 4 and array.shape[-1] in channel_like and array.shape[1] not in channel_like:
+        _log.warning("%s: '%s' has shape %s, which looks channels-last (N, H, W, C); it is read as "
+                     "(N, C, H, W). Transpose it with x.transpose(0, 3, 1, 2) if so", path, name, array.shape)
     return array[:, None] if array.ndim == 3 else array
 
 
@@ -119,6 +130,11 @@ def load_dataset(path: str | None = None) -> Dataset:
     mean, std = x.mean(), x.std()
     scale = 1.0 / std if std > 0 else 1.0
     num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
+    if num_classes > MAX_CLASSES:
+        distinct = len(np.unique(np.concatenate([y, y_test])))
+        raise DataError(f"{where}: labels go up to {num_classes - 1} ({distinct} distinct values); labels must be "
+                        f"class indices 0..K-1 with K <= {MAX_CLASSES} (renumber them, e.g. np.unique(y, "
+                        f"return_inverse=True)[1])")
     if num_classes < 2:
         raise DataError(f"{where}: labels must have at least 2 classes, got {num_classes}")
     return Dataset(name, ((x - mean) * scale).astype(np.float32), y,
