@@ -49,6 +49,10 @@ def test_two_ranks_kfac_end_to_end(kfac_run):
     for record in log["records"]:
         assert set(record) == RECORD_KEYS
         assert 0 <= record["test_acc"] <= 1 and np.isfinite(record["loss"]) and record["lr"] > 0
+    lines = [json.loads(line) for line in open(os.path.join(out, "records.jsonl"))]
+    assert lines == log["records"]
+    assert log["summary"]["steps"] == 8 and log["summary"]["best_test_acc"] >= log["summary"]["test_acc"]
+    assert set(log["stages_ms"]) >= {"reduce_scatter", "inversion", "write_grads"}
     assert open(os.path.join(out, "training.png"), "rb").read(8) == PNG
     assert "test accuracy" in proc.stdout and "reduce_scatter" in proc.stdout  # summary + per-stage table
     assert "Traceback" not in proc.stderr
@@ -81,6 +85,9 @@ def test_resume_continues_the_same_trajectory(kfac_run, tmp_path):
         assert torch.equal(block["factors"], rerun["preconditioner"]["blocks"][name]["factors"]), name
     drop_wall = lambda records: [{k: v for k, v in r.items() if k != "wall"} for r in records]
     assert drop_wall(json.load(open(os.path.join(resumed, "log.json")))["records"]) == \
+        drop_wall(json.load(open(os.path.join(out, "log.json")))["records"])
+    # The resumed run's records.jsonl holds the history up to the checkpoint, then its own records.
+    assert drop_wall([json.loads(line) for line in open(os.path.join(resumed, "records.jsonl"))]) == \
         drop_wall(json.load(open(os.path.join(out, "log.json")))["records"])
 
 

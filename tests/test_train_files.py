@@ -64,3 +64,17 @@ def test_keep_only_the_newest_checkpoints(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000006.pt", "step_00000008.pt"]
+
+
+def test_append_lines_refuses_symlinks(tmp_path):
+    from hpckfac.train.files import append_lines
+
+    append_lines(str(tmp_path / "records.jsonl"), ["a", "b"])
+    append_lines(str(tmp_path / "records.jsonl"), ["c"])
+    assert (tmp_path / "records.jsonl").read_text() == "a\nb\nc\n"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "planted.jsonl")
+    with pytest.raises(OSError):
+        append_lines(str(tmp_path / "planted.jsonl"), ["x"])
+    assert victim.read_text() == "precious"

@@ -362,6 +362,10 @@ class KFACPreconditioner:
         return self.engine.last_nu
 
     # ---------------------------------------------------------------- report
+    def stage_means(self) -> dict[str, float]:
+        """This rank's mean milliseconds per ``step()`` of each stage since construction."""
+        return {k: 1e3 * v / max(self._timed_steps, 1) for k, v in self._totals.items()}
+
     def report(self, gather: bool = False) -> str:
         """Per-stage mean milliseconds per step since construction, as a table.
 
@@ -369,7 +373,7 @@ class KFACPreconditioner:
         on one rank (``if rank == 0: precond.report()``). With ``gather=True`` it is a
         collective (call it on every rank): the table shows the mean and max over
         ranks, printed on rank 0 and returned on every rank."""
-        mean = {k: 1e3 * v / max(self._timed_steps, 1) for k, v in self._totals.items()}
+        mean = self.stage_means()
         everyone = self.comm.allgather_object(mean) if gather else [mean]
         rows = [{"stage": name, "mean_ms": float(np.mean([m[name] for m in everyone])),
                  "max_ms": float(np.max([m[name] for m in everyone]))} for name in TIMED]

@@ -7,6 +7,8 @@ wrong kind. ``atomic_write`` writes a sibling temporary file created with
 ``O_EXCL`` under an unpredictable name (``tempfile.mkstemp``: it never follows
 a planted symlink), then renames it over the target; readers see the old file
 or the whole new one, and a failure leaves no temporary file behind.
+``append_lines`` adds lines to a file without following a symlink, so a
+growing record costs what is added, not what is already there.
 """
 from __future__ import annotations
 
@@ -51,3 +53,11 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def append_lines(path: str, lines: list[str]) -> None:
+    """Append ``lines`` (each without its newline) to the regular file ``path``, creating it;
+    OSError if ``path`` is a symlink (``O_NOFOLLOW``) rather than writing through it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "a") as fh:
+        fh.write("".join(line + "\n" for line in lines))

@@ -28,11 +28,11 @@ from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpo
                                       list_checkpoints, load_checkpoint, save_checkpoint)
 from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
-from hpckfac.train.files import atomic_write, check_output_dir
+from hpckfac.train.files import append_lines, atomic_write, check_output_dir
 from hpckfac.train.schedule import WarmupPolynomialDecay
 
 _log = get_logger("hpckfac.train")
-LOG_NAME, PLOT_NAME, CHECKPOINT_DIR = "log.json", "training.png", "checkpoints"
+LOG_NAME, RECORDS_NAME, PLOT_NAME, CHECKPOINT_DIR = "log.json", "records.jsonl", "training.png", "checkpoints"
 EVAL_CHUNK = 1024
 
 
@@ -91,7 +91,7 @@ class Trainer:
         # First, before anything touches CUDA: each rank on its own GPU.
         self.device = agree(self.comm, lambda: bind_device(config.device, self.comm))
         if config.out:  # rank 0 writes there: find a problem before the first step, on every rank
-            agree(self.comm, lambda: check_output_dir(config.out, (LOG_NAME, PLOT_NAME), (CHECKPOINT_DIR,))
+            agree(self.comm, lambda: check_output_dir(config.out, (LOG_NAME, RECORDS_NAME, PLOT_NAME), (CHECKPOINT_DIR,))
                   if self.rank == 0 else None)
         self.data: Dataset = agree(self.comm, lambda: load_dataset(config.data))
         if config.batch_size % self.size:
@@ -120,6 +120,7 @@ class Trainer:
                 inverse_update_interval=config.inverse_update_interval,
                 kl_clip=config.kl_clip or None, statistics_fraction=config.statistics_fraction, comm=self.comm)
         self.step, self.wall, self.records, self.step_seconds = 0, 0.0, [], []
+        self._logged: int | None = None  # records already in records.jsonl (None: not written yet)
         self._interval = np.zeros(3)  # loss sum, correct, examples since the last evaluation (this rank)
         if config.resume:
             agree(self.comm, lambda: self._resume(config.resume))
@@ -251,7 +252,7 @@ class Trainer:
             bar.close()
         if not self.records or self.records[-1]["step"] != self.step:
             self.evaluate()
-            self._write_log()
+        self._write_log(final=True)
         if c.out and self.rank == 0:
             from hpckfac.train.plot import plot_history
 
@@ -289,17 +290,30 @@ class Trainer:
                 "epochs": last["epoch"], "wall": self.wall, "test_acc": last["test_acc"],
                 "test_loss": last["test_loss"], "best_test_acc": best["test_acc"], "best_step": best["step"]}
 
+    def stage_means(self) -> dict[str, float]:
+        """Rank 0's mean milliseconds per step of each K-FAC stage (empty for first-order runs)."""
+        return self.precond.stage_means() if self.precond is not None else {}
+
     def _title(self) -> str:
         c = self.config
         return (f"{c.optimizer} on {self.data.name}: global batch {c.batch_size}, {self.size} rank(s), "
                 f"lr {c.lr:g}" + (f", damping {c.damping:g}" if c.optimizer == "kfac" else ""))
 
-    def _write_log(self) -> None:
+    def _write_log(self, final: bool = False) -> None:
+        """Rank 0: append the new evaluation records to ``records.jsonl`` (cost: the new lines);
+        at the end, ``log.json`` with the run's settings, summary, stage times and every record."""
         if not self.config.out or self.rank != 0:
             return
         os.makedirs(self.config.out, exist_ok=True)
-        path = os.path.join(self.config.out, LOG_NAME)
+        records = os.path.join(self.config.out, RECORDS_NAME)
+        if self._logged is None:  # first write of this process: the history so far (a resumed run's too)
+            atomic_write(records, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in self.records)))
+        else:
+            append_lines(records, [json.dumps(r) for r in self.records[self._logged:]])
+        self._logged = len(self.records)
+        if not final:
+            return
         payload = {"config": self._identity(), "ranks": self.size, "dataset": self.data.name,
                    "train_examples": len(self.data.x_train), "test_examples": len(self.data.x_test),
-                   "records": self.records}
-        atomic_write(path, lambda fh: fh.write(json.dumps(payload, indent=1) + "\n"))
+                   "summary": self.summary(), "stages_ms": self.stage_means(), "records": self.records}
+        atomic_write(os.path.join(self.config.out, LOG_NAME), lambda fh: fh.write(json.dumps(payload, indent=1) + "\n"))
