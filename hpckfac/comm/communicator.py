@@ -1,7 +1,9 @@
 """The Communicator: hpckfac's collectives on top of an mpi4py communicator."""
 from __future__ import annotations
 
+import os
 import pickle
+import time
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
@@ -17,7 +19,7 @@ from hpckfac.comm.dtypes import DTYPE_CODES, check_dtype, mpi_type, sum_op
 from hpckfac.comm.errors import CollectiveMismatchError
 from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBuffers, plan_buckets, reduce_fused
 from hpckfac.comm.topology import node_rank_and_size, visible_gpu_count
-from hpckfac.log import set_rank
+from hpckfac.log import get_logger, set_rank
 from hpckfac.threads import configure_threads
 
 
@@ -238,9 +240,32 @@ class Communicator:
         backend.stage_out(work, buf)
         return buf
 
-    def allgather_object(self, obj: Any) -> list:
-        """Every rank's (picklable) ``obj``, in rank order."""
+    def allgather_object(self, obj: Any, what: str | None = None) -> list:
+        """Every rank's (picklable) ``obj``, in rank order.
+
+        With ``what`` (e.g. ``"state_dict()"``), a rank that waits for the others
+        longer than ``HPCKFAC_WAIT_NOTICE`` seconds (default 60) logs a warning
+        naming the call, so that a collective called on one rank only
+        (``if rank == 0: precond.state_dict()``) says why the job stands still.
+        """
+        if what is not None:
+            self._arrive(what)
         return self.mpi.allgather(obj)
+
+    def _arrive(self, what: str) -> None:
+        """Wait in a non-blocking barrier, warning once when the wait grows long."""
+        if self.size == 1:
+            return
+        notice = float(os.environ.get("HPCKFAC_WAIT_NOTICE", "60"))
+        request, start, warned = self.mpi.Ibarrier(), time.monotonic(), False
+        while not request.Test():
+            waited = time.monotonic() - start
+            if not warned and waited > notice:
+                get_logger("hpckfac.comm").warning(
+                    "%s has waited %.0f s for the other ranks: it is a collective, every rank must call it "
+                    "(e.g. state_dict() on all ranks, then save on rank 0)", what, waited)
+                warned = True
+            time.sleep(0 if waited < 0.01 else 0.001)  # spin briefly, then poll without burning a core
 
     def check_same(self, value: Any, what: str) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank passed an equal

@@ -223,7 +223,7 @@ class KFACEngine:
         """
         mine = {self.blocks[l].name: self.state.block_state(i) for i, l in enumerate(self.owned)}
         blocks: dict[str, Any] = {}
-        for part in self.comm.allgather_object(mine):
+        for part in self.comm.allgather_object(mine, what="state_dict()"):
             blocks.update(part)
         return {"steps": self.steps, "hyperparameters": self.hyperparameters(),
                 "blocks": {b.name: blocks[b.name] for b in self.blocks}}

@@ -374,7 +374,7 @@ class KFACPreconditioner:
         collective (call it on every rank): the table shows the mean and max over
         ranks, printed on rank 0 and returned on every rank."""
         mean = self.stage_means()
-        everyone = self.comm.allgather_object(mean) if gather else [mean]
+        everyone = self.comm.allgather_object(mean, what="report(gather=True)") if gather else [mean]
         rows = [{"stage": name, "mean_ms": float(np.mean([m[name] for m in everyone])),
                  "max_ms": float(np.max([m[name] for m in everyone]))} for name in TIMED]
         rows.append({"stage": "total", "mean_ms": sum(r["mean_ms"] for r in rows),

@@ -19,3 +19,20 @@ def test_report_on_one_rank_then_gathered(comm, capsys):
         assert "local_factors" in local and local in capsys.readouterr().out
     gathered = precond.report(gather=True)
     assert "max_ms" in gathered and "total" in gathered
+
+
+@pytest.mark.mpi
+def test_a_long_wait_in_a_collective_is_named(comm, caplog, monkeypatch):
+    """A rank that reaches state_dict() long before the others logs which collective it waits in."""
+    import time
+
+    monkeypatch.setenv("HPCKFAC_WAIT_NOTICE", "0.2")
+    model = nn.Sequential(nn.Linear(4, 3))
+    precond = KFACPreconditioner(model, comm=comm)
+    if comm.rank != 0:
+        time.sleep(0.8)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        state = precond.state_dict()
+    assert set(state["blocks"]) == {"0"}
+    waited = "state_dict() has waited" in caplog.text
+    assert waited == (comm.rank == 0 and comm.size > 1)
