@@ -9,8 +9,13 @@ set -euo pipefail
 RANKS=${RANKS:-"1 2 4"}            # rank counts (one process each; more than the cores oversubscribe)
 MODES=${MODES:-"strong weak"}       # strong: BATCH is global; weak: BATCH per rank
 MODEL=${MODEL:-resnet50}            # resnet50 | small
-SCALE=${SCALE:-8}                   # channel divisor (ResNet-50's 4608x4608 inversions take ~1 s on a CPU core)
-IMAGE=${IMAGE:-64}                  # input height/width (fewer positions per example than 224)
+if [[ "$MODEL" == resnet50 ]]; then
+    SCALE=${SCALE:-8}               # channel divisor (ResNet-50's 4608x4608 inversions take ~1 s on a CPU core)
+    IMAGE=${IMAGE:-64}              # input height/width (fewer positions per example than 224)
+else
+    SCALE=${SCALE:-1}               # the small model as it is
+    IMAGE=${IMAGE:-8}
+fi
 BATCH=${BATCH:-4}
 ASSIGNMENT=${ASSIGNMENT:-both}      # lpt | contiguous | both
 REPEAT=${REPEAT:-5}                 # timed iterations; medians are reported

@@ -62,8 +62,10 @@ def test_local_train_dry_run_prints_commands():
 
 
 def test_local_scaling_runs_at_1_and_2_ranks(tmp_path):
-    out = run_script("local_scaling.sh", {"RANKS": "1 2", "MODES": "strong", "MODEL": "small", "IMAGE": "8",
-                                          "SCALE": "1", "BATCH": "4", "REPEAT": "2", "OUT": str(tmp_path)})
+    # The small model's own scale and image size are the defaults for MODEL=small.
+    out = run_script("local_scaling.sh", {"RANKS": "1 2", "MODES": "strong", "MODEL": "small",
+                                          "BATCH": "4", "REPEAT": "2", "OUT": str(tmp_path)})
+    assert "--scale 1 --image 8" in out
     assert "error_pct" in out and "OTU+18" in out
     combined = json.loads((tmp_path / "strong.json").read_text())
     runs = combined["results"]["runs"]

@@ -203,6 +203,17 @@ def test_calibration_recovers_known_machine():
         model.calibrate(config, runs[1:], cores=2)
 
 
+def test_calibration_doubts():
+    good = model.Machine("m", 3e9, 5e8, 2e9, alpha=4e-5, beta=2e-9)
+    rows = [{"error_pct": 3.0}, {"error_pct": -8.0}]
+    assert model.calibration_doubts(good, rows) == []
+    # The small model's runs once fitted alpha 0 and beta 845 s/GB: both flagged.
+    bad = model.Machine("m", 3e9, 5e8, 2e9, alpha=0.0, beta=845e-9)
+    doubts = model.calibration_doubts(bad, rows)
+    assert len(doubts) == 2 and "fitted at 0" in doubts[0] and "845.0 s/GB" in doubts[1]
+    assert "misses a measured total by 70%" in model.calibration_doubts(good, [{"error_pct": -70.0}])[0]
+
+
 def test_alpha_beta_fit_never_negative():
     # Times that fall with the message count would need alpha < 0: clipped to 0.
     alpha, beta = model._fit_alpha_beta([(1, 1e6, 2e-3), (3, 1.5e6, 1.5e-3)])

@@ -249,6 +249,30 @@ def calibrate(config: dict[str, Any], runs: list[dict[str, Any]], cores: int) ->
                    gemm_flops=rate("precondition"), alpha=alpha, beta=beta, cores=cores, memory_rate=memory)
 
 
+# A fitted network slower than this (10 MB/s) or a fit off by more than this share of the
+# measured time means the runs did not pin the parameters down.
+MAX_BETA = 1e-7
+MAX_ERROR_PCT = 50.0
+
+
+def calibration_doubts(machine: Machine, rows: list[dict[str, Any]]) -> list[str]:
+    """Reasons not to trust a calibration: a collective parameter fitted at zero or at an
+    implausible value, or a prediction far from a measured total."""
+    doubts = []
+    if machine.alpha == 0.0 or machine.beta == 0.0:
+        doubts.append(f"alpha={machine.alpha:.3g} s, beta={machine.beta:.3g} s/B: one was fitted at 0, the "
+                      f"collectives measured are too small or too noisy to separate latency from bandwidth "
+                      f"(use larger layers, e.g. a lower --scale, or more ranks)")
+    if machine.beta > MAX_BETA:
+        doubts.append(f"beta={machine.beta * 1e9:.1f} s/GB is slower than any network: the collective times "
+                      f"are dominated by something else (oversubscribed cores, tiny messages)")
+    worst = max((abs(r["error_pct"]) for r in rows), default=0.0)
+    if worst > MAX_ERROR_PCT:
+        doubts.append(f"the calibrated model misses a measured total by {worst:.0f}%: extrapolations from it "
+                      f"are not reliable")
+    return doubts
+
+
 def validation_rows(config: dict[str, Any], runs: list[dict[str, Any]], machine: Machine) -> list[dict[str, Any]]:
     """Predicted against measured time per stage and in total at each measured rank count."""
     rows = []
@@ -290,7 +314,7 @@ def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: 
     import matplotlib.pyplot as plt
 
     stages = ("forward_backward",) + STAGES
-    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables) + 2, 4.8), squeeze=False)
     for ax, (name, rows) in zip(axes[0], tables.items()):
         labels = [str(r["ranks"]) for r in rows]
         bottom = np.zeros(len(rows))
@@ -301,9 +325,13 @@ def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: 
         ax.set_title(name)
         ax.set_xlabel("GPUs")
         ax.set_ylabel("predicted ms / iteration")
-    axes[0][0].legend(fontsize=8)
+        ax.set_ylim(0, 1.08 * max(float(bottom.max()), 1e-9))  # room above the tallest bar
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    # One legend for all panels, outside them, so that it never covers a bar.
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -395,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
             print("stage columns: measured/predicted ms")
             print(format_table(rows, ["ranks"] + [f"{s}_ms" for s in STAGES]
                                + ["measured_ms", "predicted_ms", "error_pct"], ".1f"))
-            results.setdefault("calibration", {})[method] = {"machine": asdict(machine), "rows": rows}
+            doubts = calibration_doubts(machine, rows)
+            for doubt in doubts:
+                print(f"warning: {doubt}")
+            results.setdefault("calibration", {})[method] = {"machine": asdict(machine), "rows": rows,
+                                                             "warnings": doubts}
 
     if args.measure:
         rates = measure_rates(shapes.scaled(shapes.resnet50(64), args.measure), batch=2)
