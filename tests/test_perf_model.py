@@ -250,5 +250,5 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
 
 def test_measured_rates_are_positive():
     rates = model.measure_rates(tiny_model(), batch=3, repeat=1)
-    assert set(rates) == {"factor_flops", "inverse_rate", "gemm_flops"}
+    assert set(rates) == {"factor_flops", "inverse_rate", "gemm_flops", "plain_gemm"}
     assert all(math.isfinite(v) and v > 0 for v in rates.values())

@@ -336,11 +336,20 @@ def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: 
     plt.close(fig)
 
 
-def measure_rates(model: shapes.ModelShapes, batch: int, repeat: int = 3) -> dict[str, float]:
-    """This machine's rates on ``model``'s shapes with the NumPy reference, one
-    thread as configured: factor GEMMs (``ops.accumulate_factor`` on random rows),
-    damped inversion (``ops.damped_inverse``, counted as ``n^3``) and the
-    preconditioning products ``G^-1 X A^-1``; medians of ``repeat`` passes."""
+GEMM_ORDER = 1024  # the plain GEMM the measured rates are compared with
+MEASURE_BATCH = 32  # examples per factor product in --measure: a realistic per-rank batch
+
+
+def measure_rates(model: shapes.ModelShapes, batch: int, repeat: int = 5) -> dict[str, float]:
+    """This machine's rates on ``model``'s shapes with the CPU core, threads as
+    configured: factor products (``ops.accumulate_factor`` on random rows, counted as
+    the full ``2 rows d^2``), damped inversion (``ops.damped_inverse``, counted as
+    ``n^3``, the flops of a Cholesky factorisation plus a triangular inverse) and the
+    preconditioning products ``G^-1 X A^-1``; beside them ``plain_gemm``, a square
+    float32 ``torch.mm`` of order ``GEMM_ORDER`` in the same thread pool, the rate the
+    others are measured against. Medians of ``repeat`` passes."""
+    import torch
+
     from hpckfac import ops
     from hpckfac.bench.report import time_calls
 
@@ -362,7 +371,14 @@ def measure_rates(model: shapes.ModelShapes, batch: int, repeat: int = 3) -> dic
         "gemm_flops": (sum(2.0 * s.d_G * s.d_A * (s.d_A + s.d_G) for s in kron),
                        lambda: [g_inv @ x @ a_inv for x, g_inv, a_inv in grads]),
     }
-    return {name: flops / median(time_calls(fn, repeat)) for name, (flops, fn) in work.items()}
+    square = torch.from_numpy(rng.standard_normal((GEMM_ORDER, GEMM_ORDER), dtype=np.float32))
+    work["plain_gemm"] = (2.0 * GEMM_ORDER ** 3, lambda: torch.mm(square, square))
+    # Round-robin passes, so that every rate (the plain GEMM's included) sees the same machine load.
+    times: dict[str, list[float]] = {name: [] for name in work}
+    for _ in range(repeat):
+        for name, (_, fn) in work.items():
+            times[name] += time_calls(fn, 1)
+    return {name: flops / median(times[name]) for name, (flops, _) in work.items()}
 
 
 def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -430,9 +446,13 @@ def main(argv: list[str] | None = None) -> int:
                                                              "warnings": doubts}
 
     if args.measure:
-        rates = measure_rates(shapes.scaled(shapes.resnet50(64), args.measure), batch=2)
-        print(f"NumPy rates here (ResNet-50/{args.measure}, 64px, 2 examples): "
-              + ", ".join(f"{k} {v / 1e9:.2f} G/s" for k, v in rates.items()))
+        rates = measure_rates(shapes.scaled(shapes.resnet50(64), args.measure), batch=MEASURE_BATCH)
+        gemm = rates["plain_gemm"]
+        names = {"factor_flops": "factor products", "inverse_rate": "inversion", "gemm_flops": "preconditioning"}
+        print(f"rates here (ResNet-50/{args.measure}, 64px, {MEASURE_BATCH} examples) against a plain {GEMM_ORDER}^2 float32 "
+              f"GEMM at {gemm / 1e9:.2f} GF/s:")
+        print(format_table([{"kernel": names[k], "GF/s": rates[k] / 1e9, "of_gemm_pct": 100 * rates[k] / gemm}
+                            for k in names], ["kernel", "GF/s", "of_gemm_pct"], ".1f"))
         results["measured_rates"] = rates
 
     model = shapes.resnet50()
