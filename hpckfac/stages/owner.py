@@ -103,18 +103,19 @@ class OwnerState:
         (it stays on the device)."""
         if any(ok and inv is None for ok, inv in zip(self.initialized, self.inverses)):
             self.invert(damping, missing_only=True)
-        xp = self.xp
         base = self.layout.segment_start(self.rank, self.layout.reduce_counts(factors))
-        partial, at = xp.zeros((), dtype=np.float64), 0
-        for i, (l, block) in enumerate(zip(self.owned, self.blocks)):
-            start = self.layout.grad_offset(l, factors) - base
-            grad = segment[start:start + block.grad_size].reshape(block.grad_shape).astype(self.dtype, copy=False)
+        # The owned gradients are consecutive in the segment, in the order ``out`` takes them.
+        first = self.layout.grad_offset(self.owned[0], factors) - base if self.owned else 0
+        grads = segment[first:first + out.size]
+        at = 0
+        for i, block in enumerate(self.blocks):
+            grad = grads[at:at + block.grad_size].reshape(block.grad_shape).astype(self.dtype, copy=False)
             inv = self.inverses[i]
             v = grad if inv is None else block.precondition(grad, inv)
             out[at:at + block.grad_size] = v.reshape(-1)
-            partial += xp.vdot(v, grad).astype(np.float64)
             at += block.grad_size
-        return partial
+        # One float64 dot for all blocks rather than one per block: same sum, a launch instead of hundreds.
+        return self.xp.vdot(out.astype(np.float64), grads.astype(np.float64))
 
     def block_state(self, i: int) -> dict[str, Any]:
         """Block ``i``'s running statistics (None if never set) and inverses, as host (NumPy) copies."""
