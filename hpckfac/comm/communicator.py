@@ -35,6 +35,12 @@ def _algorithm_index(algorithm: str) -> int:
     return ALGORITHMS.index(algorithm)
 
 
+def _check_writeable(buf: Any, name: str) -> None:
+    """ValueError for a read-only buffer, before any rank starts a collective that writes it."""
+    if not getattr(getattr(buf, "flags", None), "writeable", True):
+        raise ValueError(f"{name} is read-only; the collective writes its result into it")
+
+
 def _same(a: Any, b: Any) -> bool:
     try:
         return bool(a == b)
@@ -141,6 +147,7 @@ class Communicator:
         """
         def validate():
             backend, dtype = backend_for(buf), check_dtype(buf.dtype)
+            _check_writeable(buf, "buf")
             op_index, alg = _op_index(op), _algorithm_index(algorithm)
             return _for_reduction(backend, dtype, algorithm), signature(
                 "allreduce", dtype=DTYPE_CODES[dtype], length=buf.size, op=op_index, algorithm=alg)
@@ -162,6 +169,8 @@ class Communicator:
             if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
                 raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
             backends = [backend_for(a) for a in arrays]
+            for i, a in enumerate(arrays):
+                _check_writeable(a, f"arrays[{i}]")
             if len({b.name for b in backends}) > 1:
                 raise TypeError(f"allreduce_many: arrays of mixed types {sorted({b.name for b in backends})}")
             dtypes = [check_dtype(a.dtype) for a in arrays]
@@ -230,6 +239,7 @@ class Communicator:
         """Copy rank ``root``'s ``buf`` into ``buf`` on every rank, in place; returns ``buf``."""
         def validate():
             backend, dtype = backend_for(buf), check_dtype(buf.dtype)
+            _check_writeable(buf, "buf")
             if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.size:
                 raise ValueError(f"root must be a rank in [0, {self.size}), got {root!r}")
             return backend, signature("broadcast", dtype=DTYPE_CODES[dtype], length=buf.size, parameter=root)

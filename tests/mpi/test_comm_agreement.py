@@ -93,6 +93,22 @@ def test_one_rank_with_a_bad_op(comm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("call", ["allreduce", "allreduce_many", "broadcast"])
+def test_one_rank_with_a_read_only_buffer(comm, call):
+    buf = np.ones(4)
+    if odd_one_out(comm):
+        buf.flags.writeable = False
+    run = {"allreduce": lambda: comm.allreduce(buf), "allreduce_many": lambda: comm.allreduce_many([np.ones(2), buf]),
+           "broadcast": lambda: comm.broadcast(buf)}[call]
+    if odd_one_out(comm):
+        with pytest.raises(ValueError, match="read-only"):
+            run()
+        still_works(comm)
+    else:
+        expect_mismatch(comm, run, "arguments")
+
+
+@pytest.mark.mpi
 def test_allgather_v_algorithms_differ(comm):
     algorithm = "ring" if odd_one_out(comm) else "mpi"
     expect_mismatch(comm, lambda: comm.allgather_v(np.ones(2), [2] * comm.size, algorithm=algorithm),
