@@ -15,6 +15,7 @@ with a synchronisation at each boundary (a separate run: it costs overlap).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -124,10 +125,14 @@ def main(argv: list[str]) -> int:
             runner.step()
     from tqdm import tqdm
 
-    # Progress on rank 0 (stderr), so that a long run shows it is alive.
-    for _ in tqdm(range(args.steps), desc="timed steps", disable=comm.rank != 0, leave=False):
+    # Progress on rank 0 (stderr), so that a long run shows it is alive: a bar on a terminal,
+    # a line per tenth of the run in a batch job's log (no carriage-return flood).
+    interactive = sys.stderr.isatty()
+    for k in tqdm(range(args.steps), desc="timed steps", disable=comm.rank != 0 or not interactive, leave=False):
         for runner in runners:
             runner.timed_step()
+        if comm.rank == 0 and not interactive and (k + 1) % max(1, args.steps // 10) == 0:
+            print(f"timed steps: {k + 1}/{args.steps}", file=sys.stderr, flush=True)
     results = []
     base = None
     for runner in runners:
@@ -148,7 +153,9 @@ def main(argv: list[str]) -> int:
               f"image={args.image} steps={args.steps}")
         print(format_table(results, ["config", "median_ms", "mean_ms", "median_vs_sgd", "mean_vs_sgd"]))
         stage_cols = ["config", "forward_backward_ms"] + [f"{k}_ms" for k in TIMED]
-        print(format_table([r for r in results if "local_factors_ms" in r], stage_cols))
+        kfac_rows = [r for r in results if "local_factors_ms" in r]
+        if kfac_rows:
+            print(format_table(kfac_rows, stage_cols))
         if args.json:
             write_json(args.json, "step", {**vars(args), "ranks": comm.size}, results)
     return 0
