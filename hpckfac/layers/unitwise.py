@@ -89,8 +89,11 @@ class UnitWiseBlock(CurvatureBlock):
         ``x`` is the layer input, ``g`` the per-example loss gradients of its
         output (same shape). Computed in float32 (float64 for float64 input).
         """
-        u = self.unit_gradients(x, g)
-        return array_module(u).einsum("ncj,nck->cjk", u, u) * u.dtype.type(scale)
+        u = self.unit_gradients(x, g).transpose(1, 0, 2)  # (units, N, k)
+        # A batched product rather than einsum: the same sums, without einsum's per-call planning.
+        fisher = u.transpose(0, 2, 1) @ u
+        fisher *= u.dtype.type(scale)
+        return fisher
 
     def add_input(self, stats: Array, a: Array) -> Array:
         return a  # the Fisher needs the input and the output gradient together
@@ -119,7 +122,7 @@ class UnitWiseBlock(CurvatureBlock):
         check_shape(grad, self.grad_shape, "grad")
         (inv,) = inverses
         check_shape(inv, (self.units, self.k, self.k), "inverses[0]")
-        return array_module(inv).einsum("cij,cj->ci", inv, grad)
+        return (inv @ grad[:, :, None])[:, :, 0]
 
 
 def normalize(x: Array, axes: tuple[int, ...], eps: float) -> Array:
