@@ -134,3 +134,13 @@ def test_invalid_constructor_arguments(kwargs, name):
 def test_int_hyperparameters_broadcast():
     block = ConvBlock("conv", 2, 3, (3, 3), 2, 1, 1, False)
     assert (block.stride, block.padding, block.dilation) == ((2, 2), (1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("kernel,padding", [((1, 1), (0, 0)), ((3, 3), (0, 0)), ((3, 2), (1, 0))])
+def test_rows_do_not_depend_on_the_memory_layout(kernel, padding):
+    """Channels-last and pointwise inputs take the one-copy path: the same rows as the loop oracle."""
+    x = np.random.default_rng(9).standard_normal((2, 6, 5, 3)).transpose(0, 3, 1, 2)  # (2, 3, 6, 5), C stride 1
+    block = ConvBlock("conv", 3, 2, kernel, (1, 1), padding, (1, 1), True)
+    want, _ = loop_rows(np.ascontiguousarray(x), kernel, (1, 1), padding, (1, 1), True)
+    np.testing.assert_array_equal(block.a_rows(x), want)
+    np.testing.assert_array_equal(block.a_rows(np.ascontiguousarray(x)), want)
