@@ -75,7 +75,7 @@ class KFACPreconditioner:
     Device: the pipeline runs where the model's parameters are (construct the
     preconditioner after ``model.to(device)``): NumPy buffers for a CPU model,
     CuPy buffers on the same GPU for a CUDA model (CuPy required), sharing
-    memory with the tensors through DLPack and running on torch's current
+    memory with the tensors (zero-copy views) and running on torch's current
     stream. ``hpckfac.torch.bind_device`` picks each rank's GPU.
     """
 
