@@ -4,8 +4,11 @@
 
 The task: reverse a sequence of tokens. Every nn.Linear sees inputs of shape
 (batch, tokens, features): K-FAC treats each token as a position (A summed,
-G averaged over positions, as for a convolution). Embeddings and LayerNorm
-stay first-order; their gradients are averaged by hpckfac's ring-allreduce.
+G averaged over positions, as for a convolution). The token embedding gets a
+diagonal A from the token counts, each LayerNorm a 2x2 Fisher per feature;
+the learnt position table, a bare nn.Parameter of the model, stays
+first-order and is averaged by hpckfac's ring-allreduce. print(precond)
+shows which is which.
 """
 import argparse
 import math
