@@ -111,3 +111,28 @@ def test_positions_shared_by_the_batch_give_per_example_statistics():
     assert len(p1.modules) == 4
     for a, b in zip(shared, expanded):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_attention_and_unused_layers_are_named(caplog):
+    """MultiheadAttention's out_proj is used through its weight only: first-order with the reason; a
+    K-FAC layer the forward never calls is named once in a warning."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.used, self.unused = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2), \
+                nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(self.attn(x, x, x)[0]).mean(1)
+
+    net = Net()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond = KFACPreconditioner(net, comm=comm())
+        lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
+        assert "first-order: nn.MultiheadAttention uses this projection" in lines["attn.out_proj"]
+        for _ in range(2):
+            net(torch.randn(3, 5, 4)).sum().backward()
+            precond.step()
+    assert caplog.text.count("K-FAC layers without statistics at step 0: unused") == 1
+    # No gradient, no statistics: the update for the unused layer is exactly zero.
+    assert torch.equal(net.unused.weight.grad, torch.zeros_like(net.unused.weight))

@@ -325,6 +325,13 @@ class KFACPreconditioner:
         self._fired = set()
         start = self.engine.clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
+        if stats is not None and self.local.examples:
+            missing = [b.name for b, st in zip(self.engine.blocks, stats) if st is None]
+            if missing:
+                self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
+                                f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "
+                                "or their weights used without calling them); until they have statistics their "
+                                "gradients are only averaged")
         grads = [self._grad_matrix(i) for i in range(len(self.modules))]
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 

@@ -101,6 +101,13 @@ def _linear(name: str, module: nn.Linear) -> LinearBlock:
     return LinearBlock(name, module.in_features, module.out_features, bias=module.bias is not None)
 
 
+def _attention_projection(name: str, module: nn.Linear) -> None:
+    # nn.MultiheadAttention reads its out_proj's weight directly and never calls its forward,
+    # so hooks would see nothing: first-order, with the reason in print(preconditioner).
+    raise ValueError("nn.MultiheadAttention uses this projection's weight without calling it, so no "
+                     "statistics can be captured")
+
+
 def _conv(name: str, module: nn.modules.conv._ConvNd) -> ConvBlock:
     _zeros_padding(module)
     return ConvBlock(name, module.in_channels, module.out_channels, module.kernel_size, module.stride,
@@ -140,3 +147,4 @@ for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _con
                       (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm)):
     register_layer(_type, _build)
 register_layer(nn.Embedding, _embedding, broadcast_batch=True)
+register_layer(nn.modules.linear.NonDynamicallyQuantizableLinear, _attention_projection)
