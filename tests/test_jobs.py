@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 SCRIPTS = sorted(p for ext in ("sh", "sbatch", "pbs") for p in glob.glob(os.path.join(JOBS, f"*.{ext}")))

@@ -1,7 +1,6 @@
 """Hugging Face models: every parameter of a BERT preconditioned (Linear layers on token
 sequences, LayerNorm, word/position/token-type embeddings) and trained with finite updates;
 GPT-2's Conv1D layers preconditioned once registered, its tied embedding/head kept first-order."""
-import numpy as np
 import pytest
 import torch
 from mpi4py import MPI

@@ -17,7 +17,6 @@ from torch import nn
 from hpckfac.comm import Communicator
 from hpckfac.torch import KFACPreconditioner, bind_device
 
-import standin
 from test_device_path import device_path
 
 try:
