@@ -119,3 +119,14 @@ def test_invalid_arguments_name_the_parameter(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         ConvTransposeBlock(**args)
+
+
+def test_output_size_other_than_the_modules_is_refused():
+    """forward(x, output_size=...) pads the output differently from the module's output_padding."""
+    x, block = make(CASES[0], np.random.default_rng(6))
+    stats = np.zeros(block.stat_size)
+    saved = block.add_input(stats, x)
+    out = block.output_size(x.shape[2:])
+    with pytest.raises(ValueError, match="output_size"):
+        block.add_output_grad(stats, np.ones((x.shape[0], block.out_channels, out[0] - 1)), 1.0, saved)
+    block.add_output_grad(stats, np.ones((x.shape[0], block.out_channels, *out)), 1.0, saved)

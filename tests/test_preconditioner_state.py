@@ -215,3 +215,21 @@ def test_checkpoint_hyperparameters_win_with_a_warning(comm, caplog):
         other.load_state_dict(state)
     assert other.engine.damping == OPTIONS["damping"]
     assert "damping 0.5 -> 0.01" in caplog.text
+
+
+def test_checkpoints_with_unstacked_kronecker_inverses_still_load(comm):
+    """Checkpoints from before every factor became a (count, n, n) stack held (n, n) inverses."""
+    model, data = model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    train(model, opt, precond, data[:4])
+    state = precond.state_dict()
+    old = {**state, "blocks": {name: {**b, "inverses": None if b["inverses"] is None else
+                                      [x[0] if x.shape[0] == 1 else x for x in b["inverses"]]}
+                               for name, b in state["blocks"].items()}}
+    assert tuple(old["blocks"]["0"]["inverses"][0].shape) == (19, 19)  # the old (d_A, d_A) form
+    again = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    again.load_state_dict(old)
+    for name, block in again.state_dict()["blocks"].items():
+        for x, y in zip(block["inverses"], state["blocks"][name]["inverses"]):
+            assert torch.equal(x, y)

@@ -83,6 +83,19 @@ class ConvTransposeBlock(KronBlock):
         return patch_rows(padded, self.kernel_size, (1,) * ndim, self.dilation, out_size,
                           self.in_channels * prod(self.kernel_size) + ones, ones)
 
+    def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
+        super().add_input(stats, a)
+        return self.output_size(a.shape[2:])
+
+    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: tuple[int, ...]) -> None:
+        # forward(x, output_size=...) changes the output padding per call, which the rows of A,
+        # built from the module's output_padding, would not match.
+        if tuple(g.shape[2:]) != tuple(saved):
+            raise ValueError(f"g: block {self.name!r} expected an output of spatial size {tuple(saved)} "
+                             f"(output_padding {self.output_padding}), got {tuple(g.shape[2:])}; "
+                             f"forward(..., output_size=...) is not supported, set output_padding instead")
+        super().add_output_grad(stats, g, scale, saved)
+
     def output_rows(self, g: Array) -> Array:
         """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
         if getattr(g, "ndim", None) != len(self.kernel_size) + 2 or g.shape[1] != self.out_channels:

@@ -65,6 +65,17 @@ def _check_block_state(block, saved: dict[str, Any]) -> None:
         raise ValueError(f"state: block {block.name!r} has non-finite inverses")
 
 
+def _with_stack_axes(block, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with single ``(n, n)`` inverses given their stack axis ``(1, n, n)``: checkpoints
+    written before every factor became a stack load as they are."""
+    inverses = saved.get("inverses")
+    if inverses is None or len(inverses) != len(block.inverse_shapes):
+        return saved
+    fixed = [x.reshape(want) if tuple(np.shape(x)) == tuple(want[1:]) and want[0] == 1 else x
+             for x, want in zip(inverses, block.inverse_shapes)]
+    return {**saved, "inverses": fixed}
+
+
 class KFACEngine:
     """Distributed K-FAC stages 2-4 for ``blocks`` (``hpckfac.layers.CurvatureBlock``).
 
@@ -242,6 +253,7 @@ class KFACEngine:
         names = [b.name for b in self.blocks]
         if list(saved) != names:
             raise ValueError(f"state: saved blocks {list(saved)} differ from this model's {names}")
+        saved = {b.name: _with_stack_axes(b, saved[b.name]) for b in self.blocks}
         for block in self.blocks:  # every block, not only the owned ones, so that all ranks agree
             _check_block_state(block, saved[block.name])
         steps = state["steps"]
@@ -260,4 +272,4 @@ class KFACEngine:
             setattr(self, name, value)
         self.steps = int(steps)
         for i, l in enumerate(self.owned):
-            self.state.load_block_state(i, state["blocks"][self.blocks[l].name])
+            self.state.load_block_state(i, saved[self.blocks[l].name])
