@@ -6,9 +6,10 @@ from hpckfac.torch import register_layer  # precondition a module type of your o
 ```
 """
 from hpckfac.torch.device import bind_device
-from hpckfac.torch.distributed import allreduce_gradients, broadcast_parameters, sync_batchnorm_stats
+from hpckfac.torch.distributed import (allreduce_gradients, broadcast_parameters, check_replicas,
+                                      sync_batchnorm_stats)
 from hpckfac.torch.preconditioner import KFACPreconditioner
 from hpckfac.torch.registry import register_layer
 
 __all__ = ["bind_device", "KFACPreconditioner", "broadcast_parameters", "allreduce_gradients", "sync_batchnorm_stats",
-           "register_layer"]
+           "check_replicas", "register_layer"]

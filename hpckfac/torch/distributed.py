@@ -2,6 +2,8 @@
 gradient averaging for first-order baselines, BatchNorm statistics averaging."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -44,6 +46,35 @@ def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
             comm.mpi.Bcast(host.reshape(-1).view(torch.uint8).numpy(), root=root)
             with torch.no_grad():
                 tensor.copy_(host)
+
+
+def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
+    """Confirm that every rank holds the same parameter values (a collective).
+
+    Data-parallel replicas must stay identical; a rank that drifted (a different
+    learning rate in its optimizer, a missed step, a nondeterministic update)
+    makes every rank raise ``CollectiveMismatchError`` naming the first tensor
+    that differs and the ranks holding other values. One digest per tensor
+    travels (the tensors are hashed where they are, after one copy to the
+    host); ``buffers=True`` compares buffers too (BatchNorm statistics differ
+    between ranks unless ``sync_batchnorm_stats`` ran)."""
+    from hpckfac.comm import CollectiveMismatchError
+
+    comm = _comm(comm)
+    named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
+    digests = [(name, hashlib.blake2b(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                                      digest_size=16).hexdigest()) for name, t in named]
+    everyone = comm.allgather_object(digests, what="check_replicas()")
+    for index, (name, mine) in enumerate(everyone[0]):
+        holders: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(everyone):
+            value = theirs[index][1] if index < len(theirs) and theirs[index][0] == name else "missing"
+            holders.setdefault(value, []).append(rank)
+        if len(holders) > 1:
+            groups = "; ".join(f"ranks {ranks}" for ranks in holders.values())
+            raise CollectiveMismatchError(f"replicas differ: {name} has {len(holders)} different values ({groups})")
+    if any(len(theirs) != len(everyone[0]) for theirs in everyone):
+        raise CollectiveMismatchError("replicas differ: the ranks' models have different numbers of tensors")
 
 
 def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:

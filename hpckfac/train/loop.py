@@ -213,7 +213,11 @@ class Trainer:
         return record
 
     def save(self) -> str:
-        """Write the checkpoint of this step (a collective: every rank must call it)."""
+        """Write the checkpoint of this step (a collective: every rank must call it). The
+        replicas are compared first: rank 0 writes the weights for all of them."""
+        from hpckfac.torch import check_replicas
+
+        check_replicas(self.model, self.comm)
         state = {"step": self.step, "config": self._identity(), "data": self.data.fingerprint(),
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "preconditioner": None if self.precond is None else self.precond.state_dict(),

@@ -32,3 +32,24 @@ def test_different_models_raise_on_every_rank(comm):
     model = nn.Sequential(nn.Linear(3, width))
     with pytest.raises(CollectiveMismatchError, match="parameters and buffers"):
         broadcast_parameters(model, comm)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_check_replicas_names_the_tensor_that_drifted(comm, dtype):
+    from hpckfac.torch import check_replicas
+
+    torch.manual_seed(comm.rank)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(dtype)
+    broadcast_parameters(model, comm)
+    check_replicas(model, comm)  # identical after the broadcast
+    model[1].running_mean.fill_(comm.rank)  # buffers differ by design until synced
+    check_replicas(model, comm)
+    if comm.size > 1:
+        with pytest.raises(CollectiveMismatchError, match="running_mean"):
+            check_replicas(model, comm, buffers=True)
+        with torch.no_grad():
+            if comm.rank == comm.size - 1:
+                model[2].bias[0] += 1e-3  # a drift of one element on one rank
+        with pytest.raises(CollectiveMismatchError, match=rf"2\.bias has 2 different values \(ranks \[0(, \d)*\]; ranks \[{comm.size - 1}\]\)"):
+            check_replicas(model, comm)
