@@ -38,7 +38,8 @@ class LocalStatistics:
         """Forget everything accumulated (start of a step)."""
         self.examples = self.sampled = 0
         for total, seen, saved in zip(self._sums, self._seen, self._saved):
-            total[...] = 0.0
+            if seen[0] or seen[1]:  # only what was added to: steps without statistics clear nothing
+                total[...] = 0.0
             seen[0] = seen[1] = False
             saved.clear()
 
