@@ -39,3 +39,11 @@ def test_transformer_on_token_sequences():
 def test_accumulation_and_resume(ranks):
     out = run("accumulate_and_resume.py", ranks=ranks)
     assert "resumed run matches the uninterrupted one: True" in out
+
+
+def test_huggingface_gpt2():
+    pytest.importorskip("transformers")
+    out = run("huggingface_gpt2.py")
+    losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
+    assert losses[-1] < 1.0 < losses[0]  # counting learnt (chance: log 16 = 2.77)
+    assert out.count("Conv1D       K-FAC") == 8 and "(tied weights)" in out
