@@ -7,7 +7,8 @@ to that output. Tensor hooks, unlike module backward hooks, leave the output
 as it is, so ``nn.ReLU(inplace=True)`` after a preconditioned layer works: a
 hook registered before an in-place change still receives the gradient with
 respect to the value the layer produced. Nothing is captured in ``eval()``
-mode or with autograd disabled. A module called several times in a step
+mode or with autograd disabled, and on steps without statistics no tensor
+hook is registered at all. A module called several times in a step
 fires once per call; a module not called fires nothing.
 
 A module marked ``broadcast`` whose input has batch size 1 while the
@@ -31,23 +32,29 @@ class CaptureHooks:
     """Hooks on ``modules``; callbacks receive the module's index in ``modules``.
 
     ``broadcast[i]`` marks module ``i`` as above; ``micro_batch()`` returns the
-    current micro-batch's size.
+    current micro-batch's size; ``capturing()`` says whether this pass takes
+    statistics: when it does not, ``on_input`` still sees every input (it
+    counts examples) but no tensor hook is registered and nothing is expanded.
     """
 
     def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
-                 broadcast: Sequence[bool] = (), micro_batch: Callable[[], int] = lambda: 0) -> None:
+                 broadcast: Sequence[bool] = (), micro_batch: Callable[[], int] = lambda: 0,
+                 capturing: Callable[[], bool] = lambda: True) -> None:
         broadcast = list(broadcast) or [False] * len(modules)
         self.handles = [module.register_forward_hook(self._forward(index, on_input, on_output_grad,
-                                                                   broadcast[index], micro_batch))
+                                                                   broadcast[index], micro_batch, capturing))
                         for index, module in enumerate(modules)]
 
     @staticmethod
     def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
-                 micro_batch: Callable[[], int]):
+                 micro_batch: Callable[[], int], capturing: Callable[[], bool]):
         def hook(module: nn.Module, inputs, output):
             if not (module.training and torch.is_grad_enabled()):
                 return None
             a, replaced = inputs[0], None
+            if not capturing():
+                on_input(index, a)
+                return None
             batch = micro_batch()
             if broadcast and isinstance(output, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 < batch:
                 a = a.expand(batch, *a.shape[1:])

@@ -128,7 +128,8 @@ class KFACPreconditioner:
         self._totals = dict.fromkeys(TIMED, 0.0)
         self._timed_steps = 0
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
-                                   [broadcasts_batch(m) for m in self.modules], lambda: self._micro_batch)
+                                   [broadcasts_batch(m) for m in self.modules], lambda: self._micro_batch,
+                                   self.engine.is_factor_step)
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
 
     # ----------------------------------------------------------------- setup
