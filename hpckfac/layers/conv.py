@@ -61,7 +61,46 @@ def patch_rows(padded: Array, kernel: tuple[int, ...], stride: tuple[int, ...], 
     return rows
 
 
-class ConvBlock(KronBlock):
+class SpatialKronBlock(KronBlock):
+    """What convolutions and transposed convolutions share: their validated arguments,
+    the input shape check, the output-gradient rows and the positions ``|T|``."""
+
+    def _arguments(self, in_channels: int, out_channels: int, groups: int, kernel_size: tuple,
+                   **tuples: tuple[Any, int]) -> int:
+        """Validate and store the channels, ``kernel_size`` and each ``name=(value, minimum)``
+        tuple argument as attributes; returns ``groups``."""
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_channels = check_positive_int(out_channels, "out_channels")
+        groups = check_positive_int(groups, "groups")
+        if self.in_channels % groups or self.out_channels % groups:
+            raise ValueError(f"groups: {groups} does not divide in_channels {self.in_channels} and "
+                             f"out_channels {self.out_channels}")
+        if not isinstance(kernel_size, Sequence) or not kernel_size:
+            raise ValueError(f"kernel_size: expected a non-empty tuple of ints, got {kernel_size!r}")
+        self.kernel_size = conv_tuple(kernel_size, "kernel_size", len(kernel_size), 1)
+        for name, (value, minimum) in tuples.items():
+            setattr(self, name, conv_tuple(value, name, len(kernel_size), minimum))
+        return groups
+
+    def _check_input(self, a: Array) -> None:
+        ndim = len(self.kernel_size)
+        if getattr(a, "ndim", None) != ndim + 2 or a.shape[1] != self.in_channels:
+            raise ValueError(f"a: block {self.name!r} expects (N, {self.in_channels}, {ndim} spatial dims), "
+                             f"got shape {getattr(a, 'shape', None)}")
+
+    def output_rows(self, g: Array) -> Array:
+        """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
+        if getattr(g, "ndim", None) != len(self.kernel_size) + 2 or g.shape[1] != self.out_channels:
+            raise ValueError(f"g: block {self.name!r} expects (N, {self.out_channels}, "
+                             f"{len(self.kernel_size)} spatial dims), got shape {getattr(g, 'shape', None)}")
+        return array_module(g).moveaxis(g, 1, -1).reshape(-1, self.out_channels)
+
+    def positions(self, g: Array) -> int:
+        """Spatial output positions ``|T|`` of ``g`` (N, C_out, *spatial)."""
+        return prod(g.shape[2:])
+
+
+class ConvBlock(SpatialKronBlock):
     """Curvature block of ``torch.nn.ConvNd`` (zero padding).
 
     ``kernel_size`` is a tuple (its length is the number of spatial
@@ -73,33 +112,16 @@ class ConvBlock(KronBlock):
 
     def __init__(self, name: str, in_channels: int, out_channels: int, kernel_size: tuple, stride: tuple,
                  padding: tuple, dilation: tuple, bias: bool, groups: int = 1) -> None:
-        in_channels = check_positive_int(in_channels, "in_channels")
-        out_channels = check_positive_int(out_channels, "out_channels")
-        groups = check_positive_int(groups, "groups")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups: {groups} does not divide in_channels {in_channels} and "
-                             f"out_channels {out_channels}")
-        if not isinstance(kernel_size, Sequence) or not kernel_size:
-            raise ValueError(f"kernel_size: expected a non-empty tuple of ints, got {kernel_size!r}")
-        ndim = len(kernel_size)
-        self.kernel_size = conv_tuple(kernel_size, "kernel_size", ndim, 1)
-        self.stride = conv_tuple(stride, "stride", ndim, 1)
-        self.padding = conv_tuple(padding, "padding", ndim, 0)
-        self.dilation = conv_tuple(dilation, "dilation", ndim, 1)
-        super().__init__(name, in_channels // groups * prod(self.kernel_size), out_channels // groups, bias,
-                         (out_channels, in_channels // groups, *self.kernel_size), groups)
-        self.in_channels, self.out_channels = in_channels, out_channels
+        groups = self._arguments(in_channels, out_channels, groups, kernel_size, stride=(stride, 1),
+                                 padding=(padding, 0), dilation=(dilation, 1))
+        cin, cout = self.in_channels // groups, self.out_channels // groups
+        super().__init__(name, cin * prod(self.kernel_size), cout, bias, (self.out_channels, cin, *self.kernel_size),
+                         groups)
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
         """Spatial output size for spatial input size ``input_size`` (PyTorch's formula)."""
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.dilation))
-
-    def _check_input(self, a: Array) -> None:
-        ndim = len(self.kernel_size)
-        if getattr(a, "ndim", None) != ndim + 2 or a.shape[1] != self.in_channels:
-            raise ValueError(f"a: block {self.name!r} expects (N, {self.in_channels}, {ndim} spatial dims), "
-                             f"got shape {getattr(a, 'shape', None)}")
 
     def input_rows(self, a: Array, ones: bool = False) -> Array:
         """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``."""
@@ -123,14 +145,3 @@ class ConvBlock(KronBlock):
             padded = xp.moveaxis(a, 1, -1)
         return patch_rows(padded, self.kernel_size, self.stride, self.dilation, out_size,
                           self.in_channels * prod(self.kernel_size) + ones, ones)
-
-    def output_rows(self, g: Array) -> Array:
-        """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
-        if getattr(g, "ndim", None) != len(self.kernel_size) + 2 or g.shape[1] != self.out_channels:
-            raise ValueError(f"g: block {self.name!r} expects (N, {self.out_channels}, "
-                             f"{len(self.kernel_size)} spatial dims), got shape {getattr(g, 'shape', None)}")
-        return array_module(g).moveaxis(g, 1, -1).reshape(-1, self.out_channels)
-
-    def positions(self, g: Array) -> int:
-        """Spatial output positions ``|T|`` of ``g`` (N, C_out, *spatial)."""
-        return prod(g.shape[2:])

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from hpckfac.layers.block import Array, array_module, check_positive_int, prod
-from hpckfac.layers.conv import conv_tuple, patch_rows
-from hpckfac.layers.kron import KronBlock
+from hpckfac.layers.block import Array, array_module, prod
+from hpckfac.layers.conv import SpatialKronBlock, patch_rows
 
 
-class ConvTransposeBlock(KronBlock):
+class ConvTransposeBlock(SpatialKronBlock):
     """Curvature block of ``torch.nn.ConvTransposeNd`` (zero padding).
 
     Arguments as PyTorch's; the weight is ``(in_channels, out_channels / groups, *kernel_size)``.
@@ -30,25 +29,13 @@ class ConvTransposeBlock(KronBlock):
 
     def __init__(self, name: str, in_channels: int, out_channels: int, kernel_size: tuple, stride: tuple,
                  padding: tuple, output_padding: tuple, dilation: tuple, bias: bool, groups: int = 1) -> None:
-        in_channels = check_positive_int(in_channels, "in_channels")
-        out_channels = check_positive_int(out_channels, "out_channels")
-        groups = check_positive_int(groups, "groups")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups: {groups} does not divide in_channels {in_channels} and "
-                             f"out_channels {out_channels}")
-        if not isinstance(kernel_size, Sequence) or not kernel_size:
-            raise ValueError(f"kernel_size: expected a non-empty tuple of ints, got {kernel_size!r}")
-        ndim = len(kernel_size)
-        self.kernel_size = conv_tuple(kernel_size, "kernel_size", ndim, 1)
-        self.stride = conv_tuple(stride, "stride", ndim, 1)
-        self.padding = conv_tuple(padding, "padding", ndim, 0)
-        self.output_padding = conv_tuple(output_padding, "output_padding", ndim, 0)
-        self.dilation = conv_tuple(dilation, "dilation", ndim, 1)
+        groups = self._arguments(in_channels, out_channels, groups, kernel_size, stride=(stride, 1),
+                                 padding=(padding, 0), output_padding=(output_padding, 0), dilation=(dilation, 1))
         if any(op >= max(s, d) for op, s, d in zip(self.output_padding, self.stride, self.dilation)):
             raise ValueError(f"output_padding: {self.output_padding} must be smaller than stride or dilation")
-        super().__init__(name, in_channels // groups * prod(self.kernel_size), out_channels // groups, bias,
-                         (in_channels, out_channels // groups, *self.kernel_size), groups)
-        self.in_channels, self.out_channels = in_channels, out_channels
+        cin, cout = self.in_channels // groups, self.out_channels // groups
+        super().__init__(name, cin * prod(self.kernel_size), cout, bias, (self.in_channels, cout, *self.kernel_size),
+                         groups)
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
         """Spatial output size for spatial input size ``input_size`` (PyTorch's formula)."""
@@ -60,9 +47,7 @@ class ConvTransposeBlock(KronBlock):
         """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the zero-inserted,
         padded input, ``T`` the output positions."""
         ndim = len(self.kernel_size)
-        if getattr(a, "ndim", None) != ndim + 2 or a.shape[1] != self.in_channels:
-            raise ValueError(f"a: block {self.name!r} expects (N, {self.in_channels}, {ndim} spatial dims), "
-                             f"got shape {getattr(a, 'shape', None)}")
+        self._check_input(a)
         out_size = self.output_size(a.shape[2:])
         if min(out_size) < 1:
             raise ValueError(f"a: spatial size {a.shape[2:]} gives no output positions in {self.name!r}")
@@ -95,17 +80,6 @@ class ConvTransposeBlock(KronBlock):
                              f"(output_padding {self.output_padding}), got {tuple(g.shape[2:])}; "
                              f"forward(..., output_size=...) is not supported, set output_padding instead")
         super().add_output_grad(stats, g, scale, saved)
-
-    def output_rows(self, g: Array) -> Array:
-        """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
-        if getattr(g, "ndim", None) != len(self.kernel_size) + 2 or g.shape[1] != self.out_channels:
-            raise ValueError(f"g: block {self.name!r} expects (N, {self.out_channels}, "
-                             f"{len(self.kernel_size)} spatial dims), got shape {getattr(g, 'shape', None)}")
-        return array_module(g).moveaxis(g, 1, -1).reshape(-1, self.out_channels)
-
-    def positions(self, g: Array) -> int:
-        """Spatial output positions ``|T|`` of ``g``."""
-        return prod(g.shape[2:])
 
     def _spatial_axes(self) -> tuple[int, ...]:
         return tuple(range(3, 3 + len(self.kernel_size)))
