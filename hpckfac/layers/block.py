@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -137,12 +137,14 @@ class CurvatureBlock(abc.ABC):
     def grad_shape(self) -> tuple[int, int]:
         """Shape of the gradient matrix the pipeline carries for this block."""
 
-    @property
+    # Read for every block at every step by the buffer layout and the stages: computed once
+    # (a block's shapes do not change after construction).
+    @cached_property
     def stat_size(self) -> int:
         """Elements of the packed statistics."""
         return sum(count * n * (n + 1) // 2 for count, n in self.factor_shapes)
 
-    @property
+    @cached_property
     def grad_size(self) -> int:
         """Elements of the gradient matrix."""
         return prod(self.grad_shape)
