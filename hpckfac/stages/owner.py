@@ -106,17 +106,17 @@ class OwnerState:
         base = self.layout.segment_start(self.rank, self.layout.reduce_counts(factors))
         # The owned gradients are consecutive in the segment, in the order ``out`` takes them.
         first = self.layout.grad_offset(self.owned[0], factors) - base if self.owned else 0
-        grads = segment[first:first + out.size]
+        grads = segment[first:first + out.size].astype(self.dtype, copy=False)  # one cast for all blocks
         at = 0
         for i, block in enumerate(self.blocks):
-            grad = grads[at:at + block.grad_size].reshape(block.grad_shape).astype(self.dtype, copy=False)
+            grad = grads[at:at + block.grad_size].reshape(block.grad_shape)
             inv = self.inverses[i]
             v = grad if inv is None else block.precondition(grad, inv)
             out[at:at + block.grad_size] = v.reshape(-1)
             at += block.grad_size
         # One sum for all blocks rather than a dot per block (one launch instead of hundreds on a
         # GPU); products in the state's dtype, accumulated in float64 without a float64 copy.
-        return (out * grads.astype(out.dtype, copy=False)).sum(dtype=np.float64)
+        return (out * grads).sum(dtype=np.float64)
 
     def block_state(self, i: int) -> dict[str, Any]:
         """Block ``i``'s running statistics (None if never set) and inverses, as host (NumPy) copies."""
