@@ -55,7 +55,7 @@ for run in "cpu 1" "cuda 1" "cuda 2"; do
         --epochs "$TRAIN_EPOCHS" --device "$1" --no-progress --out "$OUT/train_$1_$2"
 done
 step bench-kernels 150 "$PYTHON" -m hpckfac.bench kernels --repeat 10 --json "$OUT/kernels.json"
-for route in kernel gemm; do
+for route in auto kernel gemm; do
     step "bench-step-resnet50-$route" 120 env HPCKFAC_FACTOR_ROUTE=$route "$PYTHON" -m hpckfac.bench step \
         --device cuda --model resnet50 --batch 32 --steps "$STEP_STEPS" --json "$OUT/step_resnet50_$route.json"
 done

@@ -4,7 +4,10 @@ fails loudly) on machines without a GPU.
 ``DeviceArray`` wraps a NumPy array the way a CuPy array wraps device memory:
 ``np.asarray``/``np.array`` of it raise TypeError (as CuPy does), NumPy's
 functions refuse it, and every explicit read back to the host (``get``,
-``float``, ``bool``, ``item``, ``tolist``) is counted in ``HOST_READS``.
+``float``, ``bool``, ``item``, ``tolist``) is counted in ``HOST_READS``, every
+upload of host data (``xp.asarray`` of a host array, list or scalar, host
+arrays assigned into a device array) in ``UPLOADS``: on a GPU both wait for
+the device's queue.
 ``xp`` is its array namespace (NumPy's functions on the wrapped arrays);
 ``installed()`` registers it with ``hpckfac.arrays`` (kernels: the NumPy
 reference) and with the collectives (staged through host copies, like an MPI
@@ -23,6 +26,7 @@ from hpckfac.comm import backend as comm_backend
 from hpckfac.ops import average, factors, inverse, packing
 
 HOST_READS = {"count": 0}
+UPLOADS = {"count": 0}
 
 
 def _unwrap(x):
@@ -110,6 +114,8 @@ class DeviceArray:
         return _wrap(self._a[_unwrap(key)])
 
     def __setitem__(self, key, value) -> None:
+        if isinstance(value, (np.ndarray, list, tuple)):
+            UPLOADS["count"] += 1
         self._a[_unwrap(key)] = _unwrap(value)
 
     def __getattr__(self, name: str):
@@ -149,6 +155,10 @@ DeviceArray.__abs__ = lambda self: DeviceArray(abs(self._a))
 DeviceArray.__hash__ = None
 
 
+# Namespace functions that copy host data to the device when given any.
+_UPLOADING = ("asarray", "array", "ascontiguousarray")
+
+
 class _Namespace:
     """NumPy's functions taking and returning DeviceArrays (what ``cupy`` is to CuPy arrays)."""
 
@@ -157,6 +167,12 @@ class _Namespace:
 
     def __getattr__(self, name: str):
         attr = getattr(self._module, name)
+        if name in _UPLOADING:
+            def upload(a, *args, **kwargs):
+                if not isinstance(a, DeviceArray):
+                    UPLOADS["count"] += 1
+                return _wrap(attr(_unwrap(a), *_unwrap(args), **_unwrap(kwargs)))
+            return upload
         if isinstance(attr, types.ModuleType):
             return _Namespace(attr, f"{self.__name__}.{name}")
         if isinstance(attr, type) or not callable(attr):

@@ -43,18 +43,21 @@ def model_and_data():
     return model, data
 
 
-def train(reads=None):
-    """Eight K-FAC steps; with ``reads``, the host reads of each step are appended."""
+def train(reads=None, uploads=None):
+    """Eight K-FAC steps; with ``reads`` / ``uploads``, each iteration's host reads and
+    uploads (forward, backward with its hooks, and ``step()``) are appended."""
     model, data = model_and_data()
     opt = torch.optim.SGD(model.parameters(), lr=OPTIONS["lr"])
     pre = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), **OPTIONS)
     for x, y in data:
+        before = standin.HOST_READS["count"], standin.UPLOADS["count"]
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        before = standin.HOST_READS["count"]
         pre.step()
         if reads is not None:
-            reads.append(standin.HOST_READS["count"] - before)
+            reads.append(standin.HOST_READS["count"] - before[0])
+        if uploads is not None:
+            uploads.append(standin.UPLOADS["count"] - before[1])
         opt.step()
     return model, pre
 
@@ -71,16 +74,21 @@ def test_the_standin_refuses_host_conversion():
 def test_whole_step_on_the_device_path_equals_the_host_path():
     host_model, host_pre = train()
     reads: list[int] = []
+    uploads: list[int] = []
     with device_path():
-        model, pre = train(reads)
+        model, pre = train(reads, uploads)
     assert pre.xp is standin.xp and all(isinstance(r, standin.DeviceArray) for r in pre.engine.state.running)
     for (name, p), q in zip(model.named_parameters(), host_model.parameters()):
         assert torch.equal(p, q), name
     assert pre.last_nu == host_pre.last_nu and pre.last_nu < 1.0  # the KL clip was active
     # Steps 1, 3, 5, 7 take no statistics and keep the inverses: nothing comes back to the host.
     assert [reads[k] for k in (1, 3, 5, 7)] == [0, 0, 0, 0], reads
-    # Factor steps read the presence shares once (and, on inverse steps, the inversion status).
-    assert reads[2] == 1 and reads[6] == 1, reads
+    # Factor steps read the presence shares, then the finiteness of every owned block's update at once
+    # (and, on inverse steps, the inversion status): two reads, whatever the number of blocks.
+    assert reads[2] == 2 and reads[6] == 2, reads
+    # Once the first factor and inverse steps have run, an iteration uploads nothing (an upload from
+    # host memory waits for the device's queue): steps 4-7 include an inverse and two factor steps.
+    assert uploads[4:] == [0, 0, 0, 0], uploads
 
 
 def test_state_dict_of_the_device_path_is_host_data():

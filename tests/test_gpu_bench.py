@@ -23,6 +23,9 @@ def test_rejects_invalid_repeat():
 def test_runs_and_writes_json(tmp_path, capsys):
     rows = kernels.bench_factors(1, shape_list=((300, 70),))
     assert {r["dtype"] for r in rows} == set(kernels.FACTOR_DTYPES)
+    sweep, switch = kernels.bench_factor_crossover(1, widths=(64, 128), rows=300)
+    assert len(sweep) == 4 and set(switch) == set(kernels.CROSSOVER_DTYPES)
+    assert all(d in (None, 64, 128) for d in switch.values())
     cholesky, crossover = kernels.bench_cholesky(1, sizes=(2, 16))
     assert len(cholesky) == 2 and crossover in (0, 2, 16)
     path = tmp_path / "kernels.json"

@@ -44,6 +44,27 @@ PATHS = [(np.float32, False), (np.float64, False), (np.float16, False), (np.floa
 PATH_IDS = [f"{np.dtype(t).name}{'-fma' if fma else ''}" for t, fma in PATHS]
 
 
+@pytest.fixture(autouse=True)
+def kernel_route(monkeypatch):
+    """The syrk kernel unless a test asks for another route (``auto`` sends wide factors to cuBLAS)."""
+    monkeypatch.setenv("HPCKFAC_FACTOR_ROUTE", "kernel")
+
+
+def test_auto_route_switches_at_the_measured_width(monkeypatch):
+    from hpckfac.ops import cuda as ops_cuda
+
+    monkeypatch.setenv("HPCKFAC_FACTOR_ROUTE", "auto")
+    monkeypatch.setattr(ops_cuda, "GEMM_MIN_D", {"float32": 300, "half": 900})
+    assert [ops_cuda.factor_route(np.float32, d) for d in (299, 300)] == ["kernel", "gemm"]
+    assert [ops_cuda.factor_route(t, d) for t in (np.float16, ml_dtypes.bfloat16) for d in (899, 900)] == [
+        "kernel", "gemm", "kernel", "gemm"]
+    monkeypatch.setenv("HPCKFAC_FACTOR_ROUTE", "kernel")
+    assert ops_cuda.factor_route(np.float32, 5000) == "kernel"
+    monkeypatch.setenv("HPCKFAC_FACTOR_ROUTE", "fast")
+    with pytest.raises(ValueError, match="HPCKFAC_FACTOR_ROUTE"):
+        ops_cuda.factor_route(np.float32, 10)
+
+
 @pytest.fixture(params=PATHS, ids=PATH_IDS)
 def dtype(request, monkeypatch):
     """Input dtype; half inputs run through wmma (where the GPU has it) or, forced, the FMA kernel."""

@@ -51,7 +51,7 @@ def test_cupy_arrays_go_to_cuda_backend(fake_cuda):
     assert fake_cuda[-1] == ("accumulate_factor", (x, 0.5, True, None, None))
     running = FakeCupyArray((10,))
     assert ops.ema_update(running, FakeCupyArray((10,)), 0.9) is True
-    assert fake_cuda[-1][0] == "ema_update" and fake_cuda[-1][1][2:] == (0.9, False)
+    assert fake_cuda[-1][0] == "ema_update" and fake_cuda[-1][1][2:] == (0.9, False, True)
     result = ops.damped_inverse(FakeCupyArray((2, 3, 3)), 0.1)
     assert result.inverse == "inv" and fake_cuda[-1][1][1] == 0.1
 

@@ -2,7 +2,9 @@
 
 - factor accumulation (packed ``scale * X^T X``) by the syrk kernel and by the
   cuBLAS panel route vs CuPy/cuBLAS ``X.T @ X`` in the same input precision
-  (aim: at most 0.6x its time);
+  (aim: at most 0.6x its time), and the two routes over a sweep of widths: the
+  smallest width from which cuBLAS wins is the measured value for
+  ``GEMM_MIN_D`` (the ``auto`` route's switch);
 - batched damped Cholesky inversion vs ``torch.linalg.cholesky`` +
   ``torch.cholesky_inverse`` batched (aim: 2x faster for n <= 64), plus the
   cuSOLVER route of ``hpckfac.ops.cuda`` at the same n: the largest n where the
@@ -28,6 +30,10 @@ from hpckfac.bench.report import format_table, median, time_calls, write_json
 
 FACTOR_SHAPES = ((32768, 64), (32768, 576), (16384, 1152), (8192, 2304), (4096, 4608))
 FACTOR_DTYPES = ("float32", "float16", "bfloat16")
+# Route crossover sweep: ResNet-50's rows at batch 32 for 28x28 outputs, widths around the crossover.
+CROSSOVER_ROWS = 25088
+CROSSOVER_D = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072)
+CROSSOVER_DTYPES = {"float32": "float32", "half": "float16"}
 CHOLESKY_SIZES = (2, 4, 8, 16, 24, 32, 48, 64)
 
 
@@ -105,6 +111,32 @@ def bench_factors(repeat: int, shape_list=FACTOR_SHAPES) -> list[dict[str, Any]]
                              "ours_ms": ours * 1e3, "gemm_route_ms": gemm * 1e3, "baseline_ms": cublas * 1e3,
                              "ratio": ours / cublas, "gemm_ratio": gemm / cublas, "aim": "<= 0.6", "note": note})
     return rows_out
+
+
+def bench_factor_crossover(repeat: int, widths=CROSSOVER_D,
+                           rows: int = CROSSOVER_ROWS) -> tuple[list[dict[str, Any]], dict[str, int | None]]:
+    """The syrk kernel vs the cuBLAS route over ``widths`` at ``rows`` rows, per input
+    precision; returns the rows and, per precision, the smallest width from which the
+    cuBLAS route wins at every larger width (None: never), the measured value for
+    ``hpckfac.ops.cuda.GEMM_MIN_D``."""
+    import cupy
+
+    from hpckfac import ops
+
+    rows_out, crossover = [], {}
+    for precision, name in CROSSOVER_DTYPES.items():
+        wins = []
+        for d in widths:
+            x = cupy.asarray(np.random.default_rng(d).standard_normal((rows, d)).astype(_dtype(name)))
+            times = {}
+            for route in ("kernel", "gemm"):
+                with _factor_route(route):
+                    times[route] = _timed(lambda: ops.accumulate_factor(x, 1.0 / rows, packed=True), repeat)
+            wins.append(times["gemm"] < times["kernel"])
+            rows_out.append({"precision": precision, "rows": rows, "d": d, "kernel_ms": times["kernel"] * 1e3,
+                             "gemm_route_ms": times["gemm"] * 1e3, "gemm/kernel": times["gemm"] / times["kernel"]})
+        crossover[precision] = next((d for i, d in enumerate(widths) if all(wins[i:])), None)
+    return rows_out, crossover
 
 
 def bench_cholesky(repeat: int, sizes=CHOLESKY_SIZES) -> tuple[list[dict[str, Any]], int]:
@@ -215,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         results["factor"] = bench_factors(args.repeat)
         print(format_table(results["factor"], ["rows", "d", "dtype", "ours_ms", "gemm_route_ms", "baseline_ms",
                                                "ratio", "gemm_ratio", "aim", "note"]))
+        results["factor_crossover"], results["gemm_min_d"] = bench_factor_crossover(args.repeat)
+        print(format_table(results["factor_crossover"], ["precision", "rows", "d", "kernel_ms", "gemm_route_ms",
+                                                         "gemm/kernel"]))
+        print("cuBLAS route faster from d = " + ", ".join(f"{d} ({p})" for p, d in results["gemm_min_d"].items())
+              + " (hpckfac.ops.cuda.GEMM_MIN_D)")
     if args.only in (None, "cholesky"):
         results["cholesky"], crossover = bench_cholesky(args.repeat)
         results["cholesky_kernel_max_n"] = crossover

@@ -86,24 +86,44 @@ def _triu_host(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
+# Device copies of the packed indices of orders up to this are kept (a few KiB each); larger
+# device stacks go through the packing kernels instead, so nothing of size n^2 stays cached.
+DEVICE_INDEX_MAX_N = 64
+_triu_device: dict[tuple, tuple[Array, Array]] = {}
+
+
 def triu_indices(n: int, xp) -> tuple[Array, Array]:
-    """Row and column of each packed element of an ``n x n`` matrix, as ``xp`` arrays."""
+    """Row and column of each packed element of an ``n x n`` matrix, as ``xp`` arrays
+    (uploaded once per order and device: an upload waits for the device's queue)."""
     rows, cols = _triu_host(n)
-    return (rows, cols) if xp is np else (xp.asarray(rows), xp.asarray(cols))
+    if xp is np:
+        return rows, cols
+    key = (n, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
+    if key not in _triu_device:
+        _triu_device[key] = (xp.asarray(rows), xp.asarray(cols))
+    return _triu_device[key]
 
 
 def pack_stack(mats: Array) -> Array:
     """Upper triangles of a ``(count, n, n)`` stack, matrix after matrix (``pack_sym`` order), 1-D."""
-    rows, cols = triu_indices(mats.shape[-1], array_module(mats))
+    xp = array_module(mats)
+    count, n = mats.shape[0], mats.shape[-1]
+    if xp is not np and n > DEVICE_INDEX_MAX_N:
+        return ops.pack_sym([mats[k] for k in range(count)])
+    rows, cols = triu_indices(n, xp)
     return mats[:, rows, cols].reshape(-1)
 
 
 def unpack_stack(packed: Array, count: int, n: int, dtype=None) -> Array:
     """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds."""
     xp = array_module(packed)
+    dtype = packed.dtype if dtype is None else dtype
+    if xp is not np and n > DEVICE_INDEX_MAX_N:
+        mats = ops.unpack_sym(packed, [n] * count, dtype)
+        return mats[0][None] if count == 1 else xp.stack(mats)
     rows, cols = triu_indices(n, xp)
     values = packed.reshape(count, -1)
-    mats = xp.empty((count, n, n), dtype=packed.dtype if dtype is None else dtype)
+    mats = xp.empty((count, n, n), dtype=dtype)
     mats[:, rows, cols] = values
     mats[:, cols, rows] = values
     return mats

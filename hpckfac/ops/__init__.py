@@ -121,17 +121,21 @@ def accumulate_factor(
     return (_backend(x) or factors).accumulate_factor(x, scale, bool(packed), out, decay)
 
 
-def ema_update(running, new, decay: float, *, first: bool = False) -> bool:
+def ema_update(running, new, decay: float, *, first: bool = False, finite: bool | None = None) -> bool:
     """``running <- decay*running + (1-decay)*new`` in place; ``first``: ``running <- new``.
 
     ``decay`` (0 <= decay < 1) weighs the old value. If ``new`` holds NaN or
     Inf nothing is written and False is returned (the caller logs or counts);
-    True otherwise.
+    True otherwise. ``finite`` is the caller's own verdict on ``new`` when it
+    has one (e.g. many arrays checked with one device read), so that the
+    check is not repeated; None checks here.
     """
     decay = checks.check_decay(decay)
     if tuple(getattr(new, "shape", ())) != tuple(running.shape):
         raise ValueError(f"new: shape {getattr(new, 'shape', None)} differs from running {running.shape}")
-    return (_backend(running) or average).ema_update(running, new, decay, bool(first))
+    if finite is False:
+        return False
+    return (_backend(running) or average).ema_update(running, new, decay, bool(first), finite is None)
 
 
 class InverseResult(NamedTuple):

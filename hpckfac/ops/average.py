@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def ema_update(running: np.ndarray, new: np.ndarray, decay: float, first: bool) -> bool:
+def ema_update(running: np.ndarray, new: np.ndarray, decay: float, first: bool, check: bool = True) -> bool:
     """``running <- decay*running + (1-decay)*new`` in place (``first``: ``running <- new``).
 
-    Returns False, leaving ``running`` untouched, when ``new`` holds NaN or Inf.
+    Returns False, leaving ``running`` untouched, when ``new`` holds NaN or Inf
+    (``check=False``: the caller knows it does not).
     """
-    if not np.isfinite(new).all():
+    if check and not np.isfinite(new).all():
         return False
     if first:
         np.copyto(running, new, casting="same_kind")

@@ -5,8 +5,8 @@ results of the CPU reference modules (``packing``, ``factors``, ``average``,
 ``inverse``); arguments arrive validated. Kernels live in ``kernels/*.cu``
 (see docs/gpu.md) and are compiled on first use (``cuda_module``).
 
-- ``pack_sym`` / ``unpack_sym``: one launch per source dtype, offset tables
-  uploaded as one small int64 array.
+- ``pack_sym`` / ``unpack_sym``: one launch per source dtype (a warp per packed
+  row, a block per 32x32 tile), offset tables uploaded as one small int64 array.
 - ``accumulate_factor``: float32/float16/bfloat16 ``x`` through the
   triangle-tiled kernel (tensor cores for half inputs where the GPU has them),
   float64 through cuBLAS.
@@ -16,6 +16,7 @@ results of the CPU reference modules (``packing``, ``factors``, ``average``,
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from functools import lru_cache
@@ -43,14 +44,21 @@ MIN_SPLIT_ROWS = 256
 BLOCKS_PER_SM = 4
 
 _THREADS = 256
+# Packing: one warp per packed row; unpacking: 32x32 tiles, (32, 8) threads per block.
+_WARP = 32
+_UNPACK_TILE = 32
+_UNPACK_ROWS = 8
 _NULL = np.uint64(0)
 
 # Factor accumulation of float32/float16/bfloat16 input: "gemm" (cuBLAS over the upper
-# triangle's column panels, then the pack kernel) or "kernel" (kernels/syrk.cu); chosen
-# by measurement (docs/gpu.md), overridable with $HPCKFAC_FACTOR_ROUTE.
-FACTOR_ROUTES = ("gemm", "kernel")
+# triangle's column panels, then the pack kernel), "kernel" (kernels/syrk.cu), or "auto":
+# cuBLAS from GEMM_MIN_D columns on (per input precision), the kernel below. Chosen by
+# measurement (``python -m hpckfac.bench kernels``, docs/gpu.md), overridable with
+# $HPCKFAC_FACTOR_ROUTE.
+FACTOR_ROUTES = ("auto", "gemm", "kernel")
 FACTOR_ROUTE_ENV = "HPCKFAC_FACTOR_ROUTE"
-DEFAULT_FACTOR_ROUTE = "kernel"
+DEFAULT_FACTOR_ROUTE = "auto"
+GEMM_MIN_D = {"float32": 512, "half": 2048}
 # cudaDataType / cublasComputeType_t / cublasGemmAlgo_t values (CUDA's stable ABI).
 _CUDA_DATA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}
 _CUDA_R_32F = 0
@@ -73,9 +81,38 @@ def _launch_blocks(total: int) -> int:
     return max(1, min(-(-total // _THREADS), 32 * _sm_count()))
 
 
+class _Uploads:
+    """Small host arrays to the device without waiting for the stream.
+
+    A copy from pageable memory synchronises the stream first (CUDA's rule), so
+    a table uploaded with ``cupy.asarray`` would stall the host behind every
+    kernel already queued. Each upload here goes through its own page-locked
+    buffer, held until an event recorded after the copy has completed.
+    """
+
+    def __init__(self) -> None:
+        self._in_flight: list = []  # (pinned memory, event) of copies not known to be done
+
+    def __call__(self, host: np.ndarray) -> cupy.ndarray:
+        self._in_flight = [(mem, event) for mem, event in self._in_flight if not event.done]
+        host = np.ascontiguousarray(host)
+        device = cupy.empty(host.shape, dtype=host.dtype)
+        if not host.nbytes:
+            return device
+        mem = cupy.cuda.alloc_pinned_memory(host.nbytes)
+        np.ndarray(host.shape, dtype=host.dtype, buffer=mem)[...] = host
+        stream = cupy.cuda.get_current_stream()
+        device.data.copy_from_host_async(ctypes.c_void_p(mem.ptr), host.nbytes, stream)
+        self._in_flight.append((mem, stream.record()))
+        return device
+
+
+_upload = _Uploads()
+
+
 def _table(*columns) -> cupy.ndarray:
-    """The int64 columns concatenated into one device array (one upload)."""
-    return cupy.asarray(np.concatenate([np.asarray(c, dtype=np.int64).ravel() for c in columns]))
+    """The int64 columns concatenated into one device array (one upload, no stream wait)."""
+    return _upload(np.concatenate([np.asarray(c, dtype=np.int64).ravel() for c in columns]))
 
 
 def _name(dtype) -> str:
@@ -99,10 +136,12 @@ def pack_sym(mats, sizes: list[int], dtype: np.dtype, out):
         ptrs = np.array([m.data.ptr for m in chosen], dtype=np.uint64).view(np.int64)
         strides = [[s // m.itemsize for s in m.strides] for m in chosen]
         n = np.array([sizes[i] for i in members], dtype=np.int64)
-        seg = packed_offsets(n.tolist())
+        rows = np.concatenate([[0], np.cumsum(n)])
         count = len(members)
-        table = _table(ptrs, strides, n, seg, offsets[members])
-        kernel((_launch_blocks(int(seg[-1])),), (_THREADS,),
+        table = _table(ptrs, strides, n, rows, offsets[members])
+        # One warp per row (kernels/pack.cu).
+        blocks = max(1, min(-(-int(rows[-1]) * _WARP // _THREADS), 32 * _sm_count()))
+        kernel((blocks,), (_THREADS,),
                (table, table[count:], table[3 * count:], table[4 * count:], table[5 * count + 1:],
                 np.int32(count), target))
     if out is None:
@@ -115,15 +154,19 @@ def pack_sym(mats, sizes: list[int], dtype: np.dtype, out):
 def unpack_sym(buffer, sizes: list[int], dtype: np.dtype) -> list:
     """Symmetric ``(n, n)`` matrices of ``dtype`` rebuilt from the packed ``buffer``
     (views of one freshly allocated array, one launch)."""
-    dense = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(np.square(np.asarray(sizes, dtype=np.int64)), out=dense[1:])
+    order = np.asarray(sizes, dtype=np.int64)
+    dense = np.concatenate([[0], np.cumsum(order * order)])
     flat = cupy.empty(int(dense[-1]), dtype=dtype)
     if sizes and dense[-1]:
         count = len(sizes)
-        table = _table(sizes, packed_offsets(sizes)[:-1], dense)
+        side = -(-order // _UNPACK_TILE)
+        tiles = np.concatenate([[0], np.cumsum(side * (side + 1) // 2)])
+        table = _table(order, packed_offsets(sizes)[:-1], dense, tiles)
         kernel = cuda_module.function("pack.cu", cuda_module.pack_name("unpack_sym", buffer.dtype, dtype))
-        kernel((_launch_blocks(int(dense[-1])),), (_THREADS,),
-               (cupy.ascontiguousarray(buffer), table, table[count:], table[2 * count:], np.int32(count), flat))
+        # One (32, 8) block per 32x32 tile of the upper tile triangles (kernels/pack.cu).
+        kernel((max(1, min(int(tiles[-1]), 32 * _sm_count())),), (_UNPACK_TILE, _UNPACK_ROWS),
+               (cupy.ascontiguousarray(buffer), table, table[count:], table[2 * count:], table[3 * count + 1:],
+                np.int32(count), flat))
     return [flat[start:stop].reshape(n, n) for n, start, stop in zip(sizes, dense[:-1], dense[1:])]
 
 
@@ -167,12 +210,16 @@ def _syrk(x, scale: float, target, prev, decay: float, flag, dense: bool) -> Non
                (workspace, np.int32(splits), np.int64(d), np.float32(scale), *tail, *final))
 
 
-def factor_route() -> str:
-    """How float32/float16/bfloat16 factors are accumulated: ``$HPCKFAC_FACTOR_ROUTE`` if
-    set, else ``DEFAULT_FACTOR_ROUTE`` (``"gemm"`` or ``"kernel"``, see docs/gpu.md)."""
+def factor_route(dtype=None, d: int = 0) -> str:
+    """How a float32/float16/bfloat16 factor of ``d`` columns is accumulated, ``"gemm"`` or
+    ``"kernel"``: ``$HPCKFAC_FACTOR_ROUTE`` if set, else ``DEFAULT_FACTOR_ROUTE``; ``"auto"``
+    takes cuBLAS from ``GEMM_MIN_D`` columns on (see docs/gpu.md)."""
     route = os.environ.get(FACTOR_ROUTE_ENV, DEFAULT_FACTOR_ROUTE)
     if route not in FACTOR_ROUTES:
         raise ValueError(f"{FACTOR_ROUTE_ENV}: expected one of {FACTOR_ROUTES}, got {route!r}")
+    if route == "auto":
+        precision = "float32" if np.dtype(dtype) == np.float32 else "half"
+        route = "gemm" if d >= GEMM_MIN_D[precision] else "kernel"
     return route
 
 
@@ -218,7 +265,7 @@ def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
     d = int(x.shape[1])
     shape = (d * (d + 1) // 2,) if packed else (d, d)
     dtype = accumulation_dtype(x.dtype)
-    if dtype == np.float64 or factor_route() == "gemm":
+    if dtype == np.float64 or factor_route(x.dtype, d) == "gemm":
         if dtype == np.float64:
             factor = x.T @ x
             factor *= scale
@@ -255,10 +302,11 @@ def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
 
 # ---------------------------------------------------------------- running average
 
-def ema_update(running, new, decay: float, first: bool) -> bool:
+def ema_update(running, new, decay: float, first: bool, check: bool = True) -> bool:
     """``running <- decay*running + (1-decay)*new`` in place (``first``: ``running <- new``);
-    False, leaving ``running`` untouched, when ``new`` holds NaN or Inf."""
-    if not bool(cupy.isfinite(new).all()):
+    False, leaving ``running`` untouched, when ``new`` holds NaN or Inf (``check=False``:
+    the caller knows it does not, and the device is not asked)."""
+    if check and not bool(cupy.isfinite(new).all()):
         return False
     if first:
         running[...] = new

@@ -51,23 +51,31 @@ class OwnerState:
         averages (``decay``: the weight of the old value)."""
         if not self.blocks:
             return
+        xp = self.xp
         base = self.layout.segment_start(self.rank, self.layout.reduce_counts(True))
-        # One read of all presence shares: the owner must know on the host which blocks to update.
+        # Two reads per step, whatever the number of blocks: the presence shares (which blocks
+        # to update, and by what to divide), then every update's finiteness at once.
         presence = arrays.to_host(segment[self._presence_at]).tolist()
+        updates = {}
         for i, (l, block) in enumerate(zip(self.owned, self.blocks)):
-            at = self.layout.stat_offset(l) - base
-            self.update(i, segment[at:at + block.stat_size], presence[i], decay)
+            if presence[i] > 0.0:
+                at = self.layout.stat_offset(l) - base
+                updates[i] = self._averaged(segment[at:at + block.stat_size], presence[i])
+        if not updates:
+            return
+        finite = arrays.to_host(xp.stack([xp.isfinite(new).all() for new in updates.values()])).tolist()
+        for (i, new), ok in zip(updates.items(), finite):
+            self._blend(i, new, decay, bool(ok))
 
-    def update(self, i: int, received, presence: float, decay: float) -> bool:
-        """Blend block ``i``'s reduced packed statistics into its running average;
-        ``presence`` is the share of ranks that contributed them. Returns False
-        when nothing changed: no rank had statistics, or they were not finite (logged)."""
-        if presence <= 0.0:
-            return False
+    def _averaged(self, received, presence: float):
+        """The mean over the ranks that contributed (the reduction averaged over all ranks)."""
         new = received.astype(self.dtype)
         if presence != 1.0:
             new /= presence
-        if not ops.ema_update(self.running[i], new, decay, first=not self.initialized[i]):
+        return new
+
+    def _blend(self, i: int, new, decay: float, finite: bool | None) -> bool:
+        if not ops.ema_update(self.running[i], new, decay, first=not self.initialized[i], finite=finite):
             self.refused += 1
             _log.warning("block %s: non-finite statistics refused; the running average keeps its old value",
                          self.blocks[i].name)
