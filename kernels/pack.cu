@@ -14,6 +14,7 @@ namespace {
 constexpr int WARP = 32;
 constexpr int UNPACK_TILE = 32;
 constexpr int UNPACK_ROWS = 8;  // threads per block: UNPACK_TILE x UNPACK_ROWS
+constexpr int UNROLL = 4;       // pack: elements per lane loaded before any is stored
 }  // namespace
 
 // One warp per row of one matrix (grid-stride over the rows of all matrices):
@@ -44,7 +45,21 @@ __global__ void pack_sym(const unsigned long long* __restrict__ ptrs,
     const long long cs = strides[2 * m + 1];
     const S* row = reinterpret_cast<const S*>(ptrs[m]) + i * strides[2 * m];
     D* target = out + dst[m] + hk::tri_row_start(i, n) - i;  // target[j] holds (i, j)
-    for (long long j = i + lane; j < n; j += WARP) target[j] = hk::convert<D>(row[j * cs]);
+    // UNROLL loads in flight per lane before their stores: a copy is bound by memory latency
+    // unless each thread keeps several requests outstanding.
+    for (long long j0 = i + lane; j0 < n; j0 += UNROLL * WARP) {
+      S v[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const long long j = j0 + u * WARP;
+        if (j < n) v[u] = row[j * cs];
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const long long j = j0 + u * WARP;
+        if (j < n) target[j] = hk::convert<D>(v[u]);
+      }
+    }
   }
 }
 
@@ -78,14 +93,24 @@ __global__ void unpack_sym(const S* __restrict__ buffer,
     D* dst = out + dense[m];
     const long long j = bj * UNPACK_TILE + tx;
     __syncthreads();  // the previous tile's transpose has been read
-    for (int r = ty; r < UNPACK_TILE; r += UNPACK_ROWS) {
-      const long long i = bi * UNPACK_TILE + r;
+    // All of a thread's loads first, then its stores (several requests in flight, as in pack).
+    D v[UNPACK_TILE / UNPACK_ROWS];
+#pragma unroll
+    for (int u = 0; u < UNPACK_TILE / UNPACK_ROWS; ++u) {
+      const long long i = bi * UNPACK_TILE + ty + u * UNPACK_ROWS;
       if (i < n && j < n) {
         // Below the diagonal (diagonal tiles only) the element is the mirror's.
         const long long at = i <= j ? hk::tri_row_start(i, n) + (j - i) : hk::tri_row_start(j, n) + (i - j);
-        const D v = hk::convert<D>(src[at]);
-        dst[i * n + j] = v;
-        tile[r][tx] = v;
+        v[u] = hk::convert<D>(src[at]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNPACK_TILE / UNPACK_ROWS; ++u) {
+      const int r = ty + u * UNPACK_ROWS;
+      const long long i = bi * UNPACK_TILE + r;
+      if (i < n && j < n) {
+        dst[i * n + j] = v[u];
+        tile[r][tx] = v[u];
       }
     }
     if (bi == bj) continue;  // block-uniform: no thread skips a barrier the others reach

@@ -58,7 +58,7 @@ _NULL = np.uint64(0)
 FACTOR_ROUTES = ("auto", "gemm", "kernel")
 FACTOR_ROUTE_ENV = "HPCKFAC_FACTOR_ROUTE"
 DEFAULT_FACTOR_ROUTE = "auto"
-GEMM_MIN_D = {"float32": 512, "half": 2048}
+GEMM_MIN_D = {"float32": 384, "half": 1024}
 # cudaDataType / cublasComputeType_t / cublasGemmAlgo_t values (CUDA's stable ABI).
 _CUDA_DATA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}
 _CUDA_R_32F = 0
@@ -234,13 +234,13 @@ def _gemm_upper(x, scale: float):
     """``scale * x.T @ x`` in float32 by cuBLAS ``GemmEx`` (float32 accumulation, tensor cores
     for half inputs), only the column panels of the upper triangle: with ``k`` panels
     ``(k+1)/(2k)`` of a full product's flops. Column-major result: entry ``(i, j)``,
-    ``i <= j``, sits at ``[j, i]``; the rest is zero."""
+    ``i <= j``, sits at ``[j, i]``; the rest is not written (callers read the triangle only)."""
     from cupy_backends.cuda.libs import cublas
 
     rows, d = x.shape
-    out = cupy.zeros((d, d), dtype=np.float32)
     if rows == 0 or d == 0:
-        return out
+        return cupy.zeros((d, d), dtype=np.float32)
+    out = cupy.empty((d, d), dtype=np.float32)
     x = cupy.ascontiguousarray(x)
     kind = _CUDA_DATA_TYPES[np.dtype(x.dtype).name]
     alpha, beta = np.array(scale, dtype=np.float32), np.array(0.0, dtype=np.float32)

@@ -14,6 +14,7 @@ any synchronisation.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import ml_dtypes
@@ -47,9 +48,17 @@ def device_scope(device: torch.device) -> Iterator[None]:
     import cupy
 
     index = torch.cuda.current_device() if device.index is None else device.index
-    stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+    with cupy.cuda.Device(index), _external_stream(torch.cuda.current_stream(index).cuda_stream, index):
         yield
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(pointer: int, index: int):
+    """CuPy's handle of torch's stream ``pointer`` on device ``index`` (made once: the hooks
+    enter ``device_scope`` hundreds of times a step)."""
+    import cupy
+
+    return cupy.cuda.ExternalStream(pointer, index)
 
 
 # dtypes a CUDA tensor is viewed as directly (bfloat16 travels as int16, see the module docstring).
