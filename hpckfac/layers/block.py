@@ -86,22 +86,34 @@ def _triu_host(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-# Device copies of the packed indices of orders up to this are kept (a few KiB each); larger
+@lru_cache(maxsize=64)
+def _gather_host(n: int, packing: bool) -> np.ndarray:
+    """Packing: the flat (row-major) index of each packed element of an ``n x n`` matrix;
+    unpacking: the packed index of each dense element ``(i, j)`` (that of ``(min, max)``)."""
+    rows, cols = _triu_host(n)
+    if packing:
+        return rows * n + cols
+    where = np.empty((n, n), dtype=np.int64)
+    where[rows, cols] = where[cols, rows] = np.arange(rows.size)
+    return where.reshape(-1)
+
+
+# Device copies of the gather indices of orders up to this are kept (a few KiB each); larger
 # device stacks go through the packing kernels instead, so nothing of size n^2 stays cached.
 DEVICE_INDEX_MAX_N = 64
-_triu_device: dict[tuple, tuple[Array, Array]] = {}
+_gather_device: dict[tuple, Array] = {}
 
 
-def triu_indices(n: int, xp) -> tuple[Array, Array]:
-    """Row and column of each packed element of an ``n x n`` matrix, as ``xp`` arrays
-    (uploaded once per order and device: an upload waits for the device's queue)."""
-    rows, cols = _triu_host(n)
+def _gather_index(n: int, packing: bool, xp) -> Array:
+    """``_gather_host`` as an ``xp`` array, uploaded once per order and device (an upload
+    waits for the device's queue)."""
+    index = _gather_host(n, packing)
     if xp is np:
-        return rows, cols
-    key = (n, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
-    if key not in _triu_device:
-        _triu_device[key] = (xp.asarray(rows), xp.asarray(cols))
-    return _triu_device[key]
+        return index
+    key = (n, packing, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
+    if key not in _gather_device:
+        _gather_device[key] = xp.asarray(index)
+    return _gather_device[key]
 
 
 def pack_stack(mats: Array) -> Array:
@@ -110,8 +122,8 @@ def pack_stack(mats: Array) -> Array:
     count, n = mats.shape[0], mats.shape[-1]
     if xp is not np and n > DEVICE_INDEX_MAX_N:
         return ops.pack_sym([mats[k] for k in range(count)])
-    rows, cols = triu_indices(n, xp)
-    return mats[:, rows, cols].reshape(-1)
+    # One gather with a single index array: much less host work than indexing by (rows, cols).
+    return xp.take(mats.reshape(count, n * n), _gather_index(n, True, xp), axis=1).reshape(-1)
 
 
 def unpack_stack(packed: Array, count: int, n: int, dtype=None) -> Array:
@@ -121,12 +133,8 @@ def unpack_stack(packed: Array, count: int, n: int, dtype=None) -> Array:
     if xp is not np and n > DEVICE_INDEX_MAX_N:
         mats = ops.unpack_sym(packed, [n] * count, dtype)
         return mats[0][None] if count == 1 else xp.stack(mats)
-    rows, cols = triu_indices(n, xp)
-    values = packed.reshape(count, -1)
-    mats = xp.empty((count, n, n), dtype=dtype)
-    mats[:, rows, cols] = values
-    mats[:, cols, rows] = values
-    return mats
+    mats = xp.take(packed.reshape(count, -1), _gather_index(n, False, xp), axis=1)
+    return mats.reshape(count, n, n).astype(dtype, copy=False)
 
 
 class CurvatureBlock(abc.ABC):
@@ -213,8 +221,10 @@ class CurvatureBlock(abc.ABC):
 
     # --------------------------------------------------------------- gradients
     @abc.abstractmethod
-    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None) -> Array:
-        """The ``grad_shape`` matrix of the parameter gradients."""
+    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None, out: Array | None = None) -> Array:
+        """The ``grad_shape`` matrix of the parameter gradients; written into ``out`` (a
+        ``grad_shape`` array, cast to its dtype) and returned when given, which saves the
+        engine a copy (``KFACEngine.gradient_slots``)."""
 
     @abc.abstractmethod
     def split_matrix(self, mat: Array) -> tuple[Array, Array | None]:

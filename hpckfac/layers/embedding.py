@@ -65,9 +65,13 @@ class EmbeddingBlock(CurvatureBlock):
                                                              scale / positions, packed=True)
 
     # ------------------------------------------------------------- gradients
-    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None) -> Array:
+    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None, out: Array | None = None) -> Array:
         self._check_params(weight_grad, bias_grad)
-        return weight_grad.T
+        if out is None:
+            return weight_grad.T
+        check_shape(out, self.grad_shape, "out")
+        out[...] = weight_grad.T
+        return out
 
     def split_matrix(self, mat: Array) -> tuple[Array, Array | None]:
         check_shape(mat, self.grad_shape, "mat")

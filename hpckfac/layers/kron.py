@@ -156,15 +156,21 @@ class KronBlock(CurvatureBlock):
         stats[self.groups * self.d_A * (self.d_A + 1) // 2:] += self.g_factor(g, scale, packed=True)
 
     # ------------------------------------------------------------- gradients
-    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None) -> Array:
+    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None, out: Array | None = None) -> Array:
         """``[W | b]`` of shape ``(groups * d_G, d_A)`` from the parameter gradients."""
         self._check_params(weight_grad, bias_grad)
         weight = self.weight_matrix(weight_grad)
-        if not self.has_bias:
-            return weight
-        out = array_module(weight).empty(self.grad_shape, dtype=np.result_type(weight.dtype, bias_grad.dtype))
-        out[:, :-1] = weight
-        out[:, -1] = bias_grad
+        if out is None:
+            if not self.has_bias:
+                return weight
+            out = array_module(weight).empty(self.grad_shape, dtype=np.result_type(weight.dtype, bias_grad.dtype))
+        else:
+            check_shape(out, self.grad_shape, "out")
+        if self.has_bias:
+            out[:, :-1] = weight
+            out[:, -1] = bias_grad
+        else:
+            out[...] = weight
         return out
 
     def split_matrix(self, mat: Array) -> tuple[Array, Array | None]:

@@ -102,11 +102,18 @@ class UnitWiseBlock(CurvatureBlock):
         stats += pack_stack(self.fisher(saved, g, scale))
 
     # ------------------------------------------------------------- gradients
-    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None) -> Array:
+    def grad_matrix(self, weight_grad: Array, bias_grad: Array | None = None, out: Array | None = None) -> Array:
         """Columns ``(grad γ, grad β)`` per unit, ``(units, k)``."""
         self._check_params(weight_grad, bias_grad)
-        parts = [weight_grad.reshape(-1)] + ([bias_grad.reshape(-1)] if self.has_bias else [])
-        return array_module(weight_grad).stack(parts, axis=1)
+        if out is None:
+            dtype = weight_grad.dtype if bias_grad is None else np.result_type(weight_grad.dtype, bias_grad.dtype)
+            out = array_module(weight_grad).empty(self.grad_shape, dtype=dtype)
+        else:
+            check_shape(out, self.grad_shape, "out")
+        out[:, 0] = weight_grad.reshape(-1)
+        if self.has_bias:
+            out[:, 1] = bias_grad.reshape(-1)
+        return out
 
     def split_matrix(self, mat: Array) -> tuple[Array, Array | None]:
         check_shape(mat, self.grad_shape, "mat")

@@ -62,6 +62,7 @@ WMMA_MIN_ARCH: dict[str, int] = {"float16": 70, "bfloat16": 80}
 
 _lock = threading.Lock()
 _modules: dict[tuple, object] = {}
+_functions: dict[tuple, object] = {}
 
 
 @lru_cache(maxsize=1)
@@ -211,5 +212,12 @@ def module(file: str):
 
 
 def function(file: str, name_expression: str):
-    """Kernel ``name_expression`` (one of ``name_expressions(file, arch)``) of ``file``."""
-    return module(file).get_function(name_expression)
+    """Kernel ``name_expression`` (one of ``name_expressions(file, arch)``) of ``file``,
+    looked up once per device (the hooks launch kernels hundreds of times a step)."""
+    import cupy
+
+    key = (file, name_expression, cupy.cuda.runtime.getDevice())
+    kernel = _functions.get(key)
+    if kernel is None:
+        kernel = _functions[key] = module(file).get_function(name_expression)
+    return kernel

@@ -153,6 +153,12 @@ class KFACEngine:
         """This step's ``damping`` or ``factor_decay`` (a callable evaluated at ``steps``, checked)."""
         return resolve(name, getattr(self, name), self.steps)
 
+    def gradient_slots(self) -> list[Any]:
+        """Where the next ``step()`` sends each block's gradient matrix (``grad_shape`` views of
+        its send buffer): gradients written there (``block.grad_matrix(..., out=slot)``) and
+        passed to ``step`` as these same arrays are not copied again."""
+        return self.reduce_scatter.slots[self.is_factor_step()]
+
     def step(self, grads: Sequence[Any], stats: Sequence[Any | None] | None = None,
              lr: float = 1.0) -> list[Any]:
         """Run stages 2-4 for one step; returns the preconditioned gradients.

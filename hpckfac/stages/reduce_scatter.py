@@ -4,7 +4,9 @@
 ``hpckfac.stages.layout.SegmentLayout`` (on factor-update steps the packed
 statistics with their presence element, every step the gradient matrices)
 and calls one ``comm.reduce_scatter_v(..., op="mean")``; the owner of each
-block receives the average over ranks of its own blocks only.
+block receives the average over ranks of its own blocks only. ``slots`` are the
+gradient matrices' places in the send buffers: a caller that writes the
+gradients there (``CurvatureBlock.grad_matrix(..., out=slot)``) saves a copy.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ class ReduceScatter:
     def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm, dtype, xp) -> None:
         self.blocks, self.layout, self.comm = list(blocks), layout, comm
         self._send = {f: xp.zeros(layout.reduce_total(f), dtype=dtype) for f in (False, True)}
+        # Each block's gradient matrix inside each send buffer, made once.
+        self.slots = {f: [self._send[f][layout.grad_offset(l, f):layout.grad_offset(l, f) + b.grad_size]
+                          .reshape(b.grad_shape) for l, b in enumerate(self.blocks)] for f in (False, True)}
 
     def __call__(self, grads: Sequence[Any], stats: Sequence[Any] | None) -> Any:
         """This rank's averaged segment; ``stats`` is None on steps without statistics,
@@ -42,6 +47,7 @@ class ReduceScatter:
                 else:
                     buf[at:at + block.stat_size] = 0.0
                 buf[at + block.stat_size] = float(present)
-            at = self.layout.grad_offset(l, factors)
-            buf[at:at + block.grad_size].reshape(block.grad_shape)[...] = grads[l]
+            slot = self.slots[factors][l]
+            if grads[l] is not slot:  # a slot the caller filled already needs no copy
+                slot[...] = grads[l]
         return buf

@@ -292,10 +292,10 @@ class KFACPreconditioner:
             raise ValueError(f"lr: expected a finite number >= 0 at step {self.engine.steps}, got {lr!r}")
         return value
 
-    def _grad_matrix(self, index: int):
+    def _grad_matrix(self, index: int, slot):
         grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
                  for p in _params(self.modules[index])]
-        return self.engine.blocks[index].grad_matrix(*grads)
+        return self.engine.blocks[index].grad_matrix(*grads, out=slot)
 
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``."""
@@ -333,7 +333,7 @@ class KFACPreconditioner:
                                 f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "
                                 "or their weights used without calling them); until they have statistics their "
                                 "gradients are only averaged")
-        grads = [self._grad_matrix(i) for i in range(len(self.modules))]
+        grads = [self._grad_matrix(i, slot) for i, slot in enumerate(self.engine.gradient_slots())]
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
