@@ -31,7 +31,8 @@ def test_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
         comm.barrier()  # rank 0 would wait here forever
     """)
     assert proc.returncode != 0
-    assert "hpckfac: uncaught RuntimeError: disk full on this rank [rank 1 of 2; aborting the job]" in proc.stderr
+    assert "hpckfac: uncaught RuntimeError: disk full on this rank [rank 1 of 2; aborting the job]" in proc.stderr, \
+        proc.stderr
 
 
 def test_rank_local_error_in_train_aborts_with_one_line(tmp_path):
@@ -48,7 +49,8 @@ def test_rank_local_error_in_train_aborts_with_one_line(tmp_path):
         sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--no-progress", "--out", {str(tmp_path / 'o')!r}]))
     """)
     assert proc.returncode != 0
-    assert "hpckfac train: error: [Errno 28] No space left on device [rank 0 of 2; aborting the job]" in proc.stderr
+    assert "hpckfac train: error: [Errno 28] No space left on device [rank 0 of 2; aborting the job]" in proc.stderr, \
+        proc.stderr
 
 
 def test_output_folder_is_checked_before_training_on_every_rank(tmp_path):

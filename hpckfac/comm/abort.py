@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from types import TracebackType
 
 from mpi4py import MPI
 
 ABORT_ENV = "HPCKFAC_ABORT_ON_ERROR"
+ABORT_GRACE_S = 0.2
 _installed = False
 
 
@@ -27,6 +29,9 @@ def abort_job(message: str, code: int = 1) -> None:
     world = MPI.COMM_WORLD
     sys.stderr.write(f"{message} [rank {world.Get_rank()} of {world.Get_size()}; aborting the job]\n")
     sys.stderr.flush()
+    # The launcher forwards a rank's output asynchronously; without a pause, the abort can
+    # tear the job down before the one line that says why reaches the user.
+    time.sleep(ABORT_GRACE_S)
     world.Abort(code)
 
 
