@@ -51,6 +51,14 @@ def test_factors_against_loop_patches(kernel, stride, padding, dilation, bias):
     np.testing.assert_array_equal(block.a_rows(x), rows)
     want_a = sum(np.outer(r, r) for r in rows) / x.shape[0]
     np.testing.assert_allclose(block.a_factor(x, 1 / x.shape[0]), want_a, rtol=1e-13, atol=1e-15)
+    # Packed A (taken from kernel-major patches for kernels larger than 1x1) in pack_sym order.
+    np.testing.assert_allclose(block.a_factor(x, 1 / x.shape[0], packed=True), want_a[np.triu_indices(block.d_A)],
+                               rtol=1e-13, atol=1e-15)
+    volume = int(np.prod(kernel))
+    kernel_major = block.input_rows(x, ones=bias, kernel_major=True)
+    channel, offset = np.divmod(np.arange(c_in * volume), volume)  # channel-major column c * volume + k
+    np.testing.assert_array_equal(kernel_major[:, offset * c_in + channel], rows[:, :c_in * volume])
+    np.testing.assert_array_equal(kernel_major[:, c_in * volume:], rows[:, c_in * volume:])
     want_g = np.zeros((c_out, c_out))
     for i in range(x.shape[0]):
         for t in itertools.product(*(range(o) for o in out)):

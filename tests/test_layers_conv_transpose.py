@@ -87,7 +87,12 @@ def test_weight_gradient_is_sum_of_row_products(case):
 def test_rows_against_the_definition(case):
     x, block = make(case, np.random.default_rng(4))
     out = block.output_size(x.shape[2:])
-    np.testing.assert_array_equal(block.a_rows(x), loop_rows(x, block, out))
+    rows = loop_rows(x, block, out)
+    np.testing.assert_array_equal(block.a_rows(x), rows)
+    want = rows.T @ rows * 0.25
+    np.testing.assert_allclose(block.a_factor(x, 0.25), want, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(block.a_factor(x, 0.25, packed=True), want[np.triu_indices(block.d_A)],
+                               rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("case", CASES[:3])

@@ -16,8 +16,12 @@ the same, their columns already group after group.
 from __future__ import annotations
 
 import numbers
+from functools import lru_cache
 from typing import Any, Sequence
 
+import numpy as np
+
+from hpckfac import ops
 from hpckfac.layers.block import Array, array_module, check_positive_int, prod
 from hpckfac.layers.kron import KronBlock
 
@@ -41,17 +45,23 @@ def _split_view(rows: Array, row_shape: tuple[int, ...], col_shape: tuple[int, .
 
 
 def patch_rows(padded: Array, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
-               out_size: tuple[int, ...], width: int, bias: bool) -> Array:
+               out_size: tuple[int, ...], width: int, bias: bool, kernel_major: bool = False) -> Array:
     """im2col rows ``(N * T, width)`` from a zero-padded channels-last input ``(N, *spatial, C)``:
-    the patch at every output position, columns ``(C, *kernel)``, then a 1 with ``bias``."""
+    the patch at every output position, columns ``(C, *kernel)`` (``(*kernel, C)`` with
+    ``kernel_major``), then a 1 with ``bias``."""
     xp = array_module(padded)
     ndim = len(kernel)
     channels = padded.shape[-1]
-    # Strided view (N, *out, C, *kernel): element [i, t, c, k] = padded[i, t*stride + k*dilation, c].
+    # Strided view (N, *out, C, *kernel): element [i, t, c, k] = padded[i, t*stride + k*dilation, c];
+    # kernel-major (N, *out, *kernel, C) copies runs of C contiguous channels, several times faster.
     batch, *spatial, channel = padded.strides
-    strides = (batch, *(st * s for st, s in zip(spatial, stride)), channel,
-               *(st * d for st, d in zip(spatial, dilation)))
-    shape = (padded.shape[0], *out_size, channels, *kernel)
+    offsets = tuple(st * d for st, d in zip(spatial, dilation))
+    if kernel_major:
+        strides = (batch, *(st * s for st, s in zip(spatial, stride)), *offsets, channel)
+        shape = (padded.shape[0], *out_size, *kernel, channels)
+    else:
+        strides = (batch, *(st * s for st, s in zip(spatial, stride)), channel, *offsets)
+        shape = (padded.shape[0], *out_size, channels, *kernel)
     patches = xp.lib.stride_tricks.as_strided(padded, shape, strides)
     rows = xp.empty((padded.shape[0] * prod(out_size), width), dtype=padded.dtype)
     # The last copy, straight into the rows beside the bias column.
@@ -61,9 +71,55 @@ def patch_rows(padded: Array, kernel: tuple[int, ...], stride: tuple[int, ...], 
     return rows
 
 
+@lru_cache(maxsize=32)
+def _channel_major(channels: int, volume: int, bias: bool, packed: bool) -> np.ndarray:
+    """Gather index turning a factor over kernel-major columns ``(k, c)`` into the same factor
+    over channel-major columns ``(c, k)`` (a bias column last in both): for the dense matrix,
+    the permutation of rows and columns; packed, where each packed channel-major element sits
+    in the packed kernel-major triangle."""
+    d = channels * volume + bias
+    perm = np.arange(d)
+    perm[:channels * volume] = np.arange(channels * volume).reshape(volume, channels).T.reshape(-1)
+    if not packed:
+        return perm
+    rows, cols = np.triu_indices(d)
+    lo, hi = np.minimum(perm[rows], perm[cols]), np.maximum(perm[rows], perm[cols])
+    return (lo * d - lo * (lo - 1) // 2 + (hi - lo)).astype(np.int32 if d * d < 2 ** 31 else np.int64)
+
+
+_channel_major_device: dict[tuple, Array] = {}
+
+
+def channel_major(factor: Array, channels: int, volume: int, bias: bool, packed: bool) -> Array:
+    """``factor`` (dense or packed, over kernel-major columns) over channel-major columns."""
+    xp = array_module(factor)
+    index = _channel_major(channels, volume, bias, packed)
+    if xp is not np:  # uploaded once per layout and device (an upload waits for the device's queue)
+        key = (channels, volume, bias, packed, xp.__name__,
+               xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
+        if key not in _channel_major_device:
+            _channel_major_device[key] = xp.asarray(index)
+        index = _channel_major_device[key]
+    if packed:
+        return xp.take(factor, index)
+    return xp.take(xp.take(factor, index, axis=0), index, axis=1)
+
+
 class SpatialKronBlock(KronBlock):
     """What convolutions and transposed convolutions share: their validated arguments,
-    the input shape check, the output-gradient rows and the positions ``|T|``."""
+    the input shape check, the output-gradient rows, the positions ``|T|`` and ``A``
+    from kernel-major patches."""
+
+    def a_factor(self, a: Array, scale: float = 1.0, *, packed: bool = False) -> Array:
+        """As ``KronBlock.a_factor``. With one group and a kernel larger than 1x1 the patches
+        are copied kernel-major (runs of contiguous channels, several times faster than
+        channel-major) and the factor's rows and columns put back in PyTorch's order."""
+        volume = prod(self.kernel_size)
+        if self.groups != 1 or volume == 1:
+            return super().a_factor(a, scale, packed=packed)
+        rows = self.input_rows(a, ones=self.has_bias, kernel_major=True)
+        factor = ops.accumulate_factor(rows, scale, packed=packed)
+        return channel_major(factor, (self.d_A - self.has_bias) // volume, volume, self.has_bias, packed)
 
     def _arguments(self, in_channels: int, out_channels: int, groups: int, kernel_size: tuple,
                    **tuples: tuple[Any, int]) -> int:
@@ -123,8 +179,9 @@ class ConvBlock(SpatialKronBlock):
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.dilation))
 
-    def input_rows(self, a: Array, ones: bool = False) -> Array:
-        """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``."""
+    def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:
+        """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``,
+        columns ``(C_in, *kernel)`` (``(*kernel, C_in)`` with ``kernel_major``)."""
         self._check_input(a)
         out_size = self.output_size(a.shape[2:])
         if min(out_size) < 1:
@@ -144,4 +201,4 @@ class ConvBlock(SpatialKronBlock):
             # windows are single positions; larger kernels read faster from a channels-last copy.
             padded = xp.moveaxis(a, 1, -1)
         return patch_rows(padded, self.kernel_size, self.stride, self.dilation, out_size,
-                          self.in_channels * prod(self.kernel_size) + ones, ones)
+                          self.in_channels * prod(self.kernel_size) + ones, ones, kernel_major)

@@ -43,9 +43,10 @@ class ConvTransposeBlock(SpatialKronBlock):
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.output_padding,
                          self.dilation))
 
-    def input_rows(self, a: Array, ones: bool = False) -> Array:
+    def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:
         """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the zero-inserted,
-        padded input, ``T`` the output positions."""
+        padded input, ``T`` the output positions; columns ``(C_in, *kernel)`` (``(*kernel, C_in)``
+        with ``kernel_major``)."""
         ndim = len(self.kernel_size)
         self._check_input(a)
         out_size = self.output_size(a.shape[2:])
@@ -66,7 +67,7 @@ class ConvTransposeBlock(SpatialKronBlock):
         padded = xp.zeros((a.shape[0], *sizes, self.in_channels), dtype=a.dtype)
         padded[(slice(None), *target, slice(None))] = xp.moveaxis(a[(slice(None), slice(None), *source)], 1, -1)
         return patch_rows(padded, self.kernel_size, (1,) * ndim, self.dilation, out_size,
-                          self.in_channels * prod(self.kernel_size) + ones, ones)
+                          self.in_channels * prod(self.kernel_size) + ones, ones, kernel_major)
 
     def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
         super().add_input(stats, a)
