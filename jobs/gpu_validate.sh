@@ -2,8 +2,9 @@
 # Validate hpckfac on a GPU node in one bounded run: the GPU tests (every kernel
 # against its CPU/float64 oracle, the device path of the pipeline), the 2-rank
 # CUDA runs (collectives on CuPy buffers, P ranks == one process), `hpckfac train
-# --device cuda` at 1 and 2 ranks beside the CPU run, and the kernel and step
-# benchmarks. Logs and JSON land in OUT; the last lines are a summary.
+# --device cuda` at 1 and 2 ranks beside the CPU run, the kernel and step
+# benchmarks, and a profile of the ResNet-50 step (device kernels, host functions).
+# Logs and JSON land in OUT; the last lines are a summary.
 #
 #   bash jobs/gpu_validate.sh                   # OUT=out/gpu_validate
 #   QUICK=1 bash jobs/gpu_validate.sh           # skip the slowest kernel-test sizes
@@ -61,4 +62,6 @@ for route in auto kernel gemm; do
 done
 step bench-step-stages 100 "$PYTHON" -m hpckfac.bench step --device cuda --model resnet50 --batch 32 \
     --steps 10 --configs kfac_1_10 --stage-sync --json "$OUT/step_resnet50_stages.json"
+step bench-step-profile 150 "$PYTHON" -m hpckfac.bench step --device cuda --model resnet50 --batch 32 \
+    --steps 2 --configs kfac_1_10,kfac_10_100 --profile "$OUT/profile_resnet50.txt"
 echo "logs: $OUT" | tee -a "$SUMMARY"

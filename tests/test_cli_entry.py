@@ -24,6 +24,7 @@ def test_every_train_flag_has_help_text():
 
 @pytest.mark.parametrize("argv", [["model", "--ranks", "0"], ["model", "--calibrate", "/nonexistent/run.json"],
                                   ["scaling", "--scale", "0"], ["step", "--threads", "-2"], ["step", "--steps", "0"],
+                                  ["step", "--profile-steps", "0"],
                                   ["kernels", "--repeat", "0"]])
 def test_bad_benchmark_arguments_give_one_line(argv, capsys):
     from hpckfac.bench.__main__ import main as bench

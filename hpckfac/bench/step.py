@@ -11,6 +11,9 @@ the update intervals) milliseconds per iteration, the ratio to SGD, and the
 mean per-stage time of the preconditioner (rank 0's view; iteration times are
 the max over ranks). With ``--stage-sync`` the stages of a GPU step are timed
 with a synchronisation at each boundary (a separate run: it costs overlap).
+``--profile PATH`` then runs a few more steps of every configuration under
+``torch.profiler`` and ``cProfile`` and writes the tables to PATH
+(``hpckfac.bench.profile``).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpckfac.bench.profile import profile_steps
 from hpckfac.bench.report import format_table, median, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50
@@ -51,6 +55,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="synchronise the GPU at every stage boundary (per-stage times on a GPU)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--profile", default=None, metavar="PATH",
+                        help="after the timed steps, profile each configuration (torch.profiler and cProfile; "
+                             "rank 0's view) and write the tables to PATH")
+    parser.add_argument("--profile-steps", type=int, default=10, help="steps per configuration under each profiler")
     args = parser.parse_args(argv)
     args.configs = args.configs.split(",")
     if args.image is None:
@@ -60,6 +68,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error(f"invalid --configs {bad}" if bad else "--steps and --batch must be positive")
     if args.threads < 0:
         parser.error("--threads must be >= 0 (0: the process's own setting)")
+    if args.profile_steps < 1:
+        parser.error("--profile-steps must be positive")
     return args
 
 
@@ -158,4 +168,22 @@ def main(argv: list[str]) -> int:
             print(format_table(kfac_rows, stage_cols))
         if args.json:
             write_json(args.json, "step", {**vars(args), "ranks": comm.size}, results)
+    if args.profile:
+        write_profiles(args.profile, runners, args.profile_steps, comm)
     return 0
+
+
+def write_profiles(path: str, runners: list[Runner], steps: int, comm: Communicator) -> None:
+    """Profile ``steps`` steps of every runner (every rank steps; rank 0 profiles and writes)."""
+    reports = []
+    for runner in runners:
+        if comm.rank == 0:
+            report = profile_steps(runner.step, steps, runner.device.type == "cuda", runner.sync)
+            reports.append(f"== {runner.name} (rank 0 of {comm.size}, device {runner.device})\n{report}")
+        else:
+            for _ in range(2 * steps):  # the same collectives as rank 0's two profiled passes
+                runner.step()
+    if comm.rank == 0:
+        with open(path, "w") as out:
+            out.write("\n\n".join(reports))
+        print(f"profiles: {path}")
