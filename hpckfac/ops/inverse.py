@@ -54,14 +54,21 @@ def damped_inverse(mats: np.ndarray, damping) -> tuple[np.ndarray, np.ndarray]:
     # fp16 communication) would otherwise be inverted as a matrix that depends on
     # which triangle the backend reads; the average is the nearest symmetric matrix.
     # Halving before adding keeps entries near the dtype's maximum finite.
-    damped = 0.5 * mats + 0.5 * mats.swapaxes(1, 2) + damping[:, None, None] * np.eye(n, dtype=dtype)
+    # The damping goes on the diagonal only (adding damping * I adds zeros everywhere else).
+    half = 0.5 * mats
+    damped = half + half.swapaxes(1, 2)
+    damped.reshape(batch, n * n)[:, ::n + 1] += damping[:, None]
 
-    inverse = np.empty_like(damped)
     status = np.full(batch, CHOLESKY, dtype=np.int8)
     factors, ok = _cholesky_batch(damped)
     with np.errstate(over="ignore", invalid="ignore"):
-        inverse[ok] = _inverse_from_cholesky(factors[ok])
-    ok[ok] = np.isfinite(inverse[ok]).all(axis=(1, 2))
+        if ok.all():  # the usual case: no gather and scatter of the accepted matrices
+            inverse = _inverse_from_cholesky(factors)
+            ok = np.isfinite(inverse).all(axis=(1, 2))
+        else:
+            inverse = np.empty_like(damped)
+            inverse[ok] = _inverse_from_cholesky(factors[ok])
+            ok[ok] = np.isfinite(inverse[ok]).all(axis=(1, 2))
     for i in np.flatnonzero(~ok):
         jittered = _jittered_inverse(damped[i])
         if jittered is not None:
@@ -115,8 +122,9 @@ def _inverse_from_cholesky(factors: np.ndarray) -> np.ndarray:
     torch), symmetrised exactly."""
     if not factors.size:
         return np.empty_like(factors)
-    inverse = torch.cholesky_inverse(torch.from_numpy(np.ascontiguousarray(factors))).numpy()
-    return 0.5 * inverse + 0.5 * inverse.swapaxes(-1, -2)
+    # Symmetrised in torch's pool rather than NumPy's one thread: the same halves, the same sums.
+    half = torch.cholesky_inverse(torch.from_numpy(np.ascontiguousarray(factors))).mul_(0.5)
+    return (half + half.mT).numpy()
 
 
 def _clipped_eigen_inverse(mat: np.ndarray, damping: float) -> np.ndarray:
