@@ -65,3 +65,14 @@ def test_invalid_arguments(new, decay, name):
 def test_import_does_not_load_cupy():
     code = "import sys, hpckfac.ops; assert 'cupy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_callers_verdict_on_finiteness():
+    """``finite=False`` refuses without looking; ``finite=True`` blends without checking again."""
+    rng = np.random.default_rng(34)
+    running, new = rng.standard_normal(6), rng.standard_normal(6)
+    before = running.copy()
+    assert ops.ema_update(running, new, 0.5, finite=False) is False
+    np.testing.assert_array_equal(running, before)
+    assert ops.ema_update(running, new, 0.5, finite=True) is True
+    np.testing.assert_allclose(running, 0.5 * before + 0.5 * new, rtol=1e-15)

@@ -153,15 +153,23 @@ def test_engine_refuses_non_finite_statistics_and_propagates_non_finite_gradient
     _, packed, grads = draw(rng, blocks, comm.size)
     engine.step(grads[comm.rank], packed[comm.rank], lr=LR)
     before = engine.state_dict()
-    bad = [p.copy() for p in packed[comm.rank]]
+    _, fresh, _ = draw(rng, blocks, comm.size)  # other statistics, so that an accepted update shows
+    bad = [p.copy() for p in fresh[comm.rank]]
     if comm.rank == comm.size - 1:
-        for p in bad:
-            p[0] = np.nan
+        bad[0][0] = np.nan  # the first block only: each block's update is judged on its own
     out = engine.step(grads[comm.rank], bad, lr=LR)  # poisoned statistics, finite gradients
     assert all(np.isfinite(v).all() for v in out)
     after = engine.state_dict()
-    for name in before["blocks"]:
-        np.testing.assert_array_equal(before["blocks"][name]["factors"], after["blocks"][name]["factors"])
+    names = list(before["blocks"])
+    np.testing.assert_array_equal(before["blocks"][names[0]]["factors"], after["blocks"][names[0]]["factors"])
+    for name in names[1:]:
+        assert not np.array_equal(before["blocks"][name]["factors"], after["blocks"][name]["factors"])
+    for p in bad:
+        p[0] = np.nan if comm.rank == comm.size - 1 else p[0]
+    kept = engine.state_dict()
+    engine.step(grads[comm.rank], bad, lr=LR)  # every block poisoned on one rank: nothing changes
+    for name in names:
+        np.testing.assert_array_equal(kept["blocks"][name]["factors"], engine.state_dict()["blocks"][name]["factors"])
     nan_grads = [g.copy() for g in grads[comm.rank]]
     nan_grads[0][0, 0] = np.inf
     out = engine.step(nan_grads, packed[comm.rank], lr=LR)
