@@ -54,7 +54,8 @@ class OwnerState:
         xp = self.xp
         base = self.layout.segment_start(self.rank, self.layout.reduce_counts(True))
         # Two reads per step, whatever the number of blocks: the presence shares (which blocks
-        # to update, and by what to divide), then every update's finiteness at once.
+        # to update, and by what to divide), then every update's finiteness at once (so the
+        # updates are held until then: one copy of the owned statistics).
         presence = arrays.to_host(segment[self._presence_at]).tolist()
         updates = {}
         for i, (l, block) in enumerate(zip(self.owned, self.blocks)):
@@ -74,14 +75,14 @@ class OwnerState:
             new /= presence
         return new
 
-    def _blend(self, i: int, new, decay: float, finite: bool | None) -> bool:
+    def _blend(self, i: int, new, decay: float, finite: bool) -> None:
+        """Block ``i``'s running average takes ``new`` unless it is not finite (refused, logged)."""
         if not ops.ema_update(self.running[i], new, decay, first=not self.initialized[i], finite=finite):
             self.refused += 1
             _log.warning("block %s: non-finite statistics refused; the running average keeps its old value",
                          self.blocks[i].name)
-            return False
+            return
         self.initialized[i] = True
-        return True
 
     def invert(self, damping: float, missing_only: bool = False) -> None:
         """Damped inverses of every initialized block (or only of those without
