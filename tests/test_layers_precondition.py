@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpckfac.layers import ConvBlock, LinearBlock, pi_damping
+from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock, pi_damping
 
 DAMPING = 0.03
 
@@ -88,3 +88,29 @@ def test_pi_damping_rejects_bad_damping(damping):
 def test_pi_damping_rejects_non_square_factors():
     with pytest.raises(ValueError, match="g:"):
         pi_damping(np.eye(2), np.ones((2, 3)), 0.1)
+
+
+@pytest.mark.parametrize("blocks", [
+    [LinearBlock("a", 4, 3, bias=True), LinearBlock("b", 4, 3, bias=True), ConvBlock("c", 1, 3, (4,), (1,), (0,), (1,), True)],
+    [ConvBlock("g", 4, 6, (3,), (1,), (1,), (1,), False, groups=2), ConvBlock("h", 4, 6, (3,), (1,), (1,), (1,), False, groups=2)],
+    [BatchNormBlock("bn1", 3, 1e-5), BatchNormBlock("bn2", 5, 1e-5)],
+], ids=["kron", "grouped", "unitwise"])
+def test_precondition_batch_equals_each_blocks_own(blocks):
+    """Blocks sharing a batch_key, preconditioned together, give each block's own result."""
+    rng = np.random.default_rng(9)
+    assert len({b.batch_key for b in blocks}) == 1 and blocks[0].batch_key is not None
+    grads = [rng.standard_normal(b.grad_shape) for b in blocks]
+    inverses = []
+    for b in blocks:
+        inverses.append([np.stack([spd_matrix(rng, n) for _ in range(count)]) for count, n in b.factor_shapes])
+    want = np.concatenate([b.precondition(g, inv).reshape(-1) for b, g, inv in zip(blocks, grads, inverses)])
+    stacks = [np.concatenate([inv[s] for inv in inverses]) for s in range(len(inverses[0]))]
+    got = blocks[0].precondition_batch(np.concatenate([g.reshape(-1) for g in grads]), stacks)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="inverses"):
+        blocks[0].precondition_batch(np.concatenate([g.reshape(-1) for g in grads]), [s[1:] for s in stacks])
+
+
+def spd_matrix(rng, n):
+    x = rng.standard_normal((n, n + 1))
+    return x @ x.T / (n + 1) + 0.1 * np.eye(n)

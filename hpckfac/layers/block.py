@@ -30,7 +30,7 @@ import abc
 import math
 import numbers
 from functools import cached_property, lru_cache
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 
@@ -258,6 +258,22 @@ class CurvatureBlock(abc.ABC):
     @abc.abstractmethod
     def precondition(self, grad: Array, inverses: Sequence[Array]) -> Array:
         """The preconditioned ``grad_shape`` gradient, from the damped ``inverses``."""
+
+    @property
+    def batch_key(self) -> Hashable | None:
+        """Blocks with the same key (not None) can be preconditioned together by
+        ``precondition_batch``: one batched product for all of them instead of a few
+        small ones each (on a GPU, each costs a launch). None: this block alone."""
+        return None
+
+    def precondition_batch(self, grads: Array, inverses: Sequence[Array]) -> Array:
+        """``precondition`` of consecutive blocks sharing this block's ``batch_key``, at once.
+
+        ``grads``: their gradient matrices flattened and concatenated (1-D); ``inverses[s]``:
+        their stack ``s`` of inverses concatenated along the first axis. Returns the
+        preconditioned gradients, flattened and concatenated the same way, equal to each
+        block's ``precondition``. Kinds with a ``batch_key`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no batch_key, so no precondition_batch")
 
     def inverses(self, stats: Array, damping: float) -> list[Array]:
         """Damped inverses of the block's factors (one ``damped_inverse`` call per stack)."""

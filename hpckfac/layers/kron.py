@@ -202,3 +202,19 @@ class KronBlock(CurvatureBlock):
             return inv_g[0] @ grad @ inv_a[0]
         grouped = grad.reshape(self.groups, self.d_G, self.d_A)
         return (inv_g @ grouped @ inv_a).reshape(self.grad_shape)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Every group of every Kronecker block is one ``G^-1 X A^-1`` of the same shape."""
+        return ("kron", self.d_G, self.d_A)
+
+    def precondition_batch(self, grads: Array, inverses: Sequence[Array]) -> Array:
+        """``G_j^-1 grad_j A_j^-1`` for every group of several blocks: ``grads`` is their
+        ``(groups * d_G, d_A)`` matrices back to back, the inverses their ``(groups, ...)``
+        stacks back to back (see ``CurvatureBlock.precondition_batch``)."""
+        inv_a, inv_g = inverses
+        grouped = grads.reshape(-1, self.d_G, self.d_A)
+        if inv_a.shape != (len(grouped), self.d_A, self.d_A) or inv_g.shape != (len(grouped), self.d_G, self.d_G):
+            raise ValueError(f"inverses: expected {len(grouped)} pairs of {self.d_A}x{self.d_A} and "
+                             f"{self.d_G}x{self.d_G}, got shapes {inv_a.shape} and {inv_g.shape}")
+        return (inv_g @ grouped @ inv_a).reshape(-1)

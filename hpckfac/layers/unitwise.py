@@ -131,6 +131,20 @@ class UnitWiseBlock(CurvatureBlock):
         check_shape(inv, (self.units, self.k, self.k), "inverses[0]")
         return (inv @ grad[:, :, None])[:, :, 0]
 
+    @property
+    def batch_key(self) -> tuple:
+        """Units of every unit-wise block with the same ``k`` are independent alike."""
+        return ("unit", self.k)
+
+    def precondition_batch(self, grads: Array, inverses: Sequence[Array]) -> Array:
+        """``(F_c + λ I)^-1 grad_c`` for the units of several blocks back to back (see
+        ``CurvatureBlock.precondition_batch``)."""
+        (inv,) = inverses
+        units = grads.reshape(-1, self.k)
+        if inv.shape != (len(units), self.k, self.k):
+            raise ValueError(f"inverses: expected {len(units)} {self.k}x{self.k} inverses, got shape {inv.shape}")
+        return (inv @ units[:, :, None])[:, :, 0].reshape(-1)
+
 
 def normalize(x: Array, axes: tuple[int, ...], eps: float) -> Array:
     """``(x - mean) / sqrt(var + eps)`` over ``axes`` (biased variance, as the layers use

@@ -2,7 +2,9 @@
 
 ReduceScatterV buffer (every rank sends the whole buffer, owner ``r`` receives
 segment ``r`` averaged over ranks). Segment ``r`` holds, for the blocks ``r``
-owns in model order:
+owns (in model order, except that blocks sharing a ``batch_key`` sit together,
+at the first one's place, so that the owner preconditions them with one batched
+product: ``owned``):
 
 - on factor-update steps, for each owned block: its packed statistics
   (``BlockSpec.stat_size`` elements) followed by one *presence* element, 1.0
@@ -26,6 +28,16 @@ from typing import Sequence
 
 import numpy as np
 
+def _batched_order(indices: list[int], blocks: Sequence) -> list[int]:
+    """``indices`` in model order, except that blocks sharing a ``batch_key`` (not None)
+    follow the first of them."""
+    runs: dict = {}
+    for l in indices:
+        key = getattr(blocks[l], "batch_key", None)
+        runs.setdefault(("alone", l) if key is None else key, []).append(l)
+    return [l for run in runs.values() for l in run]
+
+
 class SegmentLayout:
     """Offsets of every block in the ReduceScatterV and AllGatherV buffers.
 
@@ -36,7 +48,8 @@ class SegmentLayout:
 
     def __init__(self, blocks: Sequence, owners: list[int], size: int) -> None:
         self.blocks, self.owners, self.size = list(blocks), list(owners), int(size)
-        self.owned = [[l for l, o in enumerate(self.owners) if o == r] for r in range(self.size)]
+        self.owned = [_batched_order([l for l, o in enumerate(self.owners) if o == r], self.blocks)
+                      for r in range(self.size)]
         # reduce[factors]: (counts per rank, stat offset per block, grad offset per block)
         self.reduce = {factors: self._reduce_layout(factors) for factors in (False, True)}
         self.gather_counts, self.gather_offsets, self.partial_offsets = self._gather_layout()

@@ -41,6 +41,19 @@ class OwnerState:
         self.initialized = [False] * len(self.blocks)
         self.inverses: list[list | None] = [None] * len(self.blocks)
         self.refused = 0
+        # Runs of consecutive owned blocks sharing a batch_key (the layout puts them together),
+        # as (first, last + 1); blocks without a key are runs of one. A run whose inverses were
+        # computed together keeps them as one stack per slot (views of the inversion's
+        # result) and is preconditioned with one batched product (``precondition_batch``).
+        self._runs: list[tuple[int, int]] = []
+        for i, block in enumerate(self.blocks):
+            key = block.batch_key
+            if self._runs and key is not None and self.blocks[self._runs[-1][0]].batch_key == key:
+                self._runs[-1] = (self._runs[-1][0], i + 1)
+            else:
+                self._runs.append((i, i + 1))
+        self._run_of = {i: r for r, (lo, hi) in enumerate(self._runs) for i in range(lo, hi)}
+        self._stacks: dict[int, list] = {}
         # Where each owned block's presence share sits in this rank's factor-step segment.
         base = layout.segment_start(rank, layout.reduce_counts(True))
         self._presence_at = xp.asarray([layout.stat_offset(l) + b.stat_size - base
@@ -96,14 +109,39 @@ class OwnerState:
             for slot, (mats, damp) in enumerate(zip(stacks, block.damping(stacks, damping))):
                 groups.setdefault(mats.shape[-1], []).append((mats, damp, i, slot))
             self.inverses[i] = [None] * len(stacks)
+        placed = {}  # (block, slot) -> (id of the result, start, stop)
+        results = {}
         for items in groups.values():
+            # Slot by slot, blocks in order: a run's matrices of one slot end up consecutive.
+            items.sort(key=lambda item: (item[3], item[2]))
             mats = xp.concatenate([m for m, _, _, _ in items]) if len(items) > 1 else items[0][0]
             damp = xp.concatenate([d for _, d, _, _ in items]) if len(items) > 1 else items[0][1]
             result = ops.damped_inverse(mats, damp.astype(self.dtype)).inverse
+            results[id(result)] = result
             start = 0
             for m, _, i, slot in items:
                 self.inverses[i][slot] = result[start:start + len(m)]
+                placed[(i, slot)] = (id(result), start, start + len(m))
                 start += len(m)
+        for r in {self._run_of[i] for i, _ in placed}:
+            self._stacks[r] = self._run_stack(r, placed, results)
+
+    def _run_stack(self, r: int, placed: dict, results: dict) -> list | None:
+        """Run ``r``'s inverses as one stack per slot (views), if this inversion placed them
+        back to back; else None (its blocks are then preconditioned one by one)."""
+        lo, hi = self._runs[r]
+        if self.blocks[lo].batch_key is None:
+            return None
+        stacks = []
+        for slot in range(len(self.blocks[lo].factor_shapes)):
+            spans = [placed.get((i, slot)) for i in range(lo, hi)]
+            if any(span is None for span in spans):
+                return None
+            whole, start, stop = spans[0][0], spans[0][1], spans[-1][2]
+            if any(a[0] != whole or a[2] != b[1] for a, b in zip(spans, spans[1:])):
+                return None
+            stacks.append(results[whole][start:stop])
+        return stacks
 
     def precondition(self, segment, factors: bool, out, damping: float):
         """Write each owned block's preconditioned gradient (read from ``segment``, the
@@ -117,12 +155,20 @@ class OwnerState:
         first = self.layout.grad_offset(self.owned[0], factors) - base if self.owned else 0
         grads = segment[first:first + out.size].astype(self.dtype, copy=False)  # one cast for all blocks
         at = 0
-        for i, block in enumerate(self.blocks):
-            grad = grads[at:at + block.grad_size].reshape(block.grad_shape)
-            inv = self.inverses[i]
-            v = grad if inv is None else block.precondition(grad, inv)
-            out[at:at + block.grad_size] = v.reshape(-1)
-            at += block.grad_size
+        for r, (lo, hi) in enumerate(self._runs):
+            stacks = self._stacks.get(r)
+            if stacks is not None:  # one batched product for the whole run
+                size = sum(block.grad_size for block in self.blocks[lo:hi])
+                out[at:at + size] = self.blocks[lo].precondition_batch(grads[at:at + size], stacks)
+                at += size
+                continue
+            for i in range(lo, hi):
+                block = self.blocks[i]
+                grad = grads[at:at + block.grad_size].reshape(block.grad_shape)
+                inv = self.inverses[i]
+                v = grad if inv is None else block.precondition(grad, inv)
+                out[at:at + block.grad_size] = v.reshape(-1)
+                at += block.grad_size
         # One sum for all blocks rather than a dot per block (one launch instead of hundreds on a
         # GPU); products in the state's dtype, accumulated in float64 without a float64 copy.
         return (out * grads).sum(dtype=np.float64)
@@ -135,6 +181,7 @@ class OwnerState:
     def load_block_state(self, i: int, state: dict[str, Any]) -> None:
         """Restore block ``i`` from ``block_state`` output (shapes checked by the engine)."""
         factors, inverses = state["factors"], state["inverses"]
+        self._stacks.pop(self._run_of[i], None)  # loaded inverses are not views of one stack
         self.initialized[i] = factors is not None
         self.running[i][...] = 0.0 if factors is None else arrays.from_host(np.asarray(factors, dtype=self.dtype), self.xp)
         self.inverses[i] = None if inverses is None else [

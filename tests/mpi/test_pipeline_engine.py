@@ -70,9 +70,11 @@ class Oracle:
             else:
                 self.running[l] = [DECAY * old + (1 - DECAY) * n for old, n in zip(self.running[l], new)]
 
-    def invert(self):
+    def invert(self, missing_only=False):
+        """Inverses of every block with statistics (``missing_only``: of those without an
+        inverse yet, which the engine inverts at the step that first needs them)."""
         for l, b in enumerate(self.blocks):
-            if self.running[l] is None:
+            if self.running[l] is None or (missing_only and self.inverse[l] is not None):
                 continue
             if isinstance(b, BatchNormBlock):
                 (f,) = self.running[l]
@@ -84,10 +86,13 @@ class Oracle:
                                    np.linalg.inv(g + math.sqrt(DAMPING) / pi * np.eye(len(g)))]
 
     def precondition(self, grads_per_rank):
+        self.invert(missing_only=True)
         vs, total = [], 0.0
         for l, b in enumerate(self.blocks):
             grad = sum(g[l] for g in grads_per_rank) / len(grads_per_rank)
-            if isinstance(b, BatchNormBlock):
+            if self.inverse[l] is None:  # never had statistics: the gradient passes through
+                v = grad
+            elif isinstance(b, BatchNormBlock):
                 v = np.einsum("cij,cj->ci", self.inverse[l][0], grad)
             else:
                 v = self.inverse[l][1] @ grad @ self.inverse[l][0]
@@ -136,6 +141,30 @@ def test_engine_two_blocks_ranks_owning_nothing(comm):
     if comm.rank >= 2:  # owns nothing: empty segments in both collectives
         assert engine.owned == [] and engine.layout.gather_counts[comm.rank] == 0
         assert engine.layout.reduce_counts(True)[comm.rank] == 0
+
+
+def repeated_blocks():
+    """Blocks of repeated shapes, interleaved: each shape's blocks are preconditioned together."""
+    return [LinearBlock("a", 5, 4, bias=True), BatchNormBlock("bn1", 3, 1e-5), LinearBlock("b", 5, 4, bias=True),
+            ConvBlock("c", 2, 3, (3, 3), (1, 1), (1, 1), (1, 1), bias=False), BatchNormBlock("bn2", 4, 1e-5),
+            LinearBlock("d", 5, 4, bias=True), ConvBlock("e", 2, 3, (3, 3), (2, 2), (0, 0), (1, 1), bias=False)]
+
+
+@pytest.mark.mpi
+def test_engine_preconditions_same_shape_blocks_together(comm):
+    # Block "b" has no statistics on any rank at step 0: its run is inverted again once it has,
+    # and preconditioned block by block until the next inverse step.
+    absent = lambda k, r, l: k == 0 and l == 2
+    engine, nus = run(comm, repeated_blocks(), steps=7, fui=1, iui=3, kl_clip=1e-3, absent=absent)
+    assert min(nus) < 1.0
+    state = engine.state
+    names = [b.name for b in state.blocks]
+    for key in {b.batch_key for b in state.blocks}:  # the layout puts each key's blocks together
+        where = [i for i, b in enumerate(state.blocks) if b.batch_key == key]
+        assert where == list(range(where[0], where[0] + len(where))), names
+    if comm.size == 1:  # one owner of everything: the three Linear blocks are one batched run
+        runs = {tuple(names[lo:hi]): state._stacks.get(r) for r, (lo, hi) in enumerate(state._runs)}
+        assert runs[("a", "b", "d")] is not None and runs[("bn1", "bn2")] is not None
 
 
 @pytest.mark.mpi
