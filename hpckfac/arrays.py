@@ -9,7 +9,9 @@ few questions that code needs:
 - ``ops_backend(x)``: the module implementing ``hpckfac.ops`` for ``x``
   (None for NumPy, whose reference implementation lives in ``hpckfac.ops``);
 - ``to_host(x)`` / ``from_host(a, xp)``: the explicit copies between the two,
-  used only where data must leave the device (checkpoints, logs).
+  used only where data must leave the device (checkpoints, logs);
+- ``constant(host, xp, key)``: a host array needed on the device at every
+  step (index tables), uploaded once per key and device.
 
 CuPy is imported only when a CuPy array arrives. ``register`` adds another
 kind of array; the test suite uses it for a stand-in device array that
@@ -18,7 +20,7 @@ refuses implicit conversion to host memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
@@ -99,3 +101,18 @@ def to_host(x: Any) -> np.ndarray:
 def from_host(a: Any, xp) -> Any:
     """``a`` (host data) as an array of namespace ``xp`` (a copy to the device, or ``a`` itself)."""
     return np.asarray(a) if xp is np else xp.asarray(a)
+
+
+_constants: dict[tuple, Any] = {}
+
+
+def constant(host: np.ndarray, xp, key: Hashable) -> Any:
+    """``host`` as an ``xp`` array, uploaded once per ``key`` (which must identify ``host``'s
+    contents) and device: an upload from host memory waits for everything queued on the
+    device, so arrays needed at every step are not uploaded at every step."""
+    if xp is np:
+        return host
+    cache_key = (key, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
+    if cache_key not in _constants:
+        _constants[cache_key] = xp.asarray(host)
+    return _constants[cache_key]

@@ -34,7 +34,7 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from hpckfac import ops
+from hpckfac import arrays, ops
 from hpckfac.arrays import namespace as array_module
 
 # A NumPy array, or a CuPy array on the GPU path.
@@ -98,22 +98,14 @@ def _gather_host(n: int, packing: bool) -> np.ndarray:
     return where.reshape(-1)
 
 
-# Device copies of the gather indices of orders up to this are kept (a few KiB each); larger
-# device stacks go through the packing kernels instead, so nothing of size n^2 stays cached.
+# Gather indices of orders up to this are kept on the device (a few KiB each); larger device
+# stacks go through the packing kernels instead, so nothing of size n^2 stays cached.
 DEVICE_INDEX_MAX_N = 64
-_gather_device: dict[tuple, Array] = {}
 
 
 def _gather_index(n: int, packing: bool, xp) -> Array:
-    """``_gather_host`` as an ``xp`` array, uploaded once per order and device (an upload
-    waits for the device's queue)."""
-    index = _gather_host(n, packing)
-    if xp is np:
-        return index
-    key = (n, packing, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
-    if key not in _gather_device:
-        _gather_device[key] = xp.asarray(index)
-    return _gather_device[key]
+    """``_gather_host`` as an ``xp`` array (uploaded once per order and device)."""
+    return arrays.constant(_gather_host(n, packing), xp, ("packed gather", n, packing))
 
 
 def pack_stack(mats: Array) -> Array:

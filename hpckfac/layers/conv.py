@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hpckfac import ops
+from hpckfac import arrays, ops
 from hpckfac.layers.block import Array, array_module, check_positive_int, prod
 from hpckfac.layers.kron import KronBlock
 
@@ -87,19 +87,11 @@ def _channel_major(channels: int, volume: int, bias: bool, packed: bool) -> np.n
     return (lo * d - lo * (lo - 1) // 2 + (hi - lo)).astype(np.int32 if d * d < 2 ** 31 else np.int64)
 
 
-_channel_major_device: dict[tuple, Array] = {}
-
-
 def channel_major(factor: Array, channels: int, volume: int, bias: bool, packed: bool) -> Array:
     """``factor`` (dense or packed, over kernel-major columns) over channel-major columns."""
     xp = array_module(factor)
-    index = _channel_major(channels, volume, bias, packed)
-    if xp is not np:  # uploaded once per layout and device (an upload waits for the device's queue)
-        key = (channels, volume, bias, packed, xp.__name__,
-               xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
-        if key not in _channel_major_device:
-            _channel_major_device[key] = xp.asarray(index)
-        index = _channel_major_device[key]
+    index = arrays.constant(_channel_major(channels, volume, bias, packed), xp,
+                            ("channel major", channels, volume, bias, packed))
     if packed:
         return xp.take(factor, index)
     return xp.take(xp.take(factor, index, axis=0), index, axis=1)
