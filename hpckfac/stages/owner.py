@@ -27,9 +27,10 @@ _log = get_logger("hpckfac.stages.owner")
 class OwnerState:
     """Running statistics and inverses of the blocks ``rank`` owns under ``layout``.
 
-    Block ``i`` here is the ``i``-th owned block, in model order. ``dtype`` is
-    the dtype of the running statistics, the inverses and the preconditioning
-    arithmetic; ``xp`` the array namespace (``numpy``, ``cupy``) they live in.
+    Block ``i`` here is the ``i``-th owned block in the layout's order
+    (``SegmentLayout.owned``). ``dtype`` is the dtype of the running statistics,
+    the inverses and the preconditioning arithmetic; ``xp`` the array namespace
+    (``numpy``, ``cupy``) they live in.
     """
 
     def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, rank: int, dtype, xp=np) -> None:
