@@ -74,14 +74,18 @@ class UnitWiseBlock(CurvatureBlock):
     # ----------------------------------------------------------- statistics
     def unit_gradients(self, x: Array, g: Array) -> Array:
         """Per-example gradients ``u_i`` of ``(γ_c[, β_c])``, shape ``(N, units, k)``."""
-        for arr, name in ((x, "x"), (g, "g")):
-            check_array(arr, name, 2)
-        if g.shape != x.shape:
-            raise ValueError(f"g: shape {g.shape} differs from x's {x.shape}")
+        self._check_pair(x, g)
         x_hat = self.normalized(x)
         g = self.unit_view(g).astype(x_hat.dtype, copy=False)
         parts = [(g * x_hat).sum(axis=2)] + ([g.sum(axis=2)] if self.has_bias else [])
         return array_module(x_hat).stack(parts, axis=-1)
+
+    @staticmethod
+    def _check_pair(x: Array, g: Array) -> None:
+        for arr, name in ((x, "x"), (g, "g")):
+            check_array(arr, name, 2)
+        if g.shape != x.shape:
+            raise ValueError(f"g: shape {g.shape} differs from x's {x.shape}")
 
     def fisher(self, x: Array, g: Array, scale: float = 1.0) -> Array:
         """``scale * Σ_i u_i u_iᵀ`` per unit, shape ``(units, k, k)``, order ``(γ, β)``.
