@@ -133,7 +133,7 @@ class UnitWiseBlock(CurvatureBlock):
         check_shape(grad, self.grad_shape, "grad")
         (inv,) = inverses
         check_shape(inv, (self.units, self.k, self.k), "inverses[0]")
-        return (inv @ grad[:, :, None])[:, :, 0]
+        return _apply(inv, grad)
 
     @property
     def batch_key(self) -> tuple:
@@ -147,7 +147,15 @@ class UnitWiseBlock(CurvatureBlock):
         units = grads.reshape(-1, self.k)
         if inv.shape != (len(units), self.k, self.k):
             raise ValueError(f"inverses: expected {len(units)} {self.k}x{self.k} inverses, got shape {inv.shape}")
-        return (inv @ units[:, :, None])[:, :, 0].reshape(-1)
+        return _apply(inv, units).reshape(-1)
+
+
+def _apply(inv: Array, vectors: Array) -> Array:
+    """``inv[u] @ vectors[u]`` for every unit, as products and a sum over the short last axis:
+    a batched matmul of tiny matrices rounds differently depending on where its operands sit
+    in memory, and a resumed run (inverses loaded from a checkpoint) must give the same bits
+    as the uninterrupted one."""
+    return (inv * vectors[:, None, :]).sum(axis=2)
 
 
 def normalize(x: Array, axes: tuple[int, ...], eps: float) -> Array:

@@ -279,3 +279,4 @@ class KFACEngine:
         self.steps = int(steps)
         for i, l in enumerate(self.owned):
             self.state.load_block_state(i, saved[self.blocks[l].name])
+        self.state.restack()

@@ -174,6 +174,26 @@ class OwnerState:
         # GPU); products in the state's dtype, accumulated in float64 without a float64 copy.
         return (out * grads).sum(dtype=np.float64)
 
+    def restack(self) -> None:
+        """After loading inverses block by block: each run whose blocks all have inverses gets
+        them back as one stack per slot (the blocks' inverses become views of it), so that a
+        resumed run is preconditioned exactly as the uninterrupted one (batched products can
+        round differently from single ones)."""
+        xp = self.xp
+        for r, (lo, hi) in enumerate(self._runs):
+            if self.blocks[lo].batch_key is None or any(self.inverses[i] is None for i in range(lo, hi)):
+                continue
+            stacks = []
+            for slot in range(len(self.inverses[lo])):
+                stack = xp.concatenate([self.inverses[i][slot] for i in range(lo, hi)])
+                start = 0
+                for i in range(lo, hi):
+                    count = len(self.inverses[i][slot])
+                    self.inverses[i][slot] = stack[start:start + count]
+                    start += count
+                stacks.append(stack)
+            self._stacks[r] = stacks
+
     def block_state(self, i: int) -> dict[str, Any]:
         """Block ``i``'s running statistics (None if never set) and inverses, as host (NumPy) copies."""
         return {"factors": arrays.to_host(self.running[i]).copy() if self.initialized[i] else None,
