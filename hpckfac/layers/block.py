@@ -29,12 +29,13 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any, Hashable, Sequence
 
 import numpy as np
 
 from hpckfac import arrays, ops
+from hpckfac.ops.packing import sym_gather, triu_flat
 from hpckfac.arrays import namespace as array_module
 
 # A NumPy array, or a CuPy array on the GPU path.
@@ -80,32 +81,17 @@ def check_shape(x: Any, shape: tuple[int, ...], name: str) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {getattr(x, 'shape', None)}")
 
 
-@lru_cache(maxsize=64)
-def _triu_host(n: int) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = np.triu_indices(n)
-    return rows, cols
-
-
-@lru_cache(maxsize=64)
-def _gather_host(n: int, packing: bool) -> np.ndarray:
-    """Packing: the flat (row-major) index of each packed element of an ``n x n`` matrix;
-    unpacking: the packed index of each dense element ``(i, j)`` (that of ``(min, max)``)."""
-    rows, cols = _triu_host(n)
-    if packing:
-        return rows * n + cols
-    where = np.empty((n, n), dtype=np.int64)
-    where[rows, cols] = where[cols, rows] = np.arange(rows.size)
-    return where.reshape(-1)
-
-
 # Gather indices of orders up to this are kept on the device (a few KiB each); larger device
 # stacks go through the packing kernels instead, so nothing of size n^2 stays cached.
 DEVICE_INDEX_MAX_N = 64
 
 
 def _gather_index(n: int, packing: bool, xp) -> Array:
-    """``_gather_host`` as an ``xp`` array (uploaded once per order and device)."""
-    return arrays.constant(_gather_host(n, packing), xp, ("packed gather", n, packing))
+    """Packing: the flat index of each packed element (``triu_flat``); unpacking: the packed
+    index of each dense element (``sym_gather``); as an ``xp`` array (uploaded once per order
+    and device)."""
+    index = triu_flat(n) if packing else sym_gather(n)
+    return arrays.constant(index, xp, ("packed gather", n, packing))
 
 
 def pack_stack(mats: Array) -> Array:

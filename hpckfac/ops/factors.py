@@ -12,7 +12,7 @@ import torch
 
 from hpckfac.ops.average import ema_update
 from hpckfac.ops.checks import accumulation_dtype
-from hpckfac.ops.packing import triu
+from hpckfac.ops.packing import triu_flat
 
 
 # Column panels of the upper triangle: about 64 columns each, at most 8 (the flops of k panels
@@ -54,7 +54,7 @@ def accumulate_factor(
     factor = _upper_gram(rows).numpy()
     factor *= scale
     if packed:
-        factor = factor[triu(factor.shape[0])]
+        factor = np.take(factor.reshape(-1), triu_flat(factor.shape[0]))
     else:
         lower = np.tril_indices(factor.shape[0], -1)
         factor[lower] = factor.T[lower]
