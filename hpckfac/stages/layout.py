@@ -6,11 +6,13 @@ owns (in model order, except that blocks sharing a ``batch_key`` sit together,
 at the first one's place, so that the owner preconditions them with one batched
 product: ``owned``):
 
-- on factor-update steps, for each owned block: its packed statistics
-  (``BlockSpec.stat_size`` elements) followed by one *presence* element, 1.0
-  if this rank has statistics for the block this step, else 0.0 (a module not
-  called this step); after the mean the presence is the share of ranks that
-  contributed, and the owner divides by it (or skips the update when it is 0);
+- on factor-update steps, each owned block's packed statistics
+  (``stat_size`` elements), one after another, so that the owner can blend
+  them into its running averages in one go; then one *presence* element per
+  owned block, 1.0 if this rank has statistics for the block this step, else
+  0.0 (a module not called this step); after the mean the presence is the
+  share of ranks that contributed, and the owner divides by it (or skips the
+  update when it is 0);
 - then, every step, each owned block's gradient matrix, row-major.
 
 AllGatherV buffer: segment ``r`` holds the preconditioned gradients of the
@@ -50,25 +52,29 @@ class SegmentLayout:
         self.blocks, self.owners, self.size = list(blocks), list(owners), int(size)
         self.owned = [_batched_order([l for l, o in enumerate(self.owners) if o == r], self.blocks)
                       for r in range(self.size)]
-        # reduce[factors]: (counts per rank, stat offset per block, grad offset per block)
+        # reduce[factors]: (counts per rank, stat offset per block, presence offset per block,
+        # grad offset per block)
         self.reduce = {factors: self._reduce_layout(factors) for factors in (False, True)}
         self.gather_counts, self.gather_offsets, self.partial_offsets = self._gather_layout()
 
     def _reduce_layout(self, factors: bool):
         counts = [0] * self.size
-        stat_at, grad_at = [0] * len(self.blocks), [0] * len(self.blocks)
+        stat_at, presence_at, grad_at = [0] * len(self.blocks), [0] * len(self.blocks), [0] * len(self.blocks)
         start = 0
         for rank, blocks in enumerate(self.owned):
             offset = start
             if factors:
                 for l in blocks:
                     stat_at[l] = offset
-                    offset += self.blocks[l].stat_size + 1
+                    offset += self.blocks[l].stat_size
+                for l in blocks:
+                    presence_at[l] = offset
+                    offset += 1
             for l in blocks:
                 grad_at[l] = offset
                 offset += self.blocks[l].grad_size
             counts[rank], start = offset - start, offset
-        return counts, stat_at, grad_at
+        return counts, stat_at, presence_at, grad_at
 
     def _gather_layout(self):
         counts, at, partial = [0] * self.size, [0] * len(self.blocks), [None] * self.size
@@ -93,12 +99,16 @@ class SegmentLayout:
         return sum(self.reduce[factors][0])
 
     def stat_offset(self, block: int) -> int:
-        """Start of block's statistics (then its presence flag) on factor-update steps."""
+        """Start of block's statistics on factor-update steps."""
         return self.reduce[True][1][block]
+
+    def presence_offset(self, block: int) -> int:
+        """Where block's presence element sits on factor-update steps."""
+        return self.reduce[True][2][block]
 
     def grad_offset(self, block: int, factors: bool) -> int:
         """Start of block's gradient in the ReduceScatterV buffer."""
-        return self.reduce[factors][2][block]
+        return self.reduce[factors][3][block]
 
     def segment_start(self, rank: int, counts: list[int]) -> int:
         """Offset of ``rank``'s segment in a buffer with per-rank ``counts``."""

@@ -46,7 +46,7 @@ class ReduceScatter:
                     buf[at:at + block.stat_size] = stats[l]
                 else:
                     buf[at:at + block.stat_size] = 0.0
-                buf[at + block.stat_size] = float(present)
+                buf[self.layout.presence_offset(l)] = float(present)
             slot = self.slots[factors][l]
             if grads[l] is not slot:  # a slot the caller filled already needs no copy
                 slot[...] = grads[l]
