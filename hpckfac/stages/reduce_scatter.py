@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from hpckfac.stages.layout import SegmentLayout
 
 
@@ -27,6 +29,9 @@ class ReduceScatter:
         # Each block's gradient matrix inside each send buffer, made once.
         self.slots = {f: [self._send[f][layout.grad_offset(l, f):layout.grad_offset(l, f) + b.grad_size]
                           .reshape(b.grad_shape) for l, b in enumerate(self.blocks)] for f in (False, True)}
+        # Every presence element of the factor-step buffer, so that the usual step (statistics
+        # for every block) sets them all with one assignment.
+        self._presence = xp.asarray([layout.presence_offset(l) for l in range(len(self.blocks))], dtype=np.int64)
 
     def __call__(self, grads: Sequence[Any], stats: Sequence[Any] | None) -> Any:
         """This rank's averaged segment; ``stats`` is None on steps without statistics,
@@ -38,6 +43,9 @@ class ReduceScatter:
     def _fill(self, grads, stats):
         factors = stats is not None
         buf = self._send[factors]
+        everywhere = factors and all(s is not None for s in stats)
+        if everywhere and self.blocks:
+            buf[self._presence] = 1.0
         for l, block in enumerate(self.blocks):
             if factors:
                 at = self.layout.stat_offset(l)
@@ -46,7 +54,8 @@ class ReduceScatter:
                     buf[at:at + block.stat_size] = stats[l]
                 else:
                     buf[at:at + block.stat_size] = 0.0
-                buf[self.layout.presence_offset(l)] = float(present)
+                if not everywhere:
+                    buf[self.layout.presence_offset(l)] = float(present)
             slot = self.slots[factors][l]
             if grads[l] is not slot:  # a slot the caller filled already needs no copy
                 slot[...] = grads[l]
