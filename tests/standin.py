@@ -5,6 +5,7 @@ fails loudly) on machines without a GPU.
 ``np.asarray``/``np.array`` of it raise TypeError (as CuPy does), NumPy's
 functions refuse it, and every explicit read back to the host (``get``,
 ``float``, ``bool``, ``item``, ``tolist``) is counted in ``HOST_READS``, every
+array an operation produces in ``OPERATIONS``, every
 upload of host data (``xp.asarray`` of a host array, list or scalar, host
 arrays assigned into a device array) in ``UPLOADS``: on a GPU both wait for
 the device's queue.
@@ -27,6 +28,9 @@ from hpckfac.ops import average, factors, inverse, packing
 
 HOST_READS = {"count": 0}
 UPLOADS = {"count": 0}
+# Arrays produced on the "device" (results of operations and views): on a GPU each operation
+# is a kernel launch or at least a CuPy call, ~10-20 us of host time.
+OPERATIONS = {"count": 0}
 
 
 def _unwrap(x):
@@ -41,8 +45,10 @@ def _unwrap(x):
 
 def _wrap(x):
     if isinstance(x, np.ndarray):
+        OPERATIONS["count"] += 1
         return DeviceArray(x)
     if isinstance(x, np.generic):  # device reductions give 0-d arrays, as CuPy's do
+        OPERATIONS["count"] += 1
         return DeviceArray(np.asarray(x))
     if isinstance(x, (list, tuple)):
         return type(x)(_wrap(v) for v in x)

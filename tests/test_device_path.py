@@ -123,3 +123,35 @@ def test_engine_buffers_live_in_the_gradients_namespace():
             results.append([arrays.to_host(o) for o in out])
     for host, device in zip(*results):
         assert np.array_equal(host, device)
+
+
+def test_array_operations_per_step_do_not_grow_with_same_shape_blocks():
+    """The running average of the usual factor step and the preconditioning of same-shape
+    blocks take a fixed number of device operations, however many such blocks there are (on a
+    GPU every operation costs a launch's host time; per-block work made the step host-bound)."""
+    def operations(copies):
+        blocks = [LinearBlock(f"fc{i}", 6, 5, bias=True) for i in range(copies)]
+        with standin.installed():
+            engine = KFACEngine(blocks, Communicator(MPI.COMM_SELF), factor_update_interval=1,
+                                inverse_update_interval=100, xp=standin.xp)
+            rng = np.random.default_rng(copies)
+            grads = [standin.to_device(rng.standard_normal(b.grad_shape)) for b in blocks]
+            stats = [standin.to_device(b.statistics(rng.standard_normal((8, 6)), rng.standard_normal((8, 5)), 1 / 8))
+                     for b in blocks]
+            engine.step(grads, stats, lr=0.1)  # the first step inverts
+            counts = {}
+            for stage in ("update_all", "precondition"):
+                method = getattr(engine.state, stage)
+
+                def counted(*args, _method=method, _stage=stage, **kwargs):
+                    before = standin.OPERATIONS["count"]
+                    try:
+                        return _method(*args, **kwargs)
+                    finally:
+                        counts[_stage] = standin.OPERATIONS["count"] - before
+                setattr(engine.state, stage, counted)
+            engine.step(grads, stats, lr=0.1)
+        return counts
+
+    few, many = operations(2), operations(12)
+    assert few == many, (few, many)
