@@ -8,8 +8,7 @@ the whole micro-batch, the block always takes every example
 from __future__ import annotations
 
 from hpckfac.layers.block import Array, array_module, check_positive_int
-from hpckfac.layers.unitwise import UnitWiseBlock, check_units, normalize
-from hpckfac.ops.checks import accumulation_dtype
+from hpckfac.layers.unitwise import UnitWiseBlock, centred_and_scale, check_units, normalize
 
 
 class BatchNormBlock(UnitWiseBlock):
@@ -32,15 +31,11 @@ class BatchNormBlock(UnitWiseBlock):
 
     def unit_gradients(self, x: Array, g: Array) -> Array:
         """As ``UnitWiseBlock.unit_gradients``, without forming ``x̂``: a channel's scale
-        ``1/sqrt(var + eps)`` is the same at every example and position, so
-        ``Σ_t g x̂ = rstd · Σ_t g (x - mean)`` (one pass over the input fewer, and no
+        ``sqrt(var + eps)`` is the same at every example and position, so
+        ``Σ_t g x̂ = Σ_t g (x - mean) / scale`` (one pass over the input fewer, and no
         ``x̂``-sized temporary)."""
         self._check_pair(x, g)
         check_units(x, 1, self.units, "x", self.name)
-        xp = array_module(x)
-        dtype = accumulation_dtype(x.dtype)
-        x = x.reshape(x.shape[0], self.units, -1).astype(dtype, copy=False)
-        g = self.unit_view(g).astype(dtype, copy=False)
-        centred = x - x.mean(axis=(0, 2), keepdims=True)
-        rstd = 1 / xp.sqrt((centred * centred).mean(axis=(0, 2)) + dtype.type(self.eps))
-        return xp.stack([(g * centred).sum(axis=2) * rstd, g.sum(axis=2)], axis=-1)
+        centred, scale = centred_and_scale(x.reshape(x.shape[0], self.units, -1), (0, 2), self.eps)
+        g = self.unit_view(g).astype(centred.dtype, copy=False)
+        return array_module(x).stack([(g * centred).sum(axis=2) / scale[:, :, 0], g.sum(axis=2)], axis=-1)
