@@ -210,7 +210,7 @@ def _syrk(x, scale: float, target, prev, decay: float, flag, dense: bool) -> Non
                (workspace, np.int32(splits), np.int64(d), np.float32(scale), *tail, *final))
 
 
-def factor_route(dtype=None, d: int = 0) -> str:
+def factor_route(dtype, d: int) -> str:
     """How a float32/float16/bfloat16 factor of ``d`` columns is accumulated, ``"gemm"`` or
     ``"kernel"``: ``$HPCKFAC_FACTOR_ROUTE`` if set, else ``DEFAULT_FACTOR_ROUTE``; ``"auto"``
     takes cuBLAS from ``GEMM_MIN_D`` columns on (see docs/gpu.md)."""

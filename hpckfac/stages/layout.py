@@ -30,14 +30,14 @@ from typing import Sequence
 
 import numpy as np
 
-def _batched_order(indices: list[int], blocks: Sequence) -> list[int]:
-    """``indices`` in model order, except that blocks sharing a ``batch_key`` (not None)
-    follow the first of them."""
+def _runs(indices: list[int], blocks: Sequence) -> list[list[int]]:
+    """``indices`` in model order, grouped: blocks sharing a ``batch_key`` (not None) form one
+    run at the first one's place; every other block is a run of its own."""
     runs: dict = {}
     for l in indices:
         key = getattr(blocks[l], "batch_key", None)
         runs.setdefault(("alone", l) if key is None else key, []).append(l)
-    return [l for run in runs.values() for l in run]
+    return list(runs.values())
 
 
 class SegmentLayout:
@@ -50,8 +50,10 @@ class SegmentLayout:
 
     def __init__(self, blocks: Sequence, owners: list[int], size: int) -> None:
         self.blocks, self.owners, self.size = list(blocks), list(owners), int(size)
-        self.owned = [_batched_order([l for l, o in enumerate(self.owners) if o == r], self.blocks)
-                      for r in range(self.size)]
+        # runs[r]: rank r's blocks grouped by batch_key (the owner preconditions a run at once);
+        # owned[r]: the same blocks, run after run, the order of r's segments.
+        self.runs = [_runs([l for l, o in enumerate(self.owners) if o == r], self.blocks) for r in range(self.size)]
+        self.owned = [[l for run in runs for l in run] for runs in self.runs]
         # reduce[factors]: (counts per rank, stat offset per block, presence offset per block,
         # grad offset per block)
         self.reduce = {factors: self._reduce_layout(factors) for factors in (False, True)}

@@ -46,17 +46,11 @@ class OwnerState:
         self.initialized = [False] * len(self.blocks)
         self.inverses: list[list | None] = [None] * len(self.blocks)
         self.refused = 0
-        # Runs of consecutive owned blocks sharing a batch_key (the layout puts them together),
-        # as (first, last + 1); blocks without a key are runs of one. A run whose inverses were
-        # computed together keeps them as one stack per slot (views of the inversion's
-        # result) and is preconditioned with one batched product (``precondition_batch``).
-        self._runs: list[tuple[int, int]] = []
-        for i, block in enumerate(self.blocks):
-            key = block.batch_key
-            if self._runs and key is not None and self.blocks[self._runs[-1][0]].batch_key == key:
-                self._runs[-1] = (self._runs[-1][0], i + 1)
-            else:
-                self._runs.append((i, i + 1))
+        # The layout's runs (blocks sharing a batch_key, side by side) as (first, last + 1) here.
+        # A run whose inverses were computed together keeps them as one stack per slot (views
+        # of the inversion's result) and is preconditioned with one batched product.
+        ends = np.cumsum([0] + [len(run) for run in layout.runs[rank]])
+        self._runs = list(zip(ends[:-1].tolist(), ends[1:].tolist()))
         self._run_of = {i: r for r, (lo, hi) in enumerate(self._runs) for i in range(lo, hi)}
         self._stacks: dict[int, list] = {}
         # Where the owned statistics (consecutive) and each block's presence share sit in this
@@ -123,24 +117,22 @@ class OwnerState:
             for slot, (mats, damp) in enumerate(zip(stacks, block.damping(stacks, damping))):
                 groups.setdefault(mats.shape[-1], []).append((mats, damp, i, slot))
             self.inverses[i] = [None] * len(stacks)
-        placed = {}  # (block, slot) -> (id of the result, start, stop)
-        results = {}
+        placed = {}  # (block, slot) -> (the inversion's result, start, stop)
         for items in groups.values():
             # Slot by slot, blocks in order: a run's matrices of one slot end up consecutive.
             items.sort(key=lambda item: (item[3], item[2]))
             mats = xp.concatenate([m for m, _, _, _ in items]) if len(items) > 1 else items[0][0]
             damp = xp.concatenate([d for _, d, _, _ in items]) if len(items) > 1 else items[0][1]
             result = ops.damped_inverse(mats, damp.astype(self.dtype)).inverse
-            results[id(result)] = result
             start = 0
             for m, _, i, slot in items:
                 self.inverses[i][slot] = result[start:start + len(m)]
-                placed[(i, slot)] = (id(result), start, start + len(m))
+                placed[(i, slot)] = (result, start, start + len(m))
                 start += len(m)
         for r in {self._run_of[i] for i, _ in placed}:
-            self._stacks[r] = self._run_stack(r, placed, results)
+            self._stacks[r] = self._run_stack(r, placed)
 
-    def _run_stack(self, r: int, placed: dict, results: dict) -> list | None:
+    def _run_stack(self, r: int, placed: dict) -> list | None:
         """Run ``r``'s inverses as one stack per slot (views), if this inversion placed them
         back to back; else None (its blocks are then preconditioned one by one)."""
         lo, hi = self._runs[r]
@@ -152,9 +144,9 @@ class OwnerState:
             if any(span is None for span in spans):
                 return None
             whole, start, stop = spans[0][0], spans[0][1], spans[-1][2]
-            if any(a[0] != whole or a[2] != b[1] for a, b in zip(spans, spans[1:])):
+            if any(a[0] is not whole or a[2] != b[1] for a, b in zip(spans, spans[1:])):
                 return None
-            stacks.append(results[whole][start:stop])
+            stacks.append(whole[start:stop])
         return stacks
 
     def precondition(self, segment, factors: bool, out, damping: float):
