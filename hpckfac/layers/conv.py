@@ -23,6 +23,7 @@ import numpy as np
 
 from hpckfac import arrays, ops
 from hpckfac.layers.block import Array, array_module, check_positive_int, prod
+from hpckfac.layers.conv_lags import lagged_a_factor, lags_pay
 from hpckfac.layers.kron import KronBlock
 
 
@@ -171,13 +172,27 @@ class ConvBlock(SpatialKronBlock):
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.dilation))
 
-    def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:
-        """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``,
-        columns ``(C_in, *kernel)`` (``(*kernel, C_in)`` with ``kernel_major``)."""
+    def _checked_output_size(self, a: Array) -> tuple[int, ...]:
         self._check_input(a)
         out_size = self.output_size(a.shape[2:])
         if min(out_size) < 1:
             raise ValueError(f"a: spatial size {a.shape[2:]} is smaller than the (dilated) kernel of {self.name!r}")
+        return out_size
+
+    def a_factor(self, a: Array, scale: float = 1.0, *, packed: bool = False) -> Array:
+        """As ``KronBlock.a_factor``. On the CPU, a stride-1 convolution with one group whose
+        lag products cost less than the patch Gram (``hpckfac.layers.conv_lags``) takes its
+        factor from them, without a patch matrix; the others from patches."""
+        if (isinstance(a, np.ndarray) and self.groups == 1 and all(s == 1 for s in self.stride)
+                and prod(self.kernel_size) > 1 and self._checked_output_size(a)
+                and lags_pay(self.in_channels, a.shape[2:], self.kernel_size, self.padding, self.dilation)):
+            return lagged_a_factor(a, self.kernel_size, self.padding, self.dilation, self.has_bias, scale, packed)
+        return super().a_factor(a, scale, packed=packed)
+
+    def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:
+        """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``,
+        columns ``(C_in, *kernel)`` (``(*kernel, C_in)`` with ``kernel_major``)."""
+        out_size = self._checked_output_size(a)
         xp = array_module(a)
         channels_last = a.strides[1] == a.itemsize  # e.g. torch's channels_last memory format
         pointwise = all(k == 1 for k in self.kernel_size)

@@ -15,6 +15,7 @@ from mpi4py import MPI
 from torch import nn
 
 from hpckfac.comm import Communicator
+from hpckfac.layers import conv, conv_lags
 from hpckfac.torch import KFACPreconditioner, bind_device
 
 from test_device_path import device_path
@@ -37,6 +38,12 @@ def bn_model():
 def plain_model():
     return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=True), nn.Tanh(),
                          nn.Flatten(), nn.Linear(27, 4, bias=False))
+
+
+def wide_conv_model():
+    """A 16-channel stride-1 convolution, whose A factor comes from lag products (``conv_lags``)."""
+    return nn.Sequential(nn.Conv2d(2, 16, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4, bias=False))
 
 
 def two_layer_model():
@@ -155,6 +162,14 @@ def test_every_block_kind_equals_one_process(comm, device):
         host, host_nus = train(KindsModel, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
         np.testing.assert_allclose(dist, host, rtol=0 if device == "standin" else 1e-9, atol=1e-12)
         np.testing.assert_allclose(nus, host_nus, rtol=0 if device == "standin" else 1e-9)
+
+
+@pytest.mark.mpi
+def test_wide_conv_from_lags_equals_one_process(comm, monkeypatch):
+    calls = []
+    monkeypatch.setattr(conv, "lagged_a_factor", lambda *a, **kw: calls.append(1) or conv_lags.lagged_a_factor(*a, **kw))
+    check(wide_conv_model, (2, 16, 16), 4, comm, damping=1e-2, inverse_update_interval=2, kl_clip=1e-2)
+    assert calls  # the 16-channel convolution took the lag route on every rank and in the reference
 
 
 @pytest.mark.mpi
