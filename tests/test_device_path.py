@@ -78,9 +78,11 @@ def test_whole_step_on_the_device_path_equals_the_host_path():
     with device_path():
         model, pre = train(reads, uploads)
     assert pre.xp is standin.xp and all(isinstance(r, standin.DeviceArray) for r in pre.engine.state.running)
+    # Equal to rounding: the host path takes CPU-only factor routes for convolutions (batched G,
+    # lag-product A) where the device path takes its generic ones.
     for (name, p), q in zip(model.named_parameters(), host_model.parameters()):
-        assert torch.equal(p, q), name
-    assert pre.last_nu == host_pre.last_nu and pre.last_nu < 1.0  # the KL clip was active
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+    assert pre.last_nu == pytest.approx(host_pre.last_nu, rel=1e-12) and pre.last_nu < 1.0  # the KL clip was active
     # Steps 1, 3, 5, 7 take no statistics and keep the inverses: nothing comes back to the host.
     assert [reads[k] for k in (1, 3, 5, 7)] == [0, 0, 0, 0], reads
     # Factor steps read the presence shares, then the finiteness of every owned block's update at once

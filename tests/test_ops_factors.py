@@ -114,3 +114,19 @@ def test_invalid_arguments(kwargs, name):
 def test_integer_input_rejected():
     with pytest.raises(TypeError, match="x"):
         ops.accumulate_factor(np.ones((3, 2), dtype=np.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16])
+def test_example_gram_is_the_gram_of_the_channels_last_rows(dtype):
+    from hpckfac.ops.factors import example_gram
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((5, 11, 37)) * rng.uniform(0.1, 4.0, size=(1, 11, 1))).astype(dtype)
+    x.flags.writeable = False
+    rows = np.moveaxis(x, 1, -1).reshape(-1, 11)  # (N * T, C)
+    want, bound = oracle(rows, 0.2), fp32_bound(rows, 0.2)
+    dense = example_gram(x, 0.2, packed=False)
+    assert dense.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    np.testing.assert_array_equal(dense, dense.T)
+    assert np.all(np.abs(dense - want) <= bound)
+    np.testing.assert_array_equal(example_gram(x, 0.2, packed=True), dense[np.triu_indices(11)])

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hpckfac import arrays, ops
+from hpckfac.ops.factors import example_gram
 from hpckfac.layers.block import Array, array_module, check_positive_int, prod
 from hpckfac.layers.conv_lags import lagged_a_factor, lags_pay
 from hpckfac.layers.kron import KronBlock
@@ -139,14 +140,25 @@ class SpatialKronBlock(KronBlock):
 
     def output_rows(self, g: Array) -> Array:
         """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
+        self._check_output(g)
+        return array_module(g).moveaxis(g, 1, -1).reshape(-1, self.out_channels)
+
+    def _check_output(self, g: Array) -> None:
         if getattr(g, "ndim", None) != len(self.kernel_size) + 2 or g.shape[1] != self.out_channels:
             raise ValueError(f"g: block {self.name!r} expects (N, {self.out_channels}, "
                              f"{len(self.kernel_size)} spatial dims), got shape {getattr(g, 'shape', None)}")
-        return array_module(g).moveaxis(g, 1, -1).reshape(-1, self.out_channels)
 
     def positions(self, g: Array) -> int:
         """Spatial output positions ``|T|`` of ``g`` (N, C_out, *spatial)."""
         return prod(g.shape[2:])
+
+    def g_factor(self, g: Array, scale: float = 1.0, *, packed: bool = False) -> Array:
+        """As ``KronBlock.g_factor``; on the CPU with one group, straight from ``g``'s
+        ``(C_out, positions)`` matrices without copying its rows channels-last."""
+        if not (isinstance(g, np.ndarray) and self.groups == 1):
+            return super().g_factor(g, scale, packed=packed)
+        self._check_output(g)
+        return example_gram(g.reshape(g.shape[0], self.out_channels, -1), scale / self.positions(g), packed)
 
 
 class ConvBlock(SpatialKronBlock):

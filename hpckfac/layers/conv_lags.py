@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from hpckfac.ops.checks import accumulation_dtype
-from hpckfac.ops.packing import triu_flat
+from hpckfac.ops.factors import finish_factor
 
 # Below 16 channels the lag GEMMs are memory-bound and sum their ~N*H*W terms with a relative
 # error near 1e-5 in float32 (measured, against 1e-6 for the patch Gram): patches there.
@@ -166,8 +166,4 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
 
     result = factor.numpy()
     result *= scale
-    if packed:
-        return np.take(result.reshape(-1), triu_flat(d))
-    lower = np.tril_indices(d, -1)
-    result[lower] = result.T[lower]
-    return result
+    return finish_factor(result, packed)
