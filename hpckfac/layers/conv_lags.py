@@ -157,12 +157,21 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
         slab[:, :width] = patches.reshape(-1, width)
         if bias:
             slab[:, -1] = 1
-        # Columns (δ, c) of the slab are factor columns c * volume + flat(δ), then the bias.
-        flat_offsets = np.ravel_multi_index(np.meshgrid(*(np.arange(a, b) for a, b in offsets), indexing="ij"),
-                                            kernel).reshape(-1)
-        where = (np.arange(channels)[None, :] * volume + flat_offsets[:, None]).reshape(-1)
-        index = torch.from_numpy(np.concatenate([where, [d - 1]]) if bias else where)
-        factor[index[:, None], index[None, :]] -= slab.T @ slab
+        # The slab's columns (δ, c) are factor columns c * volume + flat(δ): subtract its Gram
+        # through strided views of the factor as (C, *kernel) x (C, *kernel), then the bias.
+        gram = slab.T @ slab
+        box = tuple(slice(a, b) for a, b in offsets)
+        sub = shape[1 + ndim:]
+        channel_first = (ndim, *range(ndim))
+        patch_block = gram[:width, :width].view(*sub, *sub).permute(*channel_first,
+                                                                    *(ndim + 1 + i for i in channel_first))
+        factor[:channels * volume, :channels * volume].view(channels, *kernel, channels, *kernel)[
+            (slice(None), *box, slice(None), *box)] -= patch_block
+        if bias:
+            column = gram[:width, width].view(sub).permute(channel_first)
+            factor[:-1, -1].view(channels, *kernel)[(slice(None), *box)] -= column
+            factor[-1, :-1].view(channels, *kernel)[(slice(None), *box)] -= column
+            factor[-1, -1] -= gram[width, width]
 
     result = factor.numpy()
     result *= scale
