@@ -1,5 +1,6 @@
 """BatchNormBlock: unit-wise 2x2 Fishers against per-example gradients of (gamma, beta) from
 torch.func, and the per-channel solve against np.linalg (float64)."""
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -53,6 +54,21 @@ def test_fisher_of_float32_input_is_float32():
     got = block.fisher(x.astype(np.float32), g.astype(np.float32))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, block.fisher(x, g), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_narrow_input_with_float32_gradients(dtype):
+    """Autocast's case: a half input and float32 output gradients, accumulated in float32, on a
+    channel whose mean is large against its spread (the centred form keeps its digits)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((16, 4, 6, 6)) * 0.5 + np.array([0.0, 8.0, -3.0, 1.0])[:, None, None]).astype(dtype)
+    g = rng.standard_normal((16, 4, 6, 6)).astype(np.float32)
+    x.flags.writeable = False
+    block = BatchNormBlock("bn", 4, EPS)
+    got = block.unit_gradients(x, g)
+    assert got.dtype == np.float32 and got.shape == (16, 4, 2)
+    np.testing.assert_allclose(got, block.unit_gradients(x.astype(np.float64), g.astype(np.float64)),
+                               rtol=2e-5, atol=2e-5)
 
 
 def test_solve_against_linalg_solve():
