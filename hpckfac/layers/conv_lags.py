@@ -84,6 +84,7 @@ def _slabs(kernel, padding, dilation, out_size):
     return slabs, extended
 
 
+@lru_cache(maxsize=256)
 def lags_pay(channels: int, size: tuple[int, ...], kernel: tuple[int, ...], padding: tuple[int, ...],
              dilation: tuple[int, ...]) -> bool:
     """Whether ``lagged_a_factor`` beats the patch Gram for a stride-1 convolution of
