@@ -95,6 +95,9 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
     with pytest.raises(DataError, match="not a readable .npz"):
         load_dataset(str(tmp_path / "junk.npz"))
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8)))
+    with pytest.raises(DataError, match=r"x\.npy: a single array \(\.npy\), not a \.npz archive"):
+        load_dataset(str(tmp_path / "x.npy"))
 
 
 # ----------------------------------------------------------- batch order
@@ -229,8 +232,9 @@ def test_check_compatible_names_the_differing_setting():
     ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 8}, "abc", ("optimizer", "batch_size"), "p")
     with pytest.raises(ckpt.CheckpointError, match="batch_size is 8 there, 16 here"):
         ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 16}, "abc", ("optimizer", "batch_size"), "p")
-    with pytest.raises(ckpt.CheckpointError, match="different data"):
-        ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 8}, "xyz", ("optimizer",), "p")
+    with pytest.raises(ckpt.CheckpointError, match="different data: the embedded digits .* there, mine.npz "):
+        ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 8, "data": "mine.npz"}, "xyz",
+                              ("optimizer",), "p")
 
 
 # ------------------------------------------------------------------ plots

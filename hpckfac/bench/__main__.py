@@ -10,7 +10,7 @@ BENCHMARKS = {
     "kernels": "CUDA kernels against their obvious alternatives (needs a GPU)",
     "convergence": "K-FAC vs SGD vs Adam: steps and seconds to target accuracy",
     "scaling": "strong/weak scaling on ResNet-50 layer shapes, per-stage breakdown",
-    "model": "alpha-beta performance model, calibrated here, extrapolated to 1024 GPUs",
+    "model": "alpha-beta performance model, calibrated here, extrapolated to 4096 GPUs",
 }
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
         return 2
     module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
     try:
-        return int(module.main(argv[1:]) or 0)
+        return int(module.main(argv[1:], prog=f"{prog} {argv[0]}") or 0)
     except (ValueError, OSError) as exc:
         # A bad argument or an unreadable file is the user's to fix: one line, no traceback.
         print(f"{prog} {argv[0]}: error: {exc}", file=sys.stderr)

@@ -28,13 +28,14 @@ _TRAFFIC = {"ring": 2.0, "mpi": 2.0, "rs_v_mpi": 1.0, "rs_v_ring": 1.0, "ag_v_mp
 _BIG = 16 * 2**20  # sizes above this get proportionally fewer repetitions
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench comm", description=__doc__.splitlines()[0])
+def parse(argv: list[str], prog: str = "python -m hpckfac.bench comm") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")
     parser.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest buffer (bytes)")
     parser.add_argument("--repeat", type=int, default=20,
                         help=f"timed calls per size and collective (fewer above {_BIG >> 20} MiB, at least 3)")
-    parser.add_argument("--dtype", default="float32", choices=["float64", "float32", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float64", "float32", "float16"],
+                        help="element type of the buffers")
     parser.add_argument("--no-check", action="store_true", help="turn the agreement check off")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -101,8 +102,8 @@ def label(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def main(argv: list[str]) -> int:
-    args = parse(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench comm") -> int:
+    args = parse(argv, prog)
     comm = Communicator(check_agreement=not args.no_check)
     dtype = np.dtype(args.dtype)
     comm.check_same(vars(args), "comm benchmark settings")

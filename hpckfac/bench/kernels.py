@@ -225,9 +225,9 @@ def device_info() -> dict[str, Any]:
             "cuda_driver": cupy.cuda.runtime.driverGetVersion(), "cupy": cupy.__version__}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench kernels") -> int:
     """Run the kernel benchmarks; print tables, optionally write JSON."""
-    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench kernels", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per case (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group")

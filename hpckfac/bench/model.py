@@ -44,7 +44,8 @@ from hpckfac.stages.layout import SegmentLayout
 
 STAGES = ITERATION_STAGES
 COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
-# OTU+18 (arXiv 1811.12019): 1024 V100, batch 32,768, 1,760 iterations in 10 min.
+# OTU+18 = Osawa, Tsuji, Ueno et al. 2018 (arXiv 1811.12019): 1024 V100, batch 32,768, 1,760 iterations
+# in 10 min.
 OTU18 = {"gpus": 1024, "batch": 32768, "iterations": 1760, "minutes": 10.0}
 
 
@@ -382,8 +383,12 @@ def measure_rates(model: shapes.ModelShapes, batch: int, repeat: int = 5) -> dic
 
 def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     with open(path, encoding="utf-8") as fh:
-        payload = json.load(fh)
-    return payload["config"], payload["results"]["runs"]
+        try:
+            payload = json.load(fh)
+            return payload["config"], payload["results"]["runs"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--calibrate {path}: not a combined scaling JSON of `bench scaling --combine` "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 def _machine_args(parser: argparse.ArgumentParser) -> None:
@@ -392,9 +397,9 @@ def _machine_args(parser: argparse.ArgumentParser) -> None:
                             help=f"override the presets' {field}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench model") -> int:
     """CLI: calibrate on a scaling JSON (optional), then predict ResNet-50 at many GPUs."""
-    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
     parser.add_argument("--measure", metavar="SCALE", type=int, default=None,
                         help="time the NumPy compute rates here on ResNet-50 with channels / SCALE "
@@ -406,12 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
                         help="comma-separated GPU counts")
     parser.add_argument("--batch", type=int, default=32, help="examples per GPU (weak) or global (strong)")
-    parser.add_argument("--mode", choices=("weak", "strong"), default="weak")
-    parser.add_argument("--comm-dtype", default="float32", choices=("float32", "float16"))
-    parser.add_argument("--batchnorm", default="kfac", choices=("kfac", "allreduce"))
-    parser.add_argument("--assignment", default="lpt", choices=("lpt", "contiguous"))
-    parser.add_argument("--factor-interval", type=int, default=1)
-    parser.add_argument("--inverse-interval", type=int, default=1)
+    parser.add_argument("--mode", choices=("weak", "strong"), default="weak",
+                        help="weak: --batch examples per GPU; strong: --batch examples in all, split over the GPUs")
+    parser.add_argument("--comm-dtype", default="float32", choices=("float32", "float16"),
+                        help="element type of the factor and gradient collectives")
+    parser.add_argument("--batchnorm", default="kfac", choices=("kfac", "allreduce"),
+                        help="BatchNorm parameters preconditioned (kfac) or only allreduced")
+    parser.add_argument("--assignment", default="lpt", choices=("lpt", "contiguous"),
+                        help="owner assignment of the blocks: balanced by cost (lpt) or in layer order")
+    parser.add_argument("--factor-interval", type=int, default=1, help="steps between factor updates")
+    parser.add_argument("--inverse-interval", type=int, default=1, help="steps between inversions")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--png", help="stacked-bar plot of the predictions")
     _machine_args(parser)
@@ -419,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "factor_interval", "inverse_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
-    ranks = [int(p) for p in args.ranks.split(",")]
+    try:
+        ranks = [int(p) for p in args.ranks.split(",")]
+    except ValueError:
+        raise ValueError(f"--ranks: expected comma-separated integers, got {args.ranks!r}") from None
     results: dict[str, Any] = {}
 
     if args.calibrate:
@@ -473,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows, columns, ".1f"))
         results.setdefault("predictions", {})[name] = {"machine": asdict(machine), "rows": rows}
     it_s = OTU18["minutes"] * 60 / OTU18["iterations"]
-    print(f"\nOTU+18: {OTU18['gpus']} V100, batch {OTU18['batch']}, {OTU18['iterations']} iterations in "
-          f"{OTU18['minutes']:.0f} min = {1e3 * it_s:.0f} ms per iteration on average (everything included)")
+    print(f"\nOTU+18 (Osawa, Tsuji, Ueno et al. 2018, arXiv 1811.12019): {OTU18['gpus']} V100, "
+          f"batch {OTU18['batch']}, {OTU18['iterations']} iterations in {OTU18['minutes']:.0f} min = {1e3 * it_s:.0f} ms per iteration on average (everything included)")
     results["otu18"] = dict(OTU18, ms_per_iteration=1e3 * it_s)
     if args.json:
         write_json(args.json, "model", vars(args), results)

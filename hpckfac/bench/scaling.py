@@ -255,19 +255,22 @@ def combine(paths: Sequence[str], json_path: str | None, png_path: str | None) -
     return 0
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench scaling", description=__doc__.splitlines()[0])
+def parse(argv: list[str], prog: str = "python -m hpckfac.bench scaling") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")
-    parser.add_argument("--model", choices=sorted(shapes.MODELS), default="resnet50")
+    parser.add_argument("--model", choices=sorted(shapes.MODELS), default="resnet50",
+                        help="layer shapes to run")
     parser.add_argument("--scale", type=int, default=None,
                         help="divide every channel count by this (default: 8 for resnet50, 1 for small)")
     parser.add_argument("--image", type=int, default=None, help="input height/width (default: the model's)")
     parser.add_argument("--batch", type=int, default=4, help="examples: global (strong) or per rank (weak)")
-    parser.add_argument("--assignment", choices=("lpt", "contiguous", "both"), default="both")
+    parser.add_argument("--assignment", choices=("lpt", "contiguous", "both"), default="both",
+                        help="owner assignment: balanced by cost (lpt), in layer order, or both side by side")
     parser.add_argument("--batchnorm", choices=("kfac", "allreduce"), default="kfac",
                         help="BatchNorm as unit-wise curvature blocks, or its gradients by ring allreduce")
-    parser.add_argument("--comm-dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--comm-dtype", choices=("float32", "float64"), default="float32",
+                        help="element type of the factor and gradient collectives")
     parser.add_argument("--repeat", type=int, default=5, help="timed iterations (medians are reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -287,9 +290,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench scaling") -> int:
     """Run the benchmark on COMM_WORLD (or combine earlier results)."""
-    args = parse(list(argv or []))
+    args = parse(list(argv or []), prog)
     if args.combine:
         return combine(args.combine, args.json, args.png)
     from hpckfac.comm import Communicator

@@ -35,8 +35,8 @@ from hpckfac.torch.preconditioner import TIMED
 CONFIGS = {"sgd": None, "kfac_1_10": (1, 10), "kfac_10_100": (10, 100)}
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hpckfac.bench step", description=__doc__.splitlines()[0])
+def parse(argv: list[str], prog: str = "python -m hpckfac.bench step") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--batch", type=int, default=128, help="examples per rank per iteration")
@@ -66,6 +66,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = [c for c in args.configs if c not in CONFIGS]
     if bad or args.steps < 1 or args.batch < 1:
         parser.error(f"invalid --configs {bad}" if bad else "--steps and --batch must be positive")
+    if args.image < 1:
+        parser.error(f"--image must be positive, got {args.image}")
     if args.threads < 0:
         parser.error("--threads must be >= 0 (0: the process's own setting)")
     if args.profile_steps < 1:
@@ -123,8 +125,8 @@ class Runner:
                 self.stages[name].append(self.precond.timings[name])
 
 
-def main(argv: list[str]) -> int:
-    args = parse(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench step") -> int:
+    args = parse(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
     comm = Communicator()

@@ -96,5 +96,9 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], data_fingerp
             raise CheckpointError(f"checkpoint {path} does not match this run: {key} is "
                                   f"{saved!r} there, {config.get(key)!r} here")
     if state["data"] != data_fingerprint:
-        raise CheckpointError(f"checkpoint {path} was trained on different data "
-                              f"(fingerprint {state['data']}, this run {data_fingerprint})")
+        def source(settings: dict[str, Any]) -> str:
+            return settings.get("data") or "the embedded digits"
+
+        raise CheckpointError(f"checkpoint {path} was trained on different data: {source(state['config'])} "
+                              f"(fingerprint {state['data']}) there, {source(config)} "
+                              f"(fingerprint {data_fingerprint}) here")

@@ -82,7 +82,13 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single array (.npy), not a .npz archive with 'images' and 'labels'")
+    try:
+        with loaded as archive:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
