@@ -240,6 +240,17 @@ def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(com
         np.testing.assert_allclose(wrapped, plain, rtol=1e-12)
 
 
+def test_training_in_eval_mode_is_named(comm, caplog):
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm)
+    model.eval()  # a forward/backward in eval() mode takes no statistics
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+    assert "step() without a training forward/backward" in caplog.text and "eval() mode" in caplog.text
+
+
 def test_misuse_warnings_and_tied_weights(comm, caplog):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm)
@@ -256,6 +267,7 @@ def test_misuse_warnings_and_tied_weights(comm, caplog):
     tied[3].weight = shared.weight
     with caplog.at_level("WARNING", logger="hpckfac"):
         precond = KFACPreconditioner(tied.double(), comm=comm)
+    assert "layer 1 (Linear) stays first-order: it shares a parameter with 3 (tied weights)" in caplog.text
     lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
     assert "first-order: shares a parameter with '1' (tied weights)" in lines["3"]
     assert "first-order: shares a parameter with '3' (tied weights)" in lines["1"]

@@ -40,6 +40,17 @@ def test_check_output_dir(tmp_path):
         check_output_dir(str(tmp_path / "file"), (), ())
 
 
+def test_temporary_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    left = [out / ".log.json.k2j9x.tmp", out / "checkpoints" / ".step_00000010.pt.a8f0q.tmp"]
+    kept = [out / "log.json", out / "notes.tmp", out / ".mine.abc.tmp", out / "checkpoints" / "step_00000010.pt"]
+    for path in left + kept:
+        path.write_text("x")
+    check_output_dir(str(out), ("log.json",), ("checkpoints",))
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
 def test_any_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
     """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, ...):
     every one of them must come out as the one-line CheckpointError."""

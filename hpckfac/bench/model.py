@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
         results.setdefault("predictions", {})[name] = {"machine": asdict(machine), "rows": rows}
     it_s = OTU18["minutes"] * 60 / OTU18["iterations"]
     print(f"\nOTU+18 (Osawa, Tsuji, Ueno et al. 2018, arXiv 1811.12019): {OTU18['gpus']} V100, "
-          f"batch {OTU18['batch']}, {OTU18['iterations']} iterations in {OTU18['minutes']:.0f} min = {1e3 * it_s:.0f} ms per iteration on average (everything included)")
+          f"batch {OTU18['batch']}, {OTU18['iterations']} iterations in {OTU18['minutes']:.0f} min = "
+          f"{1e3 * it_s:.0f} ms per iteration on average (everything included)")
     results["otu18"] = dict(OTU18, ms_per_iteration=1e3 * it_s)
     if args.json:
         write_json(args.json, "model", vars(args), results)

@@ -6,15 +6,21 @@ writable, and the names the run writes must not be taken by something of the
 wrong kind. ``atomic_write`` writes a sibling temporary file created with
 ``O_EXCL`` under an unpredictable name (``tempfile.mkstemp``: it never follows
 a planted symlink), then renames it over the target; readers see the old file
-or the whole new one, and a failure leaves no temporary file behind.
+or the whole new one, and a failure leaves no temporary file behind (and the temporary files of a run killed
+mid-write are removed by the next run's ``check_output_dir``).
 ``append_lines`` adds lines to a file without following a symlink, so a
 growing record costs what is added, not what is already there.
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from typing import IO, Callable
+
+from hpckfac.log import get_logger
+
+_log = get_logger("hpckfac.train")
 
 
 def check_output_dir(out: str, files: tuple[str, ...], folders: tuple[str, ...]) -> None:
@@ -35,6 +41,20 @@ def check_output_dir(out: str, files: tuple[str, ...], folders: tuple[str, ...])
         path = os.path.join(out, name)
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"out: {path} is a file; the run writes a directory there")
+    _remove_stale_temporaries(out, files, folders)
+
+
+def _remove_stale_temporaries(out: str, files: tuple[str, ...], folders: tuple[str, ...]) -> None:
+    """Remove the temporary files of ``atomic_write`` that a killed run left in ``out`` (those
+    of ``files``) and in its ``folders`` (all of them: the run owns those folders)."""
+    patterns = [os.path.join(glob.escape(out), f".{glob.escape(name)}.*.tmp") for name in files]
+    patterns += [os.path.join(glob.escape(os.path.join(out, name)), ".*.tmp") for name in folders]
+    stale = [path for pattern in patterns for path in glob.glob(pattern)]
+    for path in stale:
+        if os.path.isfile(path) or os.path.islink(path):
+            os.remove(path)
+    if stale:
+        _log.info("removed %d temporary file(s) left by an interrupted run in %s", len(stale), out)
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
