@@ -5,7 +5,7 @@ collective, whether its arguments passed local validation, dtype, length, op,
 algorithm, a parameter such as the root, and a digest of counts, array layouts
 or a value). One MAX allreduce of ``[v, -v]`` yields both the element-wise maximum
 and minimum over ranks; they are equal exactly when all ranks agree. Cost: one
-allreduce of 14 int64 values (a latency-bound message) per collective. Only
+allreduce of 16 int64 values (a latency-bound message) per collective. Only
 when ranks disagree is there a second step, an allgather of the vectors, to
 name the ranks in the error raised on every rank.
 """
@@ -19,7 +19,8 @@ from mpi4py import MPI
 
 from hpckfac.comm.dtypes import DTYPE_CODES
 
-COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v", "broadcast", "check_same")
+COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v", "broadcast", "check_same",
+               "allgather_object")
 OPS = ("sum", "mean")
 ALGORITHMS = ("ring", "mpi")
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in DTYPE_CODES.items()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
+import threading
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
@@ -253,29 +253,26 @@ class Communicator:
     def allgather_object(self, obj: Any, what: str | None = None) -> list:
         """Every rank's (picklable) ``obj``, in rank order.
 
-        With ``what`` (e.g. ``"state_dict()"``), a rank that waits for the others
-        longer than ``HPCKFAC_WAIT_NOTICE`` seconds (default 60) logs a warning
-        naming the call, so that a collective called on one rank only
-        (``if rank == 0: precond.state_dict()``) says why the job stands still.
+        With ``what`` (e.g. ``"state_dict()"``) the call is checked like the array
+        collectives: a rank that calls it while the others call another collective
+        (``if rank == 0: precond.state_dict()`` before the next ``step()``) raises
+        ``CollectiveMismatchError`` on every rank, and a rank that waits for the others
+        longer than ``HPCKFAC_WAIT_NOTICE`` seconds (default 60) logs a warning naming the
+        call (the others may never come, e.g. when they have finished the script).
         """
-        if what is not None:
-            self._arrive(what)
-        return self.mpi.allgather(obj)
-
-    def _arrive(self, what: str) -> None:
-        """Wait in a non-blocking barrier, warning once when the wait grows long."""
-        if self.size == 1:
-            return
-        notice = float(os.environ.get("HPCKFAC_WAIT_NOTICE", "60"))
-        request, start, warned = self.mpi.Ibarrier(), time.monotonic(), False
-        while not request.Test():
-            waited = time.monotonic() - start
-            if not warned and waited > notice:
-                get_logger("hpckfac.comm").warning(
-                    "%s has waited %.0f s for the other ranks: it is a collective, every rank must call it "
-                    "(e.g. state_dict() on all ranks, then save on rank 0)", what, waited)
-                warned = True
-            time.sleep(0 if waited < 0.01 else 0.001)  # spin briefly, then poll without burning a core
+        if what is None or self.size == 1:
+            return self.mpi.allgather(obj)
+        seconds = float(os.environ.get("HPCKFAC_WAIT_NOTICE", "60"))
+        notice = threading.Timer(seconds, get_logger("hpckfac.comm").warning,
+                                 ("%s has waited %.0f s for the other ranks: it is a collective, every rank must call "
+                                  "it (e.g. state_dict() on all ranks, then save on rank 0)", what, seconds))
+        notice.daemon = True
+        notice.start()  # MPI's blocking calls release the GIL, so the timer's thread can speak
+        try:
+            self._enter(what, lambda: (None, signature("allgather_object", layout=digest(what.encode()))))
+            return self.mpi.allgather(obj)
+        finally:
+            notice.cancel()
 
     def check_same(self, value: Any, what: str) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank passed an equal

@@ -79,7 +79,8 @@ def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
 
 def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
     """Average every ``.grad`` of ``model`` over ranks in place, with the same
-    fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters."""
+    fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
+    call it on every rank)."""
     comm = _comm(comm)
     grads = [to_array(p.grad) for p in model.parameters() if p.grad is not None]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
@@ -87,7 +88,8 @@ def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bu
 
 
 def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
-    """Average BatchNorm ``running_mean`` and ``running_var`` over ranks in place.
+    """Average BatchNorm ``running_mean`` and ``running_var`` over ranks in place (a
+    collective: call it on every rank).
 
     Each rank's statistics come from its own shards, so replicas differ after
     training; call this before evaluating or checkpointing. The variance is the

@@ -298,7 +298,8 @@ class KFACPreconditioner:
         return self.engine.blocks[index].grad_matrix(*grads, out=slot)
 
     def step(self) -> None:
-        """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``."""
+        """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``
+        (a collective: call it on every rank, once per optimizer step)."""
         with device_scope(self.device):
             self._step()
 
@@ -403,7 +404,9 @@ class KFACPreconditioner:
     def state_dict(self) -> dict[str, Any]:
         """Step count, hyperparameters, layer names, and every block's running
         factors and inverses gathered to every rank (a collective), as torch
-        tensors, so it ``torch.save``s and loads on any number of ranks."""
+        tensors, so it ``torch.save``s and loads on any number of ranks: call it on every
+        rank, then save on one (a rank that calls it alone gets ``CollectiveMismatchError``
+        from the others' next collective, or waits, with a logged notice, if there is none)."""
         state = self.engine.state_dict()
         state["hyperparameters"].update(lr=None if callable(self.lr) else self.lr,
                                         accumulation_steps=self.accumulation_steps)

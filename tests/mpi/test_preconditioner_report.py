@@ -36,3 +36,22 @@ def test_a_long_wait_in_a_collective_is_named(comm, caplog, monkeypatch):
     assert set(state["blocks"]) == {"0"}
     waited = "state_dict() has waited" in caplog.text
     assert waited == (comm.rank == 0 and comm.size > 1)
+
+
+@pytest.mark.mpi
+def test_state_dict_on_one_rank_while_the_others_step_raises_everywhere(comm):
+    """``if rank == 0: precond.state_dict()`` before the next ``step()``: every rank gets the error."""
+    from hpckfac.comm import CollectiveMismatchError
+
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(comm.rank))
+    model(x).pow(2).mean().backward()
+    with pytest.raises(CollectiveMismatchError, match="ranks disagree on collective"):
+        if comm.rank == 0:
+            precond.state_dict()
+        else:
+            precond.step()
