@@ -35,6 +35,19 @@ def test_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
         proc.stderr
 
 
+def test_exception_before_the_first_communicator_ends_the_job(tmp_path):
+    proc = run(tmp_path, """
+        from mpi4py import MPI
+        import hpckfac.torch  # the import installs the hook: no Communicator yet
+        if MPI.COMM_WORLD.Get_rank() == 1:
+            raise FileNotFoundError("shard_1.npz")
+        MPI.COMM_WORLD.Barrier()  # rank 0 would wait here forever
+    """)
+    assert proc.returncode != 0
+    assert "hpckfac: uncaught FileNotFoundError: shard_1.npz [rank 1 of 2; aborting the job]" in proc.stderr, \
+        proc.stderr
+
+
 def test_rank_local_error_in_train_aborts_with_one_line(tmp_path):
     proc = run(tmp_path, f"""
         import sys

@@ -2,12 +2,14 @@
 
 In a multi-rank run an exception on one rank leaves the others waiting in
 their next collective until the batch system kills the job, burning the
-allocation. Once a Communicator exists on a world of several ranks, an
-uncaught exception (Ctrl-C included) on any rank prints its traceback, one
-line naming the rank and the cause, and aborts every rank through
-``MPI_Abort`` (what ``python -m mpi4py`` does for scripts). Set
-``HPCKFAC_ABORT_ON_ERROR=0`` to keep Python's default (the rank exits, the
-others may wait).
+allocation. Once ``hpckfac.comm`` is imported (``hpckfac.torch`` imports it)
+in a world of several ranks, an uncaught exception (Ctrl-C included) on any
+rank prints its traceback, one line naming the rank and the cause, and aborts
+every rank through ``MPI_Abort`` (what ``python -m mpi4py`` does for scripts).
+Set ``HPCKFAC_ABORT_ON_ERROR=0`` to keep Python's default (the rank exits, the
+others may wait). ``sys.exit()`` is not an exception to Python's hook: a rank
+that exits alone with a failure code leaves the others waiting, unless the
+script runs under ``python -m mpi4py``, which aborts on that too.
 """
 from __future__ import annotations
 
