@@ -172,3 +172,23 @@ def test_resume_takes_the_runs_own_settings_and_says_when_it_is_finished(tmp_pat
     assert proc.returncode == 0 and "already finished (step 6 of 6); nothing to train" in proc.stdout
     proc = train(["--resume", out, "--no-progress", "--steps", 9])  # an explicit setting still wins
     assert proc.returncode == 2 and "total_steps is 6 there, 9 here" in proc.stderr
+
+
+def test_plain_progress_lines_divergence_advice_and_a_final_lr_of_zero(tmp_path):
+    # Not on a terminal: one plain line per evaluation, no carriage returns, no "test=nan".
+    proc = train(["--optimizer", "sgd", "--steps", 6, "--eval-every", 2, "--batch-size", 32, "--out", tmp_path / "a"])
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sgd step ")]
+    assert [line.split(":")[0] for line in lines] == ["sgd step 2/6", "sgd step 4/6", "sgd step 6/6"]
+    assert "\r" not in proc.stderr and "nan" not in proc.stderr
+    # SGD that diverges is told to lower the learning rate, not to raise a damping it does not have.
+    proc = train(["--optimizer", "sgd", "--steps", 6, "--lr", 1e6, "--batch-size", 32, "--no-progress"])
+    assert proc.returncode == 1 and "training diverged" in proc.stderr
+    assert "a smaller --lr" in proc.stderr and "damping" not in proc.stderr
+    # A decay that reaches a learning rate of (almost) 0 at the last step: the KL clip copes and the
+    # final checkpoint is written.
+    out = tmp_path / "b"
+    proc = train(["--optimizer", "kfac", "--steps", 6, "--decay-power", 120, "--batch-size", 32,
+                  "--checkpoint-every", 6, "--no-progress", "--out", out])
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "checkpoints" / "step_00000006.pt").exists()
