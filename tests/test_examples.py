@@ -47,3 +47,21 @@ def test_huggingface_gpt2():
     losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
     assert losses[-1] < 1.0 < losses[0]  # counting learnt (chance: log 16 = 2.77)
     assert out.count("Conv1D       K-FAC") == 8 and "(tied weights)" in out
+
+
+def test_the_readme_snippet_runs_at_two_ranks(tmp_path):
+    """The README's "Using it in your training script" block, with a model and data filled in."""
+    readme = open(os.path.join(os.path.dirname(EXAMPLES), "README.md"), encoding="utf-8").read()
+    snippet = re.search(r"```python\n(import torch\nfrom torch.utils.data.*?)```", readme, re.S).group(1)
+    setup = ("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+             "torch.manual_seed(0)\n"
+             "dataset = TensorDataset(torch.randn(256, 3, 8, 8), torch.randint(0, 4, (256,)))\n"
+             "global_batch, epochs = 64, 2\n"
+             "def MyModel():\n"
+             "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),\n"
+             "                         nn.Flatten(), nn.Linear(512, 4))\n")
+    (tmp_path / "train.py").write_text(setup + snippet)
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "train.py"], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "checkpoint.pt").is_file() and "total" in proc.stdout
