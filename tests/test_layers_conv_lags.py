@@ -73,3 +73,24 @@ def test_lags_pay_where_measured():
     assert not lags_pay(conv_lags.MIN_CHANNELS - 1, (32, 32), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(64, (4, 4), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(64, (8, 8), (1, 1), (0, 0), (1, 1))
+
+
+def test_random_geometries_against_the_patch_gram():
+    """Drawn kernels (1-4 per dimension, not all 1), dilations, paddings (including more than
+    the kernel's reach) and sizes down to a one-position output, in 1, 2 and 3 dimensions."""
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        ndim = int(rng.integers(1, 4))
+        kernel = tuple(int(k) for k in rng.integers(1, 5, ndim))
+        if max(kernel) == 1:
+            kernel = (2,) + kernel[1:]
+        dilation = tuple(int(d) for d in rng.integers(1, 4, ndim))
+        padding = tuple(int(p) for p in rng.integers(0, 5, ndim))
+        reach = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        size = tuple(max(1, r - 2 * p + 1) + int(rng.integers(0, 4)) for r, p in zip(reach, padding))
+        bias = bool(rng.integers(0, 2))
+        x = rng.standard_normal((2, 2, *size))
+        want = patch_factor(x, kernel, padding, dilation, bias, 0.5)
+        got = lagged_a_factor(x, kernel, padding, dilation, bias, 0.5, packed=False)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12,
+                                   err_msg=f"kernel {kernel} padding {padding} dilation {dilation} size {size}")
