@@ -28,7 +28,10 @@ _TRAFFIC = {"ring": 2.0, "mpi": 2.0, "rs_v_mpi": 1.0, "rs_v_ring": 1.0, "ag_v_mp
 _BIG = 16 * 2**20  # sizes above this get proportionally fewer repetitions
 
 
-def parse(argv: list[str], prog: str = "python -m hpckfac.bench comm") -> argparse.Namespace:
+PROG = "python -m hpckfac.bench comm"
+
+
+def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")
     parser.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest buffer (bytes)")
@@ -102,7 +105,7 @@ def label(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench comm") -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = parse(argv, prog)
     comm = Communicator(check_agreement=not args.no_check)
     dtype = np.dtype(args.dtype)

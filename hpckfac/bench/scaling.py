@@ -255,7 +255,10 @@ def combine(paths: Sequence[str], json_path: str | None, png_path: str | None) -
     return 0
 
 
-def parse(argv: list[str], prog: str = "python -m hpckfac.bench scaling") -> argparse.Namespace:
+PROG = "python -m hpckfac.bench scaling"
+
+
+def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")
@@ -290,7 +293,7 @@ def parse(argv: list[str], prog: str = "python -m hpckfac.bench scaling") -> arg
     return args
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench scaling") -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Run the benchmark on COMM_WORLD (or combine earlier results)."""
     args = parse(list(argv or []), prog)
     if args.combine:

@@ -35,7 +35,10 @@ from hpckfac.torch.preconditioner import TIMED
 CONFIGS = {"sgd": None, "kfac_1_10": (1, 10), "kfac_10_100": (10, 100)}
 
 
-def parse(argv: list[str], prog: str = "python -m hpckfac.bench step") -> argparse.Namespace:
+PROG = "python -m hpckfac.bench step"
+
+
+def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -125,7 +128,7 @@ class Runner:
                 self.stages[name].append(self.precond.timings[name])
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench step") -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = parse(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)

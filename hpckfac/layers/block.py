@@ -250,8 +250,9 @@ class CurvatureBlock(abc.ABC):
         ``grads``: their gradient matrices flattened and concatenated (1-D); ``inverses[s]``:
         their stack ``s`` of inverses concatenated along the first axis. Returns the
         preconditioned gradients, flattened and concatenated the same way, equal to each
-        block's ``precondition``. Kinds with a ``batch_key`` implement it."""
-        raise NotImplementedError(f"{type(self).__name__} has no batch_key, so no precondition_batch")
+        block's ``precondition``. The owner calls it only for kinds with a ``batch_key``, and
+        those implement it."""
+        raise NotImplementedError(f"{type(self).__name__}: a kind with a batch_key implements precondition_batch")
 
     def inverses(self, stats: Array, damping: float) -> list[Array]:
         """Damped inverses of the block's factors (one ``damped_inverse`` call per stack)."""

@@ -196,9 +196,11 @@ class ConvBlock(SpatialKronBlock):
         lag products cost less than the patch Gram (``hpckfac.layers.conv_lags``) takes its
         factor from them, without a patch matrix; the others from patches."""
         if (isinstance(a, np.ndarray) and self.groups == 1 and all(s == 1 for s in self.stride)
-                and prod(self.kernel_size) > 1 and self._checked_output_size(a)
-                and lags_pay(self.in_channels, a.shape[2:], self.kernel_size, self.padding, self.dilation)):
-            return lagged_a_factor(a, self.kernel_size, self.padding, self.dilation, self.has_bias, scale, packed)
+                and prod(self.kernel_size) > 1):
+            self._checked_output_size(a)
+            if lags_pay(self.in_channels, a.shape[2:], self.kernel_size, self.padding, self.dilation):
+                return lagged_a_factor(a, self.kernel_size, self.padding, self.dilation, self.has_bias, scale,
+                                       packed)
         return super().a_factor(a, scale, packed=packed)
 
     def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:

@@ -155,7 +155,7 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
         patches = torch.as_strided(buffer, shape, strides, start)
         width = int(np.prod(shape[1 + ndim:]))
         slab = torch.empty((int(np.prod(shape[:1 + ndim])), width + bias), dtype=buffer.dtype)
-        slab[:, :width] = patches.reshape(-1, width)
+        slab[:, :width].view(shape).copy_(patches)  # one copy, straight beside the bias column
         if bias:
             slab[:, -1] = 1
         # The slab's columns (δ, c) are factor columns c * volume + flat(δ): subtract its Gram

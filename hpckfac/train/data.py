@@ -83,15 +83,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise DataError(f"data file not found: {path}")
     try:
         loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as archive:
+                return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: a single array (.npy), not a .npz archive with 'images' and 'labels'")
-    try:
-        with loaded as archive:
-            return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    raise DataError(f"{path}: a single array (.npy), not a .npz archive with 'images' and 'labels'")
 
 
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

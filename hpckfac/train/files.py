@@ -6,8 +6,8 @@ writable, and the names the run writes must not be taken by something of the
 wrong kind. ``atomic_write`` writes a sibling temporary file created with
 ``O_EXCL`` under an unpredictable name (``tempfile.mkstemp``: it never follows
 a planted symlink), then renames it over the target; readers see the old file
-or the whole new one, and a failure leaves no temporary file behind (and the temporary files of a run killed
-mid-write are removed by the next run's ``check_output_dir``).
+or the whole new one, and a failure leaves no temporary file behind; those of a
+run killed mid-write are removed by the next run's ``check_output_dir``.
 ``append_lines`` adds lines to a file without following a symlink, so a
 growing record costs what is added, not what is already there.
 """

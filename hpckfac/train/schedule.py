@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then polynomial decay to zero (the shape Osawa, Tsuji, Ueno et al. 2018 use)."""
+"""Learning-rate schedule: linear warmup, then polynomial decay to zero (the shape Osawa,
+Tsuji, Ueno et al. 2018 use)."""
 from __future__ import annotations
 
 import math
