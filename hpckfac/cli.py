@@ -24,6 +24,3 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:], prog="hpckfac bench") or 0)
     return int(module.main(argv[1:]) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,8 @@
 three stages of ``(depth - 2) // 6`` basic blocks with ``width``, ``2*width``,
 ``4*width`` channels (stride 1, 2, 2), global average pooling and a Linear
 classifier. Global pooling makes it work for any input of at least 4x4
-(``digits_cnn`` is the small one the trainer uses on 8x8 digits).
+(``digits_cnn`` is ResNet-8 on 1x8x8 digits: the model ``hpckfac train`` builds for
+its built-in data set).
 
 ``resnet50()`` is He et al.'s ImageNet ResNet-50 (bottleneck blocks [3, 4, 6,
 3], stride on the 3x3 convolution), with torchvision's module names, so its

@@ -223,7 +223,7 @@ class StagedBackend:
     def synchronize(self) -> None:
         pass
 
-    def result(self, work: np.ndarray, like) -> DeviceArray:
+    def result(self, work: np.ndarray) -> DeviceArray:
         return DeviceArray(work)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import model, shapes
+from hpckfac.stages.engine import ITERATION_STAGES
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -120,7 +121,7 @@ def test_predict_hand_computed():
     assert t["reduce_scatter"] == pytest.approx(0.5 * w["reduce_scatter"] * 1e-9 + 1e-5)
     assert t["all_gather"] == pytest.approx(0.5 * w["all_gather"] * 1e-9 + 1e-5)
     assert t["allreduce"] == 0.0 and "forward_backward" not in t
-    assert t["total"] == pytest.approx(sum(t[s] for s in model.STAGES))
+    assert t["total"] == pytest.approx(sum(t[s] for s in ITERATION_STAGES))
     # Four ranks on two cores: compute takes twice as long per rank.
     shared = model.predict(work, model.Machine("m", 1e9, 1e8, 2e9, 1e-5, 1e-9, cores=2), 4)
     alone = model.predict(work, machine, 4)
@@ -193,7 +194,7 @@ def test_calibration_recovers_known_machine():
     runs = []
     for p in (1, 2, 4):
         t = model.predict(model.workload_from_config(config, p), truth, p)
-        runs.append({"ranks": p, "assignment": "lpt", "stages": {s: t[s] for s in model.STAGES}})
+        runs.append({"ranks": p, "assignment": "lpt", "stages": {s: t[s] for s in ITERATION_STAGES}})
     fitted = model.calibrate(config, runs, cores=2)
     for field in ("factor_flops", "inverse_rate", "gemm_flops", "alpha", "beta"):
         assert getattr(fitted, field) == pytest.approx(getattr(truth, field), rel=1e-6)
@@ -228,7 +229,7 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     truth = model.Machine("truth", 3e9, 5e8, 2e9, 4e-5, 2e-9, cores=2)
     runs = [{"ranks": p, "assignment": a,
              "stages": {s: v for s, v in model.predict(model.workload_from_config(config, p), truth, p).items()
-                        if s in model.STAGES}}
+                        if s in ITERATION_STAGES}}
             for p in (1, 2) for a in ("lpt", "contiguous")]
     combined = tmp_path / "combined.json"
     combined.write_text(json.dumps({"config": config, "results": {"runs": runs}}))

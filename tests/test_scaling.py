@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hpckfac.bench import model, scaling, shapes
+from hpckfac.stages.engine import ITERATION_STAGES
 
 BIN = os.path.dirname(sys.executable)
 
@@ -80,7 +81,7 @@ def test_resnet50_runs_and_combines(tmp_path):
     assert table[1024]["lpt"] <= table[1024]["contiguous"]
     config = one["config"]
     for run in three["results"]["runs"]:
-        assert set(run["stages"]) == set(model.STAGES) and run["iteration"] > 0
+        assert set(run["stages"]) == set(ITERATION_STAGES) and run["iteration"] > 0
         assert run["blocks"] == 54 and run["owners"] == 3
         # Most bytes a rank sends: between the even share (P-1)/P n and the whole buffer.
         work = model.stage_work(model.workload_from_config(config, 3), 3)

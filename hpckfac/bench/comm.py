@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpckfac.bench.report import format_table, median, time_calls, write_json
+from hpckfac.bench.report import median, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.comm.ring import chunk_bounds
+from hpckfac.tables import format_table
 
 COLLECTIVES = ("ring", "mpi", "rs_v_mpi", "rs_v_ring", "ag_v_mpi", "ag_v_ring")
 # Each collective's share of the buffer a rank sends, times P/(P-1).

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hpckfac.bench.report import format_table, write_json
+from hpckfac.bench.report import write_json
+from hpckfac.tables import format_table
 
 TARGETS = (0.95, 0.97)
 LOSS_TARGET = 0.05  # training loss: how fast each method optimises, apart from how well it generalises

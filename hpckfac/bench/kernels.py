@@ -26,7 +26,8 @@ from typing import Any, Callable
 import numpy as np
 
 from hpckfac.bench import shapes
-from hpckfac.bench.report import format_table, median, time_calls, write_json
+from hpckfac.bench.report import median, time_calls, write_json
+from hpckfac.tables import format_table
 
 FACTOR_SHAPES = ((32768, 64), (32768, 576), (16384, 1152), (8192, 2304), (4096, 4608))
 FACTOR_DTYPES = ("float32", "float16", "bfloat16")

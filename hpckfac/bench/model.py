@@ -38,11 +38,11 @@ import numpy as np
 
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
-from hpckfac.bench.report import format_table, median, write_json
+from hpckfac.bench.report import median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
+from hpckfac.tables import format_table
 
-STAGES = ITERATION_STAGES
 COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
 # OTU+18 = Osawa, Tsuji, Ueno et al. 2018 (arXiv 1811.12019): 1024 V100, batch 32,768, 1,760 iterations
 # in 10 min.
@@ -165,7 +165,7 @@ def stage_work(work: Workload, ranks: int) -> dict[str, float]:
 
 
 def predict(work: Workload, machine: Machine, ranks: int) -> dict[str, float]:
-    """Seconds of each stage in ``STAGES`` (and ``forward_backward`` when the machine
+    """Seconds of each stage in ``ITERATION_STAGES`` (and ``forward_backward`` when the machine
     has a training rate) at ``ranks`` ranks, plus their sum ``total``."""
     w = stage_work(work, ranks)
     share = 1.0 if machine.cores is None else max(1.0, ranks / machine.cores)
@@ -279,9 +279,9 @@ def validation_rows(config: dict[str, Any], runs: list[dict[str, Any]], machine:
     for run in sorted(runs, key=lambda r: r["ranks"]):
         p = run["ranks"]
         pred = predict(workload_from_config(config, p), machine, p)
-        measured = sum(run["stages"][s] for s in STAGES)
+        measured = sum(run["stages"][s] for s in ITERATION_STAGES)
         row: dict[str, Any] = {"ranks": p}
-        for stage in STAGES:
+        for stage in ITERATION_STAGES:
             row[f"{stage}_ms"] = f"{1e3 * run['stages'][stage]:.1f}/{1e3 * pred[stage]:.1f}"
         row["measured_ms"] = 1e3 * measured
         row["predicted_ms"] = 1e3 * pred["total"]
@@ -313,7 +313,7 @@ def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = ("forward_backward",) + STAGES
+    stages = ("forward_backward",) + ITERATION_STAGES
     fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables) + 2, 4.8), squeeze=False)
     for ax, (name, rows) in zip(axes[0], tables.items()):
         labels = [str(r["ranks"]) for r in rows]
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
                   f"factor {machine.factor_flops / 1e9:.2f} GF/s, inversion {machine.inverse_rate / 1e9:.2f} "
                   f"G/s, preconditioning {machine.gemm_flops / 1e9:.2f} GF/s, {cores} cores")
             print("stage columns: measured/predicted ms")
-            print(format_table(rows, ["ranks"] + [f"{s}_ms" for s in STAGES]
+            print(format_table(rows, ["ranks"] + [f"{s}_ms" for s in ITERATION_STAGES]
                                + ["measured_ms", "predicted_ms", "error_pct"], ".1f"))
             doubts = calibration_doubts(machine, rows)
             for doubt in doubts:
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
                     assignment=args.assignment, factor_interval=args.factor_interval,
                     inverse_interval=args.inverse_interval)
     tables = {}
-    columns = ["ranks", "batch"] + [f"{s}_ms" for s in ("forward_backward",) + STAGES] \
+    columns = ["ranks", "batch"] + [f"{s}_ms" for s in ("forward_backward",) + ITERATION_STAGES] \
         + ["total_ms", "sgd_ms", "kfac/sgd"]
     for name in args.preset or sorted(PRESETS):
         machine = replace(PRESETS[name], **overrides)

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing with medians, aligned tables and JSON results."""
+"""Shared benchmark plumbing: timing with medians and JSON results."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,6 @@ import platform
 import statistics
 import time
 from typing import Any, Callable, Sequence
-
-from hpckfac.tables import format_table  # noqa: F401  (the benchmarks import it from here)
 
 
 def time_calls(fn: Callable[[], Any], repeat: int, warmup: int = 1,

@@ -38,9 +38,10 @@ import numpy as np
 
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
-from hpckfac.bench.report import format_table, median, write_json
+from hpckfac.bench.report import median, write_json
+from hpckfac.stages.engine import ITERATION_STAGES
+from hpckfac.tables import format_table
 
-STAGES = perf.STAGES
 COMPUTE = ("local_factors", "running_average", "inversion", "precondition", "write_grads")
 DEFAULT_SCALE = {"resnet50": 8, "small": 1}
 IMBALANCE_RANKS = (2, 4, 8, 16, 32, 64, 107, 128, 256, 512, 1024)
@@ -92,7 +93,7 @@ class Iteration:
         rng = np.random.default_rng(comm.rank)
         self.grads = [rng.standard_normal(b.grad_shape).astype(args.comm_dtype) for b in self.engine.blocks]
         self.reduced = [rng.standard_normal(2 * b.num_features).astype(args.comm_dtype) for b in bn_reduced]
-        self.timings = dict.fromkeys(STAGES, 0.0)
+        self.timings = dict.fromkeys(ITERATION_STAGES, 0.0)
 
     def local_statistics(self) -> list:
         """Stage 1 on this rank's synthetic tensors."""
@@ -145,17 +146,17 @@ def measure(comm, args: argparse.Namespace, assignment: str) -> dict[str, Any]:
         it()
         per_iteration.append((time.perf_counter() - start, dict(it.timings)))
     everyone = comm.allgather_object(per_iteration)
-    stages, totals = {s: [] for s in STAGES}, []
+    stages, totals = {s: [] for s in ITERATION_STAGES}, []
     for k in range(args.repeat):
         totals.append(max(rank[k][0] for rank in everyone))
-        for s in STAGES:
+        for s in ITERATION_STAGES:
             values = [rank[k][1][s] for rank in everyone]
             stages[s].append(max(values) if s in COMPUTE else min(values))
     inversion = [median([rank[k][1]["inversion"] for k in range(args.repeat)]) for rank in everyone]
     costs = [b.cost() for b in it.engine.blocks]
     return {
         "ranks": comm.size, "assignment": assignment, "batch_per_rank": it.batch,
-        "iteration": median(totals), "stages": {s: median(v) for s in STAGES for v in [stages[s]]},
+        "iteration": median(totals), "stages": {s: median(v) for s in ITERATION_STAGES for v in [stages[s]]},
         "bytes_sent": it.bytes_sent(),
         "imbalance": perf.imbalance(costs, it.engine.owners, comm.size),
         "inversion_time_imbalance": max(inversion) / max(np.mean(inversion), 1e-12),
@@ -180,7 +181,7 @@ def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         total = sum(run["stages"].values())
         row: dict[str, Any] = {"assign": run["assignment"], "P": run["ranks"], "B/rank": run["batch_per_rank"],
                                "iter_ms": 1e3 * run["iteration"]}
-        for s in STAGES:
+        for s in ITERATION_STAGES:
             row[s] = f"{1e3 * run['stages'][s]:.1f} ({100 * run['stages'][s] / max(total, 1e-12):.0f}%)"
         row["MB_sent"] = sum(run["bytes_sent"].values()) / 1e6
         row["imbalance"] = run["imbalance"]
@@ -189,7 +190,7 @@ def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-COLUMNS = ["assign", "P", "B/rank", "iter_ms"] + list(STAGES) + ["MB_sent", "imbalance", "efficiency"]
+COLUMNS = ["assign", "P", "B/rank", "iter_ms"] + list(ITERATION_STAGES) + ["MB_sent", "imbalance", "efficiency"]
 
 
 def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
@@ -205,7 +206,7 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
         mine = sorted((r for r in runs if r["assignment"] == method), key=lambda r: r["ranks"])
         labels = [str(r["ranks"]) for r in mine]
         bottom = np.zeros(len(mine))
-        for s in STAGES:
+        for s in ITERATION_STAGES:
             values = np.array([1e3 * r["stages"][s] for r in mine])
             ax.bar(labels, values, bottom=bottom, label=s)
             bottom += values

@@ -191,7 +191,7 @@ def from_torch(name: str, model, input_shape: Sequence[int]) -> ModelShapes:
 
 
 def small_cnn(image: int = 8) -> ModelShapes:
-    """The trainer's CNN (``hpckfac.models.digits_cnn``, ResNet-8 on 1-channel images)."""
+    """The trainer's CNN on its built-in digits (``hpckfac.models.digits_cnn``, ResNet-8 on 1-channel images)."""
     from hpckfac.models import digits_cnn
 
     return from_torch("small", digits_cnn(), (1, 1, image, image))

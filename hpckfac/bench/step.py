@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from hpckfac.bench.profile import profile_steps
-from hpckfac.bench.report import format_table, median, time_calls, write_json
+from hpckfac.bench.report import median, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50
+from hpckfac.stages.engine import ITERATION_STAGES
+from hpckfac.tables import format_table
 from hpckfac.torch import KFACPreconditioner, allreduce_gradients, bind_device, broadcast_parameters
-from hpckfac.torch.preconditioner import TIMED
 
 CONFIGS = {"sgd": None, "kfac_1_10": (1, 10), "kfac_10_100": (10, 100)}
 
@@ -101,7 +102,7 @@ class Runner:
         self.x = torch.randn(args.batch, 3, args.image, args.image, generator=gen).to(device)
         self.y = torch.randint(0, classes, (args.batch,), generator=gen).to(device)
         self.times: list[float] = []
-        self.stages: dict[str, list[float]] = {k: [] for k in ("forward_backward",) + TIMED}
+        self.stages: dict[str, list[float]] = {k: [] for k in ("forward_backward",) + ITERATION_STAGES}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -124,7 +125,7 @@ class Runner:
         self.times += time_calls(self.step, repeat=1, warmup=0, barrier=self.comm.barrier)
         self.stages["forward_backward"].append(self.fb)
         if self.precond is not None:
-            for name in TIMED:
+            for name in ITERATION_STAGES:
                 self.stages[name].append(self.precond.timings[name])
 
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         print(f"ranks={comm.size} device={device} batch/rank={args.batch} {model} "
               f"image={args.image} steps={args.steps}")
         print(format_table(results, ["config", "median_ms", "mean_ms", "median_vs_sgd", "mean_vs_sgd"]))
-        stage_cols = ["config", "forward_backward_ms"] + [f"{k}_ms" for k in TIMED]
+        stage_cols = ["config", "forward_backward_ms"] + [f"{k}_ms" for k in ITERATION_STAGES]
         kfac_rows = [r for r in results if "local_factors_ms" in r]
         if kfac_rows:
             print(format_table(kfac_rows, stage_cols))

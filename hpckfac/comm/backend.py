@@ -41,8 +41,8 @@ class Backend(Protocol):
     def synchronize(self) -> None:
         """Wait until work our code queued on ``xp`` arrays has finished (MPI is about to read them)."""
 
-    def result(self, work: Any, like: Any) -> Any:
-        """A new collective result ``work`` (in ``xp``) as an array of ``like``'s library."""
+    def result(self, work: Any) -> Any:
+        """A new collective result ``work`` (in ``xp``) as an array of the backend's library."""
 
 
 class HostBackend:
@@ -70,7 +70,7 @@ class HostBackend:
     def synchronize(self) -> None:
         pass
 
-    def result(self, work: np.ndarray, like: Any) -> np.ndarray:
+    def result(self, work: np.ndarray) -> np.ndarray:
         return work
 
 

@@ -65,8 +65,9 @@ def _short(value: Any, limit: int = 200) -> str:
 class Communicator:
     """Collectives over the ranks of an MPI communicator.
 
-    Array collectives take NumPy arrays of float64, float32 or float16 (any
-    shape; non-contiguous arrays are staged through a contiguous copy).
+    Array collectives take NumPy arrays, or CuPy arrays through the device backend
+    installed for this MPI (``hpckfac.comm.device``), of float64, float32 or float16
+    (any shape; non-contiguous arrays are staged through a contiguous copy).
 
     With ``check_agreement`` (the default) every array collective starts with
     one small allreduce comparing what each rank passed (collective, dtype,
@@ -212,7 +213,7 @@ class Communicator:
         work = backend.stage_in(sendbuf)
         out = vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
                                      backend, op == "mean", algorithm)
-        return backend.result(out, sendbuf)
+        return backend.result(out)
 
     def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: str = "mpi") -> Any:
         """Concatenate every rank's ``segment`` (``counts[rank]`` elements) in rank
@@ -233,7 +234,7 @@ class Communicator:
             return segment.copy()
         out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
                                 algorithm)
-        return backend.result(out, segment)
+        return backend.result(out)
 
     def broadcast(self, buf: Any, root: int = 0) -> Any:
         """Copy rank ``root``'s ``buf`` into ``buf`` on every rank, in place; returns ``buf``."""

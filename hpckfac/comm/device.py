@@ -101,7 +101,7 @@ class DeviceBackend:
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
 
-    def result(self, work: Any, like: Any) -> Any:
+    def result(self, work: Any) -> Any:
         return work
 
 
@@ -149,7 +149,7 @@ class StagedDeviceBackend:
     def synchronize(self) -> None:
         pass  # our own reductions run on the host copy
 
-    def result(self, work: np.ndarray, like: Any) -> Any:
+    def result(self, work: np.ndarray) -> Any:
         return self._cupy.asarray(work)
 
 

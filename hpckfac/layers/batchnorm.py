@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hpckfac.layers.block import Array, array_module, check_positive_int
+from hpckfac.checks import check_integer
+from hpckfac.layers.block import Array, array_module
 from hpckfac.layers.unitwise import UnitWiseBlock, centred_and_scale, check_units, normalize
 from hpckfac.ops.factors import host_tensor
 
@@ -21,7 +22,7 @@ class BatchNormBlock(UnitWiseBlock):
     uses_sample = False
 
     def __init__(self, name: str, num_features: int, eps: float) -> None:
-        num_features = check_positive_int(num_features, "num_features")
+        num_features = check_integer(num_features, "num_features", 1)
         super().__init__(name, (num_features,), True, eps)
         self.num_features = num_features
 

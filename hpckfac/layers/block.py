@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 from functools import cached_property
 from typing import Any, Hashable, Sequence
 
@@ -45,20 +44,6 @@ Array = Any
 def prod(values) -> int:
     """Product of integers (1 for none)."""
     return math.prod(int(v) for v in values)
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """``value`` as an int if it is an integer >= 1; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_bool(value: Any, name: str) -> bool:
-    """``value`` as a bool; ValueError naming ``name`` unless it is one."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected a bool, got {value!r}")
-    return bool(value)
 
 
 def check_name(name: Any) -> str:

@@ -22,10 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from hpckfac import arrays, ops
-from hpckfac.ops.factors import example_gram
-from hpckfac.layers.block import Array, array_module, check_positive_int, prod
+from hpckfac.checks import check_integer
+from hpckfac.layers.block import Array, array_module, prod
 from hpckfac.layers.conv_lags import lagged_a_factor, lags_pay
 from hpckfac.layers.kron import KronBlock
+from hpckfac.ops.factors import example_gram
 
 
 def conv_tuple(value: Any, name: str, ndim: int, minimum: int) -> tuple[int, ...]:
@@ -119,9 +120,9 @@ class SpatialKronBlock(KronBlock):
                    **tuples: tuple[Any, int]) -> int:
         """Validate and store the channels, ``kernel_size`` and each ``name=(value, minimum)``
         tuple argument as attributes; returns ``groups``."""
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.out_channels = check_positive_int(out_channels, "out_channels")
-        groups = check_positive_int(groups, "groups")
+        self.in_channels = check_integer(in_channels, "in_channels", 1)
+        self.out_channels = check_integer(out_channels, "out_channels", 1)
+        groups = check_integer(groups, "groups", 1)
         if self.in_channels % groups or self.out_channels % groups:
             raise ValueError(f"groups: {groups} does not divide in_channels {self.in_channels} and "
                              f"out_channels {self.out_channels}")

@@ -10,18 +10,8 @@ import math
 
 import numpy as np
 
+from hpckfac.checks import check_real
 from hpckfac.layers.block import Array
-
-
-def check_damping(damping: float) -> float:
-    """``damping`` as a float if finite and >= 0; ValueError naming ``damping`` otherwise."""
-    try:
-        value = float(damping)
-    except (TypeError, ValueError):
-        raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}") from None
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
-    return value
 
 
 def pi_damping(a: Array, g: Array, damping: float) -> tuple[float, float]:
@@ -31,7 +21,7 @@ def pi_damping(a: Array, g: Array, damping: float) -> tuple[float, float]:
     a negative mean eigenvalue -- or a damping term would overflow, π = 1 is
     used, i.e. both factors get ``√λ``.
     """
-    damping = check_damping(damping)
+    damping = check_real(damping, "damping", at_least=0.0)
     for mat, name in ((a, "a"), (g, "g")):
         if getattr(mat, "ndim", None) != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] == 0:
             raise ValueError(f"{name}: expected a non-empty square matrix, got shape {getattr(mat, 'shape', None)}")
@@ -48,7 +38,7 @@ def pi_damping_terms(mean_a: Array, mean_g: Array, damping: float, xp) -> tuple[
     Runs where the factors live, so an owner on a GPU forms the damping of all
     its blocks without reading the traces back to the host.
     """
-    root = math.sqrt(check_damping(damping))
+    root = math.sqrt(check_real(damping, "damping", at_least=0.0))
     with np.errstate(all="ignore"):  # invalid ratios are masked out below
         pi = xp.sqrt(mean_a / mean_g)
         term_a, term_g = pi * root, root / pi

@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from hpckfac import ops
-from hpckfac.layers.block import (Array, CurvatureBlock, array_module, check_name, check_positive_int,
-                                  check_shape, prod)
+from hpckfac.checks import check_integer
+from hpckfac.layers.block import Array, CurvatureBlock, array_module, check_name, check_shape, prod
 from hpckfac.layers.damping import pi_damping_terms
 
 
@@ -27,8 +27,8 @@ class EmbeddingBlock(CurvatureBlock):
 
     def __init__(self, name: str, num_embeddings: int, embedding_dim: int) -> None:
         self.name = check_name(name)
-        self.num_embeddings = check_positive_int(num_embeddings, "num_embeddings")
-        self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
+        self.num_embeddings = check_integer(num_embeddings, "num_embeddings", 1)
+        self.embedding_dim = check_integer(embedding_dim, "embedding_dim", 1)
 
     @property
     def factor_shapes(self) -> tuple[tuple[int, int], ...]:

@@ -6,7 +6,8 @@ unit and its gradient sums over the spatial positions.
 """
 from __future__ import annotations
 
-from hpckfac.layers.block import Array, check_positive_int
+from hpckfac.checks import check_integer
+from hpckfac.layers.block import Array
 from hpckfac.layers.unitwise import UnitWiseBlock, check_units, normalize
 
 
@@ -14,8 +15,8 @@ class GroupNormBlock(UnitWiseBlock):
     """Curvature block of ``torch.nn.GroupNorm(num_groups, num_channels, eps, affine=True)``."""
 
     def __init__(self, name: str, num_groups: int, num_channels: int, eps: float) -> None:
-        self.num_groups = check_positive_int(num_groups, "num_groups")
-        num_channels = check_positive_int(num_channels, "num_channels")
+        self.num_groups = check_integer(num_groups, "num_groups", 1)
+        num_channels = check_integer(num_channels, "num_channels", 1)
         if num_channels % self.num_groups:
             raise ValueError(f"num_groups: {num_groups} does not divide num_channels {num_channels}")
         super().__init__(name, (num_channels,), True, eps)

@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from hpckfac import ops
-from hpckfac.layers.block import (Array, CurvatureBlock, array_module, check_bool, check_name, check_positive_int,
-                                  check_shape, pack_stack)
+from hpckfac.checks import check_bool, check_integer
+from hpckfac.layers.block import Array, CurvatureBlock, array_module, check_name, check_shape, pack_stack
 from hpckfac.layers.damping import pi_damping_terms
 from hpckfac.ops.checks import accumulation_dtype
 
@@ -42,7 +42,7 @@ class KronBlock(CurvatureBlock):
                  groups: int = 1) -> None:
         self.name = check_name(name)
         self.has_bias = check_bool(bias, "bias")
-        self.groups = check_positive_int(groups, "groups")
+        self.groups = check_integer(groups, "groups", 1)
         self.d_A = int(d_in) + self.has_bias
         self.d_G = int(d_out)
         self.weight_shape = tuple(int(s) for s in weight_shape)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from hpckfac.layers.block import Array, array_module, check_array, check_positive_int
+from hpckfac.checks import check_integer
+from hpckfac.layers.block import Array, array_module, check_array
 from hpckfac.layers.unitwise import UnitWiseBlock, normalize
 
 
@@ -20,7 +21,7 @@ class LayerNormBlock(UnitWiseBlock):
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         if not shape:
             raise ValueError("normalized_shape: expected at least one dimension")
-        shape = tuple(check_positive_int(n, "normalized_shape") for n in shape)
+        shape = tuple(check_integer(n, "normalized_shape", 1) for n in shape)
         super().__init__(name, shape, bias, eps)
 
     def _rows(self, x: Array, name: str) -> Array:

@@ -10,7 +10,8 @@ as Hugging Face's GPT-2 ``Conv1D`` stores it (``s = a W + b``).
 """
 from __future__ import annotations
 
-from hpckfac.layers.block import Array, check_array, check_bool, check_positive_int, prod
+from hpckfac.checks import check_bool, check_integer
+from hpckfac.layers.block import Array, check_array, prod
 from hpckfac.layers.kron import KronBlock
 
 
@@ -30,8 +31,8 @@ class LinearBlock(KronBlock):
     """
 
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, transposed: bool = False) -> None:
-        in_features = check_positive_int(in_features, "in_features")
-        out_features = check_positive_int(out_features, "out_features")
+        in_features = check_integer(in_features, "in_features", 1)
+        out_features = check_integer(out_features, "out_features", 1)
         self.transposed = check_bool(transposed, "transposed")
         shape = (in_features, out_features) if self.transposed else (out_features, in_features)
         super().__init__(name, in_features, out_features, bias, shape)

@@ -16,20 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from hpckfac.layers.block import (Array, CurvatureBlock, array_module, check_array, check_bool, check_name,
-                                  check_shape, pack_stack)
+from hpckfac.checks import check_bool, check_real
+from hpckfac.layers.block import (Array, CurvatureBlock, array_module, check_array, check_name, check_shape, pack_stack)
 from hpckfac.ops.checks import accumulation_dtype
-
-
-def check_eps(eps) -> float:
-    """``eps`` as a float if finite and > 0; ValueError naming ``eps`` otherwise."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}") from None
-    if not (np.isfinite(value) and value > 0.0):
-        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
-    return value
 
 
 class UnitWiseBlock(CurvatureBlock):
@@ -44,7 +33,7 @@ class UnitWiseBlock(CurvatureBlock):
         self.param_shape = tuple(int(s) for s in param_shape)
         self.units = int(np.prod(self.param_shape))
         self.has_bias = check_bool(bias, "bias")
-        self.eps = check_eps(eps)
+        self.eps = check_real(eps, "eps", above=0.0)
         self.k = 1 + self.has_bias
 
     @property

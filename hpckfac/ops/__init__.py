@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from hpckfac import arrays
+from hpckfac.checks import check_real
 from hpckfac.log import get_logger
 from hpckfac.ops import average, checks, factors, inverse, packing
 from hpckfac.ops.inverse import CHOLESKY, EIGEN, JITTER
@@ -107,7 +108,7 @@ def accumulate_factor(
     if getattr(x, "ndim", None) != 2:
         raise ValueError(f"x: expected a 2-D (rows, d) array, got shape {getattr(x, 'shape', None)}")
     checks.check_float(x, "x")
-    scale = checks.check_scalar(scale, "scale")
+    scale = check_real(scale, "scale")
     d = int(x.shape[1])
     shape = (_packed_size(d),) if packed else (d, d)
     if decay is not None:

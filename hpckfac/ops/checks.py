@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hpckfac.checks import check_real
+
 # Input dtypes a factor may be accumulated from, by name so that ml_dtypes'
 # bfloat16 and a CuPy array's dtype compare alike.
 FACTOR_INPUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -62,27 +64,15 @@ def check_float(arr, name: str) -> None:
         raise TypeError(f"{name}: dtype {arr.dtype} not supported, expected one of {FACTOR_INPUT_DTYPES}")
 
 
-def check_scalar(value, name: str, *, low: float | None = None, high_open: float | None = None) -> float:
-    """A finite real ``value`` with ``low <= value < high_open`` (bounds optional)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
-    value = float(value)
-    if low is not None and value < low:
-        raise ValueError(f"{name}: must be >= {low}, got {value}")
-    if high_open is not None and value >= high_open:
-        raise ValueError(f"{name}: must be < {high_open}, got {value}")
-    return value
-
-
 def check_decay(decay) -> float:
     """Running-average weight of the old value: 0 <= decay < 1."""
-    return check_scalar(decay, "decay", low=0.0, high_open=1.0)
+    return check_real(decay, "decay", at_least=0.0, below=1.0)
 
 
 def check_damping(damping, batch: int):
     """Scalar damping as float, or a (batch,) array; finite and >= 0 either way."""
     if getattr(damping, "ndim", 0) == 0:
-        return check_scalar(damping.item() if hasattr(damping, "item") else damping, "damping", low=0.0)
+        return check_real(damping.item() if hasattr(damping, "item") else damping, "damping", at_least=0.0)
     if damping.ndim != 1 or damping.shape[0] != batch:
         raise ValueError(f"damping: expected a scalar or shape ({batch},), got shape {damping.shape}")
     # Both comparisons are False for NaN, so NaN, inf and negatives all fail here.

@@ -10,13 +10,12 @@ count; their values are then checked at every step (``resolve``).
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, Literal
 
 import numpy as np
 
 from hpckfac.assignment import ASSIGNMENTS
+from hpckfac.checks import check_integer, check_real
 
 Assignment = Literal["lpt", "contiguous"]
 # Communication dtypes a Communicator accepts (the whole ReduceScatterV buffer travels in one).
@@ -32,32 +31,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_real(name: str, value: Any, *, low: float, low_open: bool, high_open: float | None = None,
-               high: float | None = None) -> float:
-    """``value`` as a float if it is a finite real number within the bounds; ValueError naming ``name``."""
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value > low if low_open else value >= low)
-          and (high_open is None or value < high_open) and (high is None or value <= high))
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high_open}" if high_open is not None else "")
-        bound += f" and <= {high}" if high is not None else ""
-        raise ValueError(f"{name}: expected a finite real number {bound}, got {value!r}")
-    return float(value)
-
-
-def check_integer(name: str, value: Any, low: int) -> int:
-    """``value`` as an int if it is an integer >= ``low``; ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _damping(value: Any) -> float:
-    return check_real("damping", value, low=0.0, low_open=True)
+    return check_real(value, "damping", above=0.0)
 
 
 def _factor_decay(value: Any) -> float:
-    return check_real("factor_decay", value, low=0.0, low_open=False, high_open=1.0)
+    return check_real(value, "factor_decay", at_least=0.0, below=1.0)
 
 
 def _scheduled(check: Callable[[Any], float]) -> Callable[[Any], Any]:
@@ -69,7 +48,7 @@ def _kl_clip(value: Any):
     # 0 and None both switch the clip off, in the library as in ``hpckfac train --kl-clip 0``.
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
         return None
-    return check_real("kl_clip", value, low=0.0, low_open=True)
+    return check_real(value, "kl_clip", above=0.0)
 
 
 def _assignment(value: Any) -> str:
@@ -94,8 +73,8 @@ def _factor_dtype(value: Any):
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "damping": _scheduled(_damping),
     "factor_decay": _scheduled(_factor_decay),
-    "factor_update_interval": lambda v: check_integer("factor_update_interval", v, 1),
-    "inverse_update_interval": lambda v: check_integer("inverse_update_interval", v, 1),
+    "factor_update_interval": lambda v: check_integer(v, "factor_update_interval", 1),
+    "inverse_update_interval": lambda v: check_integer(v, "inverse_update_interval", 1),
     "kl_clip": _kl_clip,
     "assignment": _assignment,
     "factor_dtype": _factor_dtype,

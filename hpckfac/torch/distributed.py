@@ -81,8 +81,14 @@ def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bu
     """Average every ``.grad`` of ``model`` over ranks in place, with the same
     fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
     call it on every rank)."""
-    comm = _comm(comm)
-    grads = [to_array(p.grad) for p in model.parameters() if p.grad is not None]
+    average_grads(model.parameters(), _comm(comm), algorithm, bucket_bytes)
+
+
+def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
+    """Average the ``.grad`` of every parameter of ``params`` that has one over the ranks of
+    ``comm``, in place, fused into buffers of at most ``bucket_bytes`` (the Communicator's
+    default when None); a collective."""
+    grads = [to_array(p.grad) for p in params if p.grad is not None]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
     comm.allreduce_many(grads, op="mean", algorithm=algorithm, **kwargs)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpckfac.checks import check_integer, check_real
 from hpckfac.stages.options import CHECKS as ENGINE_CHECKS
-from hpckfac.stages.options import check_integer, check_options as _check, check_real
+from hpckfac.stages.options import check_options as _check
 
 
 def _lr(value: Any):
-    return value if callable(value) else check_real("lr", value, low=0.0, low_open=True)
+    return value if callable(value) else check_real(value, "lr", above=0.0)
 
 
 def _skip_layers(value: Any) -> tuple:
@@ -32,10 +33,10 @@ def _grad_scaler(value: Any):
 CHECKS = {
     **ENGINE_CHECKS,
     "lr": _lr,
-    "bucket_bytes": lambda v: check_integer("bucket_bytes", v, 1),
-    "accumulation_steps": lambda v: check_integer("accumulation_steps", v, 1),
+    "bucket_bytes": lambda v: check_integer(v, "bucket_bytes", 1),
+    "accumulation_steps": lambda v: check_integer(v, "accumulation_steps", 1),
     "skip_layers": _skip_layers,
-    "statistics_fraction": lambda v: check_real("statistics_fraction", v, low=0.0, low_open=True, high=1.0),
+    "statistics_fraction": lambda v: check_real(v, "statistics_fraction", above=0.0, at_most=1.0),
     "grad_scaler": _grad_scaler,
 }
 

@@ -23,12 +23,12 @@ from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import DEFAULTS, Assignment
 from hpckfac.tables import format_table
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array
+from hpckfac.torch.distributed import average_grads
 from hpckfac.torch.hooks import CaptureHooks
 from hpckfac.torch.options import check_options
 from hpckfac.torch.registry import block_for, broadcasts_batch
 
 _log = get_logger("hpckfac.torch")
-TIMED = ITERATION_STAGES
 
 
 class KFACPreconditioner:
@@ -124,8 +124,8 @@ class KFACPreconditioner:
         self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32, self.xp)
         self._micro_batch = 0
         self._hook_seconds = 0.0
-        self.timings = dict.fromkeys(TIMED, 0.0)
-        self._totals = dict.fromkeys(TIMED, 0.0)
+        self.timings = dict.fromkeys(ITERATION_STAGES, 0.0)
+        self._totals = dict.fromkeys(ITERATION_STAGES, 0.0)
         self._timed_steps = 0
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
                                    [broadcasts_batch(m) for m in self.modules], lambda: self._micro_batch,
@@ -338,9 +338,7 @@ class KFACPreconditioner:
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
-        others = [to_array(p.grad) for p in self.other_params if p.grad is not None]
-        kwargs = {} if self.bucket_bytes is None else {"bucket_bytes": self.bucket_bytes}
-        self.comm.allreduce_many(others, op="mean", algorithm="ring", **kwargs)
+        average_grads(self.other_params, self.comm, "ring", self.bucket_bytes)
         self.timings["allreduce"] = self.engine.clock() - start
 
         updates = self.engine.step(grads, stats, lr=lr)
@@ -355,7 +353,7 @@ class KFACPreconditioner:
         self.timings["write_grads"] = self.engine.clock() - start
         self.local.reset()
         self._hook_seconds = 0.0
-        for name in TIMED:
+        for name in ITERATION_STAGES:
             self._totals[name] += self.timings[name]
         self._timed_steps += 1
 
@@ -392,7 +390,7 @@ class KFACPreconditioner:
         mean = self.stage_means()
         everyone = self.comm.allgather_object(mean, what="report(gather=True)") if gather else [mean]
         rows = [{"stage": name, "mean_ms": float(np.mean([m[name] for m in everyone])),
-                 "max_ms": float(np.max([m[name] for m in everyone]))} for name in TIMED]
+                 "max_ms": float(np.max([m[name] for m in everyone]))} for name in ITERATION_STAGES]
         rows.append({"stage": "total", "mean_ms": sum(r["mean_ms"] for r in rows),
                      "max_ms": float(np.max([sum(m.values()) for m in everyone]))})
         table = format_table(rows, ["stage", "mean_ms", "max_ms"])

@@ -73,10 +73,6 @@ def broadcasts_batch(module: nn.Module) -> bool:
     return entry is not None and entry[1]
 
 
-def registered() -> tuple[type, ...]:
-    """The registered module types."""
-    return tuple(_BUILDERS)
-
 
 def _conv_padding(module: nn.Module) -> tuple[int, ...]:
     """Explicit zero padding of a convolution, also for ``padding="valid"`` and ``"same"``

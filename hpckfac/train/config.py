@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from hpckfac.stages.options import DEFAULTS, check_integer, check_real
+from hpckfac.checks import check_integer, check_real
+from hpckfac.stages.options import DEFAULTS
+from hpckfac.torch.options import check_options
 
 OPTIMIZERS = ("kfac", "sgd", "adam")
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
 
+# Settings the library validates itself (hpckfac.torch.options): one rule for each, everywhere.
+LIBRARY_KEYS = ("lr", "damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip",
+                "statistics_fraction")
 # Settings that fix the trajectory: a checkpoint may only be resumed with the same values.
 TRAJECTORY_KEYS = ("optimizer", "batch_size", "seed", "width", "momentum", "weight_decay", "damping",
                    "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip",
@@ -58,29 +63,16 @@ class TrainConfig:
         if self.device not in DEVICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.steps is not None:
-            _integer("steps", self.steps, 1)
-        _integer("epochs", self.epochs, 1)
-        _integer("batch_size", self.batch_size, 1)
-        _integer("warmup_steps", self.warmup_steps, 0)
-        _integer("factor_update_interval", self.factor_update_interval, 1)
-        _integer("inverse_update_interval", self.inverse_update_interval, 1)
-        _integer("width", self.width, 1)
-        _integer("seed", self.seed, 0)
-        _integer("checkpoint_every", self.checkpoint_every, 0)
-        _integer("keep_checkpoints", self.keep_checkpoints, 0)
-        _integer("eval_every", self.eval_every, 1)
+            check_integer(self.steps, "steps", 1)
+        for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("width", 1), ("seed", 0),
+                          ("checkpoint_every", 0), ("keep_checkpoints", 0), ("eval_every", 1)):
+            check_integer(getattr(self, name), name, low)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
-        _real("lr", self.lr, low=0.0, strict=True)
-        _real("decay_power", self.decay_power, low=0.0)
-        _real("momentum", self.momentum, low=0.0, below=1.0)
-        _real("weight_decay", self.weight_decay, low=0.0)
-        _real("damping", self.damping, low=0.0, strict=True)
-        _real("factor_decay", self.factor_decay, low=0.0, below=1.0)
-        _real("kl_clip", self.kl_clip, low=0.0)
-        _real("statistics_fraction", self.statistics_fraction, low=0.0, strict=True)
-        if self.statistics_fraction > 1.0:
-            raise ValueError(f"statistics_fraction: expected a number in (0, 1], got {self.statistics_fraction!r}")
+        check_options(**{name: getattr(self, name) for name in LIBRARY_KEYS})
+        check_real(self.decay_power, "decay_power", at_least=0.0)
+        check_real(self.momentum, "momentum", at_least=0.0, below=1.0)
+        check_real(self.weight_decay, "weight_decay", at_least=0.0)
         if self.checkpoint_every and not self.out:
             raise ValueError("checkpoint_every: needs --out DIR to write the checkpoints into")
         return self
@@ -89,10 +81,3 @@ class TrainConfig:
         """Plain values (for the JSON log and the checkpoint)."""
         return asdict(self)
 
-
-def _integer(name: str, value, low: int) -> None:
-    check_integer(name, value, low)
-
-
-def _real(name: str, value, *, low: float, strict: bool = False, below: float | None = None) -> None:
-    check_real(name, value, low=low, low_open=strict, high_open=below)
