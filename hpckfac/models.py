@@ -14,6 +14,7 @@ K-FAC blocks are exactly ``hpckfac.bench.shapes.resnet50()``.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -32,7 +33,8 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(out_channels))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two 3x3 convolutions with BatchNorm, plus the shortcut, then ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -54,7 +56,8 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(N, num_classes)`` of images ``(N, in_channels, H, W)``."""
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
@@ -91,7 +94,8 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, stride=stride, bias=False),
                                             nn.BatchNorm2d(out))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """1x1, 3x3, 1x1 convolutions with BatchNorm, plus the shortcut, then ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -117,7 +121,8 @@ class ResNet50(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(N, num_classes)`` of images ``(N, 3, H, W)``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))

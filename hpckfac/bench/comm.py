@@ -33,6 +33,7 @@ PROG = "python -m hpckfac.bench comm"
 
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
+    """The parsed command line (argparse exits with a usage message on bad input)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")
     parser.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest buffer (bytes)")
@@ -107,6 +108,7 @@ def label(nbytes: int) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Run the benchmark on every rank; rank 0 prints the table and writes the JSON. Exit status."""
     args = parse(argv, prog)
     comm = Communicator(check_agreement=not args.no_check)
     dtype = np.dtype(args.dtype)

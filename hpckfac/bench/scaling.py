@@ -229,6 +229,7 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def title_of(config: dict[str, Any]) -> str:
+    """The plot title: model, channel scale, image size, scaling mode and batch of a run."""
     batch = "per rank" if config["mode"] == "weak" else "global"
     return (f"{config['model']} channels/{config['scale']}, {config['image']}px, {config['mode']} scaling, "
             f"batch {config['batch']} {batch}")
@@ -260,6 +261,7 @@ PROG = "python -m hpckfac.bench scaling"
 
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
+    """The parsed command line (argparse exits with a usage message on bad input)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")

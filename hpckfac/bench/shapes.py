@@ -76,6 +76,7 @@ class BatchNormShape:
 
     @property
     def positions(self) -> int:
+        """Spatial positions per example (an ``h x h`` map)."""
         return self.h * self.h
 
 

@@ -40,6 +40,7 @@ PROG = "python -m hpckfac.bench step"
 
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
+    """The parsed command line (argparse exits with a usage message on bad input)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -105,10 +106,12 @@ class Runner:
         self.stages: dict[str, list[float]] = {k: [] for k in ("forward_backward",) + ITERATION_STAGES}
 
     def sync(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU), so a step's time is its own."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def step(self) -> None:
+        """One training iteration of this configuration: forward, backward, allreduce or K-FAC, update."""
         start = time.perf_counter()
         self.opt.zero_grad()
         nn.functional.cross_entropy(self.model(self.x), self.y).backward()
@@ -122,6 +125,7 @@ class Runner:
         self.sync()
 
     def timed_step(self) -> None:
+        """``step`` timed between barriers, with the per-stage times it recorded."""
         self.times += time_calls(self.step, repeat=1, warmup=0, barrier=self.comm.barrier)
         self.stages["forward_backward"].append(self.fb)
         if self.precond is not None:
@@ -130,6 +134,7 @@ class Runner:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Run the configurations in turns on every rank; rank 0 prints the tables and writes the JSON. Exit status."""
     args = parse(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)

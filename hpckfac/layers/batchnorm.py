@@ -26,10 +26,6 @@ class BatchNormBlock(UnitWiseBlock):
         super().__init__(name, (num_features,), True, eps)
         self.num_features = num_features
 
-    def unit_view(self, g: Array) -> Array:
-        check_units(g, 1, self.units, "g", self.name)
-        return g.reshape(g.shape[0], self.units, -1)
-
     def normalized(self, x: Array) -> Array:
         check_units(x, 1, self.units, "x", self.name)
         return normalize(x.reshape(x.shape[0], self.units, -1), (0, 2), self.eps)

@@ -21,10 +21,6 @@ class GroupNormBlock(UnitWiseBlock):
             raise ValueError(f"num_groups: {num_groups} does not divide num_channels {num_channels}")
         super().__init__(name, (num_channels,), True, eps)
 
-    def unit_view(self, g: Array) -> Array:
-        check_units(g, 1, self.units, "g", self.name)
-        return g.reshape(g.shape[0], self.units, -1)
-
     def normalized(self, x: Array) -> Array:
         check_units(x, 1, self.units, "x", self.name)
         grouped = x.reshape(x.shape[0], self.num_groups, -1)

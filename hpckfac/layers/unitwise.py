@@ -56,9 +56,11 @@ class UnitWiseBlock(CurvatureBlock):
     def normalized(self, x: Array) -> Array:
         """``x̂`` of the layer input ``x`` as ``(N, units, T)`` (float32, or float64 for float64)."""
 
-    @abc.abstractmethod
     def unit_view(self, g: Array) -> Array:
-        """Output gradients (shaped like the input) as ``(N, units, T)``."""
+        """Output gradients (shaped like the input) as ``(N, units, T)``; by default the
+        units are the channels of a channels-first ``(N, C, *spatial)`` input."""
+        check_units(g, 1, self.units, "g", self.name)
+        return g.reshape(g.shape[0], self.units, -1)
 
     # ----------------------------------------------------------- statistics
     def unit_gradients(self, x: Array, g: Array) -> Array:

@@ -44,6 +44,7 @@ class Dataset:
 
     @property
     def in_channels(self) -> int:
+        """Channels of one input image (1 for the embedded digits)."""
         return int(self.x_train.shape[1])
 
     def fingerprint(self) -> str:
