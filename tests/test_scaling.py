@@ -82,6 +82,9 @@ def test_resnet50_runs_and_combines(tmp_path):
     config = one["config"]
     for run in three["results"]["runs"]:
         assert set(run["stages"]) == set(ITERATION_STAGES) and run["iteration"] > 0
+        # Every timed iteration inverts: inverting the owned factors (n^3 each) takes longer than
+        # blending them into their running averages (n^2 each); a timer around no work would not.
+        assert run["stages"]["inversion"] > run["stages"]["running_average"] > 0
         assert run["blocks"] == 54 and run["owners"] == 3
         # Most bytes a rank sends: between the even share (P-1)/P n and the whole buffer.
         work = model.stage_work(model.workload_from_config(config, 3), 3)

@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
     parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
     parser.add_argument("--measure", metavar="SCALE", type=int, default=None,
                         help="time the NumPy compute rates here on ResNet-50 with channels / SCALE "
-                             "(64x64 images, 2 per rank)")
+                             "(64x64 images, 32 examples per product)")
     parser.add_argument("--cores", type=int, default=None,
                         help="cores the calibration runs shared (default: this machine's count)")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),

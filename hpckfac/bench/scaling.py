@@ -84,8 +84,10 @@ class Iteration:
         self.model = shapes.scaled(shapes.get(args.model, args.image), args.scale)
         self.batch = local_batch(args, comm.size)
         self.blocks, bn_reduced = shapes.blocks(self.model, args.batchnorm)
+        # Every stage in every timed iteration: statistics and inverses each step.
         self.engine = KFACEngine(self.blocks, comm, damping=1e-3, assignment=assignment,
-                                 comm_dtype=np.dtype(args.comm_dtype))
+                                 comm_dtype=np.dtype(args.comm_dtype), factor_update_interval=1,
+                                 inverse_update_interval=1)
         self.stats = LocalStatistics(self.blocks)
         tensors = synthetic_tensors(self.model, self.batch, seed=1000 + comm.rank)
         kinds = [not isinstance(s, shapes.BatchNormShape) or args.batchnorm == "kfac" for s in self.model.layers]
