@@ -13,7 +13,7 @@ from torch import nn
 import standin
 from hpckfac import arrays
 from hpckfac.comm import Communicator
-from hpckfac.layers import LinearBlock
+from hpckfac.layers import ConvBlock, LinearBlock
 from hpckfac.stages.engine import KFACEngine
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.torch import bridge, preconditioner
@@ -157,3 +157,32 @@ def test_array_operations_per_step_do_not_grow_with_same_shape_blocks():
 
     few, many = operations(2), operations(12)
     assert few == many, (few, many)
+
+
+@pytest.mark.parametrize("make", [lambda: LinearBlock("fc", 100, 70, True),
+                                  lambda: ConvBlock("grouped", 16, 6, (3, 3), (1, 1), (1, 1), (1, 1), True, groups=2)],
+                         ids=["one-pair-of-101-and-70", "two-groups-of-73"])
+def test_factors_wider_than_the_gather_index_on_the_device_path(make):
+    """Factors of order > 64 are packed and unpacked through ``ops`` on a device (not by one
+    gather index): statistics, factors and the damped solve equal the host path's."""
+    block = make()
+    rng = np.random.default_rng(5)
+    if isinstance(block, LinearBlock):
+        a, g = rng.standard_normal((9, 100)), rng.standard_normal((9, 70))
+    else:
+        a, g = rng.standard_normal((3, 16, 5, 4)), rng.standard_normal((3, 6, 5, 4))
+    grad = rng.standard_normal(block.grad_shape)
+    assert max(n for _, n in block.factor_shapes) > 64
+    host_stats = block.statistics(a, g, 1 / 9)
+    host_factors = block.factors(host_stats)
+    host_solve = block.solve(host_stats, grad, 1e-2)
+    with standin.installed():
+        stats = block.statistics(standin.to_device(a), standin.to_device(g), 1 / 9)
+        factors = block.factors(stats)
+        solve = block.solve(stats, standin.to_device(grad), 1e-2)
+        got_stats, got_factors, got_solve = stats.get(), [f.get() for f in factors], solve.get()
+    np.testing.assert_allclose(got_stats, host_stats, rtol=1e-13, atol=1e-15)
+    for got, want in zip(got_factors, host_factors):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(got_solve, host_solve, rtol=1e-10, atol=1e-12)

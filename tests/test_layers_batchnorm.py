@@ -134,3 +134,14 @@ def test_invalid_constructor_arguments(kwargs, name):
     args = {"name": "bn", "num_features": 3, "eps": EPS, **kwargs}
     with pytest.raises(ValueError, match=name):
         BatchNormBlock(**args)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (3, 3, 4, 5)])
+def test_normalized_input_is_torch_batch_norm_in_training(shape):
+    """``x̂``: per channel over the batch and every position, biased variance, as
+    ``torch.nn.functional.batch_norm`` normalises in training mode."""
+    rng = np.random.default_rng(len(shape))
+    x = rng.standard_normal(shape) * rng.uniform(0.5, 3.0, size=(1, 3) + (1,) * (len(shape) - 2)) + 2.0
+    block = BatchNormBlock("bn", 3, 1e-3)
+    want = torch.nn.functional.batch_norm(torch.from_numpy(x), None, None, training=True, eps=1e-3).numpy()
+    np.testing.assert_allclose(block.normalized(x), want.reshape(shape[0], 3, -1), rtol=1e-12, atol=1e-12)

@@ -112,6 +112,21 @@ def test_noncontiguous_and_half_inputs():
     np.testing.assert_allclose(got, exact.T @ exact * 0.5, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride,bias", [((2, 2), False), ((2, 1), True)])
+def test_wide_strided_factor_against_loop_patches(stride, bias):
+    """16 channels and a 3x3 kernel: 144+ columns, so the patch Gram runs in column panels and
+    comes back from kernel-major to PyTorch's column order, dense and packed."""
+    rng = np.random.default_rng(sum(stride) + bias)
+    x = rng.standard_normal((3, 16, 7, 6))
+    block = ConvBlock("conv", 16, 4, (3, 3), stride, (1, 1), (1, 1), bias)
+    rows, _ = loop_rows(x, (3, 3), stride, (1, 1), (1, 1), bias)
+    want = rows.T @ rows / 3
+    assert block.d_A == 144 + bias
+    np.testing.assert_allclose(block.a_factor(x, 1 / 3), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(block.a_factor(x, 1 / 3, packed=True), want[np.triu_indices(block.d_A)],
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_wrong_inputs_name_the_argument():
     block = ConvBlock("conv", 3, 2, (3, 3), (1, 1), (0, 0), (1, 1), True)
     with pytest.raises(ValueError, match="a:"):

@@ -49,6 +49,25 @@ def test_fp16_squares_overflowing_fp16():
     assert np.all(np.abs(got - oracle(x, 1.0 / 40)) <= fp32_bound(x, 1.0 / 40))
 
 
+@pytest.mark.parametrize("d", [127, 128, 129, 200, 513, 1100])
+@pytest.mark.parametrize("packed", [False, True])
+def test_wide_factors_in_column_panels(d, packed):
+    """From 128 columns on the upper triangle is computed in 2-8 column panels: every panel,
+    the last included, against the float64 oracle."""
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((37, d)) * rng.uniform(0.5, 2.0, size=d)
+    want = oracle(x, 0.3)
+    got = ops.accumulate_factor(x, 0.3, packed=packed)
+    np.testing.assert_allclose(got, want[np.triu_indices(d)] if packed else want, rtol=1e-12, atol=1e-12)
+    x32 = x.astype(np.float32)
+    got32 = ops.accumulate_factor(x32, 0.3, packed=packed)
+    bound = fp32_bound(x32, 0.3)
+    if packed:
+        assert np.all(np.abs(got32 - want[np.triu_indices(d)]) <= bound[np.triu_indices(d)])
+    else:
+        assert np.all(np.abs(got32 - want) <= bound)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_packed_matches_dense_upper_triangle(dtype):
     rng = np.random.default_rng(9)
@@ -125,6 +144,8 @@ def test_example_gram_is_the_gram_of_the_channels_last_rows(dtype):
     x.flags.writeable = False
     rows = np.moveaxis(x, 1, -1).reshape(-1, 11)  # (N * T, C)
     want, bound = oracle(rows, 0.2), fp32_bound(rows, 0.2)
+    if dtype == np.float64:  # float64 products and sums: rounding of float64, not float32
+        bound = np.full_like(want, 1e-13 * np.abs(want).max())
     dense = example_gram(x, 0.2, packed=False)
     assert dense.dtype == (np.float64 if dtype == np.float64 else np.float32)
     np.testing.assert_array_equal(dense, dense.T)
