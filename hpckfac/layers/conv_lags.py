@@ -42,8 +42,10 @@ from hpckfac.ops.factors import finish_factor
 # Below 16 channels the lag GEMMs are memory-bound and sum their ~N*H*W terms with a relative
 # error near 1e-5 in float32 (measured, against 1e-6 for the patch Gram): patches there.
 MIN_CHANNELS = 16
-# The lags' flops must be at most this share of the patch Gram's: per flop they run a little
-# slower (measured break-even near 0.85 for 4x4 maps, where the frame is most of the work).
+# The lags' flops must be at most this share of the patch Gram's. Per flop they run 1.1-1.7x
+# slower than the patch Gram on 4x4 maps (the frame is most of the work there: break-even at a
+# share of 0.6-0.9), 0.9-1.1x on 8x8 and ~0.8x on 16x16 maps (measured for 16-256 channels,
+# batch 32-64, 3x3 "same" convolutions; 4x4 maps have a share of 1.0, 8x8 0.63, 16x16 0.47).
 MAX_FLOP_SHARE = 0.75
 
 
