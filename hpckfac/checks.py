@@ -15,10 +15,9 @@ import numpy as np
 def check_real(value: Any, name: str, *, above: float | None = None, at_least: float | None = None,
                below: float | None = None, at_most: float | None = None) -> float:
     """``value`` as a float if it is a finite real number within the given bounds."""
-    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and math.isfinite(value)
-    ok = ok and all(bound is None or test(value, bound) for bound, test in (
-        (above, lambda v, b: v > b), (at_least, lambda v, b: v >= b),
-        (below, lambda v, b: v < b), (at_most, lambda v, b: v <= b)))
+    ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (above is None or value > above) and (at_least is None or value >= at_least)
+          and (below is None or value < below) and (at_most is None or value <= at_most))
     if not ok:
         bounds = [f"{sign} {bound}" for bound, sign in ((above, ">"), (at_least, ">="), (below, "<"), (at_most, "<="))
                   if bound is not None]

@@ -20,6 +20,8 @@ from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.torch import bridge, preconditioner
 from hpckfac.torch import KFACPreconditioner
 
+# Where CuPy and a GPU are present the device tests also run on CuPy.
+CUDA = importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
 OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_interval=4, kl_clip=1e-3)
 
 
@@ -160,12 +162,8 @@ def test_array_operations_per_step_do_not_grow_with_same_shape_blocks():
     assert few == many, (few, many)
 
 
-def _cuda() -> bool:
-    return importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
-
-
 @pytest.mark.parametrize("device", ["standin", pytest.param("cuda", marks=pytest.mark.skipif(
-    not _cuda(), reason="needs CuPy and a CUDA device"))])
+    not CUDA, reason="needs CuPy and a CUDA device"))])
 @pytest.mark.parametrize("make", [lambda: LinearBlock("fc", 100, 70, True),
                                   lambda: ConvBlock("grouped", 16, 6, (3, 3), (1, 1), (1, 1), (1, 1), True, groups=2)],
                          ids=["one-pair-of-101-and-70", "two-groups-of-73"])

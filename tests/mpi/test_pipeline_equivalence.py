@@ -18,14 +18,7 @@ from hpckfac.comm import Communicator
 from hpckfac.layers import conv, conv_lags
 from hpckfac.torch import KFACPreconditioner, bind_device
 
-from test_device_path import device_path
-
-try:
-    import cupy  # noqa: F401
-
-    CUDA = torch.cuda.is_available()
-except ImportError:
-    CUDA = False
+from test_device_path import CUDA, device_path
 
 MICRO, STEPS, LR = 4, 10, 0.1
 # The device path against the host path: the stand-in runs the device path's generic factor
