@@ -44,7 +44,7 @@ step env 60 bash -c "nvidia-smi -L; $PYTHON -c 'import cupy, torch, mpi4py, nump
 FACTOR_FILTER=()
 [[ "$QUICK" == 1 ]] && FACTOR_FILTER=(-k "not 4608 and not 30000")
 step tests-kernels 240 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_pack.py tests/test_gpu_inverse.py \
-    tests/test_gpu_comm.py tests/test_gpu_bench.py tests/test_kernel_loader.py tests/test_device_path.py
+    tests/test_gpu_comm.py tests/test_gpu_batchnorm.py tests/test_gpu_bench.py tests/test_kernel_loader.py tests/test_device_path.py
 step tests-factors 240 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_factors.py "${FACTOR_FILTER[@]}"
 step mpi2-collectives 120 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
     tests/mpi/test_comm_device.py

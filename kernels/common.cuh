@@ -1,5 +1,5 @@
 // Helpers shared by hpckfac's kernels: element conversions and packed-triangle
-// index arithmetic. Included by pack.cu, syrk.cu and chol.cu.
+// index arithmetic. Included by every kernel source.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

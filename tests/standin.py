@@ -24,7 +24,7 @@ import numpy as np
 
 from hpckfac import arrays
 from hpckfac.comm import backend as comm_backend
-from hpckfac.ops import average, factors, inverse, packing
+from hpckfac.ops import average, batchnorm, factors, inverse, packing
 
 HOST_READS = {"count": 0}
 UPLOADS = {"count": 0}
@@ -198,6 +198,7 @@ def _kernels(module, name):
 ops_backend = types.SimpleNamespace(
     pack_sym=_kernels(packing, "pack_sym"), unpack_sym=_kernels(packing, "unpack_sym"),
     accumulate_factor=_kernels(factors, "accumulate_factor"), ema_update=_kernels(average, "ema_update"),
+    batchnorm_fisher=_kernels(batchnorm, "batchnorm_fisher"),
     damped_inverse=_kernels(inverse, "damped_inverse"))
 
 

@@ -199,3 +199,23 @@ def test_factors_wider_than_the_gather_index_on_the_device_path(make, device):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-13)
     np.testing.assert_allclose(got_solve, host_solve, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CuPy and a CUDA device")
+def test_cupy_runs_on_torchs_current_stream_without_deprecated_calls():
+    """Inside ``device_scope`` CuPy's current stream is torch's (the default one and a side
+    stream alike), so kernels are ordered with the model's; no deprecated CuPy API is used."""
+    import warnings
+
+    import cupy
+
+    side = torch.cuda.Stream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for stream in (torch.cuda.current_stream(), side):
+            with torch.cuda.stream(stream), bridge.device_scope(torch.device("cuda")):
+                assert cupy.cuda.get_current_stream().ptr == stream.cuda_stream
+                x = cupy.arange(4.0)  # work queued on torch's stream
+                x *= 2
+            stream.synchronize()
+            assert x.get().tolist() == [0.0, 2.0, 4.0, 6.0]

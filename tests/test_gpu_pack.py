@@ -99,3 +99,35 @@ def test_float32_subnormals_from_float64():
     flushed = (got != want) & (got == 0) & (np.signbit(got) == np.signbit(want))
     assert np.all((got.view(np.uint32) == want.view(np.uint32)) | flushed)
     print(f"float64 -> float32 subnormals flushed to zero on this GPU: {int(flushed.sum())} of {values.size}")
+
+
+def test_repeated_tables_come_from_the_cache_and_stay_correct():
+    """A table seen before (same matrices at the same addresses, same stream) is not uploaded
+    again; new data at those addresses is still what gets packed, and a side stream gets its
+    own upload; the cache stays bounded."""
+    from hpckfac.ops import cuda
+
+    rng = np.random.default_rng(3)
+    mats = [cupy.asarray(m) for m in random_mats(rng, (3, 70), np.float32)]
+    first = ops.pack_sym(mats)
+    uploads = []
+    original = cuda._upload
+    cuda._upload = lambda host: uploads.append(host) or original(host)
+    try:
+        again = ops.pack_sym(mats)
+        for m in mats:
+            m *= 2  # same addresses, new values
+        doubled = ops.pack_sym(mats)
+        assert uploads == []
+        with cupy.cuda.Stream() as side:
+            on_side = ops.pack_sym(mats)
+            side.synchronize()
+        assert len(uploads) == 1
+    finally:
+        cuda._upload = original
+    assert_same_bits(again, first)
+    assert_same_bits(doubled, first * 2)
+    assert_same_bits(on_side, first * 2)
+    for k in range(cuda._TABLES_KEPT + 10):
+        cuda._table(np.array([k]))
+    assert len(cuda._tables) == cuda._TABLES_KEPT

@@ -5,7 +5,7 @@ from hpckfac.ops import cuda_module
 
 
 def test_sources_are_found_from_the_checkout_or_the_package():
-    assert cuda_module.source_names() == ["chol.cu", "pack.cu", "syrk.cu"]
+    assert cuda_module.source_names() == ["chol.cu", "pack.cu", "syrk.cu", "unitwise.cu"]
     assert "pack_sym" in cuda_module.source("pack.cu")
     assert (cuda_module.kernel_dir() / "common.cuh").is_file()
 

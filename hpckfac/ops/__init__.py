@@ -3,10 +3,11 @@ averages and damped inversion.
 
 Every entry point validates its arguments (``hpckfac.ops.checks``) and then
 dispatches on the array type (``hpckfac.arrays``): NumPy arrays go to the CPU
-reference modules (``packing``, ``factors``, ``average``, ``inverse``), CuPy
-arrays to ``hpckfac.ops.cuda``, which implements functions of the same names and
+reference modules (``packing``, ``factors``, ``batchnorm``, ``average``, ``inverse``),
+CuPy arrays to ``hpckfac.ops.cuda``, which implements functions of the same names and
 signatures as the CPU modules (``packing.pack_sym``, ``packing.unpack_sym``,
-``factors.accumulate_factor``, ``average.ema_update``, ``inverse.damped_inverse``),
+``factors.accumulate_factor``, ``batchnorm.batchnorm_fisher``, ``average.ema_update``,
+``inverse.damped_inverse``),
 receives validated arguments and returns arrays of its own type. CuPy is
 imported only when a CuPy array arrives.
 See docs/numerics.md for layouts, precisions and the inversion fallbacks.
@@ -20,7 +21,7 @@ import numpy as np
 from hpckfac import arrays
 from hpckfac.checks import check_real
 from hpckfac.log import get_logger
-from hpckfac.ops import average, checks, factors, inverse, packing
+from hpckfac.ops import average, batchnorm, checks, factors, inverse, packing
 from hpckfac.ops.inverse import CHOLESKY, EIGEN, JITTER
 from hpckfac.ops.packing import packed_offsets as _packed_offsets
 from hpckfac.ops.packing import packed_size as _packed_size
@@ -28,7 +29,7 @@ from hpckfac.ops.packing import packed_size as _packed_size
 __all__ = [
     "CHOLESKY", "JITTER", "EIGEN", "InverseResult",
     "packed_size", "packed_offsets", "pack_sym", "unpack_sym",
-    "accumulate_factor", "ema_update", "damped_inverse",
+    "accumulate_factor", "batchnorm_fisher", "ema_update", "damped_inverse",
     "inversion_counters", "reset_inversion_counters",
 ]
 
@@ -120,6 +121,34 @@ def accumulate_factor(
         if tuple(out.shape) != shape or out.dtype != want:
             raise ValueError(f"out: expected shape {shape} and dtype {want}, got {tuple(out.shape)} {out.dtype}")
     return (_backend(x) or factors).accumulate_factor(x, scale, bool(packed), out, decay)
+
+
+def batchnorm_fisher(x, g, eps: float, scale: float = 1.0, *, out) -> ArrayLike:
+    """Add BatchNorm's unit-wise Fisher of ``(γ_c, β_c)`` to ``out`` and return it.
+
+    ``x`` (the layer input) and ``g`` (the per-example loss gradients of the
+    output) are ``(N, C, T)`` arrays (example, channel, positions; any strides,
+    float64/float32/float16/bfloat16). Example ``n``'s gradient of channel
+    ``c`` is ``u = (Σ_t g x̂, Σ_t g)`` with ``x̂`` the input normalised by the
+    batch mean and biased variance, ``eps`` inside the square root, as
+    BatchNorm does in training; ``out`` (1-D, ``3*C``, float32 or float64)
+    receives ``scale * Σ_n u uᵀ`` packed ``(00, 01, 11)`` channel after channel.
+    The CPU reference computes in ``x``'s accumulation dtype; the CUDA kernels
+    sum in float64 (docs/gpu.md).
+    """
+    for arr, name in ((x, "x"), (g, "g")):
+        if getattr(arr, "ndim", None) != 3:
+            raise ValueError(f"{name}: expected a 3-D (N, C, T) array, got shape {getattr(arr, 'shape', None)}")
+        checks.check_float(arr, name)
+    if tuple(g.shape) != tuple(x.shape):
+        raise ValueError(f"g: shape {tuple(g.shape)} differs from x's {tuple(x.shape)}")
+    eps = check_real(eps, "eps", above=0.0)
+    scale = check_real(scale, "scale")
+    size = 3 * int(x.shape[1])
+    if getattr(out, "ndim", None) != 1 or out.shape[0] != size or out.dtype not in (np.float32, np.float64):
+        raise ValueError(f"out: expected a 1-D float32 or float64 array of length {size}, "
+                         f"got {getattr(out, 'shape', None)} {getattr(out, 'dtype', None)}")
+    return (_backend(x) or batchnorm).batchnorm_fisher(x, g, eps, scale, out)
 
 
 def ema_update(running, new, decay: float, *, first: bool = False, finite: bool | None = None) -> bool:

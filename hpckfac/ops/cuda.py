@@ -10,15 +10,19 @@ results of the CPU reference modules (``packing``, ``factors``, ``average``,
 - ``accumulate_factor``: float32/float16/bfloat16 ``x`` through the
   triangle-tiled kernel (tensor cores for half inputs where the GPU has them),
   float64 through cuBLAS.
+- ``batchnorm_fisher``: BatchNorm's unit-wise Fisher in two launches (row sums
+  in float64, then one thread per channel).
 - ``damped_inverse``: matrices of order <= ``CHOLESKY_KERNEL_MAX_N`` through the
   one-block-per-matrix kernel, larger ones through cuSOLVER; failures take the
   CPU reference's jitter and clipped-eigenvalue fallbacks, batched on the GPU.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
 import os
+import threading
 from functools import lru_cache
 
 import cupy
@@ -110,9 +114,28 @@ class _Uploads:
 _upload = _Uploads()
 
 
+# Device copies of recent tables by content, device and stream: a step packs and unpacks the
+# same matrices (the memory pool hands the same addresses back), so most tables repeat.
+_TABLES_KEPT = 512
+_tables: collections.OrderedDict = collections.OrderedDict()
+_tables_lock = threading.Lock()  # the autograd engine runs hooks on its own threads
+
+
 def _table(*columns) -> cupy.ndarray:
-    """The int64 columns concatenated into one device array (one upload, no stream wait)."""
-    return _upload(np.concatenate([np.asarray(c, dtype=np.int64).ravel() for c in columns]))
+    """The int64 columns concatenated into one device array (one upload, no stream wait, none
+    at all for a table uploaded recently: kernels only read tables)."""
+    host = np.concatenate([np.asarray(c, dtype=np.int64).ravel() for c in columns])
+    # Per stream: a table is ready for the kernels queued after its upload on the same stream.
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr, host.tobytes())
+    with _tables_lock:
+        table = _tables.get(key)
+        if table is None:
+            table = _tables[key] = _upload(host)
+            if len(_tables) > _TABLES_KEPT:
+                _tables.popitem(last=False)
+        else:
+            _tables.move_to_end(key)
+    return table
 
 
 def _name(dtype) -> str:
@@ -297,6 +320,32 @@ def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
     if flag is not None and int(flag.get()[0]):
         raise ValueError("x: the factor scale * x.T @ x is not finite; the running average was left untouched")
     out[...] = target
+    return out
+
+
+# ---------------------------------------------------------------- BatchNorm statistics
+
+def batchnorm_fisher(x, g, eps: float, scale: float, out):
+    """BatchNorm's packed per-channel Fisher added to ``out`` (see ``hpckfac.ops``) in two
+    launches: row sums of ``x`` and ``g`` in float64 (a warp per (example, channel) row, any
+    strides), then one thread per channel (kernels/unitwise.cu)."""
+    examples, channels, positions = (int(n) for n in x.shape)
+    if not examples * channels:
+        return out
+    rows = examples * channels
+    sums = cupy.empty(4 * rows, dtype=np.float64)
+    strides = [st // a.itemsize for a in (x, g) for st in a.strides]
+    row_sums = cuda_module.function("unitwise.cu", cuda_module.bn_sums_name(x.dtype, g.dtype))
+    row_sums((max(1, min(-(-rows * _WARP // _THREADS), 32 * _sm_count())),), (_THREADS,),
+             (x, g, np.int64(channels), np.int64(positions), *(np.int64(st) for st in strides),
+              np.int64(rows), sums))
+    target = out if out.flags.c_contiguous else cupy.ascontiguousarray(out)
+    fisher = cuda_module.function("unitwise.cu", cuda_module.bn_fisher_name(out.dtype))
+    fisher((_launch_blocks(channels),), (_THREADS,),
+           (sums, np.int64(examples), np.int64(channels), np.int64(positions), np.float64(eps),
+            np.float64(scale), target))
+    if target is not out:
+        out[...] = target
     return out
 
 

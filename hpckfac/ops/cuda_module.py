@@ -118,6 +118,16 @@ def chol_name(dtype) -> str:
     return f"chol_inverse<{ctype(dtype)}>"
 
 
+def bn_sums_name(x_dtype, g_dtype) -> str:
+    """Name expression of BatchNorm's row sums for input ``x_dtype`` and gradient ``g_dtype``."""
+    return f"bn_row_sums<{ctype(x_dtype)}, {ctype(g_dtype)}>"
+
+
+def bn_fisher_name(out_dtype) -> str:
+    """Name expression of BatchNorm's per-channel Fisher for statistics of ``out_dtype``."""
+    return f"bn_unit_fisher<{ctype(out_dtype)}>"
+
+
 def name_expressions(file: str, arch: int) -> tuple[str, ...]:
     """Every kernel instantiation compiled from ``file`` for compute capability ``arch``."""
     if file == "pack.cu":
@@ -129,6 +139,9 @@ def name_expressions(file: str, arch: int) -> tuple[str, ...]:
         return tuple(sorted(names)) + ("syrk_finish",)
     if file == "chol.cu":
         return (chol_name("float32"), chol_name("float64"))
+    if file == "unitwise.cu":
+        pairs = itertools.product(CTYPES, repeat=2)
+        return tuple(bn_sums_name(x, g) for x, g in pairs) + (bn_fisher_name("float32"), bn_fisher_name("float64"))
     raise ValueError(f"file: unknown kernel source {file!r}, expected one of {source_names()}")
 
 

@@ -52,12 +52,26 @@ def device_scope(device: torch.device) -> Iterator[None]:
         yield
 
 
+class _StreamPointer:
+    """A raw ``cudaStream_t`` as the CUDA stream protocol describes one (version 0)."""
+
+    def __init__(self, pointer: int) -> None:
+        self.pointer = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pointer)
+
+
 @functools.lru_cache(maxsize=64)
 def _external_stream(pointer: int, index: int):
     """CuPy's handle of torch's stream ``pointer`` on device ``index`` (made once: the hooks
-    enter ``device_scope`` hundreds of times a step)."""
+    enter ``device_scope`` hundreds of times a step). CuPy 14 takes foreign streams through
+    the stream protocol (``Stream.from_external``) and deprecates ``ExternalStream``."""
     import cupy
 
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        with cupy.cuda.Device(index):
+            return cupy.cuda.Stream.from_external(_StreamPointer(pointer))
     return cupy.cuda.ExternalStream(pointer, index)
 
 
