@@ -219,3 +219,21 @@ def test_cupy_runs_on_torchs_current_stream_without_deprecated_calls():
                 x *= 2
             stream.synchronize()
             assert x.get().tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_batchnorm_statistics_are_one_device_operation():
+    """A BatchNorm layer's statistics reach its packed buffer through one ``ops`` call (two
+    kernel launches on a GPU), not ~20 array operations of host time each."""
+    from hpckfac.layers import BatchNormBlock
+
+    rng = np.random.default_rng(6)
+    block = BatchNormBlock("bn", 8, 1e-5)
+    x, g = rng.standard_normal((4, 8, 5, 5)), rng.standard_normal((4, 8, 5, 5))
+    host_stats = np.zeros(block.stat_size)
+    block.add_output_grad(host_stats, g, 0.5, x)
+    with standin.installed():
+        stats = standin.to_device(np.zeros(block.stat_size))
+        before = standin.OPERATIONS["count"]
+        block.add_output_grad(stats, standin.to_device(g), 0.5, standin.to_device(x))
+        assert standin.OPERATIONS["count"] - before <= 3  # the op, and the (N, C, T) views of x and g
+        np.testing.assert_array_equal(stats.get(), host_stats)

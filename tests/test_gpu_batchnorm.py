@@ -35,6 +35,24 @@ def test_against_the_float64_formulas(shape, dtype):
     np.testing.assert_allclose(host(out), total, rtol=tol, atol=tol * np.abs(total).max())
 
 
+def test_a_large_mean_against_the_spread():
+    """Moments taken about each channel's first value: an input whose mean is 10^5 times
+    its spread keeps a float32-grade result (sums of raw moments would not)."""
+    rng = np.random.default_rng(4)
+    x, g = draw(rng, (16, 8, 49))
+    x += 1e5
+    got = ops.batchnorm_fisher(cupy.asarray(x), cupy.asarray(g), 1e-5, 1 / 16, out=cupy.zeros(24))
+    want = oracle(x, g, 1e-5, 1 / 16)
+    np.testing.assert_allclose(host(got), want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0)])
+def test_no_examples_or_no_positions_add_nothing(shape):
+    out = cupy.arange(9.0)
+    ops.batchnorm_fisher(cupy.ones(shape), cupy.ones(shape), 1e-5, out=out)
+    np.testing.assert_array_equal(host(out), np.arange(9.0))
+
+
 def test_mixed_dtypes_strides_and_repeatable_bits():
     rng = np.random.default_rng(11)
     x, g = draw(rng, (8, 6, 30))
@@ -45,6 +63,9 @@ def test_mixed_dtypes_strides_and_repeatable_bits():
     runs = [host(ops.batchnorm_fisher(x_dev, g_dev, 1e-3, 0.5, out=cupy.zeros(18, np.float32))) for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
     np.testing.assert_allclose(runs[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # x channels-last, g contiguous: each read with its own strides
+    got = ops.batchnorm_fisher(x_dev, cupy.asarray(g.astype(np.float32)), 1e-3, 0.5, out=cupy.zeros(18, np.float32))
+    np.testing.assert_allclose(host(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # a strided `out` (every other element of a buffer) is written where it points
     buffer = cupy.zeros(36, np.float32)
     ops.batchnorm_fisher(x_dev, g_dev, 1e-3, 0.5, out=buffer[::2])

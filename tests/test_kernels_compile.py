@@ -162,3 +162,64 @@ def test_common_helpers_on_host(tmp_path):
         want_bits = want.view(np.uint16 if want.itemsize == 2 else np.uint32).astype(np.uint64)
         mismatch = np.flatnonzero(got[:, column] != want_bits)
         assert mismatch.size == 0, (column, values[mismatch[:5]], got[mismatch[:5], column], want_bits[mismatch[:5]])
+
+
+BN_HOST_CHECK = r"""
+#include <cstdio>
+#include <vector>
+#include "unitwise.cu"
+
+// Reads N C T eps scale, then x and g (N, C, T) row-major as hex floats; prints the
+// packed (00, 01, 11) Fisher of every channel from the kernels' own arithmetic.
+int main() {
+  long long n, c, t;
+  double eps, scale;
+  if (std::scanf("%lld %lld %lld %la %la", &n, &c, &t, &eps, &scale) != 5) return 1;
+  std::vector<double> x(n * c * t), g(n * c * t), sums(4 * n * c);
+  for (auto& v : x) if (std::scanf("%la", &v) != 1) return 1;
+  for (auto& v : g) if (std::scanf("%la", &v) != 1) return 1;
+  for (long long row = 0; row < n * c; ++row) {
+    const double shift = x[(row % c) * t];  // x[0, c, 0], as bn_row_sums takes it
+    hk::RowSums r;
+    for (long long p = 0; p < t; ++p) r.add(x[row * t + p], g[row * t + p], shift);
+    sums[4 * row] = r.sx;
+    sums[4 * row + 1] = r.sxx;
+    sums[4 * row + 2] = r.sg;
+    sums[4 * row + 3] = r.sgx;
+  }
+  for (long long ch = 0; ch < c; ++ch) {
+    double f[3];
+    hk::channel_fisher(sums.data() + 4 * ch, n, 4 * c, static_cast<double>(n * t), eps, scale, f);
+    std::printf("%a %a %a\n", f[0], f[1], f[2]);
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e5, -3e6])
+def test_batchnorm_arithmetic_on_host(tmp_path, offset):
+    """The BatchNorm kernels' arithmetic (shifted moments, per-channel Fisher) against the
+    float64 formulas, including inputs whose mean is 10^3-10^6 times their spread."""
+    import numpy as np
+
+    from test_ops_batchnorm import oracle
+
+    program = tmp_path / "bn_check.cu"
+    program.write_text(BN_HOST_CHECK)
+    binary = tmp_path / "bn_check"
+    cmd = [NVCC, *cuda_module.BASE_OPTIONS, f"-I{cuda_module.include_dirs()[0]}", str(program), "-o", str(binary)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    rng = np.random.default_rng(7)
+    shape, eps, scale = (6, 5, 11), 1e-5, 1 / 6
+    x = offset + rng.uniform(0.5, 2.0, (1, 5, 1)) * rng.standard_normal(shape)
+    g = rng.standard_normal(shape)
+    text = f"{shape[0]} {shape[1]} {shape[2]} {eps.hex()} {scale.hex()}\n"
+    text += "\n".join(float(v).hex() for v in np.concatenate([x.ravel(), g.ravel()]))
+    done = subprocess.run([str(binary)], input=text, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    got = np.array([float.fromhex(v) for v in done.stdout.split()])
+    want = oracle(x, g, eps, scale)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())

@@ -56,6 +56,25 @@ def test_half_inputs_and_strided_views():
     np.testing.assert_allclose(got, want, rtol=1e-11)
 
 
+def test_mixed_input_and_gradient_dtypes():
+    """A float64 input with a float32 gradient (and the reverse) works in the input's
+    accumulation dtype, as under autocast where the two differ."""
+    rng = np.random.default_rng(9)
+    x, g = draw(rng, (5, 3, 8))
+    for xd, gd, rtol in ((np.float64, np.float32, 1e-11), (np.float32, np.float64, 2e-5)):
+        xs, gs = x.astype(xd), g.astype(gd)
+        got = ops.batchnorm_fisher(xs, gs, 1e-5, 0.2, out=np.zeros(9))
+        want = oracle(xs, gs, 1e-5, 0.2)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0)])
+def test_no_examples_or_no_positions_add_nothing(shape):
+    start = np.arange(9.0)
+    out = ops.batchnorm_fisher(np.ones(shape), np.ones(shape), 1e-5, out=start.copy())
+    np.testing.assert_array_equal(out, start)
+
+
 def test_the_block_adds_the_same_statistics_as_its_fisher():
     rng = np.random.default_rng(5)
     x, g = draw(rng, (8, 3, 4, 5))  # BatchNorm2d input
@@ -83,4 +102,6 @@ def test_bad_input_is_named():
         ops.batchnorm_fisher(x, x, 1e-5, out=np.zeros(9, np.int32))
     with pytest.raises(TypeError, match="x: dtype"):
         ops.batchnorm_fisher(x.astype(np.int32), x, 1e-5, out=out)
+    with pytest.raises(TypeError, match="g: dtype"):
+        ops.batchnorm_fisher(x, x.astype(np.int32), 1e-5, out=out)
     assert not out.any()

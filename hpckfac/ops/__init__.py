@@ -123,7 +123,7 @@ def accumulate_factor(
     return (_backend(x) or factors).accumulate_factor(x, scale, bool(packed), out, decay)
 
 
-def batchnorm_fisher(x, g, eps: float, scale: float = 1.0, *, out) -> ArrayLike:
+def batchnorm_fisher(x: ArrayLike, g: ArrayLike, eps: float, scale: float = 1.0, *, out: ArrayLike) -> ArrayLike:
     """Add BatchNorm's unit-wise Fisher of ``(γ_c, β_c)`` to ``out`` and return it.
 
     ``x`` (the layer input) and ``g`` (the per-example loss gradients of the
@@ -132,9 +132,10 @@ def batchnorm_fisher(x, g, eps: float, scale: float = 1.0, *, out) -> ArrayLike:
     ``c`` is ``u = (Σ_t g x̂, Σ_t g)`` with ``x̂`` the input normalised by the
     batch mean and biased variance, ``eps`` inside the square root, as
     BatchNorm does in training; ``out`` (1-D, ``3*C``, float32 or float64)
-    receives ``scale * Σ_n u uᵀ`` packed ``(00, 01, 11)`` channel after channel.
-    The CPU reference computes in ``x``'s accumulation dtype; the CUDA kernels
-    sum in float64 (docs/gpu.md).
+    receives ``scale * Σ_n u uᵀ`` packed ``(00, 01, 11)`` channel after channel;
+    nothing is added when there are no examples or no positions. The CPU
+    reference computes in ``x``'s accumulation dtype; the CUDA kernels sum in
+    float64 (docs/gpu.md).
     """
     for arr, name in ((x, "x"), (g, "g")):
         if getattr(arr, "ndim", None) != 3:
@@ -148,6 +149,8 @@ def batchnorm_fisher(x, g, eps: float, scale: float = 1.0, *, out) -> ArrayLike:
     if getattr(out, "ndim", None) != 1 or out.shape[0] != size or out.dtype not in (np.float32, np.float64):
         raise ValueError(f"out: expected a 1-D float32 or float64 array of length {size}, "
                          f"got {getattr(out, 'shape', None)} {getattr(out, 'dtype', None)}")
+    if not x.shape[0] * x.shape[2]:
+        return out  # no moments to normalise by, nothing to add
     return (_backend(x) or batchnorm).batchnorm_fisher(x, g, eps, scale, out)
 
 

@@ -1,8 +1,8 @@
 """CUDA backend of ``hpckfac.ops`` for CuPy arrays.
 
 Implements the functions ``hpckfac.ops`` dispatches to, with the signatures and
-results of the CPU reference modules (``packing``, ``factors``, ``average``,
-``inverse``); arguments arrive validated. Kernels live in ``kernels/*.cu``
+results of the CPU reference modules (``packing``, ``factors``, ``batchnorm``,
+``average``, ``inverse``); arguments arrive validated. Kernels live in ``kernels/*.cu``
 (see docs/gpu.md) and are compiled on first use (``cuda_module``).
 
 - ``pack_sym`` / ``unpack_sym``: one launch per source dtype (a warp per packed
@@ -97,27 +97,29 @@ class _Uploads:
     def __init__(self) -> None:
         self._in_flight: list = []  # (pinned memory, event) of copies not known to be done
 
-    def __call__(self, host: np.ndarray) -> cupy.ndarray:
+    def __call__(self, host: np.ndarray) -> tuple[cupy.ndarray, cupy.cuda.Event | None]:
+        """The device copy of ``host`` and the event that marks the copy done (None: nothing to copy)."""
         self._in_flight = [(mem, event) for mem, event in self._in_flight if not event.done]
         host = np.ascontiguousarray(host)
         device = cupy.empty(host.shape, dtype=host.dtype)
         if not host.nbytes:
-            return device
+            return device, None
         mem = cupy.cuda.alloc_pinned_memory(host.nbytes)
         np.ndarray(host.shape, dtype=host.dtype, buffer=mem)[...] = host
         stream = cupy.cuda.get_current_stream()
         device.data.copy_from_host_async(ctypes.c_void_p(mem.ptr), host.nbytes, stream)
-        self._in_flight.append((mem, stream.record()))
-        return device
+        event = stream.record()
+        self._in_flight.append((mem, event))
+        return device, event
 
 
 _upload = _Uploads()
 
 
-# Device copies of recent tables by content, device and stream: a step packs and unpacks the
-# same matrices (the memory pool hands the same addresses back), so most tables repeat.
+# Device copies of recent tables by content and device: a step packs and unpacks the same
+# matrices (the memory pool hands the same addresses back), so most tables repeat.
 _TABLES_KEPT = 512
-_tables: collections.OrderedDict = collections.OrderedDict()
+_tables: collections.OrderedDict[tuple, tuple[cupy.ndarray, cupy.cuda.Event | None]] = collections.OrderedDict()
 _tables_lock = threading.Lock()  # the autograd engine runs hooks on its own threads
 
 
@@ -125,16 +127,19 @@ def _table(*columns) -> cupy.ndarray:
     """The int64 columns concatenated into one device array (one upload, no stream wait, none
     at all for a table uploaded recently: kernels only read tables)."""
     host = np.concatenate([np.asarray(c, dtype=np.int64).ravel() for c in columns])
-    # Per stream: a table is ready for the kernels queued after its upload on the same stream.
-    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr, host.tobytes())
+    key = (cupy.cuda.runtime.getDevice(), host.tobytes())
     with _tables_lock:
-        table = _tables.get(key)
-        if table is None:
-            table = _tables[key] = _upload(host)
+        entry = _tables.get(key)
+        if entry is None:
+            entry = _tables[key] = _upload(host)
             if len(_tables) > _TABLES_KEPT:
                 _tables.popitem(last=False)
         else:
             _tables.move_to_end(key)
+    table, uploaded = entry
+    if uploaded is not None and not uploaded.done:
+        # Still being copied, perhaps on another stream (or thread): this stream waits for it.
+        cupy.cuda.get_current_stream().wait_event(uploaded)
     return table
 
 
@@ -325,13 +330,11 @@ def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
 
 # ---------------------------------------------------------------- BatchNorm statistics
 
-def batchnorm_fisher(x, g, eps: float, scale: float, out):
-    """BatchNorm's packed per-channel Fisher added to ``out`` (see ``hpckfac.ops``) in two
-    launches: row sums of ``x`` and ``g`` in float64 (a warp per (example, channel) row, any
-    strides), then one thread per channel (kernels/unitwise.cu)."""
+def batchnorm_fisher(x: cupy.ndarray, g: cupy.ndarray, eps: float, scale: float, out: cupy.ndarray) -> cupy.ndarray:
+    """BatchNorm's packed per-channel Fisher added to ``out`` (see ``hpckfac.ops``; ``x`` not
+    empty) in two launches: row sums of ``x`` and ``g`` in float64 (a warp per (example,
+    channel) row, any strides), then one thread per channel (kernels/unitwise.cu)."""
     examples, channels, positions = (int(n) for n in x.shape)
-    if not examples * channels:
-        return out
     rows = examples * channels
     sums = cupy.empty(4 * rows, dtype=np.float64)
     strides = [st // a.itemsize for a in (x, g) for st in a.strides]
