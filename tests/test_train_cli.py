@@ -192,3 +192,28 @@ def test_plain_progress_lines_divergence_advice_and_a_final_lr_of_zero(tmp_path)
                   "--checkpoint-every", 6, "--no-progress", "--out", out])
     assert proc.returncode == 0, proc.stderr
     assert (out / "checkpoints" / "step_00000006.pt").exists()
+
+
+def test_progress_modes_under_mpiexec():
+    """mpiexec's output is never a terminal: ``auto`` prints lines, ``--progress bar`` draws the
+    bar anyway (rank 0 only), ``none`` and ``--no-progress`` print neither."""
+    base = ["--optimizer", "sgd", "--steps", 4, "--eval-every", 2, "--batch-size", 32]
+    seen = {}
+    for flags in (["--progress", "auto"], ["--progress", "bar"], ["--progress", "lines"], ["--progress", "none"],
+                  ["--no-progress"]):
+        proc = train(base + flags, ranks=2)
+        assert proc.returncode == 0, proc.stderr
+        seen[" ".join(flags)] = (proc.stderr.count("sgd step "), "4/4 [" in proc.stderr)
+    assert seen == {"--progress auto": (2, False), "--progress bar": (0, True), "--progress lines": (2, False),
+                    "--progress none": (0, False), "--no-progress": (0, False)}
+    proc = train(base + ["--progress", "loud"])
+    assert proc.returncode == 2 and "--progress" in proc.stderr
+
+
+def test_progress_setting_of_the_python_api():
+    from hpckfac.train.config import TrainConfig
+
+    assert TrainConfig(progress=False).validate().progress == "none"
+    assert TrainConfig(progress=True).validate().progress == "auto"
+    with pytest.raises(ValueError, match="progress"):
+        TrainConfig(progress="loud").validate()

@@ -89,3 +89,22 @@ def test_append_lines_refuses_symlinks(tmp_path):
     with pytest.raises(OSError):
         append_lines(str(tmp_path / "planted.jsonl"), ["x"])
     assert victim.read_text() == "precious"
+
+
+def test_written_files_get_the_permissions_of_an_ordinary_open(tmp_path):
+    """mkstemp creates 0600 files; the logs and checkpoints get what the user's umask gives
+    any new file (readable by the group on a shared cluster with the usual 022 or 027)."""
+    import stat
+
+    from hpckfac.train import files
+
+    mask = os.umask(0o027)
+    try:
+        files._UMASK, saved = 0o027, files._UMASK
+        files.atomic_write(str(tmp_path / "log.json"), lambda fh: fh.write("{}"))
+        files.append_lines(str(tmp_path / "records.jsonl"), ["{}"])
+    finally:
+        files._UMASK = saved
+        os.umask(mask)
+    for name in ("log.json", "records.jsonl"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name

@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import fields
 
-from hpckfac.train.config import DEVICES, DEFAULT_LR, OPTIMIZERS, TrainConfig
+from hpckfac.train.config import DEVICES, DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig
 
 PROG = "hpckfac train"
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="arrays x (N,H,W) or (N,C,H,W), y (N,), optional x_test, y_test (default: digits)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="write log.json, training.png and checkpoints/ here")
+                   help="write records.jsonl, log.json, training.png and checkpoints/ here")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
                    help="checkpoint every K steps and at the end (0: never; needs --out)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="N",
@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in DIR (or DIR/checkpoints), or from a file")
     p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="K",
                    help="evaluate on the test set every K steps")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--progress", choices=PROGRESS, default=d.progress,
+                   help="rank 0's report: auto (a bar on a terminal, one line per evaluation otherwise), bar "
+                        "(the bar anyway: mpiexec's output is never a terminal), lines, none")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const="none", help="as --progress none")
     p.add_argument("--statistics-fraction", type=float, default=d.statistics_fraction, metavar="F",
                    help="K-FAC statistics from the first F of each rank's batch (0 < F <= 1)")
     p.add_argument("--device", choices=DEVICES, default=d.device,

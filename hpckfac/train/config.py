@@ -9,7 +9,21 @@ from hpckfac.torch.options import check_options
 
 OPTIMIZERS = ("kfac", "sgd", "adam")
 DEVICES = ("auto", "cuda", "cpu")
+# Rank 0's progress report: "auto" is a bar on a terminal and one line per evaluation
+# otherwise; "bar" draws the bar anyway (mpiexec forwards output through pipes, never a
+# terminal, to the terminal it was started from); "lines"; "none".
+PROGRESS = ("auto", "bar", "lines", "none")
 DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
+
+def progress_mode(progress: str | bool) -> str:
+    """One of ``PROGRESS`` (True and False, as earlier versions took: ``"auto"``, ``"none"``);
+    ValueError naming ``progress`` otherwise."""
+    if isinstance(progress, bool):
+        return "auto" if progress else "none"
+    if progress not in PROGRESS:
+        raise ValueError(f"progress: expected one of {', '.join(PROGRESS)}, got {progress!r}")
+    return progress
+
 
 # Settings the library validates itself (hpckfac.torch.options): one rule for each, everywhere.
 LIBRARY_KEYS = ("lr", "damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip",
@@ -52,7 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 0
     resume: str | None = None
     eval_every: int = 10
-    progress: bool = True
+    progress: str = "auto"
     device: str = "auto"
     statistics_fraction: float = 1.0
 
@@ -62,6 +76,7 @@ class TrainConfig:
             raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        self.progress = progress_mode(self.progress)
         if self.steps is not None:
             check_integer(self.steps, "steps", 1)
         for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("width", 1), ("seed", 0),

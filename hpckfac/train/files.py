@@ -22,6 +22,12 @@ from hpckfac.log import get_logger
 
 _log = get_logger("hpckfac.train")
 
+# The process's umask, read once (reading it means setting it): the files written through
+# mkstemp (created 0600) get the permissions an ordinary open() would give them, so that the
+# logs of a run on a shared cluster are as readable as the user's other files.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def check_output_dir(out: str, files: tuple[str, ...], folders: tuple[str, ...]) -> None:
     """ValueError naming the problem unless ``out`` can hold ``files`` and ``folders``."""
@@ -64,6 +70,7 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
             write(fh)
             fh.flush()
@@ -78,6 +85,6 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
 def append_lines(path: str, lines: list[str]) -> None:
     """Append ``lines`` (each without its newline) to the regular file ``path``, creating it;
     OSError if ``path`` is a symlink (``O_NOFOLLOW``) rather than writing through it."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "a") as fh:
         fh.write("".join(line + "\n" for line in lines))

@@ -26,7 +26,7 @@ from hpckfac.log import get_logger
 from hpckfac.models import resnet
 from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, find_checkpoint,
                                       list_checkpoints, load_checkpoint, save_checkpoint)
-from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
+from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig, progress_mode
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
 from hpckfac.train.files import append_lines, atomic_write, check_output_dir
 from hpckfac.train.schedule import WarmupPolynomialDecay
@@ -234,24 +234,29 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- run
-    def run(self, progress: bool | None = None) -> TrainResult:
+    def run(self, progress: str | bool | None = None) -> TrainResult:
         """Train from ``self.step`` to ``total_steps``; evaluate every ``eval_every``
         steps, at checkpoints and at the end; write the log, plot and checkpoints.
 
-        Rank 0 shows a progress bar on a terminal; where stderr is not a terminal
-        (a batch job's log file) it prints one line per evaluation instead of a bar
-        redrawn with carriage returns. Log records print above the bar."""
+        ``progress`` (default: the config's) is rank 0's report: ``"auto"`` shows a
+        progress bar where stderr is a terminal and, elsewhere (a batch job's log
+        file, or under mpiexec, which forwards output through pipes), one line per
+        evaluation instead of a bar redrawn with carriage returns; ``"bar"`` and
+        ``"lines"`` choose, ``"none"`` is silent. Log records print above the bar."""
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         c = self.config
-        show = (c.progress if progress is None else progress) and self.rank == 0
-        interactive = sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=not (show and interactive),
+        mode = progress_mode(c.progress if progress is None else progress)
+        if self.rank != 0 or mode == "none":
+            mode = "none"
+        elif mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=mode != "bar",
                    dynamic_ncols=True, leave=True)
         try:
             with logging_redirect_tqdm(loggers=[logging.getLogger("hpckfac")]):
-                self._steps(bar, lines=show and not interactive)
+                self._steps(bar, lines=mode == "lines")
         finally:
             bar.close()
         if not self.records or self.records[-1]["step"] != self.step:
