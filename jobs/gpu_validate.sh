@@ -4,7 +4,8 @@
 # CUDA runs (collectives on CuPy buffers, P ranks == one process), `hpckfac train
 # --device cuda` at 1 and 2 ranks beside the CPU run, the kernel and step
 # benchmarks, and a profile of the ResNet-50 step (device kernels, host functions).
-# Logs and JSON land in OUT; the last lines are a summary.
+# Logs and JSON land in OUT; the last lines are a summary. Exits non-zero when any
+# step failed or timed out, or when no CUDA device is visible.
 #
 #   bash jobs/gpu_validate.sh                   # OUT=out/gpu_validate
 #   QUICK=1 bash jobs/gpu_validate.sh           # skip the slowest kernel-test sizes
@@ -23,6 +24,7 @@ TRAIN_EPOCHS=${TRAIN_EPOCHS:-20}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
+FAILED=0
 export PYTHONUNBUFFERED=1
 
 # step NAME TIMEOUT CMD...: run CMD with a timeout, log to OUT/NAME.log, one summary line.
@@ -33,13 +35,13 @@ step() {
     timeout -k 10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
     local rc=$?
     local word=OK
-    [[ $rc -ne 0 ]] && word=FAIL
+    [[ $rc -ne 0 ]] && word=FAIL && FAILED=$((FAILED + 1))
     [[ $rc -eq 124 || $rc -eq 137 ]] && word=TIMEOUT
     printf '%-8s %-28s rc=%-3s %4ss  %s\n' "$word" "$name" "$rc" "$((SECONDS - start))" \
         "$(grep -E 'passed|failed|error|accuracy' "$OUT/$name.log" | tail -1)" | tee -a "$SUMMARY"
 }
 
-step env 60 bash -c "nvidia-smi -L; $PYTHON -c 'import cupy, torch, mpi4py, numpy; print(\"cupy\", cupy.__version__, \"nvrtc\", cupy.cuda.nvrtc.getVersion(), \"torch\", torch.__version__, torch.version.cuda, \"mpi4py\", mpi4py.__version__, \"numpy\", numpy.__version__)'; $PYTHON -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])'; $PYTHON -c 'from hpckfac.ops import cuda_module as c; print(\"kernels\", c.kernel_dir()); print(\"include\", c.include_dirs())'; $PYTHON -c 'from hpckfac.comm.device import cuda_aware_mpi; print(\"cuda-aware MPI:\", cuda_aware_mpi())'"
+step env 60 bash -c "set -e; nvidia-smi -L; $PYTHON -c 'import cupy, torch, mpi4py, numpy; print(\"cupy\", cupy.__version__, \"nvrtc\", cupy.cuda.nvrtc.getVersion(), \"torch\", torch.__version__, torch.version.cuda, \"mpi4py\", mpi4py.__version__, \"numpy\", numpy.__version__)'; $PYTHON -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])'; $PYTHON -c 'from hpckfac.ops import cuda_module as c; print(\"kernels\", c.kernel_dir()); print(\"include\", c.include_dirs())'; $PYTHON -c 'from hpckfac.comm.device import cuda_aware_mpi; print(\"cuda-aware MPI:\", cuda_aware_mpi())'"
 
 FACTOR_FILTER=()
 [[ "$QUICK" == 1 ]] && FACTOR_FILTER=(-k "not 4608 and not 30000")
@@ -65,3 +67,7 @@ step bench-step-stages 100 "$PYTHON" -m hpckfac.bench step --device cuda --model
 step bench-step-profile 150 "$PYTHON" -m hpckfac.bench step --device cuda --model resnet50 --batch 32 \
     --steps 2 --configs kfac_1_10,kfac_10_100 --profile "$OUT/profile_resnet50.txt"
 echo "logs: $OUT" | tee -a "$SUMMARY"
+if [[ $FAILED -ne 0 ]]; then
+    echo "$FAILED step(s) failed" | tee -a "$SUMMARY"
+    exit 1
+fi

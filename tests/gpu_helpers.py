@@ -17,7 +17,7 @@ except Exception:  # CuPy missing, no driver, or no device
     cupy = None
     DEVICES = 0
 
-requires_gpu = pytest.mark.skipif(DEVICES == 0, reason="needs a CUDA device (none found by CuPy)")
+requires_gpu = pytest.mark.skipif(DEVICES == 0, reason="needs CuPy and a CUDA device (CuPy missing or no device)")
 
 SIZES = (1, 2, 3, 31, 64, 65, 257, 1152, 4608)
 

@@ -10,7 +10,7 @@ BENCHMARKS = {
     "kernels": "CUDA kernels against their obvious alternatives (needs a GPU)",
     "convergence": "K-FAC vs SGD vs Adam: steps and seconds to target accuracy",
     "scaling": "strong/weak scaling on ResNet-50 layer shapes, per-stage breakdown",
-    "model": "alpha-beta performance model, calibrated here, extrapolated to 4096 GPUs",
+    "model": "alpha-beta performance model (H100/V100 presets, or calibrated here with --calibrate), extrapolated to 4096 GPUs",
 }
 
 
