@@ -132,16 +132,22 @@ int main() {
 """
 
 
+def host_program(tmp_path, name: str, source: str):
+    """``source`` (which includes kernel sources) built by nvcc as a host program; its path."""
+    program = tmp_path / f"{name}.cu"
+    program.write_text(source)
+    binary = tmp_path / name
+    cmd = [NVCC, *cuda_module.BASE_OPTIONS, f"-I{cuda_module.include_dirs()[0]}", str(program), "-o", str(binary)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return binary
+
+
 def test_common_helpers_on_host(tmp_path):
     import ml_dtypes
     import numpy as np
 
-    program = tmp_path / "host_check.cu"
-    program.write_text(HOST_CHECK)
-    binary = tmp_path / "host_check"
-    cmd = [NVCC, *cuda_module.BASE_OPTIONS, f"-I{cuda_module.include_dirs()[0]}", str(program), "-o", str(binary)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    binary = host_program(tmp_path, "host_check", HOST_CHECK)
 
     rng = np.random.default_rng(5)
     values = np.concatenate([
@@ -205,12 +211,7 @@ def test_batchnorm_arithmetic_on_host(tmp_path, offset):
 
     from test_ops_batchnorm import oracle
 
-    program = tmp_path / "bn_check.cu"
-    program.write_text(BN_HOST_CHECK)
-    binary = tmp_path / "bn_check"
-    cmd = [NVCC, *cuda_module.BASE_OPTIONS, f"-I{cuda_module.include_dirs()[0]}", str(program), "-o", str(binary)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    binary = host_program(tmp_path, "bn_check", BN_HOST_CHECK)
 
     rng = np.random.default_rng(7)
     shape, eps, scale = (6, 5, 11), 1e-5, 1 / 6

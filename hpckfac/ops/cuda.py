@@ -81,7 +81,7 @@ def _sm_count() -> int:
 
 
 def _launch_blocks(total: int) -> int:
-    """Blocks of a grid-stride launch over ``total`` elements."""
+    """Blocks of a grid-stride launch of ``total`` threads (one per element, or a warp per row)."""
     return max(1, min(-(-total // _THREADS), 32 * _sm_count()))
 
 
@@ -168,8 +168,7 @@ def pack_sym(mats, sizes: list[int], dtype: np.dtype, out):
         count = len(members)
         table = _table(ptrs, strides, n, rows, offsets[members])
         # One warp per row (kernels/pack.cu).
-        blocks = max(1, min(-(-int(rows[-1]) * _WARP // _THREADS), 32 * _sm_count()))
-        kernel((blocks,), (_THREADS,),
+        kernel((_launch_blocks(int(rows[-1]) * _WARP),), (_THREADS,),
                (table, table[count:], table[3 * count:], table[4 * count:], table[5 * count + 1:],
                 np.int32(count), target))
     if out is None:
@@ -339,7 +338,7 @@ def batchnorm_fisher(x: cupy.ndarray, g: cupy.ndarray, eps: float, scale: float,
     sums = cupy.empty(4 * rows, dtype=np.float64)
     strides = [st // a.itemsize for a in (x, g) for st in a.strides]
     row_sums = cuda_module.function("unitwise.cu", cuda_module.bn_sums_name(x.dtype, g.dtype))
-    row_sums((max(1, min(-(-rows * _WARP // _THREADS), 32 * _sm_count())),), (_THREADS,),
+    row_sums((_launch_blocks(rows * _WARP),), (_THREADS,),  # a warp per row
              (x, g, np.int64(channels), np.int64(positions), *(np.int64(st) for st in strides),
               np.int64(rows), sums))
     target = out if out.flags.c_contiguous else cupy.ascontiguousarray(out)
