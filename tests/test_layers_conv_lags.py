@@ -57,22 +57,54 @@ def test_conv_block_takes_the_lags_where_they_pay(monkeypatch):
     np.testing.assert_allclose(block.a_factor(x, 0.5, packed=True), want[np.triu_indices(len(want))],
                                rtol=1e-12, atol=1e-12)
     assert calls == [(3, 3), (3, 3)]
-    # Strided, grouped and narrow convolutions keep their patches.
+    # Strided, grouped and "valid" convolutions on small maps keep their patches.
     for other in (ConvBlock("s", 16, 4, (3, 3), (2, 2), (1, 1), (1, 1), True),
                   ConvBlock("g", 16, 4, (3, 3), (1, 1), (1, 1), (1, 1), True, groups=2),
-                  ConvBlock("n", 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), True)):
+                  ConvBlock("v", 8, 4, (3, 3), (1, 1), (0, 0), (1, 1), True)):
         other.a_factor(x[:, :other.in_channels], 0.5)
     assert len(calls) == 2
 
 
 def test_lags_pay_where_measured():
-    # ResNet-20's 3x3 "same" convolutions at 16-64 channels; not for narrow inputs, 4x4 maps or 1x1 kernels.
-    assert lags_pay(16, (32, 32), (3, 3), (1, 1), (1, 1))
-    assert lags_pay(32, (16, 16), (3, 3), (1, 1), (1, 1))
-    assert lags_pay(64, (8, 8), (3, 3), (1, 1), (1, 1))
-    assert not lags_pay(conv_lags.MIN_CHANNELS - 1, (32, 32), (3, 3), (1, 1), (1, 1))
-    assert not lags_pay(64, (4, 4), (3, 3), (1, 1), (1, 1))
+    # 3x3 "same" convolutions down to 4x4 maps and 3 channels, 5x5 kernels, 3-D; not on
+    # 2x2 or 3x3 maps, for "valid" 3x3 convolutions on 8x8 maps or for 1x1 kernels.
+    for channels, size in [(16, (32, 32)), (32, (16, 16)), (64, (8, 8)), (128, (4, 4)), (3, (32, 32)),
+                           (256, (14, 14)), (32, (8, 8, 8))]:
+        assert lags_pay(channels, size, (3,) * len(size), (1,) * len(size), (1,) * len(size)), (channels, size)
+    assert lags_pay(16, (32, 32), (5, 5), (2, 2), (1, 1))
+    assert not lags_pay(64, (3, 3), (3, 3), (1, 1), (1, 1))
+    assert not lags_pay(64, (2, 2), (3, 3), (1, 1), (1, 1))
+    assert not lags_pay(64, (8, 8), (3, 3), (0, 0), (1, 1))
     assert not lags_pay(64, (8, 8), (1, 1), (0, 0), (1, 1))
+
+
+@pytest.mark.parametrize("shift", [0.0, 20.0])
+def test_float32_rounding_as_the_patch_gram(shift):
+    """Nonnegative inputs (after a ReLU), also with a mean far above their spread: the FFT's
+    rounding stays within a few float32 ulps of the diagonal's scale, as the patch Gram's."""
+    rng = np.random.default_rng(12)
+    x = (np.maximum(rng.standard_normal((16, 24, 12, 10)), 0) + shift).astype(np.float32)
+    exact = patch_factor(x.astype(np.float64), (3, 3), (1, 1), (1, 1), True, 1.0)
+    scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    for got in (lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 1.0, packed=False),
+                patch_factor(x, (3, 3), (1, 1), (1, 1), True, 1.0)):
+        assert np.abs(got - exact).max() / scale.max() < 1e-5
+        assert (np.abs(got - exact) / scale).max() < 1e-5
+
+
+def test_frequencies_in_chunks(monkeypatch):
+    # Chunks of 4 frequencies with a remainder: the same factor as all frequencies at once.
+    x = np.random.default_rng(13).standard_normal((3, 4, 7, 6))
+    whole = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5, packed=True)
+    monkeypatch.setattr(conv_lags, "GRAM_CHUNK_ELEMENTS", 4 * 4 * 4 ** 2)  # 45 frequencies
+    chunked = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5, packed=True)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-13)
+    want = patch_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5)
+    np.testing.assert_allclose(chunked, want[np.triu_indices(len(want))], rtol=1e-12, atol=1e-12)
+
+
+def test_fast_fft_lengths():
+    assert [conv_lags._smooth_size(m) for m in (1, 7, 11, 34, 97, 121)] == [1, 8, 12, 36, 100, 125]
 
 
 def test_random_geometries_against_the_patch_gram():

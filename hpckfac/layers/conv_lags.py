@@ -9,11 +9,15 @@ a ``C x C`` matrix. Summed over the *extended* positions instead (every ``p``
 whose patch touches the image, and the output box), the block depends on
 ``Δ = δ2 - δ1`` alone: it is the lag product ``L(Δ) = sum_u x[u] x[u + d Δ]^T``
 over the whole zero-extended input. There are ``(2k - 1)^n`` lags against
-``k^n x k^n`` blocks, half of them transposes of the other half, and each is
-one GEMM on two row-offset views of one zero-padded channels-last copy of the
-input: with ``L_j >= d_j (k_j - 1)`` zeros before every row of dimension ``j``,
-a flat row offset reads the shifted input, and what runs past a row lands in
-the next row's zeros.
+``k^n x k^n`` blocks, and all of them come from the cross-correlation theorem:
+with ``X_i(f)`` the DFT of example ``i``'s channel images, zero-padded so that no
+lag wraps round, ``L(Δ)`` is the inverse DFT of the cross-spectrum
+``S(f) = sum_i conj(X_i(f)) X_i(f)^T`` at ``d Δ``. That is one real FFT of the
+input, one ``2C x 2C`` Gram of the examples' (real, imaginary) parts per
+frequency of the half spectrum, and the inverse DFT at the few lags needed as one
+small GEMM: per example ``4 C^2`` multiply-adds per frequency, against the
+``(2k - 1)^n / 2 * C^2`` per position of products taken lag by lag (5.5x fewer for
+a 3x3 kernel on 32x32 maps, 3.5x on 8x8).
 
 What the extended positions add beyond the output box is a frame ``e_j =
 d_j (k_j - 1) - P_j`` positions thick on each side of dimension ``j`` (none with
@@ -24,13 +28,14 @@ and in a slab the patches are zero outside a few kernel offsets of
 dimension ``j`` (for a 3x3 "same" convolution, one of three), so each slab's
 Gram is a small product of a thin patch matrix, subtracted from the lag blocks.
 
-For ResNet-20's 3x3 convolutions at batch 64 this is 2.5-3.8x fewer flops than
-the patch Gram and no patch matrix at all; the lag GEMMs (``C x C`` results
-over ``N * H * W`` rows) run at the machine's GEMM rate down to 16 channels.
+For ResNet-20's 3x3 convolutions at batch 64 the factor takes 1/4 to 1/2 of the
+patch route's time, with no patch matrix; the rounding error is that of the patch
+Gram (measured against float64: within 1.3e-6 of the diagonal's scale in float32).
 """
 from __future__ import annotations
 
 import itertools
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -39,30 +44,105 @@ import torch
 from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.ops.factors import finish_factor
 
-# Below 16 channels the lag GEMMs are memory-bound and sum their ~N*H*W terms with a relative
-# error near 1e-5 in float32 (measured, against 1e-6 for the patch Gram): patches there.
-MIN_CHANNELS = 16
-# The lags' flops must be at most this share of the patch Gram's. Per flop they run 1.1-1.7x
-# slower than the patch Gram on 4x4 maps (the frame is most of the work there: break-even at a
-# share of 0.6-0.9), 0.9-1.1x on 8x8 and ~0.8x on 16x16 maps (measured for 16-256 channels,
-# batch 32-64, 3x3 "same" convolutions; 4x4 maps have a share of 1.0, 8x8 0.63, 16x16 0.47).
-MAX_FLOP_SHARE = 0.75
+# The lag route's work (``lags_pay``) must be at most this share of the patch Gram's. Per
+# unit of work it runs 1.5-3x slower than the patch Gram (measured at batch 16-64, float32):
+# a share of 0.43 (3x3 "same" on 4x4 maps) ran at 0.64-0.88x the patch route's time, 0.54-0.57
+# at 0.71-1.13x (a 1-D convolution, 3x3 maps), 1.0 at 1.7x (2x2 maps).
+MAX_WORK_SHARE = 0.5
+# Elements of the per-frequency Grams computed at a time (4 MB in float32).
+GRAM_CHUNK_ELEMENTS = 1 << 20
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _read_view(x: np.ndarray) -> torch.Tensor:
+    """A zero-copy tensor of ``x`` (bfloat16 from its bits) to read from, read-only arrays included."""
+    if x.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.from_numpy does not know
+        x = x.view(np.uint16)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(x).view(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(x)
+
+
+def _smooth_size(m: int) -> int:
+    """The smallest ``2^a 3^b 5^c >= m``: FFT lengths the FFT libraries run at full speed."""
+    while True:
+        rest = m
+        for p in (2, 3, 5):
+            while rest % p == 0:
+                rest //= p
+        if rest == 1:
+            return m
+        m += 1
 
 
 @lru_cache(maxsize=64)
-def _lag_plan(kernel: tuple[int, ...], dilation: tuple[int, ...], rows: tuple[int, ...]):
-    """For padded row lengths ``rows`` (in positions, innermost last): each lag's flat shift
-    ``s`` (only ``s >= 0`` are computed; a negative one is the transpose of ``-s``), and for
-    every pair of kernel offsets the index of its lag among them."""
-    steps = [int(np.prod(rows[j + 1:])) for j in range(len(rows))]
-    lags = list(itertools.product(*(range(-(k - 1), k) for k in kernel)))
-    shift = {lag: sum(d * l * s for d, l, s in zip(dilation, lag, steps)) for lag in lags}
-    computed = sorted({abs(s) for s in shift.values()})
-    # Lag table: the computed lags, then their transposes (index + len(computed)).
-    slot = {lag: computed.index(abs(s)) + (len(computed) if s < 0 else 0) for lag, s in shift.items()}
+def _lag_transform(kernel: tuple[int, ...], dilation: tuple[int, ...], lengths: tuple[int, ...],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The inverse DFT restricted to the lags: ``L(Δ) = T[Δ] @ [Re S; Im S]`` for the
+    cross-spectrum ``S(f)`` on the half spectrum of a real FFT of ``lengths`` over the
+    dimensions with a kernel wider than 1 (lags in ``itertools.product`` order)."""
+    lags = np.array(list(itertools.product(*(range(-(k - 1), k) for k in kernel))), dtype=np.float64)
+    half = (*lengths[:-1], lengths[-1] // 2 + 1)
+    freqs = np.stack(np.meshgrid(*(np.fft.fftfreq(m, 1 / m) for m in lengths[:-1]), np.arange(half[-1]),
+                                 indexing="ij"), -1).reshape(-1, len(lengths))
+    # S(-f) = conj(S(f)): every frequency of the half spectrum but the self-conjugate ones
+    # (zero, and Nyquist for an even length) stands for two.
+    last = freqs[:, -1]
+    weight = np.where((last == 0) | (2 * last == lengths[-1]), 1.0, 2.0) / np.prod(lengths)
+    phase = 2 * np.pi * (lags * np.array(dilation)) @ (freqs / np.array(lengths)).T
+    return torch.from_numpy(np.concatenate([np.cos(phase) * weight, -np.sin(phase) * weight], 1)).to(dtype)
+
+
+def _lag_products(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+    """``L(Δ) = sum_u x[u] x[u + d Δ]^T`` for every lag ``|Δ_j| < k_j`` of ``x`` ``(N, C, *spatial)``,
+    whose trailing zeros along every dimension with ``k_j > 1`` are at least ``d_j (k_j - 1)``
+    (no lag wraps round), as ``((2k - 1)^n, C, C)`` in ``itertools.product`` order.
+
+    By the cross-correlation theorem ``L(Δ)`` is the inverse DFT of the cross-spectrum
+    ``S(f) = sum_i conj(X_i(f)) X_i(f)^T``: one real FFT of every channel image, one batched
+    product per frequency, and the inverse DFT at the few lags needed as one small GEMM."""
+    n, channels, *size = x.shape
+    wide = [j for j, k in enumerate(kernel) if k > 1]
+    narrow = [j for j, k in enumerate(kernel) if k == 1]
+    if narrow:  # dimensions with a one-wide kernel have lag 0 only: they join the examples
+        x = x.permute(0, *(2 + j for j in narrow), 1, *(2 + j for j in wide)).reshape(
+            -1, channels, *(size[j] for j in wide))
+    lengths = tuple(size[j] for j in wide)
+    spectrum = torch.fft.rfftn(x, dim=tuple(range(2, 2 + len(wide))))
+    rows = spectrum.shape[0]
+    # Per frequency, the rows (examples) by the channels' (Re, Im) pairs: one copy of the spectrum.
+    parts = torch.view_as_real(spectrum.permute(*range(2, 2 + len(wide)), 0, 1).contiguous()).reshape(
+        -1, rows, 2 * channels)
+    c = channels
+    transform = _lag_transform(tuple(kernel[j] for j in wide), tuple(dilation[j] for j in wide), lengths, x.dtype)
+    transform = transform.view(len(transform), 2, -1)  # lag x (Re, Im) x frequency
+    lags = torch.zeros((len(transform), c * c), dtype=x.dtype)
+    # Frequencies in chunks whose Grams stay in cache: with few rows (examples) per frequency
+    # the products are rank-N updates, bound by memory when written out whole (measured 3x
+    # slower for 64 channels on 56x56 maps at batch 32).
+    chunk = max(1, GRAM_CHUNK_ELEMENTS // (4 * c * c))
+    for start in range(0, len(parts), chunk):
+        part = parts[start:start + chunk]
+        gram = torch.bmm(part.transpose(1, 2), part)
+        cross = torch.empty((2, len(part), c, c), dtype=x.dtype)
+        torch.add(gram[:, 0::2, 0::2], gram[:, 1::2, 1::2], out=cross[0])  # Re S = Re'Re + Im'Im
+        torch.sub(gram[:, 0::2, 1::2], gram[:, 1::2, 0::2], out=cross[1])  # Im S = Re'Im - Im'Re
+        lags.addmm_(transform[:, :, start:start + len(part)].reshape(len(lags), -1), cross.view(-1, c * c))
+    return lags.view(-1, c, c)
+
+
+@lru_cache(maxsize=64)
+def _lag_pairs(kernel: tuple[int, ...]) -> torch.Tensor:
+    """For every pair of kernel offsets ``(δ1, δ2)``, the index of the lag ``δ2 - δ1`` in
+    ``_lag_products``' order."""
     offsets = list(itertools.product(*(range(k) for k in kernel)))
-    pairs = np.array([[slot[tuple(b - a for a, b in zip(o1, o2))] for o2 in offsets] for o1 in offsets])
-    return tuple(computed), pairs
+    spans = tuple(2 * k - 1 for k in kernel)
+    pairs = [np.ravel_multi_index(tuple(b - a + k - 1 for a, b, k in zip(o1, o2, kernel)), spans)
+             for o1 in offsets for o2 in offsets]
+    return torch.tensor(pairs)
 
 
 def _slabs(kernel, padding, dilation, out_size):
@@ -86,24 +166,34 @@ def _slabs(kernel, padding, dilation, out_size):
     return slabs, extended
 
 
+def _padded_rows(size, kernel, padding, dilation) -> tuple[int, ...]:
+    """Row lengths of the zero-padded input: a fast FFT length of at least the image and the
+    zeros before it, ``max(d (k - 1), P)``, as many as a patch reaches past the image (so no
+    lag wraps round in the FFT)."""
+    return tuple(_smooth_size(s + max(d * (k - 1), p)) for s, k, p, d in zip(size, kernel, padding, dilation))
+
+
 @lru_cache(maxsize=256)
 def lags_pay(channels: int, size: tuple[int, ...], kernel: tuple[int, ...], padding: tuple[int, ...],
              dilation: tuple[int, ...]) -> bool:
     """Whether ``lagged_a_factor`` beats the patch Gram for a stride-1 convolution of
-    ``channels`` input channels over spatial ``size`` (per example), by their flops."""
-    if channels < MIN_CHANNELS:
-        return False
+    ``channels`` input channels over spatial ``size`` (per example), by a count of their work."""
     volume = int(np.prod(kernel))
+    if volume == 1:
+        return False
     out_size = [s + 2 * p - d * (k - 1) for s, k, p, d in zip(size, kernel, padding, dilation)]
-    rows = np.prod([s + max(d * (k - 1), p) for s, k, p, d in zip(size, kernel, padding, dilation)])
-    lags = (int(np.prod([2 * k - 1 for k in kernel])) + 1) // 2
+    rows = _padded_rows(size, kernel, padding, dilation)
+    wide = [r for r, k in zip(rows, kernel) if k > 1]
+    frequencies = np.prod(wide[:-1]) * (wide[-1] // 2 + 1) * np.prod([s for s, k in zip(size, kernel) if k == 1])
     slabs, _ = _slabs(kernel, padding, dilation, out_size)
     frame = sum(np.prod([b - a for a, b in positions]) * (channels * np.prod([b - a for a, b in offsets])) ** 2
                 for positions, offsets in slabs)
-    # Per example, counting multiply-adds; the patch Gram computes about half its square.
-    lag_work = lags * channels ** 2 * rows + frame
+    # Per example, counting multiply-adds: the FFT, a (2C)^2 Gram per frequency and the
+    # frame's Grams, against about half the patch Gram's square.
+    fft = 2 * channels * np.prod(rows) * np.log2(np.prod(wide))
+    lag_work = fft + 4 * channels ** 2 * frequencies + frame
     patch_work = (channels * volume) ** 2 * np.prod(out_size) / 2
-    return bool(lag_work <= MAX_FLOP_SHARE * patch_work)
+    return bool(lag_work <= MAX_WORK_SHARE * patch_work)
 
 
 def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, ...],
@@ -117,63 +207,50 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
     volume = int(np.prod(kernel))
     out_size = tuple(s + 2 * p - d * (k - 1) for s, k, p, d in zip(size, kernel, padding, dilation))
     lead = [max(d * (k - 1), p) for k, p, d in zip(kernel, padding, dilation)]
-    rows = tuple(s + l for s, l in zip(size, lead))
-    dtype = accumulation_dtype(x.dtype)
-
-    # Zeros before every row of every dimension, one zero image after the last for the
-    # slabs' reads past it; channels last, so a position is a row of C contiguous values.
-    padded = np.zeros((n + 1, *rows, channels), dtype=dtype)
-    padded[(slice(0, n), *(slice(l, None) for l in lead))] = np.moveaxis(x, 1, -1)
-    buffer = torch.from_numpy(padded)
-    flat = buffer[:n].reshape(-1, channels)
-    total = flat.shape[0]
-
-    shifts, pairs = _lag_plan(tuple(kernel), tuple(dilation), rows)
-    lags = torch.empty((2 * len(shifts), channels, channels), dtype=buffer.dtype)
-    for i, s in enumerate(shifts):
-        torch.mm(flat[:total - s].T, flat[s:], out=lags[i])
-    lags[len(shifts):] = lags[:len(shifts)].transpose(1, 2)
+    # Channels first, zeros before every row of every dimension (``_padded_rows``) and one
+    # zero image after the last for the slabs' reads past it: the FFT and the slabs read it.
+    rows = _padded_rows(size, kernel, padding, dilation)
+    buffer = torch.zeros((n + 1, channels, *rows), dtype=_TORCH_DTYPES[accumulation_dtype(x.dtype).name])
+    buffer[(slice(0, n), slice(None), *(slice(l, l + s) for l, s in zip(lead, size)))] = _read_view(x)
+    lags = _lag_products(buffer[:n], tuple(kernel), tuple(dilation))
 
     d = channels * volume + bias
     factor = torch.empty((d, d), dtype=buffer.dtype)
     # Block (δ1, δ2) is lag δ2 - δ1; ordered (c, δ1) x (c', δ2) as PyTorch's weight columns.
-    blocks = lags[torch.from_numpy(pairs.reshape(-1))].reshape(volume, volume, channels, channels)
+    blocks = lags[_lag_pairs(tuple(kernel))].reshape(volume, volume, channels, channels)
     factor[:channels * volume, :channels * volume] = blocks.permute(2, 0, 3, 1).reshape(channels * volume, -1)
     slabs, extended = _slabs(kernel, padding, dilation, out_size)
     if bias:
-        sums = flat.sum(0).repeat_interleave(volume)  # every offset sees every input value once
+        sums = buffer.sum((0, *range(2, 2 + ndim))).repeat_interleave(volume)  # every offset sees every input value once
         factor[:-1, -1] = sums
         factor[-1, :-1] = sums
         factor[-1, -1] = n * int(np.prod([b - a for a, b in extended]))
 
-    position_strides = buffer.stride()[1:1 + ndim]
+    position_strides = buffer.stride()[2:]
     for positions, offsets in slabs:
-        shape = (n, *(b - a for a, b in positions), *(b - a for a, b in offsets), channels)
+        shape = (n, *(b - a for a, b in positions), channels, *(b - a for a, b in offsets))
         # Patch value at position p, offset δ: x[p + d δ - P], i.e. padded[p + d δ - P + lead].
         start = sum((a + dd * ka - p + l) * st for (a, _), (ka, _), p, dd, l, st in
                     zip(positions, offsets, padding, dilation, lead, position_strides))
-        strides = (buffer.stride(0), *position_strides,
-                   *(dd * st for dd, st in zip(dilation, position_strides)), 1)
+        strides = (buffer.stride(0), *position_strides, buffer.stride(1),
+                   *(dd * st for dd, st in zip(dilation, position_strides)))
         patches = torch.as_strided(buffer, shape, strides, start)
         width = int(np.prod(shape[1 + ndim:]))
         slab = torch.empty((int(np.prod(shape[:1 + ndim])), width + bias), dtype=buffer.dtype)
         slab[:, :width].view(shape).copy_(patches)  # one copy, straight beside the bias column
         if bias:
             slab[:, -1] = 1
-        # The slab's columns (δ, c) are factor columns c * volume + flat(δ): subtract its Gram
-        # through strided views of the factor as (C, *kernel) x (C, *kernel), then the bias.
+        # The slab's columns (c, δ) are the factor's (C, *kernel) columns in the box of its
+        # offsets: subtract its Gram through strided views of the factor, then the bias.
         gram = slab.T @ slab
-        box = tuple(slice(a, b) for a, b in offsets)
+        box = (slice(None), *(slice(a, b) for a, b in offsets))
         sub = shape[1 + ndim:]
-        channel_first = (ndim, *range(ndim))
-        patch_block = gram[:width, :width].view(*sub, *sub).permute(*channel_first,
-                                                                    *(ndim + 1 + i for i in channel_first))
         factor[:channels * volume, :channels * volume].view(channels, *kernel, channels, *kernel)[
-            (slice(None), *box, slice(None), *box)] -= patch_block
+            box + box] -= gram[:width, :width].view(*sub, *sub)
         if bias:
-            column = gram[:width, width].view(sub).permute(channel_first)
-            factor[:-1, -1].view(channels, *kernel)[(slice(None), *box)] -= column
-            factor[-1, :-1].view(channels, *kernel)[(slice(None), *box)] -= column
+            column = gram[:width, width].view(sub)
+            factor[:-1, -1].view(channels, *kernel)[box] -= column
+            factor[-1, :-1].view(channels, *kernel)[box] -= column
             factor[-1, -1] -= gram[width, width]
 
     result = factor.numpy()
