@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from hpckfac.ops.checks import accumulation_dtype
-from hpckfac.ops.factors import finish_factor
+from hpckfac.ops.factors import finish_factor, upper_gram
 
 # The lag route's work (``lags_pay``) must be at most this share of the patch Gram's. Per
 # unit of work it runs 1.5-3x slower than the patch Gram (measured at batch 16-64, float32):
@@ -241,8 +241,9 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
         if bias:
             slab[:, -1] = 1
         # The slab's columns (c, δ) are the factor's (C, *kernel) columns in the box of its
-        # offsets: subtract its Gram through strided views of the factor, then the bias.
-        gram = slab.T @ slab
+        # offsets, in the same order: subtract its Gram's upper triangle (all the factor's
+        # upper triangle needs) through strided views of the factor, then the bias.
+        gram = upper_gram(slab)
         box = (slice(None), *(slice(a, b) for a, b in offsets))
         sub = shape[1 + ndim:]
         factor[:channels * volume, :channels * volume].view(channels, *kernel, channels, *kernel)[

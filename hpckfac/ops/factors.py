@@ -21,7 +21,7 @@ PANEL_COLUMNS = 64
 MAX_PANELS = 8
 
 
-def _upper_gram(rows: torch.Tensor) -> torch.Tensor:
+def upper_gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows.T @ rows`` with only the upper triangle computed (the strict lower
     triangle of the result is zero), panel by panel in torch's thread pool."""
     d = rows.shape[1]
@@ -78,7 +78,7 @@ def accumulate_factor(
     With ``decay`` the result is blended into ``out`` (see ``ema_update``); a
     non-finite product raises ValueError and leaves ``out`` untouched.
     """
-    factor = _upper_gram(host_tensor(x)).numpy()
+    factor = upper_gram(host_tensor(x)).numpy()
     factor *= scale
     factor = finish_factor(factor, packed)
     if out is None:
