@@ -24,16 +24,17 @@ def test_every_train_and_benchmark_flag_has_help_text(monkeypatch):
     import argparse
     import importlib
 
+    from hpckfac.bench.__main__ import BENCHMARKS
     from hpckfac.train.cli import build_parser
 
     assert [a.option_strings for a in build_parser()._actions if not a.help] == []
     parsers = []
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
                         lambda self, *a, **kw: parsers.append(self) or (_ for _ in ()).throw(SystemExit(0)))
-    for name in ("comm", "step", "kernels", "convergence", "scaling", "model"):
+    for name in BENCHMARKS:
         with pytest.raises(SystemExit):
             importlib.import_module(f"hpckfac.bench.{name}").main([])
-    assert len(parsers) == 6
+    assert len(parsers) == len(BENCHMARKS) == 7
     assert [(p.prog, a.option_strings) for p in parsers for a in p._actions if not a.help] == []
 
 
@@ -41,7 +42,8 @@ def test_every_train_and_benchmark_flag_has_help_text(monkeypatch):
                                   ["scaling", "--scale", "0"], ["step", "--threads", "-2"], ["step", "--steps", "0"],
                                   ["step", "--profile-steps", "0"], ["step", "--image", "0"],
                                   ["model", "--ranks", "abc"], ["model", "--calibrate", "CORRUPT"],
-                                  ["kernels", "--repeat", "0"]])
+                                  ["kernels", "--repeat", "0"], ["conv", "--repeat", "0"], ["conv", "--kernel", "4"],
+                                  ["conv", "--shapes", "64:16"], ["conv", "--shapes", "64:0:8x8"]])
 def test_bad_benchmark_arguments_give_one_line(argv, capsys, tmp_path):
     from hpckfac.bench.__main__ import main as bench
 

@@ -49,7 +49,7 @@ def test_conv_block_takes_the_lags_where_they_pay(monkeypatch):
     monkeypatch.setattr("hpckfac.layers.conv.lagged_a_factor",
                         lambda *args, **kw: calls.append(args[1]) or lagged_a_factor(*args, **kw))
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 8, 7, 16)).transpose(0, 3, 1, 2)  # channels-last strides, (2, 16, 8, 7)
+    x = rng.standard_normal((16, 8, 7, 16)).transpose(0, 3, 1, 2)  # channels-last strides, (16, 16, 8, 7)
     x.flags.writeable = False
     block = ConvBlock("conv", 16, 4, (3, 3), (1, 1), (1, 1), (1, 1), True)
     want = patch_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5)
@@ -57,25 +57,31 @@ def test_conv_block_takes_the_lags_where_they_pay(monkeypatch):
     np.testing.assert_allclose(block.a_factor(x, 0.5, packed=True), want[np.triu_indices(len(want))],
                                rtol=1e-12, atol=1e-12)
     assert calls == [(3, 3), (3, 3)]
-    # Strided, grouped and "valid" convolutions on small maps keep their patches.
+    # Strided, grouped and "valid" convolutions on small maps keep their patches, and so does
+    # a batch of two (few examples per frequency).
     for other in (ConvBlock("s", 16, 4, (3, 3), (2, 2), (1, 1), (1, 1), True),
                   ConvBlock("g", 16, 4, (3, 3), (1, 1), (1, 1), (1, 1), True, groups=2),
                   ConvBlock("v", 8, 4, (3, 3), (1, 1), (0, 0), (1, 1), True)):
         other.a_factor(x[:, :other.in_channels], 0.5)
+    block.a_factor(x[:2], 0.5)
     assert len(calls) == 2
 
 
 def test_lags_pay_where_measured():
-    # 3x3 "same" convolutions down to 4x4 maps and 3 channels, 5x5 kernels, 3-D; not on
-    # 2x2 or 3x3 maps, for "valid" 3x3 convolutions on 8x8 maps or for 1x1 kernels.
-    for channels, size in [(16, (32, 32)), (32, (16, 16)), (64, (8, 8)), (128, (4, 4)), (3, (32, 32)),
-                           (256, (14, 14)), (32, (8, 8, 8))]:
-        assert lags_pay(channels, size, (3,) * len(size), (1,) * len(size), (1,) * len(size)), (channels, size)
-    assert lags_pay(16, (32, 32), (5, 5), (2, 2), (1, 1))
-    assert not lags_pay(64, (3, 3), (3, 3), (1, 1), (1, 1))
-    assert not lags_pay(64, (2, 2), (3, 3), (1, 1), (1, 1))
-    assert not lags_pay(64, (8, 8), (3, 3), (0, 0), (1, 1))
-    assert not lags_pay(64, (8, 8), (1, 1), (0, 0), (1, 1))
+    # 3x3 "same" convolutions at batch 64 down to 4x4 maps and 3 channels, 5x5 kernels, 3-D,
+    # ResNet-50's shapes at batch 32; not on 2x2 or 3x3 maps, for "valid" 3x3 convolutions on
+    # 8x8 maps, at batch 8 on 8x8 maps (few examples per frequency) or for 1x1 kernels.
+    for n, channels, size in [(64, 16, (32, 32)), (64, 32, (16, 16)), (64, 64, (8, 8)), (64, 128, (4, 4)),
+                              (64, 3, (32, 32)), (32, 256, (14, 14)), (32, 64, (56, 56)), (16, 32, (8, 8, 8)),
+                              (16, 64, (8, 8))]:
+        ndim = len(size)
+        assert lags_pay(n, channels, size, (3,) * ndim, (1,) * ndim, (1,) * ndim), (n, channels, size)
+    assert lags_pay(64, 16, (32, 32), (5, 5), (2, 2), (1, 1))
+    assert not lags_pay(64, 64, (3, 3), (3, 3), (1, 1), (1, 1))
+    assert not lags_pay(64, 64, (2, 2), (3, 3), (1, 1), (1, 1))
+    assert not lags_pay(64, 64, (8, 8), (3, 3), (0, 0), (1, 1))
+    assert not lags_pay(8, 64, (8, 8), (3, 3), (1, 1), (1, 1))
+    assert not lags_pay(64, 64, (8, 8), (1, 1), (0, 0), (1, 1))
 
 
 @pytest.mark.parametrize("shift", [0.0, 20.0])

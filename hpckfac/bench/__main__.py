@@ -7,6 +7,7 @@ import sys
 BENCHMARKS = {
     "comm": "collective bandwidth and latency: ring vs MPI allreduce, ReduceScatterV, AllGatherV",
     "step": "iteration time: SGD + ring-allreduce vs K-FAC, per-stage breakdown",
+    "conv": "a convolution's A factor on the CPU: patch Gram vs lag products, per input shape",
     "kernels": "CUDA kernels against their obvious alternatives (needs a GPU)",
     "convergence": "K-FAC vs SGD vs Adam: steps and seconds to target accuracy",
     "scaling": "strong/weak scaling on ResNet-50 layer shapes, per-stage breakdown",

@@ -199,7 +199,8 @@ class ConvBlock(SpatialKronBlock):
         if (isinstance(a, np.ndarray) and self.groups == 1 and all(s == 1 for s in self.stride)
                 and prod(self.kernel_size) > 1):
             self._checked_output_size(a)
-            if lags_pay(self.in_channels, a.shape[2:], self.kernel_size, self.padding, self.dilation):
+            if lags_pay(a.shape[0], self.in_channels, a.shape[2:], self.kernel_size, self.padding,
+                        self.dilation):
                 return lagged_a_factor(a, self.kernel_size, self.padding, self.dilation, self.has_bias, scale,
                                        packed)
         return super().a_factor(a, scale, packed=packed)

@@ -45,10 +45,15 @@ from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.ops.factors import finish_factor, upper_gram
 
 # The lag route's work (``lags_pay``) must be at most this share of the patch Gram's. Per
-# unit of work it runs 1.5-3x slower than the patch Gram (measured at batch 16-64, float32):
-# a share of 0.43 (3x3 "same" on 4x4 maps) ran at 0.64-0.88x the patch route's time, 0.54-0.57
-# at 0.71-1.13x (a 1-D convolution, 3x3 maps), 1.0 at 1.7x (2x2 maps).
-MAX_WORK_SHARE = 0.5
+# unit of work it runs 1.2-2.5x slower than the patch Gram (measured at batch 8-64, float32:
+# every measured case up to a share of 0.60 ran faster than the patches, 0.76-0.85x of their
+# time near the threshold; a share of 0.73 (3x3 maps) ran at 1.13x, 0.97 (batch 8 on 8x8
+# maps) at 1.39x).
+MAX_WORK_SHARE = 0.65
+# Writing and reading a frequency's Gram costs about as much as this many examples' products
+# (fitted with the share above: with few examples per frequency the products are rank-N
+# updates, bound by memory).
+GRAM_EXAMPLES = 64
 # Elements of the per-frequency Grams computed at a time (4 MB in float32).
 GRAM_CHUNK_ELEMENTS = 1 << 20
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -174,10 +179,10 @@ def _padded_rows(size, kernel, padding, dilation) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=256)
-def lags_pay(channels: int, size: tuple[int, ...], kernel: tuple[int, ...], padding: tuple[int, ...],
-             dilation: tuple[int, ...]) -> bool:
-    """Whether ``lagged_a_factor`` beats the patch Gram for a stride-1 convolution of
-    ``channels`` input channels over spatial ``size`` (per example), by a count of their work."""
+def lags_pay(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[int, ...],
+             padding: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
+    """Whether ``lagged_a_factor`` beats the patch Gram for a stride-1 convolution of a batch of
+    ``examples`` with ``channels`` input channels over spatial ``size``, by a count of their work."""
     volume = int(np.prod(kernel))
     if volume == 1:
         return False
@@ -188,10 +193,11 @@ def lags_pay(channels: int, size: tuple[int, ...], kernel: tuple[int, ...], padd
     slabs, _ = _slabs(kernel, padding, dilation, out_size)
     frame = sum(np.prod([b - a for a, b in positions]) * (channels * np.prod([b - a for a, b in offsets])) ** 2
                 for positions, offsets in slabs)
-    # Per example, counting multiply-adds: the FFT, a (2C)^2 Gram per frequency and the
-    # frame's Grams, against about half the patch Gram's square.
+    # Per example, counting multiply-adds: the FFT, a (2C)^2 Gram per frequency (and its
+    # share of the Gram's memory traffic) and the frame's Grams, against about half the patch
+    # Gram's square.
     fft = 2 * channels * np.prod(rows) * np.log2(np.prod(wide))
-    lag_work = fft + 4 * channels ** 2 * frequencies + frame
+    lag_work = fft + 4 * channels ** 2 * frequencies * (1 + GRAM_EXAMPLES / examples) + frame
     patch_work = (channels * volume) ** 2 * np.prod(out_size) / 2
     return bool(lag_work <= MAX_WORK_SHARE * patch_work)
 

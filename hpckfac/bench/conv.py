@@ -1,0 +1,82 @@
+"""A convolution's ``A`` factor on the CPU: the patch Gram against the lag-product route.
+
+``python -m hpckfac.bench conv [--shapes N:C:HxW,...] [--kernel K] [--repeat R] [--json PATH]``
+
+For every input shape (3x3 "same" convolutions by default, stride 1, float32 inputs
+after a ReLU) the median time of the packed factor from kernel-major patches
+(``SpatialKronBlock.a_factor``) and from lag products (``hpckfac.layers.conv_lags``),
+their ratio, the route ``ConvBlock.a_factor`` takes (``lags_pay``) and the largest
+difference between the two factors relative to the largest diagonal entry. Run with the
+process's own thread settings, as training runs.
+"""
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from hpckfac.bench.report import median, time_calls, write_json
+from hpckfac.tables import format_table
+
+# ResNet-20's stride-1 layers at batch 64, narrow and tiny maps, and two ResNet-50 shapes at batch 32.
+DEFAULT_SHAPES = ("64:16:32x32,64:32:16x16,64:64:8x8,64:3:32x32,64:128:4x4,64:64:3x3,"
+                  "32:256:14x14,32:64:56x56")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, tuple[int, ...]]]:
+    """``"N:C:HxW,..."`` as ``(N, C, spatial)`` triples (1-3 spatial dimensions)."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            n, c, spatial = item.strip().split(":")
+            shape = (int(n), int(c), tuple(int(s) for s in spatial.split("x")))
+        except ValueError:
+            raise ValueError(f"--shapes: expected N:C:HxW, got {item!r}") from None
+        if min(shape[0], shape[1], *shape[2]) < 1 or not 1 <= len(shape[2]) <= 3:
+            raise ValueError(f"--shapes: sizes must be >= 1 with 1-3 spatial dimensions, got {item!r}")
+        shapes.append(shape)
+    return shapes
+
+
+def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat: int) -> dict[str, Any]:
+    """Both routes for one input shape: median ms, ratio, the chosen route and their difference."""
+    from hpckfac.layers import ConvBlock
+    from hpckfac.layers.conv import SpatialKronBlock
+    from hpckfac.layers.conv_lags import lagged_a_factor, lags_pay
+
+    ndim = len(spatial)
+    geometry = ((kernel,) * ndim, (kernel // 2,) * ndim, (1,) * ndim)
+    x = np.maximum(np.random.default_rng(0).standard_normal((n, channels, *spatial)), 0).astype(np.float32)
+    block = ConvBlock("conv", channels, channels, geometry[0], (1,) * ndim, geometry[1], geometry[2], False)
+    patch_ms = median(time_calls(partial(SpatialKronBlock.a_factor, block, x, packed=True), repeat)) * 1e3
+    lag_ms = median(time_calls(partial(lagged_a_factor, x, *geometry, False, 1.0, True), repeat)) * 1e3
+    want = SpatialKronBlock.a_factor(block, x)
+    scale = np.diag(want).max()
+    difference = float(np.abs(lagged_a_factor(x, *geometry, False, 1.0, False) - want).max() / scale) if scale else 0.0
+    return {"shape": f"{n}x{channels}x{'x'.join(map(str, spatial))}", "kernel": kernel,
+            "patches_ms": patch_ms, "lags_ms": lag_ms, "lags/patches": lag_ms / patch_ms,
+            "route": "lags" if lags_pay(n, channels, spatial, *geometry) else "patches",
+            "max_difference": difference}
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench conv") -> int:
+    """Time both routes for every shape; print a table, optionally write JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="inputs as N:C:HxW, comma-separated")
+    parser.add_argument("--kernel", type=int, default=3, help="kernel size in every dimension, odd ('same' padding)")
+    parser.add_argument("--repeat", type=int, default=15, help="timed calls per route (median reported)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        raise ValueError(f"--repeat: must be >= 1, got {args.repeat}")
+    if args.kernel < 3 or args.kernel % 2 == 0:
+        raise ValueError(f"--kernel: must be odd and >= 3, got {args.kernel}")
+    results = [measure(n, c, spatial, args.kernel, args.repeat) for n, c, spatial in parse_shapes(args.shapes)]
+    print(format_table(results, ["shape", "kernel", "patches_ms", "lags_ms", "lags/patches", "route",
+                                 "max_difference"]))
+    if args.json:
+        write_json(args.json, "conv", {"shapes": args.shapes, "kernel": args.kernel, "repeat": args.repeat},
+                   results)
+    return 0
