@@ -49,7 +49,7 @@ def test_conv_block_takes_the_lags_where_they_pay(monkeypatch):
     monkeypatch.setattr("hpckfac.layers.conv.lagged_a_factor",
                         lambda *args, **kw: calls.append(args[1]) or lagged_a_factor(*args, **kw))
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((16, 8, 7, 16)).transpose(0, 3, 1, 2)  # channels-last strides, (16, 16, 8, 7)
+    x = rng.standard_normal((32, 12, 10, 16)).transpose(0, 3, 1, 2)  # channels-last strides, (32, 16, 12, 10)
     x.flags.writeable = False
     block = ConvBlock("conv", 16, 4, (3, 3), (1, 1), (1, 1), (1, 1), True)
     want = patch_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5)
@@ -70,10 +70,11 @@ def test_conv_block_takes_the_lags_where_they_pay(monkeypatch):
 def test_lags_pay_where_measured():
     # 3x3 "same" convolutions at batch 64 down to 4x4 maps and 3 channels, 5x5 kernels, 3-D,
     # ResNet-50's shapes at batch 32; not on 2x2 or 3x3 maps, for "valid" 3x3 convolutions on
-    # 8x8 maps, at batch 8 on 8x8 maps (few examples per frequency) or for 1x1 kernels.
+    # 8x8 maps, at batch 8 on 8x8 maps (few examples per frequency), for small problems
+    # (the lag route's fixed cost) or for 1x1 kernels.
     for n, channels, size in [(64, 16, (32, 32)), (64, 32, (16, 16)), (64, 64, (8, 8)), (64, 128, (4, 4)),
                               (64, 3, (32, 32)), (32, 256, (14, 14)), (32, 64, (56, 56)), (16, 32, (8, 8, 8)),
-                              (16, 64, (8, 8))]:
+                              (16, 64, (8, 8)), (1438, 8, (8, 8))]:
         ndim = len(size)
         assert lags_pay(n, channels, size, (3,) * ndim, (1,) * ndim, (1,) * ndim), (n, channels, size)
     assert lags_pay(64, 16, (32, 32), (5, 5), (2, 2), (1, 1))
@@ -81,6 +82,8 @@ def test_lags_pay_where_measured():
     assert not lags_pay(64, 64, (2, 2), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(64, 64, (8, 8), (3, 3), (0, 0), (1, 1))
     assert not lags_pay(8, 64, (8, 8), (3, 3), (1, 1), (1, 1))
+    assert not lags_pay(128, 8, (8, 8), (3, 3), (1, 1), (1, 1))
+    assert not lags_pay(128, 16, (4, 4), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(64, 64, (8, 8), (1, 1), (0, 0), (1, 1))
 
 

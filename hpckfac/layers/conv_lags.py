@@ -54,6 +54,13 @@ MAX_WORK_SHARE = 0.65
 # (fitted with the share above: with few examples per frequency the products are rank-N
 # updates, bound by memory).
 GRAM_EXAMPLES = 64
+# Below this much patch work (multiply-adds for the whole batch) the lag route's fixed cost,
+# ~1 ms of some forty tensor operations, outweighs what it saves (measured: 128 examples of
+# 8 channels on 8x8 maps, 26M, ran 1.6x slower than the patches; of 16 channels on 4x4 maps,
+# 24M, 2.2x; 64 examples of 3 channels on 32x32 maps, 38M, 0.4x).
+MIN_PATCH_WORK = 3e7
+# A copied patch element costs about as much as this many multiply-adds of the patch Gram.
+COPY_WORK = 8
 # Elements of the per-frequency Grams computed at a time (4 MB in float32).
 GRAM_CHUNK_ELEMENTS = 1 << 20
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -195,11 +202,11 @@ def lags_pay(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[
                 for positions, offsets in slabs)
     # Per example, counting multiply-adds: the FFT, a (2C)^2 Gram per frequency (and its
     # share of the Gram's memory traffic) and the frame's Grams, against about half the patch
-    # Gram's square.
+    # Gram's square and the patch copy.
     fft = 2 * channels * np.prod(rows) * np.log2(np.prod(wide))
     lag_work = fft + 4 * channels ** 2 * frequencies * (1 + GRAM_EXAMPLES / examples) + frame
-    patch_work = (channels * volume) ** 2 * np.prod(out_size) / 2
-    return bool(lag_work <= MAX_WORK_SHARE * patch_work)
+    patch_work = ((channels * volume) ** 2 / 2 + COPY_WORK * channels * volume) * np.prod(out_size)
+    return bool(examples * patch_work >= MIN_PATCH_WORK and lag_work <= MAX_WORK_SHARE * patch_work)
 
 
 def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, ...],
