@@ -68,14 +68,11 @@ _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def _read_view(x: np.ndarray) -> torch.Tensor:
     """A zero-copy tensor of ``x`` (bfloat16 from its bits) to read from, read-only arrays included."""
-    if x.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.from_numpy does not know
-        x = x.view(np.uint16)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return torch.from_numpy(x).view(torch.bfloat16)
+    bits = x.dtype.name == "bfloat16"  # ml_dtypes' bfloat16, which torch.from_numpy does not know
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(x)
+        tensor = torch.from_numpy(x.view(np.uint16) if bits else x)
+    return tensor.view(torch.bfloat16) if bits else tensor
 
 
 def _smooth_size(m: int) -> int:
@@ -110,8 +107,8 @@ def _lag_transform(kernel: tuple[int, ...], dilation: tuple[int, ...], lengths: 
 
 def _lag_products(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
     """``L(Δ) = sum_u x[u] x[u + d Δ]^T`` for every lag ``|Δ_j| < k_j`` of ``x`` ``(N, C, *spatial)``,
-    whose trailing zeros along every dimension with ``k_j > 1`` are at least ``d_j (k_j - 1)``
-    (no lag wraps round), as ``((2k - 1)^n, C, C)`` in ``itertools.product`` order.
+    which holds at least ``d_j (k_j - 1)`` zeros along every dimension with ``k_j > 1`` (so that
+    no lag wraps round the DFT), as ``((2k - 1)^n, C, C)`` in ``itertools.product`` order.
 
     By the cross-correlation theorem ``L(Δ)`` is the inverse DFT of the cross-spectrum
     ``S(f) = sum_i conj(X_i(f)) X_i(f)^T``: one real FFT of every channel image, one batched
@@ -124,15 +121,15 @@ def _lag_products(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int,
             -1, channels, *(size[j] for j in wide))
     lengths = tuple(size[j] for j in wide)
     spectrum = torch.fft.rfftn(x, dim=tuple(range(2, 2 + len(wide))))
-    rows = spectrum.shape[0]
-    # Per frequency, the rows (examples) by the channels' (Re, Im) pairs: one copy of the spectrum.
+    examples = spectrum.shape[0]
+    # Per frequency, the examples by the channels' (Re, Im) pairs: one copy of the spectrum.
     parts = torch.view_as_real(spectrum.permute(*range(2, 2 + len(wide)), 0, 1).contiguous()).reshape(
-        -1, rows, 2 * channels)
+        -1, examples, 2 * channels)
     c = channels
     transform = _lag_transform(tuple(kernel[j] for j in wide), tuple(dilation[j] for j in wide), lengths, x.dtype)
     transform = transform.view(len(transform), 2, -1)  # lag x (Re, Im) x frequency
     lags = torch.zeros((len(transform), c * c), dtype=x.dtype)
-    # Frequencies in chunks whose Grams stay in cache: with few rows (examples) per frequency
+    # Frequencies in chunks whose Grams stay in cache: with few examples per frequency
     # the products are rank-N updates, bound by memory when written out whole (measured 3x
     # slower for 64 channels on 56x56 maps at batch 32).
     chunk = max(1, GRAM_CHUNK_ELEMENTS // (4 * c * c))
@@ -234,7 +231,8 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
     factor[:channels * volume, :channels * volume] = blocks.permute(2, 0, 3, 1).reshape(channels * volume, -1)
     slabs, extended = _slabs(kernel, padding, dilation, out_size)
     if bias:
-        sums = buffer.sum((0, *range(2, 2 + ndim))).repeat_interleave(volume)  # every offset sees every input value once
+        # Every offset sees every input value once.
+        sums = buffer.sum((0, *range(2, 2 + ndim))).repeat_interleave(volume)
         factor[:-1, -1] = sums
         factor[-1, :-1] = sums
         factor[-1, -1] = n * int(np.prod([b - a for a, b in extended]))
