@@ -3,24 +3,26 @@ import json
 
 import pytest
 from hpckfac.bench import conv
-from hpckfac.layers.conv_lags import lags_pay
+from hpckfac.layers.conv_lags import _work, lags_pay
 
 
 def test_conv_benchmark_times_both_routes_and_compares_them(tmp_path, capsys):
     out = tmp_path / "conv.json"
     assert conv.main(["--shapes", "16:16:16x16,2:3:9,2:8:2x2", "--repeat", "2", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "lags/patches" in table and "16x16x16x16" in table
+    assert "fft_ms" in table and "16x16x16x16" in table
     results = json.loads(out.read_text())["results"]
     assert [r["shape"] for r in results] == ["16x16x16x16", "2x3x9", "2x8x2x2"]
     for r, (n, channels, size) in zip(results, [(16, 16, (16, 16)), (2, 3, (9,)), (2, 8, (2, 2))]):
         ndim = len(size)
-        want = "lags" if lags_pay(n, channels, size, (3,) * ndim, (1,) * ndim, (1,) * ndim) else "patches"
+        geometry = (size, (3,) * ndim, (1,) * ndim, (1,) * ndim)
+        fft, gemm, _ = _work(n, channels, *geometry)
+        want = ("fft" if fft < gemm else "gemm") if lags_pay(n, channels, *geometry) else "patches"
         assert r["route"] == want
-        assert r["patches_ms"] > 0 and r["lags_ms"] > 0
-        assert r["lags/patches"] == pytest.approx(r["lags_ms"] / r["patches_ms"])
+        assert min(r["patches_ms"], r["fft_ms"], r["gemm_ms"]) > 0
+        assert r["best/patches"] == pytest.approx(min(r["fft_ms"], r["gemm_ms"], r["patches_ms"]) / r["patches_ms"])
         assert 0 <= r["max_difference"] < 1e-5  # float32 rounding, not a different factor
-    assert [r["route"] for r in results][::2] == ["lags", "patches"]
+    assert results[0]["route"] in ("fft", "gemm") and results[2]["route"] == "patches"
 
 
 def test_shapes_parse_and_reject():

@@ -21,24 +21,26 @@ def patch_factor(x, kernel, padding, dilation, bias, scale):
 
 @pytest.mark.parametrize("kernel,padding,dilation", GEOMETRIES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_equals_the_patch_gram(kernel, padding, dilation, bias):
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+def test_equals_the_patch_gram(kernel, padding, dilation, bias, method):
     rng = np.random.default_rng(len(kernel) * 100 + sum(kernel) * 10 + sum(padding) + bias)
     size = {1: (9,), 2: (6, 7), 3: (4, 5, 4)}[len(kernel)]
     x = rng.standard_normal((3, 2, *size)) + 0.3
     want = patch_factor(x, kernel, padding, dilation, bias, 1 / 3)
-    got = lagged_a_factor(x, kernel, padding, dilation, bias, 1 / 3, packed=False)
+    got = lagged_a_factor(x, kernel, padding, dilation, bias, 1 / 3, packed=False, method=method)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(got, got.T)
-    packed = lagged_a_factor(x, kernel, padding, dilation, bias, 1 / 3, packed=True)
+    packed = lagged_a_factor(x, kernel, padding, dilation, bias, 1 / 3, packed=True, method=method)
     np.testing.assert_allclose(packed, want[np.triu_indices(len(want))], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
-def test_narrow_inputs_accumulate_in_float32(dtype):
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+def test_narrow_inputs_accumulate_in_float32(dtype, method):
     # Values of up to ~10: their squares' sums overflow nothing in float32 but would round badly in half.
     x = (np.random.default_rng(4).standard_normal((4, 16, 8, 8)) * 3).astype(dtype)
-    got = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.25, packed=True)
+    got = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.25, packed=True, method=method)
     assert got.dtype == np.float32
     exact = patch_factor(x.astype(np.float64), (3, 3), (1, 1), (1, 1), True, 0.25)
     np.testing.assert_allclose(got, exact[np.triu_indices(len(exact))], rtol=2e-5, atol=2e-4)
@@ -70,32 +72,43 @@ def test_conv_block_takes_the_lags_where_they_pay(monkeypatch):
 def test_lags_pay_where_measured():
     # 3x3 "same" convolutions at batch 64 down to 4x4 maps and 3 channels, 5x5 kernels, 3-D,
     # ResNet-50's shapes at batch 32; not on 2x2 or 3x3 maps, for "valid" 3x3 convolutions on
-    # 8x8 maps, at batch 8 on 8x8 maps (few examples per frequency), for small problems
-    # (the lag route's fixed cost) or for 1x1 kernels.
+    # 8x8 maps, for small problems (the lag route's fixed cost) or for 1x1 kernels.
     for n, channels, size in [(64, 16, (32, 32)), (64, 32, (16, 16)), (64, 64, (8, 8)), (64, 128, (4, 4)),
                               (64, 3, (32, 32)), (32, 256, (14, 14)), (32, 64, (56, 56)), (16, 32, (8, 8, 8)),
-                              (16, 64, (8, 8)), (1438, 8, (8, 8))]:
+                              (16, 64, (8, 8)), (8, 64, (8, 8)), (1438, 8, (8, 8))]:
         ndim = len(size)
         assert lags_pay(n, channels, size, (3,) * ndim, (1,) * ndim, (1,) * ndim), (n, channels, size)
     assert lags_pay(64, 16, (32, 32), (5, 5), (2, 2), (1, 1))
     assert not lags_pay(64, 64, (3, 3), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(64, 64, (2, 2), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(64, 64, (8, 8), (3, 3), (0, 0), (1, 1))
-    assert not lags_pay(8, 64, (8, 8), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(128, 8, (8, 8), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(128, 16, (4, 4), (3, 3), (1, 1), (1, 1))
     assert not lags_pay(64, 64, (8, 8), (1, 1), (0, 0), (1, 1))
 
 
+def test_fft_for_many_examples_gemms_for_few():
+    # Measured: the FFT route 1.3x faster at 32 examples (more beyond), the GEMMs 1.1-1.9x faster at 8.
+    for channels, size in [(16, (32, 32)), (32, (16, 16)), (64, (8, 8))]:
+        geometry = (size, (3, 3), (1, 1), (1, 1))
+        fft, gemm, _ = conv_lags._work(32, channels, *geometry)
+        assert fft < gemm, (channels, size)
+        fft, gemm, _ = conv_lags._work(8, channels, *geometry)
+        assert fft > gemm, (channels, size)
+    with pytest.raises(ValueError, match="method"):
+        lagged_a_factor(np.ones((2, 2, 4, 4)), (3, 3), (1, 1), (1, 1), False, 1.0, True, method="lu")
+
+
 @pytest.mark.parametrize("shift", [0.0, 20.0])
-def test_float32_rounding_as_the_patch_gram(shift):
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+def test_float32_rounding_as_the_patch_gram(shift, method):
     """Nonnegative inputs (after a ReLU), also with a mean far above their spread: the FFT's
     rounding stays within a few float32 ulps of the diagonal's scale, as the patch Gram's."""
     rng = np.random.default_rng(12)
     x = (np.maximum(rng.standard_normal((16, 24, 12, 10)), 0) + shift).astype(np.float32)
     exact = patch_factor(x.astype(np.float64), (3, 3), (1, 1), (1, 1), True, 1.0)
     scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
-    for got in (lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 1.0, packed=False),
+    for got in (lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 1.0, packed=False, method=method),
                 patch_factor(x, (3, 3), (1, 1), (1, 1), True, 1.0)):
         assert np.abs(got - exact).max() / scale.max() < 1e-5
         assert (np.abs(got - exact) / scale).max() < 1e-5
@@ -104,9 +117,9 @@ def test_float32_rounding_as_the_patch_gram(shift):
 def test_frequencies_in_chunks(monkeypatch):
     # Chunks of 4 frequencies with a remainder: the same factor as all frequencies at once.
     x = np.random.default_rng(13).standard_normal((3, 4, 7, 6))
-    whole = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5, packed=True)
+    whole = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5, packed=True, method="fft")
     monkeypatch.setattr(conv_lags, "GRAM_CHUNK_ELEMENTS", 4 * 4 * 4 ** 2)  # 45 frequencies
-    chunked = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5, packed=True)
+    chunked = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5, packed=True, method="fft")
     np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-13)
     want = patch_factor(x, (3, 3), (1, 1), (1, 1), True, 0.5)
     np.testing.assert_allclose(chunked, want[np.triu_indices(len(want))], rtol=1e-12, atol=1e-12)
@@ -132,6 +145,7 @@ def test_random_geometries_against_the_patch_gram():
         bias = bool(rng.integers(0, 2))
         x = rng.standard_normal((2, 2, *size))
         want = patch_factor(x, kernel, padding, dilation, bias, 0.5)
-        got = lagged_a_factor(x, kernel, padding, dilation, bias, 0.5, packed=False)
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12,
-                                   err_msg=f"kernel {kernel} padding {padding} dilation {dilation} size {size}")
+        for method in ("fft", "gemm"):
+            got = lagged_a_factor(x, kernel, padding, dilation, bias, 0.5, packed=False, method=method)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"{method}: kernel {kernel} "
+                                       f"padding {padding} dilation {dilation} size {size}")

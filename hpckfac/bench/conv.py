@@ -1,13 +1,13 @@
-"""A convolution's ``A`` factor on the CPU: the patch Gram against the lag-product route.
+"""A convolution's ``A`` factor on the CPU: the patch Gram against the lag-product routes.
 
 ``python -m hpckfac.bench conv [--shapes N:C:HxW,...] [--kernel K] [--repeat R] [--json PATH]``
 
 For every input shape (3x3 "same" convolutions by default, stride 1, float32 inputs
 after a ReLU) the median time of the packed factor from kernel-major patches
-(``SpatialKronBlock.a_factor``) and from lag products (``hpckfac.layers.conv_lags``),
-their ratio, the route ``ConvBlock.a_factor`` takes (``lags_pay``) and the largest
-difference between the two factors relative to the largest diagonal entry. Run with the
-process's own thread settings, as training runs.
+(``SpatialKronBlock.a_factor``) and from lag products (``hpckfac.layers.conv_lags``)
+through the FFT and one GEMM per lag, the route ``ConvBlock.a_factor`` takes, and the
+largest difference between a lag factor and the patch factor relative to the largest
+diagonal entry. Run with the process's own thread settings, as training runs.
 """
 from __future__ import annotations
 
@@ -41,24 +41,31 @@ def parse_shapes(text: str) -> list[tuple[int, int, tuple[int, ...]]]:
 
 
 def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat: int) -> dict[str, Any]:
-    """Both routes for one input shape: median ms, ratio, the chosen route and their difference."""
+    """Every route for one input shape: median ms, the route taken and the largest difference."""
     from hpckfac.layers import ConvBlock
     from hpckfac.layers.conv import SpatialKronBlock
-    from hpckfac.layers.conv_lags import lagged_a_factor, lags_pay
+    from hpckfac.layers.conv_lags import _work, lagged_a_factor, lags_pay
 
     ndim = len(spatial)
     geometry = ((kernel,) * ndim, (kernel // 2,) * ndim, (1,) * ndim)
     x = np.maximum(np.random.default_rng(0).standard_normal((n, channels, *spatial)), 0).astype(np.float32)
     block = ConvBlock("conv", channels, channels, geometry[0], (1,) * ndim, geometry[1], geometry[2], False)
-    patch_ms = median(time_calls(partial(SpatialKronBlock.a_factor, block, x, packed=True), repeat)) * 1e3
-    lag_ms = median(time_calls(partial(lagged_a_factor, x, *geometry, False, 1.0, True), repeat)) * 1e3
+    row: dict[str, Any] = {"shape": f"{n}x{channels}x{'x'.join(map(str, spatial))}", "kernel": kernel,
+                           "patches_ms": median(time_calls(partial(SpatialKronBlock.a_factor, block, x, packed=True),
+                                                           repeat)) * 1e3}
     want = SpatialKronBlock.a_factor(block, x)
     scale = np.diag(want).max()
-    difference = float(np.abs(lagged_a_factor(x, *geometry, False, 1.0, False) - want).max() / scale) if scale else 0.0
-    return {"shape": f"{n}x{channels}x{'x'.join(map(str, spatial))}", "kernel": kernel,
-            "patches_ms": patch_ms, "lags_ms": lag_ms, "lags/patches": lag_ms / patch_ms,
-            "route": "lags" if lags_pay(n, channels, spatial, *geometry) else "patches",
-            "max_difference": difference}
+    difference = 0.0
+    for method in ("fft", "gemm"):
+        row[f"{method}_ms"] = median(time_calls(partial(lagged_a_factor, x, *geometry, False, 1.0, True, method),
+                                                repeat)) * 1e3
+        got = lagged_a_factor(x, *geometry, False, 1.0, False, method)
+        difference = max(difference, float(np.abs(got - want).max() / scale) if scale else 0.0)
+    fft, gemm, _ = _work(n, channels, spatial, *geometry)
+    row["route"] = ("fft" if fft < gemm else "gemm") if lags_pay(n, channels, spatial, *geometry) else "patches"
+    row["best/patches"] = min(row["fft_ms"], row["gemm_ms"], row["patches_ms"]) / row["patches_ms"]
+    row["max_difference"] = difference
+    return row
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench conv") -> int:
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
     if args.kernel < 3 or args.kernel % 2 == 0:
         raise ValueError(f"--kernel: must be odd and >= 3, got {args.kernel}")
     results = [measure(n, c, spatial, args.kernel, args.repeat) for n, c, spatial in parse_shapes(args.shapes)]
-    print(format_table(results, ["shape", "kernel", "patches_ms", "lags_ms", "lags/patches", "route",
+    print(format_table(results, ["shape", "kernel", "patches_ms", "fft_ms", "gemm_ms", "route", "best/patches",
                                  "max_difference"]))
     if args.json:
         write_json(args.json, "conv", {"shapes": args.shapes, "kernel": args.kernel, "repeat": args.repeat},

@@ -143,6 +143,29 @@ def _lag_products(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int,
     return lags.view(-1, c, c)
 
 
+def _lag_gemms(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+    """The same lag products as ``_lag_products``, one GEMM per lag: ``x`` ``(N, *rows, C)`` is
+    channels-last with at least ``d_j (k_j - 1)`` zeros before every row of dimension ``j``, so
+    that a flat row offset reads the shifted input (what runs past a row lands in the next
+    row's zeros). Lags of opposite sign are transposes: only the nonnegative offsets are
+    multiplied."""
+    n, *rows, channels = x.shape
+    flat = x.reshape(-1, channels)
+    steps = [int(np.prod(rows[j + 1:])) for j in range(len(rows))]
+    shifts = [sum(d * l * step for d, l, step in zip(dilation, lag, steps))
+              for lag in itertools.product(*(range(-(k - 1), k) for k in kernel))]
+    lags = torch.empty((len(shifts), channels, channels), dtype=x.dtype)
+    first = {}
+    for i, shift in enumerate(shifts):
+        if shift >= 0 and shift not in first:
+            torch.mm(flat[:len(flat) - shift].T, flat[shift:], out=lags[i])
+            first[shift] = i
+    for i, shift in enumerate(shifts):
+        if first.get(shift) != i:
+            lags[i] = lags[first[-shift]].T if shift < 0 else lags[first[shift]]
+    return lags
+
+
 @lru_cache(maxsize=64)
 def _lag_pairs(kernel: tuple[int, ...]) -> torch.Tensor:
     """For every pair of kernel offsets ``(δ1, δ2)``, the index of the lag ``δ2 - δ1`` in
@@ -175,54 +198,81 @@ def _slabs(kernel, padding, dilation, out_size):
     return slabs, extended
 
 
-def _padded_rows(size, kernel, padding, dilation) -> tuple[int, ...]:
-    """Row lengths of the zero-padded input: a fast FFT length of at least the image and the
-    zeros before it, ``max(d (k - 1), P)``, as many as a patch reaches past the image (so no
-    lag wraps round in the FFT)."""
-    return tuple(_smooth_size(s + max(d * (k - 1), p)) for s, k, p, d in zip(size, kernel, padding, dilation))
+def _padded_rows(size, kernel, padding, dilation, fft: bool) -> tuple[int, ...]:
+    """Row lengths of the zero-padded input: the image and the zeros before it, ``max(d (k - 1),
+    P)``, as many as a patch reaches past the image (so no lag wraps round), rounded up to a
+    fast FFT length for the FFT route."""
+    rows = tuple(s + max(d * (k - 1), p) for s, k, p, d in zip(size, kernel, padding, dilation))
+    return tuple(_smooth_size(r) for r in rows) if fft else rows
 
 
 @lru_cache(maxsize=256)
+def _work(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[int, ...],
+          padding: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[float, float, float]:
+    """Multiply-adds per example of the lag products through the FFT and as GEMMs (each with
+    the frame's Grams), and of the patch Gram with its copy."""
+    volume = int(np.prod(kernel))
+    out_size = [s + 2 * p - d * (k - 1) for s, k, p, d in zip(size, kernel, padding, dilation)]
+    slabs, _ = _slabs(kernel, padding, dilation, out_size)
+    frame = sum(np.prod([b - a for a, b in positions]) * (channels * np.prod([b - a for a, b in offsets])) ** 2
+                for positions, offsets in slabs)
+    # The FFT, a (2C)^2 Gram per frequency and its share of the Gram's memory traffic.
+    rows = _padded_rows(size, kernel, padding, dilation, fft=True)
+    wide = [r for r, k in zip(rows, kernel) if k > 1]
+    frequencies = np.prod(wide[:-1]) * (wide[-1] // 2 + 1) * np.prod([s for s, k in zip(size, kernel) if k == 1])
+    fft = (2 * channels * np.prod(rows) * np.log2(np.prod(wide))
+           + 4 * channels ** 2 * frequencies * (1 + GRAM_EXAMPLES / examples))
+    # One C x C product per nonnegative lag over every padded position.
+    gemm = (np.prod([2 * k - 1 for k in kernel]) + 1) // 2 * channels ** 2 * np.prod(
+        _padded_rows(size, kernel, padding, dilation, fft=False))
+    # About half the patch Gram's square, and the patch copy.
+    patches = ((channels * volume) ** 2 / 2 + COPY_WORK * channels * volume) * np.prod(out_size)
+    return float(fft + frame), float(gemm + frame), float(patches)
+
+
 def lags_pay(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[int, ...],
              padding: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
     """Whether ``lagged_a_factor`` beats the patch Gram for a stride-1 convolution of a batch of
     ``examples`` with ``channels`` input channels over spatial ``size``, by a count of their work."""
-    volume = int(np.prod(kernel))
-    if volume == 1:
+    if int(np.prod(kernel)) == 1:
         return False
-    out_size = [s + 2 * p - d * (k - 1) for s, k, p, d in zip(size, kernel, padding, dilation)]
-    rows = _padded_rows(size, kernel, padding, dilation)
-    wide = [r for r, k in zip(rows, kernel) if k > 1]
-    frequencies = np.prod(wide[:-1]) * (wide[-1] // 2 + 1) * np.prod([s for s, k in zip(size, kernel) if k == 1])
-    slabs, _ = _slabs(kernel, padding, dilation, out_size)
-    frame = sum(np.prod([b - a for a, b in positions]) * (channels * np.prod([b - a for a, b in offsets])) ** 2
-                for positions, offsets in slabs)
-    # Per example, counting multiply-adds: the FFT, a (2C)^2 Gram per frequency (and its
-    # share of the Gram's memory traffic) and the frame's Grams, against about half the patch
-    # Gram's square and the patch copy.
-    fft = 2 * channels * np.prod(rows) * np.log2(np.prod(wide))
-    lag_work = fft + 4 * channels ** 2 * frequencies * (1 + GRAM_EXAMPLES / examples) + frame
-    patch_work = ((channels * volume) ** 2 / 2 + COPY_WORK * channels * volume) * np.prod(out_size)
-    return bool(examples * patch_work >= MIN_PATCH_WORK and lag_work <= MAX_WORK_SHARE * patch_work)
+    fft, gemm, patches = _work(examples, channels, tuple(size), tuple(kernel), tuple(padding), tuple(dilation))
+    return examples * patches >= MIN_PATCH_WORK and min(fft, gemm) <= MAX_WORK_SHARE * patches
 
 
 def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, ...],
-                    dilation: tuple[int, ...], bias: bool, scale: float, packed: bool) -> np.ndarray:
+                    dilation: tuple[int, ...], bias: bool, scale: float, packed: bool,
+                    method: str | None = None) -> np.ndarray:
     """``scale * sum a~ a~^T`` over the patches of a stride-1 convolution of ``x``
     ``(N, C, *spatial)``: the same factor as the patch Gram (columns in PyTorch's
     ``(C, *kernel)`` order, a bias column last), dense or packed, float32 (float64
-    for float64 ``x``), computed from lag products (module docstring)."""
+    for float64 ``x``), computed from lag products (module docstring) through the FFT
+    (``method="fft"``) or one GEMM per lag (``"gemm"``); by default whichever is less work."""
     n, channels, *size = x.shape
     ndim = len(kernel)
     volume = int(np.prod(kernel))
     out_size = tuple(s + 2 * p - d * (k - 1) for s, k, p, d in zip(size, kernel, padding, dilation))
     lead = [max(d * (k - 1), p) for k, p, d in zip(kernel, padding, dilation)]
-    # Channels first, zeros before every row of every dimension (``_padded_rows``) and one
-    # zero image after the last for the slabs' reads past it: the FFT and the slabs read it.
-    rows = _padded_rows(size, kernel, padding, dilation)
-    buffer = torch.zeros((n + 1, channels, *rows), dtype=_TORCH_DTYPES[accumulation_dtype(x.dtype).name])
+    if method is None:
+        fft, gemm, _ = _work(n, channels, tuple(size), tuple(kernel), tuple(padding), tuple(dilation))
+        method = "fft" if fft < gemm else "gemm"
+    if method not in ("fft", "gemm"):
+        raise ValueError(f"method: expected 'fft' or 'gemm', got {method!r}")
+    # Zeros before every row of every dimension (``_padded_rows``) and one zero image after
+    # the last for the slabs' reads past it; channels first for the FFT, last for the GEMMs
+    # (a position is then a row of C contiguous values). The slabs read either through the
+    # channels-first view.
+    rows = _padded_rows(size, kernel, padding, dilation, fft=method == "fft")
+    dtype = _TORCH_DTYPES[accumulation_dtype(x.dtype).name]
+    if method == "fft":
+        buffer = torch.zeros((n + 1, channels, *rows), dtype=dtype)
+    else:
+        buffer = torch.zeros((n + 1, *rows, channels), dtype=dtype).movedim(-1, 1)
     buffer[(slice(0, n), slice(None), *(slice(l, l + s) for l, s in zip(lead, size)))] = _read_view(x)
-    lags = _lag_products(buffer[:n], tuple(kernel), tuple(dilation))
+    if method == "fft":
+        lags = _lag_products(buffer[:n], tuple(kernel), tuple(dilation))
+    else:
+        lags = _lag_gemms(buffer[:n].movedim(1, -1), tuple(kernel), tuple(dilation))
 
     d = channels * volume + bias
     factor = torch.empty((d, d), dtype=buffer.dtype)
