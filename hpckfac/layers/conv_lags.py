@@ -17,7 +17,12 @@ input, one ``2C x 2C`` Gram of the examples' (real, imaginary) parts per
 frequency of the half spectrum, and the inverse DFT at the few lags needed as one
 small GEMM: per example ``4 C^2`` multiply-adds per frequency, against the
 ``(2k - 1)^n / 2 * C^2`` per position of products taken lag by lag (5.5x fewer for
-a 3x3 kernel on 32x32 maps, 3.5x on 8x8).
+a 3x3 kernel on 32x32 maps, 3.5x on 8x8). With few examples per frequency those Grams
+are rank-N updates bound by memory, and one GEMM per lag is faster: on a zero-padded
+channels-last copy with ``L_j >= d_j (k_j - 1)`` zeros before every row of dimension
+``j``, a flat row offset reads the shifted input (what runs past a row lands in the next
+row's zeros), and lags of opposite sign are transposes. Each call takes whichever of
+the two is less work (``_work``).
 
 What the extended positions add beyond the output box is a frame ``e_j =
 d_j (k_j - 1) - P_j`` positions thick on each side of dimension ``j`` (none with
