@@ -125,6 +125,14 @@ def test_frequencies_in_chunks(monkeypatch):
     np.testing.assert_allclose(chunked, want[np.triu_indices(len(want))], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["fft", "gemm", None])
+def test_no_examples_give_the_zero_factor(method):
+    x = np.zeros((0, 16, 8, 8), dtype=np.float32)
+    got = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 1.0, packed=True, method=method)
+    assert got.dtype == np.float32 and got.shape == (145 * 146 // 2,) and not got.any()
+    assert not lags_pay(0, 16, (8, 8), (3, 3), (1, 1), (1, 1))
+
+
 def test_fast_fft_lengths():
     assert [conv_lags._smooth_size(m) for m in (1, 7, 11, 34, 97, 121)] == [1, 8, 12, 36, 100, 125]
 

@@ -226,7 +226,7 @@ def _work(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[int
     wide = [r for r, k in zip(rows, kernel) if k > 1]
     frequencies = np.prod(wide[:-1]) * (wide[-1] // 2 + 1) * np.prod([s for s, k in zip(size, kernel) if k == 1])
     fft = (2 * channels * np.prod(rows) * np.log2(np.prod(wide))
-           + 4 * channels ** 2 * frequencies * (1 + GRAM_EXAMPLES / examples))
+           + 4 * channels ** 2 * frequencies * (1 + GRAM_EXAMPLES / max(examples, 1)))
     # One C x C product per nonnegative lag over every padded position.
     gemm = (np.prod([2 * k - 1 for k in kernel]) + 1) // 2 * channels ** 2 * np.prod(
         _padded_rows(size, kernel, padding, dilation, fft=False))
@@ -258,6 +258,8 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
     volume = int(np.prod(kernel))
     out_size = tuple(s + 2 * p - d * (k - 1) for s, k, p, d in zip(size, kernel, padding, dilation))
     lead = [max(d * (k - 1), p) for k, p, d in zip(kernel, padding, dilation)]
+    if not n:  # no patches (and no FFT of nothing)
+        return finish_factor(np.zeros((channels * volume + bias,) * 2, dtype=accumulation_dtype(x.dtype)), packed)
     if method is None:
         fft, gemm, _ = _work(n, channels, tuple(size), tuple(kernel), tuple(padding), tuple(dilation))
         method = "fft" if fft < gemm else "gemm"
