@@ -131,6 +131,8 @@ def test_no_examples_give_the_zero_factor(method):
     got = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 1.0, packed=True, method=method)
     assert got.dtype == np.float32 and got.shape == (145 * 146 // 2,) and not got.any()
     assert not lags_pay(0, 16, (8, 8), (3, 3), (1, 1), (1, 1))
+    block = ConvBlock("conv", 16, 4, (3, 3), (1, 1), (1, 1), (1, 1), True)
+    assert not block.a_factor(x, 0.5, packed=True).any()
 
 
 def test_fast_fft_lengths():
