@@ -1,4 +1,4 @@
-"""A convolution's ``A`` factor on the CPU: the patch Gram against the lag-product routes.
+"""A convolution's A factor on the CPU: the patch Gram against the lag-product routes.
 
 ``python -m hpckfac.bench conv [--shapes N:C:HxW,...] [--kernel K] [--repeat R] [--json PATH]``
 
