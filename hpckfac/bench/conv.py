@@ -44,7 +44,7 @@ def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat
     """Every route for one input shape: median ms, the route taken and the largest difference."""
     from hpckfac.layers import ConvBlock
     from hpckfac.layers.conv import SpatialKronBlock
-    from hpckfac.layers.conv_lags import _work, lagged_a_factor, lags_pay
+    from hpckfac.layers.conv_lags import lag_method, lagged_a_factor, lags_pay
 
     ndim = len(spatial)
     geometry = ((kernel,) * ndim, (kernel // 2,) * ndim, (1,) * ndim)
@@ -61,8 +61,8 @@ def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat
                                                 repeat)) * 1e3
         got = lagged_a_factor(x, *geometry, False, 1.0, False, method)
         difference = max(difference, float(np.abs(got - want).max() / scale) if scale else 0.0)
-    fft, gemm, _ = _work(n, channels, spatial, *geometry)
-    row["route"] = ("fft" if fft < gemm else "gemm") if lags_pay(n, channels, spatial, *geometry) else "patches"
+    pays = lags_pay(n, channels, spatial, *geometry)
+    row["route"] = lag_method(n, channels, spatial, *geometry) if pays else "patches"
     row["best/patches"] = min(row["fft_ms"], row["gemm_ms"], row["patches_ms"]) / row["patches_ms"]
     row["max_difference"] = difference
     return row

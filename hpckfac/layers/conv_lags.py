@@ -235,6 +235,13 @@ def _work(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[int
     return float(fft + frame), float(gemm + frame), float(patches)
 
 
+def lag_method(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[int, ...],
+               padding: tuple[int, ...], dilation: tuple[int, ...]) -> str:
+    """``"fft"`` or ``"gemm"``: the method of ``lagged_a_factor`` that is less work for this batch."""
+    fft, gemm, _ = _work(examples, channels, tuple(size), tuple(kernel), tuple(padding), tuple(dilation))
+    return "fft" if fft < gemm else "gemm"
+
+
 def lags_pay(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[int, ...],
              padding: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
     """Whether ``lagged_a_factor`` beats the patch Gram for a stride-1 convolution of a batch of
@@ -261,8 +268,7 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
     if not n:  # no patches (and no FFT of nothing)
         return finish_factor(np.zeros((channels * volume + bias,) * 2, dtype=accumulation_dtype(x.dtype)), packed)
     if method is None:
-        fft, gemm, _ = _work(n, channels, tuple(size), tuple(kernel), tuple(padding), tuple(dilation))
-        method = "fft" if fft < gemm else "gemm"
+        method = lag_method(n, channels, size, kernel, padding, dilation)
     if method not in ("fft", "gemm"):
         raise ValueError(f"method: expected 'fft' or 'gemm', got {method!r}")
     # Zeros before every row of every dimension (``_padded_rows``) and one zero image after
