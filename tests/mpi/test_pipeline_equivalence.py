@@ -161,11 +161,14 @@ def test_every_block_kind_equals_one_process(comm, device):
 
 
 @pytest.mark.mpi
-def test_wide_conv_from_lags_equals_one_process(comm, monkeypatch):
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+def test_wide_conv_from_lags_equals_one_process(comm, monkeypatch, method):
     calls = []
     monkeypatch.setattr(conv, "lagged_a_factor", lambda *a, **kw: calls.append(1) or conv_lags.lagged_a_factor(*a, **kw))
-    # A few examples per rank: the rule would take the patches there, the route is exact anyway.
+    # A few examples per rank: the rule would take the patches there, the route is exact anyway;
+    # each of its two methods in turn.
     monkeypatch.setattr(conv, "lags_pay", lambda *a: True)
+    monkeypatch.setattr(conv_lags, "lag_method", lambda *a: method)
     check(wide_conv_model, (2, 16, 16), 4, comm, damping=1e-2, inverse_update_interval=2, kl_clip=1e-2)
     assert calls  # the 16-channel convolution took the lag route on every rank and in the reference
 
