@@ -171,6 +171,37 @@ def test_inplace_relu_after_preconditioned_layers_gives_the_same_steps():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_layers_called_by_keyword_give_the_same_steps():
+    """``layer(input=x)`` hands the hooks the same input as ``layer(x)``."""
+    class Net(nn.Module):
+        def __init__(self, keyword: bool) -> None:
+            super().__init__()
+            self.keyword = keyword
+            self.conv, self.norm, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            if self.keyword:
+                x = self.norm(input=self.conv(input=x))
+                return self.head(input=x.flatten(1))
+            return self.head(self.norm(self.conv(x)).flatten(1))
+
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(8))
+    grads = []
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        model = Net(keyword).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), inverse_update_interval=1)
+        for _ in range(2):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+        assert precond.local.examples == 0 and precond.engine.steps == 2
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding="same"), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding="valid"),
                           nn.Conv2d(4, 4, 2, padding="same"), nn.Conv2d(4, 4, 3, groups=2), nn.PReLU(),

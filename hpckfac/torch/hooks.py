@@ -19,6 +19,7 @@ that the tensor hook receives every example's own gradient
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -42,16 +43,24 @@ class CaptureHooks:
                  capturing: Callable[[], bool] = lambda: True) -> None:
         broadcast = list(broadcast) or [False] * len(modules)
         self.handles = [module.register_forward_hook(self._forward(index, on_input, on_output_grad,
-                                                                   broadcast[index], micro_batch, capturing))
+                                                                   broadcast[index], micro_batch, capturing,
+                                                                   _input_name(module)), with_kwargs=True)
                         for index, module in enumerate(modules)]
 
     @staticmethod
     def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
-                 micro_batch: Callable[[], int], capturing: Callable[[], bool]):
-        def hook(module: nn.Module, inputs, output):
+                 micro_batch: Callable[[], int], capturing: Callable[[], bool], input_name: str | None):
+        def hook(module: nn.Module, args, kwargs, output):
             if not (module.training and torch.is_grad_enabled()):
                 return None
-            a, replaced = inputs[0], None
+            if args:
+                a = args[0]
+            elif input_name in kwargs:  # called as ``layer(input=x)``
+                a = kwargs[input_name]
+            else:
+                raise TypeError(f"K-FAC layer {type(module).__name__} was called without its input "
+                                f"(expected it as the first argument{f' or {input_name}=' if input_name else ''})")
+            replaced = None
             if not capturing():
                 on_input(index, a)
                 return None
@@ -70,3 +79,14 @@ class CaptureHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def _input_name(module: nn.Module) -> str | None:
+    """The name of the first parameter of ``module.forward`` (``input`` for torch's layers),
+    under which a call by keyword passes the input."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    first = next((p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    return None if first is None or first.kind == first.POSITIONAL_ONLY else first.name
