@@ -17,7 +17,7 @@ from hpckfac.comm import Communicator
 from hpckfac.layers import ConvBlock, LinearBlock
 from hpckfac.stages.engine import KFACEngine
 from hpckfac.stages.local_factors import LocalStatistics
-from hpckfac.torch import bridge, preconditioner
+from hpckfac.torch import bridge, distributed, preconditioner
 from hpckfac.torch import KFACPreconditioner
 
 # Where CuPy and a GPU are present the device tests also run on CuPy.
@@ -29,7 +29,8 @@ OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_i
 def device_path():
     """Within the block, KFACPreconditioner sees every CPU tensor as a stand-in device array."""
     with standin.installed(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(preconditioner, "to_array", lambda t: standin.to_device(bridge.to_array(t)))
+        for module in (preconditioner, distributed):  # K-FAC blocks, and the other parameters' allreduce
+            patch.setattr(module, "to_array", lambda t: standin.to_device(bridge.to_array(t)))
         # On a GPU this is a DLPack view, not a read: hand over the wrapped array uncounted.
         patch.setattr(preconditioner, "copy_into", lambda t, a: bridge.copy_into(t, a._a))
         patch.setattr(preconditioner, "namespace_for", lambda device: standin.xp)
@@ -38,7 +39,8 @@ def device_path():
 
 def model_and_data():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+    # PReLU's weight is a first-order parameter: averaged by the ring allreduce on the device too.
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.PReLU(4), nn.Flatten(),
                           nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3, bias=False)).double()
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(6, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))

@@ -3,11 +3,12 @@ gradient averaging for first-order baselines, BatchNorm statistics averaging."""
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from hpckfac.torch.bridge import to_array
+from hpckfac.torch.bridge import device_scope, to_array
 
 
 _default: list = []
@@ -25,6 +26,12 @@ def _comm(comm):
     return _default[0]
 
 
+def _scope(tensors: Sequence[torch.Tensor]):
+    """CuPy on the tensors' GPU and torch's stream there (their buffers and kernels are
+    made on that device, whichever is current)."""
+    return device_scope(tensors[0].device if tensors else torch.device("cpu"))
+
+
 def _is_float(tensor: torch.Tensor) -> bool:
     return tensor.dtype in (torch.float64, torch.float32, torch.float16)
 
@@ -38,14 +45,15 @@ def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
     comm = _comm(comm)
     tensors = list(model.parameters()) + list(model.buffers())
     comm.check_same([(tuple(t.shape), str(t.dtype)) for t in tensors], "the model's parameters and buffers")
-    for tensor in tensors:
-        if _is_float(tensor):
-            comm.broadcast(to_array(tensor), root=root)
-        else:  # integer buffers (BatchNorm's num_batches_tracked), bfloat16: their bytes, through the host
-            host = tensor.detach().cpu().contiguous()
-            comm.mpi.Bcast(host.reshape(-1).view(torch.uint8).numpy(), root=root)
-            with torch.no_grad():
-                tensor.copy_(host)
+    with _scope(tensors):
+        for tensor in tensors:
+            if _is_float(tensor):
+                comm.broadcast(to_array(tensor), root=root)
+            else:  # integer buffers (BatchNorm's num_batches_tracked), bfloat16: their bytes, through the host
+                host = tensor.detach().cpu().contiguous()
+                comm.mpi.Bcast(host.reshape(-1).view(torch.uint8).numpy(), root=root)
+                with torch.no_grad():
+                    tensor.copy_(host)
 
 
 def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
@@ -88,9 +96,10 @@ def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | Non
     """Average the ``.grad`` of every parameter of ``params`` that has one over the ranks of
     ``comm``, in place, fused into buffers of at most ``bucket_bytes`` (the Communicator's
     default when None); a collective."""
-    grads = [to_array(p.grad) for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
-    comm.allreduce_many(grads, op="mean", algorithm=algorithm, **kwargs)
+    with _scope(grads):
+        comm.allreduce_many([to_array(g) for g in grads], op="mean", algorithm=algorithm, **kwargs)
 
 
 def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
@@ -103,16 +112,17 @@ def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
     between ranks is not added).
     """
     comm = _comm(comm)
-    stats, narrow = [], []
+    narrow, tensors = [], []
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
             for tensor in (module.running_mean, module.running_var):
                 if _is_float(tensor):
-                    stats.append(to_array(tensor))
+                    tensors.append(tensor)
                 else:  # bfloat16 statistics: averaged in float32, written back
                     narrow.append((tensor, tensor.float()))
-                    stats.append(to_array(narrow[-1][1]))
-    comm.allreduce_many(stats, op="mean")
+                    tensors.append(narrow[-1][1])
+    with _scope(tensors):
+        comm.allreduce_many([to_array(t) for t in tensors], op="mean")
     with torch.no_grad():
         for tensor, wide in narrow:
             tensor.copy_(wide)

@@ -117,11 +117,12 @@ class KFACPreconditioner:
         param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
         comm_dtype = opts["factor_dtype"] or (np.float64 if param_dtype == torch.float64 else np.float32)
         self._check_agreement(opts)
-        self.engine = KFACEngine(blocks, self.comm, damping=damping, factor_decay=factor_decay,
-                                 factor_update_interval=factor_update_interval,
-                                 inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
-                                 assignment=assignment, comm_dtype=comm_dtype, xp=self.xp)
-        self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32, self.xp)
+        with device_scope(self.device):  # the stages' buffers on the model's GPU, whichever is current
+            self.engine = KFACEngine(blocks, self.comm, damping=damping, factor_decay=factor_decay,
+                                     factor_update_interval=factor_update_interval,
+                                     inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
+                                     assignment=assignment, comm_dtype=comm_dtype, xp=self.xp)
+            self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32, self.xp)
         self._micro_batch = 0
         self._hook_seconds = 0.0
         self.timings = dict.fromkeys(ITERATION_STAGES, 0.0)
@@ -405,7 +406,8 @@ class KFACPreconditioner:
         tensors, so it ``torch.save``s and loads on any number of ranks: call it on every
         rank, then save on one (a rank that calls it alone gets ``CollectiveMismatchError``
         from the others' next collective, or waits, with a logged notice, if there is none)."""
-        state = self.engine.state_dict()
+        with device_scope(self.device):
+            state = self.engine.state_dict()
         state["hyperparameters"].update(lr=None if callable(self.lr) else self.lr,
                                         accumulation_steps=self.accumulation_steps)
         state["blocks"] = {name: {k: _to_tensors(v) for k, v in block.items()}
@@ -425,8 +427,9 @@ class KFACPreconditioner:
         lr = None if lr is None or callable(self.lr) else check_options(lr=lr)["lr"]
         blocks = {name: {k: _to_arrays(v) for k, v in block.items()} for name, block in state["blocks"].items()}
         steps = state["steps"]
-        self.engine.load_state_dict({"steps": int(steps) if isinstance(steps, torch.Tensor) else steps,
-                                     "hyperparameters": hyper, "blocks": blocks})
+        with device_scope(self.device):
+            self.engine.load_state_dict({"steps": int(steps) if isinstance(steps, torch.Tensor) else steps,
+                                         "hyperparameters": hyper, "blocks": blocks})
         for name, value in (("accumulation_steps", accumulation), ("lr", lr)):
             if value is not None and getattr(self, name) != value:
                 _log.warning("load_state_dict: the checkpoint's %s %r replaces %r", name, value, getattr(self, name))

@@ -28,7 +28,8 @@ HOST_RTOL = {"standin": 1e-12, "cuda": 1e-9}
 
 
 def bn_model():
-    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(3), nn.ReLU(),
+    """PReLU's weight is first-order: averaged by the ring allreduce, on the device path too."""
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(3), nn.PReLU(3),
                          nn.Flatten(), nn.Linear(27, 4, bias=False))
 
 
@@ -49,24 +50,25 @@ def two_layer_model():
 
 class KindsModel(nn.Module):
     """Every other block kind: token and position embeddings (positions shared by the batch),
-    LayerNorm and a Linear on the sequence; a grouped convolution, GroupNorm, a depthwise
-    convolution and a grouped transposed convolution on the image."""
+    LayerNorm, a Linear and a 1-d transposed convolution on the sequence; a grouped convolution,
+    GroupNorm, a depthwise convolution and a grouped 2-d transposed convolution on the image."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(5, 4), nn.Embedding(6, 4)
-        self.ln, self.seq = nn.LayerNorm(4), nn.Linear(4, 4)
+        self.ln, self.seq, self.up1 = nn.LayerNorm(4), nn.Linear(4, 4), nn.ConvTranspose1d(4, 2, 3, stride=2)
         self.conv, self.gn = nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.GroupNorm(2, 4)
         self.dw = nn.Conv2d(4, 4, 3, stride=2, groups=4)
         self.up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1, groups=2)
-        self.head = nn.Linear(36, 4)
+        self.head = nn.Linear(38, 4)
 
     def forward(self, x):
         tokens = (x[:, 0, 0, :] * 2).floor().clamp(-2, 2).long() + 2  # (B, 6) from the data
         h = self.ln(self.tok(tokens) + self.pos(torch.arange(6, device=x.device).unsqueeze(0)))
-        h = torch.tanh(self.seq(h)).mean(1)
+        h = torch.tanh(self.seq(h))
+        s = torch.tanh(self.up1(h.transpose(1, 2))).mean(2)
         c = torch.tanh(self.dw(torch.tanh(self.gn(self.conv(x)))))
-        return self.head(torch.cat([h, self.up(c).flatten(1)], 1))
+        return self.head(torch.cat([h.mean(1), s, self.up(c).flatten(1)], 1))
 
 
 def batches(shape, classes, parts):
