@@ -41,6 +41,35 @@ def test_kl_clip_zero_or_none_switches_the_clip_off(comm):
         assert KFACPreconditioner(mlp(), comm=comm, kl_clip=value).engine.kl_clip is None
 
 
+@pytest.mark.parametrize("name,value", [("damping", -1.0), ("factor_decay", 1.5), ("kl_clip", math.inf)])
+def test_settings_changed_between_steps_are_checked(comm, name, value):
+    """The engine's damping, factor_decay and kl_clip may be reassigned between steps: a bad
+    value raises ValueError naming it, before anything changes."""
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model(x).pow(2).mean().backward()
+    precond.step()
+    running = [r.copy() for r in precond.engine.state.running]
+    setattr(precond.engine, name, value)
+    model(x).pow(2).mean().backward()
+    with pytest.raises(ValueError, match=name):
+        precond.step()
+    assert precond.engine.steps == 1
+    assert all(np.array_equal(r, s) for r, s in zip(precond.engine.state.running, running))
+
+
+def test_kl_clip_set_to_zero_between_steps_switches_the_clip_off(comm):
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, kl_clip=1e-8)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for kl_clip in (1e-8, 0):
+        precond.engine.kl_clip = kl_clip
+        model(x).pow(2).mean().backward()
+        precond.step()
+        assert (precond.last_nu < 1.0) == (kl_clip != 0)
+
+
 def test_finds_layers_and_hooks_follow_modes(comm):
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 3), nn.LayerNorm(3),
                           nn.Linear(3, 2))

@@ -101,7 +101,8 @@ class KFACEngine:
     Attributes:
         blocks; owners: owning rank of each block; layout: the
         ``SegmentLayout``; steps: completed steps;
-        damping, factor_decay, kl_clip: may be changed between steps;
+        damping, factor_decay, kl_clip: may be changed between steps (checked, and compared
+            across ranks, by the next step);
         last_nu: KL-clip factor of the last step (1.0 without clipping; read
             lazily, so a GPU step does not wait for it);
         timings: wall seconds of each stage in ``STAGES`` in the last step;
@@ -135,6 +136,7 @@ class KFACEngine:
         self.state = OwnerState(self.blocks, self.layout, comm.rank, state_dtype, xp)
         self.all_gather = AllGather(self.blocks, self.layout, comm, xp)
         self.steps = 0
+        self._agreed: tuple | None = None  # the step settings every rank last agreed on
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
         self.timings = dict.fromkeys(STAGES, 0.0)
         # Called before every clock reading when set (e.g. a device synchronisation, so that
@@ -150,7 +152,8 @@ class KFACEngine:
         return self.steps % self.inverse_update_interval == 0
 
     def current(self, name: str) -> float:
-        """This step's ``damping`` or ``factor_decay`` (a callable evaluated at ``steps``, checked)."""
+        """This step's ``damping``, ``factor_decay`` or ``kl_clip`` (a callable evaluated at
+        ``steps``), checked: ValueError naming the option for a bad value set between steps."""
         return resolve(name, getattr(self, name), self.steps)
 
     def gradient_slots(self) -> list[Any]:
@@ -182,8 +185,16 @@ class KFACEngine:
             raise ValueError(f"stats: a factor-update step needs one entry per block ({len(self.blocks)})")
         if len(grads) != len(self.blocks):
             raise ValueError(f"grads: expected {len(self.blocks)} gradient matrices, got {len(grads)}")
-        damping = self.current("damping")
-        decay = self.current("factor_decay") if factors else None
+        damping, decay, kl_clip = self.current("damping"), self.current("factor_decay"), self.current("kl_clip")
+        settings = (lr, damping, decay, kl_clip)
+        if settings != self._agreed:
+            # Ranks with different settings would drift apart silently: compared whenever they
+            # change (once for constants, every step under a schedule). A rank whose settings
+            # changed alone calls this while the others do not, which the next collective's
+            # agreement check reports on every rank.
+            self.comm.check_same(settings, f"the step's settings (lr, damping, factor_decay, kl_clip) at step "
+                                           f"{self.steps}")
+            self._agreed = settings
 
         start = self.clock()
         segment = self.reduce_scatter(grads, stats if factors else None)
@@ -206,7 +217,7 @@ class KFACEngine:
         self.timings["precondition"] = self.clock() - start
 
         start = self.clock()
-        result, self._nu = self.all_gather(out, self.kl_clip, lr)
+        result, self._nu = self.all_gather(out, kl_clip, lr)
         self.timings["all_gather"] = self.clock() - start
         self.steps += 1
         return result

@@ -79,8 +79,10 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "assignment": _assignment,
     "factor_dtype": _factor_dtype,
 }
-# The values a callable option must return at every step.
-STEP_CHECKS: dict[str, Callable[[Any], float]] = {"damping": _damping, "factor_decay": _factor_decay}
+# The options a step reads, checked at every step: a callable's value, or a constant assigned
+# to the engine's attribute between steps.
+STEP_CHECKS: dict[str, Callable[[Any], Any]] = {"damping": _damping, "factor_decay": _factor_decay,
+                                                "kl_clip": _kl_clip}
 
 
 def check_options(checks: dict[str, Callable[[Any], Any]] | None = None, **options: Any) -> dict[str, Any]:
@@ -100,11 +102,9 @@ def check_options(checks: dict[str, Callable[[Any], Any]] | None = None, **optio
     return {name: checks[name](value) for name, value in options.items()}
 
 
-def resolve(name: str, value: Any, step: int) -> float:
-    """The value of option ``name`` at ``step``: ``value(step)`` for a callable, checked."""
-    if not callable(value):
-        return value
+def resolve(name: str, value: Any, step: int) -> Any:
+    """The value of option ``name`` at ``step`` (``value(step)`` for a callable), checked."""
     try:
-        return STEP_CHECKS[name](value(step))
+        return STEP_CHECKS[name](value(step) if callable(value) else value)
     except ValueError as exc:
         raise ValueError(f"{exc} (at step {step})") from None

@@ -107,7 +107,6 @@ class KFACPreconditioner:
         self._root_seen = False  # whether the model's own forward ran since the last step()
         self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
-        self._agreed_lr: float | None = None
         self.bucket_bytes = bucket_bytes
         self.skip_layers = opts["skip_layers"]
         self.device = _model_device(model)
@@ -311,12 +310,6 @@ class KFACPreconditioner:
 
     def _step(self) -> None:
         lr = self.current_lr()  # validated before anything is reduced or written
-        if lr != self._agreed_lr:
-            # Replicas with different learning rates would drift apart: checked whenever it changes
-            # here (a rank whose lr changed alone calls this and the others do not, which the
-            # next collective's agreement check reports on every rank).
-            self.comm.check_same(lr, f"the learning rate (lr) at step {self.engine.steps}")
-            self._agreed_lr = lr
         if self._forwards == 0:
             self._warn_once("no-forward", "step() without a training forward/backward since the last step(): the "
                             "gradients are averaged and preconditioned again (call step() once per optimizer step; "

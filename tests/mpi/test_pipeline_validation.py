@@ -35,21 +35,25 @@ def test_mismatched_options_fail_on_every_rank(comm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("option", ["lr", "damping", "kl_clip"])
 @pytest.mark.parametrize("when", ["from the start", "from step 2"])
-def test_a_rank_with_another_learning_rate_fails_on_every_rank(comm, when):
-    """Different KL-clip learning rates would make replicas drift: every rank raises instead."""
+def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option):
+    """Different learning rates, damping or KL clips would make replicas drift: every rank
+    raises instead, whether a schedule differs or an attribute is changed on one rank."""
     import torch
 
     odd = comm.rank == comm.size - 1 and comm.size > 1
     start = 0 if when == "from the start" else 2
-    lr = lambda k: 0.1 * (2 if odd and k >= start else 1)  # noqa: E731
+    lr = (lambda k: 0.1 * (2 if odd and k >= start else 1)) if option == "lr" else 0.1  # noqa: E731
     net = model(3)
     precond = KFACPreconditioner(net, comm=comm, lr=lr)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
     for step in range(4):
         net(x).pow(2).mean().backward()
+        if odd and step == start and option != "lr":
+            setattr(precond.engine, option, 2 * getattr(precond.engine, option))
         if comm.size > 1 and step == start:
-            with pytest.raises(CollectiveMismatchError, match="learning rate|ranks disagree"):
+            with pytest.raises(CollectiveMismatchError, match="settings|ranks disagree"):
                 precond.step()
             return
         precond.step()
