@@ -12,7 +12,7 @@ from hpckfac.comm.topology import visible_gpu_count
 DTYPES = [np.float64, np.float32, np.float16]
 
 
-@pytest.fixture(params=[True, False], ids=["checked", "unchecked"])
+@pytest.fixture(params=[True, "on_change", False], ids=["checked", "on_change", "unchecked"])
 def comm(request):
     return Communicator(check_agreement=request.param)
 
@@ -135,7 +135,7 @@ def test_bad_arguments_are_value_errors_before_any_data_moves(comm, call, match)
     with pytest.raises(ValueError, match=match):
         call(comm)
     # At most the agreement check's small allreduce (so that peers can raise too).
-    assert spy.calls == (["Allreduce"] if comm.check_agreement else [])
+    assert spy.calls == (["Allreduce"] if comm.check_agreement != "off" else [])
 
 
 def test_error_class():

@@ -5,7 +5,7 @@ import os
 import pickle
 import threading
 from functools import cached_property
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import numpy as np
 from mpi4py import MPI
@@ -21,6 +21,10 @@ from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBuffers, plan_bucket
 from hpckfac.comm.topology import node_rank_and_size, visible_gpu_count
 from hpckfac.log import get_logger, set_rank
 from hpckfac.threads import configure_threads
+
+
+AgreementMode = Literal["always", "on_change", "off"]
+AGREEMENT_MODES: tuple[str, ...] = get_args(AgreementMode)
 
 
 def _op_index(op: str) -> int:
@@ -69,14 +73,17 @@ class Communicator:
     installed for this MPI (``hpckfac.comm.device``), of float64, float32 or float16
     (any shape; non-contiguous arrays are staged through a contiguous copy).
 
-    With ``check_agreement`` (the default) every array collective starts with
-    one small allreduce comparing what each rank passed (collective, dtype,
+    With ``check_agreement="always"`` (the default) every array collective starts
+    with one small allreduce comparing what each rank passed (collective, dtype,
     length, op, algorithm, root, counts); if ranks disagree, every rank raises
     CollectiveMismatchError instead of hanging or reading garbage. A rank whose
     own arguments are invalid raises ValueError/TypeError after that check
-    (no data has moved) and its peers raise CollectiveMismatchError. With
-    ``check_agreement=False`` the check is skipped and invalid arguments raise
-    before any communication; disagreeing ranks then hang or fail in MPI.
+    (no data has moved) and its peers raise CollectiveMismatchError.
+    ``"on_change"`` runs that check only for a call this rank has not yet seen
+    agreed (the first step of each kind, a new shape): the cheapest steady state,
+    but a rank that alone calls in another order may then hang instead of raising.
+    ``"off"`` (or False) skips it: invalid arguments raise before any
+    communication; disagreeing ranks then hang or fail in MPI.
 
     The first Communicator of a process also sizes the rank's thread pools
     (``hpckfac.threads``) unless the user set thread counts. In a job of
@@ -87,10 +94,12 @@ class Communicator:
     Args:
         mpi_comm: the mpi4py intracommunicator to wrap (default ``MPI.COMM_WORLD``;
             a plain ``python script.py`` is a world of size 1).
-        check_agreement: run the agreement check before each array collective.
+        check_agreement: when to run the agreement check before an array collective:
+            ``"always"`` (or True), ``"on_change"`` or ``"off"`` (or False).
     """
 
-    def __init__(self, mpi_comm: MPI.Intracomm | None = None, check_agreement: bool = True) -> None:
+    def __init__(self, mpi_comm: MPI.Intracomm | None = None,
+                 check_agreement: AgreementMode | bool = "always") -> None:
         mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         if not isinstance(mpi_comm, MPI.Intracomm):
             raise TypeError(f"mpi_comm must be an mpi4py Intracomm, got {type(mpi_comm).__name__}")
@@ -98,7 +107,7 @@ class Communicator:
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
         self.local_rank, self.local_size = node_rank_and_size(mpi_comm)
-        self.check_agreement = bool(check_agreement)
+        self.check_agreement = check_agreement
         self._fusion = FusionBuffers()
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
@@ -117,19 +126,37 @@ class Communicator:
         count = visible_gpu_count()
         return self.local_rank % count if count else None
 
+    @property
+    def check_agreement(self) -> AgreementMode:
+        """When array collectives run the agreement check: ``"always"``, ``"on_change"`` or ``"off"``."""
+        return self._check_agreement
+
+    @check_agreement.setter
+    def check_agreement(self, mode: AgreementMode | bool) -> None:
+        mode = {True: "always", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+        if mode not in AGREEMENT_MODES:
+            raise ValueError(f"check_agreement: expected one of {AGREEMENT_MODES} (or a bool), got {mode!r}")
+        self._check_agreement = mode
+        self._agreed: set[Signature] = set()  # calls every rank agreed on (used by "on_change")
+
     def _enter(self, collective: str, validate: Callable[[], tuple[Any, Signature]]) -> Any:
-        """Validate this rank's arguments and, with the agreement check on, confirm
+        """Validate this rank's arguments and, as ``check_agreement`` says, confirm
         that every rank called ``collective`` compatibly. Returns what ``validate`` planned."""
-        if not self.check_agreement:
+        mode = self._check_agreement
+        if mode == "off":
             return validate()[0]
         try:
             plan, mine = validate()
         except (TypeError, ValueError):
             disagreement(self.mpi, rejected(collective))  # lets the peers raise too
             raise
+        if mode == "on_change" and mine in self._agreed:
+            return plan
         everyone = disagreement(self.mpi, mine)
         if everyone is not None:
             raise CollectiveMismatchError(f"{collective}: ranks disagree on {describe(everyone)}")
+        if mode == "on_change":
+            self._agreed.add(mine)
         return plan
 
     def _reduce_flat(self, flat: Any, mean: bool, algorithm: str, backend: Backend) -> None:

@@ -144,3 +144,36 @@ def test_agreement_check_can_be_switched_off(comm):
     np.testing.assert_array_equal(quiet.allreduce(xs[comm.rank].copy()), np.sum(xs, axis=0))
     with pytest.raises(ValueError, match="counts"):  # every rank, with no communication
         quiet.reduce_scatter_v(np.ones(3), [4] * comm.size)
+
+
+class CountingMPI:
+    """An mpi4py communicator that counts its Allreduce calls (the agreement checks here)."""
+
+    def __init__(self, mpi) -> None:
+        self._mpi, self.allreduces = mpi, 0
+
+    def __getattr__(self, name):
+        if name == "Allreduce":
+            self.allreduces += 1
+        return getattr(self._mpi, name)
+
+
+@pytest.mark.mpi
+def test_on_change_checks_each_new_call_once_and_still_catches_disagreement(comm):
+    steady = Communicator(comm.mpi, check_agreement="on_change")
+    counting = steady.mpi = CountingMPI(comm.mpi)
+    xs = [np.random.default_rng([11, r]).standard_normal(64) for r in range(comm.size)]
+    counts = [3 + r for r in range(comm.size)]
+    for repeat in range(3):
+        np.testing.assert_allclose(steady.reduce_scatter_v(xs[comm.rank][:sum(counts)].copy(), counts),
+                                   np.sum(xs, axis=0)[:sum(counts)][sum(counts[:comm.rank]):][:counts[comm.rank]])
+        whole = steady.allgather_v(np.full(counts[comm.rank], float(comm.rank)), counts)
+        np.testing.assert_array_equal(whole, np.repeat(np.arange(comm.size, dtype=float), counts))
+        if repeat == 0:
+            checks = counting.allreduces
+    # The two calls were checked the first time only (one small allreduce each, at any rank count).
+    assert checks == 2 and counting.allreduces == 2
+    # A new shape is checked again, and a disagreement there still raises on every rank.
+    n = 12 if odd_one_out(comm) else 10
+    expect_mismatch(comm, lambda: steady.allgather_v(np.ones(n), [n] * comm.size if not odd_one_out(comm)
+                                                     else [10] * (comm.size - 1) + [12]), "allgather_v")
