@@ -38,9 +38,9 @@ from hpckfac.stages.reduce_scatter import ReduceScatter
 _log = get_logger("hpckfac.stages.engine")
 # The engine's timed parts of one step, in order.
 STAGES = ("reduce_scatter", "running_average", "inversion", "precondition", "all_gather")
-# Every timed part of one iteration, in pipeline order: stage 1 (local statistics, in the
-# hooks), the engine's stages, writing the results into .grad, and the allreduce of the
-# gradients no block owns. Defined here only.
+# Every timed part of one iteration: stage 1 (local statistics, in the hooks), the engine's
+# stages, writing the results into .grad, and the allreduce of the gradients no block owns
+# (which runs between stage 1 and stage 2). Defined here only.
 ITERATION_STAGES = ("local_factors",) + STAGES + ("write_grads", "allreduce")
 
 
@@ -208,12 +208,14 @@ class KFACEngine:
         start = self.clock()
         if self.is_inverse_step():
             self.state.invert(damping)
+        elif self.state.missing_inverses():
+            self.state.invert(damping, missing_only=True)
         self.timings["inversion"] = self.clock() - start
 
         start = self.clock()
         out = self.xp.empty(self.layout.gather_counts[self.comm.rank], dtype=self.comm_dtype)
         if self.owned:
-            out[-1] = self.state.precondition(segment, factors, out[:-1], damping)
+            out[-1] = self.state.precondition(segment, factors, out[:-1])
         self.timings["precondition"] = self.clock() - start
 
         start = self.clock()

@@ -35,7 +35,7 @@ def _runs(indices: list[int], blocks: Sequence) -> list[list[int]]:
     run at the first one's place; every other block is a run of its own."""
     runs: dict = {}
     for l in indices:
-        key = getattr(blocks[l], "batch_key", None)
+        key = blocks[l].batch_key
         runs.setdefault(("alone", l) if key is None else key, []).append(l)
     return list(runs.values())
 

@@ -149,13 +149,17 @@ class OwnerState:
             stacks.append(whole[start:stop])
         return stacks
 
-    def precondition(self, segment, factors: bool, out, damping: float):
+    def missing_inverses(self) -> bool:
+        """Whether a block has running statistics but no inverse yet (its first statistics
+        came on a step that does not invert)."""
+        return any(ok and inv is None for ok, inv in zip(self.initialized, self.inverses))
+
+    def precondition(self, segment, factors: bool, out):
         """Write each owned block's preconditioned gradient (read from ``segment``, the
-        step's averaged segment) into consecutive slices of ``out`` and return
+        step's averaged segment; a block without an inverse passes its gradient on) into
+        consecutive slices of ``out`` and return
         ``sum_i <V_i, grad_i>`` as a float64 0-d array of the state's namespace
         (it stays on the device)."""
-        if any(ok and inv is None for ok, inv in zip(self.initialized, self.inverses)):
-            self.invert(damping, missing_only=True)
         base = self.layout.segment_start(self.rank, self.layout.reduce_counts(factors))
         # The owned gradients are consecutive in the segment, in the order ``out`` takes them.
         first = self.layout.grad_offset(self.owned[0], factors) - base if self.owned else 0
@@ -177,7 +181,9 @@ class OwnerState:
                 at += block.grad_size
         # One sum for all blocks rather than a dot per block (one launch instead of hundreds on a
         # GPU); products in the state's dtype, accumulated in float64 without a float64 copy.
-        return (out * grads).sum(dtype=np.float64)
+        # Non-finite gradients (a GradScaler's overflow) make it NaN on purpose: no warning.
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (out * grads).sum(dtype=np.float64)
 
     def restack(self) -> None:
         """After loading inverses block by block: each run whose blocks all have inverses gets
