@@ -7,13 +7,11 @@ the whole micro-batch, the block always takes every example
 """
 from __future__ import annotations
 
-import numpy as np
-
 from hpckfac import ops
 from hpckfac.checks import check_integer
-from hpckfac.layers.block import Array, array_module
-from hpckfac.layers.unitwise import UnitWiseBlock, centred_and_scale, check_units, normalize
-from hpckfac.ops import batchnorm as batchnorm_ops
+from hpckfac.layers.block import Array, array_module, unpack_stack
+from hpckfac.layers.unitwise import UnitWiseBlock, check_units, normalize
+from hpckfac.ops.checks import accumulation_dtype
 
 
 class BatchNormBlock(UnitWiseBlock):
@@ -30,17 +28,13 @@ class BatchNormBlock(UnitWiseBlock):
         check_units(x, 1, self.units, "x", self.name)
         return normalize(x.reshape(x.shape[0], self.units, -1), (0, 2), self.eps)
 
-    def unit_gradients(self, x: Array, g: Array) -> Array:
-        """As ``UnitWiseBlock.unit_gradients``, without forming ``x̂``: a channel's scale
-        ``sqrt(var + eps)`` is the same at every example and position, so
-        ``Σ_t g x̂ = Σ_t g (x - mean) / scale`` (one pass over the input fewer, and no
-        ``x̂``-sized temporary)."""
+    def fisher(self, x: Array, g: Array, scale: float = 1.0) -> Array:
+        """As ``UnitWiseBlock.fisher``, computed as the pipeline computes it
+        (``hpckfac.ops.batchnorm_fisher``, without forming ``x̂``)."""
         x3, g3 = self._unit_pair(x, g)
-        if isinstance(x, np.ndarray):
-            return batchnorm_ops.unit_gradients(x3, g3, self.eps)
-        centred, scale = centred_and_scale(x3, (0, 2), self.eps)
-        g3 = g3.astype(centred.dtype, copy=False)
-        return array_module(x).stack([(g3 * centred).sum(axis=2) / scale[:, :, 0], g3.sum(axis=2)], axis=-1)
+        packed = array_module(x).zeros(self.stat_size, dtype=accumulation_dtype(x.dtype))
+        ops.batchnorm_fisher(x3, g3, self.eps, scale, out=packed)
+        return unpack_stack(packed, self.units, self.k)
 
     def add_output_grad(self, stats: Array, g: Array, scale: float, saved: Array) -> None:
         """The packed per-channel Fisher added to ``stats`` by one operation

@@ -149,21 +149,15 @@ def _apply(inv: Array, vectors: Array) -> Array:
     return (inv * vectors[:, None, :]).sum(axis=2)
 
 
-def centred_and_scale(x: Array, axes: tuple[int, ...], eps: float) -> tuple[Array, Array]:
-    """``(x - mean, sqrt(var + eps))`` over ``axes`` (biased variance, as the layers use in
-    training; the scale keeps the reduced axes), in float32 (float64 for float64 input)."""
+def normalize(x: Array, axes: tuple[int, ...], eps: float) -> Array:
+    """``(x - mean) / sqrt(var + eps)`` over ``axes`` (biased variance, as the layers use in
+    training), in float32 (float64 for float64 input)."""
     xp = array_module(x)
     dtype = accumulation_dtype(x.dtype)
     x = x.astype(dtype, copy=False)
     centred = x - x.mean(axis=axes, keepdims=True)
     var = (centred * centred).mean(axis=axes, keepdims=True)
-    return centred, xp.sqrt(var + dtype.type(eps))
-
-
-def normalize(x: Array, axes: tuple[int, ...], eps: float) -> Array:
-    """``(x - mean) / sqrt(var + eps)`` over ``axes`` (see ``centred_and_scale``)."""
-    centred, scale = centred_and_scale(x, axes, eps)
-    return centred / scale
+    return centred / xp.sqrt(var + dtype.type(eps))
 
 
 def check_units(x: Array, axis: int, units: int, name: str, block: str) -> None:
