@@ -9,7 +9,7 @@ from torch import nn
 
 from hpckfac.comm import Communicator
 from hpckfac.layers import LinearBlock
-from hpckfac.torch import KFACPreconditioner, register_layer
+from hpckfac.torch import KFACPreconditioner, register_layer, registry
 
 
 class TransposedLinear(nn.Module):
@@ -60,6 +60,45 @@ def test_registered_type_is_preconditioned_like_its_linear_twin():
     for a, b in ((mine[0], twin[0]), (mine[2], twin[2])):
         np.testing.assert_allclose(a.weight.detach().T.numpy(), b.weight.detach().numpy(), rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(a.bias.detach().numpy(), b.bias.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+class NamedAffine(nn.Module):
+    """A Linear whose parameters are called ``kernel`` (out, in) and ``offset``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(n_out, n_in) * 0.3)
+        self.offset = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.kernel, self.offset)
+
+
+def test_parameters_under_other_names_and_blocks_that_do_not_fit(monkeypatch, caplog):
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # registered for this test only
+    register_layer(NamedAffine, lambda name, m: LinearBlock(name, m.kernel.shape[1], m.kernel.shape[0], bias=True),
+                   params=("kernel", "offset"))
+    torch.manual_seed(0)
+    mine = nn.Sequential(NamedAffine(4, 5), nn.Tanh(), NamedAffine(5, 2)).double()
+    twin = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    with torch.no_grad():
+        for a, b in ((mine[0], twin[0]), (mine[2], twin[2])):
+            b.weight.copy_(a.kernel)
+            b.bias.copy_(a.offset)
+    precond = train(mine)
+    train(twin)
+    assert len(precond.modules) == 2 and not precond.other_params
+    for a, b in ((mine[0], twin[0]), (mine[2], twin[2])):
+        torch.testing.assert_close(a.kernel, b.weight, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a.offset, b.bias, rtol=1e-12, atol=1e-14)
+    # A builder whose block does not fit the module's parameters: first-order, with the reason.
+    register_layer(NamedAffine, lambda name, m: LinearBlock(name, 3, 3, bias=False), params=("kernel", None))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond = KFACPreconditioner(nn.Sequential(NamedAffine(4, 5)).double(), comm=comm())
+    assert not precond.modules and "do not match the module's kernel/None" in repr(precond)
+    for bad in (("kernel",), ("kernel", 3), "kernel"):
+        with pytest.raises(ValueError, match="params"):
+            register_layer(NamedAffine, lambda name, m: None, params=bad)
 
 
 def test_subclasses_inherit_and_bad_registrations_are_refused():

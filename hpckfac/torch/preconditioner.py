@@ -26,7 +26,7 @@ from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_arra
 from hpckfac.torch.distributed import average_grads
 from hpckfac.torch.hooks import CaptureHooks
 from hpckfac.torch.options import check_options
-from hpckfac.torch.registry import block_for, broadcasts_batch
+from hpckfac.torch.registry import block_for, block_params, broadcasts_batch
 
 _log = get_logger("hpckfac.torch")
 
@@ -294,7 +294,7 @@ class KFACPreconditioner:
 
     def _grad_matrix(self, index: int, slot):
         grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
-                 for p in _params(self.modules[index])]
+                 for p in block_params(self.modules[index])]
         return self.engine.blocks[index].grad_matrix(*grads, out=slot)
 
     def step(self) -> None:
@@ -338,7 +338,7 @@ class KFACPreconditioner:
         updates = self.engine.step(grads, stats, lr=lr)
         start = self.engine.clock()
         for module, block, update in zip(self.modules, self.engine.blocks, updates):
-            for param, part in zip(_params(module), block.split_matrix(update)):
+            for param, part in zip(block_params(module), block.split_matrix(update)):
                 if param is not None and param.requires_grad:  # frozen weights keep .grad None
                     if param.grad is None:
                         param.grad = torch.empty_like(param)
@@ -429,13 +429,8 @@ class KFACPreconditioner:
                 setattr(self, name, value)
 
 
-def _params(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The parameters a block covers: the module's ``weight`` and ``bias`` (None where absent)."""
-    return getattr(module, "weight", None), getattr(module, "bias", None)
-
-
 def _covered(module: nn.Module) -> list[torch.Tensor]:
-    return [p for p in _params(module) if isinstance(p, torch.Tensor)]
+    return [p for p in block_params(module) if p is not None]
 
 
 def _model_device(model: nn.Module) -> torch.device:

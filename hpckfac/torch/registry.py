@@ -6,7 +6,7 @@ this instance, e.g. a BatchNorm without affine parameters); raising ValueError
 keeps the module first-order with the message as the reason. Lookup follows
 the module's class hierarchy, so a subclass of a registered type gets its
 parent's builder unless it has its own. The block covers the module's
-``weight`` and, when present, ``bias``.
+``weight`` and, when present, ``bias`` (other attribute names: ``params``).
 
 Built in: ``Linear``, ``Conv1d/2d/3d`` (groups included), ``ConvTranspose1d/2d/3d``,
 ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm`` and ``Embedding``. A type of
@@ -22,7 +22,7 @@ Linear with an ``(in, out)`` weight) is one call::
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from torch import nn
 
@@ -30,12 +30,25 @@ from hpckfac.layers import (BatchNormBlock, ConvBlock, ConvTransposeBlock, Curva
                             GroupNormBlock, LayerNormBlock, LinearBlock)
 
 Builder = Callable[[str, nn.Module], "CurvatureBlock | None"]
-_BUILDERS: dict[type, tuple[Builder, bool]] = {}
 
 
-def register_layer(module_type: type, build: Builder, *, broadcast_batch: bool = False) -> None:
+class _Kind(NamedTuple):
+    build: Builder
+    broadcast_batch: bool
+    params: tuple[str, str | None]
+
+
+_BUILDERS: dict[type, _Kind] = {}
+
+
+def register_layer(module_type: type, build: Builder, *, broadcast_batch: bool = False,
+                   params: tuple[str, str | None] = ("weight", "bias")) -> None:
     """Precondition modules of ``module_type`` (and its subclasses) with the block ``build(name, module)``
     returns. Register before constructing the ``KFACPreconditioner``, identically on every rank.
+
+    ``params``: the names of the module's attributes holding the parameters the block
+    covers, in the block's order ``(weight, bias)``; the bias name may be None, and a
+    module whose bias attribute is None has none.
 
     ``broadcast_batch``: a call whose input has batch size 1 while the micro-batch
     has ``B > 1`` examples (position ids shared by the whole batch) is taken as
@@ -49,10 +62,13 @@ def register_layer(module_type: type, build: Builder, *, broadcast_batch: bool =
         raise ValueError(f"module_type: expected a torch.nn.Module subclass, got {module_type!r}")
     if not callable(build):
         raise ValueError(f"build: expected a callable (name, module) -> CurvatureBlock, got {build!r}")
-    _BUILDERS[module_type] = (build, bool(broadcast_batch))
+    if not (isinstance(params, tuple) and len(params) == 2 and isinstance(params[0], str)
+            and (params[1] is None or isinstance(params[1], str))):
+        raise ValueError(f"params: expected (weight name, bias name or None), got {params!r}")
+    _BUILDERS[module_type] = _Kind(build, bool(broadcast_batch), params)
 
 
-def _entry(module: nn.Module) -> tuple[Builder, bool] | None:
+def _entry(module: nn.Module) -> _Kind | None:
     return next((_BUILDERS[t] for t in type(module).__mro__ if t in _BUILDERS), None)
 
 
@@ -60,17 +76,34 @@ def block_for(name: str, module: nn.Module) -> CurvatureBlock | None:
     """The curvature block of ``module`` (None: no registered kind); ValueError
     with the reason when its kind cannot precondition this instance."""
     entry = _entry(module)
-    block = None if entry is None else entry[0](name, module)
-    if block is not None and not isinstance(block, CurvatureBlock):
+    block = None if entry is None else entry.build(name, module)
+    if block is None:
+        return None
+    if not isinstance(block, CurvatureBlock):
         raise ValueError(f"the builder registered for {type(module).__name__} returned {block!r}, "
                          f"not an hpckfac.layers.CurvatureBlock")
+    shapes = tuple(None if p is None else tuple(p.shape) for p in block_params(module))
+    if shapes != tuple(None if s is None else tuple(s) for s in block.param_shapes):
+        names = entry.params
+        raise ValueError(f"the block's parameter shapes {block.param_shapes} do not match the module's "
+                         f"{names[0]}/{names[1]} {shapes}")
     return block
+
+
+def block_params(module: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """The parameters the block of ``module`` covers, ``(weight, bias)`` (None where absent),
+    from the attribute names its kind was registered with."""
+    entry = _entry(module)
+    weight_name, bias_name = ("weight", "bias") if entry is None else entry.params
+    weight = getattr(module, weight_name, None)
+    bias = None if bias_name is None else getattr(module, bias_name, None)
+    return (weight if isinstance(weight, nn.Parameter) else None, bias if isinstance(bias, nn.Parameter) else None)
 
 
 def broadcasts_batch(module: nn.Module) -> bool:
     """Whether ``module``'s kind was registered with ``broadcast_batch``."""
     entry = _entry(module)
-    return entry is not None and entry[1]
+    return entry is not None and entry.broadcast_batch
 
 
 
