@@ -12,7 +12,7 @@ name the ranks in the error raised on every rank.
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, get_args
 
 import numpy as np
 from mpi4py import MPI
@@ -21,8 +21,10 @@ from hpckfac.comm.dtypes import DTYPE_CODES
 
 COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v", "broadcast", "check_same",
                "allgather_object")
-OPS = ("sum", "mean")
-ALGORITHMS = ("ring", "mpi")
+ReduceOp = Literal["sum", "mean"]
+Algorithm = Literal["ring", "mpi"]
+OPS: tuple[str, ...] = get_args(ReduceOp)
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in DTYPE_CODES.items()}
 
 

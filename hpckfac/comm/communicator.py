@@ -12,8 +12,8 @@ from mpi4py import MPI
 
 from hpckfac.comm import ring, vcoll
 from hpckfac.comm.abort import install_abort_on_error
-from hpckfac.comm.agreement import (ALGORITHMS, OPS, Signature, describe, digest, disagreement,
-                                    rejected, signature)
+from hpckfac.comm.agreement import (ALGORITHMS, OPS, Algorithm, ReduceOp, Signature, describe, digest,
+                                    disagreement, rejected, signature)
 from hpckfac.comm.backend import Backend, HostBackend, backend_for
 from hpckfac.comm.dtypes import DTYPE_CODES, check_dtype, mpi_type, sum_op
 from hpckfac.comm.errors import CollectiveMismatchError
@@ -168,7 +168,7 @@ class Communicator:
         if mean and self.size > 1:
             flat /= self.size
 
-    def allreduce(self, buf: Any, op: str = "sum", algorithm: str = "ring") -> Any:
+    def allreduce(self, buf: Any, op: ReduceOp = "sum", algorithm: Algorithm = "ring") -> Any:
         """Sum (or mean) ``buf`` over ranks, in place; returns ``buf``.
 
         ``algorithm="ring"`` is hpckfac's ring allreduce; ``"mpi"`` is MPI's Allreduce.
@@ -186,8 +186,8 @@ class Communicator:
         backend.stage_out(work, buf)
         return buf
 
-    def allreduce_many(self, arrays: Sequence[Any], op: str = "mean",
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, algorithm: str = "ring") -> None:
+    def allreduce_many(self, arrays: Sequence[Any], op: ReduceOp = "mean",
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, algorithm: Algorithm = "ring") -> None:
         """Allreduce every array in ``arrays`` in place, fused into buffers of at most
         ``bucket_bytes`` per dtype (an array larger than that is reduced on its own)."""
         arrays = list(arrays)
@@ -215,8 +215,8 @@ class Communicator:
             reduce_fused(arrays, [bucket], backend, self._fusion,
                          lambda flat: self._reduce_flat(flat, op == "mean", algorithm, backend))
 
-    def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: str = "sum",
-                         algorithm: str = "mpi") -> Any:
+    def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: ReduceOp = "sum",
+                         algorithm: Algorithm = "mpi") -> Any:
         """Sum (or mean) ``sendbuf`` over ranks and return this rank's segment: elements
         ``sum(counts[:rank])`` to ``sum(counts[:rank+1])`` of the result (a new array).
 
@@ -242,7 +242,7 @@ class Communicator:
                                      backend, op == "mean", algorithm)
         return backend.result(out)
 
-    def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: str = "mpi") -> Any:
+    def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: Algorithm = "mpi") -> Any:
         """Concatenate every rank's ``segment`` (``counts[rank]`` elements) in rank
         order; returns the whole buffer (a new 1-D array of ``sum(counts)`` elements).
         ``algorithm``: ``"mpi"`` (``MPI_Allgatherv``) or ``"ring"``."""

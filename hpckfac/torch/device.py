@@ -6,12 +6,15 @@ the first CUDA allocation: a context created earlier on GPU 0 stays there).
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from hpckfac.log import get_logger
 
 _log = get_logger("hpckfac.torch.device")
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
+DeviceChoice = Literal["auto", "cuda", "cpu"]
+DEVICE_CHOICES: tuple[str, ...] = get_args(DeviceChoice)
 
 
 def _parse(device) -> torch.device | str:
@@ -29,7 +32,7 @@ def _parse(device) -> torch.device | str:
     return parsed
 
 
-def bind_device(device="auto", comm=None) -> torch.device:
+def bind_device(device: DeviceChoice | str | torch.device | None = "auto", comm=None) -> torch.device:
     """This rank's device, made current for torch and CuPy; returns it.
 
     Args:

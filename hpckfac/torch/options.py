@@ -1,12 +1,18 @@
-"""Validation of the options only ``KFACPreconditioner`` has, on top of the engine's
-(``hpckfac.stages.options``, which also holds the shared defaults)."""
+"""Defaults and validation of the options only ``KFACPreconditioner`` has, on top of the
+engine's (``hpckfac.stages.options``)."""
 from __future__ import annotations
 
 from typing import Any
 
 from hpckfac.checks import check_integer, check_real
 from hpckfac.stages.options import CHECKS as ENGINE_CHECKS
+from hpckfac.stages.options import DEFAULTS as ENGINE_DEFAULTS
 from hpckfac.stages.options import check_options as _check
+
+# The preconditioner's defaults: the engine's, and those of the options only it has
+# (``bucket_bytes``: None takes the Communicator's fusion size).
+DEFAULTS: dict[str, Any] = {**ENGINE_DEFAULTS, "lr": 0.1, "accumulation_steps": 1, "statistics_fraction": 1.0,
+                            "skip_layers": (), "factor_dtype": None, "grad_scaler": None, "bucket_bytes": None}
 
 
 def _lr(value: Any):

@@ -20,12 +20,12 @@ from hpckfac.comm import CollectiveMismatchError, Communicator
 from hpckfac.log import get_logger
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine
 from hpckfac.stages.local_factors import LocalStatistics
-from hpckfac.stages.options import DEFAULTS, Assignment
+from hpckfac.stages.options import Assignment
 from hpckfac.tables import format_table
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array
 from hpckfac.torch.distributed import average_grads
 from hpckfac.torch.hooks import CaptureHooks
-from hpckfac.torch.options import check_options
+from hpckfac.torch.options import DEFAULTS, check_options
 from hpckfac.torch.registry import block_for, block_params, broadcasts_batch
 
 _log = get_logger("hpckfac.torch")
@@ -79,14 +79,16 @@ class KFACPreconditioner:
     stream. ``hpckfac.torch.bind_device`` picks each rank's GPU.
     """
 
-    def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = 0.1,
+    def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = DEFAULTS["lr"],
                  damping: float | Callable[[int], float] = DEFAULTS["damping"],
                  factor_decay: float | Callable[[int], float] = DEFAULTS["factor_decay"],
                  factor_update_interval: int = DEFAULTS["factor_update_interval"],
                  inverse_update_interval: int = DEFAULTS["inverse_update_interval"],
-                 kl_clip: float | None = DEFAULTS["kl_clip"], skip_layers=(), factor_dtype=None, grad_scaler=None,
-                 assignment: Assignment = DEFAULTS["assignment"], bucket_bytes: int | None = None,
-                 accumulation_steps: int = 1, statistics_fraction: float = 1.0,
+                 kl_clip: float | None = DEFAULTS["kl_clip"], skip_layers=DEFAULTS["skip_layers"],
+                 factor_dtype=DEFAULTS["factor_dtype"], grad_scaler=DEFAULTS["grad_scaler"],
+                 assignment: Assignment = DEFAULTS["assignment"], bucket_bytes: int | None = DEFAULTS["bucket_bytes"],
+                 accumulation_steps: int = DEFAULTS["accumulation_steps"],
+                 statistics_fraction: float = DEFAULTS["statistics_fraction"],
                  comm: Communicator | None = None) -> None:
         opts = check_options(lr=lr, damping=damping, factor_decay=factor_decay,
                              factor_update_interval=factor_update_interval,

@@ -11,7 +11,8 @@ import os
 import sys
 from dataclasses import fields
 
-from hpckfac.train.config import DEVICES, DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig
+from hpckfac.torch.device import DEVICE_CHOICES
+from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig
 
 PROG = "hpckfac train"
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_const", const="none", help="as --progress none")
     p.add_argument("--statistics-fraction", type=float, default=d.statistics_fraction, metavar="F",
                    help="K-FAC statistics from the first F of each rank's batch (0 < F <= 1)")
-    p.add_argument("--device", choices=DEVICES, default=d.device,
+    p.add_argument("--device", choices=DEVICE_CHOICES, default=d.device,
                    help="auto: one GPU per rank (local rank %% visible GPUs) when CUDA is present, else CPU")
     return p
 

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 from hpckfac.checks import check_integer, check_real
-from hpckfac.stages.options import DEFAULTS
-from hpckfac.torch.options import check_options
+from hpckfac.torch.device import DEVICE_CHOICES, DeviceChoice
+from hpckfac.torch.options import DEFAULTS, check_options
 
-OPTIMIZERS = ("kfac", "sgd", "adam")
-DEVICES = ("auto", "cuda", "cpu")
+Optimizer = Literal["kfac", "sgd", "adam"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 # Rank 0's progress report: "auto" is a bar on a terminal and one line per evaluation
 # otherwise; "bar" draws the bar anyway (mpiexec forwards output through pipes, never a
 # terminal, to the terminal it was started from); "lines"; "none".
-PROGRESS = ("auto", "bar", "lines", "none")
+Progress = Literal["auto", "bar", "lines", "none"]
+PROGRESS: tuple[str, ...] = get_args(Progress)
 DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
 
 def progress_mode(progress: str | bool) -> str:
@@ -44,7 +46,7 @@ class TrainConfig:
     K-FAC's heavy-ball momentum (Adam keeps its default betas).
     """
 
-    optimizer: str = "kfac"
+    optimizer: Optimizer = "kfac"
     batch_size: int = 128
     epochs: int = 10
     steps: int | None = None
@@ -66,16 +68,16 @@ class TrainConfig:
     keep_checkpoints: int = 0
     resume: str | None = None
     eval_every: int = 10
-    progress: str = "auto"
-    device: str = "auto"
-    statistics_fraction: float = 1.0
+    progress: Progress = "auto"
+    device: DeviceChoice = "auto"
+    statistics_fraction: float = DEFAULTS["statistics_fraction"]
 
     def validate(self) -> "TrainConfig":
         """Check every value; returns self with ``lr`` filled in."""
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device: expected one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         self.progress = progress_mode(self.progress)
         if self.steps is not None:
             check_integer(self.steps, "steps", 1)
