@@ -303,6 +303,42 @@ def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(com
         np.testing.assert_allclose(wrapped, plain, rtol=1e-12)
 
 
+class ScaledInput(nn.Module):
+    """``model(scale, x)`` or ``model(positions, x)``: a 1-D tensor before the batch; the batch
+    flattened to ``(batch * positions, features)`` rows before the first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, first, x=None):
+        if x is None:  # model(x): the batch alone
+            first, x = torch.ones(()), first
+        scale = first if first.numel() == 1 else 1.0
+        return self.net(x.reshape(-1, x.shape[-1]) * scale).reshape(x.shape[0], -1, 3).mean(1)
+
+
+@pytest.mark.parametrize("first", ["scale", "positions", "more positions than examples"])
+def test_examples_are_the_batch_beside_a_one_dimensional_argument(comm, first):
+    """A ``(1,)`` scale or ``(T,)`` positions passed before the batch do not change the count:
+    the statistics equal those of the same model called on the batch alone (7 examples)."""
+    positions = 14 if first == "more positions than examples" else 3
+    x = torch.randn(7, positions, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(3))
+    other = torch.ones(1, dtype=torch.float64) if first == "scale" else torch.arange(positions)
+    states = []
+    for call in (lambda m: m(other, x), lambda m: m(x)):
+        torch.manual_seed(0)
+        model = ScaledInput().double()
+        precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
+        nn.functional.cross_entropy(call(model), y).backward()
+        assert precond.local.examples == 7
+        precond.step()
+        states.append([r.copy() for r in precond.engine.state.running])
+    for got, want in zip(*states):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_training_in_eval_mode_is_named(comm, caplog):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -104,7 +104,8 @@ class KFACPreconditioner:
         self.accumulation_steps = opts["accumulation_steps"]
         self.statistics_fraction = opts["statistics_fraction"]
         self._sample = 0
-        self._count_pending = False
+        # False, or the candidate batch sizes waiting for the first K-FAC layer's input.
+        self._count_pending: list[int] | bool = False
         self._forwards = 0  # training forwards since the last step()
         self._root_seen = False  # whether the model's own forward ran since the last step()
         self._fired: set[int] = set()  # K-FAC layers called since the last count
@@ -231,11 +232,17 @@ class KFACPreconditioner:
             return
         self._forwards += 1
         self._root_seen = True
-        first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        if first is not None and first.dim() > 0:
-            self._count(int(first.shape[0]))
-        else:  # e.g. model({"x": x}): the first K-FAC layer's input tells the batch size
-            self._count_pending = True
+        # The batch size: the leading dimension of the tensors passed (nested in dicts, lists and
+        # tuples too). When they disagree (a (1,) scale or (T,) positions beside the batch), the
+        # first K-FAC layer's input decides; without tensors, that input is the batch.
+        tensors = [t for t in _tensors((args, kwargs)) if t.dim() > 0]
+        # Batch-like tensors (two or more dimensions) first: a 1-D one may be positions or a scale.
+        tensors.sort(key=lambda t: t.dim() == 1)
+        sizes = list(dict.fromkeys(int(t.shape[0]) for t in tensors))
+        if len(sizes) == 1:
+            self._count(sizes[0])
+        else:
+            self._count_pending = sizes
 
     def _count(self, examples: int) -> None:
         """Count a micro-batch of ``examples`` (and the sample its statistics use)."""
@@ -252,8 +259,8 @@ class KFACPreconditioner:
         return scale
 
     def _on_input(self, index: int, a: torch.Tensor) -> None:
-        if self._count_pending:
-            self._count(int(a.shape[0]))
+        if self._count_pending is not False:
+            self._count(_batch_size(self._count_pending, int(a.shape[0])))
         elif not self._root_seen and (not self._fired or index in self._fired):
             # Submodules called directly (the model's own forward never ran): a pass starts when
             # the first K-FAC layer fires, and again when a layer that already fired fires again.
@@ -429,6 +436,26 @@ class KFACPreconditioner:
             if value is not None and getattr(self, name) != value:
                 _log.warning("load_state_dict: the checkpoint's %s %r replaces %r", name, value, getattr(self, name))
                 setattr(self, name, value)
+
+
+def _tensors(value) -> Iterator[torch.Tensor]:
+    """The tensors in ``value`` and in the dicts, lists and tuples it nests, in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _batch_size(candidates: list[int], rows: int) -> int:
+    """The micro-batch size among the leading dimensions ``candidates`` of the model's tensor
+    arguments, given the ``rows`` of the first K-FAC layer's input: the one equal to ``rows``,
+    else the first that divides it (a layer on flattened ``(batch * positions, ...)`` rows),
+    else ``rows`` itself."""
+    return next((c for c in candidates if c == rows), None) or next((c for c in candidates if rows % c == 0), rows)
 
 
 def _covered(module: nn.Module) -> list[torch.Tensor]:
