@@ -33,6 +33,7 @@ def test_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
     assert proc.returncode != 0
     assert "hpckfac: uncaught RuntimeError: disk full on this rank [rank 1 of 2; aborting the job]" in proc.stderr, \
         proc.stderr
+    assert proc.stderr.count("aborting the job]") == 1, proc.stderr  # said once, even where MPI_Abort returns
 
 
 def test_exception_before_the_first_communicator_ends_the_job(tmp_path):
@@ -64,6 +65,7 @@ def test_rank_local_error_in_train_aborts_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert "hpckfac train: error: [Errno 28] No space left on device [rank 0 of 2; aborting the job]" in proc.stderr, \
         proc.stderr
+    assert proc.stderr.count("No space left on device") == 1, proc.stderr
 
 
 def test_output_folder_is_checked_before_training_on_every_rank(tmp_path):
@@ -79,9 +81,33 @@ def test_output_folder_is_checked_before_training_on_every_rank(tmp_path):
     assert proc.returncode == 2 and "--out: cannot write into" in proc.stderr
 
 
-def test_abort_setting_is_validated(monkeypatch):
+def test_abort_setting_is_validated(monkeypatch, caplog):
+    from hpckfac.comm import abort
+
     monkeypatch.setenv(ABORT_ENV, "maybe")
-    with pytest.raises(ValueError, match=ABORT_ENV):
-        Communicator(MPI.COMM_SELF)
+    monkeypatch.setattr(abort, "_warned_env", False)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        Communicator(MPI.COMM_SELF)  # a bad value is named, and the default kept
+    assert f"{ABORT_ENV}='maybe': expected 0 or 1" in caplog.text
     monkeypatch.setenv(ABORT_ENV, "1")
     assert install_abort_on_error() is (MPI.COMM_WORLD.Get_size() > 1)
+
+
+def test_rank_local_benchmark_error_ends_the_job(tmp_path):
+    """A benchmark failing on rank 0 alone (writing its results) aborts every rank."""
+    proc = run(tmp_path, """
+        import sys
+        from mpi4py import MPI
+        from hpckfac.bench import __main__ as bench, model
+
+        def main(argv, prog):
+            if MPI.COMM_WORLD.Get_rank() == 0:
+                raise OSError(28, "No space left on device")
+            MPI.COMM_WORLD.Barrier()  # rank 1 would wait here forever
+        model.main = main
+        sys.exit(bench.main(["model"]))
+    """)
+    assert proc.returncode != 0
+    line = ("python -m hpckfac.bench model: error: [Errno 28] No space left on device [rank 0 of 2; aborting the job]")
+    assert proc.stderr.count(line) == 1, proc.stderr
+    assert proc.stderr.count("No space left on device") == 1, proc.stderr

@@ -70,11 +70,22 @@ def test_keep_only_the_newest_checkpoints(tmp_path):
     import subprocess
     import sys
 
+    # A checkpoint of a later step, left by another run, is neither counted nor removed, and a
+    # planted symlink at the plot's path is replaced rather than written through.
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000100.pt").write_bytes(b"another run")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "training.png")
     cmd = [sys.executable, "-m", "hpckfac", "train", "--steps", "8", "--batch-size", "32", "--no-progress",
            "--checkpoint-every", "2", "--keep-checkpoints", "2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000006.pt", "step_00000008.pt"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000006.pt", "step_00000008.pt",
+                                                            "step_00000100.pt"]
+    assert "later steps than this run's (step_00000100.pt)" in proc.stderr
+    assert victim.read_text() == "precious" and not os.path.islink(tmp_path / "training.png")
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_append_lines_refuses_symlinks(tmp_path):

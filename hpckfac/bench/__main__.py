@@ -30,8 +30,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
     try:
         return int(module.main(argv[1:], prog=f"{prog} {argv[0]}") or 0)
     except (ValueError, OSError) as exc:
-        # A bad argument or an unreadable file is the user's to fix: one line, no traceback.
-        print(f"{prog} {argv[0]}: error: {exc}", file=sys.stderr)
+        # A bad argument or an unreadable file is the user's to fix: one line, no traceback. In a
+        # job of several ranks the error may be this rank's alone (rank 0 writes the results):
+        # end the whole job, or the others would wait in their next collective.
+        message = f"{prog} {argv[0]}: error: {exc}"
+        if "mpi4py.MPI" in sys.modules and sys.modules["mpi4py.MPI"].COMM_WORLD.Get_size() > 1:
+            from hpckfac.comm.abort import abort_job
+
+            abort_job(message, code=2)
+        print(message, file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpckfac.bench.report import median, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.comm.ring import chunk_bounds
 from hpckfac.tables import format_table
@@ -27,6 +27,7 @@ COLLECTIVES = ("ring", "mpi", "rs_v_mpi", "rs_v_ring", "ag_v_mpi", "ag_v_ring")
 # Each collective's share of the buffer a rank sends, times P/(P-1).
 _TRAFFIC = {"ring": 2.0, "mpi": 2.0, "rs_v_mpi": 1.0, "rs_v_ring": 1.0, "ag_v_mpi": 1.0, "ag_v_ring": 1.0}
 _BIG = 16 * 2**20  # sizes above this get proportionally fewer repetitions
+MAX_BYTES = 4 * 2**30  # the largest buffer --max-bytes may ask for
 
 
 PROG = "python -m hpckfac.bench comm"
@@ -44,11 +45,14 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser.add_argument("--no-check", action="store_true", help="turn the agreement check off")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
+    check_outputs(parser, files=[("--json", args.json)])
     for name in ("min_bytes", "max_bytes", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.min_bytes > args.max_bytes:
         parser.error("--min-bytes must not exceed --max-bytes")
+    if args.max_bytes > MAX_BYTES:
+        parser.error(f"--max-bytes must be at most {MAX_BYTES >> 30} GiB (each rank allocates several buffers of it)")
     return args
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hpckfac.bench.report import median, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, time_calls, write_json
 from hpckfac.tables import format_table
 
 # ResNet-20's stride-1 layers at batch 64, narrow and tiny maps, and two ResNet-50 shapes at batch 32.
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per route (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
+    check_outputs(parser, files=[("--json", args.json)])
     if args.repeat < 1:
         raise ValueError(f"--repeat: must be >= 1, got {args.repeat}")
     if args.kernel < 3 or args.kernel % 2 == 0:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hpckfac.bench.report import write_json
+from hpckfac.bench.report import check_outputs, write_json
 from hpckfac.tables import format_table
 
 TARGETS = (0.95, 0.97)
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
     parser.add_argument("--json", metavar="PATH", help="write the results here (default OUT/convergence.json)")
     parser.add_argument("--out", metavar="DIR", help="write convergence.json and convergence.png here")
     args = parser.parse_args(argv)
+    check_outputs(parser, files=[("--json", args.json)], directories=[("--out", args.out)])
     if args.seeds < 1:
         parser.error("--seeds: expected an integer >= 1")
     import torch

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hpckfac.bench import shapes
-from hpckfac.bench.report import median, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, time_calls, write_json
 from hpckfac.tables import format_table
 
 FACTOR_SHAPES = ((32768, 64), (32768, 576), (16384, 1152), (8192, 2304), (4096, 4608))
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench ker
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group")
     args = parser.parse_args(argv)
+    check_outputs(parser, files=[("--json", args.json)])
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
     problem = _gpu_problem()

@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
-from hpckfac.bench.report import median, write_json
+from hpckfac.bench.report import check_outputs, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.tables import format_table
@@ -391,9 +392,22 @@ def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                              f"({type(exc).__name__}: {exc})") from None
 
 
+def _rate(zero_ok: bool) -> Callable[[str], float]:
+    """An argparse type: a finite float > 0 (>= 0 with ``zero_ok``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero_ok else '>'} 0, got {text!r}")
+        return value
+    return parse
+
+
 def _machine_args(parser: argparse.ArgumentParser) -> None:
     for field in ("factor_flops", "inverse_rate", "gemm_flops", "alpha", "beta", "train_flops"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=None,
+        parser.add_argument(f"--{field.replace('_', '-')}", type=_rate(field in ("alpha", "beta")), default=None,
                             help=f"override the presets' {field}")
 
 
@@ -425,13 +439,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
     parser.add_argument("--png", help="stacked-bar plot of the predictions")
     _machine_args(parser)
     args = parser.parse_args(argv)
+    check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])
     for name in ("batch", "factor_interval", "inverse_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
     try:
         ranks = [int(p) for p in args.ranks.split(",")]
     except ValueError:
-        raise ValueError(f"--ranks: expected comma-separated integers, got {args.ranks!r}") from None
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"--ranks: expected comma-separated integers >= 1, got {args.ranks!r}")
     results: dict[str, Any] = {}
 
     if args.calibrate:

@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: timing with medians and JSON results."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -59,6 +60,38 @@ def environment() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def output_problem(path: str, directory: bool = False) -> str | None:
+    """Why ``path`` cannot be written as a file (``directory``: created as a directory), or
+    None; checked before a benchmark runs, so that it does not fail at its end."""
+    path = os.path.abspath(path)
+    if directory:
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"{path} exists and is not a directory"
+        parent = path
+    else:
+        if os.path.isdir(path):
+            return f"{path} is a directory"
+        parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write in {parent}"
+    return None
+
+
+def check_outputs(parser: argparse.ArgumentParser, files: Sequence[tuple[str, str | None]] = (),
+                  directories: Sequence[tuple[str, str | None]] = ()) -> None:
+    """``parser.error`` (one line, exit 2, on every rank alike) for the first ``(flag, path)``
+    whose path cannot be written; None paths are skipped."""
+    for items, directory in ((files, False), (directories, True)):
+        for flag, path in items:
+            problem = None if path is None else output_problem(path, directory)
+            if problem:
+                parser.error(f"{flag} {path}: {problem}")
 
 
 def write_json(path: str | os.PathLike, name: str, config: dict[str, Any],

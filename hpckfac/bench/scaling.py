@@ -38,7 +38,7 @@ import numpy as np
 
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
-from hpckfac.bench.report import median, write_json
+from hpckfac.bench.report import check_outputs, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 
@@ -286,6 +286,7 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                         help="merge these results (runs at different rank counts); no MPI run")
     args = parser.parse_args(argv)
+    check_outputs(parser, files=[("--json", args.json)])
     if args.scale is None:
         args.scale = DEFAULT_SCALE[args.model]
     for name in ("scale", "batch", "repeat"):

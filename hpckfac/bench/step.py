@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hpckfac.bench.profile import profile_steps
-from hpckfac.bench.report import median, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50
 from hpckfac.stages.engine import ITERATION_STAGES
@@ -65,6 +65,7 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
                              "rank 0's view) and write the tables to PATH")
     parser.add_argument("--profile-steps", type=int, default=10, help="steps per configuration under each profiler")
     args = parser.parse_args(argv)
+    check_outputs(parser, files=[("--json", args.json), ("--profile", args.profile)])
     args.configs = args.configs.split(",")
     if args.image is None:
         args.image = 224 if args.model == "resnet50" else 32

@@ -18,16 +18,19 @@ import sys
 import time
 import traceback
 from types import TracebackType
+from typing import NoReturn
 
 from mpi4py import MPI
+
+from hpckfac.log import get_logger
 
 ABORT_ENV = "HPCKFAC_ABORT_ON_ERROR"
 ABORT_GRACE_S = 0.2
 _installed = False
 
 
-def abort_job(message: str, code: int = 1) -> None:
-    """Print ``message`` tagged with this rank and abort every rank of the job."""
+def abort_job(message: str, code: int = 1) -> NoReturn:
+    """Print ``message`` tagged with this rank and abort every rank of the job; never returns."""
     world = MPI.COMM_WORLD
     sys.stderr.write(f"{message} [rank {world.Get_rank()} of {world.Get_size()}; aborting the job]\n")
     sys.stderr.flush()
@@ -35,6 +38,9 @@ def abort_job(message: str, code: int = 1) -> None:
     # tear the job down before the one line that says why reaches the user.
     time.sleep(ABORT_GRACE_S)
     world.Abort(code)
+    # Some MPI libraries return from MPI_Abort once the launcher has been told (their runtime
+    # then kills the other ranks): nothing more may run here, nor print the message again.
+    os._exit(code)
 
 
 def _hook(previous):
@@ -45,13 +51,25 @@ def _hook(previous):
     return hook
 
 
+_warned_env = False
+
+
+def _note_bad_env(value: str) -> None:
+    global _warned_env
+    _warned_env = True
+    get_logger("hpckfac.comm.abort").warning("%s=%r: expected 0 or 1; the job aborts on an uncaught error (1)",
+                                             ABORT_ENV, value)
+
+
 def install_abort_on_error() -> bool:
     """Abort the job on an uncaught exception on any rank (once; only with several ranks
     and unless ``HPCKFAC_ABORT_ON_ERROR=0``). Returns whether the hook is installed."""
     global _installed
     value = os.environ.get(ABORT_ENV, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{ABORT_ENV}: expected 0 or 1, got {value!r}")
+        if not _warned_env:
+            _note_bad_env(value)
+        value = "1"
     if not _installed and value == "1" and MPI.COMM_WORLD.Get_size() > 1:
         sys.excepthook = _hook(sys.excepthook)
         _installed = True

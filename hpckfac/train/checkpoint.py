@@ -52,6 +52,17 @@ def list_checkpoints(directory: str) -> list[str]:
     return [f for _, f in sorted(found)]
 
 
+def prune_checkpoints(directory: str, step: int, keep: int) -> list[str]:
+    """Remove all but the ``keep`` latest checkpoints of ``directory`` up to ``step`` (the one
+    just written); those of later steps (another run's) are left alone and returned."""
+    found = [(int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
+             if (m := _NAME.search(f))]
+    mine = sorted(item for item in found if item[0] <= step)
+    for _, old in mine[:-keep]:
+        os.remove(old)
+    return [f for s, f in sorted(found) if s > step]
+
+
 def find_checkpoint(path: str) -> str:
     """``path`` itself if a file, else the latest ``step_*.pt`` in ``path`` or ``path/checkpoints``."""
     if os.path.isfile(path):

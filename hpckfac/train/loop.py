@@ -25,7 +25,7 @@ from torch import nn
 from hpckfac.log import get_logger
 from hpckfac.models import resnet
 from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, find_checkpoint,
-                                      list_checkpoints, load_checkpoint, save_checkpoint)
+                                      load_checkpoint, prune_checkpoints, save_checkpoint)
 from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig, progress_mode
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
 from hpckfac.train.files import append_lines, atomic_write, check_output_dir
@@ -88,6 +88,7 @@ class Trainer:
         self.config = config.validate()
         self.comm = comm if comm is not None else Communicator()
         self.rank, self.size = self.comm.rank, self.comm.size
+        self._warned_later = False
         # First, before anything touches CUDA: each rank on its own GPU.
         self.device = agree(self.comm, lambda: bind_device(config.device, self.comm))
         if config.out:  # rank 0 writes there: find a problem before the first step, on every rank
@@ -228,8 +229,11 @@ class Trainer:
             save_checkpoint(path, state)
             _log.info("checkpoint %s", path)
             if self.config.keep_checkpoints:
-                for old in list_checkpoints(os.path.dirname(path))[:-self.config.keep_checkpoints]:
-                    os.remove(old)
+                later = prune_checkpoints(os.path.dirname(path), self.step, self.config.keep_checkpoints)
+                if later and not self._warned_later:
+                    self._warned_later = True
+                    _log.warning("%s holds checkpoints of later steps than this run's (%s): kept; --resume "
+                                 "picks the latest step", os.path.dirname(path), os.path.basename(later[-1]))
         self.comm.barrier()
         return path
 

@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from hpckfac.train.files import atomic_write  # noqa: E402
+
 
 def plot_history(records: Sequence[dict], path: str, title: str = "") -> None:
     """Loss (train and test) and test accuracy against steps (top) and wall seconds (bottom)."""
@@ -28,8 +30,7 @@ def plot_history(records: Sequence[dict], path: str, title: str = "") -> None:
             ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curves(panels: Sequence[tuple[str, dict[str, Sequence[Sequence[dict]]]]], path: str,
@@ -60,5 +61,13 @@ def plot_curves(panels: Sequence[tuple[str, dict[str, Sequence[Sequence[dict]]]]
             ax.legend(loc="lower right" if ax is acc_ax else "upper right")
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    """Write ``fig`` as a PNG through a fresh temporary file renamed onto ``path``: a symlink
+    planted at ``path`` is replaced, never written through, and a reader never sees half a file."""
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
