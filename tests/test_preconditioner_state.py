@@ -161,6 +161,22 @@ def test_learning_rate_from_zero_and_bad_learning_rates(comm):
             break
 
 
+def test_huge_learning_rates_clip_instead_of_zeroing_the_step(comm):
+    """lr^2 would overflow: nu = sqrt(kl_clip / sum <V, grad>) / lr keeps nu * lr the same for
+    every lr that clips, and the update nonzero."""
+    scaled = []
+    for lr in (1.0, 1e155, 1e300):
+        model, data = model_and_data()
+        precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, lr=lr))
+        x, y = data[0]
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        assert 0.0 < precond.last_nu < 1.0
+        assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in model.parameters())
+        scaled.append(precond.last_nu * lr)
+    assert scaled[1] == pytest.approx(scaled[0], rel=1e-12) and scaled[2] == pytest.approx(scaled[0], rel=1e-12)
+
+
 def test_frozen_weights_keep_no_gradient(comm):
     model, data = model_and_data()
     model[0].weight.requires_grad_(False)
@@ -174,6 +190,22 @@ def test_frozen_weights_keep_no_gradient(comm):
         opt.step()
     assert model[0].weight.grad is None and torch.equal(model[0].weight, before)
     assert model[0].bias.grad is not None and model[-1].weight.grad.abs().max() > 0
+
+
+def test_a_wholly_frozen_first_layer_is_not_reported_missing(comm, caplog):
+    """An embedding or first layer frozen whole gets no output gradient, hence no statistics:
+    expected, so no warning about layers "not called"."""
+    model, data = model_and_data()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for x, y in data[:2]:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+    assert "without statistics" not in caplog.text
+    assert all(p.grad is None for p in model[0].parameters())
 
 
 def trained(comm):

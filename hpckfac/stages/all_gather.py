@@ -31,8 +31,10 @@ def kl_clip_factor(gathered: Any, partial_at: Any, kl_clip: float | None, lr: fl
         return None
     xp = namespace(gathered)
     total = gathered[partial_at].astype(np.float64).sum()
-    with np.errstate(all="ignore"):  # lr = 0 or an underflowing product: ratio inf, nu 1
-        nu = xp.minimum(1.0, xp.sqrt(kl_clip / (lr * lr * total)))
+    # sqrt(kl_clip / total) / lr rather than sqrt(kl_clip / (lr^2 total)): lr^2 neither
+    # overflows (lr = 1e155) nor underflows; lr = 0 gives inf, hence nu 1.
+    with np.errstate(all="ignore"):
+        nu = xp.minimum(1.0, xp.sqrt(kl_clip / total) / lr)
     nu = xp.where(total > 0, nu, 1.0)
     return xp.where(xp.isfinite(total), nu, np.nan)
 

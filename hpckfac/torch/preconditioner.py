@@ -331,7 +331,9 @@ class KFACPreconditioner:
         start = self.engine.clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
         if stats is not None and self.local.examples:
-            missing = [b.name for b, st in zip(self.engine.blocks, stats) if st is None]
+            # A layer whose parameters are all frozen has no output gradient to take: not worth a word.
+            missing = [b.name for b, st, m in zip(self.engine.blocks, stats, self.modules)
+                       if st is None and any(p.requires_grad for p in _covered(m))]
             if missing:
                 self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
                                 f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "
