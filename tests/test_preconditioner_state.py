@@ -224,6 +224,9 @@ def trained(comm):
     (lambda s: s["blocks"]["4"]["inverses"][1].__setitem__((0, 0), float("inf")), "has non-finite inverses"),
     (lambda s: s.__setitem__("steps", -3), "steps must be an integer >= 0"),
     (lambda s: s.__setitem__("steps", 2.5), "steps must be an integer >= 0"),
+    (lambda s: s.__setitem__("steps", torch.tensor(6.5)), "steps must be an integer >= 0"),
+    (lambda s: s.__setitem__("steps", torch.tensor(1e20)), "steps must be an integer >= 0"),
+    (lambda s: s.__setitem__("steps", torch.tensor([3, 4])), "steps must be an integer >= 0"),
     (lambda s: s["blocks"]["0"].__setitem__("factors", None), "has inverses but no factors"),
 ])
 def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, message):

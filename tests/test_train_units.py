@@ -227,6 +227,19 @@ def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage)
     assert path in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("key,value", [("step", -4), ("step", 6.5), ("step", True), ("config", None),
+                                       ("config", [1]), ("history", 5), ("history", [1, 2]), ("data_order", None),
+                                       ("wall", float("nan")), ("wall", -1.0), ("torch_rng", torch.zeros(3)),
+                                       ("model", 3), ("data", 7), ("preconditioner", "x")])
+def test_a_damaged_field_is_named(tmp_path, key, value):
+    path = str(tmp_path / "step_00000004.pt")
+    state = _state(4)
+    state[key] = value
+    ckpt.save_checkpoint(path, state)
+    with pytest.raises(ckpt.CheckpointError, match=f"is corrupt: {key} is"):
+        ckpt.load_checkpoint(path)
+
+
 def test_check_compatible_names_the_differing_setting():
     state = _state()
     ckpt.check_compatible(state, {"optimizer": "sgd", "batch_size": 8}, "abc", ("optimizer", "batch_size"), "p")

@@ -432,7 +432,9 @@ class KFACPreconditioner:
         blocks = {name: {k: _to_arrays(v) for k, v in block.items()} for name, block in state["blocks"].items()}
         steps = state["steps"]
         with device_scope(self.device):
-            self.engine.load_state_dict({"steps": int(steps) if isinstance(steps, torch.Tensor) else steps,
+            # A tensor step count is read as the number it holds (a float one is then refused).
+            self.engine.load_state_dict({"steps": steps.item() if isinstance(steps, torch.Tensor)
+                                         and steps.numel() == 1 else steps,
                                          "hyperparameters": hyper, "blocks": blocks})
         for name, value in (("accumulation_steps", accumulation), ("lr", lr)):
             if value is not None and getattr(self, name) != value:

@@ -10,6 +10,7 @@ A checkpoint holds ``{"format", "version", "step", "config", "data", "model",
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import warnings
@@ -94,7 +95,36 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     missing = [k for k in KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
+    for key, valid, expected in _FIELDS:
+        if not valid(state[key]):
+            raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {_short(state[key])}, expected {expected}")
     return state
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What each field of a checkpoint must be (damaged or hand-edited files fail here, by name).
+_FIELDS = (
+    ("step", _count, "an integer >= 0"),
+    ("config", lambda v: isinstance(v, dict), "a dict of settings"),
+    ("data", lambda v: isinstance(v, str), "a data fingerprint (str)"),
+    ("model", lambda v: isinstance(v, dict), "a model state_dict"),
+    ("optimizer", lambda v: isinstance(v, dict), "an optimizer state_dict"),
+    ("preconditioner", lambda v: v is None or isinstance(v, dict), "None or a preconditioner state_dict"),
+    ("data_order", lambda v: isinstance(v, dict), "a dict"),
+    ("history", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of records"),
+    ("wall", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+     "a finite number of seconds >= 0"),
+    ("torch_rng", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1,
+     "torch's RNG state (a uint8 tensor)"),
+)
 
 
 def check_compatible(state: dict[str, Any], config: dict[str, Any], data_fingerprint: str,
