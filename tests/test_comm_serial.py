@@ -149,3 +149,13 @@ def test_import_needs_no_gpu():
     code = "import hpckfac.comm, sys; print('cupy' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("value,seconds", [("2.5", 2.5), ("abc", 60.0), ("-5", 60.0), ("nan", 60.0), ("0", 60.0)])
+def test_wait_notice_setting(monkeypatch, caplog, value, seconds):
+    from hpckfac.comm.communicator import WAIT_NOTICE_ENV, _wait_notice_seconds
+
+    monkeypatch.setenv(WAIT_NOTICE_ENV, value)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        assert _wait_notice_seconds() == seconds
+    assert (f"{WAIT_NOTICE_ENV}={value!r}: expected a number of seconds > 0" in caplog.text) == (seconds == 60.0)

@@ -109,6 +109,8 @@ def _write(path, **arrays):
     ("corrupt", "is corrupt or unreadable"),
     ("mismatch", "does not match this run: optimizer is 'kfac' there, 'sgd' here"),
     ("no_checkpoint", "no checkpoint file or directory"),
+    ("huge_width", "--width: 100000 needs about"),
+    ("huge_seed", "--seed: expected an integer in [0, 2**63)"),
 ])
 def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac_run):
     base = ["--steps", 2, "--batch-size", 32, "--no-progress"]
@@ -125,6 +127,8 @@ def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac
         "corrupt": base + ["--resume", tmp_path],
         "mismatch": ["--optimizer", "sgd", "--batch-size", 64, "--steps", 8, "--seed", 3, "--resume", kfac_run[0]],
         "no_checkpoint": base + ["--resume", tmp_path / "missing"],
+        "huge_width": base + ["--width", 100000],
+        "huge_seed": base + ["--seed", 2**70],
     }[case]
     if case == "corrupt":
         (tmp_path / "step_00000002.pt").write_bytes(os.urandom(3000))

@@ -96,8 +96,10 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(DataError, match="not a readable .npz"):
         load_dataset(str(tmp_path / "junk.npz"))
     np.save(tmp_path / "x.npy", np.zeros((4, 8, 8)))
-    with pytest.raises(DataError, match=r"x\.npy: a single array \(\.npy\), not a \.npz archive"):
+    with pytest.raises(DataError, match=r"x\.npy: a single array \(\.npy\), not a \.npz archive with arrays 'x'"):
         load_dataset(str(tmp_path / "x.npy"))
+    with pytest.raises(DataError, match="is a directory, not a .npz file"):
+        load_dataset(str(tmp_path))
 
 
 # ----------------------------------------------------------- batch order

@@ -1,6 +1,7 @@
 """The Communicator: hpckfac's collectives on top of an mpi4py communicator."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import threading
@@ -43,6 +44,24 @@ def _check_writeable(buf: Any, name: str) -> None:
     """ValueError for a read-only buffer, before any rank starts a collective that writes it."""
     if not getattr(getattr(buf, "flags", None), "writeable", True):
         raise ValueError(f"{name} is read-only; the collective writes its result into it")
+
+
+WAIT_NOTICE_ENV = "HPCKFAC_WAIT_NOTICE"
+
+
+def _wait_notice_seconds() -> float:
+    """``HPCKFAC_WAIT_NOTICE`` (seconds > 0, default 60); a bad value is named in a warning and
+    the default kept (the notice is advice: it must not fail the collective)."""
+    text = os.environ.get(WAIT_NOTICE_ENV, "60")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        get_logger("hpckfac.comm").warning("%s=%r: expected a number of seconds > 0; using 60",
+                                           WAIT_NOTICE_ENV, text)
+        return 60.0
+    return seconds
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -290,7 +309,7 @@ class Communicator:
         """
         if what is None or self.size == 1:
             return self.mpi.allgather(obj)
-        seconds = float(os.environ.get("HPCKFAC_WAIT_NOTICE", "60"))
+        seconds = _wait_notice_seconds()
         notice = threading.Timer(seconds, get_logger("hpckfac.comm").warning,
                                  ("%s has waited %.0f s for the other ranks: it is a collective, every rank must call "
                                   "it (e.g. state_dict() on all ranks, then save on rank 0)", what, seconds))

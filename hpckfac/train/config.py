@@ -84,6 +84,8 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("width", 1), ("seed", 0),
                           ("checkpoint_every", 0), ("keep_checkpoints", 0), ("eval_every", 1)):
             check_integer(getattr(self, name), name, low)
+        if self.seed >= 2**63:  # torch.manual_seed takes a 64-bit integer
+            raise ValueError(f"seed: expected an integer in [0, 2**63), got {self.seed!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         check_options(**{name: getattr(self, name) for name in LIBRARY_KEYS})

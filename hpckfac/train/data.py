@@ -80,6 +80,8 @@ def _labels(name: str, array: np.ndarray, count: int, path: str) -> np.ndarray:
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a directory, not a .npz file")
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     try:
@@ -89,7 +91,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                 return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    raise DataError(f"{path}: a single array (.npy), not a .npz archive with 'images' and 'labels'")
+    raise DataError(f"{path}: a single array (.npy), not a .npz archive with arrays 'x' and 'y'")
 
 
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -73,6 +73,43 @@ def agree(comm, fn: Callable[[], Any]) -> Any:
     raise other
 
 
+def memory_needed(build: Callable[[], nn.Module], kfac: bool) -> int:
+    """Bytes a model from ``build`` needs to train, counted on the meta device (nothing is
+    allocated): weights, gradients, momentum and the gradient buffers, and with ``kfac`` each
+    block's statistics, running average and inverse."""
+    from hpckfac.torch.registry import block_for
+
+    with torch.device("meta"):
+        model = build()
+    total = 4 * sum(4 * p.numel() for p in model.parameters())
+    if kfac:
+        for name, module in model.named_modules():
+            try:
+                block = block_for(name, module)
+            except ValueError:
+                block = None
+            if block is not None:
+                total += sum(3 * 4 * count * n * n for count, n in block.factor_shapes)
+    return total
+
+
+def check_fits(build: Callable[[], nn.Module], kfac: bool, device: torch.device, width: int) -> None:
+    """ValueError naming ``width`` when the model cannot fit in the device's memory at all."""
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemTotal:"))
+        except (OSError, StopIteration, ValueError):
+            return  # no way to tell here: let the allocation say
+    needed = memory_needed(build, kfac)
+    if needed > available:
+        raise ValueError(f"width: {width} needs about {needed / 2**30:.1f} GiB to train"
+                         f"{' with K-FAC' if kfac else ''}, more than the {available / 2**30:.1f} GiB of "
+                         f"{'the GPU' if device.type == 'cuda' else 'this machine'} (lower --width)")
+
+
 class Trainer:
     """One training run: data, model, optimizer (and preconditioner), schedule, state.
 
@@ -108,9 +145,11 @@ class Trainer:
         self.x_test = torch.from_numpy(self.data.x_test[test]).to(self.device)
         self.y_test = torch.from_numpy(self.data.y_test[test]).to(self.device)
 
+        build = lambda: resnet(depth=8, width=config.width, in_channels=self.data.in_channels,  # noqa: E731
+                               num_classes=self.data.num_classes)
+        agree(self.comm, lambda: check_fits(build, config.optimizer == "kfac", self.device, config.width))
         torch.manual_seed(config.seed)
-        self.model = resnet(depth=8, width=config.width, in_channels=self.data.in_channels,
-                            num_classes=self.data.num_classes).to(self.device)
+        self.model = build().to(self.device)
         broadcast_parameters(self.model, self.comm)
         self.optimizer = self._make_optimizer()
         self.precond = None
