@@ -111,3 +111,29 @@ def test_rank_local_benchmark_error_ends_the_job(tmp_path):
     line = ("python -m hpckfac.bench model: error: [Errno 28] No space left on device [rank 0 of 2; aborting the job]")
     assert proc.stderr.count(line) == 1, proc.stderr
     assert proc.stderr.count("No space left on device") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("call", ["torch.save(precond.state_dict(), 'x.pt')", "precond.report(gather=True)",
+                                  "sync_batchnorm_stats(model, comm)"])
+def test_a_collective_on_rank_0_alone_at_the_end_ends_the_job(tmp_path, call):
+    """The other ranks leave the script: their check at exit meets rank 0's collective, and the
+    job ends with the reason instead of rank 0 waiting forever."""
+    proc = run(tmp_path, f"""
+        import os
+        import torch
+        from torch import nn
+        from hpckfac.comm import Communicator
+        from hpckfac.torch import KFACPreconditioner, sync_batchnorm_stats
+        os.chdir({str(tmp_path)!r})
+        comm = Communicator()
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        precond = KFACPreconditioner(model, comm=comm)
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        precond.step()
+        if comm.rank == 0:
+            {call}
+    """, timeout=60)
+    assert proc.returncode != 0
+    # Each side names the mismatch (whichever aborts first may cut the other's line short).
+    assert "the end of the script on ranks [1])" in proc.stderr and "aborting the job]" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.pt").exists()

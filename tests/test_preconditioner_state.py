@@ -161,6 +161,32 @@ def test_learning_rate_from_zero_and_bad_learning_rates(comm):
             break
 
 
+def test_a_torch_scheduler_as_lr_equals_its_schedule(comm):
+    """``lr=scheduler`` reads the optimizer's current rate: the same steps as the callable
+    giving the same rates."""
+    rate = lambda k: 0.2 * (k + 1) / 4 if k < 4 else 0.2 * 0.5 ** (k - 3)  # noqa: E731
+    results = []
+    for as_scheduler in (True, False):
+        model, data = model_and_data()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: rate(k) / 0.2)
+        precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, lr=sched if as_scheduler else rate))
+        nus = []
+        for x, y in data[:6]:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+            opt.step()
+            sched.step()
+            nus.append(precond.last_nu)
+        assert min(nus) < 1.0
+        results.append((nus, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    with pytest.raises(ValueError, match="lr: expected a number > 0, a callable step -> rate, or a torch LR"):
+        KFACPreconditioner(model_and_data()[0], comm=comm, lr="fast")
+
+
 def test_huge_learning_rates_clip_instead_of_zeroing_the_step(comm):
     """lr^2 would overflow: nu = sqrt(kl_clip / sum <V, grad>) / lr keeps nu * lr the same for
     every lr that clips, and the update nonzero."""

@@ -20,7 +20,7 @@ from mpi4py import MPI
 from hpckfac.comm.dtypes import DTYPE_CODES
 
 COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v", "broadcast", "check_same",
-               "allgather_object")
+               "allgather_object", "the end of the script")
 ReduceOp = Literal["sum", "mean"]
 Algorithm = Literal["ring", "mpi"]
 OPS: tuple[str, ...] = get_args(ReduceOp)
@@ -78,8 +78,10 @@ def describe(everyone: Sequence[Signature]) -> str:
     """The fields that differ between ranks, each with the ranks holding each value,
     e.g. ``length (3 on ranks [0]; 4 on ranks [1])``."""
     refused = [rank for rank, sig in enumerate(everyone) if not sig.valid]
-    # A rank that rejected its arguments sent no dtype, length etc. to compare.
-    fields = ("collective", "valid") if refused else Signature._fields
+    # A rank that rejected its arguments sent no dtype, length etc. to compare, and the fields of
+    # two different collectives mean different things: then the collective alone is named.
+    other_call = len({sig.collective for sig in everyone}) > 1
+    fields = ("collective", "valid") if refused or other_call else Signature._fields
     parts = []
     for field in fields:
         i = Signature._fields.index(field)

@@ -1,6 +1,7 @@
 """The Communicator: hpckfac's collectives on top of an mpi4py communicator."""
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import pickle
@@ -12,7 +13,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpckfac.comm import ring, vcoll
-from hpckfac.comm.abort import install_abort_on_error
+from hpckfac.comm.abort import abort_job, install_abort_on_error
 from hpckfac.comm.agreement import (ALGORITHMS, OPS, Algorithm, ReduceOp, Signature, describe, digest,
                                     disagreement, rejected, signature)
 from hpckfac.comm.backend import Backend, HostBackend, backend_for
@@ -44,6 +45,30 @@ def _check_writeable(buf: Any, name: str) -> None:
     """ValueError for a read-only buffer, before any rank starts a collective that writes it."""
     if not getattr(getattr(buf, "flags", None), "writeable", True):
         raise ValueError(f"{name} is read-only; the collective writes its result into it")
+
+
+_exit_check: list["Communicator"] = []
+
+
+def _register_exit_check(comm: "Communicator") -> None:
+    """At the end of the script, one agreement check on ``comm`` (the first Communicator on
+    COMM_WORLD, made by every rank): a rank still waiting in a checked collective that the
+    others never call (``if rank == 0: torch.save(precond.state_dict(), ...)`` as the last
+    line) then gets an error instead of waiting forever, and the job ends."""
+    if not _exit_check:
+        _exit_check.append(comm)
+        atexit.register(_check_at_exit)
+
+
+def _check_at_exit() -> None:
+    comm = _exit_check[0]
+    if MPI.Is_finalized() or comm._check_agreement == "off":
+        return
+    try:
+        comm._enter("the end of the script", lambda: (None, signature("the end of the script")))
+    except CollectiveMismatchError as exc:
+        abort_job(f"hpckfac: {exc}: this rank reached the end of the script while others wait in a "
+                  f"collective it never calls (every rank must call it)")
 
 
 WAIT_NOTICE_ENV = "HPCKFAC_WAIT_NOTICE"
@@ -131,6 +156,8 @@ class Communicator:
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
         configure_threads(self.local_size)
+        if self.size > 1 and mpi_comm == MPI.COMM_WORLD:  # every rank made it: every rank checks at exit
+            _register_exit_check(self)
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "

@@ -15,8 +15,30 @@ DEFAULTS: dict[str, Any] = {**ENGINE_DEFAULTS, "lr": 0.1, "accumulation_steps": 
                             "skip_layers": (), "factor_dtype": None, "grad_scaler": None, "bucket_bytes": None}
 
 
+class SchedulerRate:
+    """A torch LR scheduler as a schedule of the step: its optimizer's current rate (first
+    parameter group), the rate that group's ``optimizer.step()`` applies after ``precond.step()``."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def __call__(self, step: int) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def __repr__(self) -> str:
+        return f"SchedulerRate({type(self.scheduler).__name__})"
+
+
 def _lr(value: Any):
-    return value if callable(value) else check_real(value, "lr", above=0.0)
+    if callable(value):
+        return value
+    if callable(getattr(value, "get_last_lr", None)):  # torch.optim.lr_scheduler.LRScheduler
+        return SchedulerRate(value)
+    try:
+        return check_real(value, "lr", above=0.0)
+    except ValueError:
+        raise ValueError(f"lr: expected a number > 0, a callable step -> rate, or a torch LR scheduler, "
+                         f"got {value!r}") from None
 
 
 def _skip_layers(value: Any) -> tuple:

@@ -88,6 +88,7 @@ class TrainConfig:
             raise ValueError(f"seed: expected an integer in [0, 2**63), got {self.seed!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
+        check_real(self.lr, "lr", above=0.0)  # a number here (the library also takes schedules)
         check_options(**{name: getattr(self, name) for name in LIBRARY_KEYS})
         check_real(self.decay_power, "decay_power", at_least=0.0)
         check_real(self.momentum, "momentum", at_least=0.0, below=1.0)
