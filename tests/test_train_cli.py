@@ -16,12 +16,12 @@ RECORD_KEYS = {"step", "epoch", "loss", "train_acc", "test_loss", "test_acc", "w
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def train(args, ranks=None, timeout=300):
+def train(args, ranks=None, timeout=300, cwd=None):
     """Run ``hpckfac train args`` (under ``mpiexec -n ranks`` if given)."""
     cmd = [sys.executable, "-m", "hpckfac", "train", *map(str, args)]
     if ranks is not None:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
 
 
 def checkpoint(out, step):
@@ -161,12 +161,15 @@ def test_resume_takes_the_runs_own_settings_and_says_when_it_is_finished(tmp_pat
     data = _write(tmp_path / "mine.npz", x=np.random.default_rng(0).standard_normal((200, 8, 8)),
                   y=np.random.default_rng(1).integers(0, 10, 200))
     out = tmp_path / "run"
-    proc = train(["--data", data, "--steps", 6, "--batch-size", 32, "--checkpoint-every", 3, "--out", out,
-                  "--no-progress", "--seed", 4])
+    # Relative paths, and the resumed run started from another directory: it goes on in the run's own.
+    proc = train(["--data", "mine.npz", "--steps", 6, "--batch-size", 32, "--checkpoint-every", 3, "--out", "run",
+                  "--no-progress", "--seed", 4], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     whole = checkpoint(out, 6)
     os.remove(os.path.join(out, "checkpoints", "step_00000006.pt"))
-    proc = train(["--resume", out, "--no-progress"])  # nothing else: data, steps, batch from the run
+    (tmp_path / "elsewhere").mkdir()
+    proc = train(["--resume", "../run", "--no-progress"], cwd=tmp_path / "elsewhere")  # data, steps, batch: the run's
+    assert os.listdir(tmp_path / "elsewhere") == []
     assert proc.returncode == 0, proc.stderr
     assert "kfac on mine.npz" in proc.stdout and "6 steps" in proc.stdout
     resumed = checkpoint(out, 6)

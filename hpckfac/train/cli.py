@@ -125,11 +125,16 @@ def _resumed_settings(path: str, explicit: set[str], settings: dict) -> dict:
     from hpckfac.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
     try:
-        saved = load_checkpoint(find_checkpoint(path))["config"]
+        found = find_checkpoint(path)
+        saved = load_checkpoint(found)["config"]
     except (CheckpointError, KeyError, TypeError):
         return {}
-    return {key: value for key, value in saved.items()
-            if key in settings and key not in explicit and key not in _LOCAL_SETTINGS}
+    resumed = {key: value for key, value in saved.items()
+               if key in settings and key not in explicit and key not in _LOCAL_SETTINGS}
+    folder = os.path.dirname(os.path.abspath(found))
+    if "out" not in explicit and os.path.basename(folder) == "checkpoints":
+        resumed["out"] = os.path.dirname(folder)  # the run goes on where its checkpoints are
+    return resumed
 
 
 def _rank_failure(comm, exc: BaseException) -> int:

@@ -1,6 +1,7 @@
 """The settings of one training run, validated in one place."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
@@ -93,6 +94,9 @@ class TrainConfig:
         check_real(self.decay_power, "decay_power", at_least=0.0)
         check_real(self.momentum, "momentum", at_least=0.0, below=1.0)
         check_real(self.weight_decay, "weight_decay", at_least=0.0)
+        # Absolute, as the checkpoint records them: a run resumed from another directory finds them.
+        self.out = None if self.out is None else os.path.abspath(self.out)
+        self.data = None if self.data is None else os.path.abspath(self.data)
         if self.checkpoint_every and not self.out:
             raise ValueError("checkpoint_every: needs --out DIR to write the checkpoints into")
         return self
