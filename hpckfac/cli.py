@@ -6,11 +6,13 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``hpckfac <command> [args]`` to the command's own ``main``."""
+    from hpckfac.bench.__main__ import BENCHMARKS  # a dict of names: imports nothing heavy
+
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "hpckfac.train.cli", "bench": "hpckfac.bench.__main__"}
     usage = (f"usage: hpckfac {{{'|'.join(commands)}}} [options]  (hpckfac COMMAND --help)\n"
              "  train   train a ResNet with distributed K-FAC, SGD or Adam (mpiexec -n N hpckfac train)\n"
-             "  bench   benchmarks: comm, step, kernels, convergence, scaling, model")
+             f"  bench   benchmarks: {', '.join(BENCHMARKS)}")
     if argv and argv[0] in ("-h", "--help"):
         print(usage)
         return 0

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpckfac.bench.report import check_outputs, median, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, progress, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.comm.ring import chunk_bounds
 from hpckfac.tables import format_table
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     comm = Communicator(check_agreement=not args.no_check)
     dtype = np.dtype(args.dtype)
     comm.check_same(vars(args), "comm benchmark settings")
-    rows = [measure(comm, nbytes, dtype, args.repeat) for nbytes in sizes(args.min_bytes, args.max_bytes)]
+    rows = [measure(comm, nbytes, dtype, args.repeat)
+            for nbytes in progress(sizes(args.min_bytes, args.max_bytes), "sizes", enabled=comm.rank == 0)]
     if comm.rank == 0:
         print(f"ranks={comm.size} dtype={dtype} agreement_check={not args.no_check} "
               f"(medians of the slowest rank; GB/s = bus bandwidth)")

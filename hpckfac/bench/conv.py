@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hpckfac.bench.report import check_outputs, median, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, progress, time_calls, write_json
 from hpckfac.tables import format_table
 
 # ResNet-20's stride-1 layers at batch 64, narrow and tiny maps, and two ResNet-50 shapes at batch 32.
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
         raise ValueError(f"--repeat: must be >= 1, got {args.repeat}")
     if args.kernel < 3 or args.kernel % 2 == 0:
         raise ValueError(f"--kernel: must be odd and >= 3, got {args.kernel}")
-    results = [measure(n, c, spatial, args.kernel, args.repeat) for n, c, spatial in parse_shapes(args.shapes)]
+    results = [measure(n, c, spatial, args.kernel, args.repeat)
+               for n, c, spatial in progress(parse_shapes(args.shapes), "shapes")]
     print(format_table(results, ["shape", "kernel", "patches_ms", "fft_ms", "gemm_ms", "route", "best/patches",
                                  "max_difference"]))
     if args.json:

@@ -6,8 +6,9 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 def time_calls(fn: Callable[[], Any], repeat: int, warmup: int = 1,
@@ -28,6 +29,20 @@ def time_calls(fn: Callable[[], Any], repeat: int, warmup: int = 1,
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def progress(items: Sequence[Any], desc: str, enabled: bool = True) -> Iterator[Any]:
+    """``items``, showing that a long benchmark is alive on stderr: a bar on a terminal, a
+    plain line per tenth of the items in a batch job's log (no carriage-return flood).
+    ``enabled=False`` (ranks other than 0) shows nothing."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    total = len(items)
+    for k, item in enumerate(tqdm(items, desc=desc, disable=not (enabled and interactive), leave=False)):
+        yield item
+        if enabled and not interactive and (k + 1) % max(1, total // 10) == 0:
+            print(f"{desc}: {k + 1}/{total}", file=sys.stderr, flush=True)
 
 
 def median(values: Sequence[float]) -> float:

@@ -18,7 +18,6 @@ with a synchronisation at each boundary (a separate run: it costs overlap).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from hpckfac.bench.profile import profile_steps
-from hpckfac.bench.report import check_outputs, median, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, progress, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50
 from hpckfac.stages.engine import ITERATION_STAGES
@@ -145,16 +144,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     for _ in range(args.warmup):
         for runner in runners:
             runner.step()
-    from tqdm import tqdm
-
-    # Progress on rank 0 (stderr), so that a long run shows it is alive: a bar on a terminal,
-    # a line per tenth of the run in a batch job's log (no carriage-return flood).
-    interactive = sys.stderr.isatty()
-    for k in tqdm(range(args.steps), desc="timed steps", disable=comm.rank != 0 or not interactive, leave=False):
+    for _ in progress(range(args.steps), "timed steps", enabled=comm.rank == 0):
         for runner in runners:
             runner.timed_step()
-        if comm.rank == 0 and not interactive and (k + 1) % max(1, args.steps // 10) == 0:
-            print(f"timed steps: {k + 1}/{args.steps}", file=sys.stderr, flush=True)
     results = []
     base = None
     for runner in runners:
