@@ -225,6 +225,7 @@ def test_a_wholly_frozen_first_layer_is_not_reported_missing(comm, caplog):
     for p in model[0].parameters():
         p.requires_grad_(False)
     precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    assert "frozen now: no statistics, .grad stays None" in repr(precond).splitlines()[1]
     with caplog.at_level("WARNING", logger="hpckfac"):
         for x, y in data[:2]:
             model.zero_grad()

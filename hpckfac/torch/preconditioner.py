@@ -178,7 +178,9 @@ class KFACPreconditioner:
             modules.append(module)
             blocks.append(block)
             covered.update(id(p) for p in _covered(module))
-            status[name] = f"K-FAC ({block.describe()})"
+            frozen = not any(p.requires_grad for p in _covered(module))
+            status[name] = f"K-FAC ({block.describe()})" + ("; frozen now: no statistics, .grad stays None"
+                                                           if frozen else "")
         self.coverage = [(name, type(module).__name__, status[name]) for name, module in self.model.named_modules()
                          if name in status]
         if not blocks:
