@@ -1,4 +1,4 @@
-"""The distributed K-FAC pipeline on arrays (no PyTorch), one module per stage.
+"""The distributed K-FAC pipeline on arrays (arrays in, arrays out: no torch modules), one module per stage.
 
 - ``local_factors``: stage 1, each rank's packed statistics of one step.
 - ``layout``: where each block's statistics and gradient sit in the
