@@ -2,8 +2,8 @@
 # Validate hpckfac on a GPU node in one bounded run: the GPU tests (every kernel
 # against its CPU/float64 oracle, the device path of the pipeline), the 2-rank
 # CUDA runs (collectives on CuPy buffers, P ranks == one process), `hpckfac train
-# --device cuda` at 1 and 2 ranks beside the CPU run, the kernel and step
-# benchmarks, and a profile of the ResNet-50 step (device kernels, host functions).
+# --device cuda` at 1 and 2 ranks beside the CPU run, the kernel, scaling (2 ranks on
+# the GPU) and step benchmarks, and a profile of the ResNet-50 step (device kernels, host functions).
 # Logs and JSON land in OUT; the last lines are a summary. Exits non-zero when any
 # step failed or timed out, or when no CUDA device is visible.
 #
@@ -58,6 +58,8 @@ for run in "cpu 1" "cuda 1" "cuda 2"; do
         --epochs "$TRAIN_EPOCHS" --device "$1" --no-progress --out "$OUT/train_$1_$2"
 done
 step bench-kernels 150 "$PYTHON" -m hpckfac.bench kernels --repeat 10 --json "$OUT/kernels.json"
+step bench-scaling-cuda-2rank 120 "$MPIEXEC" -n 2 "$PYTHON" -m hpckfac.bench scaling --device cuda --mode weak \
+    --scale 2 --image 112 --batch 8 --assignment lpt --repeat 3 --json "$OUT/scaling_cuda_2.json"
 for route in auto kernel gemm; do
     step "bench-step-resnet50-$route" 120 env HPCKFAC_FACTOR_ROUTE=$route "$PYTHON" -m hpckfac.bench step \
         --device cuda --model resnet50 --batch 32 --steps "$STEP_STEPS" --json "$OUT/step_resnet50_$route.json"

@@ -19,6 +19,7 @@ fi
 BATCH=${BATCH:-4}
 ASSIGNMENT=${ASSIGNMENT:-both}      # lpt | contiguous | both
 REPEAT=${REPEAT:-5}                 # timed iterations; medians are reported
+DEVICE=${DEVICE:-cpu}               # cpu, or cuda / auto: each rank's workload on its GPU
 OUT=${OUT:-out/scaling}
 PYTHON=${PYTHON:-python}
 MPIEXEC=${MPIEXEC:-mpiexec}
@@ -36,7 +37,7 @@ for mode in $MODES; do
     for p in $RANKS; do
         run "$MPIEXEC" -n "$p" "$PYTHON" -m hpckfac.bench scaling --mode "$mode" --model "$MODEL" \
             --scale "$SCALE" --image "$IMAGE" --batch "$BATCH" --assignment "$ASSIGNMENT" \
-            --repeat "$REPEAT" --json "$OUT/${mode}_${p}.json"
+            --repeat "$REPEAT" --device "$DEVICE" --json "$OUT/${mode}_${p}.json"
         files+=("$OUT/${mode}_${p}.json")
     done
     run "$PYTHON" -m hpckfac.bench scaling --combine "${files[@]}" --json "$OUT/${mode}.json" --png "$OUT/${mode}.png"

@@ -34,10 +34,10 @@ def test_cluster_templates_bind_one_rank_per_gpu():
     for name in ("pbs_train.pbs", "pbs_scaling.pbs"):
         text = open(os.path.join(JOBS, name)).read()
         assert "#PBS -l select=" in text and "ngpus=" in text and "mpiprocs=" in text and "mpirun" in text
-    for name in ("slurm_train.sbatch", "pbs_train.pbs"):
+    for name in ("slurm_train.sbatch", "pbs_train.pbs", "slurm_scaling.sbatch", "pbs_scaling.pbs"):
         text = open(os.path.join(JOBS, name)).read()
-        assert "python -m hpckfac train --optimizer" in text and '--device "$DEVICE"' in text
-        assert "DEVICE=${DEVICE:-cuda}" in text
+        assert ("python -m hpckfac train --optimizer" in text or "python -m hpckfac.bench scaling" in text)
+        assert '--device "$DEVICE"' in text and "DEVICE=${DEVICE:-cuda}" in text
 
 
 def test_local_scaling_dry_run_prints_commands():

@@ -104,3 +104,25 @@ def test_resnet50_runs_and_combines(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another workload"):
         scaling.main(["--combine", files[0], str(tmp_path / "other.json")])
+
+
+def test_the_device_workload_equals_the_host_one():
+    """``--device cuda`` runs the same iteration with every array in the device namespace: on
+    the stand-in device array it must match the host run (and never convert to host memory)."""
+    import standin
+    from mpi4py import MPI
+
+    from hpckfac.comm import Communicator
+
+    args = scaling.parse(["--model", "small", "--batch", "3", "--assignment", "lpt"])
+    comm = Communicator(MPI.COMM_SELF)
+    host = scaling.Iteration(comm, args, "lpt")
+    host()
+    with standin.installed():
+        device = scaling.Iteration(comm, args, "lpt", xp=standin.xp)
+        device()
+        assert all(isinstance(r, standin.DeviceArray) for r in device.engine.state.running)
+        running = [r.get() for r in device.engine.state.running]
+    assert set(device.timings) == set(ITERATION_STAGES)
+    for got, want in zip(running, host.engine.state.running):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

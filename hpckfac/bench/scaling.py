@@ -6,8 +6,10 @@ CNN), draws random activations and output gradients of those shapes, and runs
 stages 1-4 of an iteration: stage 1 with ``hpckfac.stages.local_factors``
 (im2col and factor GEMMs on the synthetic tensors), stages 2-4 with
 ``KFACEngine``, and the ring allreduce of any gradient no block owns (the
-BatchNorm gradients with ``--batchnorm allreduce``). No forward/backward pass,
-no data set and no GPU are needed.
+BatchNorm gradients with ``--batchnorm allreduce``). No forward/backward pass
+and no data set are needed; ``--device cuda`` runs the workload on each rank's
+GPU (CuPy buffers, the CUDA kernels, collectives on device memory), the host
+otherwise.
 
 To fit a 2-core CPU, ``--scale S`` divides every channel count by S (the
 inversions shrink by S^3; ResNet-50's 4608x4608 ones take ~1 s each here at
@@ -32,7 +34,7 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -74,28 +76,40 @@ def ring_bytes_sent(counts: Sequence[int], itemsize: int) -> tuple[list[int], li
 
 
 class Iteration:
-    """One rank's workload: blocks, synthetic tensors and the engine."""
+    """One rank's workload: blocks, synthetic tensors and the engine, every array in ``xp``
+    (NumPy, or CuPy on the rank's GPU); ``sync`` waits for the device (None on the host)."""
 
-    def __init__(self, comm, args: argparse.Namespace, assignment: str) -> None:
+    def __init__(self, comm, args: argparse.Namespace, assignment: str, xp=np,
+                 sync: Callable[[], None] | None = None) -> None:
+        from hpckfac.arrays import from_host
         from hpckfac.stages import KFACEngine
         from hpckfac.stages.local_factors import LocalStatistics
 
-        self.comm = comm
+        self.comm, self.sync = comm, sync
         self.model = shapes.scaled(shapes.get(args.model, args.image), args.scale)
         self.batch = local_batch(args, comm.size)
         self.blocks, bn_reduced = shapes.blocks(self.model, args.batchnorm)
         # Every stage in every timed iteration: statistics and inverses each step.
         self.engine = KFACEngine(self.blocks, comm, damping=1e-3, assignment=assignment,
                                  comm_dtype=np.dtype(args.comm_dtype), factor_update_interval=1,
-                                 inverse_update_interval=1)
-        self.stats = LocalStatistics(self.blocks)
+                                 inverse_update_interval=1, xp=xp)
+        self.engine.synchronize = sync  # each stage's own time, not its launches
+        self.stats = LocalStatistics(self.blocks, xp=xp)
         tensors = synthetic_tensors(self.model, self.batch, seed=1000 + comm.rank)
         kinds = [not isinstance(s, shapes.BatchNormShape) or args.batchnorm == "kfac" for s in self.model.layers]
-        self.tensors = [t for t, engine in zip(tensors, kinds) if engine]
+        self.tensors = [(from_host(x, xp), from_host(g, xp)) for (x, g), engine in zip(tensors, kinds) if engine]
         rng = np.random.default_rng(comm.rank)
-        self.grads = [rng.standard_normal(b.grad_shape).astype(args.comm_dtype) for b in self.engine.blocks]
-        self.reduced = [rng.standard_normal(2 * b.num_features).astype(args.comm_dtype) for b in bn_reduced]
+        self.grads = [from_host(rng.standard_normal(b.grad_shape).astype(args.comm_dtype), xp)
+                      for b in self.engine.blocks]
+        self.reduced = [from_host(rng.standard_normal(2 * b.num_features).astype(args.comm_dtype), xp)
+                        for b in bn_reduced]
         self.timings = dict.fromkeys(ITERATION_STAGES, 0.0)
+
+    def clock(self) -> float:
+        """``time.perf_counter()`` once the device has finished what was queued."""
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
 
     def local_statistics(self) -> list:
         """Stage 1 on this rank's synthetic tensors."""
@@ -107,15 +121,15 @@ class Iteration:
         return self.stats.result()
 
     def __call__(self) -> None:
-        start = time.perf_counter()
+        start = self.clock()
         stats = self.local_statistics()
-        self.timings["local_factors"] = time.perf_counter() - start
+        self.timings["local_factors"] = self.clock() - start
         self.engine.step(self.grads, stats)
         self.timings.update(self.engine.timings)
-        start = time.perf_counter()
+        start = self.clock()
         if self.reduced:
             self.comm.allreduce_many(self.reduced, op="mean", algorithm="ring")
-        self.timings["allreduce"] = time.perf_counter() - start
+        self.timings["allreduce"] = self.clock() - start
 
     def bytes_sent(self) -> dict[str, int]:
         """Most bytes any rank sends per iteration, per collective (ring algorithms)."""
@@ -136,17 +150,19 @@ def local_batch(args: argparse.Namespace, size: int) -> int:
     return args.batch // size
 
 
-def measure(comm, args: argparse.Namespace, assignment: str) -> dict[str, Any]:
+def measure(comm, args: argparse.Namespace, assignment: str, xp=np,
+            sync: Callable[[], None] | None = None) -> dict[str, Any]:
     """Median stage and iteration times of ``args.repeat`` iterations (collective)."""
-    it = Iteration(comm, args, assignment)
+    it = Iteration(comm, args, assignment, xp, sync)
     for _ in range(args.warmup):
         it()
     per_iteration = []
     for _ in range(args.repeat):
+        it.clock()
         comm.barrier()
         start = time.perf_counter()
         it()
-        per_iteration.append((time.perf_counter() - start, dict(it.timings)))
+        per_iteration.append((it.clock() - start, dict(it.timings)))
     everyone = comm.allgather_object(per_iteration)
     stages, totals = {s: [] for s in ITERATION_STAGES}, []
     for k in range(args.repeat):
@@ -227,7 +243,7 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that define a workload (equal across the runs to be combined)."""
     return {"mode": args.mode, "model": args.model, "scale": args.scale, "image": args.image,
             "batch": args.batch, "comm_dtype": args.comm_dtype, "batchnorm": args.batchnorm,
-            "repeat": args.repeat, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+            "repeat": args.repeat, "device": args.device, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def title_of(config: dict[str, Any]) -> str:
@@ -279,6 +295,9 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
                         help="BatchNorm as unit-wise curvature blocks, or its gradients by ring allreduce")
     parser.add_argument("--comm-dtype", choices=("float32", "float64"), default="float32",
                         help="element type of the factor and gradient collectives")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where the workload runs: the host (NumPy), or each rank's GPU (CuPy; auto: "
+                             "the GPU when there is one)")
     parser.add_argument("--repeat", type=int, default=5, help="timed iterations (medians are reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -310,7 +329,18 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     config = config_of(args)
     comm.check_same(config, "scaling benchmark settings")
     methods = ("lpt", "contiguous") if args.assignment == "both" else (args.assignment,)
-    runs = [measure(comm, args, method) for method in methods]
+    if args.device == "cpu":
+        runs = [measure(comm, args, method) for method in methods]
+    else:  # one rank per GPU, the whole workload in device memory
+        import torch
+
+        from hpckfac.torch import bind_device
+        from hpckfac.torch.bridge import device_scope, namespace_for
+
+        device = bind_device(args.device, comm)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+        with device_scope(device):
+            runs = [measure(comm, args, method, namespace_for(device), sync) for method in methods]
     if comm.rank != 0:
         return 0
     add_efficiency(runs, args.mode)
