@@ -146,11 +146,8 @@ def test_batch_that_does_not_split_over_ranks():
         proc.stderr
 
 
-def test_resource_errors_and_bad_log_level_are_one_line():
-    proc = train(["--steps", 1, "--no-progress", "--width", 100000])
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hpckfac train: error: ") and "allocate" in lines[0], proc.stderr
+def test_bad_log_level_is_one_warning():
+    """(A model too large for memory is refused up front: ``huge_width`` above.)"""
     proc = subprocess.run([sys.executable, "-m", "hpckfac", "train", "--steps", "1", "--batch-size", "32",
                            "--no-progress"], capture_output=True, text=True, timeout=300,
                           env=dict(ENV, HPCKFAC_LOG_LEVEL="LOUD"))
