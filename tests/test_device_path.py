@@ -31,8 +31,9 @@ def device_path():
     with standin.installed(), pytest.MonkeyPatch.context() as patch:
         for module in (preconditioner, distributed):  # K-FAC blocks, and the other parameters' allreduce
             patch.setattr(module, "to_array", lambda t: standin.to_device(bridge.to_array(t)))
-        # On a GPU this is a DLPack view, not a read: hand over the wrapped array uncounted.
+        # On a GPU these are DLPack views, not reads: hand over the wrapped arrays uncounted.
         patch.setattr(preconditioner, "copy_into", lambda t, a: bridge.copy_into(t, a._a))
+        patch.setattr(preconditioner, "to_tensor", lambda a: bridge.to_tensor(a._a))
         patch.setattr(preconditioner, "namespace_for", lambda device: standin.xp)
         yield
 

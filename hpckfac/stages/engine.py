@@ -162,6 +162,17 @@ class KFACEngine:
         passed to ``step`` as these same arrays are not copied again."""
         return self.reduce_scatter.slots[self.is_factor_step()]
 
+    def gradient_buffer(self) -> tuple[Any, list[int]]:
+        """The next step's whole send buffer and where each block's gradient matrix starts in
+        it: the slots of ``gradient_slots`` as one array, for a caller that fills them in one go."""
+        factors = self.is_factor_step()
+        return self.reduce_scatter.buffer(factors), self.reduce_scatter.grad_offsets[factors]
+
+    def gathered(self) -> tuple[Any, list[int]]:
+        """The last step's whole gathered buffer (the results of ``step`` are views of it) and
+        where each block's result starts in it."""
+        return self.all_gather.gathered, self.layout.gather_offsets
+
     def step(self, grads: Sequence[Any], stats: Sequence[Any | None] | None = None,
              lr: float = 1.0) -> list[Any]:
         """Run stages 2-4 for one step; returns the preconditioned gradients.

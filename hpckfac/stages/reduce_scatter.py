@@ -29,9 +29,14 @@ class ReduceScatter:
         # Each block's gradient matrix inside each send buffer, made once.
         self.slots = {f: [self._send[f][layout.grad_offset(l, f):layout.grad_offset(l, f) + b.grad_size]
                           .reshape(b.grad_shape) for l, b in enumerate(self.blocks)] for f in (False, True)}
+        self.grad_offsets = {f: [layout.grad_offset(l, f) for l in range(len(self.blocks))] for f in (False, True)}
         # Every presence element of the factor-step buffer, so that the usual step (statistics
         # for every block) sets them all with one assignment.
         self._presence = xp.asarray([layout.presence_offset(l) for l in range(len(self.blocks))], dtype=np.int64)
+
+    def buffer(self, factors: bool) -> Any:
+        """The send buffer of a step with (``factors``) or without statistics."""
+        return self._send[factors]
 
     def __call__(self, grads: Sequence[Any], stats: Sequence[Any] | None) -> Any:
         """This rank's averaged segment; ``stats`` is None on steps without statistics,

@@ -116,6 +116,14 @@ def to_array(tensor: torch.Tensor):
     return array.view(ml_dtypes.bfloat16) if bf16 else array
 
 
+def to_tensor(array) -> torch.Tensor:
+    """A torch tensor sharing the memory of a NumPy (CPU) or CuPy (CUDA) array of a standard
+    dtype (the pipeline's buffers: float16/32/64)."""
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    return torch.from_dlpack(array)
+
+
 def copy_into(tensor: torch.Tensor, array) -> None:
     """``tensor[...] = array`` (same number of elements), casting to ``tensor``'s dtype."""
     if isinstance(array, np.ndarray):

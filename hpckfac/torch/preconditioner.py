@@ -22,8 +22,9 @@ from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import Assignment
 from hpckfac.tables import format_table
-from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array
+from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.distributed import average_grads
+from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks
 from hpckfac.torch.options import DEFAULTS, check_options
 from hpckfac.torch.registry import block_for, block_params, broadcasts_batch
@@ -134,6 +135,11 @@ class KFACPreconditioner:
                                    [broadcasts_batch(m) for m in self.modules], lambda: self._micro_batch,
                                    self.engine.is_factor_step)
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
+        # Gradients move between .grad and the engine's buffers as strided windows, one copy per
+        # parameter; blocks whose parameters are no plain window take the per-block path.
+        self._io = GradientIO(self.engine.blocks, [block_params(m) for m in self.modules])
+        self._generic = self._io.generic()
+        self._send_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- setup
     def _skipped(self, name: str, module: nn.Module) -> bool:
@@ -303,6 +309,12 @@ class KFACPreconditioner:
             raise ValueError(f"lr: expected a finite number >= 0 at step {self.engine.steps}, got {lr!r}")
         return value
 
+    def _send_tensor(self, buffer) -> torch.Tensor:
+        """The torch view of a send buffer (made once: the engine keeps its send buffers)."""
+        if self._send_views.get(id(buffer), (None,))[0] is not buffer:
+            self._send_views[id(buffer)] = (buffer, to_tensor(buffer))
+        return self._send_views[id(buffer)][1]
+
     def _grad_matrix(self, index: int, slot):
         grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
                  for p in block_params(self.modules[index])]
@@ -341,17 +353,24 @@ class KFACPreconditioner:
                                 f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "
                                 "or their weights used without calling them); until they have statistics their "
                                 "gradients are only averaged")
-        grads = [self._grad_matrix(i, slot) for i, slot in enumerate(self.engine.gradient_slots())]
+        slots = self.engine.gradient_slots()
+        buffer, offsets = self.engine.gradient_buffer()
+        self._io.read(self._send_tensor(buffer), offsets)
+        for i in self._generic:
+            self._grad_matrix(i, slots[i])
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
         average_grads(self.other_params, self.comm, "ring", self.bucket_bytes)
         self.timings["allreduce"] = self.engine.clock() - start
 
-        updates = self.engine.step(grads, stats, lr=lr)
+        updates = self.engine.step(slots, stats, lr=lr)
         start = self.engine.clock()
-        for module, block, update in zip(self.modules, self.engine.blocks, updates):
-            for param, part in zip(block_params(module), block.split_matrix(update)):
+        whole, offsets = self.engine.gathered()
+        self._io.write(to_tensor(whole), offsets)
+        for i in self._generic:
+            block = self.engine.blocks[i]
+            for param, part in zip(block_params(self.modules[i]), block.split_matrix(updates[i])):
                 if param is not None and param.requires_grad:  # frozen weights keep .grad None
                     if param.grad is None:
                         param.grad = torch.empty_like(param)

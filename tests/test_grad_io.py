@@ -1,0 +1,81 @@
+"""Gradients between .grad and the engine's buffers as strided windows: the same bits as each
+block's grad_matrix / split_matrix, for every block kind, dtype, frozen and missing gradients."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.torch.grad_io import GradientIO, windows
+from hpckfac.torch.registry import block_for, block_params
+
+MODULES = [nn.Linear(5, 3), nn.Linear(4, 2, bias=False), nn.Conv2d(4, 6, 3, groups=2), nn.Conv1d(3, 2, 2, bias=False),
+           nn.ConvTranspose2d(4, 2, 3, groups=2), nn.BatchNorm2d(3), nn.LayerNorm((2, 3)), nn.GroupNorm(2, 4),
+           nn.Embedding(7, 3)]
+
+
+def blocks_and_params(modules):
+    blocks = [block_for(str(i), m) for i, m in enumerate(modules)]
+    return blocks, [block_params(m) for m in modules]
+
+
+def layout(blocks, gap=3):
+    """Offsets of each block's matrix in one buffer, with gaps (as the engine's presence elements)."""
+    offsets, at = [], gap
+    for b in blocks:
+        offsets.append(at)
+        at += b.grad_size + gap
+    return offsets, at
+
+
+@pytest.mark.parametrize("dtype,buffer_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                                (torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_read_and_write_equal_grad_matrix_and_split_matrix(dtype, buffer_dtype):
+    torch.manual_seed(0)
+    modules = [m.to(dtype) for m in MODULES]
+    blocks, params = blocks_and_params(modules)
+    gen = torch.Generator().manual_seed(1)
+    for ps in params:
+        for p in ps:
+            if p is not None:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    modules[0].bias.grad = None  # a missing gradient reads as zeros
+    io = GradientIO(blocks, params)
+    assert io.generic() == [4]  # ConvTranspose's flipped kernel is no plain window
+    offsets, size = layout(blocks)
+    buffer = torch.full((size,), 7.0, dtype=buffer_dtype)
+    io.read(buffer, offsets)
+    np_dtype = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}[buffer_dtype]
+    for l, (block, ps) in enumerate(zip(blocks, params)):
+        if l in io.generic():
+            continue
+        grads = [None if p is None else (p.grad if p.grad is not None else torch.zeros_like(p)).float().numpy()
+                 for p in ps]
+        want = np.zeros(block.grad_shape, dtype=np_dtype)
+        block.grad_matrix(*grads, out=want)
+        got = buffer[offsets[l]:offsets[l] + block.grad_size].numpy().reshape(block.grad_shape)
+        assert np.array_equal(got, want), block.name
+    assert torch.all(buffer[:offsets[0]] == 7.0)  # nothing written outside the windows
+
+    results = torch.randn(size, generator=gen).to(buffer_dtype)
+    modules[1].weight.requires_grad_(False)
+    modules[1].weight.grad = None
+    io.write(results, offsets)
+    assert modules[1].weight.grad is None  # frozen: left alone
+    for l, (block, ps) in enumerate(zip(blocks, params)):
+        if l in io.generic() or l == 1:
+            continue
+        parts = block.split_matrix(results[offsets[l]:offsets[l] + block.grad_size].numpy().reshape(block.grad_shape))
+        for p, part in zip(ps, parts):
+            if p is not None:
+                assert p.grad.dtype == dtype
+                assert torch.equal(p.grad, torch.from_numpy(np.ascontiguousarray(part)).to(dtype)), block.name
+
+
+def test_windows_refuse_anything_but_plain_windows():
+    conv_t = nn.ConvTranspose1d(2, 3, 3)
+    block = block_for("t", conv_t)
+    assert windows(block, block_params(conv_t)) is None
+    linear = nn.Linear(3, 2)
+    found = windows(block_for("l", linear), block_params(linear))
+    # [W | b] of shape (2, 4): W is the window (2, 3) with strides (4, 1) at 0, b the column at 3.
+    assert [(w.shape, w.stride, w.offset) for w in found] == [((2, 3), (4, 1), 0), ((2,), (4,), 3)]
