@@ -295,7 +295,7 @@ class KFACEngine:
             raise ValueError("state: assignment differs from the engine's (owners are fixed at construction)")
         hyper = {name: value for name, value in hyper.items() if not callable(getattr(self, name))}
         differ = {name: (getattr(self, name), value) for name, value in hyper.items() if getattr(self, name) != value}
-        if differ:
+        if differ and self.comm.rank == 0:  # every rank loads the same state: said once
             _log.warning("load_state_dict: the checkpoint's hyperparameters replace the current ones: %s",
                          ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()))
         for name, value in hyper.items():

@@ -161,7 +161,7 @@ class KFACPreconditioner:
             try:
                 block = block_for(name, module)
             except ValueError as exc:
-                _log.warning("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
+                self._note("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
                 status[name] = f"first-order: {exc}"
                 continue
             if block is None:
@@ -177,7 +177,7 @@ class KFACPreconditioner:
         for name, module, block in candidates:
             tied = sorted({other for p in _covered(module) for other in users[id(p)] if other != name})
             if tied:
-                _log.warning("layer %s (%s) stays first-order: it shares a parameter with %s (tied weights)",
+                self._note("layer %s (%s) stays first-order: it shares a parameter with %s (tied weights)",
                              name, type(module).__name__, ", ".join(tied))
                 status[name] = f"first-order: shares a parameter with {', '.join(map(repr, tied))} (tied weights)"
                 continue
@@ -190,7 +190,7 @@ class KFACPreconditioner:
         self.coverage = [(name, type(module).__name__, status[name]) for name, module in self.model.named_modules()
                          if name in status]
         if not blocks:
-            _log.warning("no layer of the model is preconditioned (see print(preconditioner) for why); every "
+            self._note("no layer of the model is preconditioned (see print(preconditioner) for why); every "
                          "gradient is only averaged over ranks")
         return modules, blocks, covered
 
@@ -326,6 +326,12 @@ class KFACPreconditioner:
         with device_scope(self.device):
             self._step()
 
+    def _note(self, message: str, *args: Any) -> None:
+        """A warning about what every rank has alike (the model, a checkpoint): said by rank 0
+        only, not once per rank."""
+        if self.comm.rank == 0:
+            _log.warning(message, *args)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -459,7 +465,7 @@ class KFACPreconditioner:
                                          "hyperparameters": hyper, "blocks": blocks})
         for name, value in (("accumulation_steps", accumulation), ("lr", lr)):
             if value is not None and getattr(self, name) != value:
-                _log.warning("load_state_dict: the checkpoint's %s %r replaces %r", name, value, getattr(self, name))
+                self._note("load_state_dict: the checkpoint's %s %r replaces %r", name, value, getattr(self, name))
                 setattr(self, name, value)
 
 
