@@ -137,3 +137,32 @@ def test_a_collective_on_rank_0_alone_at_the_end_ends_the_job(tmp_path, call):
     # Each side names the mismatch (whichever aborts first may cut the other's line short).
     assert "the end of the script on ranks [1])" in proc.stderr and "aborting the job]" in proc.stderr, proc.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_exit_check_runs_when_a_later_communicator_checks(tmp_path):
+    """The end-of-script check does not depend on which Communicator on COMM_WORLD came first."""
+    proc = run(tmp_path, """
+        from hpckfac.comm import Communicator
+        quiet = Communicator(check_agreement="off")
+        comm = Communicator()
+        if comm.rank == 0:
+            comm.allgather_object(1, what="state_dict()")
+    """, timeout=60)
+    assert proc.returncode != 0 and "the end of the script on ranks [1])" in proc.stderr, proc.stderr
+
+
+def test_benchmark_output_checks_agree_across_ranks(tmp_path):
+    """Ranks in different directories see different paths: rank 0 (which writes) decides for
+    all, so no rank exits while another waits."""
+    for name, sub_is_dir in (("a", True), ("b", False)):
+        (tmp_path / name).mkdir()
+        if sub_is_dir:
+            (tmp_path / name / "sub").mkdir()
+        else:
+            (tmp_path / name / "sub").write_text("a file")
+    bench = [sys.executable, "-m", "hpckfac.bench", "scaling", "--model", "small", "--repeat", "1",
+             "--json", "sub"]
+    proc = subprocess.run([mpiexec(), "-n", "1", "-wdir", str(tmp_path / "a"), *bench, ":",
+                           "-n", "1", "-wdir", str(tmp_path / "b"), *bench], capture_output=True, text=True,
+                          timeout=60, env=ENV)
+    assert proc.returncode == 2 and "--json sub:" in proc.stderr and "is a directory" in proc.stderr, proc.stderr

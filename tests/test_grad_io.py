@@ -43,7 +43,7 @@ def test_read_and_write_equal_grad_matrix_and_split_matrix(dtype, buffer_dtype):
     assert io.generic() == [4]  # ConvTranspose's flipped kernel is no plain window
     offsets, size = layout(blocks)
     buffer = torch.full((size,), 7.0, dtype=buffer_dtype)
-    io.read(buffer, offsets)
+    io.read(buffer, offsets, params)
     np_dtype = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}[buffer_dtype]
     for l, (block, ps) in enumerate(zip(blocks, params)):
         if l in io.generic():
@@ -54,12 +54,17 @@ def test_read_and_write_equal_grad_matrix_and_split_matrix(dtype, buffer_dtype):
         block.grad_matrix(*grads, out=want)
         got = buffer[offsets[l]:offsets[l] + block.grad_size].numpy().reshape(block.grad_shape)
         assert np.array_equal(got, want), block.name
-    assert torch.all(buffer[:offsets[0]] == 7.0)  # nothing written outside the windows
+    # Nothing written outside the windows: the gaps between blocks keep their value.
+    edges = [0] + [e for at, b in zip(offsets, blocks) for e in (at, at + b.grad_size)] + [size]
+    for start, stop in zip(edges[::2], edges[1::2]):
+        assert torch.all(buffer[start:stop] == 7.0), (start, stop)
+    generic = io.generic()[0]
+    assert torch.all(buffer[offsets[generic]:offsets[generic] + blocks[generic].grad_size] == 7.0)
 
     results = torch.randn(size, generator=gen).to(buffer_dtype)
     modules[1].weight.requires_grad_(False)
     modules[1].weight.grad = None
-    io.write(results, offsets)
+    io.write(results, offsets, params)
     assert modules[1].weight.grad is None  # frozen: left alone
     for l, (block, ps) in enumerate(zip(blocks, params)):
         if l in io.generic() or l == 1:
@@ -79,3 +84,24 @@ def test_windows_refuse_anything_but_plain_windows():
     found = windows(block_for("l", linear), block_params(linear))
     # [W | b] of shape (2, 4): W is the window (2, 3) with strides (4, 1) at 0, b the column at 3.
     assert [(w.shape, w.stride, w.offset) for w in found] == [((2, 3), (4, 1), 0), ((2,), (4,), 3)]
+
+
+def test_parameters_replaced_after_construction_are_the_ones_written():
+    """``load_state_dict(assign=True)`` puts new Parameter objects in the modules: the step
+    reads and writes those, not the ones seen at construction."""
+    from mpi4py import MPI
+
+    from hpckfac.comm import Communicator
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    old = [p for p in model.parameters()]
+    model.load_state_dict({k: v.clone() + 0.5 for k, v in model.state_dict().items()}, assign=True)
+    new = [p for p in model.parameters()]
+    assert all(a is not b for a, b in zip(old, new))
+    model(torch.randn(5, 4, dtype=torch.float64)).pow(2).mean().backward()
+    precond.step()
+    assert all(p.grad is None for p in old)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in new)

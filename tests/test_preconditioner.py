@@ -339,6 +339,50 @@ def test_examples_are_the_batch_beside_a_one_dimensional_argument(comm, first):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+class PositionsFirst(nn.Module):
+    """Token and position embeddings, the positions' embedding computed first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos, self.tok, self.head = nn.Embedding(6, 4), nn.Embedding(9, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, positions, empty=None):
+        return self.head(torch.tanh(self.pos(positions) + self.tok(ids))).mean(1)
+
+
+@pytest.mark.parametrize("case", ["(1, T) positions", "empty placeholder"])
+def test_broadcast_positions_computed_first_count_the_batch(comm, case):
+    """``model(ids (B, T), positions (1, T))`` counts B even when the positions' embedding fires
+    first, and its statistics equal those of (B, T) positions."""
+    ids = torch.randint(0, 9, (5, 6), generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(6).unsqueeze(0)
+    states = []
+    for pos in (positions, positions.expand(5, 6)):
+        torch.manual_seed(0)
+        model = PositionsFirst().double()
+        precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
+        extra = (torch.zeros(0, 4),) if case == "empty placeholder" else ()
+        nn.functional.cross_entropy(model(ids, pos, *extra), y).backward()
+        assert precond.local.examples == 5
+        precond.step()
+        states.append([r.copy() for r in precond.engine.state.running])
+    for got, want in zip(*states):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_batch_candidates():
+    from hpckfac.torch.preconditioner import _batch_candidates, _batch_size
+
+    t = lambda *shape: torch.zeros(shape)  # noqa: E731
+    assert _batch_candidates([t(4, 6), t(1, 6)]) == [4] and _batch_candidates([t(1, 6), t(4, 6)]) == [4]
+    assert _batch_candidates([t(1), t(4, 3)]) == [4] and _batch_candidates([t(6), t(1, 6, 5)]) == [1]
+    assert _batch_candidates([t(0, 5), t(4, 5)]) == [4] and _batch_candidates([t(7)]) == [7]
+    assert _batch_candidates([t(3, 2), t(5, 2)]) == [3, 5] and _batch_candidates([t(), t()]) == []
+    assert _batch_size([3, 5], 5) == 5 and _batch_size([3, 5], 15) == 3 and _batch_size([], 8) == 8
+    assert _batch_size([3, 5], 0) == 3
+
+
 def test_training_in_eval_mode_is_named(comm, caplog):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm)

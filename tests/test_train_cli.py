@@ -109,8 +109,8 @@ def _write(path, **arrays):
     ("corrupt", "is corrupt or unreadable"),
     ("mismatch", "does not match this run: optimizer is 'kfac' there, 'sgd' here"),
     ("no_checkpoint", "no checkpoint file or directory"),
-    ("huge_width", "--width: 100000 needs about"),
-    ("huge_seed", "--seed: expected an integer in [0, 2**63)"),
+    ("huge_width", "--width: 100000 needs at least"),
+    ("huge_seed", "--seed: expected an integer in [0, 2**64)"),
 ])
 def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac_run):
     base = ["--steps", 2, "--batch-size", 32, "--no-progress"]
@@ -155,8 +155,8 @@ def test_bad_log_level_is_one_warning():
 
 
 def test_resume_takes_the_runs_own_settings_and_says_when_it_is_finished(tmp_path):
-    data = _write(tmp_path / "mine.npz", x=np.random.default_rng(0).standard_normal((200, 8, 8)),
-                  y=np.random.default_rng(1).integers(0, 10, 200))
+    _write(tmp_path / "mine.npz", x=np.random.default_rng(0).standard_normal((200, 8, 8)),
+           y=np.random.default_rng(1).integers(0, 10, 200))
     out = tmp_path / "run"
     # Relative paths, and the resumed run started from another directory: it goes on in the run's own.
     proc = train(["--data", "mine.npz", "--steps", 6, "--batch-size", 32, "--checkpoint-every", 3, "--out", "run",

@@ -39,7 +39,7 @@ import numpy as np
 
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
-from hpckfac.bench.report import check_outputs, median, write_json
+from hpckfac.bench.report import check_outputs, make_parent, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.tables import format_table
@@ -333,6 +333,7 @@ def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: 
     fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 1))
+    make_parent(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -100,13 +100,28 @@ def output_problem(path: str, directory: bool = False) -> str | None:
 
 def check_outputs(parser: argparse.ArgumentParser, files: Sequence[tuple[str, str | None]] = (),
                   directories: Sequence[tuple[str, str | None]] = ()) -> None:
-    """``parser.error`` (one line, exit 2, on every rank alike) for the first ``(flag, path)``
-    whose path cannot be written; None paths are skipped."""
-    for items, directory in ((files, False), (directories, True)):
-        for flag, path in items:
-            problem = None if path is None else output_problem(path, directory)
-            if problem:
-                parser.error(f"{flag} {path}: {problem}")
+    """``parser.error`` (one line, exit 2) for the first ``(flag, path)`` whose path cannot be
+    written; None paths are skipped. Rank 0 writes the results, so rank 0 looks, and every rank
+    of the job gets its answer (a collective of COMM_WORLD: call it on every rank), so that no
+    rank exits while the others wait."""
+    from mpi4py import MPI
+
+    problem = None
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        problem = next((f"{flag} {path}: {why}" for items, directory in ((files, False), (directories, True))
+                        for flag, path in items if path is not None
+                        for why in [output_problem(path, directory)] if why), None)
+    if MPI.COMM_WORLD.Get_size() > 1:
+        problem = MPI.COMM_WORLD.bcast(problem, root=0)
+    if problem:
+        parser.error(problem)
+
+
+def make_parent(path: str | os.PathLike) -> None:
+    """Create the folders above ``path`` that do not exist yet (``check_outputs`` accepted them)."""
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
 
 
 def write_json(path: str | os.PathLike, name: str, config: dict[str, Any],
@@ -114,9 +129,7 @@ def write_json(path: str | os.PathLike, name: str, config: dict[str, Any],
     """Write one benchmark's results with its configuration and environment."""
     payload = {"benchmark": name, "config": config, "environment": environment(),
                "results": results}
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    make_parent(path)
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(payload, fh, indent=2)
         fh.write("\n")

@@ -40,7 +40,7 @@ import numpy as np
 
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
-from hpckfac.bench.report import check_outputs, median, write_json
+from hpckfac.bench.report import check_outputs, make_parent, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 
@@ -235,6 +235,7 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
+    make_parent(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -305,7 +306,7 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                         help="merge these results (runs at different rank counts); no MPI run")
     args = parser.parse_args(argv)
-    check_outputs(parser, files=[("--json", args.json)])
+    check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])
     if args.scale is None:
         args.scale = DEFAULT_SCALE[args.model]
     for name in ("scale", "batch", "repeat"):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hpckfac.bench.profile import profile_steps
-from hpckfac.bench.report import check_outputs, median, progress, time_calls, write_json
+from hpckfac.bench.report import check_outputs, make_parent, median, progress, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50
 from hpckfac.stages.engine import ITERATION_STAGES
@@ -188,6 +188,7 @@ def write_profiles(path: str, runners: list[Runner], steps: int, comm: Communica
             for _ in range(2 * steps):  # the same collectives as rank 0's two profiled passes
                 runner.step()
     if comm.rank == 0:
+        make_parent(path)
         with open(path, "w") as out:
             out.write("\n\n".join(reports))
         print(f"profiles: {path}")

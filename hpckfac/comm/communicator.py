@@ -47,28 +47,31 @@ def _check_writeable(buf: Any, name: str) -> None:
         raise ValueError(f"{name} is read-only; the collective writes its result into it")
 
 
-_exit_check: list["Communicator"] = []
+# Whether each Communicator made on COMM_WORLD checks agreement, in the order they were made
+# (the same on every rank: constructing one is collective). Flags, not the objects: a
+# Communicator that is collected on one rank and not yet on another must not change what
+# happens at exit.
+_world_checks: list[bool] = []
 
 
 def _register_exit_check(comm: "Communicator") -> None:
-    """At the end of the script, one agreement check on ``comm`` (the first Communicator on
-    COMM_WORLD, made by every rank): a rank still waiting in a checked collective that the
-    others never call (``if rank == 0: torch.save(precond.state_dict(), ...)`` as the last
-    line) then gets an error instead of waiting forever, and the job ends."""
-    if not _exit_check:
-        _exit_check.append(comm)
+    """At the end of the script, one agreement check on COMM_WORLD when any Communicator made
+    on it checks agreement: a rank still waiting in a checked collective that the others never
+    call (``if rank == 0: torch.save(precond.state_dict(), ...)`` as the last line) then gets an
+    error instead of waiting forever, and the job ends."""
+    if not _world_checks:
         atexit.register(_check_at_exit)
+    _world_checks.append(comm.check_agreement != "off")
 
 
 def _check_at_exit() -> None:
-    comm = _exit_check[0]
-    if MPI.Is_finalized() or comm._check_agreement == "off":
+    if MPI.Is_finalized() or not any(_world_checks):
         return
-    try:
-        comm._enter("the end of the script", lambda: (None, signature("the end of the script")))
-    except CollectiveMismatchError as exc:
-        abort_job(f"hpckfac: {exc}: this rank reached the end of the script while others wait in a "
-                  f"collective it never calls (every rank must call it)")
+    everyone = disagreement(MPI.COMM_WORLD, signature("the end of the script"))
+    if everyone is not None:
+        abort_job(f"hpckfac: the end of the script: ranks disagree on {describe(everyone)}: this rank reached "
+                  f"the end of the script while others wait in a collective it never calls (every rank must "
+                  f"call it)")
 
 
 WAIT_NOTICE_ENV = "HPCKFAC_WAIT_NOTICE"

@@ -20,12 +20,16 @@ import torch
 
 
 class Window(NamedTuple):
-    """A parameter's gradient inside its block's flattened gradient matrix (in elements)."""
+    """Where parameter ``slot`` of a block (0: weight, 1: bias) sits in the block's flattened
+    gradient matrix (in elements)."""
 
-    param: torch.Tensor
+    slot: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
+
+
+Params = Sequence[Sequence[torch.Tensor | None]]
 
 
 def windows(block: Any, params: Sequence[torch.Tensor | None]) -> list[Window] | None:
@@ -34,47 +38,51 @@ def windows(block: Any, params: Sequence[torch.Tensor | None]) -> list[Window] |
     probe = np.empty(block.grad_size, dtype=np.float32).reshape(block.grad_shape)
     base = probe.__array_interface__["data"][0]
     found = []
-    for param, view in zip(params, block.split_matrix(probe)):
+    for slot, (param, view) in enumerate(zip(params, block.split_matrix(probe))):
         if param is None:
             continue
         if view is None or not np.shares_memory(view, probe) or min(view.strides, default=0) < 0:
             return None
-        found.append(Window(param, tuple(view.shape), tuple(s // probe.itemsize for s in view.strides),
+        found.append(Window(slot, tuple(view.shape), tuple(s // probe.itemsize for s in view.strides),
                             (view.__array_interface__["data"][0] - base) // probe.itemsize))
     return found
 
 
 class GradientIO:
-    """The windows of every block's parameters (None for blocks that need the generic path)."""
+    """The windows of every block's parameters (None for blocks that need the generic path).
+    The parameters themselves are passed at every call, so that a parameter replaced after
+    construction (``load_state_dict(assign=True)``) is the one read and written."""
 
-    def __init__(self, blocks: Sequence[Any], params: Sequence[Sequence[torch.Tensor | None]]) -> None:
+    def __init__(self, blocks: Sequence[Any], params: Params) -> None:
         self.windows = [windows(block, ps) for block, ps in zip(blocks, params)]
 
-    def read(self, buffer: torch.Tensor, offsets: Sequence[int]) -> None:
+    def read(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """``.grad`` of every windowed parameter into ``buffer`` (zeros for a missing
         gradient), block ``l`` starting at ``offsets[l]``; cast to the buffer's dtype."""
         base = buffer.storage_offset()
         with torch.no_grad():
-            for found, at in zip(self.windows, offsets):
+            for found, at, ps in zip(self.windows, offsets, params):
                 for w in found or ():
                     view = buffer.as_strided(w.shape, w.stride, base + at + w.offset)
-                    if w.param.grad is None:
+                    grad = ps[w.slot].grad
+                    if grad is None:
                         view.zero_()
                     else:
-                        view.copy_(w.param.grad)
+                        view.copy_(grad)
 
-    def write(self, buffer: torch.Tensor, offsets: Sequence[int]) -> None:
+    def write(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """Every windowed parameter's ``.grad`` from ``buffer`` (block ``l`` at ``offsets[l]``),
         cast to the parameter's dtype; frozen parameters keep ``.grad`` None."""
         base = buffer.storage_offset()
         with torch.no_grad():
-            for found, at in zip(self.windows, offsets):
+            for found, at, ps in zip(self.windows, offsets, params):
                 for w in found or ():
-                    if not w.param.requires_grad:
+                    param = ps[w.slot]
+                    if not param.requires_grad:
                         continue
-                    if w.param.grad is None:
-                        w.param.grad = torch.empty_like(w.param)
-                    w.param.grad.copy_(buffer.as_strided(w.shape, w.stride, base + at + w.offset))
+                    if param.grad is None:
+                        param.grad = torch.empty_like(param)
+                    param.grad.copy_(buffer.as_strided(w.shape, w.stride, base + at + w.offset))
 
     def generic(self) -> list[int]:
         """Indices of the blocks that take the generic path."""

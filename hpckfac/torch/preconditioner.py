@@ -240,16 +240,10 @@ class KFACPreconditioner:
             return
         self._forwards += 1
         self._root_seen = True
-        # The batch size: the leading dimension of the tensors passed (nested in dicts, lists and
-        # tuples too). When they disagree (a (1,) scale or (T,) positions beside the batch), the
-        # first K-FAC layer's input decides; without tensors, that input is the batch.
-        tensors = [t for t in _tensors((args, kwargs)) if t.dim() > 0]
-        # Batch-like tensors (two or more dimensions) first: a 1-D one may be positions or a scale.
-        tensors.sort(key=lambda t: t.dim() == 1)
-        sizes = list(dict.fromkeys(int(t.shape[0]) for t in tensors))
+        sizes = _batch_candidates(list(_tensors((args, kwargs))))
         if len(sizes) == 1:
             self._count(sizes[0])
-        else:
+        else:  # none, or several: the first K-FAC layer's input decides
             self._count_pending = sizes
 
     def _count(self, examples: int) -> None:
@@ -361,7 +355,8 @@ class KFACPreconditioner:
                                 "gradients are only averaged")
         slots = self.engine.gradient_slots()
         buffer, offsets = self.engine.gradient_buffer()
-        self._io.read(self._send_tensor(buffer), offsets)
+        params = [block_params(m) for m in self.modules]
+        self._io.read(self._send_tensor(buffer), offsets, params)
         for i in self._generic:
             self._grad_matrix(i, slots[i])
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
@@ -373,10 +368,10 @@ class KFACPreconditioner:
         updates = self.engine.step(slots, stats, lr=lr)
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
-        self._io.write(to_tensor(whole), offsets)
+        self._io.write(to_tensor(whole), offsets, params)
         for i in self._generic:
             block = self.engine.blocks[i]
-            for param, part in zip(block_params(self.modules[i]), block.split_matrix(updates[i])):
+            for param, part in zip(params[i], block.split_matrix(updates[i])):
                 if param is not None and param.requires_grad:  # frozen weights keep .grad None
                     if param.grad is None:
                         param.grad = torch.empty_like(param)
@@ -481,12 +476,25 @@ def _tensors(value) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _batch_candidates(tensors: list[torch.Tensor]) -> list[int]:
+    """The possible micro-batch sizes among the tensors passed to the model: the leading
+    dimensions of those with two or more dimensions (of the 1-D ones when there are none), a
+    size 1 or 0 dropped beside larger ones (positions ``(1, T)`` or a ``(1,)`` scale broadcast
+    over the batch, an empty placeholder), in order."""
+    for batch_like in (True, False):
+        sizes = list(dict.fromkeys(int(t.shape[0]) for t in tensors if (t.dim() >= 2) == batch_like and t.dim()))
+        if sizes:
+            return [n for n in sizes if n > 1] or sizes
+    return []
+
+
 def _batch_size(candidates: list[int], rows: int) -> int:
-    """The micro-batch size among the leading dimensions ``candidates`` of the model's tensor
-    arguments, given the ``rows`` of the first K-FAC layer's input: the one equal to ``rows``,
-    else the first that divides it (a layer on flattened ``(batch * positions, ...)`` rows),
-    else ``rows`` itself."""
-    return next((c for c in candidates if c == rows), None) or next((c for c in candidates if rows % c == 0), rows)
+    """The micro-batch size among several ``candidates`` given the ``rows`` of the first K-FAC
+    layer's input: the candidate equal to ``rows``, else the first (a layer on flattened
+    ``(batch * positions, ...)`` rows); ``rows`` itself without candidates."""
+    if not candidates:
+        return rows
+    return rows if rows in candidates else candidates[0]
 
 
 def _covered(module: nn.Module) -> list[torch.Tensor]:

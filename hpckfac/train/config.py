@@ -85,8 +85,8 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("width", 1), ("seed", 0),
                           ("checkpoint_every", 0), ("keep_checkpoints", 0), ("eval_every", 1)):
             check_integer(getattr(self, name), name, low)
-        if self.seed >= 2**63:  # torch.manual_seed takes a 64-bit integer
-            raise ValueError(f"seed: expected an integer in [0, 2**63), got {self.seed!r}")
+        if self.seed >= 2**64:  # torch.manual_seed takes an unsigned 64-bit integer
+            raise ValueError(f"seed: expected an integer in [0, 2**64), got {self.seed!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         check_real(self.lr, "lr", above=0.0)  # a number here (the library also takes schedules)
@@ -95,8 +95,8 @@ class TrainConfig:
         check_real(self.momentum, "momentum", at_least=0.0, below=1.0)
         check_real(self.weight_decay, "weight_decay", at_least=0.0)
         # Absolute, as the checkpoint records them: a run resumed from another directory finds them.
-        self.out = None if self.out is None else os.path.abspath(self.out)
-        self.data = None if self.data is None else os.path.abspath(self.data)
+        self.out = os.path.abspath(self.out) if self.out else None
+        self.data = os.path.abspath(self.data) if self.data else None
         if self.checkpoint_every and not self.out:
             raise ValueError("checkpoint_every: needs --out DIR to write the checkpoints into")
         return self

@@ -74,9 +74,10 @@ def agree(comm, fn: Callable[[], Any]) -> Any:
 
 
 def memory_needed(build: Callable[[], nn.Module], kfac: bool) -> int:
-    """Bytes a model from ``build`` needs to train, counted on the meta device (nothing is
-    allocated): weights, gradients, momentum and the gradient buffers, and with ``kfac`` each
-    block's statistics, running average and inverse."""
+    """Bytes a model from ``build`` needs at least, on every rank, to train, counted on the meta
+    device (nothing is allocated): weights, gradients, momentum and the gradient buffers, and
+    with ``kfac`` every block's local statistics (its owner keeps a running average and an
+    inverse besides, which this lower bound leaves out)."""
     from hpckfac.torch.registry import block_for
 
     with torch.device("meta"):
@@ -89,7 +90,7 @@ def memory_needed(build: Callable[[], nn.Module], kfac: bool) -> int:
             except ValueError:
                 block = None
             if block is not None:
-                total += sum(3 * 4 * count * n * n for count, n in block.factor_shapes)
+                total += sum(4 * count * n * n for count, n in block.factor_shapes)
     return total
 
 
@@ -105,7 +106,7 @@ def check_fits(build: Callable[[], nn.Module], kfac: bool, device: torch.device,
             return  # no way to tell here: let the allocation say
     needed = memory_needed(build, kfac)
     if needed > available:
-        raise ValueError(f"width: {width} needs about {needed / 2**30:.1f} GiB to train"
+        raise ValueError(f"width: {width} needs at least {needed / 2**30:.1f} GiB to train"
                          f"{' with K-FAC' if kfac else ''}, more than the {available / 2**30:.1f} GiB of "
                          f"{'the GPU' if device.type == 'cuda' else 'this machine'} (lower --width)")
 
