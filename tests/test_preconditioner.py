@@ -286,21 +286,27 @@ class DictInput(nn.Module):
         return self.net(batch["x"])
 
 
+def counted_step(comm, make_model, call, y, examples):
+    """The running factors after one step of ``call(model)`` on a model built after seeding 0,
+    asserting that the step counted ``examples`` examples."""
+    torch.manual_seed(0)
+    model = make_model().double()
+    precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
+    nn.functional.cross_entropy(call(model), y).backward()
+    assert precond.local.examples == examples
+    precond.step()
+    return [r.copy() for r in precond.engine.state.running]
+
+
 def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(comm):
     x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(3))
-    states = []
-    for wrapped in (True, False):
-        torch.manual_seed(0)  # DictInput builds the same Sequential first: identical weights
-        model = DictInput().double() if wrapped else nn.Sequential(nn.Linear(5, 4), nn.Tanh(),
-                                                                    nn.Linear(4, 3)).double()
-        precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
-        nn.functional.cross_entropy(model({"x": x}) if wrapped else model(x), y).backward()
-        assert precond.local.examples == 7
-        precond.step()
-        states.append([r.copy() for r in precond.engine.state.running])
-    for wrapped, plain in zip(*states):
-        np.testing.assert_allclose(wrapped, plain, rtol=1e-12)
+    # DictInput builds the same Sequential first: identical weights.
+    wrapped = counted_step(comm, DictInput, lambda m: m({"x": x}), y, 7)
+    plain = counted_step(comm, lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
+                         lambda m: m(x), y, 7)
+    for got, want in zip(wrapped, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 class ScaledInput(nn.Module):
@@ -326,16 +332,9 @@ def test_examples_are_the_batch_beside_a_one_dimensional_argument(comm, first):
     x = torch.randn(7, positions, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(3))
     other = torch.ones(1, dtype=torch.float64) if first == "scale" else torch.arange(positions)
-    states = []
-    for call in (lambda m: m(other, x), lambda m: m(x)):
-        torch.manual_seed(0)
-        model = ScaledInput().double()
-        precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
-        nn.functional.cross_entropy(call(model), y).backward()
-        assert precond.local.examples == 7
-        precond.step()
-        states.append([r.copy() for r in precond.engine.state.running])
-    for got, want in zip(*states):
+    beside = counted_step(comm, ScaledInput, lambda m: m(other, x), y, 7)
+    alone = counted_step(comm, ScaledInput, lambda m: m(x), y, 7)
+    for got, want in zip(beside, alone):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -357,17 +356,10 @@ def test_broadcast_positions_computed_first_count_the_batch(comm, case):
     ids = torch.randint(0, 9, (5, 6), generator=torch.Generator().manual_seed(2))
     y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(6).unsqueeze(0)
-    states = []
-    for pos in (positions, positions.expand(5, 6)):
-        torch.manual_seed(0)
-        model = PositionsFirst().double()
-        precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
-        extra = (torch.zeros(0, 4),) if case == "empty placeholder" else ()
-        nn.functional.cross_entropy(model(ids, pos, *extra), y).backward()
-        assert precond.local.examples == 5
-        precond.step()
-        states.append([r.copy() for r in precond.engine.state.running])
-    for got, want in zip(*states):
+    extra = (torch.zeros(0, 4),) if case == "empty placeholder" else ()
+    shared = counted_step(comm, PositionsFirst, lambda m: m(ids, positions, *extra), y, 5)
+    each = counted_step(comm, PositionsFirst, lambda m: m(ids, positions.expand(5, 6), *extra), y, 5)
+    for got, want in zip(shared, each):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
