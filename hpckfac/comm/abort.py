@@ -54,21 +54,17 @@ def _hook(previous):
 _warned_env = False
 
 
-def _note_bad_env(value: str) -> None:
-    global _warned_env
-    _warned_env = True
-    get_logger("hpckfac.comm.abort").warning("%s=%r: expected 0 or 1; the job aborts on an uncaught error (1)",
-                                             ABORT_ENV, value)
-
-
 def install_abort_on_error() -> bool:
     """Abort the job on an uncaught exception on any rank (once; only with several ranks
-    and unless ``HPCKFAC_ABORT_ON_ERROR=0``). Returns whether the hook is installed."""
-    global _installed
+    and unless ``HPCKFAC_ABORT_ON_ERROR=0``; another value is named in a warning, once, and
+    taken as 1). Returns whether the hook is installed."""
+    global _installed, _warned_env
     value = os.environ.get(ABORT_ENV, "1")
     if value not in ("0", "1"):
         if not _warned_env:
-            _note_bad_env(value)
+            _warned_env = True
+            get_logger("hpckfac.comm.abort").warning("%s=%r: expected 0 or 1; the job aborts on an uncaught "
+                                                     "error (1)", ABORT_ENV, value)
         value = "1"
     if not _installed and value == "1" and MPI.COMM_WORLD.Get_size() > 1:
         sys.excepthook = _hook(sys.excepthook)
