@@ -27,9 +27,9 @@ class ReduceScatter:
         self.blocks, self.layout, self.comm = list(blocks), layout, comm
         self._send = {f: xp.zeros(layout.reduce_total(f), dtype=dtype) for f in (False, True)}
         # Each block's gradient matrix inside each send buffer, made once.
-        self.slots = {f: [self._send[f][layout.grad_offset(l, f):layout.grad_offset(l, f) + b.grad_size]
-                          .reshape(b.grad_shape) for l, b in enumerate(self.blocks)] for f in (False, True)}
         self.grad_offsets = {f: [layout.grad_offset(l, f) for l in range(len(self.blocks))] for f in (False, True)}
+        self.slots = {f: [self._send[f][at:at + b.grad_size].reshape(b.grad_shape)
+                          for at, b in zip(self.grad_offsets[f], self.blocks)] for f in (False, True)}
         # Every presence element of the factor-step buffer, so that the usual step (statistics
         # for every block) sets them all with one assignment.
         self._presence = xp.asarray([layout.presence_offset(l) for l in range(len(self.blocks))], dtype=np.int64)

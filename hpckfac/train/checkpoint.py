@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import re
+import reprlib
 import warnings
 from typing import Any
 
@@ -46,22 +47,24 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     atomic_write(path, lambda fh: torch.save({"format": FORMAT, "version": VERSION, **state}, fh), binary=True)
 
 
+def _by_step(directory: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the ``step_*.pt`` files in ``directory``, oldest step first."""
+    return sorted((int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
+                  if (m := _NAME.search(f)))
+
+
 def list_checkpoints(directory: str) -> list[str]:
     """The ``step_*.pt`` files in ``directory``, oldest step first."""
-    found = [(int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
-             if (m := _NAME.search(f))]
-    return [f for _, f in sorted(found)]
+    return [f for _, f in _by_step(directory)]
 
 
 def prune_checkpoints(directory: str, step: int, keep: int) -> list[str]:
     """Remove all but the ``keep`` latest checkpoints of ``directory`` up to ``step`` (the one
     just written); those of later steps (another run's) are left alone and returned."""
-    found = [(int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
-             if (m := _NAME.search(f))]
-    mine = sorted(item for item in found if item[0] <= step)
-    for _, old in mine[:-keep]:
+    found = _by_step(directory)
+    for _, old in [item for item in found if item[0] <= step][:-keep]:
         os.remove(old)
-    return [f for s, f in sorted(found) if s > step]
+    return [f for s, f in found if s > step]
 
 
 def find_checkpoint(path: str) -> str:
@@ -97,13 +100,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
     for key, valid, expected in _FIELDS:
         if not valid(state[key]):
-            raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {_short(state[key])}, expected {expected}")
+            raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {reprlib.repr(state[key])}, "
+                                  f"expected {expected}")
     return state
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _count(value: Any) -> bool:
