@@ -11,7 +11,8 @@
 #   QUICK=1 bash jobs/gpu_validate.sh           # skip the slowest kernel-test sizes
 #
 # Settings (environment): OUT, PYTHON, MPIEXEC, QUICK, STEP_STEPS (timed steps of
-# the ResNet-50 step benchmark), TRAIN_EPOCHS.
+# the ResNet-50 step benchmark), TRAIN_EPOCHS, ROUTES (factor routes the step
+# benchmark compares; default "auto kernel gemm").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,7 @@ MPIEXEC=${MPIEXEC:-mpiexec}
 QUICK=${QUICK:-0}
 STEP_STEPS=${STEP_STEPS:-20}
 TRAIN_EPOCHS=${TRAIN_EPOCHS:-20}
+ROUTES=${ROUTES:-auto kernel gemm}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -60,7 +62,7 @@ done
 step bench-kernels 150 "$PYTHON" -m hpckfac.bench kernels --repeat 10 --json "$OUT/kernels.json"
 step bench-scaling-cuda-2rank 120 "$MPIEXEC" -n 2 "$PYTHON" -m hpckfac.bench scaling --device cuda --mode weak \
     --scale 2 --image 112 --batch 8 --assignment lpt --repeat 3 --json "$OUT/scaling_cuda_2.json"
-for route in auto kernel gemm; do
+for route in $ROUTES; do
     step "bench-step-resnet50-$route" 120 env HPCKFAC_FACTOR_ROUTE=$route "$PYTHON" -m hpckfac.bench step \
         --device cuda --model resnet50 --batch 32 --steps "$STEP_STEPS" --json "$OUT/step_resnet50_$route.json"
 done
