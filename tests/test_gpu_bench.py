@@ -23,6 +23,8 @@ def test_rejects_invalid_repeat():
 def test_runs_and_writes_json(tmp_path, capsys):
     rows = kernels.bench_factors(1, shape_list=((300, 70),))
     assert {r["dtype"] for r in rows} == set(kernels.FACTOR_DTYPES)
+    # Device-event and synchronised-call times of the same calls: both positive, finite.
+    assert all(0 < r["ours_ms"] < 1e4 and 0 < r["ours_call_ms"] < 1e4 for r in rows)
     sweep, switch = kernels.bench_factor_crossover(1, widths=(64, 128), rows=300)
     assert len(sweep) == 4 and set(switch) == set(kernels.CROSSOVER_DTYPES)
     assert all(d in (None, 64, 128) for d in switch.values())

@@ -26,7 +26,7 @@ def profile_steps(step: Callable[[], None], steps: int, cuda: bool, sync: Callab
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, acc_events=True) as prof:
         for _ in range(steps):
             step()
         sync()

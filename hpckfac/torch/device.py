@@ -67,7 +67,7 @@ def bind_device(device: DeviceChoice | str | torch.device | None = "auto", comm=
 
             comm = Communicator()
         index = comm.local_rank % count
-        if comm.local_size > count:
+        if comm.local_size > count and comm.local_rank == 0:  # a fact of the node: said once there
             _log.warning("%d ranks on this node share %d GPU(s)", comm.local_size, count)
     torch.cuda.set_device(index)
     try:
