@@ -2,7 +2,7 @@
 # Validate hpckfac on a GPU node in one bounded run: the GPU tests (every kernel
 # against its CPU/float64 oracle, the device path of the pipeline), the 2-rank
 # CUDA runs (collectives on CuPy buffers, P ranks == one process), `hpckfac train
-# --device cuda` at 1 and 2 ranks beside the CPU run, the kernel, scaling (2 ranks on
+# --device cuda` at 1 and 2 ranks beside the CPU run, the examples at 2 ranks on CUDA, the kernel, scaling (2 ranks on
 # the GPU) and step benchmarks, and a profile of the ResNet-50 step (device kernels, host functions).
 # Logs and JSON land in OUT; the last lines are a summary. Exits non-zero when any
 # step failed or timed out, or when no CUDA device is visible.
@@ -58,6 +58,11 @@ for run in "cpu 1" "cuda 1" "cuda 2"; do
     set -- $run
     step "train-$1-$2rank" 150 "$MPIEXEC" -n "$2" "$PYTHON" -m hpckfac train --optimizer kfac --batch-size 256 \
         --epochs "$TRAIN_EPOCHS" --device "$1" --no-progress --out "$OUT/train_$1_$2"
+done
+step example-cnn-cuda-2rank 90 "$MPIEXEC" -n 2 "$PYTHON" examples/cnn_batchnorm.py --device cuda \
+    --out "$OUT/example_cnn"
+for example in transformer_tokens accumulate_and_resume; do
+    step "example-$example-cuda-2rank" 90 "$MPIEXEC" -n 2 "$PYTHON" "examples/$example.py" --device cuda
 done
 step bench-kernels 150 "$PYTHON" -m hpckfac.bench kernels --repeat 10 --json "$OUT/kernels.json"
 step bench-scaling-cuda-2rank 120 "$MPIEXEC" -n 2 "$PYTHON" -m hpckfac.bench scaling --device cuda --mode weak \
