@@ -2,8 +2,9 @@
 # Validate hpckfac on a GPU node in one bounded run: the GPU tests (every kernel
 # against its CPU/float64 oracle, the device path of the pipeline), the 2-rank
 # CUDA runs (collectives on CuPy buffers, P ranks == one process), `hpckfac train
-# --device cuda` at 1 and 2 ranks beside the CPU run, the examples at 2 ranks on CUDA, the kernel, scaling (2 ranks on
-# the GPU) and step benchmarks, and a profile of the ResNet-50 step (device kernels, host functions).
+# --device cuda` at 1 and 2 ranks beside the CPU run, the examples at 2 ranks on
+# CUDA, the kernel, scaling (2 ranks on the GPU) and step benchmarks, and a profile
+# of the ResNet-50 step (device kernels, host functions).
 # Logs and JSON land in OUT; the last lines are a summary. Exits non-zero when any
 # step failed or timed out, or when no CUDA device is visible.
 #
