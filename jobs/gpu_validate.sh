@@ -9,11 +9,12 @@
 # step failed or timed out, or when no CUDA device is visible.
 #
 #   bash jobs/gpu_validate.sh                   # OUT=out/gpu_validate
-#   QUICK=1 bash jobs/gpu_validate.sh           # skip the slowest kernel-test sizes
+#   QUICK=1 bash jobs/gpu_validate.sh           # skip the slowest kernel-test sizes, one factor route
 #
 # Settings (environment): OUT, PYTHON, MPIEXEC, QUICK, STEP_STEPS (timed steps of
-# the ResNet-50 step benchmark), TRAIN_EPOCHS, ROUTES (factor routes the step
-# benchmark compares; default "auto kernel gemm").
+# the ResNet-50 step benchmark; the default 100 is one whole 10/100 period, so its
+# mean is the amortised cost), TRAIN_EPOCHS, ROUTES (factor routes the step
+# benchmark compares; default "auto kernel gemm", "auto" with QUICK=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +22,9 @@ OUT=${OUT:-out/gpu_validate}
 PYTHON=${PYTHON:-python3}
 MPIEXEC=${MPIEXEC:-mpiexec}
 QUICK=${QUICK:-0}
-STEP_STEPS=${STEP_STEPS:-20}
+STEP_STEPS=${STEP_STEPS:-100}
 TRAIN_EPOCHS=${TRAIN_EPOCHS:-20}
-ROUTES=${ROUTES:-auto kernel gemm}
+if [[ "$QUICK" == 1 ]]; then ROUTES=${ROUTES:-auto}; else ROUTES=${ROUTES:-auto kernel gemm}; fi
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
