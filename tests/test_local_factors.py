@@ -26,3 +26,44 @@ def test_calls_pair_inputs_with_output_gradients_and_unpaired_gradients_are_drop
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)
     local.reset()
     assert local.result() == [None] and local.examples == 0
+
+
+def test_a_pass_never_backpropagated_counts_no_examples_and_its_calls_drop_the_block():
+    rng = np.random.default_rng(4)
+    fc1, fc2 = LinearBlock("fc1", 6, 4, True), LinearBlock("fc2", 4, 3, False)
+    local = LocalStatistics([fc1, fc2], np.float64)
+    a1, g1 = rng.standard_normal((5, 6)), rng.standard_normal((5, 4))
+    # A forward of 7 examples that reaches only fc2 and is never backpropagated...
+    local.add_examples(7)
+    local.add_inputs(1, rng.standard_normal((7, 4)))
+    # ... then a forward of 5 examples backpropagated through fc1 only.
+    local.add_examples(5)
+    local.add_inputs(0, a1)
+    local.add_output_grads(0, g1)
+    assert local.examples == 5 and local.unpaired == [1]
+    out = local.result()
+    np.testing.assert_allclose(out[0], fc1.statistics(a1, g1) / 5, rtol=1e-13, atol=1e-15)
+    assert out[1] is None  # fc2's input part has no output gradient: dropped, not mis-weighted
+
+
+def test_an_empty_batch_adds_nothing_and_keeps_the_pairing():
+    rng = np.random.default_rng(5)
+    block = LinearBlock("fc", 3, 2, True)
+    local = LocalStatistics([block], np.float64)
+    local.add_examples(0)
+    local.add_inputs(0, np.zeros((0, 3)))
+    local.add_output_grads(0, np.zeros((0, 2)))
+    assert local.examples == 0 and local.result() == [None] and local.unpaired == []
+    # An empty micro-batch between two real ones pairs with its own output gradient.
+    a1, g1, a2, g2 = (rng.standard_normal(s) for s in ((4, 3), (4, 2), (2, 3), (2, 2)))
+    local.add_examples(4)
+    local.add_inputs(0, a1)
+    local.add_output_grads(0, g1)
+    local.add_examples(0)
+    local.add_inputs(0, np.zeros((0, 3)))
+    local.add_output_grads(0, np.zeros((0, 2)))
+    local.add_examples(2)
+    local.add_inputs(0, a2)
+    local.add_output_grads(0, g2)
+    want = (block.statistics(a1, g1) + block.statistics(a2, g2)) / 6
+    np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)

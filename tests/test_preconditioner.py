@@ -386,6 +386,31 @@ def test_training_in_eval_mode_is_named(comm, caplog):
     assert "step() without a training forward/backward" in caplog.text and "eval() mode" in caplog.text
 
 
+def test_a_forward_never_backpropagated_leaves_the_factors_as_they_were(comm, caplog):
+    """A training-mode forward whose loss is never backpropagated (here before the real one):
+    its layers' statistics of the step are dropped with a warning, not mixed in with the
+    wrong weight, and a step without it takes them as usual."""
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, damping=DAMPING, inverse_update_interval=1)
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen))
+            for _ in range(3)]
+    factors = lambda: [b["factors"].clone() for b in precond.state_dict()["blocks"].values()]
+    nn.functional.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    precond.step()
+    before = factors()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        model(data[1][0])  # e.g. a metric computed in train mode
+        nn.functional.cross_entropy(model(data[1][0]), data[1][1]).backward()
+        precond.step()
+    assert "dropped at step 1" in caplog.text and "0, 2" in caplog.text
+    for old, new in zip(before, factors()):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    nn.functional.cross_entropy(model(data[2][0]), data[2][1]).backward()
+    precond.step()
+    assert all(not torch.equal(old, new) for old, new in zip(before, factors()))
+
+
 def test_misuse_warnings_and_tied_weights(comm, caplog):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm)

@@ -15,6 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 
 
+_EMPTY = object()  # what an empty batch's call leaves for its backward part
+
+
 class LocalStatistics:
     """Per-step accumulators of every block's packed local statistics.
 
@@ -22,36 +25,64 @@ class LocalStatistics:
     accumulation dtype (float32, or float64 for float64 models); ``xp`` the
     array namespace of the accumulators and of the arrays passed in
     (``numpy``, or ``cupy`` for a model on a GPU).
+
+    Examples are counted per forward pass (``add_examples``) and a pass counts
+    only once a backward reached one of its calls, so a training forward that
+    is never backpropagated adds no examples. A block's input part is added
+    when its layer runs; a call whose output gradient never comes leaves that
+    part without its pair, and the block's statistics of the step are then
+    dropped (``unpaired``) rather than returned with the wrong weight.
     """
 
     def __init__(self, blocks: Sequence[Any], dtype=np.float32, xp=np) -> None:
         self.blocks = list(blocks)
         self.dtype = np.dtype(dtype)
-        self.examples = self.sampled = 0
         self._sums = [xp.zeros(b.stat_size, dtype=self.dtype) for b in self.blocks]
         # A contribution needs both the input and the output-gradient part.
         self._seen = [[False, False] for _ in self.blocks]
-        # What each block's forward part left for its backward part, last call last (backward runs in reverse).
+        # Per block, (pass, what its forward part left for its backward part), last call last
+        # (backward runs in reverse).
         self._saved: list[list] = [[] for _ in self.blocks]
+        # Per forward pass: [examples, sampled examples, whether a backward reached it].
+        self._passes: list[list] = []
 
     def reset(self) -> None:
         """Forget everything accumulated (start of a step)."""
-        self.examples = self.sampled = 0
+        self._passes.clear()
         for total, seen, saved in zip(self._sums, self._seen, self._saved):
             if seen[0] or seen[1]:  # only what was added to: steps without statistics clear nothing
                 total[...] = 0.0
             seen[0] = seen[1] = False
             saved.clear()
 
+    @property
+    def examples(self) -> int:
+        """Examples of this step's forward passes that a backward reached."""
+        return sum(count for count, _, used in self._passes if used)
+
+    @property
+    def sampled(self) -> int:
+        """The part of ``examples`` the statistics of sampling blocks take."""
+        return sum(sampled for _, sampled, used in self._passes if used)
+
+    @property
+    def unpaired(self) -> list[int]:
+        """Blocks whose layer ran in a forward this step without its output gradient coming
+        back (their statistics are dropped: ``result`` gives None for them)."""
+        return [i for i, saved in enumerate(self._saved) if saved]
+
     def add_examples(self, count: int, sampled: int | None = None) -> None:
-        """Count ``count`` more examples processed by this rank this step, of which the
-        statistics of sampling blocks take ``sampled`` (default: all of them)."""
-        self.examples += int(count)
-        self.sampled += int(count if sampled is None else sampled)
+        """Start a forward pass of ``count`` examples, of which the statistics of sampling
+        blocks take ``sampled`` (default: all of them)."""
+        self._passes.append([int(count), int(count if sampled is None else sampled), False])
 
     def add_inputs(self, block: int, a) -> None:
-        """Add the contribution of block ``block``'s layer input ``a`` (one call)."""
-        self._saved[block].append(self.blocks[block].add_input(self._sums[block], a))
+        """Add the contribution of block ``block``'s layer input ``a`` (one call, in the
+        latest forward pass; ``a``'s first axis holds the examples)."""
+        if not a.shape[0]:  # an empty batch: nothing to add, only the call to pair
+            self._saved[block].append((-1, _EMPTY))
+            return
+        self._saved[block].append((len(self._passes) - 1, self.blocks[block].add_input(self._sums[block], a)))
         self._seen[block][0] = True
 
     def add_output_grads(self, block: int, g, scale: float = 1.0) -> None:
@@ -60,13 +91,22 @@ class LocalStatistics:
         see ``hpckfac.torch``), paired with the latest call's input not yet paired."""
         if not self._saved[block]:
             return  # an output gradient without a captured input (e.g. the input came from a no-grad pass)
-        self.blocks[block].add_output_grad(self._sums[block], g, scale, self._saved[block].pop())
+        forward, saved = self._saved[block].pop()
+        if saved is _EMPTY:
+            return
+        self.blocks[block].add_output_grad(self._sums[block], g, scale, saved)
         self._seen[block][1] = True
+        if forward >= 0:
+            self._passes[forward][2] = True
 
     def result(self) -> list[Any]:
         """Each block's statistics divided by the examples they came from this step
         (the sampled ones for sampling blocks, all for the others), or None for a
-        block without a complete contribution (not called)."""
-        sampled, every = 1.0 / max(self.sampled, 1), 1.0 / max(self.examples, 1)
-        return [total * (sampled if block.uses_sample else every) if all(seen) else None
-                for total, seen, block in zip(self._sums, self._seen, self.blocks)]
+        block without a complete contribution: not called, called only on examples
+        that did not count (none), or with a call left ``unpaired``."""
+        examples, sampled = self.examples, self.sampled
+        out = []
+        for total, seen, saved, block in zip(self._sums, self._seen, self._saved, self.blocks):
+            count = sampled if block.uses_sample else examples
+            out.append(total * (1.0 / count) if all(seen) and not saved and count else None)
+        return out

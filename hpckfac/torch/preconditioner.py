@@ -250,7 +250,7 @@ class KFACPreconditioner:
         """Count a micro-batch of ``examples`` (and the sample its statistics use)."""
         self._count_pending = False
         self._micro_batch = examples
-        self._sample = max(1, math.ceil(self.statistics_fraction * examples))
+        self._sample = math.ceil(self.statistics_fraction * examples)  # >= 1 unless the batch is empty
         self.local.add_examples(examples, self._sample)
 
     def _grad_scale(self) -> float:
@@ -338,16 +338,25 @@ class KFACPreconditioner:
                             "gradients are averaged and preconditioned again (call step() once per optimizer step; "
                             "in eval() mode or under torch.no_grad() no statistics are taken)")
         elif self.engine.is_factor_step() and self.local.examples == 0:
-            self._warn_once("no-statistics", "a factor-update step without statistics: no K-FAC layer saw a "
-                            "training forward under autograd")
+            self._warn_once("no-statistics", "a factor-update step without statistics on this rank: no "
+                            "examples reached a K-FAC layer in a backpropagated training forward (an empty batch, "
+                            "eval() mode or torch.no_grad())")
         self._forwards, self._root_seen = 0, False
         self._fired = set()
         start = self.engine.clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
         if stats is not None and self.local.examples:
             # A layer whose parameters are all frozen has no output gradient to take: not worth a word.
-            missing = [b.name for b, st, m in zip(self.engine.blocks, stats, self.modules)
-                       if st is None and any(p.requires_grad for p in _covered(m))]
+            trained = [any(p.requires_grad for p in _covered(m)) for m in self.modules]
+            unpaired = [self.engine.blocks[i].name for i in self.local.unpaired if trained[i]]
+            if unpaired:
+                self._warn_once("unpaired:" + ",".join(unpaired), f"K-FAC statistics of {', '.join(unpaired)} "
+                                f"dropped at step {self.engine.steps}: they ran in a training forward whose output "
+                                "got no backward (a forward not backpropagated: run those under model.eval() or "
+                                "torch.no_grad(); an exception between forward and backward; activation "
+                                "checkpointing's recomputation; or an output outside the loss)")
+            missing = [b.name for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
+                       if st is None and t and b.name not in unpaired]
             if missing:
                 self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
                                 f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "

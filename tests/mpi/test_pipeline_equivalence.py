@@ -179,3 +179,29 @@ def test_wide_conv_from_lags_equals_one_process(comm, monkeypatch, method):
 def test_two_layers_more_ranks_than_layers(comm):
     check(two_layer_model, (5,), 3, comm, damping=1e-2, inverse_update_interval=2, kl_clip=1e-2,
           assignment="contiguous")
+
+
+@pytest.mark.mpi
+def test_a_rank_with_an_empty_batch_adds_no_statistics(comm):
+    """The last rank's shard is empty (an uneven split): the factors are those of the other ranks'
+    examples alone, so the preconditioned gradient is the one process's over those micro-batches,
+    scaled by the share of ranks that had data (the empty rank's gradient is zero)."""
+    full = max(comm.size - 1, 1)  # ranks with data
+
+    def grads(comm_, micro_ids, scale):
+        torch.manual_seed(0)
+        model = plain_model().double()
+        precond = KFACPreconditioner(model, lr=LR, comm=comm_, damping=1e-2, kl_clip=None,
+                                     accumulation_steps=max(len(micro_ids), 1))
+        xs, ys = next(batches((2, 6, 6), 4, full))
+        if not micro_ids:  # this rank's shard is empty
+            model(xs[0][:0]).sum().backward()
+        for i in micro_ids:
+            (nn.functional.cross_entropy(model(xs[i]), ys[i]) / len(micro_ids)).backward()
+        precond.step()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy() * scale
+
+    mine = [comm.rank] if comm.rank < full else []
+    dist = grads(comm, mine, comm.size / full)
+    ref = grads(Communicator(MPI.COMM_SELF), list(range(full)), 1.0)
+    np.testing.assert_allclose(dist, ref, rtol=1e-9, atol=1e-12)
