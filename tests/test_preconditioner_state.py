@@ -255,6 +255,9 @@ def trained(comm):
     (lambda s: s.__setitem__("steps", torch.tensor(1e20)), "steps must be an integer >= 0"),
     (lambda s: s.__setitem__("steps", torch.tensor([3, 4])), "steps must be an integer >= 0"),
     (lambda s: s["blocks"]["0"].__setitem__("factors", None), "has inverses but no factors"),
+    (lambda s: s["blocks"]["4"].pop("inverses"), "block '4' must be a dict with keys 'factors' and 'inverses'"),
+    (lambda s: s["blocks"].__setitem__("1", None), "block '1' must be a dict"),
+    (lambda s: s.pop("hyperparameters"), "not a preconditioner's state_dict\\(\\): no hyperparameters"),
 ])
 def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, message):
     state = trained(comm).state_dict()
@@ -267,6 +270,19 @@ def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, mes
     assert after["steps"] == before["steps"]
     for name in before["blocks"]:
         assert torch.equal(after["blocks"][name]["factors"], before["blocks"][name]["factors"])
+
+
+@pytest.mark.parametrize("wrong", ["model", "checkpoint", "none"])
+def test_load_state_dict_names_what_it_got_instead(comm, wrong):
+    """A model's state_dict, a whole checkpoint holding the preconditioner's, or None: a
+    ValueError that says so, before anything changes."""
+    target = trained(comm)
+    state = {"model": target.model.state_dict(), "kfac": target.state_dict()}
+    given = {"model": target.model.state_dict(), "checkpoint": state, "none": None}[wrong]
+    message = "got NoneType" if wrong == "none" else "not a preconditioner's state_dict\\(\\): no steps"
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(given)
+    assert target.steps == 4
 
 
 def test_checkpoint_hyperparameters_win_with_a_warning(comm, caplog):

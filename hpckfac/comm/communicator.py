@@ -372,8 +372,14 @@ class Communicator:
         values = self.mpi.allgather(value)
         differ = [r for r, v in enumerate(values) if not _same(v, values[0])]
         if differ:
-            others = "; ".join(f"rank {r} has {_short(values[r])}" for r in differ)
-            raise CollectiveMismatchError(f"ranks disagree on {what}: rank 0 has {_short(values[0])}; {others}")
+            if all(isinstance(v, dict) for v in values):  # name the entries that differ, not whole dicts
+                keys = [k for k in dict.fromkeys(k for v in values for k in v)
+                        if any(not _same(values[r].get(k), values[0].get(k)) for r in differ)]
+                detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} has {_short(values[r].get(k))}"
+                                                        for r in [0] + differ) for k in keys)
+            else:
+                detail = ", ".join(f"rank {r} has {_short(values[r])}" for r in [0] + differ)
+            raise CollectiveMismatchError(f"ranks disagree on {what}: {detail}")
 
     def barrier(self) -> None:
         """Wait until every rank has arrived."""

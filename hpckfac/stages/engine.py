@@ -44,9 +44,31 @@ STAGES = ("reduce_scatter", "running_average", "inversion", "precondition", "all
 ITERATION_STAGES = ("local_factors",) + STAGES + ("write_grads", "allreduce")
 
 
+STATE_KEYS = ("steps", "hyperparameters", "blocks")
+
+
+def check_state_keys(state: Any) -> None:
+    """ValueError naming what is missing unless ``state`` is a dict with the keys of a
+    ``state_dict()`` (not a model's, an optimizer's, or a checkpoint holding several)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"state: expected a preconditioner's state_dict() (a dict), got {type(state).__name__}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        keys = sorted(str(k) for k in state)
+        raise ValueError(f"state: not a preconditioner's state_dict(): no {', '.join(missing)} (its keys: "
+                         f"{', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})")
+    for key in ("hyperparameters", "blocks"):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"state: {key} must be a dict, got {type(state[key]).__name__}")
+
+
 def _check_block_state(block, saved: dict[str, Any]) -> None:
     """ValueError naming the block unless its saved factors and inverses fit it and are finite."""
-    factors, inverses = saved.get("factors"), saved.get("inverses")
+    if not isinstance(saved, dict) or set(saved) != {"factors", "inverses"}:
+        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"state: block {block.name!r} must be a dict with keys 'factors' and 'inverses' "
+                         f"(None where absent), got {keys}")
+    factors, inverses = saved["factors"], saved["inverses"]
     if factors is not None:
         if tuple(np.shape(factors)) != (block.stat_size,):
             raise ValueError(f"state: block {block.name!r} has factors of shape {tuple(np.shape(factors))}, "
@@ -68,7 +90,7 @@ def _check_block_state(block, saved: dict[str, Any]) -> None:
 def _with_stack_axes(block, saved: dict[str, Any]) -> dict[str, Any]:
     """``saved`` with single ``(n, n)`` inverses given their stack axis ``(1, n, n)``: checkpoints
     written before every factor became a stack load as they are."""
-    inverses = saved.get("inverses")
+    inverses = saved.get("inverses") if isinstance(saved, dict) else None  # malformed: named by the checks
     if inverses is None or len(inverses) != len(block.inverse_shapes):
         return saved
     fixed = [x.reshape(want) if tuple(np.shape(x)) == tuple(want[1:]) and want[0] == 1 else x
@@ -174,7 +196,7 @@ class KFACEngine:
         return self.all_gather.gathered, self.layout.gather_offsets
 
     def step(self, grads: Sequence[Any], stats: Sequence[Any | None] | None = None,
-             lr: float = 1.0) -> list[Any]:
+             lr: float = 1.0, settings: dict[str, Any] | None = None) -> list[Any]:
         """Run stages 2-4 for one step; returns the preconditioned gradients.
 
         Args:
@@ -185,6 +207,9 @@ class KFACEngine:
                 None for a block with no statistics this step on this rank;
                 ignored on other steps.
             lr: learning rate used by the KL clip.
+            settings: further settings every rank must share (the torch bridge's
+                ``accumulation_steps``, ``statistics_fraction`` and frozen
+                parameters), compared with the step's own whenever they change.
 
         Returns:
             ``nu * V_l`` for every block, shaped like ``grads[l]``, dtype
@@ -196,16 +221,17 @@ class KFACEngine:
             raise ValueError(f"stats: a factor-update step needs one entry per block ({len(self.blocks)})")
         if len(grads) != len(self.blocks):
             raise ValueError(f"grads: expected {len(self.blocks)} gradient matrices, got {len(grads)}")
-        damping, decay, kl_clip = self.current("damping"), self.current("factor_decay"), self.current("kl_clip")
-        settings = (lr, damping, decay, kl_clip)
+        settings = {"lr": lr, "damping": self.current("damping"), "factor_decay": self.current("factor_decay"),
+                    "kl_clip": self.current("kl_clip"), "factor_update_interval": self.factor_update_interval,
+                    "inverse_update_interval": self.inverse_update_interval, **(settings or {})}
         if settings != self._agreed:
             # Ranks with different settings would drift apart silently: compared whenever they
-            # change (once for constants, every step under a schedule). A rank whose settings
-            # changed alone calls this while the others do not, which the next collective's
-            # agreement check reports on every rank.
-            self.comm.check_same(settings, f"the step's settings (lr, damping, factor_decay, kl_clip) at step "
-                                           f"{self.steps}")
+            # change (once for constants, every step under a schedule, and after a load, with
+            # the step count). A rank whose settings changed alone calls this while the others
+            # do not, which the next collective's agreement check reports on every rank.
+            self.comm.check_same({"step": self.steps, **settings}, f"the step's settings at step {self.steps}")
             self._agreed = settings
+        damping, decay, kl_clip = settings["damping"], settings["factor_decay"], settings["kl_clip"]
 
         start = self.clock()
         segment = self.reduce_scatter(grads, stats if factors else None)
@@ -279,6 +305,7 @@ class KFACEngine:
         checkpoint's hyperparameters win (an exact resume needs them, as with
         ``torch.optim``); a warning names those that differ from the current ones.
         """
+        check_state_keys(state)
         saved = state["blocks"]
         names = [b.name for b in self.blocks]
         if list(saved) != names:
@@ -304,3 +331,4 @@ class KFACEngine:
         for i, l in enumerate(self.owned):
             self.state.load_block_state(i, saved[self.blocks[l].name])
         self.state.restack()
+        self._agreed = None  # the loaded step count and settings are compared at the next step

@@ -18,7 +18,7 @@ from torch import nn
 
 from hpckfac.comm import CollectiveMismatchError, Communicator
 from hpckfac.log import get_logger
-from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine
+from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import Assignment
 from hpckfac.tables import format_table
@@ -374,7 +374,11 @@ class KFACPreconditioner:
         average_grads(self.other_params, self.comm, "ring", self.bucket_bytes)
         self.timings["allreduce"] = self.engine.clock() - start
 
-        updates = self.engine.step(slots, stats, lr=lr)
+        # A parameter frozen on one rank only would send zeros there and leave the replicas apart.
+        frozen = tuple(i for i, p in enumerate(self.model.parameters()) if not p.requires_grad)
+        updates = self.engine.step(slots, stats, lr=lr, settings={
+            "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
+            "frozen parameters": frozen})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
         self._io.write(to_tensor(whole), offsets, params)
@@ -456,11 +460,13 @@ class KFACPreconditioner:
         problem, see ``KFACEngine.load_state_dict``). The checkpoint's
         hyperparameters win, with a warning naming those that differ; a
         callable ``lr`` (a schedule) stays the caller's."""
+        check_state_keys(state)
         hyper = dict(state["hyperparameters"])
         lr, accumulation = hyper.pop("lr", None), hyper.pop("accumulation_steps", self.accumulation_steps)
         accumulation = check_options(accumulation_steps=accumulation)["accumulation_steps"]
         lr = None if lr is None or callable(self.lr) else check_options(lr=lr)["lr"]
-        blocks = {name: {k: _to_arrays(v) for k, v in block.items()} for name, block in state["blocks"].items()}
+        blocks = {name: {k: _to_arrays(v) for k, v in block.items()} if isinstance(block, dict) else block
+                  for name, block in state["blocks"].items()}  # the engine names a malformed entry
         steps = state["steps"]
         with device_scope(self.device):
             # A tensor step count is read as the number it holds (a float one is then refused).

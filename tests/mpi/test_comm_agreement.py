@@ -132,9 +132,13 @@ def test_check_same(comm):
     comm.check_same({"lr": 0.1, "layers": [3, 4]}, "settings")
     # Equal sets of strings may pickle in different orders on different ranks.
     comm.check_same({f"layer{i}" for i in range(20)}, "layer names")
-    value = {"lr": 0.2 if odd_one_out(comm) else 0.1}
+    # Dicts: only the entries that differ are named, with each differing rank's value.
+    value = {"damping": 0.01, "lr": 0.2 if odd_one_out(comm) else 0.1}
     expect_mismatch(comm, lambda: comm.check_same(value, "settings"),
-                    rf"ranks disagree on settings: rank 0 has {{'lr': 0.1}}; rank {comm.size - 1} has")
+                    rf"ranks disagree on settings: lr: rank 0 has 0.1, rank {comm.size - 1} has 0.2$")
+    value = [0.2 if odd_one_out(comm) else 0.1]
+    expect_mismatch(comm, lambda: comm.check_same(value, "values"),
+                    rf"ranks disagree on values: rank 0 has \[0.1\], rank {comm.size - 1} has \[0.2\]$")
 
 
 @pytest.mark.mpi

@@ -35,11 +35,13 @@ def test_mismatched_options_fail_on_every_rank(comm):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("option", ["lr", "damping", "kl_clip"])
+@pytest.mark.parametrize("option", ["lr", "damping", "kl_clip", "inverse_update_interval", "accumulation_steps",
+                                    "statistics_fraction", "frozen parameters"])
 @pytest.mark.parametrize("when", ["from the start", "from step 2"])
 def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option):
-    """Different learning rates, damping or KL clips would make replicas drift: every rank
-    raises instead, whether a schedule differs or an attribute is changed on one rank."""
+    """Different learning rates, damping, KL clips, intervals, accumulation, statistics samples
+    or frozen parameters would make replicas drift: every rank raises instead, whether a
+    schedule differs or an attribute is changed on one rank."""
     import torch
 
     odd = comm.rank == comm.size - 1 and comm.size > 1
@@ -50,10 +52,17 @@ def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
     for step in range(4):
         net(x).pow(2).mean().backward()
-        if odd and step == start and option != "lr":
-            setattr(precond.engine, option, 2 * getattr(precond.engine, option))
+        if odd and step == start:
+            if option in ("damping", "kl_clip", "inverse_update_interval"):
+                setattr(precond.engine, option, 2 * getattr(precond.engine, option))
+            elif option in ("accumulation_steps", "statistics_fraction"):
+                setattr(precond, option, {"accumulation_steps": 2, "statistics_fraction": 0.5}[option])
+            elif option == "frozen parameters":
+                net[0].weight.requires_grad_(False)
         if comm.size > 1 and step == start:
-            with pytest.raises(CollectiveMismatchError, match="settings|ranks disagree"):
+            # The ranks that compare the settings name the one that differs; the others, the
+            # comparison they were not part of.
+            with pytest.raises(CollectiveMismatchError, match=f"{option}: rank 0 has|check_same on ranks"):
                 precond.step()
             return
         precond.step()
