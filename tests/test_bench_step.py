@@ -1,6 +1,9 @@
 """``python -m hpckfac.bench step`` end to end on a tiny ResNet: the table's configurations and
 ratios in the JSON, and the profile report of every configuration."""
 import json
+import re
+
+import pytest
 
 from hpckfac.bench import step
 
@@ -22,3 +25,13 @@ def test_step_benchmark_writes_results_and_profiles(tmp_path, capsys):
     # The K-FAC section names the preconditioner's own functions; no device table on the CPU.
     assert "preconditioner.py" in sections[1] and "device busy" not in text
     assert f"profiles: {profile}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "100000"], "--threads must be in \\[0, "), (["--threads", "-1"], "--threads must be in"),
+    (["--warmup", "-5"], "--warmup must be >= 0"), (["--steps", "0"], "--steps and --batch must be positive"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        step.parse(argv)
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)

@@ -26,7 +26,7 @@ def mlp():
 
 
 @pytest.mark.parametrize("name,value", [
-    ("lr", 0.0), ("lr", "fast"), ("damping", -1.0), ("damping", math.nan), ("factor_decay", 1.0),
+    ("lr", 0.0), ("lr", "fast"), ("damping", -1.0), ("damping", math.nan), ("damping", 1e300), ("factor_decay", 1.0),
     ("factor_update_interval", 0), ("inverse_update_interval", 1.5), ("kl_clip", -1.0),
     ("assignment", "random"), ("factor_dtype", "int8"), ("bucket_bytes", 0), ("accumulation_steps", 0),
     ("skip_layers", [3]), ("grad_scaler", object()),
@@ -373,6 +373,15 @@ def test_batch_candidates():
     assert _batch_candidates([t(3, 2), t(5, 2)]) == [3, 5] and _batch_candidates([t(), t()]) == []
     assert _batch_size([3, 5], 5) == 5 and _batch_size([3, 5], 15) == 3 and _batch_size([], 8) == 8
     assert _batch_size([3, 5], 0) == 3
+
+
+def test_a_comm_that_is_not_a_communicator_and_skip_layers_that_match_nothing_are_named(comm, caplog):
+    with pytest.raises(TypeError, match="comm: expected an hpckfac.comm.Communicator, got Intracomm"):
+        KFACPreconditioner(mlp(), comm=MPI.COMM_SELF)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond = KFACPreconditioner(mlp(), comm=comm, skip_layers=["2", "fc9"])
+    assert "skip_layers: no module is named 'fc9' (the model's names" in caplog.text  # only the typo named
+    assert [b.name for b in precond.engine.blocks] == ["0"]  # "2" was skipped, "fc9" matched nothing
 
 
 def test_training_in_eval_mode_is_named(comm, caplog):

@@ -149,7 +149,7 @@ def test_schedule_validation_names_the_parameter(kwargs, name):
 # ---------------------------------------------------------------- config
 @pytest.mark.parametrize("field, value", [
     ("optimizer", "lbfgs"), ("batch_size", 0), ("steps", 0), ("epochs", -1), ("lr", -0.1),
-    ("lr", float("inf")), ("momentum", 1.0), ("weight_decay", -1e-4), ("damping", 0.0),
+    ("lr", float("inf")), ("momentum", 1.0), ("weight_decay", -1e-4), ("damping", 0.0), ("damping", 1e300),
     ("factor_decay", 1.0), ("factor_update_interval", 0), ("inverse_update_interval", 0),
     ("kl_clip", -1.0), ("width", 0), ("seed", -1), ("eval_every", 0), ("checkpoint_every", -2),
     ("batch_size", 2.5), ("steps", True),

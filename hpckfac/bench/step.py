@@ -18,6 +18,7 @@ with a synchronisation at each boundary (a separate run: it costs overlap).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -73,8 +74,12 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         parser.error(f"invalid --configs {bad}" if bad else "--steps and --batch must be positive")
     if args.image < 1:
         parser.error(f"--image must be positive, got {args.image}")
-    if args.threads < 0:
-        parser.error("--threads must be >= 0 (0: the process's own setting)")
+    cores = os.cpu_count() or 1
+    if not 0 <= args.threads <= cores:
+        parser.error(f"--threads must be in [0, {cores}] (0: the process's own setting; this machine has "
+                     f"{cores} cores)")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     if args.profile_steps < 1:
         parser.error("--profile-steps must be positive")
     return args

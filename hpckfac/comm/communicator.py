@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import numbers
 import os
 import pickle
 import threading
@@ -85,9 +86,9 @@ def _wait_notice_seconds() -> float:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        get_logger("hpckfac.comm").warning("%s=%r: expected a number of seconds > 0; using 60",
-                                           WAIT_NOTICE_ENV, text)
+    if not (math.isfinite(seconds) and 0 < seconds <= threading.TIMEOUT_MAX):
+        get_logger("hpckfac.comm").warning("%s=%r: expected a number of seconds > 0 (at most %.3g); using 60",
+                                           WAIT_NOTICE_ENV, text, threading.TIMEOUT_MAX)
         return 60.0
     return seconds
 
@@ -188,9 +189,10 @@ class Communicator:
         self._check_agreement = mode
         self._agreed: set[Signature] = set()  # calls every rank agreed on (used by "on_change")
 
-    def _enter(self, collective: str, validate: Callable[[], tuple[Any, Signature]]) -> Any:
+    def _enter(self, collective: str, validate: Callable[[], tuple[Any, Signature]], label: str | None = None) -> Any:
         """Validate this rank's arguments and, as ``check_agreement`` says, confirm
-        that every rank called ``collective`` compatibly. Returns what ``validate`` planned."""
+        that every rank called ``collective`` compatibly (``label``: the call's name in the
+        error, default ``collective``). Returns what ``validate`` planned."""
         mode = self._check_agreement
         if mode == "off":
             return validate()[0]
@@ -203,7 +205,7 @@ class Communicator:
             return plan
         everyone = disagreement(self.mpi, mine)
         if everyone is not None:
-            raise CollectiveMismatchError(f"{collective}: ranks disagree on {describe(everyone)}")
+            raise CollectiveMismatchError(f"{label or collective}: ranks disagree on {describe(everyone)}")
         if mode == "on_change":
             self._agreed.add(mine)
         return plan
@@ -243,7 +245,7 @@ class Communicator:
 
         def validate():
             op_index, alg = _op_index(op), _algorithm_index(algorithm)
-            if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+            if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes <= 0:
                 raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
             backends = [backend_for(a) for a in arrays]
             for i, a in enumerate(arrays):
@@ -317,7 +319,7 @@ class Communicator:
         def validate():
             backend, dtype = backend_for(buf), check_dtype(buf.dtype)
             _check_writeable(buf, "buf")
-            if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.size:
+            if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < self.size:
                 raise ValueError(f"root must be a rank in [0, {self.size}), got {root!r}")
             return backend, signature("broadcast", dtype=DTYPE_CODES[dtype], length=buf.size, parameter=root)
 
@@ -339,6 +341,18 @@ class Communicator:
         """
         if what is None or self.size == 1:
             return self.mpi.allgather(obj)
+        if not isinstance(what, str):
+            raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
+
+        def validate():
+            # Pickled before the agreement check, so that an object that cannot be sent fails the
+            # check on every rank instead of leaving the others waiting in the exchange.
+            try:
+                data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            except (pickle.PicklingError, TypeError, AttributeError) as err:
+                raise TypeError(f"{what}: the object to gather is not picklable: {err}") from err
+            return data, signature("allgather_object", layout=digest(what.encode()))
+
         seconds = _wait_notice_seconds()
         notice = threading.Timer(seconds, get_logger("hpckfac.comm").warning,
                                  ("%s has waited %.0f s for the other ranks: it is a collective, every rank must call "
@@ -346,8 +360,8 @@ class Communicator:
         notice.daemon = True
         notice.start()  # MPI's blocking calls release the GIL, so the timer's thread can speak
         try:
-            self._enter(what, lambda: (None, signature("allgather_object", layout=digest(what.encode()))))
-            return self.mpi.allgather(obj)
+            data = self._enter("allgather_object", validate, label=what)
+            return [pickle.loads(part) for part in self.mpi.allgather(data)]
         finally:
             notice.cancel()
 

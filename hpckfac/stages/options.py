@@ -31,8 +31,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Above this the damped diagonals (and pi-split terms sqrt(damping) * pi) leave float32's range,
+# in which the factors of float32 and half-precision models are kept.
+MAX_DAMPING = 1e18
+
+
 def _damping(value: Any) -> float:
-    return check_real(value, "damping", above=0.0)
+    return check_real(value, "damping", above=0.0, at_most=MAX_DAMPING)
 
 
 def _factor_decay(value: Any) -> float:

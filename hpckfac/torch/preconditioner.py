@@ -98,6 +98,9 @@ class KFACPreconditioner:
                              assignment=assignment, accumulation_steps=accumulation_steps,
                              statistics_fraction=statistics_fraction,
                              **({} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}))
+        if comm is not None and not isinstance(comm, Communicator):
+            raise TypeError(f"comm: expected an hpckfac.comm.Communicator, got {type(comm).__name__} (wrap an "
+                            "mpi4py communicator as Communicator(mpi_comm))")
         self.model = model
         self.comm = comm if comm is not None else Communicator()
         self.lr = opts["lr"]
@@ -111,7 +114,7 @@ class KFACPreconditioner:
         self._root_seen = False  # whether the model's own forward ran since the last step()
         self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
-        self.bucket_bytes = bucket_bytes
+        self.bucket_bytes = opts.get("bucket_bytes")
         self.skip_layers = opts["skip_layers"]
         self.device = _model_device(model)
         self.xp = namespace_for(self.device)
@@ -189,6 +192,13 @@ class KFACPreconditioner:
                                                            if frozen else "")
         self.coverage = [(name, type(module).__name__, status[name]) for name, module in self.model.named_modules()
                          if name in status]
+        names = [name for name, _ in self.model.named_modules()]
+        unmatched = [s for s in self.skip_layers if isinstance(s, str)
+                     and not any(n == s or n.startswith(s + ".") for n in names)]
+        if unmatched:  # most likely a typo: the layer meant is preconditioned after all
+            self._note("skip_layers: no module is named %s (the model's names are those of "
+                       "model.named_modules(), e.g. %s)", ", ".join(map(repr, unmatched)),
+                       ", ".join(repr(n) for n in names[1:4]) or "none")
         if not blocks:
             self._note("no layer of the model is preconditioned (see print(preconditioner) for why); every "
                          "gradient is only averaged over ranks")

@@ -181,3 +181,32 @@ def test_on_change_checks_each_new_call_once_and_still_catches_disagreement(comm
     n = 12 if odd_one_out(comm) else 10
     expect_mismatch(comm, lambda: steady.allgather_v(np.ones(n), [n] * comm.size if not odd_one_out(comm)
                                                      else [10] * (comm.size - 1) + [12]), "allgather_v")
+
+
+@pytest.mark.mpi
+def test_a_named_object_gather_that_cannot_pickle_fails_on_every_rank(comm):
+    """The rank whose object cannot be pickled raises TypeError; the others are told instead of
+    waiting for it in the exchange; the communicator stays usable."""
+    import threading
+
+    assert comm.allgather_object({"rank": comm.rank}, what="report()") == [{"rank": r} for r in range(comm.size)]
+    if comm.size == 1:
+        return
+    if odd_one_out(comm):
+        with pytest.raises(TypeError, match="report\\(\\): the object to gather is not picklable"):
+            comm.allgather_object(threading.Lock(), what="report()")
+        still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: comm.allgather_object(1, what="report()"), "report\\(\\): ranks disagree")
+    with pytest.raises(TypeError, match="what must be a string"):
+        comm.allgather_object(1, what=5)
+
+
+@pytest.mark.mpi
+def test_numpy_integers_are_integers(comm):
+    buf = np.full(3, float(comm.rank))
+    comm.broadcast(buf, root=np.int64(comm.size - 1))
+    np.testing.assert_array_equal(buf, np.full(3, comm.size - 1.0))
+    arrays = [np.full(4, 1.0), np.full(2, 2.0)]
+    comm.allreduce_many(arrays, op="sum", bucket_bytes=np.int64(16))
+    np.testing.assert_array_equal(arrays[1], np.full(2, 2.0 * comm.size))
