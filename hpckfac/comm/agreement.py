@@ -91,6 +91,9 @@ def describe(everyone: Sequence[Signature]) -> str:
         if len(groups) > 1:
             held = "; ".join(f"{_show(field, value)} on ranks {ranks}" for value, ranks in groups.items())
             parts.append(f"{'arguments' if field == 'valid' else field} ({held})")
+    checking = [rank for rank, sig in enumerate(everyone) if sig.collective == COLLECTIVES.index("check_same")]
+    if other_call and checking:  # their own message names what they compared
+        parts.append(f"ranks {checking} compare settings that changed there alone: their message names them")
     return ", ".join(parts)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hpckfac.assignment import assign_owners
+from hpckfac.comm.errors import CollectiveMismatchError
 from hpckfac.log import get_logger
 from hpckfac.stages.all_gather import AllGather
 from hpckfac.stages.layout import SegmentLayout
@@ -229,7 +230,14 @@ class KFACEngine:
             # change (once for constants, every step under a schedule, and after a load, with
             # the step count). A rank whose settings changed alone calls this while the others
             # do not, which the next collective's agreement check reports on every rank.
-            self.comm.check_same({"step": self.steps, **settings}, f"the step's settings at step {self.steps}")
+            try:
+                self.comm.check_same({"step": self.steps, **settings}, f"the step's settings at step {self.steps}")
+            except CollectiveMismatchError as err:
+                if self._agreed is None:
+                    raise
+                changed = ", ".join(f"{k} {self._agreed.get(k)!r} -> {v!r}" for k, v in settings.items()
+                                    if self._agreed.get(k) != v)
+                raise CollectiveMismatchError(f"{err}; changed on rank {self.comm.rank}: {changed}") from None
             self._agreed = settings
         damping, decay, kl_clip = settings["damping"], settings["factor_decay"], settings["kl_clip"]
 

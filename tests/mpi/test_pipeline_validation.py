@@ -60,9 +60,11 @@ def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option)
             elif option == "frozen parameters":
                 net[0].weight.requires_grad_(False)
         if comm.size > 1 and step == start:
-            # The ranks that compare the settings name the one that differs; the others, the
-            # comparison they were not part of.
-            with pytest.raises(CollectiveMismatchError, match=f"{option}: rank 0 has|check_same on ranks"):
+            # The rank whose setting changed names it; when every rank compares, all do; the
+            # others name the comparison they were not part of.
+            pattern = f"{option}: rank 0 has|changed on rank {comm.rank}: .*{option}" if odd else \
+                f"{option}: rank 0 has|check_same on ranks"
+            with pytest.raises(CollectiveMismatchError, match=pattern):
                 precond.step()
             return
         precond.step()
