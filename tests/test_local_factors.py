@@ -1,7 +1,7 @@
 """Stage 1's per-step sums (LocalStatistics) against each block's own statistics."""
 import numpy as np
 
-from hpckfac.layers import LinearBlock
+from hpckfac.layers import LayerNormBlock, LinearBlock
 from hpckfac.stages.local_factors import LocalStatistics
 
 
@@ -67,3 +67,37 @@ def test_an_empty_batch_adds_nothing_and_keeps_the_pairing():
     local.add_output_grads(0, g2)
     want = (block.statistics(a1, g1) + block.statistics(a2, g2)) / 6
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)
+
+
+def test_calls_pair_last_in_first_out_where_the_output_part_needs_the_input():
+    """A unit-wise block's Fisher takes each example's input and output gradient together: two
+    calls of one LayerNorm (different batch sizes) must pair call 2 with the first output
+    gradient backward delivers, then call 1."""
+    rng = np.random.default_rng(6)
+    block = LayerNormBlock("ln", (4,), 1e-5)
+    local = LocalStatistics([block], np.float64)
+    a1, g1 = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    a2, g2 = rng.standard_normal((3, 4)) * 2 + 1, rng.standard_normal((3, 4))
+    local.add_examples(8)
+    local.add_inputs(0, a1)
+    local.add_inputs(0, a2)
+    local.add_output_grads(0, g2)
+    local.add_output_grads(0, g1)
+    want = (block.statistics(a1, g1) + block.statistics(a2, g2)) / 8
+    np.testing.assert_allclose(local.result()[0], want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_step_after_an_unpaired_call_starts_from_zero():
+    """The sums a dropped block holds are cleared at the next step, not carried into it."""
+    rng = np.random.default_rng(8)
+    block = LinearBlock("fc", 3, 2, False)
+    local = LocalStatistics([block], np.float64)
+    local.add_examples(4)
+    local.add_inputs(0, rng.standard_normal((4, 3)))  # never backpropagated
+    assert local.result() == [None] and local.unpaired == [0]
+    local.reset()
+    a, g = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    local.add_examples(6)
+    local.add_inputs(0, a)
+    local.add_output_grads(0, g)
+    np.testing.assert_allclose(local.result()[0], block.statistics(a, g) / 6, rtol=1e-13, atol=1e-15)

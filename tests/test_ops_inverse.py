@@ -175,3 +175,16 @@ def test_extreme_magnitudes_stay_finite(dtype, magnitude):
         result = ops.damped_inverse((mat * v).astype(dtype)[None], 0.0)
         assert result.status[0] == expect
         assert np.isfinite(result.inverse).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("share,accepted", [(10.0, False), (50.0, False), (1000.0, True), (1e5, True)])
+def test_a_pivot_is_numerically_zero_below_pivot_rtol_eps(dtype, share, accepted):
+    """[[1, r], [r, 1]] leaves 1 - r^2 of its second diagonal entry to the second pivot; set to
+    ``share`` eps, Cholesky is kept only from PIVOT_RTOL eps up (rounding moves it by ~2 eps)."""
+    eps = np.finfo(dtype).eps
+    r = np.sqrt(1.0 - share * float(eps))
+    mats = np.array([[[1.0, r], [r, 1.0]]], dtype=dtype)
+    result = ops.damped_inverse(mats, 0.0)
+    assert result.status[0] == (ops.CHOLESKY if accepted else ops.JITTER)
+    assert np.isfinite(result.inverse).all()
