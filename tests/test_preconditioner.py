@@ -384,6 +384,20 @@ def test_a_comm_that_is_not_a_communicator_and_skip_layers_that_match_nothing_ar
     assert [b.name for b in precond.engine.blocks] == ["0"]  # "2" was skipped, "fc9" matched nothing
 
 
+def test_submodules_called_directly_count_on_steps_without_statistics_too(comm, caplog):
+    """The model's own forward never runs: the first K-FAC layer starts each pass, on factor
+    steps and plain steps alike (no "step() without a training forward" on the plain ones)."""
+    torch.manual_seed(2)
+    model = nn.ModuleDict({"a": nn.Linear(3, 4).double(), "b": nn.Linear(4, 2).double()})
+    precond = KFACPreconditioner(model, comm=comm, factor_update_interval=2, damping=DAMPING)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(3):
+            model["b"](torch.tanh(model["a"](x))).pow(2).mean().backward()
+            precond.step()
+    assert "without a training forward" not in caplog.text
+
+
 def test_training_in_eval_mode_is_named(comm, caplog):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm)
