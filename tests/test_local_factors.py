@@ -101,3 +101,24 @@ def test_a_step_after_an_unpaired_call_starts_from_zero():
     local.add_inputs(0, a)
     local.add_output_grads(0, g)
     np.testing.assert_allclose(local.result()[0], block.statistics(a, g) / 6, rtol=1e-13, atol=1e-15)
+
+
+def test_two_forwards_and_one_backward_count_both_passes():
+    """``loss = f(model(x1)) + f(model(x2))``: backward reaches pass 2's call first, then pass
+    1's; both passes count, and the statistics are those of the stacked rows over n1 + n2."""
+    rng = np.random.default_rng(9)
+    block = LinearBlock("fc", 3, 2, True)
+    local = LocalStatistics([block], np.float64)
+    (a1, g1), (a2, g2) = [(rng.standard_normal((n, 3)), rng.standard_normal((n, 2))) for n in (4, 6)]
+    local.add_examples(4)
+    local.add_inputs(0, a1)
+    local.add_examples(6)
+    local.add_inputs(0, a2)
+    local.add_output_grads(0, g2)
+    local.add_output_grads(0, g1)
+    assert local.examples == 10
+    a = np.hstack([np.vstack([a1, a2]), np.ones((10, 1))])
+    g = np.vstack([g1, g2])
+    iu_a, iu_g = np.triu_indices(4), np.triu_indices(2)
+    want = np.concatenate([(a.T @ a)[iu_a], (g.T @ g)[iu_g]]) / 10
+    np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)

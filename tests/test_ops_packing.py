@@ -92,8 +92,11 @@ def test_pack_into_out():
 
 def test_mixed_input_dtypes_promote():
     rng = np.random.default_rng(2)
-    buf = ops.pack_sym([random_symmetric(rng, 2, np.float32), random_symmetric(rng, 3, np.float64)])
+    mats = [random_symmetric(rng, 2, np.float32), random_symmetric(rng, 3, np.float64)]
+    buf = ops.pack_sym(mats)
     assert buf.dtype == np.float64
+    # The float64 matrix keeps every bit (no pass through float32); the float32 one is exact too.
+    assert np.array_equal(buf, explicit_pack([m.astype(np.float64) for m in mats]))
 
 
 @pytest.mark.parametrize(

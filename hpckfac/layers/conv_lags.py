@@ -324,8 +324,7 @@ def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, 
             box + box] -= gram[:width, :width].view(*sub, *sub)
         if bias:
             column = gram[:width, width].view(sub)
-            factor[:-1, -1].view(channels, *kernel)[box] -= column
-            factor[-1, :-1].view(channels, *kernel)[box] -= column
+            factor[:-1, -1].view(channels, *kernel)[box] -= column  # finish_factor mirrors it below
             factor[-1, -1] -= gram[width, width]
 
     result = factor.numpy()
