@@ -205,7 +205,8 @@ def bench_cholesky(repeat: int, sizes=CHOLESKY_SIZES) -> tuple[list[dict[str, An
         else:
             baseline = float("nan")
         rows_out.append({"kernel": "cholesky", "n": n, "batch": batch, "ours_ms": kernel * 1e3,
-                         "ours_call_ms": kernel_call * 1e3,                         "cusolver_route_ms": solver * 1e3, "baseline_ms": baseline * 1e3,
+                         "ours_call_ms": kernel_call * 1e3, "cusolver_route_ms": solver * 1e3,
+                         "baseline_ms": baseline * 1e3,
                          "ratio": kernel / baseline if has_torch else float("nan"), "aim": "<= 0.5",
                          "note": "" if has_torch else "torch without CUDA: no baseline"})
     return rows_out, crossover

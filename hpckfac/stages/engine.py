@@ -159,7 +159,7 @@ class KFACEngine:
         self.state = OwnerState(self.blocks, self.layout, comm.rank, state_dtype, xp)
         self.all_gather = AllGather(self.blocks, self.layout, comm, xp)
         self.steps = 0
-        self._agreed: tuple | None = None  # the step settings every rank last agreed on
+        self._agreed: dict[str, Any] | None = None  # the step settings every rank last agreed on
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
         self.timings = dict.fromkeys(STAGES, 0.0)
         # Called before every clock reading when set (e.g. a device synchronisation, so that
