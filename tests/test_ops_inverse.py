@@ -119,8 +119,26 @@ def test_mixed_batch_status_counters_and_warning(warnings_seen):
     for i in (0, 3):
         np.testing.assert_allclose(mats[i] @ result.inverse[i], np.eye(n), atol=1e-10)
     assert len(warnings_seen) == 1 and warnings_seen[0].levelno == logging.WARNING
+    assert "jitter (indices [2])" in warnings_seen[0].getMessage()
+    assert "eigen fallback (indices [1])" in warnings_seen[0].getMessage()
     ops.reset_inversion_counters()
     assert ops.inversion_counters() == {"cholesky": 0, "jitter": 0, "eigen": 0}
+
+
+def test_the_warning_names_a_few_indices_of_a_large_batch(warnings_seen):
+    """Thousands of rank-deficient unit-wise blocks (a tiny batch) give one readable line:
+    the first indices and how many more, not every index."""
+    rng = np.random.default_rng(27)
+    x = rng.standard_normal((300, 1, 2))
+    mats = x.swapaxes(1, 2) @ x  # rank one: each needs jitter without damping
+    mats[[5, 17]] = spd_batch(rng, 2, 2)
+    result = ops.damped_inverse(mats, 0.0)
+    jittered = np.flatnonzero(result.status == ops.JITTER)
+    assert jittered.size == 298 and np.isfinite(result.inverse).all()
+    message = warnings_seen[-1].getMessage()
+    shown = ", ".join(str(i) for i in jittered[:8])
+    assert f"298 of 300 matrices needed jitter (indices [{shown}, ... 290 more])" in message, message
+    assert len(message) < 200
 
 
 def test_zero_matrix_gets_unit_scale_jitter():

@@ -206,9 +206,16 @@ def _record(status: np.ndarray) -> None:
     if counts[JITTER] or counts[EIGEN]:
         _log.warning(
             "damped_inverse: %d of %d matrices needed jitter (indices %s), %d the eigen fallback (indices %s)",
-            counts[JITTER], status.size, np.flatnonzero(status == JITTER).tolist(),
-            counts[EIGEN], np.flatnonzero(status == EIGEN).tolist(),
+            counts[JITTER], status.size, _indices(status == JITTER), counts[EIGEN], _indices(status == EIGEN),
         )
+
+
+def _indices(mask: np.ndarray, shown: int = 8) -> str:
+    """The first ``shown`` indices where ``mask`` holds, then how many more: a batch of
+    thousands of small matrices (unit-wise blocks) must not print thousands of numbers."""
+    where = np.flatnonzero(mask)
+    head = ", ".join(str(i) for i in where[:shown])
+    return f"[{head}, ... {where.size - shown} more]" if where.size > shown else f"[{head}]"
 
 
 def inversion_counters() -> dict[str, int]:
