@@ -22,6 +22,26 @@ def test_lpt_within_graham_bound_of_optimum(seed, size):
     assert lpt <= (4 / 3 - 1 / (3 * size)) * best_makespan(costs, size) + 1e-9
 
 
+def plain_lpt(costs, size):
+    """LPT written out without a heap: biggest block first, to the least-loaded (then lowest) rank."""
+    loads, owners = [0.0] * size, [None] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(size), key=lambda r: (loads[r], r))
+        owners[i], loads[rank] = rank, loads[rank] + costs[i]
+    return owners
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("size", [1, 3, 5, 12])
+def test_lpt_on_fractional_costs_is_the_plain_greedy(seed, size):
+    # Costs below 1 and with fractions: loads must add them exactly as given, not rounded.
+    costs = [float(c) for c in np.random.default_rng(seed).uniform(0.01, 3.0, size=9)]
+    owners = assign_owners(costs, size)
+    assert owners == plain_lpt(costs, size)
+    loads = owner_loads(costs, owners, size)
+    assert loads == pytest.approx([sum(c for c, o in zip(costs, owners) if o == r) for r in range(size)])
+
+
 def test_lpt_greedy_order_and_ties():
     # Sorted (cost desc, index asc): 2(9) -> r0, 0(5) -> r1, 1(5) -> r2, 3(1) -> r1 (loads 9,5,5: r1 wins the tie).
     assert assign_owners([5, 5, 9, 1], 3) == [1, 2, 0, 1]

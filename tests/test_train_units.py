@@ -232,6 +232,7 @@ def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage)
 @pytest.mark.parametrize("key,value", [("step", -4), ("step", 6.5), ("step", True), ("config", None),
                                        ("config", [1]), ("history", 5), ("history", [1, 2]), ("data_order", None),
                                        ("wall", float("nan")), ("wall", -1.0), ("torch_rng", torch.zeros(3)),
+                                       ("torch_rng", torch.zeros((2, 3), dtype=torch.uint8)),
                                        ("model", 3), ("data", 7), ("preconditioner", "x")])
 def test_a_damaged_field_is_named(tmp_path, key, value):
     path = str(tmp_path / "step_00000004.pt")
@@ -240,6 +241,52 @@ def test_a_damaged_field_is_named(tmp_path, key, value):
     ckpt.save_checkpoint(path, state)
     with pytest.raises(ckpt.CheckpointError, match=f"is corrupt: {key} is"):
         ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key", [k for k in ckpt.KEYS if k not in ("format", "version")])
+def test_a_checkpoint_missing_any_key_is_named(tmp_path, key):
+    path = str(tmp_path / "step_00000004.pt")
+    with pytest.raises(ValueError, match=f"missing \\['{key}'\\]"):  # refused before anything is written
+        ckpt.save_checkpoint(path, {k: v for k, v in _state(4).items() if k != key})
+    assert not os.path.exists(path)
+    ckpt.save_checkpoint(path, _state(4))
+    state = torch.load(path, weights_only=True)
+    del state[key]
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError, match=f"is incomplete \\(missing {key}\\)"):
+        ckpt.load_checkpoint(path)
+
+
+def test_a_step_zero_checkpoint_loads(tmp_path):
+    path = str(tmp_path / "step_00000000.pt")
+    ckpt.save_checkpoint(path, _state(0))
+    assert ckpt.load_checkpoint(path)["step"] == 0
+
+
+def test_find_checkpoint_prefers_the_directory_itself_to_its_checkpoints_folder(tmp_path):
+    ckpt.save_checkpoint(ckpt.checkpoint_path(str(tmp_path), 2), _state(2))
+    ckpt.save_checkpoint(ckpt.checkpoint_path(str(tmp_path / "checkpoints"), 9), _state(9))
+    assert ckpt.find_checkpoint(str(tmp_path)) == ckpt.checkpoint_path(str(tmp_path), 2)
+    assert ckpt.find_checkpoint(str(tmp_path / "checkpoints")).endswith("step_00000009.pt")
+
+
+def test_prune_keeps_the_newest_and_reports_only_later_steps(tmp_path):
+    for step in (1, 3, 10, 20):  # 20: another run's, later than the step just written
+        ckpt.save_checkpoint(ckpt.checkpoint_path(str(tmp_path), step), _state(step))
+    assert ckpt.prune_checkpoints(str(tmp_path), 10, 2) == [ckpt.checkpoint_path(str(tmp_path), 20)]
+    assert sorted(os.listdir(tmp_path)) == ["step_00000003.pt", "step_00000010.pt", "step_00000020.pt"]
+    # Nothing later than the step just written: nothing to report (the new checkpoint is not "later").
+    assert ckpt.prune_checkpoints(str(tmp_path), 20, 5) == []
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_check_compatible_takes_a_missing_setting_as_its_default():
+    # A checkpoint from before a setting existed was trained with the setting's default.
+    state = _state()
+    default = TrainConfig().as_dict()["kl_clip"]
+    ckpt.check_compatible(state, {"optimizer": "sgd", "kl_clip": default}, "abc", ("optimizer", "kl_clip"), "p")
+    with pytest.raises(ckpt.CheckpointError, match=f"kl_clip is {default!r} there, 0.5 here"):
+        ckpt.check_compatible(state, {"optimizer": "sgd", "kl_clip": 0.5}, "abc", ("optimizer", "kl_clip"), "p")
 
 
 def test_check_compatible_names_the_differing_setting():

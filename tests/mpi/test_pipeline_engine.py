@@ -175,6 +175,15 @@ def test_engine_blocks_without_statistics_average_over_present_ranks(comm):
 
 
 @pytest.mark.mpi
+def test_engine_statistics_absent_after_a_step_with_them_leave_nothing_behind(comm):
+    # From step 1 on, each (step, block) misses one rank (none at one rank: the block is skipped)
+    # that did send that block's statistics before: the send buffer, reused across steps, must
+    # not carry the earlier step's statistics into the average over the present ranks.
+    absent = lambda k, r, l: k >= 1 and (k + r + l) % 3 == 0
+    run(comm, make_blocks(), steps=5, fui=1, iui=1, kl_clip=None, absent=absent, seed=11)
+
+
+@pytest.mark.mpi
 def test_engine_refuses_non_finite_statistics_and_propagates_non_finite_gradients(comm):
     blocks = make_blocks()
     engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, kl_clip=1e-3, comm_dtype=np.float64)
