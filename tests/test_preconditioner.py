@@ -275,6 +275,44 @@ def test_statistics_fraction_takes_the_factors_of_the_first_examples(fraction, n
         KFACPreconditioner(nn.Linear(2, 2), comm=Communicator(MPI.COMM_SELF), statistics_fraction=0)
 
 
+class FlatRows(nn.Module):
+    """A Linear fed the batch flattened to ``(batch * positions, features)`` rows (or the
+    ``(batch, positions, features)`` sequence itself with ``flat=False``)."""
+
+    def __init__(self, flat: bool):
+        super().__init__()
+        self.flat = flat
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1) if self.flat else self.fc(x).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3])
+def test_flattened_rows_take_the_factors_of_the_sequence(fraction):
+    """A layer that sees the batch as ``(batch * positions, features)`` rows takes the same
+    factors as on the ``(batch, positions, features)`` sequence, at every statistics fraction
+    (all rows at 1, the first examples' rows below), and at 1 the dense float64 formula:
+    ``A = sum of [a, 1][a, 1]^T / batch``."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 5, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    factors = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        model = FlatRows(flat).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=fraction,
+                                     factor_decay=0.0)
+        nn.functional.cross_entropy(model(x)[:, :3], y).backward()
+        precond.step()
+        factors.append(precond.engine.blocks[0].factors(precond.engine.state.running[0]))
+    for flat, seq in zip(*factors):
+        np.testing.assert_allclose(flat, seq, rtol=1e-12, atol=1e-15)
+    if fraction == 1.0:
+        rows = np.concatenate([x.reshape(-1, 4).numpy(), np.ones((30, 1))], axis=1)
+        np.testing.assert_allclose(factors[0][0][0], rows.T @ rows / 6, rtol=1e-12)
+
+
 class DictInput(nn.Module):
     """A model called as model({"x": x}): no tensor among its arguments."""
 

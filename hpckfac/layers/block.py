@@ -106,11 +106,16 @@ class CurvatureBlock(abc.ABC):
     Subclasses set ``name`` and implement the abstract members. ``uses_sample``
     says whether the statistics may come from a sub-sample of the micro-batch
     (``statistics_fraction``); blocks whose statistics depend on the whole
-    batch (BatchNorm) set it False.
+    batch (BatchNorm) set it False. ``averages_positions`` says whether the
+    output-gradient statistics average over an example's positions (KFC's
+    ``G``): then a layer that sees its micro-batch flattened to ``k`` rows per
+    example, ``(batch * k, ...)``, weights them by ``1/k``, so that its factors
+    are those of the unflattened layer.
     """
 
     name: str
     uses_sample: bool = True
+    averages_positions: bool = False
 
     # ------------------------------------------------------------------ shapes
     @property

@@ -25,6 +25,8 @@ class EmbeddingBlock(CurvatureBlock):
     """Curvature block of ``torch.nn.Embedding(num_embeddings, embedding_dim)``; the
     table is ``(num_embeddings, embedding_dim)``, the gradient matrix its transpose."""
 
+    averages_positions = True
+
     def __init__(self, name: str, num_embeddings: int, embedding_dim: int) -> None:
         self.name = check_name(name)
         self.num_embeddings = check_integer(num_embeddings, "num_embeddings", 1)

@@ -38,6 +38,8 @@ class KronBlock(CurvatureBlock):
     ``weight_shape`` (the layer's weight shape).
     """
 
+    averages_positions = True
+
     def __init__(self, name: str, d_in: int, d_out: int, bias: bool, weight_shape: tuple[int, ...],
                  groups: int = 1) -> None:
         self.name = check_name(name)

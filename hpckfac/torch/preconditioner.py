@@ -283,21 +283,32 @@ class KFACPreconditioner:
         if not self.engine.is_factor_step():
             return
         start = time.perf_counter()
-        if self.engine.blocks[index].uses_sample:
-            a = a[:self._sample]
         with device_scope(self.device):
-            self.local.add_inputs(index, to_array(a))
+            self.local.add_inputs(index, to_array(self._sampled(index, a)))
         self._hook_seconds += time.perf_counter() - start
+
+    def _sampled(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        """The leading rows of a layer's input or output gradient ``t`` that its statistics
+        take: all of them unless ``statistics_fraction`` < 1, then the same share of the rows
+        as of the micro-batch (``ceil``): the first examples' rows where the layer sees the
+        batch flattened example-major, ``(batch * positions, ...)``."""
+        if self._sample >= self._micro_batch or not self.engine.blocks[index].uses_sample:
+            return t
+        rows = int(t.shape[0])
+        return t[:-(-rows * self._sample // self._micro_batch)]
 
     def _on_output_grad(self, index: int, g: torch.Tensor) -> None:
         if not self.engine.is_factor_step():
             return
         start = time.perf_counter()
         scale = self._grad_scale() ** 2
-        if self.engine.blocks[index].uses_sample:
-            g = g[:self._sample]
+        rows = int(g.shape[0])
+        if self.engine.blocks[index].averages_positions and rows > self._micro_batch > 0:
+            # The micro-batch flattened to (batch * k, ...) rows: G averages each example's k rows
+            # as the positions of a sequence, so the factors are those of the unflattened layer.
+            scale *= self._micro_batch / rows
         with device_scope(self.device):
-            self.local.add_output_grads(index, to_array(g), scale)
+            self.local.add_output_grads(index, to_array(self._sampled(index, g)), scale)
         self._hook_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ step
