@@ -497,3 +497,26 @@ def test_misuse_warnings_and_tied_weights(comm, caplog):
     nn.functional.cross_entropy(tied(x), y).backward()
     precond.step()
     assert torch.isfinite(shared.weight.grad).all()
+
+
+def test_parameters_unfrozen_or_added_after_construction_are_averaged(caplog):
+    """step() averages the first-order parameters as they are at that step: a head frozen at
+    construction and unfrozen later, and a layer appended afterwards (named in a warning), get
+    their gradients written; nothing is preconditioned that was not at construction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model[2].requires_grad_(False)
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), skip_layers=["2"])
+    model[2].requires_grad_(True)
+    model.append(nn.PReLU(3).double())
+    assert {id(p) for p in precond.other_params} == {id(p) for p in [*model[2].parameters(), *model[3].parameters()]}
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model(x).pow(2).mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if name.startswith(("2.", "3."))}
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond.step()
+    assert "added to the model after the preconditioner was built" in caplog.text and "3.weight" in caplog.text
+    for name, p in model.named_parameters():  # one rank: first-order gradients are their own mean
+        if name in grads:
+            assert torch.equal(p.grad, grads[name]), name
+    assert len(precond.modules) == 1

@@ -88,18 +88,42 @@ def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
 def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
     """Average every ``.grad`` of ``model`` over ranks in place, with the same
     fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
-    call it on every rank)."""
+    call it on every rank). A trainable parameter without a gradient on some ranks counts as
+    zero there (``average_grads``)."""
     average_grads(model.parameters(), _comm(comm), algorithm, bucket_bytes)
 
 
 def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
-    """Average the ``.grad`` of every parameter of ``params`` that has one over the ranks of
+    """Average the ``.grad`` of every trainable parameter of ``params`` over the ranks of
     ``comm``, in place, fused into buffers of at most ``bucket_bytes`` (the Communicator's
-    default when None); a collective."""
-    grads = [p.grad for p in params if p.grad is not None]
+    default when None); a collective.
+
+    A parameter without a gradient on a rank (a layer its batch did not reach: stochastic
+    depth, a branch taken by some examples only) counts as a zero gradient there, so each
+    parameter's mean is over every rank, the gradient of the global batch's mean loss; it
+    gets a ``.grad`` unless no rank has one. One flag per parameter travels with the
+    gradients and says which; ranks that lack none read nothing back."""
+    params = [p for p in params if p.requires_grad]
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    flags = torch.ones(len(params), dtype=_flag_dtype(params), device=params[0].device if params else "cpu")
+    for i in missing:
+        flags[i] = 0  # a fill of one element where it lives: no upload from the host
     with _scope(grads):
-        comm.allreduce_many([to_array(g) for g in grads], op="mean", algorithm=algorithm, **kwargs)
+        comm.allreduce_many([to_array(g) for g in grads] + [to_array(flags)], op="mean", algorithm=algorithm,
+                            **kwargs)
+    if missing:
+        anyone = flags[missing].cpu().tolist()
+        for i, had in zip(missing, anyone):
+            if had > 0:
+                params[i].grad = grads[i]
+
+
+def _flag_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The flags' dtype: the first parameter's where a collective carries it, so that they
+    share its fusion bucket (a mean of 0s and 1s over ranks is > 0 in float16 too)."""
+    return params[0].dtype if params and _is_float(params[0]) else torch.float32
 
 
 def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:

@@ -119,7 +119,8 @@ class KFACPreconditioner:
         self.device = _model_device(model)
         self.xp = namespace_for(self.device)
         self.modules, blocks, kfac_params = self._find_blocks()
-        self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in kfac_params]
+        self._kfac_params = kfac_params
+        self._known_params = {id(p) for p in model.parameters()}
         param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
         comm_dtype = opts["factor_dtype"] or (np.float64 if param_dtype == torch.float64 else np.float32)
         self._check_agreement(opts)
@@ -392,6 +393,7 @@ class KFACPreconditioner:
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
+        self._warn_added()
         average_grads(self.other_params, self.comm, "ring", self.bucket_bytes)
         self.timings["allreduce"] = self.engine.clock() - start
 
@@ -417,6 +419,22 @@ class KFACPreconditioner:
         for name in ITERATION_STAGES:
             self._totals[name] += self.timings[name]
         self._timed_steps += 1
+
+    @property
+    def other_params(self) -> list[nn.Parameter]:
+        """The model's trainable parameters that no K-FAC block covers, as they are now (a
+        parameter unfrozen or a layer added after construction among them): ``step()``
+        averages their gradients over ranks."""
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._kfac_params]
+
+    def _warn_added(self) -> None:
+        """A warning, once, naming parameters added to the model after construction: they are
+        averaged first-order, not preconditioned."""
+        added = [name for name, p in self.model.named_parameters() if id(p) not in self._known_params]
+        if added:
+            self._warn_once("added:" + ",".join(added), "parameters added to the model after the preconditioner "
+                            f"was built are averaged first-order, not preconditioned: {', '.join(added)} (build "
+                            "the KFACPreconditioner once the model is complete)")
 
     def synchronize_timings(self, enabled: bool = True) -> None:
         """Wait for the device at every stage boundary of ``step()`` so that ``timings`` and

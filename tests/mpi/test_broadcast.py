@@ -53,3 +53,4 @@ def test_check_replicas_names_the_tensor_that_drifted(comm, dtype):
                 model[2].bias[0] += 1e-3  # a drift of one element on one rank
         with pytest.raises(CollectiveMismatchError, match=rf"2\.bias has 2 different values \(ranks \[0(, \d)*\]; ranks \[{comm.size - 1}\]\)"):
             check_replicas(model, comm)
+

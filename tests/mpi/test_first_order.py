@@ -1,0 +1,53 @@
+"""First-order gradients over ranks: allreduce_gradients with gradients missing on some ranks,
+and the preconditioner's first-order parameters as they are at each step."""
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.torch import KFACPreconditioner, allreduce_gradients
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_missing_on_some_ranks_count_as_zeros(comm, dtype):
+    """Ranks whose batches reached different parameters (stochastic depth): each gradient is
+    the mean over every rank with zeros where a rank has none, the same on every rank; a
+    parameter no rank has a gradient for keeps None, a frozen one is left alone."""
+    params = nn.ParameterList([nn.Parameter(torch.zeros(3 + i, dtype=dtype)) for i in range(5)])
+    params[4].requires_grad_(False)
+    used = lambda r, i: i < 3 and (r + i) % 2 == 0  # param 3 unused everywhere; at 1 rank param 1 too
+    values = {(r, i): torch.randn(3 + i, dtype=dtype, generator=torch.Generator().manual_seed(10 * r + i))
+              for r in range(comm.size) for i in range(5)}
+    for i, p in enumerate(params):
+        if used(comm.rank, i):
+            p.grad = values[comm.rank, i].clone()
+    allreduce_gradients(params, comm)
+    for i, p in enumerate(params):
+        users = [r for r in range(comm.size) if used(r, i)]
+        if not users:
+            assert p.grad is None, i
+            continue
+        expected = sum(values[r, i] for r in users) / comm.size
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+
+@pytest.mark.mpi
+def test_a_head_unfrozen_after_construction_is_averaged(comm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model[2].requires_grad_(False)
+    precond = KFACPreconditioner(model, comm=comm, skip_layers=["2"])
+    model[2].requires_grad_(True)
+    inputs = [torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+              for r in range(comm.size)]
+    head = []
+    for r, x in enumerate(inputs):  # each rank's own head gradient, for the oracle
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        head.append([p.grad.clone() for p in model[2].parameters()])
+    model.zero_grad()
+    model(inputs[comm.rank]).pow(2).mean().backward()
+    precond.step()
+    for j, p in enumerate(model[2].parameters()):
+        torch.testing.assert_close(p.grad, sum(h[j] for h in head) / comm.size, rtol=1e-12, atol=1e-14)
