@@ -224,7 +224,7 @@ class KFACPreconditioner:
         # Schedules (callables) compare by kind only: their reprs hold per-process addresses.
         options = {k: "<callable>" if callable(v) else repr(v) for k, v in opts.items()
                    if k not in ("lr", "grad_scaler")}
-        everyone = self.comm.allgather_object((layers, options))
+        everyone = self.comm.allgather_object((layers, options), what="KFACPreconditioner(...) construction")
         for rank, (other_layers, other_options) in enumerate(everyone):
             for i in range(max(len(layers), len(other_layers))):
                 mine = layers[i] if i < len(layers) else None
