@@ -7,7 +7,7 @@ Importing it in a job of several ranks installs the abort-on-error hook
 Communicator (while a script loads its data, say) ends the job too.
 """
 from hpckfac.comm.abort import install_abort_on_error
-from hpckfac.comm.communicator import Communicator
+from hpckfac.comm.communicator import Communicator, world_communicator
 from hpckfac.comm.errors import CollectiveMismatchError
 
 try:
@@ -15,4 +15,4 @@ try:
 except ValueError:
     pass  # a bad HPCKFAC_ABORT_ON_ERROR is reported by the first Communicator, not by an import
 
-__all__ = ["CollectiveMismatchError", "Communicator"]
+__all__ = ["CollectiveMismatchError", "Communicator", "world_communicator"]

@@ -55,6 +55,20 @@ def _check_writeable(buf: Any, name: str) -> None:
 _world_checks: list[bool] = []
 
 
+# The first Communicator made on COMM_WORLD, kept for the process's lifetime: whether it exists
+# decides whether a helper called without ``comm`` creates one (a collective), so it must not be
+# collected on one rank and not on another.
+_world: list["Communicator"] = []
+
+
+def world_communicator() -> "Communicator":
+    """The first Communicator made on ``MPI.COMM_WORLD`` in this process (by the script or by
+    hpckfac), made now if there is none: what hpckfac uses where ``comm`` is left out, so that
+    a helper called on one rank alone never creates one there (creating one is a collective and
+    would wait for the others) but meets the agreement check of the one the script made."""
+    return _world[0] if _world else Communicator()
+
+
 def _register_exit_check(comm: "Communicator") -> None:
     """At the end of the script, one agreement check on COMM_WORLD when any Communicator made
     on it checks agreement: a rank still waiting in a checked collective that the others never
@@ -154,14 +168,35 @@ class Communicator:
         self.mpi = mpi_comm
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
+        self._agree_on_mode(check_agreement)
         self.local_rank, self.local_size = node_rank_and_size(mpi_comm)
-        self.check_agreement = check_agreement
         self._fusion = FusionBuffers()
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
         configure_threads(self.local_size)
+        if mpi_comm == MPI.COMM_WORLD and not _world:
+            _world.append(self)
         if self.size > 1 and mpi_comm == MPI.COMM_WORLD:  # every rank made it: every rank checks at exit
             _register_exit_check(self)
+
+    def _agree_on_mode(self, mode: AgreementMode | bool) -> None:
+        """Set ``check_agreement`` to ``mode`` after one exchange of every rank's choice: a rank
+        that checks waits in each check for ranks that do not, so modes that differ (or one
+        that is invalid) raise on every rank here rather than hang at the first collective."""
+        try:
+            self.check_agreement = mode
+            mine = self._check_agreement
+        except ValueError as err:
+            mine, error = None, err
+        else:
+            error = None
+        everyone = self.mpi.allgather(mine) if self.size > 1 else [mine]
+        if error is not None:
+            raise error
+        if len(set(everyone)) > 1:
+            ranks = "; ".join(f"rank {r}: {m if m is not None else 'invalid'}" for r, m in enumerate(everyone))
+            raise CollectiveMismatchError(f"Communicator: ranks disagree on check_agreement ({ranks}); pass the "
+                                          "same mode on every rank")
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
@@ -178,7 +213,8 @@ class Communicator:
 
     @property
     def check_agreement(self) -> AgreementMode:
-        """When array collectives run the agreement check: ``"always"``, ``"on_change"`` or ``"off"``."""
+        """When array collectives run the agreement check: ``"always"``, ``"on_change"`` or ``"off"``
+        (compared across ranks at construction; set a new mode on every rank alike)."""
         return self._check_agreement
 
     @check_agreement.setter

@@ -63,9 +63,9 @@ def bind_device(device: DeviceChoice | str | torch.device | None = "auto", comm=
             raise ValueError(f"device: {device!r} but only {count} GPU(s) are visible")
     else:
         if comm is None:
-            from hpckfac.comm import Communicator
+            from hpckfac.comm import world_communicator
 
-            comm = Communicator()
+            comm = world_communicator()
         index = comm.local_rank % count
         if comm.local_size > count and comm.local_rank == 0:  # a fact of the node: said once there
             _log.warning("%d ranks on this node share %d GPU(s)", comm.local_size, count)

@@ -11,19 +11,14 @@ from torch import nn
 from hpckfac.torch.bridge import device_scope, to_array
 
 
-_default: list = []
-
-
 def _comm(comm):
-    """``comm``, or one Communicator on COMM_WORLD made on first use and reused (creating
-    one is a collective and allocates fusion buffers: not something to do every step)."""
+    """``comm``, or the process's Communicator on COMM_WORLD (``world_communicator``: the one
+    the script made, else one made on first use and reused)."""
     if comm is not None:
         return comm
-    if not _default:
-        from hpckfac.comm import Communicator
+    from hpckfac.comm import world_communicator
 
-        _default.append(Communicator())
-    return _default[0]
+    return world_communicator()
 
 
 def _scope(tensors: Sequence[torch.Tensor]):

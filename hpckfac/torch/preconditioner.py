@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpckfac.comm import CollectiveMismatchError, Communicator
+from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicator
 from hpckfac.log import get_logger
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
 from hpckfac.stages.local_factors import LocalStatistics
@@ -71,7 +71,8 @@ class KFACPreconditioner:
             the first ``ceil(fraction * n)`` examples of each micro-batch of
             ``n`` (1: all); their cost shrinks in proportion, the gradients are
             untouched. BatchNorm statistics always use the whole micro-batch.
-        comm: an ``hpckfac.comm.Communicator`` (default: on COMM_WORLD).
+        comm: an ``hpckfac.comm.Communicator`` (default: the process's first one on
+            COMM_WORLD, ``hpckfac.comm.world_communicator()``).
 
     Device: the pipeline runs where the model's parameters are (construct the
     preconditioner after ``model.to(device)``): NumPy buffers for a CPU model,
@@ -102,7 +103,7 @@ class KFACPreconditioner:
             raise TypeError(f"comm: expected an hpckfac.comm.Communicator, got {type(comm).__name__} (wrap an "
                             "mpi4py communicator as Communicator(mpi_comm))")
         self.model = model
-        self.comm = comm if comm is not None else Communicator()
+        self.comm = comm if comm is not None else world_communicator()
         self.lr = opts["lr"]
         self.grad_scaler = grad_scaler
         self.accumulation_steps = opts["accumulation_steps"]

@@ -210,3 +210,26 @@ def test_numpy_integers_are_integers(comm):
     arrays = [np.full(4, 1.0), np.full(2, 2.0)]
     comm.allreduce_many(arrays, op="sum", bucket_bytes=np.int64(16))
     np.testing.assert_array_equal(arrays[1], np.full(2, 2.0 * comm.size))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("odd", ["off", "on_change", "never"])
+def test_communicators_with_other_check_modes_fail_on_every_rank(comm, odd):
+    """A rank that checks agreement waits in each check for the ranks that do not: modes that
+    differ (or one that is invalid) raise at construction on every rank instead."""
+    if comm.size == 1:
+        if odd == "never":
+            with pytest.raises(ValueError, match="check_agreement"):
+                Communicator(comm.mpi, check_agreement=odd)
+        else:
+            assert Communicator(comm.mpi, check_agreement=odd).check_agreement == odd
+        return
+    mode = odd if odd_one_out(comm) else "always"
+    if odd == "never" and odd_one_out(comm):
+        with pytest.raises(ValueError, match="check_agreement"):
+            Communicator(comm.mpi, check_agreement=mode)
+    else:
+        with pytest.raises(CollectiveMismatchError, match=rf"check_agreement \(rank 0: always;.* rank {comm.size - 1}: "
+                                                          rf"{'invalid' if odd == 'never' else odd}\)"):
+            Communicator(comm.mpi, check_agreement=mode)
+    still_works(comm)

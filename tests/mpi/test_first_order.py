@@ -51,3 +51,24 @@ def test_a_head_unfrozen_after_construction_is_averaged(comm):
     precond.step()
     for j, p in enumerate(model[2].parameters()):
         torch.testing.assert_close(p.grad, sum(h[j] for h in head) / comm.size, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.mpi
+def test_a_helper_without_comm_on_one_rank_meets_the_scripts_communicator(comm):
+    """Left without ``comm``, the helpers use the process's Communicator on COMM_WORLD (here
+    the one made before): called on one rank alone, they raise on every rank instead of
+    creating a Communicator there (a collective the others never join)."""
+    import numpy as np
+
+    from hpckfac.comm import CollectiveMismatchError, world_communicator
+    from hpckfac.torch import sync_batchnorm_stats
+
+    assert world_communicator() is world_communicator() and world_communicator().mpi == comm.mpi
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(CollectiveMismatchError):
+        if comm.rank == 0:
+            sync_batchnorm_stats(model)
+        else:
+            comm.allreduce(np.ones(3))
