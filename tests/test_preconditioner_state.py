@@ -19,10 +19,12 @@ def comm():
     return Communicator(MPI.COMM_SELF)
 
 
-def model_and_data():
+def model_and_data(depthwise: bool = False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                           nn.Linear(36, 3, bias=False)).double()
+    if depthwise:  # grouped blocks: a stack of small inverses per layer
+        model[1] = nn.Conv2d(4, 4, 3, padding=1, groups=4).double()
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(6, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
             for _ in range(8)]
@@ -41,13 +43,14 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
 
 
-def test_checkpoint_resume_gives_the_same_trajectory(comm):
-    model, data = model_and_data()
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_checkpoint_resume_gives_the_same_trajectory(comm, depthwise):
+    model, data = model_and_data(depthwise)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train(model, opt, KFACPreconditioner(model, comm=comm, **OPTIONS), data)
     uninterrupted = flat(model)
 
-    model, data = model_and_data()
+    model, data = model_and_data(depthwise)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
     train(model, opt, precond, data[:4])  # stop between an inverse (3) and a factor (4) update
@@ -57,7 +60,7 @@ def test_checkpoint_resume_gives_the_same_trajectory(comm):
 
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    fresh, _ = model_and_data()
+    fresh, _ = model_and_data(depthwise)
     fresh.load_state_dict(saved["model"])
     opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
     opt.load_state_dict(saved["opt"])

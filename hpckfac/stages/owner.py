@@ -123,7 +123,10 @@ class OwnerState:
             items.sort(key=lambda item: (item[3], item[2]))
             mats = xp.concatenate([m for m, _, _, _ in items]) if len(items) > 1 else items[0][0]
             damp = xp.concatenate([d for _, d, _, _ in items]) if len(items) > 1 else items[0][1]
-            result = ops.damped_inverse(mats, damp.astype(self.dtype)).inverse
+            # C order whatever the solver returned (LAPACK's are column-major per matrix): inverses
+            # loaded from a checkpoint are C-ordered, and the products must round the same way
+            # for a resumed run to follow the uninterrupted one bit for bit.
+            result = xp.ascontiguousarray(ops.damped_inverse(mats, damp.astype(self.dtype)).inverse)
             start = 0
             for m, _, i, slot in items:
                 self.inverses[i][slot] = result[start:start + len(m)]
