@@ -261,6 +261,11 @@ def trained(comm):
     (lambda s: s["blocks"]["4"].pop("inverses"), "block '4' must be a dict with keys 'factors' and 'inverses'"),
     (lambda s: s["blocks"].__setitem__("1", None), "block '1' must be a dict"),
     (lambda s: s.pop("hyperparameters"), "not a preconditioner's state_dict\\(\\): no hyperparameters"),
+    (lambda s: s["blocks"]["4"]["inverses"][0].neg_(), "not symmetric with a positive diagonal"),
+    (lambda s: s["blocks"]["4"]["inverses"][1][0, 0, 1].add_(1.0), "not symmetric with a positive diagonal"),
+    (lambda s: s["blocks"]["4"].__setitem__("inverses", "abc"), "block .4. has inverses of type ndarray, expected a list"),
+    (lambda s: s["blocks"]["4"].__setitem__("inverses", [[1.0]]), "block .4. has inverses of shapes"),
+    (lambda s: s["blocks"]["0"].__setitem__("factors", "abc"), "factors of shape"),
 ])
 def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, message):
     state = trained(comm).state_dict()
@@ -314,3 +319,17 @@ def test_checkpoints_with_unstacked_kronecker_inverses_still_load(comm):
     for name, block in again.state_dict()["blocks"].items():
         for x, y in zip(block["inverses"], state["blocks"][name]["inverses"]):
             assert torch.equal(x, y)
+
+
+def test_values_beyond_the_states_range_are_refused(comm):
+    """A float32 model's state is float32: a saved float64 value beyond its range would load as
+    infinity (and every inversion would then fail), so it is refused as non-finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    model(torch.randn(5, 3)).sum().backward()
+    precond.step()
+    state = precond.state_dict()
+    state["blocks"]["0"]["factors"] = state["blocks"]["0"]["factors"].double() * 1e300
+    with pytest.raises(ValueError, match=r"block '0' has non-finite factors \(in float32\)"):
+        precond.load_state_dict(state)

@@ -63,8 +63,26 @@ def check_state_keys(state: Any) -> None:
             raise ValueError(f"state: {key} must be a dict, got {type(state[key]).__name__}")
 
 
-def _check_block_state(block, saved: dict[str, Any]) -> None:
-    """ValueError naming the block unless its saved factors and inverses fit it and are finite."""
+def _saved_array(block, value: Any, what: str, dtype) -> np.ndarray:
+    """``value`` (a NumPy array or torch tensor, as a checkpoint holds them) as a host array of
+    ``dtype``; ValueError naming the block for anything else, or for values that are not finite
+    in ``dtype`` (a float64 value beyond float32's range is infinite in a float32 state)."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise ValueError(f"state: block {block.name!r} has {what} of type {type(value).__name__}, expected arrays")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"state: block {block.name!r} has {what} that are not numbers: {err}") from None
+    if not np.isfinite(array).all():
+        raise ValueError(f"state: block {block.name!r} has non-finite {what} (in {np.dtype(dtype).name})")
+    return array
+
+
+def _check_block_state(block, saved: dict[str, Any], dtype) -> None:
+    """ValueError naming the block unless its saved factors and inverses fit it, are finite in
+    the state's ``dtype``, and the inverses look like inverses of damped SPD matrices
+    (symmetric, positive diagonal)."""
     if not isinstance(saved, dict) or set(saved) != {"factors", "inverses"}:
         keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         raise ValueError(f"state: block {block.name!r} must be a dict with keys 'factors' and 'inverses' "
@@ -74,28 +92,35 @@ def _check_block_state(block, saved: dict[str, Any]) -> None:
         if tuple(np.shape(factors)) != (block.stat_size,):
             raise ValueError(f"state: block {block.name!r} has factors of shape {tuple(np.shape(factors))}, "
                              f"expected ({block.stat_size},)")
-        if not np.isfinite(np.asarray(factors, dtype=np.float64)).all():
-            raise ValueError(f"state: block {block.name!r} has non-finite factors")
+        _saved_array(block, factors, "factors", dtype)
     if inverses is None:
         return
     if factors is None:
         raise ValueError(f"state: block {block.name!r} has inverses but no factors")
-    shapes = [tuple(np.shape(x)) for x in inverses]
+    if not isinstance(inverses, (list, tuple)):
+        raise ValueError(f"state: block {block.name!r} has inverses of type {type(inverses).__name__}, "
+                         "expected a list of arrays")
+    arrays = [_saved_array(block, x, "inverses", dtype) for x in inverses]
+    shapes = [x.shape for x in arrays]
     if shapes != [tuple(s) for s in block.inverse_shapes]:
         raise ValueError(f"state: block {block.name!r} has inverses of shapes {shapes}, "
                          f"expected {block.inverse_shapes}")
-    if not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in inverses):
-        raise ValueError(f"state: block {block.name!r} has non-finite inverses")
+    for x in arrays:
+        scale = np.abs(x).max(initial=0.0)
+        if not (np.diagonal(x, axis1=1, axis2=2) > 0).all() or \
+                np.abs(x - x.swapaxes(1, 2)).max(initial=0.0) > 1e-3 * scale:
+            raise ValueError(f"state: block {block.name!r} has inverses that are not symmetric with a positive "
+                             "diagonal (not inverses of damped curvature)")
 
 
 def _with_stack_axes(block, saved: dict[str, Any]) -> dict[str, Any]:
     """``saved`` with single ``(n, n)`` inverses given their stack axis ``(1, n, n)``: checkpoints
     written before every factor became a stack load as they are."""
     inverses = saved.get("inverses") if isinstance(saved, dict) else None  # malformed: named by the checks
-    if inverses is None or len(inverses) != len(block.inverse_shapes):
+    if not isinstance(inverses, (list, tuple)) or len(inverses) != len(block.inverse_shapes):
         return saved
-    fixed = [x.reshape(want) if tuple(np.shape(x)) == tuple(want[1:]) and want[0] == 1 else x
-             for x, want in zip(inverses, block.inverse_shapes)]
+    fixed = [x.reshape(want) if hasattr(x, "reshape") and tuple(np.shape(x)) == tuple(want[1:]) and want[0] == 1
+             else x for x, want in zip(inverses, block.inverse_shapes)]
     return {**saved, "inverses": fixed}
 
 
@@ -320,7 +345,7 @@ class KFACEngine:
             raise ValueError(f"state: saved blocks {list(saved)} differ from this model's {names}")
         saved = {b.name: _with_stack_axes(b, saved[b.name]) for b in self.blocks}
         for block in self.blocks:  # every block, not only the owned ones, so that all ranks agree
-            _check_block_state(block, saved[block.name])
+            _check_block_state(block, saved[block.name], self.state.dtype)
         steps = state["steps"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"state: steps must be an integer >= 0, got {steps!r}")
