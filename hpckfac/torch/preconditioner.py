@@ -220,11 +220,14 @@ class KFACPreconditioner:
         differing layer (or option)."""
         kfac = {id(m) for m in self.modules}
         layers = [(name, type(m).__name__, "kfac" if id(m) in kfac else "first-order",
-                   [tuple(p.shape) for p in m.parameters(recurse=False)])
+                   [(tuple(p.shape), str(p.dtype).removeprefix("torch.")) for p in m.parameters(recurse=False)])
                   for name, m in self.model.named_modules() if any(True for _ in m.parameters(recurse=False))]
         # Schedules (callables) compare by kind only: their reprs hold per-process addresses.
         options = {k: "<callable>" if callable(v) else repr(v) for k, v in opts.items()
                    if k not in ("lr", "grad_scaler")}
+        # A scaler's scale is undone in G: one rank with it and one without take other factors.
+        options["grad_scaler"] = "enabled" if self.grad_scaler is not None and self.grad_scaler.is_enabled() \
+            else "none"
         everyone = self.comm.allgather_object((layers, options), what="KFACPreconditioner(...) construction")
         for rank, (other_layers, other_options) in enumerate(everyone):
             for i in range(max(len(layers), len(other_layers))):

@@ -35,6 +35,23 @@ def test_mismatched_options_fail_on_every_rank(comm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("odd", ["bfloat16 model", "grad scaler"])
+def test_a_rank_with_another_dtype_or_scaler_fails_on_every_rank(comm, odd):
+    """Shapes alike, but one rank's model is bfloat16, or one rank undoes a GradScaler's scale:
+    its factors would differ from the others', so construction fails on every rank."""
+    import torch
+
+    last = comm.rank == comm.size - 1 and comm.size > 1
+    net = model(3).to(torch.bfloat16) if last and odd == "bfloat16 model" else model(3)
+    scaler = torch.amp.GradScaler("cpu", enabled=True) if last and odd == "grad scaler" else None
+    if comm.size == 1:
+        KFACPreconditioner(net, comm=comm, grad_scaler=scaler).remove_hooks()
+        return
+    with pytest.raises(CollectiveMismatchError, match="bfloat16" if odd == "bfloat16 model" else "grad_scaler"):
+        KFACPreconditioner(net, comm=comm, grad_scaler=scaler)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("option", ["lr", "damping", "kl_clip", "inverse_update_interval", "accumulation_steps",
                                     "statistics_fraction", "frozen parameters"])
 @pytest.mark.parametrize("when", ["from the start", "from step 2"])
