@@ -399,6 +399,7 @@ class KFACPreconditioner:
         start = self.engine.clock()
         self._warn_added()
         average_grads(self.other_params, self.comm, "ring", self.bucket_bytes)
+        self._agree_on_overflow()
         self.timings["allreduce"] = self.engine.clock() - start
 
         # A parameter frozen on one rank only would send zeros there and leave the replicas apart.
@@ -430,6 +431,24 @@ class KFACPreconditioner:
         parameter unfrozen or a layer added after construction among them): ``step()``
         averages their gradients over ranks."""
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._kfac_params]
+
+    def _agree_on_overflow(self) -> None:
+        """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in
+        ``found_inf`` whether this rank's own gradients overflowed; averaged, the gradients are
+        then non-finite on every rank, so every rank must skip the step: the flags are summed
+        over ranks (device tensors, one small allreduce, no host read). The scaler keeps them
+        in its per-optimizer state, which has no public accessor."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        found = [flag for state in scaler._per_optimizer_states.values()
+                 for flag in state.get("found_inf_per_device", {}).values()]
+        if not found:  # unscale_ not called before step(): scaler.step() checks the averaged gradients
+            return
+        flags = torch.stack([flag.reshape(()).to(self.device, torch.float32) for flag in found])
+        self.comm.allreduce(to_array(flags), op="sum")
+        for flag, total in zip(found, flags.clamp(max=1.0)):
+            flag.copy_(total.to(flag.device, flag.dtype).reshape(flag.shape))
 
     def _warn_added(self) -> None:
         """A warning, once, naming parameters added to the model after construction: they are
