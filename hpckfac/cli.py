@@ -1,7 +1,18 @@
 """The ``hpckfac`` console script: ``hpckfac train ...`` and ``hpckfac bench ...``."""
 from __future__ import annotations
 
+import argparse
 import sys
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, where it says something (not None, not a flag's
+    False, not where the help text already gives it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] not in commands:
         print(usage, file=sys.stderr)
+        if argv:
+            print(f"hpckfac: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
     import importlib
 

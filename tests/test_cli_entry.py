@@ -16,7 +16,14 @@ def test_help_and_usage(capsys):
             cli.main(["bench", name, "--help"])
         assert done.value.code == 0 and capsys.readouterr().out.startswith(f"usage: hpckfac bench {name}")
     assert cli.main(["nope"]) == 2
-    assert "usage: hpckfac" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage: hpckfac" in err and "hpckfac: error: unknown command 'nope'" in err
+    assert cli.main(["bench", "nope"]) == 2
+    assert "hpckfac bench: error: unknown benchmark 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "step", "--help"])
+    out = capsys.readouterr().out
+    assert "timed iterations per configuration (default: 100)" in " ".join(out.split())  # defaults shown
 
 
 def test_every_train_and_benchmark_flag_has_help_text(monkeypatch):

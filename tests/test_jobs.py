@@ -40,15 +40,16 @@ def test_cluster_templates_bind_one_rank_per_gpu():
         assert '--device "$DEVICE"' in text and "DEVICE=${DEVICE:-cuda}" in text
 
 
-def test_local_scaling_dry_run_prints_commands():
-    out = run_script("local_scaling.sh", {"DRY_RUN": "1", "OUT": "/nonexistent"})
+def test_local_scaling_dry_run_prints_commands(tmp_path):
+    out_dir = tmp_path / "absent"
+    out = run_script("local_scaling.sh", {"DRY_RUN": "1", "OUT": str(out_dir)})
     lines = [l for l in out.splitlines() if l.startswith("+ ")]
     for mode in ("strong", "weak"):
         for p in (1, 2, 4):
             assert any(f"-n {p} " in l and f"--mode {mode}" in l and f"{mode}_{p}.json" in l for l in lines)
-        assert any("--combine" in l and f"/nonexistent/{mode}.json" in l for l in lines)
-    assert any("hpckfac.bench model --calibrate /nonexistent/strong.json" in l for l in lines)
-    assert not os.path.exists("/nonexistent")
+        assert any("--combine" in l and f"{out_dir}/{mode}.json" in l for l in lines)
+    assert any(f"hpckfac.bench model --calibrate {out_dir}/strong.json" in l for l in lines)
+    assert not out_dir.exists()  # a dry run writes nothing
 
 
 def test_local_train_dry_run_prints_commands():

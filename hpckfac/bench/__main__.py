@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
         return 0
     if not argv or argv[0] not in BENCHMARKS:
         print(usage, file=sys.stderr)
+        if argv:
+            print(f"{prog}: error: unknown benchmark {argv[0]!r}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
     try:

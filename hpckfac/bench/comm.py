@@ -22,6 +22,7 @@ from hpckfac.bench.report import check_outputs, median, progress, time_calls, wr
 from hpckfac.comm import Communicator
 from hpckfac.comm.ring import chunk_bounds
 from hpckfac.tables import format_table
+from hpckfac.cli import HelpFormatter
 
 COLLECTIVES = ("ring", "mpi", "rs_v_mpi", "rs_v_ring", "ag_v_mpi", "ag_v_ring")
 # Each collective's share of the buffer a rank sends, times P/(P-1).
@@ -35,7 +36,8 @@ PROG = "python -m hpckfac.bench comm"
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")
     parser.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest buffer (bytes)")
     parser.add_argument("--repeat", type=int, default=20,

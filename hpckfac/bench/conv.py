@@ -19,6 +19,7 @@ import numpy as np
 
 from hpckfac.bench.report import check_outputs, median, progress, time_calls, write_json
 from hpckfac.tables import format_table
+from hpckfac.cli import HelpFormatter
 
 # ResNet-20's stride-1 layers at batch 64, narrow and tiny maps, and two ResNet-50 shapes at batch 32.
 DEFAULT_SHAPES = ("64:16:32x32,64:32:16x16,64:64:8x8,64:3:32x32,64:128:4x4,64:64:3x3,"
@@ -70,7 +71,8 @@ def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench conv") -> int:
     """Time both routes for every shape; print a table, optionally write JSON."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="inputs as N:C:HxW, comma-separated")
     parser.add_argument("--kernel", type=int, default=3, help="kernel size in every dimension, odd ('same' padding)")
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per route (median reported)")

@@ -24,6 +24,7 @@ from typing import Any
 
 from hpckfac.bench.report import check_outputs, write_json
 from hpckfac.tables import format_table
+from hpckfac.cli import HelpFormatter
 
 TARGETS = (0.95, 0.97)
 LOSS_TARGET = 0.05  # training loss: how fast each method optimises, apart from how well it generalises
@@ -133,7 +134,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench convergence") -> int:
     """Run the study; print the table, write JSON and the plot."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one setting per method, short runs (a smoke test)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for each method's best setting")
     parser.add_argument("--json", metavar="PATH", help="write the results here (default OUT/convergence.json)")

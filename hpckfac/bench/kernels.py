@@ -31,6 +31,7 @@ import numpy as np
 from hpckfac.bench import shapes
 from hpckfac.bench.report import check_outputs, median, time_calls, write_json
 from hpckfac.tables import format_table
+from hpckfac.cli import HelpFormatter
 
 FACTOR_SHAPES = ((32768, 64), (32768, 576), (16384, 1152), (8192, 2304), (4096, 4608))
 FACTOR_DTYPES = ("float32", "float16", "bfloat16")
@@ -262,7 +263,8 @@ def device_info() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench kernels") -> int:
     """Run the kernel benchmarks; print tables, optionally write JSON."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--repeat", type=int, default=20, help="timed batches per case (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group")

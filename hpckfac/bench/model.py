@@ -43,6 +43,7 @@ from hpckfac.bench.report import check_outputs, make_parent, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.tables import format_table
+from hpckfac.cli import HelpFormatter
 
 COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
 # OTU+18 = Osawa, Tsuji, Ueno et al. 2018 (arXiv 1811.12019): 1024 V100, batch 32,768, 1,760 iterations
@@ -414,7 +415,8 @@ def _machine_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench model") -> int:
     """CLI: calibrate on a scaling JSON (optional), then predict ResNet-50 at many GPUs."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
     parser.add_argument("--measure", metavar="SCALE", type=int, default=None,
                         help="time the NumPy compute rates here on ResNet-50 with channels / SCALE "

@@ -43,6 +43,7 @@ from hpckfac.bench import shapes
 from hpckfac.bench.report import check_outputs, make_parent, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
+from hpckfac.cli import HelpFormatter
 
 COMPUTE = ("local_factors", "running_average", "inversion", "precondition", "write_grads")
 DEFAULT_SCALE = {"resnet50": 8, "small": 1}
@@ -281,7 +282,8 @@ PROG = "python -m hpckfac.bench scaling"
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")
     parser.add_argument("--model", choices=sorted(shapes.MODELS), default="resnet50",

@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import fields
 
+from hpckfac.cli import HelpFormatter
 from hpckfac.torch.device import DEVICE_CHOICES
 from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig
 
@@ -26,19 +27,12 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None/True)" where it says nothing
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``hpckfac train`` argument parser (defaults from ``TrainConfig``)."""
     d = TrainConfig()
     p = _Parser(prog=PROG, description="Train a small ResNet with BatchNorm on the embedded handwritten "
                 "digits (or --data FILE.npz) with distributed K-FAC, SGD or Adam.",
-                formatter_class=_Formatter)
+                formatter_class=HelpFormatter)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="kfac: K-FAC preconditioner + SGD with momentum")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split evenly over ranks")
