@@ -36,6 +36,15 @@ def test_invalid_options_name_the_parameter(comm, name, value):
         KFACPreconditioner(mlp(), comm=comm, **{name: value})
 
 
+def test_the_optimizer_passed_as_lr_gets_a_short_answer(comm):
+    model = mlp()
+    with pytest.raises(ValueError, match=r"^lr: got the optimizer \(torch.optim.SGD\); pass its learning rate, or "
+                                         r"the LR scheduler that drives it$"):
+        KFACPreconditioner(model, comm=comm, lr=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"got list$"):
+        KFACPreconditioner(model, comm=comm, lr=list(range(100)))
+
+
 def test_kl_clip_zero_or_none_switches_the_clip_off(comm):
     for value in (0, 0.0, None):
         assert KFACPreconditioner(mlp(), comm=comm, kl_clip=value).engine.kl_clip is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from hpckfac.checks import check_integer, check_real
 from hpckfac.stages.options import CHECKS as ENGINE_CHECKS
 from hpckfac.stages.options import DEFAULTS as ENGINE_DEFAULTS
@@ -37,8 +39,12 @@ def _lr(value: Any):
     try:
         return check_real(value, "lr", above=0.0)
     except ValueError:
+        if isinstance(value, torch.optim.Optimizer):  # its repr is a page long
+            raise ValueError(f"lr: got the optimizer (torch.optim.{type(value).__name__}); pass its learning "
+                             "rate, or the LR scheduler that drives it") from None
+        text = repr(value)
         raise ValueError(f"lr: expected a number > 0, a callable step -> rate, or a torch LR scheduler, "
-                         f"got {value!r}") from None
+                         f"got {text if len(text) <= 80 else type(value).__name__}") from None
 
 
 def _skip_layers(value: Any) -> tuple:

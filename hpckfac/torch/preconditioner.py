@@ -485,8 +485,8 @@ class KFACPreconditioner:
     def report(self, gather: bool = False) -> str:
         """Per-stage mean milliseconds per step since construction, as a table.
 
-        By default this rank's own times, printed here and returned: safe to call
-        on one rank (``if rank == 0: precond.report()``). With ``gather=True`` it is a
+        By default this rank's own times (``stage``, ``mean_ms``), printed here and returned:
+        safe to call on one rank (``if rank == 0: precond.report()``). With ``gather=True`` it is a
         collective (call it on every rank): the table shows the mean and max over
         ranks, printed on rank 0 and returned on every rank."""
         mean = self.stage_means()
@@ -495,7 +495,8 @@ class KFACPreconditioner:
                  "max_ms": float(np.max([m[name] for m in everyone]))} for name in ITERATION_STAGES]
         rows.append({"stage": "total", "mean_ms": sum(r["mean_ms"] for r in rows),
                      "max_ms": float(np.max([sum(m.values()) for m in everyone]))})
-        table = format_table(rows, ["stage", "mean_ms", "max_ms"])
+        # One rank's table has no spread over ranks to show: its max would repeat the mean.
+        table = format_table(rows, ["stage", "mean_ms", "max_ms"] if gather else ["stage", "mean_ms"])
         if self.comm.rank == 0 or not gather:
             print(table)
         return table

@@ -17,6 +17,7 @@ def test_report_on_one_rank_then_gathered(comm, capsys):
     if comm.rank == comm.size - 1:  # the others go straight to the next collective
         local = precond.report()
         assert "local_factors" in local and local in capsys.readouterr().out
+        assert local.split("\n")[0].split() == ["stage", "mean_ms"]  # no spread over ranks to show
     gathered = precond.report(gather=True)
     assert "max_ms" in gathered and "total" in gathered
 
