@@ -259,6 +259,9 @@ class KFACEngine:
                 self.comm.check_same({"step": self.steps, **settings}, f"the step's settings at step {self.steps}")
             except CollectiveMismatchError as err:
                 if self._agreed is None:
+                    if "step:" in str(err):  # the step counts differ: most often a load on some ranks only
+                        raise CollectiveMismatchError(f"{err}; a checkpoint loaded on some ranks only? "
+                                                      "load_state_dict() must run on every rank") from None
                     raise
                 changed = ", ".join(f"{k} {self._agreed.get(k)!r} -> {v!r}" for k, v in settings.items()
                                     if self._agreed.get(k) != v)

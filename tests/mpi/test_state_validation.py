@@ -20,3 +20,27 @@ def test_bad_inverse_raises_on_every_rank(comm):
     with pytest.raises(ValueError, match="block '2' has inverses of shapes"):
         precond.load_state_dict(state)
     comm.barrier()  # every rank got here: nobody is left waiting
+
+
+@pytest.mark.mpi
+def test_a_checkpoint_loaded_on_one_rank_only_is_named(comm):
+    """load_state_dict() on rank 0 alone: the next step() fails on every rank, and the message
+    says what most likely happened."""
+    from hpckfac.comm import CollectiveMismatchError
+
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        precond.step()
+    state = precond.state_dict()
+    fresh = KFACPreconditioner(model, comm=comm)
+    if comm.rank == 0:
+        fresh.load_state_dict(state)
+    model(x).pow(2).mean().backward()
+    with pytest.raises(CollectiveMismatchError, match=r"load_state_dict\(\) must run on every rank"):
+        fresh.step()
