@@ -529,3 +529,16 @@ def test_parameters_unfrozen_or_added_after_construction_are_averaged(caplog):
         if name in grads:
             assert torch.equal(p.grad, grads[name]), name
     assert len(precond.modules) == 1
+
+
+def test_sparse_embeddings_are_refused_up_front(comm):
+    """Sparse gradients cannot travel through the dense collectives: refused at construction
+    (and by allreduce_gradients) with a message naming the layer, not mid-step."""
+    from hpckfac.torch import allreduce_gradients
+
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"layer 0 \(Embedding\) has sparse=True"):
+        KFACPreconditioner(model, comm=comm)
+    model(torch.randint(0, 10, (3, 5))).sum().backward()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        allreduce_gradients(model, comm)

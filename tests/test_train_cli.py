@@ -111,6 +111,7 @@ def _write(path, **arrays):
     ("no_checkpoint", "no checkpoint file or directory"),
     ("huge_width", "--width: 100000 needs at least"),
     ("huge_seed", "--seed: expected an integer in [0, 2**64)"),
+    ("huge_lr", "--lr: expected a finite real number > 0.0 and <= 3.40"),
 ])
 def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac_run):
     base = ["--steps", 2, "--batch-size", 32, "--no-progress"]
@@ -129,6 +130,7 @@ def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac
         "no_checkpoint": base + ["--resume", tmp_path / "missing"],
         "huge_width": base + ["--width", 100000],
         "huge_seed": base + ["--seed", 2**70],
+        "huge_lr": base + ["--lr", 1e300],
     }[case]
     if case == "corrupt":
         (tmp_path / "step_00000002.pt").write_bytes(os.urandom(3000))

@@ -99,6 +99,9 @@ def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | Non
     gets a ``.grad`` unless no rank has one. One flag per parameter travels with the
     gradients and says which; ranks that lack none read nothing back."""
     params = [p for p in params if p.requires_grad]
+    if any(p.grad is not None and p.grad.layout != torch.strided for p in params):
+        raise ValueError("params: a sparse gradient (an nn.Embedding with sparse=True?) cannot be averaged by the "
+                         "dense collectives; use sparse=False")
     missing = [i for i, p in enumerate(params) if p.grad is None]
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}

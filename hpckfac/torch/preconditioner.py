@@ -158,6 +158,10 @@ class KFACPreconditioner:
         self.coverage: list[tuple[str, str, str]] = []
         status: dict[str, str] = {}
         for name, module in self.model.named_modules():
+            if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                raise ValueError(f"model: layer {name} ({type(module).__name__}) has sparse=True; its sparse "
+                                 "gradients cannot be preconditioned or averaged by the dense collectives (use "
+                                 "sparse=False)")
             own = any(True for _ in module.parameters(recurse=False))
             if self._skipped(name, module):
                 if own:

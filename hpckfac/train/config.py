@@ -5,6 +5,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
+import numpy as np
+
 from hpckfac.checks import check_integer, check_real
 from hpckfac.torch.device import DEVICE_CHOICES, DeviceChoice
 from hpckfac.torch.options import DEFAULTS, check_options
@@ -89,7 +91,8 @@ class TrainConfig:
             raise ValueError(f"seed: expected an integer in [0, 2**64), got {self.seed!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
-        check_real(self.lr, "lr", above=0.0)  # a number here (the library also takes schedules)
+        # A number here (the library also takes schedules), one the float32 parameters can take.
+        check_real(self.lr, "lr", above=0.0, at_most=float(np.finfo(np.float32).max))
         check_options(**{name: getattr(self, name) for name in LIBRARY_KEYS})
         check_real(self.decay_power, "decay_power", at_least=0.0)
         check_real(self.momentum, "momentum", at_least=0.0, below=1.0)
