@@ -74,9 +74,10 @@ def _show(field: str, value: int) -> str:
     return str(value)
 
 
-def describe(everyone: Sequence[Signature]) -> str:
+def describe(everyone: Sequence[Signature], calls: Sequence[str] | None = None) -> str:
     """The fields that differ between ranks, each with the ranks holding each value,
-    e.g. ``length (3 on ranks [0]; 4 on ranks [1])``."""
+    e.g. ``length (3 on ranks [0]; 4 on ranks [1])``; where ranks are in different
+    collectives, the ``calls`` they are in (``state_dict()``, ``allreduce_many in step()``)."""
     refused = [rank for rank, sig in enumerate(everyone) if not sig.valid]
     # A rank that rejected its arguments sent no dtype, length etc. to compare, and the fields of
     # two different collectives mean different things: then the collective alone is named.
@@ -85,24 +86,29 @@ def describe(everyone: Sequence[Signature]) -> str:
     parts = []
     for field in fields:
         i = Signature._fields.index(field)
-        groups: dict[int, list[int]] = {}
+        groups: dict[int | str, list[int]] = {}
+        named = field == "collective" and calls is not None
         for rank, sig in enumerate(everyone):
-            groups.setdefault(sig[i], []).append(rank)
+            groups.setdefault(calls[rank] or _show(field, sig[i]) if named else sig[i], []).append(rank)
         if len(groups) > 1:
-            held = "; ".join(f"{_show(field, value)} on ranks {ranks}" for value, ranks in groups.items())
-            parts.append(f"{'arguments' if field == 'valid' else field} ({held})")
+            held = "; ".join(f"{value if named else _show(field, value)} on ranks {ranks}"
+                             for value, ranks in groups.items())
+            parts.append(f"{'arguments' if field == 'valid' else 'the call' if named else field} ({held})")
     checking = [rank for rank, sig in enumerate(everyone) if sig.collective == COLLECTIVES.index("check_same")]
     if other_call and checking:  # their own message names what they compared
         parts.append(f"ranks {checking} compare settings that changed there alone: their message names them")
     return ", ".join(parts)
 
 
-def disagreement(mpi: MPI.Comm, mine: Signature) -> list[Signature] | None:
-    """Every rank's signature if any two ranks differ, else None (same answer on every rank)."""
+def disagreement(mpi: MPI.Comm, mine: Signature, call: str = "") -> tuple[list[Signature], list[str]] | None:
+    """Every rank's signature and the name of the call it is in (``call``, e.g.
+    ``"state_dict()"``; empty: the collective's own name) if any two ranks differ, else None
+    (same answer on every rank). Only a disagreement sends the names."""
     vec = np.array(mine, dtype=np.int64)
     both = np.concatenate([vec, -vec])
     extremes = np.empty_like(both)
     mpi.Allreduce(both, extremes, op=MPI.MAX)
     if np.array_equal(extremes[:vec.size], -extremes[vec.size:]):
         return None
-    return [Signature(*sig) for sig in mpi.allgather(tuple(int(x) for x in mine))]
+    everyone = mpi.allgather((tuple(int(x) for x in mine), call))
+    return [Signature(*sig) for sig, _ in everyone], [name for _, name in everyone]

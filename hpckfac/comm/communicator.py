@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import numbers
 import os
 import pickle
 import threading
 from functools import cached_property
-from typing import Any, Callable, Literal, Sequence, get_args
+from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 
 import numpy as np
 from mpi4py import MPI
@@ -82,9 +83,9 @@ def _register_exit_check(comm: "Communicator") -> None:
 def _check_at_exit() -> None:
     if MPI.Is_finalized() or not any(_world_checks):
         return
-    everyone = disagreement(MPI.COMM_WORLD, signature("the end of the script"))
-    if everyone is not None:
-        abort_job(f"hpckfac: the end of the script: ranks disagree on {describe(everyone)}: this rank reached "
+    found = disagreement(MPI.COMM_WORLD, signature("the end of the script"), "the end of the script")
+    if found is not None:
+        abort_job(f"hpckfac: the end of the script: ranks disagree on {describe(*found)}: this rank reached "
                   f"the end of the script while others wait in a collective it never calls (every rank must "
                   f"call it)")
 
@@ -171,6 +172,7 @@ class Communicator:
         self._agree_on_mode(check_agreement)
         self.local_rank, self.local_size = node_rank_and_size(mpi_comm)
         self._fusion = FusionBuffers()
+        self._calls: list[str] = []  # the library calls this rank is in (``calling``)
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
         configure_threads(self.local_size)
@@ -225,6 +227,20 @@ class Communicator:
         self._check_agreement = mode
         self._agreed: set[Signature] = set()  # calls every rank agreed on (used by "on_change")
 
+    @contextlib.contextmanager
+    def calling(self, name: str) -> Iterator[None]:
+        """Within the block, collectives name ``name`` (e.g. ``"step()"``) as the call they
+        belong to, so that a rank that disagrees learns what the others are doing
+        (``allreduce_many in step()`` against ``state_dict()``)."""
+        self._calls.append(name)
+        try:
+            yield
+        finally:
+            self._calls.pop()
+
+    def _call_name(self, label: str) -> str:
+        return f"{label} in {self._calls[-1]}" if self._calls and self._calls[-1] not in label else label
+
     def _enter(self, collective: str, validate: Callable[[], tuple[Any, Signature]], label: str | None = None) -> Any:
         """Validate this rank's arguments and, as ``check_agreement`` says, confirm
         that every rank called ``collective`` compatibly (``label``: the call's name in the
@@ -239,9 +255,10 @@ class Communicator:
             raise
         if mode == "on_change" and mine in self._agreed:
             return plan
-        everyone = disagreement(self.mpi, mine)
-        if everyone is not None:
-            raise CollectiveMismatchError(f"{label or collective}: ranks disagree on {describe(everyone)}")
+        call = self._call_name(label or collective)
+        found = disagreement(self.mpi, mine, call)
+        if found is not None:
+            raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
         if mode == "on_change":
             self._agreed.add(mine)
         return plan
@@ -413,11 +430,13 @@ class Communicator:
         except (pickle.PicklingError, TypeError, AttributeError) as err:
             disagreement(self.mpi, rejected("check_same"))
             raise TypeError(f"check_same: {what} is not picklable: {err}") from err
-        everyone = disagreement(self.mpi, mine)
-        if everyone is None:
+        call = self._call_name(f"check_same({what})")
+        found = disagreement(self.mpi, mine, call)
+        if found is None:
             return
+        everyone = found[0]
         if any(sig._replace(layout=0) != everyone[0]._replace(layout=0) for sig in everyone):
-            raise CollectiveMismatchError(f"check_same({what}): ranks disagree on {describe(everyone)}")
+            raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
         # Digests differ; equal values may still pickle differently (e.g. set order).
         values = self.mpi.allgather(value)
         differ = [r for r, v in enumerate(values) if not _same(v, values[0])]

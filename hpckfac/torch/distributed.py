@@ -39,8 +39,8 @@ def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
     raise ``CollectiveMismatchError`` on every rank instead of hanging."""
     comm = _comm(comm)
     tensors = list(model.parameters()) + list(model.buffers())
-    comm.check_same([(tuple(t.shape), str(t.dtype)) for t in tensors], "the model's parameters and buffers")
-    with _scope(tensors):
+    with comm.calling("broadcast_parameters()"), _scope(tensors):
+        comm.check_same([(tuple(t.shape), str(t.dtype)) for t in tensors], "the model's parameters and buffers")
         for tensor in tensors:
             if _is_float(tensor):
                 comm.broadcast(to_array(tensor), root=root)
@@ -85,7 +85,9 @@ def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bu
     fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
     call it on every rank). A trainable parameter without a gradient on some ranks counts as
     zero there (``average_grads``)."""
-    average_grads(model.parameters(), _comm(comm), algorithm, bucket_bytes)
+    comm = _comm(comm)
+    with comm.calling("allreduce_gradients()"):
+        average_grads(model.parameters(), comm, algorithm, bucket_bytes)
 
 
 def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
@@ -143,7 +145,7 @@ def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
                 else:  # bfloat16 statistics: averaged in float32, written back
                     narrow.append((tensor, tensor.float()))
                     tensors.append(narrow[-1][1])
-    with _scope(tensors):
+    with _scope(tensors), comm.calling("sync_batchnorm_stats()"):
         comm.allreduce_many([to_array(t) for t in tensors], op="mean")
     with torch.no_grad():
         for tensor, wide in narrow:

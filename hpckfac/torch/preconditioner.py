@@ -347,7 +347,7 @@ class KFACPreconditioner:
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``
         (a collective: call it on every rank, once per optimizer step)."""
-        with device_scope(self.device):
+        with device_scope(self.device), self.comm.calling("step()"):
             self._step()
 
     def _note(self, message: str, *args: Any) -> None:
