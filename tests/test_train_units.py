@@ -233,7 +233,8 @@ def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage)
                                        ("config", [1]), ("history", 5), ("history", [1, 2]), ("data_order", None),
                                        ("wall", float("nan")), ("wall", -1.0), ("torch_rng", torch.zeros(3)),
                                        ("torch_rng", torch.zeros((2, 3), dtype=torch.uint8)),
-                                       ("model", 3), ("data", 7), ("preconditioner", "x")])
+                                       ("model", 3), ("model", {"w": torch.tensor([1.0, float("nan")])}),
+                                       ("data", 7), ("preconditioner", "x")])
 def test_a_damaged_field_is_named(tmp_path, key, value):
     path = str(tmp_path / "step_00000004.pt")
     state = _state(4)
