@@ -107,14 +107,15 @@ def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | Non
     missing = [i for i, p in enumerate(params) if p.grad is None]
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
-    flags = torch.ones(len(params), dtype=_flag_dtype(params), device=params[0].device if params else "cpu")
-    for i in missing:
-        flags[i] = 0  # a fill of one element where it lives: no upload from the host
+    flags = []
+    if params:  # every rank calls the collective, with or without parameters (a mismatch is named)
+        flags = [torch.ones(len(params), dtype=_flag_dtype(params), device=params[0].device)]
+        for i in missing:
+            flags[0][i] = 0  # a fill of one element where it lives: no upload from the host
     with _scope(grads):
-        comm.allreduce_many([to_array(g) for g in grads] + [to_array(flags)], op="mean", algorithm=algorithm,
-                            **kwargs)
+        comm.allreduce_many([to_array(g) for g in grads + flags], op="mean", algorithm=algorithm, **kwargs)
     if missing:
-        anyone = flags[missing].cpu().tolist()
+        anyone = flags[0][missing].cpu().tolist()
         for i, had in zip(missing, anyone):
             if had > 0:
                 params[i].grad = grads[i]

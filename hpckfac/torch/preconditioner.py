@@ -401,13 +401,14 @@ class KFACPreconditioner:
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
-        self._warn_added()
-        average_grads(self.other_params, self.comm, "ring", self.bucket_bytes)
+        every = list(self.model.parameters())  # one walk of the modules per step serves all below
+        self._warn_added(every)
+        average_grads(self._first_order(every), self.comm, "ring", self.bucket_bytes)
         self._agree_on_overflow()
         self.timings["allreduce"] = self.engine.clock() - start
 
         # A parameter frozen on one rank only would send zeros there and leave the replicas apart.
-        frozen = tuple(i for i, p in enumerate(self.model.parameters()) if not p.requires_grad)
+        frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
             "frozen parameters": frozen})
@@ -434,7 +435,10 @@ class KFACPreconditioner:
         """The model's trainable parameters that no K-FAC block covers, as they are now (a
         parameter unfrozen or a layer added after construction among them): ``step()``
         averages their gradients over ranks."""
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._kfac_params]
+        return self._first_order(self.model.parameters())
+
+    def _first_order(self, params) -> list[nn.Parameter]:
+        return [p for p in params if p.requires_grad and id(p) not in self._kfac_params]
 
     def _agree_on_overflow(self) -> None:
         """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in
@@ -454,9 +458,11 @@ class KFACPreconditioner:
         for flag, total in zip(found, flags.clamp(max=1.0)):
             flag.copy_(total.to(flag.device, flag.dtype).reshape(flag.shape))
 
-    def _warn_added(self) -> None:
+    def _warn_added(self, params: list[nn.Parameter]) -> None:
         """A warning, once, naming parameters added to the model after construction: they are
         averaged first-order, not preconditioned."""
+        if all(id(p) in self._known_params for p in params):
+            return
         added = [name for name, p in self.model.named_parameters() if id(p) not in self._known_params]
         if added:
             self._warn_once("added:" + ",".join(added), "parameters added to the model after the preconditioner "
