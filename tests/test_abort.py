@@ -166,3 +166,27 @@ def test_benchmark_output_checks_agree_across_ranks(tmp_path):
                            "-n", "1", "-wdir", str(tmp_path / "b"), *bench], capture_output=True, text=True,
                           timeout=60, env=ENV)
     assert proc.returncode == 2 and "--json sub:" in proc.stderr and "is a directory" in proc.stderr, proc.stderr
+
+
+def test_a_helper_without_comm_on_one_rank_meets_a_duplicated_world(tmp_path):
+    """The script's Communicator wraps a duplicate of COMM_WORLD: a helper called without
+    ``comm`` on one rank still uses it (and its agreement check) instead of creating one there."""
+    proc = run(tmp_path, """
+        import numpy as np
+        from mpi4py import MPI
+        from torch import nn
+        from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicator
+        from hpckfac.torch import sync_batchnorm_stats
+
+        comm = Communicator(MPI.COMM_WORLD.Dup())
+        assert world_communicator() is comm
+        try:
+            if comm.rank == 0:
+                sync_batchnorm_stats(nn.BatchNorm1d(4))
+            else:
+                comm.allreduce(np.ones(3))
+        except CollectiveMismatchError:
+            print("raised on rank", comm.rank)
+    """, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "raised on rank 0" in proc.stdout and "raised on rank 1" in proc.stdout

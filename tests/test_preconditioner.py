@@ -297,6 +297,22 @@ class FlatRows(nn.Module):
         return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1) if self.flat else self.fc(x).reshape(x.shape[0], -1)
 
 
+def flat_and_sequence_factors(make, x, y, fraction):
+    """The first block's factors after one step of ``make(flat)`` for flat = True, False."""
+    factors = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        model = make(flat).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=fraction,
+                                     factor_decay=0.0)
+        nn.functional.cross_entropy(model(x)[:, :3], y).backward()
+        precond.step()
+        factors.append(precond.engine.blocks[0].factors(precond.engine.state.running[0]))
+    for flat, seq in zip(*factors):
+        np.testing.assert_allclose(flat, seq, rtol=1e-12, atol=1e-15)
+    return factors[0]
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3])
 def test_flattened_rows_take_the_factors_of_the_sequence(fraction):
     """A layer that sees the batch as ``(batch * positions, features)`` rows takes the same
@@ -306,20 +322,30 @@ def test_flattened_rows_take_the_factors_of_the_sequence(fraction):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(6, 5, 4, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 3, (6,), generator=gen)
-    factors = []
-    for flat in (True, False):
-        torch.manual_seed(0)
-        model = FlatRows(flat).double()
-        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=fraction,
-                                     factor_decay=0.0)
-        nn.functional.cross_entropy(model(x)[:, :3], y).backward()
-        precond.step()
-        factors.append(precond.engine.blocks[0].factors(precond.engine.state.running[0]))
-    for flat, seq in zip(*factors):
-        np.testing.assert_allclose(flat, seq, rtol=1e-12, atol=1e-15)
+    flat = flat_and_sequence_factors(FlatRows, x, y, fraction)
     if fraction == 1.0:
         rows = np.concatenate([x.reshape(-1, 4).numpy(), np.ones((30, 1))], axis=1)
-        np.testing.assert_allclose(factors[0][0][0], rows.T @ rows / 6, rtol=1e-12)
+        np.testing.assert_allclose(flat[0][0], rows.T @ rows / 6, rtol=1e-12)
+
+
+class FlatTokens(nn.Module):
+    """An Embedding fed ``(batch, tokens)`` indices, or the same flattened to ``(batch * tokens,)``."""
+
+    def __init__(self, flat: bool):
+        super().__init__()
+        self.flat = flat
+        self.emb = nn.Embedding(7, 3)
+
+    def forward(self, x):
+        out = self.emb(x.reshape(-1)) if self.flat else self.emb(x)
+        return out.reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_flattened_tokens_take_the_factors_of_the_sequence(fraction):
+    x = torch.randint(0, 7, (6, 4), generator=torch.Generator().manual_seed(9))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(10))
+    flat_and_sequence_factors(FlatTokens, x, y, fraction)
 
 
 class DictInput(nn.Module):

@@ -63,10 +63,11 @@ _world: list["Communicator"] = []
 
 
 def world_communicator() -> "Communicator":
-    """The first Communicator made on ``MPI.COMM_WORLD`` in this process (by the script or by
-    hpckfac), made now if there is none: what hpckfac uses where ``comm`` is left out, so that
-    a helper called on one rank alone never creates one there (creating one is a collective and
-    would wait for the others) but meets the agreement check of the one the script made."""
+    """The first Communicator made on ``MPI.COMM_WORLD`` (or on a duplicate of it) in this
+    process, by the script or by hpckfac, made now if there is none: what hpckfac uses where
+    ``comm`` is left out, so that a helper called on one rank alone never creates one there
+    (creating one is a collective and would wait for the others) but meets the agreement check
+    of the one the script made."""
     return _world[0] if _world else Communicator()
 
 
@@ -176,8 +177,8 @@ class Communicator:
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
         configure_threads(self.local_size)
-        if mpi_comm == MPI.COMM_WORLD and not _world:
-            _world.append(self)
+        if not _world and MPI.Comm.Compare(mpi_comm, MPI.COMM_WORLD) in (MPI.IDENT, MPI.CONGRUENT):
+            _world.append(self)  # COMM_WORLD itself or a duplicate of it (same ranks, same order)
         if self.size > 1 and mpi_comm == MPI.COMM_WORLD:  # every rank made it: every rank checks at exit
             _register_exit_check(self)
 
@@ -251,7 +252,7 @@ class Communicator:
         try:
             plan, mine = validate()
         except (TypeError, ValueError):
-            disagreement(self.mpi, rejected(collective))  # lets the peers raise too
+            disagreement(self.mpi, rejected(collective), self._call_name(label or collective))  # peers raise too
             raise
         if mode == "on_change" and mine in self._agreed:
             return plan
@@ -428,7 +429,7 @@ class Communicator:
         try:
             mine = signature("check_same", layout=digest(pickle.dumps(value, protocol=4)))
         except (pickle.PicklingError, TypeError, AttributeError) as err:
-            disagreement(self.mpi, rejected("check_same"))
+            disagreement(self.mpi, rejected("check_same"), self._call_name(f"check_same({what})"))
             raise TypeError(f"check_same: {what} is not picklable: {err}") from err
         call = self._call_name(f"check_same({what})")
         found = disagreement(self.mpi, mine, call)

@@ -167,6 +167,16 @@ class OwnerState:
         # The owned gradients are consecutive in the segment, in the order ``out`` takes them.
         first = self.layout.grad_offset(self.owned[0], factors) - base if self.owned else 0
         grads = segment[first:first + out.size].astype(self.dtype, copy=False)  # one cast for all blocks
+        # Non-finite gradients (a GradScaler's overflow step) give non-finite products on purpose.
+        with np.errstate(invalid="ignore", over="ignore"):
+            self._precondition_runs(grads, out)
+            # One sum for all blocks rather than a dot per block (one launch instead of hundreds
+            # on a GPU); products in the state's dtype, accumulated in float64 without a float64
+            # copy. Non-finite gradients make it NaN: the KL clip then passes them on.
+            return (out * grads).sum(dtype=np.float64)
+
+    def _precondition_runs(self, grads, out) -> None:
+        """Each owned run's preconditioned gradients (read from ``grads``) into ``out``."""
         at = 0
         for r, (lo, hi) in enumerate(self._runs):
             stacks = self._stacks.get(r)
@@ -182,11 +192,6 @@ class OwnerState:
                 v = grad if inv is None else block.precondition(grad, inv)
                 out[at:at + block.grad_size] = v.reshape(-1)
                 at += block.grad_size
-        # One sum for all blocks rather than a dot per block (one launch instead of hundreds on a
-        # GPU); products in the state's dtype, accumulated in float64 without a float64 copy.
-        # Non-finite gradients (a GradScaler's overflow) make it NaN on purpose: no warning.
-        with np.errstate(invalid="ignore", over="ignore"):
-            return (out * grads).sum(dtype=np.float64)
 
     def restack(self) -> None:
         """After loading inverses block by block: each run whose blocks all have inverses gets

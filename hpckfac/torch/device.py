@@ -43,7 +43,8 @@ def bind_device(device: DeviceChoice | str | torch.device | None = "auto", comm=
             per rank (``srun --gpu-bind``, PBS per-rank scripts) each rank sees
             one GPU and uses it.
         comm: the ``hpckfac.comm.Communicator`` giving the node-local rank
-            (default: a new one on ``COMM_WORLD``; creating it is collective).
+            (default: ``hpckfac.comm.world_communicator()``, the script's first one on
+            ``COMM_WORLD``, made now if there is none: then a collective).
 
     Raises ValueError naming ``device`` for an unknown device, or for
     ``"cuda"`` when this rank sees no GPU.

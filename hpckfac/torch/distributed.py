@@ -99,21 +99,34 @@ def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | Non
     depth, a branch taken by some examples only) counts as a zero gradient there, so each
     parameter's mean is over every rank, the gradient of the global batch's mean loss; it
     gets a ``.grad`` unless no rank has one. One flag per parameter travels with the
-    gradients and says which; ranks that lack none read nothing back."""
+    gradients and says which; ranks that lack none read nothing back. bfloat16 gradients
+    are averaged in float32 (MPI has no bfloat16 sum) and written back."""
     params = [p for p in params if p.requires_grad]
-    if any(p.grad is not None and p.grad.layout != torch.strided for p in params):
-        raise ValueError("params: a sparse gradient (an nn.Embedding with sparse=True?) cannot be averaged by the "
-                         "dense collectives; use sparse=False")
     missing = [i for i, p in enumerate(params) if p.grad is None]
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    sparse = any(g.layout != torch.strided for g in grads)
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
     flags = []
     if params:  # every rank calls the collective, with or without parameters (a mismatch is named)
         flags = [torch.ones(len(params), dtype=_flag_dtype(params), device=params[0].device)]
         for i in missing:
             flags[0][i] = 0  # a fill of one element where it lives: no upload from the host
+    wide = {i: g.float() for i, g in enumerate(grads) if g.dtype == torch.bfloat16 and not sparse}
+    carried = [wide.get(i, g) for i, g in enumerate(grads)] + flags
     with _scope(grads):
-        comm.allreduce_many([to_array(g) for g in grads + flags], op="mean", algorithm=algorithm, **kwargs)
+        try:
+            # A sparse gradient goes in as it is: the collective's argument check refuses it on
+            # this rank and the others learn of it there, instead of waiting.
+            comm.allreduce_many([g if sparse and g.layout != torch.strided else to_array(g) for g in carried],
+                                op="mean", algorithm=algorithm, **kwargs)
+        except TypeError:
+            if sparse:
+                raise ValueError("params: a sparse gradient (an nn.Embedding with sparse=True?) cannot be averaged "
+                                 "by the dense collectives; use sparse=False") from None
+            raise
+    with torch.no_grad():
+        for i, w in wide.items():
+            grads[i].copy_(w)
     if missing:
         anyone = flags[0][missing].cpu().tolist()
         for i, had in zip(missing, anyone):

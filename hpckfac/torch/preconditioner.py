@@ -443,20 +443,21 @@ class KFACPreconditioner:
     def _agree_on_overflow(self) -> None:
         """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in
         ``found_inf`` whether this rank's own gradients overflowed; averaged, the gradients are
-        then non-finite on every rank, so every rank must skip the step: the flags are summed
-        over ranks (device tensors, one small allreduce, no host read). The scaler keeps them
-        in its per-optimizer state, which has no public accessor."""
+        then non-finite on every rank, so every rank must skip the step. Every rank with an
+        enabled scaler sends one flag, whatever it recorded (one small allreduce on the device,
+        which the stream orders, no host read), and every recorded flag takes the sum. The
+        scaler keeps the flags in its per-optimizer state, which has no public accessor."""
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
             return
         found = [flag for state in scaler._per_optimizer_states.values()
                  for flag in state.get("found_inf_per_device", {}).values()]
-        if not found:  # unscale_ not called before step(): scaler.step() checks the averaged gradients
-            return
-        flags = torch.stack([flag.reshape(()).to(self.device, torch.float32) for flag in found])
-        self.comm.allreduce(to_array(flags), op="sum")
-        for flag, total in zip(found, flags.clamp(max=1.0)):
-            flag.copy_(total.to(flag.device, flag.dtype).reshape(flag.shape))
+        anyone = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for flag in found:  # none when unscale_ did not run before step(): scaler.step() checks later
+            anyone = torch.maximum(anyone, flag.reshape(1).to(self.device, torch.float32))
+        self.comm.allreduce(to_array(anyone), op="sum")
+        for flag in found:
+            flag.copy_(anyone.clamp(max=1.0).to(flag.device, flag.dtype).reshape(flag.shape))
 
     def _warn_added(self, params: list[nn.Parameter]) -> None:
         """A warning, once, naming parameters added to the model after construction: they are
@@ -464,7 +465,7 @@ class KFACPreconditioner:
         if all(id(p) in self._known_params for p in params):
             return
         added = [name for name, p in self.model.named_parameters() if id(p) not in self._known_params]
-        if added:
+        if added and self.comm.rank == 0:  # a fact of the model, alike on every rank: said once
             self._warn_once("added:" + ",".join(added), "parameters added to the model after the preconditioner "
                             f"was built are averaged first-order, not preconditioned: {', '.join(added)} (build "
                             "the KFACPreconditioner once the model is complete)")

@@ -33,12 +33,18 @@ def test_gradients_missing_on_some_ranks_count_as_zeros(comm, dtype):
 
 
 @pytest.mark.mpi
-def test_a_head_unfrozen_after_construction_is_averaged(comm):
+@pytest.mark.parametrize("change", ["unfrozen", "added"])
+def test_a_head_unfrozen_or_added_after_construction_is_averaged(comm, change):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    model[2].requires_grad_(False)
-    precond = KFACPreconditioner(model, comm=comm, skip_layers=["2"])
-    model[2].requires_grad_(True)
+    if change == "unfrozen":
+        model[2].requires_grad_(False)
+        precond = KFACPreconditioner(model, comm=comm, skip_layers=["2"])
+        model[2].requires_grad_(True)
+    else:
+        head = model.pop(2)
+        precond = KFACPreconditioner(model, comm=comm)
+        model.append(head)
     inputs = [torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
               for r in range(comm.size)]
     head = []
@@ -72,3 +78,33 @@ def test_a_helper_without_comm_on_one_rank_meets_the_scripts_communicator(comm):
             sync_batchnorm_stats(model)
         else:
             comm.allreduce(np.ones(3))
+
+
+@pytest.mark.mpi
+def test_a_sparse_gradient_on_one_rank_fails_on_every_rank(comm):
+    """A sparse embedding reached on the last rank only: that rank names the sparse gradient,
+    the others learn that its arguments were refused, nobody waits."""
+    from hpckfac.comm import CollectiveMismatchError
+
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    if comm.rank == comm.size - 1:
+        model(torch.randint(0, 10, (3, 5))).sum().backward()
+    else:
+        model[1](torch.randn(3, 4)).sum().backward()
+    if comm.rank == comm.size - 1:
+        with pytest.raises(ValueError, match="sparse gradient"):
+            allreduce_gradients(model, comm)
+    else:
+        with pytest.raises(CollectiveMismatchError, match=r"allreduce_many in allreduce_gradients\(\): ranks "
+                                                          r"disagree on arguments"):
+            allreduce_gradients(model, comm)
+
+
+@pytest.mark.mpi
+def test_bfloat16_gradients_are_averaged_in_float32(comm):
+    params = nn.ParameterList([nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))])
+    values = [torch.randn(5, generator=torch.Generator().manual_seed(r)).to(torch.bfloat16) for r in range(comm.size)]
+    params[0].grad = values[comm.rank].clone()
+    allreduce_gradients(params, comm)
+    expected = (sum(v.float() for v in values) / comm.size).to(torch.bfloat16)
+    assert params[0].grad.dtype == torch.bfloat16 and torch.equal(params[0].grad, expected)
