@@ -5,7 +5,7 @@ statistics and their packing, its gradient layout, its cost and how it is
 solved. Kronecker blocks (``KronBlock``: ``LinearBlock``, ``ConvBlock``,
 ``ConvTransposeBlock``, one pair per group) precondition ``G^-1 grad A^-1``;
 unit-wise blocks (``UnitWiseBlock``: ``BatchNormBlock``, ``LayerNormBlock``,
-``GroupNormBlock``) hold a small Fisher per unit of a normalisation layer;
+``GroupNormBlock``, ``InstanceNormBlock``) hold a small Fisher per unit of a normalisation layer;
 ``EmbeddingBlock`` has a diagonal ``A``. ``pi_damping`` splits the Tikhonov
 damping between two factors. Blocks take NumPy arrays (CuPy arrays on the GPU
 path) and know nothing of PyTorch modules. Conventions: docs/design.md "Math
@@ -18,11 +18,12 @@ from hpckfac.layers.conv_transpose import ConvTransposeBlock
 from hpckfac.layers.damping import pi_damping, pi_damping_terms
 from hpckfac.layers.embedding import EmbeddingBlock
 from hpckfac.layers.groupnorm import GroupNormBlock
+from hpckfac.layers.instancenorm import InstanceNormBlock
 from hpckfac.layers.kron import KronBlock
 from hpckfac.layers.layernorm import LayerNormBlock
 from hpckfac.layers.linear import LinearBlock
 from hpckfac.layers.unitwise import UnitWiseBlock
 
 __all__ = ["CurvatureBlock", "KronBlock", "LinearBlock", "ConvBlock", "ConvTransposeBlock", "UnitWiseBlock",
-           "BatchNormBlock", "LayerNormBlock", "GroupNormBlock", "EmbeddingBlock", "pi_damping",
+           "BatchNormBlock", "LayerNormBlock", "GroupNormBlock", "InstanceNormBlock", "EmbeddingBlock", "pi_damping",
            "pi_damping_terms"]

@@ -1,7 +1,7 @@
 """``UnitWiseBlock``: unit-wise Fisher of a normalisation layer's affine parameters.
 
 A normalisation layer's output is ``y = γ_c x̂ + β_c`` per unit ``c`` (a
-channel of BatchNorm and GroupNorm, an element of LayerNorm's normalised
+channel of BatchNorm, GroupNorm and InstanceNorm, an element of LayerNorm's normalised
 shape), ``x̂`` the normalised input. Example ``i``'s gradient of
 ``(γ_c, β_c)`` is ``u_i = (Σ_t g_i x̂_i, Σ_t g_i)``, summed over the positions
 ``t`` where the unit appears. Each unit gets the ``k x k`` Fisher

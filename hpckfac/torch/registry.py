@@ -9,7 +9,7 @@ parent's builder unless it has its own. The block covers the module's
 ``weight`` and, when present, ``bias`` (other attribute names: ``params``).
 
 Built in: ``Linear``, ``Conv1d/2d/3d`` (groups included), ``ConvTranspose1d/2d/3d``,
-``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm`` and ``Embedding``. A type of
+``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d`` and ``Embedding``. A type of
 your own that computes one of these (Hugging Face's GPT-2 ``Conv1D`` is a
 Linear with an ``(in, out)`` weight) is one call::
 
@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 from torch import nn
 
 from hpckfac.layers import (BatchNormBlock, ConvBlock, ConvTransposeBlock, CurvatureBlock, EmbeddingBlock,
-                            GroupNormBlock, LayerNormBlock, LinearBlock)
+                            GroupNormBlock, InstanceNormBlock, LayerNormBlock, LinearBlock)
 
 Builder = Callable[[str, nn.Module], "CurvatureBlock | None"]
 
@@ -164,6 +164,12 @@ def _groupnorm(name: str, module: nn.GroupNorm) -> GroupNormBlock | None:
     return GroupNormBlock(name, module.num_groups, module.num_channels, module.eps) if module.affine else None
 
 
+def _instancenorm(name: str, module: nn.modules.instancenorm._InstanceNorm) -> InstanceNormBlock | None:
+    # _get_no_batch_dim(): the rank of an unbatched input, (C, *spatial).
+    return (InstanceNormBlock(name, module.num_features, module.eps, spatial_dims=module._get_no_batch_dim() - 1)
+            if module.affine else None)
+
+
 def _embedding(name: str, module: nn.Embedding) -> EmbeddingBlock:
     if module.sparse:
         raise ValueError("sparse: sparse gradients are not supported (use sparse=False)")
@@ -173,7 +179,8 @@ def _embedding(name: str, module: nn.Embedding) -> EmbeddingBlock:
 for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
                       (nn.ConvTranspose1d, _conv_transpose), (nn.ConvTranspose2d, _conv_transpose),
                       (nn.ConvTranspose3d, _conv_transpose), (nn.modules.batchnorm._BatchNorm, _batchnorm),
-                      (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm)):
+                      (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm),
+                      (nn.modules.instancenorm._InstanceNorm, _instancenorm)):
     register_layer(_type, _build)
 register_layer(nn.Embedding, _embedding, broadcast_batch=True)
 register_layer(nn.modules.linear.NonDynamicallyQuantizableLinear, _attention_projection)

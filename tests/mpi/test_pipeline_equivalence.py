@@ -71,6 +71,24 @@ class KindsModel(nn.Module):
         return self.head(torch.cat([h.mean(1), s, self.up(c).flatten(1)], 1))
 
 
+class InstanceNormModel(nn.Module):
+    """InstanceNorm 1d, 2d and 3d with affine parameters (unit-wise blocks, per-example statistics,
+    so a sample of each micro-batch may take them), and one without (no block, no parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.in2 = nn.Conv2d(2, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True)
+        self.plain = nn.InstanceNorm2d(4, track_running_stats=True)
+        self.in1, self.in3 = nn.InstanceNorm1d(4, affine=True), nn.InstanceNorm3d(4, affine=True)
+        self.head = nn.Linear(4 * 36, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.in2(self.conv(x)))
+        h = torch.tanh(self.in1(self.plain(h).flatten(2)))                  # (B, 4, 36)
+        h = torch.tanh(self.in3(h.reshape(-1, 4, 4, 3, 3)))                 # (B, 4, 4, 3, 3)
+        return self.head(h.flatten(1))
+
+
 def batches(shape, classes, parts):
     """Per step the global batch as ``parts`` micro-batches, identical on every rank."""
     gen = torch.Generator().manual_seed(1234)
@@ -158,6 +176,37 @@ def test_every_block_kind_equals_one_process(comm, device):
     assert min(nus) < 1.0
     if device != "cpu":
         host, host_nus = train(KindsModel, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
+        np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
+        np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_instancenorm_equals_one_process_and_the_whole_batch(comm, device, fraction):
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2,
+                   statistics_fraction=fraction)
+    dist, nus = check(InstanceNormModel, (2, 6, 6), 4, comm, device, **options)
+    assert min(nus) < 1.0  # the KL clip was active
+    torch.manual_seed(0)
+    probe = KFACPreconditioner(InstanceNormModel().double(), comm=Communicator(MPI.COMM_SELF))
+    assert [type(b).__name__ for b in probe.engine.blocks].count("InstanceNormBlock") == 3
+    if fraction == 1.0:
+        # Per-example statistics: one process taking the whole global batch in one pass agrees too.
+        torch.manual_seed(0)
+        model = InstanceNormModel().double()
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        precond = KFACPreconditioner(model, lr=LR, comm=Communicator(MPI.COMM_SELF), **options)
+        for xs, ys in batches((2, 6, 6), 4, comm.size):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
+            precond.step()
+            opt.step()
+        whole = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+        np.testing.assert_allclose(dist, whole, rtol=1e-9, atol=1e-12)
+    if device != "cpu":
+        host, host_nus = train(InstanceNormModel, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
         np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
         np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
 
