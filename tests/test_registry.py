@@ -175,3 +175,31 @@ def test_attention_and_unused_layers_are_named(caplog):
     assert caplog.text.count("K-FAC layers without statistics at step 0: unused") == 1
     # No gradient, no statistics: the update for the unused layer is exactly zero.
     assert torch.equal(net.unused.weight.grad, torch.zeros_like(net.unused.weight))
+
+
+def test_every_built_in_kind_is_in_the_docs():
+    """Each public torch module type the registry builds a block for, and each built-in block
+    class, appears in docs/preconditioner.md's table; each type in README.md's layer list."""
+    import os
+    import re
+
+    from hpckfac import layers
+    from hpckfac.layers.block import CurvatureBlock
+    from hpckfac.torch import registry
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    table = open(os.path.join(root, "docs", "preconditioner.md"), encoding="utf-8").read()
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    public = [t for t in registry._BUILDERS if t.__module__.startswith("torch.nn") and not t.__name__.startswith("_")
+              and t is not nn.modules.linear.NonDynamicallyQuantizableLinear]
+    assert nn.InstanceNorm2d in public and nn.Embedding in public
+    for t in public:
+        family = "nn." + re.sub(r"[123]d$", "", t.__name__)
+        assert f"`{family}" in table, family
+        assert f"`{family}" in readme, family
+    blocks = [name for name in layers.__all__ if name.endswith("Block")
+              and name not in ("CurvatureBlock", "KronBlock", "UnitWiseBlock")
+              and issubclass(getattr(layers, name), CurvatureBlock)]
+    assert "InstanceNormBlock" in blocks
+    for name in blocks:
+        assert f"`{name}`" in table, name

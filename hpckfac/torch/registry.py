@@ -164,10 +164,11 @@ def _groupnorm(name: str, module: nn.GroupNorm) -> GroupNormBlock | None:
     return GroupNormBlock(name, module.num_groups, module.num_channels, module.eps) if module.affine else None
 
 
-def _instancenorm(name: str, module: nn.modules.instancenorm._InstanceNorm) -> InstanceNormBlock | None:
-    # _get_no_batch_dim(): the rank of an unbatched input, (C, *spatial).
-    return (InstanceNormBlock(name, module.num_features, module.eps, spatial_dims=module._get_no_batch_dim() - 1)
-            if module.affine else None)
+def _instancenorm(spatial_dims: int) -> Builder:
+    """The builder of ``nn.InstanceNorm{spatial_dims}d`` (affine only)."""
+    def build(name: str, module: nn.Module) -> InstanceNormBlock | None:
+        return InstanceNormBlock(name, module.num_features, module.eps, spatial_dims) if module.affine else None
+    return build
 
 
 def _embedding(name: str, module: nn.Embedding) -> EmbeddingBlock:
@@ -179,8 +180,8 @@ def _embedding(name: str, module: nn.Embedding) -> EmbeddingBlock:
 for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
                       (nn.ConvTranspose1d, _conv_transpose), (nn.ConvTranspose2d, _conv_transpose),
                       (nn.ConvTranspose3d, _conv_transpose), (nn.modules.batchnorm._BatchNorm, _batchnorm),
-                      (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm),
-                      (nn.modules.instancenorm._InstanceNorm, _instancenorm)):
+                      (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm), (nn.InstanceNorm1d, _instancenorm(1)),
+                      (nn.InstanceNorm2d, _instancenorm(2)), (nn.InstanceNorm3d, _instancenorm(3))):
     register_layer(_type, _build)
 register_layer(nn.Embedding, _embedding, broadcast_batch=True)
 register_layer(nn.modules.linear.NonDynamicallyQuantizableLinear, _attention_projection)
