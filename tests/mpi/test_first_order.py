@@ -7,16 +7,20 @@ from torch import nn
 from hpckfac.torch import KFACPreconditioner, allreduce_gradients
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and CuPy)")
+
+
 @pytest.mark.mpi
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gradients_missing_on_some_ranks_count_as_zeros(comm, dtype):
+def test_gradients_missing_on_some_ranks_count_as_zeros(comm, dtype, device):
     """Ranks whose batches reached different parameters (stochastic depth): each gradient is
     the mean over every rank with zeros where a rank has none, the same on every rank; a
     parameter no rank has a gradient for keeps None, a frozen one is left alone."""
-    params = nn.ParameterList([nn.Parameter(torch.zeros(3 + i, dtype=dtype)) for i in range(5)])
+    params = nn.ParameterList([nn.Parameter(torch.zeros(3 + i, dtype=dtype, device=device)) for i in range(5)])
     params[4].requires_grad_(False)
     used = lambda r, i: i < 3 and (r + i) % 2 == 0  # param 3 unused everywhere; at 1 rank param 1 too
-    values = {(r, i): torch.randn(3 + i, dtype=dtype, generator=torch.Generator().manual_seed(10 * r + i))
+    values = {(r, i): torch.randn(3 + i, dtype=dtype, generator=torch.Generator().manual_seed(10 * r + i)).to(device)
               for r in range(comm.size) for i in range(5)}
     for i, p in enumerate(params):
         if used(comm.rank, i):

@@ -8,18 +8,22 @@ from torch import nn
 from hpckfac.torch import KFACPreconditioner
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and CuPy)")
+
+
 @pytest.mark.mpi
-def test_one_ranks_overflow_skips_the_step_on_every_rank(comm):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_one_ranks_overflow_skips_the_step_on_every_rank(comm, device):
     """The documented recipe (unscale_, step(), scaler.step, update) with an infinite loss on the
     last rank at step 1: the averaged gradients are non-finite everywhere, so every rank skips
     that step and halves its scale, and the weights stay finite and equal on every rank."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.PReLU())
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.PReLU()).to(device)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, lr=0.1)
     for step in range(3):
-        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(10 * step + comm.rank))
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(10 * step + comm.rank)).to(device)
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
         loss = model(x).pow(2).mean()
@@ -36,6 +40,6 @@ def test_one_ranks_overflow_skips_the_step_on_every_rank(comm):
         else:
             assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
         assert all(torch.isfinite(p).all() for p in model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
     everyone = comm.allgather_object(flat)
     assert all(torch.equal(flat, other) for other in everyone)
