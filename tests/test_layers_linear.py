@@ -128,3 +128,23 @@ def test_invalid_constructor_arguments(kwargs, name):
     args = {"name": "fc", "in_features": 4, "out_features": 3, "bias": True, **kwargs}
     with pytest.raises(ValueError, match=name):
         LinearBlock(**args)
+
+
+def test_an_unbatched_input_is_refused_not_read_as_examples():
+    """nn.Linear takes an unbatched (features,) input, one example; the block refuses it rather
+    than count its features as examples (in the forward pass, through the preconditioner)."""
+    import torch
+    from mpi4py import MPI
+    from torch import nn
+
+    from hpckfac.comm import Communicator
+    from hpckfac.torch import KFACPreconditioner
+
+    block = LinearBlock("fc", 4, 3, bias=True)
+    with pytest.raises(ValueError, match=r"a: block 'fc' expects \(batch, \.\.\., 4\); an unbatched input"):
+        block.a_factor(np.ones(4))
+    model = nn.Sequential(nn.Linear(4, 3))
+    KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    with pytest.raises(ValueError, match="unbatched input of shape"):
+        model(torch.randn(4))
+    model(torch.randn(2, 4))  # batched: fine

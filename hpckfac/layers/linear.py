@@ -18,6 +18,9 @@ from hpckfac.layers.kron import KronBlock
 def _check_features(x: Array, name: str, block: str, width: int) -> None:
     """ValueError naming ``name`` unless ``x`` is an array whose last axis has ``width`` entries."""
     check_array(x, name, 1)
+    if x.ndim < 2:  # PyTorch's Linear takes an unbatched (features,) input: one example, not `width`
+        raise ValueError(f"{name}: block {block!r} expects (batch, ..., {width}); an unbatched input of shape "
+                         f"{x.shape} is not supported (add a batch dimension)")
     if x.shape[-1] != width:
         raise ValueError(f"{name}: block {block!r} expects {width} features on the last axis, got shape {x.shape}")
 
