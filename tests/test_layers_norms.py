@@ -93,3 +93,20 @@ def test_bad_inputs_name_the_argument():
         LayerNormBlock("ln", 3, EPS).fisher(np.ones((2, 4)), np.ones((2, 4)))
     with pytest.raises(ValueError, match="g:"):
         GroupNormBlock("gn", 2, 4, EPS).fisher(np.ones((2, 4, 3)), np.ones((2, 4, 2)))
+
+
+def test_unit_wise_blocks_check_their_input_when_it_arrives():
+    """add_input only keeps the input for the backward pass: it checks it there and then, so a
+    wrong input fails in the forward pass that passed it."""
+    from hpckfac.layers import BatchNormBlock, GroupNormBlock, InstanceNormBlock, LayerNormBlock
+
+    stats = np.zeros(1)
+    wrong = np.ones((2, 5, 3))
+    for block, match in ((BatchNormBlock("bn", 4, 1e-5), "expects 4 units"),
+                         (GroupNormBlock("gn", 2, 4, 1e-5), "expects 4 units"),
+                         (InstanceNormBlock("in", 4, 1e-5, spatial_dims=1), "expects 4 units"),
+                         (LayerNormBlock("ln", (4,), 1e-5), r"expects trailing dimensions \(4,\)")):
+        with pytest.raises(ValueError, match=f"x: block '{block.name}' {match}"):
+            block.add_input(stats, wrong)
+        right = np.ones((2, 3, 4)) if isinstance(block, LayerNormBlock) else np.ones((2, 4, 3))
+        assert block.add_input(stats, right) is right

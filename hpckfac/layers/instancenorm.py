@@ -33,9 +33,9 @@ class InstanceNormBlock(GroupNormBlock):
             raise ValueError(f"{name}: block {self.name!r} expects {want} dimensions (N, C, *spatial) "
                              f"(an unbatched input is not supported), got shape {getattr(x, 'shape', None)}")
 
-    def add_input(self, stats: Array, a: Array) -> Array:
-        self._check_rank(a, "x")  # in the forward pass that passed it, not in a backward hook
-        return super().add_input(stats, a)
+    def check_input(self, x: Array) -> None:
+        self._check_rank(x, "x")
+        super().check_input(x)
 
     def normalized(self, x: Array) -> Array:
         self._check_rank(x, "x")

@@ -33,6 +33,9 @@ class LayerNormBlock(UnitWiseBlock):
                              f"got shape {x.shape}")
         return x.reshape(x.shape[0], -1, self.units)
 
+    def check_input(self, x: Array) -> None:
+        self._rows(x, "x")
+
     def unit_view(self, g: Array) -> Array:
         return array_module(g).swapaxes(self._rows(g, "g"), 1, 2)
 

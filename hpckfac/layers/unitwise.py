@@ -90,8 +90,16 @@ class UnitWiseBlock(CurvatureBlock):
         fisher *= u.dtype.type(scale)
         return fisher
 
+    def check_input(self, x: Array) -> None:
+        """ValueError naming the block unless ``x`` fits it; by default a channels-first
+        ``(N, units, *spatial)`` input."""
+        check_units(x, 1, self.units, "x", self.name)
+
     def add_input(self, stats: Array, a: Array) -> Array:
-        return a  # the Fisher needs the input and the output gradient together
+        # The Fisher needs the input and the output gradient together: kept, checked now so that
+        # a wrong input fails in the forward pass that passed it, not in a backward hook.
+        self.check_input(a)
+        return a
 
     def add_output_grad(self, stats: Array, g: Array, scale: float, saved: Array) -> None:
         stats += pack_stack(self.fisher(saved, g, scale))
