@@ -159,7 +159,8 @@ class Communicator:
         mpi_comm: the mpi4py intracommunicator to wrap (default ``MPI.COMM_WORLD``;
             a plain ``python script.py`` is a world of size 1).
         check_agreement: when to run the agreement check before an array collective:
-            ``"always"`` (or True), ``"on_change"`` or ``"off"`` (or False).
+            ``"always"`` (or True), ``"on_change"`` or ``"off"`` (or False); the same on
+            every rank (compared at construction, which is a collective).
     """
 
     def __init__(self, mpi_comm: MPI.Intracomm | None = None,

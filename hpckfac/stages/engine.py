@@ -336,7 +336,8 @@ class KFACEngine:
         hyperparameters, and the owned blocks' factors and inverses.
 
         Everything is checked on every rank, for every block, before anything
-        changes: block names, shapes, finiteness, the step count. A bad state
+        changes: block names, shapes, finiteness in the state's dtype, inverses
+        symmetric with a positive diagonal, the step count. A bad state
         raises ValueError on every rank and leaves the engine as it was. The
         checkpoint's hyperparameters win (an exact resume needs them, as with
         ``torch.optim``); a warning names those that differ from the current ones.
