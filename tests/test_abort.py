@@ -15,11 +15,11 @@ from test_multirank import mpiexec
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def run(tmp_path, script, ranks=2, timeout=120, **env):
+def run(tmp_path, script, ranks=2, timeout=120, cwd=None, **env):
     path = tmp_path / "script.py"
     path.write_text(textwrap.dedent(script))
     return subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(path)], capture_output=True,
-                          text=True, timeout=timeout, env=dict(ENV, **env))
+                          text=True, timeout=timeout, env=dict(ENV, **env), cwd=cwd)
 
 
 def test_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
@@ -186,7 +186,7 @@ def test_a_helper_without_comm_on_one_rank_meets_a_duplicated_world(tmp_path):
             else:
                 comm.allreduce(np.ones(3))
         except CollectiveMismatchError:
-            print("raised on rank", comm.rank)
-    """, timeout=60)
+            open(f"raised_{comm.rank}", "w").close()  # a file per rank: their stdout lines can interleave
+    """, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "raised on rank 0" in proc.stdout and "raised on rank 1" in proc.stdout
+    assert (tmp_path / "raised_0").exists() and (tmp_path / "raised_1").exists(), proc.stdout + proc.stderr
