@@ -241,7 +241,7 @@ class Communicator:
             self._calls.pop()
 
     def _call_name(self, label: str) -> str:
-        return f"{label} in {self._calls[-1]}" if self._calls and self._calls[-1] not in label else label
+        return f"{label} in {self._calls[-1]}" if self._calls else label
 
     def _enter(self, collective: str, validate: Callable[[], tuple[Any, Signature]], label: str | None = None) -> Any:
         """Validate this rank's arguments and, as ``check_agreement`` says, confirm

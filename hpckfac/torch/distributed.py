@@ -99,39 +99,47 @@ def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | Non
     depth, a branch taken by some examples only) counts as a zero gradient there, so each
     parameter's mean is over every rank, the gradient of the global batch's mean loss; it
     gets a ``.grad`` unless no rank has one. One flag per parameter travels with the
-    gradients and says which; ranks that lack none read nothing back. bfloat16 gradients
-    are averaged in float32 (MPI has no bfloat16 sum) and written back."""
+    gradients and says which; ranks that lack none read nothing back."""
     params = [p for p in params if p.requires_grad]
     missing = [i for i, p in enumerate(params) if p.grad is None]
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    sparse = any(g.layout != torch.strided for g in grads)
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
     flags = []
     if params:  # every rank calls the collective, with or without parameters (a mismatch is named)
         flags = [torch.ones(len(params), dtype=_flag_dtype(params), device=params[0].device)]
         for i in missing:
             flags[0][i] = 0  # a fill of one element where it lives: no upload from the host
-    wide = {i: g.float() for i, g in enumerate(grads) if g.dtype == torch.bfloat16 and not sparse}
-    carried = [wide.get(i, g) for i, g in enumerate(grads)] + flags
+    carried = _carried(grads)
     with _scope(grads):
         try:
             # A sparse gradient goes in as it is: the collective's argument check refuses it on
             # this rank and the others learn of it there, instead of waiting.
-            comm.allreduce_many([g if sparse and g.layout != torch.strided else to_array(g) for g in carried],
+            comm.allreduce_many([to_array(t) if t.layout == torch.strided else t for t in carried + flags],
                                 op="mean", algorithm=algorithm, **kwargs)
         except TypeError:
-            if sparse:
+            if any(g.layout != torch.strided for g in grads):
                 raise ValueError("params: a sparse gradient (an nn.Embedding with sparse=True?) cannot be averaged "
                                  "by the dense collectives; use sparse=False") from None
             raise
-    with torch.no_grad():
-        for i, w in wide.items():
-            grads[i].copy_(w)
+    _write_back(grads, carried)
     if missing:
         anyone = flags[0][missing].cpu().tolist()
         for i, had in zip(missing, anyone):
             if had > 0:
                 params[i].grad = grads[i]
+
+
+def _carried(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` as a collective carries them: bfloat16 ones (MPI has no bfloat16 sum) as
+    float32 copies, to be written back by ``_write_back``, the others as they are."""
+    return [t.float() if t.dtype == torch.bfloat16 and t.layout == torch.strided else t for t in tensors]
+
+
+def _write_back(tensors: Sequence[torch.Tensor], carried: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for tensor, copy in zip(tensors, carried):
+            if copy is not tensor:
+                tensor.copy_(copy)
 
 
 def _flag_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
@@ -150,17 +158,10 @@ def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
     between ranks is not added).
     """
     comm = _comm(comm)
-    narrow, tensors = [], []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            for tensor in (module.running_mean, module.running_var):
-                if _is_float(tensor):
-                    tensors.append(tensor)
-                else:  # bfloat16 statistics: averaged in float32, written back
-                    narrow.append((tensor, tensor.float()))
-                    tensors.append(narrow[-1][1])
+    tensors = [tensor for module in model.modules()
+               if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+               for tensor in (module.running_mean, module.running_var)]
+    carried = _carried(tensors)
     with _scope(tensors), comm.calling("sync_batchnorm_stats()"):
-        comm.allreduce_many([to_array(t) for t in tensors], op="mean")
-    with torch.no_grad():
-        for tensor, wide in narrow:
-            tensor.copy_(wide)
+        comm.allreduce_many([to_array(t) for t in carried], op="mean")
+    _write_back(tensors, carried)

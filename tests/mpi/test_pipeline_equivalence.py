@@ -149,22 +149,26 @@ def test_bn_model_with_intervals_and_active_kl_clip(comm):
     assert min(nus) < 1.0  # the KL clip was active
 
 
-@pytest.mark.mpi
-def test_plain_model_equals_whole_batch_on_one_rank(comm):
-    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=1, kl_clip=None)
-    dist, _ = check(plain_model, (2, 6, 6), 4, comm, **options)
-    # One rank, one forward/backward of the whole global batch.
+def whole_batch(make, ranks, **options):
+    """The flat parameters after one process trains ``make()`` on every rank's micro-batches
+    of each step at once: one forward/backward of the whole global batch."""
     torch.manual_seed(0)
-    model = plain_model().double()
+    model = make().double()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     precond = KFACPreconditioner(model, lr=LR, comm=Communicator(MPI.COMM_SELF), **options)
-    for xs, ys in batches((2, 6, 6), 4, comm.size):
+    for xs, ys in batches((2, 6, 6), 4, ranks):
         opt.zero_grad()
         nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
         precond.step()
         opt.step()
-    whole = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
-    np.testing.assert_allclose(dist, whole, rtol=1e-9, atol=1e-12)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+
+
+@pytest.mark.mpi
+def test_plain_model_equals_whole_batch_on_one_rank(comm):
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=1, kl_clip=None)
+    dist, _ = check(plain_model, (2, 6, 6), 4, comm, **options)
+    np.testing.assert_allclose(dist, whole_batch(plain_model, comm.size, **options), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.mpi
@@ -194,17 +198,8 @@ def test_instancenorm_equals_one_process_and_the_whole_batch(comm, device, fract
     assert [type(b).__name__ for b in probe.engine.blocks].count("InstanceNormBlock") == 3
     if fraction == 1.0:
         # Per-example statistics: one process taking the whole global batch in one pass agrees too.
-        torch.manual_seed(0)
-        model = InstanceNormModel().double()
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        precond = KFACPreconditioner(model, lr=LR, comm=Communicator(MPI.COMM_SELF), **options)
-        for xs, ys in batches((2, 6, 6), 4, comm.size):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
-            precond.step()
-            opt.step()
-        whole = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
-        np.testing.assert_allclose(dist, whole, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(dist, whole_batch(InstanceNormModel, comm.size, **options), rtol=1e-9,
+                                   atol=1e-12)
     if device != "cpu":
         host, host_nus = train(InstanceNormModel, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
         np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
