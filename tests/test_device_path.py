@@ -112,6 +112,42 @@ def test_state_dict_of_the_device_path_is_host_data():
             assert isinstance(mine, standin.DeviceArray) and np.array_equal(mine.get(), theirs.get())
 
 
+def _each_tensor(value, change):
+    """``value`` (a state's nested dicts and lists) with ``change`` applied to every tensor in it."""
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, dict):
+        return {k: _each_tensor(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_each_tensor(v, change) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("where", ["requires_grad", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
+def test_a_state_whose_tensors_numpy_refuses_loads(where):
+    """A state as ``torch.load(map_location="cuda")`` returns it (tensors on the GPU), or with
+    tensors that require grad: ``Tensor.numpy()`` refuses both, the load takes them through the
+    host, and the preconditioner it restores holds the same state."""
+    device = torch.device("cuda" if where == "cuda" else "cpu")
+    model, data = model_and_data()
+    pre = KFACPreconditioner(model.to(device), comm=Communicator(MPI.COMM_SELF), **OPTIONS)
+    for x, y in data[:2]:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        pre.step()
+    state = pre.state_dict()
+    change = (lambda t: t.to(device)) if where == "cuda" else (lambda t: t.clone().requires_grad_())
+    other_model, _ = model_and_data()
+    other = KFACPreconditioner(other_model.to(device), comm=Communicator(MPI.COMM_SELF), **OPTIONS)
+    other.load_state_dict(_each_tensor(state, change))
+    again = other.state_dict()
+    assert again["steps"] == state["steps"] == 2
+    for name, block in state["blocks"].items():
+        assert torch.equal(again["blocks"][name]["factors"], block["factors"]), name
+        assert all(torch.equal(a, b) for a, b in zip(again["blocks"][name]["inverses"], block["inverses"])), name
+
+
 def test_engine_buffers_live_in_the_gradients_namespace():
     blocks = [LinearBlock("a", 5, 4, bias=True), LinearBlock("b", 4, 3, bias=False)]
     comm = Communicator(MPI.COMM_SELF)

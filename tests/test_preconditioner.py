@@ -568,3 +568,31 @@ def test_sparse_embeddings_are_refused_up_front(comm):
     model(torch.randint(0, 10, (3, 5))).sum().backward()
     with pytest.raises(ValueError, match="sparse gradient"):
         allreduce_gradients(model, comm)
+
+
+def test_a_grad_scalers_scale_is_read_once_per_step(monkeypatch):
+    """``get_scale()`` reads the scale back from the GPU (a wait for its queue) and the scale
+    changes only in ``scaler.update()``, after ``step()``: the backward hooks read it once per
+    step, not once per layer, and the next step reads the new one. The factors equal those of
+    an unscaled run (powers of two: exactly)."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    reads = []
+    real = scaler.get_scale
+    monkeypatch.setattr(scaler, "get_scale", lambda: reads.append(1) or real())
+    plain, scaled = model(), model()
+    pre_plain = KFACPreconditioner(plain, comm=Communicator(MPI.COMM_SELF))
+    pre_scaled = KFACPreconditioner(scaled, comm=Communicator(MPI.COMM_SELF), grad_scaler=scaler)
+    for step in range(2):
+        x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        plain(x).pow(2).mean().backward()
+        scaler.scale(scaled(x).pow(2).mean()).backward()
+        pre_plain.step()
+        pre_scaled.step()
+        assert len(reads) == step + 1
+        for mine, theirs in zip(pre_scaled.engine.state.running, pre_plain.engine.state.running):
+            assert np.array_equal(mine, theirs), step
+        scaler.update(new_scale=2.0)

@@ -109,6 +109,7 @@ class KFACPreconditioner:
         self.accumulation_steps = opts["accumulation_steps"]
         self.statistics_fraction = opts["statistics_fraction"]
         self._sample = 0
+        self._scaler_scale: float | None = None  # the GradScaler's scale, read once per step
         # False, or the candidate batch sizes waiting for the first K-FAC layer's input.
         self._count_pending: list[int] | bool = False
         self._forwards = 0  # training forwards since the last step()
@@ -276,7 +277,12 @@ class KFACPreconditioner:
         """Factor turning this micro-batch's output gradients into per-example ones."""
         scale = self._micro_batch * self.accumulation_steps
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            scale /= float(self.grad_scaler.get_scale())
+            if self._scaler_scale is None:
+                # get_scale() reads the scale back from the GPU, waiting for its queue: once per
+                # step, not once per layer in backward. The scale changes only in scaler.update(),
+                # after step(), which forgets this reading.
+                self._scaler_scale = float(self.grad_scaler.get_scale())
+            scale /= self._scaler_scale
         return scale
 
     def _on_input(self, index: int, a: torch.Tensor) -> None:
@@ -362,6 +368,7 @@ class KFACPreconditioner:
             _log.warning(message)
 
     def _step(self) -> None:
+        self._scaler_scale = None  # this step's hooks have run; the next ones read the scale anew
         lr = self.current_lr()  # validated before anything is reduced or written
         if self._forwards == 0:
             self._warn_once("no-forward", "step() without a training forward/backward since the last step(): the "
@@ -611,5 +618,11 @@ def _to_arrays(value):
     if value is None:
         return None
     if isinstance(value, list):
-        return [v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in value]
-    return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        return [_host_array(v) for v in value]
+    return _host_array(value)
+
+
+def _host_array(value) -> np.ndarray:
+    """A checkpoint's tensor (or array) as a host array: ``torch.load(map_location="cuda")``
+    puts the state's tensors on the GPU, where ``Tensor.numpy()`` refuses them."""
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

@@ -105,10 +105,25 @@ def test_a_sparse_gradient_on_one_rank_fails_on_every_rank(comm):
 
 
 @pytest.mark.mpi
-def test_bfloat16_gradients_are_averaged_in_float32(comm):
-    params = nn.ParameterList([nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_bfloat16_gradients_and_batchnorm_statistics_are_averaged_in_float32(comm, device):
+    """bfloat16 travels as float32 copies written back in place (MPI has no bfloat16 sum): the
+    gradients, one of them present on the last rank only (its presence flag in float32), and
+    a bfloat16 BatchNorm's running statistics."""
+    from hpckfac.torch import sync_batchnorm_stats
+
+    params = nn.ParameterList([nn.Parameter(torch.zeros(5, dtype=torch.bfloat16, device=device)) for _ in range(2)])
     values = [torch.randn(5, generator=torch.Generator().manual_seed(r)).to(torch.bfloat16) for r in range(comm.size)]
-    params[0].grad = values[comm.rank].clone()
+    last = comm.rank == comm.size - 1
+    params[0].grad = values[comm.rank].to(device, copy=True)
+    if last:
+        params[1].grad = values[comm.rank].to(device, copy=True)
     allreduce_gradients(params, comm)
     expected = (sum(v.float() for v in values) / comm.size).to(torch.bfloat16)
-    assert params[0].grad.dtype == torch.bfloat16 and torch.equal(params[0].grad, expected)
+    assert params[0].grad.dtype == torch.bfloat16 and torch.equal(params[0].grad.cpu(), expected)
+    alone = (values[-1].float() / comm.size).to(torch.bfloat16)
+    assert params[1].grad.dtype == torch.bfloat16 and torch.equal(params[1].grad.cpu(), alone)
+    norm = nn.BatchNorm1d(5).to(device, torch.bfloat16)
+    norm.running_mean.copy_(values[comm.rank])
+    sync_batchnorm_stats(norm, comm)
+    assert norm.running_mean.dtype == torch.bfloat16 and torch.equal(norm.running_mean.cpu(), expected)
