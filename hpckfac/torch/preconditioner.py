@@ -39,7 +39,7 @@ class KFACPreconditioner:
     ``optimizer.step()``; every rank must call it. Modules of every registered
     kind (``hpckfac.torch.register_layer``; built in: Linear, Conv and
     ConvTranspose 1d/2d/3d with groups, affine BatchNorm, LayerNorm,
-    GroupNorm and InstanceNorm, Embedding) are preconditioned unless in ``skip_layers``; all
+    RMSNorm, GroupNorm and InstanceNorm, Embedding) are preconditioned unless in ``skip_layers``; all
     other parameters are averaged over ranks by ring-allreduce. A parameter
     shared by two such modules (tied weights) is preconditioned by neither:
     its curvature is the sum of both layers', which no single block describes

@@ -9,9 +9,9 @@ parent's builder unless it has its own. The block covers the module's
 ``weight`` and, when present, ``bias`` (other attribute names: ``params``).
 
 Built in: ``Linear``, ``Conv1d/2d/3d`` (groups included), ``ConvTranspose1d/2d/3d``,
-``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d`` and ``Embedding``. A type of
-your own that computes one of these (Hugging Face's GPT-2 ``Conv1D`` is a
-Linear with an ``(in, out)`` weight) is one call::
+``BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm`` (torch >= 2.4), ``GroupNorm``,
+``InstanceNorm1d/2d/3d`` and ``Embedding``. A type of your own that computes one of these
+(Hugging Face's GPT-2 ``Conv1D`` is a Linear with an ``(in, out)`` weight) is one call::
 
     from hpckfac.layers import LinearBlock
     from hpckfac.torch import register_layer
@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 from torch import nn
 
 from hpckfac.layers import (BatchNormBlock, ConvBlock, ConvTransposeBlock, CurvatureBlock, EmbeddingBlock,
-                            GroupNormBlock, InstanceNormBlock, LayerNormBlock, LinearBlock)
+                            GroupNormBlock, InstanceNormBlock, LayerNormBlock, LinearBlock, RMSNormBlock)
 
 Builder = Callable[[str, nn.Module], "CurvatureBlock | None"]
 
@@ -160,6 +160,10 @@ def _layernorm(name: str, module: nn.LayerNorm) -> LayerNormBlock | None:
     return LayerNormBlock(name, module.normalized_shape, module.eps, bias=module.bias is not None)
 
 
+def _rmsnorm(name: str, module: nn.RMSNorm) -> RMSNormBlock | None:
+    return RMSNormBlock(name, module.normalized_shape, module.eps) if module.elementwise_affine else None
+
+
 def _groupnorm(name: str, module: nn.GroupNorm) -> GroupNormBlock | None:
     return GroupNormBlock(name, module.num_groups, module.num_channels, module.eps) if module.affine else None
 
@@ -183,5 +187,7 @@ for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _con
                       (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm), (nn.InstanceNorm1d, _instancenorm(1)),
                       (nn.InstanceNorm2d, _instancenorm(2)), (nn.InstanceNorm3d, _instancenorm(3))):
     register_layer(_type, _build)
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_layer(nn.RMSNorm, _rmsnorm)
 register_layer(nn.Embedding, _embedding, broadcast_batch=True)
 register_layer(nn.modules.linear.NonDynamicallyQuantizableLinear, _attention_projection)

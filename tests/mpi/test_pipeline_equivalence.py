@@ -89,6 +89,22 @@ class InstanceNormModel(nn.Module):
         return self.head(h.flatten(1))
 
 
+class RMSNormModel(nn.Module):
+    """RMSNorm over a sequence's features (eps=None: the dtype's) and over two trailing dimensions (a
+    given eps), unit-wise blocks with per-example statistics; and one without weight (no block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.seq = nn.Conv2d(2, 4, 3, padding=1), nn.RMSNorm(4)
+        self.plain, self.maps = nn.RMSNorm(4, elementwise_affine=False), nn.RMSNorm((6, 6), eps=1e-3)
+        self.head = nn.Linear(4 * 36, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.seq(self.conv(x).flatten(2).transpose(1, 2)))   # (B, 36, 4)
+        h = torch.tanh(self.maps(self.plain(h).transpose(1, 2).reshape(-1, 4, 6, 6)))
+        return self.head(h.flatten(1))
+
+
 def batches(shape, classes, parts):
     """Per step the global batch as ``parts`` micro-batches, identical on every rank."""
     gen = torch.Generator().manual_seed(1234)
@@ -188,20 +204,21 @@ def test_every_block_kind_equals_one_process(comm, device):
 @pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
     not CUDA, reason="needs CuPy and a CUDA device"))])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_instancenorm_equals_one_process_and_the_whole_batch(comm, device, fraction):
+@pytest.mark.parametrize("make,kind,count", [(InstanceNormModel, "InstanceNormBlock", 3),
+                                             (RMSNormModel, "RMSNormBlock", 2)], ids=["instancenorm", "rmsnorm"])
+def test_per_example_norm_kind_equals_one_process_and_the_whole_batch(comm, device, fraction, make, kind, count):
     options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2,
                    statistics_fraction=fraction)
-    dist, nus = check(InstanceNormModel, (2, 6, 6), 4, comm, device, **options)
+    dist, nus = check(make, (2, 6, 6), 4, comm, device, **options)
     assert min(nus) < 1.0  # the KL clip was active
     torch.manual_seed(0)
-    probe = KFACPreconditioner(InstanceNormModel().double(), comm=Communicator(MPI.COMM_SELF))
-    assert [type(b).__name__ for b in probe.engine.blocks].count("InstanceNormBlock") == 3
+    probe = KFACPreconditioner(make().double(), comm=Communicator(MPI.COMM_SELF))
+    assert [type(b).__name__ for b in probe.engine.blocks].count(kind) == count
     if fraction == 1.0:
         # Per-example statistics: one process taking the whole global batch in one pass agrees too.
-        np.testing.assert_allclose(dist, whole_batch(InstanceNormModel, comm.size, **options), rtol=1e-9,
-                                   atol=1e-12)
+        np.testing.assert_allclose(dist, whole_batch(make, comm.size, **options), rtol=1e-9, atol=1e-12)
     if device != "cpu":
-        host, host_nus = train(InstanceNormModel, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
+        host, host_nus = train(make, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
         np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
         np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
 
