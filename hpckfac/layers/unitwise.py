@@ -1,8 +1,8 @@
 """``UnitWiseBlock``: unit-wise Fisher of a normalisation layer's affine parameters.
 
 A normalisation layer's output is ``y = γ_c x̂ + β_c`` per unit ``c`` (a
-channel of BatchNorm, GroupNorm and InstanceNorm, an element of LayerNorm's normalised
-shape), ``x̂`` the normalised input. Example ``i``'s gradient of
+channel of BatchNorm, GroupNorm and InstanceNorm, an element of LayerNorm's and
+RMSNorm's normalised shape; RMSNorm has no ``β``), ``x̂`` the normalised input. Example ``i``'s gradient of
 ``(γ_c, β_c)`` is ``u_i = (Σ_t g_i x̂_i, Σ_t g_i)``, summed over the positions
 ``t`` where the unit appears. Each unit gets the ``k x k`` Fisher
 ``Σ_i u_i u_iᵀ`` (``k = 2``, or 1 without ``β``), unit-wise as in SP-NGD
