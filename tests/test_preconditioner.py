@@ -68,6 +68,51 @@ def test_settings_changed_between_steps_are_checked(comm, name, value):
     assert all(np.array_equal(r, s) for r, s in zip(precond.engine.state.running, running))
 
 
+@pytest.mark.parametrize("target,name,value", [
+    ("engine", "factor_update_interval", 0), ("engine", "factor_update_interval", 2.5),
+    ("engine", "inverse_update_interval", 0), ("engine", "inverse_update_interval", -3),
+    ("precond", "accumulation_steps", 0), ("precond", "statistics_fraction", 0.0),
+    ("precond", "statistics_fraction", 2.0), ("precond", "lr", -1.0), ("precond", "lr", "0.1"),
+])
+def test_settings_reassigned_between_steps_are_refused_at_once(comm, target, name, value):
+    """The intervals, accumulation_steps, statistics_fraction and lr are read by the hooks (or
+    scale the statistics: accumulation_steps 0 zeroes every G): a bad value assigned between
+    steps raises ValueError naming it, keeps the old value, and the next step runs as before."""
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1)
+    owner = precond.engine if target == "engine" else precond
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model(x).pow(2).mean().backward()
+    precond.step()
+    before = getattr(owner, name)
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        setattr(owner, name, value)
+    assert getattr(owner, name) == before
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    precond.step()
+    assert precond.steps == 2 and all(np.isfinite(r).all() and np.abs(r).max() > 0
+                                      for r in precond.engine.state.running)
+
+
+def test_a_scheduler_assigned_as_lr_is_read_as_its_rate(comm):
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.25)
+    precond.lr = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    assert precond.current_lr() == 0.25
+
+
+@pytest.mark.parametrize("value", ["0.1", True])
+def test_a_schedule_of_lr_returning_text_or_a_bool_is_refused(comm, value):
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, lr=lambda step: value)
+    model(torch.randn(6, 5, dtype=torch.float64)).pow(2).mean().backward()
+    with pytest.raises(ValueError, match="^lr: expected a finite number >= 0 at step 0"):
+        precond.step()
+    assert precond.steps == 0
+
+
 def test_kl_clip_set_to_zero_between_steps_switches_the_clip_off(comm):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm, kl_clip=1e-8)

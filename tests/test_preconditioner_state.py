@@ -266,6 +266,10 @@ def trained(comm):
     (lambda s: s["blocks"]["4"].__setitem__("inverses", "abc"), "block .4. has inverses of type ndarray, expected a list"),
     (lambda s: s["blocks"]["4"].__setitem__("inverses", [[1.0]]), "block .4. has inverses of shapes"),
     (lambda s: s["blocks"]["0"].__setitem__("factors", "abc"), "factors of shape"),
+    # An option that is not a saved hyperparameter (fixed at construction): named, not an AttributeError.
+    (lambda s: s["hyperparameters"].__setitem__("factor_dtype", "float16"),
+     "state: unknown hyperparameter\\(s\\) 'factor_dtype'"),
+    (lambda s: s["hyperparameters"].__setitem__("foo", 1), "state: unknown hyperparameter\\(s\\) 'foo'"),
 ])
 def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, message):
     state = trained(comm).state_dict()

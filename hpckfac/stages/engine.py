@@ -151,6 +151,8 @@ class KFACEngine:
         ``SegmentLayout``; steps: completed steps;
         damping, factor_decay, kl_clip: may be changed between steps (checked, and compared
             across ranks, by the next step);
+        factor_update_interval, inverse_update_interval: may be changed between steps
+            (checked when assigned, compared across ranks by the next step);
         last_nu: KL-clip factor of the last step (1.0 without clipping; read
             lazily, so a GPU step does not wait for it);
         timings: wall seconds of each stage in ``STAGES`` in the last step;
@@ -190,6 +192,28 @@ class KFACEngine:
         # Called before every clock reading when set (e.g. a device synchronisation, so that
         # the stage times of a GPU step are the stages' own and not their launch times).
         self.synchronize: Callable[[], None] | None = None
+
+    # The intervals drive the hooks before any step runs: a bad value assigned between steps is
+    # refused at once (ValueError naming it), not met as a ZeroDivisionError inside a forward.
+    @property
+    def factor_update_interval(self) -> int:
+        """Statistics are reduced and averaged on steps ``k % factor_update_interval == 0``
+        (an integer >= 1, checked when assigned)."""
+        return self._factor_update_interval
+
+    @factor_update_interval.setter
+    def factor_update_interval(self, value: int) -> None:
+        self._factor_update_interval = check_options(factor_update_interval=value)["factor_update_interval"]
+
+    @property
+    def inverse_update_interval(self) -> int:
+        """Inverses are recomputed on steps ``k % inverse_update_interval == 0`` (an integer
+        >= 1, checked when assigned)."""
+        return self._inverse_update_interval
+
+    @inverse_update_interval.setter
+    def inverse_update_interval(self, value: int) -> None:
+        self._inverse_update_interval = check_options(inverse_update_interval=value)["inverse_update_interval"]
 
     def is_factor_step(self) -> bool:
         """Whether the next ``step()`` reduces and averages statistics."""
@@ -353,6 +377,12 @@ class KFACEngine:
         steps = state["steps"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"state: steps must be an integer >= 0, got {steps!r}")
+        # Only the engine's own hyperparameters: another option's name (factor_dtype is fixed at
+        # construction) is a malformed state, named here rather than met as an AttributeError.
+        unknown = sorted(str(k) for k in set(state["hyperparameters"]) - set(self.hyperparameters()))
+        if unknown:
+            raise ValueError(f"state: unknown hyperparameter(s) {', '.join(map(repr, unknown))} (a state_dict() "
+                             f"holds {', '.join(self.hyperparameters())})")
         # A schedule (saved as None) stays the caller's.
         hyper = check_options(**{k: v for k, v in state["hyperparameters"].items() if v is not None or k == "kl_clip"})
         if hyper.pop("assignment", self.assignment) != self.assignment:

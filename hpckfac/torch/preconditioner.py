@@ -147,6 +147,37 @@ class KFACPreconditioner:
         self._generic = self._io.generic()
         self._send_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
+    # Settings a user may reassign between steps: checked when assigned (ValueError naming the
+    # setting), as at construction; a value that would only fail inside a hook, or silently zero
+    # the statistics (accumulation_steps 0 scales every G to 0), never reaches a step.
+    @property
+    def lr(self) -> float | Callable[[int], float]:
+        """The KL clip's learning rate: a number > 0 or a schedule of the step (a torch LR
+        scheduler is kept as its optimizer's current rate)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float | Callable[[int], float]) -> None:
+        self._lr = check_options(lr=value)["lr"]
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Forward/backward micro-batches per ``step()`` (an integer >= 1)."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value: int) -> None:
+        self._accumulation_steps = check_options(accumulation_steps=value)["accumulation_steps"]
+
+    @property
+    def statistics_fraction(self) -> float:
+        """Share of each micro-batch whose examples give the statistics (0 < f <= 1)."""
+        return self._statistics_fraction
+
+    @statistics_fraction.setter
+    def statistics_fraction(self, value: float) -> None:
+        self._statistics_fraction = check_options(statistics_fraction=value)["statistics_fraction"]
+
     # ----------------------------------------------------------------- setup
     def _skipped(self, name: str, module: nn.Module) -> bool:
         return any(isinstance(s, type) and isinstance(module, s) or
@@ -332,8 +363,9 @@ class KFACPreconditioner:
         it is a finite number >= 0: a warmup may start at 0, which leaves the clip at 1)."""
         lr = self.lr(self.engine.steps) if callable(self.lr) else self.lr
         try:
-            value = float(lr)
-        except (TypeError, ValueError):
+            # A number (a one-element tensor too), not text or a bool that float() would read.
+            value = math.nan if isinstance(lr, (str, bytes, bool, np.bool_)) else float(lr)
+        except (TypeError, ValueError, RuntimeError):
             value = math.nan
         if not (math.isfinite(value) and value >= 0.0):
             raise ValueError(f"lr: expected a finite number >= 0 at step {self.engine.steps}, got {lr!r}")
