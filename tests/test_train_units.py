@@ -67,6 +67,11 @@ def test_user_npz_with_and_without_test_arrays(tmp_path):
      "'x_test' examples have shape"),
     ({"x": np.zeros((4, 8, 8)), "y": -np.arange(4)}, "negative labels"),
     ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 2, 10**9])}, "labels go up to 1000000000 (4 distinct values)"),
+    # uint64 labels beyond int64: named as they are, not wrapped to a negative class index.
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 2, 2**63], dtype=np.uint64)},
+     "labels go up to 9223372036854775808 (4 distinct values)"),
+    ({"x": np.random.default_rng(0).random((4, 8, 8)) * 1e-30, "y": np.arange(4),
+      "x_test": np.full((2, 8, 8), 1e300), "y_test": np.arange(2)}, "'x_test' holds values so far from those of 'x'"),
 ])
 def test_bad_npz_contents_raise_one_line_data_errors(tmp_path, arrays, message):
     path = tmp_path / "bad.npz"
@@ -74,6 +79,20 @@ def test_bad_npz_contents_raise_one_line_data_errors(tmp_path, arrays, message):
     with pytest.raises(DataError) as info:
         load_dataset(str(path))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_finite_images_near_float64s_range_are_standardised(tmp_path):
+    """Values whose sum and variance overflow float64 are finite all the same: their images
+    are standardised as smaller ones would be, not turned NaN (a 'diverged' run later)."""
+    x = np.random.default_rng(0).random((20, 8, 8))
+    path = tmp_path / "huge.npz"
+    np.savez(path, x=x * 1e308, y=np.arange(20) % 2, x_test=x[:5] * 1e308, y_test=np.arange(5) % 2)
+    huge = load_dataset(str(path))
+    np.savez(path, x=x, y=np.arange(20) % 2, x_test=x[:5], y_test=np.arange(5) % 2)
+    plain = load_dataset(str(path))
+    assert np.isfinite(huge.x_train).all() and np.isfinite(huge.x_test).all()
+    np.testing.assert_allclose(huge.x_train, plain.x_train, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(huge.x_test, plain.x_test, rtol=1e-5, atol=1e-5)
 
 
 def test_channels_last_images_are_flagged(tmp_path, caplog):

@@ -76,7 +76,8 @@ def _labels(name: str, array: np.ndarray, count: int, path: str) -> np.ndarray:
                         f"got {array.dtype} {array.shape}")
     if count and array.min() < 0:
         raise DataError(f"{path}: '{name}' has negative labels (expected 0..K-1)")
-    return array.astype(np.int64)
+    # Cast to int64 once the labels are known to be small: uint64 labels >= 2**63 would turn negative.
+    return array
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -133,6 +134,13 @@ def load_dataset(path: str | None = None) -> Dataset:
         train, test = _split(len(x), TEST_FRACTION, SPLIT_SEED)
         x, x_test, y, y_test = x[train], x[test], y[train], y[test]
     x, x_test = x.astype(np.float64), x_test.astype(np.float64)
+    # Standardising is scale-free: for finite values near float64's range (whose sum or variance
+    # would overflow and turn the images NaN) divide by a power of two first, which changes no
+    # rounding, so that the standardised images are the same as if nothing had overflowed.
+    peak = float(np.abs(x).max())
+    if peak > 2.0 ** 500:
+        power = 2.0 ** -np.frexp(peak)[1]
+        x, x_test = x * power, x_test * power
     mean, std = x.mean(), x.std()
     scale = 1.0 / std if std > 0 else 1.0
     num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
@@ -143,8 +151,12 @@ def load_dataset(path: str | None = None) -> Dataset:
                         f"return_inverse=True)[1])")
     if num_classes < 2:
         raise DataError(f"{where}: labels must have at least 2 classes, got {num_classes}")
-    return Dataset(name, ((x - mean) * scale).astype(np.float32), y,
-                   ((x_test - mean) * scale).astype(np.float32), y_test, num_classes)
+    with np.errstate(over="ignore"):
+        x, x_test = ((x - mean) * scale).astype(np.float32), ((x_test - mean) * scale).astype(np.float32)
+    if not np.isfinite(x_test).all():  # x itself cannot overflow once standardised
+        raise DataError(f"{where}: 'x_test' holds values so far from those of 'x' that, standardised with the mean and "
+                        "standard deviation of 'x', they overflow float32")
+    return Dataset(name, x, y.astype(np.int64), x_test, y_test.astype(np.int64), num_classes)
 
 
 class BatchOrder:
