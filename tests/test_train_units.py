@@ -253,7 +253,9 @@ def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage)
                                        ("wall", float("nan")), ("wall", -1.0), ("torch_rng", torch.zeros(3)),
                                        ("torch_rng", torch.zeros((2, 3), dtype=torch.uint8)),
                                        ("model", 3), ("model", {"w": torch.tensor([1.0, float("nan")])}),
-                                       ("data", 7), ("preconditioner", "x")])
+                                       ("data", 7), ("preconditioner", "x"),
+                                       ("optimizer", {"state": {0: {"momentum_buffer": torch.tensor([float("nan")])}},
+                                                      "param_groups": []})])
 def test_a_damaged_field_is_named(tmp_path, key, value):
     path = str(tmp_path / "step_00000004.pt")
     state = _state(4)
@@ -261,6 +263,20 @@ def test_a_damaged_field_is_named(tmp_path, key, value):
     ckpt.save_checkpoint(path, state)
     with pytest.raises(ckpt.CheckpointError, match=f"is corrupt: {key} is"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_preconditioner_at_another_step_than_the_run_is_refused(tmp_path):
+    """The run calls step() once per training step: a preconditioner state at another step
+    would resume its factor and inverse schedule out of phase, silently."""
+    path = str(tmp_path / "step_00000004.pt")
+    state = _state(4)
+    state["preconditioner"] = {"steps": 2, "hyperparameters": {}, "blocks": {}}
+    ckpt.save_checkpoint(path, state)
+    with pytest.raises(ckpt.CheckpointError, match="is corrupt: its preconditioner has taken 2 steps, the run 4"):
+        ckpt.load_checkpoint(path)
+    state["preconditioner"]["steps"] = 4
+    ckpt.save_checkpoint(path, state)
+    assert ckpt.load_checkpoint(path)["preconditioner"]["steps"] == 4
 
 
 @pytest.mark.parametrize("key", [k for k in ckpt.KEYS if k not in ("format", "version")])

@@ -102,11 +102,27 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         if not valid(state[key]):
             raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {reprlib.repr(state[key])}, "
                                   f"expected {expected}")
+    kfac = state["preconditioner"]
+    if kfac is not None and kfac.get("steps") != state["step"]:  # one step() per training step
+        raise CheckpointError(f"checkpoint {path} is corrupt: its preconditioner has taken "
+                              f"{reprlib.repr(kfac.get('steps'))} steps, the run {state['step']}")
     return state
 
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite_tensors(value: Any) -> bool:
+    """Whether every floating-point tensor in ``value`` (nested dicts, lists, tuples) is finite:
+    a NaN momentum buffer or Adam moment would turn the first resumed step's update NaN."""
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_finite_tensors(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite_tensors(item) for item in value)
+    return True
 
 
 # What each field of a checkpoint must be (damaged or hand-edited files fail here, by name).
@@ -117,7 +133,8 @@ _FIELDS = (
     ("model", lambda v: isinstance(v, dict) and all(torch.isfinite(t).all() for t in v.values()
                                                      if isinstance(t, torch.Tensor) and t.is_floating_point()),
      "a model state_dict with finite values"),
-    ("optimizer", lambda v: isinstance(v, dict), "an optimizer state_dict"),
+    ("optimizer", lambda v: isinstance(v, dict) and _finite_tensors(v.get("state")),
+     "an optimizer state_dict with finite values"),
     ("preconditioner", lambda v: v is None or isinstance(v, dict), "None or a preconditioner state_dict"),
     ("data_order", lambda v: isinstance(v, dict), "a dict"),
     ("history", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of records"),

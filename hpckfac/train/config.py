@@ -82,6 +82,10 @@ class TrainConfig:
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         self.progress = progress_mode(self.progress)
+        for name in ("data", "out", "resume"):  # paths (a resumed run takes data and out from its checkpoint)
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name}: expected a path, got {value!r}")
         if self.steps is not None:
             check_integer(self.steps, "steps", 1)
         for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("width", 1), ("seed", 0),

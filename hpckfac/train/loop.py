@@ -187,9 +187,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.precond is not None:
                 self.precond.load_state_dict(state["preconditioner"])
+            torch.set_rng_state(state["torch_rng"])  # another length: RuntimeError, named as the others
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc).splitlines()[0]})") from None
-        torch.set_rng_state(state["torch_rng"])
         self.step, self.wall, self.records = int(state["step"]), float(state["wall"]), list(state["history"])
         _log.info("resumed from %s at step %d", path, self.step)
 
