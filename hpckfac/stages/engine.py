@@ -32,7 +32,7 @@ from hpckfac.comm.errors import CollectiveMismatchError
 from hpckfac.log import get_logger
 from hpckfac.stages.all_gather import AllGather
 from hpckfac.stages.layout import SegmentLayout
-from hpckfac.stages.options import DEFAULTS, Assignment, check_options, resolve
+from hpckfac.stages.options import DEFAULTS, Assignment, CheckedOption, check_options, resolve
 from hpckfac.stages.owner import OwnerState
 from hpckfac.stages.reduce_scatter import ReduceScatter
 
@@ -159,6 +159,10 @@ class KFACEngine:
         synchronize: None, or a function called before each clock reading.
     """
 
+    # The intervals drive the hooks before any step runs: checked when assigned.
+    factor_update_interval = CheckedOption(check_options)
+    inverse_update_interval = CheckedOption(check_options)
+
     def __init__(self, blocks: Sequence[Any], comm, *, damping: float | Callable[[int], float] = DEFAULTS["damping"],
                  factor_decay: float | Callable[[int], float] = DEFAULTS["factor_decay"],
                  factor_update_interval: int = DEFAULTS["factor_update_interval"],
@@ -192,28 +196,6 @@ class KFACEngine:
         # Called before every clock reading when set (e.g. a device synchronisation, so that
         # the stage times of a GPU step are the stages' own and not their launch times).
         self.synchronize: Callable[[], None] | None = None
-
-    # The intervals drive the hooks before any step runs: a bad value assigned between steps is
-    # refused at once (ValueError naming it), not met as a ZeroDivisionError inside a forward.
-    @property
-    def factor_update_interval(self) -> int:
-        """Statistics are reduced and averaged on steps ``k % factor_update_interval == 0``
-        (an integer >= 1, checked when assigned)."""
-        return self._factor_update_interval
-
-    @factor_update_interval.setter
-    def factor_update_interval(self, value: int) -> None:
-        self._factor_update_interval = check_options(factor_update_interval=value)["factor_update_interval"]
-
-    @property
-    def inverse_update_interval(self) -> int:
-        """Inverses are recomputed on steps ``k % inverse_update_interval == 0`` (an integer
-        >= 1, checked when assigned)."""
-        return self._inverse_update_interval
-
-    @inverse_update_interval.setter
-    def inverse_update_interval(self, value: int) -> None:
-        self._inverse_update_interval = check_options(inverse_update_interval=value)["inverse_update_interval"]
 
     def is_factor_step(self) -> bool:
         """Whether the next ``step()`` reduces and averages statistics."""

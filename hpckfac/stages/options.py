@@ -107,6 +107,25 @@ def check_options(checks: dict[str, Callable[[Any], Any]] | None = None, **optio
     return {name: checks[name](value) for name, value in options.items()}
 
 
+class CheckedOption:
+    """A class attribute for a setting users may reassign between steps: every assignment,
+    the constructor's included, goes through ``check(name=value)`` (a ``check_options``), so a
+    bad value raises ValueError naming the setting at once and the old value stays, rather than
+    failing later inside a hook or silently scaling the statistics."""
+
+    def __init__(self, check: Callable[..., dict[str, Any]]) -> None:
+        self._check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else obj.__dict__[self._name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._name] = self._check(**{self._name: value})[self._name]
+
+
 def resolve(name: str, value: Any, step: int) -> Any:
     """The value of option ``name`` at ``step`` (``value(step)`` for a callable), checked."""
     try:

@@ -20,7 +20,7 @@ from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicat
 from hpckfac.log import get_logger
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
 from hpckfac.stages.local_factors import LocalStatistics
-from hpckfac.stages.options import Assignment
+from hpckfac.stages.options import Assignment, CheckedOption
 from hpckfac.tables import format_table
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.distributed import average_grads
@@ -80,6 +80,12 @@ class KFACPreconditioner:
     memory with the tensors (zero-copy views) and running on torch's current
     stream. ``hpckfac.torch.bind_device`` picks each rank's GPU.
     """
+
+    # Settings users reassign between steps, checked when assigned: accumulation_steps 0 would
+    # scale every G to 0, and a bad lr would surface only at the next step.
+    lr = CheckedOption(check_options)
+    accumulation_steps = CheckedOption(check_options)
+    statistics_fraction = CheckedOption(check_options)
 
     def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = DEFAULTS["lr"],
                  damping: float | Callable[[int], float] = DEFAULTS["damping"],
@@ -146,37 +152,6 @@ class KFACPreconditioner:
         self._io = GradientIO(self.engine.blocks, [block_params(m) for m in self.modules])
         self._generic = self._io.generic()
         self._send_views: dict[int, tuple[Any, torch.Tensor]] = {}
-
-    # Settings a user may reassign between steps: checked when assigned (ValueError naming the
-    # setting), as at construction; a value that would only fail inside a hook, or silently zero
-    # the statistics (accumulation_steps 0 scales every G to 0), never reaches a step.
-    @property
-    def lr(self) -> float | Callable[[int], float]:
-        """The KL clip's learning rate: a number > 0 or a schedule of the step (a torch LR
-        scheduler is kept as its optimizer's current rate)."""
-        return self._lr
-
-    @lr.setter
-    def lr(self, value: float | Callable[[int], float]) -> None:
-        self._lr = check_options(lr=value)["lr"]
-
-    @property
-    def accumulation_steps(self) -> int:
-        """Forward/backward micro-batches per ``step()`` (an integer >= 1)."""
-        return self._accumulation_steps
-
-    @accumulation_steps.setter
-    def accumulation_steps(self, value: int) -> None:
-        self._accumulation_steps = check_options(accumulation_steps=value)["accumulation_steps"]
-
-    @property
-    def statistics_fraction(self) -> float:
-        """Share of each micro-batch whose examples give the statistics (0 < f <= 1)."""
-        return self._statistics_fraction
-
-    @statistics_fraction.setter
-    def statistics_fraction(self, value: float) -> None:
-        self._statistics_fraction = check_options(statistics_fraction=value)["statistics_fraction"]
 
     # ----------------------------------------------------------------- setup
     def _skipped(self, name: str, module: nn.Module) -> bool:
