@@ -297,7 +297,10 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     assert "K-FAC (A 37x37" in lines["2"]
     assert "first-order: padding: 'same' with an even" in lines["3"]
     assert "K-FAC (2 groups of A 19x19, G 2x2)" in lines["4"]
-    assert "first-order: no curvature block" in lines["5"] and "first-order: in skip_layers" in lines["7"]
+    assert "first-order: no curvature block for this type (averaged only: weight)" in lines["5"]
+    assert "first-order: in skip_layers" in lines["7"]
+    attention = repr(KFACPreconditioner(nn.MultiheadAttention(4, 2), comm=Communicator(MPI.COMM_SELF)))
+    assert "(averaged only: in_proj_weight, in_proj_bias)" in attention
     # "same" at stride 1 with an odd kernel is plain symmetric padding: the factors match padding=1.
     x = torch.randn(3, 2, 5, 5)
     blocks = [KFACPreconditioner(nn.Sequential(nn.Conv2d(2, 4, 3, padding=p)), comm=Communicator(MPI.COMM_SELF))
@@ -391,6 +394,42 @@ def test_flattened_tokens_take_the_factors_of_the_sequence(fraction):
     x = torch.randint(0, 7, (6, 4), generator=torch.Generator().manual_seed(9))
     y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(10))
     flat_and_sequence_factors(FlatTokens, x, y, fraction)
+
+
+class SequenceFirst(nn.Module):
+    """Embedding, LayerNorm and Linear on ``(batch, tokens)`` indices, the layers after the
+    embedding run sequence-first, ``(tokens, batch, features)`` (PyTorch's ``batch_first=False``),
+    with ``seq_first``, else batch-first."""
+
+    def __init__(self, seq_first: bool):
+        super().__init__()
+        self.seq_first = seq_first
+        self.emb, self.norm, self.fc = nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.seq_first:
+            return self.fc(self.norm(self.emb(x.T))).transpose(0, 1).mean(1)
+        return self.fc(self.norm(self.emb(x))).mean(1)
+
+
+@pytest.mark.parametrize("batch, tokens, fraction", [(6, 4, 1.0), (6, 4, 0.5), (3, 5, 1.0)])
+def test_sequence_first_layers_take_the_factors_of_batch_first(batch, tokens, fraction):
+    """Layers that see ``(tokens, batch, ...)`` take the factors of the batch-first layout, fewer
+    and more tokens than examples: read as batch-first, G was scaled by tokens/batch (so it
+    changed with the ranks' share of the batch) and LayerNorm summed over the wrong axis."""
+    x = torch.randint(0, 7, (batch, tokens), generator=torch.Generator().manual_seed(11))
+    y = torch.randint(0, 3, (batch,), generator=torch.Generator().manual_seed(12))
+    factors = []
+    for seq_first in (True, False):
+        torch.manual_seed(0)
+        model = SequenceFirst(seq_first).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=fraction,
+                                     factor_decay=0.0)
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        factors.append([r.copy() for r in precond.engine.state.running])
+    for got, want in zip(*factors):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
 class DictInput(nn.Module):

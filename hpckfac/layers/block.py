@@ -110,12 +110,18 @@ class CurvatureBlock(abc.ABC):
     output-gradient statistics average over an example's positions (KFC's
     ``G``): then a layer that sees its micro-batch flattened to ``k`` rows per
     example, ``(batch * k, ...)``, weights them by ``1/k``, so that its factors
-    are those of the unflattened layer.
+    are those of the unflattened layer. ``feature_axes`` is None, or the number of
+    trailing feature axes of the layer's input and of its output when every axis
+    before them is the batch or a position (Linear, Embedding, LayerNorm; not a
+    convolution, whose axis 1 is channels): then a sequence-first input
+    ``(positions, batch, ..., features)``, PyTorch's ``batch_first=False``, can be
+    read batch-first.
     """
 
     name: str
     uses_sample: bool = True
     averages_positions: bool = False
+    feature_axes: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ shapes
     @property

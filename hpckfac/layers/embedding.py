@@ -26,6 +26,7 @@ class EmbeddingBlock(CurvatureBlock):
     table is ``(num_embeddings, embedding_dim)``, the gradient matrix its transpose."""
 
     averages_positions = True
+    feature_axes = (0, 1)  # integer indices in, vectors out
 
     def __init__(self, name: str, num_embeddings: int, embedding_dim: int) -> None:
         self.name = check_name(name)

@@ -24,6 +24,11 @@ class LayerNormBlock(UnitWiseBlock):
         shape = tuple(check_integer(n, "normalized_shape", 1) for n in shape)
         super().__init__(name, shape, bias, eps)
 
+    @property
+    def feature_axes(self) -> tuple[int, int]:
+        """The normalised dimensions, on both the input and the output."""
+        return len(self.param_shape), len(self.param_shape)
+
     def _rows(self, x: Array, name: str) -> Array:
         """``x`` as ``(N, T, units)``."""
         k = len(self.param_shape)

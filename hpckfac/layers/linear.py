@@ -33,6 +33,8 @@ class LinearBlock(KronBlock):
     ``transposed``.
     """
 
+    feature_axes = (1, 1)
+
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, transposed: bool = False) -> None:
         in_features = check_integer(in_features, "in_features", 1)
         out_features = check_integer(out_features, "out_features", 1)

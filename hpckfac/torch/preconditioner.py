@@ -181,8 +181,9 @@ class KFACPreconditioner:
                 status[name] = f"first-order: {exc}"
                 continue
             if block is None:
-                if own:
-                    status[name] = "first-order: no curvature block for this type"
+                if own:  # name the parameters: nn.MultiheadAttention's in_proj_weight is easy to miss
+                    names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+                    status[name] = f"first-order: no curvature block for this type (averaged only: {names})"
                 continue
             candidates.append((name, module, block))
         users: dict[int, list[str]] = {}  # id of each parameter -> the candidate layers using it
@@ -305,8 +306,24 @@ class KFACPreconditioner:
             return
         start = time.perf_counter()
         with device_scope(self.device):
-            self.local.add_inputs(index, to_array(self._sampled(index, a)))
+            self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0))))
         self._hook_seconds += time.perf_counter() - start
+
+    def _batch_first(self, index: int, t: torch.Tensor, side: int) -> torch.Tensor:
+        """``t`` (a layer's input, ``side`` 0, or output gradient, 1) with the batch axis first.
+
+        A layer inside a ``batch_first=False`` module (``nn.TransformerEncoderLayer``, an
+        ``nn.LSTM`` output) sees ``(positions, batch, ..., features)``; read as batch-first,
+        its positions would count as examples and the examples as positions, so ``G`` (and a
+        LayerNorm's per-example sums) would depend on the micro-batch size. Only blocks whose
+        leading axes are all batch or positions (``feature_axes``) are moved; a leading size 1
+        is a batch-shared input (``(1, T)`` position ids), not a sequence.
+        """
+        axes = self.engine.blocks[index].feature_axes
+        batch = self._micro_batch
+        if axes is None or t.ndim < 2 + axes[side] or t.shape[0] in (batch, 1) or t.shape[1] != batch:
+            return t
+        return t.transpose(0, 1).contiguous()
 
     def _sampled(self, index: int, t: torch.Tensor) -> torch.Tensor:
         """The leading rows of a layer's input or output gradient ``t`` that its statistics
@@ -323,6 +340,7 @@ class KFACPreconditioner:
             return
         start = time.perf_counter()
         scale = self._grad_scale() ** 2
+        g = self._batch_first(index, g, 1)
         rows = int(g.shape[0])
         if self.engine.blocks[index].averages_positions and rows > self._micro_batch > 0:
             # The micro-batch flattened to (batch * k, ...) rows: G averages each example's k rows

@@ -105,6 +105,19 @@ class RMSNormModel(nn.Module):
         return self.head(h.flatten(1))
 
 
+class SequenceFirstModel(nn.Module):
+    """LayerNorm and Linear on a sequence-first ``(positions, batch, features)`` view of the image
+    rows (PyTorch's ``batch_first=False`` layout), then a Linear head on the batch-first mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.fc, self.head = nn.LayerNorm(6), nn.Linear(6, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = x.reshape(x.shape[0], 12, 6).transpose(0, 1)                    # (12, B, 6)
+        return self.head(torch.tanh(self.fc(self.ln(h))).mean(0))
+
+
 def batches(shape, classes, parts):
     """Per step the global batch as ``parts`` micro-batches, identical on every rank."""
     gen = torch.Generator().manual_seed(1234)
@@ -221,6 +234,16 @@ def test_per_example_norm_kind_equals_one_process_and_the_whole_batch(comm, devi
         host, host_nus = train(make, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
         np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
         np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
+
+
+@pytest.mark.mpi
+def test_sequence_first_layers_equal_the_whole_batch(comm):
+    """The sequence-first layers' factors do not depend on the ranks' share of the batch: P ranks
+    equal one process taking the whole global batch in one pass."""
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2)
+    dist, _ = check(SequenceFirstModel, (2, 6, 6), 4, comm, **options)
+    np.testing.assert_allclose(dist, whole_batch(SequenceFirstModel, comm.size, **options), rtol=1e-9,
+                               atol=1e-12)
 
 
 @pytest.mark.mpi
