@@ -103,8 +103,12 @@ def test_a_scheduler_assigned_as_lr_is_read_as_its_rate(comm):
     assert precond.current_lr() == 0.25
 
 
-@pytest.mark.parametrize("value", ["0.1", True])
+@pytest.mark.parametrize("value", ["0.1", b"0.1", True, np.True_, torch.tensor([0.1, 0.2]),
+                                   torch.tensor(0.1, device="meta")],
+                         ids=["str", "bytes", "bool", "np.bool_", "two-element tensor", "meta tensor"])
 def test_a_schedule_of_lr_returning_text_or_a_bool_is_refused(comm, value):
+    """float() would read text, bytes and bools as rates; a tensor float() cannot read (several
+    elements: ValueError, a meta tensor: RuntimeError) is refused the same way."""
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm, lr=lambda step: value)
     model(torch.randn(6, 5, dtype=torch.float64)).pow(2).mean().backward()
@@ -215,6 +219,33 @@ def test_one_step_against_dense_kron_oracle(comm):
     fc = captured["3"]
     want = kron_oracle(fc["a"].numpy(), (fc["g"] * 5).numpy(), 5, 1, raw["3"].numpy())
     np.testing.assert_allclose(model[3].weight.grad.numpy(), want, rtol=1e-9, atol=1e-13)
+
+
+class SharedPositions(nn.Module):
+    """A Linear on a learned ``(1, T, 3)`` table shared by the batch (added to every example's
+    ``(T, 4)`` features), then a Linear head."""
+
+    def __init__(self, positions: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, positions, 3))
+        self.fc, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.fc(self.pos))).mean(1)
+
+
+def test_a_batch_shared_input_as_long_as_the_batch_is_one_example_of_positions(comm):
+    """A leading size 1 is a batch-shared input, not a sequence-first one, even with as many
+    positions as examples: the dense Kronecker oracle of one example of T positions."""
+    torch.manual_seed(7)
+    model = SharedPositions(5).double()
+    x, y = torch.randn(5, 5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    captured, raw, _ = captured_step(model, x, y, comm)
+    fc = captured["fc"]
+    a_rows = np.hstack([fc["a"][0].numpy(), np.ones((5, 1))])
+    want = kron_oracle(a_rows, (fc["g"][0] * 5).numpy(), 5, 5, raw["fc"].numpy())
+    got = torch.cat([model.fc.weight.grad, model.fc.bias.grad[:, None]], 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-13)
 
 
 def test_single_example_linear_factors_give_the_exact_fisher(comm):
@@ -361,6 +392,77 @@ def flat_and_sequence_factors(make, x, y, fraction):
     return factors[0]
 
 
+class FlatGroups(nn.Module):
+    """A Linear fed ``(batch, 6, 4)`` as ``(batch * 3, 2, 4)``: each example's positions split into
+    3 rows of 2 (as attention code reshapes heads into the batch), or the sequence with ``flat=False``."""
+
+    def __init__(self, flat: bool):
+        super().__init__()
+        self.flat = flat
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x.reshape(-1, 2, 4)) if self.flat else self.fc(x)
+        return h.reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_flattened_groups_of_positions_take_the_factors_of_the_sequence(fraction):
+    """A 3-D input whose leading axis is neither the batch nor 1, and whose second axis is not the
+    batch, is ``(batch * k, positions, features)``, not sequence-first: the factors of the sequence."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 6, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    flat_and_sequence_factors(FlatGroups, x, y, fraction)
+
+
+def test_a_layernorm_on_rows_whose_first_normalised_dimension_equals_the_batch():
+    """LayerNorm((2, 3)) fed the batch of 2 flattened to ``(rows, 2, 3)``: a normalised dimension of
+    the batch's size is a feature axis, not the batch of a sequence-first input; the unit-wise Fisher
+    is that of the rows as hooked (``LayerNormBlock.fisher``, checked against autograd elsewhere)."""
+    from hpckfac.layers import LayerNormBlock
+
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.head = nn.LayerNorm((2, 3)), nn.Linear(5 * 6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.ln(x.reshape(-1, 2, 3))).reshape(x.shape[0], -1))
+
+    torch.manual_seed(8)
+    model = Rows().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), skip_layers=["head"])
+    seen = {}
+
+    def capture(module, args, out):
+        seen["a"] = args[0].detach()
+        out.register_hook(lambda g: seen.update(g=g.detach()))
+
+    model.ln.register_forward_hook(capture)
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(2, 5, 2, 3, dtype=torch.float64, generator=gen), torch.randint(0, 3, (2,), generator=gen)
+    nn.functional.cross_entropy(model(x), y).backward()
+    got = precond.engine.blocks[0].factors(precond.local.result()[0])[0]
+    want = LayerNormBlock("ln", (2, 3), 1e-5).fisher(seen["a"].numpy(), (seen["g"] * 2).numpy(), scale=1 / 2)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("batch", [4, 3], ids=["batch == in_features", "batch == out_features"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_flattened_rows_whose_features_equal_the_batch_stay_rows(batch, fraction):
+    """``(batch * positions, features)`` rows with as many features as examples (here the Linear's
+    4 inputs or 3 outputs) are rows, not a sequence-first layout to transpose: the same factors as
+    the ``(batch, positions, features)`` sequence, and at 1 the dense ``A`` of all the rows."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 5, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    flat = flat_and_sequence_factors(FlatRows, x, y, fraction)
+    if fraction == 1.0:
+        rows = np.concatenate([x.reshape(-1, 4).numpy(), np.ones((5 * batch, 1))], axis=1)
+        np.testing.assert_allclose(flat[0][0], rows.T @ rows / batch, rtol=1e-12)
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3])
 def test_flattened_rows_take_the_factors_of_the_sequence(fraction):
     """A layer that sees the batch as ``(batch * positions, features)`` rows takes the same
@@ -430,6 +532,27 @@ def test_sequence_first_layers_take_the_factors_of_batch_first(batch, tokens, fr
         factors.append([r.copy() for r in precond.engine.state.running])
     for got, want in zip(*factors):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_batch_first_sequence_as_long_as_the_batch_stays_batch_first():
+    """``(batch, positions, features)`` with as many positions as examples cannot be told from a
+    sequence-first layout and is read batch-first: a LayerNorm's unit-wise Fisher equals the
+    mean over examples of ``u_i u_iᵀ``, ``u_i`` example i's own (γ_c, β_c) gradient by autograd."""
+    torch.manual_seed(4)
+    batch = 5
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Flatten(), nn.Linear(batch * 4, 2)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, batch, 3, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 2, (batch,), generator=gen)
+    nn.functional.cross_entropy(model(x), y).backward()
+    model.eval()  # the oracle's forwards take no statistics
+    u = np.stack([np.stack([g.numpy() for g in torch.autograd.grad(
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), (model[1].weight, model[1].bias))], -1)
+        for i in range(batch)])  # (examples, units, 2)
+    index = [type(b).__name__ for b in precond.engine.blocks].index("LayerNormBlock")
+    fisher = precond.engine.blocks[index].factors(precond.local.result()[index])[0]
+    np.testing.assert_allclose(fisher, np.einsum("iuk,iul->ukl", u, u) / batch, rtol=1e-10, atol=1e-15)
 
 
 class DictInput(nn.Module):

@@ -81,12 +81,27 @@ def test_bad_npz_contents_raise_one_line_data_errors(tmp_path, arrays, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_finite_images_near_float64s_range_are_standardised(tmp_path):
-    """Values whose sum and variance overflow float64 are finite all the same: their images
-    are standardised as smaller ones would be, not turned NaN (a 'diverged' run later)."""
+def test_test_images_that_overflow_float32_are_refused_without_a_warning(tmp_path):
+    """The overflow to float32 of x_test is reported by the DataError alone (the one line the CLI
+    prints), not also by NumPy's RuntimeWarning from the cast."""
+    import warnings
+
+    path = tmp_path / "far.npz"
+    np.savez(path, x=np.random.default_rng(1).random((4, 8, 8)), y=np.arange(4), x_test=np.full((2, 8, 8), 1e300),
+             y_test=np.arange(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="'x_test' holds values so far from those of 'x'"):
+            load_dataset(str(path))
+
+
+@pytest.mark.parametrize("size", [2.0 ** 515, 1e200, 1e308], ids=["variance overflows", "1e200", "1e308"])
+def test_finite_images_near_float64s_range_are_standardised(tmp_path, size):
+    """Values whose variance (from 2**512 on) or sum overflows float64 are finite all the same:
+    their images are standardised as smaller ones would be, not turned NaN (a 'diverged' run later)."""
     x = np.random.default_rng(0).random((20, 8, 8))
     path = tmp_path / "huge.npz"
-    np.savez(path, x=x * 1e308, y=np.arange(20) % 2, x_test=x[:5] * 1e308, y_test=np.arange(5) % 2)
+    np.savez(path, x=x * size, y=np.arange(20) % 2, x_test=x[:5] * size, y_test=np.arange(5) % 2)
     huge = load_dataset(str(path))
     np.savez(path, x=x, y=np.arange(20) % 2, x_test=x[:5], y_test=np.arange(5) % 2)
     plain = load_dataset(str(path))
@@ -171,11 +186,18 @@ def test_schedule_validation_names_the_parameter(kwargs, name):
     ("lr", float("inf")), ("momentum", 1.0), ("weight_decay", -1e-4), ("damping", 0.0), ("damping", 1e300),
     ("factor_decay", 1.0), ("factor_update_interval", 0), ("inverse_update_interval", 0),
     ("kl_clip", -1.0), ("width", 0), ("seed", -1), ("eval_every", 0), ("checkpoint_every", -2),
-    ("batch_size", 2.5), ("steps", True),
+    ("batch_size", 2.5), ("steps", True), ("data", 7), ("out", ["runs"]), ("resume", 3.0),
 ])
 def test_config_validation_names_the_setting(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
         TrainConfig(**{field: value}).validate()
+
+
+def test_config_paths_may_be_path_objects(tmp_path):
+    """data, out and resume take a str or an os.PathLike (a resumed run's come from its checkpoint)."""
+    config = TrainConfig(data=tmp_path / "d.npz", out=tmp_path, resume=tmp_path / "ckpt").validate()
+    assert [os.fspath(p) for p in (config.data, config.out, config.resume)] == [
+        os.fspath(p) for p in (tmp_path / "d.npz", tmp_path, tmp_path / "ckpt")]
 
 
 def test_config_defaults_and_checkpoint_needs_out():
@@ -255,7 +277,9 @@ def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage)
                                        ("model", 3), ("model", {"w": torch.tensor([1.0, float("nan")])}),
                                        ("data", 7), ("preconditioner", "x"),
                                        ("optimizer", {"state": {0: {"momentum_buffer": torch.tensor([float("nan")])}},
-                                                      "param_groups": []})])
+                                                      "param_groups": []}),
+                                       ("optimizer", {"state": {0: {"history": [torch.zeros(2), (torch.tensor(
+                                           [1.0, float("inf")]),)]}}, "param_groups": []})])
 def test_a_damaged_field_is_named(tmp_path, key, value):
     path = str(tmp_path / "step_00000004.pt")
     state = _state(4)
@@ -273,6 +297,10 @@ def test_a_preconditioner_at_another_step_than_the_run_is_refused(tmp_path):
     state["preconditioner"] = {"steps": 2, "hyperparameters": {}, "blocks": {}}
     ckpt.save_checkpoint(path, state)
     with pytest.raises(ckpt.CheckpointError, match="is corrupt: its preconditioner has taken 2 steps, the run 4"):
+        ckpt.load_checkpoint(path)
+    state["preconditioner"]["steps"] = 6  # ahead of the run as well
+    ckpt.save_checkpoint(path, state)
+    with pytest.raises(ckpt.CheckpointError, match="is corrupt: its preconditioner has taken 6 steps, the run 4"):
         ckpt.load_checkpoint(path)
     state["preconditioner"]["steps"] = 4
     ckpt.save_checkpoint(path, state)
