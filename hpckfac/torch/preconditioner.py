@@ -46,10 +46,12 @@ class KFACPreconditioner:
     (skip one of them to let the other's block take it). ``print(precond)``
     lists every module and why it is or is not preconditioned.
 
-    Args (all validated here, ValueError naming the parameter; defaults shared
-    with ``KFACEngine`` and ``hpckfac train``, ``hpckfac.stages.options.DEFAULTS``):
+    Args (all validated here, ValueError naming the parameter; defaults
+    ``hpckfac.torch.options.DEFAULTS``, which extends the engine's
+    ``hpckfac.stages.options.DEFAULTS``, shared with ``hpckfac train``):
         model: the model, identical on every rank (checked at construction).
-        lr: learning rate for the KL clip, a float or ``callable(step) -> float``.
+        lr: learning rate for the KL clip, a float, a ``callable(step) -> float`` or
+            a torch LR scheduler (read as its optimizer's current rate).
         damping: Tikhonov damping lambda (pi-corrected for Kronecker factors),
             a float or ``callable(step) -> float``.
         factor_decay: running-average weight of the old factors, a float or
