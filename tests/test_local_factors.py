@@ -87,6 +87,29 @@ def test_calls_pair_last_in_first_out_where_the_output_part_needs_the_input():
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-12, atol=1e-15)
 
 
+
+def test_output_gradients_named_by_call_pair_with_it_in_any_order():
+    """Each loss of a two-call LayerNorm backpropagated on its own, call 1's first: with the ids
+    ``add_inputs`` returns, each output gradient meets its own call's input (the LayerNorm's
+    Fisher against the stacked per-example products of (g * x_hat, g)); a second gradient for a
+    call already paired is refused, adding nothing."""
+    rng = np.random.default_rng(7)
+    block = LayerNormBlock("ln", (4,), 1e-5)
+    local = LocalStatistics([block], np.float64)
+    a1, g1 = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    a2, g2 = rng.standard_normal((5, 4)) * 2 + 1, rng.standard_normal((5, 4))
+    local.add_examples(5)
+    first, second = local.add_inputs(0, a1), local.add_inputs(0, a2)
+    assert local.add_output_grads(0, g1, 1.0, first)
+    assert local.add_output_grads(0, g2, 1.0, second)
+    assert not local.add_output_grads(0, rng.standard_normal((5, 4)), 1.0, first)  # a second backward
+    x = np.vstack([a1, a2])
+    xhat = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    u = np.stack([np.vstack([g1, g2]) * xhat, np.vstack([g1, g2])], -1)  # (rows, units, 2)
+    fisher = block.factors(local.result()[0])[0]
+    np.testing.assert_allclose(fisher, np.einsum("nca,ncb->cab", u, u) / 5, rtol=1e-12, atol=1e-14)
+
+
 def test_a_step_after_an_unpaired_call_starts_from_zero():
     """The sums a dropped block holds are cleared at the next step, not carried into it."""
     rng = np.random.default_rng(8)

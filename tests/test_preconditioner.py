@@ -803,3 +803,83 @@ def test_a_grad_scalers_scale_is_read_once_per_step(monkeypatch):
         for mine, theirs in zip(pre_scaled.engine.state.running, pre_plain.engine.state.running):
             assert np.array_equal(mine, theirs), step
         scaler.update(new_scale=2.0)
+
+
+class SharedLayerNorm(nn.Module):
+    """One LayerNorm applied to two inputs, each output feeding its own loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+
+    def forward(self, x1, x2):
+        return self.ln(x1), self.ln(x2)
+
+
+def test_each_backward_pass_meets_its_own_calls_input(comm):
+    """A layer called twice, each call's output in its own loss, each loss backpropagated on its
+    own in call order (the reverse of one backward's): each output gradient is paired with the
+    input of its own call, so the unit-wise Fisher equals the sum over calls and examples of the
+    per-example gradient products of (gamma, beta), from torch.func."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(5)
+    model = SharedLayerNorm().double()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+        model.ln.bias.uniform_(-0.5, 0.5)
+    precond = KFACPreconditioner(model, comm=comm, damping=DAMPING)
+    gen = torch.Generator().manual_seed(6)
+    x1 = torch.randn(3, 4, dtype=torch.float64, generator=gen)
+    x2 = 2 * torch.randn(3, 4, dtype=torch.float64, generator=gen) + 1
+    w1, w2 = (torch.randn(3, 4, dtype=torch.float64, generator=gen) for _ in range(2))
+    losses = [lambda y, w: (w * torch.tanh(y)).sum(), lambda y, w: (w * y * y).sum()]  # per example
+    y1, y2 = model(x1, x2)
+    losses[0](y1, w1).div(3).backward()  # the mean over the micro-batch of 3
+    losses[1](y2, w2).div(3).backward()
+    got = precond.engine.blocks[0].factors(precond.local.result()[0])[0]
+    precond.step()
+
+    model.eval()  # the oracle's forwards add no statistics
+    params = {k: v.detach() for k, v in model.ln.named_parameters()}
+    u = []
+    for x, w, loss in ((x1, w1, losses[0]), (x2, w2, losses[1])):
+        per = vmap(grad(lambda p, xi, wi: loss(functional_call(model.ln, p, (xi,)), wi)),
+                   in_dims=(None, 0, 0))(params, x, w)
+        u.append(torch.stack([per["weight"], per["bias"]], -1))  # (examples, units, 2)
+    u = torch.cat(u).numpy()
+    want = np.einsum("nca,ncb->cab", u, u) / 3  # summed over both calls, per example of the batch
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_a_second_backward_through_one_forward_is_named(comm, caplog):
+    """Two losses of one forward backpropagated one after the other (``retain_graph=True``): the
+    shared layer's G takes the first backward's output gradient, not the sum the parameters get
+    (its outer product cannot be completed once added), and a warning names the layer."""
+    torch.manual_seed(2)
+    trunk, head1, head2 = nn.Linear(4, 3).double(), nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.head1, self.head2 = trunk, head1, head2
+
+        def forward(self, x):
+            h = torch.tanh(self.trunk(x))
+            return self.head1(h), self.head2(h)
+
+    model = TwoHeads()
+    precond = KFACPreconditioner(model, comm=comm, damping=DAMPING)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        out1, out2 = model(x)
+        out1.pow(2).sum(1).mean().backward(retain_graph=True)
+        (out2 - 1).pow(2).sum(1).mean().backward()
+    assert "layer trunk got a second output gradient from one forward" in caplog.text
+    got_a, got_g = (f[0] for f in precond.engine.blocks[0].factors(precond.local.result()[0]))  # one group
+    model.eval()  # the oracle's forward below adds no statistics
+    pre = trunk(x).detach().requires_grad_()
+    g1 = torch.autograd.grad(head1(torch.tanh(pre)).pow(2).sum(), pre)[0]  # per-example, first loss
+    a = torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1)
+    np.testing.assert_allclose(got_a, (a.T @ a / 5).numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(got_g, (g1.T @ g1 / 5).numpy(), rtol=1e-12, atol=1e-14)

@@ -40,15 +40,20 @@ class LocalStatistics:
         self._sums = [xp.zeros(b.stat_size, dtype=self.dtype) for b in self.blocks]
         # A contribution needs both the input and the output-gradient part.
         self._seen = [[False, False] for _ in self.blocks]
-        # Per block, (pass, what its forward part left for its backward part), last call last
-        # (backward runs in reverse).
-        self._saved: list[list] = [[] for _ in self.blocks]
+        # Per block, call id -> (pass, what its forward part left for its backward part), last
+        # call last (one backward runs in reverse).
+        self._saved: list[dict[int, tuple]] = [{} for _ in self.blocks]
+        # Call ids whose output gradient was taken this step: a second backward through the same
+        # forward brings another gradient for them.
+        self._paired: set[int] = set()
+        self._calls = 0
         # Per forward pass: [examples, sampled examples, whether a backward reached it].
         self._passes: list[list] = []
 
     def reset(self) -> None:
         """Forget everything accumulated (start of a step)."""
         self._passes.clear()
+        self._paired.clear()
         for total, seen, saved in zip(self._sums, self._seen, self._saved):
             if seen[0] or seen[1]:  # only what was added to: steps without statistics clear nothing
                 total[...] = 0.0
@@ -76,28 +81,46 @@ class LocalStatistics:
         blocks take ``sampled`` (default: all of them)."""
         self._passes.append([int(count), int(count if sampled is None else sampled), False])
 
-    def add_inputs(self, block: int, a) -> None:
+    def add_inputs(self, block: int, a) -> int:
         """Add the contribution of block ``block``'s layer input ``a`` (one call, in the
-        latest forward pass; ``a``'s first axis holds the examples)."""
+        latest forward pass; ``a``'s first axis holds the examples). Returns the call's id,
+        which ``add_output_grads`` takes to pair this call's output gradient with it."""
+        self._calls += 1
         if not a.shape[0]:  # an empty batch: nothing to add, only the call to pair
-            self._saved[block].append((-1, _EMPTY))
-            return
-        self._saved[block].append((len(self._passes) - 1, self.blocks[block].add_input(self._sums[block], a)))
+            self._saved[block][self._calls] = (-1, _EMPTY)
+            return self._calls
+        self._saved[block][self._calls] = (len(self._passes) - 1,
+                                           self.blocks[block].add_input(self._sums[block], a))
         self._seen[block][0] = True
+        return self._calls
 
-    def add_output_grads(self, block: int, g, scale: float = 1.0) -> None:
+    def add_output_grads(self, block: int, g, scale: float = 1.0, call: int | None = None) -> bool:
         """Add ``scale`` times the contribution of block ``block``'s output gradients ``g``
         (with ``g = g_i / s``, ``scale = s**2`` gives that of the per-example gradients,
-        see ``hpckfac.torch``), paired with the latest call's input not yet paired."""
-        if not self._saved[block]:
-            return  # an output gradient without a captured input (e.g. the input came from a no-grad pass)
-        forward, saved = self._saved[block].pop()
+        see ``hpckfac.torch``), paired with the input of call ``call`` (an id from
+        ``add_inputs``), or without one with the latest call's input not yet paired.
+
+        Returns False, adding nothing, when ``call``'s output gradient was already added this
+        step: a second backward through the same forward. The statistics need the gradient
+        summed over the backward passes before its outer product, which the first one's
+        contribution, already added, no longer allows."""
+        if call is not None and call in self._paired:
+            return False
+        saved_calls = self._saved[block]
+        if call is None:
+            call = next(reversed(saved_calls), None)
+        if call not in saved_calls:
+            # No captured input: the input came from a no-grad pass or an earlier step.
+            return True
+        forward, saved = saved_calls.pop(call)
+        self._paired.add(call)
         if saved is _EMPTY:
-            return
+            return True
         self.blocks[block].add_output_grad(self._sums[block], g, scale, saved)
         self._seen[block][1] = True
         if forward >= 0:
             self._passes[forward][2] = True
+        return True
 
     def result(self) -> list[Any]:
         """Each block's statistics divided by the examples they came from this step

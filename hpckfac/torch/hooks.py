@@ -6,7 +6,10 @@ the output, which autograd calls with the gradient of the loss with respect
 to that output. Tensor hooks, unlike module backward hooks, leave the output
 as it is, so ``nn.ReLU(inplace=True)`` after a preconditioned layer works: a
 hook registered before an in-place change still receives the gradient with
-respect to the value the layer produced. Nothing is captured in ``eval()``
+respect to the value the layer produced. ``on_input`` returns a token for the
+call (or None), which the tensor hook hands to ``on_output_grad`` with the
+gradient, so each gradient meets its own call's input whatever order the
+backward passes run in. Nothing is captured in ``eval()``
 mode or with autograd disabled, and on steps without statistics no tensor
 hook is registered at all. A module called several times in a step
 fires once per call; a module not called fires nothing.
@@ -20,13 +23,13 @@ that the tensor hook receives every example's own gradient
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-InputCallback = Callable[[int, torch.Tensor], None]
-GradCallback = Callable[[int, torch.Tensor], None]
+InputCallback = Callable[[int, torch.Tensor], Any]
+GradCallback = Callable[[int, torch.Tensor, Any], None]
 
 
 class CaptureHooks:
@@ -68,9 +71,9 @@ class CaptureHooks:
             if broadcast and isinstance(output, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 < batch:
                 a = a.expand(batch, *a.shape[1:])
                 output = replaced = output.expand(batch, *output.shape[1:])
-            on_input(index, a)
+            token = on_input(index, a)
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda grad: on_output_grad(index, grad))
+                output.register_hook(lambda grad: on_output_grad(index, grad, token))
             return replaced
         return hook
 

@@ -294,7 +294,7 @@ class KFACPreconditioner:
             scale /= self._scaler_scale
         return scale
 
-    def _on_input(self, index: int, a: torch.Tensor) -> None:
+    def _on_input(self, index: int, a: torch.Tensor) -> int | None:
         if self._count_pending is not False:
             self._count(_batch_size(self._count_pending, int(a.shape[0])))
         elif not self._root_seen and (not self._fired or index in self._fired):
@@ -305,11 +305,12 @@ class KFACPreconditioner:
             self._fired = set()
         self._fired.add(index)
         if not self.engine.is_factor_step():
-            return
+            return None
         start = time.perf_counter()
         with device_scope(self.device):
-            self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0))))
+            call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0))))
         self._hook_seconds += time.perf_counter() - start
+        return call
 
     def _batch_first(self, index: int, t: torch.Tensor, side: int) -> torch.Tensor:
         """``t`` (a layer's input, ``side`` 0, or output gradient, 1) with the batch axis first.
@@ -337,7 +338,7 @@ class KFACPreconditioner:
         rows = int(t.shape[0])
         return t[:-(-rows * self._sample // self._micro_batch)]
 
-    def _on_output_grad(self, index: int, g: torch.Tensor) -> None:
+    def _on_output_grad(self, index: int, g: torch.Tensor, call: int | None = None) -> None:
         if not self.engine.is_factor_step():
             return
         start = time.perf_counter()
@@ -349,8 +350,14 @@ class KFACPreconditioner:
             # as the positions of a sequence, so the factors are those of the unflattened layer.
             scale *= self._micro_batch / rows
         with device_scope(self.device):
-            self.local.add_output_grads(index, to_array(self._sampled(index, g)), scale)
+            taken = self.local.add_output_grads(index, to_array(self._sampled(index, g)), scale, call)
         self._hook_seconds += time.perf_counter() - start
+        if not taken:
+            self._warn_once("backward-twice", (
+                f"layer {self.engine.blocks[index].name} got a second output gradient from one forward "
+                "(backward() called more than once through its graph, e.g. one per loss with "
+                "retain_graph=True): its K-FAC statistics take the first backward's gradient only, not "
+                "the sum the parameters get; add the losses and call backward() once"))
 
     # ------------------------------------------------------------------ step
     def current_lr(self) -> float:
