@@ -534,6 +534,32 @@ def test_sequence_first_layers_take_the_factors_of_batch_first(batch, tokens, fr
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_as_many_positions_as_examples_warn_only_beside_a_sequence_first_module(batch_first, caplog):
+    """An LSTM's output into a Linear head, as many steps as examples: that layout cannot be told
+    apart; with ``batch_first=False`` the head's reading may be the wrong one and a warning says so
+    (once), with ``batch_first=True`` nothing is said. Positions not equal to the batch: silence."""
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 4, batch_first=batch_first), nn.Linear(4, 2)
+
+        def forward(self, x):  # x batch-first, as the preconditioner reads the model's input
+            return self.head(self.rnn(x if batch_first else x.transpose(0, 1))[0])
+
+    torch.manual_seed(0)
+    model = Tagger().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), factor_update_interval=1)
+    said = []
+    for steps in (4, 5, 5):  # batch 5 throughout
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            caplog.clear()
+            model(torch.randn(5, steps, 3, dtype=torch.float64)).square().mean().backward()
+            precond.step()
+        said.append("as many positions as examples" in caplog.text)
+    assert said == [False, not batch_first, False]
+
+
 def test_a_batch_first_sequence_as_long_as_the_batch_stays_batch_first():
     """``(batch, positions, features)`` with as many positions as examples cannot be told from a
     sequence-first layout and is read batch-first: a LayerNorm's unit-wise Fisher equals the

@@ -124,6 +124,9 @@ class KFACPreconditioner:
         self._root_seen = False  # whether the model's own forward ran since the last step()
         self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
+        # A module running sequence-first (nn.LSTM, nn.MultiheadAttention, nn.Transformer with
+        # batch_first=False) makes an input of as many positions as examples ambiguous (_batch_first).
+        self._sequence_first_model = any(getattr(m, "batch_first", None) is False for m in model.modules())
         self.bucket_bytes = opts.get("bucket_bytes")
         self.skip_layers = opts["skip_layers"]
         self.device = _model_device(model)
@@ -320,11 +323,21 @@ class KFACPreconditioner:
         its positions would count as examples and the examples as positions, so ``G`` (and a
         LayerNorm's per-example sums) would depend on the micro-batch size. Only blocks whose
         leading axes are all batch or positions (``feature_axes``) are moved; a leading size 1
-        is a batch-shared input (``(1, T)`` position ids), not a sequence.
+        is a batch-shared input (``(1, T)`` position ids), not a sequence. As many positions
+        as examples cannot be told apart: read batch-first, with a warning when the model has
+        a ``batch_first=False`` module, where that reading may be the wrong one.
         """
         axes = self.engine.blocks[index].feature_axes
         batch = self._micro_batch
-        if axes is None or t.ndim < 2 + axes[side] or t.shape[0] in (batch, 1) or t.shape[1] != batch:
+        if axes is None or t.ndim < 2 + axes[side] or t.shape[0] == 1 or t.shape[1] != batch:
+            return t
+        if t.shape[0] == batch:
+            if self._sequence_first_model:
+                self._warn_once("ambiguous-layout", (
+                    f"layer {self.engine.blocks[index].name} sees {tuple(t.shape)}: as many positions as "
+                    "examples, read batch-first; if it runs sequence-first (inside or after a "
+                    "batch_first=False module) its statistics take the wrong axis: make the micro-batch "
+                    "size differ from the sequence length, or run the model batch_first=True"))
             return t
         return t.transpose(0, 1).contiguous()
 
