@@ -10,7 +10,7 @@ from mpi4py import MPI
 from torch import nn
 
 from hpckfac.comm import Communicator
-from hpckfac.torch import KFACPreconditioner
+from hpckfac.torch import KFACPreconditioner, checkpoint_context_fn, recomputing
 
 DAMPING = 1e-2
 
@@ -909,3 +909,75 @@ def test_a_second_backward_through_one_forward_is_named(comm, caplog):
     a = torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1)
     np.testing.assert_allclose(got_a, (a.T @ a / 5).numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(got_g, (g1.T @ g1 / 5).numpy(), rtol=1e-12, atol=1e-14)
+
+
+class Checkpointed(nn.Module):
+    """A Linear/LayerNorm/Tanh block run through ``torch.utils.checkpoint`` (``mode``) or plainly."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.block, self.head = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh()), nn.Linear(6, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        if self.mode == "reentrant":
+            h = checkpoint(self.block, x, use_reentrant=True)
+        elif self.mode == "non_reentrant":
+            h = checkpoint(self.block, x, use_reentrant=False, context_fn=checkpoint_context_fn)
+        elif self.mode == "bare_non_reentrant":
+            h = checkpoint(self.block, x, use_reentrant=False)
+        else:
+            h = self.block(x)
+        return self.head(h)
+
+
+def checkpointed_run(mode: str, steps: int = 3):
+    """Running factors and last gradients of ``Checkpointed(mode)`` after ``steps`` K-FAC steps."""
+    torch.manual_seed(0)
+    model = Checkpointed(mode).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), inverse_update_interval=1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(8, 5, dtype=torch.float64, generator=gen).requires_grad_(mode == "reentrant")
+        y = torch.randint(0, 3, (8,), generator=gen)
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+    return [r.copy() for r in precond.engine.state.running], [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_activation_checkpointing_takes_each_call_once(mode, caplog):
+    """Checkpointed layers take the statistics of the plain model, bit for bit: the reentrant
+    forward runs without autograd (only its recomputation is seen), the non-reentrant one with
+    ``checkpoint_context_fn`` hides its recomputation."""
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        factors, grads = checkpointed_run(mode)
+    want_factors, want_grads = checkpointed_run("plain")
+    assert "dropped" not in caplog.text
+    for got, want in zip(factors + grads, want_factors + want_grads):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_bare_non_reentrant_checkpoint_drops_its_statistics_and_says_how_to_keep_them(caplog):
+    """Without ``checkpoint_context_fn`` the recomputation is a second call without an output
+    gradient: the block's statistics are dropped (its factors stay at their start) with a
+    warning naming the remedy."""
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        factors, _ = checkpointed_run("bare_non_reentrant")
+    assert "context_fn=hpckfac.torch.checkpoint_context_fn" in caplog.text
+    want, _ = checkpointed_run("plain")
+    assert not np.allclose(factors[0], want[0])
+
+
+def test_recomputing_hides_every_call_in_its_block():
+    """Inside ``recomputing()`` a training forward adds no statistics and counts no examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with recomputing():
+        model(x).sum().backward()
+    assert precond.local.examples == 0
+    model(x).sum().backward()
+    assert precond.local.examples == 6

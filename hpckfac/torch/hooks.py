@@ -13,6 +13,8 @@ backward passes run in. Nothing is captured in ``eval()``
 mode or with autograd disabled, and on steps without statistics no tensor
 hook is registered at all. A module called several times in a step
 fires once per call; a module not called fires nothing.
+Inside ``recomputing()`` (activation checkpointing's recomputation, through
+``checkpoint_context_fn``) no call is seen at all.
 
 A module marked ``broadcast`` whose input has batch size 1 while the
 micro-batch has more examples returns its output expanded to the micro-batch
@@ -22,11 +24,37 @@ that the tensor hook receives every example's own gradient
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
+
+# Per thread: the autograd engine may run a backward, and so a recomputation, on a thread of its own.
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Within the block, K-FAC layers' calls are not seen at all: activation checkpointing's
+    recomputation repeats calls whose statistics the original forward already took."""
+    depth = getattr(_recompute, "depth", 0)
+    _recompute.depth = depth + 1
+    try:
+        yield
+    finally:
+        _recompute.depth = depth
+
+
+def checkpoint_context_fn() -> tuple[ContextManager, ContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
+    forward runs as usual, the recomputation in backward under ``recomputing()``, so each
+    checkpointed K-FAC layer's call counts once. (A reentrant checkpoint needs nothing: its
+    forward runs without autograd, so only the recomputation is seen.)"""
+    return contextlib.nullcontext(), recomputing()
+
 
 InputCallback = Callable[[int, torch.Tensor], Any]
 GradCallback = Callable[[int, torch.Tensor, Any], None]
@@ -54,7 +82,7 @@ class CaptureHooks:
     def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
                  micro_batch: Callable[[], int], capturing: Callable[[], bool], input_name: str | None):
         def hook(module: nn.Module, args, kwargs, output):
-            if not (module.training and torch.is_grad_enabled()):
+            if not (module.training and torch.is_grad_enabled()) or getattr(_recompute, "depth", 0):
                 return None
             if args:
                 a = args[0]

@@ -437,8 +437,9 @@ class KFACPreconditioner:
                 self._warn_once("unpaired:" + ",".join(unpaired), f"K-FAC statistics of {', '.join(unpaired)} "
                                 f"dropped at step {self.engine.steps}: they ran in a training forward whose output "
                                 "got no backward (a forward not backpropagated: run those under model.eval() or "
-                                "torch.no_grad(); an exception between forward and backward; activation "
-                                "checkpointing's recomputation; or an output outside the loss)")
+                                "torch.no_grad(); an exception between forward and backward; the recomputation "
+                                "of torch.utils.checkpoint(use_reentrant=False): pass it "
+                                "context_fn=hpckfac.torch.checkpoint_context_fn; or an output outside the loss)")
             missing = [b.name for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
                        if st is None and t and b.name not in unpaired]
             if missing:
