@@ -87,7 +87,6 @@ def test_calls_pair_last_in_first_out_where_the_output_part_needs_the_input():
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-12, atol=1e-15)
 
 
-
 def test_output_gradients_named_by_call_pair_with_it_in_any_order():
     """Each loss of a two-call LayerNorm backpropagated on its own, call 1's first: with the ids
     ``add_inputs`` returns, each output gradient meets its own call's input (the LayerNorm's

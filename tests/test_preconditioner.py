@@ -95,6 +95,16 @@ def test_settings_reassigned_between_steps_are_refused_at_once(comm, target, nam
                                       for r in precond.engine.state.running)
 
 
+def test_a_checked_setting_not_yet_assigned_is_an_attribute_error():
+    """Before its first assignment a checked setting reads as a missing attribute (what
+    ``hasattr`` and ``getattr`` with a default expect), not a KeyError."""
+    precond = KFACPreconditioner.__new__(KFACPreconditioner)
+    assert not hasattr(precond, "accumulation_steps")
+    assert getattr(precond, "lr", None) is None
+    with pytest.raises(AttributeError, match="statistics_fraction"):
+        precond.statistics_fraction
+
+
 def test_a_scheduler_assigned_as_lr_is_read_as_its_rate(comm):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm)
@@ -377,8 +387,9 @@ class FlatRows(nn.Module):
 
 
 def flat_and_sequence_factors(make, x, y, fraction):
-    """The first block's factors after one step of ``make(flat)`` for flat = True, False."""
-    factors = []
+    """The first block's factors after one step of ``make(flat)`` for flat = True, once every
+    block's running statistics are checked equal to those of ``make(False)``."""
+    running, factors = [], None
     for flat in (True, False):
         torch.manual_seed(0)
         model = make(flat).double()
@@ -386,10 +397,12 @@ def flat_and_sequence_factors(make, x, y, fraction):
                                      factor_decay=0.0)
         nn.functional.cross_entropy(model(x)[:, :3], y).backward()
         precond.step()
-        factors.append(precond.engine.blocks[0].factors(precond.engine.state.running[0]))
-    for flat, seq in zip(*factors):
-        np.testing.assert_allclose(flat, seq, rtol=1e-12, atol=1e-15)
-    return factors[0]
+        running.append([r.copy() for r in precond.engine.state.running])
+        if flat:
+            factors = precond.engine.blocks[0].factors(running[0][0])
+    for got, want in zip(*running):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    return factors
 
 
 class FlatGroups(nn.Module):
@@ -521,17 +534,7 @@ def test_sequence_first_layers_take_the_factors_of_batch_first(batch, tokens, fr
     changed with the ranks' share of the batch) and LayerNorm summed over the wrong axis."""
     x = torch.randint(0, 7, (batch, tokens), generator=torch.Generator().manual_seed(11))
     y = torch.randint(0, 3, (batch,), generator=torch.Generator().manual_seed(12))
-    factors = []
-    for seq_first in (True, False):
-        torch.manual_seed(0)
-        model = SequenceFirst(seq_first).double()
-        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=fraction,
-                                     factor_decay=0.0)
-        nn.functional.cross_entropy(model(x), y).backward()
-        precond.step()
-        factors.append([r.copy() for r in precond.engine.state.running])
-    for got, want in zip(*factors):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    flat_and_sequence_factors(SequenceFirst, x, y, fraction)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -968,6 +971,34 @@ def test_a_bare_non_reentrant_checkpoint_drops_its_statistics_and_says_how_to_ke
     assert "context_fn=hpckfac.torch.checkpoint_context_fn" in caplog.text
     want, _ = checkpointed_run("plain")
     assert not np.allclose(factors[0], want[0])
+
+
+def test_a_second_backward_through_a_checkpoint_recomputes_again(caplog):
+    """``retain_graph=True`` makes a second backward recompute the checkpointed block, entering
+    ``checkpoint_context_fn``'s recomputation context again: it still hides the calls (a one-use
+    context manager raised AttributeError there); the second gradient is refused with a warning."""
+    torch.manual_seed(0)
+    model = Checkpointed("non_reentrant").double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    loss = model(torch.randn(8, 5, dtype=torch.float64)).pow(2).sum()
+    loss.backward(retain_graph=True)
+    first = [r.copy() for r in precond.local._sums]
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        loss.backward()
+    assert "second output gradient" in caplog.text
+    assert all(np.array_equal(r, s) for r, s in zip(precond.local._sums, first))
+    assert precond.local.unpaired == [] and precond.local.examples == 8
+
+
+def test_a_checkpoint_of_the_whole_model_counts_one_forward():
+    """Checkpointing the model itself recomputes its forward in backward: not a second pass."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    checkpoint(model, x, use_reentrant=False, context_fn=checkpoint_context_fn).sum().backward()
+    assert precond._forwards == 1 and len(precond.local._passes) == 1 and precond.local.examples == 6
 
 
 def test_recomputing_hides_every_call_in_its_block():

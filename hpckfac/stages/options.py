@@ -120,7 +120,12 @@ class CheckedOption:
         self._name = name
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else obj.__dict__[self._name]
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self._name]
+        except KeyError:  # not assigned yet: what getattr(obj, name, default) and hasattr expect
+            raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self._name!r}") from None
 
     def __set__(self, obj: Any, value: Any) -> None:
         obj.__dict__[self._name] = self._check(**{self._name: value})[self._name]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -36,16 +36,27 @@ from torch import nn
 _recompute = threading.local()
 
 
-@contextlib.contextmanager
-def recomputing() -> Iterator[None]:
+class _Recomputing:
+    """``recomputing()``'s context manager. A class, not a generator: torch enters a checkpoint's
+    recomputation context once per recomputation, and a second backward through the same
+    checkpoint (``retain_graph=True``) recomputes, and enters it, again."""
+
+    def __enter__(self) -> None:
+        _recompute.depth = recomputing_now() + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _recompute.depth -= 1
+
+
+def recomputing() -> ContextManager[None]:
     """Within the block, K-FAC layers' calls are not seen at all: activation checkpointing's
     recomputation repeats calls whose statistics the original forward already took."""
-    depth = getattr(_recompute, "depth", 0)
-    _recompute.depth = depth + 1
-    try:
-        yield
-    finally:
-        _recompute.depth = depth
+    return _Recomputing()
+
+
+def recomputing_now() -> int:
+    """How many ``recomputing()`` blocks this thread is inside (0: none)."""
+    return getattr(_recompute, "depth", 0)
 
 
 def checkpoint_context_fn() -> tuple[ContextManager, ContextManager]:
@@ -82,7 +93,7 @@ class CaptureHooks:
     def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
                  micro_batch: Callable[[], int], capturing: Callable[[], bool], input_name: str | None):
         def hook(module: nn.Module, args, kwargs, output):
-            if not (module.training and torch.is_grad_enabled()) or getattr(_recompute, "depth", 0):
+            if not (module.training and torch.is_grad_enabled()) or recomputing_now():
                 return None
             if args:
                 a = args[0]
