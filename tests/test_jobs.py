@@ -3,6 +3,7 @@ really run a tiny configuration at 1 and 2 ranks."""
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,10 @@ def test_every_script_parses():
 def test_cluster_templates_bind_one_rank_per_gpu():
     for name in ("slurm_train.sbatch", "slurm_scaling.sbatch"):
         text = open(os.path.join(JOBS, name)).read()
-        assert "#SBATCH --gpus-per-task=1" in text and "srun" in text and "--gpu-bind" in text
+        assert "#SBATCH --gpus-per-task=1" in text and "srun" in text
+        # One GPU per rank: an explicit --gpu-bind replaces the per-task binding --gpus-per-task implies.
+        binds = re.findall(r"--gpu-bind=(\S+)", text)
+        assert binds and all(b == "single:1" for b in binds), binds
     for name in ("pbs_train.pbs", "pbs_scaling.pbs"):
         text = open(os.path.join(JOBS, name)).read()
         assert "#PBS -l select=" in text and "ngpus=" in text and "mpiprocs=" in text and "mpirun" in text

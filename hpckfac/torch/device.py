@@ -6,6 +6,7 @@ the first CUDA allocation: a context created earlier on GPU 0 stays there).
 """
 from __future__ import annotations
 
+import os
 from typing import Literal, get_args
 
 import torch
@@ -68,7 +69,10 @@ def bind_device(device: DeviceChoice | str | torch.device | None = "auto", comm=
 
             comm = world_communicator()
         index = comm.local_rank % count
-        if comm.local_size > count and comm.local_rank == 0:  # a fact of the node: said once there
+        # One GPU under CUDA_VISIBLE_DEVICES is the launcher's per-rank binding (srun --gpus-per-task):
+        # each rank sees its own, not one shared.
+        per_rank = count == 1 and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if comm.local_size > count and comm.local_rank == 0 and not per_rank:  # a fact of the node: said once
             _log.warning("%d ranks on this node share %d GPU(s)", comm.local_size, count)
     torch.cuda.set_device(index)
     try:
