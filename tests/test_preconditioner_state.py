@@ -337,3 +337,42 @@ def test_values_beyond_the_states_range_are_refused(comm):
     state["blocks"]["0"]["factors"] = state["blocks"]["0"]["factors"].double() * 1e300
     with pytest.raises(ValueError, match=r"block '0' has non-finite factors \(in float32\)"):
         precond.load_state_dict(state)
+
+
+def test_resuming_with_another_accumulation_keeps_the_callers_and_the_trajectory(comm, caplog):
+    """A run saved at one micro-batch per step resumes with two half micro-batches per step (the
+    same batch, as at half the ranks): the script's accumulation_steps stays, so the steps equal
+    those of the uninterrupted whole-batch run (the checkpoint's count would scale G by 1/4)."""
+    def setup(accumulation):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt, KFACPreconditioner(model, comm=comm, **dict(OPTIONS, factor_update_interval=1),
+                                              accumulation_steps=accumulation)
+
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen))
+               for _ in range(6)]
+
+    def run(model, opt, precond, steps):
+        for x, y in steps:
+            opt.zero_grad()
+            micro = precond.accumulation_steps
+            for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+                (nn.functional.cross_entropy(model(xs), ys) / micro).backward()
+            precond.step()
+            opt.step()
+
+    whole = setup(1)
+    run(*whole, batches)
+    saved = setup(1)
+    run(*saved, batches[:3])
+    state = {"model": saved[0].state_dict(), "opt": saved[1].state_dict(), "kfac": saved[2].state_dict()}
+    model, opt, precond = setup(2)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond.load_state_dict(state["kfac"])
+    assert precond.accumulation_steps == 2 and "keeping accumulation_steps 2" in caplog.text
+    run(model, opt, precond, batches[3:])
+    np.testing.assert_allclose(flat(model), flat(whole[0]), rtol=1e-10, atol=1e-12)

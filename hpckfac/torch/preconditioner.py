@@ -589,11 +589,11 @@ class KFACPreconditioner:
         Validated on every rank before anything changes (ValueError naming the
         problem, see ``KFACEngine.load_state_dict``). The checkpoint's
         hyperparameters win, with a warning naming those that differ; a
-        callable ``lr`` (a schedule) stays the caller's."""
+        callable ``lr`` (a schedule) and ``accumulation_steps`` stay the caller's."""
         check_state_keys(state)
         hyper = dict(state["hyperparameters"])
-        lr, accumulation = hyper.pop("lr", None), hyper.pop("accumulation_steps", self.accumulation_steps)
-        accumulation = check_options(accumulation_steps=accumulation)["accumulation_steps"]
+        lr, saved = hyper.pop("lr", None), hyper.pop("accumulation_steps", self.accumulation_steps)
+        saved = check_options(accumulation_steps=saved)["accumulation_steps"]
         lr = None if lr is None or callable(self.lr) else check_options(lr=lr)["lr"]
         blocks = {name: {k: _to_arrays(v) for k, v in block.items()} if isinstance(block, dict) else block
                   for name, block in state["blocks"].items()}  # the engine names a malformed entry
@@ -603,10 +603,15 @@ class KFACPreconditioner:
             self.engine.load_state_dict({"steps": steps.item() if isinstance(steps, torch.Tensor)
                                          and steps.numel() == 1 else steps,
                                          "hyperparameters": hyper, "blocks": blocks})
-        for name, value in (("accumulation_steps", accumulation), ("lr", lr)):
-            if value is not None and getattr(self, name) != value:
-                self._note("load_state_dict: the checkpoint's %s %r replaces %r", name, value, getattr(self, name))
-                setattr(self, name, value)
+        # The micro-batches per step() are how this script's loop runs (at another rank count the
+        # same global batch takes another number of them), not a state to restore: the loss
+        # divided by the caller's count would meet G scaled by the checkpoint's.
+        if saved != self.accumulation_steps:
+            self._note("load_state_dict: keeping accumulation_steps %r (the checkpoint was saved with %r): "
+                       "it must match this script's micro-batches per step()", self.accumulation_steps, saved)
+        if lr is not None and self.lr != lr:
+            self._note("load_state_dict: the checkpoint's lr %r replaces %r", lr, self.lr)
+            self.lr = lr
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
