@@ -1012,3 +1012,33 @@ def test_recomputing_hides_every_call_in_its_block():
     assert precond.local.examples == 0
     model(x).sum().backward()
     assert precond.local.examples == 6
+
+
+def test_a_compiled_model_runs_the_hooks_eagerly_and_takes_the_eager_statistics(monkeypatch):
+    """Under ``torch.compile`` the hooks run as Python, not traced by dynamo (which recompiled
+    for every layer, up to its limit): the factors equal the eager model's."""
+    seen = []
+    on_input = KFACPreconditioner._on_input
+
+    def spy(self, index, a):
+        seen.append(torch.compiler.is_compiling())
+        return on_input(self, index, a)
+
+    monkeypatch.setattr(KFACPreconditioner, "_on_input", spy)
+
+    def factors(compiled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+        run = torch.compile(model) if compiled else model
+        x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        run(x).pow(2).mean().backward()
+        precond.step()
+        return [np.array(r) for r in precond.engine.state.running]
+
+    want = factors(False)
+    seen.clear()
+    got = factors(True)
+    assert seen and not any(seen)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12)

@@ -41,7 +41,9 @@ def test_every_bert_parameter_is_preconditioned_and_training_lowers_the_loss():
         loss = nn.functional.cross_entropy(head(out), labels)
         loss.backward()
         precond.step()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        # The pooler is outside the loss: no rank has its gradient, so it stays None.
+        assert all(torch.isfinite(p.grad).all() if "pooler" not in n else p.grad is None
+                   for n, p in model.named_parameters())
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], losses  # SGD at this rate stays above 0.6 here

@@ -90,7 +90,8 @@ def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bu
         average_grads(model.parameters(), comm, algorithm, bucket_bytes)
 
 
-def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
+def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | None = None,
+                  presence: Sequence[torch.Tensor] = ()) -> list[bool]:
     """Average the ``.grad`` of every trainable parameter of ``params`` over the ranks of
     ``comm``, in place, fused into buffers of at most ``bucket_bytes`` (the Communicator's
     default when None); a collective.
@@ -99,14 +100,19 @@ def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | Non
     depth, a branch taken by some examples only) counts as a zero gradient there, so each
     parameter's mean is over every rank, the gradient of the global batch's mean loss; it
     gets a ``.grad`` unless no rank has one. One flag per parameter travels with the
-    gradients and says which; ranks that lack none read nothing back."""
+    gradients and says which; ranks that lack none read nothing back. The flags of the
+    ``presence`` parameters (the preconditioner's, whose gradients travel elsewhere) travel
+    too: returned is, for each of them, whether any rank has a ``.grad`` for it (True for a
+    frozen one)."""
     params = [p for p in params if p.requires_grad]
-    missing = [i for i, p in enumerate(params) if p.grad is None]
+    flagged = params + list(presence)
+    # A frozen ``presence`` parameter counts as present: no read back for it on every step.
+    missing = [i for i, p in enumerate(flagged) if p.grad is None and p.requires_grad]
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
     flags = []
-    if params:  # every rank calls the collective, with or without parameters (a mismatch is named)
-        flags = [torch.ones(len(params), dtype=_flag_dtype(params), device=params[0].device)]
+    if flagged:  # every rank calls the collective, with or without parameters (a mismatch is named)
+        flags = [torch.ones(len(flagged), dtype=_flag_dtype(flagged), device=flagged[0].device)]
         for i in missing:
             flags[0][i] = 0  # a fill of one element where it lives: no upload from the host
     carried = _carried(grads)
@@ -122,11 +128,14 @@ def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | Non
                                  "by the dense collectives; use sparse=False") from None
             raise
     _write_back(grads, carried)
+    present = [True] * len(flagged)
     if missing:
         anyone = flags[0][missing].cpu().tolist()
         for i, had in zip(missing, anyone):
-            if had > 0:
+            present[i] = had > 0
+            if had > 0 and i < len(params):
                 params[i].grad = grads[i]
+    return present[len(params):]
 
 
 def _carried(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

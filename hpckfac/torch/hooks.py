@@ -84,9 +84,9 @@ class CaptureHooks:
                  broadcast: Sequence[bool] = (), micro_batch: Callable[[], int] = lambda: 0,
                  capturing: Callable[[], bool] = lambda: True) -> None:
         broadcast = list(broadcast) or [False] * len(modules)
-        self.handles = [module.register_forward_hook(self._forward(index, on_input, on_output_grad,
-                                                                   broadcast[index], micro_batch, capturing,
-                                                                   _input_name(module)), with_kwargs=True)
+        self.handles = [module.register_forward_hook(_eager(self._forward(
+                            index, on_input, on_output_grad, broadcast[index], micro_batch, capturing,
+                            _input_name(module))), with_kwargs=True)
                         for index, module in enumerate(modules)]
 
     @staticmethod
@@ -121,6 +121,17 @@ class CaptureHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def _eager(hook: Callable) -> Callable:
+    """``hook``, run as Python under ``torch.compile`` rather than traced: it keeps host state
+    (NumPy sums, counters) that dynamo would trace into, recompiling for every layer until its
+    limit. Outside compilation ``hook`` itself runs, without the disabling wrapper's cost."""
+    disabled = torch.compiler.disable(hook)
+
+    def run(*args):
+        return disabled(*args) if torch.compiler.is_compiling() else hook(*args)
+    return run
 
 
 def _input_name(module: nn.Module) -> str | None:

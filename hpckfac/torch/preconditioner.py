@@ -440,14 +440,16 @@ class KFACPreconditioner:
                                 "got no backward (a forward not backpropagated: run those under model.eval() or "
                                 "torch.no_grad(); an exception between forward and backward; the recomputation "
                                 "of torch.utils.checkpoint(use_reentrant=False): pass it "
-                                "context_fn=hpckfac.torch.checkpoint_context_fn; or an output outside the loss)")
+                                "context_fn=hpckfac.torch.checkpoint_context_fn (checkpoint_sequential takes "
+                                "none: use use_reentrant=True there); or an output outside the loss)")
             missing = [b.name for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
                        if st is None and t and b.name not in unpaired]
             if missing:
                 self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
                                 f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "
-                                "or their weights used without calling them); until they have statistics their "
-                                "gradients are only averaged")
+                                "their weights used without calling them, or inside a "
+                                "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
+                                "no gradient either); until they have statistics their gradients are only averaged")
         slots = self.engine.gradient_slots()
         buffer, offsets = self.engine.gradient_buffer()
         params = [block_params(m) for m in self.modules]
@@ -459,7 +461,14 @@ class KFACPreconditioner:
         start = self.engine.clock()
         every = list(self.model.parameters())  # one walk of the modules per step serves all below
         self._warn_added(every)
-        average_grads(self._first_order(every), self.comm, "ring", self.bucket_bytes)
+        # Which K-FAC layers some rank's backward reached: the others keep .grad None below, as
+        # first-order parameters do (an optimizer skips a None gradient, but decays a zero one).
+        # Frozen ones send a flag too: the same count on every rank, whatever each rank froze.
+        covered = [[p for p in ps if p is not None] for ps in params]
+        present = iter(average_grads(self._first_order(every), self.comm, "ring", self.bucket_bytes,
+                                     presence=[p for ps in covered for p in ps]))
+        reached = [[next(present) for _ in ps] for ps in covered]
+        unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached) if not any(had)]
         self._agree_on_overflow()
         self.timings["allreduce"] = self.engine.clock() - start
 
@@ -478,6 +487,9 @@ class KFACPreconditioner:
                     if param.grad is None:
                         param.grad = torch.empty_like(param)
                     copy_into(param.grad, part)
+        for ps in unreached:
+            for param in ps:
+                param.grad = None
         self.timings.update(self.engine.timings)
         self.timings["write_grads"] = self.engine.clock() - start
         self.local.reset()

@@ -127,3 +127,29 @@ def test_bfloat16_gradients_and_batchnorm_statistics_are_averaged_in_float32(com
     norm.running_mean.copy_(values[comm.rank])
     sync_batchnorm_stats(norm, comm)
     assert norm.running_mean.dtype == torch.bfloat16 and torch.equal(norm.running_mean.cpu(), expected)
+
+
+@pytest.mark.mpi
+def test_a_kfac_layer_no_rank_reached_keeps_grad_none(comm):
+    """A preconditioned layer that no rank's batch reached keeps ``.grad`` None, as a
+    first-order parameter does, so that AdamW leaves it alone (a zero gradient would decay it and
+    step it by its momentum); one that only the last rank reached gets a gradient on every rank."""
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"trunk": nn.Linear(4, 3), "some": nn.Linear(3, 2), "none": nn.Linear(3, 2)}).double()
+    precond = KFACPreconditioner(net, comm=comm)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(comm.rank))
+    h = torch.tanh(net["trunk"](x))
+    loss = net["some"](h).pow(2).mean() if comm.rank == comm.size - 1 else h.pow(2).mean()
+    loss.backward()
+    precond.step()
+    for name in ("trunk.weight", "trunk.bias", "some.weight", "some.bias"):
+        grad = net.get_parameter(name).grad
+        assert grad is not None and bool(grad.abs().max() > 0), name
+        everyone = comm.mpi.allgather(grad.numpy())
+        assert all((g == everyone[0]).all() for g in everyone), name
+    assert net["none"].weight.grad is None and net["none"].bias.grad is None
+    opt.step()
+    for name in ("none.weight", "none.bias"):
+        assert torch.equal(net.get_parameter(name), before[name]), name
