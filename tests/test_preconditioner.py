@@ -1014,6 +1014,7 @@ def test_recomputing_hides_every_call_in_its_block():
     assert precond.local.examples == 6
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo's import
 def test_a_compiled_model_runs_the_hooks_eagerly_and_takes_the_eager_statistics(monkeypatch):
     """Under ``torch.compile`` the hooks run as Python, not traced by dynamo (which recompiled
     for every layer, up to its limit): the factors equal the eager model's."""
