@@ -1043,3 +1043,24 @@ def test_a_compiled_model_runs_the_hooks_eagerly_and_takes_the_eager_statistics(
     assert seen and not any(seen)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+def test_a_layer_in_eval_mode_inside_a_training_model_is_named_as_such(caplog):
+    """A BatchNorm put in eval() while the rest trains (fine-tuning) takes no statistics: the
+    warning says eval() mode, not that the layer was not called; without a KL clip its gradient
+    is the plain one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), kl_clip=None)  # no rescaling
+    model.train()
+    model[1].eval()
+    x, y = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    plain = [p.grad.clone() for p in model[1].parameters()]
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond.step()
+    assert "K-FAC layers in eval() mode at step 0: 1;" in caplog.text
+    assert "not called" not in caplog.text
+    for got, want in zip(model[1].parameters(), plain):
+        torch.testing.assert_close(got.grad, want, rtol=0, atol=0)

@@ -443,7 +443,16 @@ class KFACPreconditioner:
                                 "context_fn=hpckfac.torch.checkpoint_context_fn (checkpoint_sequential takes "
                                 "none: use use_reentrant=True there); or an output outside the loss)")
             missing = [b.name for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
-                       if st is None and t and b.name not in unpaired]
+                       if st is None and t and b.name not in unpaired and m.training]
+            # A layer put in eval() inside a training model (a frozen BatchNorm while fine-tuning):
+            # its hooks take nothing by design, which is not the mistake the warning below suspects.
+            evaluated = [b.name for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
+                         if st is None and t and not m.training]
+            if evaluated:
+                self._warn_once("eval:" + ",".join(evaluated), f"K-FAC layers in eval() mode at step "
+                                f"{self.engine.steps}: {', '.join(evaluated)}; statistics are taken in train() "
+                                "mode only, so until they have some their gradients are only averaged (freeze "
+                                "their parameters, or list them in skip_layers, to say so)")
             if missing:
                 self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
                                 f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "
