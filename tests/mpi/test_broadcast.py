@@ -24,10 +24,8 @@ def test_rank_zero_weights_everywhere(comm, dtype):
     assert torch.equal(model[1].running_mean, torch.full((4,), (comm.size - 1) / 2, dtype=dtype))
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 def test_different_models_raise_on_every_rank(comm):
-    if comm.size == 1:
-        pytest.skip("needs two ranks")
     width = 5 if comm.rank == comm.size - 1 else 4
     model = nn.Sequential(nn.Linear(3, width))
     with pytest.raises(CollectiveMismatchError, match="parameters and buffers"):

@@ -235,12 +235,10 @@ def test_communicators_with_other_check_modes_fail_on_every_rank(comm, odd):
     still_works(comm)
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 def test_a_rank_rejecting_its_arguments_inside_a_call_is_named_in_that_call(comm):
     """Both ranks are in the same call (``comm.calling``); the one whose arguments fail names
     its own error, the others name the call and the refusal, not two different calls."""
-    if comm.size == 1:
-        pytest.skip("needs two ranks")
     buf = np.ones(4, dtype=np.int32 if odd_one_out(comm) else np.float64)
     with comm.calling("step()"):
         if odd_one_out(comm):

@@ -63,7 +63,7 @@ def test_a_head_unfrozen_or_added_after_construction_is_averaged(comm, change):
         torch.testing.assert_close(p.grad, sum(h[j] for h in head) / comm.size, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 def test_a_helper_without_comm_on_one_rank_meets_the_scripts_communicator(comm):
     """Left without ``comm``, the helpers use the process's Communicator on COMM_WORLD (here
     the one made before): called on one rank alone, they raise on every rank instead of
@@ -74,8 +74,6 @@ def test_a_helper_without_comm_on_one_rank_meets_the_scripts_communicator(comm):
     from hpckfac.torch import sync_batchnorm_stats
 
     assert world_communicator() is world_communicator() and world_communicator().mpi == comm.mpi
-    if comm.size == 1:
-        pytest.skip("needs two ranks")
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with pytest.raises(CollectiveMismatchError):
         if comm.rank == 0:
