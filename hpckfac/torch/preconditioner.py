@@ -442,12 +442,12 @@ class KFACPreconditioner:
                                 "of torch.utils.checkpoint(use_reentrant=False): pass it "
                                 "context_fn=hpckfac.torch.checkpoint_context_fn (checkpoint_sequential takes "
                                 "none: use use_reentrant=True there); or an output outside the loss)")
-            missing = [b.name for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
-                       if st is None and t and b.name not in unpaired and m.training]
+            without = [(b.name, m.training) for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
+                       if st is None and t and b.name not in unpaired]
             # A layer put in eval() inside a training model (a frozen BatchNorm while fine-tuning):
-            # its hooks take nothing by design, which is not the mistake the warning below suspects.
-            evaluated = [b.name for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
-                         if st is None and t and not m.training]
+            # its hooks take nothing by design, which is not the mistake the second warning suspects.
+            evaluated = [name for name, training in without if not training]
+            missing = [name for name, training in without if training]
             if evaluated:
                 self._warn_once("eval:" + ",".join(evaluated), f"K-FAC layers in eval() mode at step "
                                 f"{self.engine.steps}: {', '.join(evaluated)}; statistics are taken in train() "
