@@ -213,6 +213,22 @@ def bench_cholesky(repeat: int, sizes=CHOLESKY_SIZES) -> tuple[list[dict[str, An
     return rows_out, crossover
 
 
+def _copy_row(kernel: str, elements: int, fn: Callable[[], Any], moved: int,
+              repeat: int) -> dict[str, Any]:
+    """One table row: ``fn`` (which moves ``moved`` bytes) against a device copy of as many."""
+    import cupy
+
+    ours = _timed(fn, repeat)
+    ours_call = _call_timed(fn, repeat)
+    src = cupy.empty(moved // 2, dtype=np.uint8)
+    dst = cupy.empty_like(src)
+    copy = _timed(lambda: dst.__setitem__(Ellipsis, src), repeat)
+    return {"kernel": kernel, "elements": elements, "ours_ms": ours * 1e3,
+            "ours_call_ms": ours_call * 1e3, "baseline_ms": copy * 1e3,
+            "ours_GBps": moved / ours / 1e9, "baseline_GBps": moved / copy / 1e9,
+            "ratio": copy / ours, "aim": ">= 0.8"}
+
+
 def bench_packing(repeat: int) -> list[dict[str, Any]]:
     """Pack / unpack of all ResNet-50 factors vs a device-to-device copy of the same bytes."""
     import cupy
@@ -223,31 +239,17 @@ def bench_packing(repeat: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(1)
     mats = [cupy.asarray(rng.standard_normal((n, n)).astype(np.float32)) for n in sizes]
     total = int(ops.packed_offsets(sizes)[-1])
+    dense = sum(n * n for n in sizes)
     rows_out = []
-    for dst in ("float32", "float16"):
-        out = cupy.empty(total, dtype=dst)
-        moved = total * (4 + out.itemsize)  # read fp32 upper triangles, write the buffer
-        ours = _timed(lambda: ops.pack_sym(mats, out=out), repeat)
-        ours_call = _call_timed(lambda: ops.pack_sym(mats, out=out), repeat)
-        src = cupy.empty(moved // 2, dtype=np.uint8)
-        dst_buf = cupy.empty_like(src)
-        copy = _timed(lambda: dst_buf.__setitem__(Ellipsis, src), repeat)
-        rows_out.append({"kernel": f"pack fp32->{dst}", "elements": total, "ours_ms": ours * 1e3,
-                         "ours_call_ms": ours_call * 1e3,
-                         "baseline_ms": copy * 1e3, "ours_GBps": moved / ours / 1e9,
-                         "baseline_GBps": moved / copy / 1e9, "ratio": copy / ours, "aim": ">= 0.8"})
-        buffer = out
-        dense = sum(n * n for n in sizes)
-        moved = total * out.itemsize + dense * 4
-        ours = _timed(lambda: ops.unpack_sym(buffer, sizes, dtype=np.float32), repeat)
-        ours_call = _call_timed(lambda: ops.unpack_sym(buffer, sizes, dtype=np.float32), repeat)
-        src = cupy.empty(moved // 2, dtype=np.uint8)
-        dst_buf = cupy.empty_like(src)
-        copy = _timed(lambda: dst_buf.__setitem__(Ellipsis, src), repeat)
-        rows_out.append({"kernel": f"unpack {dst}->fp32", "elements": dense, "ours_ms": ours * 1e3,
-                         "ours_call_ms": ours_call * 1e3,
-                         "baseline_ms": copy * 1e3, "ours_GBps": moved / ours / 1e9,
-                         "baseline_GBps": moved / copy / 1e9, "ratio": copy / ours, "aim": ">= 0.8"})
+    for dtype in ("float32", "float16"):
+        out = cupy.empty(total, dtype=dtype)
+        # pack reads fp32 upper triangles and writes the buffer; unpack reads it, writes dense fp32
+        rows_out.append(_copy_row(f"pack fp32->{dtype}", total,
+                                  lambda: ops.pack_sym(mats, out=out),
+                                  total * (4 + out.itemsize), repeat))
+        rows_out.append(_copy_row(f"unpack {dtype}->fp32", dense,
+                                  lambda: ops.unpack_sym(out, sizes, dtype=np.float32),
+                                  total * out.itemsize + dense * 4, repeat))
     return rows_out
 
 
