@@ -65,6 +65,23 @@ def test_allreduce_many_leaves_values(comm):
         np.testing.assert_array_equal(got, expected)
 
 
+def test_a_world_of_one_stages_nothing(comm, monkeypatch):
+    """Over one rank the collectives leave their buffers where they are: staged, a GPU buffer
+    would wait for the device's queue and travel to the host and back for nothing (every
+    gradient of a one-GPU SGD step, a K-FAC step's presence flags)."""
+    from hpckfac.comm import backend
+
+    def refuse(*args):
+        raise AssertionError("staged")
+
+    monkeypatch.setattr(backend.HostBackend, "stage_in", refuse)
+    x, y = np.arange(4.0), np.ones(3, dtype=np.float32)
+    assert comm.allreduce(x, op="mean") is x and comm.broadcast(x) is x
+    comm.allreduce_many([x, y], op="mean", bucket_bytes=16)
+    np.testing.assert_array_equal(x, np.arange(4.0))
+    np.testing.assert_array_equal(y, np.ones(3))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_v_collectives_return_new_arrays(comm, dtype):
     x = np.random.default_rng(2).standard_normal(9).astype(dtype)

@@ -287,6 +287,8 @@ class Communicator:
                 "allreduce", dtype=DTYPE_CODES[dtype], length=buf.size, op=op_index, algorithm=alg)
 
         backend = self._enter("allreduce", validate)
+        if self.size == 1:  # the sum (or mean) over one rank is the buffer itself: no staging, no MPI
+            return buf
         work = backend.stage_in(buf)
         self._reduce_flat(work, op == "mean", algorithm, backend)
         backend.stage_out(work, buf)
@@ -316,6 +318,8 @@ class Communicator:
                                    algorithm=alg, parameter=bucket_bytes, layout=layout)
 
         backends, buckets = self._enter("allreduce_many", validate)
+        if self.size == 1:  # nothing to reduce: a device buffer would make a round trip through the host
+            return
         for bucket in buckets:  # a bucket holds one dtype, hence one backend
             backend = backends[bucket[0]]
             reduce_fused(arrays, [bucket], backend, self._fusion,
@@ -379,6 +383,8 @@ class Communicator:
             return backend, signature("broadcast", dtype=DTYPE_CODES[dtype], length=buf.size, parameter=root)
 
         backend = self._enter("broadcast", validate)
+        if self.size == 1:
+            return buf
         work = backend.stage_in(buf)
         self.mpi.Bcast([work, mpi_type(work.dtype)], root=root)
         backend.stage_out(work, buf)
