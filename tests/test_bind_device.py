@@ -1,4 +1,5 @@
 """bind_device's rank -> GPU choice on simulated nodes (no GPU needed)."""
+import sys
 import types
 
 import pytest
@@ -9,8 +10,11 @@ from hpckfac.torch import bind_device
 
 @pytest.fixture
 def gpus(monkeypatch):
-    """Pretend this rank sees ``count`` GPUs; returns the indices set current."""
+    """Pretend this rank sees ``count`` GPUs; returns the indices set current. The simulated
+    node has no CuPy: on a machine with CuPy and fewer GPUs, bind_device would make CuPy use
+    a device that does not exist (an invalid device ordinal)."""
     current = []
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy: ImportError
 
     def see(count):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
