@@ -1045,6 +1045,20 @@ def test_a_compiled_model_runs_the_hooks_eagerly_and_takes_the_eager_statistics(
         np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
+def test_hooks_run_on_a_torch_without_torch_compiler_is_compiling(monkeypatch):
+    """torch 2.1 and 2.2 (setup.py takes torch >= 2.1) have no ``torch.compiler.is_compiling``:
+    a hook asks dynamo's own instead of failing in every K-FAC layer's forward. (The hook is
+    called directly: newer torch's own module calls need the attribute.)"""
+    import torch._dynamo  # noqa: F401  (here, it imports torch.compiler.is_compiling)
+    from hpckfac.torch.hooks import _eager
+
+    monkeypatch.delattr(torch.compiler, "is_compiling")
+    monkeypatch.setattr(torch._dynamo, "is_compiling", lambda: False)  # 2.1's does not ask torch.compiler
+    calls = []
+    hook = _eager(lambda *args: calls.append(args) or "out")
+    assert hook(1, 2) == "out" and calls == [(1, 2)]
+
+
 def test_a_layer_in_eval_mode_inside_a_training_model_is_named_as_such(caplog):
     """A BatchNorm put in eval() while the rest trains (fine-tuning) takes no statistics: the
     warning says eval() mode, not that the layer was not called; without a KL clip its gradient

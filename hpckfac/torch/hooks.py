@@ -128,9 +128,11 @@ def _eager(hook: Callable) -> Callable:
     (NumPy sums, counters) that dynamo would trace into, recompiling for every layer until its
     limit. Outside compilation ``hook`` itself runs, without the disabling wrapper's cost."""
     disabled = torch.compiler.disable(hook)
+    # torch.compiler.is_compiling is torch >= 2.3; before, dynamo's own (imported by disable).
+    compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
     def run(*args):
-        return disabled(*args) if torch.compiler.is_compiling() else hook(*args)
+        return disabled(*args) if compiling() else hook(*args)
     return run
 
 
