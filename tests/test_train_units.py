@@ -270,6 +270,34 @@ def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage)
     assert path in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("crc", [True, False])
+def test_a_checkpoint_with_damaged_tensor_bytes_is_refused(tmp_path, crc):
+    """torch.load does not compare a zip member with its CRC-32: weights whose bytes were damaged
+    on disk (still finite numbers) loaded as other weights. A file written without checksums
+    still loads."""
+    path = str(tmp_path / "step_00000004.pt")
+    state = _state(4)
+    weights = torch.from_numpy(np.random.default_rng(0).uniform(1.0, 2.0, 256).astype(np.float32))
+    state["model"] = {"w": weights}
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(crc)
+    try:
+        ckpt.save_checkpoint(path, state)
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    data = bytearray(open(path, "rb").read())
+    start = bytes(data).find(weights.numpy().tobytes())
+    assert start > 0
+    data[start + 2] ^= 0x01  # a mantissa bit of the first weight: still a finite number near it
+    open(path, "wb").write(bytes(data))
+    if crc:
+        with pytest.raises(ckpt.CheckpointError, match="is corrupt or unreadable \\(Bad CRC-32"):
+            ckpt.load_checkpoint(path)
+    else:
+        loaded = ckpt.load_checkpoint(path)["model"]["w"]
+        assert torch.isfinite(loaded).all() and not torch.equal(loaded, weights)
+
+
 @pytest.mark.parametrize("key,value", [("step", -4), ("step", 6.5), ("step", True), ("config", None),
                                        ("config", [1]), ("history", 5), ("history", [1, 2]), ("data_order", None),
                                        ("wall", float("nan")), ("wall", -1.0), ("torch_rng", torch.zeros(3)),

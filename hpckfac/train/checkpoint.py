@@ -5,7 +5,8 @@ A checkpoint holds ``{"format", "version", "step", "config", "data", "model",
 "optimizer", "preconditioner", "data_order", "history", "wall", "torch_rng"}``
 (``preconditioner`` is None for SGD/Adam). Files are ``step_XXXXXXXX.pt`` in
 ``OUT/checkpoints``; ``--resume`` takes such a file or a directory holding them
-(the latest step wins).
+(the latest step wins). Loading compares every part of the file with the CRC-32
+checksum recorded when it was written, which ``torch.load`` does not do.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import re
 import reprlib
 import warnings
+import zipfile
 from typing import Any
 
 import torch
@@ -80,9 +82,25 @@ def find_checkpoint(path: str) -> str:
     raise CheckpointError(f"resume: no step_*.pt checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
 
 
+def _verify_checksums(path: str) -> None:
+    """Read every member of the zip archive ``torch.save`` wrote, which raises
+    ``zipfile.BadZipFile`` for one whose bytes differ from the CRC-32 recorded at writing:
+    ``torch.load`` does not compare them, so damaged tensor data would load as other weights.
+    Members written without a checksum (CRC 0, after ``torch.serialization.set_crc32_options(False)``)
+    are not checked."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC:
+                with archive.open(info) as member:
+                    while member.read(1 << 24):
+                        pass
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read and check the structure of a checkpoint written by ``save_checkpoint``."""
+    """Read and check the structure of a checkpoint written by ``save_checkpoint``
+    (its checksums first: ``_verify_checksums``)."""
     try:
+        _verify_checksums(path)
         with warnings.catch_warnings():  # torch warns about the "protocol" of arbitrary bytes
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
