@@ -270,6 +270,14 @@ def trained(comm):
     (lambda s: s["hyperparameters"].__setitem__("factor_dtype", "float16"),
      "state: unknown hyperparameter\\(s\\) 'factor_dtype'"),
     (lambda s: s["hyperparameters"].__setitem__("foo", 1), "state: unknown hyperparameter\\(s\\) 'foo'"),
+    # Tensors NumPy cannot read were a TypeError or NotImplementedError; complex values lost their
+    # imaginary parts with a NumPy warning.
+    (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to("meta")),
+     "block '1' has factors that are not arrays of numbers"),
+    (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to_sparse()),
+     "block '1' has factors that are not arrays of numbers"),
+    (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to(torch.complex128)),
+     "block '1' has complex factors"),
 ])
 def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, message):
     state = trained(comm).state_dict()
@@ -295,6 +303,30 @@ def test_load_state_dict_names_what_it_got_instead(comm, wrong):
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(given)
     assert target.steps == 4
+
+
+def test_a_state_in_bfloat16_or_with_tuples_of_inverses_loads_its_values(comm):
+    """bfloat16 tensors (a checkpoint cast to halve its size), which NumPy has no type for, and
+    inverses kept in a tuple load as the same values do in float64 and in a list (they raised
+    TypeError, and ValueError on NumPy's ragged array)."""
+    state = trained(comm).state_dict()
+
+    def converted(cast, sequence):
+        return {**state, "blocks": {name: {"factors": None if b["factors"] is None else cast(b["factors"]),
+                                           "inverses": None if b["inverses"] is None else
+                                           sequence(cast(x) for x in b["inverses"])}
+                                    for name, b in state["blocks"].items()}}
+
+    rounded = KFACPreconditioner(model_and_data()[0], comm=comm, **OPTIONS)
+    rounded.load_state_dict(converted(lambda t: t.bfloat16(), tuple))
+    oracle = KFACPreconditioner(model_and_data()[0], comm=comm, **OPTIONS)
+    oracle.load_state_dict(converted(lambda t: t.bfloat16().double(), list))
+    got, want = rounded.state_dict(), oracle.state_dict()
+    for name, block in want["blocks"].items():
+        assert torch.equal(got["blocks"][name]["factors"], block["factors"])
+        for x, y in zip(got["blocks"][name]["inverses"], block["inverses"]):
+            assert torch.equal(x, y)
+    assert not torch.equal(want["blocks"]["0"]["factors"], state["blocks"]["0"]["factors"])  # it did round
 
 
 def test_checkpoint_hyperparameters_win_with_a_warning(comm, caplog):

@@ -65,10 +65,13 @@ def check_state_keys(state: Any) -> None:
 
 def _saved_array(block, value: Any, what: str, dtype) -> np.ndarray:
     """``value`` (a NumPy array or torch tensor, as a checkpoint holds them) as a host array of
-    ``dtype``; ValueError naming the block for anything else, or for values that are not finite
-    in ``dtype`` (a float64 value beyond float32's range is infinite in a float32 state)."""
+    ``dtype``; ValueError naming the block for anything else (complex values too), or for values
+    that are not finite in ``dtype`` (a float64 value beyond float32's range is infinite in a
+    float32 state)."""
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         raise ValueError(f"state: block {block.name!r} has {what} of type {type(value).__name__}, expected arrays")
+    if np.iscomplexobj(value):  # a cast to real would drop the imaginary parts
+        raise ValueError(f"state: block {block.name!r} has complex {what}, expected real numbers")
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             array = np.asarray(value, dtype=dtype)

@@ -616,7 +616,8 @@ class KFACPreconditioner:
         lr, saved = hyper.pop("lr", None), hyper.pop("accumulation_steps", self.accumulation_steps)
         saved = check_options(accumulation_steps=saved)["accumulation_steps"]
         lr = None if lr is None or callable(self.lr) else check_options(lr=lr)["lr"]
-        blocks = {name: {k: _to_arrays(v) for k, v in block.items()} if isinstance(block, dict) else block
+        blocks = {name: {k: _to_arrays(v, f"block {name!r} has {k}") for k, v in block.items()}
+                  if isinstance(block, dict) else block
                   for name, block in state["blocks"].items()}  # the engine names a malformed entry
         steps = state["steps"]
         with device_scope(self.device):
@@ -689,15 +690,30 @@ def _to_tensors(value):
     return torch.from_numpy(np.array(value))
 
 
-def _to_arrays(value):
+def _to_arrays(value, where: str):
+    """A block's saved factors (an array) or inverses (a list or tuple of them) as host arrays;
+    ``where`` names them in the ValueError for a value that is none."""
     if value is None:
         return None
-    if isinstance(value, list):
-        return [_host_array(v) for v in value]
-    return _host_array(value)
+    if isinstance(value, (list, tuple)):
+        return [_host_array(v, where) for v in value]
+    return _host_array(value, where)
 
 
-def _host_array(value) -> np.ndarray:
+# Floating dtypes NumPy lacks (bfloat16, the float8 kinds): read as float32, which holds them exactly.
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _host_array(value, where: str) -> np.ndarray:
     """A checkpoint's tensor (or array) as a host array: ``torch.load(map_location="cuda")``
-    puts the state's tensors on the GPU, where ``Tensor.numpy()`` refuses them."""
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    puts the state's tensors on the GPU, where ``Tensor.numpy()`` refuses them. ValueError
+    naming ``where`` for a tensor without values NumPy can hold (meta, sparse, complex32)."""
+    try:
+        if not isinstance(value, torch.Tensor):
+            return np.asarray(value)
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype not in _NUMPY_FLOATS:
+            value = value.float()
+        return value.numpy()
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
+        raise ValueError(f"state: {where} that are not arrays of numbers ({str(err).splitlines()[0]})") from None
