@@ -770,6 +770,21 @@ def test_misuse_warnings_and_tied_weights(comm, caplog):
     assert torch.isfinite(shared.weight.grad).all()
 
 
+def test_a_kfac_layer_replaced_by_a_new_module_is_averaged_and_named(caplog):
+    """A K-FAC layer swapped for a new module under the same name (a new head) has no hooks or
+    block: its parameters are averaged first-order and named in the warning, although the
+    model had parameters of those names at construction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    model[2] = nn.Linear(5, 3).double()
+    assert [id(p) for p in precond.other_params] == [id(p) for p in model[2].parameters()]
+    model(torch.randn(6, 4, dtype=torch.float64)).pow(2).mean().backward()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond.step()
+    assert "averaged first-order, not preconditioned: 2.weight, 2.bias" in caplog.text
+
+
 def test_parameters_unfrozen_or_added_after_construction_are_averaged(caplog):
     """step() averages the first-order parameters as they are at that step: a head frozen at
     construction and unfrozen later, and a layer appended afterwards (named in a warning), get

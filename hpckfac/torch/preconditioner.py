@@ -132,8 +132,9 @@ class KFACPreconditioner:
         self.device = _model_device(model)
         self.xp = namespace_for(self.device)
         self.modules, blocks, kfac_params = self._find_blocks()
-        self._kfac_params = kfac_params
-        self._known_params = {id(p) for p in model.parameters()}
+        # By name: a parameter object replaced later (load_state_dict(assign=True)) keeps its name,
+        # while the id of the one it replaced may by then be another tensor's.
+        self._first_order_names = {name for name, p in model.named_parameters() if id(p) not in kfac_params}
         param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
         comm_dtype = opts["factor_dtype"] or (np.float64 if param_dtype == torch.float64 else np.float32)
         self._check_agreement(opts)
@@ -468,13 +469,15 @@ class KFACPreconditioner:
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
-        every = list(self.model.parameters())  # one walk of the modules per step serves all below
-        self._warn_added(every)
+        named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
+        every = [p for _, p in named]
         # Which K-FAC layers some rank's backward reached: the others keep .grad None below, as
         # first-order parameters do (an optimizer skips a None gradient, but decays a zero one).
         # Frozen ones send a flag too: the same count on every rank, whatever each rank froze.
         covered = [[p for p in ps if p is not None] for ps in params]
-        present = iter(average_grads(self._first_order(every), self.comm, "ring", self.bucket_bytes,
+        first_order = self._first_order(every, covered)
+        self._warn_added(named, first_order)
+        present = iter(average_grads(first_order, self.comm, "ring", self.bucket_bytes,
                                      presence=[p for ps in covered for p in ps]))
         reached = [[next(present) for _ in ps] for ps in covered]
         unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached) if not any(had)]
@@ -514,8 +517,14 @@ class KFACPreconditioner:
         averages their gradients over ranks."""
         return self._first_order(self.model.parameters())
 
-    def _first_order(self, params) -> list[nn.Parameter]:
-        return [p for p in params if p.requires_grad and id(p) not in self._kfac_params]
+    def _first_order(self, params, covered: list[list[nn.Parameter]] | None = None) -> list[nn.Parameter]:
+        """The trainable ``params`` that no K-FAC block covers, the blocks' parameters being
+        ``covered`` (default: read from the modules now, as the blocks use them: a parameter
+        replaced since construction, as by ``load_state_dict(assign=True)``, is the new one)."""
+        if covered is None:
+            covered = [_covered(m) for m in self.modules]
+        kfac = {id(p) for ps in covered for p in ps}
+        return [p for p in params if p.requires_grad and id(p) not in kfac]
 
     def _agree_on_overflow(self) -> None:
         """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in
@@ -536,12 +545,12 @@ class KFACPreconditioner:
         for flag in found:
             flag.copy_(anyone.clamp(max=1.0).to(flag.device, flag.dtype).reshape(flag.shape))
 
-    def _warn_added(self, params: list[nn.Parameter]) -> None:
-        """A warning, once, naming parameters added to the model after construction: they are
-        averaged first-order, not preconditioned."""
-        if all(id(p) in self._known_params for p in params):
-            return
-        added = [name for name, p in self.model.named_parameters() if id(p) not in self._known_params]
+    def _warn_added(self, named: list[tuple[str, nn.Parameter]], first_order: list[nn.Parameter]) -> None:
+        """A warning, once, naming the parameters averaged ``first_order`` that were not at
+        construction (a layer added, or a K-FAC layer replaced by a new module, since): they
+        are not preconditioned. ``named``: the model's ``named_parameters()``."""
+        ids = {id(p) for p in first_order}
+        added = [name for name, p in named if id(p) in ids and name not in self._first_order_names]
         if added and self.comm.rank == 0:  # a fact of the model, alike on every rank: said once
             self._warn_once("added:" + ",".join(added), "parameters added to the model after the preconditioner "
                             f"was built are averaged first-order, not preconditioned: {', '.join(added)} (build "

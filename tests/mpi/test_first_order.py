@@ -63,6 +63,39 @@ def test_a_head_unfrozen_or_added_after_construction_is_averaged(comm, change):
         torch.testing.assert_close(p.grad, sum(h[j] for h in head) / comm.size, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.mpi
+def test_parameters_replaced_by_load_state_dict_assign_stay_preconditioned(comm, caplog):
+    """``model.load_state_dict(state, assign=True)`` on every rank puts new Parameter objects in
+    the K-FAC layers and frees the old ones: the steps are those of a preconditioner built on the
+    loaded model, no parameter is averaged first-order or named as added. (The ids kept from
+    construction were taken to be the K-FAC parameters: the new ones were averaged first-order
+    too, named as added, and where a freed id came back, differently on each rank, the ranks
+    disagreed on the allreduce.)"""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+    state = {k: v + 0.25 for k, v in build().state_dict().items()}
+    model = build()
+    precond = KFACPreconditioner(model, comm=comm)
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+    oracle = build()
+    oracle.load_state_dict(state)
+    reference = KFACPreconditioner(oracle, comm=comm)
+    assert precond.other_params == []
+    generator = torch.Generator().manual_seed(comm.rank)
+    for _ in range(3):
+        x = torch.randn(6, 4, dtype=torch.float64, generator=generator)
+        for m, p in ((model, precond), (oracle, reference)):
+            m.zero_grad()
+            m(x).pow(2).mean().backward()
+            with caplog.at_level("WARNING", logger="hpckfac"):
+                p.step()
+        for a, b in zip(model.parameters(), oracle.parameters()):
+            assert torch.equal(a.grad, b.grad)
+    assert "added to the model" not in caplog.text
+
+
 @pytest.mark.mpi(min_size=2)
 def test_a_helper_without_comm_on_one_rank_meets_the_scripts_communicator(comm):
     """Left without ``comm``, the helpers use the process's Communicator on COMM_WORLD (here
