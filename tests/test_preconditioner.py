@@ -46,7 +46,8 @@ def test_the_optimizer_passed_as_lr_gets_a_short_answer(comm):
 
 
 def test_kl_clip_zero_or_none_switches_the_clip_off(comm):
-    for value in (0, 0.0, None):
+    # A NumPy zero (from a config array) as well: np.float32(0) and np.int64(0) were refused as "not > 0".
+    for value in (0, 0.0, None, np.float32(0), np.int64(0), np.float64(0)):
         assert KFACPreconditioner(mlp(), comm=comm, kl_clip=value).engine.kl_clip is None
 
 

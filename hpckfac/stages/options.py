@@ -10,6 +10,7 @@ count; their values are then checked at every step (``resolve``).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -50,8 +51,9 @@ def _scheduled(check: Callable[[Any], float]) -> Callable[[Any], Any]:
 
 
 def _kl_clip(value: Any):
-    # 0 and None both switch the clip off, in the library as in ``hpckfac train --kl-clip 0``.
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
+    # 0 (of any real type: NumPy's too) and None both switch the clip off, in the library as in
+    # ``hpckfac train --kl-clip 0``.
+    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and value == 0):
         return None
     return check_real(value, "kl_clip", above=0.0)
 
