@@ -126,6 +126,7 @@ def test_a_collective_on_rank_0_alone_at_the_end_ends_the_job(tmp_path, call):
         from hpckfac.torch import KFACPreconditioner, sync_batchnorm_stats
         os.chdir({str(tmp_path)!r})
         comm = Communicator()
+        torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
         precond = KFACPreconditioner(model, comm=comm)
         model(torch.randn(8, 4)).pow(2).mean().backward()

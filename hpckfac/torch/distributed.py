@@ -63,6 +63,15 @@ def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
     between ranks unless ``sync_batchnorm_stats`` ran)."""
     from hpckfac.comm import CollectiveMismatchError
 
+    found = replica_difference(model, comm, buffers)
+    if found is not None:
+        raise CollectiveMismatchError(f"replicas differ: {found}")
+
+
+def replica_difference(model: nn.Module, comm=None, buffers: bool = False) -> str | None:
+    """The first difference between the ranks' tensors of ``model``, alike on every rank
+    (``"0.weight has 2 different values (ranks [0]; ranks [1])"``), or None when every rank
+    holds the same values (a collective; ``check_replicas`` raises on it)."""
     comm = _comm(comm)
     named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
     digests = [(name, hashlib.blake2b(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
@@ -75,9 +84,10 @@ def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
             holders.setdefault(value, []).append(rank)
         if len(holders) > 1:
             groups = "; ".join(f"ranks {ranks}" for ranks in holders.values())
-            raise CollectiveMismatchError(f"replicas differ: {name} has {len(holders)} different values ({groups})")
+            return f"{name} has {len(holders)} different values ({groups})"
     if any(len(theirs) != len(everyone[0]) for theirs in everyone):
-        raise CollectiveMismatchError("replicas differ: the ranks' models have different numbers of tensors")
+        return "the ranks' models have different numbers of tensors"
+    return None
 
 
 def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:

@@ -23,7 +23,7 @@ from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import Assignment, CheckedOption
 from hpckfac.tables import format_table
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array, to_tensor
-from hpckfac.torch.distributed import average_grads
+from hpckfac.torch.distributed import average_grads, replica_difference
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, recomputing_now
 from hpckfac.torch.options import DEFAULTS, check_options
@@ -49,7 +49,8 @@ class KFACPreconditioner:
     Args (all validated here, ValueError naming the parameter; defaults
     ``hpckfac.torch.options.DEFAULTS``, which extends the engine's
     ``hpckfac.stages.options.DEFAULTS``, shared with ``hpckfac train``):
-        model: the model, identical on every rank (checked at construction).
+        model: the model, identical on every rank (its layers checked at construction,
+            its weights at the first ``step()``).
         lr: learning rate for the KL clip, a float, a ``callable(step) -> float`` or
             a torch LR scheduler (read as its optimizer's current rate).
         damping: Tikhonov damping lambda (pi-corrected for Kronecker factors),
@@ -124,6 +125,7 @@ class KFACPreconditioner:
         self._root_seen = False  # whether the model's own forward ran since the last step()
         self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
+        self._replicas_checked = False  # the weights are compared across ranks at the first step()
         # A module running sequence-first (nn.LSTM, nn.MultiheadAttention, nn.Transformer with
         # batch_first=False) makes an input of as many positions as examples ambiguous (_batch_first).
         self._sequence_first_model = any(getattr(m, "batch_first", None) is False for m in model.modules())
@@ -419,6 +421,14 @@ class KFACPreconditioner:
     def _step(self) -> None:
         self._scaler_scale = None  # this step's hooks have run; the next ones read the scale anew
         lr = self.current_lr()  # validated before anything is reduced or written
+        if not self._replicas_checked:
+            # Averaged gradients keep replicas apart forever if they start apart: say so now.
+            found = replica_difference(self.model, self.comm)
+            if found is not None:
+                raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must "
+                                              "start from the same weights: call broadcast_parameters(model, "
+                                              "comm) on every rank before training")
+            self._replicas_checked = True
         if self._forwards == 0:
             self._warn_once("no-forward", "step() without a training forward/backward since the last step(): the "
                             "gradients are averaged and preconditioned again (call step() once per optimizer step; "

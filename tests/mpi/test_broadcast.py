@@ -52,3 +52,18 @@ def test_check_replicas_names_the_tensor_that_drifted(comm, dtype):
         with pytest.raises(CollectiveMismatchError, match=rf"2\.bias has 2 different values \(ranks \[0(, \d)*\]; ranks \[{comm.size - 1}\]\)"):
             check_replicas(model, comm)
 
+
+
+@pytest.mark.mpi(min_size=2)
+def test_first_step_without_broadcast_raises_on_every_rank(comm):
+    """Averaged gradients would keep replicas that start apart apart for good: the first
+    step() compares the weights and names the remedy."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(comm.rank)  # different weights on every rank, never broadcast
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    model(torch.randn(5, 3)).sum().backward()
+    with pytest.raises(CollectiveMismatchError, match=r"first step\(\): 0\.weight has .*broadcast_parameters"):
+        precond.step()
+    precond.remove_hooks()

@@ -2,6 +2,7 @@
 import time
 
 import pytest
+import torch
 from torch import nn
 
 from hpckfac.comm import CollectiveMismatchError
@@ -9,6 +10,7 @@ from hpckfac.torch import KFACPreconditioner
 
 
 def model(last_out):
+    torch.manual_seed(0)  # the same weights on every rank, whatever earlier tests drew
     return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, last_out))
 
 
