@@ -353,6 +353,22 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     assert "no layer of the model is preconditioned" in caplog.text
 
 
+def test_a_model_wrapped_in_distributed_data_parallel_is_named(tmp_path, caplog):
+    """DistributedDataParallel would average every gradient before step() averages it again."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(3, 2)))
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            KFACPreconditioner(wrapped.module, comm=Communicator(MPI.COMM_SELF)).remove_hooks()
+            assert "DistributedDataParallel" not in caplog.text
+            KFACPreconditioner(wrapped, comm=Communicator(MPI.COMM_SELF)).remove_hooks()
+    finally:
+        dist.destroy_process_group()
+    assert "wrapped in DistributedDataParallel" in caplog.text
+
+
 @pytest.mark.parametrize("fraction,n", [(0.25, 12), (0.5, 7), (1e-3, 5)])
 def test_statistics_fraction_takes_the_factors_of_the_first_examples(fraction, n):
     """The factors from a fraction of each batch are those of the whole pipeline run on those

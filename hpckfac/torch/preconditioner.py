@@ -113,6 +113,10 @@ class KFACPreconditioner:
                             "mpi4py communicator as Communicator(mpi_comm))")
         self.model = model
         self.comm = comm if comm is not None else world_communicator()
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self._note("model: wrapped in DistributedDataParallel, which averages every gradient in backward; "
+                       "step() averages them again (the same result at twice the traffic): hpckfac averages "
+                       "the gradients itself, so pass the model without the wrapper")
         self.lr = opts["lr"]
         self.grad_scaler = grad_scaler
         self.accumulation_steps = opts["accumulation_steps"]
