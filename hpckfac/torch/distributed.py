@@ -73,6 +73,8 @@ def replica_difference(model: nn.Module, comm=None, buffers: bool = False) -> st
     (``"0.weight has 2 different values (ranks [0]; ranks [1])"``), or None when every rank
     holds the same values (a collective; ``check_replicas`` raises on it)."""
     comm = _comm(comm)
+    if comm.size == 1:  # nothing to compare with: no hashing of every tensor
+        return None
     named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
     digests = [(name, hashlib.blake2b(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
                                       digest_size=16).hexdigest()) for name, t in named]
