@@ -10,9 +10,7 @@ from hpckfac.comm.abort import install_abort_on_error
 from hpckfac.comm.communicator import Communicator, world_communicator
 from hpckfac.comm.errors import CollectiveMismatchError
 
-try:
-    install_abort_on_error()
-except ValueError:
-    pass  # a bad HPCKFAC_ABORT_ON_ERROR is reported by the first Communicator, not by an import
+# A bad HPCKFAC_ABORT_ON_ERROR is named in a warning (once) and taken as 1; nothing raises here.
+install_abort_on_error()
 
 __all__ = ["CollectiveMismatchError", "Communicator", "world_communicator"]
