@@ -75,7 +75,7 @@ class KFACPreconditioner:
             ``n`` (1: all); their cost shrinks in proportion, the gradients are
             untouched. BatchNorm statistics always use the whole micro-batch.
         comm: an ``hpckfac.comm.Communicator`` (default: the process's first one on
-            COMM_WORLD, ``hpckfac.comm.world_communicator()``).
+            COMM_WORLD, ``hpckfac.comm.world_communicator()``); anything else raises TypeError.
 
     Device: the pipeline runs where the model's parameters are (construct the
     preconditioner after ``model.to(device)``): NumPy buffers for a CPU model,
