@@ -195,6 +195,24 @@ def test_extreme_magnitudes_stay_finite(dtype, magnitude):
         assert np.isfinite(result.inverse).all()
 
 
+@pytest.mark.parametrize("batched_with_indefinite", [False, True])
+def test_an_overflowing_inverse_is_not_accepted(batched_with_indefinite):
+    """A well-conditioned matrix of subnormal scale factorises with sound pivots, but its inverse,
+    and that of every jittered copy, overflows: the eigen fallback's floor sqrt(tiny) gives the
+    finite result, alone and beside a matrix that fails Cholesky (the batch's other branch).
+    float64: in float32, torch's Cholesky already fails on entries of subnormal scale."""
+    tiny = float(np.finfo(np.float64).tiny)
+    mat = np.array([[1.0, 0.5], [0.5, 1.0]]) * tiny / 8
+    indefinite = np.array([[1.0, -1 / 3], [-1 / 3, -1.0]])
+    mats = np.stack([indefinite, mat]) if batched_with_indefinite else mat[None]
+    result = ops.damped_inverse(mats, 0.0)
+    assert (result.status == ops.EIGEN).all()
+    assert np.isfinite(result.inverse).all()
+    # Oracle: both eigenvalues, 1.5 and 0.5 times tiny/8, lie below the floor sqrt(tiny): I / floor.
+    floor = np.sqrt(tiny)
+    np.testing.assert_allclose(result.inverse[-1], np.eye(2) / floor, rtol=1e-12, atol=1e-12 / floor)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("share,accepted", [(10.0, False), (50.0, False), (1000.0, True), (1e5, True)])
 def test_a_pivot_is_numerically_zero_below_pivot_rtol_eps(dtype, share, accepted):
