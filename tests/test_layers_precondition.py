@@ -79,6 +79,13 @@ def test_pi_damping_guards(trace_a, trace_g):
     assert pi_damping(a, g, 0.09) == pytest.approx((0.3, 0.3), rel=1e-15)
 
 
+def test_pi_damping_guards_an_overflowing_term():
+    """Finite positive means whose pi (1.2e-155) leaves sqrt(l)/pi beyond float64's range: both get sqrt(l)."""
+    a, g = np.diag([3e-310, 0.0]), np.diag([1.0, 2.0, 0.0])
+    assert math.isinf(math.sqrt(1e308) / math.sqrt(1.5e-310 / 1.0))
+    assert pi_damping(a, g, 1e308) == pytest.approx((1e154, 1e154), rel=1e-15)
+
+
 @pytest.mark.parametrize("damping", [-1e-3, math.nan, math.inf, "big", None])
 def test_pi_damping_rejects_bad_damping(damping):
     with pytest.raises(ValueError, match="damping"):
