@@ -121,6 +121,8 @@ def test_unbatched_input_is_refused():
         block.fisher(np.ones((3, 3)), np.ones((3, 3)))
     with pytest.raises(ValueError, match="x: .*expects 3 units"):
         block.fisher(np.ones((2, 4, 3)), np.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match="x: .*expects at least 3 dimensions"):  # spatial_dims=None
+        InstanceNormBlock("in", 3, EPS).fisher(np.ones((4, 3)), np.ones((4, 3)))
     with pytest.raises(ValueError, match="num_features"):
         InstanceNormBlock("in", 0, EPS)
     with pytest.raises(ValueError, match="eps"):
