@@ -92,9 +92,9 @@ def test_fft_for_many_examples_gemms_for_few():
     for channels, size in [(16, (32, 32)), (32, (16, 16)), (64, (8, 8))]:
         geometry = (size, (3, 3), (1, 1), (1, 1))
         fft, gemm, _ = conv_lags._work(32, channels, *geometry)
-        assert fft < gemm, (channels, size)
+        assert fft < gemm and conv_lags.lag_method(32, channels, *geometry) == "fft", (channels, size)
         fft, gemm, _ = conv_lags._work(8, channels, *geometry)
-        assert fft > gemm, (channels, size)
+        assert fft > gemm and conv_lags.lag_method(8, channels, *geometry) == "gemm", (channels, size)
     with pytest.raises(ValueError, match="method"):
         lagged_a_factor(np.ones((2, 2, 4, 4)), (3, 3), (1, 1), (1, 1), False, 1.0, True, method="lu")
 
