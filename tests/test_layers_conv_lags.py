@@ -19,13 +19,16 @@ def patch_factor(x, kernel, padding, dilation, bias, scale):
     return scale * rows.T @ rows
 
 
-@pytest.mark.parametrize("kernel,padding,dilation", GEOMETRIES)
+# 7 channels of a "valid" 5x5 convolution: frame slabs of 4 x 5 offsets, 140 columns and the
+# bias, whose Grams upper_gram computes in two column panels (the strict lower triangle left zero).
+@pytest.mark.parametrize("kernel,padding,dilation,channels",
+                         [geometry + (2,) for geometry in GEOMETRIES] + [((5, 5), (0, 0), (1, 1), 7)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("method", ["fft", "gemm"])
-def test_equals_the_patch_gram(kernel, padding, dilation, bias, method):
+def test_equals_the_patch_gram(kernel, padding, dilation, channels, bias, method):
     rng = np.random.default_rng(len(kernel) * 100 + sum(kernel) * 10 + sum(padding) + bias)
     size = {1: (9,), 2: (6, 7), 3: (4, 5, 4)}[len(kernel)]
-    x = rng.standard_normal((3, 2, *size)) + 0.3
+    x = rng.standard_normal((3, channels, *size)) + 0.3
     want = patch_factor(x, kernel, padding, dilation, bias, 1 / 3)
     got = lagged_a_factor(x, kernel, padding, dilation, bias, 1 / 3, packed=False, method=method)
     assert got.dtype == np.float64
