@@ -37,6 +37,10 @@ def test_plan_buckets(bucket_bytes):
         assert len({keys[i] for i in bucket}) == 1
         assert bucket == sorted(bucket)
         assert len(bucket) == 1 or sum(nbytes[i] for i in bucket) <= bucket_bytes
+    for key in set(keys):  # greedy: a bucket is closed only by an array that no longer fits in it
+        same = [b for b in buckets if keys[b[0]] == key]
+        for bucket, after in zip(same, same[1:]):
+            assert sum(nbytes[i] for i in bucket) + nbytes[after[0]] > bucket_bytes
     assert buckets == plan_buckets(nbytes, keys, bucket_bytes)
     if bucket_bytes >= sum(nbytes):
         assert len(buckets) == 3  # one per dtype
