@@ -184,3 +184,27 @@ def test_a_kfac_layer_no_rank_reached_keeps_grad_none(comm):
     opt.step()
     for name in ("none.weight", "none.bias"):
         assert torch.equal(net.get_parameter(name), before[name]), name
+
+
+@pytest.mark.mpi
+def test_a_kfac_layer_whose_weight_alone_got_a_gradient_was_reached(comm):
+    """A preconditioned layer used on the last rank only through its weight
+    (``F.linear(h, layer.weight)``: never called, no statistics, no gradient for its bias) was
+    reached: its weight gets the mean over ranks of its gradients, passed through
+    unpreconditioned, and its bias the zeros a missing gradient counts as, on every rank."""
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"trunk": nn.Linear(4, 3), "side": nn.Linear(3, 2)}).double()
+    precond = KFACPreconditioner(net, comm=comm, kl_clip=None)
+    last = comm.size - 1
+
+    def loss(rank):
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        h = torch.tanh(net["trunk"](x))
+        side = nn.functional.linear(h, net["side"].weight).pow(2).mean() if rank == last else 0.0
+        return h.pow(2).mean() + side
+
+    want = torch.autograd.grad(loss(last), net["side"].weight)[0] / comm.size
+    loss(comm.rank).backward()
+    precond.step()
+    torch.testing.assert_close(net["side"].weight.grad, want, rtol=1e-12, atol=1e-15)
+    assert torch.equal(net["side"].bias.grad, torch.zeros(2, dtype=torch.float64))
