@@ -1,6 +1,9 @@
 """KFACPreconditioner on one process: option validation, hooks, and one step
 against a dense np.kron oracle built from independently captured tensors."""
+import ast
 import math
+import os
+import re
 import warnings
 
 import numpy as np
@@ -43,6 +46,26 @@ def test_the_optimizer_passed_as_lr_gets_a_short_answer(comm):
         KFACPreconditioner(model, comm=comm, lr=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match=r"got list$"):
         KFACPreconditioner(model, comm=comm, lr=list(range(100)))
+
+
+def test_the_defaults_are_the_documented_ones():
+    """Every default of the options (the engine's and the bridge's) is the value the options table
+    of docs/preconditioner.md gives, where the table gives a value rather than words."""
+    from hpckfac.torch.options import DEFAULTS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "preconditioner.md"), encoding="utf-8").read()
+    documented = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", text, re.M))
+    compared = set()
+    for name, value in DEFAULTS.items():
+        try:
+            want = ast.literal_eval(documented[name].strip("`"))
+        except (ValueError, SyntaxError):  # described in words (bucket_bytes)
+            continue
+        assert value == want, (name, value, want)
+        compared.add(name)
+    assert {"damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip",
+            "assignment", "lr", "accumulation_steps", "statistics_fraction"} <= compared
 
 
 def test_kl_clip_zero_or_none_switches_the_clip_off(comm):
