@@ -59,7 +59,7 @@ class Oracle:
         self.blocks, self.kl_clip = blocks, kl_clip
         self.running, self.inverse = [None] * len(blocks), [None] * len(blocks)
 
-    def update(self, dense_per_rank, present):
+    def update(self, dense_per_rank, present, decay):
         for l in range(len(self.blocks)):
             ranks = [r for r in range(len(dense_per_rank)) if present[r][l]]
             if not ranks:
@@ -68,9 +68,9 @@ class Oracle:
             if self.running[l] is None:
                 self.running[l] = new
             else:
-                self.running[l] = [DECAY * old + (1 - DECAY) * n for old, n in zip(self.running[l], new)]
+                self.running[l] = [decay * old + (1 - decay) * n for old, n in zip(self.running[l], new)]
 
-    def invert(self, missing_only=False):
+    def invert(self, damping, missing_only=False):
         """Inverses of every block with statistics (``missing_only``: of those without an
         inverse yet, which the engine inverts at the step that first needs them)."""
         for l, b in enumerate(self.blocks):
@@ -78,15 +78,15 @@ class Oracle:
                 continue
             if isinstance(b, BatchNormBlock):
                 (f,) = self.running[l]
-                self.inverse[l] = [np.linalg.inv(f + DAMPING * np.eye(2))]
+                self.inverse[l] = [np.linalg.inv(f + damping * np.eye(2))]
             else:
                 a, g = self.running[l]
                 pi = math.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
-                self.inverse[l] = [np.linalg.inv(a + pi * math.sqrt(DAMPING) * np.eye(len(a))),
-                                   np.linalg.inv(g + math.sqrt(DAMPING) / pi * np.eye(len(g)))]
+                self.inverse[l] = [np.linalg.inv(a + pi * math.sqrt(damping) * np.eye(len(a))),
+                                   np.linalg.inv(g + math.sqrt(damping) / pi * np.eye(len(g)))]
 
-    def precondition(self, grads_per_rank):
-        self.invert(missing_only=True)
+    def precondition(self, grads_per_rank, damping):
+        self.invert(damping, missing_only=True)
         vs, total = [], 0.0
         for l, b in enumerate(self.blocks):
             grad = sum(g[l] for g in grads_per_rank) / len(grads_per_rank)
@@ -102,8 +102,9 @@ class Oracle:
         return [nu * v for v in vs], nu
 
 
-def run(comm, blocks, steps, fui, iui, kl_clip, assignment="lpt", absent=None, seed=0):
-    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, factor_update_interval=fui,
+def run(comm, blocks, steps, fui, iui, kl_clip, assignment="lpt", absent=None, seed=0, damping=DAMPING, decay=DECAY):
+    """``damping`` and ``decay``: constants or schedules (callables of the step), as the engine takes them."""
+    engine = KFACEngine(blocks, comm, damping=damping, factor_decay=decay, factor_update_interval=fui,
                         inverse_update_interval=iui, kl_clip=kl_clip, assignment=assignment, comm_dtype=np.float64)
     oracle = Oracle(blocks, kl_clip)
     rng = np.random.default_rng(seed)
@@ -114,12 +115,13 @@ def run(comm, blocks, steps, fui, iui, kl_clip, assignment="lpt", absent=None, s
         present = [[not (absent and absent(k, r, l)) for l in range(len(blocks))] for r in range(comm.size)]
         stats = [p if present[comm.rank][l] else None for l, p in enumerate(packed[comm.rank])]
         assert engine.is_factor_step() == (k % fui == 0) and engine.is_inverse_step() == (k % iui == 0)
+        damping_k, decay_k = (v(k) if callable(v) else v for v in (damping, decay))
         if k % fui == 0:
-            oracle.update(dense, present)
+            oracle.update(dense, present, decay_k)
         if k % iui == 0:
-            oracle.invert()
+            oracle.invert(damping_k)
         out = engine.step(grads[comm.rank], stats if k % fui == 0 else None, lr=LR)
-        want, nu = oracle.precondition(grads)
+        want, nu = oracle.precondition(grads, damping_k)
         assert engine.last_nu == pytest.approx(nu, rel=1e-12)
         nus.append(nu)
         for got, expected in zip(out, want):
@@ -132,6 +134,13 @@ def run(comm, blocks, steps, fui, iui, kl_clip, assignment="lpt", absent=None, s
 def test_engine_matches_dense_oracle_with_intervals_and_kl_clip(comm, assignment):
     _, nus = run(comm, make_blocks(), steps=7, fui=2, iui=3, kl_clip=1e-3, assignment=assignment)
     assert min(nus) < 1.0  # the clip was active
+
+
+@pytest.mark.mpi
+def test_engine_damping_and_decay_schedules_are_read_at_each_step(comm):
+    # Statistics at every step, inverses every second one: each uses that step's values.
+    run(comm, make_blocks(), steps=5, fui=1, iui=2, kl_clip=1e-3, damping=lambda k: DAMPING * 3.0 ** k,
+        decay=lambda k: DECAY / (1 + k))
 
 
 @pytest.mark.mpi
