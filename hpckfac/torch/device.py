@@ -7,11 +7,14 @@ the first CUDA allocation: a context created earlier on GPU 0 stays there).
 from __future__ import annotations
 
 import os
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
 from hpckfac.log import get_logger
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
 _log = get_logger("hpckfac.torch.device")
 DeviceChoice = Literal["auto", "cuda", "cpu"]
@@ -33,7 +36,8 @@ def _parse(device) -> torch.device | str:
     return parsed
 
 
-def bind_device(device: DeviceChoice | str | torch.device | None = "auto", comm=None) -> torch.device:
+def bind_device(device: DeviceChoice | str | torch.device | None = "auto",
+                comm: Communicator | None = None) -> torch.device:
     """This rank's device, made current for torch and CuPy; returns it.
 
     Args:

@@ -3,15 +3,18 @@ gradient averaging for first-order baselines, BatchNorm statistics averaging."""
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from hpckfac.torch.bridge import device_scope, to_array
 
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
-def _comm(comm):
+
+def _comm(comm: Communicator | None) -> Communicator:
     """``comm``, or the process's Communicator on COMM_WORLD (``world_communicator``: the one
     the script made, else one made on first use and reused)."""
     if comm is not None:
@@ -31,7 +34,7 @@ def _is_float(tensor: torch.Tensor) -> bool:
     return tensor.dtype in (torch.float64, torch.float32, torch.float16)
 
 
-def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
+def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, root: int = 0) -> None:
     """Copy rank ``root``'s parameters and buffers (BatchNorm statistics
     included) into ``model`` on every rank, in place (a collective).
 
@@ -51,7 +54,7 @@ def broadcast_parameters(model: nn.Module, comm=None, root: int = 0) -> None:
                     tensor.copy_(host)
 
 
-def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
+def check_replicas(model: nn.Module, comm: Communicator | None = None, buffers: bool = False) -> None:
     """Confirm that every rank holds the same parameter values (a collective).
 
     Data-parallel replicas must stay identical; a rank that drifted (a different
@@ -68,7 +71,7 @@ def check_replicas(model: nn.Module, comm=None, buffers: bool = False) -> None:
         raise CollectiveMismatchError(f"replicas differ: {found}")
 
 
-def replica_difference(model: nn.Module, comm=None, buffers: bool = False) -> str | None:
+def replica_difference(model: nn.Module, comm: Communicator | None = None, buffers: bool = False) -> str | None:
     """The first difference between the ranks' tensors of ``model``, alike on every rank
     (``"0.weight has 2 different values (ranks [0]; ranks [1])"``), or None when every rank
     holds the same values (a collective; ``check_replicas`` raises on it)."""
@@ -92,7 +95,8 @@ def replica_difference(model: nn.Module, comm=None, buffers: bool = False) -> st
     return None
 
 
-def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bucket_bytes: int | None = None) -> None:
+def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: str = "ring",
+                        bucket_bytes: int | None = None) -> None:
     """Average every ``.grad`` of ``model`` over ranks in place, with the same
     fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
     call it on every rank). A trainable parameter without a gradient on some ranks counts as
@@ -102,7 +106,8 @@ def allreduce_gradients(model: nn.Module, comm=None, algorithm: str = "ring", bu
         average_grads(model.parameters(), comm, algorithm, bucket_bytes)
 
 
-def average_grads(params, comm, algorithm: str = "ring", bucket_bytes: int | None = None,
+def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm: str = "ring",
+                  bucket_bytes: int | None = None,
                   presence: Sequence[torch.Tensor] = ()) -> list[bool]:
     """Average the ``.grad`` of every trainable parameter of ``params`` over the ranks of
     ``comm``, in place, fused into buffers of at most ``bucket_bytes`` (the Communicator's
@@ -169,7 +174,7 @@ def _flag_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return params[0].dtype if params and _is_float(params[0]) else torch.float32
 
 
-def sync_batchnorm_stats(model: nn.Module, comm=None) -> None:
+def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> None:
     """Average BatchNorm ``running_mean`` and ``running_var`` over ranks in place (a
     collective: call it on every rank).
 
