@@ -108,7 +108,7 @@ def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algo
 
 def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm: str = "ring",
                   bucket_bytes: int | None = None,
-                  presence: Sequence[torch.Tensor] = ()) -> list[bool]:
+                  presence: Sequence[torch.Tensor] = (), held: Sequence[bool] = ()) -> list[bool]:
     """Average the ``.grad`` of every trainable parameter of ``params`` over the ranks of
     ``comm``, in place, fused into buffers of at most ``bucket_bytes`` (the Communicator's
     default when None); a collective.
@@ -120,16 +120,20 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
     gradients and says which; ranks that lack none read nothing back. The flags of the
     ``presence`` parameters (the preconditioner's, whose gradients travel elsewhere) travel
     too: returned is, for each of them, whether any rank has a ``.grad`` for it (True for a
-    frozen one)."""
+    frozen one), followed, for each of ``held`` (whether this rank holds something, the same
+    count on every rank), by whether any rank holds it."""
     params = [p for p in params if p.requires_grad]
     flagged = params + list(presence)
     # A frozen ``presence`` parameter counts as present: no read back for it on every step.
     missing = [i for i, p in enumerate(flagged) if p.grad is None and p.requires_grad]
+    missing += [len(flagged) + i for i, h in enumerate(held) if not h]
+    count = len(flagged) + len(held)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
     flags = []
-    if flagged:  # every rank calls the collective, with or without parameters (a mismatch is named)
-        flags = [torch.ones(len(flagged), dtype=_flag_dtype(flagged), device=flagged[0].device)]
+    if count:  # every rank calls the collective, with or without parameters (a mismatch is named)
+        device = flagged[0].device if flagged else torch.device("cpu")
+        flags = [torch.ones(count, dtype=_flag_dtype(flagged), device=device)]
         for i in missing:
             flags[0][i] = 0  # a fill of one element where it lives: no upload from the host
     carried = _carried(grads)
@@ -145,7 +149,7 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
                                  "by the dense collectives; use sparse=False") from None
             raise
     _write_back(grads, carried)
-    present = [True] * len(flagged)
+    present = [True] * count
     if missing:
         anyone = flags[0][missing].cpu().tolist()
         for i, had in zip(missing, anyone):

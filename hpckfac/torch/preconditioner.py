@@ -449,6 +449,7 @@ class KFACPreconditioner:
         self._fired = set()
         start = self.engine.clock()
         stats = self.local.result() if self.engine.is_factor_step() else None
+        missing: list[str] = []
         if stats is not None and self.local.examples:
             # A layer whose parameters are all frozen has no output gradient to take: not worth a word.
             trained = [any(p.requires_grad for p in _covered(m)) for m in self.modules]
@@ -472,12 +473,6 @@ class KFACPreconditioner:
                                 f"{self.engine.steps}: {', '.join(evaluated)}; statistics are taken in train() "
                                 "mode only, so until they have some their gradients are only averaged (freeze "
                                 "their parameters, or list them in skip_layers, to say so)")
-            if missing:
-                self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
-                                f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward, "
-                                "their weights used without calling them, or inside a "
-                                "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
-                                "no gradient either); until they have statistics their gradients are only averaged")
         slots = self.engine.gradient_slots()
         buffer, offsets = self.engine.gradient_buffer()
         params = [block_params(m) for m in self.modules]
@@ -496,8 +491,11 @@ class KFACPreconditioner:
         first_order = self._first_order(every, covered)
         self._warn_added(named, first_order)
         present = iter(average_grads(first_order, self.comm, "ring", self.bucket_bytes,
-                                     presence=[p for ps in covered for p in ps]))
+                                     presence=[p for ps in covered for p in ps],
+                                     held=[] if stats is None else [st is not None for st in stats]))
         reached = [[next(present) for _ in ps] for ps in covered]
+        if stats is not None:
+            self._absent_as_zeros(stats, [next(present) for _ in stats], missing)
         unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached) if not any(had)]
         self._agree_on_overflow()
         self.timings["allreduce"] = self.engine.clock() - start
@@ -527,6 +525,28 @@ class KFACPreconditioner:
         for name in ITERATION_STAGES:
             self._totals[name] += self.timings[name]
         self._timed_steps += 1
+
+    def _absent_as_zeros(self, stats: list, anyone: list[bool], missing: list[str]) -> None:
+        """Where another rank has statistics for a block that this rank's examples never reached
+        (a branch its micro-batch did not take), this rank's are zeros, not absent: one process
+        taking every rank's micro-batches divides each layer's sums by all the examples, those
+        that bypassed the layer included. Ranks without examples, and blocks whose statistics
+        were dropped here or that are in eval() mode, stay absent. ``anyone[i]``: whether some
+        rank has block ``i``'s statistics; ``missing``: the names of the blocks without
+        statistics here, warned about when no rank has them."""
+        if self.local.examples:
+            dropped = set(self.local.unpaired)
+            for i, (block, module) in enumerate(zip(self.engine.blocks, self.modules)):
+                if stats[i] is None and anyone[i] and module.training and i not in dropped:
+                    stats[i] = self.xp.zeros(block.stat_size, dtype=self.local.dtype)
+        names = {b.name: had for b, had in zip(self.engine.blocks, anyone)}
+        missing = [name for name in missing if not names[name]]
+        if missing:
+            self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
+                            f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward on "
+                            "any rank, their weights used without calling them, or inside a "
+                            "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
+                            "no gradient either); until they have statistics their gradients are only averaged")
 
     @property
     def other_params(self) -> list[nn.Parameter]:

@@ -120,6 +120,28 @@ class SequenceFirstModel(nn.Module):
         return self.head(torch.tanh(self.fc(self.ln(h))).mean(0))
 
 
+class BranchModel(nn.Module):
+    """A Linear applied only to the examples whose first pixel exceeds 1 (about one in six), and not
+    called at all on a micro-batch without one: some ranks' forwards skip it on a step where others'
+    take it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.branch, self.head = nn.Linear(72, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+
+    @staticmethod
+    def taken(x):
+        return x[:, 0, 0, 0] > 1.0
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x.flatten(1)))
+        keep = self.taken(x)
+        if keep.any():
+            h = h.clone()
+            h[keep] = torch.tanh(self.branch(h[keep]))
+        return self.head(h)
+
+
 def batches(shape, classes, parts):
     """Per step the global batch as ``parts`` micro-batches, identical on every rank."""
     gen = torch.Generator().manual_seed(1234)
@@ -246,6 +268,19 @@ def test_sequence_first_layers_equal_the_whole_batch(comm):
     dist, _ = check(SequenceFirstModel, (2, 6, 6), 4, comm, **options)
     np.testing.assert_allclose(dist, whole_batch(SequenceFirstModel, comm.size, **options), rtol=1e-9,
                                atol=1e-12)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device", ["cpu", "standin"])
+def test_a_layer_some_ranks_skip_equals_one_process_and_the_whole_batch(comm, device):
+    """A layer that some ranks' micro-batches bypass on a step has zero statistics there, not
+    none: one process taking every micro-batch divides the layer's sums by all the examples."""
+    taken = [[bool(BranchModel.taken(x).any()) for x in xs] for xs, _ in batches((2, 6, 6), 4, comm.size)]
+    if comm.size > 1:  # the data make some steps take the branch on some ranks and not on others
+        assert any(any(step) and not all(step) for step in taken)
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2)
+    dist, _ = check(BranchModel, (2, 6, 6), 4, comm, device, **options)
+    np.testing.assert_allclose(dist, whole_batch(BranchModel, comm.size, **options), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.mpi
