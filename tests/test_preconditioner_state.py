@@ -270,6 +270,8 @@ def trained(comm):
     (lambda s: s["hyperparameters"].__setitem__("factor_dtype", "float16"),
      "state: unknown hyperparameter\\(s\\) 'factor_dtype'"),
     (lambda s: s["hyperparameters"].__setitem__("foo", 1), "state: unknown hyperparameter\\(s\\) 'foo'"),
+    # The owners are fixed at construction: a checkpoint of the other assignment is refused, not adopted.
+    (lambda s: s["hyperparameters"].__setitem__("assignment", "contiguous"), "state: assignment differs"),
     # Tensors NumPy cannot read were a TypeError or NotImplementedError; complex values lost their
     # imaginary parts with a NumPy warning.
     (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to("meta")),
