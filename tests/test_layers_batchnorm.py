@@ -47,11 +47,15 @@ def test_fisher_against_per_example_gradients(shape):
         np.testing.assert_allclose(got[c], u.T @ u / shape[0], rtol=1e-11, atol=1e-14)
 
 
-def test_fisher_of_float32_input_is_float32():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fisher_of_float32_input_is_float32(autocast):
+    """Also inside torch's CPU autocast, where a backward() called in the autocast region runs
+    the hooks: the statistics' torch reductions stay float32."""
     rng = np.random.default_rng(1)
     x, g = rng.standard_normal((8, 3, 4)), rng.standard_normal((8, 3, 4))
     block = BatchNormBlock("bn", 3, EPS)
-    got = block.fisher(x.astype(np.float32), g.astype(np.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = block.fisher(x.astype(np.float32), g.astype(np.float32))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, block.fisher(x, g), rtol=1e-4, atol=1e-5)
 

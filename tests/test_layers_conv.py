@@ -1,6 +1,7 @@
 """ConvBlock against a pure-Python loop patch extraction, torch's unfold and torch autograd (float64)."""
 import itertools
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -110,6 +111,24 @@ def test_noncontiguous_and_half_inputs():
     assert got.dtype == np.float32
     exact = block.a_rows(half.astype(np.float64))
     np.testing.assert_allclose(got, exact.T @ exact * 0.5, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_factors_inside_cpu_autocast_accumulate_in_float32(dtype):
+    """A model under ``torch.autocast("cpu", dtype=torch.bfloat16)`` runs the hooks in the autocast
+    region (the forward's always, the backward's when backward() is called there): the factors'
+    torch products must still run in float32, not in bfloat16."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((4, 6, 7, 5)) + 0.5).astype(dtype)
+    g = rng.standard_normal((4, 5, 7, 5)).astype(dtype)
+    block = ConvBlock("conv", 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), True)
+    rows, _ = loop_rows(x.astype(np.float64), (3, 3), (1, 1), (1, 1), (1, 1), True)
+    grows = g.astype(np.float64).transpose(0, 2, 3, 1).reshape(-1, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_a, got_g = block.a_factor(x, 0.25), block.g_factor(g, 0.25)
+    assert got_a.dtype == got_g.dtype == np.float32
+    np.testing.assert_allclose(got_a, rows.T @ rows / 4, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_g, grows.T @ grows / (4 * 35), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("stride,bias", [((2, 2), False), ((2, 1), True)])

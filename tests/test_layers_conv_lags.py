@@ -2,6 +2,7 @@
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 from hpckfac.layers import ConvBlock
 from hpckfac.layers import conv_lags
 from hpckfac.layers.conv_lags import lagged_a_factor, lags_pay
@@ -40,10 +41,13 @@ def test_equals_the_patch_gram(kernel, padding, dilation, channels, bias, method
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("method", ["fft", "gemm"])
-def test_narrow_inputs_accumulate_in_float32(dtype, method):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_narrow_inputs_accumulate_in_float32(dtype, method, autocast):
     # Values of up to ~10: their squares' sums overflow nothing in float32 but would round badly in half.
+    # Inside torch's CPU autocast, where a forward hook of a model under autocast runs, as outside.
     x = (np.random.default_rng(4).standard_normal((4, 16, 8, 8)) * 3).astype(dtype)
-    got = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.25, packed=True, method=method)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.25, packed=True, method=method)
     assert got.dtype == np.float32
     exact = patch_factor(x.astype(np.float64), (3, 3), (1, 1), (1, 1), True, 0.25)
     np.testing.assert_allclose(got, exact[np.triu_indices(len(exact))], rtol=2e-5, atol=2e-4)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from hpckfac.ops.checks import accumulation_dtype
-from hpckfac.ops.factors import finish_factor, upper_gram
+from hpckfac.ops.factors import finish_factor, full_precision, upper_gram
 
 # The lag route's work (``lags_pay``) must be at most this share of the patch Gram's. Per
 # unit of work it runs 1.2-2.5x slower than the patch Gram (measured at batch 8-64, float32:
@@ -252,6 +252,7 @@ def lags_pay(examples: int, channels: int, size: tuple[int, ...], kernel: tuple[
     return examples * patches >= MIN_PATCH_WORK and min(fft, gemm) <= MAX_WORK_SHARE * patches
 
 
+@full_precision
 def lagged_a_factor(x: np.ndarray, kernel: tuple[int, ...], padding: tuple[int, ...],
                     dilation: tuple[int, ...], bias: bool, scale: float, packed: bool,
                     method: str | None = None) -> np.ndarray:

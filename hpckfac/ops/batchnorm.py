@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hpckfac.ops.factors import host_tensor
+from hpckfac.ops.factors import full_precision, host_tensor
 
 
+@full_precision
 def unit_gradients(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
     """``u[n, c] = (Σ_t g x̂, Σ_t g)``, shape ``(N, C, 2)``, in ``x``'s accumulation dtype.
 

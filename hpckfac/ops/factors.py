@@ -3,9 +3,13 @@
 The product runs through torch (zero-copy views of the NumPy rows) so that it
 uses torch's thread pool, the one the model's forward and backward use,
 instead of starting NumPy's BLAS pool beside it (``hpckfac.threads``), and
-computes only the upper triangle, in column panels.
+computes only the upper triangle, in column panels. Torch's CPU autocast is off
+inside (``full_precision``): the hooks run these inside the model's
+``torch.autocast("cpu", ...)`` region, where its products would run in bfloat16.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -21,6 +25,19 @@ PANEL_COLUMNS = 64
 MAX_PANELS = 8
 
 
+def full_precision(fn):
+    """``fn`` with torch's CPU autocast off. A forward hook runs inside the model's
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` region (and so does a backward hook when
+    ``backward()`` is called there), where torch computes products of float32 tensors in
+    bfloat16 and returns bfloat16: the factors' float32 products would lose 8 bits."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return run
+
+
+@full_precision
 def upper_gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows.T @ rows`` with only the upper triangle computed (the strict lower
     triangle of the result is zero), panel by panel in torch's thread pool."""
@@ -51,6 +68,7 @@ def finish_factor(factor: np.ndarray, packed: bool) -> np.ndarray:
     return factor
 
 
+@full_precision
 def example_gram(x: np.ndarray, scale: float, packed: bool) -> np.ndarray:
     """``scale * sum_i x_i x_i^T`` for ``x`` of shape ``(N, C, T)`` (example ``i``'s ``C x T``
     matrix, e.g. a convolution's output gradients over its positions), float32 (float64
