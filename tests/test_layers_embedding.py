@@ -5,29 +5,39 @@ import math
 import numpy as np
 import pytest
 import torch
+from mpi4py import MPI
 
+from hpckfac.comm import Communicator
 from hpckfac.layers import EmbeddingBlock, LinearBlock
+from hpckfac.torch import KFACPreconditioner
 
 
-def test_factors_are_those_of_a_linear_layer_on_one_hot_inputs():
+@pytest.mark.parametrize("padding_idx", [None, 0, -2])
+def test_factors_are_those_of_a_linear_layer_on_one_hot_inputs(padding_idx):
+    """The padding token's row gets no gradient: its input is a zero vector, not a one-hot one."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 7, size=(5, 4))
     g = rng.standard_normal((5, 4, 3))
-    block, linear = EmbeddingBlock("emb", 7, 3), LinearBlock("lin", 7, 3, bias=False)
+    block, linear = EmbeddingBlock("emb", 7, 3, padding_idx), LinearBlock("lin", 7, 3, bias=False)
     one_hot = np.eye(7)[tokens]  # (5, 4, 7)
+    if padding_idx is not None:
+        assert (tokens == padding_idx % 7).any()
+        one_hot[..., padding_idx] = 0
     a_stack, g_stack = block.factors(block.statistics(tokens, g, 1 / 5))
     np.testing.assert_allclose(np.diag(a_stack[:, 0, 0]), linear.a_factor(one_hot, 1 / 5), rtol=1e-15)
     np.testing.assert_allclose(g_stack[0], linear.g_factor(g, 1 / 5), rtol=1e-14)
     assert block.factor_shapes == ((7, 1), (1, 3)) and block.stat_size == 7 + 6
 
 
-def test_one_token_gives_the_exact_fisher():
+@pytest.mark.parametrize("token,padding_idx", [(4, None), (4, 2), (2, 2), (5, -1)])
+def test_one_token_gives_the_exact_fisher(token, padding_idx):
+    """Also with padding_idx; a padding token's gradient, and so its Fisher, is zero."""
     torch.manual_seed(1)
-    emb = torch.nn.Embedding(6, 3).double()
-    token = torch.tensor([[4]])
+    emb = torch.nn.Embedding(6, 3, padding_idx=padding_idx).double()
+    token = torch.tensor([[token]])
     g = torch.randn(1, 1, 3, dtype=torch.float64)
     emb(token).backward(g)
-    block = EmbeddingBlock("emb", 6, 3)
+    block = EmbeddingBlock("emb", 6, 3, padding_idx)
     a_stack, g_stack = block.factors(block.statistics(token.numpy(), g.numpy()))
     vec = block.grad_matrix(emb.weight.grad.numpy()).reshape(-1, order="F")
     np.testing.assert_allclose(np.kron(np.diag(a_stack[:, 0, 0]), g_stack[0]), np.outer(vec, vec), atol=1e-15)
@@ -69,3 +79,25 @@ def test_bad_inputs_name_the_argument():
         block.grad_matrix(np.zeros((2, 4)))
     with pytest.raises(ValueError, match="num_embeddings"):
         EmbeddingBlock("emb", 0, 2)
+    for padding_idx in (4, -5, 1.0):
+        with pytest.raises(ValueError, match="padding_idx"):
+            EmbeddingBlock("emb", 4, 2, padding_idx)
+
+
+def test_the_preconditioner_takes_the_modules_padding_and_leaves_frequency_scaling_first_order():
+    """The registry builds the block with the module's padding_idx, so the statistics taken in
+    training leave the padding token out of A; scale_grad_by_freq divides each row's gradient by
+    its token's count in the batch, which no per-example Fisher describes: first-order, with
+    the reason."""
+    torch.manual_seed(3)
+    emb = torch.nn.Embedding(7, 3, padding_idx=-1).double()
+    model = torch.nn.Sequential(emb, torch.nn.Linear(3, 2).double())
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    tokens = torch.tensor([[6, 1, 6, 2], [3, 6, 6, 1], [0, 0, 6, 5]])
+    model(tokens).square().sum(-1).mean().backward()
+    a_stack, _ = precond.engine.blocks[0].factors(precond.local.result()[0])
+    counts = np.eye(7)[tokens.numpy()][..., :6].sum((0, 1))  # the padding column, 6, left out
+    np.testing.assert_array_equal(a_stack[:, 0, 0], np.append(counts, 0.0) / 3)
+    scaled = torch.nn.Sequential(torch.nn.Embedding(7, 3, scale_grad_by_freq=True), torch.nn.Linear(3, 2))
+    lines = repr(KFACPreconditioner(scaled, comm=Communicator(MPI.COMM_SELF))).splitlines()
+    assert "first-order: scale_grad_by_freq" in next(line for line in lines if line.split()[0] == "0")

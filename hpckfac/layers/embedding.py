@@ -8,6 +8,11 @@ with ``n_v`` how often token ``v`` occurs in the batch, and ``G`` is the full
 and averaged as for Linear layers on sequences (docs/design.md). The diagonal
 ``A`` is kept as ``num_embeddings`` 1x1 matrices, so it packs, damps and
 inverts through the same calls as every other factor.
+
+With ``padding_idx`` the padding row never gets a gradient (PyTorch leaves it
+out), so a padding token is a zero input, as a zero row is to a Linear layer:
+it adds nothing to ``A`` (``n_pad = 0``) and its output gradient still counts in
+``G`` as one of the example's positions.
 """
 from __future__ import annotations
 
@@ -22,16 +27,25 @@ from hpckfac.layers.damping import pi_damping_terms
 
 
 class EmbeddingBlock(CurvatureBlock):
-    """Curvature block of ``torch.nn.Embedding(num_embeddings, embedding_dim)``; the
-    table is ``(num_embeddings, embedding_dim)``, the gradient matrix its transpose."""
+    """Curvature block of ``torch.nn.Embedding(num_embeddings, embedding_dim, padding_idx)``;
+    the table is ``(num_embeddings, embedding_dim)``, the gradient matrix its transpose.
+    ``padding_idx`` (None, or an index, negative ones counting from the end as PyTorch's):
+    the token whose row gets no gradient, counted 0 times in ``A``."""
 
     averages_positions = True
     feature_axes = (0, 1)  # integer indices in, vectors out
 
-    def __init__(self, name: str, num_embeddings: int, embedding_dim: int) -> None:
+    def __init__(self, name: str, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
         self.name = check_name(name)
         self.num_embeddings = check_integer(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = check_integer(embedding_dim, "embedding_dim", 1)
+        if padding_idx is not None:
+            index = check_integer(padding_idx, "padding_idx", -self.num_embeddings)
+            if index >= self.num_embeddings:
+                raise ValueError(f"padding_idx: expected an index into {self.num_embeddings} embeddings, "
+                                 f"got {padding_idx!r}")
+            padding_idx = index % self.num_embeddings
+        self.padding_idx = padding_idx
 
     @property
     def factor_shapes(self) -> tuple[tuple[int, int], ...]:
@@ -50,12 +64,15 @@ class EmbeddingBlock(CurvatureBlock):
 
     # ------------------------------------------------------------ statistics
     def add_input(self, stats: Array, a: Array) -> None:
-        """Add the token counts of the indices ``a`` (any shape, integers)."""
+        """Add the token counts of the indices ``a`` (any shape, integers); the padding
+        token's count stays 0."""
         if getattr(getattr(a, "dtype", None), "kind", None) not in ("i", "u"):
             raise ValueError(f"a: block {self.name!r} expects integer token indices, got {getattr(a, 'dtype', None)}")
         counts = array_module(a).bincount(a.reshape(-1), minlength=self.num_embeddings)
         if counts.shape[0] != self.num_embeddings:
             raise ValueError(f"a: token index {counts.shape[0] - 1} is outside the table of {self.name!r}")
+        if self.padding_idx is not None:
+            counts[self.padding_idx] = 0
         stats[:self.num_embeddings] += counts.astype(stats.dtype)
         return None
 

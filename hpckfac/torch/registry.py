@@ -178,7 +178,12 @@ def _instancenorm(spatial_dims: int) -> Builder:
 def _embedding(name: str, module: nn.Embedding) -> EmbeddingBlock:
     if module.sparse:
         raise ValueError("sparse: sparse gradients are not supported (use sparse=False)")
-    return EmbeddingBlock(name, module.num_embeddings, module.embedding_dim)
+    if module.scale_grad_by_freq:
+        # Each row's gradient is divided by the token's count in the micro-batch: not a sum of
+        # per-example gradients, so no per-example Fisher describes it.
+        raise ValueError("scale_grad_by_freq: the gradient is divided by each token's count in the batch, "
+                         "which the per-example statistics of K-FAC do not model")
+    return EmbeddingBlock(name, module.num_embeddings, module.embedding_dim, module.padding_idx)
 
 
 for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
