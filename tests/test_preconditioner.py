@@ -376,6 +376,29 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     assert "no layer of the model is preconditioned" in caplog.text
 
 
+def test_lazy_modules_are_refused_until_their_first_forward_then_preconditioned(comm):
+    """Before its first forward a lazy module has no shapes to build a block from: a ValueError
+    naming it; after it, the layers are preconditioned as their plain twins are."""
+    torch.manual_seed(3)
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.LazyLinear(3)).double()
+    with pytest.raises(ValueError, match=r"model: lazy parameters not yet initialised \(0.weight"):
+        KFACPreconditioner(lazy, comm=comm)
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    lazy(x)
+    plain = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    plain.load_state_dict(lazy.state_dict())
+    grads = []
+    for model in (lazy, plain):
+        precond = KFACPreconditioner(model, comm=comm, kl_clip=None)
+        assert not precond.other_params  # every parameter in a K-FAC block
+        ((model(x) - y) ** 2).mean().backward()
+        precond.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        precond.remove_hooks()
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_model_wrapped_in_distributed_data_parallel_is_named(tmp_path, caplog):
     """DistributedDataParallel would average every gradient before step() averages it again."""
     import torch.distributed as dist

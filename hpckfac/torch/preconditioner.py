@@ -111,6 +111,11 @@ class KFACPreconditioner:
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm: expected an hpckfac.comm.Communicator, got {type(comm).__name__} (wrap an "
                             "mpi4py communicator as Communicator(mpi_comm))")
+        lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:  # their shapes, hence the blocks, exist only after the first forward
+            raise ValueError(f"model: lazy parameters not yet initialised ({', '.join(lazy[:3])}"
+                             f"{', ...' if len(lazy) > 3 else ''}): run one forward before building the "
+                             "preconditioner")
         self.model = model
         self.comm = comm if comm is not None else world_communicator()
         if isinstance(model, nn.parallel.DistributedDataParallel):
