@@ -848,6 +848,28 @@ def test_a_kfac_layer_replaced_by_a_new_module_is_averaged_and_named(caplog):
     assert "averaged first-order, not preconditioned: 2.weight, 2.bias" in caplog.text
 
 
+@pytest.mark.parametrize("change", ["none", "tensor", "parametrization"])
+def test_a_kfac_weight_no_longer_a_parameter_is_named(change):
+    """A K-FAC layer's weight set to None, replaced by a plain tensor or parametrized after
+    construction: step() names the layer (an AttributeError from the gradient copy before)."""
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    if change == "none":
+        model[2].weight = None
+        model = model[:2]
+    elif change == "tensor":
+        weight = model[2].weight.detach().clone().requires_grad_()
+        del model[2].weight
+        model[2].weight = weight
+    else:
+        parametrize.register_parametrization(model[2], "weight", nn.Tanh())
+    model(torch.randn(6, 4, dtype=torch.float64)).pow(2).mean().backward()
+    with pytest.raises(ValueError, match="K-FAC layer 2 no longer has every parameter its block covers"):
+        precond.step()
+
+
 def test_parameters_unfrozen_or_added_after_construction_are_averaged(caplog):
     """step() averages the first-order parameters as they are at that step: a head frozen at
     construction and unfrozen later, and a layer appended afterwards (named in a warning), get

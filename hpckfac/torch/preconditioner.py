@@ -166,7 +166,10 @@ class KFACPreconditioner:
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
         # Gradients move between .grad and the engine's buffers as strided windows, one copy per
         # parameter; blocks whose parameters are no plain window take the per-block path.
-        self._io = GradientIO(self.engine.blocks, [block_params(m) for m in self.modules])
+        # The parameter slots each block covers: a bias given to a bias-free K-FAC layer later is
+        # not the block's (it is averaged first-order, and named as added).
+        self._slots = [tuple(p is not None for p in block_params(m)) for m in self.modules]
+        self._io = GradientIO(self.engine.blocks, self._block_params())
         self._generic = self._io.generic()
         self._send_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
@@ -405,9 +408,9 @@ class KFACPreconditioner:
             self._send_views[id(buffer)] = (buffer, to_tensor(buffer))
         return self._send_views[id(buffer)][1]
 
-    def _grad_matrix(self, index: int, slot):
+    def _grad_matrix(self, index: int, slot, params):
         grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
-                 for p in block_params(self.modules[index])]
+                 for p in params]
         return self.engine.blocks[index].grad_matrix(*grads, out=slot)
 
     def step(self) -> None:
@@ -453,11 +456,12 @@ class KFACPreconditioner:
         self._forwards, self._root_seen = 0, False
         self._fired = set()
         start = self.engine.clock()
+        params = self._block_params()
         stats = self.local.result() if self.engine.is_factor_step() else None
         missing: list[str] = []
         if stats is not None and self.local.examples:
             # A layer whose parameters are all frozen has no output gradient to take: not worth a word.
-            trained = [any(p.requires_grad for p in _covered(m)) for m in self.modules]
+            trained = [any(p is not None and p.requires_grad for p in ps) for ps in params]
             unpaired = [self.engine.blocks[i].name for i in self.local.unpaired if trained[i]]
             if unpaired:
                 self._warn_once("unpaired:" + ",".join(unpaired), f"K-FAC statistics of {', '.join(unpaired)} "
@@ -480,10 +484,9 @@ class KFACPreconditioner:
                                 "their parameters, or list them in skip_layers, to say so)")
         slots = self.engine.gradient_slots()
         buffer, offsets = self.engine.gradient_buffer()
-        params = [block_params(m) for m in self.modules]
         self._io.read(self._send_tensor(buffer), offsets, params)
         for i in self._generic:
-            self._grad_matrix(i, slots[i])
+            self._grad_matrix(i, slots[i], params[i])
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
@@ -565,9 +568,25 @@ class KFACPreconditioner:
         ``covered`` (default: read from the modules now, as the blocks use them: a parameter
         replaced since construction, as by ``load_state_dict(assign=True)``, is the new one)."""
         if covered is None:
-            covered = [_covered(m) for m in self.modules]
+            covered = [[p for p in ps if p is not None] for ps in self._block_params()]
         kfac = {id(p) for ps in covered for p in ps}
         return [p for p in params if p.requires_grad and id(p) not in kfac]
+
+    def _block_params(self) -> list[tuple[nn.Parameter | None, ...]]:
+        """Each K-FAC layer's parameters as they are now (one replaced since construction, as
+        by ``load_state_dict(assign=True)``, is the new one), in the slots its block covers (None
+        elsewhere: a bias given later to a layer built without one is first-order). ValueError
+        naming a layer that lost a covered parameter since construction."""
+        out = []
+        for module, block, slots in zip(self.modules, self.engine.blocks, self._slots):
+            params = block_params(module)
+            if any(kept and p is None for p, kept in zip(params, slots)):
+                raise ValueError(f"model: K-FAC layer {block.name} no longer has every parameter its block "
+                                 "covers as an nn.Parameter (one set to None, or replaced by a plain tensor or "
+                                 "a parametrization, since the preconditioner was built): build the "
+                                 "KFACPreconditioner once the model is complete")
+            out.append(tuple(p if kept else None for p, kept in zip(params, slots)))
+        return out
 
     def _agree_on_overflow(self) -> None:
         """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in

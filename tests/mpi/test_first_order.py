@@ -64,6 +64,32 @@ def test_a_head_unfrozen_or_added_after_construction_is_averaged(comm, change):
 
 
 @pytest.mark.mpi
+def test_a_bias_given_to_a_bias_free_kfac_layer_after_construction_is_averaged(comm, caplog):
+    """The block of a Linear built without a bias covers its weight only: a bias given to it
+    later is averaged first-order (the mean of every rank's own gradient) and named as added,
+    while the weight stays preconditioned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).double()
+    precond = KFACPreconditioner(model, comm=comm)
+    model[0].bias = nn.Parameter(torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    inputs = [torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+              for r in range(comm.size)]
+    own = []
+    for x in inputs:  # each rank's own bias gradient, for the oracle
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        own.append(model[0].bias.grad.clone())
+    model.zero_grad()
+    model(inputs[comm.rank]).pow(2).mean().backward()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond.step()
+    torch.testing.assert_close(model[0].bias.grad, sum(own) / comm.size, rtol=1e-12, atol=1e-14)
+    assert [id(p) for p in precond.other_params] == [id(model[0].bias)]
+    if comm.rank == 0:
+        assert "averaged first-order, not preconditioned: 0.bias" in caplog.text
+
+
+@pytest.mark.mpi
 def test_parameters_replaced_by_load_state_dict_assign_stay_preconditioned(comm, caplog):
     """``model.load_state_dict(state, assign=True)`` on every rank puts new Parameter objects in
     the K-FAC layers and frees the old ones: the steps are those of a preconditioner built on the
