@@ -10,8 +10,9 @@ product: ``owned``):
   (``stat_size`` elements), one after another, so that the owner can blend
   them into its running averages in one go; then one *presence* element per
   owned block, 1.0 if this rank has statistics for the block this step, else
-  0.0 (None passed: the torch bridge passes it for a rank without examples, or
-  for a layer that no rank's micro-batch reached); after the mean the presence is the
+  0.0 (None passed: the torch bridge passes it for a rank without examples, for a
+  layer in eval() or whose statistics were dropped on this rank, and for a layer
+  that no rank's micro-batch reached); after the mean the presence is the
   share of ranks that contributed, and the owner divides by it (or skips the
   update when it is 0);
 - then, every step, each owned block's gradient matrix, row-major.
