@@ -1,10 +1,12 @@
 """KFACPreconditioner on one process: option validation, hooks, and one step
 against a dense np.kron oracle built from independently captured tensors."""
 import ast
+import dataclasses
 import math
 import os
 import re
 import warnings
+from collections import UserDict
 
 import numpy as np
 import pytest
@@ -626,6 +628,32 @@ def test_as_many_positions_as_examples_warn_only_beside_a_sequence_first_module(
     assert said == [False, not batch_first, False]
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_head_on_an_rnns_final_state_is_named(batch_first, caplog):
+    """A Linear head on a one-layer GRU's final state ``h_n`` (1, batch, hidden), whatever the
+    GRU's ``batch_first``, reads as one input shared by the batch (G scaled by 1/batch): a warning
+    names ``h_n[-1]``, with which the head takes the factors of ``(batch, hidden)`` rows."""
+    class Classifier(nn.Module):
+        def __init__(self, last: bool):
+            super().__init__()
+            self.last = last
+            self.rnn, self.head = nn.GRU(3, 4, batch_first=batch_first), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.rnn(x if batch_first else x.transpose(0, 1))[1]
+            return self.head(h[-1]) if self.last else self.head(h)[0]
+
+    x = torch.randn(5, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 2, (5,), generator=torch.Generator().manual_seed(3))
+    said = []
+    for last in (False, True):
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            caplog.clear()
+            counted_step(Communicator(MPI.COMM_SELF), lambda: Classifier(last), lambda m: m(x), y, 5)
+        said.append("h_n[-1]" in caplog.text)
+    assert said == [True, False]
+
+
 def test_a_batch_first_sequence_as_long_as_the_batch_stays_batch_first():
     """``(batch, positions, features)`` with as many positions as examples cannot be told from a
     sequence-first layout and is read batch-first: a LayerNorm's unit-wise Fisher equals the
@@ -677,6 +705,36 @@ def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(com
     wrapped = counted_step(comm, DictInput, lambda m: m({"x": x}), y, 7)
     plain = counted_step(comm, lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
                          lambda m: m(x), y, 7)
+    for got, want in zip(wrapped, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@dataclasses.dataclass
+class Batch:
+    x: torch.Tensor
+
+
+class FlatBatch(nn.Module):
+    """A model called with a mapping or a dataclass holding ``x`` (batch, T, 5), whose first
+    layer sees the batch flattened to ``(batch * T, 5)`` rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, batch):
+        x = batch if isinstance(batch, torch.Tensor) else batch["x"] if isinstance(batch, UserDict) else batch.x
+        return self.net(x.reshape(-1, 5)).reshape(x.shape[0], -1, 3).mean(1)
+
+
+@pytest.mark.parametrize("wrap", [UserDict, Batch])
+def test_examples_are_counted_in_mappings_and_dataclasses(comm, wrap):
+    """A ``UserDict`` (Hugging Face's ``BatchEncoding``) or a dataclass batch counts its tensors'
+    batch, not the flattened rows its first layer sees: the statistics of ``model(x)``."""
+    x = torch.randn(7, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(3))
+    wrapped = counted_step(comm, FlatBatch, lambda m: m(wrap(x=x)), y, 7)
+    plain = counted_step(comm, FlatBatch, lambda m: m(x), y, 7)
     for got, want in zip(wrapped, plain):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
@@ -739,12 +797,74 @@ def test_batch_candidates():
     from hpckfac.torch.preconditioner import _batch_candidates, _batch_size
 
     t = lambda *shape: torch.zeros(shape)  # noqa: E731
-    assert _batch_candidates([t(4, 6), t(1, 6)]) == [4] and _batch_candidates([t(1, 6), t(4, 6)]) == [4]
+    assert _batch_candidates([t(4, 6), t(1, 6)]) == [4, 1] and _batch_candidates([t(1, 6), t(4, 6)]) == [4, 1]
     assert _batch_candidates([t(1), t(4, 3)]) == [4] and _batch_candidates([t(6), t(1, 6, 5)]) == [1]
     assert _batch_candidates([t(0, 5), t(4, 5)]) == [4] and _batch_candidates([t(7)]) == [7]
     assert _batch_candidates([t(3, 2), t(5, 2)]) == [3, 5] and _batch_candidates([t(), t()]) == []
-    assert _batch_size([3, 5], 5) == 5 and _batch_size([3, 5], 15) == 3 and _batch_size([], 8) == 8
-    assert _batch_size([3, 5], 0) == 3
+    assert _batch_size([3, 5], 5) == (5, False) and _batch_size([3, 5], 15) == (3, True)
+    assert _batch_size([3, 5], 10) == (5, False) and _batch_size([3, 5], 7) == (3, True)
+    assert _batch_size([], 8) == (8, False) and _batch_size([3, 5], 0) == (3, True)
+    assert _batch_size([4, 1], 1) == (1, False) and _batch_size([4, 1], 1, shared=True) == (4, False)
+    assert _batch_size([4, 1], 12) == (4, False) and _batch_size([4, 1], 3) == (4, False)
+
+
+class MaskedAttention(nn.Module):
+    """Self-attention of a ``(batch, T, 4)`` sequence under a ``(T, T)`` additive mask, passed
+    to the model or (``mask=None``) built in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x, mask=None):
+        if mask is None:
+            mask = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
+        q = self.q(x)
+        return self.head(torch.softmax(q @ q.transpose(-1, -2) + mask, -1) @ q).mean(1)
+
+
+class StatefulRNN(nn.Module):
+    """A two-layer LSTM whose initial state ``(h0, c0)``, ``(2, batch, 5)`` each, may be passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 5, num_layers=2, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x, state=None):
+        return self.head(self.rnn(x, state)[0]).mean(1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("make, extra", [
+    (MaskedAttention, lambda b: torch.zeros(6, 6, dtype=torch.float64)),
+    (StatefulRNN, lambda b: (torch.zeros(2, b, 5, dtype=torch.float64),) * 2)])
+def test_a_tensor_that_is_not_per_example_beside_a_batch_of_one_counts_one(comm, batch, make, extra):
+    """A ``(T, T)`` mask or an LSTM's ``(num_layers, batch, hidden)`` state beside a batch of one
+    example: one example counted (not T or num_layers), the statistics of the model called on the
+    batch alone."""
+    x = torch.randn(batch, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (batch,), generator=torch.Generator().manual_seed(3))
+    beside = counted_step(comm, make, lambda m: m(x, extra(batch)), y, batch)
+    alone = counted_step(comm, make, lambda m: m(x), y, batch)
+    for got, want in zip(beside, alone):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("first", ["(3, 3) setting", "(T, T) mask"])
+def test_flattened_rows_beside_a_tensor_that_is_not_per_example(comm, first, caplog):
+    """``model(other, x)`` with the first layer on ``(batch * T, ...)`` rows: the one size that
+    divides the rows is the batch (the statistics of ``model(x)``); when both divide them the
+    count is a guess, and a warning names the remedy."""
+    x = torch.randn(7, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(3))
+    other = torch.eye(3 if first == "(3, 3) setting" else 5, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        beside = counted_step(comm, ScaledInput, lambda m: m(other, x), y, 7 if first == "(3, 3) setting" else 5)
+    alone = counted_step(comm, ScaledInput, lambda m: m(x), y, 7)
+    if first == "(3, 3) setting":
+        for got, want in zip(beside, alone):
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert ("pass the batch's tensors first" in caplog.text) == (first == "(T, T) mask")
 
 
 def test_a_comm_that_is_not_a_communicator_and_skip_layers_that_match_nothing_are_named(comm, caplog):
@@ -1178,3 +1298,19 @@ def test_a_layer_in_eval_mode_inside_a_training_model_is_named_as_such(caplog):
     assert "not called" not in caplog.text
     for got, want in zip(model[1].parameters(), plain):
         torch.testing.assert_close(got.grad, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_forwards_per_step_other_than_accumulation_steps_are_named(steps, caplog):
+    """Two micro-batches before one ``step()``, each loss divided by 2: only with
+    ``accumulation_steps=2`` is G that of the whole batch; with 1 it is a quarter of it, and a
+    warning names the setting."""
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(3))
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), accumulation_steps=steps)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for half in (slice(0, 3), slice(3, 6)):
+            (nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
+        precond.step()
+    assert ("set accumulation_steps to the forwards per step()" in caplog.text) == (steps == 1)

@@ -66,6 +66,11 @@ class LocalStatistics:
         return sum(count for count, _, used in self._passes if used)
 
     @property
+    def passes(self) -> int:
+        """This step's forward passes that a backward reached."""
+        return sum(1 for _, _, used in self._passes if used)
+
+    @property
     def sampled(self) -> int:
         """The part of ``examples`` the statistics of sampling blocks take."""
         return sum(sampled for _, sampled, used in self._passes if used)

@@ -8,8 +8,10 @@ docs/preconditioner.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -138,6 +140,10 @@ class KFACPreconditioner:
         # A module running sequence-first (nn.LSTM, nn.MultiheadAttention, nn.Transformer with
         # batch_first=False) makes an input of as many positions as examples ambiguous (_batch_first).
         self._sequence_first_model = any(getattr(m, "batch_first", None) is False for m in model.modules())
+        # An RNN's final state is (num_layers, batch, hidden) whatever its batch_first: with one layer,
+        # a head on it sees (1, batch, ...), which reads as an input shared by the batch.
+        self._layer_first_model = self._sequence_first_model or any(isinstance(m, nn.RNNBase)
+                                                                   for m in model.modules())
         self.bucket_bytes = opts.get("bucket_bytes")
         self.skip_layers = opts["skip_layers"]
         self.device = _model_device(model)
@@ -160,8 +166,9 @@ class KFACPreconditioner:
         self.timings = dict.fromkeys(ITERATION_STAGES, 0.0)
         self._totals = dict.fromkeys(ITERATION_STAGES, 0.0)
         self._timed_steps = 0
+        self._broadcast = [broadcasts_batch(m) for m in self.modules]
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
-                                   [broadcasts_batch(m) for m in self.modules], lambda: self._micro_batch,
+                                   self._broadcast, lambda: self._micro_batch,
                                    self.engine.is_factor_step)
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
         # Gradients move between .grad and the engine's buffers as strided windows, one copy per
@@ -293,6 +300,8 @@ class KFACPreconditioner:
             self._count(sizes[0])
         else:  # none, or several: the first K-FAC layer's input decides
             self._count_pending = sizes
+            if sizes:  # the likeliest until then: what a batch-shared layer firing first expands to
+                self._micro_batch = sizes[0]
 
     def _count(self, examples: int) -> None:
         """Count a micro-batch of ``examples`` (and the sample its statistics use)."""
@@ -315,7 +324,17 @@ class KFACPreconditioner:
 
     def _on_input(self, index: int, a: torch.Tensor) -> int | None:
         if self._count_pending is not False:
-            self._count(_batch_size(self._count_pending, int(a.shape[0])))
+            candidates = self._count_pending
+            size, guessed = _batch_size(candidates, int(a.shape[0]), self._broadcast[index])
+            if guessed:
+                self._warn_once("batch-guessed", (
+                    f"model(...) was passed tensors of leading sizes {', '.join(map(str, candidates))} and the "
+                    f"first K-FAC layer, {self.engine.blocks[index].name}, sees {int(a.shape[0])} rows, which do "
+                    f"not say which is the batch: counted {size} examples per micro-batch, which scales the K-FAC "
+                    "statistics wrong if it is not the batch size; pass the batch's tensors first and keep "
+                    "tensors that are not per example (masks, settings) off the model's arguments (as buffers, "
+                    "or built in forward)"))
+            self._count(size)
         elif not self._root_seen and (not self._fired or index in self._fired):
             # Submodules called directly (the model's own forward never ran): a pass starts when
             # the first K-FAC layer fires, and again when a layer that already fired fires again.
@@ -345,7 +364,15 @@ class KFACPreconditioner:
         """
         axes = self.engine.blocks[index].feature_axes
         batch = self._micro_batch
-        if axes is None or t.ndim < 2 + axes[side] or t.shape[0] == 1 or t.shape[1] != batch:
+        if axes is None or t.ndim < 2 + axes[side] or t.shape[1] != batch:
+            return t
+        if t.shape[0] == 1:
+            if batch > 1 and self._layer_first_model:
+                self._warn_once("one-position", (
+                    f"layer {self.engine.blocks[index].name} sees {tuple(t.shape)}: a leading axis of size 1, "
+                    "read as one input shared by the whole batch (its examples as positions); if it is a "
+                    "sequence-first input of one position, such as an RNN's final state h_n (num_layers, "
+                    "batch, hidden), its G is scaled by 1/batch: pass the layer h_n[-1] or h_n.squeeze(0)"))
             return t
         if t.shape[0] == batch:
             if self._sequence_first_model:
@@ -453,6 +480,13 @@ class KFACPreconditioner:
             self._warn_once("no-statistics", "a factor-update step without statistics on this rank: no "
                             "examples reached a K-FAC layer in a backpropagated training forward (an empty batch, "
                             "eval() mode or torch.no_grad())")
+        passes = self.local.passes
+        if passes and passes != self.accumulation_steps and self.engine.is_factor_step():
+            self._warn_once("passes", (
+                f"{passes} backpropagated training forwards before step() {self.engine.steps} with "
+                f"accumulation_steps={self.accumulation_steps}: G takes each forward's loss as the mean over its "
+                "micro-batch divided by accumulation_steps, so it is scaled wrong if the losses were divided by "
+                "the number of forwards; set accumulation_steps to the forwards per step()"))
         self._forwards, self._root_seen = 0, False
         self._fired = set()
         start = self.engine.clock()
@@ -708,36 +742,49 @@ class KFACPreconditioner:
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
-    """The tensors in ``value`` and in the dicts, lists and tuples it nests, in order."""
+    """The tensors in ``value`` and in the mappings (dicts, Hugging Face's ``BatchEncoding``),
+    lists, tuples and dataclass instances it nests, in order."""
     if isinstance(value, torch.Tensor):
         yield value
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
         for item in value.values():
             yield from _tensors(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from _tensors(getattr(value, field.name, None))
 
 
 def _batch_candidates(tensors: list[torch.Tensor]) -> list[int]:
     """The possible micro-batch sizes among the tensors passed to the model: the leading
-    dimensions of those with two or more dimensions (of the 1-D ones when there are none), a
-    size 1 or 0 dropped beside larger ones (positions ``(1, T)`` or a ``(1,)`` scale broadcast
-    over the batch, an empty placeholder), in order."""
+    dimensions of those with two or more dimensions (of the 1-D ones when there are none), in
+    order, a size 0 dropped beside larger ones (an empty placeholder) and a size 1 put last
+    (``(1, T)`` position ids or a ``(1,)`` scale broadcast over the batch, or a batch of one
+    beside a tensor that is not per example: an attention mask ``(T, T)``, an RNN's state)."""
     for batch_like in (True, False):
         sizes = list(dict.fromkeys(int(t.shape[0]) for t in tensors if (t.dim() >= 2) == batch_like and t.dim()))
         if sizes:
-            return [n for n in sizes if n > 1] or sizes
+            larger = [n for n in sizes if n > 1]
+            return larger + [1] if larger and 1 in sizes else larger or sizes
     return []
 
 
-def _batch_size(candidates: list[int], rows: int) -> int:
+def _batch_size(candidates: list[int], rows: int, shared: bool = False) -> tuple[int, bool]:
     """The micro-batch size among several ``candidates`` given the ``rows`` of the first K-FAC
-    layer's input: the candidate equal to ``rows``, else the first (a layer on flattened
-    ``(batch * positions, ...)`` rows); ``rows`` itself without candidates."""
+    layer's input, and whether that choice was a guess: the candidate equal to ``rows`` (not 1
+    for a layer that takes ``shared`` batch-shared inputs, ``broadcast_batch``), else the one
+    larger candidate dividing ``rows`` (a layer on flattened ``(batch * positions, ...)``
+    rows), else the first of those dividing it, or the first (a guess when several were
+    larger than 1); ``rows`` itself without candidates."""
     if not candidates:
-        return rows
-    return rows if rows in candidates else candidates[0]
+        return rows, False
+    if rows in candidates and not (shared and rows == 1 and len(candidates) > 1):
+        return rows, False
+    larger = [n for n in candidates if n > 1]
+    dividing = [n for n in larger if rows % n == 0]
+    return (dividing or candidates)[0], len(larger) > 1 and len(dividing) != 1
 
 
 def _covered(module: nn.Module) -> list[torch.Tensor]:
