@@ -797,7 +797,8 @@ def test_batch_candidates():
     from hpckfac.torch.preconditioner import _batch_candidates, _batch_size
 
     t = lambda *shape: torch.zeros(shape)  # noqa: E731
-    assert _batch_candidates([t(4, 6), t(1, 6)]) == [4, 1] and _batch_candidates([t(1, 6), t(4, 6)]) == [4, 1]
+    assert _batch_candidates([t(4, 6), t(1, 6)]) == [4] and _batch_candidates([t(1, 6), t(4, 6)]) == [4, 1]
+    assert _batch_candidates([t(0, 5), t(1, 6), t(4, 6)]) == [4, 1]
     assert _batch_candidates([t(1), t(4, 3)]) == [4] and _batch_candidates([t(6), t(1, 6, 5)]) == [1]
     assert _batch_candidates([t(0, 5), t(4, 5)]) == [4] and _batch_candidates([t(7)]) == [7]
     assert _batch_candidates([t(3, 2), t(5, 2)]) == [3, 5] and _batch_candidates([t(), t()]) == []
@@ -832,6 +833,34 @@ class StatefulRNN(nn.Module):
 
     def forward(self, x, state=None):
         return self.head(self.rnn(x, state)[0]).mean(1)
+
+
+class LearnedQuery(nn.Module):
+    """Attention pooling of ``x`` (batch, T, 4) by a learned ``(1, 4)`` query whose projection,
+    the first K-FAC layer to fire, sees one row; ``positions`` (1, T) are added to ``x``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 4))
+        self.q, self.k, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x, positions=None):
+        if positions is not None:
+            x = x + positions[..., None].to(x.dtype)
+        query = self.q(self.query)
+        return self.head((torch.softmax(self.k(x) @ query.T, 1) * x).sum(1))
+
+
+def test_a_batch_shared_layer_firing_first_beside_positions_counts_the_batch(comm):
+    """``model(x, positions (1, T))`` whose first K-FAC layer takes a learned ``(1, 4)`` query:
+    the batch is counted, not the query's one row: the statistics of ``(B, T)`` positions."""
+    x = torch.randn(6, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(5).unsqueeze(0)
+    shared = counted_step(comm, LearnedQuery, lambda m: m(x, positions), y, 6)
+    each = counted_step(comm, LearnedQuery, lambda m: m(x, positions.expand(6, 5)), y, 6)
+    for got, want in zip(shared, each):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

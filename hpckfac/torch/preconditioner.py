@@ -760,14 +760,15 @@ def _tensors(value) -> Iterator[torch.Tensor]:
 def _batch_candidates(tensors: list[torch.Tensor]) -> list[int]:
     """The possible micro-batch sizes among the tensors passed to the model: the leading
     dimensions of those with two or more dimensions (of the 1-D ones when there are none), in
-    order, a size 0 dropped beside larger ones (an empty placeholder) and a size 1 put last
-    (``(1, T)`` position ids or a ``(1,)`` scale broadcast over the batch, or a batch of one
-    beside a tensor that is not per example: an attention mask ``(T, T)``, an RNN's state)."""
+    order, a size 0 dropped beside larger ones (an empty placeholder), and a size 1 too unless it
+    comes before them, then put last: after the batch, ``(1, T)`` position ids or a ``(1,)`` scale
+    broadcast over it; first, a batch of one beside a tensor that is not per example (an
+    attention mask ``(T, T)``, an RNN's state)."""
     for batch_like in (True, False):
         sizes = list(dict.fromkeys(int(t.shape[0]) for t in tensors if (t.dim() >= 2) == batch_like and t.dim()))
         if sizes:
             larger = [n for n in sizes if n > 1]
-            return larger + [1] if larger and 1 in sizes else larger or sizes
+            return larger + [1] if larger and next(n for n in sizes if n) == 1 else larger or sizes
     return []
 
 
