@@ -1343,3 +1343,21 @@ def test_forwards_per_step_other_than_accumulation_steps_are_named(steps, caplog
             (nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
         precond.step()
     assert ("set accumulation_steps to the forwards per step()" in caplog.text) == (steps == 1)
+
+
+def test_an_uneven_last_group_of_micro_batches_is_not_named(caplog):
+    """Three micro-batches per step, then an epoch's last step of one, each loss divided by
+    ``accumulation_steps=3`` (torch's recipe): no warning, where three forwards at first with
+    ``accumulation_steps=4`` get one."""
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(3))
+    for steps, groups in ((3, (3, 1)), (4, (3,))):
+        caplog.clear()
+        model = mlp()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), accumulation_steps=steps)
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            for forwards in groups:
+                for _ in range(forwards):
+                    (nn.functional.cross_entropy(model(x), y) / steps).backward()
+                precond.step()
+        assert ("set accumulation_steps to the forwards per step()" in caplog.text) == (steps == 4)

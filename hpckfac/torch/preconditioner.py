@@ -481,7 +481,10 @@ class KFACPreconditioner:
                             "examples reached a K-FAC layer in a backpropagated training forward (an empty batch, "
                             "eval() mode or torch.no_grad())")
         passes = self.local.passes
-        if passes and passes != self.accumulation_steps and self.engine.is_factor_step():
+        # Fewer forwards after the first step: an epoch's uneven last group, its losses divided by
+        # accumulation_steps all the same in torch's recipe.
+        if passes and self.engine.is_factor_step() and (passes > self.accumulation_steps or (
+                passes < self.accumulation_steps and self.engine.steps == 0)):
             self._warn_once("passes", (
                 f"{passes} backpropagated training forwards before step() {self.engine.steps} with "
                 f"accumulation_steps={self.accumulation_steps}: G takes each forward's loss as the mean over its "
