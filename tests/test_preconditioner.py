@@ -1342,7 +1342,7 @@ def test_forwards_per_step_other_than_accumulation_steps_are_named(steps, caplog
         for half in (slice(0, 3), slice(3, 6)):
             (nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
         precond.step()
-    assert ("set accumulation_steps to the forwards per step()" in caplog.text) == (steps == 1)
+    assert ("set accumulation_steps to it" in caplog.text) == (steps == 1)
 
 
 def test_an_uneven_last_group_of_micro_batches_is_not_named(caplog):
@@ -1360,4 +1360,4 @@ def test_an_uneven_last_group_of_micro_batches_is_not_named(caplog):
                 for _ in range(forwards):
                     (nn.functional.cross_entropy(model(x), y) / steps).backward()
                 precond.step()
-        assert ("set accumulation_steps to the forwards per step()" in caplog.text) == (steps == 4)
+        assert ("set accumulation_steps to it" in caplog.text) == (steps == 4)

@@ -488,8 +488,9 @@ class KFACPreconditioner:
             self._warn_once("passes", (
                 f"{passes} backpropagated training forwards before step() {self.engine.steps} with "
                 f"accumulation_steps={self.accumulation_steps}: G takes each forward's loss as the mean over its "
-                "micro-batch divided by accumulation_steps, so it is scaled wrong if the losses were divided by "
-                "the number of forwards; set accumulation_steps to the forwards per step()"))
+                "micro-batch divided by accumulation_steps: if these forwards accumulate micro-batches with "
+                "their losses divided by their number, set accumulation_steps to it; forwards whose undivided "
+                "losses are added in one backward (a GAN's real and generated batches) are right as they are"))
         self._forwards, self._root_seen = 0, False
         self._fired = set()
         start = self.engine.clock()
