@@ -69,15 +69,20 @@ def test_an_empty_batch_adds_nothing_and_keeps_the_pairing():
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)
 
 
+def _two_layernorm_calls(rng, rows1: int, rows2: int):
+    """A LayerNorm block, its statistics, and the (input, output gradient) of two calls of
+    ``rows1`` and ``rows2`` examples, the second's inputs shifted and scaled."""
+    block = LayerNormBlock("ln", (4,), 1e-5)
+    first = rng.standard_normal((rows1, 4)), rng.standard_normal((rows1, 4))
+    second = rng.standard_normal((rows2, 4)) * 2 + 1, rng.standard_normal((rows2, 4))
+    return block, LocalStatistics([block], np.float64), first, second
+
+
 def test_calls_pair_last_in_first_out_where_the_output_part_needs_the_input():
     """A unit-wise block's Fisher takes each example's input and output gradient together: two
     calls of one LayerNorm (different batch sizes) must pair call 2 with the first output
     gradient backward delivers, then call 1."""
-    rng = np.random.default_rng(6)
-    block = LayerNormBlock("ln", (4,), 1e-5)
-    local = LocalStatistics([block], np.float64)
-    a1, g1 = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
-    a2, g2 = rng.standard_normal((3, 4)) * 2 + 1, rng.standard_normal((3, 4))
+    block, local, (a1, g1), (a2, g2) = _two_layernorm_calls(np.random.default_rng(6), 5, 3)
     local.add_examples(8)
     local.add_inputs(0, a1)
     local.add_inputs(0, a2)
@@ -93,10 +98,7 @@ def test_output_gradients_named_by_call_pair_with_it_in_any_order():
     Fisher against the stacked per-example products of (g * x_hat, g)); a second gradient for a
     call already paired is refused, adding nothing."""
     rng = np.random.default_rng(7)
-    block = LayerNormBlock("ln", (4,), 1e-5)
-    local = LocalStatistics([block], np.float64)
-    a1, g1 = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
-    a2, g2 = rng.standard_normal((5, 4)) * 2 + 1, rng.standard_normal((5, 4))
+    block, local, (a1, g1), (a2, g2) = _two_layernorm_calls(rng, 5, 5)
     local.add_examples(5)
     first, second = local.add_inputs(0, a1), local.add_inputs(0, a2)
     assert local.add_output_grads(0, g1, 1.0, first)

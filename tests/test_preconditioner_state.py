@@ -272,8 +272,8 @@ def trained(comm):
     (lambda s: s["hyperparameters"].__setitem__("foo", 1), "state: unknown hyperparameter\\(s\\) 'foo'"),
     # The owners are fixed at construction: a checkpoint of the other assignment is refused, not adopted.
     (lambda s: s["hyperparameters"].__setitem__("assignment", "contiguous"), "state: assignment differs"),
-    # Tensors NumPy cannot read were a TypeError or NotImplementedError; complex values lost their
-    # imaginary parts with a NumPy warning.
+    # Tensors without values NumPy can hold (meta, sparse) and complex ones, whose imaginary
+    # parts a cast to real would drop, are a ValueError naming the block.
     (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to("meta")),
      "block '1' has factors that are not arrays of numbers"),
     (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to_sparse()),
