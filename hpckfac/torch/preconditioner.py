@@ -473,9 +473,9 @@ class KFACPreconditioner:
             # eval() mode: the hooks cannot tell, so the warning names both.
             self._warn_once("no-forward", "step() without a training forward/backward since the last step(): the "
                             ".grad present are averaged and preconditioned with the current inverses, no "
-                            "statistics taken (a second step() for one backward preconditions its gradients twice: call "
-                            "step() once per optimizer step; in eval() mode or under torch.no_grad() no statistics "
-                            "are taken)")
+                            "statistics taken (a second step() for one backward preconditions its gradients "
+                            "twice: call step() once per optimizer step; in eval() mode or under torch.no_grad() "
+                            "no statistics are taken)")
         elif self.engine.is_factor_step() and self.local.examples == 0:
             self._warn_once("no-statistics", "a factor-update step without statistics on this rank: no "
                             "examples reached a K-FAC layer in a backpropagated training forward (an empty batch, "
