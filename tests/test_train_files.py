@@ -1,5 +1,6 @@
 """The trainer's files: checked up front, replaced atomically, no stray temporaries."""
 import os
+import stat
 
 import pytest
 
@@ -18,6 +19,16 @@ def test_atomic_write_replaces_and_leaves_no_temporaries(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(str(target), fail)
     assert target.read_text() == "two" and sorted(os.listdir(tmp_path)) == ["log.json"]
+
+
+def test_the_rename_is_synced_to_disk_after_the_data(tmp_path, monkeypatch):
+    """The new name lives in the folder: it is flushed after the file's contents, or a crash
+    right after the write could bring back the old file."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real_fsync(fd)))
+    atomic_write(str(tmp_path / "log.json"), lambda fh: fh.write("data"))
+    assert [stat.S_ISREG(m) for m in synced] == [True, False] and stat.S_ISDIR(synced[1])
 
 
 def test_a_planted_symlink_is_not_followed(tmp_path):

@@ -5,8 +5,8 @@
 writable, and the names the run writes must not be taken by something of the
 wrong kind. ``atomic_write`` writes a sibling temporary file created with
 ``O_EXCL`` under an unpredictable name (``tempfile.mkstemp``: it never follows
-a planted symlink), then renames it over the target; readers see the old file
-or the whole new one, and a failure leaves no temporary file behind; those of a
+a planted symlink), then renames it over the target and syncs the folder;
+readers see the old file or the whole new one, and a failure leaves no temporary file behind; those of a
 run killed mid-write are removed by the next run's ``check_output_dir``.
 ``append_lines`` adds lines to a file without following a symlink, so a
 growing record costs what is added, not what is already there.
@@ -80,6 +80,23 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _sync_directory(directory)
+
+
+def _sync_directory(directory: str) -> None:
+    """Flush ``directory``'s entries to disk, so that a rename survives a power loss or a node
+    crash (the file's data alone is not enough: the new name lives in the directory). Skipped
+    where the platform or file system cannot open or sync a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def append_lines(path: str, lines: list[str]) -> None:
