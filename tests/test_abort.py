@@ -154,7 +154,7 @@ def test_exit_check_runs_when_a_later_communicator_checks(tmp_path):
 
 def test_benchmark_output_checks_agree_across_ranks(tmp_path):
     """Ranks in different directories see different paths: rank 0 (which writes) decides for
-    all, so no rank exits while another waits."""
+    all, so no rank exits while another waits, and the answer is printed once."""
     for name, sub_is_dir in (("a", True), ("b", False)):
         (tmp_path / name).mkdir()
         if sub_is_dir:
@@ -167,6 +167,8 @@ def test_benchmark_output_checks_agree_across_ranks(tmp_path):
                            "-n", "1", "-wdir", str(tmp_path / "b"), *bench], capture_output=True, text=True,
                           timeout=60, env=ENV)
     assert proc.returncode == 2 and "--json sub:" in proc.stderr and "is a directory" in proc.stderr, proc.stderr
+    # Every rank exits with the same answer; rank 0 alone prints it (with the usage block).
+    assert proc.stderr.count("error:") == 1 and proc.stderr.count("usage:") == 1, proc.stderr
 
 
 def test_a_helper_without_comm_on_one_rank_meets_a_duplicated_world(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpckfac.bench.report import check_outputs, median, progress, time_calls, write_json
+from hpckfac.bench.report import Parser, check_outputs, median, progress, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.comm.ring import chunk_bounds
 from hpckfac.tables import format_table
@@ -36,7 +36,7 @@ PROG = "python -m hpckfac.bench comm"
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")
     parser.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest buffer (bytes)")

@@ -11,13 +11,12 @@ diagonal entry. Run with the process's own thread settings, as training runs.
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from hpckfac.bench.report import check_outputs, median, progress, time_calls, write_json
+from hpckfac.bench.report import Parser, check_outputs, median, progress, time_calls, write_json
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
 
@@ -71,7 +70,7 @@ def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench conv") -> int:
     """Time both routes for every shape; print a table, optionally write JSON."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="inputs as N:C:HxW, comma-separated")
     parser.add_argument("--kernel", type=int, default=3, help="kernel size in every dimension, odd ('same' padding)")

@@ -13,7 +13,6 @@ order, schedule and gradient communication as ``hpckfac train``.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
@@ -22,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hpckfac.bench.report import check_outputs, write_json
+from hpckfac.bench.report import Parser, check_outputs, write_json
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
 
@@ -134,7 +133,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench convergence") -> int:
     """Run the study; print the table, write JSON and the plot."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one setting per method, short runs (a smoke test)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for each method's best setting")

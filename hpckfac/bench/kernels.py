@@ -20,7 +20,6 @@ it. Needs a CUDA GPU and CuPy; without them it says so and exits with status 1.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hpckfac.bench import shapes
-from hpckfac.bench.report import check_outputs, median, time_calls, write_json
+from hpckfac.bench.report import Parser, check_outputs, median, time_calls, write_json
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
 
@@ -265,7 +264,7 @@ def device_info() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench kernels") -> int:
     """Run the kernel benchmarks; print tables, optionally write JSON."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--repeat", type=int, default=20, help="timed batches per case (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")

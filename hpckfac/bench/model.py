@@ -39,7 +39,7 @@ import numpy as np
 
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
-from hpckfac.bench.report import check_outputs, make_parent, median, write_json
+from hpckfac.bench.report import Parser, check_outputs, make_parent, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.tables import format_table
@@ -415,7 +415,7 @@ def _machine_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench model") -> int:
     """CLI: calibrate on a scaling JSON (optional), then predict ResNet-50 at many GPUs."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+    parser = Parser(prog=prog, description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
     parser.add_argument("--measure", metavar="SCALE", type=int, default=None,

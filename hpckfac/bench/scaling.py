@@ -40,7 +40,7 @@ import numpy as np
 
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
-from hpckfac.bench.report import check_outputs, make_parent, median, write_json
+from hpckfac.bench.report import Parser, check_outputs, make_parent, median, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
@@ -282,7 +282,7 @@ PROG = "python -m hpckfac.bench scaling"
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")

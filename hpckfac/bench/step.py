@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hpckfac.bench.profile import profile_steps
-from hpckfac.bench.report import check_outputs, make_parent, median, progress, time_calls, write_json
+from hpckfac.bench.report import Parser, check_outputs, make_parent, median, progress, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50
 from hpckfac.stages.engine import ITERATION_STAGES
@@ -42,7 +42,7 @@ PROG = "python -m hpckfac.bench step"
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
