@@ -101,3 +101,46 @@ def test_the_preconditioner_takes_the_modules_padding_and_leaves_frequency_scali
     scaled = torch.nn.Sequential(torch.nn.Embedding(7, 3, scale_grad_by_freq=True), torch.nn.Linear(3, 2))
     lines = repr(KFACPreconditioner(scaled, comm=Communicator(MPI.COMM_SELF))).splitlines()
     assert "first-order: scale_grad_by_freq" in next(line for line in lines if line.split()[0] == "0")
+
+
+def test_a_gradient_in_a_column_no_lookup_counted_is_outside_the_statistics():
+    """The lookups give exact zeros in the columns of uncounted tokens (the padding token's
+    included); one nonzero entry there, from a drawn position, is flagged."""
+    rng = np.random.default_rng(5)
+    block = EmbeddingBlock("emb", 9, 4, padding_idx=2)
+    stats = np.zeros(block.stat_size)
+    tokens = np.array([[0, 2, 5], [5, 7, 2]])
+    block.add_input(stats, tokens)
+    grad = np.zeros(block.grad_shape)
+    grad[:, [0, 2, 5, 7]] = rng.standard_normal((4, 4))  # PyTorch leaves the padding column 0:
+    grad[:, 2] = 0.0                                      # the lookups alone never fill it
+    assert not bool(block.outside_statistics(stats, grad))
+    for column in (1, 2, 8):
+        tied = grad.copy()
+        tied[rng.integers(4), column] = rng.standard_normal()
+        assert bool(block.outside_statistics(stats, tied)), column
+    linear = LinearBlock("fc", 3, 2, bias=False)  # a kind that cannot tell
+    assert linear.outside_statistics(np.ones(linear.stat_size), np.ones(linear.grad_shape)) is None
+
+
+@pytest.mark.parametrize("head", ["module", "functional", "penalty"])
+def test_an_embedding_read_outside_its_calls_is_named(head, caplog):
+    """A token table also read as an output head through ``F.linear`` (or by a penalty in the
+    loss) gets gradient in every row; the preconditioner names the layer once. A head of its
+    own (a separate ``nn.Linear``) is not named."""
+    torch.manual_seed(4)
+    emb, other = torch.nn.Embedding(11, 4).double(), torch.nn.Linear(4, 11).double()
+    precond = KFACPreconditioner(torch.nn.ModuleDict({"emb": emb, "other": other}),
+                                 comm=Communicator(MPI.COMM_SELF))
+    tokens = torch.randint(0, 5, (3, 6))  # tokens 5..10 never looked up
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):
+            h = emb(tokens)
+            logits = torch.nn.functional.linear(h, emb.weight) if head == "functional" else other(h)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1))
+            if head == "penalty":
+                loss = loss + 1e-3 * emb.weight.square().sum()
+            loss.backward()
+            precond.step()
+    named = [r.getMessage() for r in caplog.records if "get gradient the layers' own calls cannot give" in r.getMessage()]
+    assert len(named) == (0 if head == "module" else 1) and all("K-FAC layers emb:" in m for m in named)

@@ -250,6 +250,15 @@ class CurvatureBlock(abc.ABC):
         those implement it."""
         raise NotImplementedError(f"{type(self).__name__}: a kind with a batch_key implements precondition_batch")
 
+    def outside_statistics(self, stats: Array, grad: Array) -> Array | None:
+        """Whether the gradient matrix ``grad`` has parts that the layer's own calls, summed up
+        in ``stats``, cannot have produced: a sign that something else reads the weight (an
+        output head tied through ``F.linear``, a penalty on the weight in the loss), whose share
+        of the gradient this block's curvature does not describe. A 0-d boolean array in
+        ``grad``'s namespace (read by the caller, once for all blocks), or None where the kind
+        cannot tell cheaply (the default)."""
+        return None
+
     def inverses(self, stats: Array, damping: float) -> list[Array]:
         """Damped inverses of the block's factors (one ``damped_inverse`` call per stack)."""
         stacks = self.factors(stats)

@@ -97,6 +97,12 @@ class EmbeddingBlock(CurvatureBlock):
         check_shape(mat, self.grad_shape, "mat")
         return mat.T, None
 
+    def outside_statistics(self, stats: Array, grad: Array) -> Array:
+        """A gradient in the column of a token that no lookup counted: the lookups alone give
+        those columns exact zeros (and the damping alone would scale them, by ``1/(π√λ)``)."""
+        check_shape(grad, self.grad_shape, "grad")
+        return ((grad != 0).any(axis=0) & (stats[:self.num_embeddings] == 0)).any()
+
     # ----------------------------------------------------------------- solve
     def damping(self, factors: Sequence[Array], damping: float) -> list[Array]:
         """pi-corrected damping, as for a Kronecker pair: every 1x1 entry of ``A`` gets ``π√λ``."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpckfac.arrays import to_host
 from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicator
 from hpckfac.log import get_logger
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
@@ -137,6 +138,7 @@ class KFACPreconditioner:
         self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
         self._replicas_checked = False  # the weights are compared across ranks at the first step()
+        self._outside_checked = False  # gradients against the statistics, at the first factor step
         # A module running sequence-first (nn.LSTM, nn.MultiheadAttention, nn.Transformer with
         # batch_first=False) makes an input of as many positions as examples ambiguous (_batch_first).
         self._sequence_first_model = any(getattr(m, "batch_first", None) is False for m in model.modules())
@@ -525,6 +527,8 @@ class KFACPreconditioner:
         self._io.read(self._send_tensor(buffer), offsets, params)
         for i in self._generic:
             self._grad_matrix(i, slots[i], params[i])
+        if stats is not None and self.local.examples and not self._outside_checked:
+            self._check_outside_statistics(stats, slots)
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
@@ -571,6 +575,28 @@ class KFACPreconditioner:
         for name in ITERATION_STAGES:
             self._totals[name] += self.timings[name]
         self._timed_steps += 1
+
+    def _check_outside_statistics(self, stats: list, slots: list) -> None:
+        """Warn, once, about layers whose gradient the statistics of their own calls cannot
+        explain (``CurvatureBlock.outside_statistics``): one host read, at the first factor step
+        with examples on this rank; not with statistics from part of the batch, whose gradient
+        comes from all of it."""
+        self._outside_checked = True
+        if self.statistics_fraction < 1:
+            return
+        found = [(block.name, flag) for block, st, slot in zip(self.engine.blocks, stats, slots) if st is not None
+                 for flag in [block.outside_statistics(st, slot)] if flag is not None]
+        if not found:
+            return
+        flags = to_host(self.xp.stack([flag for _, flag in found]))
+        names = [name for (name, _), flag in zip(found, flags) if flag]
+        if names:
+            self._warn_once("outside", f"K-FAC layers {', '.join(names)}: their weights get gradient the layers' "
+                            "own calls cannot give (a token's row with no lookup in the batch): something else "
+                            "reads the weight (an output head tied through F.linear, a penalty on the weight in "
+                            "the loss), whose share of the curvature their blocks do not have, or gradients kept from an "
+                            "earlier step (no zero_grad()); for the first two, put them in skip_layers to average "
+                            "their gradients instead")
 
     def _absent_as_zeros(self, stats: list, anyone: list[bool], missing: list[str]) -> None:
         """Where another rank has statistics for a block that this rank's examples never reached
