@@ -69,6 +69,24 @@ def test_an_empty_batch_adds_nothing_and_keeps_the_pairing():
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)
 
 
+def test_rows_in_a_pass_of_no_examples_add_nothing_and_an_empty_call_drops_nothing():
+    """A batch-shared input (one row of positions) in a forward of no examples stands for no
+    example; an empty call whose output gradient never comes (its loss left out of backward)
+    added nothing, so it drops nothing."""
+    rng = np.random.default_rng(6)
+    block = LinearBlock("fc", 3, 2, True)
+    local = LocalStatistics([block], np.float64)
+    a1, g1 = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    local.add_examples(4)
+    local.add_output_grads(0, g1, call=local.add_inputs(0, a1))
+    local.add_examples(0)
+    local.add_output_grads(0, rng.standard_normal((1, 2)), call=local.add_inputs(0, rng.standard_normal((1, 3))))
+    local.add_examples(0)
+    local.add_inputs(0, np.zeros((0, 3)))  # never backpropagated
+    assert local.examples == 4 and local.unpaired == []
+    np.testing.assert_allclose(local.result()[0], block.statistics(a1, g1) / 4, rtol=1e-13, atol=1e-15)
+
+
 def _two_layernorm_calls(rng, rows1: int, rows2: int):
     """A LayerNorm block, its statistics, and the (input, output gradient) of two calls of
     ``rows1`` and ``rows2`` examples, the second's inputs shifted and scaled."""

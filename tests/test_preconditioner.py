@@ -793,6 +793,33 @@ def test_broadcast_positions_computed_first_count_the_batch(comm, case):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("empty", ["backpropagated", "left out of backward"])
+def test_an_empty_micro_batch_beside_batch_shared_positions_adds_nothing(comm, empty):
+    """An uneven last micro-batch of no examples among accumulated ones: the (1, T) positions'
+    embedding still runs on its one row, which stands for no example; and the empty batch's loss
+    (NaN, a mean over nothing) may be left out of backward. Either way the step's factors and
+    preconditioned gradients are those of the non-empty micro-batch alone."""
+    ids = torch.randint(0, 9, (4, 6), generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(6).unsqueeze(0)
+
+    def step(sizes):
+        torch.manual_seed(0)
+        model = PositionsFirst().double()
+        precond = KFACPreconditioner(model, comm=comm, accumulation_steps=2, inverse_update_interval=1)
+        for n in sizes:
+            loss = nn.functional.cross_entropy(model(ids[:n], positions), y[:n]) / 2
+            if n or empty == "backpropagated":
+                loss.backward()
+        precond.step()
+        return [r.copy() for r in precond.engine.state.running] + [p.grad.clone() for p in model.parameters()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: the mean of an empty batch
+        for got, want in zip(step([4, 0]), step([4])):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
 def test_batch_candidates():
     from hpckfac.torch.preconditioner import _batch_candidates, _batch_size
 

@@ -78,8 +78,10 @@ class LocalStatistics:
     @property
     def unpaired(self) -> list[int]:
         """Blocks whose layer ran in a forward this step without its output gradient coming
-        back (their statistics are dropped: ``result`` gives None for them)."""
-        return [i for i, saved in enumerate(self._saved) if saved]
+        back (their statistics are dropped: ``result`` gives None for them). A call on no
+        examples added nothing, so its missing output gradient (an empty micro-batch's NaN
+        loss left out of backward) drops nothing."""
+        return [i for i, saved in enumerate(self._saved) if any(left is not _EMPTY for _, left in saved.values())]
 
     def add_examples(self, count: int, sampled: int | None = None) -> None:
         """Start a forward pass of ``count`` examples, of which the statistics of sampling
@@ -91,7 +93,10 @@ class LocalStatistics:
         latest forward pass; ``a``'s first axis holds the examples). Returns the call's id,
         which ``add_output_grads`` takes to pair this call's output gradient with it."""
         self._calls += 1
-        if not a.shape[0]:  # an empty batch: nothing to add, only the call to pair
+        # An empty batch: nothing to add, only the call to pair. So too for rows in a pass of no
+        # examples (a batch-shared input, (1, T) positions, beside an empty batch): they stand
+        # for no example, and the step's count would not include them.
+        if not a.shape[0] or (self._passes and not self._passes[-1][0]):
             self._saved[block][self._calls] = (-1, _EMPTY)
             return self._calls
         self._saved[block][self._calls] = (len(self._passes) - 1,
@@ -133,8 +138,9 @@ class LocalStatistics:
         block without a complete contribution: not called, called only on examples
         that did not count (none), or with a call left ``unpaired``."""
         examples, sampled = self.examples, self.sampled
+        unpaired = set(self.unpaired)
         out = []
-        for total, seen, saved, block in zip(self._sums, self._seen, self._saved, self.blocks):
+        for i, (total, seen, block) in enumerate(zip(self._sums, self._seen, self.blocks)):
             count = sampled if block.uses_sample else examples
-            out.append(total * (1.0 / count) if all(seen) and not saved and count else None)
+            out.append(total * (1.0 / count) if all(seen) and i not in unpaired and count else None)
         return out
