@@ -326,3 +326,50 @@ def test_a_rank_with_an_empty_batch_adds_no_statistics(comm):
     dist = grads(comm, mine, comm.size / full)
     ref = grads(Communicator(MPI.COMM_SELF), list(range(full)), 1.0)
     np.testing.assert_allclose(dist, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.mpi
+def test_micro_batches_of_different_sizes_weigh_each_rank_equally(comm):
+    """Rank r takes r + 2 examples: its statistics, divided by its own examples, and its mean
+    gradient count 1/P each (not the concatenated batch's weighting): the factors are the mean of
+    those of each rank's micro-batch alone, and the next step's gradient is preconditioned as one
+    process's mean of the ranks' mean gradients."""
+    sizes = [r + 2 for r in range(comm.size)]
+    x = torch.randn(sum(sizes), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 3, (sum(sizes),), generator=torch.Generator().manual_seed(8))
+    xs, ys = x.split(sizes), y.split(sizes)
+    options = dict(lr=LR, damping=1e-2, kl_clip=1e-2, factor_update_interval=2, inverse_update_interval=2)
+
+    def setup(comm_, accumulation_steps=1):
+        torch.manual_seed(0)
+        model = two_layer_model().double()
+        return model, KFACPreconditioner(model, comm=comm_, accumulation_steps=accumulation_steps, **options)
+
+    def backward(model, ids):
+        for i in ids:
+            (nn.functional.cross_entropy(model(xs[i]), ys[i]) / len(ids)).backward()
+
+    def running(precond):
+        return [block["factors"].numpy() for block in precond.state_dict()["blocks"].values()]
+
+    model, precond = setup(comm)
+    for _ in range(2):  # a factor-update step, then one that preconditions with its inverses
+        model.zero_grad()
+        backward(model, [comm.rank])
+        precond.step()
+        if precond.steps == 1:
+            state = precond.state_dict()
+    alone = []
+    for r in range(comm.size):
+        one_model, one = setup(Communicator(MPI.COMM_SELF))
+        backward(one_model, [r])
+        one.step()
+        alone.append(running(one))
+    for got, *each in zip([block["factors"].numpy() for block in state["blocks"].values()], *alone):
+        np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-12, atol=1e-15)
+    ref_model, ref = setup(Communicator(MPI.COMM_SELF), comm.size)
+    ref.load_state_dict(state)
+    backward(ref_model, range(comm.size))
+    ref.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-10, atol=1e-14)
