@@ -221,6 +221,24 @@ def test_frozen_weights_keep_no_gradient(comm):
     assert model[0].bias.grad is not None and model[-1].weight.grad.abs().max() > 0
 
 
+def test_a_frozen_weight_counts_as_a_zero_gradient_beside_its_trained_bias(comm):
+    """The layer is preconditioned as a whole: its bias gets what it gets when the weight is
+    trained but its gradient is zero (docs/preconditioner.md)."""
+    grads = []
+    for frozen in (True, False):
+        model, data = model_and_data()
+        model[0].weight.requires_grad_(not frozen)
+        precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+        for x, y in data[:3]:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if not frozen:
+                model[0].weight.grad.zero_()
+            precond.step()
+        grads.append(model[0].bias.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-15)
+
+
 def test_a_wholly_frozen_first_layer_is_not_reported_missing(comm, caplog):
     """An embedding or first layer frozen whole gets no output gradient, hence no statistics:
     expected, so no warning about layers "not called"."""
