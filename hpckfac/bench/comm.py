@@ -37,7 +37,7 @@ PROG = "python -m hpckfac.bench comm"
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
     parser = Parser(prog=prog, description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")
     parser.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest buffer (bytes)")
     parser.add_argument("--repeat", type=int, default=20,

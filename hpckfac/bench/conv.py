@@ -71,7 +71,7 @@ def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench conv") -> int:
     """Time both routes for every shape; print a table, optionally write JSON."""
     parser = Parser(prog=prog, description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="inputs as N:C:HxW, comma-separated")
     parser.add_argument("--kernel", type=int, default=3, help="kernel size in every dimension, odd ('same' padding)")
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per route (median reported)")

@@ -134,7 +134,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench convergence") -> int:
     """Run the study; print the table, write JSON and the plot."""
     parser = Parser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one setting per method, short runs (a smoke test)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for each method's best setting")
     parser.add_argument("--json", metavar="PATH", help="write the results here (default OUT/convergence.json)")

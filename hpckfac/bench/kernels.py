@@ -265,7 +265,7 @@ def device_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench kernels") -> int:
     """Run the kernel benchmarks; print tables, optionally write JSON."""
     parser = Parser(prog=prog, description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     parser.add_argument("--repeat", type=int, default=20, help="timed batches per case (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group")

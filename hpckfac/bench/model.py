@@ -416,7 +416,7 @@ def _machine_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench model") -> int:
     """CLI: calibrate on a scaling JSON (optional), then predict ResNet-50 at many GPUs."""
     parser = Parser(prog=prog, description=__doc__.split("\n")[0],
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
     parser.add_argument("--measure", metavar="SCALE", type=int, default=None,
                         help="time the NumPy compute rates here on ResNet-50 with channels / SCALE "

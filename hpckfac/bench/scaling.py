@@ -283,7 +283,7 @@ PROG = "python -m hpckfac.bench scaling"
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
     parser = Parser(prog=prog, description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")
     parser.add_argument("--model", choices=sorted(shapes.MODELS), default="resnet50",

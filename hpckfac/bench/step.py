@@ -43,7 +43,7 @@ PROG = "python -m hpckfac.bench step"
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
     parser = Parser(prog=prog, description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--batch", type=int, default=128, help="examples per rank per iteration")
