@@ -428,3 +428,29 @@ def test_resuming_with_another_accumulation_keeps_the_callers_and_the_trajectory
     assert precond.accumulation_steps == 2 and "keeping accumulation_steps 2" in caplog.text
     run(model, opt, precond, batches[3:])
     np.testing.assert_allclose(flat(model), flat(whole[0]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, bad", [("damping", -1.0), ("damping", float("nan")), ("factor_decay", 1.5)])
+def test_a_bad_scheduled_value_is_refused_before_any_gradient_is_averaged(comm, monkeypatch, name, bad):
+    """A schedule of ``damping`` or ``factor_decay`` returning a bad value raises
+    ValueError naming it before the step reduces anything, as ``lr`` does: a script that
+    catches the error keeps its own, unaveraged gradients."""
+    import hpckfac.torch.preconditioner as bridge
+
+    model, data = model_and_data()
+    good = {"damping": 1e-2, "factor_decay": 0.9}[name]
+    precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, **{name: lambda k: good if k == 0 else bad}))
+    averaged = []
+    real = bridge.average_grads
+    monkeypatch.setattr(bridge, "average_grads", lambda *a, **kw: averaged.append(1) or real(*a, **kw))
+    for k, (x, y) in enumerate(data[:2]):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if k == 0:
+            precond.step()
+            continue
+        grads = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=f"^{name}"):
+            precond.step()
+        assert averaged == [1]
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))

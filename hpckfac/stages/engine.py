@@ -213,6 +213,10 @@ class KFACEngine:
         ``steps``), checked: ValueError naming the option for a bad value set between steps."""
         return resolve(name, getattr(self, name), self.steps)
 
+    def current_settings(self) -> dict[str, Any]:
+        """This step's ``damping``, ``factor_decay`` and ``kl_clip``, each checked (``current``)."""
+        return {name: self.current(name) for name in ("damping", "factor_decay", "kl_clip")}
+
     def gradient_slots(self) -> list[Any]:
         """Where the next ``step()`` sends each block's gradient matrix (``grad_shape`` views of
         its send buffer): gradients written there (``block.grad_matrix(..., out=slot)``) and
@@ -256,8 +260,7 @@ class KFACEngine:
             raise ValueError(f"stats: a factor-update step needs one entry per block ({len(self.blocks)})")
         if len(grads) != len(self.blocks):
             raise ValueError(f"grads: expected {len(self.blocks)} gradient matrices, got {len(grads)}")
-        settings = {"lr": lr, "damping": self.current("damping"), "factor_decay": self.current("factor_decay"),
-                    "kl_clip": self.current("kl_clip"), "factor_update_interval": self.factor_update_interval,
+        settings = {"lr": lr, **self.current_settings(), "factor_update_interval": self.factor_update_interval,
                     "inverse_update_interval": self.inverse_update_interval, **(settings or {})}
         if settings != self._agreed:
             # Ranks with different settings would drift apart silently: compared whenever they

@@ -461,7 +461,8 @@ class KFACPreconditioner:
 
     def _step(self) -> None:
         self._scaler_scale = None  # this step's hooks have run; the next ones read the scale anew
-        lr = self.current_lr()  # validated before anything is reduced or written
+        lr = self.current_lr()  # validated before anything is reduced or written,
+        self.engine.current_settings()  # as are the engine's schedules
         if not self._replicas_checked:
             # Averaged gradients keep replicas apart forever if they start apart: say so now.
             found = replica_difference(self.model, self.comm)
