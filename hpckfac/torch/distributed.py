@@ -79,8 +79,7 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     if comm.size == 1:  # nothing to compare with: no hashing of every tensor
         return None
     named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
-    digests = [(name, hashlib.blake2b(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
-                                      digest_size=16).hexdigest()) for name, t in named]
+    digests = [(name, _digest(t)) for name, t in named]
     everyone = comm.allgather_object(digests, what="check_replicas()")
     for index, (name, mine) in enumerate(everyone[0]):
         holders: dict[str, list[int]] = {}
@@ -93,6 +92,21 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     if any(len(theirs) != len(everyone[0]) for theirs in everyone):
         return "the ranks' models have different numbers of tensors"
     return None
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """A digest of ``tensor``'s bytes, taken on the host."""
+    return hashlib.blake2b(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                           digest_size=16).hexdigest()
+
+
+def gradients_alike(model: nn.Module, comm: Communicator) -> bool:
+    """Whether every rank holds the same nonzero local gradients (a collective): with the
+    same weights, the sign that every rank took the same batch."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.layout == torch.strided]
+    mine = [_digest(g) for g in grads] if any(bool(g.any()) for g in grads) else None
+    everyone = comm.allgather_object(mine, what="the first step()'s gradient comparison")
+    return mine is not None and all(theirs == mine for theirs in everyone)
 
 
 def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: str = "ring",

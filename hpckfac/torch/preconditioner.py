@@ -26,7 +26,7 @@ from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import Assignment, CheckedOption
 from hpckfac.tables import format_table
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array, to_tensor
-from hpckfac.torch.distributed import average_grads, replica_difference
+from hpckfac.torch.distributed import average_grads, gradients_alike, replica_difference
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, recomputing_now
 from hpckfac.torch.options import DEFAULTS, check_options
@@ -470,6 +470,11 @@ class KFACPreconditioner:
                 raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must "
                                               "start from the same weights: call broadcast_parameters(model, "
                                               "comm) on every rank before training")
+            if self.comm.size > 1 and gradients_alike(self.model, self.comm):
+                self._note("every rank has the same gradients at the first step(): the %d ranks took the same "
+                           "batch and train as one would; give each rank its own shard of every global batch "
+                           "(DistributedSampler(dataset, num_replicas=comm.size, rank=comm.rank); a "
+                           "DataLoader(shuffle=True) alone gives ranks seeded alike the same batches)", self.comm.size)
             self._replicas_checked = True
         if self._forwards == 0:
             # Either a second step() for one backward (its gradients preconditioned twice) or a model in

@@ -67,3 +67,24 @@ def test_first_step_without_broadcast_raises_on_every_rank(comm):
     with pytest.raises(CollectiveMismatchError, match=r"first step\(\): 0\.weight has .*broadcast_parameters"):
         precond.step()
     precond.remove_hooks()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("same_batch", [True, False])
+def test_first_step_names_the_same_batch_on_every_rank(comm, caplog, same_batch):
+    """Ranks that all take the same batch (a DataLoader without a sampler, seeded alike) train
+    as one process would: the first step() says so, once; ranks with their own shards hear nothing."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    generator = torch.Generator().manual_seed(0 if same_batch else comm.rank)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):
+            model.zero_grad()
+            model(torch.randn(5, 3, generator=generator)).sum().backward()
+            precond.step()
+    named = caplog.text.count("every rank has the same gradients at the first step()")
+    assert named == (1 if same_batch and comm.rank == 0 else 0)
+    precond.remove_hooks()
