@@ -556,11 +556,12 @@ class KFACPreconditioner:
         self._agree_on_overflow()
         self.timings["allreduce"] = self.engine.clock() - start
 
-        # A parameter frozen on one rank only would send zeros there and leave the replicas apart.
+        # A parameter frozen on one rank only would send zeros there and leave the replicas apart;
+        # a model in eval() on one rank only takes no statistics there and runs other forwards.
         frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen})
+            "frozen parameters": frozen, "training mode": self.model.training})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
         self._io.write(to_tensor(whole), offsets, params)
