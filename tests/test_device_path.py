@@ -159,8 +159,8 @@ def test_engine_buffers_live_in_the_gradients_namespace():
             local.add_examples(7)
             draws = np.random.default_rng(3)
             for index, (d_in, d_out) in enumerate(((5, 4), (4, 3))):
-                local.add_inputs(index, wrap(draws.standard_normal((7, d_in))))
-                local.add_output_grads(index, wrap(draws.standard_normal((7, d_out))))
+                call = local.add_inputs(index, wrap(draws.standard_normal((7, d_in))))
+                local.add_output_grads(index, wrap(draws.standard_normal((7, d_out))), 1.0, call)
             grads = [wrap(draws.standard_normal(s.grad_shape)) for s in engine.blocks]
             out = engine.step(grads, local.result(), lr=0.1)
             assert all(arrays.namespace(o) is xp for o in out)

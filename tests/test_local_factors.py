@@ -11,16 +11,17 @@ def test_calls_pair_inputs_with_output_gradients_and_unpaired_gradients_are_drop
     local = LocalStatistics([block], np.float64)
     a1, g1 = rng.standard_normal((5, 6)), rng.standard_normal((5, 4))
     a2, g2 = rng.standard_normal((3, 6)), rng.standard_normal((3, 4))
-    # An output gradient with no captured input (its forward ran without statistics) adds nothing.
-    local.add_output_grads(0, rng.standard_normal((5, 4)))
+    # An output gradient whose input was captured before the last reset (an earlier step) adds nothing.
+    stale = local.add_inputs(0, rng.standard_normal((5, 6)))
+    local.reset()
+    local.add_output_grads(0, rng.standard_normal((5, 4)), 1.0, stale)
     assert local.result() == [None]
     # Two calls of one layer in a step: backward meets the second call's output first.
     local.add_examples(8)
-    local.add_inputs(0, a1)
-    local.add_inputs(0, a2)
-    local.add_output_grads(0, g2, 4.0)
-    local.add_output_grads(0, g1, 4.0)
-    local.add_output_grads(0, rng.standard_normal((5, 4)))  # unpaired again: dropped
+    first, second = local.add_inputs(0, a1), local.add_inputs(0, a2)
+    local.add_output_grads(0, g2, 4.0, second)
+    local.add_output_grads(0, g1, 4.0, first)
+    assert not local.add_output_grads(0, rng.standard_normal((5, 4)), 4.0, first)  # paired already: refused
     # scale = 4 multiplies the output-gradient part, as doubling the gradients does.
     want = (block.statistics(a1, 2 * g1) + block.statistics(a2, 2 * g2)) / 8
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)
@@ -38,8 +39,7 @@ def test_a_pass_never_backpropagated_counts_no_examples_and_its_calls_drop_the_b
     local.add_inputs(1, rng.standard_normal((7, 4)))
     # ... then a forward of 5 examples backpropagated through fc1 only.
     local.add_examples(5)
-    local.add_inputs(0, a1)
-    local.add_output_grads(0, g1)
+    local.add_output_grads(0, g1, 1.0, local.add_inputs(0, a1))
     assert local.examples == 5 and local.unpaired == [1]
     out = local.result()
     np.testing.assert_allclose(out[0], fc1.statistics(a1, g1) / 5, rtol=1e-13, atol=1e-15)
@@ -51,20 +51,16 @@ def test_an_empty_batch_adds_nothing_and_keeps_the_pairing():
     block = LinearBlock("fc", 3, 2, True)
     local = LocalStatistics([block], np.float64)
     local.add_examples(0)
-    local.add_inputs(0, np.zeros((0, 3)))
-    local.add_output_grads(0, np.zeros((0, 2)))
+    local.add_output_grads(0, np.zeros((0, 2)), 1.0, local.add_inputs(0, np.zeros((0, 3))))
     assert local.examples == 0 and local.result() == [None] and local.unpaired == []
     # An empty micro-batch between two real ones pairs with its own output gradient.
     a1, g1, a2, g2 = (rng.standard_normal(s) for s in ((4, 3), (4, 2), (2, 3), (2, 2)))
     local.add_examples(4)
-    local.add_inputs(0, a1)
-    local.add_output_grads(0, g1)
+    local.add_output_grads(0, g1, 1.0, local.add_inputs(0, a1))
     local.add_examples(0)
-    local.add_inputs(0, np.zeros((0, 3)))
-    local.add_output_grads(0, np.zeros((0, 2)))
+    local.add_output_grads(0, np.zeros((0, 2)), 1.0, local.add_inputs(0, np.zeros((0, 3))))
     local.add_examples(2)
-    local.add_inputs(0, a2)
-    local.add_output_grads(0, g2)
+    local.add_output_grads(0, g2, 1.0, local.add_inputs(0, a2))
     want = (block.statistics(a1, g1) + block.statistics(a2, g2)) / 6
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)
 
@@ -78,9 +74,9 @@ def test_rows_in_a_pass_of_no_examples_add_nothing_and_an_empty_call_drops_nothi
     local = LocalStatistics([block], np.float64)
     a1, g1 = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
     local.add_examples(4)
-    local.add_output_grads(0, g1, call=local.add_inputs(0, a1))
+    local.add_output_grads(0, g1, 1.0, local.add_inputs(0, a1))
     local.add_examples(0)
-    local.add_output_grads(0, rng.standard_normal((1, 2)), call=local.add_inputs(0, rng.standard_normal((1, 3))))
+    local.add_output_grads(0, rng.standard_normal((1, 2)), 1.0, local.add_inputs(0, rng.standard_normal((1, 3))))
     local.add_examples(0)
     local.add_inputs(0, np.zeros((0, 3)))  # never backpropagated
     assert local.examples == 4 and local.unpaired == []
@@ -96,16 +92,15 @@ def _two_layernorm_calls(rng, rows1: int, rows2: int):
     return block, LocalStatistics([block], np.float64), first, second
 
 
-def test_calls_pair_last_in_first_out_where_the_output_part_needs_the_input():
+def test_calls_pair_in_backward_order_where_the_output_part_needs_the_input():
     """A unit-wise block's Fisher takes each example's input and output gradient together: two
-    calls of one LayerNorm (different batch sizes) must pair call 2 with the first output
-    gradient backward delivers, then call 1."""
+    calls of one LayerNorm (different batch sizes), whose output gradients backward delivers
+    call 2's first, each pair with their own call's input."""
     block, local, (a1, g1), (a2, g2) = _two_layernorm_calls(np.random.default_rng(6), 5, 3)
     local.add_examples(8)
-    local.add_inputs(0, a1)
-    local.add_inputs(0, a2)
-    local.add_output_grads(0, g2)
-    local.add_output_grads(0, g1)
+    first, second = local.add_inputs(0, a1), local.add_inputs(0, a2)
+    local.add_output_grads(0, g2, 1.0, second)
+    local.add_output_grads(0, g1, 1.0, first)
     want = (block.statistics(a1, g1) + block.statistics(a2, g2)) / 8
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-12, atol=1e-15)
 
@@ -140,8 +135,7 @@ def test_a_step_after_an_unpaired_call_starts_from_zero():
     local.reset()
     a, g = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
     local.add_examples(6)
-    local.add_inputs(0, a)
-    local.add_output_grads(0, g)
+    local.add_output_grads(0, g, 1.0, local.add_inputs(0, a))
     np.testing.assert_allclose(local.result()[0], block.statistics(a, g) / 6, rtol=1e-13, atol=1e-15)
 
 
@@ -153,11 +147,11 @@ def test_two_forwards_and_one_backward_count_both_passes():
     local = LocalStatistics([block], np.float64)
     (a1, g1), (a2, g2) = [(rng.standard_normal((n, 3)), rng.standard_normal((n, 2))) for n in (4, 6)]
     local.add_examples(4)
-    local.add_inputs(0, a1)
+    first = local.add_inputs(0, a1)
     local.add_examples(6)
-    local.add_inputs(0, a2)
-    local.add_output_grads(0, g2)
-    local.add_output_grads(0, g1)
+    second = local.add_inputs(0, a2)
+    local.add_output_grads(0, g2, 1.0, second)
+    local.add_output_grads(0, g1, 1.0, first)
     assert local.examples == 10
     a = np.hstack([np.vstack([a1, a2]), np.ones((10, 1))])
     g = np.vstack([g1, g2])

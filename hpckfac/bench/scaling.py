@@ -117,8 +117,7 @@ class Iteration:
         self.stats.reset()
         self.stats.add_examples(self.batch)
         for i, (x, g) in enumerate(self.tensors):
-            self.stats.add_inputs(i, x)
-            self.stats.add_output_grads(i, g)
+            self.stats.add_output_grads(i, g, 1.0, self.stats.add_inputs(i, x))
         return self.stats.result()
 
     def __call__(self) -> None:

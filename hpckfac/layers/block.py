@@ -89,15 +89,13 @@ def pack_stack(mats: Array) -> Array:
     return xp.take(mats.reshape(count, n * n), _gather_index(n, True, xp), axis=1).reshape(-1)
 
 
-def unpack_stack(packed: Array, count: int, n: int, dtype=None) -> Array:
-    """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds."""
+def unpack_stack(packed: Array, count: int, n: int) -> Array:
+    """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds, in its dtype."""
     xp = array_module(packed)
-    dtype = packed.dtype if dtype is None else dtype
     if xp is not np and n > DEVICE_INDEX_MAX_N:
-        mats = ops.unpack_sym(packed, [n] * count, dtype)
+        mats = ops.unpack_sym(packed, [n] * count)
         return mats[0][None] if count == 1 else xp.stack(mats)
-    mats = xp.take(packed.reshape(count, -1), _gather_index(n, False, xp), axis=1)
-    return mats.reshape(count, n, n).astype(dtype, copy=False)
+    return xp.take(packed.reshape(count, -1), _gather_index(n, False, xp), axis=1).reshape(count, n, n)
 
 
 class CurvatureBlock(abc.ABC):
@@ -182,11 +180,10 @@ class CurvatureBlock(abc.ABC):
         """Add ``scale`` times the contribution of the per-example output gradients
         ``g`` of one call to ``stats`` (``saved``: what ``add_input`` returned)."""
 
-    def statistics(self, a: Array, g: Array, scale: float = 1.0, dtype=None) -> Array:
+    def statistics(self, a: Array, g: Array, scale: float = 1.0) -> Array:
         """Packed statistics of one call, ``scale`` applied to every part (``1/B`` gives
         the block's curvature for a batch of ``B``); float32, or float64 for float64 ``a``/``g``."""
-        if dtype is None:
-            dtype = ops.checks.accumulation_dtype(np.result_type(*[x.dtype for x in (a, g) if x.dtype.kind == "f"]))
+        dtype = ops.checks.accumulation_dtype(np.result_type(*[x.dtype for x in (a, g) if x.dtype.kind == "f"]))
         stats = array_module(g).zeros(self.stat_size, dtype=dtype)
         saved = self.add_input(stats, a)
         self.add_output_grad(stats, g, 1.0, saved)
@@ -214,13 +211,13 @@ class CurvatureBlock(abc.ABC):
             check_shape(bias_grad, bias_shape, "bias_grad")
 
     # ------------------------------------------------------------------- solve
-    def factors(self, stats: Array, dtype=None) -> list[Array]:
-        """The symmetric ``(count, n, n)`` stacks held in the packed ``stats``."""
+    def factors(self, stats: Array) -> list[Array]:
+        """The symmetric ``(count, n, n)`` stacks held in the packed ``stats``, in its dtype."""
         check_shape(stats, (self.stat_size,), "stats")
         stacks, at = [], 0
         for count, n in self.factor_shapes:
             size = count * n * (n + 1) // 2
-            stacks.append(unpack_stack(stats[at:at + size], count, n, dtype))
+            stacks.append(unpack_stack(stats[at:at + size], count, n))
             at += size
         return stacks
 

@@ -40,8 +40,7 @@ class LocalStatistics:
         self._sums = [xp.zeros(b.stat_size, dtype=self.dtype) for b in self.blocks]
         # A contribution needs both the input and the output-gradient part.
         self._seen = [[False, False] for _ in self.blocks]
-        # Per block, call id -> (pass, what its forward part left for its backward part), last
-        # call last (one backward runs in reverse).
+        # Per block, call id -> (pass, what its forward part left for its backward part).
         self._saved: list[dict[int, tuple]] = [{} for _ in self.blocks]
         # Call ids whose output gradient was taken this step: a second backward through the same
         # forward brings another gradient for them.
@@ -88,7 +87,7 @@ class LocalStatistics:
         blocks take ``sampled`` (default: all of them)."""
         self._passes.append([int(count), int(count if sampled is None else sampled), False])
 
-    def add_inputs(self, block: int, a) -> int:
+    def add_inputs(self, block: int, a: Any) -> int:
         """Add the contribution of block ``block``'s layer input ``a`` (one call, in the
         latest forward pass; ``a``'s first axis holds the examples). Returns the call's id,
         which ``add_output_grads`` takes to pair this call's output gradient with it."""
@@ -104,25 +103,22 @@ class LocalStatistics:
         self._seen[block][0] = True
         return self._calls
 
-    def add_output_grads(self, block: int, g, scale: float = 1.0, call: int | None = None) -> bool:
+    def add_output_grads(self, block: int, g: Any, scale: float, call: int) -> bool:
         """Add ``scale`` times the contribution of block ``block``'s output gradients ``g``
         (with ``g = g_i / s``, ``scale = s**2`` gives that of the per-example gradients,
         see ``hpckfac.torch``), paired with the input of call ``call`` (an id from
-        ``add_inputs``), or without one with the latest call's input not yet paired.
+        ``add_inputs``) whatever order the backward passes run in.
 
         Returns False, adding nothing, when ``call``'s output gradient was already added this
         step: a second backward through the same forward. The statistics need the gradient
         summed over the backward passes before its outer product, which the first one's
         contribution, already added, no longer allows."""
-        if call is not None and call in self._paired:
+        if call in self._paired:
             return False
-        saved_calls = self._saved[block]
-        if call is None:
-            call = next(reversed(saved_calls), None)
-        if call not in saved_calls:
+        if call not in self._saved[block]:
             # No captured input: the input came from a no-grad pass or an earlier step.
             return True
-        forward, saved = saved_calls.pop(call)
+        forward, saved = self._saved[block].pop(call)
         self._paired.add(call)
         if saved is _EMPTY:
             return True

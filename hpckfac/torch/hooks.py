@@ -81,9 +81,7 @@ class CaptureHooks:
     """
 
     def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
-                 broadcast: Sequence[bool] = (), micro_batch: Callable[[], int] = lambda: 0,
-                 capturing: Callable[[], bool] = lambda: True) -> None:
-        broadcast = list(broadcast) or [False] * len(modules)
+                 broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[], bool]) -> None:
         self.handles = [module.register_forward_hook(_eager(self._forward(
                             index, on_input, on_output_grad, broadcast[index], micro_batch, capturing,
                             _input_name(module))), with_kwargs=True)

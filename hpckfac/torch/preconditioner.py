@@ -396,7 +396,7 @@ class KFACPreconditioner:
         rows = int(t.shape[0])
         return t[:-(-rows * self._sample // self._micro_batch)]
 
-    def _on_output_grad(self, index: int, g: torch.Tensor, call: int | None = None) -> None:
+    def _on_output_grad(self, index: int, g: torch.Tensor, call: int) -> None:
         if not self.engine.is_factor_step():
             return
         start = time.perf_counter()

@@ -26,7 +26,7 @@ from hpckfac.log import get_logger
 from hpckfac.models import resnet
 from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, find_checkpoint,
                                       load_checkpoint, prune_checkpoints, save_checkpoint)
-from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig, progress_mode
+from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
 from hpckfac.train.files import append_lines, atomic_write, check_output_dir
 from hpckfac.train.schedule import WarmupPolynomialDecay
@@ -278,20 +278,20 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- run
-    def run(self, progress: str | bool | None = None) -> TrainResult:
+    def run(self) -> TrainResult:
         """Train from ``self.step`` to ``total_steps``; evaluate every ``eval_every``
         steps, at checkpoints and at the end; write the log, plot and checkpoints.
 
-        ``progress`` (default: the config's) is rank 0's report: ``"auto"`` shows a
-        progress bar where stderr is a terminal and, elsewhere (a batch job's log
-        file, or under mpiexec, which forwards output through pipes), one line per
-        evaluation instead of a bar redrawn with carriage returns; ``"bar"`` and
-        ``"lines"`` choose, ``"none"`` is silent. Log records print above the bar."""
+        ``config.progress`` is rank 0's report: ``"auto"`` shows a progress bar where stderr
+        is a terminal and, elsewhere (a batch job's log file, or under mpiexec, which forwards
+        output through pipes), one line per evaluation instead of a bar redrawn with carriage
+        returns; ``"bar"`` and ``"lines"`` choose, ``"none"`` is silent. Log records print
+        above the bar."""
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         c = self.config
-        mode = progress_mode(c.progress if progress is None else progress)
+        mode = c.progress  # normalised by TrainConfig.validate()
         if self.rank != 0 or mode == "none":
             mode = "none"
         elif mode == "auto":
