@@ -15,6 +15,7 @@ the same, their columns already group after group.
 """
 from __future__ import annotations
 
+import abc
 import numbers
 from functools import lru_cache
 from typing import Any, Sequence
@@ -102,8 +103,13 @@ def channel_major(factor: Array, channels: int, volume: int, bias: bool, packed:
 
 class SpatialKronBlock(KronBlock):
     """What convolutions and transposed convolutions share: their validated arguments,
-    the input shape check, the output-gradient rows, the positions ``|T|`` and ``A``
-    from kernel-major patches."""
+    the input shape check, the output-gradient rows, the positions ``|T|``, ``A`` from
+    kernel-major patches and, on the CPU, ``G`` without a channels-last copy. Subclasses
+    give the spatial ``output_size`` of an input size and the im2col ``input_rows``."""
+
+    @abc.abstractmethod
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        """Spatial output size for spatial input size ``input_size`` (PyTorch's formula)."""
 
     def a_factor(self, a: Array, scale: float = 1.0, *, packed: bool = False) -> Array:
         """As ``KronBlock.a_factor``. With one group and a kernel larger than 1x1 the patches
@@ -133,11 +139,18 @@ class SpatialKronBlock(KronBlock):
             setattr(self, name, conv_tuple(value, name, len(kernel_size), minimum))
         return groups
 
-    def _check_input(self, a: Array) -> None:
+    def _checked_output_size(self, a: Array) -> tuple[int, ...]:
+        """The spatial output size for the input ``a``, checked: ValueError unless ``a`` is
+        ``(N, in_channels, *spatial)`` and gives at least one output position."""
         ndim = len(self.kernel_size)
         if getattr(a, "ndim", None) != ndim + 2 or a.shape[1] != self.in_channels:
             raise ValueError(f"a: block {self.name!r} expects (N, {self.in_channels}, {ndim} spatial dims), "
                              f"got shape {getattr(a, 'shape', None)}")
+        out_size = self.output_size(a.shape[2:])
+        if min(out_size) < 1:
+            raise ValueError(f"a: spatial size {a.shape[2:]} gives no output positions in {self.name!r}: the "
+                             "(padded) input is smaller than the (dilated) kernel")
+        return out_size
 
     def output_rows(self, g: Array) -> Array:
         """Rows ``(N * T, C_out)`` of the output gradients ``g`` of shape ``(N, C_out, *spatial)``."""
@@ -181,16 +194,8 @@ class ConvBlock(SpatialKronBlock):
                          groups)
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
-        """Spatial output size for spatial input size ``input_size`` (PyTorch's formula)."""
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.dilation))
-
-    def _checked_output_size(self, a: Array) -> tuple[int, ...]:
-        self._check_input(a)
-        out_size = self.output_size(a.shape[2:])
-        if min(out_size) < 1:
-            raise ValueError(f"a: spatial size {a.shape[2:]} is smaller than the (dilated) kernel of {self.name!r}")
-        return out_size
 
     def a_factor(self, a: Array, scale: float = 1.0, *, packed: bool = False) -> Array:
         """As ``KronBlock.a_factor``. On the CPU, a stride-1 convolution with one group whose

@@ -38,7 +38,6 @@ class ConvTransposeBlock(SpatialKronBlock):
                          groups)
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
-        """Spatial output size for spatial input size ``input_size`` (PyTorch's formula)."""
         return tuple((n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, k, s, p, op, d in
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.output_padding,
                          self.dilation))
@@ -48,10 +47,7 @@ class ConvTransposeBlock(SpatialKronBlock):
         padded input, ``T`` the output positions; columns ``(C_in, *kernel)`` (``(*kernel, C_in)``
         with ``kernel_major``)."""
         ndim = len(self.kernel_size)
-        self._check_input(a)
-        out_size = self.output_size(a.shape[2:])
-        if min(out_size) < 1:
-            raise ValueError(f"a: spatial size {a.shape[2:]} gives no output positions in {self.name!r}")
+        out_size = self._checked_output_size(a)
         xp = array_module(a)
         # The equivalent convolution's input, channels last: a[j] lands at lo + j*stride.
         sizes, target, source = [], [], []

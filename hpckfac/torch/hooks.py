@@ -59,6 +59,12 @@ def recomputing_now() -> int:
     return getattr(_recompute, "depth", 0)
 
 
+def counts_call(module: nn.Module) -> bool:
+    """Whether a call of ``module`` is a training call the statistics see: in ``train()`` mode,
+    with autograd enabled, and not inside ``recomputing()``."""
+    return module.training and torch.is_grad_enabled() and not recomputing_now()
+
+
 def checkpoint_context_fn() -> tuple[ContextManager, ContextManager]:
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
     forward runs as usual, the recomputation in backward under ``recomputing()``, so each
@@ -91,7 +97,7 @@ class CaptureHooks:
     def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
                  micro_batch: Callable[[], int], capturing: Callable[[], bool], input_name: str | None):
         def hook(module: nn.Module, args, kwargs, output):
-            if not (module.training and torch.is_grad_enabled()) or recomputing_now():
+            if not counts_call(module):
                 return None
             if args:
                 a = args[0]

@@ -28,7 +28,7 @@ from hpckfac.tables import format_table
 from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.distributed import average_grads, gradients_alike, replica_difference
 from hpckfac.torch.grad_io import GradientIO
-from hpckfac.torch.hooks import CaptureHooks, recomputing_now
+from hpckfac.torch.hooks import CaptureHooks, counts_call
 from hpckfac.torch.options import DEFAULTS, check_options
 from hpckfac.torch.registry import block_for, block_params, broadcasts_batch
 
@@ -293,7 +293,7 @@ class KFACPreconditioner:
     # ----------------------------------------------------------------- hooks
     def _on_model_input(self, module: nn.Module, args, kwargs) -> None:
         # A checkpoint of the whole model recomputes it in backward: not a forward of its own.
-        if not (module.training and torch.is_grad_enabled()) or recomputing_now():
+        if not counts_call(module):
             return
         self._forwards += 1
         self._root_seen = True

@@ -148,9 +148,7 @@ _FIELDS = (
     ("step", _count, "an integer >= 0"),
     ("config", lambda v: isinstance(v, dict), "a dict of settings"),
     ("data", lambda v: isinstance(v, str), "a data fingerprint (str)"),
-    ("model", lambda v: isinstance(v, dict) and all(torch.isfinite(t).all() for t in v.values()
-                                                     if isinstance(t, torch.Tensor) and t.is_floating_point()),
-     "a model state_dict with finite values"),
+    ("model", lambda v: isinstance(v, dict) and _finite_tensors(v), "a model state_dict with finite values"),
     ("optimizer", lambda v: isinstance(v, dict) and _finite_tensors(v.get("state")),
      "an optimizer state_dict with finite values"),
     ("preconditioner", lambda v: v is None or isinstance(v, dict), "None or a preconditioner state_dict"),

@@ -2,7 +2,7 @@
 Tsuji, Ueno et al. 2018 use)."""
 from __future__ import annotations
 
-import math
+from hpckfac.checks import check_integer, check_real
 
 
 class WarmupPolynomialDecay:
@@ -15,19 +15,13 @@ class WarmupPolynomialDecay:
     """
 
     def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 2.0) -> None:
-        if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
-            raise ValueError(f"lr: expected a finite number > 0, got {base_lr!r}")
-        if not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"steps: expected an integer >= 1, got {total_steps!r}")
-        if not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
+        self.base_lr = check_real(base_lr, "lr", above=0.0)
+        self.total_steps = check_integer(total_steps, "steps", 1)
+        self.warmup_steps = check_integer(warmup_steps, "warmup_steps", 0)
+        if self.warmup_steps >= self.total_steps:
             raise ValueError(f"warmup_steps: expected an integer in 0..{total_steps - 1} (below the "
                              f"number of steps), got {warmup_steps!r}")
-        if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
-            raise ValueError(f"decay_power: expected a finite number >= 0, got {power!r}")
-        self.base_lr = float(base_lr)
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.power = float(power)
+        self.power = check_real(power, "decay_power", at_least=0.0)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
