@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m hpckfac.bench {comm,step,kernels,convergence,scaling,model}``."""
+"""Benchmarks: ``python -m hpckfac.bench {comm,step,conv,kernels,convergence,scaling,model}``."""

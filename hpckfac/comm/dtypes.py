@@ -5,7 +5,7 @@ import numpy as np
 from mpi4py import MPI
 
 # float16 travels as opaque 16-bit words: MPI has no half-precision type whose
-# SUM every implementation supports, so sums of float16 use HALF_SUM below.
+# SUM every implementation supports, so sums of float16 use a user op (``sum_op``).
 _MPI_TYPES = {np.dtype(np.float64): MPI.DOUBLE, np.dtype(np.float32): MPI.FLOAT,
               np.dtype(np.float16): MPI.UINT16_T}
 # Small integers naming each dtype in agreement checks (0 means "no dtype").

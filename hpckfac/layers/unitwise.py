@@ -173,6 +173,3 @@ def check_units(x: Array, axis: int, units: int, name: str, block: str) -> None:
     check_array(x, name, 2)
     if x.shape[axis] != units:
         raise ValueError(f"{name}: block {block!r} expects {units} units on axis {axis}, got shape {x.shape}")
-
-
-

@@ -44,7 +44,6 @@ STAGES = ("reduce_scatter", "running_average", "inversion", "precondition", "all
 # (which runs between stage 1 and stage 2). Defined here only.
 ITERATION_STAGES = ("local_factors",) + STAGES + ("write_grads", "allreduce")
 
-
 STATE_KEYS = ("steps", "hyperparameters", "blocks")
 
 

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+
 def _runs(indices: list[int], blocks: Sequence) -> list[list[int]]:
     """``indices`` in model order, grouped: blocks sharing a ``batch_key`` (not None) form one
     run at the first one's place; every other block is a run of its own."""

@@ -116,7 +116,7 @@ class LocalStatistics:
         if call in self._paired:
             return False
         if call not in self._saved[block]:
-            # No captured input: the input came from a no-grad pass or an earlier step.
+            # A call from before the last reset (an earlier step): its input part is gone.
             return True
         forward, saved = self._saved[block].pop(call)
         self._paired.add(call)

@@ -61,8 +61,8 @@ def check_replicas(model: nn.Module, comm: Communicator | None = None, buffers: 
     learning rate in its optimizer, a missed step, a nondeterministic update)
     makes every rank raise ``CollectiveMismatchError`` naming the first tensor
     that differs and the ranks holding other values. One digest per tensor
-    travels (the tensors are hashed where they are, after one copy to the
-    host); ``buffers=True`` compares buffers too (BatchNorm statistics differ
+    travels (each tensor is copied to the host and hashed there);
+    ``buffers=True`` compares buffers too (BatchNorm statistics differ
     between ranks unless ``sync_batchnorm_stats`` ran)."""
     from hpckfac.comm import CollectiveMismatchError
 

@@ -9,7 +9,7 @@ conversion of the buffer per step instead of one array view (and one copy
 launched from Python) per parameter, the host cost that dominated a GPU step
 without statistics. A block whose ``split_matrix`` is not a plain window of
 the matrix (a flipped kernel: ConvTranspose) goes through
-``grad_matrix``/``split_matrix`` as before.
+``grad_matrix``/``split_matrix`` instead.
 """
 from __future__ import annotations
 

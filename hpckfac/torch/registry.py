@@ -106,7 +106,6 @@ def broadcasts_batch(module: nn.Module) -> bool:
     return entry is not None and entry.broadcast_batch
 
 
-
 def _conv_padding(module: nn.Module) -> tuple[int, ...]:
     """Explicit zero padding of a convolution, also for ``padding="valid"`` and ``"same"``
     (stride 1; ValueError where "same" pads one side more than the other)."""

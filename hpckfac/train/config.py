@@ -20,9 +20,10 @@ Progress = Literal["auto", "bar", "lines", "none"]
 PROGRESS: tuple[str, ...] = get_args(Progress)
 DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
 
+
 def progress_mode(progress: str | bool) -> str:
-    """One of ``PROGRESS`` (True and False, as earlier versions took: ``"auto"``, ``"none"``);
-    ValueError naming ``progress`` otherwise."""
+    """``progress`` as one of ``PROGRESS`` (True is ``"auto"``, False ``"none"``); ValueError
+    naming ``progress`` otherwise."""
     if isinstance(progress, bool):
         return "auto" if progress else "none"
     if progress not in PROGRESS:

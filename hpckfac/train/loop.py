@@ -344,7 +344,7 @@ class Trainer:
                 "test_loss": last["test_loss"], "best_test_acc": best["test_acc"], "best_step": best["step"]}
 
     def stage_means(self) -> dict[str, float]:
-        """Rank 0's mean milliseconds per step of each K-FAC stage (empty for first-order runs)."""
+        """This rank's mean milliseconds per step of each K-FAC stage (empty for first-order runs)."""
         return self.precond.stage_means() if self.precond is not None else {}
 
     def _title(self) -> str:
