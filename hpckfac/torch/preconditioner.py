@@ -21,6 +21,7 @@ from torch import nn
 from hpckfac.arrays import to_host
 from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicator
 from hpckfac.log import get_logger
+from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import Assignment, CheckedOption
@@ -162,7 +163,7 @@ class KFACPreconditioner:
                                      factor_update_interval=factor_update_interval,
                                      inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
                                      assignment=assignment, comm_dtype=comm_dtype, xp=self.xp)
-            self.local = LocalStatistics(blocks, np.float64 if comm_dtype == np.float64 else np.float32, self.xp)
+            self.local = LocalStatistics(blocks, accumulation_dtype(comm_dtype), self.xp)
         self._micro_batch = 0
         self._hook_seconds = 0.0
         self.timings = dict.fromkeys(ITERATION_STAGES, 0.0)
