@@ -17,7 +17,7 @@ from hpckfac.comm import Communicator
 from hpckfac.layers import ConvBlock, LinearBlock
 from hpckfac.stages.engine import KFACEngine
 from hpckfac.stages.local_factors import LocalStatistics
-from hpckfac.torch import bridge, distributed, preconditioner
+from hpckfac.torch import bridge, distributed, grad_io, preconditioner
 from hpckfac.torch import KFACPreconditioner
 
 # Where CuPy and a GPU are present the device tests also run on CuPy.
@@ -29,10 +29,11 @@ OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_i
 def device_path():
     """Within the block, KFACPreconditioner sees every CPU tensor as a stand-in device array."""
     with standin.installed(), pytest.MonkeyPatch.context() as patch:
-        for module in (preconditioner, distributed):  # K-FAC blocks, and the other parameters' allreduce
+        # K-FAC blocks, their generic gradient path, and the other parameters' allreduce.
+        for module in (preconditioner, grad_io, distributed):
             patch.setattr(module, "to_array", lambda t: standin.to_device(bridge.to_array(t)))
         # On a GPU these are DLPack views, not reads: hand over the wrapped arrays uncounted.
-        patch.setattr(preconditioner, "copy_into", lambda t, a: bridge.copy_into(t, a._a))
+        patch.setattr(grad_io, "copy_into", lambda t, a: bridge.copy_into(t, a._a))
         patch.setattr(preconditioner, "to_tensor", lambda a: bridge.to_tensor(a._a))
         patch.setattr(preconditioner, "namespace_for", lambda device: standin.xp)
         yield

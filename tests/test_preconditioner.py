@@ -821,19 +821,19 @@ def test_an_empty_micro_batch_beside_batch_shared_positions_adds_nothing(comm, e
 
 
 def test_batch_candidates():
-    from hpckfac.torch.preconditioner import _batch_candidates, _batch_size
+    from hpckfac.torch.micro_batch import batch_candidates, batch_size
 
     t = lambda *shape: torch.zeros(shape)  # noqa: E731
-    assert _batch_candidates([t(4, 6), t(1, 6)]) == [4] and _batch_candidates([t(1, 6), t(4, 6)]) == [4, 1]
-    assert _batch_candidates([t(0, 5), t(1, 6), t(4, 6)]) == [4, 1]
-    assert _batch_candidates([t(1), t(4, 3)]) == [4] and _batch_candidates([t(6), t(1, 6, 5)]) == [1]
-    assert _batch_candidates([t(0, 5), t(4, 5)]) == [4] and _batch_candidates([t(7)]) == [7]
-    assert _batch_candidates([t(3, 2), t(5, 2)]) == [3, 5] and _batch_candidates([t(), t()]) == []
-    assert _batch_size([3, 5], 5) == (5, False) and _batch_size([3, 5], 15) == (3, True)
-    assert _batch_size([3, 5], 10) == (5, False) and _batch_size([3, 5], 7) == (3, True)
-    assert _batch_size([], 8) == (8, False) and _batch_size([3, 5], 0) == (3, True)
-    assert _batch_size([4, 1], 1) == (1, False) and _batch_size([4, 1], 1, shared=True) == (4, False)
-    assert _batch_size([4, 1], 12) == (4, False) and _batch_size([4, 1], 3) == (4, False)
+    assert batch_candidates([t(4, 6), t(1, 6)]) == [4] and batch_candidates([t(1, 6), t(4, 6)]) == [4, 1]
+    assert batch_candidates([t(0, 5), t(1, 6), t(4, 6)]) == [4, 1]
+    assert batch_candidates([t(1), t(4, 3)]) == [4] and batch_candidates([t(6), t(1, 6, 5)]) == [1]
+    assert batch_candidates([t(0, 5), t(4, 5)]) == [4] and batch_candidates([t(7)]) == [7]
+    assert batch_candidates([t(3, 2), t(5, 2)]) == [3, 5] and batch_candidates([t(), t()]) == []
+    assert batch_size([3, 5], 5) == (5, False) and batch_size([3, 5], 15) == (3, True)
+    assert batch_size([3, 5], 10) == (5, False) and batch_size([3, 5], 7) == (3, True)
+    assert batch_size([], 8) == (8, False) and batch_size([3, 5], 0) == (3, True)
+    assert batch_size([4, 1], 1) == (1, False) and batch_size([4, 1], 1, shared=True) == (4, False)
+    assert batch_size([4, 1], 12) == (4, False) and batch_size([4, 1], 3) == (4, False)
 
 
 class MaskedAttention(nn.Module):

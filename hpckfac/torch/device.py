@@ -3,6 +3,8 @@
 ``bind_device`` picks this rank's device and makes it current for torch and
 CuPy alike. Call it on every rank, first thing in a training script (before
 the first CUDA allocation: a context created earlier on GPU 0 stays there).
+``model_device`` is the device a model's parameters are on, where the
+preconditioner runs the pipeline.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
+from torch import nn
 
 from hpckfac.log import get_logger
 
@@ -87,3 +90,13 @@ def bind_device(device: DeviceChoice | str | torch.device | None = "auto",
         cupy.cuda.Device(index).use()
     _log.info("bound to GPU %d of %d visible (%s)", index, count, torch.cuda.get_device_name(index))
     return torch.device("cuda", index)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The one device holding ``model``'s parameters (CPU for a model without any);
+    ValueError naming ``model`` when they are spread over several."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(f"model: parameters on several devices {sorted(map(str, devices))}; "
+                         f"K-FAC needs the model on one device per rank")
+    return devices.pop() if devices else torch.device("cpu")

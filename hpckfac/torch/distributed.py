@@ -1,9 +1,10 @@
 """Data-parallel helpers on ``hpckfac.comm``: identical starting weights,
-gradient averaging for first-order baselines, BatchNorm statistics averaging."""
+gradient averaging for first-order baselines, a GradScaler's overflow agreed by every rank,
+BatchNorm statistics averaging."""
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -190,6 +191,26 @@ def _flag_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     """The flags' dtype: the first parameter's where a collective carries it, so that they
     share its fusion bucket (a mean of 0s and 1s over ranks is > 0 in float16 too)."""
     return params[0].dtype if params and _is_float(params[0]) else torch.float32
+
+
+def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> None:
+    """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in
+    ``found_inf`` whether this rank's own gradients overflowed; averaged, the gradients are
+    then non-finite on every rank, so every rank must skip the step. Every rank with an
+    enabled scaler sends one flag, whatever it recorded (one small allreduce on ``device``,
+    which the stream orders, no host read), and every recorded flag takes the sum (a
+    collective). The scaler keeps the flags in its per-optimizer state, which has no public
+    accessor."""
+    if scaler is None or not scaler.is_enabled():
+        return
+    found = [flag for state in scaler._per_optimizer_states.values()
+             for flag in state.get("found_inf_per_device", {}).values()]
+    anyone = torch.zeros(1, dtype=torch.float32, device=device)
+    for flag in found:  # none when unscale_ did not run before step(): scaler.step() checks later
+        anyone = torch.maximum(anyone, flag.reshape(1).to(device, torch.float32))
+    comm.allreduce(to_array(anyone), op="sum")
+    for flag in found:
+        flag.copy_(anyone.clamp(max=1.0).to(flag.device, flag.dtype).reshape(flag.shape))
 
 
 def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> None:

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from hpckfac.torch.bridge import copy_into, to_array
+
 
 class Window(NamedTuple):
     """Where parameter ``slot`` of a block (0: weight, 1: bias) sits in the block's flattened
@@ -54,7 +56,9 @@ class GradientIO:
     construction (``load_state_dict(assign=True)``) is the one read and written."""
 
     def __init__(self, blocks: Sequence[Any], params: Params) -> None:
-        self.windows = [windows(block, ps) for block, ps in zip(blocks, params)]
+        self.blocks = list(blocks)
+        self.windows = [windows(block, ps) for block, ps in zip(self.blocks, params)]
+        self._generic = [l for l, found in enumerate(self.windows) if found is None]
 
     def read(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """``.grad`` of every windowed parameter into ``buffer`` (zeros for a missing
@@ -77,14 +81,39 @@ class GradientIO:
         with torch.no_grad():
             for found, at, ps in zip(self.windows, offsets, params):
                 for w in found or ():
-                    param = ps[w.slot]
-                    if not param.requires_grad:
-                        continue
-                    if param.grad is None:
-                        param.grad = torch.empty_like(param)
-                    param.grad.copy_(buffer.as_strided(w.shape, w.stride, base + at + w.offset))
+                    grad = _grad_to_write(ps[w.slot])
+                    if grad is not None:
+                        grad.copy_(buffer.as_strided(w.shape, w.stride, base + at + w.offset))
 
     def generic(self) -> list[int]:
         """Indices of the blocks that take the generic path."""
-        return [l for l, found in enumerate(self.windows) if found is None]
+        return list(self._generic)
+
+    def read_generic(self, slots: Sequence[Any], params: Params) -> None:
+        """``.grad`` of the generic blocks' parameters (zeros for a missing gradient) into
+        their gradient matrices ``slots[l]`` (``CurvatureBlock.grad_matrix``)."""
+        for l in self._generic:
+            grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
+                     for p in params[l]]
+            self.blocks[l].grad_matrix(*grads, out=slots[l])
+
+    def write_generic(self, results: Sequence[Any], params: Params) -> None:
+        """The generic blocks' parameters' ``.grad`` from their result matrices ``results[l]``
+        (``CurvatureBlock.split_matrix``), cast to the parameter's dtype; frozen parameters
+        keep ``.grad`` None."""
+        for l in self._generic:
+            for param, part in zip(params[l], self.blocks[l].split_matrix(results[l])):
+                grad = None if param is None else _grad_to_write(param)
+                if grad is not None:
+                    copy_into(grad, part)
+
+
+def _grad_to_write(param: torch.Tensor) -> torch.Tensor | None:
+    """``param.grad`` to write a result into, made when missing; None for a frozen parameter,
+    whose ``.grad`` stays None."""
+    if not param.requires_grad:
+        return None
+    if param.grad is None:
+        param.grad = torch.empty_like(param)
+    return param.grad
 

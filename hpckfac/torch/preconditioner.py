@@ -1,18 +1,19 @@
 """``KFACPreconditioner``: distributed K-FAC on a PyTorch model.
 
-Stage 1 runs in module hooks (``hpckfac.torch.hooks``) on factor-update
-steps; ``step()`` runs stages 2-4 through ``hpckfac.stages.engine.KFACEngine``
-and the ring-allreduce of the remaining gradients, then overwrites ``.grad``.
-Conventions (per-example gradients, accumulation, GradScaler, dtypes) are in
-docs/preconditioner.md.
+Which layers get a curvature block is decided once (``hpckfac.torch.coverage``).
+Stage 1 runs in module hooks (``hpckfac.torch.hooks``) on factor-update steps,
+with the examples counted from the model's inputs (``hpckfac.torch.micro_batch``);
+``step()`` runs stages 2-4 through ``hpckfac.stages.engine.KFACEngine`` and the
+ring-allreduce of the remaining gradients, then overwrites ``.grad``
+(``hpckfac.torch.grad_io``). ``state_dict()`` holds torch tensors
+(``hpckfac.torch.state``). Conventions (per-example gradients, accumulation,
+GradScaler, dtypes) are in docs/preconditioner.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,12 +27,16 @@ from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import Assignment, CheckedOption
 from hpckfac.tables import format_table
-from hpckfac.torch.bridge import copy_into, device_scope, namespace_for, to_array, to_tensor
-from hpckfac.torch.distributed import average_grads, gradients_alike, replica_difference
+from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tensor
+from hpckfac.torch.coverage import find_blocks
+from hpckfac.torch.device import model_device
+from hpckfac.torch.distributed import agree_on_overflow, average_grads, gradients_alike, replica_difference
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, counts_call
+from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
 from hpckfac.torch.options import DEFAULTS, check_options
-from hpckfac.torch.registry import block_for, block_params, broadcasts_batch
+from hpckfac.torch.registry import block_params, broadcasts_batch
+from hpckfac.torch.state import blocks_as_arrays, blocks_as_tensors
 
 _log = get_logger("hpckfac.torch")
 
@@ -149,12 +154,13 @@ class KFACPreconditioner:
                                                                    for m in model.modules())
         self.bucket_bytes = opts.get("bucket_bytes")
         self.skip_layers = opts["skip_layers"]
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self.xp = namespace_for(self.device)
-        self.modules, blocks, kfac_params = self._find_blocks()
+        found = find_blocks(model, self.skip_layers, self._note)
+        self.modules, blocks, self.coverage = found.modules, found.blocks, found.rows
         # By name: a parameter object replaced later (load_state_dict(assign=True)) keeps its name,
         # while the id of the one it replaced may by then be another tensor's.
-        self._first_order_names = {name for name, p in model.named_parameters() if id(p) not in kfac_params}
+        self._first_order_names = {name for name, p in model.named_parameters() if id(p) not in found.covered}
         param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
         comm_dtype = opts["factor_dtype"] or (np.float64 if param_dtype == torch.float64 else np.float32)
         self._check_agreement(opts)
@@ -174,80 +180,13 @@ class KFACPreconditioner:
                                    self._broadcast, lambda: self._micro_batch,
                                    self.engine.is_factor_step)
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
-        # Gradients move between .grad and the engine's buffers as strided windows, one copy per
-        # parameter; blocks whose parameters are no plain window take the per-block path.
         # The parameter slots each block covers: a bias given to a bias-free K-FAC layer later is
         # not the block's (it is averaged first-order, and named as added).
         self._slots = [tuple(p is not None for p in block_params(m)) for m in self.modules]
         self._io = GradientIO(self.engine.blocks, self._block_params())
-        self._generic = self._io.generic()
         self._send_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- setup
-    def _skipped(self, name: str, module: nn.Module) -> bool:
-        return any(isinstance(s, type) and isinstance(module, s) or
-                   isinstance(s, str) and (name == s or name.startswith(s + ".")) for s in self.skip_layers)
-
-    def _find_blocks(self):
-        """K-FAC modules, their blocks, and the ids of the parameters they cover; records in
-        ``self.coverage`` what happens to every module with parameters of its own, and why."""
-        candidates = []  # (name, module, block) of every module a block could cover
-        self.coverage: list[tuple[str, str, str]] = []
-        status: dict[str, str] = {}
-        for name, module in self.model.named_modules():
-            if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-                raise ValueError(f"model: layer {name} ({type(module).__name__}) has sparse=True; its sparse "
-                                 "gradients cannot be preconditioned or averaged by the dense collectives (use "
-                                 "sparse=False)")
-            own = any(True for _ in module.parameters(recurse=False))
-            if self._skipped(name, module):
-                if own:
-                    status[name] = "first-order: in skip_layers"
-                continue
-            try:
-                block = block_for(name, module)
-            except ValueError as exc:
-                self._note("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
-                status[name] = f"first-order: {exc}"
-                continue
-            if block is None:
-                if own:  # name the parameters: nn.MultiheadAttention's in_proj_weight is easy to miss
-                    names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
-                    status[name] = f"first-order: no curvature block for this type (averaged only: {names})"
-                continue
-            candidates.append((name, module, block))
-        users: dict[int, list[str]] = {}  # id of each parameter -> the candidate layers using it
-        for name, module, _ in candidates:
-            for p in _covered(module):
-                users.setdefault(id(p), []).append(name)
-        modules, blocks, covered = [], [], set()
-        for name, module, block in candidates:
-            tied = sorted({other for p in _covered(module) for other in users[id(p)] if other != name})
-            if tied:
-                self._note("layer %s (%s) stays first-order: it shares a parameter with %s (tied weights)",
-                             name, type(module).__name__, ", ".join(tied))
-                status[name] = f"first-order: shares a parameter with {', '.join(map(repr, tied))} (tied weights)"
-                continue
-            modules.append(module)
-            blocks.append(block)
-            covered.update(id(p) for p in _covered(module))
-            frozen = not any(p.requires_grad for p in _covered(module))
-            status[name] = f"K-FAC ({block.describe()})" + ("; frozen now: no statistics, .grad stays None"
-                                                           if frozen else "")
-        self.coverage = [(name, type(module).__name__, status[name]) for name, module in self.model.named_modules()
-                         if name in status]
-        names = [name for name, _ in self.model.named_modules()]
-        unmatched = [s for s in self.skip_layers if isinstance(s, str)
-                     and not any(n == s or n.startswith(s + ".") for n in names)]
-        if unmatched:  # most likely a typo: the layer meant is preconditioned after all
-            self._note("skip_layers: no module is named %s (the model's names are those of "
-                       "model.named_modules(), e.g. %s)", ", ".join(map(repr, unmatched)),
-                       ", ".join(repr(n) for n in names[1:4]) or "none")
-        if not blocks:
-            self._note("no layer of the model is preconditioned (see print(preconditioner) for why); every "
-                         "gradient is only averaged over ranks")
-        return modules, blocks, covered
-
     def __repr__(self) -> str:
         width = max([len(n) for n, _, _ in self.coverage] + [6])
         lines = [f"KFACPreconditioner(device={self.device}, ranks={self.comm.size}, "
@@ -298,7 +237,7 @@ class KFACPreconditioner:
             return
         self._forwards += 1
         self._root_seen = True
-        sizes = _batch_candidates(list(_tensors((args, kwargs))))
+        sizes = batch_candidates(list(tensors_in((args, kwargs))))
         if len(sizes) == 1:
             self._count(sizes[0])
         else:  # none, or several: the first K-FAC layer's input decides
@@ -328,7 +267,7 @@ class KFACPreconditioner:
     def _on_input(self, index: int, a: torch.Tensor) -> int | None:
         if self._count_pending is not False:
             candidates = self._count_pending
-            size, guessed = _batch_size(candidates, int(a.shape[0]), self._broadcast[index])
+            size, guessed = batch_size(candidates, int(a.shape[0]), self._broadcast[index])
             if guessed:
                 self._warn_once("batch-guessed", (
                     f"model(...) was passed tensors of leading sizes {', '.join(map(str, candidates))} and the "
@@ -438,11 +377,6 @@ class KFACPreconditioner:
             self._send_views[id(buffer)] = (buffer, to_tensor(buffer))
         return self._send_views[id(buffer)][1]
 
-    def _grad_matrix(self, index: int, slot, params):
-        grads = [None if p is None else to_array(p.grad if p.grad is not None else torch.zeros_like(p))
-                 for p in params]
-        return self.engine.blocks[index].grad_matrix(*grads, out=slot)
-
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``
         (a collective: call it on every rank, once per optimizer step)."""
@@ -477,6 +411,64 @@ class KFACPreconditioner:
                            "(DistributedSampler(dataset, num_replicas=comm.size, rank=comm.rank); a "
                            "DataLoader(shuffle=True) alone gives ranks seeded alike the same batches)", self.comm.size)
             self._replicas_checked = True
+        self._check_forwards()
+        self._forwards, self._root_seen = 0, False
+        self._fired = set()
+        start = self.engine.clock()
+        params = self._block_params()
+        stats = self.local.result() if self.engine.is_factor_step() else None
+        missing = self._check_statistics(stats, params) if stats is not None and self.local.examples else []
+        slots = self.engine.gradient_slots()
+        buffer, offsets = self.engine.gradient_buffer()
+        self._io.read(self._send_tensor(buffer), offsets, params)
+        self._io.read_generic(slots, params)
+        if stats is not None and self.local.examples and not self._outside_checked:
+            self._check_outside_statistics(stats, slots)
+        self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
+
+        start = self.engine.clock()
+        named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
+        every = [p for _, p in named]
+        # Which K-FAC layers some rank's backward reached: the others keep .grad None below, as
+        # first-order parameters do (an optimizer skips a None gradient, but decays a zero one).
+        # Frozen ones send a flag too: the same count on every rank, whatever each rank froze.
+        covered = [[p for p in ps if p is not None] for ps in params]
+        first_order = self._first_order(every, covered)
+        self._warn_added(named, first_order)
+        present = iter(average_grads(first_order, self.comm, "ring", self.bucket_bytes,
+                                     presence=[p for ps in covered for p in ps],
+                                     held=[] if stats is None else [st is not None for st in stats]))
+        reached = [[next(present) for _ in ps] for ps in covered]
+        if stats is not None:
+            self._absent_as_zeros(stats, [next(present) for _ in stats], missing)
+        unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached) if not any(had)]
+        agree_on_overflow(self.grad_scaler, self.comm, self.device)
+        self.timings["allreduce"] = self.engine.clock() - start
+
+        # A parameter frozen on one rank only would send zeros there and leave the replicas apart;
+        # a model in eval() on one rank only takes no statistics there and runs other forwards.
+        frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
+        updates = self.engine.step(slots, stats, lr=lr, settings={
+            "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
+            "frozen parameters": frozen, "training mode": self.model.training})
+        start = self.engine.clock()
+        whole, offsets = self.engine.gathered()
+        self._io.write(to_tensor(whole), offsets, params)
+        self._io.write_generic(updates, params)
+        for ps in unreached:
+            for param in ps:
+                param.grad = None
+        self.timings.update(self.engine.timings)
+        self.timings["write_grads"] = self.engine.clock() - start
+        self.local.reset()
+        self._hook_seconds = 0.0
+        for name in ITERATION_STAGES:
+            self._totals[name] += self.timings[name]
+        self._timed_steps += 1
+
+    def _check_forwards(self) -> None:
+        """Warn, once each, about a step() without a training forward, a factor step without
+        examples on this rank, and forwards that do not match ``accumulation_steps``."""
         if self._forwards == 0:
             # Either a second step() for one backward (its gradients preconditioned twice) or a model in
             # eval() mode: the hooks cannot tell, so the warning names both.
@@ -500,89 +492,34 @@ class KFACPreconditioner:
                 "micro-batch divided by accumulation_steps: if these forwards accumulate micro-batches with "
                 "their losses divided by their number, set accumulation_steps to it; forwards whose undivided "
                 "losses are added in one backward (a GAN's real and generated batches) are right as they are"))
-        self._forwards, self._root_seen = 0, False
-        self._fired = set()
-        start = self.engine.clock()
-        params = self._block_params()
-        stats = self.local.result() if self.engine.is_factor_step() else None
-        missing: list[str] = []
-        if stats is not None and self.local.examples:
-            # A layer whose parameters are all frozen has no output gradient to take: not worth a word.
-            trained = [any(p is not None and p.requires_grad for p in ps) for ps in params]
-            unpaired = [self.engine.blocks[i].name for i in self.local.unpaired if trained[i]]
-            if unpaired:
-                self._warn_once("unpaired:" + ",".join(unpaired), f"K-FAC statistics of {', '.join(unpaired)} "
-                                f"dropped at step {self.engine.steps}: they ran in a training forward whose output "
-                                "got no backward (a forward not backpropagated: run those under model.eval() or "
-                                "torch.no_grad(); an exception between forward and backward; the recomputation "
-                                "of torch.utils.checkpoint(use_reentrant=False): pass it "
-                                "context_fn=hpckfac.torch.checkpoint_context_fn (checkpoint_sequential takes "
-                                "none: use use_reentrant=True there); or an output outside the loss)")
-            without = [(b.name, m.training) for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
-                       if st is None and t and b.name not in unpaired]
-            # A layer put in eval() inside a training model (a frozen BatchNorm while fine-tuning):
-            # its hooks take nothing by design, which is not the mistake the second warning suspects.
-            evaluated = [name for name, training in without if not training]
-            missing = [name for name, training in without if training]
-            if evaluated:
-                self._warn_once("eval:" + ",".join(evaluated), f"K-FAC layers in eval() mode at step "
-                                f"{self.engine.steps}: {', '.join(evaluated)}; statistics are taken in train() "
-                                "mode only, so until they have some their gradients are only averaged (freeze "
-                                "their parameters, or list them in skip_layers, to say so)")
-        slots = self.engine.gradient_slots()
-        buffer, offsets = self.engine.gradient_buffer()
-        self._io.read(self._send_tensor(buffer), offsets, params)
-        for i in self._generic:
-            self._grad_matrix(i, slots[i], params[i])
-        if stats is not None and self.local.examples and not self._outside_checked:
-            self._check_outside_statistics(stats, slots)
-        self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
-        start = self.engine.clock()
-        named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
-        every = [p for _, p in named]
-        # Which K-FAC layers some rank's backward reached: the others keep .grad None below, as
-        # first-order parameters do (an optimizer skips a None gradient, but decays a zero one).
-        # Frozen ones send a flag too: the same count on every rank, whatever each rank froze.
-        covered = [[p for p in ps if p is not None] for ps in params]
-        first_order = self._first_order(every, covered)
-        self._warn_added(named, first_order)
-        present = iter(average_grads(first_order, self.comm, "ring", self.bucket_bytes,
-                                     presence=[p for ps in covered for p in ps],
-                                     held=[] if stats is None else [st is not None for st in stats]))
-        reached = [[next(present) for _ in ps] for ps in covered]
-        if stats is not None:
-            self._absent_as_zeros(stats, [next(present) for _ in stats], missing)
-        unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached) if not any(had)]
-        self._agree_on_overflow()
-        self.timings["allreduce"] = self.engine.clock() - start
-
-        # A parameter frozen on one rank only would send zeros there and leave the replicas apart;
-        # a model in eval() on one rank only takes no statistics there and runs other forwards.
-        frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
-        updates = self.engine.step(slots, stats, lr=lr, settings={
-            "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen, "training mode": self.model.training})
-        start = self.engine.clock()
-        whole, offsets = self.engine.gathered()
-        self._io.write(to_tensor(whole), offsets, params)
-        for i in self._generic:
-            block = self.engine.blocks[i]
-            for param, part in zip(params[i], block.split_matrix(updates[i])):
-                if param is not None and param.requires_grad:  # frozen weights keep .grad None
-                    if param.grad is None:
-                        param.grad = torch.empty_like(param)
-                    copy_into(param.grad, part)
-        for ps in unreached:
-            for param in ps:
-                param.grad = None
-        self.timings.update(self.engine.timings)
-        self.timings["write_grads"] = self.engine.clock() - start
-        self.local.reset()
-        self._hook_seconds = 0.0
-        for name in ITERATION_STAGES:
-            self._totals[name] += self.timings[name]
-        self._timed_steps += 1
+    def _check_statistics(self, stats: list, params: list) -> list[str]:
+        """Warn, once each, about trained K-FAC layers whose statistics were dropped (an unpaired
+        call) or not taken (in eval() mode) on this rank; returns the names of the trained layers
+        in train() mode without statistics here, for ``_absent_as_zeros`` to warn about."""
+        # A layer whose parameters are all frozen has no output gradient to take: not worth a word.
+        trained = [any(p is not None and p.requires_grad for p in ps) for ps in params]
+        unpaired = [self.engine.blocks[i].name for i in self.local.unpaired if trained[i]]
+        if unpaired:
+            self._warn_once("unpaired:" + ",".join(unpaired), f"K-FAC statistics of {', '.join(unpaired)} "
+                            f"dropped at step {self.engine.steps}: they ran in a training forward whose output "
+                            "got no backward (a forward not backpropagated: run those under model.eval() or "
+                            "torch.no_grad(); an exception between forward and backward; the recomputation "
+                            "of torch.utils.checkpoint(use_reentrant=False): pass it "
+                            "context_fn=hpckfac.torch.checkpoint_context_fn (checkpoint_sequential takes "
+                            "none: use use_reentrant=True there); or an output outside the loss)")
+        without = [(b.name, m.training) for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
+                   if st is None and t and b.name not in unpaired]
+        # A layer put in eval() inside a training model (a frozen BatchNorm while fine-tuning):
+        # its hooks take nothing by design, which is not the mistake ``_absent_as_zeros`` suspects.
+        evaluated = [name for name, training in without if not training]
+        missing = [name for name, training in without if training]
+        if evaluated:
+            self._warn_once("eval:" + ",".join(evaluated), f"K-FAC layers in eval() mode at step "
+                            f"{self.engine.steps}: {', '.join(evaluated)}; statistics are taken in train() "
+                            "mode only, so until they have some their gradients are only averaged (freeze "
+                            "their parameters, or list them in skip_layers, to say so)")
+        return missing
 
     def _check_outside_statistics(self, stats: list, slots: list) -> None:
         """Warn, once, about layers whose gradient the statistics of their own calls cannot
@@ -660,25 +597,6 @@ class KFACPreconditioner:
             out.append(tuple(p if kept else None for p, kept in zip(params, slots)))
         return out
 
-    def _agree_on_overflow(self) -> None:
-        """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in
-        ``found_inf`` whether this rank's own gradients overflowed; averaged, the gradients are
-        then non-finite on every rank, so every rank must skip the step. Every rank with an
-        enabled scaler sends one flag, whatever it recorded (one small allreduce on the device,
-        which the stream orders, no host read), and every recorded flag takes the sum. The
-        scaler keeps the flags in its per-optimizer state, which has no public accessor."""
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return
-        found = [flag for state in scaler._per_optimizer_states.values()
-                 for flag in state.get("found_inf_per_device", {}).values()]
-        anyone = torch.zeros(1, dtype=torch.float32, device=self.device)
-        for flag in found:  # none when unscale_ did not run before step(): scaler.step() checks later
-            anyone = torch.maximum(anyone, flag.reshape(1).to(self.device, torch.float32))
-        self.comm.allreduce(to_array(anyone), op="sum")
-        for flag in found:
-            flag.copy_(anyone.clamp(max=1.0).to(flag.device, flag.dtype).reshape(flag.shape))
-
     def _warn_added(self, named: list[tuple[str, nn.Parameter]], first_order: list[nn.Parameter]) -> None:
         """A warning, once, naming the parameters averaged ``first_order`` that were not at
         construction (a layer added, or a K-FAC layer replaced by a new module, since): they
@@ -743,8 +661,7 @@ class KFACPreconditioner:
             state = self.engine.state_dict()
         state["hyperparameters"].update(lr=None if callable(self.lr) else self.lr,
                                         accumulation_steps=self.accumulation_steps)
-        state["blocks"] = {name: {k: _to_tensors(v) for k, v in block.items()}
-                           for name, block in state["blocks"].items()}
+        state["blocks"] = blocks_as_tensors(state["blocks"])
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -759,9 +676,7 @@ class KFACPreconditioner:
         lr, saved = hyper.pop("lr", None), hyper.pop("accumulation_steps", self.accumulation_steps)
         saved = check_options(accumulation_steps=saved)["accumulation_steps"]
         lr = None if lr is None or callable(self.lr) else check_options(lr=lr)["lr"]
-        blocks = {name: {k: _to_arrays(v, f"block {name!r} has {k}") for k, v in block.items()}
-                  if isinstance(block, dict) else block
-                  for name, block in state["blocks"].items()}  # the engine names a malformed entry
+        blocks = blocks_as_arrays(state["blocks"])
         steps = state["steps"]
         with device_scope(self.device):
             # A tensor step count is read as the number it holds (a float one is then refused).
@@ -778,99 +693,3 @@ class KFACPreconditioner:
             self._note("load_state_dict: the checkpoint's lr %r replaces %r", lr, self.lr)
             self.lr = lr
 
-
-def _tensors(value) -> Iterator[torch.Tensor]:
-    """The tensors in ``value`` and in the mappings (dicts, Hugging Face's ``BatchEncoding``),
-    lists, tuples and dataclass instances it nests, in order."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for field in dataclasses.fields(value):
-            yield from _tensors(getattr(value, field.name, None))
-
-
-def _batch_candidates(tensors: list[torch.Tensor]) -> list[int]:
-    """The possible micro-batch sizes among the tensors passed to the model: the leading
-    dimensions of those with two or more dimensions (of the 1-D ones when there are none), in
-    order, a size 0 dropped beside larger ones (an empty placeholder), and a size 1 too unless it
-    comes before them, then put last: after the batch, ``(1, T)`` position ids or a ``(1,)`` scale
-    broadcast over it; first, a batch of one beside a tensor that is not per example (an
-    attention mask ``(T, T)``, an RNN's state)."""
-    for batch_like in (True, False):
-        sizes = list(dict.fromkeys(int(t.shape[0]) for t in tensors if (t.dim() >= 2) == batch_like and t.dim()))
-        if sizes:
-            larger = [n for n in sizes if n > 1]
-            return larger + [1] if larger and next(n for n in sizes if n) == 1 else larger or sizes
-    return []
-
-
-def _batch_size(candidates: list[int], rows: int, shared: bool = False) -> tuple[int, bool]:
-    """The micro-batch size among several ``candidates`` given the ``rows`` of the first K-FAC
-    layer's input, and whether that choice was a guess: the candidate equal to ``rows`` (not 1
-    for a layer that takes ``shared`` batch-shared inputs, ``broadcast_batch``), else the one
-    larger candidate dividing ``rows`` (a layer on flattened ``(batch * positions, ...)``
-    rows), else the first of those dividing it, or the first (a guess when several were
-    larger than 1); ``rows`` itself without candidates."""
-    if not candidates:
-        return rows, False
-    if rows in candidates and not (shared and rows == 1 and len(candidates) > 1):
-        return rows, False
-    larger = [n for n in candidates if n > 1]
-    dividing = [n for n in larger if rows % n == 0]
-    return (dividing or candidates)[0], len(larger) > 1 and len(dividing) != 1
-
-
-def _covered(module: nn.Module) -> list[torch.Tensor]:
-    return [p for p in block_params(module) if p is not None]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """The one device holding ``model``'s parameters (CPU for a model without any)."""
-    devices = {p.device for p in model.parameters()}
-    if len(devices) > 1:
-        raise ValueError(f"model: parameters on several devices {sorted(map(str, devices))}; "
-                         f"K-FAC needs the model on one device per rank")
-    return devices.pop() if devices else torch.device("cpu")
-
-
-def _to_tensors(value):
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return [torch.from_numpy(np.array(v)) for v in value]
-    return torch.from_numpy(np.array(value))
-
-
-def _to_arrays(value, where: str):
-    """A block's saved factors (an array) or inverses (a list or tuple of them) as host arrays;
-    ``where`` names them in the ValueError for a value that is none."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_host_array(v, where) for v in value]
-    return _host_array(value, where)
-
-
-# Floating dtypes NumPy lacks (bfloat16, the float8 kinds): read as float32, which holds them exactly.
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-def _host_array(value, where: str) -> np.ndarray:
-    """A checkpoint's tensor (or array) as a host array: ``torch.load(map_location="cuda")``
-    puts the state's tensors on the GPU, where ``Tensor.numpy()`` refuses them. ValueError
-    naming ``where`` for a tensor without values NumPy can hold (meta, sparse, complex32)."""
-    try:
-        if not isinstance(value, torch.Tensor):
-            return np.asarray(value)
-        value = value.detach().cpu()
-        if value.is_floating_point() and value.dtype not in _NUMPY_FLOATS:
-            value = value.float()
-        return value.numpy()
-    except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
-        raise ValueError(f"state: {where} that are not arrays of numbers ({str(err).splitlines()[0]})") from None

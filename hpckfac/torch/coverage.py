@@ -1,0 +1,102 @@
+"""Which modules of a model get a curvature block, and why the others stay first-order.
+
+``find_blocks`` walks the model once: a module in ``skip_layers``, of a type without a
+registered kind (``hpckfac.torch.registry``), or whose kind refuses this instance stays
+first-order; so does a module sharing a parameter with another candidate (tied weights,
+whose curvature is the sum of both layers', which no single block describes). Every
+module with parameters of its own gets a line saying which, the table that
+``print(preconditioner)`` shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from hpckfac.layers import CurvatureBlock
+from hpckfac.torch.registry import block_for, block_params
+
+
+@dataclass
+class Coverage:
+    """The result of ``find_blocks``: the K-FAC modules and their blocks in model order, the
+    ids of the parameters the blocks cover, and ``(name, type, status)`` of every module with
+    parameters of its own."""
+
+    modules: list[nn.Module]
+    blocks: list[CurvatureBlock]
+    covered: set[int]
+    rows: list[tuple[str, str, str]]
+
+
+def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
+                note: Callable[..., Any]) -> Coverage:
+    """The coverage of ``model`` (module docstring); ``note(message, *args)`` says what is
+    worth a warning (a layer its kind refuses, tied weights, a name in ``skip_layers`` no module
+    has, nothing preconditioned). ValueError for a sparse embedding, whose gradients neither
+    path can take."""
+    candidates = []  # (name, module, block) of every module a block could cover
+    status: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            raise ValueError(f"model: layer {name} ({type(module).__name__}) has sparse=True; its sparse "
+                             "gradients cannot be preconditioned or averaged by the dense collectives (use "
+                             "sparse=False)")
+        own = any(True for _ in module.parameters(recurse=False))
+        if _skipped(name, module, skip_layers):
+            if own:
+                status[name] = "first-order: in skip_layers"
+            continue
+        try:
+            block = block_for(name, module)
+        except ValueError as exc:
+            note("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
+            status[name] = f"first-order: {exc}"
+            continue
+        if block is None:
+            if own:  # name the parameters: nn.MultiheadAttention's in_proj_weight is easy to miss
+                names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+                status[name] = f"first-order: no curvature block for this type (averaged only: {names})"
+            continue
+        candidates.append((name, module, block))
+    users: dict[int, list[str]] = {}  # id of each parameter -> the candidate layers using it
+    for name, module, _ in candidates:
+        for p in _covered(module):
+            users.setdefault(id(p), []).append(name)
+    modules, blocks, covered = [], [], set()
+    for name, module, block in candidates:
+        tied = sorted({other for p in _covered(module) for other in users[id(p)] if other != name})
+        if tied:
+            note("layer %s (%s) stays first-order: it shares a parameter with %s (tied weights)",
+                 name, type(module).__name__, ", ".join(tied))
+            status[name] = f"first-order: shares a parameter with {', '.join(map(repr, tied))} (tied weights)"
+            continue
+        modules.append(module)
+        blocks.append(block)
+        covered.update(id(p) for p in _covered(module))
+        frozen = not any(p.requires_grad for p in _covered(module))
+        status[name] = f"K-FAC ({block.describe()})" + ("; frozen now: no statistics, .grad stays None"
+                                                       if frozen else "")
+    rows = [(name, type(module).__name__, status[name]) for name, module in model.named_modules() if name in status]
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [s for s in skip_layers if isinstance(s, str)
+                 and not any(n == s or n.startswith(s + ".") for n in names)]
+    if unmatched:  # most likely a typo: the layer meant is preconditioned after all
+        note("skip_layers: no module is named %s (the model's names are those of "
+             "model.named_modules(), e.g. %s)", ", ".join(map(repr, unmatched)),
+             ", ".join(repr(n) for n in names[1:4]) or "none")
+    if not blocks:
+        note("no layer of the model is preconditioned (see print(preconditioner) for why); every "
+             "gradient is only averaged over ranks")
+    return Coverage(modules, blocks, covered, rows)
+
+
+def _skipped(name: str, module: nn.Module, skip_layers: Sequence[str | type]) -> bool:
+    """Whether ``skip_layers`` names ``module`` (or a module it is inside) or its type."""
+    return any(isinstance(s, type) and isinstance(module, s) or
+               isinstance(s, str) and (name == s or name.startswith(s + ".")) for s in skip_layers)
+
+
+def _covered(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in block_params(module) if p is not None]
