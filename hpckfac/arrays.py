@@ -75,7 +75,7 @@ def kind_of(x: Any) -> ArrayKind | None:
     return next((k for k in _KINDS if k.accepts(x)), None)
 
 
-def namespace(x: Any):
+def namespace(x: Any) -> Any:
     """The array module of ``x``: ``numpy`` for host arrays, ``cupy`` for CuPy arrays."""
     kind = kind_of(x)
     return np if kind is None else kind.namespace()
@@ -86,7 +86,7 @@ def is_device(x: Any) -> bool:
     return kind_of(x) is not None
 
 
-def ops_backend(x: Any):
+def ops_backend(x: Any) -> Any:
     """The module implementing ``hpckfac.ops`` for arrays like ``x``; None for NumPy."""
     kind = kind_of(x)
     return None if kind is None else kind.ops()
@@ -98,7 +98,7 @@ def to_host(x: Any) -> np.ndarray:
     return np.asarray(x) if kind is None else kind.to_host(x)
 
 
-def from_host(a: Any, xp) -> Any:
+def from_host(a: Any, xp: Any) -> Any:
     """``a`` (host data) as an array of namespace ``xp`` (a copy to the device, or ``a`` itself)."""
     return np.asarray(a) if xp is np else xp.asarray(a)
 
@@ -106,7 +106,7 @@ def from_host(a: Any, xp) -> Any:
 _constants: dict[tuple, Any] = {}
 
 
-def constant(host: np.ndarray, xp, key: Hashable) -> Any:
+def constant(host: np.ndarray, xp: Any, key: Hashable) -> Any:
     """``host`` as an ``xp`` array, uploaded once per ``key`` (which must identify ``host``'s
     contents) and device: an upload from host memory waits for everything queued on the
     device, so arrays needed at every step are not uploaded at every step."""

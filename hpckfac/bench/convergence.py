@@ -19,11 +19,14 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpckfac.bench.report import Parser, check_outputs, write_json
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
 TARGETS = (0.95, 0.97)
 LOSS_TARGET = 0.05  # training loss: how fast each method optimises, apart from how well it generalises
@@ -79,7 +82,7 @@ def first_loss_below(records: list[dict[str, float]], target: float) -> int | No
     return next((int(r["step"]) for r in records if r["loss"] <= target), None)
 
 
-def run_one(comm, method: str, batch: int, lr: float, damping: float | None, seed: int,
+def run_one(comm: Communicator, method: str, batch: int, lr: float, damping: float | None, seed: int,
             study: Study) -> dict[str, Any]:
     """One training run; its records and the first-reach figures."""
     from hpckfac.train.config import TrainConfig

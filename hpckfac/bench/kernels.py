@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def _factor_route(route: str):
             os.environ[ops_cuda.FACTOR_ROUTE_ENV] = saved
 
 
-def bench_factors(repeat: int, shape_list=FACTOR_SHAPES) -> list[dict[str, Any]]:
+def bench_factors(repeat: int, shape_list: Sequence[tuple[int, int]] = FACTOR_SHAPES) -> list[dict[str, Any]]:
     """Packed factor accumulation, both routes (the syrk kernel and cuBLAS panels + pack),
     vs ``X.T @ X`` (cuBLAS, a full product) at the same precision."""
     import cupy
@@ -140,7 +140,7 @@ def bench_factors(repeat: int, shape_list=FACTOR_SHAPES) -> list[dict[str, Any]]
     return rows_out
 
 
-def bench_factor_crossover(repeat: int, widths=CROSSOVER_D,
+def bench_factor_crossover(repeat: int, widths: Sequence[int] = CROSSOVER_D,
                            rows: int = CROSSOVER_ROWS) -> tuple[list[dict[str, Any]], dict[str, int | None]]:
     """The syrk kernel vs the cuBLAS route over ``widths`` at ``rows`` rows, per input
     precision; returns the rows and, per precision, the smallest width from which the
@@ -168,7 +168,7 @@ def bench_factor_crossover(repeat: int, widths=CROSSOVER_D,
     return rows_out, crossover
 
 
-def bench_cholesky(repeat: int, sizes=CHOLESKY_SIZES) -> tuple[list[dict[str, Any]], int]:
+def bench_cholesky(repeat: int, sizes: Sequence[int] = CHOLESKY_SIZES) -> tuple[list[dict[str, Any]], int]:
     """Batched damped inversion: kernel vs torch (cholesky + cholesky_inverse) vs
     the cuSOLVER route; returns the rows and the measured kernel/cuSOLVER crossover."""
     import cupy

@@ -34,7 +34,7 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from hpckfac.bench.report import Parser, check_outputs, make_parent, median, wri
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
 COMPUTE = ("local_factors", "running_average", "inversion", "precondition", "write_grads")
 DEFAULT_SCALE = {"resnet50": 8, "small": 1}
@@ -150,7 +153,7 @@ def local_batch(args: argparse.Namespace, size: int) -> int:
     return args.batch // size
 
 
-def measure(comm, args: argparse.Namespace, assignment: str, xp=np,
+def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: Any = np,
             sync: Callable[[], None] | None = None) -> dict[str, Any]:
     """Median stage and iteration times of ``args.repeat`` iterations (collective)."""
     it = Iteration(comm, args, assignment, xp, sync)

@@ -13,7 +13,10 @@ No PyTorch is needed except by ``small_cnn``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def scaled(model: ModelShapes, factor: int) -> ModelShapes:
     return ModelShapes(f"{model.name}/{factor}", layers, model.image)
 
 
-def from_torch(name: str, model, input_shape: Sequence[int]) -> ModelShapes:
+def from_torch(name: str, model: nn.Module, input_shape: Sequence[int]) -> ModelShapes:
     """Shapes of a PyTorch ``model``'s Conv2d, Linear and BatchNorm2d layers, found
     by one forward pass of zeros shaped ``input_shape`` (batch first)."""
     import torch

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 from mpi4py import MPI
 
 # float16 travels as opaque 16-bit words: MPI has no half-precision type whose
@@ -14,7 +15,7 @@ DTYPE_CODES = {dtype: code for code, dtype in enumerate(_MPI_TYPES, start=1)}
 _half_sum: MPI.Op | None = None
 
 
-def check_dtype(dtype) -> np.dtype:
+def check_dtype(dtype: DTypeLike) -> np.dtype:
     """``dtype`` as a NumPy dtype if collectives support it, else TypeError naming it."""
     dtype = np.dtype(dtype)
     if dtype not in _MPI_TYPES:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import math
 from functools import cached_property
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from hpckfac.arrays import namespace as array_module
 Array = Any
 
 
-def prod(values) -> int:
+def prod(values: Iterable[int]) -> int:
     """Product of integers (1 for none)."""
     return math.prod(int(v) for v in values)
 

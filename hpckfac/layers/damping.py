@@ -7,6 +7,7 @@ the factors by their mean eigenvalues.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def pi_damping(a: Array, g: Array, damping: float) -> tuple[float, float]:
     return float(terms[0]), float(terms[1])
 
 
-def pi_damping_terms(mean_a: Array, mean_g: Array, damping: float, xp) -> tuple[Array, Array]:
+def pi_damping_terms(mean_a: Array, mean_g: Array, damping: float, xp: Any) -> tuple[Array, Array]:
     """``pi_damping`` for arrays of mean eigenvalues ``tr A / d_A`` and ``tr G / d_G``
     (float64, any shape), computed element-wise in namespace ``xp``.
 

@@ -76,7 +76,7 @@ class EmbeddingBlock(CurvatureBlock):
         stats[:self.num_embeddings] += counts.astype(stats.dtype)
         return None
 
-    def add_output_grad(self, stats: Array, g: Array, scale: float, saved) -> None:
+    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: None) -> None:
         if getattr(g, "ndim", 0) < 2 or g.shape[-1] != self.embedding_dim:
             raise ValueError(f"g: block {self.name!r} expects (N, ..., {self.embedding_dim}), "
                              f"got shape {getattr(g, 'shape', None)}")

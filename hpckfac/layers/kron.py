@@ -154,7 +154,7 @@ class KronBlock(CurvatureBlock):
         stats[:self.groups * self.d_A * (self.d_A + 1) // 2] += self.a_factor(a, packed=True)
         return None
 
-    def add_output_grad(self, stats: Array, g: Array, scale: float, saved) -> None:
+    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: None) -> None:
         stats[self.groups * self.d_A * (self.d_A + 1) // 2:] += self.g_factor(g, scale, packed=True)
 
     # ------------------------------------------------------------- gradients

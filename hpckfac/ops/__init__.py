@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from hpckfac import arrays
 from hpckfac.checks import check_real
@@ -58,7 +59,7 @@ def packed_offsets(sizes: Sequence[int]) -> np.ndarray:
     return _packed_offsets(checks.check_sizes(sizes))
 
 
-def pack_sym(mats: Sequence, dtype=None, out=None) -> ArrayLike:
+def pack_sym(mats: Sequence[ArrayLike], dtype: DTypeLike | None = None, out: ArrayLike | None = None) -> ArrayLike:
     """Pack the upper triangles of square symmetric ``mats`` into one 1-D buffer.
 
     Matrix ``m`` occupies ``out[offsets[m]:offsets[m+1]]`` (``packed_offsets``) in
@@ -82,7 +83,7 @@ def pack_sym(mats: Sequence, dtype=None, out=None) -> ArrayLike:
     return (backend or packing).pack_sym(mats, sizes, np.dtype(dtype), out)
 
 
-def unpack_sym(buffer, sizes: Sequence[int], dtype=None) -> list[ArrayLike]:
+def unpack_sym(buffer: ArrayLike, sizes: Sequence[int], dtype: DTypeLike | None = None) -> list[ArrayLike]:
     """Symmetric ``(n, n)`` matrices, one per entry of ``sizes``, from a buffer laid
     out as ``pack_sym`` writes it; dtype ``dtype`` (default ``buffer.dtype``)."""
     sizes = checks.check_sizes(sizes)
@@ -94,7 +95,8 @@ def unpack_sym(buffer, sizes: Sequence[int], dtype=None) -> list[ArrayLike]:
 
 
 def accumulate_factor(
-    x, scale: float = 1.0, *, packed: bool = False, out=None, decay: float | None = None
+    x: ArrayLike, scale: float = 1.0, *, packed: bool = False, out: ArrayLike | None = None,
+    decay: float | None = None,
 ) -> ArrayLike:
     """``scale * x.T @ x`` for ``x`` of shape (rows, d), accumulated in float32.
 
@@ -154,7 +156,8 @@ def batchnorm_fisher(x: ArrayLike, g: ArrayLike, eps: float, scale: float = 1.0,
     return (_backend(x) or batchnorm).batchnorm_fisher(x, g, eps, scale, out)
 
 
-def ema_update(running, new, decay: float, *, first: bool = False, finite: bool | None = None) -> bool:
+def ema_update(running: ArrayLike, new: ArrayLike, decay: float, *, first: bool = False,
+               finite: bool | None = None) -> bool:
     """``running <- decay*running + (1-decay)*new`` in place; ``first``: ``running <- new``.
 
     ``decay`` (0 <= decay < 1) weighs the old value. If ``new`` holds NaN or
@@ -178,7 +181,7 @@ class InverseResult(NamedTuple):
     status: ArrayLike   # (batch,) int8: CHOLESKY, JITTER or EIGEN per matrix
 
 
-def damped_inverse(mats, damping) -> InverseResult:
+def damped_inverse(mats: ArrayLike, damping: float | ArrayLike) -> InverseResult:
     """Inverses of ``mats[i] + damping[i]*I`` for a (batch, n, n) stack of SPD-ish matrices.
 
     ``damping`` is a scalar or a (batch,) array, finite and >= 0. Each matrix is

@@ -11,9 +11,10 @@ Every other cast is NumPy's own, which already rounds once.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 
-def cast(values: np.ndarray, dtype) -> np.ndarray:
+def cast(values: np.ndarray, dtype: DTypeLike) -> np.ndarray:
     """``values.astype(dtype)`` with one rounding (a new array)."""
     dtype = np.dtype(dtype)
     if dtype.name == "bfloat16" and values.dtype == np.float64:

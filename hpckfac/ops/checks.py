@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from hpckfac.checks import check_real
 
@@ -20,7 +21,7 @@ from hpckfac.checks import check_real
 FACTOR_INPUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
-def accumulation_dtype(dtype) -> np.dtype:
+def accumulation_dtype(dtype: DTypeLike) -> np.dtype:
     """float64 for float64 input, float32 for every narrower float."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
@@ -36,21 +37,21 @@ def check_sizes(sizes: Sequence[int], name: str = "sizes") -> list[int]:
     return values
 
 
-def operator_index(n) -> int:
+def operator_index(n: Any) -> int:
     """``int(n)`` for genuine integers (NumPy integers included), TypeError otherwise."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"{n!r} is not an integer")
     return int(n)
 
 
-def check_square(mat, name: str) -> int:
+def check_square(mat: Any, name: str) -> int:
     """Order of a 2-D square array ``mat``; ValueError naming ``name`` otherwise."""
     if getattr(mat, "ndim", None) != 2 or mat.shape[0] != mat.shape[1]:
         raise ValueError(f"{name}: expected a square 2-D array, got shape {getattr(mat, 'shape', None)}")
     return int(mat.shape[0])
 
 
-def check_square_batch(mats, name: str = "mats") -> tuple[int, int]:
+def check_square_batch(mats: Any, name: str = "mats") -> tuple[int, int]:
     """(batch, n) of a (batch, n, n) array of floats."""
     if getattr(mats, "ndim", None) != 3 or mats.shape[1] != mats.shape[2]:
         raise ValueError(f"{name}: expected a (batch, n, n) array, got shape {getattr(mats, 'shape', None)}")
@@ -58,18 +59,18 @@ def check_square_batch(mats, name: str = "mats") -> tuple[int, int]:
     return int(mats.shape[0]), int(mats.shape[1])
 
 
-def check_float(arr, name: str) -> None:
+def check_float(arr: Any, name: str) -> None:
     """TypeError naming ``name`` unless ``arr`` holds one of FACTOR_INPUT_DTYPES."""
     if np.dtype(arr.dtype).name not in FACTOR_INPUT_DTYPES:
         raise TypeError(f"{name}: dtype {arr.dtype} not supported, expected one of {FACTOR_INPUT_DTYPES}")
 
 
-def check_decay(decay) -> float:
+def check_decay(decay: Any) -> float:
     """Running-average weight of the old value: 0 <= decay < 1."""
     return check_real(decay, "decay", at_least=0.0, below=1.0)
 
 
-def check_damping(damping, batch: int):
+def check_damping(damping: Any, batch: int) -> Any:
     """Scalar damping as float, or a (batch,) array; finite and >= 0 either way."""
     if getattr(damping, "ndim", 0) == 0:
         return check_real(damping.item() if hasattr(damping, "item") else damping, "damping", at_least=0.0)

@@ -24,10 +24,12 @@ import math
 import os
 import threading
 from functools import lru_cache
+from typing import Any, Sequence
 
 import cupy
 import cupyx
 import numpy as np
+from numpy.typing import DTypeLike
 
 from hpckfac.ops import cuda_module
 from hpckfac.ops.checks import accumulation_dtype
@@ -149,7 +151,7 @@ def _name(dtype) -> str:
 
 # ---------------------------------------------------------------- packing
 
-def pack_sym(mats, sizes: list[int], dtype: np.dtype, out):
+def pack_sym(mats: Sequence[Any], sizes: list[int], dtype: np.dtype, out: Any) -> Any:
     """Upper triangles of ``mats`` (orders ``sizes``) in one buffer of ``dtype``, ``out`` if given."""
     offsets = packed_offsets(sizes)
     target = out if out is not None and out.flags.c_contiguous else cupy.empty(int(offsets[-1]), dtype=dtype)
@@ -178,7 +180,7 @@ def pack_sym(mats, sizes: list[int], dtype: np.dtype, out):
     return out
 
 
-def unpack_sym(buffer, sizes: list[int], dtype: np.dtype) -> list:
+def unpack_sym(buffer: Any, sizes: list[int], dtype: np.dtype) -> list:
     """Symmetric ``(n, n)`` matrices of ``dtype`` rebuilt from the packed ``buffer``
     (views of one freshly allocated array, one launch)."""
     order = np.asarray(sizes, dtype=np.int64)
@@ -237,7 +239,7 @@ def _syrk(x, scale: float, target, prev, decay: float, flag, dense: bool) -> Non
                (workspace, np.int32(splits), np.int64(d), np.float32(scale), *tail, *final))
 
 
-def factor_route(dtype, d: int) -> str:
+def factor_route(dtype: DTypeLike, d: int) -> str:
     """How a float32/float16/bfloat16 factor of ``d`` columns is accumulated, ``"gemm"`` or
     ``"kernel"``: ``$HPCKFAC_FACTOR_ROUTE`` if set, else ``DEFAULT_FACTOR_ROUTE``; ``"auto"``
     takes cuBLAS from ``GEMM_MIN_D`` columns on (see docs/gpu.md)."""
@@ -285,7 +287,7 @@ def _gemm_upper(x, scale: float):
     return out
 
 
-def accumulate_factor(x, scale: float, packed: bool, out, decay: float | None):
+def accumulate_factor(x: Any, scale: float, packed: bool, out: Any, decay: float | None) -> Any:
     """``scale * x.T @ x`` in float32 (float64 for float64 ``x``), dense or packed;
     with ``decay`` blended into ``out``, which a non-finite product leaves untouched
     (ValueError), as the CPU reference does."""
@@ -353,7 +355,7 @@ def batchnorm_fisher(x: cupy.ndarray, g: cupy.ndarray, eps: float, scale: float,
 
 # ---------------------------------------------------------------- running average
 
-def ema_update(running, new, decay: float, first: bool, check: bool = True) -> bool:
+def ema_update(running: Any, new: Any, decay: float, first: bool, check: bool = True) -> bool:
     """``running <- decay*running + (1-decay)*new`` in place (``first``: ``running <- new``);
     False, leaving ``running`` untouched, when ``new`` holds NaN or Inf (``check=False``:
     the caller knows it does not, and the device is not asked)."""
@@ -433,7 +435,7 @@ def _clipped_eigen_inverse(damped, damping):
     return 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
 
 
-def damped_inverse(mats, damping):
+def damped_inverse(mats: Any, damping: float | Any) -> tuple[Any, Any]:
     """Inverses of ``mats + damping*I`` (batch, n, n) and their int8 status (batch,),
     on the GPU, with the CPU reference's acceptance test and fallbacks."""
     dtype = accumulation_dtype(mats.dtype)

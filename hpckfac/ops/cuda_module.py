@@ -33,8 +33,10 @@ import sys
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 # Headers the kernels include (``mma.h`` pulls in ``crt/mma.h``).
 REQUIRED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h")
@@ -88,12 +90,12 @@ def source_names() -> list[str]:
     return sorted(p.name for p in kernel_dir().glob("*.cu"))
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: DTypeLike) -> str:
     """Name of a dtype, dtype-like or dtype name (``"bfloat16"`` without importing ml_dtypes)."""
     return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 
-def ctype(dtype) -> str:
+def ctype(dtype: DTypeLike) -> str:
     """C++ type of ``dtype``; TypeError for a dtype the kernels do not handle."""
     name = dtype_name(dtype)
     if name not in CTYPES:
@@ -101,29 +103,29 @@ def ctype(dtype) -> str:
     return CTYPES[name]
 
 
-def pack_name(kind: str, src_dtype, dst_dtype) -> str:
+def pack_name(kind: str, src_dtype: DTypeLike, dst_dtype: DTypeLike) -> str:
     """Name expression of ``pack_sym`` / ``unpack_sym`` from ``src_dtype`` to ``dst_dtype``."""
     return f"{kind}<{ctype(src_dtype)}, {ctype(dst_dtype)}>"
 
 
-def syrk_name(dtype, arch: int) -> str:
+def syrk_name(dtype: DTypeLike, arch: int) -> str:
     """Name expression of the factor-accumulation kernel for input ``dtype`` on ``arch``."""
     name = dtype_name(dtype)
     path = "syrk_wmma" if arch >= WMMA_MIN_ARCH.get(name, sys.maxsize) else "syrk_fma"
     return f"{path}<{ctype(dtype)}>"
 
 
-def chol_name(dtype) -> str:
+def chol_name(dtype: DTypeLike) -> str:
     """Name expression of the small-matrix Cholesky inversion for working ``dtype``."""
     return f"chol_inverse<{ctype(dtype)}>"
 
 
-def bn_sums_name(x_dtype, g_dtype) -> str:
+def bn_sums_name(x_dtype: DTypeLike, g_dtype: DTypeLike) -> str:
     """Name expression of BatchNorm's row sums for input ``x_dtype`` and gradient ``g_dtype``."""
     return f"bn_row_sums<{ctype(x_dtype)}, {ctype(g_dtype)}>"
 
 
-def bn_fisher_name(out_dtype) -> str:
+def bn_fisher_name(out_dtype: DTypeLike) -> str:
     """Name expression of BatchNorm's per-channel Fisher for statistics of ``out_dtype``."""
     return f"bn_unit_fisher<{ctype(out_dtype)}>"
 
@@ -209,7 +211,7 @@ def device_arch() -> int:
     return int(cupy.cuda.Device().compute_capability)
 
 
-def module(file: str):
+def module(file: str) -> Any:
     """The compiled ``cupy.RawModule`` of kernel source ``file`` for the current device."""
     import cupy
 
@@ -224,7 +226,7 @@ def module(file: str):
     return mod
 
 
-def function(file: str, name_expression: str):
+def function(file: str, name_expression: str) -> Any:
     """Kernel ``name_expression`` (one of ``name_expressions(file, arch)``) of ``file``,
     looked up once per device (the hooks launch kernels hundreds of times a step)."""
     import cupy

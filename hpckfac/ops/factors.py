@@ -10,6 +10,7 @@ inside (``full_precision``): the hooks run these inside the model's
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ PANEL_COLUMNS = 64
 MAX_PANELS = 8
 
 
-def full_precision(fn):
+def full_precision(fn: Callable) -> Callable:
     """``fn`` with torch's CPU autocast off. A forward hook runs inside the model's
     ``torch.autocast("cpu", dtype=torch.bfloat16)`` region (and so does a backward hook when
     ``backward()`` is called there), where torch computes products of float32 tensors in

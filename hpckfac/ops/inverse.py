@@ -35,7 +35,7 @@ PIVOT_RTOL = 100.0
 EIGEN_RFLOOR = 1e-6
 
 
-def damped_inverse(mats: np.ndarray, damping) -> tuple[np.ndarray, np.ndarray]:
+def damped_inverse(mats: np.ndarray, damping: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverses of ``mats + damping*I`` (batch, n, n) and their int8 status (batch,).
 
     ``damping`` is a float or a (batch,) array, already validated. Works in

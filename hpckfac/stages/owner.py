@@ -59,7 +59,7 @@ class OwnerState:
         self._stats_at = layout.stat_offset(self.owned[0]) - base if self.owned else 0
         self._presence_at = xp.asarray([layout.presence_offset(l) - base for l in self.owned], dtype=np.int64)
 
-    def update_all(self, segment, decay: float) -> None:
+    def update_all(self, segment: Any, decay: float) -> None:
         """Blend the averaged statistics of a factor-update step's ``segment`` into the running
         averages (``decay``: the weight of the old value)."""
         if not self.blocks:
@@ -157,7 +157,7 @@ class OwnerState:
         came on a step that does not invert)."""
         return any(ok and inv is None for ok, inv in zip(self.initialized, self.inverses))
 
-    def precondition(self, segment, factors: bool, out):
+    def precondition(self, segment: Any, factors: bool, out: Any) -> Any:
         """Write each owned block's preconditioned gradient (read from ``segment``, the
         step's averaged segment; a block without an inverse passes its gradient on) into
         consecutive slices of ``out`` and return

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
 import torch
 
 
-def namespace_for(device: torch.device):
+def namespace_for(device: torch.device) -> Any:
     """Array namespace of a torch device: ``numpy`` for CPU, ``cupy`` for CUDA."""
     device = torch.device(device)
     if device.type == "cpu":
@@ -99,7 +99,7 @@ def _cupy_view(tensor: torch.Tensor):
                         strides=tuple(st * itemsize for st in tensor.stride()))
 
 
-def to_array(tensor: torch.Tensor):
+def to_array(tensor: torch.Tensor) -> Any:
     """The data of ``tensor`` (detached) as a NumPy/CuPy array sharing its memory."""
     tensor = tensor.detach()
     bf16 = tensor.dtype == torch.bfloat16
@@ -116,7 +116,7 @@ def to_array(tensor: torch.Tensor):
     return array.view(ml_dtypes.bfloat16) if bf16 else array
 
 
-def to_tensor(array) -> torch.Tensor:
+def to_tensor(array: Any) -> torch.Tensor:
     """A torch tensor sharing the memory of a NumPy (CPU) or CuPy (CUDA) array of a standard
     dtype (the pipeline's buffers: float16/32/64)."""
     if isinstance(array, np.ndarray):
@@ -124,7 +124,7 @@ def to_tensor(array) -> torch.Tensor:
     return torch.from_dlpack(array)
 
 
-def copy_into(tensor: torch.Tensor, array) -> None:
+def copy_into(tensor: torch.Tensor, array: Any) -> None:
     """``tensor[...] = array`` (same number of elements), casting to ``tensor``'s dtype."""
     if isinstance(array, np.ndarray):
         source = torch.from_numpy(np.ascontiguousarray(array))

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
 from hpckfac.train.files import append_lines, atomic_write, check_output_dir
 from hpckfac.train.schedule import WarmupPolynomialDecay
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
 _log = get_logger("hpckfac.train")
 LOG_NAME, RECORDS_NAME, PLOT_NAME, CHECKPOINT_DIR = "log.json", "records.jsonl", "training.png", "checkpoints"
@@ -52,7 +55,7 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def agree(comm, fn: Callable[[], Any]) -> Any:
+def agree(comm: Communicator, fn: Callable[[], Any]) -> Any:
     """``fn()`` on every rank; if it raises on any rank, every rank raises the first
     rank's error (same type and message) instead of the others hanging later."""
     result, error = None, None
