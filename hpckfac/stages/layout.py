@@ -24,7 +24,7 @@ segment in both collectives (count 0).
 
 A block's packed statistics and gradient matrix are laid out as the block
 says (``CurvatureBlock.factor_shapes``, ``grad_shape``); the layout only needs
-their sizes.
+their sizes and the blocks' ``batch_key``.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def _runs(indices: list[int], blocks: Sequence) -> list[list[int]]:
 class SegmentLayout:
     """Offsets of every block in the ReduceScatterV and AllGatherV buffers.
 
-    ``blocks`` are ``CurvatureBlock``s (anything with ``stat_size`` and
-    ``grad_size``); ``owners[l]`` is the rank owning block ``l``. Offsets are into the whole
+    ``blocks`` are ``CurvatureBlock``s (anything with ``stat_size``, ``grad_size``
+    and ``batch_key``); ``owners[l]`` is the rank owning block ``l``. Offsets are into the whole
     buffer; ``segment_start`` converts to offsets inside one rank's segment.
     """
 
