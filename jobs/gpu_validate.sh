@@ -59,7 +59,7 @@ step tests-factors 240 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/tes
 step mpi2-collectives 120 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
     tests/mpi/test_comm_device.py
 step mpi2-equivalence 180 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
-    tests/mpi/test_pipeline_equivalence.py -k "device or kind"
+    tests/mpi/test_pipeline_equivalence.py -k "device or kind or cuda"
 step mpi2-first-order 120 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
     tests/mpi/test_first_order.py tests/mpi/test_grad_scaler.py -k cuda
 for run in "cpu 1" "cuda 1" "cuda 2"; do

@@ -261,17 +261,21 @@ def test_per_example_norm_kind_equals_one_process_and_the_whole_batch(comm, devi
 
 
 @pytest.mark.mpi
-def test_sequence_first_layers_equal_the_whole_batch(comm):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
+def test_sequence_first_layers_equal_the_whole_batch(comm, device):
     """The sequence-first layers' factors do not depend on the ranks' share of the batch: P ranks
-    equal one process taking the whole global batch in one pass."""
+    equal one process taking the whole global batch in one pass (on CUDA, through the device
+    copies of the transposed inputs and output gradients)."""
     options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2)
-    dist, _ = check(SequenceFirstModel, (2, 6, 6), 4, comm, **options)
+    dist, _ = check(SequenceFirstModel, (2, 6, 6), 4, comm, device, **options)
     np.testing.assert_allclose(dist, whole_batch(SequenceFirstModel, comm.size, **options), rtol=1e-9,
                                atol=1e-12)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["cpu", "standin"])
+@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
 def test_a_layer_some_ranks_skip_equals_one_process_and_the_whole_batch(comm, device):
     """A layer that some ranks' micro-batches bypass on a step has zero statistics there, not
     none: one process taking every micro-batch divides the layer's sums by all the examples."""
@@ -303,24 +307,28 @@ def test_two_layers_more_ranks_than_layers(comm):
 
 
 @pytest.mark.mpi
-def test_a_rank_with_an_empty_batch_adds_no_statistics(comm):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
+def test_a_rank_with_an_empty_batch_adds_no_statistics(comm, device):
     """The last rank's shard is empty (an uneven split): the factors are those of the other ranks'
     examples alone, so the preconditioned gradient is the one process's over those micro-batches,
-    scaled by the share of ranks that had data (the empty rank's gradient is zero)."""
+    scaled by the share of ranks that had data (the empty rank's gradient is zero). On CUDA the
+    empty rank's hooks see empty device tensors."""
     full = max(comm.size - 1, 1)  # ranks with data
+    where = bind_device("cuda", comm) if device == "cuda" else torch.device("cpu")
 
     def grads(comm_, micro_ids, scale):
         torch.manual_seed(0)
-        model = plain_model().double()
+        model = plain_model().double().to(where)
         precond = KFACPreconditioner(model, lr=LR, comm=comm_, damping=1e-2, kl_clip=None,
                                      accumulation_steps=max(len(micro_ids), 1))
         xs, ys = next(batches((2, 6, 6), 4, full))
         if not micro_ids:  # this rank's shard is empty
-            model(xs[0][:0]).sum().backward()
+            model(xs[0][:0].to(where)).sum().backward()
         for i in micro_ids:
-            (nn.functional.cross_entropy(model(xs[i]), ys[i]) / len(micro_ids)).backward()
+            (nn.functional.cross_entropy(model(xs[i].to(where)), ys[i].to(where)) / len(micro_ids)).backward()
         precond.step()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy() * scale
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).cpu().numpy() * scale
 
     mine = [comm.rank] if comm.rank < full else []
     dist = grads(comm, mine, comm.size / full)
