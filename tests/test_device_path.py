@@ -277,3 +277,46 @@ def test_batchnorm_statistics_are_one_device_operation():
         block.add_output_grad(stats, standin.to_device(g), 0.5, standin.to_device(x))
         assert standin.OPERATIONS["count"] - before <= 3  # the op, and the (N, C, T) views of x and g
         np.testing.assert_array_equal(stats.get(), host_stats)
+
+
+class TiedTokens(nn.Module):
+    """A token Embedding with a padding token and a position Embedding (positions shared by the
+    batch), a Linear over the positions, and a head tied to the token table through ``F.linear``
+    (its gradient reaches every token's column)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.pos, self.mix = nn.Embedding(10, 6, padding_idx=0), nn.Embedding(7, 6), nn.Linear(6, 6)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos(torch.arange(tokens.shape[1]).unsqueeze(0))
+        return nn.functional.linear(torch.tanh(self.mix(h)).mean(1), self.embed.weight)
+
+
+def test_the_embedding_checks_of_the_first_factor_step_read_the_device_once(caplog):
+    """The first factor step compares every Embedding's gradient with its token counts on the
+    device and reads the results back once for all of them (tokens 5-9 are never looked up, yet
+    the tied head gives them gradient: named in a warning); the padding token's zero count is
+    written on the device. The gradients equal the host path's."""
+    def run(checked: bool):
+        torch.manual_seed(0)
+        model = TiedTokens().double()
+        pre = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), **OPTIONS)
+        pre._outside_checked = checked  # True: as if an earlier step had checked
+        gen = torch.Generator().manual_seed(2)
+        tokens, labels = torch.randint(0, 5, (6, 7), generator=gen), torch.randint(0, 10, (6,), generator=gen)
+        before = standin.HOST_READS["count"]
+        nn.functional.cross_entropy(model(tokens), labels).backward()
+        pre.step()
+        return standin.HOST_READS["count"] - before, [p.grad.clone() for p in model.parameters()]
+
+    _, host = run(False)
+    caplog.clear()
+    with device_path(), caplog.at_level("WARNING", logger="hpckfac"):
+        unchecked, _ = run(True)
+        assert "own calls cannot give" not in caplog.text
+        checked, device = run(False)
+    assert checked == unchecked + 1, (checked, unchecked)
+    assert "K-FAC layers embed: their weights get gradient the layers' own calls cannot give" in caplog.text
+    for got, want in zip(device, host):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
