@@ -623,8 +623,10 @@ class KFACPreconditioner:
 
     @property
     def last_nu(self) -> float:
-        """KL-clip factor applied at the last step."""
-        return self.engine.last_nu
+        """KL-clip factor applied at the last step (read on torch's current stream, after the
+        step's kernels queued there: a side stream of torch's does not wait for CuPy's default one)."""
+        with device_scope(self.device):
+            return self.engine.last_nu
 
     # ---------------------------------------------------------------- report
     def stage_means(self) -> dict[str, float]:
