@@ -37,9 +37,10 @@ setup(
     ],
     extras_require={
         "mpi": ["mpich"],
-        # CuPy for the CUDA major version of the machine's driver and torch build.
-        "cuda12": ["cupy-cuda12x"],
-        "cuda13": ["cupy-cuda13x"],
+        # CuPy for the CUDA major version of the machine's driver and torch build: v14 and later
+        # (bfloat16 arrays through ml_dtypes, which bf16 models' buffers are; it needs NumPy 2.1.2+).
+        "cuda12": ["cupy-cuda12x>=14", "numpy>=2.1.2"],
+        "cuda13": ["cupy-cuda13x>=14", "numpy>=2.1.2"],
         # transformers: the Hugging Face BERT and GPT-2 coverage tests (skipped without it).
         "test": ["pytest>=7", "pytest-mpi>=0.6", "transformers>=4.40"],
     },
