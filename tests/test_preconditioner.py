@@ -1082,6 +1082,22 @@ def test_sparse_embeddings_are_refused_up_front(comm):
         allreduce_gradients(model, comm)
 
 
+def test_one_rank_averages_nothing_and_keeps_its_gradients(monkeypatch):
+    """Over one rank each gradient is its own mean: the gradients stay the same tensors, a
+    missing one stays None, and no array view or flag is built (on a GPU, a CuPy view per
+    gradient and a device fill per missing one, every step)."""
+    import hpckfac.torch.distributed as distributed
+    from hpckfac.torch import allreduce_gradients
+
+    monkeypatch.setattr(distributed, "to_array", lambda t: pytest.fail("an array view at one rank"))
+    net = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)}).double()
+    net["used"](torch.randn(4, 3, dtype=torch.float64)).pow(2).sum().backward()
+    grads = [p.grad for p in net["used"].parameters()]
+    allreduce_gradients(net, Communicator(MPI.COMM_SELF))
+    assert all(p.grad is g for p, g in zip(net["used"].parameters(), grads))
+    assert all(p.grad is None for p in net["unused"].parameters())
+
+
 def test_a_grad_scalers_scale_is_read_once_per_step(monkeypatch):
     """``get_scale()`` reads the scale back from the GPU (a wait for its queue) and the scale
     changes only in ``scaler.update()``, after ``step()``: the backward hooks read it once per

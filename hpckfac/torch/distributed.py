@@ -138,6 +138,11 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
     frozen one), followed, for each of ``held`` (whether this rank holds something, the same
     count on every rank), by whether any rank holds it."""
     params = [p for p in params if p.requires_grad]
+    if comm.size == 1:
+        # Each gradient is its own mean: no buffers, views or flags (on a GPU, a CuPy view per
+        # gradient and a device fill per missing one, every step of a one-GPU run).
+        _refuse_sparse(p.grad for p in params if p.grad is not None)
+        return [p.grad is not None or not p.requires_grad for p in presence] + [bool(h) for h in held]
     flagged = params + list(presence)
     # A frozen ``presence`` parameter counts as present: no read back for it on every step.
     missing = [i for i, p in enumerate(flagged) if p.grad is None and p.requires_grad]
@@ -159,9 +164,7 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
             comm.allreduce_many([to_array(t) if t.layout == torch.strided else t for t in carried + flags],
                                 op="mean", algorithm=algorithm, **kwargs)
         except TypeError:
-            if any(g.layout != torch.strided for g in grads):
-                raise ValueError("params: a sparse gradient (an nn.Embedding with sparse=True?) cannot be averaged "
-                                 "by the dense collectives; use sparse=False") from None
+            _refuse_sparse(grads)
             raise
     _write_back(grads, carried)
     present = [True] * count
@@ -172,6 +175,13 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
             if had > 0 and i < len(params):
                 params[i].grad = grads[i]
     return present[len(params):]
+
+
+def _refuse_sparse(grads: Iterable[torch.Tensor]) -> None:
+    """ValueError if one of ``grads`` is sparse: the dense collectives cannot carry it."""
+    if any(g.layout != torch.strided for g in grads):
+        raise ValueError("params: a sparse gradient (an nn.Embedding with sparse=True?) cannot be averaged "
+                         "by the dense collectives; use sparse=False") from None
 
 
 def _carried(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
