@@ -102,11 +102,14 @@ class Parser(argparse.ArgumentParser):
     """The benchmarks' argument parser: usage, help and errors printed by world rank 0 alone.
 
     Every rank of ``mpiexec -n N python -m hpckfac.bench ...`` parses the same arguments and
-    exits the same way on a bad one; one copy of the message is enough."""
+    exits the same way on a bad one; one copy of the message is enough. The rank is read from
+    MPI itself (imported here if the benchmark has not yet: conv, kernels and convergence
+    parse their arguments first)."""
 
     def _print_message(self, message: str, file: Any = None) -> None:
-        mpi = sys.modules.get("mpi4py.MPI")
-        if mpi is None or mpi.COMM_WORLD.Get_rank() == 0:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_rank() == 0:
             super()._print_message(message, file)
 
 
