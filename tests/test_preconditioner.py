@@ -1098,6 +1098,17 @@ def test_one_rank_averages_nothing_and_keeps_its_gradients(monkeypatch):
     assert all(p.grad is None for p in net["unused"].parameters())
 
 
+
+def test_one_rank_refuses_gradients_the_collectives_cannot_carry():
+    """A gradient refused at several ranks (complex: the collectives take real floats) is
+    refused at one rank too, so a script tried on one process does not fail only at scale."""
+    from hpckfac.torch import allreduce_gradients
+
+    net = nn.Linear(3, 2, dtype=torch.complex64)
+    net(torch.randn(4, 3, dtype=torch.complex64)).abs().sum().backward()
+    with pytest.raises(TypeError, match="unsupported dtype complex64"):
+        allreduce_gradients(net, Communicator(MPI.COMM_SELF))
+
 def test_a_grad_scalers_scale_is_read_once_per_step(monkeypatch):
     """``get_scale()`` reads the scale back from the GPU (a wait for its queue) and the scale
     changes only in ``scaler.update()``, after ``step()``: the backward hooks read it once per

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from hpckfac.comm.dtypes import check_dtype
 from hpckfac.torch.bridge import device_scope, to_array
 
 if TYPE_CHECKING:
@@ -141,7 +142,9 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
     if comm.size == 1:
         # Each gradient is its own mean: no buffers, views or flags (on a GPU, a CuPy view per
         # gradient and a device fill per missing one, every step of a one-GPU run).
-        _refuse_sparse(p.grad for p in params if p.grad is not None)
+        grads = [p.grad for p in params if p.grad is not None]
+        _refuse_sparse(grads)
+        _refuse_uncarried(grads)  # as the collectives refuse them at several ranks
         return [p.grad is not None or not p.requires_grad for p in presence] + [bool(h) for h in held]
     flagged = params + list(presence)
     # A frozen ``presence`` parameter counts as present: no read back for it on every step.
@@ -182,6 +185,18 @@ def _refuse_sparse(grads: Iterable[torch.Tensor]) -> None:
     if any(g.layout != torch.strided for g in grads):
         raise ValueError("params: a sparse gradient (an nn.Embedding with sparse=True?) cannot be averaged "
                          "by the dense collectives; use sparse=False") from None
+
+
+# The gradient dtypes the collectives carry (bfloat16 as a float32 copy, ``_carried``).
+_CARRIED_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+
+def _refuse_uncarried(grads: Iterable[torch.Tensor]) -> None:
+    """TypeError, the collectives' own, if one of ``grads`` has a dtype they cannot carry (a
+    complex gradient)."""
+    for g in grads:
+        if g.dtype not in _CARRIED_DTYPES:
+            check_dtype(torch.empty(0, dtype=g.dtype).numpy().dtype)  # raises, naming the dtype
 
 
 def _carried(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
