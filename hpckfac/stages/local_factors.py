@@ -66,8 +66,9 @@ class LocalStatistics:
 
     @property
     def passes(self) -> int:
-        """This step's forward passes that a backward reached."""
-        return sum(1 for _, _, used in self._passes if used)
+        """This step's forward passes that a backward reached, and those of no examples (an
+        empty micro-batch among accumulated ones: nothing to reach, its loss maybe left out)."""
+        return sum(1 for count, _, used in self._passes if used or not count)
 
     @property
     def sampled(self) -> int:
