@@ -195,10 +195,10 @@ def test_a_helper_without_comm_on_one_rank_meets_a_duplicated_world(tmp_path):
     assert (tmp_path / "raised_0").exists() and (tmp_path / "raised_1").exists(), proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("name", ["convergence", "conv", "kernels"])
+@pytest.mark.parametrize("name", ["convergence", "conv", "kernels", "no-such-benchmark"])
 def test_benchmark_parsing_before_mpi_prints_its_error_once(name):
-    """A benchmark that parses its arguments before it first uses MPI still prints a bad
-    argument's usage and error on rank 0 alone; every rank exits 2."""
+    """A benchmark that parses its arguments before it first uses MPI (and a name that is no
+    benchmark) still prints the usage and error on rank 0 alone; every rank exits 2."""
     proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac.bench", name, "--no-such-flag"],
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2, proc.stderr

@@ -21,12 +21,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
     lines = "\n".join(f"  {name:12s} {text}" for name, text in BENCHMARKS.items())
     usage = f"usage: {prog} NAME [options]  ({prog} NAME --help)\n{lines}"
     if argv and argv[0] in ("-h", "--help"):
-        print(usage)
+        if _rank_0():
+            print(usage)
         return 0
     if not argv or argv[0] not in BENCHMARKS:
-        print(usage, file=sys.stderr)
-        if argv:
-            print(f"{prog}: error: unknown benchmark {argv[0]!r}", file=sys.stderr)
+        if _rank_0():  # every rank exits alike: one copy of the answer
+            print(usage, file=sys.stderr)
+            if argv:
+                print(f"{prog}: error: unknown benchmark {argv[0]!r}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
     try:
@@ -42,6 +44,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
             abort_job(message, code=2)
         print(message, file=sys.stderr)
         return 2
+
+
+def _rank_0() -> bool:
+    """Whether this process is rank 0 of the job (of ``mpiexec -n N python -m hpckfac.bench``)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank() == 0
 
 
 if __name__ == "__main__":
