@@ -454,3 +454,16 @@ def test_a_bad_scheduled_value_is_refused_before_any_gradient_is_averaged(comm, 
             precond.step()
         assert averaged == [1]
         assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_a_damping_schedule_runs_once_per_step(comm):
+    """The schedule is checked at the start of ``step()`` and its value handed to the engine,
+    not evaluated a second time (a schedule that logs or counts sees one call per step)."""
+    model, data = model_and_data()
+    calls = []
+    precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, damping=lambda k: calls.append(k) or 1e-2))
+    for x, y in data[:3]:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+    assert calls == [0, 1, 2]

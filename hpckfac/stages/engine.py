@@ -212,9 +212,13 @@ class KFACEngine:
         ``steps``), checked: ValueError naming the option for a bad value set between steps."""
         return resolve(name, getattr(self, name), self.steps)
 
-    def current_settings(self) -> dict[str, Any]:
-        """This step's ``damping``, ``factor_decay`` and ``kl_clip``, each checked (``current``)."""
-        return {name: self.current(name) for name in ("damping", "factor_decay", "kl_clip")}
+    def current_settings(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This step's ``damping``, ``factor_decay`` and ``kl_clip``, each checked (``current``);
+        those in ``given`` (values a caller took from this method at this step) are checked as
+        they are, so that a schedule runs once per step."""
+        given = given or {}
+        return {name: resolve(name, given[name], self.steps) if name in given else self.current(name)
+                for name in ("damping", "factor_decay", "kl_clip")}
 
     def gradient_slots(self) -> list[Any]:
         """Where the next ``step()`` sends each block's gradient matrix (``grad_shape`` views of
@@ -247,7 +251,9 @@ class KFACEngine:
             lr: learning rate used by the KL clip.
             settings: further settings every rank must share (the torch bridge's
                 ``accumulation_steps``, ``statistics_fraction`` and frozen
-                parameters), compared with the step's own whenever they change.
+                parameters), compared with the step's own whenever they change;
+                ``damping``, ``factor_decay`` and ``kl_clip`` among them are this
+                step's values (from ``current_settings``), checked, not evaluated again.
 
         Returns:
             ``nu * V_l`` for every block, shaped like ``grads[l]``, dtype
@@ -259,8 +265,9 @@ class KFACEngine:
             raise ValueError(f"stats: a factor-update step needs one entry per block ({len(self.blocks)})")
         if len(grads) != len(self.blocks):
             raise ValueError(f"grads: expected {len(self.blocks)} gradient matrices, got {len(grads)}")
-        settings = {"lr": lr, **self.current_settings(), "factor_update_interval": self.factor_update_interval,
-                    "inverse_update_interval": self.inverse_update_interval, **(settings or {})}
+        settings = settings or {}
+        settings = {"lr": lr, **self.current_settings(settings), "factor_update_interval": self.factor_update_interval,
+                    "inverse_update_interval": self.inverse_update_interval, **settings}
         if settings != self._agreed:
             # Ranks with different settings would drift apart silently: compared whenever they
             # change (once for constants, every step under a schedule, and after a load, with

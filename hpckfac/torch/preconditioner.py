@@ -397,7 +397,7 @@ class KFACPreconditioner:
     def _step(self) -> None:
         self._scaler_scale = None  # this step's hooks have run; the next ones read the scale anew
         lr = self.current_lr()  # validated before anything is reduced or written,
-        self.engine.current_settings()  # as are the engine's schedules
+        current = self.engine.current_settings()  # as are the engine's schedules (run once a step)
         if not self._replicas_checked:
             # Averaged gradients keep replicas apart forever if they start apart: say so now.
             found = replica_difference(self.model, self.comm)
@@ -450,7 +450,7 @@ class KFACPreconditioner:
         frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen, "training mode": self.model.training})
+            "frozen parameters": frozen, "training mode": self.model.training, **current})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
         self._io.write(to_tensor(whole), offsets, params)
