@@ -127,7 +127,10 @@ class KFACPreconditioner:
                              "preconditioner")
         self.model = model
         self.comm = comm if comm is not None else world_communicator()
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        # Gradients averaged in backward are no rank's own: the first step's checks of them
+        # (every rank alike, a gradient the statistics cannot give) would misread them.
+        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if self._ddp:
             self._note("model: wrapped in DistributedDataParallel, which averages every gradient in backward; "
                        "step() averages them again (the same result at twice the traffic): hpckfac averages "
                        "the gradients itself, so pass the model without the wrapper")
@@ -405,7 +408,7 @@ class KFACPreconditioner:
                 raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must "
                                               "start from the same weights: call broadcast_parameters(model, "
                                               "comm) on every rank before training")
-            if self.comm.size > 1 and gradients_alike(self.model, self.comm):
+            if self.comm.size > 1 and gradients_alike(self.model, self.comm) and not self._ddp:
                 self._note("every rank has the same gradients at the first step(): the %d ranks took the same "
                            "batch and train as one would; give each rank its own shard of every global batch "
                            "(DistributedSampler(dataset, num_replicas=comm.size, rank=comm.rank); a "
@@ -525,9 +528,10 @@ class KFACPreconditioner:
         """Warn, once, about layers whose gradient the statistics of their own calls cannot
         explain (``CurvatureBlock.outside_statistics``): one host read, at the first factor step
         with examples on this rank; not with statistics from part of the batch, whose gradient
-        comes from all of it."""
+        comes from all of it, nor under DistributedDataParallel, whose gradients come from every
+        rank's batch."""
         self._outside_checked = True
-        if self.statistics_fraction < 1:
+        if self.statistics_fraction < 1 or self._ddp:
             return
         found = [(block.name, flag) for block, st, slot in zip(self.engine.blocks, stats, slots) if st is not None
                  for flag in [block.outside_statistics(st, slot)] if flag is not None]

@@ -88,3 +88,33 @@ def test_first_step_names_the_same_batch_on_every_rank(comm, caplog, same_batch)
     named = caplog.text.count("every rank has the same gradients at the first step()")
     assert named == (1 if same_batch and comm.rank == 0 else 0)
     precond.remove_hooks()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_gradients_averaged_by_distributed_data_parallel_are_not_misread(comm, caplog):
+    """Under DistributedDataParallel (named at construction) every rank's gradients are the
+    average of all batches: alike on every rank, and an Embedding's with columns of tokens only
+    other ranks looked up. Neither first-step check speaks of them."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    from hpckfac.torch import KFACPreconditioner
+
+    folder = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=comm.rank,
+                            world_size=comm.size)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Embedding(4 * comm.size, 3), nn.Linear(3, 2)))
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            precond = KFACPreconditioner(model, comm=comm)
+            tokens = torch.arange(4 * comm.rank, 4 * comm.rank + 4).reshape(2, 2)  # this rank's tokens only
+            model(tokens).square().mean().backward()
+            precond.step()
+        precond.remove_hooks()
+    finally:
+        dist.destroy_process_group()
+    assert "wrapped in DistributedDataParallel" in caplog.text or comm.rank != 0
+    assert "cannot give" not in caplog.text and "same gradients" not in caplog.text, caplog.text
