@@ -298,6 +298,11 @@ def trained(comm):
      "block '1' has factors that are not arrays of numbers"),
     (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to(torch.complex128)),
      "block '1' has complex factors"),
+    # A conjugate view (torch refuses numpy() of it) and a ragged list (NumPy refuses its shape).
+    (lambda s: s["blocks"]["1"].__setitem__("factors", s["blocks"]["1"]["factors"].to(torch.complex128).conj()),
+     "block '1' has factors that are not arrays of numbers"),
+    (lambda s: s["blocks"]["1"].__setitem__("factors", [[1.0], [1.0, 2.0]]),
+     r"block '1' has factors of shape \(ragged\)"),
 ])
 def test_load_state_dict_refuses_bad_state_and_changes_nothing(comm, damage, message):
     state = trained(comm).state_dict()

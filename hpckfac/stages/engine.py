@@ -91,8 +91,12 @@ def _check_block_state(block, saved: dict[str, Any], dtype) -> None:
                          f"(None where absent), got {keys}")
     factors, inverses = saved["factors"], saved["inverses"]
     if factors is not None:
-        if tuple(np.shape(factors)) != (block.stat_size,):
-            raise ValueError(f"state: block {block.name!r} has factors of shape {tuple(np.shape(factors))}, "
+        try:
+            shape = str(tuple(np.shape(factors)))
+        except ValueError:  # nested lists of unequal lengths
+            shape = "(ragged)"
+        if shape != str((block.stat_size,)):
+            raise ValueError(f"state: block {block.name!r} has factors of shape {shape}, "
                              f"expected ({block.stat_size},)")
         _saved_array(block, factors, "factors", dtype)
     if inverses is None:
