@@ -92,10 +92,10 @@ def _check_block_state(block, saved: dict[str, Any], dtype) -> None:
     factors, inverses = saved["factors"], saved["inverses"]
     if factors is not None:
         try:
-            shape = str(tuple(np.shape(factors)))
+            shape: tuple | str = tuple(np.shape(factors))
         except ValueError:  # nested lists of unequal lengths
             shape = "(ragged)"
-        if shape != str((block.stat_size,)):
+        if shape != (block.stat_size,):
             raise ValueError(f"state: block {block.name!r} has factors of shape {shape}, "
                              f"expected ({block.stat_size},)")
         _saved_array(block, factors, "factors", dtype)

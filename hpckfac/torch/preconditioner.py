@@ -543,9 +543,9 @@ class KFACPreconditioner:
             self._warn_once("outside", f"K-FAC layers {', '.join(names)}: their weights get gradient the layers' "
                             "own calls cannot give (a token's row with no lookup in the batch): something else "
                             "reads the weight (an output head tied through F.linear, a penalty on the weight in "
-                            "the loss), whose share of the curvature their blocks do not have, or gradients kept from an "
-                            "earlier step (no zero_grad()); for the first two, put them in skip_layers to average "
-                            "their gradients instead")
+                            "the loss), whose share of the curvature their blocks do not have, or gradients kept "
+                            "from an earlier step (no zero_grad()); for the first two, put them in skip_layers to "
+                            "average their gradients instead")
 
     def _absent_as_zeros(self, stats: list, anyone: list[bool], missing: list[str]) -> None:
         """Where another rank has statistics for a block that this rank's examples never reached
