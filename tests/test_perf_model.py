@@ -66,6 +66,11 @@ def test_ring_formulas_hand_computed():
     assert model.ring_scatter_gather_time(n, 4, alpha, beta) == pytest.approx(7.5e-4 + 3e-5)
     assert model.ring_scatter_gather_time(n, 1, alpha, beta) == 0.0
     assert model.ring_allreduce_time(n, 1, alpha, beta) == 0.0
+    # A few bytes by recursive doubling: one message per doubling, none at one rank.
+    assert model.latency_allreduce_time(1, alpha) == 0.0
+    assert model.latency_allreduce_time(2, alpha) == pytest.approx(1e-5)
+    assert model.latency_allreduce_time(5, alpha) == pytest.approx(3e-5)
+    assert model.latency_allreduce_time(1024, alpha) == pytest.approx(1e-4)
     # An allreduce is a reduce-scatter followed by an all-gather.
     assert model.ring_allreduce_time(n, 7, alpha, beta) == pytest.approx(
         2 * model.ring_scatter_gather_time(n, 7, alpha, beta))
@@ -120,7 +125,8 @@ def test_predict_hand_computed():
     assert t["precondition"] == pytest.approx(w["precondition"] / 2e9)
     assert t["reduce_scatter"] == pytest.approx(0.5 * w["reduce_scatter"] * 1e-9 + 1e-5)
     assert t["all_gather"] == pytest.approx(0.5 * w["all_gather"] * 1e-9 + 1e-5)
-    assert t["allreduce"] == 0.0 and "forward_backward" not in t
+    # Every parameter owned by a block: the presence flags alone, one message at two ranks.
+    assert t["allreduce"] == pytest.approx(1e-5) and "forward_backward" not in t
     assert t["total"] == pytest.approx(sum(t[s] for s in ITERATION_STAGES))
     # Four ranks on two cores: compute takes twice as long per rank.
     shared = model.predict(work, model.Machine("m", 1e9, 1e8, 2e9, 1e-5, 1e-9, cores=2), 4)

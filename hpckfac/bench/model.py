@@ -17,7 +17,8 @@ collectives (``alpha`` seconds per message, ``beta`` seconds per byte):
   (``CurvatureBlock.precondition_flops``);
 - writing the results into ``.grad``: every block's gradient elements at the
   memory rate;
-- ring allreduce of the gradients no block owns: ``2(P-1)/P n beta + 2(P-1) alpha``;
+- ring allreduce of the gradients no block owns: ``2(P-1)/P n beta + 2(P-1) alpha``; with
+  none, the step's presence flags alone by MPI's allreduce: ``ceil(log2 P) alpha``;
 - optionally forward/backward: ``3 x`` the forward flops at a training rate.
 
 Stages do not overlap (the engine runs them one after another), so the
@@ -106,6 +107,11 @@ def ring_allreduce_time(nbytes: float, ranks: int, alpha: float, beta: float) ->
     return 2 * (ranks - 1) / ranks * nbytes * beta + 2 * (ranks - 1) * alpha
 
 
+def latency_allreduce_time(ranks: int, alpha: float) -> float:
+    """A message of a few bytes by MPI's allreduce (recursive doubling): ``ceil(log2 P) alpha``."""
+    return math.ceil(math.log2(ranks)) * alpha
+
+
 def ring_scatter_gather_time(nbytes: float, ranks: int, alpha: float, beta: float) -> float:
     """Reduce-scatter or all-gather of ``n`` bytes in total: ``(P-1)/P n beta + (P-1) alpha``."""
     return (ranks - 1) / ranks * nbytes * beta + (ranks - 1) * alpha
@@ -179,8 +185,10 @@ def predict(work: Workload, machine: Machine, ranks: int) -> dict[str, float]:
         "precondition": share * w["precondition"] / machine.gemm_flops,
         "all_gather": ring_scatter_gather_time(w["all_gather"], ranks, machine.alpha, machine.beta),
         "write_grads": share * w["write_grads"] / machine.memory_rate,
-        # Nothing to average (every parameter owned by a block): no allreduce at all.
-        "allreduce": ring_allreduce_time(w["allreduce"], ranks, machine.alpha, machine.beta) if w["allreduce"] else 0.0,
+        # Nothing to average (every parameter owned by a block): the presence flags alone, by
+        # MPI's latency-bound allreduce (they ride the ring otherwise).
+        "allreduce": (ring_allreduce_time(w["allreduce"], ranks, machine.alpha, machine.beta) if w["allreduce"]
+                      else latency_allreduce_time(ranks, machine.alpha)),
     }
     if machine.train_flops:
         out["forward_backward"] = share * w["forward_backward"] / machine.train_flops
@@ -242,7 +250,7 @@ def calibrate(config: dict[str, Any], runs: list[dict[str, Any]], cores: int) ->
         for stage in COLLECTIVES:
             hops = 2 if stage == "allreduce" else 1
             if stage == "allreduce" and w[stage] == 0:
-                continue
+                continue  # the presence flags alone: a few bytes, nothing to fit beta on
             points.append((hops * (p - 1), hops * (p - 1) / p * w[stage], run["stages"][stage]))
     alpha, beta = _fit_alpha_beta(points)
     streamed = ("running_average", "write_grads")

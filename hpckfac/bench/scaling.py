@@ -6,7 +6,8 @@ CNN), draws random activations and output gradients of those shapes, and runs
 stages 1-4 of an iteration: stage 1 with ``hpckfac.stages.local_factors``
 (im2col and factor GEMMs on the synthetic tensors), stages 2-4 with
 ``KFACEngine``, and the ring allreduce of any gradient no block owns (the
-BatchNorm gradients with ``--batchnorm allreduce``). No forward/backward pass
+BatchNorm gradients with ``--batchnorm allreduce``) with the torch bridge's
+presence flags (alone, by MPI's allreduce, when every gradient is owned). No forward/backward pass
 and no data set are needed; ``--device cuda`` runs the workload on each rank's
 GPU (CuPy buffers, the CUDA kernels, collectives on device memory), the host
 otherwise.
@@ -107,6 +108,9 @@ class Iteration:
                       for b in self.engine.blocks]
         self.reduced = [from_host(rng.standard_normal(2 * b.num_features).astype(args.comm_dtype), xp)
                         for b in bn_reduced]
+        # The torch bridge's presence flags, one per block parameter (weight and bias): they ride
+        # the ring with the gradients no block owns, or go alone by MPI's allreduce.
+        self.flags = xp.ones(2 * len(self.blocks), dtype=args.comm_dtype)
         self.timings = dict.fromkeys(ITERATION_STAGES, 0.0)
 
     def clock(self) -> float:
@@ -130,12 +134,13 @@ class Iteration:
         self.engine.step(self.grads, stats)
         self.timings.update(self.engine.timings)
         start = self.clock()
-        if self.reduced:
-            self.comm.allreduce_many(self.reduced, op="mean", algorithm="ring")
+        self.comm.allreduce_many(self.reduced + [self.flags], op="mean",
+                                 algorithm="ring" if self.reduced else "mpi")
         self.timings["allreduce"] = self.clock() - start
 
     def bytes_sent(self) -> dict[str, int]:
-        """Most bytes any rank sends per iteration, per collective (ring algorithms)."""
+        """Most bytes any rank sends per iteration, per collective (ring algorithms; the
+        allreduce's gradients, as the performance model counts them, without the flags)."""
         itemsize, layout, size = np.dtype(self.engine.comm_dtype).itemsize, self.engine.layout, self.comm.size
         scatter, _ = ring_bytes_sent(layout.reduce_counts(True), itemsize)
         _, gather = ring_bytes_sent(layout.gather_counts, itemsize)

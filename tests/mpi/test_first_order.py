@@ -234,3 +234,38 @@ def test_a_kfac_layer_whose_weight_alone_got_a_gradient_was_reached(comm):
     precond.step()
     torch.testing.assert_close(net["side"].weight.grad, want, rtol=1e-12, atol=1e-15)
     assert torch.equal(net["side"].bias.grad, torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("first_order", [False, True])
+def test_presence_flags_alone_take_mpis_allreduce(comm, first_order, monkeypatch):
+    """The step's presence flags ride the first-order gradients' ring allreduce when there are
+    some; a model whose every parameter a block covers sends them alone, by MPI's allreduce
+    (``log2 P`` messages instead of the ring's ``2(P-1)``); either way the averaged gradients
+    are those of the same step without the spy."""
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        if first_order:
+            net.register_parameter("scale", nn.Parameter(torch.ones(2, dtype=torch.float64)))
+        return net
+
+    def run(net):
+        precond = KFACPreconditioner(net, comm=comm)
+        x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(comm.rank))
+        out = net(x) * net.scale if first_order else net(x)
+        out.pow(2).mean().backward()
+        precond.step()
+        return [p.grad.clone() for p in net.parameters()]
+
+    expected = run(build())
+    calls = []
+    real = comm.allreduce_many
+    monkeypatch.setattr(comm, "allreduce_many", lambda arrays, **kw: calls.append(kw["algorithm"]) or real(arrays, **kw))
+    got = run(build())
+    # One rank has nothing to average: no collective at all.
+    assert calls == ([] if comm.size == 1 else ["ring"] if first_order else ["mpi"])
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    everyone = comm.mpi.allgather([g.numpy() for g in got])
+    assert all((a == b).all() for other in everyone for a, b in zip(other, everyone[0]))
