@@ -352,10 +352,16 @@ class Communicator:
                                      backend, op == "mean", algorithm)
         return backend.result(out)
 
-    def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: Algorithm = "mpi") -> Any:
+    def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: Algorithm = "mpi",
+                    what: str | None = None) -> Any:
         """Concatenate every rank's ``segment`` (``counts[rank]`` elements) in rank
         order; returns the whole buffer (a new 1-D array of ``sum(counts)`` elements).
-        ``algorithm``: ``"mpi"`` (``MPI_Allgatherv``) or ``"ring"``."""
+        ``algorithm``: ``"mpi"`` (``MPI_Allgatherv``) or ``"ring"``. ``what`` names the
+        call a user makes (e.g. ``"state_dict()"``), as in ``allgather_object``: in the
+        agreement check's error, and in a notice if this rank waits long for the others."""
+        if what is not None and not isinstance(what, str):
+            raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
+
         def validate():
             backend, dtype = backend_for(segment), check_dtype(segment.dtype)
             alg = _algorithm_index(algorithm)
@@ -363,15 +369,36 @@ class Communicator:
             if segment.size != cnt[self.rank]:
                 raise ValueError(f"segment holds {segment.size} elements but counts[{self.rank}] "
                                  f"is {int(cnt[self.rank])}")
+            layout = digest(cnt) if what is None else digest(cnt.tobytes() + what.encode())
             return (backend, cnt), signature("allgather_v", dtype=DTYPE_CODES[dtype], length=int(cnt.sum()),
-                                             algorithm=alg, layout=digest(cnt))
+                                             algorithm=alg, layout=layout)
 
-        backend, cnt = self._enter("allgather_v", validate)
-        if self.size == 1:
-            return segment.copy()
-        out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
-                                algorithm)
+        with self._waiting(what):
+            backend, cnt = self._enter("allgather_v", validate, label=what)
+            if self.size == 1:
+                return segment.copy()
+            out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
+                                    algorithm)
         return backend.result(out)
+
+    @contextlib.contextmanager
+    def _waiting(self, what: str | None) -> Iterator[None]:
+        """Within the block, a rank that waits longer than ``HPCKFAC_WAIT_NOTICE`` seconds
+        (default 60) logs a warning naming the call ``what`` (nothing when None, or at one
+        rank): the others may never come, e.g. when they have finished the script."""
+        if what is None or self.size == 1:
+            yield
+            return
+        seconds = _wait_notice_seconds()
+        notice = threading.Timer(seconds, get_logger("hpckfac.comm").warning,
+                                 ("%s has waited %.0f s for the other ranks: it is a collective, every rank must call "
+                                  "it (e.g. state_dict() on all ranks, then save on rank 0)", what, seconds))
+        notice.daemon = True
+        notice.start()  # MPI's blocking calls release the GIL, so the timer's thread can speak
+        try:
+            yield
+        finally:
+            notice.cancel()
 
     def broadcast(self, buf: Any, root: int = 0) -> Any:
         """Copy rank ``root``'s ``buf`` into ``buf`` on every rank, in place; returns ``buf``."""
@@ -414,17 +441,9 @@ class Communicator:
                 raise TypeError(f"{what}: the object to gather is not picklable: {err}") from err
             return data, signature("allgather_object", layout=digest(what.encode()))
 
-        seconds = _wait_notice_seconds()
-        notice = threading.Timer(seconds, get_logger("hpckfac.comm").warning,
-                                 ("%s has waited %.0f s for the other ranks: it is a collective, every rank must call "
-                                  "it (e.g. state_dict() on all ranks, then save on rank 0)", what, seconds))
-        notice.daemon = True
-        notice.start()  # MPI's blocking calls release the GIL, so the timer's thread can speak
-        try:
+        with self._waiting(what):
             data = self._enter("allgather_object", validate, label=what)
             return [pickle.loads(part) for part in self.mpi.allgather(data)]
-        finally:
-            notice.cancel()
 
     def check_same(self, value: Any, what: str) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank passed an equal

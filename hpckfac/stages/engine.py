@@ -33,7 +33,7 @@ from hpckfac.log import get_logger
 from hpckfac.stages.all_gather import AllGather
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.stages.options import DEFAULTS, Assignment, CheckedOption, check_options, resolve
-from hpckfac.stages.owner import OwnerState
+from hpckfac.stages.owner import OwnerState, state_elements, unpack_block_state
 from hpckfac.stages.reduce_scatter import ReduceScatter
 
 _log = get_logger("hpckfac.stages.engine")
@@ -344,12 +344,20 @@ class KFACEngine:
 
         ``{"steps": int, "hyperparameters": {...}, "blocks": {name: {"factors":
         packed running statistics, "inverses": list of arrays or None}}}``;
-        it loads on any number of ranks.
+        it loads on any number of ranks. The arrays travel as one AllGatherV of a flat
+        buffer in the state's dtype (each owner's blocks packed by ``pack_block_state``, a
+        size every rank knows), not as pickles, and the arrays returned are views of it:
+        one copy of the state per rank.
         """
-        mine = {self.blocks[l].name: self.state.block_state(i) for i, l in enumerate(self.owned)}
+        sizes = [state_elements(b) for b in self.blocks]
+        counts = [sum(sizes[l] for l in owned) for owned in self.layout.owned]
+        whole = self.comm.allgather_v(self.state.packed_state(), counts, what="state_dict()")
         blocks: dict[str, Any] = {}
-        for part in self.comm.allgather_object(mine, what="state_dict()"):
-            blocks.update(part)
+        at = 0
+        for owned in self.layout.owned:
+            for l in owned:
+                blocks[self.blocks[l].name] = unpack_block_state(self.blocks[l], whole[at:at + sizes[l]])
+                at += sizes[l]
         return {"steps": self.steps, "hyperparameters": self.hyperparameters(),
                 "blocks": {b.name: blocks[b.name] for b in self.blocks}}
 

@@ -218,6 +218,17 @@ class OwnerState:
         return {"factors": arrays.to_host(self.running[i]).copy() if self.initialized[i] else None,
                 "inverses": None if self.inverses[i] is None else [arrays.to_host(x).copy() for x in self.inverses[i]]}
 
+    def packed_state(self) -> np.ndarray:
+        """Every owned block's ``block_state`` one after another in one host array
+        (``state_elements`` each, ``pack_block_state``): this rank's segment of the
+        gathered state."""
+        out = np.zeros(sum(state_elements(b) for b in self.blocks), dtype=self.dtype)
+        at = 0
+        for i, block in enumerate(self.blocks):
+            pack_block_state(block, self.block_state(i), out[at:at + state_elements(block)])
+            at += state_elements(block)
+        return out
+
     def load_block_state(self, i: int, state: dict[str, Any]) -> None:
         """Restore block ``i`` from ``block_state`` output (shapes checked by the engine)."""
         factors, inverses = state["factors"], state["inverses"]
@@ -226,3 +237,37 @@ class OwnerState:
         self.running[i][...] = 0.0 if factors is None else arrays.from_host(np.asarray(factors, dtype=self.dtype), self.xp)
         self.inverses[i] = None if inverses is None else [
             arrays.from_host(np.array(x, dtype=self.dtype), self.xp) for x in inverses]
+
+
+def state_elements(block) -> int:
+    """Elements of ``block``'s state in a packed state buffer: a flag for the factors and one
+    for the inverses (1 present, 0 absent), the packed factors, then every inverse stack; a
+    fixed size, known on every rank from the block alone."""
+    return 2 + block.stat_size + sum(int(np.prod(shape)) for shape in block.inverse_shapes)
+
+
+def pack_block_state(block, state: dict[str, Any], out: np.ndarray) -> None:
+    """Write ``state`` (``OwnerState.block_state``) into ``out`` (``state_elements(block)``
+    elements; absent parts leave zeros)."""
+    factors, inverses = state["factors"], state["inverses"]
+    out[0], out[1] = factors is not None, inverses is not None
+    if factors is not None:
+        out[2:2 + block.stat_size] = factors
+    if inverses is not None:
+        at = 2 + block.stat_size
+        for x in inverses:
+            out[at:at + x.size] = x.reshape(-1)
+            at += x.size
+
+
+def unpack_block_state(block, packed: np.ndarray) -> dict[str, Any]:
+    """``pack_block_state``'s ``state`` back from ``packed``, as views of it."""
+    factors = packed[2:2 + block.stat_size] if packed[0] else None
+    inverses = None
+    if packed[1]:
+        inverses, at = [], 2 + block.stat_size
+        for shape in block.inverse_shapes:
+            size = int(np.prod(shape))
+            inverses.append(packed[at:at + size].reshape(shape))
+            at += size
+    return {"factors": factors, "inverses": inverses}

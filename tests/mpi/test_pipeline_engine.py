@@ -250,3 +250,36 @@ def test_engine_state_dict_resumes_on_another_rank_count(comm):
         b = single.step(grads[0], packed[0], lr=LR)
         for x, y in zip(a, b):
             np.testing.assert_allclose(x, y, rtol=1e-12)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 4])
+def test_engine_state_dict_holds_every_owners_blocks_as_they_are(comm, n, monkeypatch):
+    """state_dict() on every rank holds each block's factors and inverses exactly as its owner
+    has them (gathered here by pickles, independently), None where absent: a block without
+    statistics so far has neither; with 2 blocks some ranks own nothing. The arrays travel as
+    one flat AllGatherV, never as pickles."""
+    blocks = make_blocks(n)
+    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, factor_update_interval=1,
+                        inverse_update_interval=1, comm_dtype=np.float64)
+    rng = np.random.default_rng(11)
+    assert all(s == {"factors": None, "inverses": None} for s in engine.state_dict()["blocks"].values())
+    for _ in range(2):
+        _, packed, grads = draw(rng, blocks, comm.size)
+        stats = [None] + packed[comm.rank][1:]  # the first block never gets statistics
+        engine.step(grads[comm.rank], stats, lr=LR)
+    owners = {}
+    for part in comm.mpi.allgather({blocks[l].name: engine.state.block_state(i) for i, l in enumerate(engine.owned)}):
+        owners.update(part)
+    monkeypatch.setattr(comm, "allgather_object", lambda *a, **k: pytest.fail("state_dict() pickled its arrays"))
+    state = engine.state_dict()
+    assert list(state["blocks"]) == [b.name for b in blocks]
+    for block in blocks:
+        got, want = state["blocks"][block.name], owners[block.name]
+        if block is blocks[0]:
+            assert got == {"factors": None, "inverses": None}
+            continue
+        assert got["factors"].dtype == np.float64 and np.array_equal(got["factors"], want["factors"])
+        assert len(got["inverses"]) == len(want["inverses"]) == len(block.inverse_shapes)
+        for x, y in zip(got["inverses"], want["inverses"]):
+            assert x.shape == y.shape and np.array_equal(x, y)
