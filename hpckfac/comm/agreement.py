@@ -20,7 +20,7 @@ from mpi4py import MPI
 from hpckfac.comm.dtypes import DTYPE_CODES
 
 COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v", "broadcast", "check_same",
-               "allgather_object", "the end of the script")
+               "allgather_object", "the end of the script", "same_everywhere")
 ReduceOp = Literal["sum", "mean"]
 Algorithm = Literal["ring", "mpi"]
 OPS: tuple[str, ...] = get_args(ReduceOp)

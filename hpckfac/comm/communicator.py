@@ -445,6 +445,33 @@ class Communicator:
             data = self._enter("allgather_object", validate, label=what)
             return [pickle.loads(part) for part in self.mpi.allgather(data)]
 
+    def same_everywhere(self, value: Any, what: str) -> bool:
+        """Whether every rank passed a ``value`` that pickles to the same bytes: one digest
+        allreduce, whatever ``check_agreement`` says (a collective, the same answer on every
+        rank). False when they differ, and for equal values that pickle differently (sets):
+        gather them in full to tell (``allgather_object``), which then costs ``P`` values per
+        rank only when something differs. A rank in another call makes every rank raise
+        CollectiveMismatchError naming ``what``; an unpicklable value raises TypeError
+        (its peers CollectiveMismatchError)."""
+        return self._same_digest("same_everywhere", value, what, f"{what}: the value to compare is not picklable")
+
+    def _same_digest(self, collective: str, value: Any, label: str, unpicklable: str) -> bool:
+        """``same_everywhere`` as ``collective`` (named ``label`` in errors); ``unpicklable``
+        starts the TypeError of a value that cannot be pickled."""
+        try:
+            mine = signature(collective, layout=digest(pickle.dumps(value, protocol=4)))
+        except (pickle.PicklingError, TypeError, AttributeError) as err:
+            disagreement(self.mpi, rejected(collective), self._call_name(label))
+            raise TypeError(f"{unpicklable}: {err}") from err
+        call = self._call_name(label)
+        found = disagreement(self.mpi, mine, call)
+        if found is None:
+            return True
+        everyone = found[0]
+        if any(sig._replace(layout=0) != everyone[0]._replace(layout=0) for sig in everyone):
+            raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
+        return False
+
     def check_same(self, value: Any, what: str) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank passed an equal
         (picklable) ``value``; the message names ``what`` and the ranks that differ.
@@ -452,18 +479,8 @@ class Communicator:
         Runs whatever ``check_agreement`` says: one digest allreduce, plus an
         allgather of the values only when digests differ.
         """
-        try:
-            mine = signature("check_same", layout=digest(pickle.dumps(value, protocol=4)))
-        except (pickle.PicklingError, TypeError, AttributeError) as err:
-            disagreement(self.mpi, rejected("check_same"), self._call_name(f"check_same({what})"))
-            raise TypeError(f"check_same: {what} is not picklable: {err}") from err
-        call = self._call_name(f"check_same({what})")
-        found = disagreement(self.mpi, mine, call)
-        if found is None:
+        if self._same_digest("check_same", value, f"check_same({what})", f"check_same: {what} is not picklable"):
             return
-        everyone = found[0]
-        if any(sig._replace(layout=0) != everyone[0]._replace(layout=0) for sig in everyone):
-            raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
         # Digests differ; equal values may still pickle differently (e.g. set order).
         values = self.mpi.allgather(value)
         differ = [r for r, v in enumerate(values) if not _same(v, values[0])]

@@ -82,6 +82,8 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
         return None
     named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
     digests = [(name, _digest(t)) for name, t in named]
+    if comm.same_everywhere(digests, "check_replicas()"):  # one small allreduce when they agree
+        return None
     everyone = comm.allgather_object(digests, what="check_replicas()")
     for index, (name, mine) in enumerate(everyone[0]):
         holders: dict[str, list[int]] = {}
@@ -107,8 +109,7 @@ def gradients_alike(model: nn.Module, comm: Communicator) -> bool:
     same weights, the sign that every rank took the same batch."""
     grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.layout == torch.strided]
     mine = [_digest(g) for g in grads] if any(bool(g.any()) for g in grads) else None
-    everyone = comm.allgather_object(mine, what="the first step()'s gradient comparison")
-    return mine is not None and all(theirs == mine for theirs in everyone)
+    return comm.same_everywhere(mine, "the first step()'s gradient comparison") and mine is not None
 
 
 def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: str = "ring",

@@ -199,8 +199,8 @@ class KFACPreconditioner:
         return "\n".join(lines)
 
     def _check_agreement(self, opts: dict[str, Any]) -> None:
-        """One allgather of every rank's layer list and options; on any
-        difference every rank raises CollectiveMismatchError naming the first
+        """One digest allreduce of every rank's layer list and options; on a difference, an
+        allgather of them, and every rank raises CollectiveMismatchError naming the first
         differing layer (or option)."""
         kfac = {id(m) for m in self.modules}
         layers = [(name, type(m).__name__, "kfac" if id(m) in kfac else "first-order",
@@ -212,7 +212,10 @@ class KFACPreconditioner:
         # A scaler's scale is undone in G: one rank with it and one without take other factors.
         options["grad_scaler"] = "enabled" if self.grad_scaler is not None and self.grad_scaler.is_enabled() \
             else "none"
-        everyone = self.comm.allgather_object((layers, options), what="KFACPreconditioner(...) construction")
+        what = "KFACPreconditioner(...) construction"
+        if self.comm.same_everywhere((layers, options), what):  # P lists per rank only to name a difference
+            return
+        everyone = self.comm.allgather_object((layers, options), what=what)
         for rank, (other_layers, other_options) in enumerate(everyone):
             for i in range(max(len(layers), len(other_layers))):
                 mine = layers[i] if i < len(layers) else None

@@ -250,3 +250,49 @@ def test_a_rank_rejecting_its_arguments_inside_a_call_is_named_in_that_call(comm
                 comm.allreduce(buf)
             assert "the call" not in str(caught.value)
     still_works(comm)
+
+
+@pytest.mark.mpi
+def test_same_everywhere(comm):
+    """One digest allreduce: True on every rank when every rank passed the same value, False on
+    every rank when one differs; a rank in another call, or with a value that cannot be pickled,
+    fails every rank promptly."""
+    import threading
+
+    assert comm.same_everywhere({"layers": [3, 4], "lr": 0.1}, "settings") is True
+    differ = comm.same_everywhere([0.2 if odd_one_out(comm) else 0.1], "settings")
+    assert differ is (comm.size == 1)
+    assert comm.same_everywhere(None if odd_one_out(comm) else [], "gradients") is (comm.size == 1)
+    if comm.size == 1:
+        with pytest.raises(TypeError, match="settings: the value to compare is not picklable"):
+            comm.same_everywhere(threading.Lock(), "settings")
+        return
+    if odd_one_out(comm):
+        with pytest.raises(TypeError, match="settings: the value to compare is not picklable"):
+            comm.same_everywhere(threading.Lock(), "settings")
+        still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: comm.same_everywhere(1, "settings"), r"settings: ranks disagree on arguments")
+    call = (lambda: comm.check_same(1, "options")) if odd_one_out(comm) else \
+        (lambda: comm.same_everywhere(1, "construction"))
+    expect_mismatch(comm, call, r"the call \(construction on ranks \[.*check_same\(options\) on ranks")
+
+
+@pytest.mark.mpi
+def test_named_values_that_agree_are_not_gathered(comm, monkeypatch):
+    """Building a preconditioner, check_replicas() and the first step's comparisons send one
+    digest when the ranks agree: no rank gathers every rank's layer list or digests (P of them
+    per rank at P ranks)."""
+    import torch
+    from torch import nn
+
+    from hpckfac.torch import KFACPreconditioner, check_replicas
+
+    monkeypatch.setattr(comm, "allgather_object", lambda *a, **k: pytest.fail(f"gathered {k.get('what')}"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    check_replicas(model, comm)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(comm.rank))
+    model(x).pow(2).mean().backward()
+    precond.step()
