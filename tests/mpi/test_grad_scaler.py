@@ -43,3 +43,31 @@ def test_one_ranks_overflow_skips_the_step_on_every_rank(comm, device):
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
     everyone = comm.allgather_object(flat)
     assert all(torch.equal(flat, other) for other in everyone)
+
+
+@pytest.mark.mpi
+def test_the_overflow_flag_takes_mpis_allreduce(comm, monkeypatch):
+    """The scaler's one-element overflow flag goes by MPI's allreduce (``log2 P`` messages), not
+    the ring's ``2(P-1)``, and still skips the step on every rank when one rank overflowed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, lr=0.1)
+    algorithms = []
+    real = comm.allreduce
+    monkeypatch.setattr(comm, "allreduce", lambda buf, **kw: algorithms.append(kw.get("algorithm", "ring"))
+                        or real(buf, **kw))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
+    loss = model(x).pow(2).mean()
+    if comm.rank == comm.size - 1:
+        loss = loss * math.inf
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    precond.step()
+    scaler.step(opt)
+    scaler.update()
+    assert algorithms == ["mpi"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert scaler.get_scale() == 512.0
