@@ -47,11 +47,13 @@ class AllGather:
         self.gathered: Any = None  # the last step's whole gathered buffer
         # Where each owner's partial KL sum sits in the gathered buffer (uploaded once, not per step).
         self._partial_at = xp.asarray([at for at in layout.partial_offsets if at is not None], dtype=np.int64)
+        # The per-rank counts as an int64 array, made once (not P Python ints read at every step).
+        self.counts = np.asarray(layout.gather_counts, dtype=np.int64)
 
     def __call__(self, out: Any, kl_clip: float | None, lr: float) -> tuple[list[Any], Any]:
         """``(nu * V_l for every block, nu)`` from this rank's segment ``out``; the results are
         views of one buffer shaped like each block's gradient matrix (``nu`` None without a clip)."""
-        whole = self.gathered = self.comm.allgather_v(out, self.layout.gather_counts)
+        whole = self.gathered = self.comm.allgather_v(out, self.counts)
         nu = kl_clip_factor(whole, self._partial_at, kl_clip, lr)
         if nu is not None:
             whole *= nu.astype(whole.dtype)

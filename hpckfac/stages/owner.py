@@ -53,9 +53,13 @@ class OwnerState:
         self._runs = list(zip(ends[:-1].tolist(), ends[1:].tolist()))
         self._run_of = {i: r for r, (lo, hi) in enumerate(self._runs) for i in range(lo, hi)}
         self._stacks: dict[int, list] = {}
+        # Where this rank's segment starts in each kind of step's buffer: a sum over the ranks
+        # before it, taken once here rather than at every step (thousands of ranks).
+        self._base = {factors: layout.segment_start(rank, layout.reduce_counts(factors))
+                      for factors in (False, True)}
         # Where the owned statistics (consecutive) and each block's presence share sit in this
         # rank's factor-step segment.
-        base = layout.segment_start(rank, layout.reduce_counts(True))
+        base = self._base[True]
         self._stats_at = layout.stat_offset(self.owned[0]) - base if self.owned else 0
         self._presence_at = xp.asarray([layout.presence_offset(l) - base for l in self.owned], dtype=np.int64)
 
@@ -65,7 +69,7 @@ class OwnerState:
         if not self.blocks:
             return
         xp = self.xp
-        base = self.layout.segment_start(self.rank, self.layout.reduce_counts(True))
+        base = self._base[True]
         # Two reads per step, whatever the number of blocks: the presence shares (which blocks
         # to update, and by what to divide), then the updates' finiteness at once (so the
         # updates are held until then: one copy of the owned statistics).
@@ -163,7 +167,7 @@ class OwnerState:
         consecutive slices of ``out`` and return
         ``sum_i <V_i, grad_i>`` as a float64 0-d array of the state's namespace
         (it stays on the device)."""
-        base = self.layout.segment_start(self.rank, self.layout.reduce_counts(factors))
+        base = self._base[factors]
         # The owned gradients are consecutive in the segment, in the order ``out`` takes them.
         first = self.layout.grad_offset(self.owned[0], factors) - base if self.owned else 0
         grads = segment[first:first + out.size].astype(self.dtype, copy=False)  # one cast for all blocks

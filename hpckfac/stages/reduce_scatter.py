@@ -33,6 +33,9 @@ class ReduceScatter:
         # Every presence element of the factor-step buffer, so that the usual step (statistics
         # for every block) sets them all with one assignment.
         self._presence = xp.asarray([layout.presence_offset(l) for l in range(len(self.blocks))], dtype=np.int64)
+        # The per-rank counts as int64 arrays, made once: the collective reads a list of P
+        # Python ints element by element at every call, an array at once.
+        self.counts = {f: np.asarray(layout.reduce_counts(f), dtype=np.int64) for f in (False, True)}
 
     def buffer(self, factors: bool) -> Any:
         """The send buffer of a step with (``factors``) or without statistics."""
@@ -42,8 +45,7 @@ class ReduceScatter:
         """This rank's averaged segment; ``stats`` is None on steps without statistics,
         else one packed array (or None: no statistics here this step) per block."""
         factors = stats is not None
-        counts = self.layout.reduce_counts(factors)
-        return self.comm.reduce_scatter_v(self._fill(grads, stats), counts, op="mean")
+        return self.comm.reduce_scatter_v(self._fill(grads, stats), self.counts[factors], op="mean")
 
     def _fill(self, grads, stats):
         factors = stats is not None

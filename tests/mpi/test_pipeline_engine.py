@@ -283,3 +283,42 @@ def test_engine_state_dict_holds_every_owners_blocks_as_they_are(comm, n, monkey
         assert len(got["inverses"]) == len(want["inverses"]) == len(block.inverse_shapes)
         for x, y in zip(got["inverses"], want["inverses"]):
             assert x.shape == y.shape and np.array_equal(x, y)
+
+
+@pytest.mark.mpi
+def test_engine_steps_read_no_per_rank_lists(comm, monkeypatch):
+    """A step's cost must not grow with the rank count in Python: the collectives get the per-rank
+    counts as int64 arrays made at construction, and the owner's segment offsets are not summed
+    anew over the ranks before it; the results are those of an engine left as it is."""
+    def engine():
+        return KFACEngine(make_blocks(), comm, damping=DAMPING, factor_decay=DECAY, kl_clip=1e-3,
+                          comm_dtype=np.float64)
+
+    def steps(e):
+        rng = np.random.default_rng(5)
+        out = []
+        for k in range(3):  # a factor step, then two without statistics
+            _, packed, grads = draw(rng, e.blocks, comm.size)
+            e.factor_update_interval = 1 if k == 0 else 10
+            out.append([v.copy() for v in e.step(grads[comm.rank], packed[comm.rank] if k == 0 else None, lr=LR)])
+        return out
+
+    want = steps(engine())
+    watched = engine()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a step summed or read the per-rank counts again")
+
+    monkeypatch.setattr(watched.layout, "segment_start", refuse)
+    monkeypatch.setattr(watched.layout, "reduce_counts", refuse)
+    seen = []
+    for name in ("reduce_scatter_v", "allgather_v"):
+        real = getattr(comm, name)
+        monkeypatch.setattr(comm, name, lambda buf, counts, *a, _real=real, **kw: seen.append(counts)
+                            or _real(buf, counts, *a, **kw))
+    got = steps(watched)
+    assert len(seen) == 6 and all(isinstance(c, np.ndarray) and c.dtype == np.int64 for c in seen)
+    assert seen[2] is seen[4] and seen[3] is seen[5]  # made once, not per step
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            np.testing.assert_array_equal(a, b)
