@@ -66,11 +66,17 @@ def test_ring_formulas_hand_computed():
     assert model.ring_scatter_gather_time(n, 4, alpha, beta) == pytest.approx(7.5e-4 + 3e-5)
     assert model.ring_scatter_gather_time(n, 1, alpha, beta) == 0.0
     assert model.ring_allreduce_time(n, 1, alpha, beta) == 0.0
-    # A few bytes by recursive doubling: one message per doubling, none at one rank.
-    assert model.latency_allreduce_time(1, alpha) == 0.0
-    assert model.latency_allreduce_time(2, alpha) == pytest.approx(1e-5)
-    assert model.latency_allreduce_time(5, alpha) == pytest.approx(3e-5)
-    assert model.latency_allreduce_time(1024, alpha) == pytest.approx(1e-4)
+    # MPI's: a few bytes by recursive doubling, one message per doubling (none at one rank);
+    # a large buffer by halving and doubling, the ring's bandwidth term in 2 log2 P messages.
+    assert model.mpi_allreduce_time(0.0, 1, alpha, beta) == 0.0
+    assert model.mpi_allreduce_time(0.0, 2, alpha, beta) == pytest.approx(1e-5)
+    assert model.mpi_allreduce_time(0.0, 5, alpha, beta) == pytest.approx(3e-5)
+    assert model.mpi_allreduce_time(800.0, 1024, alpha, beta) == pytest.approx(10 * (1e-5 + 8e-7))
+    assert model.mpi_allreduce_time(n, 4, alpha, beta) == pytest.approx(1.5e-3 + 4e-5)
+    # "auto": the ring from 128 KiB per ring message, MPI's below.
+    big, small = 4 * 2**17, 4 * 2**17 - 1
+    assert model.auto_allreduce_time(big, 4, alpha, beta) == model.ring_allreduce_time(big, 4, alpha, beta)
+    assert model.auto_allreduce_time(small, 4, alpha, beta) == model.mpi_allreduce_time(small, 4, alpha, beta)
     # An allreduce is a reduce-scatter followed by an all-gather.
     assert model.ring_allreduce_time(n, 7, alpha, beta) == pytest.approx(
         2 * model.ring_scatter_gather_time(n, 7, alpha, beta))

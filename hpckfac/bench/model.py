@@ -17,8 +17,10 @@ collectives (``alpha`` seconds per message, ``beta`` seconds per byte):
   (``CurvatureBlock.precondition_flops``);
 - writing the results into ``.grad``: every block's gradient elements at the
   memory rate;
-- ring allreduce of the gradients no block owns: ``2(P-1)/P n beta + 2(P-1) alpha``; with
-  none, the step's presence flags alone by MPI's allreduce: ``ceil(log2 P) alpha``;
+- allreduce of the gradients no block owns, as ``algorithm="auto"`` runs it: the ring,
+  ``2(P-1)/P n beta + 2(P-1) alpha``, when each of its messages carries at least 128 KiB,
+  else MPI's (``mpi_allreduce_time``); with none, the step's presence flags alone by MPI's
+  allreduce: ``ceil(log2 P) alpha``;
 - optionally forward/backward: ``3 x`` the forward flops at a training rate.
 
 Stages do not overlap (the engine runs them one after another), so the
@@ -41,6 +43,7 @@ import numpy as np
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
 from hpckfac.bench.report import Parser, check_outputs, make_parent, median, write_json
+from hpckfac.comm.communicator import reduction_algorithm
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.tables import format_table
@@ -107,9 +110,20 @@ def ring_allreduce_time(nbytes: float, ranks: int, alpha: float, beta: float) ->
     return 2 * (ranks - 1) / ranks * nbytes * beta + 2 * (ranks - 1) * alpha
 
 
-def latency_allreduce_time(ranks: int, alpha: float) -> float:
-    """A message of a few bytes by MPI's allreduce (recursive doubling): ``ceil(log2 P) alpha``."""
-    return math.ceil(math.log2(ranks)) * alpha
+def mpi_allreduce_time(nbytes: float, ranks: int, alpha: float, beta: float) -> float:
+    """MPI's allreduce as MPI libraries choose it: recursive doubling,
+    ``ceil(log2 P) (alpha + n beta)``, or for larger buffers reduce-scatter and allgather by
+    recursive halving and doubling, ``2 ceil(log2 P) alpha + 2(P-1)/P n beta``; the faster."""
+    steps = math.ceil(math.log2(ranks))
+    return min(steps * (alpha + nbytes * beta), 2 * steps * alpha + 2 * (ranks - 1) / ranks * nbytes * beta)
+
+
+def auto_allreduce_time(nbytes: float, ranks: int, alpha: float, beta: float) -> float:
+    """An allreduce with ``algorithm="auto"`` (``hpckfac.comm.communicator.reduction_algorithm``):
+    the ring when its messages carry at least ``RING_MIN_CHUNK_BYTES``, else MPI's."""
+    if reduction_algorithm("auto", int(nbytes), ranks) == "ring":
+        return ring_allreduce_time(nbytes, ranks, alpha, beta)
+    return mpi_allreduce_time(nbytes, ranks, alpha, beta)
 
 
 def ring_scatter_gather_time(nbytes: float, ranks: int, alpha: float, beta: float) -> float:
@@ -186,9 +200,9 @@ def predict(work: Workload, machine: Machine, ranks: int) -> dict[str, float]:
         "all_gather": ring_scatter_gather_time(w["all_gather"], ranks, machine.alpha, machine.beta),
         "write_grads": share * w["write_grads"] / machine.memory_rate,
         # Nothing to average (every parameter owned by a block): the presence flags alone, by
-        # MPI's latency-bound allreduce (they ride the ring otherwise).
-        "allreduce": (ring_allreduce_time(w["allreduce"], ranks, machine.alpha, machine.beta) if w["allreduce"]
-                      else latency_allreduce_time(ranks, machine.alpha)),
+        # MPI's allreduce (they ride with the gradients otherwise).
+        "allreduce": (auto_allreduce_time(w["allreduce"], ranks, machine.alpha, machine.beta) if w["allreduce"]
+                      else mpi_allreduce_time(0.0, ranks, machine.alpha, machine.beta)),
     }
     if machine.train_flops:
         out["forward_backward"] = share * w["forward_backward"] / machine.train_flops
@@ -197,10 +211,10 @@ def predict(work: Workload, machine: Machine, ranks: int) -> dict[str, float]:
 
 
 def predict_sgd(work: Workload, machine: Machine, ranks: int) -> float:
-    """Seconds of a first-order iteration: forward/backward plus a ring allreduce of
-    every gradient (the baseline K-FAC's cost is compared with)."""
+    """Seconds of a first-order iteration: forward/backward plus the allreduce of every
+    gradient that ``allreduce_gradients`` runs (the baseline K-FAC's cost is compared with)."""
     compute = 3.0 * work.batch * work.model.forward_flops / machine.train_flops if machine.train_flops else 0.0
-    return compute + ring_allreduce_time(work.comm_bytes * work.model.params, ranks, machine.alpha, machine.beta)
+    return compute + auto_allreduce_time(work.comm_bytes * work.model.params, ranks, machine.alpha, machine.beta)
 
 
 def workload_from_config(config: dict[str, Any], ranks: int) -> Workload:
@@ -249,8 +263,8 @@ def calibrate(config: dict[str, Any], runs: list[dict[str, Any]], cores: int) ->
         w = stage_work(workload_from_config(config, p), p)
         for stage in COLLECTIVES:
             hops = 2 if stage == "allreduce" else 1
-            if stage == "allreduce" and w[stage] == 0:
-                continue  # the presence flags alone: a few bytes, nothing to fit beta on
+            if stage == "allreduce" and reduction_algorithm("auto", int(w[stage]), p) != "ring":
+                continue  # MPI's allreduce (the presence flags alone, or small buckets): not a ring
             points.append((hops * (p - 1), hops * (p - 1) / p * w[stage], run["stages"][stage]))
     alpha, beta = _fit_alpha_beta(points)
     streamed = ("running_average", "write_grads")

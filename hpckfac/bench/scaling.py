@@ -135,7 +135,7 @@ class Iteration:
         self.timings.update(self.engine.timings)
         start = self.clock()
         self.comm.allreduce_many(self.reduced + [self.flags], op="mean",
-                                 algorithm="ring" if self.reduced else "mpi")
+                                 algorithm="auto" if self.reduced else "mpi")
         self.timings["allreduce"] = self.clock() - start
 
     def bytes_sent(self) -> dict[str, int]:

@@ -23,8 +23,10 @@ COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v",
                "allgather_object", "the end of the script", "same_everywhere")
 ReduceOp = Literal["sum", "mean"]
 Algorithm = Literal["ring", "mpi"]
+# An allreduce may also leave the choice to the buffer's size ("auto").
+ReduceAlgorithm = Literal["ring", "mpi", "auto"]
 OPS: tuple[str, ...] = get_args(ReduceOp)
-ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+ALGORITHMS: tuple[str, ...] = get_args(ReduceAlgorithm)
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in DTYPE_CODES.items()}
 
 

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from hpckfac.comm import ring, vcoll
 from hpckfac.comm.abort import abort_job, install_abort_on_error
-from hpckfac.comm.agreement import (ALGORITHMS, OPS, Algorithm, ReduceOp, Signature, describe, digest,
+from hpckfac.comm.agreement import (ALGORITHMS, OPS, Algorithm, ReduceAlgorithm, ReduceOp, Signature, describe, digest,
                                     disagreement, rejected, signature)
 from hpckfac.comm.backend import Backend, HostBackend, backend_for
 from hpckfac.comm.dtypes import DTYPE_CODES, check_dtype, mpi_type, sum_op
@@ -37,10 +37,25 @@ def _op_index(op: str) -> int:
     return OPS.index(op)
 
 
-def _algorithm_index(algorithm: str) -> int:
-    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+def _algorithm_index(algorithm: str, allowed: Sequence[str] = ALGORITHMS) -> int:
+    if not isinstance(algorithm, str) or algorithm not in allowed:
+        raise ValueError(f"algorithm must be one of {tuple(allowed)}, got {algorithm!r}")
     return ALGORITHMS.index(algorithm)
+
+
+# The smallest message of the ring that "auto" sends: below it each of the ring's 2(P-1) steps
+# is bound by latency, and MPI's allreduce (log2 P steps for small buffers) is faster. Measured
+# on shared memory (docs/benchmarks.md): at 2 ranks the ring wins from 128 KiB per message.
+RING_MIN_CHUNK_BYTES = 128 * 2**10
+
+
+def reduction_algorithm(algorithm: str, nbytes: int, size: int) -> str:
+    """The algorithm an allreduce of ``nbytes`` over ``size`` ranks runs: ``algorithm``, or for
+    ``"auto"`` the ring when each of its messages (``nbytes / size``) carries at least
+    ``RING_MIN_CHUNK_BYTES``, else MPI's. The same on every rank that agrees on the call."""
+    if algorithm != "auto":
+        return algorithm
+    return "ring" if nbytes >= RING_MIN_CHUNK_BYTES * size else "mpi"
 
 
 def _check_writeable(buf: Any, name: str) -> None:
@@ -274,30 +289,34 @@ class Communicator:
         if mean and self.size > 1:
             flat /= self.size
 
-    def allreduce(self, buf: Any, op: ReduceOp = "sum", algorithm: Algorithm = "ring") -> Any:
+    def allreduce(self, buf: Any, op: ReduceOp = "sum", algorithm: ReduceAlgorithm = "ring") -> Any:
         """Sum (or mean) ``buf`` over ranks, in place; returns ``buf``.
 
-        ``algorithm="ring"`` is hpckfac's ring allreduce; ``"mpi"`` is MPI's Allreduce.
+        ``algorithm="ring"`` is hpckfac's ring allreduce; ``"mpi"`` is MPI's Allreduce;
+        ``"auto"`` the ring for buffers large enough that its messages are not bound by
+        latency (``reduction_algorithm``), MPI's otherwise.
         """
         def validate():
             backend, dtype = backend_for(buf), check_dtype(buf.dtype)
             _check_writeable(buf, "buf")
             op_index, alg = _op_index(op), _algorithm_index(algorithm)
-            return _for_reduction(backend, dtype, algorithm), signature(
+            chosen = reduction_algorithm(algorithm, buf.nbytes, self.size)
+            return (_for_reduction(backend, dtype, chosen), chosen), signature(
                 "allreduce", dtype=DTYPE_CODES[dtype], length=buf.size, op=op_index, algorithm=alg)
 
-        backend = self._enter("allreduce", validate)
+        backend, chosen = self._enter("allreduce", validate)
         if self.size == 1:  # the sum (or mean) over one rank is the buffer itself: no staging, no MPI
             return buf
         work = backend.stage_in(buf)
-        self._reduce_flat(work, op == "mean", algorithm, backend)
+        self._reduce_flat(work, op == "mean", chosen, backend)
         backend.stage_out(work, buf)
         return buf
 
     def allreduce_many(self, arrays: Sequence[Any], op: ReduceOp = "mean",
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, algorithm: Algorithm = "ring") -> None:
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, algorithm: ReduceAlgorithm = "ring") -> None:
         """Allreduce every array in ``arrays`` in place, fused into buffers of at most
-        ``bucket_bytes`` per dtype (an array larger than that is reduced on its own)."""
+        ``bucket_bytes`` per dtype (an array larger than that is reduced on its own);
+        with ``algorithm="auto"`` each bucket by the algorithm its size calls for."""
         arrays = list(arrays)
 
         def validate():
@@ -313,17 +332,18 @@ class Communicator:
             buckets = plan_buckets([a.nbytes for a in arrays], dtypes, bucket_bytes)
             layout = digest([x for a, d in zip(arrays, dtypes) for x in (DTYPE_CODES[d], a.size)])
             backend = backends[0] if backends else HostBackend()
-            plan = ([_for_reduction(backend, d, algorithm) for d in dtypes], buckets)
+            # A bucket holds one dtype, hence one backend, and runs one algorithm.
+            chosen = [reduction_algorithm(algorithm, sum(arrays[i].nbytes for i in b), self.size) for b in buckets]
+            plan = [(b, _for_reduction(backend, dtypes[b[0]], how), how) for b, how in zip(buckets, chosen)]
             return plan, signature("allreduce_many", length=sum(a.size for a in arrays), op=op_index,
                                    algorithm=alg, parameter=bucket_bytes, layout=layout)
 
-        backends, buckets = self._enter("allreduce_many", validate)
+        plan = self._enter("allreduce_many", validate)
         if self.size == 1:  # nothing to reduce: a device buffer would make a round trip through the host
             return
-        for bucket in buckets:  # a bucket holds one dtype, hence one backend
-            backend = backends[bucket[0]]
+        for bucket, backend, chosen in plan:
             reduce_fused(arrays, [bucket], backend, self._fusion,
-                         lambda flat: self._reduce_flat(flat, op == "mean", algorithm, backend))
+                         lambda flat: self._reduce_flat(flat, op == "mean", chosen, backend))
 
     def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: ReduceOp = "sum",
                          algorithm: Algorithm = "mpi") -> Any:
@@ -336,7 +356,7 @@ class Communicator:
         """
         def validate():
             backend, dtype, op_index = backend_for(sendbuf), check_dtype(sendbuf.dtype), _op_index(op)
-            alg = _algorithm_index(algorithm)
+            alg = _algorithm_index(algorithm, get_args(Algorithm))
             cnt = vcoll.check_counts(counts, self.size)
             if int(cnt.sum()) != sendbuf.size:
                 raise ValueError(f"counts sum to {int(cnt.sum())} but sendbuf holds {sendbuf.size} elements")
@@ -364,7 +384,7 @@ class Communicator:
 
         def validate():
             backend, dtype = backend_for(segment), check_dtype(segment.dtype)
-            alg = _algorithm_index(algorithm)
+            alg = _algorithm_index(algorithm, get_args(Algorithm))
             cnt = vcoll.check_counts(counts, self.size)
             if segment.size != cnt[self.rank]:
                 raise ValueError(f"segment holds {segment.size} elements but counts[{self.rank}] "

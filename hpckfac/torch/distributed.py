@@ -112,18 +112,20 @@ def gradients_alike(model: nn.Module, comm: Communicator) -> bool:
     return comm.same_everywhere(mine, "the first step()'s gradient comparison") and mine is not None
 
 
-def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: str = "ring",
+def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: str = "auto",
                         bucket_bytes: int | None = None) -> None:
     """Average every ``.grad`` of ``model`` over ranks in place, with the same
-    fused ring-allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
-    call it on every rank). A trainable parameter without a gradient on some ranks counts as
-    zero there (``average_grads``)."""
+    fused allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
+    call it on every rank): ``algorithm="auto"`` takes hpckfac's ring for each bucket large
+    enough that its messages are not bound by latency, MPI's allreduce for the others
+    (``Communicator.allreduce``); ``"ring"`` or ``"mpi"`` forces one. A trainable parameter
+    without a gradient on some ranks counts as zero there (``average_grads``)."""
     comm = _comm(comm)
     with comm.calling("allreduce_gradients()"):
         average_grads(model.parameters(), comm, algorithm, bucket_bytes)
 
 
-def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm: str = "ring",
+def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm: str = "auto",
                   bucket_bytes: int | None = None,
                   presence: Sequence[torch.Tensor] = (), held: Sequence[bool] = ()) -> list[bool]:
     """Average the ``.grad`` of every trainable parameter of ``params`` over the ranks of
@@ -259,5 +261,5 @@ def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> 
                for tensor in (module.running_mean, module.running_var)]
     carried = _carried(tensors)
     with _scope(tensors), comm.calling("sync_batchnorm_stats()"):
-        comm.allreduce_many([to_array(t) for t in carried], op="mean")
+        comm.allreduce_many([to_array(t) for t in carried], op="mean", algorithm="auto")
     _write_back(tensors, carried)

@@ -441,7 +441,7 @@ class KFACPreconditioner:
         covered = [[p for p in ps if p is not None] for ps in params]
         first_order = self._first_order(every, covered)
         self._warn_added(named, first_order)
-        present = iter(average_grads(first_order, self.comm, "ring", self.bucket_bytes,
+        present = iter(average_grads(first_order, self.comm, "auto", self.bucket_bytes,
                                      presence=[p for ps in covered for p in ps],
                                      held=[] if stats is None else [st is not None for st in stats]))
         reached = [[next(present) for _ in ps] for ps in covered]

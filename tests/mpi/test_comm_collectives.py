@@ -44,7 +44,7 @@ def check_reduced(got, xs, op):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
 @pytest.mark.parametrize("op", ["sum", "mean"])
 def test_allreduce_integer_valued_float64_is_exact(comm, algorithm, op):
     for seed, length in enumerate(lengths(comm.size)):
@@ -55,7 +55,7 @@ def test_allreduce_integer_valued_float64_is_exact(comm, algorithm, op):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["sum", "mean"])
 def test_allreduce_within_rounding(comm, algorithm, dtype, op):
@@ -159,7 +159,7 @@ def many_arrays(seed, size):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("bucket_bytes", [1, 48, 256, 2**20])
-@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
 @pytest.mark.parametrize("op", ["sum", "mean"])
 def test_allreduce_many(comm, bucket_bytes, algorithm, op):
     everyone = many_arrays(500 + bucket_bytes, comm.size)
@@ -169,6 +169,38 @@ def test_allreduce_many(comm, bucket_bytes, algorithm, op):
         xs = [arrays[i] for arrays in everyone]
         assert got.shape == xs[0].shape and got.dtype == xs[0].dtype
         check_reduced(got, xs, op)
+
+
+@pytest.mark.mpi
+def test_auto_takes_the_ring_for_large_buckets_and_mpi_for_small_ones(comm, monkeypatch):
+    """``algorithm="auto"``: a bucket whose ring messages carry at least RING_MIN_CHUNK_BYTES
+    goes around the ring, a smaller one through MPI's allreduce; both sums are exact for
+    integer-valued float64, and alike on every rank."""
+    from hpckfac.comm import communicator
+
+    large = communicator.RING_MIN_CHUNK_BYTES // 8 * comm.size  # float64 elements
+    rings = []
+    real = communicator.ring.allreduce
+    monkeypatch.setattr(communicator.ring, "allreduce", lambda *a, **kw: rings.append(a[1].size) or real(*a, **kw))
+    for length, ring in ((large, True), (large - 1, False), (3, False)):
+        xs = inputs(40 + length % 7, comm.size, length, np.float64, integer=True)
+        got = comm.allreduce(xs[comm.rank].copy(), op="sum", algorithm="auto")
+        np.testing.assert_array_equal(got, np.sum(xs, axis=0))
+        assert rings == ([length] if ring and comm.size > 1 else []), length
+        rings.clear()
+    # Two buckets of one call (two dtypes): each by its own size.
+    everyone = [[np.full(large, r + 1.0), np.full(5, r + 1.0, np.float32)] for r in range(comm.size)]
+    mine = [a.copy() for a in everyone[comm.rank]]
+    comm.allreduce_many(mine, op="mean", algorithm="auto")
+    assert rings == ([large] if comm.size > 1 else [])
+    for got, xs in zip(mine, zip(*everyone)):
+        np.testing.assert_array_equal(got, np.mean(xs, axis=0).astype(got.dtype))
+    everyone = comm.allgather_object([a.tobytes() for a in mine])
+    assert all(b == everyone[0] for b in everyone)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        comm.reduce_scatter_v(np.ones(comm.size), [1] * comm.size, algorithm="auto")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        comm.allgather_v(np.ones(1), [1] * comm.size, algorithm="auto")
 
 
 @pytest.mark.mpi

@@ -237,34 +237,41 @@ def test_a_kfac_layer_whose_weight_alone_got_a_gradient_was_reached(comm):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("first_order", [False, True])
-def test_presence_flags_alone_take_mpis_allreduce(comm, first_order, monkeypatch):
-    """The step's presence flags ride the first-order gradients' ring allreduce when there are
-    some; a model whose every parameter a block covers sends them alone, by MPI's allreduce
-    (``log2 P`` messages instead of the ring's ``2(P-1)``); either way the averaged gradients
-    are those of the same step without the spy."""
+@pytest.mark.parametrize("first_order", [None, "small", "large"])
+def test_presence_flags_and_small_buckets_take_mpis_allreduce(comm, first_order, monkeypatch):
+    """The step's presence flags ride the first-order gradients' allreduce when there are
+    some, else go alone by MPI's allreduce; a bucket whose ring messages would carry under
+    RING_MIN_CHUNK_BYTES (a small first-order parameter) takes MPI's allreduce too, a larger
+    one the ring (``log2 P`` messages instead of ``2(P-1)`` where latency rules). Either way
+    the gradients are those of the same step without the spies, alike on every rank."""
+    from hpckfac.comm import communicator
+
+    size = {"small": 2, "large": communicator.RING_MIN_CHUNK_BYTES // 8 * comm.size}.get(first_order)
+
     def build():
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
         if first_order:
-            net.register_parameter("scale", nn.Parameter(torch.ones(2, dtype=torch.float64)))
+            net.register_parameter("scale", nn.Parameter(torch.linspace(0.5, 1.5, size, dtype=torch.float64)))
         return net
 
     def run(net):
         precond = KFACPreconditioner(net, comm=comm)
         x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(comm.rank))
-        out = net(x) * net.scale if first_order else net(x)
+        out = net(x) * net.scale[:2] * net.scale.sum() if first_order else net(x)
         out.pow(2).mean().backward()
         precond.step()
         return [p.grad.clone() for p in net.parameters()]
 
     expected = run(build())
-    calls = []
-    real = comm.allreduce_many
+    calls, rings = [], []
+    real, ring = comm.allreduce_many, communicator.ring.allreduce
     monkeypatch.setattr(comm, "allreduce_many", lambda arrays, **kw: calls.append(kw["algorithm"]) or real(arrays, **kw))
+    monkeypatch.setattr(communicator.ring, "allreduce", lambda *a, **kw: rings.append(1) or ring(*a, **kw))
     got = run(build())
     # One rank has nothing to average: no collective at all.
-    assert calls == ([] if comm.size == 1 else ["ring"] if first_order else ["mpi"])
+    assert calls == ([] if comm.size == 1 else ["auto"] if first_order else ["mpi"])
+    assert len(rings) == (1 if first_order == "large" and comm.size > 1 else 0)
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
     everyone = comm.mpi.allgather([g.numpy() for g in got])
