@@ -71,6 +71,29 @@ def test_checkpoint_resume_gives_the_same_trajectory(comm, depthwise):
     np.testing.assert_array_equal(flat(fresh), uninterrupted)
 
 
+def test_a_state_dict_is_the_callers_to_change(comm):
+    """The tensors of a state_dict() share no memory with the preconditioner: changed in place
+    (a state being edited before saving), the next state_dict() and the next step are as before;
+    and each holds only its own block's values, so torch.save writes the state once."""
+    model, data = model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    train(model, opt, precond, data[:3])
+    state = precond.state_dict()
+    before = {name: {k: (v.clone() if torch.is_tensor(v) else [x.clone() for x in v]) for k, v in block.items()}
+              for name, block in state["blocks"].items()}
+    for block in state["blocks"].values():
+        block["factors"].mul_(-3.0)
+        for x in block["inverses"]:
+            x.fill_(float("nan"))
+    again = precond.state_dict()["blocks"]
+    for name, block in before.items():
+        assert torch.equal(again[name]["factors"], block["factors"])
+        assert all(torch.equal(x, y) for x, y in zip(again[name]["inverses"], block["inverses"]))
+    sizes = [t.untyped_storage().nbytes() for b in again.values() for t in [b["factors"], *b["inverses"]]]
+    assert sizes == [t.numel() * t.element_size() for b in again.values() for t in [b["factors"], *b["inverses"]]]
+
+
 def test_load_rejects_a_different_model(comm):
     model, data = model_and_data()
     precond = KFACPreconditioner(model, comm=comm, **OPTIONS)

@@ -14,7 +14,8 @@ _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 def blocks_as_tensors(blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The engine's ``state_dict()["blocks"]`` (host arrays, or lists of them, or None) as CPU
-    tensors owning copies of the values."""
+    tensors sharing their memory: they are views of the buffer ``state_dict()`` gathered, made
+    for this call, so a copy would only double the state's peak memory on every rank."""
     return {name: {key: _to_tensors(value) for key, value in block.items()} for name, block in blocks.items()}
 
 
@@ -30,8 +31,8 @@ def _to_tensors(value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, list):
-        return [torch.from_numpy(np.array(v)) for v in value]
-    return torch.from_numpy(np.array(value))
+        return [torch.from_numpy(v) for v in value]
+    return torch.from_numpy(value)
 
 
 def _to_arrays(value: Any, where: str) -> Any:
