@@ -17,10 +17,10 @@ collectives (``alpha`` seconds per message, ``beta`` seconds per byte):
   (``CurvatureBlock.precondition_flops``);
 - writing the results into ``.grad``: every block's gradient elements at the
   memory rate;
-- allreduce of the gradients no block owns, as ``algorithm="auto"`` runs it: the ring,
-  ``2(P-1)/P n beta + 2(P-1) alpha``, when each of its messages carries at least 128 KiB,
-  else MPI's (``mpi_allreduce_time``); with none, the step's presence flags alone by MPI's
-  allreduce: ``ceil(log2 P) alpha``;
+- allreduce of the gradients no block owns, as ``algorithm="auto"`` runs it: each fusion
+  bucket (64 MiB at most) by the ring, ``2(P-1)/P n beta + 2(P-1) alpha``, when each of its
+  messages carries at least 128 KiB, else by MPI's (``mpi_allreduce_time``); with none, the
+  step's presence flags alone by MPI's allreduce: ``ceil(log2 P) alpha``;
 - optionally forward/backward: ``3 x`` the forward flops at a training rate.
 
 Stages do not overlap (the engine runs them one after another), so the
@@ -44,6 +44,7 @@ from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
 from hpckfac.bench.report import Parser, check_outputs, make_parent, median, write_json
 from hpckfac.comm.communicator import reduction_algorithm
+from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, plan_buckets
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.tables import format_table
@@ -126,6 +127,15 @@ def auto_allreduce_time(nbytes: float, ranks: int, alpha: float, beta: float) ->
     return mpi_allreduce_time(nbytes, ranks, alpha, beta)
 
 
+def fused_allreduce_time(layer_bytes: Sequence[int], ranks: int, alpha: float, beta: float,
+                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> float:
+    """``allreduce_many(..., algorithm="auto")`` of one array per layer (``layer_bytes``, model
+    order, one dtype), as ``allreduce_gradients`` runs it: the fusion buckets of
+    ``plan_buckets`` one after another, each by the algorithm its own size calls for."""
+    buckets = plan_buckets(list(layer_bytes), [0] * len(layer_bytes), bucket_bytes)
+    return sum(auto_allreduce_time(sum(layer_bytes[i] for i in b), ranks, alpha, beta) for b in buckets)
+
+
 def ring_scatter_gather_time(nbytes: float, ranks: int, alpha: float, beta: float) -> float:
     """Reduce-scatter or all-gather of ``n`` bytes in total: ``(P-1)/P n beta + (P-1) alpha``."""
     return (ranks - 1) / ranks * nbytes * beta + (ranks - 1) * alpha
@@ -172,7 +182,6 @@ def stage_work(work: Workload, ranks: int) -> dict[str, float]:
         factor_flops += sum(10.0 * work.batch * s.channels * s.positions for s in model.batchnorm)
     precond = [b.precondition_flops() for b in specs]
     f, i = 1.0 / work.factor_interval, 1.0 / work.inverse_interval
-    unowned = sum(s.params for s in model.batchnorm) if work.batchnorm == "allreduce" else 0
     return {
         "local_factors": f * factor_flops,
         "reduce_scatter": work.comm_bytes * (f * layout.reduce_total(True) + (1 - f) * layout.reduce_total(False)),
@@ -181,7 +190,7 @@ def stage_work(work: Workload, ranks: int) -> dict[str, float]:
         "precondition": max(owner_loads(precond, owners, ranks)),
         "all_gather": work.comm_bytes * sum(layout.gather_counts),
         "write_grads": float(sum(b.grad_size for b in specs)),
-        "allreduce": work.comm_bytes * unowned,
+        "allreduce": float(sum(unowned_bytes(work))),
         "forward_backward": 3.0 * work.batch * model.forward_flops,
     }
 
@@ -201,7 +210,7 @@ def predict(work: Workload, machine: Machine, ranks: int) -> dict[str, float]:
         "write_grads": share * w["write_grads"] / machine.memory_rate,
         # Nothing to average (every parameter owned by a block): the presence flags alone, by
         # MPI's allreduce (they ride with the gradients otherwise).
-        "allreduce": (auto_allreduce_time(w["allreduce"], ranks, machine.alpha, machine.beta) if w["allreduce"]
+        "allreduce": (fused_allreduce_time(unowned_bytes(work), ranks, machine.alpha, machine.beta) if w["allreduce"]
                       else mpi_allreduce_time(0.0, ranks, machine.alpha, machine.beta)),
     }
     if machine.train_flops:
@@ -214,7 +223,13 @@ def predict_sgd(work: Workload, machine: Machine, ranks: int) -> float:
     """Seconds of a first-order iteration: forward/backward plus the allreduce of every
     gradient that ``allreduce_gradients`` runs (the baseline K-FAC's cost is compared with)."""
     compute = 3.0 * work.batch * work.model.forward_flops / machine.train_flops if machine.train_flops else 0.0
-    return compute + auto_allreduce_time(work.comm_bytes * work.model.params, ranks, machine.alpha, machine.beta)
+    every = [work.comm_bytes * s.params for s in work.model.layers]
+    return compute + fused_allreduce_time(every, ranks, machine.alpha, machine.beta)
+
+
+def unowned_bytes(work: Workload) -> list[int]:
+    """Bytes of each layer whose gradients no block owns (``stage_work``'s ``allreduce``)."""
+    return [work.comm_bytes * s.params for s in work.model.batchnorm] if work.batchnorm == "allreduce" else []
 
 
 def workload_from_config(config: dict[str, Any], ranks: int) -> Workload:

@@ -5,7 +5,7 @@ real layer shapes (``hpckfac.bench.shapes``: ResNet-50, or the trainer's small
 CNN), draws random activations and output gradients of those shapes, and runs
 stages 1-4 of an iteration: stage 1 with ``hpckfac.stages.local_factors``
 (im2col and factor GEMMs on the synthetic tensors), stages 2-4 with
-``KFACEngine``, and the ring allreduce of any gradient no block owns (the
+``KFACEngine``, and the allreduce (``algorithm="auto"``) of any gradient no block owns (the
 BatchNorm gradients with ``--batchnorm allreduce``) with the torch bridge's
 presence flags (alone, by MPI's allreduce, when every gradient is owned). No forward/backward pass
 and no data set are needed; ``--device cuda`` runs the workload on each rank's
@@ -302,7 +302,7 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser.add_argument("--assignment", choices=("lpt", "contiguous", "both"), default="both",
                         help="owner assignment: balanced by cost (lpt), in layer order, or both side by side")
     parser.add_argument("--batchnorm", choices=("kfac", "allreduce"), default="kfac",
-                        help="BatchNorm as unit-wise curvature blocks, or its gradients by ring allreduce")
+                        help="BatchNorm as unit-wise curvature blocks, or its gradients only allreduced")
     parser.add_argument("--comm-dtype", choices=("float32", "float64"), default="float32",
                         help="element type of the factor and gradient collectives")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",

@@ -4,7 +4,7 @@ Which layers get a curvature block is decided once (``hpckfac.torch.coverage``).
 Stage 1 runs in module hooks (``hpckfac.torch.hooks``) on factor-update steps,
 with the examples counted from the model's inputs (``hpckfac.torch.micro_batch``);
 ``step()`` runs stages 2-4 through ``hpckfac.stages.engine.KFACEngine`` and the
-ring-allreduce of the remaining gradients, then overwrites ``.grad``
+allreduce of the remaining gradients, then overwrites ``.grad``
 (``hpckfac.torch.grad_io``). ``state_dict()`` holds torch tensors
 (``hpckfac.torch.state``). Conventions (per-example gradients, accumulation,
 GradScaler, dtypes) are in docs/preconditioner.md.
@@ -49,7 +49,7 @@ class KFACPreconditioner:
     kind (``hpckfac.torch.register_layer``; built in: Linear, Conv and
     ConvTranspose 1d/2d/3d with groups, affine BatchNorm, LayerNorm,
     RMSNorm, GroupNorm and InstanceNorm, Embedding) are preconditioned unless in ``skip_layers``; all
-    other parameters are averaged over ranks by ring-allreduce. A parameter
+    other parameters are averaged over ranks (``allreduce_gradients``'s fused allreduce). A parameter
     shared by two such modules (tied weights) is preconditioned by neither:
     its curvature is the sum of both layers', which no single block describes
     (skip one of them to let the other's block take it). ``print(precond)``
@@ -76,7 +76,7 @@ class KFACPreconditioner:
             takes the parameters' dtype (float32 for half-precision models).
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is undone in G.
         assignment: owner assignment, ``"lpt"`` or ``"contiguous"``.
-        bucket_bytes: fusion bucket size of the ring-allreduce (None: the
+        bucket_bytes: fusion bucket size of that allreduce (None: the
             Communicator's default).
         accumulation_steps: forward/backward micro-batches per ``step()``.
         statistics_fraction: the statistics of a factor-update step come from
