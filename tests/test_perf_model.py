@@ -77,6 +77,11 @@ def test_ring_formulas_hand_computed():
     big, small = 4 * 2**17, 4 * 2**17 - 1
     assert model.auto_allreduce_time(big, 4, alpha, beta) == model.ring_allreduce_time(big, 4, alpha, beta)
     assert model.auto_allreduce_time(small, 4, alpha, beta) == model.mpi_allreduce_time(small, 4, alpha, beta)
+    # Fused buckets, each by its own choice: 2 MiB and 1 MiB at 16 ranks, 128 KiB and 64 KiB per
+    # ring message: the ring for the first, MPI's for the second.
+    mib = 2**20
+    assert model.fused_allreduce_time([mib, mib, mib], 16, alpha, beta, bucket_bytes=2 * mib) == pytest.approx(
+        model.ring_allreduce_time(2 * mib, 16, alpha, beta) + model.mpi_allreduce_time(mib, 16, alpha, beta))
     # An allreduce is a reduce-scatter followed by an all-gather.
     assert model.ring_allreduce_time(n, 7, alpha, beta) == pytest.approx(
         2 * model.ring_scatter_gather_time(n, 7, alpha, beta))
