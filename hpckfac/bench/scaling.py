@@ -134,8 +134,7 @@ class Iteration:
         self.engine.step(self.grads, stats)
         self.timings.update(self.engine.timings)
         start = self.clock()
-        self.comm.allreduce_many(self.reduced + [self.flags], op="mean",
-                                 algorithm="auto" if self.reduced else "mpi")
+        self.comm.allreduce_many(self.reduced + [self.flags], op="mean", algorithm="auto")
         self.timings["allreduce"] = self.clock() - start
 
     def bytes_sent(self) -> dict[str, int]:

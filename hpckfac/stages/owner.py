@@ -217,24 +217,21 @@ class OwnerState:
                 stacks.append(stack)
             self._stacks[r] = stacks
 
-    def block_state(self, i: int) -> dict[str, Any]:
-        """Block ``i``'s running statistics (None if never set) and inverses, as host (NumPy) copies."""
-        return {"factors": arrays.to_host(self.running[i]).copy() if self.initialized[i] else None,
-                "inverses": None if self.inverses[i] is None else [arrays.to_host(x).copy() for x in self.inverses[i]]}
-
     def packed_state(self) -> np.ndarray:
-        """Every owned block's ``block_state`` one after another in one host array
-        (``state_elements`` each, ``pack_block_state``): this rank's segment of the
-        gathered state."""
+        """Every owned block's running statistics (absent if never set) and inverses one after
+        another in one new host array (``state_elements`` each, ``pack_block_state``): this
+        rank's segment of the gathered state, the values' only copy."""
         out = np.zeros(sum(state_elements(b) for b in self.blocks), dtype=self.dtype)
         at = 0
         for i, block in enumerate(self.blocks):
-            pack_block_state(block, self.block_state(i), out[at:at + state_elements(block)])
+            state = {"factors": arrays.to_host(self.running[i]) if self.initialized[i] else None,
+                     "inverses": None if self.inverses[i] is None else [arrays.to_host(x) for x in self.inverses[i]]}
+            pack_block_state(block, state, out[at:at + state_elements(block)])
             at += state_elements(block)
         return out
 
     def load_block_state(self, i: int, state: dict[str, Any]) -> None:
-        """Restore block ``i`` from ``block_state`` output (shapes checked by the engine)."""
+        """Restore block ``i`` from a ``state_dict`` entry (shapes checked by the engine)."""
         factors, inverses = state["factors"], state["inverses"]
         self._stacks.pop(self._run_of[i], None)  # loaded inverses are not views of one stack
         self.initialized[i] = factors is not None
@@ -251,8 +248,8 @@ def state_elements(block) -> int:
 
 
 def pack_block_state(block, state: dict[str, Any], out: np.ndarray) -> None:
-    """Write ``state`` (``OwnerState.block_state``) into ``out`` (``state_elements(block)``
-    elements; absent parts leave zeros)."""
+    """Write ``state`` (``{"factors": packed statistics or None, "inverses": list of stacks or
+    None}``) into ``out`` (``state_elements(block)`` elements; absent parts leave zeros)."""
     factors, inverses = state["factors"], state["inverses"]
     out[0], out[1] = factors is not None, inverses is not None
     if factors is not None:

@@ -140,10 +140,10 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
     ``presence`` parameters (the preconditioner's, whose gradients travel elsewhere) travel
     too: returned is, for each of them, whether any rank has a ``.grad`` for it (True for a
     frozen one), followed, for each of ``held`` (whether this rank holds something, the same
-    count on every rank), by whether any rank holds it. Flags with no gradient to carry (a
-    model whose every parameter a K-FAC block covers) take MPI's allreduce whatever
-    ``algorithm`` says: a ring's ``2(P-1)`` messages would make a few bytes cost milliseconds
-    at a thousand ranks, where MPI's latency-bound algorithms send ``log2 P``."""
+    count on every rank), by whether any rank holds it. Under ``algorithm="auto"`` flags with no
+    gradient to carry (a model whose every parameter a K-FAC block covers) take MPI's
+    allreduce, as any small bucket: a ring's ``2(P-1)`` messages would make a few bytes cost
+    milliseconds at a thousand ranks, where MPI's latency-bound algorithms send ``log2 P``."""
     params = [p for p in params if p.requires_grad]
     if comm.size == 1:
         # Each gradient is its own mean: no buffers, views or flags (on a GPU, a CuPy view per
@@ -171,7 +171,7 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
             # A sparse gradient goes in as it is: the collective's argument check refuses it on
             # this rank and the others learn of it there, instead of waiting.
             comm.allreduce_many([to_array(t) if t.layout == torch.strided else t for t in carried + flags],
-                                op="mean", algorithm=algorithm if params else "mpi", **kwargs)
+                                op="mean", algorithm=algorithm, **kwargs)
         except TypeError:
             _refuse_sparse(grads)
             raise

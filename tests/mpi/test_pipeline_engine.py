@@ -268,8 +268,11 @@ def test_engine_state_dict_holds_every_owners_blocks_as_they_are(comm, n, monkey
         _, packed, grads = draw(rng, blocks, comm.size)
         stats = [None] + packed[comm.rank][1:]  # the first block never gets statistics
         engine.step(grads[comm.rank], stats, lr=LR)
-    owners = {}
-    for part in comm.mpi.allgather({blocks[l].name: engine.state.block_state(i) for i, l in enumerate(engine.owned)}):
+    owners, state = {}, engine.state
+    mine = {blocks[l].name: {"factors": np.array(state.running[i]) if state.initialized[i] else None,
+                             "inverses": None if state.inverses[i] is None else [np.array(x) for x in state.inverses[i]]}
+            for i, l in enumerate(engine.owned)}
+    for part in comm.mpi.allgather(mine):
         owners.update(part)
     monkeypatch.setattr(comm, "allgather_object", lambda *a, **k: pytest.fail("state_dict() pickled its arrays"))
     state = engine.state_dict()
