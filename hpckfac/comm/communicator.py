@@ -379,10 +379,9 @@ class Communicator:
         ``algorithm``: ``"mpi"`` (``MPI_Allgatherv``) or ``"ring"``. ``what`` names the
         call a user makes (e.g. ``"state_dict()"``), as in ``allgather_object``: in the
         agreement check's error, and in a notice if this rank waits long for the others."""
-        if what is not None and not isinstance(what, str):
-            raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
-
         def validate():
+            if what is not None and not isinstance(what, str):
+                raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
             backend, dtype = backend_for(segment), check_dtype(segment.dtype)
             alg = _algorithm_index(algorithm, get_args(Algorithm))
             cnt = vcoll.check_counts(counts, self.size)
@@ -393,8 +392,9 @@ class Communicator:
             return (backend, cnt), signature("allgather_v", dtype=DTYPE_CODES[dtype], length=int(cnt.sum()),
                                              algorithm=alg, layout=layout)
 
-        with self._waiting(what):
-            backend, cnt = self._enter("allgather_v", validate, label=what)
+        named = what if isinstance(what, str) else None
+        with self._waiting(named):
+            backend, cnt = self._enter("allgather_v", validate, label=named)
             if self.size == 1:
                 return segment.copy()
             out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
@@ -449,10 +449,11 @@ class Communicator:
         """
         if what is None or self.size == 1:
             return self.mpi.allgather(obj)
-        if not isinstance(what, str):
-            raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
+        named = what if isinstance(what, str) else None
 
         def validate():
+            if named is None:
+                raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
             # Pickled before the agreement check, so that an object that cannot be sent fails the
             # check on every rank instead of leaving the others waiting in the exchange.
             try:
@@ -461,8 +462,8 @@ class Communicator:
                 raise TypeError(f"{what}: the object to gather is not picklable: {err}") from err
             return data, signature("allgather_object", layout=digest(what.encode()))
 
-        with self._waiting(what):
-            data = self._enter("allgather_object", validate, label=what)
+        with self._waiting(named):
+            data = self._enter("allgather_object", validate, label=named)
             return [pickle.loads(part) for part in self.mpi.allgather(data)]
 
     def same_everywhere(self, value: Any, what: str) -> bool:

@@ -296,3 +296,19 @@ def test_named_values_that_agree_are_not_gathered(comm, monkeypatch):
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(comm.rank))
     model(x).pow(2).mean().backward()
     precond.step()
+
+
+@pytest.mark.mpi
+def test_allgather_v_with_a_bad_what_fails_on_every_rank(comm):
+    """``what`` names the call; a rank that passes something else raises TypeError after the
+    agreement check, its peers CollectiveMismatchError, and the gather itself still works."""
+    counts = [2] * comm.size
+    whole = comm.allgather_v(np.full(2, comm.rank + 0.5), counts, what="state_dict()")
+    np.testing.assert_array_equal(whole, np.repeat(np.arange(comm.size) + 0.5, 2))
+    if odd_one_out(comm) or comm.size == 1:
+        with pytest.raises(TypeError, match="what must be a string"):
+            comm.allgather_v(np.ones(2), counts, what=5)
+        if comm.size > 1:
+            still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: comm.allgather_v(np.ones(2), counts, what="state_dict()"), "rejected")
