@@ -93,3 +93,80 @@ def test_broadcast(comm, device):
     buf = to_device(xs[comm.rank].copy())
     comm.broadcast(buf, root=comm.size - 1)
     same(buf, xs[comm.size - 1], xp)
+
+
+class _AwareBackend:
+    """A stand-in for ``DeviceBackend`` (a CUDA-aware MPI): MPI reads and writes the device
+    arrays' memory directly (here the wrapped host arrays), so MPI's float16 sum, a Python user
+    op that reads host memory, must go through the host-staging twin ``staged``. Records which
+    backend staged each buffer."""
+
+    name = "standin-aware"
+    xp = np  # the ring's scratch: device memory MPI can reach
+    device_memory = True
+
+    def __init__(self, log):
+        self.log = log
+        self.staged = _Logged(standin.StagedBackend(), log)
+
+    def accepts(self, array):
+        return isinstance(array, standin.DeviceArray)
+
+    def stage_in(self, array):
+        self.log.append((self.name, array.dtype, array.size))
+        return array._a.reshape(-1)  # a flat view: MPI works on the array's own memory
+
+    def stage_out(self, work, array):
+        if not np.shares_memory(work, array._a):
+            array._a[...] = work.reshape(array.shape)
+
+    def add(self, dst, src):
+        np.add(dst, src, out=dst)
+
+    def synchronize(self):
+        pass
+
+    def result(self, work):
+        return standin.DeviceArray(work)
+
+
+class _Logged:
+    def __init__(self, backend, log):
+        self._backend, self.log = backend, log
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def stage_in(self, array):
+        self.log.append((self._backend.name, array.dtype, array.size))
+        return self._backend.stage_in(array)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_auto_routes_each_bucket_of_a_device_memory_backend(comm):
+    """With ``algorithm="auto"`` each bucket picks its own algorithm: on a CUDA-aware backend a
+    small float16 bucket, reduced by MPI's user op, goes through the staged twin, while float32
+    buckets (MPI's allreduce below 128 KiB per rank, the ring above) stay in device memory."""
+    from hpckfac.comm import backend as comm_backend
+    from hpckfac.comm.communicator import RING_MIN_CHUNK_BYTES
+
+    log = []
+    aware = _AwareBackend(log)
+    large = RING_MIN_CHUNK_BYTES * comm.size // 4 + 1  # float32 elements: a ring bucket on its own
+    specs = [(np.float16, 33), (np.float32, 5), (np.float32, large)]
+    xs = [inputs(200 + i, comm.size, n, d) for i, (d, n) in enumerate(specs)]
+    with standin.installed():
+        comm_backend.register_backend(aware)
+        try:
+            bufs = [standin.to_device(x[comm.rank].copy()) for x in xs]
+            comm.allreduce_many(bufs, op="mean", bucket_bytes=4 * large, algorithm="auto")
+            half = standin.to_device(xs[0][comm.rank].copy())
+            comm.allreduce(half, op="sum", algorithm="auto")
+        finally:
+            comm_backend._BACKENDS.remove(aware)
+        for buf, x, (d, _) in zip(bufs, xs, specs):
+            same(buf, (np.sum([v.astype(np.float64) for v in x], axis=0) / comm.size).astype(d), standin.xp)
+        same(half, np.sum([v.astype(np.float64) for v in xs[0]], axis=0).astype(np.float16), standin.xp)
+    assert sorted(log, key=str) == sorted([("standin-staged", np.float16, 33), ("standin-aware", np.float32, 5),
+                                           ("standin-aware", np.float32, large),
+                                           ("standin-staged", np.float16, 33)], key=str), log
