@@ -162,7 +162,7 @@ def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm:
     flags = []
     if count:  # every rank calls the collective, with or without parameters (a mismatch is named)
         device = flagged[0].device if flagged else torch.device("cpu")
-        flags = [torch.ones(count, dtype=_flag_dtype(flagged), device=device)]
+        flags = [torch.ones(count, dtype=_flag_dtype(params), device=device)]
         for i in missing:
             flags[0][i] = 0  # a fill of one element where it lives: no upload from the host
     carried = _carried(grads)
@@ -219,8 +219,11 @@ def _write_back(tensors: Sequence[torch.Tensor], carried: Sequence[torch.Tensor]
 
 
 def _flag_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    """The flags' dtype: the first parameter's where a collective carries it, so that they
-    share its fusion bucket (a mean of 0s and 1s over ranks is > 0 in float16 too)."""
+    """The flags' dtype: the first of the averaged ``params``' where a collective carries it,
+    so that they share its fusion bucket (a mean of 0s and 1s over ranks is > 0 in float16
+    too); float32 when no gradient travels with them. Alone, float16 flags would take MPI's
+    float16 sum, a Python user op on host memory: staged through the host even on a
+    CUDA-aware MPI, every step."""
     return params[0].dtype if params and _is_float(params[0]) else torch.float32
 
 

@@ -276,3 +276,23 @@ def test_presence_flags_and_small_buckets_take_mpis_allreduce(comm, first_order,
         assert torch.equal(g, e)
     everyone = comm.mpi.allgather([g.numpy() for g in got])
     assert all((a == b).all() for other in everyone for a, b in zip(other, everyone[0]))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_presence_flags_alone_travel_in_float32(comm, monkeypatch):
+    """Flags that travel with first-order gradients take the first one's dtype (one fusion
+    bucket); alone (every parameter preconditioned) they are float32 whatever the model's dtype:
+    float16 flags would take MPI's float16 user op, staged through the host even on a
+    CUDA-aware MPI."""
+    from hpckfac.torch.distributed import average_grads
+
+    sent = []
+    real = comm.allreduce_many
+    monkeypatch.setattr(comm, "allreduce_many", lambda arrays, **kw: sent.append([a.dtype for a in arrays])
+                        or real(arrays, **kw))
+    first, covered = (nn.Parameter(torch.ones(3, dtype=torch.float16)) for _ in range(2))
+    covered.grad = torch.ones(3, dtype=torch.float16)
+    first.grad = torch.ones(3, dtype=torch.float16)
+    assert average_grads([], comm, presence=[covered], held=[comm.rank == 0]) == [True, True]
+    assert average_grads([first], comm, presence=[covered]) == [True]
+    assert [[str(d) for d in s] for s in sent] == [["float32"], ["float16", "float16"]]
