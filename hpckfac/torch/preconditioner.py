@@ -411,7 +411,7 @@ class KFACPreconditioner:
                 raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must "
                                               "start from the same weights: call broadcast_parameters(model, "
                                               "comm) on every rank before training")
-            if self.comm.size > 1 and gradients_alike(self.model, self.comm) and not self._ddp:
+            if self.comm.size > 1 and not self._ddp and gradients_alike(self.model, self.comm):
                 self._note("every rank has the same gradients at the first step(): the %d ranks took the same "
                            "batch and train as one would; give each rank its own shard of every global batch "
                            "(DistributedSampler(dataset, num_replicas=comm.size, rank=comm.rank); a "
