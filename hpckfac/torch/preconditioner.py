@@ -447,7 +447,9 @@ class KFACPreconditioner:
         reached = [[next(present) for _ in ps] for ps in covered]
         if stats is not None:
             self._absent_as_zeros(stats, [next(present) for _ in stats], missing)
-        unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached) if not any(had)]
+        # A frozen parameter's flag says present whatever was reached: only the trained ones tell.
+        unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached)
+                     if not any(h for p, h in zip(ps, had) if p.requires_grad)]
         agree_on_overflow(self.grad_scaler, self.comm, self.device)
         self.timings["allreduce"] = self.engine.clock() - start
 

@@ -213,6 +213,31 @@ def test_a_kfac_layer_no_rank_reached_keeps_grad_none(comm):
 
 
 @pytest.mark.mpi
+def test_a_kfac_layer_no_rank_reached_keeps_grad_none_beside_a_frozen_weight(comm):
+    """A preconditioned layer with a frozen weight and a trained bias that no rank's backward
+    reached keeps the bias's ``.grad`` None (the frozen weight's flag says nothing about what was
+    reached), so that AdamW leaves the bias alone; the trained layers' gradients are the mean of
+    the ranks' own, alike on every rank."""
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"trunk": nn.Linear(4, 3), "none": nn.Linear(3, 2)}).double()
+    net["none"].weight.requires_grad_(False)
+    precond = KFACPreconditioner(net, comm=comm)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5)
+    before = net["none"].bias.detach().clone()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(comm.rank))
+    torch.tanh(net["trunk"](x)).pow(2).mean().backward()
+    precond.step()
+    assert net["none"].weight.grad is None and net["none"].bias.grad is None
+    for name in ("trunk.weight", "trunk.bias"):
+        grad = net.get_parameter(name).grad
+        assert grad is not None and bool(grad.abs().max() > 0), name
+        everyone = comm.mpi.allgather(grad.numpy())
+        assert all((g == everyone[0]).all() for g in everyone), name
+    opt.step()
+    assert torch.equal(net["none"].bias, before)
+
+
+@pytest.mark.mpi
 def test_a_kfac_layer_whose_weight_alone_got_a_gradient_was_reached(comm):
     """A preconditioned layer used on the last rank only through its weight
     (``F.linear(h, layer.weight)``: never called, no statistics, no gradient for its bias) was
