@@ -2,6 +2,7 @@
 against a dense np.kron oracle built from independently captured tensors."""
 import ast
 import dataclasses
+import io
 import math
 import os
 import re
@@ -92,6 +93,28 @@ def test_settings_changed_between_steps_are_checked(comm, name, value):
         precond.step()
     assert precond.engine.steps == 1
     assert all(np.array_equal(r, s) for r, s in zip(precond.engine.state.running, running))
+
+
+def test_a_kl_clip_schedule_is_refused_as_at_construction(comm):
+    """kl_clip is a number or None, not a schedule (the constructor refuses a callable): one
+    assigned between steps raises at the next step, rather than clipping by it and leaving a
+    state_dict() that torch.save cannot pickle and load_state_dict refuses. A number assigned
+    then steps, and the state saves and loads."""
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    precond.engine.kl_clip = lambda step: 1e-3
+    model(x).pow(2).mean().backward()
+    with pytest.raises(ValueError, match="^kl_clip: expected a finite real number"):
+        precond.step()
+    assert precond.engine.steps == 0
+    precond.engine.kl_clip = 1e-3
+    precond.step()
+    buf = io.BytesIO()
+    torch.save(precond.state_dict(), buf)
+    buf.seek(0)
+    precond.load_state_dict(torch.load(buf, weights_only=True))
+    assert precond.engine.kl_clip == 1e-3 and precond.steps == 1
 
 
 @pytest.mark.parametrize("target,name,value", [

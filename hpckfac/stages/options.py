@@ -133,9 +133,15 @@ class CheckedOption:
         obj.__dict__[self._name] = self._check(**{self._name: value})[self._name]
 
 
+# The step options that may be schedules (callables of the step); kl_clip is a number or None,
+# as its constructor check says (a callable one would also leave an unsaveable state_dict()).
+SCHEDULED = ("damping", "factor_decay")
+
+
 def resolve(name: str, value: Any, step: int) -> Any:
-    """The value of option ``name`` at ``step`` (``value(step)`` for a callable), checked."""
+    """The value of option ``name`` at ``step`` (``value(step)`` for a schedule of ``SCHEDULED``),
+    checked."""
     try:
-        return STEP_CHECKS[name](value(step) if callable(value) else value)
+        return STEP_CHECKS[name](value(step) if callable(value) and name in SCHEDULED else value)
     except ValueError as exc:
         raise ValueError(f"{exc} (at step {step})") from None
