@@ -480,7 +480,10 @@ class Communicator:
         """``same_everywhere`` as ``collective`` (named ``label`` in errors); ``unpicklable``
         starts the TypeError of a value that cannot be pickled."""
         try:
-            mine = signature(collective, layout=digest(pickle.dumps(value, protocol=4)))
+            # The label rides in the signature: two ranks comparing different things are told so,
+            # rather than comparing values that were never meant to match.
+            mine = signature(collective, parameter=digest(label.encode()),
+                             layout=digest(pickle.dumps(value, protocol=4)))
         except (pickle.PicklingError, TypeError, AttributeError) as err:
             disagreement(self.mpi, rejected(collective), self._call_name(label))
             raise TypeError(f"{unpicklable}: {err}") from err
@@ -488,8 +491,11 @@ class Communicator:
         found = disagreement(self.mpi, mine, call)
         if found is None:
             return True
-        everyone = found[0]
+        everyone, calls = found
         if any(sig._replace(layout=0) != everyone[0]._replace(layout=0) for sig in everyone):
+            if all(sig.valid and sig.collective == mine.collective for sig in everyone):
+                held = "; ".join(f"{name} on rank {rank}" for rank, name in enumerate(calls))
+                raise CollectiveMismatchError(f"{call}: ranks compare different things ({held})")
             raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
         return False
 
