@@ -278,7 +278,7 @@ class KFACEngine:
             # the step count). A rank whose settings changed alone calls this while the others
             # do not, which the next collective's agreement check reports on every rank.
             try:
-                self.comm.check_same({"step": self.steps, **settings}, f"the step's settings at step {self.steps}")
+                self.comm.check_same({"step": self.steps, **settings}, "the step's settings")
             except CollectiveMismatchError as err:
                 if self._agreed is None:
                     if "step:" in str(err):  # the step counts differ: most often a load on some ranks only
