@@ -401,6 +401,35 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     assert "no layer of the model is preconditioned" in caplog.text
 
 
+def test_model_without_kfac_layers_gets_no_missing_statistics_warning(comm, caplog):
+    """An LSTM language model with its embedding and head tied has no K-FAC layer (construction
+    says so): its factor-update steps take no statistics by design, so step() must not warn of an
+    empty batch or eval() mode, and .grad stays the gradient of the loss."""
+    torch.manual_seed(5)
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.out = nn.Embedding(11, 6), nn.LSTM(6, 6, batch_first=True), nn.Linear(6, 11)
+            self.out.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.out(self.rnn(self.emb(tokens))[0])
+
+    model = TiedLM().double()
+    precond = KFACPreconditioner(model, comm=comm)
+    assert not precond.engine.blocks
+    tokens = torch.randint(0, 11, (4, 5))
+    for _ in range(2):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(tokens).reshape(-1, 11), tokens.roll(1, 1).reshape(-1)).backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            precond.step()
+        assert all(torch.equal(p.grad, e) for p, e in zip(model.parameters(), expected))
+    assert "without statistics" not in caplog.text
+
+
 def test_lazy_modules_are_refused_until_their_first_forward_then_preconditioned(comm):
     """Before its first forward a lazy module has no shapes to build a block from: a ValueError
     naming it; after it, the layers are preconditioned as their plain twins are."""
