@@ -101,6 +101,29 @@ def test_parameters_under_other_names_and_blocks_that_do_not_fit(monkeypatch, ca
             register_layer(NamedAffine, lambda name, m: None, params=bad)
 
 
+def test_parametrized_layers_stay_first_order_with_the_reason():
+    """weight_norm / spectral_norm make a layer's weight a tensor computed from other parameters:
+    the layer stays first-order, its entry names the parametrization (not a weight of shape None),
+    its trained parameters get the plain gradient, and the plain layer beside it stays K-FAC."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+    torch.manual_seed(4)
+    model = nn.Sequential(weight_norm(nn.Linear(5, 6)), nn.Tanh(), nn.Unflatten(1, (6, 1)),
+                          spectral_norm(nn.Conv1d(6, 4, 1)), nn.Flatten(), nn.Linear(4, 3)).double()
+    precond = KFACPreconditioner(model, comm=comm())
+    lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
+    assert "first-order: weight computed by a parametrization" in lines["0"]
+    assert "first-order: weight computed by a parametrization" in lines["3"]
+    assert "K-FAC (A 5x5, G 3x3)" in lines["5"]
+    assert list(precond.modules) == [model[5]]
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters() if not name.startswith("5.")}
+    precond.step()
+    for name, p in model.named_parameters():
+        if name in plain:
+            assert torch.equal(p.grad, plain[name]), name
+
+
 def test_subclasses_inherit_and_bad_registrations_are_refused():
     class MyLinear(nn.Linear):
         pass

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from hpckfac.layers import (BatchNormBlock, ConvBlock, ConvTransposeBlock, CurvatureBlock, EmbeddingBlock,
                             GroupNormBlock, InstanceNormBlock, LayerNormBlock, LinearBlock, RMSNormBlock)
@@ -76,6 +77,12 @@ def block_for(name: str, module: nn.Module) -> CurvatureBlock | None:
     """The curvature block of ``module`` (None: no registered kind); ValueError
     with the reason when its kind cannot precondition this instance."""
     entry = _entry(module)
+    if entry is not None:
+        computed = [n for n in entry.params if n is not None and parametrize.is_parametrized(module, n)]
+        if computed:
+            raise ValueError(f"{'/'.join(computed)} computed by a parametrization (torch.nn.utils.parametrize, e.g. "
+                             "weight_norm, spectral_norm): the trained parameters are its inputs, not the "
+                             "layer's weight, and are only averaged")
     block = None if entry is None else entry.build(name, module)
     if block is None:
         return None
