@@ -85,10 +85,6 @@ class GradientIO:
                     if grad is not None:
                         grad.copy_(buffer.as_strided(w.shape, w.stride, base + at + w.offset))
 
-    def generic(self) -> list[int]:
-        """Indices of the blocks that take the generic path."""
-        return list(self._generic)
-
     def read_generic(self, slots: Sequence[Any], params: Params) -> None:
         """``.grad`` of the generic blocks' parameters (zeros for a missing gradient) into
         their gradient matrices ``slots[l]`` (``CurvatureBlock.grad_matrix``)."""
