@@ -63,11 +63,6 @@ def register(kind: ArrayKind) -> None:
     _KINDS.insert(0, kind)
 
 
-def unregister(name: str) -> None:
-    """Forget the registered kind called ``name`` (no error if absent)."""
-    _KINDS[:] = [k for k in _KINDS if k.name != name]
-
-
 def kind_of(x: Any) -> ArrayKind | None:
     """The registered kind of ``x``; None for NumPy arrays and anything else."""
     if isinstance(x, np.ndarray):

@@ -241,7 +241,7 @@ def installed():
     try:
         yield
     finally:
-        arrays.unregister(KIND.name)
+        arrays._KINDS.remove(KIND)
         comm_backend._BACKENDS.remove(staged)
 
 
