@@ -84,7 +84,7 @@ class Iteration:
     """One rank's workload: blocks, synthetic tensors and the engine, every array in ``xp``
     (NumPy, or CuPy on the rank's GPU); ``sync`` waits for the device (None on the host)."""
 
-    def __init__(self, comm, args: argparse.Namespace, assignment: str, xp=np,
+    def __init__(self, comm: Communicator, args: argparse.Namespace, assignment: str, xp: Any = np,
                  sync: Callable[[], None] | None = None) -> None:
         from hpckfac.arrays import from_host
         from hpckfac.stages import KFACEngine

@@ -8,12 +8,15 @@ clip factor ``nu`` and the same update everywhere.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from hpckfac.arrays import namespace
 from hpckfac.stages.layout import SegmentLayout
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
 
 def kl_clip_factor(gathered: Any, partial_at: Any, kl_clip: float | None, lr: float) -> Any:
@@ -42,7 +45,7 @@ def kl_clip_factor(gathered: Any, partial_at: Any, kl_clip: float | None, lr: fl
 class AllGather:
     """The AllGatherV of the preconditioned gradients, then the clip, for ``blocks`` under ``layout``."""
 
-    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm, xp) -> None:
+    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm: Communicator, xp: Any) -> None:
         self.blocks, self.layout, self.comm = list(blocks), layout, comm
         self.gathered: Any = None  # the last step's whole gathered buffer
         # Where each owner's partial KL sum sits in the gathered buffer (uploaded once, not per step).

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numbers
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from hpckfac.assignment import assign_owners
 from hpckfac.comm.errors import CollectiveMismatchError
@@ -35,6 +36,9 @@ from hpckfac.stages.layout import SegmentLayout
 from hpckfac.stages.options import DEFAULTS, Assignment, CheckedOption, check_options, resolve
 from hpckfac.stages.owner import OwnerState, state_elements, unpack_block_state
 from hpckfac.stages.reduce_scatter import ReduceScatter
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
 _log = get_logger("hpckfac.stages.engine")
 # The engine's timed parts of one step, in order.
@@ -169,12 +173,13 @@ class KFACEngine:
     factor_update_interval = CheckedOption(check_options)
     inverse_update_interval = CheckedOption(check_options)
 
-    def __init__(self, blocks: Sequence[Any], comm, *, damping: float | Callable[[int], float] = DEFAULTS["damping"],
+    def __init__(self, blocks: Sequence[Any], comm: Communicator, *,
+                 damping: float | Callable[[int], float] = DEFAULTS["damping"],
                  factor_decay: float | Callable[[int], float] = DEFAULTS["factor_decay"],
                  factor_update_interval: int = DEFAULTS["factor_update_interval"],
                  inverse_update_interval: int = DEFAULTS["inverse_update_interval"],
                  kl_clip: float | None = DEFAULTS["kl_clip"], assignment: Assignment = DEFAULTS["assignment"],
-                 comm_dtype=np.float32, xp=np) -> None:
+                 comm_dtype: DTypeLike = np.float32, xp: Any = np) -> None:
         opts = check_options(damping=damping, factor_decay=factor_decay,
                              factor_update_interval=factor_update_interval,
                              inverse_update_interval=inverse_update_interval,

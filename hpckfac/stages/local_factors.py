@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 
 _EMPTY = object()  # what an empty batch's call leaves for its backward part
@@ -34,7 +35,7 @@ class LocalStatistics:
     dropped (``unpaired``) rather than returned with the wrong weight.
     """
 
-    def __init__(self, blocks: Sequence[Any], dtype=np.float32, xp=np) -> None:
+    def __init__(self, blocks: Sequence[Any], dtype: DTypeLike = np.float32, xp: Any = np) -> None:
         self.blocks = list(blocks)
         self.dtype = np.dtype(dtype)
         self._sums = [xp.zeros(b.stat_size, dtype=self.dtype) for b in self.blocks]

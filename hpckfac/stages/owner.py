@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from hpckfac import arrays, ops
 from hpckfac.log import get_logger
@@ -33,7 +34,8 @@ class OwnerState:
     (``numpy``, ``cupy``) they live in.
     """
 
-    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, rank: int, dtype, xp=np) -> None:
+    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, rank: int, dtype: DTypeLike,
+                 xp: Any = np) -> None:
         self.layout, self.rank = layout, rank
         self.owned = layout.owned[rank]
         self.blocks = [blocks[l] for l in self.owned]
@@ -240,14 +242,14 @@ class OwnerState:
             arrays.from_host(np.array(x, dtype=self.dtype), self.xp) for x in inverses]
 
 
-def state_elements(block) -> int:
+def state_elements(block: Any) -> int:
     """Elements of ``block``'s state in a packed state buffer: a flag for the factors and one
     for the inverses (1 present, 0 absent), the packed factors, then every inverse stack; a
     fixed size, known on every rank from the block alone."""
     return 2 + block.stat_size + sum(int(np.prod(shape)) for shape in block.inverse_shapes)
 
 
-def pack_block_state(block, state: dict[str, Any], out: np.ndarray) -> None:
+def pack_block_state(block: Any, state: dict[str, Any], out: np.ndarray) -> None:
     """Write ``state`` (``{"factors": packed statistics or None, "inverses": list of stacks or
     None}``) into ``out`` (``state_elements(block)`` elements; absent parts leave zeros)."""
     factors, inverses = state["factors"], state["inverses"]
@@ -261,7 +263,7 @@ def pack_block_state(block, state: dict[str, Any], out: np.ndarray) -> None:
             at += x.size
 
 
-def unpack_block_state(block, packed: np.ndarray) -> dict[str, Any]:
+def unpack_block_state(block: Any, packed: np.ndarray) -> dict[str, Any]:
     """``pack_block_state``'s ``state`` back from ``packed``, as views of it."""
     factors = packed[2:2 + block.stat_size] if packed[0] else None
     inverses = None

@@ -10,11 +10,15 @@ gradients there (``CurvatureBlock.grad_matrix(..., out=slot)``) saves a copy.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from hpckfac.stages.layout import SegmentLayout
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
 
 
 class ReduceScatter:
@@ -23,7 +27,8 @@ class ReduceScatter:
     ``dtype`` is the dtype the whole buffer travels in (``comm_dtype``).
     """
 
-    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm, dtype, xp) -> None:
+    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm: Communicator, dtype: DTypeLike,
+                 xp: Any) -> None:
         self.blocks, self.layout, self.comm = list(blocks), layout, comm
         self._send = {f: xp.zeros(layout.reduce_total(f), dtype=dtype) for f in (False, True)}
         # Each block's gradient matrix inside each send buffer, made once.

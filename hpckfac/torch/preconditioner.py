@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 from torch import nn
 
 from hpckfac.arrays import to_host
@@ -104,8 +105,10 @@ class KFACPreconditioner:
                  factor_decay: float | Callable[[int], float] = DEFAULTS["factor_decay"],
                  factor_update_interval: int = DEFAULTS["factor_update_interval"],
                  inverse_update_interval: int = DEFAULTS["inverse_update_interval"],
-                 kl_clip: float | None = DEFAULTS["kl_clip"], skip_layers=DEFAULTS["skip_layers"],
-                 factor_dtype=DEFAULTS["factor_dtype"], grad_scaler=DEFAULTS["grad_scaler"],
+                 kl_clip: float | None = DEFAULTS["kl_clip"],
+                 skip_layers: str | type | Iterable[str | type] = DEFAULTS["skip_layers"],
+                 factor_dtype: DTypeLike | torch.dtype | None = DEFAULTS["factor_dtype"],
+                 grad_scaler: torch.amp.GradScaler | None = DEFAULTS["grad_scaler"],
                  assignment: Assignment = DEFAULTS["assignment"], bucket_bytes: int | None = DEFAULTS["bucket_bytes"],
                  accumulation_steps: int = DEFAULTS["accumulation_steps"],
                  statistics_fraction: float = DEFAULTS["statistics_fraction"],

@@ -122,7 +122,7 @@ class Trainer:
     every rank, if it is corrupt or from a different setup).
     """
 
-    def __init__(self, config: TrainConfig, comm=None) -> None:
+    def __init__(self, config: TrainConfig, comm: Communicator | None = None) -> None:
         from hpckfac.comm import Communicator
         from hpckfac.torch import KFACPreconditioner, bind_device, broadcast_parameters
 
