@@ -31,6 +31,7 @@ from numpy.typing import DTypeLike
 from hpckfac.assignment import assign_owners
 from hpckfac.comm.errors import CollectiveMismatchError
 from hpckfac.log import get_logger
+from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.stages.all_gather import AllGather
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.stages.options import DEFAULTS, Assignment, CheckedOption, check_options, resolve
@@ -196,7 +197,7 @@ class KFACEngine:
         self.layout = SegmentLayout(self.blocks, self.owners, comm.size)
         self.owned = self.layout.owned[comm.rank]
         # Running factors in float64 when communicating float64, float32 otherwise.
-        state_dtype = np.float64 if self.comm_dtype == np.float64 else np.float32
+        state_dtype = accumulation_dtype(self.comm_dtype)
         self.reduce_scatter = ReduceScatter(self.blocks, self.layout, comm, self.comm_dtype, xp)
         self.state = OwnerState(self.blocks, self.layout, comm.rank, state_dtype, xp)
         self.all_gather = AllGather(self.blocks, self.layout, comm, xp)
