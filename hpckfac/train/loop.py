@@ -123,11 +123,11 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, comm: Communicator | None = None) -> None:
-        from hpckfac.comm import Communicator
+        from hpckfac.comm import world_communicator
         from hpckfac.torch import KFACPreconditioner, bind_device, broadcast_parameters
 
         self.config = config.validate()
-        self.comm = comm if comm is not None else Communicator()
+        self.comm = comm if comm is not None else world_communicator()
         self.rank, self.size = self.comm.rank, self.comm.size
         self._warned_later = False
         # First, before anything touches CUDA: each rank on its own GPU.
