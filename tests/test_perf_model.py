@@ -150,6 +150,26 @@ def test_strong_scaling_divides_the_batch():
     rows = model.prediction_rows(shapes.resnet50(), model.PRESETS["v100-edr"], [1, 4], 128, "strong")
     assert [r["batch"] for r in rows] == [128, 128]
     assert rows[1]["local_factors_ms"] == pytest.approx(rows[0]["local_factors_ms"] / 4)
+    # The global batch stays fixed: 32,768 at 64 and 1024 V100s is 512 and 32 examples per GPU,
+    # whose factor GEMMs (2 rows d^2, rows = batch |T|) cost 16x and 1x those of 32 per GPU.
+    rows = model.prediction_rows(shapes.resnet50(), model.PRESETS["v100-edr"], [64, 1024], 32768, "strong")
+    per_gpu = sum(2.0 * 32 * s.positions * (s.d_A ** 2 + s.d_G ** 2) for s in shapes.resnet50().kron)
+    assert [r["batch"] for r in rows] == [32768, 32768]
+    assert rows[1]["local_factors_ms"] == pytest.approx(1e3 * (per_gpu + sum(
+        10.0 * 32 * s.channels * s.positions for s in shapes.resnet50().batchnorm)) / 10e12)
+    assert rows[0]["local_factors_ms"] == pytest.approx(16 * rows[1]["local_factors_ms"])
+
+
+def test_strong_scaling_refuses_a_batch_that_does_not_split():
+    # 32 images over 64 GPUs (or 100 over 3) would silently become another global batch.
+    for batch, ranks in ((32, [1, 64]), (100, [3])):
+        with pytest.raises(ValueError, match="global batch"):
+            model.prediction_rows(shapes.resnet50(), model.PRESETS["v100-edr"], ranks, batch, "strong")
+        with pytest.raises(ValueError, match="global batch"):
+            model.main(["--mode", "strong", "--batch", str(batch), "--ranks", ",".join(map(str, ranks))])
+    # Weak scaling: the batch is per GPU, any rank count goes.
+    rows = model.prediction_rows(shapes.resnet50(), model.PRESETS["v100-edr"], [3], 100, "weak")
+    assert rows[0]["batch"] == 300
 
 
 def test_resnet50_inversion_stage_stops_at_the_largest_block():

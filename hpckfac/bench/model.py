@@ -329,13 +329,26 @@ def validation_rows(config: dict[str, Any], runs: list[dict[str, Any]], machine:
     return rows
 
 
+def check_strong_batch(batch: int, ranks: Sequence[int]) -> None:
+    """ValueError unless the global ``batch`` of a strong-scaling study splits evenly over every
+    rank count (``bench scaling --mode strong`` refuses the same)."""
+    uneven = [p for p in ranks if batch % p]
+    if uneven:
+        raise ValueError(f"batch: strong scaling keeps the global batch {batch} fixed; it does not split evenly "
+                         f"over {','.join(map(str, uneven))} ranks: choose a --batch divisible by every --ranks "
+                         f"count")
+
+
 def prediction_rows(model: shapes.ModelShapes, machine: Machine, ranks: Sequence[int], batch: int,
                     mode: str = "weak", **workload: Any) -> list[dict[str, Any]]:
     """Predicted ms per stage, iteration and SGD iteration at each rank count;
-    ``batch`` is per rank (weak) or global (strong)."""
+    ``batch`` is per rank (weak) or global (strong: it must split evenly over every rank
+    count, as in ``bench scaling``, or the rows would not share one global batch)."""
+    if mode == "strong":
+        check_strong_batch(batch, ranks)
     rows = []
     for p in ranks:
-        work = Workload(model, batch if mode == "weak" else max(1, batch // p), **workload)
+        work = Workload(model, batch if mode == "weak" else batch // p, **workload)
         pred = predict(work, machine, p)
         row: dict[str, Any] = {"ranks": p, "batch": work.batch * p}
         row.update({f"{k}_ms": 1e3 * v for k, v in pred.items()})
@@ -464,7 +477,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
                         help="machines to extrapolate to (default: all)")
     parser.add_argument("--ranks", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
                         help="comma-separated GPU counts")
-    parser.add_argument("--batch", type=int, default=32, help="examples per GPU (weak) or global (strong)")
+    parser.add_argument("--batch", type=int, default=32, help="examples per GPU (weak) or global (strong: divisible by every --ranks count)")
     parser.add_argument("--mode", choices=("weak", "strong"), default="weak",
                         help="weak: --batch examples per GPU; strong: --batch examples in all, split over the GPUs")
     parser.add_argument("--comm-dtype", default="float32", choices=("float32", "float16"),
@@ -489,6 +502,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
         ranks = []
     if not ranks or min(ranks) < 1:
         raise ValueError(f"--ranks: expected comma-separated integers >= 1, got {args.ranks!r}")
+    if args.mode == "strong":
+        check_strong_batch(args.batch, ranks)
     results: dict[str, Any] = {}
 
     if args.calibrate:
