@@ -91,12 +91,23 @@ def test_resnet50_runs_and_combines(tmp_path):
         assert 2 / 3 * work["reduce_scatter"] <= run["bytes_sent"]["reduce_scatter"] <= work["reduce_scatter"]
         assert run["bytes_sent"]["allreduce"] == pytest.approx(2 * 2 / 3 * work["allreduce"], abs=1)
         assert run["imbalance"] >= 1.0
+        # The spread behind the median: the reported time is the median of the timed iterations
+        # (max over ranks each); every rank's own median is at most that (it never exceeds the max).
+        assert len(run["iteration_samples"]) == 2 and run["warmup"] == 1
+        assert run["iteration"] == pytest.approx(float(np.median(run["iteration_samples"])))
+        assert len(run["rank_iteration"]) == len(run["hosts"]) == 3
+        assert max(run["rank_iteration"]) <= run["iteration"] * (1 + 1e-12)
     assert all(r["bytes_sent"] == {"reduce_scatter": 0, "all_gather": 0, "allreduce": 0}
                for r in one["results"]["runs"])
     png, merged = tmp_path / "all.png", tmp_path / "all.json"
     assert scaling.main(["--combine", *files, "--json", str(merged), "--png", str(png)]) == 0
     runs = json.loads(merged.read_text())["results"]["runs"]
     assert len(runs) == 4 and all("efficiency" in r for r in runs)
+    # Each merged run keeps the file it came from and that file's environment.
+    for run in runs:
+        source = json.loads(open(run["source"]).read())
+        assert run["source"] == files[run["ranks"] != 1] and run["environment"] == source["environment"]
+        assert run["environment"]["hpckfac"]
     assert png.read_bytes()[:4] == b"\x89PNG"
     # Runs of another workload are refused.
     other = json.loads(open(files[0]).read())
@@ -126,3 +137,35 @@ def test_the_device_workload_equals_the_host_one():
     assert set(device.timings) == set(ITERATION_STAGES)
     for got, want in zip(running, host.engine.state.running):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def fake_run_file(path, ranks, iteration, **config):
+    """A ``bench scaling`` JSON of one lpt run at ``ranks``, as written by ``write_json``."""
+    run = {"ranks": ranks, "assignment": "lpt", "batch_per_rank": 8 // ranks, "iteration": iteration,
+           "stages": dict.fromkeys(ITERATION_STAGES, iteration / len(ITERATION_STAGES)),
+           "bytes_sent": {"reduce_scatter": 0, "all_gather": 0, "allreduce": 0}, "imbalance": 1.0}
+    payload = {"benchmark": "scaling", "config": {"mode": "strong", "model": "small", "scale": 1, "image": 8, "batch": 8, **config},
+               "environment": {"host": f"node{ranks}"}, "results": {"runs": [run]}}
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def test_combine_refuses_duplicates_and_other_files(tmp_path, capsys):
+    one = fake_run_file(tmp_path / "s1.json", 1, 0.8)
+    two = fake_run_file(tmp_path / "s2.json", 2, 0.5)
+    merged = tmp_path / "merged.json"
+    assert scaling.main(["--combine", one, two, "--json", str(merged)]) == 0
+    runs = {r["ranks"]: r for r in json.loads(merged.read_text())["results"]["runs"]}
+    assert runs[2]["efficiency"] == pytest.approx(0.8 / (2 * 0.5))  # T1 / (P T_P)
+    assert runs[2]["environment"] == {"host": "node2"} and runs[1]["environment"] == {"host": "node1"}
+    # The same rank count twice (a file given twice, or an older run of it) would double its row.
+    with pytest.raises(ValueError, match="2 ranks"):
+        scaling.main(["--combine", one, two, two])
+    # Not a scaling run: the performance model's JSON, a table, something else.
+    other = tmp_path / "model.json"
+    other.write_text(json.dumps({"benchmark": "model", "config": {}, "results": {"predictions": {}}}))
+    with pytest.raises(ValueError, match="not the JSON of a `bench scaling` run"):
+        scaling.main(["--combine", one, str(other)])
+    (tmp_path / "table.txt").write_text("ranks iter_ms\n1 0.8\n")
+    with pytest.raises(ValueError, match="not JSON"):
+        scaling.main(["--combine", one, str(tmp_path / "table.txt")])

@@ -51,10 +51,13 @@ def median(values: Sequence[float]) -> float:
 
 
 def environment() -> dict[str, Any]:
-    """Where a result was measured: host, Python, library versions, thread settings."""
+    """Where a result was measured: host, Python, library versions (hpckfac's included), thread settings."""
     import numpy
 
+    import hpckfac
+
     info: dict[str, Any] = {
+        "hpckfac": hpckfac.__version__,
         "host": platform.node(),
         "machine": platform.machine(),
         "python": platform.python_version(),

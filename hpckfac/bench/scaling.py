@@ -21,19 +21,23 @@ Per stage, the time of one iteration is the maximum over ranks for compute
 stages (the others wait for that rank) and the minimum over ranks for
 collectives (the last rank to arrive waits least, so its time is the
 collective's own cost); the iteration time is the maximum over ranks of the
-whole step. Medians over ``--repeat`` iterations are reported, with bytes
+whole step. Medians over ``--repeat`` iterations (after ``--warmup`` untimed
+ones) are reported; the JSON also keeps every timed iteration's time, each
+rank's median iteration time and each rank's host. With them go bytes
 sent per rank (by the ring algorithms of the model), the load imbalance
 (max/mean inversion cost over ranks) of the owner assignment, and, for
 ResNet-50, the imbalance of ``lpt`` vs ``contiguous`` at 2..1024 ranks
 computed without running. ``--combine`` merges the JSON of the runs at
 different rank counts into one table with scaling efficiency (strong:
-``T1 / (P T_P)``, weak: ``T1 / T_P``) and a stacked-bar PNG.
+``T1 / (P T_P)``, weak: ``T1 / T_P``) and a stacked-bar PNG; each merged run
+keeps its file's environment (versions, host, time).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -171,6 +175,7 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         it()
         per_iteration.append((it.clock() - start, dict(it.timings)))
     everyone = comm.allgather_object(per_iteration)
+    hosts = comm.allgather_object(platform.node())
     stages, totals = {s: [] for s in ITERATION_STAGES}, []
     for k in range(args.repeat):
         totals.append(max(rank[k][0] for rank in everyone))
@@ -182,6 +187,11 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
     return {
         "ranks": comm.size, "assignment": assignment, "batch_per_rank": it.batch,
         "iteration": median(totals), "stages": {s: median(v) for s in ITERATION_STAGES for v in [stages[s]]},
+        # The spread behind the medians: every timed iteration (max over ranks), each rank's own
+        # median iteration (the slowest rank against the typical one), where each rank ran.
+        "iteration_samples": totals,
+        "rank_iteration": [median([t for t, _ in rank]) for rank in everyone],
+        "hosts": hosts, "warmup": args.warmup,
         "bytes_sent": it.bytes_sent(),
         "imbalance": perf.imbalance(costs, it.engine.owners, comm.size),
         "inversion_time_imbalance": max(inversion) / max(np.mean(inversion), 1e-12),
@@ -266,12 +276,29 @@ def combine(paths: Sequence[str], json_path: str | None, png_path: str | None) -
     payloads = []
     for path in paths:
         with open(path, encoding="utf-8") as fh:
-            payloads.append(json.load(fh))
+            try:
+                payload = json.load(fh)
+            except ValueError as exc:
+                raise ValueError(f"combine: {path} is not JSON ({exc})") from None
+        if not (isinstance(payload, dict) and payload.get("benchmark") == "scaling"
+                and isinstance(payload.get("results", {}).get("runs"), list) and "config" in payload):
+            raise ValueError(f"combine: {path} is not the JSON of a `bench scaling` run")
+        payloads.append(payload)
     config = payloads[0]["config"]
     for path, payload in zip(paths, payloads):
         if payload["config"] != config:
             raise ValueError(f"combine: {path} ran another workload ({payload['config']} vs {config})")
-    runs = [run for p in payloads for run in p["results"]["runs"]]
+    # Each run keeps where and with what it was measured (the merged file's own environment is
+    # that of the machine that merged them).
+    runs = [dict(run, source=path, environment=run.get("environment", payload.get("environment")))
+            for path, payload in zip(paths, payloads) for run in payload["results"]["runs"]]
+    seen: dict[tuple[int, str], str] = {}
+    for run in runs:
+        key = (run["ranks"], run["assignment"])
+        if key in seen:
+            raise ValueError(f"combine: {run['source']} and {seen[key]} both hold the {key[1]} run at "
+                             f"{key[0]} ranks: give each rank count once")
+        seen[key] = run["source"]
     add_efficiency(runs, config["mode"])
     print(title_of(config))
     print(format_table(table_rows(runs), COLUMNS, ".2f"))
