@@ -2,6 +2,7 @@
 really run a tiny configuration at 1 and 2 ranks."""
 import glob
 import json
+import math
 import os
 import re
 import subprocess
@@ -84,3 +85,83 @@ def test_local_train_runs_at_1_and_2_ranks(tmp_path):
     run_script("local_train.sh", {"RANKS": "1 2", "BATCH": "32", "STEPS": "2", "OUT": str(tmp_path)})
     for p in (1, 2):
         assert any((tmp_path / f"kfac_{p}ranks").iterdir())
+
+
+def stub_launchers(tmp_path, *names):
+    """Stand-ins for srun/mpirun/python on PATH: each appends its name and arguments to a log."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for name in names:
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, log
+
+
+def launches(log, launcher):
+    return [line.split() for line in log.read_text().splitlines() if line.startswith(launcher + " ")]
+
+
+def flag(words, name):
+    return next(w.split("=", 1)[1] for w in words if w.startswith(name + "="))
+
+
+def test_slurm_scaling_fills_nodes_and_sweeps_both_modes(tmp_path):
+    stubs, log = stub_launchers(tmp_path, "srun", "python")
+    env = dict(stubs, SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4", SLURM_CPUS_PER_TASK="2",
+               SLURM_JOB_ID="42", OUT=str(tmp_path / "out"))
+    subprocess.run(["bash", os.path.join(JOBS, "slurm_scaling.sbatch")], env=dict(os.environ, **env),
+                   check=True, capture_output=True, text=True, timeout=60)
+    steps = launches(log, "srun")
+    assert len(steps) == 2 * 4  # strong and weak at 1, 2, 4, 8 ranks
+    for words in steps:
+        p = int(flag(words, "--ntasks"))
+        # Ranks packed 4 to a node: ceil(P/4) nodes, min(P, 4) per node, P x per node covered.
+        assert int(flag(words, "--nodes")) == math.ceil(p / 4)
+        assert int(flag(words, "--ntasks-per-node")) == min(p, 4)
+        assert flag(words, "--cpus-per-task") == "2" and flag(words, "--gpus-per-task") == "1"
+        mode, batch = words[words.index("--mode") + 1], int(words[words.index("--batch") + 1])
+        assert batch == (128 if mode == "strong" else 32) and (mode == "weak" or batch % p == 0)
+        assert words[words.index("--json") + 1] == f"{tmp_path}/out/{mode}_{p}.json"
+    assert sorted(int(flag(w, "--ntasks")) for w in steps) == [1, 1, 2, 2, 4, 4, 8, 8]
+    after = [" ".join(w) for w in launches(log, "python")]
+    assert sum("--combine" in c for c in after) == 2 and any("model --calibrate" in c for c in after)
+    # A weak-only study has no strong runs to calibrate the model on: it must not end in an error.
+    log.unlink()
+    subprocess.run(["bash", os.path.join(JOBS, "slurm_scaling.sbatch")],
+                   env=dict(os.environ, **env, MODES="weak"), check=True, capture_output=True, timeout=60)
+    assert not any("model" in w for w in launches(log, "python")) and len(launches(log, "srun")) == 4
+    # Outside an allocation: one clear line, nothing launched.
+    proc = subprocess.run(["bash", os.path.join(JOBS, "slurm_scaling.sbatch")], capture_output=True, text=True,
+                          env={k: v for k, v in dict(os.environ, **stubs).items() if not k.startswith("SLURM_")})
+    assert proc.returncode != 0 and "sbatch" in proc.stderr
+
+
+def test_pbs_scaling_maps_ranks_per_node_and_forwards_the_environment(tmp_path):
+    stubs, log = stub_launchers(tmp_path, "mpirun", "python")
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("".join(f"n{i // 4}\n" for i in range(8)))  # 2 nodes x 4 mpiprocs
+    env = dict(os.environ, **stubs, PBS_NODEFILE=str(nodefile), PBS_JOBID="7.pbs", OUT=str(tmp_path / "out"),
+               OMP_NUM_THREADS="8", UCX_TLS="rc,cuda_copy", HPCKFAC_LOG_LEVEL="INFO")
+    subprocess.run(["bash", os.path.join(JOBS, "pbs_scaling.pbs")], env=env, check=True, capture_output=True,
+                   timeout=60)
+    runs = launches(log, "mpirun")
+    assert sorted(int(w[w.index("-np") + 1]) for w in runs) == [1, 1, 2, 2, 4, 4, 8, 8]
+    for words in runs:
+        p = int(words[words.index("-np") + 1])
+        assert words[words.index("--map-by") + 1] == f"ppr:{min(p, 4)}:node:PE=8"
+        forwarded = {words[i + 1] for i, w in enumerate(words) if w == "-x"}
+        assert {"OMP_NUM_THREADS", "PATH", "UCX_TLS", "HPCKFAC_LOG_LEVEL"} <= forwarded
+        mode, batch = words[words.index("--mode") + 1], int(words[words.index("--batch") + 1])
+        assert batch == (128 if mode == "strong" else 32)
+    log.unlink()
+    subprocess.run(["bash", os.path.join(JOBS, "pbs_scaling.pbs")], env=dict(env, MODES="weak"), check=True,
+                   capture_output=True, timeout=60)
+    assert not any("model" in w for w in launches(log, "python"))
+    # The training template forwards the same variables (one launch, all 8 ranks, 4 per node).
+    log.unlink()
+    subprocess.run(["bash", os.path.join(JOBS, "pbs_train.pbs")], env=env, check=True, capture_output=True,
+                   timeout=60)
+    (words,) = launches(log, "mpirun")
+    assert words[words.index("-np") + 1] == "8" and words[words.index("--map-by") + 1] == "ppr:4:node:PE=8"
+    assert {"UCX_TLS", "HPCKFAC_LOG_LEVEL"} <= {words[i + 1] for i, w in enumerate(words) if w == "-x"}
+    assert words[words.index("--batch-size") + 1] == str(32 * 8)
