@@ -165,3 +165,15 @@ def test_pbs_scaling_maps_ranks_per_node_and_forwards_the_environment(tmp_path):
     assert words[words.index("-np") + 1] == "8" and words[words.index("--map-by") + 1] == "ppr:4:node:PE=8"
     assert {"UCX_TLS", "HPCKFAC_LOG_LEVEL"} <= {words[i + 1] for i, w in enumerate(words) if w == "-x"}
     assert words[words.index("--batch-size") + 1] == str(32 * 8)
+
+
+def test_pbs_select_lines_agree_with_the_launch():
+    # A chunk's cores are its ranks x threads per rank, its GPUs one per rank; PBS sets
+    # OMP_NUM_THREADS from ompthreads (default: all ncpus), which mpirun's PE= then binds.
+    for name in ("pbs_train.pbs", "pbs_scaling.pbs"):
+        text = open(os.path.join(JOBS, name)).read()
+        select = dict(kv.split("=") for kv in re.search(r"^#PBS -l select=\d+:(\S+)", text, re.M)[1].split(":"))
+        ranks, threads = int(select["mpiprocs"]), int(select["ompthreads"])
+        assert int(select["ncpus"]) == ranks * threads and int(select["ngpus"]) == ranks
+        assert f"RANKS_PER_NODE=${{RANKS_PER_NODE:-{ranks}}}" in text
+        assert f"OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}" in text
