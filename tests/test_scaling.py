@@ -97,6 +97,9 @@ def test_resnet50_runs_and_combines(tmp_path):
         assert run["iteration"] == pytest.approx(float(np.median(run["iteration_samples"])))
         assert len(run["rank_iteration"]) == len(run["hosts"]) == 3
         assert max(run["rank_iteration"]) <= run["iteration"] * (1 + 1e-12)
+        # A rank's compute stages are part of its iteration, in every iteration, so in the median.
+        assert len(run["rank_compute"]) == 3
+        assert all(0 < c <= t for c, t in zip(run["rank_compute"], run["rank_iteration"]))
     assert all(r["bytes_sent"] == {"reduce_scatter": 0, "all_gather": 0, "allreduce": 0}
                for r in one["results"]["runs"])
     png, merged = tmp_path / "all.png", tmp_path / "all.json"

@@ -23,7 +23,7 @@ collectives (the last rank to arrive waits least, so its time is the
 collective's own cost); the iteration time is the maximum over ranks of the
 whole step. Medians over ``--repeat`` iterations (after ``--warmup`` untimed
 ones) are reported; the JSON also keeps every timed iteration's time, each
-rank's median iteration time and each rank's host. With them go bytes
+rank's median iteration and compute time and each rank's host. With them go bytes
 sent per rank (by the ring algorithms of the model), the load imbalance
 (max/mean inversion cost over ranks) of the owner assignment, and, for
 ResNet-50, the imbalance of ``lpt`` vs ``contiguous`` at 2..1024 ranks
@@ -188,9 +188,11 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         "ranks": comm.size, "assignment": assignment, "batch_per_rank": it.batch,
         "iteration": median(totals), "stages": {s: median(v) for s in ITERATION_STAGES for v in [stages[s]]},
         # The spread behind the medians: every timed iteration (max over ranks), each rank's own
-        # median iteration (the slowest rank against the typical one), where each rank ran.
+        # median iteration (the collectives make them wait for each other), where each rank ran.
         "iteration_samples": totals,
         "rank_iteration": [median([t for t, _ in rank]) for rank in everyone],
+        # Each rank's own compute (its collectives' waits excluded): where a straggler shows.
+        "rank_compute": [median([sum(st[s] for s in COMPUTE) for _, st in rank]) for rank in everyone],
         "hosts": hosts, "warmup": args.warmup,
         "bytes_sent": it.bytes_sent(),
         "imbalance": perf.imbalance(costs, it.engine.owners, comm.size),
