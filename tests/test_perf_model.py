@@ -160,13 +160,18 @@ def test_strong_scaling_divides_the_batch():
     assert rows[0]["local_factors_ms"] == pytest.approx(16 * rows[1]["local_factors_ms"])
 
 
-def test_strong_scaling_refuses_a_batch_that_does_not_split():
+def test_strong_scaling_refuses_a_batch_that_does_not_split(tmp_path):
     # 32 images over 64 GPUs (or 100 over 3) would silently become another global batch.
     for batch, ranks in ((32, [1, 64]), (100, [3])):
         with pytest.raises(ValueError, match="global batch"):
             model.prediction_rows(shapes.resnet50(), model.PRESETS["v100-edr"], ranks, batch, "strong")
         with pytest.raises(ValueError, match="global batch"):
             model.main(["--mode", "strong", "--batch", str(batch), "--ranks", ",".join(map(str, ranks))])
+    # Left out, the strong batch is OTU+18's global 32,768, which splits over every default rank count.
+    out = tmp_path / "strong.json"
+    assert model.main(["--mode", "strong", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["predictions"]["v100-edr"]["rows"]
+    assert {r["batch"] for r in rows} == {32768} and rows[-1]["ranks"] == 4096
     # Weak scaling: the batch is per GPU, any rank count goes.
     rows = model.prediction_rows(shapes.resnet50(), model.PRESETS["v100-edr"], [3], 100, "weak")
     assert rows[0]["batch"] == 300

@@ -477,7 +477,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
                         help="machines to extrapolate to (default: all)")
     parser.add_argument("--ranks", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
                         help="comma-separated GPU counts")
-    parser.add_argument("--batch", type=int, default=32, help="examples per GPU (weak) or global (strong: divisible by every --ranks count)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="examples per GPU (weak, default 32) or in all (strong, default 32768 as OTU+18: "
+                             "divisible by every --ranks count)")
     parser.add_argument("--mode", choices=("weak", "strong"), default="weak",
                         help="weak: --batch examples per GPU; strong: --batch examples in all, split over the GPUs")
     parser.add_argument("--comm-dtype", default="float32", choices=("float32", "float16"),
@@ -493,6 +495,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
     _machine_args(parser)
     args = parser.parse_args(argv)
     check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])
+    if args.batch is None:  # a strong study at up to 4096 GPUs needs a global batch that splits over them all
+        args.batch = 32 if args.mode == "weak" else 32768
     for name in ("batch", "factor_interval", "inverse_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
