@@ -27,11 +27,14 @@ def test_efficiency():
     runs = [{"ranks": 1, "assignment": "lpt", "iteration": 1.0},
             {"ranks": 2, "assignment": "lpt", "iteration": 0.625},
             {"ranks": 4, "assignment": "contiguous", "iteration": 0.5}]
+    runs += [{"ranks": 16, "assignment": "contiguous", "iteration": 0.2}]
     scaling.add_efficiency(runs, "strong")
-    assert runs[0]["efficiency"] == 1.0 and runs[1]["efficiency"] == pytest.approx(0.8)
-    assert "efficiency" not in runs[2]  # no one-rank run of that assignment
+    assert runs[0]["efficiency"] == 1.0 and runs[1]["efficiency"] == pytest.approx(0.8)  # T1 / (2 T2)
+    # No one-rank run of that assignment: against its fewest ranks, P0 T0 / (P T_P) = 4 * 0.5 / (16 * 0.2).
+    assert runs[2]["efficiency"] == 1.0 and runs[3]["efficiency"] == pytest.approx(0.625)
+    assert [r["efficiency_base"] for r in runs] == [1, 1, 4, 4]
     scaling.add_efficiency(runs, "weak")
-    assert runs[1]["efficiency"] == pytest.approx(1.6)
+    assert runs[1]["efficiency"] == pytest.approx(1.6) and runs[3]["efficiency"] == pytest.approx(2.5)
 
 
 def test_options_validated():

@@ -28,8 +28,9 @@ sent per rank (by the ring algorithms of the model), the load imbalance
 (max/mean inversion cost over ranks) of the owner assignment, and, for
 ResNet-50, the imbalance of ``lpt`` vs ``contiguous`` at 2..1024 ranks
 computed without running. ``--combine`` merges the JSON of the runs at
-different rank counts into one table with scaling efficiency (strong:
-``T1 / (P T_P)``, weak: ``T1 / T_P``) and a stacked-bar PNG; each merged run
+different rank counts into one table with scaling efficiency against the
+fewest ranks ``P0`` (strong: ``P0 T0 / (P T_P)``, weak: ``T0 / T_P``; ``P0`` is 1
+where a one-rank run is among them) and a stacked-bar PNG; each merged run
 keeps its file's environment (versions, host, time).
 """
 from __future__ import annotations
@@ -203,12 +204,15 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
 
 
 def add_efficiency(runs: list[dict[str, Any]], mode: str) -> None:
-    """Scaling efficiency of each run against the one-rank run of its assignment."""
+    """Scaling efficiency of each run against the run of its assignment at the fewest ranks
+    ``P0`` (one rank where there is one; a study on nodes of several GPUs may start at a node):
+    strong ``P0 T0 / (P T_P)``, weak ``T0 / T_P``; ``efficiency_base`` records ``P0``."""
     for run in runs:
-        base = [r for r in runs if r["ranks"] == 1 and r["assignment"] == run["assignment"]]
-        if base:
-            ratio = base[0]["iteration"] / run["iteration"]
-            run["efficiency"] = ratio / run["ranks"] if mode == "strong" else ratio
+        same = [r for r in runs if r["assignment"] == run["assignment"]]
+        base = min(same, key=lambda r: r["ranks"])
+        ratio = base["iteration"] / run["iteration"]
+        run["efficiency"] = ratio * base["ranks"] / run["ranks"] if mode == "strong" else ratio
+        run["efficiency_base"] = base["ranks"]
 
 
 def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
