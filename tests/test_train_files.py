@@ -130,3 +130,30 @@ def test_written_files_get_the_permissions_of_an_ordinary_open(tmp_path):
         os.umask(mask)
     for name in ("log.json", "records.jsonl"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_named_as_such(tmp_path):
+    """torch.save hides the failed write behind a RuntimeError of its zip writer
+    ("unexpected pos ..."), raised while it closes the archive: the error names the disk
+    (here the file-size limit standing in for it: EFBIG, as ENOSPC would be) and the file."""
+    import errno
+
+    import torch
+
+    resource = pytest.importorskip("resource")
+
+    from hpckfac.train.checkpoint import save_checkpoint
+
+    state = {"step": 1, "config": {}, "data": "", "model": {"w": torch.zeros(100_000)}, "optimizer": {},
+             "preconditioner": None, "data_order": {}, "history": [], "wall": 0.0,
+             "torch_rng": torch.get_rng_state()}
+    path = tmp_path / "step_00000001.pt"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # Python ignores SIGXFSZ: writes get EFBIG
+    try:
+        with pytest.raises(OSError) as info:
+            save_checkpoint(str(path), state)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert info.value.errno == errno.EFBIG and str(path) in str(info.value), info.value
+    assert os.listdir(tmp_path) == []

@@ -46,7 +46,20 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     missing = [k for k in KEYS if k not in state and k not in ("format", "version")]
     if missing:
         raise ValueError(f"state: missing {missing}")
-    atomic_write(path, lambda fh: torch.save({"format": FORMAT, "version": VERSION, **state}, fh), binary=True)
+    def write(fh) -> None:
+        try:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
+        except RuntimeError as exc:
+            # A failed write (a full disk) surfaces as the zip writer's "unexpected pos ..." raised
+            # while torch closes the archive; the OSError that says why is only its context.
+            cause = exc.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause), path) from exc
+
+    atomic_write(path, write, binary=True)
 
 
 def _by_step(directory: str) -> list[tuple[int, str]]:
