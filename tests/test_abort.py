@@ -203,3 +203,61 @@ def test_benchmark_parsing_before_mpi_prints_its_error_once(name):
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error:") == 1 and proc.stderr.count("usage:") == 1, proc.stderr
+
+
+def test_a_checkpoint_only_some_ranks_can_read_is_an_error_not_a_hang(tmp_path):
+    """``--resume PATH`` alone takes the run's settings from the checkpoint; a rank that cannot
+    read it (a relative path on a node-local disk) started with other settings, called the
+    setup's collectives a different number of times, and every rank waited forever."""
+    run_dir = tmp_path / "node0" / "run"
+    (tmp_path / "node1").mkdir()
+    first = subprocess.run([sys.executable, "-m", "hpckfac", "train", "--optimizer", "sgd", "--steps", "2",
+                            "--batch-size", "16", "--no-progress", "--checkpoint-every", "2", "--out", str(run_dir)],
+                           capture_output=True, text=True, timeout=120, env=ENV)
+    assert first.returncode == 0, first.stderr
+    proc = run(tmp_path, f"""
+        import os, sys
+        from mpi4py import MPI
+        from hpckfac.train import cli
+        os.chdir({str(tmp_path)!r} + ("/node0" if MPI.COMM_WORLD.Get_rank() == 0 else "/node1"))
+        sys.exit(cli.main(["--resume", "run", "--no-progress"]))
+    """, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "hpckfac train: error: --resume: rank 1 of 2 cannot read the checkpoint the others resume from "
+        "(resume: no checkpoint file or directory at run)"), proc.stderr
+
+
+def test_ranks_started_with_different_settings_fail_together(tmp_path):
+    proc = run(tmp_path, """
+        import sys
+        from mpi4py import MPI
+        from hpckfac.train import cli
+        width = "4" if MPI.COMM_WORLD.Get_rank() == 0 else "8"
+        sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--no-progress", "--width", width]))
+    """, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "hpckfac train: error: the ranks were started with different settings: --width is 4 on rank 0, "
+        "8 on rank 1"), proc.stderr
+
+
+def test_trainer_setup_checks_are_checked_collectives(tmp_path):
+    """From Python, ``out`` on rank 0 only made rank 0 run one more setup exchange than the
+    others: a hang, now CollectiveMismatchError on every rank naming both steps."""
+    proc = run(tmp_path, f"""
+        from hpckfac.comm import CollectiveMismatchError, Communicator
+        from hpckfac.train.config import TrainConfig
+        from hpckfac.train.loop import Trainer
+        comm = Communicator()
+        config = TrainConfig(steps=2, batch_size=16, progress=False,
+                             out={str(tmp_path / 'o')!r} if comm.rank == 0 else None)
+        try:
+            Trainer(config, comm)
+        except CollectiveMismatchError as exc:
+            open({str(tmp_path)!r} + f"/rank{{comm.rank}}.txt", "w").write(str(exc))
+    """, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "ranks disagree on the call (checking --out on ranks [0]; loading the data on ranks [1])" in said, said

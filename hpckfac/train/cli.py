@@ -112,23 +112,52 @@ def _explicit(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _resumed_settings(path: str, explicit: set[str], settings: dict) -> dict:
+def _resumed_settings(path: str, explicit: set[str], settings: dict) -> tuple[dict, str | None]:
     """The run's own settings from its checkpoint, for every setting not given on the
-    command line, so that ``--resume DIR`` alone continues the run as it was started.
-    A missing or unreadable checkpoint is reported later, with the run's other checks."""
+    command line, so that ``--resume DIR`` alone continues the run as it was started, and
+    why none could be read (None when they were). A missing or unreadable checkpoint is
+    reported later, with the run's other checks, unless only some ranks can read it
+    (``_settings_disagree``)."""
     from hpckfac.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
     try:
         found = find_checkpoint(path)
         saved = load_checkpoint(found)["config"]
-    except (CheckpointError, KeyError, TypeError):
-        return {}
+    except (CheckpointError, KeyError, TypeError) as exc:
+        return {}, str(exc) or type(exc).__name__
     resumed = {key: value for key, value in saved.items()
                if key in settings and key not in explicit and key not in _LOCAL_SETTINGS}
     folder = os.path.dirname(os.path.abspath(found))
     if "out" not in explicit and os.path.basename(folder) == "checkpoints":
         resumed["out"] = os.path.dirname(folder)  # the run goes on where its checkpoints are
-    return resumed
+    return resumed, None
+
+
+def _settings_disagree(config: TrainConfig, unreadable: str | None) -> str | None:
+    """Why the ranks cannot start together, or None: every rank must run with the same
+    settings (``--out`` and ``--data`` may be other paths on other nodes, but given on all
+    or none), or they call the setup's collectives a different number of times and wait
+    forever. With ``--resume`` they differ when only some ranks can read the checkpoint
+    (a path on a node-local disk): that rank's reason is the message. A collective of
+    ``COMM_WORLD``, before anything else is communicated."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    if world.Get_size() == 1:
+        return None
+    mine = {key: repr(bool(value) if key in ("out", "data") else value)  # repr: a NaN equals itself
+            for key, value in config.as_dict().items() if key not in _LOCAL_SETTINGS}
+    everyone = world.allgather((mine, unreadable))
+    for rank, (theirs, reason) in enumerate(everyone):
+        if theirs == everyone[0][0]:
+            continue
+        for r, why in ((rank, reason), (0, everyone[0][1])):
+            if why is not None:
+                return f"--resume: rank {r} of {world.Get_size()} cannot read the checkpoint the others resume from ({why})"
+        key = next(k for k in mine if theirs.get(k) != everyone[0][0].get(k))
+        return (f"the ranks were started with different settings: --{key.replace('_', '-')} is "
+                f"{everyone[0][0].get(key)} on rank 0, {theirs.get(key)} on rank {rank}")
+    return None
 
 
 def _rank_failure(comm, exc: BaseException) -> int:
@@ -151,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    settings = vars(args)
+    settings, unreadable = vars(args), None
     if args.resume:
-        settings.update(_resumed_settings(args.resume, _explicit(argv), settings))
+        resumed, unreadable = _resumed_settings(args.resume, _explicit(argv), settings)
+        settings.update(resumed)
     config = TrainConfig(**settings)
+    disagree = _settings_disagree(config, unreadable)  # before any rank can return alone
+    if disagree:
+        return _fail(disagree)
     try:
         config.validate()
     except ValueError as exc:
@@ -173,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config, comm)
     except ValueError as exc:  # data, checkpoint, batch split: the same on every rank
         return _fail(_cli_message(exc))
+    except CollectiveMismatchError as exc:  # raised on every rank together
+        return _fail(_cli_message(exc), code=1)
     except (Exception, KeyboardInterrupt) as exc:  # e.g. the model does not fit in memory
         return _rank_failure(comm, exc)
     if trainer.step >= trainer.total_steps:

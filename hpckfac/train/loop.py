@@ -55,15 +55,17 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def agree(comm: Communicator, fn: Callable[[], Any]) -> Any:
+def agree(comm: Communicator, fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` on every rank; if it raises on any rank, every rank raises the first
-    rank's error (same type and message) instead of the others hanging later."""
+    rank's error (same type and message) instead of the others hanging later. ``what``
+    names the step in the checked exchange: ranks that reach different steps (configs that
+    differ, ``out`` on some ranks only) raise CollectiveMismatchError naming both, not hang."""
     result, error = None, None
     try:
         result = fn()
     except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank)
         error = exc
-    errors = comm.allgather_object(None if error is None else (type(error), str(error)))
+    errors = comm.allgather_object(None if error is None else (type(error), str(error)), what=what)
     first = next((e for e in errors if e is not None), None)
     if first is None:
         return result
@@ -131,11 +133,11 @@ class Trainer:
         self.rank, self.size = self.comm.rank, self.comm.size
         self._warned_later = False
         # First, before anything touches CUDA: each rank on its own GPU.
-        self.device = agree(self.comm, lambda: bind_device(config.device, self.comm))
+        self.device = agree(self.comm, lambda: bind_device(config.device, self.comm), "binding the device")
         if config.out:  # rank 0 writes there: find a problem before the first step, on every rank
             agree(self.comm, lambda: check_output_dir(config.out, (LOG_NAME, RECORDS_NAME, PLOT_NAME), (CHECKPOINT_DIR,))
-                  if self.rank == 0 else None)
-        self.data: Dataset = agree(self.comm, lambda: load_dataset(config.data))
+                  if self.rank == 0 else None, "checking --out")
+        self.data: Dataset = agree(self.comm, lambda: load_dataset(config.data), "loading the data")
         if config.batch_size % self.size:
             raise ValueError(f"batch_size: global batch {config.batch_size} does not split evenly over "
                              f"{self.size} ranks")
@@ -151,7 +153,8 @@ class Trainer:
 
         build = lambda: resnet(depth=8, width=config.width, in_channels=self.data.in_channels,  # noqa: E731
                                num_classes=self.data.num_classes)
-        agree(self.comm, lambda: check_fits(build, config.optimizer == "kfac", self.device, config.width))
+        agree(self.comm, lambda: check_fits(build, config.optimizer == "kfac", self.device, config.width),
+              "sizing the model")
         torch.manual_seed(config.seed)
         self.model = build().to(self.device)
         broadcast_parameters(self.model, self.comm)
@@ -167,7 +170,7 @@ class Trainer:
         self._logged: int | None = None  # records already in records.jsonl (None: not written yet)
         self._interval = np.zeros(3)  # loss sum, correct, examples since the last evaluation (this rank)
         if config.resume:
-            agree(self.comm, lambda: self._resume(config.resume))
+            agree(self.comm, lambda: self._resume(config.resume), "resuming")
 
     # --------------------------------------------------------------- setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
