@@ -112,9 +112,11 @@ def _write(path, **arrays):
     ("huge_width", "--width: 100000 needs at least"),
     ("huge_seed", "--seed: expected an integer in [0, 2**64)"),
     ("huge_lr", "--lr: expected a finite real number > 0.0 and <= 3.40"),
+    ("huge_weight_decay", "--weight-decay: expected a finite real number >= 0.0 and <= 3.40"),
     # Hand-edited checkpoints: a setting of the wrong type, torch's RNG state of another length.
     ("edited_data", "--data: expected a path, got 7"),
     ("edited_rng", "does not fit this run (Expected a CPUGeneratorImplState"),
+    ("edited_history", "is corrupt: history record"),
 ])
 def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac_run):
     base = ["--steps", 2, "--batch-size", 32, "--no-progress"]
@@ -134,8 +136,10 @@ def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac
         "huge_width": base + ["--width", 100000],
         "huge_seed": base + ["--seed", 2**70],
         "huge_lr": base + ["--lr", 1e300],
+        "huge_weight_decay": base + ["--optimizer", "sgd", "--weight-decay", 1e300],
         "edited_data": ["--resume", tmp_path / "step_00000004.pt", "--out", tmp_path / "out", "--no-progress"],
         "edited_rng": ["--resume", tmp_path / "step_00000004.pt", "--out", tmp_path / "out", "--no-progress"],
+        "edited_history": ["--resume", tmp_path / "step_00000004.pt", "--out", tmp_path / "out", "--no-progress"],
     }[case]
     if case == "corrupt":
         (tmp_path / "step_00000002.pt").write_bytes(os.urandom(3000))
@@ -143,6 +147,8 @@ def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac
         state = checkpoint(kfac_run[0], 4)
         if case == "edited_data":
             state["config"]["data"] = 7
+        elif case == "edited_history":  # the run read it back at its end: a KeyError then, status 1
+            del state["history"][-1]["test_acc"]
         else:
             state["torch_rng"] = state["torch_rng"][:100].clone()
         torch.save(state, tmp_path / "step_00000004.pt")

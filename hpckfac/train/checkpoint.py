@@ -144,6 +144,20 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+# The fields of an evaluation record that a resumed run reads back (summary, plot, progress).
+RECORD_KEYS = ("step", "epoch", "loss", "test_loss", "test_acc", "wall")
+
+
+def check_history(state: dict[str, Any], path: str) -> None:
+    """CheckpointError unless every record of the checkpoint's history holds the numbers a
+    resumed run reads back (``RECORD_KEYS``): a hand-edited one would fail at the run's end."""
+    for record in state["history"]:
+        bad = [k for k in RECORD_KEYS if not isinstance(record.get(k), (int, float)) or isinstance(record.get(k), bool)]
+        if bad:
+            raise CheckpointError(f"checkpoint {path} is corrupt: history record {reprlib.repr(record)} has no "
+                                  f"number {bad[0]!r}")
+
+
 def _finite_tensors(value: Any) -> bool:
     """Whether every floating-point tensor in ``value`` (nested dicts, lists, tuples) is finite:
     a NaN momentum buffer or Adam moment would turn the first resumed step's update NaN."""

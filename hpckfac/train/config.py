@@ -101,7 +101,8 @@ class TrainConfig:
         check_options(**{name: getattr(self, name) for name in LIBRARY_KEYS})
         check_real(self.decay_power, "decay_power", at_least=0.0)
         check_real(self.momentum, "momentum", at_least=0.0, below=1.0)
-        check_real(self.weight_decay, "weight_decay", at_least=0.0)
+        # torch's optimizers hold it as a float32 too: a larger one fails their first step.
+        check_real(self.weight_decay, "weight_decay", at_least=0.0, at_most=float(np.finfo(np.float32).max))
         # Absolute, as the checkpoint records them: a run resumed from another directory finds them.
         self.out = os.path.abspath(self.out) if self.out else None
         self.data = os.path.abspath(self.data) if self.data else None

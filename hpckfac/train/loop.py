@@ -24,8 +24,8 @@ from torch import nn
 
 from hpckfac.log import get_logger
 from hpckfac.models import resnet
-from hpckfac.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, find_checkpoint,
-                                      load_checkpoint, prune_checkpoints, save_checkpoint)
+from hpckfac.train.checkpoint import (CheckpointError, check_compatible, check_history, checkpoint_path,
+                                      find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint)
 from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
 from hpckfac.train.files import append_lines, atomic_write, check_output_dir
@@ -185,6 +185,7 @@ class Trainer:
     def _resume(self, path: str) -> None:
         path = find_checkpoint(path)
         state = load_checkpoint(path)
+        check_history(state, path)
         check_compatible(state, self._identity(), self.data.fingerprint(),
                          TRAJECTORY_KEYS + ("lr", "warmup_steps", "decay_power", "total_steps"), path)
         try:
