@@ -157,3 +157,19 @@ def test_a_full_disk_while_saving_a_checkpoint_is_named_as_such(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert info.value.errno == errno.EFBIG and str(path) in str(info.value), info.value
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["run[1]", "lr=0.1*", "what?"])
+def test_checkpoints_are_found_and_pruned_in_a_folder_named_like_a_glob(tmp_path, name):
+    """A folder whose name holds glob characters ('run[1]', a sweep's naming) matched nothing:
+    --keep-checkpoints kept every file and --resume found no checkpoint."""
+    from hpckfac.train.checkpoint import find_checkpoint, list_checkpoints, prune_checkpoints
+
+    folder = tmp_path / name / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (2, 4, 6):
+        (folder / f"step_{step:08d}.pt").write_bytes(b"x")
+    assert list_checkpoints(str(folder)) == [str(folder / f"step_{s:08d}.pt") for s in (2, 4, 6)]
+    assert find_checkpoint(str(tmp_path / name)) == str(folder / "step_00000006.pt")
+    prune_checkpoints(str(folder), 6, 1)
+    assert os.listdir(folder) == ["step_00000006.pt"]

@@ -64,7 +64,7 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 
 def _by_step(directory: str) -> list[tuple[int, str]]:
     """``(step, path)`` of the ``step_*.pt`` files in ``directory``, oldest step first."""
-    return sorted((int(m.group(1)), f) for f in glob.glob(os.path.join(directory, "step_*.pt"))
+    return sorted((int(m.group(1)), f) for f in glob.glob(os.path.join(glob.escape(directory), "step_*.pt"))
                   if (m := _NAME.search(f)))
 
 
