@@ -68,6 +68,24 @@ def test_rank_local_error_in_train_aborts_with_one_line(tmp_path):
     assert proc.stderr.count("No space left on device") == 1, proc.stderr
 
 
+def test_an_unexpected_error_on_one_rank_is_named_with_its_type(tmp_path):
+    """A KeyError's message alone is the missing key ('test_acc'), which names no cause."""
+    proc = run(tmp_path, """
+        import sys
+        from hpckfac.train import cli, loop
+
+        def run(self, progress=None):
+            if self.rank == 1:
+                raise KeyError("test_acc")
+            self.comm.barrier()
+        loop.Trainer.run = run
+        sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--no-progress"]))
+    """)
+    assert proc.returncode != 0
+    assert proc.stderr.count("hpckfac train: error: KeyError: 'test_acc' [rank 1 of 2; aborting the job]") == 1, \
+        proc.stderr
+
+
 def test_output_folder_is_checked_before_training_on_every_rank(tmp_path):
     (tmp_path / "o" / "training.png").mkdir(parents=True)
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac", "train", "--no-progress", "--steps", "5",

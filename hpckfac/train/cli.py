@@ -165,7 +165,10 @@ def _rank_failure(comm, exc: BaseException) -> int:
     (``MPI_Abort`` with several ranks, so that no rank waits forever); returns 1."""
     from hpckfac.comm.abort import abort_job
 
-    message = f"{PROG}: error: {_cli_message(exc)}"
+    cause = _cli_message(exc)
+    if not isinstance(exc, (OSError, ValueError)) and str(exc).strip():  # a bare "'test_acc'" names nothing
+        cause = f"{type(exc).__name__}: {cause}"
+    message = f"{PROG}: error: {cause}"
     if comm.size > 1:
         abort_job(message)
     print(message, file=sys.stderr)
