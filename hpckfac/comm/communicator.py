@@ -479,6 +479,9 @@ class Communicator:
     def _same_digest(self, collective: str, value: Any, label: str, unpicklable: str) -> bool:
         """``same_everywhere`` as ``collective`` (named ``label`` in errors); ``unpicklable``
         starts the TypeError of a value that cannot be pickled."""
+        if not isinstance(label, str):  # refused on every rank, as an unpicklable value is
+            disagreement(self.mpi, rejected(collective), str(label))
+            raise TypeError(f"what must be a string naming what is compared, got {type(label).__name__}")
         try:
             # The label rides in the signature: two ranks comparing different things are told so,
             # rather than comparing values that were never meant to match.

@@ -263,6 +263,9 @@ def test_same_everywhere(comm):
     differ = comm.same_everywhere([0.2 if odd_one_out(comm) else 0.1], "settings")
     assert differ is (comm.size == 1)
     assert comm.same_everywhere(None if odd_one_out(comm) else [], "gradients") is (comm.size == 1)
+    # A name that is no string is named as such (the value [1] pickles), on every rank alike.
+    with pytest.raises(TypeError, match="^what must be a string naming what is compared, got NoneType$"):
+        comm.same_everywhere([1], None)
     if comm.size == 1:
         with pytest.raises(TypeError, match="settings: the value to compare is not picklable"):
             comm.same_everywhere(threading.Lock(), "settings")
