@@ -497,7 +497,10 @@ class Communicator:
         everyone, calls = found
         if any(sig._replace(layout=0) != everyone[0]._replace(layout=0) for sig in everyone):
             if all(sig.valid and sig.collective == mine.collective for sig in everyone):
-                held = "; ".join(f"{name} on rank {rank}" for rank, name in enumerate(calls))
+                holders: dict[str, list[int]] = {}  # grouped, as ``describe`` does: one entry per name
+                for rank, name in enumerate(calls):
+                    holders.setdefault(name, []).append(rank)
+                held = "; ".join(f"{name} on ranks {ranks}" for name, ranks in holders.items())
                 raise CollectiveMismatchError(f"{call}: ranks compare different things ({held})")
             raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
         return False
