@@ -472,8 +472,9 @@ class Communicator:
         rank). False when they differ, and for equal values that pickle differently (sets):
         gather them in full to tell (``allgather_object``), which then costs ``P`` values per
         rank only when something differs. A rank in another call makes every rank raise
-        CollectiveMismatchError naming ``what``; an unpicklable value raises TypeError
-        (its peers CollectiveMismatchError)."""
+        CollectiveMismatchError naming ``what``, as do ranks that pass different ``what``s
+        (each rank's named); an unpicklable value raises TypeError (its peers
+        CollectiveMismatchError)."""
         return self._same_digest("same_everywhere", value, what, f"{what}: the value to compare is not picklable")
 
     def _same_digest(self, collective: str, value: Any, label: str, unpicklable: str) -> bool:
@@ -507,7 +508,8 @@ class Communicator:
 
     def check_same(self, value: Any, what: str) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank passed an equal
-        (picklable) ``value``; the message names ``what`` and the ranks that differ.
+        (picklable) ``value`` under the same ``what``; the message names ``what`` and the ranks
+        that differ.
 
         Runs whatever ``check_agreement`` says: one digest allreduce, plus an
         allgather of the values only when digests differ.
