@@ -172,6 +172,9 @@ def test_combine_refuses_duplicates_and_other_files(tmp_path, capsys):
     other.write_text(json.dumps({"benchmark": "model", "config": {}, "results": {"predictions": {}}}))
     with pytest.raises(ValueError, match="not the JSON of a `bench scaling` run"):
         scaling.main(["--combine", one, str(other)])
+    other.write_text(json.dumps({"benchmark": "scaling", "config": {}, "results": [1, 2]}))
+    with pytest.raises(ValueError, match="not the JSON of a `bench scaling` run"):
+        scaling.main(["--combine", one, str(other)])
     (tmp_path / "table.txt").write_text("ranks iter_ms\n1 0.8\n")
     with pytest.raises(ValueError, match="not JSON"):
         scaling.main(["--combine", one, str(tmp_path / "table.txt")])

@@ -287,7 +287,8 @@ def combine(paths: Sequence[str], json_path: str | None, png_path: str | None) -
             except ValueError as exc:
                 raise ValueError(f"combine: {path} is not JSON ({exc})") from None
         if not (isinstance(payload, dict) and payload.get("benchmark") == "scaling"
-                and isinstance(payload.get("results", {}).get("runs"), list) and "config" in payload):
+                and isinstance(payload.get("results"), dict) and isinstance(payload["results"].get("runs"), list)
+                and "config" in payload):
             raise ValueError(f"combine: {path} is not the JSON of a `bench scaling` run")
         payloads.append(payload)
     config = payloads[0]["config"]

@@ -198,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
-    from hpckfac.comm import CollectiveMismatchError, Communicator
+    from hpckfac.comm import CollectiveMismatchError, world_communicator
     from hpckfac.log import get_logger
     from hpckfac.train.loop import LOG_NAME, PLOT_NAME, Trainer, TrainingDiverged
 
-    comm = Communicator()
+    comm = world_communicator()
     if "HPCKFAC_LOG_LEVEL" not in os.environ:
         get_logger("hpckfac.train").setLevel(logging.INFO if comm.rank == 0 else logging.WARNING)
     try:
