@@ -21,6 +21,7 @@ from numpy.typing import DTypeLike
 from hpckfac import arrays, ops
 from hpckfac.log import get_logger
 from hpckfac.stages.layout import SegmentLayout
+from hpckfac.stages.state_buffer import pack_block_state, state_elements
 
 _log = get_logger("hpckfac.stages.owner")
 
@@ -240,37 +241,3 @@ class OwnerState:
         self.running[i][...] = 0.0 if factors is None else arrays.from_host(np.asarray(factors, dtype=self.dtype), self.xp)
         self.inverses[i] = None if inverses is None else [
             arrays.from_host(np.array(x, dtype=self.dtype), self.xp) for x in inverses]
-
-
-def state_elements(block: Any) -> int:
-    """Elements of ``block``'s state in a packed state buffer: a flag for the factors and one
-    for the inverses (1 present, 0 absent), the packed factors, then every inverse stack; a
-    fixed size, known on every rank from the block alone."""
-    return 2 + block.stat_size + sum(int(np.prod(shape)) for shape in block.inverse_shapes)
-
-
-def pack_block_state(block: Any, state: dict[str, Any], out: np.ndarray) -> None:
-    """Write ``state`` (``{"factors": packed statistics or None, "inverses": list of stacks or
-    None}``) into ``out`` (``state_elements(block)`` elements; absent parts leave zeros)."""
-    factors, inverses = state["factors"], state["inverses"]
-    out[0], out[1] = factors is not None, inverses is not None
-    if factors is not None:
-        out[2:2 + block.stat_size] = factors
-    if inverses is not None:
-        at = 2 + block.stat_size
-        for x in inverses:
-            out[at:at + x.size] = x.reshape(-1)
-            at += x.size
-
-
-def unpack_block_state(block: Any, packed: np.ndarray) -> dict[str, Any]:
-    """``pack_block_state``'s ``state`` back from ``packed``, as views of it."""
-    factors = packed[2:2 + block.stat_size] if packed[0] else None
-    inverses = None
-    if packed[1]:
-        inverses, at = [], 2 + block.stat_size
-        for shape in block.inverse_shapes:
-            size = int(np.prod(shape))
-            inverses.append(packed[at:at + size].reshape(shape))
-            at += size
-    return {"factors": factors, "inverses": inverses}
