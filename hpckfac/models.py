@@ -9,8 +9,9 @@ classifier. Global pooling makes it work for any input of at least 4x4
 its built-in data set).
 
 ``resnet50()`` is He et al.'s ImageNet ResNet-50 (bottleneck blocks [3, 4, 6,
-3], stride on the 3x3 convolution), with torchvision's module names, so its
-K-FAC blocks are exactly ``hpckfac.bench.shapes.resnet50()``.
+3], stride on the 3x3 convolution), with torchvision's module names. It is also
+the benchmarks' ResNet-50: ``hpckfac.bench.shapes.resnet50()`` reads its layer
+shapes from it.
 """
 from __future__ import annotations
 

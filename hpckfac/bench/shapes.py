@@ -1,14 +1,17 @@
 """Layer shapes of the models the scaling benchmark and the performance model use.
 
+Both models are the torch modules of ``hpckfac.models``, their shapes read by
+``from_torch`` from one forward pass (the one definition of each model).
 ``resnet50()`` is ResNet-50 for ImageNet at 224x224 (torchvision's v1.5 layout:
 stride on the 3x3 convolution of each bottleneck): 53 convolutions without bias
 and one Linear with bias (54 Kronecker-factored blocks; the largest ``A`` is
 4608x4608 from the 3x3 convolutions of 512 channels, the largest ``G`` 2048x2048)
-and 53 BatchNorm layers. ``small_cnn()`` reads the shapes of the trainer's CNN
-(``hpckfac.models``) by running it once. ``scaled()`` shrinks every channel
-count so that a CPU can run the workload.
+and 53 BatchNorm layers; its forward pass has zero examples and uninitialised
+weights, so it costs milliseconds. ``small_cnn()`` reads the shapes of the
+trainer's CNN by running it once. ``scaled()`` shrinks every channel count so that
+a CPU can run the workload.
 
-No PyTorch is needed except by ``small_cnn``.
+PyTorch is imported by ``resnet50``, ``small_cnn`` and ``from_torch`` only.
 """
 from __future__ import annotations
 
@@ -113,37 +116,21 @@ class ModelShapes:
         return sum(s.forward_flops for s in self.kron)
 
 
-def _conv_out(h: int, kernel: int, stride: int, padding: int) -> int:
-    return (h + 2 * padding - kernel) // stride + 1
-
-
 def resnet50(image: int = 224, num_classes: int = 1000) -> ModelShapes:
-    """ResNet-50 (bottlenecks [3, 4, 6, 3], expansion 4) at ``image x image`` input."""
-    layers: list[KronShape | BatchNormShape] = []
+    """ResNet-50 (``hpckfac.models.resnet50``) at ``image x image`` input, read by
+    ``from_torch`` from a forward pass of zero examples: nothing is computed."""
+    import torch
 
-    def conv(name: str, c_in: int, c_out: int, kernel: int, stride: int, h_in: int) -> int:
-        padding = kernel // 2
-        h_out = _conv_out(h_in, kernel, stride, padding)
-        layers.append(KronShape(name, c_in, c_out, kernel, stride, padding, h_in, h_out))
-        layers.append(BatchNormShape(name.replace("conv", "bn").replace("downsample.0", "downsample.1"),
-                                  c_out, h_out))
-        return h_out
+    from hpckfac.models import resnet50 as torch_resnet50
 
-    h = conv("conv1", 3, 64, 7, 2, image)
-    h = _conv_out(h, 3, 2, 1)  # max pool
-    c_in = 64
-    for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-        for b in range(blocks):
-            stride = 2 if (b == 0 and stage > 1) else 1
-            prefix = f"layer{stage}.{b}"
-            h1 = conv(f"{prefix}.conv1", c_in, planes, 1, 1, h)
-            h2 = conv(f"{prefix}.conv2", planes, planes, 3, stride, h1)
-            conv(f"{prefix}.conv3", planes, planes * 4, 1, 1, h2)
-            if b == 0:
-                conv(f"{prefix}.downsample.0", c_in, planes * 4, 1, stride, h)
-            c_in, h = planes * 4, h2
-    layers.append(KronShape("fc", c_in, num_classes, bias=True, linear=True))
-    return ModelShapes("resnet50", tuple(layers), image)
+    # Built on the meta device (no weight initialisation), then given uninitialised CPU
+    # tensors, which a batch of zero examples never reads. (A forward pass of meta tensors
+    # would need no memory, but its first call imports sympy: about a second.)
+    with torch.device("meta"):
+        model = torch_resnet50(num_classes)
+    model.load_state_dict({k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()},
+                          assign=True)
+    return from_torch("resnet50", model, (0, 3, image, image))
 
 
 def scaled(model: ModelShapes, factor: int) -> ModelShapes:
