@@ -31,8 +31,22 @@ def test_resnet50_shapes():
     # Every convolution is followed by its BatchNorm of the same channels and spatial size.
     for conv, bn in zip(net.layers[:-1:2], net.layers[1::2]):
         assert (conv.c_out, conv.h_out) == (bn.channels, bn.h)
-    # Forward pass of ResNet-50: ~4.1 GMACs per 224x224 image.
+    # Forward pass of ResNet-50: ~4.1 GMACs per 224x224 image (4,089,184,256 in its
+    # convolutions and fc, the "4.09 GFLOPS" of torchvision's table).
     assert 8.0e9 < net.forward_flops < 8.3e9
+    assert net.forward_flops == 2 * 4_089_184_256
+
+
+@pytest.mark.parametrize("image, last", [(224, 7), (112, 4), (64, 2), (32, 1)])
+def test_resnet50_shapes_at_other_sizes(image, last):
+    # The image size changes only spatial sizes (stem /2, max pool /2, then stages
+    # /1, /2, /2, /2, each rounding up), the class count only the fc layer.
+    for classes, params in ((1000, 25_557_032), (10, 25_557_032 - 2048 * 990 - 990)):
+        net = shapes.resnet50(image, classes)
+        assert (len(net.kron), len(net.batchnorm), net.image) == (54, 53, image)
+        assert net.params == params and net.kron[-1].d_G == classes
+        assert net.kron[0].h_out == -(-image // 2) and net.kron[-2].h_out == last
+        assert [s.d_A for s in net.kron] == [s.d_A for s in shapes.resnet50().kron]
 
 
 def test_scaled_shapes():
