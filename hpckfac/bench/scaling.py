@@ -235,15 +235,17 @@ COLUMNS = ["assign", "P", "B/rank", "iter_ms"] + list(ITERATION_STAGES) + ["MB_s
 
 
 def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
-    """Stacked bars of median time per stage against rank count, one panel per assignment."""
+    """Stacked bars of median time per stage against rank count, one column per assignment,
+    with the scaling efficiency beneath (where the runs have it: ``add_efficiency``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = sorted({r["assignment"] for r in runs})
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.5), squeeze=False, sharey=True)
-    for ax, method in zip(axes[0], methods):
+    fig, axes = plt.subplots(2, len(methods), figsize=(5.5 * len(methods) + 2.8, 6.5), squeeze=False,
+                             sharey="row", gridspec_kw={"height_ratios": (3, 1.2)})
+    for ax, eff, method in zip(axes[0], axes[1], methods):
         mine = sorted((r for r in runs if r["assignment"] == method), key=lambda r: r["ranks"])
         labels = [str(r["ranks"]) for r in mine]
         bottom = np.zeros(len(mine))
@@ -253,11 +255,21 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
             bottom += values
         ax.plot(labels, [1e3 * r["iteration"] for r in mine], "k_", markersize=30, label="iteration (max over ranks)")
         ax.set_title(f"assignment {method}")
-        ax.set_xlabel("ranks")
         ax.set_ylabel("ms per iteration (median)")
-    axes[0][0].legend(fontsize=7)
+        known = [(label, r["efficiency"]) for label, r in zip(labels, mine) if "efficiency" in r]
+        eff.plot([labels.index(label) for label, _ in known], [e for _, e in known], "o-", color="k")
+        eff.set_xticks(range(len(labels)), labels)
+        eff.set_xlim(ax.get_xlim())  # each point under its bar
+        eff.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        eff.set_ylim(0, max([1.1] + [1.1 * e for _, e in known]))
+        eff.set_xlabel("ranks")
+        base = {r["efficiency_base"] for r in mine if "efficiency_base" in r}
+        eff.set_ylabel(f"efficiency vs {base.pop()} rank(s)" if len(base) == 1 else "efficiency")
+    # Beside the panels, not over the first bars.
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 1))
     make_parent(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
