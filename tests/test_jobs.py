@@ -130,6 +130,17 @@ def test_slurm_scaling_fills_nodes_and_sweeps_both_modes(tmp_path):
     subprocess.run(["bash", os.path.join(JOBS, "slurm_scaling.sbatch")],
                    env=dict(os.environ, **env, MODES="weak"), check=True, capture_output=True, timeout=60)
     assert not any("model" in w for w in launches(log, "python")) and len(launches(log, "srun")) == 4
+    # Rank counts of one's own, e.g. ending at a whole allocation that is not a power of two.
+    log.unlink()
+    subprocess.run(["bash", os.path.join(JOBS, "slurm_scaling.sbatch")], check=True, capture_output=True,
+                   env=dict(os.environ, **dict(env, SLURM_NTASKS="12"), RANKS="1 4 12", STRONG_BATCH="96"), timeout=60)
+    steps = launches(log, "srun")
+    assert [int(flag(w, "--ntasks")) for w in steps] == [1, 4, 12] * 2
+    assert [int(flag(w, "--nodes")) for w in steps] == [1, 1, 3] * 2
+    for bad in ("16", "0", "two"):
+        proc = subprocess.run(["bash", os.path.join(JOBS, "slurm_scaling.sbatch")], capture_output=True, text=True,
+                              env=dict(os.environ, **env, RANKS=f"1 {bad}"), timeout=60)
+        assert proc.returncode == 2 and "RANKS" in proc.stderr
     # Outside an allocation: one clear line, nothing launched.
     proc = subprocess.run(["bash", os.path.join(JOBS, "slurm_scaling.sbatch")], capture_output=True, text=True,
                           env={k: v for k, v in dict(os.environ, **stubs).items() if not k.startswith("SLURM_")})
@@ -153,6 +164,13 @@ def test_pbs_scaling_maps_ranks_per_node_and_forwards_the_environment(tmp_path):
         assert {"OMP_NUM_THREADS", "PATH", "UCX_TLS", "HPCKFAC_LOG_LEVEL"} <= forwarded
         mode, batch = words[words.index("--mode") + 1], int(words[words.index("--batch") + 1])
         assert batch == (128 if mode == "strong" else 32)
+    log.unlink()
+    subprocess.run(["bash", os.path.join(JOBS, "pbs_scaling.pbs")], env=dict(env, RANKS="2 8"), check=True,
+                   capture_output=True, timeout=60)
+    assert [int(w[w.index("-np") + 1]) for w in launches(log, "mpirun")] == [2, 8, 2, 8]
+    proc = subprocess.run(["bash", os.path.join(JOBS, "pbs_scaling.pbs")], env=dict(env, RANKS="9"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "RANKS" in proc.stderr
     log.unlink()
     subprocess.run(["bash", os.path.join(JOBS, "pbs_scaling.pbs")], env=dict(env, MODES="weak"), check=True,
                    capture_output=True, timeout=60)
