@@ -36,8 +36,8 @@ from hpckfac.stages.all_gather import AllGather
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.stages.options import DEFAULTS, Assignment, CheckedOption, check_options, resolve
 from hpckfac.stages.owner import OwnerState
-from hpckfac.stages.state_buffer import state_elements, unpack_block_state
 from hpckfac.stages.reduce_scatter import ReduceScatter
+from hpckfac.stages.state_buffer import state_elements, unpack_block_state
 
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator

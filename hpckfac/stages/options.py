@@ -77,19 +77,21 @@ def _factor_dtype(value: Any):
     return np.dtype(name)
 
 
+# The options a step reads, checked at every step: a callable's value, or a constant assigned
+# to the engine's attribute between steps.
+STEP_CHECKS: dict[str, Callable[[Any], Any]] = {"damping": _damping, "factor_decay": _factor_decay,
+                                                "kl_clip": _kl_clip}
+# The step options that may be schedules (callables of the step); kl_clip is a number or None
+# (a callable one would also leave an unsaveable state_dict()).
+SCHEDULED = ("damping", "factor_decay")
 CHECKS: dict[str, Callable[[Any], Any]] = {
-    "damping": _scheduled(_damping),
-    "factor_decay": _scheduled(_factor_decay),
+    **{name: _scheduled(STEP_CHECKS[name]) for name in SCHEDULED},
     "factor_update_interval": lambda v: check_integer(v, "factor_update_interval", 1),
     "inverse_update_interval": lambda v: check_integer(v, "inverse_update_interval", 1),
     "kl_clip": _kl_clip,
     "assignment": _assignment,
     "factor_dtype": _factor_dtype,
 }
-# The options a step reads, checked at every step: a callable's value, or a constant assigned
-# to the engine's attribute between steps.
-STEP_CHECKS: dict[str, Callable[[Any], Any]] = {"damping": _damping, "factor_decay": _factor_decay,
-                                                "kl_clip": _kl_clip}
 
 
 def check_options(checks: dict[str, Callable[[Any], Any]] | None = None, **options: Any) -> dict[str, Any]:
@@ -131,11 +133,6 @@ class CheckedOption:
 
     def __set__(self, obj: Any, value: Any) -> None:
         obj.__dict__[self._name] = self._check(**{self._name: value})[self._name]
-
-
-# The step options that may be schedules (callables of the step); kl_clip is a number or None,
-# as its constructor check says (a callable one would also leave an unsaveable state_dict()).
-SCHEDULED = ("damping", "factor_decay")
 
 
 def resolve(name: str, value: Any, step: int) -> Any:

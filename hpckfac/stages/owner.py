@@ -229,8 +229,9 @@ class OwnerState:
         for i, block in enumerate(self.blocks):
             state = {"factors": arrays.to_host(self.running[i]) if self.initialized[i] else None,
                      "inverses": None if self.inverses[i] is None else [arrays.to_host(x) for x in self.inverses[i]]}
-            pack_block_state(block, state, out[at:at + state_elements(block)])
-            at += state_elements(block)
+            size = state_elements(block)
+            pack_block_state(block, state, out[at:at + size])
+            at += size
         return out
 
     def load_block_state(self, i: int, state: dict[str, Any]) -> None:
