@@ -1,0 +1,149 @@
+"""docs/design.md's "Math conventions" end to end through KFACPreconditioner, in float64: for a
+model holding a convolution, BatchNorm, an Embedding with a padding token, LayerNorm and Linear
+layers on a sequence and a Linear head, three steps of .grad against factors, running averages,
+pi-damped inverses and the KL clip computed here from the layers' inputs and output gradients
+(torch's own hooks, np.linalg), with no hpckfac code in the oracle."""
+import math
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from hpckfac.comm import Communicator
+from hpckfac.torch import KFACPreconditioner
+
+LR, DAMPING, DECAY, KL_CLIP = 0.1, 1e-2, 0.8, 1e-4
+BATCH, TOKENS, VOCAB, SIDE = 6, 3, 7, 4
+
+
+class Net(nn.Module):
+    """An image branch (Conv2d, BatchNorm2d) and a token branch (Embedding, LayerNorm, Linear on
+    the sequence), joined by a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.emb, self.ln, self.seq = nn.Embedding(VOCAB, 4, padding_idx=0), nn.LayerNorm(4), nn.Linear(4, 4)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x, tokens):
+        image = torch.tanh(self.bn(self.conv(x))).mean((2, 3))
+        sequence = torch.tanh(self.seq(self.ln(self.emb(tokens)))).mean(1)
+        return self.head(torch.cat([image, sequence], 1))
+
+
+def capture(net):
+    """Each layer's input and per-example output gradient (the mean loss's times the batch)."""
+    seen = {}
+
+    def hook(name):
+        def forward(module, args, out):
+            seen[name] = {"a": args[0].detach().numpy().copy()}
+            out.register_hook(lambda g: seen[name].__setitem__("g", g.detach().numpy() * BATCH))
+        return forward
+
+    for name in ("conv", "bn", "emb", "ln", "seq", "head"):
+        getattr(net, name).register_forward_hook(hook(name))
+    return seen
+
+
+def with_ones(rows):
+    return np.hstack([rows, np.ones((len(rows), 1))])
+
+
+def kron_pair(a_rows, g_rows, positions):
+    """A = (1/B) sum_i sum_t a a^T, G = (1/(B |T|)) sum_i sum_t g g^T."""
+    return [a_rows.T @ a_rows / BATCH, g_rows.T @ g_rows / (BATCH * positions)]
+
+
+def unit_fisher(x_hat, g):
+    """Per unit c, (1/B) sum_i u_i u_i^T with u_i = (sum_t g x_hat, sum_t g); inputs (B, C, T)."""
+    u = np.stack([(g * x_hat).sum(2), g.sum(2)], -1)
+    return [np.einsum("nci,ncj->cij", u, u) / BATCH]
+
+
+def statistics(seen, net):
+    conv, bn, emb, ln, seq, head = (seen[n] for n in ("conv", "bn", "emb", "ln", "seq", "head"))
+    patches = nn.functional.unfold(torch.from_numpy(conv["a"]), 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    x = bn["a"].reshape(BATCH, 3, -1)
+    bn_hat = (x - x.mean((0, 2), keepdims=True)) / np.sqrt(x.var((0, 2), keepdims=True) + net.bn.eps)
+    tokens = emb["a"]
+    counts = np.bincount(tokens[tokens != 0].ravel(), minlength=VOCAB)  # the padding token is no input
+    emb_g = emb["g"].reshape(-1, 4)
+    x = ln["a"]
+    ln_hat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + net.ln.eps)
+    return {
+        "conv": kron_pair(with_ones(patches.numpy()), conv["g"].transpose(0, 2, 3, 1).reshape(-1, 3), SIDE * SIDE),
+        "bn": unit_fisher(bn_hat, bn["g"].reshape(BATCH, 3, -1)),
+        # Padding positions still count in G: the example's positions, as a Linear's zero rows.
+        "emb": [np.diag(counts / BATCH), emb_g.T @ emb_g / (BATCH * TOKENS)],
+        "ln": unit_fisher(ln_hat.transpose(0, 2, 1), ln["g"].transpose(0, 2, 1)),
+        "seq": kron_pair(with_ones(seq["a"].reshape(-1, 4)), seq["g"].reshape(-1, 4), TOKENS),
+        "head": kron_pair(with_ones(head["a"]), head["g"], 1),
+    }
+
+
+def gradient(net, name):
+    """The layer's gradient as the matrix its curvature acts on: [W | b], the transposed table of an
+    Embedding, (gamma_c, beta_c) rows of a normalisation layer."""
+    module = getattr(net, name)
+    weight = module.weight.grad.numpy()
+    if name == "emb":
+        return weight.T.copy()
+    if name in ("bn", "ln"):
+        return np.stack([weight, module.bias.grad.numpy()], 1)
+    return np.hstack([weight.reshape(len(weight), -1), module.bias.grad.numpy()[:, None]])
+
+
+def inverses(factors):
+    if len(factors) == 1:  # unit-wise: F_c + lambda I
+        return [np.linalg.inv(factors[0] + DAMPING * np.eye(2))]
+    a, g = factors
+    pi = math.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+    return [np.linalg.inv(a + pi * math.sqrt(DAMPING) * np.eye(len(a))),
+            np.linalg.inv(g + math.sqrt(DAMPING) / pi * np.eye(len(g)))]
+
+
+def precondition(inverse, grad):
+    if len(inverse) == 1:
+        return np.einsum("cij,cj->ci", inverse[0], grad)
+    return inverse[1] @ grad @ inverse[0]
+
+
+def test_three_steps_of_every_convention_against_the_oracle():
+    torch.manual_seed(0)
+    net = Net().double()
+    with torch.no_grad():
+        for norm in (net.bn, net.ln):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    seen = capture(net)
+    precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF), lr=LR, damping=DAMPING, factor_decay=DECAY,
+                                 factor_update_interval=1, inverse_update_interval=2, kl_clip=KL_CLIP)
+    assert len(precond.modules) == 6 and not precond.other_params
+    gen = torch.Generator().manual_seed(1)
+    running, inverse, nus = {}, {}, []
+    for step in range(3):
+        x = torch.randn(BATCH, 2, SIDE, SIDE, generator=gen, dtype=torch.float64)
+        tokens = torch.randint(0, VOCAB, (BATCH, TOKENS), generator=gen)
+        tokens[0, 0] = 0
+        y = torch.randint(0, 3, (BATCH,), generator=gen)
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x, tokens), y).backward()
+        for name, new in statistics(seen, net).items():
+            # X <- rho X + (1 - rho) X_new, rho = factor_decay; the first update sets X = X_new.
+            old = running.get(name)
+            running[name] = new if old is None else [DECAY * o + (1 - DECAY) * n for o, n in zip(old, new)]
+        if step % 2 == 0:
+            inverse = {name: inverses(factors) for name, factors in running.items()}
+        grads = {name: gradient(net, name) for name in running}
+        v = {name: precondition(inverse[name], grad) for name, grad in grads.items()}
+        total = sum(float(np.sum(v[name] * grads[name])) for name in v)
+        nu = min(1.0, math.sqrt(KL_CLIP / (LR ** 2 * total)))
+        precond.step()
+        assert math.isclose(precond.last_nu, nu, rel_tol=1e-12)
+        for name in v:
+            np.testing.assert_allclose(gradient(net, name), nu * v[name], rtol=1e-9, atol=1e-14, err_msg=name)
+        nus.append(nu)
+    assert max(nus) < 1.0  # the clip was active at every step
