@@ -1,5 +1,6 @@
 """register_layer: a module type of one's own (a Linear with a transposed weight, as GPT-2's
-Conv1D) preconditioned exactly as its nn.Linear twin; subclasses, bad registrations; a position
+Conv1D; a convolution whose kernel is stored (kh, kw, C_in, C_out)) preconditioned exactly as its
+torch twin; subclasses, bad registrations; a position
 embedding shared by the batch gets every example's own statistics."""
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from mpi4py import MPI
 from torch import nn
 
 from hpckfac.comm import Communicator
-from hpckfac.layers import LinearBlock
+from hpckfac.layers import ConvBlock, LinearBlock
 from hpckfac.torch import KFACPreconditioner, register_layer, registry
 
 
@@ -99,6 +100,69 @@ def test_parameters_under_other_names_and_blocks_that_do_not_fit(monkeypatch, ca
     for bad in (("kernel",), ("kernel", 3), "kernel"):
         with pytest.raises(ValueError, match="params"):
             register_layer(NamedAffine, lambda name, m: None, params=bad)
+
+
+class ConvHWIO(nn.Module):
+    """A 2-d "same" convolution whose kernel is stored (kh, kw, C_in, C_out), as TensorFlow stores it."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(kernel, kernel, c_in, c_out) * 0.3)
+        self.bias = nn.Parameter(torch.randn(c_out) * 0.1)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight.permute(3, 2, 0, 1), self.bias, padding=self.weight.shape[0] // 2)
+
+
+class HWIOBlock(ConvBlock):
+    """ConvBlock with the gradient matrix read from, and written back to, a (kh, kw, C_in, C_out) kernel."""
+
+    def __init__(self, name: str, module: ConvHWIO) -> None:
+        k, _, c_in, c_out = module.weight.shape
+        super().__init__(name, c_in, c_out, (k, k), (1, 1), (k // 2, k // 2), (1, 1), bias=True)
+        self.weight_shape = tuple(module.weight.shape)  # param_shapes must match the module's weight
+
+    def weight_matrix(self, weight):
+        return weight.transpose(3, 2, 0, 1).reshape(self.d_G, -1)
+
+    def weight_from_matrix(self, mat):
+        k = self.weight_shape[0]
+        return mat.reshape(self.d_G, -1, k, k).transpose(2, 3, 1, 0)
+
+
+def test_a_convolution_with_its_kernel_stored_otherwise_is_preconditioned_as_conv2d(monkeypatch):
+    """Through a ConvBlock subclass (docs/curvature.md, "Adding a kind"): the same statistics and
+    the same natural gradient, in float64, as nn.Conv2d on the same weights."""
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    register_layer(ConvHWIO, HWIOBlock)
+    torch.manual_seed(0)
+    mine = nn.Sequential(ConvHWIO(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 25, 2)).double()
+    twin = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 25, 2)).double()
+    with torch.no_grad():
+        twin[0].weight.copy_(mine[0].weight.permute(3, 2, 0, 1))
+        twin[0].bias.copy_(mine[0].bias)
+    twin[3].load_state_dict(mine[3].state_dict())
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 2, (4,))
+    results = []
+    for model in (mine, twin):
+        precond = KFACPreconditioner(model, comm=comm(), lr=0.1, damping=1e-3)
+        assert "K-FAC (A 19x19, G 3x3)" in repr(precond).splitlines()[1]
+        nn.functional.cross_entropy(model(x), y).backward()
+        stats = precond.local.result()
+        precond.step()
+        results.append((stats, model[0].weight.grad, model[0].bias.grad))
+    # The bridge moves .grad through split_matrix's views alone: grad_matrix must be its inverse.
+    block = registry.block_for("0", mine[0])
+    mat = np.random.default_rng(1).standard_normal(block.grad_shape)
+    np.testing.assert_array_equal(block.grad_matrix(*block.split_matrix(mat)), mat)
+    twin_matrix = np.hstack([twin[0].weight.detach().reshape(3, -1).numpy(), twin[0].bias.detach().numpy()[:, None]])
+    np.testing.assert_array_equal(block.grad_matrix(mine[0].weight.detach().numpy(), mine[0].bias.detach().numpy()),
+                                  twin_matrix)
+    (stats, weight, bias), (twin_stats, twin_weight, twin_bias) = results
+    for got, want in zip(stats, twin_stats):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(weight.permute(3, 2, 0, 1), twin_weight, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bias, twin_bias, rtol=1e-12, atol=1e-14)
 
 
 def test_parametrized_layers_stay_first_order_with_the_reason():
