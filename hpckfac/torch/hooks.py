@@ -1,7 +1,8 @@
 """Forward hooks that hand each K-FAC module's input, and (through a hook on
 its output tensor) the gradient of its output, to callbacks.
 
-A forward hook passes the module's input ``a`` and registers a tensor hook on
+A forward hook passes the module's input ``a`` (its first argument, positional
+or by keyword; further arguments are not captured) and registers a tensor hook on
 the output, which autograd calls with the gradient of the loss with respect
 to that output. Tensor hooks, unlike module backward hooks, leave the output
 as it is, so ``nn.ReLU(inplace=True)`` after a preconditioned layer works: a
