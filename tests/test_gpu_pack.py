@@ -101,6 +101,30 @@ def test_float32_subnormals_from_float64():
     print(f"float64 -> float32 subnormals flushed to zero on this GPU: {int(flushed.sum())} of {values.size}")
 
 
+def test_float64_to_bfloat16_rounds_once():
+    """float64 values that float32 rounds onto a bfloat16 tie: packed and unpacked on the GPU
+    they round once, as the CPU reference's ``cast`` does, not through float32 as ml_dtypes'
+    ``astype`` does (which lands one bfloat16 ulp off on every one of them)."""
+    from hpckfac.ops.casting import cast
+
+    rng = np.random.default_rng(16)
+    n = 64
+    count = n * (n + 1) // 2
+    # A bfloat16 tie (mantissa k of 7 bits, plus half an ulp) nudged by far less than half a float32
+    # ulp, away from the even neighbour that rounding the tie would pick.
+    k = rng.integers(0, 128, count)
+    nudge = np.where(k % 2 == 0, 1.0, -1.0) * 2.0 ** -40
+    scale = rng.choice([-1, 1], count) * 2.0 ** rng.integers(-100, 100, count)
+    values = (1 + k * 2.0 ** -7 + 2.0 ** -8 + nudge) * scale
+    want = cast(values, ml_dtypes.bfloat16)
+    assert (want.view(np.uint16) != values.astype(ml_dtypes.bfloat16).view(np.uint16)).all()
+    mat = np.zeros((n, n))
+    mat[np.triu_indices(n)] = values
+    assert_same_bits(ops.pack_sym([cupy.asarray(mat)], dtype=ml_dtypes.bfloat16), want)
+    back = ops.unpack_sym(cupy.asarray(values), [n], dtype=ml_dtypes.bfloat16)[0]
+    assert_same_bits(back, ops.unpack_sym(values, [n], dtype=ml_dtypes.bfloat16)[0])
+
+
 def test_repeated_tables_come_from_the_cache_and_stay_correct():
     """A table seen before (same matrices at the same addresses) is not uploaded again; new
     data at those addresses is still what gets packed, on any stream; the cache stays bounded."""
