@@ -10,17 +10,41 @@
 
 namespace hk {
 
+// float <-> double without the flush to zero of -ftz=true, which CuPy passes to NVRTC
+// for every module: it turns the casts into cvt.ftz, so that float subnormals would
+// widen to zero and double values in float's subnormal range narrow to zero, where
+// NumPy keeps them.
+HK_HD __forceinline__ double widen(float v) {
+#ifdef __CUDA_ARCH__
+  double d;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(v));
+  return d;
+#else
+  return static_cast<double>(v);
+#endif
+}
+
+HK_HD __forceinline__ float narrow(double v) {
+#ifdef __CUDA_ARCH__
+  float f;
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(f) : "d"(v));
+  return f;
+#else
+  return static_cast<float>(v);
+#endif
+}
+
 // Value conversions between float64/float32/float16/bfloat16 with one rounding
-// (round to nearest even), as NumPy's astype does.
+// (round to nearest even), as NumPy's astype does, subnormals included.
 template <typename D> struct Convert;
 template <> struct Convert<double> {
   HK_HD static double from(double v) { return v; }
-  HK_HD static double from(float v) { return v; }
-  HK_HD static double from(__half v) { return __half2float(v); }
-  HK_HD static double from(__nv_bfloat16 v) { return __bfloat162float(v); }
+  HK_HD static double from(float v) { return widen(v); }
+  HK_HD static double from(__half v) { return widen(__half2float(v)); }
+  HK_HD static double from(__nv_bfloat16 v) { return widen(__bfloat162float(v)); }
 };
 template <> struct Convert<float> {
-  HK_HD static float from(double v) { return static_cast<float>(v); }
+  HK_HD static float from(double v) { return narrow(v); }
   HK_HD static float from(float v) { return v; }
   HK_HD static float from(__half v) { return __half2float(v); }
   HK_HD static float from(__nv_bfloat16 v) { return __bfloat162float(v); }

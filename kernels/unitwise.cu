@@ -106,6 +106,6 @@ __global__ void bn_unit_fisher(const double* __restrict__ sums, long long exampl
     double f[3];
     hk::channel_fisher(sums + 4 * c, examples, 4 * channels, count, eps, scale, f);
     S* o = out + 3 * c;
-    for (int k = 0; k < 3; ++k) o[k] = hk::convert<S>(static_cast<double>(o[k]) + f[k]);
+    for (int k = 0; k < 3; ++k) o[k] = hk::convert<S>(hk::convert<double>(o[k]) + f[k]);
   }
 }

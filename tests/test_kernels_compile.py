@@ -15,8 +15,9 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 ARCHS = (80, 90)
 
 
-def compile_ptx(tmp_path, file: str, arch: int) -> str:
-    """PTX of ``file`` with the loader's instantiations for ``arch``, built by nvcc."""
+def compile_ptx(tmp_path, file: str, arch: int, extra: tuple[str, ...] = ()) -> str:
+    """PTX of ``file`` with the loader's instantiations for ``arch``, built by nvcc (with the
+    ``extra`` options)."""
     expressions = cuda_module.name_expressions(file, arch)
     # Taking each kernel's address instantiates it, as NVRTC's name expressions do.
     unit = tmp_path / f"instantiate_{arch}_{file}"
@@ -29,7 +30,7 @@ def compile_ptx(tmp_path, file: str, arch: int) -> str:
     )
     ptx = tmp_path / f"{file}.{arch}.ptx"
     include = [f"-I{cuda_module.include_dirs()[0]}"]
-    cmd = [NVCC, *cuda_module.BASE_OPTIONS, *include, f"-arch=sm_{arch}", "--ptx",
+    cmd = [NVCC, *cuda_module.BASE_OPTIONS, *extra, *include, f"-arch=sm_{arch}", "--ptx",
            "-Werror", "all-warnings", str(unit), "-o", str(ptx)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
@@ -50,6 +51,16 @@ def test_source_compiles_with_loader_instantiations(tmp_path, file, arch):
     if file == "syrk.cu":
         # The half-precision kernels really use tensor cores.
         assert "wmma.mma.sync" in ptx or "mma.sync" in ptx
+
+
+@pytest.mark.parametrize("file", cuda_module.source_names())
+def test_conversions_keep_subnormals_under_cupys_ftz(tmp_path, file):
+    """CuPy compiles every module with -ftz=true, which makes plain float <-> double casts
+    cvt.ftz (subnormals become zeros); the kernels convert through hk::widen / hk::narrow
+    instead, so that packing and unpacking stay bit-exact with NumPy."""
+    ptx = compile_ptx(tmp_path, file, 90, ("-ftz=true",))
+    flushing = re.findall(r"cvt(?:\.rn)?\.ftz\.f(?:64\.f32|32\.f64)\b", ptx)
+    assert not flushing, flushing
 
 
 def test_tensor_core_paths_follow_architecture():
