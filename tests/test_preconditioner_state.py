@@ -6,6 +6,7 @@ import pytest
 import torch
 from mpi4py import MPI
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet
@@ -69,6 +70,74 @@ def test_checkpoint_resume_gives_the_same_trajectory(comm, depthwise):
     assert resumed.steps == 4 and resumed.engine.damping == OPTIONS["damping"]
     train(fresh, opt, resumed, data[4:])
     np.testing.assert_array_equal(flat(fresh), uninterrupted)
+
+
+
+class NoisyDigits(Dataset):
+    """Random augmentation: noise from torch's generator on every item taken."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(2)
+        self.x = torch.randn(48, 5, generator=gen, dtype=torch.float64)
+        self.y = torch.randint(0, 3, (48,), generator=gen)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(5, dtype=torch.float64), self.y[i]
+
+
+def test_the_readmes_resume_with_dropout_and_augmentation_is_bit_for_bit(comm):
+    """README: torch's RNG state restored once the resumed loader has skipped the batches already
+    taken resumes bit for bit; restored before the skip, the run takes other draws."""
+    dataset, epochs, stop = NoisyDigits(), 2, 8  # 6 batches an epoch: stop in epoch 1, 2 batches done
+
+    def build(state=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 5))
+        sampler = DistributedSampler(dataset, num_replicas=comm.size, rank=comm.rank, shuffle=True)
+        precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, lr=sched))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            precond.load_state_dict(state["kfac"])
+        return model, opt, sched, sampler, DataLoader(dataset, batch_size=8, sampler=sampler), precond
+
+    def run(state=None, restore_before_skip=False, stop_after=None):
+        model, opt, sched, sampler, loader, precond = build(state)
+        first, done = divmod(state["step"], len(loader)) if state else (0, 0)
+        for epoch in range(first, epochs):
+            sampler.set_epoch(epoch)
+            if state and epoch == first and restore_before_skip:
+                torch.set_rng_state(state["rng"])
+            batches = iter(loader)
+            for _ in range(done if epoch == first else 0):
+                next(batches)
+            if state and epoch == first and not restore_before_skip:
+                torch.set_rng_state(state["rng"])
+            for x, y in batches:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                precond.step()
+                opt.step()
+                sched.step()
+                if sched.last_epoch == stop_after:
+                    buf = io.BytesIO()
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "kfac": precond.state_dict(),
+                                "rng": torch.get_rng_state(), "step": stop_after}, buf)
+                    buf.seek(0)
+                    return torch.load(buf, weights_only=True)
+        return flat(model)
+
+    uninterrupted = run()
+    saved = run(stop_after=stop)
+    np.testing.assert_array_equal(run(saved), uninterrupted)
+    assert not np.array_equal(run(saved, restore_before_skip=True), uninterrupted)
 
 
 def test_a_state_dict_is_the_callers_to_change(comm):
