@@ -41,8 +41,10 @@ def main() -> None:
 
     comm = Communicator()
     device = bind_device(args.device, comm)          # first: before anything touches CUDA
-    if args.batch % comm.size:
-        raise SystemExit(f"--batch {args.batch} does not split over {comm.size} ranks")
+    if args.batch % comm.size:                        # every rank exits, rank 0 says why
+        if comm.rank == 0:
+            parser.error(f"--batch {args.batch} does not split over {comm.size} ranks")
+        raise SystemExit(2)
     local = args.batch // comm.size
 
     torch.manual_seed(0)

@@ -27,6 +27,13 @@ def test_cnn_with_batchnorm(tmp_path):
     assert "K-FAC (16 units, 2x2 each)" in out and "max_ms" in out
 
 
+
+def test_a_batch_that_does_not_split_is_one_message_from_rank_0():
+    cmd = [mpiexec(), "-n", "3", sys.executable, os.path.join(EXAMPLES, "cnn_batchnorm.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("--batch 64 does not split over 3 ranks") == 1, proc.stderr
+
 def test_transformer_on_token_sequences():
     out = run("transformer_tokens.py")
     losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
