@@ -1,4 +1,6 @@
 """CUDA-aware MPI detection of hpckfac.comm.device (runs without a GPU)."""
+import importlib
+
 import pytest
 
 from hpckfac.comm import device
@@ -25,7 +27,7 @@ def test_invalid_environment_value_names_the_variable(monkeypatch):
 
 def test_query_of_the_loaded_mpi(monkeypatch):
     monkeypatch.delenv(device.CUDA_AWARE_ENV, raising=False)
-    from mpi4py import MPI  # noqa: F401
+    importlib.import_module("mpi4py.MPI")
 
     assert device._loaded_mpi_libraries(), "the MPI library should be mapped once mpi4py is imported"
     assert isinstance(device.cuda_aware_mpi(), bool)

@@ -19,6 +19,7 @@ The Communicator installs the backend that fits this MPI
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 from functools import lru_cache
 from typing import Any
@@ -53,7 +54,7 @@ def cuda_aware_mpi() -> bool:
         if forced not in ("0", "1"):
             raise ValueError(f"{CUDA_AWARE_ENV}: expected 0 or 1, got {forced!r}")
         return forced == "1"
-    from mpi4py import MPI  # noqa: F401  (loads the MPI library)
+    importlib.import_module("mpi4py.MPI")  # loads the MPI library
 
     for path in _loaded_mpi_libraries():
         query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
