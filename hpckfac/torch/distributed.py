@@ -112,6 +112,17 @@ def gradients_alike(model: nn.Module, comm: Communicator) -> bool:
     return comm.same_everywhere(mine, "the first step()'s gradient comparison") and mine is not None
 
 
+def dtype_runs(params: Sequence[torch.Tensor]) -> tuple[tuple[int, str], ...]:
+    """The dtypes of ``params`` as runs: ``(index, dtype)`` where a run of one dtype starts
+    (``((0, "float32"),)`` for a float32 model), short enough to compare and name every step."""
+    runs: list[tuple[int, str]] = []
+    for i, p in enumerate(params):
+        name = str(p.dtype).removeprefix("torch.")
+        if not runs or runs[-1][1] != name:
+            runs.append((i, name))
+    return tuple(runs)
+
+
 def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: str = "auto",
                         bucket_bytes: int | None = None) -> None:
     """Average every ``.grad`` of ``model`` over ranks in place, with the same

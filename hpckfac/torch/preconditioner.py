@@ -31,7 +31,8 @@ from hpckfac.tables import format_table
 from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.coverage import find_blocks
 from hpckfac.torch.device import model_device
-from hpckfac.torch.distributed import agree_on_overflow, average_grads, gradients_alike, replica_difference
+from hpckfac.torch.distributed import (agree_on_overflow, average_grads, dtype_runs, gradients_alike,
+                                      replica_difference)
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, counts_call
 from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
@@ -457,11 +458,14 @@ class KFACPreconditioner:
         self.timings["allreduce"] = self.engine.clock() - start
 
         # A parameter frozen on one rank only would send zeros there and leave the replicas apart;
-        # a model in eval() on one rank only takes no statistics there and runs other forwards.
+        # a model in eval() on one rank only takes no statistics there and runs other forwards;
+        # a layer cast on one rank only (its gradient travels in the buffer's dtype, a bfloat16
+        # one as float32) runs another forward there and its optimizer rounds the weights otherwise.
         frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen, "training mode": self.model.training, **current})
+            "frozen parameters": frozen, "parameter dtypes": dtype_runs(every),
+            "training mode": self.model.training, **current})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
         self._io.write(to_tensor(whole), offsets, params)

@@ -105,3 +105,34 @@ def test_a_preconditioner_built_on_one_rank_only_fails_on_every_rank(comm):
             KFACPreconditioner(model(3), comm=comm)
         else:
             precond.step()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("layer", ["kfac", "first-order"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_rank_whose_layer_changes_dtype_fails_on_every_rank(comm, layer, dtype):
+    """A layer cast to another dtype on one rank after the first step (the first compares the
+    weights' bytes) keeps the shapes the collectives check, and a bfloat16 gradient travels as
+    float32 alike: its forward, and the weights its optimizer rounds, would differ from the
+    others' without a word. Every rank raises instead, the changed rank naming the dtypes; a
+    single rank, with nobody to disagree with, goes on in the new dtype."""
+    odd = comm.rank == comm.size - 1
+    net = model(3)
+    precond = KFACPreconditioner(net, comm=comm, skip_layers=["2"] if layer == "first-order" else [])
+    index = 0 if layer == "kfac" else 2
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    for step in range(3):
+        net.zero_grad()
+        net[index + 1:](net[:index + 1](x.to(net[0].weight.dtype)).float()).pow(2).mean().backward()
+        if odd and step == 2:
+            net[index].to(dtype)  # its gradients too
+        if comm.size > 1 and step == 2:
+            if layer == "first-order" and dtype == torch.float64:  # the allreduce's layout differs first
+                pattern = "ranks disagree on layout"
+            else:  # the rank that cast names it; the others, the comparison they were not part of
+                pattern = f"changed on rank {comm.rank}: parameter dtypes" if odd else "check_same.* on ranks"
+            with pytest.raises(CollectiveMismatchError, match=pattern):
+                precond.step()
+            return
+        precond.step()
+    assert [p.grad.dtype for p in net[index].parameters()] == [dtype] * 2
