@@ -176,6 +176,30 @@ def test_a_schedule_of_lr_returning_text_or_a_bool_is_refused(comm, value):
     assert precond.steps == 0
 
 
+@pytest.mark.parametrize("name,value", [("damping", 2.0 ** -5), ("factor_decay", 0.5)])  # exact in float32
+@pytest.mark.parametrize("wrap", [torch.tensor, lambda v: torch.tensor([v]), np.array], ids=["0-d", "1", "np"])
+def test_damping_and_decay_schedules_returning_one_element_tensors_read_their_number(comm, name, value, wrap):
+    """A schedule computed with torch or NumPy returns its value as a one-element tensor or
+    array, which lr's schedules take: damping's and factor_decay's read the number it holds
+    too, the same steps as the plain float; several elements are refused, naming the option."""
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for schedule in (lambda step: value, lambda step: wrap(value)):
+        model = mlp()
+        precond = KFACPreconditioner(model, comm=comm, inverse_update_interval=1, **{name: schedule})
+        for _ in range(3):
+            model.zero_grad()
+            model(x).pow(2).mean().backward()
+            precond.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, **{name: lambda step: wrap([value, value])})
+    model(x).pow(2).mean().backward()
+    with pytest.raises(ValueError, match=rf"^{name}: .*\(at step 0\)$"):
+        precond.step()
+
+
 def test_kl_clip_set_to_zero_between_steps_switches_the_clip_off(comm):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm, kl_clip=1e-8)

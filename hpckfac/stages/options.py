@@ -135,10 +135,22 @@ class CheckedOption:
         obj.__dict__[self._name] = self._check(**{self._name: value})[self._name]
 
 
-def resolve(name: str, value: Any, step: int) -> Any:
-    """The value of option ``name`` at ``step`` (``value(step)`` for a schedule of ``SCHEDULED``),
-    checked."""
+def _held_number(value: Any) -> Any:
+    """A schedule's ``value`` as the number it holds when it is a one-element tensor or array (a
+    schedule computed with torch or NumPy; a bool one as a bool, which the checks refuse), else
+    ``value`` itself, for the checks to accept or name."""
+    if isinstance(value, numbers.Number) or not callable(getattr(value, "item", None)):
+        return value
     try:
-        return STEP_CHECKS[name](value(step) if callable(value) and name in SCHEDULED else value)
+        return value.item()
+    except (ValueError, RuntimeError, TypeError, NotImplementedError):  # several elements, no values
+        return value
+
+
+def resolve(name: str, value: Any, step: int) -> Any:
+    """The value of option ``name`` at ``step`` (``value(step)`` for a schedule of ``SCHEDULED``,
+    a one-element tensor or array read as its number), checked."""
+    try:
+        return STEP_CHECKS[name](_held_number(value(step)) if callable(value) and name in SCHEDULED else value)
     except ValueError as exc:
         raise ValueError(f"{exc} (at step {step})") from None
