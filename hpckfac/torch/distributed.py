@@ -4,6 +4,7 @@ BatchNorm statistics averaging."""
 from __future__ import annotations
 
 import hashlib
+import numbers
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -40,12 +41,17 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
     """Copy rank ``root``'s parameters and buffers (BatchNorm statistics
     included) into ``model`` on every rank, in place (a collective).
 
-    Ranks whose models differ in the number, shapes or dtypes of their tensors
-    raise ``CollectiveMismatchError`` on every rank instead of hanging."""
+    Ranks whose models differ in the number, shapes or dtypes of their tensors, or that
+    name different roots, raise ``CollectiveMismatchError`` on every rank instead of hanging."""
     comm = _comm(comm)
     tensors = list(model.parameters()) + list(model.buffers())
     with comm.calling("broadcast_parameters()"), _scope(tensors):
-        comm.check_same([(tuple(t.shape), str(t.dtype)) for t in tensors], "the model's parameters and buffers")
+        # The root too: bfloat16 and integer tensors go by MPI's Bcast, which checks nothing, so
+        # ranks naming different roots would keep their own values there.
+        comm.check_same({"root": root, "tensors": [(tuple(t.shape), str(t.dtype)) for t in tensors]},
+                        "the root and the model's parameters and buffers")
+        if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < comm.size:
+            raise ValueError(f"root must be a rank in [0, {comm.size}), got {root!r}")  # alike on every rank
         for tensor in tensors:
             if _is_float(tensor):
                 comm.broadcast(to_array(tensor), root=root)

@@ -32,6 +32,30 @@ def test_different_models_raise_on_every_rank(comm):
         broadcast_parameters(model, comm)
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("model", ["bfloat16", "integer buffers"])
+def test_ranks_naming_different_roots_raise_on_every_rank(comm, model):
+    """bfloat16 and integer tensors travel as bytes by MPI's Bcast, which checks nothing: ranks
+    naming different roots kept their own values there. The root is compared with the model."""
+    torch.manual_seed(comm.rank)
+    if model == "bfloat16":
+        net = nn.Linear(3, 4).to(torch.bfloat16)
+    else:
+        net = nn.BatchNorm1d(4, affine=False, track_running_stats=False)
+        net.register_buffer("count", torch.tensor([comm.rank]))
+    with pytest.raises(CollectiveMismatchError, match="root: rank 0 has 0, rank 1 has 1"):
+        broadcast_parameters(net, comm, root=min(comm.rank, 1))
+
+
+@pytest.mark.mpi
+def test_a_root_that_is_no_rank_is_named_on_every_rank(comm):
+    """The same out-of-range root on every rank: ValueError naming it, for a model whose tensors
+    all go by MPI's Bcast too, not MPI's own error."""
+    net = nn.Linear(3, 4).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=rf"root must be a rank in \[0, {comm.size}\), got {comm.size}"):
+        broadcast_parameters(net, comm, root=comm.size)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_check_replicas_names_the_tensor_that_drifted(comm, dtype):
