@@ -458,14 +458,17 @@ class KFACPreconditioner:
         self.timings["allreduce"] = self.engine.clock() - start
 
         # A parameter frozen on one rank only would send zeros there and leave the replicas apart;
-        # a model in eval() on one rank only takes no statistics there and runs other forwards;
-        # a layer cast on one rank only (its gradient travels in the buffer's dtype, a bfloat16
-        # one as float32) runs another forward there and its optimizer rounds the weights otherwise.
+        # a model, or one of its K-FAC layers, in eval() on one rank only takes no statistics there
+        # and runs other forwards; a layer cast on one rank only (its gradient travels in the
+        # buffer's dtype, a bfloat16 one as float32) runs another forward there and its optimizer
+        # rounds the weights otherwise.
         frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
+        training = self.model.training
+        other_mode = tuple(b.name for b, m in zip(self.engine.blocks, self.modules) if m.training != training)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen, "parameter dtypes": dtype_runs(every),
-            "training mode": self.model.training, **current})
+            "frozen parameters": frozen, "parameter dtypes": dtype_runs(every), "training mode": training,
+            "K-FAC layers not in the model's mode": other_mode, **current})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
         self._io.write(to_tensor(whole), offsets, params)

@@ -55,12 +55,14 @@ def test_a_rank_with_another_dtype_or_scaler_fails_on_every_rank(comm, odd):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("option", ["lr", "damping", "kl_clip", "inverse_update_interval", "accumulation_steps",
-                                    "statistics_fraction", "frozen parameters", "training mode"])
+                                    "statistics_fraction", "frozen parameters", "training mode",
+                                    "K-FAC layers not in the model's mode"])
 @pytest.mark.parametrize("when", ["from the start", "from step 2"])
 def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option):
     """Different learning rates, damping, KL clips, intervals, accumulation, statistics samples,
-    frozen parameters or a model in eval() on one rank would make replicas drift: every rank
-    raises instead, whether a schedule differs or an attribute is changed on one rank."""
+    frozen parameters, or a model or one of its K-FAC layers in eval() on one rank would make
+    replicas drift: every rank raises instead, whether a schedule differs or an attribute is
+    changed on one rank."""
     import torch
 
     odd = comm.rank == comm.size - 1 and comm.size > 1
@@ -80,6 +82,8 @@ def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option)
                 net[0].weight.requires_grad_(False)
             elif option == "training mode":
                 net.eval()
+            else:  # a K-FAC layer alone (a BatchNorm frozen for fine-tuning) takes no statistics there
+                net[0].eval()
         if comm.size > 1 and step == start:
             # The rank whose setting changed names it; when every rank compares, all do; the
             # others name the comparison they were not part of.
