@@ -45,6 +45,17 @@ def test_wraps_a_given_communicator():
         Communicator("world")
 
 
+def test_a_null_communicator_is_named():
+    """A rank left out of a Split (color MPI.UNDEFINED), or a communicator freed since, holds
+    MPI.COMM_NULL: named as such, not MPI's "Invalid communicator" from inside the constructor."""
+    left_out = MPI.COMM_SELF.Split(MPI.UNDEFINED)
+    freed = MPI.COMM_SELF.Dup()
+    freed.Free()
+    for null in (left_out, freed):
+        with pytest.raises(ValueError, match=r"mpi_comm: MPI.COMM_NULL \(this rank is not in it"):
+            Communicator(null)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("algorithm", ["ring", "mpi"])
 @pytest.mark.parametrize("op", ["sum", "mean"])

@@ -172,7 +172,8 @@ class Communicator:
 
     Args:
         mpi_comm: the mpi4py intracommunicator to wrap (default ``MPI.COMM_WORLD``;
-            a plain ``python script.py`` is a world of size 1).
+            a plain ``python script.py`` is a world of size 1); ``MPI.COMM_NULL`` (a rank
+            a ``Split`` left out) raises ValueError.
         check_agreement: when to run the agreement check before an array collective:
             ``"always"`` (or True), ``"on_change"`` or ``"off"`` (or False); the same on
             every rank (compared at construction, which is a collective).
@@ -183,6 +184,10 @@ class Communicator:
         mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         if not isinstance(mpi_comm, MPI.Intracomm):
             raise TypeError(f"mpi_comm must be an mpi4py Intracomm, got {type(mpi_comm).__name__}")
+        if mpi_comm == MPI.COMM_NULL:  # its rank and size are MPI errors, not a wrong type
+            raise ValueError("mpi_comm: MPI.COMM_NULL (this rank is not in it: a Split with color "
+                             "MPI.UNDEFINED gives it to the ranks it leaves out, and Free() leaves it behind); "
+                             "make a Communicator only on the ranks of the communicator")
         self.mpi = mpi_comm
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
