@@ -235,6 +235,29 @@ def test_finds_layers_and_hooks_follow_modes(comm):
     assert precond.local.examples == 0 and all(s is None for s in precond.local.result())
 
 
+def test_a_preconditioner_rebuilt_on_the_same_layers_takes_them_over(comm, caplog):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(6, 4)
+    first = KFACPreconditioner(model, comm=comm)
+    other = KFACPreconditioner(nn.Linear(2, 2), comm=comm)  # other layers: left alone
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        second = KFACPreconditioner(model, comm=comm)
+    assert "built earlier on the same layers (0, 2)" in caplog.text and caplog.text.count("built earlier") == 1
+    model(x).sum().backward()
+    # Only the newest one takes statistics: the first one's hooks are gone, its sums untouched.
+    assert first.local.examples == 0 and all(s is None for s in first.local.result())
+    assert second.local.examples == 6 and all(s is not None for s in second.local.result())
+    assert other._hooks.handles and not first._hooks.handles
+    caplog.clear()
+    second.remove_hooks()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        third = KFACPreconditioner(model, comm=comm)  # after remove_hooks(): nothing to say
+    assert "built earlier" not in caplog.text
+    for p in (other, third):
+        p.remove_hooks()
+
+
 def test_repeated_and_unused_modules(comm):
     torch.manual_seed(1)
     shared, unused = nn.Linear(3, 3).double(), nn.Linear(3, 2).double()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -41,6 +42,10 @@ from hpckfac.torch.registry import block_params, broadcasts_batch
 from hpckfac.torch.state import blocks_as_arrays, blocks_as_tensors
 
 _log = get_logger("hpckfac.torch")
+
+# Preconditioners whose hooks are registered. The hooks keep their preconditioner alive as long
+# as the model: one replaced without remove_hooks() would go on taking statistics at every forward.
+_HOOKED: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
 
 
 class KFACPreconditioner:
@@ -183,6 +188,7 @@ class KFACPreconditioner:
         self._totals = dict.fromkeys(ITERATION_STAGES, 0.0)
         self._timed_steps = 0
         self._broadcast = [broadcasts_batch(m) for m in self.modules]
+        self._take_over_layers()
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
                                    self._broadcast, lambda: self._micro_batch,
                                    self.engine.is_factor_step)
@@ -239,6 +245,20 @@ class KFACPreconditioner:
         """Remove every hook this preconditioner registered."""
         self._hooks.remove()
         self._root_hook.remove()
+        _HOOKED.discard(self)
+
+    def _take_over_layers(self) -> None:
+        """Remove the hooks of earlier preconditioners on any of this one's layers, with a
+        warning: left in place, each would take its statistics at every forward, for good."""
+        mine = {id(m) for m in self.modules}
+        for earlier in [p for p in _HOOKED if any(id(m) in mine for m in p.modules)]:
+            shared = [b.name for b, m in zip(earlier.engine.blocks, earlier.modules) if id(m) in mine]
+            self._note("a KFACPreconditioner built earlier on the same layers (%s%s) still had its hooks: "
+                       "removed, so that it stops taking statistics at every forward (call remove_hooks() "
+                       "on a preconditioner before replacing it)", ", ".join(shared[:3]),
+                       ", ..." if len(shared) > 3 else "")
+            earlier.remove_hooks()
+        _HOOKED.add(self)
 
     # ----------------------------------------------------------------- hooks
     def _on_model_input(self, module: nn.Module, args, kwargs) -> None:
