@@ -4,9 +4,10 @@ Both pools busy-wait between calls. Left at their defaults, every rank of a
 node starts a full pool of each on the same cores and they fight for them
 (measured: K-FAC steps 2-5x slower, SGD steps too). Unless the user chose
 thread counts (any of ``USER_VARIABLES`` set), ``configure_threads`` makes
-one pool do the work: torch gets the rank's share of the cores (all cores of
-the CPU set the launcher gave the rank, or the node's cores divided by the
-ranks on the node, torchrun's convention), and NumPy's BLAS one thread,
+one pool do the work: torch gets the rank's share of the cores (its CPU set
+divided among the node's ranks that may run on it: all cores of a set the
+launcher gave the rank alone, the node's cores divided by its ranks when
+nothing is bound, torchrun's convention), and NumPy's BLAS one thread,
 because the K-FAC products run in torch's pool (``hpckfac.ops.factors``)
 and NumPy is left with small work. It runs once per process, when the first
 Communicator is created, and logs its choice.
@@ -14,6 +15,7 @@ Communicator is created, and logs its choice.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from hpckfac.log import get_logger
 
@@ -22,22 +24,22 @@ _log = get_logger("hpckfac.threads")
 _done: dict = {}
 
 
-def rank_cores(local_size: int) -> int:
-    """Cores this rank should use: its CPU set when the launcher bound it to part of the
-    machine, else the machine's cores divided by the ``local_size`` ranks on the node."""
-    total = os.cpu_count() or 1
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = total
-    if allowed < total:
-        return max(1, allowed)
-    return max(1, total // max(1, local_size))
+def rank_cores(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> int:
+    """Cores this rank should use: its CPU set ``mine`` divided among the ranks of the node
+    whose sets (``node_sets``, this rank's included) overlap it. Nothing bound: every rank
+    shares the machine; each rank bound to cores of its own: all of them; ranks bound by
+    socket, or a container's CPU set shared by its ranks: that set split among its ranks."""
+    return max(1, len(mine) // max(1, _sharing(mine, node_sets)))
 
 
-def configure_threads(local_size: int) -> dict:
-    """Size torch's and NumPy's pools for a rank sharing its node with ``local_size - 1``
-    others (once per process); returns what was decided (``{}`` when the user decided)."""
+def _sharing(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> int:
+    return sum(1 for other in node_sets if other & mine)
+
+
+def configure_threads(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> dict:
+    """Size torch's and NumPy's pools for a rank that may run on the CPUs ``mine``, among the
+    node's ranks whose CPU sets are ``node_sets`` (once per process); returns what was decided
+    (``{}`` when the user decided)."""
     if "decided" in _done:
         return _done["decided"]
     chosen = [v for v in USER_VARIABLES if v in os.environ]
@@ -47,7 +49,7 @@ def configure_threads(local_size: int) -> dict:
         return {}
     import torch
 
-    decided = {"torch": rank_cores(local_size), "blas": 1}
+    decided = {"torch": rank_cores(mine, node_sets), "blas": 1}
     torch.set_num_threads(decided["torch"])
     try:
         from threadpoolctl import threadpool_limits
@@ -55,8 +57,8 @@ def configure_threads(local_size: int) -> dict:
         decided["blas"] = None
     else:
         threadpool_limits(limits=1, user_api="blas")
-    _log.info("%d rank(s) on this node: %d torch thread(s), %s BLAS thread(s) per rank "
-              "(set OMP_NUM_THREADS or OPENBLAS_NUM_THREADS to choose)", local_size, decided["torch"],
-              decided["blas"] if decided["blas"] else "default")
+    _log.info("%d rank(s) on this node, %d of them on this rank's %d CPU(s): %d torch thread(s), %s BLAS "
+              "thread(s) per rank (set OMP_NUM_THREADS or OPENBLAS_NUM_THREADS to choose)", len(node_sets),
+              _sharing(mine, node_sets), len(mine), decided["torch"], decided["blas"] if decided["blas"] else "default")
     _done["decided"] = decided
     return decided

@@ -22,7 +22,7 @@ from hpckfac.comm.backend import Backend, HostBackend, backend_for
 from hpckfac.comm.dtypes import DTYPE_CODES, check_dtype, mpi_type, sum_op
 from hpckfac.comm.errors import CollectiveMismatchError
 from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBuffers, plan_buckets, reduce_fused
-from hpckfac.comm.topology import node_rank_and_size, visible_gpu_count
+from hpckfac.comm.topology import node_placement, visible_gpu_count
 from hpckfac.log import get_logger, set_rank
 from hpckfac.threads import configure_threads
 
@@ -192,12 +192,12 @@ class Communicator:
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
         self._agree_on_mode(check_agreement)
-        self.local_rank, self.local_size = node_rank_and_size(mpi_comm)
+        self.local_rank, self.local_size, cpu_sets = node_placement(mpi_comm)
         self._fusion = FusionBuffers()
         self._calls: list[str] = []  # the library calls this rank is in (``calling``)
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
-        configure_threads(self.local_size)
+        configure_threads(cpu_sets[self.local_rank], cpu_sets)
         if not _world and MPI.Comm.Compare(mpi_comm, MPI.COMM_WORLD) in (MPI.IDENT, MPI.CONGRUENT):
             _world.append(self)  # COMM_WORLD itself or a duplicate of it (same ranks, same order)
         if self.size > 1 and mpi_comm == MPI.COMM_WORLD:  # every rank made it: every rank checks at exit

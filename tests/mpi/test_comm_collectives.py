@@ -211,9 +211,13 @@ def test_allgather_object_and_barrier(comm):
 
 @pytest.mark.mpi
 def test_topology(comm):
-    from hpckfac.comm.topology import visible_gpu_count
+    from hpckfac.comm.topology import cpu_set, node_placement, visible_gpu_count
 
     # All ranks of these tests share one node.
     assert comm.local_size == comm.size and comm.local_rank == comm.rank
+    local_rank, local_size, cpu_sets = node_placement(comm.mpi)
+    assert (local_rank, local_size, len(cpu_sets)) == (comm.rank, comm.size, comm.size)
+    assert cpu_sets[local_rank] == cpu_set() and all(isinstance(s, frozenset) and s for s in cpu_sets)
+    assert cpu_sets == comm.allgather_object(cpu_set())
     gpus = visible_gpu_count()
     assert comm.device == (comm.local_rank % gpus if gpus else None)
