@@ -13,7 +13,7 @@ the matrix (a flipped kernel: ConvTranspose) goes through
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -63,27 +63,30 @@ class GradientIO:
     def read(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """``.grad`` of every windowed parameter into ``buffer`` (zeros for a missing
         gradient), block ``l`` starting at ``offsets[l]``; cast to the buffer's dtype."""
-        base = buffer.storage_offset()
         with torch.no_grad():
-            for found, at, ps in zip(self.windows, offsets, params):
-                for w in found or ():
-                    view = buffer.as_strided(w.shape, w.stride, base + at + w.offset)
-                    grad = ps[w.slot].grad
-                    if grad is None:
-                        view.zero_()
-                    else:
-                        view.copy_(grad)
+            for view, param in self._views(buffer, offsets, params):
+                if param.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(param.grad)
 
     def write(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """Every windowed parameter's ``.grad`` from ``buffer`` (block ``l`` at ``offsets[l]``),
         cast to the parameter's dtype; frozen parameters keep ``.grad`` None."""
-        base = buffer.storage_offset()
         with torch.no_grad():
-            for found, at, ps in zip(self.windows, offsets, params):
-                for w in found or ():
-                    grad = _grad_to_write(ps[w.slot])
-                    if grad is not None:
-                        grad.copy_(buffer.as_strided(w.shape, w.stride, base + at + w.offset))
+            for view, param in self._views(buffer, offsets, params):
+                grad = _grad_to_write(param)
+                if grad is not None:
+                    grad.copy_(view)
+
+    def _views(self, buffer: torch.Tensor, offsets: Sequence[int],
+               params: Params) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(window of ``buffer``, its parameter) for every windowed parameter, block ``l``
+        starting at ``offsets[l]``."""
+        base = buffer.storage_offset()
+        for found, at, ps in zip(self.windows, offsets, params):
+            for w in found or ():
+                yield buffer.as_strided(w.shape, w.stride, base + at + w.offset), ps[w.slot]
 
     def read_generic(self, slots: Sequence[Any], params: Params) -> None:
         """``.grad`` of the generic blocks' parameters (zeros for a missing gradient) into
