@@ -133,6 +133,7 @@ class Iteration:
         return self.stats.result()
 
     def __call__(self) -> None:
+        """One timed iteration: stage 1, the engine's stages, the allreduce; times in ``timings``."""
         start = self.clock()
         stats = self.local_statistics()
         self.timings["local_factors"] = self.clock() - start

@@ -53,24 +53,28 @@ class HostBackend:
     device_memory = False
 
     def accepts(self, array: Any) -> bool:
+        """Whether ``array`` is a NumPy array."""
         return isinstance(array, np.ndarray)
 
     def stage_in(self, array: np.ndarray) -> np.ndarray:
-        # A contiguous array is its own staging buffer (a flat view, no copy);
-        # a strided view is copied so that MPI sees one contiguous block.
+        """A flat view of a contiguous ``array`` (no copy), else a contiguous copy, so that
+        MPI sees one contiguous block."""
         return array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
 
     def stage_out(self, work: np.ndarray, array: np.ndarray) -> None:
+        """Copy ``work`` into ``array`` unless it is ``array``'s own memory (a staged view)."""
         if not np.shares_memory(work, array):
             array[...] = work.reshape(array.shape)
 
     def add(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """``dst += src`` in place."""
         np.add(dst, src, out=dst)
 
     def synchronize(self) -> None:
-        pass
+        """Nothing to wait for: NumPy's work is done when its call returns."""
 
     def result(self, work: np.ndarray) -> np.ndarray:
+        """``work`` itself, already a NumPy array."""
         return work
 
 

@@ -83,26 +83,33 @@ class DeviceBackend:
         self.staged = StagedDeviceBackend()
 
     def accepts(self, array: Any) -> bool:
+        """Whether ``array`` is a CuPy array."""
         return is_cupy(array)
 
     def stage_in(self, array: Any) -> Any:
+        """A flat view of a contiguous ``array`` (else a contiguous copy), once the current
+        stream has finished writing it: MPI reads device memory outside the stream."""
         work = array.reshape(-1) if array.flags.c_contiguous else self.xp.ascontiguousarray(array).reshape(-1)
         self.xp.cuda.get_current_stream().synchronize()
         return work
 
     def stage_out(self, work: Any, array: Any) -> None:
+        """Copy ``work`` into ``array`` unless it is a view of ``array``."""
         if not _is_view_of(work, array):
             array[...] = work.reshape(array.shape)
 
     def add(self, dst: Any, src: Any) -> None:
+        """``dst += src`` on the GPU, finished before returning: the ring sends ``dst`` in its
+        next step."""
         self.xp.add(dst, src, out=dst)
-        # The ring sends this chunk in its next step.
         self.synchronize()
 
     def synchronize(self) -> None:
+        """Wait for the current CuPy stream."""
         self.xp.cuda.get_current_stream().synchronize()
 
     def result(self, work: Any) -> Any:
+        """``work`` itself, already a CuPy array."""
         return work
 
 
@@ -124,6 +131,7 @@ class StagedDeviceBackend:
         self._pinned: dict[np.dtype, tuple[Any, np.ndarray]] = {}
 
     def accepts(self, array: Any) -> bool:
+        """Whether ``array`` is a CuPy array."""
         return is_cupy(array)
 
     def host_buffer(self, dtype: Any, length: int) -> np.ndarray:
@@ -137,20 +145,24 @@ class StagedDeviceBackend:
         return view[:length]
 
     def stage_in(self, array: Any) -> np.ndarray:
+        """``array``'s values in the pinned host buffer of its dtype (a synchronous copy)."""
         host = self.host_buffer(array.dtype, array.size)
-        self._cupy.ascontiguousarray(array).reshape(-1).get(out=host)  # synchronous copy
+        self._cupy.ascontiguousarray(array).reshape(-1).get(out=host)
         return host
 
     def stage_out(self, work: np.ndarray, array: Any) -> None:
+        """Copy the host result ``work`` back into the device ``array``."""
         array[...] = self._cupy.asarray(work).reshape(array.shape)
 
     def add(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """``dst += src`` on the host copies."""
         np.add(dst, src, out=dst)
 
     def synchronize(self) -> None:
-        pass  # our own reductions run on the host copy
+        """Nothing to wait for: our own reductions run on the host copy."""
 
     def result(self, work: np.ndarray) -> Any:
+        """The host result ``work`` copied to a new CuPy array."""
         return self._cupy.asarray(work)
 
 

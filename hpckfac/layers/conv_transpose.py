@@ -66,10 +66,14 @@ class ConvTransposeBlock(SpatialKronBlock):
                           self.in_channels * prod(self.kernel_size) + ones, ones, kernel_major)
 
     def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
+        """Add ``a``'s ``A`` to ``stats``; return the output's spatial size, which
+        ``add_output_grad`` checks the output gradient against."""
         super().add_input(stats, a)
         return self.output_size(a.shape[2:])
 
     def add_output_grad(self, stats: Array, g: Array, scale: float, saved: tuple[int, ...]) -> None:
+        """Add ``g``'s ``G`` to ``stats``; ValueError unless ``g`` has the spatial size ``saved``
+        that ``add_input`` expected."""
         # forward(x, output_size=...) changes the output padding per call, which the rows of A,
         # built from the module's output_padding, would not match.
         if tuple(g.shape[2:]) != tuple(saved):

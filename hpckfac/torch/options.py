@@ -25,6 +25,8 @@ class SchedulerRate:
         self.scheduler = scheduler
 
     def __call__(self, step: int) -> float:
+        """The scheduler's current rate of the first parameter group (``step`` unused: the
+        scheduler keeps its own count)."""
         return float(self.scheduler.get_last_lr()[0])
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ class WarmupPolynomialDecay:
         self.power = check_real(power, "decay_power", at_least=0.0)
 
     def __call__(self, step: int) -> float:
+        """The learning rate at ``step``."""
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         remaining = 1.0 - (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
