@@ -2,6 +2,7 @@
 against a dense np.kron oracle built from independently captured tensors."""
 import ast
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -198,6 +199,105 @@ def test_damping_and_decay_schedules_returning_one_element_tensors_read_their_nu
     model(x).pow(2).mean().backward()
     with pytest.raises(ValueError, match=rf"^{name}: .*\(at step 0\)$"):
         precond.step()
+
+
+SCHEDULED = ["lr", "damping", "factor_decay"]
+
+
+@pytest.mark.parametrize("name", SCHEDULED)
+@pytest.mark.parametrize("schedule,shown", [(lambda: 0.1, r"<lambda>\(\)"), (lambda a, b: 0.1, r"<lambda>\(a, b\)"),
+                                            (lambda *, step: 0.1, r"<lambda>\(\*, step\)")],
+                         ids=["no argument", "two", "keyword-only"])
+def test_a_schedule_that_cannot_take_the_step_is_refused_at_construction(comm, name, schedule, shown):
+    """A schedule is called with the step count alone: one whose signature cannot take it is
+    refused when given (ValueError naming the option and what it must be), not by a bare
+    TypeError from inside step()."""
+    expected = rf"^{name}: a schedule must be a callable\(step\) -> number, called with the step count alone; " \
+               rf"got {shown}$"
+    with pytest.raises(ValueError, match=expected):
+        KFACPreconditioner(mlp(), comm=comm, **{name: schedule})
+    if name == "lr":  # a checked setting: refused when assigned too, the old value kept
+        precond = KFACPreconditioner(mlp(), comm=comm)
+        with pytest.raises(ValueError, match=expected):
+            precond.lr = schedule
+        assert precond.lr == 0.1
+
+
+@pytest.mark.parametrize("name", SCHEDULED)
+def test_a_schedule_without_a_signature_that_cannot_take_the_step_names_the_option_at_the_step(comm, name):
+    """Where no signature can be read (a functools.lru_cache wrapper, a damping assigned to the
+    engine between steps), the TypeError of the call itself becomes the same ValueError at
+    the start of step(), before anything is averaged."""
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, **{name: functools.lru_cache(lambda a, b: 0.1)})
+    model(torch.randn(6, 5, dtype=torch.float64)).pow(2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"^{name}: a schedule must be a callable\(step\) -> number, called "
+                                         r"with the step count alone; calling <lambda> with step 0 raised "
+                                         r"TypeError: .*'b'$"):
+        precond.step()
+    assert precond.steps == 0 and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    if name != "lr":
+        setattr(precond.engine, name, lambda: 0.1)
+        with pytest.raises(ValueError, match=rf"^{name}: a schedule must be .*calling <lambda> with step 0"):
+            precond.step()
+
+
+class _Rate:
+    def __call__(self, step):
+        return 0.5
+
+    def at(self, step, scale=1.0):
+        return 0.5 * scale
+
+
+def _wrapped(schedule):
+    @functools.wraps(schedule)
+    def with_base(step):  # a decorator that supplies an argument: its signature is not the wrapped one's
+        return schedule(step, 0.5)
+    return with_base
+
+
+@pytest.mark.parametrize("schedule", [
+    lambda *args: 0.5, lambda step, scale=1.0: 0.5 * scale, functools.partial(lambda scale, step: 0.5 * scale, 1.0),
+    _Rate(), _Rate().at, _wrapped(lambda step, base: base), functools.lru_cache(lambda step: 0.5), {0: 0.5}.get,
+    [0.5].__getitem__,
+], ids=["*args", "default", "partial", "callable object", "bound method", "decorator", "lru_cache", "builtin",
+         "builtin without a signature"])
+@pytest.mark.parametrize("name", SCHEDULED)
+def test_schedules_that_take_the_step_are_accepted(comm, name, schedule):
+    """The signature check refuses only what cannot be called with the step: *args, defaults,
+    partials, callable objects, bound methods, builtins, and decorators that change the signature
+    (the wrapper's own is read, not the wrapped function's) all step."""
+    from unittest import mock
+
+    for given in (schedule, mock.Mock(side_effect=schedule)):
+        model = mlp()
+        precond = KFACPreconditioner(model, comm=comm, **{name: given})
+        model(torch.randn(6, 5, dtype=torch.float64)).pow(2).mean().backward()
+        precond.step()
+        assert precond.steps == 1
+        precond.remove_hooks()
+
+
+@pytest.mark.parametrize("name", SCHEDULED)
+@pytest.mark.parametrize("error", [TypeError, ZeroDivisionError, ValueError])
+def test_an_exception_raised_inside_a_schedule_propagates_unchanged(comm, name, error):
+    """An exception the schedule's own code raises (a TypeError among them) is the schedule's:
+    it reaches the caller as it was raised, its traceback into the schedule kept, not rewritten
+    as a wrong signature or an invalid value."""
+    raised = error("from the schedule")
+
+    def schedule(step):
+        raise raised
+
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, **{name: schedule})
+    model(torch.randn(6, 5, dtype=torch.float64)).pow(2).mean().backward()
+    with pytest.raises(error) as info:
+        precond.step()
+    assert info.value is raised and str(info.value) == "from the schedule"
+    assert info.traceback[-1].name == "schedule" and precond.steps == 0
 
 
 def test_kl_clip_set_to_zero_between_steps_switches_the_clip_off(comm):

@@ -6,10 +6,11 @@ and ``hpckfac train`` alike (docs/preconditioner.md, "Options", lists them).
 adds the checks of the options only the PyTorch bridge has. Every invalid
 value raises ValueError naming the parameter. ``damping`` and
 ``factor_decay``, like the bridge's ``lr``, may also be callables of the step
-count; their values are then checked at every step (``resolve``).
+count (``check_schedule``); their values are then checked at every step (``resolve``).
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any, Callable, Literal
 
@@ -45,9 +46,49 @@ def _factor_decay(value: Any) -> float:
     return check_real(value, "factor_decay", at_least=0.0, below=1.0)
 
 
-def _scheduled(check: Callable[[Any], float]) -> Callable[[Any], Any]:
-    """A check that also accepts a callable of the step (checked when ``resolve``d)."""
-    return lambda value: value if callable(value) else check(value)
+def _scheduled(name: str, check: Callable[[Any], float]) -> Callable[[Any], Any]:
+    """A check that also accepts a callable of the step (its values checked when ``resolve``d)."""
+    return lambda value: check_schedule(name, value) if callable(value) else check(value)
+
+
+def _schedule_error(name: str, problem: str) -> ValueError:
+    return ValueError(f"{name}: a schedule must be a callable(step) -> number, called with the step count "
+                      f"alone; {problem}")
+
+
+def _label(schedule: Callable[..., Any]) -> str:
+    return getattr(schedule, "__name__", None) or type(schedule).__name__
+
+
+def check_schedule(name: str, schedule: Callable[..., Any]) -> Callable[..., Any]:
+    """``schedule``, the callable given for option ``name``, unless its signature says that it
+    cannot be called with the step alone (``lambda: 0.1``): then ValueError naming ``name``, at
+    construction rather than at the first step. The signature is read as declared, not through
+    ``__wrapped__``: a decorator may change it. A callable without one (some builtins, a
+    ``functools.lru_cache`` wrapper) is checked when called (``call_schedule``)."""
+    try:
+        signature = inspect.signature(schedule, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return schedule
+    try:
+        signature.bind(0)
+    except TypeError:
+        raise _schedule_error(name, f"got {_label(schedule)}{signature}") from None
+    return schedule
+
+
+def call_schedule(name: str, schedule: Callable[[int], Any], step: int) -> Any:
+    """``schedule(step)``, the value of option ``name``'s schedule at ``step``. A TypeError of
+    the call itself (no frame of the schedule's own ran: a signature ``check_schedule`` could
+    not read) is a ValueError naming ``name``; exceptions raised inside the schedule are its
+    own and propagate unchanged, their type and traceback into its code kept."""
+    try:
+        return schedule(step)
+    except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise
+        problem = f"calling {_label(schedule)} with step {step} raised TypeError: {exc}"
+    raise _schedule_error(name, problem)
 
 
 def _kl_clip(value: Any):
@@ -85,7 +126,7 @@ STEP_CHECKS: dict[str, Callable[[Any], Any]] = {"damping": _damping, "factor_dec
 # (a callable one would also leave an unsaveable state_dict()).
 SCHEDULED = ("damping", "factor_decay")
 CHECKS: dict[str, Callable[[Any], Any]] = {
-    **{name: _scheduled(STEP_CHECKS[name]) for name in SCHEDULED},
+    **{name: _scheduled(name, STEP_CHECKS[name]) for name in SCHEDULED},
     "factor_update_interval": lambda v: check_integer(v, "factor_update_interval", 1),
     "inverse_update_interval": lambda v: check_integer(v, "inverse_update_interval", 1),
     "kl_clip": _kl_clip,
@@ -150,7 +191,9 @@ def _held_number(value: Any) -> Any:
 def resolve(name: str, value: Any, step: int) -> Any:
     """The value of option ``name`` at ``step`` (``value(step)`` for a schedule of ``SCHEDULED``,
     a one-element tensor or array read as its number), checked."""
+    if callable(value) and name in SCHEDULED:
+        value = _held_number(call_schedule(name, value, step))
     try:
-        return STEP_CHECKS[name](_held_number(value(step)) if callable(value) and name in SCHEDULED else value)
+        return STEP_CHECKS[name](value)
     except ValueError as exc:
         raise ValueError(f"{exc} (at step {step})") from None

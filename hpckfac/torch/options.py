@@ -10,6 +10,7 @@ from hpckfac.checks import check_integer, check_real
 from hpckfac.stages.options import CHECKS as ENGINE_CHECKS
 from hpckfac.stages.options import DEFAULTS as ENGINE_DEFAULTS
 from hpckfac.stages.options import check_options as _check
+from hpckfac.stages.options import check_schedule
 
 # The preconditioner's defaults: the engine's, and those of the options only it has
 # (``bucket_bytes``: None takes the Communicator's fusion size).
@@ -35,7 +36,7 @@ class SchedulerRate:
 
 def _lr(value: Any):
     if callable(value):
-        return value
+        return check_schedule("lr", value)
     if callable(getattr(value, "get_last_lr", None)):  # torch.optim.lr_scheduler.LRScheduler
         return SchedulerRate(value)
     try:

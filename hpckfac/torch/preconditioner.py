@@ -27,7 +27,7 @@ from hpckfac.log import get_logger
 from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
 from hpckfac.stages.local_factors import LocalStatistics
-from hpckfac.stages.options import Assignment, CheckedOption
+from hpckfac.stages.options import Assignment, CheckedOption, call_schedule
 from hpckfac.tables import format_table
 from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.coverage import find_blocks
@@ -390,8 +390,9 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------ step
     def current_lr(self) -> float:
         """The learning rate the KL clip uses at this step (ValueError naming ``lr`` unless
-        it is a finite number >= 0: a warmup may start at 0, which leaves the clip at 1)."""
-        lr = self.lr(self.engine.steps) if callable(self.lr) else self.lr
+        it is a finite number >= 0: a warmup may start at 0, which leaves the clip at 1; or when
+        its schedule cannot be called with the step, ``call_schedule``)."""
+        lr = call_schedule("lr", self.lr, self.engine.steps) if callable(self.lr) else self.lr
         try:
             # A number (a one-element tensor too), not text or a bool that float() would read.
             value = math.nan if isinstance(lr, (str, bytes, bool, np.bool_)) else float(lr)

@@ -140,3 +140,27 @@ def test_a_rank_whose_layer_changes_dtype_fails_on_every_rank(comm, layer, dtype
             return
         precond.step()
     assert [p.grad.dtype for p in net[index].parameters()] == [dtype] * 2
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", ["lr", "damping", "factor_decay"])
+def test_a_schedule_that_cannot_take_the_step_fails_alike_on_every_rank(comm, name):
+    """A schedule runs on every rank at the start of step(), before any collective: one whose
+    signature could not be read at construction (a functools.lru_cache wrapper) and cannot take
+    the step raises the same ValueError, naming the option, on every rank; none waits for the
+    others, and with a working value the ranks step on together."""
+    import functools
+
+    import numpy as np
+
+    net = model(3)
+    precond = KFACPreconditioner(net, comm=comm, **{name: functools.lru_cache(lambda a, b: 0.1)})
+    net(torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))).pow(2).mean().backward()
+    with pytest.raises(ValueError) as info:
+        precond.step()
+    assert str(info.value).startswith(f"{name}: a schedule must be a callable(step) -> number")
+    assert comm.allgather_object(str(info.value)) == [str(info.value)] * comm.size
+    setattr(precond if name == "lr" else precond.engine, name, 0.1)
+    precond.step()
+    grads = [p.grad.detach().numpy().copy() for p in net.parameters()]
+    assert all(np.array_equal(g, o) for theirs in comm.allgather_object(grads) for g, o in zip(grads, theirs))
