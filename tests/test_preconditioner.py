@@ -1284,6 +1284,27 @@ def test_sparse_embeddings_are_refused_up_front(comm):
         allreduce_gradients(model, comm)
 
 
+def test_complex_parameters_are_refused_at_construction(comm):
+    """K-FAC's statistics and buffers are real: a complex K-FAC layer is refused at construction,
+    naming it, not by the first forward hook. A complex parameter left first-order would be
+    averaged by the collectives, which carry real floating-point gradients only: refused too,
+    unless frozen (never averaged)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Complex modules are a new feature")
+        layer = nn.Linear(3, 2).to(torch.complex64)
+    with pytest.raises(ValueError, match=r"^model: layer 0 \(Linear\) has complex64 parameters; K-FAC layers need "
+                                         r"real floating-point parameters"):
+        KFACPreconditioner(nn.Sequential(layer, nn.Linear(2, 2)), comm=comm)
+    with pytest.raises(ValueError, match=r"^model: layer \(model\) \(Linear\) has complex64"):
+        KFACPreconditioner(layer, comm=comm)
+    with pytest.raises(ValueError, match=r"^model: trainable complex parameters \(0.weight, 0.bias\) cannot be "
+                                         "averaged over ranks"):
+        KFACPreconditioner(nn.Sequential(layer, nn.Linear(2, 2)), comm=comm, skip_layers="0")
+    layer.requires_grad_(False)
+    precond = KFACPreconditioner(nn.Sequential(layer, nn.Linear(2, 2)), comm=comm, skip_layers="0")
+    assert len(precond.modules) == 1
+
+
 def test_one_rank_averages_nothing_and_keeps_its_gradients(monkeypatch):
     """Over one rank each gradient is its own mean: the gradients stay the same tensors, a
     missing one stays None, and no array view or flag is built (on a GPU, a CuPy view per

@@ -35,7 +35,8 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
     """The coverage of ``model`` (module docstring); ``note(message, *args)`` says what is
     worth a warning (a layer its kind refuses, tied weights, a name in ``skip_layers`` no module
     has, nothing preconditioned). ValueError for a sparse embedding, whose gradients neither
-    path can take."""
+    path can take, for a K-FAC layer whose parameters are not real floating-point (complex), and
+    for trainable complex parameters averaged first-order, which the collectives cannot carry."""
     candidates = []  # (name, module, block) of every module a block could cover
     status: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -72,12 +73,24 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
                  name, type(module).__name__, ", ".join(tied))
             status[name] = f"first-order: shares a parameter with {', '.join(map(repr, tied))} (tied weights)"
             continue
+        wrong = sorted({str(p.dtype).removeprefix("torch.") for p in _covered(module) if not p.is_floating_point()})
+        if wrong:  # the statistics and the K-FAC gradient buffer are real: a hook would fail on the input
+            raise ValueError(f"model: layer {name or '(model)'} ({type(module).__name__}) has {', '.join(wrong)} "
+                             "parameters; K-FAC layers need real floating-point parameters (float64, float32, "
+                             "float16 or bfloat16)")
         modules.append(module)
         blocks.append(block)
         covered.update(id(p) for p in _covered(module))
         frozen = not any(p.requires_grad for p in _covered(module))
         status[name] = f"K-FAC ({block.describe()})" + ("; frozen now: no statistics, .grad stays None"
                                                        if frozen else "")
+    complex_params = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered
+                      and p.is_complex()]
+    if complex_params:  # averaged by the collectives, which carry real floating-point gradients only
+        raise ValueError(f"model: trainable complex parameters ({', '.join(complex_params[:3])}"
+                         f"{', ...' if len(complex_params) > 3 else ''}) cannot be averaged over ranks: the "
+                         "collectives carry real floating-point gradients only (float64, float32, float16, "
+                         "bfloat16); freeze them or keep them real")
     rows = [(name, type(module).__name__, status[name]) for name, module in model.named_modules() if name in status]
     names = [name for name, _ in model.named_modules()]
     unmatched = [s for s in skip_layers if isinstance(s, str)
