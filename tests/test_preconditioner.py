@@ -1305,6 +1305,20 @@ def test_complex_parameters_are_refused_at_construction(comm):
     assert len(precond.modules) == 1
 
 
+def test_float16_statistics_beyond_its_range_are_refused_with_hpckfacs_warning_alone(comm, caplog):
+    """Statistics above 65504 overflow a float16 buffer: hpckfac refuses them with its warning,
+    and NumPy's RuntimeWarning from the cast does not come besides."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    precond = KFACPreconditioner(model, comm=comm, factor_dtype="float16")
+    (1e-6 * model(torch.full((4, 3), 1000.0)).sum()).backward()  # A = 1e6, gradients small
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="hpckfac"):
+        warnings.simplefilter("error")
+        precond.step()
+    assert "non-finite statistics refused" in caplog.text
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_one_rank_averages_nothing_and_keeps_its_gradients(monkeypatch):
     """Over one rank each gradient is its own mean: the gradients stay the same tensors, a
     missing one stays None, and no array view or flag is built (on a GPU, a CuPy view per
