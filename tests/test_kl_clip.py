@@ -1,18 +1,24 @@
 """Stage 4's KL clip factor against its formula, nu = min(1, sqrt(kl_clip / (lr^2 sum))), and
-its edge cases: a sum that is not positive, a zero or huge learning rate, non-finite sums."""
+its edge cases: a sum that is not positive, a zero or huge learning rate, non-finite sums; the
+partial sums' encoding (mantissa and power of two) in buffers of every dtype."""
 import math
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
-from hpckfac.stages.all_gather import kl_clip_factor
+from hpckfac.comm import Communicator
+from hpckfac.layers import LinearBlock
+from hpckfac.stages.all_gather import decode_partials, encode_partial, kl_clip_factor
+from hpckfac.stages.engine import KFACEngine
 
 
-def gathered_with_partials(partials, rng):
-    """A gathered buffer with the ranks' partial sums at random places among other values."""
-    buffer = rng.standard_normal(40)
-    at = np.sort(rng.choice(40, size=len(partials), replace=False))
-    buffer[at] = partials
+def gathered_with_partials(partials, rng, dtype=np.float64):
+    """A gathered buffer with the ranks' partial sums, encoded, at random places among other values."""
+    buffer = rng.standard_normal(40).astype(dtype)
+    at = 2 * np.sort(rng.choice(20, size=len(partials), replace=False))
+    for i, partial in zip(at, partials):
+        encode_partial(np.float64(partial), buffer[i:i + 2])
     return buffer, at
 
 
@@ -44,3 +50,52 @@ def test_edge_cases(partials, lr, want):
         assert math.isnan(nu)
     else:
         assert nu == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 0.0), (np.float32, 2.0 ** -24), (np.float16, 2.0 ** -11)])
+def test_partial_sums_of_any_magnitude_travel_in_every_dtype(dtype, rtol):
+    rng = np.random.default_rng(11)
+    # Beyond float16's 65504 and float32's 3.4e38, below their smallest normals, negative, zero.
+    partials = np.array([7.3e5, 2.9e41, 3.1e-9, 6.2e-300, -4.4e3, 0.0, 1.7e308])
+    buffer, at = gathered_with_partials(partials, rng, dtype)
+    decoded = decode_partials(buffer, at)
+    assert decoded.dtype == np.float64
+    np.testing.assert_allclose(decoded, partials, rtol=rtol, atol=0)
+    if dtype == np.float64:
+        assert np.array_equal(decoded, partials)  # exact: the float64 pipeline's sums are unchanged
+
+
+def test_a_float16_buffer_clips_a_sum_beyond_its_range():
+    partials = np.array([9.1e4, 4.0e5])  # each beyond 65504: as plain float16 elements, inf and nu NaN
+    buffer, at = gathered_with_partials(partials, np.random.default_rng(3), np.float16)
+    lr, kl_clip = 0.1, 1e-2
+    nu = float(kl_clip_factor(buffer, at, kl_clip, lr))
+    assert nu == pytest.approx(math.sqrt(kl_clip / (lr * lr * partials.sum())), rel=2e-3)
+
+
+def test_non_finite_partials_stay_non_finite():
+    buffer = np.zeros(4, dtype=np.float16)
+    encode_partial(np.float64(np.inf), buffer[0:2])
+    encode_partial(np.float64(np.nan), buffer[2:4])
+    decoded = decode_partials(buffer, np.array([0, 2]))
+    assert decoded[0] == np.inf and np.isnan(decoded[1])
+
+
+def test_a_float16_pipeline_whose_kl_sum_passes_65504_gives_the_clipped_update():
+    rng = np.random.default_rng(5)
+    block = LinearBlock("fc", 30, 20, bias=True)
+    a, g = (x @ x.T / (2 * n) + np.eye(n) for n in (31, 20) for x in [rng.standard_normal((n, 2 * n))])
+    grad = 100.0 * rng.standard_normal((20, 31))
+    stats = np.concatenate([a[np.triu_indices(31)], g[np.triu_indices(20)]])
+    damping, lr, kl_clip = 1e-3, 0.1, 1e-2
+    engine = KFACEngine([block], Communicator(MPI.COMM_SELF), damping=damping, factor_decay=0.9, kl_clip=kl_clip,
+                        comm_dtype=np.float16)
+    (out,) = engine.step([grad], [stats], lr=lr)
+    pi = math.sqrt((np.trace(a) / 31) / (np.trace(g) / 20))
+    v = np.linalg.inv(g + math.sqrt(damping) / pi * np.eye(20)) @ grad @ np.linalg.inv(
+        a + pi * math.sqrt(damping) * np.eye(31))
+    total = float(np.sum(v * grad))
+    assert np.abs(v).max() < 65504 < total  # every element fits in float16, their sum does not
+    nu = math.sqrt(kl_clip / (lr * lr * total))
+    assert engine.last_nu == pytest.approx(nu, rel=1e-2)
+    np.testing.assert_allclose(np.asarray(out, dtype=np.float64), nu * v, rtol=2e-2, atol=2e-2 * np.abs(nu * v).max())

@@ -122,7 +122,7 @@ def test_stage_work_hand_computed():
     # BN: 3 per channel + flag + 2 per channel.
     stats = (171 + 10 + 1 + 72) + (3 * 4 + 1 + 8) + (15 + 6 + 1 + 15)
     assert w["reduce_scatter"] == 4 * stats
-    assert w["all_gather"] == 4 * (72 + 8 + 15 + 1)
+    assert w["all_gather"] == 4 * (72 + 8 + 15 + 2)  # + the owner's partial KL sum, mantissa and exponent
     assert w["allreduce"] == 0
     assert w["forward_backward"] == 3 * 5 * (2 * 16 * 4 * 18 + 2 * 3 * 4)
 

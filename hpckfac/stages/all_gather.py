@@ -2,9 +2,12 @@
 
 One ``comm.allgather_v`` brings every owner's segment (its blocks'
 preconditioned gradients and its partial sum ``sum_{l owned} <V_l, grad_l>``,
-the last element, see ``hpckfac.stages.layout``) to every rank. Summing the
+the last two elements, see ``hpckfac.stages.layout``) to every rank. Summing the
 partial sums in rank order gives the same float on every rank, hence the same
-clip factor ``nu`` and the same update everywhere.
+clip factor ``nu`` and the same update everywhere. A partial sum travels as a
+mantissa and a power of two (``encode_partial``): in a float16 buffer the sum of
+a large model's ``<V_l, grad_l>`` passes 65504 long before any gradient does, and
+as one element it would turn into inf, nu into NaN and the update into NaN.
 """
 from __future__ import annotations
 
@@ -19,12 +22,31 @@ if TYPE_CHECKING:
     from hpckfac.comm import Communicator
 
 
+def encode_partial(partial: Any, out: Any) -> None:
+    """Write the float64 0-d ``partial`` into the two elements of ``out`` as its mantissa in
+    [0.5, 1) and its power of two (``frexp``): the exponent is an integer within +-1075, exact in
+    every buffer dtype, and the mantissa keeps the buffer's precision at any magnitude."""
+    xp = namespace(out)
+    mantissa, exponent = xp.frexp(partial)
+    out[0] = mantissa
+    out[1] = exponent
+
+
+def decode_partials(gathered: Any, partial_at: Any) -> Any:
+    """The owners' partial sums (float64) from ``gathered``, each written by ``encode_partial``
+    at the index in ``partial_at``."""
+    xp = namespace(gathered)
+    mantissa = gathered[partial_at].astype(np.float64)
+    exponent = gathered[partial_at + 1].astype(np.int32)
+    return xp.ldexp(mantissa, exponent)
+
+
 def kl_clip_factor(gathered: Any, partial_at: Any, kl_clip: float | None, lr: float) -> Any:
     """``nu = min(1, sqrt(kl_clip / (lr^2 * sum_l <V_l, grad_l>)))`` as a float64
     0-d array of ``gathered``'s namespace (computed where the gradients live, so
     a GPU step does not wait for it), or None when ``kl_clip`` is None.
     ``partial_at`` (an index array in that namespace) says where the owners'
-    partial sums sit (``SegmentLayout.partial_offsets``).
+    partial sums sit (``SegmentLayout.partial_offsets``, written by ``encode_partial``).
 
     1 when the sum is not positive or ``lr`` is 0; NaN when the sum is not
     finite (non-finite gradients), so that the update is non-finite too and a
@@ -33,7 +55,7 @@ def kl_clip_factor(gathered: Any, partial_at: Any, kl_clip: float | None, lr: fl
     if kl_clip is None:
         return None
     xp = namespace(gathered)
-    total = gathered[partial_at].astype(np.float64).sum()
+    total = decode_partials(gathered, partial_at).sum()
     # sqrt(kl_clip / total) / lr rather than sqrt(kl_clip / (lr^2 total)): lr^2 neither
     # overflows (lr = 1e155) nor underflows; lr = 0 gives inf, hence nu 1.
     with np.errstate(all="ignore"):

@@ -32,8 +32,8 @@ from hpckfac.assignment import assign_owners
 from hpckfac.comm.errors import CollectiveMismatchError
 from hpckfac.log import get_logger
 from hpckfac.ops.checks import accumulation_dtype
-from hpckfac.stages.all_gather import AllGather
-from hpckfac.stages.layout import SegmentLayout
+from hpckfac.stages.all_gather import AllGather, encode_partial
+from hpckfac.stages.layout import PARTIAL_SLOTS, SegmentLayout
 from hpckfac.stages.options import DEFAULTS, Assignment, CheckedOption, check_options, resolve
 from hpckfac.stages.owner import OwnerState
 from hpckfac.stages.reduce_scatter import ReduceScatter
@@ -317,7 +317,7 @@ class KFACEngine:
         start = self.clock()
         out = self.xp.empty(self.layout.gather_counts[self.comm.rank], dtype=self.comm_dtype)
         if self.owned:
-            out[-1] = self.state.precondition(segment, factors, out[:-1])
+            encode_partial(self.state.precondition(segment, factors, out[:-PARTIAL_SLOTS]), out[-PARTIAL_SLOTS:])
         self.timings["precondition"] = self.clock() - start
 
         start = self.clock()

@@ -18,8 +18,10 @@ product: ``owned``):
 - then, every step, each owned block's gradient matrix, row-major.
 
 AllGatherV buffer: segment ``r`` holds the preconditioned gradients of the
-blocks ``r`` owns followed by one element, ``r``'s partial sum
-``sum_l <V_l, grad_l>`` for the KL clip. A rank that owns nothing has an empty
+blocks ``r`` owns followed by ``PARTIAL_SLOTS`` elements, ``r``'s partial sum
+``sum_l <V_l, grad_l>`` for the KL clip as a mantissa and a power of two
+(``hpckfac.stages.all_gather.encode_partial``), so that a float16 buffer
+carries sums beyond its largest value, 65504. A rank that owns nothing has an empty
 segment in both collectives (count 0).
 
 A block's packed statistics and gradient matrix are laid out as the block
@@ -31,6 +33,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+# Elements of an owner's partial KL-clip sum in its AllGatherV segment: mantissa and exponent.
+PARTIAL_SLOTS = 2
 
 
 def _runs(indices: list[int], blocks: Sequence) -> list[list[int]]:
@@ -91,7 +96,7 @@ class SegmentLayout:
                 offset += self.blocks[l].grad_size
             if blocks:
                 partial[rank] = offset
-                offset += 1
+                offset += PARTIAL_SLOTS
             counts[rank], start = offset - start, offset
         return counts, at, partial
 
