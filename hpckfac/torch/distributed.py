@@ -122,10 +122,11 @@ def dtype_runs(params: Sequence[torch.Tensor]) -> tuple[tuple[int, str], ...]:
     """The dtypes of ``params`` as runs: ``(index, dtype)`` where a run of one dtype starts
     (``((0, "float32"),)`` for a float32 model), short enough to compare and name every step."""
     runs: list[tuple[int, str]] = []
+    last = None
     for i, p in enumerate(params):
-        name = str(p.dtype).removeprefix("torch.")
-        if not runs or runs[-1][1] != name:
-            runs.append((i, name))
+        if p.dtype != last:  # named only where a run starts: once for most models
+            last = p.dtype
+            runs.append((i, str(last).removeprefix("torch.")))
     return tuple(runs)
 
 

@@ -38,7 +38,7 @@ from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, counts_call
 from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
 from hpckfac.torch.options import DEFAULTS, check_options
-from hpckfac.torch.registry import block_params, broadcasts_batch
+from hpckfac.torch.registry import block_params, broadcasts_batch, param_names
 from hpckfac.torch.state import blocks_as_arrays, blocks_as_tensors
 
 _log = get_logger("hpckfac.torch")
@@ -195,7 +195,13 @@ class KFACPreconditioner:
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
         # The parameter slots each block covers: a bias given to a bias-free K-FAC layer later is
         # not the block's (it is averaged first-order, and named as added).
-        self._slots = [tuple(p is not None for p in block_params(m)) for m in self.modules]
+        # The attribute names are those of the kind each module was registered as, looked up once.
+        self._param_names = [param_names(m) for m in self.modules]
+        self._slots = [tuple(p is not None for p in block_params(m, names))
+                       for m, names in zip(self.modules, self._param_names)]
+        # The block of each covered parameter, in the order ``_block_params`` lists them: a slot
+        # covered at construction is covered at every step (or ``_block_params`` raises).
+        self._covered_block = [l for l, slots in enumerate(self._slots) for kept in slots if kept]
         self._io = GradientIO(self.engine.blocks, self._block_params())
         self._send_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
@@ -459,22 +465,22 @@ class KFACPreconditioner:
 
         start = self.engine.clock()
         named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
-        every = [p for _, p in named]
+        covered = [p for ps in params for p in ps if p is not None]  # covered[i] is block _covered_block[i]'s
+        first_order, frozen, added = self._classify(named, covered)
+        self._warn_added(added)
         # Which K-FAC layers some rank's backward reached: the others keep .grad None below, as
         # first-order parameters do (an optimizer skips a None gradient, but decays a zero one).
         # Frozen ones send a flag too: the same count on every rank, whatever each rank froze.
-        covered = [[p for p in ps if p is not None] for ps in params]
-        first_order = self._first_order(every, covered)
-        self._warn_added(named, first_order)
-        present = iter(average_grads(first_order, self.comm, "auto", self.bucket_bytes,
-                                     presence=[p for ps in covered for p in ps],
-                                     held=[] if stats is None else [st is not None for st in stats]))
-        reached = [[next(present) for _ in ps] for ps in covered]
+        present = average_grads(first_order, self.comm, "auto", self.bucket_bytes, presence=covered,
+                                held=[] if stats is None else [st is not None for st in stats])
         if stats is not None:
-            self._absent_as_zeros(stats, [next(present) for _ in stats], missing)
+            self._absent_as_zeros(stats, present[len(covered):], missing)
         # A frozen parameter's flag says present whatever was reached: only the trained ones tell.
-        unreached = [[p for p in ps if p.requires_grad] for ps, had in zip(covered, reached)
-                     if not any(h for p, h in zip(ps, had) if p.requires_grad)]
+        reached = [False] * len(params)
+        for block, p, had in zip(self._covered_block, covered, present):
+            if had and p.requires_grad:
+                reached[block] = True
+        unreached = [p for block, p in zip(self._covered_block, covered) if not reached[block] and p.requires_grad]
         agree_on_overflow(self.grad_scaler, self.comm, self.device)
         self.timings["allreduce"] = self.engine.clock() - start
 
@@ -483,20 +489,19 @@ class KFACPreconditioner:
         # and runs other forwards; a layer cast on one rank only (its gradient travels in the
         # buffer's dtype, a bfloat16 one as float32) runs another forward there and its optimizer
         # rounds the weights otherwise.
-        frozen = tuple(i for i, p in enumerate(every) if not p.requires_grad)
         training = self.model.training
         other_mode = tuple(b.name for b, m in zip(self.engine.blocks, self.modules) if m.training != training)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen, "parameter dtypes": dtype_runs(every), "training mode": training,
+            "frozen parameters": frozen, "parameter dtypes": dtype_runs([p for _, p in named]),
+            "training mode": training,
             "K-FAC layers not in the model's mode": other_mode, **current})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
         self._io.write(to_tensor(whole), offsets, params)
         self._io.write_generic(updates, params)
-        for ps in unreached:
-            for param in ps:
-                param.grad = None
+        for param in unreached:
+            param.grad = None
         self.timings.update(self.engine.timings)
         self.timings["write_grads"] = self.engine.clock() - start
         self.local.reset()
@@ -611,39 +616,47 @@ class KFACPreconditioner:
         """The model's trainable parameters that no K-FAC block covers, as they are now (a
         parameter unfrozen or a layer added after construction among them): ``step()``
         averages their gradients over ranks."""
-        return self._first_order(self.model.parameters())
+        covered = [p for ps in self._block_params() for p in ps if p is not None]
+        return self._classify(list(self.model.named_parameters()), covered)[0]
 
-    def _first_order(self, params, covered: list[list[nn.Parameter]] | None = None) -> list[nn.Parameter]:
-        """The trainable ``params`` that no K-FAC block covers, the blocks' parameters being
-        ``covered`` (default: read from the modules now, as the blocks use them: a parameter
-        replaced since construction, as by ``load_state_dict(assign=True)``, is the new one)."""
-        if covered is None:
-            covered = [[p for p in ps if p is not None] for ps in self._block_params()]
-        kfac = {id(p) for ps in covered for p in ps}
-        return [p for p in params if p.requires_grad and id(p) not in kfac]
-
-    def _block_params(self) -> list[tuple[nn.Parameter | None, ...]]:
+    def _block_params(self) -> list[tuple[nn.Parameter | None, nn.Parameter | None]]:
         """Each K-FAC layer's parameters as they are now (one replaced since construction, as
         by ``load_state_dict(assign=True)``, is the new one), in the slots its block covers (None
         elsewhere: a bias given later to a layer built without one is first-order). ValueError
         naming a layer that lost a covered parameter since construction."""
         out = []
-        for module, block, slots in zip(self.modules, self.engine.blocks, self._slots):
-            params = block_params(module)
-            if any(kept and p is None for p, kept in zip(params, slots)):
-                raise ValueError(f"model: K-FAC layer {block.name} no longer has every parameter its block "
-                                 "covers as an nn.Parameter (one set to None, or replaced by a plain tensor or "
-                                 "a parametrization, since the preconditioner was built): build the "
+        for i, (module, names, (keep_weight, keep_bias)) in enumerate(zip(self.modules, self._param_names,
+                                                                          self._slots)):
+            weight, bias = block_params(module, names)
+            if (keep_weight and weight is None) or (keep_bias and bias is None):
+                raise ValueError(f"model: K-FAC layer {self.engine.blocks[i].name} no longer has every parameter "
+                                 "its block covers as an nn.Parameter (one set to None, or replaced by a plain "
+                                 "tensor or a parametrization, since the preconditioner was built): build the "
                                  "KFACPreconditioner once the model is complete")
-            out.append(tuple(p if kept else None for p, kept in zip(params, slots)))
+            out.append((weight if keep_weight else None, bias if keep_bias else None))
         return out
 
-    def _warn_added(self, named: list[tuple[str, nn.Parameter]], first_order: list[nn.Parameter]) -> None:
-        """A warning, once, naming the parameters averaged ``first_order`` that were not at
-        construction (a layer added, or a K-FAC layer replaced by a new module, since): they
-        are not preconditioned. ``named``: the model's ``named_parameters()``."""
-        ids = {id(p) for p in first_order}
-        added = [name for name, p in named if id(p) in ids and name not in self._first_order_names]
+    def _classify(self, named: list[tuple[str, nn.Parameter]], covered: list[nn.Parameter]
+                  ) -> tuple[list[nn.Parameter], tuple[int, ...], list[str]]:
+        """One pass over the model's ``named_parameters()``: the trainable parameters that no
+        K-FAC block covers (``covered``: the blocks' parameters), the indices of the frozen
+        ones, and the names of those first-order ones that were not first-order at
+        construction (``_warn_added``)."""
+        kfac = {id(p) for p in covered}
+        first_order, frozen, added = [], [], []
+        for i, (name, p) in enumerate(named):
+            if not p.requires_grad:
+                frozen.append(i)
+            elif id(p) not in kfac:
+                first_order.append(p)
+                if name not in self._first_order_names:
+                    added.append(name)
+        return first_order, tuple(frozen), added
+
+    def _warn_added(self, added: list[str]) -> None:
+        """A warning, once, naming the parameters ``added``: averaged first-order but not at
+        construction (a layer added, or a K-FAC layer replaced by a new module, since), so not
+        preconditioned."""
         if added and self.comm.rank == 0:  # a fact of the model, alike on every rank: said once
             self._warn_once("added:" + ",".join(added), "parameters added to the model after the preconditioner "
                             f"was built are averaged first-order, not preconditioned: {', '.join(added)} (build "

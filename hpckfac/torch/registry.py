@@ -97,11 +97,19 @@ def block_for(name: str, module: nn.Module) -> CurvatureBlock | None:
     return block
 
 
-def block_params(module: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
-    """The parameters the block of ``module`` covers, ``(weight, bias)`` (None where absent),
-    from the attribute names its kind was registered with."""
+def param_names(module: nn.Module) -> tuple[str, str | None]:
+    """The attribute names of the parameters the block of ``module`` covers, ``(weight, bias)``,
+    as its kind was registered (``("weight", "bias")`` for a module of no registered kind)."""
     entry = _entry(module)
-    weight_name, bias_name = ("weight", "bias") if entry is None else entry.params
+    return ("weight", "bias") if entry is None else entry.params
+
+
+def block_params(module: nn.Module, names: tuple[str, str | None] | None = None
+                 ) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """The parameters the block of ``module`` covers, ``(weight, bias)`` (None where absent),
+    from the attribute ``names`` (default ``param_names(module)``: a caller reading them every
+    step passes the names it looked up once)."""
+    weight_name, bias_name = param_names(module) if names is None else names
     weight = getattr(module, weight_name, None)
     bias = None if bias_name is None else getattr(module, bias_name, None)
     return (weight if isinstance(weight, nn.Parameter) else None, bias if isinstance(bias, nn.Parameter) else None)
