@@ -184,7 +184,7 @@ def _held_number(value: Any) -> Any:
         return value
     try:
         return value.item()
-    except (ValueError, RuntimeError, TypeError, NotImplementedError):  # several elements, no values
+    except (ValueError, RuntimeError):  # several elements (NumPy's error, torch's), or none
         return value
 
 

@@ -193,6 +193,7 @@ class KFACPreconditioner:
                                    self._broadcast, lambda: self._micro_batch,
                                    self.engine.is_factor_step)
         self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
+        _HOOKED.add(self)  # once its hooks are in place: a later preconditioner may remove them
         # The parameter slots each block covers: a bias given to a bias-free K-FAC layer later is
         # not the block's (it is averaged first-order, and named as added).
         # The attribute names are those of the kind each module was registered as, looked up once.
@@ -264,7 +265,6 @@ class KFACPreconditioner:
                        "on a preconditioner before replacing it)", ", ".join(shared[:3]),
                        ", ..." if len(shared) > 3 else "")
             earlier.remove_hooks()
-        _HOOKED.add(self)
 
     # ----------------------------------------------------------------- hooks
     def _on_model_input(self, module: nn.Module, args, kwargs) -> None:
