@@ -7,8 +7,9 @@ The task: reverse a sequence of tokens. Every nn.Linear sees inputs of shape
 G averaged over positions, as for a convolution). The token embedding gets a
 diagonal A from the token counts, each LayerNorm a 2x2 Fisher per feature;
 the learnt position table, a bare nn.Parameter of the model, stays
-first-order and is averaged by hpckfac's ring-allreduce. print(precond)
-shows which is which.
+first-order and is only averaged (by hpckfac's fused allreduce: MPI's
+allreduce for a gradient this small, the ring for large buckets).
+print(precond) shows which is which.
 """
 import argparse
 import math
