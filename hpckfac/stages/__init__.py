@@ -8,6 +8,8 @@
 - ``all_gather``: stage 4, the AllGatherV and the KL clip.
 - ``engine``: ``KFACEngine``, stages 2-4 in order for a list of blocks.
 - ``options``: the defaults and the validation of every hyperparameter.
+- ``state_buffer``: every block's running factors and inverses packed in one flat
+  array, so that ``state_dict()`` gathers them in one AllGatherV.
 """
 __all__ = ["KFACEngine"]
 

@@ -1,2 +1,2 @@
-"""The training front end: ``hpckfac train`` (``cli``), its loop, data, schedule,
-checkpoints and plots. See docs/training.md."""
+"""The training front end: ``hpckfac train`` (``cli``), its settings (``config``), loop,
+data, schedule, checkpoints, atomic file writes (``files``) and plots. See docs/training.md."""
