@@ -15,6 +15,7 @@ from hpckfac.torch.bridge import device_scope, to_array
 
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator
+    from hpckfac.comm.agreement import ReduceAlgorithm
 
 
 def _comm(comm: Communicator | None) -> Communicator:
@@ -130,7 +131,7 @@ def dtype_runs(params: Sequence[torch.Tensor]) -> tuple[tuple[int, str], ...]:
     return tuple(runs)
 
 
-def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: str = "auto",
+def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algorithm: ReduceAlgorithm = "auto",
                         bucket_bytes: int | None = None) -> None:
     """Average every ``.grad`` of ``model`` over ranks in place, with the same
     fused allreduce the K-FAC preconditioner uses for non-K-FAC parameters (a collective:
@@ -143,7 +144,7 @@ def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algo
         average_grads(model.parameters(), comm, algorithm, bucket_bytes)
 
 
-def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm: str = "auto",
+def average_grads(params: Iterable[nn.Parameter], comm: Communicator, algorithm: ReduceAlgorithm = "auto",
                   bucket_bytes: int | None = None,
                   presence: Sequence[torch.Tensor] = (), held: Sequence[bool] = ()) -> list[bool]:
     """Average the ``.grad`` of every trainable parameter of ``params`` over the ranks of

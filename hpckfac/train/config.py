@@ -45,7 +45,8 @@ class TrainConfig:
     """Everything ``hpckfac train`` takes; ``validate()`` raises ValueError naming the setting.
 
     ``lr=None`` picks ``DEFAULT_LR[optimizer]``; ``steps=None`` means ``epochs``
-    epochs; ``kl_clip=0`` disables the KL clip; ``device`` is ``auto`` (a GPU
+    epochs; ``kl_clip=0`` disables the KL clip; ``progress`` is one of ``PROGRESS`` (True
+    is ``"auto"``, False ``"none"``); ``device`` is ``auto`` (a GPU
     per rank when CUDA is present), ``cuda`` or ``cpu``. ``momentum`` is SGD's and
     K-FAC's heavy-ball momentum (Adam keeps its default betas).
     """
@@ -72,7 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 0
     resume: str | None = None
     eval_every: int = 10
-    progress: Progress = "auto"
+    progress: Progress | bool = "auto"
     device: DeviceChoice = "auto"
     statistics_fraction: float = DEFAULTS["statistics_fraction"]
 
