@@ -23,7 +23,7 @@ PYTHON=${PYTHON:-python3}
 MPIEXEC=${MPIEXEC:-mpiexec}
 QUICK=${QUICK:-0}
 TRAIN_EPOCHS=${TRAIN_EPOCHS:-20}
-# QUICK=1 must fit a short device lease (~8 min on an H100): 100 steps cost ~35 s more than 10.
+# QUICK=1 must fit a short GPU allocation (~8 min on an H100): 100 steps cost ~35 s more than 10.
 if [[ "$QUICK" == 1 ]]; then
     ROUTES=${ROUTES:-auto}; STEP_STEPS=${STEP_STEPS:-10}
 else
