@@ -47,11 +47,12 @@ def test_wraps_a_given_communicator():
 
 def test_a_null_communicator_is_named():
     """A rank left out of a Split (color MPI.UNDEFINED), or a communicator freed since, holds
-    MPI.COMM_NULL: named as such, not MPI's "Invalid communicator" from inside the constructor."""
+    MPI.COMM_NULL: named as such, not MPI's "Invalid communicator" from inside the constructor;
+    the constant MPI.COMM_NULL itself (a plain Comm, not an Intracomm) too, not as a wrong type."""
     left_out = MPI.COMM_SELF.Split(MPI.UNDEFINED)
     freed = MPI.COMM_SELF.Dup()
     freed.Free()
-    for null in (left_out, freed):
+    for null in (left_out, freed, MPI.COMM_NULL):
         with pytest.raises(ValueError, match=r"mpi_comm: MPI.COMM_NULL \(this rank is not in it"):
             Communicator(null)
 

@@ -182,12 +182,13 @@ class Communicator:
     def __init__(self, mpi_comm: MPI.Intracomm | None = None,
                  check_agreement: AgreementMode | bool = "always") -> None:
         mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
-        if not isinstance(mpi_comm, MPI.Intracomm):
-            raise TypeError(f"mpi_comm must be an mpi4py Intracomm, got {type(mpi_comm).__name__}")
-        if mpi_comm == MPI.COMM_NULL:  # its rank and size are MPI errors, not a wrong type
+        # Before the type check: the constant MPI.COMM_NULL itself is a plain Comm, a Split's an Intracomm.
+        if isinstance(mpi_comm, MPI.Comm) and mpi_comm == MPI.COMM_NULL:  # an MPI error, not a wrong type
             raise ValueError("mpi_comm: MPI.COMM_NULL (this rank is not in it: a Split with color "
                              "MPI.UNDEFINED gives it to the ranks it leaves out, and Free() leaves it behind); "
                              "make a Communicator only on the ranks of the communicator")
+        if not isinstance(mpi_comm, MPI.Intracomm):
+            raise TypeError(f"mpi_comm must be an mpi4py Intracomm, got {type(mpi_comm).__name__}")
         self.mpi = mpi_comm
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
