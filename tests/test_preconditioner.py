@@ -1652,3 +1652,25 @@ def test_an_uneven_last_group_of_micro_batches_is_not_named(caplog):
                     (nn.functional.cross_entropy(model(x), y) / steps).backward()
                 precond.step()
         assert ("set accumulation_steps to it" in caplog.text) == (steps == 4)
+
+
+@pytest.mark.parametrize("wrong", [lambda m: m.parameters(), lambda m: list(m.parameters()),
+                                   lambda m: m.state_dict(), lambda m: [m]])
+def test_anything_but_a_module_as_model_raises_type_error_naming_model(comm, wrong):
+    """What an optimizer takes (model.parameters(), a list of tensors) or a state_dict, passed
+    where the model goes, is refused with one line naming `model` by every entry point that
+    takes one, before anything is communicated; check_replicas at one rank included, which
+    would otherwise compare nothing and pass."""
+    from hpckfac.torch import allreduce_gradients, broadcast_parameters, check_replicas, sync_batchnorm_stats
+
+    model = mlp()
+    calls = [lambda m: KFACPreconditioner(m, comm=comm), lambda m: broadcast_parameters(m, comm),
+             lambda m: allreduce_gradients(m, comm), lambda m: sync_batchnorm_stats(m, comm),
+             lambda m: check_replicas(m, comm)]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module, got \w+ \(pass the model "
+                                            r"itself, not model.parameters\(\) or its state_dict\(\)\)$"):
+            call(wrong(model))
+    with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module, got int$"):
+        KFACPreconditioner(3, comm=comm)
+

@@ -34,6 +34,17 @@ def _scope(tensors: Sequence[torch.Tensor]):
     return device_scope(tensors[0].device if tensors else torch.device("cpu"))
 
 
+def check_model(model: Any) -> nn.Module:
+    """``model`` if it is an ``nn.Module``, else TypeError naming ``model``: what an optimizer
+    takes (``model.parameters()``, a list of tensors) or a ``state_dict`` would otherwise fail
+    deep inside with an AttributeError, or, on one rank, compare nothing."""
+    if not isinstance(model, nn.Module):
+        hint = (" (pass the model itself, not model.parameters() or its state_dict())"
+                if isinstance(model, (Iterable, dict)) else "")
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}{hint}")
+    return model
+
+
 def _is_float(tensor: torch.Tensor) -> bool:
     return tensor.dtype in (torch.float64, torch.float32, torch.float16)
 
@@ -44,6 +55,7 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
 
     Ranks whose models differ in the number, shapes or dtypes of their tensors, or that
     name different roots, raise ``CollectiveMismatchError`` on every rank instead of hanging."""
+    check_model(model)
     comm = _comm(comm)
     tensors = list(model.parameters()) + list(model.buffers())
     with comm.calling("broadcast_parameters()"), _scope(tensors):
@@ -84,6 +96,7 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     """The first difference between the ranks' tensors of ``model``, alike on every rank
     (``"0.weight has 2 different values (ranks [0]; ranks [1])"``), or None when every rank
     holds the same values (a collective; ``check_replicas`` raises on it)."""
+    check_model(model)
     comm = _comm(comm)
     if comm.size == 1:  # nothing to compare with: no hashing of every tensor
         return None
@@ -139,6 +152,7 @@ def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algo
     enough that its messages are not bound by latency, MPI's allreduce for the others
     (``Communicator.allreduce``); ``"ring"`` or ``"mpi"`` forces one. A trainable parameter
     without a gradient on some ranks counts as zero there (``average_grads``)."""
+    check_model(model)
     comm = _comm(comm)
     with comm.calling("allreduce_gradients()"):
         average_grads(model.parameters(), comm, algorithm, bucket_bytes)
@@ -277,6 +291,7 @@ def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> 
     mean of the ranks' running variances (the spread of the running means
     between ranks is not added).
     """
+    check_model(model)
     comm = _comm(comm)
     tensors = [tensor for module in model.modules()
                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats

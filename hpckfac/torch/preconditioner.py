@@ -32,7 +32,7 @@ from hpckfac.tables import format_table
 from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.coverage import find_blocks
 from hpckfac.torch.device import model_device
-from hpckfac.torch.distributed import (agree_on_overflow, average_grads, dtype_runs, gradients_alike,
+from hpckfac.torch.distributed import (agree_on_overflow, average_grads, check_model, dtype_runs, gradients_alike,
                                       replica_difference)
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, counts_call
@@ -119,6 +119,7 @@ class KFACPreconditioner:
                  accumulation_steps: int = DEFAULTS["accumulation_steps"],
                  statistics_fraction: float = DEFAULTS["statistics_fraction"],
                  comm: Communicator | None = None) -> None:
+        check_model(model)
         opts = check_options(lr=lr, damping=damping, factor_decay=factor_decay,
                              factor_update_interval=factor_update_interval,
                              inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
