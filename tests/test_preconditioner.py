@@ -1674,3 +1674,19 @@ def test_anything_but_a_module_as_model_raises_type_error_naming_model(comm, wro
     with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module, got int$"):
         KFACPreconditioner(3, comm=comm)
 
+
+def test_the_coverage_table_aligns_the_model_row():
+    """A parameter held by the model itself is listed as `(model)`; the name column is wide
+    enough for it, so every status starts in the same column."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.offset = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return self.fc(x) + self.offset
+
+    rows = repr(KFACPreconditioner(Model(), comm=Communicator(MPI.COMM_SELF))).splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["(model)", "fc"]
+    assert len({row.index("first-order") if "first-order" in row else row.index("K-FAC") for row in rows}) == 1

@@ -209,7 +209,7 @@ class KFACPreconditioner:
 
     # ----------------------------------------------------------------- setup
     def __repr__(self) -> str:
-        width = max([len(n) for n, _, _ in self.coverage] + [6])
+        width = max([len(n or "(model)") for n, _, _ in self.coverage] + [6])
         lines = [f"KFACPreconditioner(device={self.device}, ranks={self.comm.size}, "
                  f"{len(self.modules)} of {len(self.coverage)} layers with parameters preconditioned)"]
         kinds = max([len(k) for _, k, _ in self.coverage] + [12])
