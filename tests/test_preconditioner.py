@@ -106,7 +106,8 @@ def test_a_kl_clip_schedule_is_refused_as_at_construction(comm):
     x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     precond.engine.kl_clip = lambda step: 1e-3
     model(x).pow(2).mean().backward()
-    with pytest.raises(ValueError, match="^kl_clip: expected a finite real number"):
+    with pytest.raises(ValueError, match=r"^kl_clip: expected a finite real number > 0, or None or 0 for no "
+                                         r"clip, got <function"):
         precond.step()
     assert precond.engine.steps == 0
     precond.engine.kl_clip = 1e-3
@@ -1690,3 +1691,13 @@ def test_the_coverage_table_aligns_the_model_row():
     rows = repr(KFACPreconditioner(Model(), comm=Communicator(MPI.COMM_SELF))).splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["(model)", "fc"]
     assert len({row.index("first-order") if "first-order" in row else row.index("K-FAC") for row in rows}) == 1
+
+
+@pytest.mark.parametrize("value", [-1.0, math.inf, math.nan, "0.01", True])
+def test_a_bad_kl_clip_names_the_ways_to_switch_it_off(comm, value):
+    """kl_clip takes None or 0 for no clip besides a number > 0: the message says so."""
+    with pytest.raises(ValueError, match=r"^kl_clip: expected a finite real number > 0, or None or 0 for no clip, "
+                                         rf"got {re.escape(repr(value))}$"):
+        KFACPreconditioner(mlp(), comm=comm, kl_clip=value)
+    for off in (None, 0, 0.0, np.float32(0)):
+        assert KFACPreconditioner(mlp(), comm=comm, kl_clip=off).engine.kl_clip is None

@@ -96,7 +96,11 @@ def _kl_clip(value: Any):
     # ``hpckfac train --kl-clip 0``.
     if value is None or (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and value == 0):
         return None
-    return check_real(value, "kl_clip", above=0.0)
+    try:
+        return check_real(value, "kl_clip", above=0.0)
+    except ValueError:  # check_real's "> 0" alone would hide the two ways to switch the clip off
+        raise ValueError(f"kl_clip: expected a finite real number > 0, or None or 0 for no clip, "
+                         f"got {value!r}") from None
 
 
 def _assignment(value: Any) -> str:
