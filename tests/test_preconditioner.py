@@ -1701,3 +1701,50 @@ def test_a_bad_kl_clip_names_the_ways_to_switch_it_off(comm, value):
         KFACPreconditioner(mlp(), comm=comm, kl_clip=value)
     for off in (None, 0, 0.0, np.float32(0)):
         assert KFACPreconditioner(mlp(), comm=comm, kl_clip=off).engine.kl_clip is None
+
+
+
+class SharedLinearChain(nn.Module):
+    """One nn.Linear applied twice in a chain, as an unrolled recurrence shares its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def pre_activations(self, x):
+        s1 = self.shared(torch.tanh(self.inp(x)))
+        s2 = self.shared(torch.tanh(s1))
+        return s1, s2
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.pre_activations(x)[1]))
+
+
+def test_a_linear_called_twice_in_one_forward_sums_both_calls(comm):
+    """One backward through both calls of a shared nn.Linear: its A and G are the sums over the
+    two calls of each call's own input and per-example output-gradient products, divided by the
+    batch, against inputs and output gradients captured here by torch's autograd alone (float64)."""
+    torch.manual_seed(7)
+    model = SharedLinearChain().double()
+    precond = KFACPreconditioner(model, comm=comm)
+    gen = torch.Generator().manual_seed(8)
+    batch = 5
+    x = torch.randn(batch, 3, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 2, (batch,), generator=gen)
+    nn.functional.cross_entropy(model(x), y).backward()
+    index = [b.name for b in precond.engine.blocks].index("shared")
+    a_got, g_got = precond.engine.blocks[index].factors(precond.local.result()[index])
+    precond.step()
+
+    model.eval()  # the oracle's forward adds no statistics
+    s1, s2 = model.pre_activations(x)
+    s1.retain_grad()
+    s2.retain_grad()
+    nn.functional.cross_entropy(model.out(torch.tanh(s2)), y).backward()
+    ones = torch.ones(batch, 1, dtype=torch.float64)
+    rows = [torch.cat([torch.tanh(model.inp(x)), ones], 1).detach(), torch.cat([torch.tanh(s1), ones], 1).detach()]
+    grads = [s1.grad * batch, s2.grad * batch]  # per example: the mean loss's gradient times the batch
+    a_want = sum(r.T @ r for r in rows) / batch
+    g_want = sum(g.T @ g for g in grads) / batch
+    np.testing.assert_allclose(a_got[0], a_want.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(g_got[0], g_want.numpy(), rtol=1e-12, atol=1e-14)
