@@ -70,3 +70,33 @@ def test_bad_benchmark_arguments_give_one_line(argv, capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and f"bench {argv[0]}: error:" in err[-1]
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 18.7 TiB for an array"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                "allocate 76800000000 bytes")])
+def test_out_of_memory_gives_one_line(error, monkeypatch, capsys):
+    """Sizes too large for the machine are the user's to fix, like a bad argument."""
+    from hpckfac.bench import conv
+    from hpckfac.bench.__main__ import main as bench
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(conv, "main", fail)
+    assert bench(["conv"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m hpckfac.bench conv: error: out of memory (")
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    """A RuntimeError that is no failed allocation is a fault to report, not the user's input."""
+    from hpckfac.bench import conv
+    from hpckfac.bench.__main__ import main as bench
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(conv, "main", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        bench(["conv"])

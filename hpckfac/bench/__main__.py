@@ -33,17 +33,31 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
     module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
     try:
         return int(module.main(argv[1:], prog=f"{prog} {argv[0]}") or 0)
-    except (ValueError, OSError) as exc:
-        # A bad argument or an unreadable file is the user's to fix: one line, no traceback. In a
-        # job of several ranks the error may be this rank's alone (rank 0 writes the results):
-        # end the whole job, or the others would wait in their next collective.
+    except (ValueError, OSError, MemoryError, RuntimeError) as exc:
+        # A bad argument, an unreadable file or sizes too large for the machine are the user's
+        # to fix: one line, no traceback. In a job of several ranks the error may be this rank's
+        # alone (rank 0 writes the results): end the whole job, or the others would wait in
+        # their next collective.
+        if isinstance(exc, RuntimeError) and not out_of_memory(exc):
+            raise  # a fault of the library, not of the input: its traceback is wanted
         message = f"{prog} {argv[0]}: error: {exc}"
+        if isinstance(exc, (MemoryError, RuntimeError)):
+            message = (f"{prog} {argv[0]}: error: out of memory ({str(exc).strip().splitlines()[-1]}): "
+                       f"ask for smaller sizes (see --help)")
         if "mpi4py.MPI" in sys.modules and sys.modules["mpi4py.MPI"].COMM_WORLD.Get_size() > 1:
             from hpckfac.comm.abort import abort_job
 
             abort_job(message, code=2)
         print(message, file=sys.stderr)
         return 2
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed: NumPy's MemoryError, torch's CPU allocator
+    ("can't allocate memory") or CUDA's ``torch.OutOfMemoryError``."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _rank_0() -> bool:
