@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hpckfac.bench.report import Parser, check_outputs, median, progress, time_calls, write_json
+from hpckfac.bench.report import Parser, check_outputs, median, one_process, progress, time_calls, write_json
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per route (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
+    one_process(parser)
     check_outputs(parser, files=[("--json", args.json)])
     if args.repeat < 1:
         raise ValueError(f"--repeat: must be >= 1, got {args.repeat}")

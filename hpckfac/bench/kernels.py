@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hpckfac.bench import shapes
-from hpckfac.bench.report import Parser, check_outputs, median, time_calls, write_json
+from hpckfac.bench.report import Parser, check_outputs, median, one_process, time_calls, write_json
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
 
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench ker
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group")
     args = parser.parse_args(argv)
+    one_process(parser)
     check_outputs(parser, files=[("--json", args.json)])
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")

@@ -42,7 +42,7 @@ import numpy as np
 
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
-from hpckfac.bench.report import Parser, check_outputs, make_parent, median, write_json
+from hpckfac.bench.report import Parser, check_outputs, make_parent, median, one_process, write_json
 from hpckfac.comm.communicator import reduction_algorithm
 from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, plan_buckets
 from hpckfac.stages.engine import ITERATION_STAGES
@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
     parser.add_argument("--png", help="stacked-bar plot of the predictions")
     _machine_args(parser)
     args = parser.parse_args(argv)
+    one_process(parser)
     check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])
     if args.batch is None:  # a strong study at up to 4096 GPUs needs a global batch that splits over them all
         args.batch = 32 if args.mode == "weak" else 32768

@@ -135,6 +135,19 @@ def check_outputs(parser: argparse.ArgumentParser, files: Sequence[tuple[str, st
         parser.error(problem)
 
 
+def one_process(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """``parser.error`` on every rank when the job has several ranks: a benchmark of one process
+    (``what``, e.g. ``--combine``, names the mode; empty: the whole benchmark) would run once per
+    rank, each copy printing the same tables and writing the same files, and timing it beside
+    its own copies."""
+    from mpi4py import MPI
+
+    size = MPI.COMM_WORLD.Get_size()
+    if size > 1:
+        parser.error(f"{what + ' ' if what else ''}runs in one process, not under mpiexec with {size} ranks: "
+                     f"run it without mpiexec (or with -n 1)")
+
+
 def make_parent(path: str | os.PathLike) -> None:
     """Create the folders above ``path`` that do not exist yet (``check_outputs`` accepted them)."""
     directory = os.path.dirname(os.fspath(path))

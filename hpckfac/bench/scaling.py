@@ -46,7 +46,7 @@ import numpy as np
 
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
-from hpckfac.bench.report import Parser, check_outputs, make_parent, median, write_json
+from hpckfac.bench.report import Parser, check_outputs, make_parent, median, one_process, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
@@ -361,6 +361,8 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                         help="merge these results (runs at different rank counts); no MPI run")
     args = parser.parse_args(argv)
+    if args.combine:
+        one_process(parser, "--combine")
     check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])
     if args.scale is None:
         args.scale = DEFAULT_SCALE[args.model]
