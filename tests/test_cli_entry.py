@@ -100,3 +100,18 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(conv, "main", fail)
     with pytest.raises(RuntimeError, match="a bug"):
         bench(["conv"])
+
+
+@pytest.mark.parametrize("argv", [["step", "--depth", "7"], ["step", "--width", "0"],
+                                  ["step", "--statistics-fraction", "nan"], ["step", "--batch", "100000000"],
+                                  ["step", "--batch", "1", "--model", "resnet50", "--image", "32"]])
+def test_bad_sizes_are_refused_by_their_flag_before_anything_is_built(argv, capsys, monkeypatch):
+    from hpckfac.bench import step
+    from hpckfac.bench.__main__ import main as bench
+
+    monkeypatch.setattr(step, "Runner", None)  # nothing may be built
+    with pytest.raises(SystemExit) as done:
+        bench(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m hpckfac.bench step: error: ") and argv[1] in err[-1]

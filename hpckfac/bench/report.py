@@ -135,6 +135,39 @@ def check_outputs(parser: argparse.ArgumentParser, files: Sequence[tuple[str, st
         parser.error(problem)
 
 
+def host_memory() -> int | None:
+    """Bytes of memory of this machine (``MemTotal``), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_memory(parser: argparse.ArgumentParser, per_rank: int, flags: str) -> None:
+    """``parser.error`` (one line, exit 2, every rank) when ranks that each need at least
+    ``per_rank`` bytes of host memory cannot fit on their machine together, before anything is
+    allocated: past that, an allocation fails with an error far from its cause, or the kernel
+    kills a rank and the others wait. ``flags`` names the options that set the size. A collective
+    of COMM_WORLD: call it on every rank."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    sharing = node.Get_size()
+    node.Free()
+    total = host_memory()
+    problem = None
+    if total is not None and per_rank * sharing > total:
+        problem = (f"{flags}: need at least {per_rank / 2**30:.1f} GiB per rank"
+                   f"{f' ({sharing} ranks on this machine)' if sharing > 1 else ''}, more than the "
+                   f"{total / 2**30:.1f} GiB of this machine")
+    if world.Get_size() > 1:  # every rank must exit alike; a machine of the job may differ
+        problem = next((p for p in world.allgather(problem) if p), None)
+    if problem:
+        parser.error(problem)
+
+
 def one_process(parser: argparse.ArgumentParser, what: str = "") -> None:
     """``parser.error`` on every rank when the job has several ranks: a benchmark of one process
     (``what``, e.g. ``--combine``, names the mode; empty: the whole benchmark) would run once per

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from hpckfac.bench.profile import profile_steps
-from hpckfac.bench.report import Parser, check_outputs, make_parent, median, progress, time_calls, write_json
+from hpckfac.bench.report import (Parser, check_memory, check_outputs, make_parent, median, progress, time_calls,
+                                  write_json)
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50
 from hpckfac.stages.engine import ITERATION_STAGES
@@ -84,6 +85,22 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         parser.error("--warmup must be >= 0")
     if args.profile_steps < 1:
         parser.error("--profile-steps must be positive")
+    if args.model == "cifar" and (args.depth < 8 or (args.depth - 2) % 6):
+        parser.error(f"--depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {args.depth}")
+    if args.width < 1:
+        parser.error(f"--width must be positive, got {args.width}")
+    if not 0 < args.statistics_fraction <= 1:  # NaN fails too
+        parser.error(f"--statistics-fraction must be in (0, 1], got {args.statistics_fraction}")
+    # Training-mode BatchNorm needs two values per channel: the last stage's map (the input
+    # halved 2 times by the CIFAR ResNet, 5 by ResNet-50) times the batch.
+    last = -(-args.image // (4 if args.model == "cifar" else 32))
+    if args.batch * last ** 2 < 2:
+        parser.error(f"--batch {args.batch} with --image {args.image} leaves BatchNorm one value per channel "
+                     f"in the last stage: use --batch >= 2 or a larger --image")
+    # Every configuration keeps its own batch (and the activations of its first convolution
+    # for the backward pass), drawn on the host first: a lower bound of what a rank needs.
+    first = args.width * args.image ** 2 if args.model == "cifar" else 64 * ((args.image + 1) // 2) ** 2
+    check_memory(parser, len(args.configs) * 4 * args.batch * (3 * args.image ** 2 + first + 2), "--batch, --image")
     return args
 
 
