@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpckfac.bench.report import Parser, check_outputs, median, progress, time_calls, write_json
+from hpckfac.bench.report import Parser, check_memory, check_outputs, median, progress, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.comm.ring import chunk_bounds
 from hpckfac.tables import format_table
@@ -55,6 +55,15 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         parser.error("--min-bytes must not exceed --max-bytes")
     if args.max_bytes > MAX_BYTES:
         parser.error(f"--max-bytes must be at most {MAX_BYTES >> 30} GiB (each rank allocates several buffers of it)")
+    itemsize = np.dtype(args.dtype).itemsize
+    if args.min_bytes % itemsize:  # the larger sizes are multiples of it
+        parser.error(f"--min-bytes must be a multiple of the {itemsize} bytes of a {args.dtype} element, "
+                     f"got {args.min_bytes} (a buffer holds whole elements: the size would be wrong)")
+    # The buffer and, with several ranks, about as much again (results, the ring's scratch).
+    from mpi4py import MPI
+
+    largest = sizes(args.min_bytes, args.max_bytes)[-1]
+    check_memory(parser, largest * (1 if MPI.COMM_WORLD.Get_size() == 1 else 2), "--max-bytes")
     return args
 
 

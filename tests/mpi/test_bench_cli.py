@@ -29,3 +29,21 @@ def test_one_process_benchmarks_refuse_several_ranks(comm, argv, capsys):
         assert err == ""  # one copy of the answer
     assert time.perf_counter() - start < 10.0
     comm.barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("argv", [["comm", "--min-bytes", "4096", "--max-bytes", str(2**30)],
+                                  ["step", "--batch", "65536", "--steps", "1"]])
+def test_sizes_beyond_one_machine_are_refused_on_every_rank(comm, argv, capsys, monkeypatch):
+    """Only the last rank's machine is too small: every rank still ends, alike and at once."""
+    from hpckfac.bench import report
+
+    last = comm.rank == comm.size - 1
+    monkeypatch.setattr(report, "host_memory", lambda: 2**28 if last else 2**50)
+    start = time.perf_counter()
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    if comm.rank == 0:
+        assert "GiB of this machine" in err.splitlines()[-1] and "error: --" in err.splitlines()[-1]
+    assert time.perf_counter() - start < 10.0
+    comm.barrier()
