@@ -46,7 +46,7 @@ import numpy as np
 
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
-from hpckfac.bench.report import Parser, check_outputs, make_parent, median, one_process, write_json
+from hpckfac.bench.report import Parser, check_memory, check_outputs, make_parent, median, one_process, progress, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
@@ -170,7 +170,7 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
     for _ in range(args.warmup):
         it()
     per_iteration = []
-    for _ in range(args.repeat):
+    for _ in progress(range(args.repeat), f"{assignment} iterations", enabled=comm.rank == 0):
         it.clock()
         comm.barrier()
         start = time.perf_counter()
@@ -268,7 +268,8 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
         eff.set_ylabel(f"efficiency vs {base.pop()} rank(s)" if len(base) == 1 else "efficiency")
     # Beside the panels, not over the first bars.
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="center right", fontsize=8)
+    # markerscale: the iteration's wide tick, drawn at full size, would run over its own label.
+    fig.legend(handles, names, loc="center right", fontsize=8, markerscale=0.5)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 1))
     make_parent(path)
@@ -373,7 +374,31 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         raise ValueError(f"warmup: expected an integer >= 0, got {args.warmup!r}")
     if args.image is None:
         args.image = shapes.MODELS[args.model][1]
+    if args.image < 1:
+        parser.error(f"--image must be positive, got {args.image}")
+    if args.combine:
+        return args
+    from mpi4py import MPI
+
+    ranks = MPI.COMM_WORLD.Get_size()
+    if args.mode == "strong" and args.batch % ranks:
+        parser.error(f"--batch: strong scaling splits the global batch over the ranks; {args.batch} does not "
+                     f"split evenly over {ranks}")
+    try:
+        model = shapes.scaled(shapes.get(args.model, args.image), args.scale)
+    except RuntimeError as exc:  # a map shrunk below a kernel on the way through the model
+        parser.error(f"--image {args.image} is too small for {args.model} ({str(exc).splitlines()[0]})")
+    # The synthetic inputs and output gradients, drawn on the host first: a lower bound of a rank's needs.
+    check_memory(parser, 4 * local_batch(args, ranks) * sum(tensor_elements(s) for s in model.layers),
+                 "--batch, --image, --scale")
     return args
+
+
+def tensor_elements(layer: shapes.KronShape | shapes.BatchNormShape) -> int:
+    """Elements per example of ``layer``'s input and output gradient (``synthetic_tensors``)."""
+    if isinstance(layer, shapes.BatchNormShape):
+        return 2 * layer.channels * layer.h * layer.h
+    return layer.c_in * layer.h_in ** 2 + layer.c_out * layer.h_out ** 2
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:

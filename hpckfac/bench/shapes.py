@@ -185,7 +185,8 @@ def small_cnn(image: int = 8) -> ModelShapes:
     """The trainer's CNN on its built-in digits (``hpckfac.models.digits_cnn``, ResNet-8 on 1-channel images)."""
     from hpckfac.models import digits_cnn
 
-    return from_torch("small", digits_cnn(), (1, 1, image, image))
+    # A batch of zero examples: the shapes without the activations (which grow with the image).
+    return from_torch("small", digits_cnn(), (0, 1, image, image))
 
 
 MODELS = {"resnet50": (resnet50, 224), "small": (small_cnn, 8)}

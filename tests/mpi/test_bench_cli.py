@@ -33,7 +33,8 @@ def test_one_process_benchmarks_refuse_several_ranks(comm, argv, capsys):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("argv", [["comm", "--min-bytes", "4096", "--max-bytes", str(2**30)],
-                                  ["step", "--batch", "65536", "--steps", "1"]])
+                                  ["step", "--batch", "65536", "--steps", "1"],
+                                  ["scaling", "--model", "small", "--batch", str(2**20), "--mode", "weak"]])
 def test_sizes_beyond_one_machine_are_refused_on_every_rank(comm, argv, capsys, monkeypatch):
     """Only the last rank's machine is too small: every rank still ends, alike and at once."""
     from hpckfac.bench import report
