@@ -56,7 +56,9 @@ def test_every_train_and_benchmark_flag_has_help_text(monkeypatch):
                                   ["model", "--png", "FILE/sub/x.png"], ["convergence", "--out", "FILE/x"],
                                   ["step", "--profile", "DIR"], ["comm", "--min-bytes", "6"],
                                   ["comm", "--min-bytes", "4", "--dtype", "float64"],
-                                  ["scaling", "--image", "0"], ["scaling", "--model", "small", "--image", "100000"]])
+                                  ["scaling", "--image", "0"], ["scaling", "--model", "small", "--image", "100000"],
+                                  ["model", "--measure", "0"], ["model", "--cores", "0"], ["model", "--ranks", "100000000"],
+                                  ["model", "--calibrate", "DIR"]])
 def test_bad_benchmark_arguments_give_one_line(argv, capsys, tmp_path):
     """Each fails before it runs anything (an output path that cannot be written included)."""
     from hpckfac.bench.__main__ import main as bench

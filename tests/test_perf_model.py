@@ -300,8 +300,9 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert result["otu18"]["ms_per_iteration"] == pytest.approx(600_000 / 1760)
     assert [r["ranks"] for r in result["predictions"]["v100-edr"]["rows"]] == [1, 8, 1024]
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(SystemExit):
         model.main(["--batch", "0"])
+    assert "error: --batch: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert math.isfinite(result["predictions"]["h100-ndr"]["rows"][-1]["total_ms"])
 
 

@@ -385,7 +385,7 @@ def plot_predictions(tables: dict[str, list[dict[str, Any]]], path: str, title: 
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 1))
     make_parent(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend's longest name stays inside the image
     plt.close(fig)
 
 
@@ -435,7 +435,11 @@ def measure_rates(model: shapes.ModelShapes, batch: int, repeat: int = 5) -> dic
 
 
 def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    with open(path, encoding="utf-8") as fh:
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--calibrate {path}: {exc.strerror}") from None
+    with fh:
         try:
             payload = json.load(fh)
             return payload["config"], payload["results"]["runs"]
@@ -461,6 +465,9 @@ def _machine_args(parser: argparse.ArgumentParser) -> None:
     for field in ("factor_flops", "inverse_rate", "gemm_flops", "alpha", "beta", "train_flops"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=_rate(field in ("alpha", "beta")), default=None,
                             help=f"override the presets' {field}")
+
+
+MAX_RANKS = 2**20  # seconds of work per prediction up to here; minutes and gigabytes beyond
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench model") -> int:
@@ -498,15 +505,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
     check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])
     if args.batch is None:  # a strong study at up to 4096 GPUs needs a global batch that splits over them all
         args.batch = 32 if args.mode == "weak" else 32768
-    for name in ("batch", "factor_interval", "inverse_interval"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
+    for name in ("batch", "factor_interval", "inverse_interval", "measure", "cores"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)!r}")
     try:
         ranks = [int(p) for p in args.ranks.split(",")]
     except ValueError:
         ranks = []
     if not ranks or min(ranks) < 1:
         raise ValueError(f"--ranks: expected comma-separated integers >= 1, got {args.ranks!r}")
+    if max(ranks) > MAX_RANKS:  # the owner assignment and buffer layout are built per rank
+        parser.error(f"--ranks: at most {MAX_RANKS} ranks, got {max(ranks)}")
     if args.mode == "strong":
         check_strong_batch(args.batch, ranks)
     results: dict[str, Any] = {}
@@ -515,7 +524,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
         import os
 
         config, runs = _load_runs(args.calibrate)
-        cores = args.cores or os.cpu_count() or 1
+        cores = args.cores or os.cpu_count() or 1  # --cores 0 or less was refused above
         for method in sorted({r["assignment"] for r in runs}):
             mine = [r for r in runs if r["assignment"] == method]
             machine = calibrate(config, mine, cores)
