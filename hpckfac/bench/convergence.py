@@ -154,6 +154,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
     comm = Communicator()
     n_train = len(load_dataset().x_train)
     studies = QUICK if args.quick else FULL
+    # Every study's global batch must split over the ranks: found here, not after the studies
+    # before the one that does not split have run.
+    uneven = sorted({study.batch or n_train for study in studies if (study.batch or n_train) % comm.size})
+    if uneven:
+        fits = [p for p in range(1, comm.size) if all((s.batch or n_train) % p == 0 for s in studies)]
+        parser.error(f"the global batches {', '.join(str(s.batch or n_train) for s in studies)} (the last: every "
+                     f"training example) do not all split evenly over {comm.size} ranks: run with "
+                     f"{' or '.join(map(str, fits))} rank(s)")
     say = print if comm.rank == 0 else (lambda *a, **k: None)
     say(f"convergence study on digits ({n_train} training examples), {comm.size} rank(s), "
         f"{torch.get_num_threads()} torch thread(s) per rank (hpckfac.threads)")

@@ -48,3 +48,21 @@ def test_sizes_beyond_one_machine_are_refused_on_every_rank(comm, argv, capsys, 
         assert "GiB of this machine" in err.splitlines()[-1] and "error: --" in err.splitlines()[-1]
     assert time.perf_counter() - start < 10.0
     comm.barrier()
+
+
+@pytest.mark.mpi
+def test_convergence_refuses_rank_counts_its_batches_do_not_split_over(comm, capsys, monkeypatch):
+    """At 3 or 4 ranks a study would fail, the batch-128 one at once, the full-batch one (1438
+    examples) only after minutes of the other: every rank says so before the first run."""
+    from hpckfac.bench import convergence
+
+    if comm.size <= 2:
+        return  # both batches split: the study runs (tests/test_train_convergence.py)
+    monkeypatch.setattr(convergence, "run_one", None)  # nothing may be trained
+    start = time.perf_counter()
+    assert exit_code(["convergence", "--quick"]) == 2
+    if comm.rank == 0:
+        assert f"do not all split evenly over {comm.size} ranks: run with 1 or 2 rank(s)" in \
+            capsys.readouterr().err.splitlines()[-1]
+    assert time.perf_counter() - start < 10.0
+    comm.barrier()
