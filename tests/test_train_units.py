@@ -400,3 +400,16 @@ def test_plots_are_png(tmp_path):
                 str(tmp_path / "c.png"), targets=(0.95, 0.97))
     for name in ("h.png", "c.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_curves_that_stay_below_half_are_in_view(tmp_path, monkeypatch):
+    """The accuracy axis starts at 50%, lower where a run never gets there (a short full-batch run)."""
+    from hpckfac.train import plot
+
+    limits = []
+    monkeypatch.setattr(plot, "_save", lambda fig, path: limits.extend(ax.get_ylim() for ax in fig.axes[:2]))
+    low = [{"step": s, "loss": 2.0, "test_acc": 0.1 + 0.02 * s} for s in range(1, 7)]
+    high = [dict(r, test_acc=0.2 + 0.1 * r["step"]) for r in low]
+    plot_curves([("high", {"a": [high]}), ("low", {"a": [low], "b": [high]})], str(tmp_path / "c.png"))
+    assert limits[0] == (50, 100)  # the top row: accuracy, one panel per study
+    assert limits[1][0] <= 100 * max(r["test_acc"] for r in low) - 5 and limits[1][1] == 100

@@ -50,7 +50,10 @@ def plot_curves(panels: Sequence[tuple[str, dict[str, Sequence[Sequence[dict]]]]
                 loss_ax.plot(steps, [r["loss"] for r in records], **style)
         for target in targets:
             acc_ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
-        acc_ax.set_ylim(50, 100)
+        # From 50% (the targets' neighbourhood), lower where a run stays below it all the way.
+        lowest = min((max(100 * r["test_acc"] for r in records) for runs in curves.values() for records in runs
+                      if records), default=50.0)
+        acc_ax.set_ylim(max(0.0, min(50.0, lowest - 5.0)), 100)
         acc_ax.set_ylabel("test accuracy (%)")
         acc_ax.set_title(panel_title)
         loss_ax.set_yscale("log")
@@ -58,7 +61,7 @@ def plot_curves(panels: Sequence[tuple[str, dict[str, Sequence[Sequence[dict]]]]
         for ax in (acc_ax, loss_ax):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend(loc="lower right" if ax is acc_ax else "upper right")
+            ax.legend(loc="best")  # where it covers the fewest points of the curves
     if title:
         fig.suptitle(title)
     _save(fig, path)
