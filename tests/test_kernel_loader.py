@@ -61,3 +61,17 @@ def test_a_missing_header_is_named(no_system_cuda):
     fake_tree(no_system_cuda / "site" / "nvidia", {"cu13/include": ("cuda_fp16.h", "cuda_bf16.h", "mma.h")})
     with pytest.raises(cuda_module.KernelBuildError, match=r"CUDA header crt/mma\.h not found"):
         cuda_module.include_dirs(13)
+
+
+def test_module_code_changes_with_the_included_header(monkeypatch, tmp_path):
+    # CuPy's on-disk cache keys a binary by the code string only: an edit of common.cuh must
+    # change the code of every source that includes it, or the old binary is loaded.
+    for name in cuda_module.source_names() + ["common.cuh"]:
+        (tmp_path / name).write_text(cuda_module.source(name), encoding="utf-8")
+    monkeypatch.setattr(cuda_module, "kernel_dir", lambda: tmp_path)
+    before = {name: cuda_module.module_code(name) for name in cuda_module.source_names()}
+    assert all(code.startswith(cuda_module.source(name)) for name, code in before.items())
+    assert before == {name: cuda_module.module_code(name) for name in cuda_module.source_names()}
+    (tmp_path / "common.cuh").write_text(cuda_module.source("common.cuh") + "\n// edited\n", encoding="utf-8")
+    after = {name: cuda_module.module_code(name) for name in cuda_module.source_names()}
+    assert all(after[name] != before[name] for name in before)

@@ -4,7 +4,8 @@ Each source file is compiled by CuPy's NVRTC backend (``cupy.RawModule``) with
 every kernel instantiation it provides (``name_expressions``), once per
 process for each (file, options, device architecture, instantiations); CuPy
 keeps the loaded module per device and caches the binary on disk across
-processes.
+processes, keyed by the code it is given: ``module_code`` appends a digest of
+the ``.cuh`` headers, which CuPy's key would otherwise miss.
 
 The instantiations a file provides are listed here and nowhere else:
 ``tests/test_kernels_compile.py`` compiles the same sources with ``nvcc`` for
@@ -26,6 +27,7 @@ Importing this module does not import CuPy.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import os
@@ -83,6 +85,17 @@ def kernel_dir() -> Path:
 def source(file: str) -> str:
     """Text of the CUDA source ``file`` (e.g. ``"pack.cu"``)."""
     return (kernel_dir() / file).read_text(encoding="utf-8")
+
+
+def module_code(file: str) -> str:
+    """The text NVRTC compiles for ``file``: its source, then a comment holding a digest of
+    the headers in ``kernels/`` (``*.cuh``). CuPy's on-disk cache keys a binary by the source
+    text and the options alone, not by what the source includes, so without the digest an
+    edit of ``common.cuh`` alone would load the binary built from the old header."""
+    digest = hashlib.sha256()
+    for header in sorted(kernel_dir().glob("*.cuh")):
+        digest.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
+    return f"{source(file)}\n// headers: sha256 {digest.hexdigest()}\n"
 
 
 def source_names() -> list[str]:
@@ -221,7 +234,7 @@ def module(file: str) -> Any:
     with _lock:
         mod = _modules.get(key)
         if mod is None:
-            mod = cupy.RawModule(code=source(file), options=opts, name_expressions=names)
+            mod = cupy.RawModule(code=module_code(file), options=opts, name_expressions=names)
             _modules[key] = mod
     return mod
 
