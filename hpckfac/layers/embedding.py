@@ -68,6 +68,8 @@ class EmbeddingBlock(CurvatureBlock):
         token's count stays 0."""
         if getattr(getattr(a, "dtype", None), "kind", None) not in ("i", "u"):
             raise ValueError(f"a: block {self.name!r} expects integer token indices, got {getattr(a, 'dtype', None)}")
+        # On a GPU, cupy.bincount reads back twice (its check for negative indices, the maximum
+        # for the output's length): two waits for the device per factor step (docs/gpu.md).
         counts = array_module(a).bincount(a.reshape(-1), minlength=self.num_embeddings)
         if counts.shape[0] != self.num_embeddings:
             raise ValueError(f"a: token index {counts.shape[0] - 1} is outside the table of {self.name!r}")
