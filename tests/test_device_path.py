@@ -22,7 +22,9 @@ from hpckfac.torch import KFACPreconditioner
 
 # Where CuPy and a GPU are present the device tests also run on CuPy.
 CUDA = importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
-OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_interval=4, kl_clip=1e-3)
+# The PReLU of model_and_data() is kept first-order, so that a step also averages a parameter by the ring.
+OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_interval=4, kl_clip=1e-3,
+               skip_layers=[nn.PReLU])
 
 
 @contextlib.contextmanager
@@ -41,7 +43,8 @@ def device_path():
 
 def model_and_data():
     torch.manual_seed(0)
-    # PReLU's weight is a first-order parameter: averaged by the ring allreduce on the device too.
+    # PReLU's weight is a first-order parameter (OPTIONS' skip_layers): averaged by the ring allreduce on the
+    # device too.
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.PReLU(4), nn.Flatten(),
                           nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3, bias=False)).double()
     gen = torch.Generator().manual_seed(1)
