@@ -7,7 +7,7 @@ from mpi4py import MPI
 
 from hpckfac.comm import Communicator
 from hpckfac.layers import (BatchNormBlock, ConvBlock, ConvTransposeBlock, EmbeddingBlock, GroupNormBlock,
-                            InstanceNormBlock, LayerNormBlock, LinearBlock, RMSNormBlock)
+                            InstanceNormBlock, LayerNormBlock, LinearBlock, PReLUBlock, RMSNormBlock)
 from hpckfac.stages.engine import KFACEngine
 
 BLOCKS = [
@@ -19,6 +19,7 @@ BLOCKS = [
     BatchNormBlock("bn", 5, 1e-5), LayerNormBlock("ln", (2, 3), 1e-5),
     LayerNormBlock("ln_nobias", 4, 1e-5, bias=False), GroupNormBlock("gn", 2, 6, 1e-5),
     InstanceNormBlock("in", 4, 1e-5, spatial_dims=2), RMSNormBlock("rms", (2, 3)), EmbeddingBlock("emb", 7, 3),
+    PReLUBlock("prelu", 3), PReLUBlock("prelu_shared"),
 ]
 
 
@@ -73,5 +74,5 @@ def inputs(block, rng):
         out = block.output_size(size)
         return a, rng.standard_normal((4, block.out_channels, *out))
     shape = {"bn": (4, 5, 3), "ln": (4, 2, 3), "ln_nobias": (4, 4), "gn": (4, 6, 2), "in": (4, 4, 2, 3),
-             "rms": (4, 5, 2, 3)}[block.name]
+             "rms": (4, 5, 2, 3), "prelu": (4, 3, 2, 2), "prelu_shared": (4, 5)}[block.name]
     return rng.standard_normal(shape), rng.standard_normal(shape)

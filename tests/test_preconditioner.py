@@ -530,22 +530,22 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), skip_layers=["7"])
     text = repr(precond)
     lines = {line.split()[0]: line for line in text.splitlines()[1:]}
-    assert "4 of 7 layers with parameters preconditioned" in text.splitlines()[0]
+    assert "5 of 7 layers with parameters preconditioned" in text.splitlines()[0]
     assert "K-FAC (A 19x19, G 4x4)" in lines["0"] and "K-FAC (4 units, 2x2 each)" in lines["1"]
     assert "K-FAC (A 37x37" in lines["2"]
     assert "first-order: padding: 'same' with an even" in lines["3"]
     assert "K-FAC (2 groups of A 19x19, G 2x2)" in lines["4"]
-    assert "first-order: no curvature block for this type (averaged only: weight)" in lines["5"]
+    assert "K-FAC (1 slope, 1x1)" in lines["5"]
     assert "first-order: in skip_layers" in lines["7"]
     attention = repr(KFACPreconditioner(nn.MultiheadAttention(4, 2), comm=Communicator(MPI.COMM_SELF)))
-    assert "(averaged only: in_proj_weight, in_proj_bias)" in attention
+    assert "first-order: no curvature block for this type (averaged only: in_proj_weight, in_proj_bias)" in attention
     # "same" at stride 1 with an odd kernel is plain symmetric padding: the factors match padding=1.
     x = torch.randn(3, 2, 5, 5)
     blocks = [KFACPreconditioner(nn.Sequential(nn.Conv2d(2, 4, 3, padding=p)), comm=Communicator(MPI.COMM_SELF))
               .engine.blocks[0] for p in ("same", 1)]
     assert np.array_equal(blocks[0].a_rows(x.numpy()), blocks[1].a_rows(x.numpy()))
     with caplog.at_level("WARNING", logger="hpckfac"):
-        KFACPreconditioner(nn.Sequential(nn.PReLU()), comm=Communicator(MPI.COMM_SELF))
+        KFACPreconditioner(nn.Sequential(nn.GRU(2, 2)), comm=Communicator(MPI.COMM_SELF))
     assert "no layer of the model is preconditioned" in caplog.text
 
 

@@ -10,7 +10,7 @@ parent's builder unless it has its own. The block covers the module's
 
 Built in: ``Linear``, ``Conv1d/2d/3d`` (groups included), ``ConvTranspose1d/2d/3d``,
 ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm`` (torch >= 2.4), ``GroupNorm``,
-``InstanceNorm1d/2d/3d`` and ``Embedding``. A type of your own that computes one of these
+``InstanceNorm1d/2d/3d``, ``Embedding`` and ``PReLU``. A type of your own that computes one of these
 (Hugging Face's GPT-2 ``Conv1D`` is a Linear with an ``(in, out)`` weight) is one call::
 
     from hpckfac.layers import LinearBlock
@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hpckfac.layers import (BatchNormBlock, ConvBlock, ConvTransposeBlock, CurvatureBlock, EmbeddingBlock,
-                            GroupNormBlock, InstanceNormBlock, LayerNormBlock, LinearBlock, RMSNormBlock)
+                            GroupNormBlock, InstanceNormBlock, LayerNormBlock, LinearBlock, PReLUBlock,
+                            RMSNormBlock)
 
 Builder = Callable[[str, nn.Module], "CurvatureBlock | None"]
 
@@ -200,11 +201,16 @@ def _embedding(name: str, module: nn.Embedding) -> EmbeddingBlock:
     return EmbeddingBlock(name, module.num_embeddings, module.embedding_dim, module.padding_idx)
 
 
+def _prelu(name: str, module: nn.PReLU) -> PReLUBlock:
+    return PReLUBlock(name, module.num_parameters)
+
+
 for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
                       (nn.ConvTranspose1d, _conv_transpose), (nn.ConvTranspose2d, _conv_transpose),
                       (nn.ConvTranspose3d, _conv_transpose), (nn.modules.batchnorm._BatchNorm, _batchnorm),
                       (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm), (nn.InstanceNorm1d, _instancenorm(1)),
-                      (nn.InstanceNorm2d, _instancenorm(2)), (nn.InstanceNorm3d, _instancenorm(3))):
+                      (nn.InstanceNorm2d, _instancenorm(2)), (nn.InstanceNorm3d, _instancenorm(3)),
+                      (nn.PReLU, _prelu)):
     register_layer(_type, _build)
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register_layer(nn.RMSNorm, _rmsnorm)
