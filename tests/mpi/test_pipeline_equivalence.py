@@ -111,6 +111,22 @@ class RMSNormModel(nn.Module):
         return self.head(h.flatten(1))
 
 
+class PReLUModel(nn.Module):
+    """PReLU with a slope per channel on a convolution's maps and on the logits, and one slope
+    shared by a sequence's features: full Fishers of the slopes from per-example statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.maps = nn.Conv2d(2, 4, 3, padding=1), nn.PReLU(4)
+        self.seq, self.shared = nn.Linear(4, 3), nn.PReLU()
+        self.head, self.logits = nn.Linear(3 * 36, 4), nn.PReLU(4)
+
+    def forward(self, x):
+        h = self.maps(self.conv(x))                                          # (B, 4, 6, 6)
+        h = self.shared(self.seq(h.flatten(2).transpose(1, 2)))             # (B, 36, 3)
+        return self.logits(self.head(h.flatten(1)))                         # (B, 4)
+
+
 class SequenceFirstModel(nn.Module):
     """LayerNorm and Linear on a sequence-first ``(positions, batch, features)`` view of the image
     (PyTorch's ``batch_first=False`` layout), then a Linear head on the batch-first mean. Nine
@@ -249,8 +265,9 @@ def test_every_block_kind_equals_one_process(comm, device):
     not CUDA, reason="needs CuPy and a CUDA device"))])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("make,kind,count", [(InstanceNormModel, "InstanceNormBlock", 3),
-                                             (RMSNormModel, "RMSNormBlock", 2)], ids=["instancenorm", "rmsnorm"])
-def test_per_example_norm_kind_equals_one_process_and_the_whole_batch(comm, device, fraction, make, kind, count):
+                                             (RMSNormModel, "RMSNormBlock", 2), (PReLUModel, "PReLUBlock", 3)],
+                         ids=["instancenorm", "rmsnorm", "prelu"])
+def test_per_example_kind_equals_one_process_and_the_whole_batch(comm, device, fraction, make, kind, count):
     options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2,
                    statistics_fraction=fraction)
     dist, nus = check(make, (2, 6, 6), 4, comm, device, **options)
