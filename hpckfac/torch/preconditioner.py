@@ -53,9 +53,8 @@ class KFACPreconditioner:
 
     Call ``step()`` after the backward pass(es) of a step and before
     ``optimizer.step()``; every rank must call it. Modules of every registered
-    kind (``hpckfac.torch.register_layer``; built in: Linear, Conv and
-    ConvTranspose 1d/2d/3d with groups, affine BatchNorm, LayerNorm,
-    RMSNorm, GroupNorm and InstanceNorm, Embedding) are preconditioned unless in ``skip_layers``; all
+    kind (``hpckfac.torch.register_layer``; the built-in kinds are listed in
+    ``hpckfac.torch.registry`` and docs/preconditioner.md) are preconditioned unless in ``skip_layers``; all
     other parameters are averaged over ranks (``allreduce_gradients``'s fused allreduce). A parameter
     shared by two such modules (tied weights) is preconditioned by neither:
     its curvature is the sum of both layers', which no single block describes
