@@ -246,6 +246,41 @@ def test_a_checkpoint_only_some_ranks_can_read_is_an_error_not_a_hang(tmp_path):
         "(resume: no checkpoint file or directory at run)"), proc.stderr
 
 
+@pytest.mark.parametrize("case", ["steps", "weights"])
+def test_ranks_that_resume_different_checkpoints_fail_together(tmp_path, case):
+    """``--resume`` may name another path on each node: ranks that read checkpoints of
+    different steps ran different numbers of steps (the job ended when the first rank left,
+    naming no cause), and SGD replicas resumed from different weights of the same step
+    trained apart to the end with status 0."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run([sys.executable, "-m", "hpckfac", "train", "--optimizer", "sgd", "--steps", "6",
+                            "--batch-size", "16", "--width", "4", "--no-progress", "--checkpoint-every", "2",
+                            "--out", str(run_dir)], capture_output=True, text=True, timeout=120, env=ENV)
+    assert first.returncode == 0, first.stderr
+    from hpckfac.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    mine = checkpoint_path(str(run_dir / "checkpoints"), 2)
+    theirs = checkpoint_path(str(run_dir / "checkpoints"), 4)
+    if case == "weights":  # the same step, another rank's copy with other weights
+        state = load_checkpoint(mine)
+        name = next(iter(state["model"]))
+        state["model"][name] = state["model"][name] + 1e-3
+        theirs = str(tmp_path / "other.pt")
+        save_checkpoint(theirs, state)
+    proc = run(tmp_path, f"""
+        import sys
+        from mpi4py import MPI
+        from hpckfac.train import cli
+        path = {mine!r} if MPI.COMM_WORLD.Get_rank() == 0 else {theirs!r}
+        sys.exit(cli.main(["--resume", path, "--no-progress", "--checkpoint-every", "0"]))
+    """, timeout=90)
+    assert proc.returncode == 1, proc.stderr
+    expected = ("(step 2 on rank 0, step 4 on rank 1)" if case == "steps" else
+                "of step 2 (stem.0.weight has 2 different values (ranks [0]; ranks [1]))")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"hpckfac train: error: --resume: the ranks resumed from different checkpoints {expected}; every rank "
+        "must resume from the same one"), proc.stderr
+
+
 def test_ranks_started_with_different_settings_fail_together(tmp_path):
     proc = run(tmp_path, """
         import sys

@@ -171,6 +171,7 @@ class Trainer:
         self._interval = np.zeros(3)  # loss sum, correct, examples since the last evaluation (this rank)
         if config.resume:
             agree(self.comm, lambda: self._resume(config.resume), "resuming")
+            self._check_resumed_alike()
 
     # --------------------------------------------------------------- setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -199,6 +200,26 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc).splitlines()[0]})") from None
         self.step, self.wall, self.records = int(state["step"]), float(state["wall"]), list(state["history"])
         _log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_resumed_alike(self) -> None:
+        """Raise CollectiveMismatchError on every rank unless every rank resumed the same state.
+
+        ``--resume`` may name another path on each node, and nothing else compares what the
+        ranks read there: ranks at different steps run different numbers of steps (the job
+        ended only when the first rank left, with no cause named), and SGD/Adam replicas
+        resumed from different weights would train apart until the next checkpoint."""
+        from hpckfac.comm import CollectiveMismatchError
+        from hpckfac.torch.distributed import replica_difference
+
+        steps = self.comm.allgather_object(self.step, what="the resumed step")
+        if len(set(steps)) > 1:
+            held = ", ".join(f"step {s} on rank {r}" for r, s in enumerate(steps) if r == 0 or s != steps[0])
+            raise CollectiveMismatchError(f"--resume: the ranks resumed from different checkpoints ({held}); "
+                                          "every rank must resume from the same one")
+        found = replica_difference(self.model, self.comm)
+        if found is not None:
+            raise CollectiveMismatchError(f"--resume: the ranks resumed from different checkpoints of step "
+                                          f"{self.step} ({found}); every rank must resume from the same one")
 
     # ---------------------------------------------------------------- step
     def train_step(self) -> tuple[float, float, float]:
