@@ -36,6 +36,22 @@ def test_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
     assert proc.stderr.count("aborting the job]") == 1, proc.stderr  # said once, even where MPI_Abort returns
 
 
+def test_a_rank_ended_by_sigterm_ends_the_job_through_the_launcher(tmp_path):
+    """SIGTERM is no exception to Python: no hook runs and no line of hpckfac's is printed
+    (docs/training.md, "Errors"), but the launcher ends the rank waiting in a collective."""
+    proc = run(tmp_path, """
+        import os, signal
+        from hpckfac.comm import Communicator
+        comm = Communicator()
+        comm.barrier()
+        if comm.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        comm.barrier()  # rank 0 would wait here forever
+    """, timeout=60)
+    assert proc.returncode != 0, proc.stderr
+    assert "aborting the job" not in proc.stderr, proc.stderr
+
+
 def test_exception_before_the_first_communicator_ends_the_job(tmp_path):
     proc = run(tmp_path, """
         from mpi4py import MPI
