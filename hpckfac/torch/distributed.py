@@ -92,6 +92,11 @@ def check_replicas(model: nn.Module, comm: Communicator | None = None, buffers: 
         raise CollectiveMismatchError(f"replicas differ: {found}")
 
 
+# The end of ``replica_difference``'s answer when the ranks' models hold different tensors, which
+# no broadcast of the weights can mend.
+DIFFERENT_MODELS = "the ranks' models differ"
+
+
 def replica_difference(model: nn.Module, comm: Communicator | None = None, buffers: bool = False) -> str | None:
     """The first difference between the ranks' tensors of ``model``, alike on every rank
     (``"0.weight has 2 different values (ranks [0]; ranks [1])"``), or None when every rank
@@ -105,6 +110,13 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     if comm.same_everywhere(digests, "check_replicas()"):  # one small allreduce when they agree
         return None
     everyone = comm.allgather_object(digests, what="check_replicas()")
+    # Tensors that some ranks lack first: compared by position, they would read as other values.
+    names = [{name for name, _ in theirs} for theirs in everyone]
+    for theirs in everyone:
+        for name, _ in theirs:
+            having = [rank for rank, held in enumerate(names) if name in held]
+            if len(having) < len(everyone):  # e.g. a module added on some ranks only
+                return f"{name} is a tensor of ranks {having} only: {DIFFERENT_MODELS}"
     for index, (name, mine) in enumerate(everyone[0]):
         holders: dict[str, list[int]] = {}
         for rank, theirs in enumerate(everyone):
@@ -113,8 +125,6 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
         if len(holders) > 1:
             groups = "; ".join(f"ranks {ranks}" for ranks in holders.values())
             return f"{name} has {len(holders)} different values ({groups})"
-    if any(len(theirs) != len(everyone[0]) for theirs in everyone):
-        return "the ranks' models have different numbers of tensors"
     return None
 
 

@@ -32,8 +32,8 @@ from hpckfac.tables import format_table
 from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.coverage import find_blocks
 from hpckfac.torch.device import model_device
-from hpckfac.torch.distributed import (agree_on_overflow, average_grads, check_model, dtype_runs, gradients_alike,
-                                      replica_difference)
+from hpckfac.torch.distributed import (DIFFERENT_MODELS, agree_on_overflow, average_grads, check_model, dtype_runs,
+                                      gradients_alike, replica_difference)
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, counts_call
 from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
@@ -438,6 +438,10 @@ class KFACPreconditioner:
         if not self._replicas_checked:
             # Averaged gradients keep replicas apart forever if they start apart: say so now.
             found = replica_difference(self.model, self.comm)
+            if found is not None and found.endswith(DIFFERENT_MODELS):
+                raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must build "
+                                              "the same model and change it alike (a module added or removed on "
+                                              "some ranks only after the KFACPreconditioner was built?)")
             if found is not None:
                 raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must "
                                               "start from the same weights: call broadcast_parameters(model, "

@@ -94,6 +94,25 @@ def test_first_step_without_broadcast_raises_on_every_rank(comm):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_first_step_names_a_module_added_on_one_rank_only(comm):
+    """A module added after construction on one rank is in no layer list that construction
+    compared; the first step() names its tensor and that broadcasting weights cannot mend it
+    (it said "different numbers of tensors" and advised broadcast_parameters)."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    if comm.rank == comm.size - 1:
+        model.add_module("extra", nn.Linear(2, 2))
+    model(torch.randn(5, 3)).sum().backward()
+    with pytest.raises(CollectiveMismatchError, match=rf"first step\(\): extra\.weight is a tensor of ranks "
+                       rf"\[{comm.size - 1}\] only: the ranks' models differ; every rank must build the same model"):
+        precond.step()
+    precond.remove_hooks()
+
+
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("same_batch", [True, False])
 def test_first_step_names_the_same_batch_on_every_rank(comm, caplog, same_batch):
     """Ranks that all take the same batch (a DataLoader without a sampler, seeded alike) train
