@@ -60,6 +60,17 @@ def test_describe_names_fields_and_ranks():
         [a, signature("broadcast", dtype=1, length=10)])
 
 
+def test_describe_explains_a_settings_check_only_where_one_runs():
+    """A rank alone in the step's settings check has its own message to read; a rank waiting in
+    broadcast_parameters' check for a rank that left the script compared no changed setting."""
+    check, end = signature("check_same", length=1), signature("the end of the script")
+    said = describe([check, end], ["check_same(the step's settings) in step()", "the end of the script"])
+    assert "compare settings that changed there alone" in said, said
+    said = describe([check, end], ["check_same(the root and the model's parameters and buffers) in "
+                                   "broadcast_parameters()", "the end of the script"])
+    assert "compare settings" not in said, said
+
+
 def test_digest_fits_int64_with_room_to_negate():
     values = [digest([i, 2 * i]) for i in range(100)] + [digest(b"x" * 1000)]
     assert all(0 <= v < 2**56 for v in values) and len(set(values)) == len(values)

@@ -97,7 +97,10 @@ def describe(everyone: Sequence[Signature], calls: Sequence[str] | None = None) 
                              for value, ranks in groups.items())
             parts.append(f"{'arguments' if field == 'valid' else 'the call' if named else field} ({held})")
     checking = [rank for rank, sig in enumerate(everyone) if sig.collective == COLLECTIVES.index("check_same")]
-    if other_call and checking:  # their own message names what they compared
+    # A step's settings are compared only where they changed, so a rank alone in that check is
+    # explained by its own message; other checks (broadcast_parameters') run on every rank, and
+    # a rank waiting in one is only waiting.
+    if other_call and checking and (calls is None or any("settings" in calls[r] for r in checking)):
         parts.append(f"ranks {checking} compare settings that changed there alone: their message names them")
     return ", ".join(parts)
 
