@@ -26,6 +26,19 @@ PANEL_COLUMNS = 64
 MAX_PANELS = 8
 
 
+def _cpu_autocast_check() -> Callable[[], bool]:
+    """A function telling whether torch's CPU autocast is on: ``is_autocast_enabled("cpu")``
+    where torch has it (2.4), else the older ``is_autocast_cpu_enabled`` (deprecated since)."""
+    try:
+        torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled
+    return lambda: torch.is_autocast_enabled("cpu")
+
+
+cpu_autocast_enabled = _cpu_autocast_check()
+
+
 def full_precision(fn: Callable) -> Callable:
     """``fn`` with torch's CPU autocast off. A forward hook runs inside the model's
     ``torch.autocast("cpu", dtype=torch.bfloat16)`` region (and so does a backward hook when
@@ -33,6 +46,10 @@ def full_precision(fn: Callable) -> Callable:
     bfloat16 and returns bfloat16: the factors' float32 products would lose 8 bits."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        # Entering and leaving the autocast context costs more than a small layer's product
+        # (these run twice per layer per factor step): only when autocast is on.
+        if not cpu_autocast_enabled():
+            return fn(*args, **kwargs)
         with torch.autocast("cpu", enabled=False):
             return fn(*args, **kwargs)
     return run
@@ -41,10 +58,15 @@ def full_precision(fn: Callable) -> Callable:
 @full_precision
 def upper_gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows.T @ rows`` with only the upper triangle computed (the strict lower
-    triangle of the result is zero), panel by panel in torch's thread pool."""
+    triangle of the result is zero, unless one panel, fewer than ``2 * PANEL_COLUMNS``
+    columns, computed it all), panel by panel in torch's thread pool."""
     d = rows.shape[1]
-    out = torch.zeros((d, d), dtype=rows.dtype)
     panels = max(1, min(MAX_PANELS, d // PANEL_COLUMNS))
+    if panels == 1:
+        # One panel is the whole product: no zeroed matrix to write it into (the same GEMM, so
+        # the same values, at a fraction of the host time for the small factors of small layers).
+        return torch.mm(rows.T, rows)
+    out = torch.zeros((d, d), dtype=rows.dtype)
     bounds = [d * k // panels for k in range(panels + 1)]
     for start, stop in zip(bounds, bounds[1:]):
         # Rows 0..stop of columns start..stop: the panel's blocks on and above the diagonal.
