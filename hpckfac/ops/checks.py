@@ -7,6 +7,7 @@ data-dependent checks (finiteness of array contents) belong to the backends.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Sequence
@@ -61,8 +62,15 @@ def check_square_batch(mats: Any, name: str = "mats") -> tuple[int, int]:
 
 def check_float(arr: Any, name: str) -> None:
     """TypeError naming ``name`` unless ``arr`` holds one of FACTOR_INPUT_DTYPES."""
-    if np.dtype(arr.dtype).name not in FACTOR_INPUT_DTYPES:
+    if not _factor_input(arr.dtype):
         raise TypeError(f"{name}: dtype {arr.dtype} not supported, expected one of {FACTOR_INPUT_DTYPES}")
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_input(dtype: Any) -> bool:
+    """Whether ``dtype`` is one of FACTOR_INPUT_DTYPES, answered once per dtype: a dtype's
+    ``name`` is built anew at every read, which the hooks would pay twice per layer and step."""
+    return np.dtype(dtype).name in FACTOR_INPUT_DTYPES
 
 
 def check_decay(decay: Any) -> float:
