@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -37,14 +37,23 @@ def namespace_for(device: torch.device) -> Any:
     raise ValueError(f"device: {device} is not supported; hpckfac runs on cpu and cuda devices")
 
 
-@contextlib.contextmanager
-def device_scope(device: torch.device) -> Iterator[None]:
+_NO_SCOPE = contextlib.nullcontext()  # reusable: it holds no state
+
+
+def device_scope(device: torch.device) -> ContextManager[None]:
     """Within the block, CuPy's current device and stream are ``device`` and torch's
     current stream on it (no-op for CPU)."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type != "cuda":
-        yield
-        return
+        # No generator-based context to build and run: the hooks enter this once per layer.
+        return _NO_SCOPE
+    return _cuda_scope(device)
+
+
+@contextlib.contextmanager
+def _cuda_scope(device: torch.device) -> Iterator[None]:
+    """``device_scope`` of a CUDA ``device``."""
     import cupy
 
     index = torch.cuda.current_device() if device.index is None else device.index
