@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from numpy.typing import DTypeLike
 
+from hpckfac.arrays import namespace
 from hpckfac.stages.layout import SegmentLayout
 
 if TYPE_CHECKING:
@@ -38,6 +39,13 @@ class ReduceScatter:
         # Every presence element of the factor-step buffer, so that the usual step (statistics
         # for every block) sets them all with one assignment.
         self._presence = xp.asarray([layout.presence_offset(l) for l in range(len(self.blocks))], dtype=np.int64)
+        # Where each block's statistics start, and each rank's owned blocks with the span their
+        # statistics fill (consecutive in the segment): the usual step copies a rank's
+        # statistics with one call instead of one assignment per block.
+        self._stat_at = [layout.stat_offset(l) for l in range(len(self.blocks))]
+        self._stat_shapes = [(b.stat_size,) for b in self.blocks]
+        self._stat_spans = [(owned, self._stat_at[owned[0]], self._stat_at[owned[0]] + sum(
+            self.blocks[l].stat_size for l in owned)) for owned in layout.owned if owned]
         # The per-rank counts as int64 arrays, made once: the collective reads a list of P
         # Python ints element by element at every call, an array at once.
         self.counts = {f: np.asarray(layout.reduce_counts(f), dtype=np.int64) for f in (False, True)}
@@ -55,23 +63,29 @@ class ReduceScatter:
     def _fill(self, grads, stats):
         factors = stats is not None
         buf = self._send[factors]
-        everywhere = factors and all(s is not None for s in stats)
-        if everywhere and self.blocks:
-            buf[self._presence] = 1.0
-        for l, block in enumerate(self.blocks):
-            if factors:
-                at = self.layout.stat_offset(l)
-                present = stats[l] is not None
-                if present:
-                    # Statistics beyond a float16 buffer's range (65504) become inf, which the owner
-                    # refuses with its own warning: NumPy's on the cast would only repeat it.
-                    with np.errstate(over="ignore"):
-                        buf[at:at + block.stat_size] = stats[l]
-                else:
-                    buf[at:at + block.stat_size] = 0.0
-                if not everywhere:
-                    buf[self.layout.presence_offset(l)] = float(present)
-            slot = self.slots[factors][l]
-            if grads[l] is not slot:  # a slot the caller filled already needs no copy
-                slot[...] = grads[l]
+        if factors:
+            self._fill_stats(buf, stats)
+        for grad, slot in zip(grads, self.slots[factors]):
+            if grad is not slot:  # a slot the caller filled already needs no copy
+                slot[...] = grad
         return buf
+
+    def _fill_stats(self, buf, stats) -> None:
+        """Every block's statistics (zeros where None) and presence element into ``buf``."""
+        # Statistics beyond a float16 buffer's range (65504) become inf, which the owner
+        # refuses with its own warning: NumPy's on the cast would only repeat it.
+        with np.errstate(over="ignore"):
+            if all(getattr(s, "shape", None) == shape for s, shape in zip(stats, self._stat_shapes)):
+                # The usual step: every presence is 1 and each rank's statistics are one copy
+                # (the cast to the buffer's dtype rounds as an assignment does). Anything else,
+                # a wrong size too, goes block by block, where an assignment names the mismatch.
+                if self.blocks:
+                    buf[self._presence] = 1.0
+                xp = namespace(buf)
+                for owned, start, stop in self._stat_spans:
+                    xp.concatenate([stats[l] for l in owned], out=buf[start:stop])
+                return
+            for l, (block, at) in enumerate(zip(self.blocks, self._stat_at)):
+                present = stats[l] is not None
+                buf[at:at + block.stat_size] = stats[l] if present else 0.0
+                buf[self.layout.presence_offset(l)] = float(present)
