@@ -38,7 +38,12 @@ class LocalStatistics:
     def __init__(self, blocks: Sequence[Any], dtype: DTypeLike = np.float32, xp: Any = np) -> None:
         self.blocks = list(blocks)
         self.dtype = np.dtype(dtype)
-        self._sums = [xp.zeros(b.stat_size, dtype=self.dtype) for b in self.blocks]
+        # One buffer, one view per block: ``result`` scales all blocks with one product.
+        ends = np.cumsum([0] + [b.stat_size for b in self.blocks]).tolist()
+        self._flat = xp.zeros(ends[-1], dtype=self.dtype)
+        self._spans = list(zip(ends[:-1], ends[1:]))
+        self._sums = [self._flat[a:b] for a, b in self._spans]
+        self._samples = any(b.uses_sample for b in self.blocks)
         # A contribution needs both the input and the output-gradient part.
         self._seen = [[False, False] for _ in self.blocks]
         # Per block, call id -> (pass, what its forward part left for its backward part).
@@ -54,9 +59,16 @@ class LocalStatistics:
         """Forget everything accumulated (start of a step)."""
         self._passes.clear()
         self._paired.clear()
-        for total, seen, saved in zip(self._sums, self._seen, self._saved):
-            if seen[0] or seen[1]:  # only what was added to: steps without statistics clear nothing
-                total[...] = 0.0
+        # Only what was added to: steps without statistics clear nothing; a factor step that
+        # reached every block clears them all at once.
+        touched = [seen[0] or seen[1] for seen in self._seen]
+        if touched and all(touched):
+            self._flat[...] = 0.0
+        else:
+            for total, added in zip(self._sums, touched):
+                if added:
+                    total[...] = 0.0
+        for seen, saved in zip(self._seen, self._saved):
             seen[0] = seen[1] = False
             saved.clear()
 
@@ -137,6 +149,12 @@ class LocalStatistics:
         that did not count (none), or with a call left ``unpaired``."""
         examples, sampled = self.examples, self.sampled
         unpaired = set(self.unpaired)
+        if examples and (sampled == examples or not self._samples):
+            # Every block divides by the same count: one product for all of them, each block's
+            # result a view of it (elementwise, so the values of one product per block).
+            scaled = self._flat * (1.0 / examples)
+            return [scaled[a:b] if all(seen) and i not in unpaired else None
+                    for i, ((a, b), seen) in enumerate(zip(self._spans, self._seen))]
         out = []
         for i, (total, seen, block) in enumerate(zip(self._sums, self._seen, self.blocks)):
             count = sampled if block.uses_sample else examples
