@@ -59,16 +59,33 @@ class GradientIO:
         self.blocks = list(blocks)
         self.windows = [windows(block, ps) for block, ps in zip(self.blocks, params)]
         self._generic = [l for l, found in enumerate(self.windows) if found is None]
+        # (block, slot) of every window, in the order ``_views`` yields them.
+        self._where = [(l, w.slot) for l, found in enumerate(self.windows) for w in found or ()]
+        # The windows of the buffers ``read`` was given, made once per buffer: the send buffers
+        # are the engine's own, kept from step to step (``KFACEngine.gradient_buffer``).
+        self._read_views: dict[int, tuple[torch.Tensor, Sequence[int], list[torch.Tensor]]] = {}
 
     def read(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """``.grad`` of every windowed parameter into ``buffer`` (zeros for a missing
         gradient), block ``l`` starting at ``offsets[l]``; cast to the buffer's dtype."""
         with torch.no_grad():
-            for view, param in self._views(buffer, offsets, params):
+            for view, (l, slot) in zip(self._buffer_views(buffer, offsets, params), self._where):
+                param = params[l][slot]
                 if param.grad is None:
                     view.zero_()
                 else:
                     view.copy_(param.grad)
+
+    def _buffer_views(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> list[torch.Tensor]:
+        """The windows of ``buffer`` (as ``_views`` yields them), kept for the next call with
+        this same buffer and offsets."""
+        kept = self._read_views.get(id(buffer))
+        if kept is None or kept[0] is not buffer or kept[1] is not offsets:
+            kept = (buffer, offsets, [view for view, _ in self._views(buffer, offsets, params)])
+            if len(self._read_views) >= 2:  # the engine has two; a caller's own buffers are not hoarded
+                self._read_views.clear()
+            self._read_views[id(buffer)] = kept
+        return kept[2]
 
     def write(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """Every windowed parameter's ``.grad`` from ``buffer`` (block ``l`` at ``offsets[l]``),
