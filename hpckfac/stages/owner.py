@@ -55,6 +55,8 @@ class OwnerState:
         ends = np.cumsum([0] + [len(run) for run in layout.runs[rank]])
         self._runs = list(zip(ends[:-1].tolist(), ends[1:].tolist()))
         self._run_of = {i: r for r, (lo, hi) in enumerate(self._runs) for i in range(lo, hi)}
+        # Elements of each run's gradients, summed once rather than at every step.
+        self._run_sizes = [sum(b.grad_size for b in self.blocks[lo:hi]) for lo, hi in self._runs]
         self._stacks: dict[int, list] = {}
         # Where this rank's segment starts in each kind of step's buffer: a sum over the ranks
         # before it, taken once here rather than at every step (thousands of ranks).
@@ -188,7 +190,7 @@ class OwnerState:
         for r, (lo, hi) in enumerate(self._runs):
             stacks = self._stacks.get(r)
             if stacks is not None:  # one batched product for the whole run
-                size = sum(block.grad_size for block in self.blocks[lo:hi])
+                size = self._run_sizes[r]
                 out[at:at + size] = self.blocks[lo].precondition_batch(grads[at:at + size], stacks)
                 at += size
                 continue
