@@ -43,6 +43,14 @@ def test_invalid_options_name_the_parameter(comm, name, value):
         KFACPreconditioner(mlp(), comm=comm, **{name: value})
 
 
+def test_skip_layers_none_skips_nothing(comm):
+    """None, as for the other optional options, is the default: every Linear preconditioned."""
+    explicit = KFACPreconditioner(mlp(), comm=comm, skip_layers=None)
+    default = KFACPreconditioner(mlp(), comm=comm)
+    assert explicit.skip_layers == default.skip_layers == ()
+    assert [b.name for b in explicit.engine.blocks] == [b.name for b in default.engine.blocks] == ["0", "2"]
+
+
 def test_the_optimizer_passed_as_lr_gets_a_short_answer(comm):
     model = mlp()
     with pytest.raises(ValueError, match=r"^lr: got the optimizer \(torch.optim.SGD\); pass its learning rate, or "

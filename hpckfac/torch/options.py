@@ -51,6 +51,8 @@ def _lr(value: Any):
 
 
 def _skip_layers(value: Any) -> tuple:
+    if value is None:  # as for the other optional options: nothing skipped
+        return ()
     items = (value,) if isinstance(value, (str, type)) else value
     try:
         items = tuple(items)
