@@ -112,10 +112,11 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     everyone = comm.allgather_object(digests, what="check_replicas()")
     # Tensors that some ranks lack first: compared by position, they would read as other values.
     names = [{name for name, _ in theirs} for theirs in everyone]
+    common = set.intersection(*names)  # one pass over every rank's names, not one per name
     for theirs in everyone:
         for name, _ in theirs:
-            having = [rank for rank, held in enumerate(names) if name in held]
-            if len(having) < len(everyone):  # e.g. a module added on some ranks only
+            if name not in common:  # e.g. a module added on some ranks only
+                having = [rank for rank, held in enumerate(names) if name in held]
                 return f"{name} is a tensor of ranks {having} only: {DIFFERENT_MODELS}"
     for index, (name, mine) in enumerate(everyone[0]):
         holders: dict[str, list[int]] = {}
