@@ -152,10 +152,10 @@ def check_memory(parser: argparse.ArgumentParser, per_rank: int, flags: str) -> 
     of COMM_WORLD: call it on every rank."""
     from mpi4py import MPI
 
+    from hpckfac.comm.topology import node_placement
+
     world = MPI.COMM_WORLD
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    sharing = node.Get_size()
-    node.Free()
+    sharing = node_placement(world)[1]
     total = host_memory()
     problem = None
     if total is not None and per_rank * sharing > total:
