@@ -271,7 +271,7 @@ def _flag_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return params[0].dtype if params and _is_float(params[0]) else torch.float32
 
 
-def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> None:
+def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> torch.Tensor | None:
     """With a GradScaler, ``scaler.unscale_(optimizer)`` before ``step()`` records in
     ``found_inf`` whether this rank's own gradients overflowed; averaged, the gradients are
     then non-finite on every rank, so every rank must skip the step. Every rank with an
@@ -280,9 +280,12 @@ def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> 
     collective). The flag is a few bytes, so it takes MPI's latency-bound allreduce (``log2 P``
     messages), not the ring's ``2(P-1)``, which would cost milliseconds every step at a thousand
     ranks. The scaler keeps the flags in its per-optimizer state, which has no public
-    accessor."""
+    accessor.
+
+    Returns the agreed flag (a one-element float32 tensor on ``device``, > 0 when some rank
+    overflowed: the same on every rank), or None without an enabled scaler."""
     if scaler is None or not scaler.is_enabled():
-        return
+        return None
     found = [flag for state in scaler._per_optimizer_states.values()
              for flag in state.get("found_inf_per_device", {}).values()]
     anyone = torch.zeros(1, dtype=torch.float32, device=device)
@@ -291,6 +294,7 @@ def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> 
     comm.allreduce(to_array(anyone), op="sum", algorithm="mpi")
     for flag in found:
         flag.copy_(anyone.clamp(max=1.0).to(flag.device, flag.dtype).reshape(flag.shape))
+    return anyone
 
 
 def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> None:

@@ -485,7 +485,13 @@ class KFACPreconditioner:
             if had and p.requires_grad:
                 reached[block] = True
         unreached = [p for block, p in zip(self._covered_block, covered) if not reached[block] and p.requires_grad]
-        agree_on_overflow(self.grad_scaler, self.comm, self.device)
+        overflow = agree_on_overflow(self.grad_scaler, self.comm, self.device)
+        if stats is not None and overflow is not None and bool(overflow.item()):
+            # scaler.step() skips this step on every rank: its statistics are left out too (every
+            # block's, on every rank alike; finite ones as well, e.g. a layer whose output gradient
+            # fitted while its weight gradient overflowed), so that the running averages and the
+            # inverses stay those of the last step taken. One host read, on factor steps only.
+            stats = [None] * len(stats)
         self.timings["allreduce"] = self.engine.clock() - start
 
         # A parameter frozen on one rank only would send zeros there and leave the replicas apart;

@@ -72,3 +72,49 @@ def test_the_overflow_flag_takes_mpis_allreduce(comm, monkeypatch):
     assert algorithms == ["mpi"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert scaler.get_scale() == 512.0
+
+
+def _scaled_run(comm, batches, overflow_at):
+    """The documented recipe on a small MLP, float64, with a GradScaler; at step ``overflow_at``
+    the last rank's second layer gets an infinite weight gradient after a finite backward (the
+    weight-gradient product overflowed while every output gradient fitted: the layers' statistics
+    are finite on every rank). Returns the parameters and each step's gathered K-FAC state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, lr=0.05, factor_decay=0.8,
+                                 inverse_update_interval=1)
+    states = []
+    for step, x in enumerate(batches):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        if step == overflow_at and comm.rank == comm.size - 1:
+            model[2].weight.grad[1, 3] = math.inf
+        scaler.unscale_(opt)
+        precond.step()
+        scaler.step(opt)
+        scaler.update()
+        states.append(precond.state_dict()["blocks"])
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), states
+
+
+@pytest.mark.mpi
+def test_a_skipped_step_takes_no_statistics_on_any_rank(comm):
+    """A step the scaler skips because one rank's gradient overflowed leaves every block's running
+    factors and inverses as they were, on every rank, although the statistics of that step were
+    finite everywhere; the next steps then give, bit for bit, the run that never saw that batch."""
+    gen = torch.Generator().manual_seed(20 + comm.rank)
+    batches = [torch.randn(4, 5, generator=gen, dtype=torch.float64) for _ in range(5)]
+    params, states = _scaled_run(comm, batches, overflow_at=2)
+    for name, block in states[2].items():
+        torch.testing.assert_close(block["factors"], states[1][name]["factors"], rtol=0, atol=0)
+        for after, before in zip(block["inverses"], states[1][name]["inverses"]):
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert all(torch.isfinite(t).all() for block in states[2].values() for t in [block["factors"], *block["inverses"]])
+    # The statistics were taken, and are finite: they would have moved the factors.
+    assert any(not torch.equal(states[3][n]["factors"], states[2][n]["factors"]) for n in states[2])
+    never_seen, _ = _scaled_run(comm, batches[:2] + batches[3:], overflow_at=None)
+    assert torch.equal(params, never_seen)
+    everyone = comm.allgather_object(params)
+    assert all(torch.equal(params, other) for other in everyone)
