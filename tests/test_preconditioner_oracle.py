@@ -6,11 +6,14 @@ pi-damped inverses and the KL clip computed here from the layers' inputs and out
 import math
 
 import numpy as np
+import pytest
 import torch
 from mpi4py import MPI
 from torch import nn
 
+from hpckfac import ops
 from hpckfac.comm import Communicator
+from hpckfac.ops import inverse as cpu_inverse
 from hpckfac.torch import KFACPreconditioner
 
 LR, DAMPING, DECAY, KL_CLIP = 0.1, 1e-2, 0.8, 1e-4
@@ -147,3 +150,74 @@ def test_three_steps_of_every_convention_against_the_oracle():
             np.testing.assert_allclose(gradient(net, name), nu * v[name], rtol=1e-9, atol=1e-14, err_msg=name)
         nus.append(nu)
     assert max(nus) < 1.0  # the clip was active at every step
+
+
+def one_linear_step(layer, damping, x, y):
+    """One step of ``layer`` (an nn.Linear) on ``x`` (float64 values exact in the layer's dtype):
+    its .grad after step() as ``[dW | db]`` in float64, the float64 oracle's ``A`` and ``G``
+    from the same inputs, and the ``[dW | db]`` step() was given."""
+    precond = KFACPreconditioner(layer, comm=Communicator(MPI.COMM_SELF), damping=damping, kl_clip=None)
+    seen = {}
+    out = layer(x.to(layer.weight.dtype))
+    out.register_hook(lambda g: seen.__setitem__("g", g.double().numpy() * len(x)))
+    (out - y.to(out.dtype)).pow(2).mean().backward()
+    grad = gradient_matrix(layer)
+    precond.step()
+    a = with_ones(x.numpy())
+    return gradient_matrix(layer), [a.T @ a / len(x), seen["g"].T @ seen["g"] / len(x)], grad
+
+
+def gradient_matrix(layer):
+    return np.hstack([layer.weight.grad.double().numpy(), layer.bias.grad.double().numpy()[:, None]])
+
+
+@pytest.mark.parametrize("damping", [1e-2, 1e-6, 1e-10])
+def test_float32_preconditioning_error_follows_the_condition_number(damping):
+    """A float32 Linear layer whose inputs span 4 decades (A's condition number ~1e8 before
+    damping): the preconditioned gradient is within kappa * eps32 of the float64 oracle, kappa
+    the damped A's condition number (docs/preconditioner.md, "Accuracy"; measured 0.2-0.6 of
+    it), and the float64 model's within kappa * eps64 (0.05-0.35)."""
+    gen = torch.Generator().manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    x = (torch.randn(256, 16, generator=gen, dtype=torch.float64) * torch.logspace(0, -4, 16, dtype=torch.float64)) @ q.T
+    x = x.float().double()  # the float32 model's inputs, exactly
+    y = torch.randn(256, 5, generator=gen, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        got, factors, grad = one_linear_step(nn.Linear(16, 5).to(dtype), damping, x, y)
+        inv_a, inv_g = inverses_at(factors, damping)
+        oracle = inv_g @ grad @ inv_a
+        a = factors[0]
+        pi = math.sqrt((np.trace(a) / len(a)) / (np.trace(factors[1]) / len(factors[1])))
+        kappa = np.linalg.cond(a + pi * math.sqrt(damping) * np.eye(len(a)))
+        eps = torch.finfo(dtype).eps
+        error = np.linalg.norm(got - oracle) / np.linalg.norm(oracle)
+        assert error <= kappa * eps, dtype
+
+
+def inverses_at(factors, damping):
+    """A Kronecker pair's pi-damped inverses at ``damping``."""
+    a, g = factors
+    pi = math.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+    return [np.linalg.inv(a + pi * math.sqrt(damping) * np.eye(len(a))),
+            np.linalg.inv(g + math.sqrt(damping) / pi * np.eye(len(g)))]
+
+
+def test_the_smallest_damping_on_a_singular_factor_is_raised_by_the_jitter():
+    """More inputs than examples (A of rank 7 in 31 dimensions) under the smallest damping
+    allowed: pi*sqrt(damping) does not register next to A's entries, so the inversion's jitter
+    fallback inverts ``A + j * mean(diag A) * I`` for one documented ``j`` (docs/preconditioner.md,
+    "Accuracy"), the updates stay finite, and the .grad is that of the jittered A."""
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(7, 30, generator=gen, dtype=torch.float64), torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    ops.reset_inversion_counters()
+    got, (a, g), grad = one_linear_step(nn.Linear(30, 4).double(), 5e-324, x, y)
+    assert ops.inversion_counters()["jitter"] >= 1 and np.isfinite(got).all()
+    inv_g = np.linalg.inv(g)  # G (4x4 from 7 examples) is positive definite; sqrt(damping)/pi is 0 to it
+
+    def error(j):
+        oracle = inv_g @ grad @ np.linalg.inv(a + j * np.diag(a).mean() * np.eye(len(a)))
+        return np.linalg.norm(got - oracle) / np.linalg.norm(oracle)
+
+    assert min(error(j) for j in cpu_inverse.JITTERS) < 1e-6
