@@ -1,6 +1,8 @@
 """A NaN on one rank only: every rank refuses the step's statistics alike, keeps the same finite
-K-FAC state, and continues (through a checkpoint too) as the run that never saw that batch."""
+K-FAC state, and continues (through a checkpoint too) as the run that never saw that batch; float16
+statistics whose sum over the ranks overflows are refused alike, with hpckfac's warning alone."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -73,3 +75,26 @@ def test_a_nan_on_one_rank_leaves_the_same_state_everywhere_and_resumes_bit_for_
         assert _step(model, opt, precond, x)
     assert torch.equal(_flat(model), continued)  # the run that never saw the bad batch
     assert all(torch.equal(continued, other) for other in comm.allgather_object(continued))
+
+
+@pytest.mark.mpi
+def test_float16_statistics_are_refused_when_their_sum_over_the_ranks_overflows(comm, caplog):
+    """Every rank's A[0, 0] is 40000, finite in float16; the ReduceScatterV sums before it divides,
+    so from 2 ranks on the sum passes 65504 and every rank refuses the statistics (one process keeps
+    them), with hpckfac's warning and no NumPy overflow warning from the float16 sum."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    precond = KFACPreconditioner(model, comm=comm, factor_dtype="float16", kl_clip=None)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(comm.rank))
+    x[:, 0] = 200.0
+    (1e-6 * model(x).sum()).backward()  # small gradients: only the statistics overflow
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="hpckfac"):
+        warnings.simplefilter("error")
+        precond.step()
+    factors = precond.state_dict()["blocks"][""]["factors"]
+    if comm.size == 1:
+        assert factors[0] == 40000.0
+    else:
+        assert factors is None
+        assert comm.rank != precond.engine.owners[0] or "non-finite statistics refused" in caplog.text
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
