@@ -17,6 +17,7 @@ from mpi4py import MPI
 from torch import nn
 
 from hpckfac.comm import Communicator
+from hpckfac.layers import BatchNormBlock
 from hpckfac.torch import KFACPreconditioner, checkpoint_context_fn, recomputing
 
 DAMPING = 1e-2
@@ -645,6 +646,33 @@ def test_statistics_fraction_takes_the_factors_of_the_first_examples(fraction, n
     with pytest.raises(ValueError, match="statistics_fraction"):
         KFACPreconditioner(nn.Linear(2, 2), comm=Communicator(MPI.COMM_SELF), statistics_fraction=0)
 
+
+
+def test_statistics_fraction_leaves_batchnorm_the_whole_batch():
+    """BatchNorm normalises by the whole micro-batch's mean and variance, so its unit-wise Fisher
+    takes every example whatever ``statistics_fraction`` is: against a float64 oracle of
+    u_i = (sum_t g_i x^_i, sum_t g_i) over all n examples, x^ normalised by the batch's statistics."""
+    n, fraction = 6, 0.5
+    x = torch.randn(n, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn, nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
+    captured = {}
+    bn.register_forward_hook(lambda m, args, out: captured.update(x=args[0].detach().clone()))
+    bn.register_full_backward_hook(lambda m, gin, gout: captured.update(g=gout[0].detach().clone()))
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=fraction)
+    nn.functional.cross_entropy(model(x), y).backward()
+    precond.step()
+    xs, g = captured["x"].numpy(), captured["g"].numpy() * n  # the per-example losses' gradients
+    x_hat = (xs - xs.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(xs.var(axis=(0, 2, 3), keepdims=True) + bn.eps)
+    u = np.stack([(g * x_hat).sum(axis=(2, 3)), g.sum(axis=(2, 3))], -1)  # (n, C, 2)
+    fisher = np.einsum("ncj,nck->cjk", u, u) / n
+    want = fisher.reshape(3, 4)[:, [0, 1, 3]].reshape(-1)
+    state = precond.engine.state
+    (i,) = [i for i, b in enumerate(state.blocks) if isinstance(b, BatchNormBlock)]
+    np.testing.assert_allclose(state.running[i], want, rtol=1e-10, atol=1e-14)
+    precond.remove_hooks()
 
 class FlatRows(nn.Module):
     """A Linear fed the batch flattened to ``(batch * positions, features)`` rows (or the
