@@ -55,8 +55,9 @@ def test_edge_cases(partials, lr, want):
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 0.0), (np.float32, 2.0 ** -24), (np.float16, 2.0 ** -11)])
 def test_partial_sums_of_any_magnitude_travel_in_every_dtype(dtype, rtol):
     rng = np.random.default_rng(11)
-    # Beyond float16's 65504 and float32's 3.4e38, below their smallest normals, negative, zero.
-    partials = np.array([7.3e5, 2.9e41, 3.1e-9, 6.2e-300, -4.4e3, 0.0, 1.7e308])
+    # Beyond float16's 65504 and float32's 3.4e38, below their smallest normals, negative, zero,
+    # float64's largest and its subnormals (exponents down to -1073, exact in every dtype).
+    partials = np.array([7.3e5, 2.9e41, 3.1e-9, 6.2e-300, -4.4e3, 0.0, 1.7e308, 3e-310, 5e-324])
     buffer, at = gathered_with_partials(partials, rng, dtype)
     decoded = decode_partials(buffer, at)
     assert decoded.dtype == np.float64

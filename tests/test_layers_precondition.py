@@ -73,6 +73,7 @@ def test_pi_damping_balances_mean_eigenvalues():
 @pytest.mark.parametrize("trace_a,trace_g", [
     (0.0, 1.0), (1.0, 0.0), (0.0, 0.0), (math.inf, 1.0), (1.0, math.inf), (math.nan, 1.0), (1.0, math.nan),
     (-1.0, 1.0), (1e-300, 1e300), (1e300, 1e-300),
+    (-1.0, -2.0),  # both mean eigenvalues negative: their ratio is positive, pi still falls back to 1
 ])
 def test_pi_damping_guards(trace_a, trace_g):
     a, g = np.diag([trace_a, 0.0]), np.diag([trace_g, 0.0, 0.0])
