@@ -1784,3 +1784,42 @@ def test_a_linear_called_twice_in_one_forward_sums_both_calls(comm):
     g_want = sum(g.T @ g for g in grads) / batch
     np.testing.assert_allclose(a_got[0], a_want.numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(g_got[0], g_want.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_deep_copy_of_the_model_is_not_seen_and_pickles_without_the_preconditioner(tmp_path):
+    """``copy.deepcopy(model)`` after construction (``AveragedModel``, an EMA or best-so-far copy)
+    copies the hooks with the modules: it works, and the copy's training forwards and backwards
+    leave the preconditioned model's steps as they are without it, bit for bit; ``torch.save``
+    of the whole model loads as a plain model."""
+    def train(with_copy: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(3 * 5 * 5, 4)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), inverse_update_interval=2)
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9)) if with_copy else None
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(6, 2, 5, 5, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 4, (6,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if ema is not None:  # a training forward and backward of the copy between backward and step()
+                ema.module(x).sum().backward()
+            precond.step()
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
+        return model, precond, ema
+
+    model, precond, ema = train(True)
+    plain, _, _ = train(False)
+    for got, want in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(got, want)
+    assert ema.module[0].weight.grad is not None  # the copy computed its own gradients, unchanged by step()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    examples = precond.local.examples
+    loaded(torch.randn(6, 2, 5, 5, dtype=torch.float64)).sum().backward()
+    assert precond.local.examples == examples and precond.steps == 3

@@ -15,7 +15,9 @@ mode or with autograd disabled, and on steps without statistics no tensor
 hook is registered at all. A module called several times in a step
 fires once per call; a module not called fires nothing.
 Inside ``recomputing()`` (activation checkpointing's recomputation, through
-``checkpoint_context_fn``) no call is seen at all.
+``checkpoint_context_fn``) no call is seen at all. A hook acts on the calls of the
+module it was registered on only (``OwnedHook``): a deep copy of the model (an EMA or
+``AveragedModel`` copy) carries the hook along but is not seen.
 
 A module marked ``broadcast`` whose input has batch size 1 while the
 micro-batch has more examples returns its output expanded to the micro-batch
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+import weakref
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
@@ -89,7 +92,7 @@ class CaptureHooks:
 
     def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
                  broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[], bool]) -> None:
-        self.handles = [module.register_forward_hook(_eager(self._forward(
+        self.handles = [module.register_forward_hook(OwnedHook(module, self._forward(
                             index, on_input, on_output_grad, broadcast[index], micro_batch, capturing,
                             _input_name(module))), with_kwargs=True)
                         for index, module in enumerate(modules)]
@@ -126,6 +129,44 @@ class CaptureHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+class OwnedHook:
+    """A module hook, ``hook(module, ...)``, that acts on calls of the module it was registered on
+    only, and runs as Python under ``torch.compile`` (``_eager``).
+
+    ``copy.deepcopy(model)`` (``torch.optim.swa_utils.AveragedModel``, an EMA or best-so-far copy)
+    copies every module's hooks with it. A deep copy of this hook is the hook itself, not a copy of
+    the preconditioner it calls (with its communicator and NumPy state, which cannot be copied),
+    and the copy's calls are ignored: they are another model's, whose statistics would otherwise
+    be added to this one's. A pickled one (``torch.save(model)``) loads as a hook that does nothing.
+    """
+
+    def __init__(self, module: nn.Module, hook: Callable) -> None:
+        self._owner = weakref.ref(module)
+        self._run = _eager(hook)
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        if module is not self._owner():
+            return None
+        return self._run(module, *args)
+
+    def __copy__(self) -> OwnedHook:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> OwnedHook:
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_Inert, ())
+
+
+class _Inert:
+    """What a pickled ``OwnedHook`` loads as: the preconditioner it called is not the model's to
+    save, so the loaded model's hook does nothing."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
 
 
 def _eager(hook: Callable) -> Callable:

@@ -35,7 +35,7 @@ from hpckfac.torch.device import model_device
 from hpckfac.torch.distributed import (DIFFERENT_MODELS, agree_on_overflow, average_grads, check_model, dtype_runs,
                                       gradients_alike, replica_difference)
 from hpckfac.torch.grad_io import GradientIO
-from hpckfac.torch.hooks import CaptureHooks, counts_call
+from hpckfac.torch.hooks import CaptureHooks, OwnedHook, counts_call
 from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
 from hpckfac.torch.options import DEFAULTS, check_options
 from hpckfac.torch.registry import block_params, broadcasts_batch, param_names
@@ -192,7 +192,7 @@ class KFACPreconditioner:
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
                                    self._broadcast, lambda: self._micro_batch,
                                    self.engine.is_factor_step)
-        self._root_hook = model.register_forward_pre_hook(self._on_model_input, with_kwargs=True)
+        self._root_hook = model.register_forward_pre_hook(OwnedHook(model, self._on_model_input), with_kwargs=True)
         _HOOKED.add(self)  # once its hooks are in place: a later preconditioner may remove them
         # The parameter slots each block covers: a bias given to a bias-free K-FAC layer later is
         # not the block's (it is averaged first-order, and named as added).
