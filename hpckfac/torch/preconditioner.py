@@ -48,6 +48,22 @@ _log = get_logger("hpckfac.torch")
 _HOOKED: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
 
 
+def _refuse_renormalised_embeddings(model: nn.Module) -> None:
+    """ValueError naming an ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm``, over several ranks.
+
+    Its forward renormalises, in place, the rows its input looks up: each rank those of its own
+    micro-batch, so the ranks' weights drift apart (one process on the global batch renormalises
+    the rows of every rank's examples), frozen tables included. The first ``step()`` would see the
+    replicas differ and blame a missing ``broadcast_parameters``."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+            raise ValueError(f"model: layer {name or '(model)'} ({type(module).__name__}) has "
+                             f"max_norm={module.max_norm}: its forward renormalises, in place, the rows each "
+                             "rank's micro-batch looks up, so the ranks' weights drift apart; use max_norm=None "
+                             "over several ranks (renormalising the whole table alike on every rank, e.g. after "
+                             "optimizer.step(), keeps the replicas equal)")
+
+
 class KFACPreconditioner:
     """Replace each ``.grad`` of ``model`` by its distributed K-FAC natural gradient.
 
@@ -136,6 +152,8 @@ class KFACPreconditioner:
                              "preconditioner")
         self.model = model
         self.comm = comm if comm is not None else world_communicator()
+        if self.comm.size > 1:
+            _refuse_renormalised_embeddings(model)
         # Gradients averaged in backward are no rank's own: the first step's checks of them
         # (every rank alike, a gradient the statistics cannot give) would misread them.
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)

@@ -164,3 +164,35 @@ def test_a_schedule_that_cannot_take_the_step_fails_alike_on_every_rank(comm, na
     precond.step()
     grads = [p.grad.detach().numpy().copy() for p in net.parameters()]
     assert all(np.array_equal(g, o) for theirs in comm.allgather_object(grads) for g, o in zip(grads, theirs))
+
+
+class MaxNormBag(nn.Module):
+    """Token ids averaged by an embedding with ``max_norm``, then a Linear head."""
+
+    def __init__(self, frozen: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(7, 4, max_norm=1.0), nn.Linear(4, 3)
+        self.emb.weight.data *= 3  # rows beyond max_norm: each lookup renormalises them
+        self.emb.weight.requires_grad_(not frozen)
+
+    def forward(self, tokens):
+        return self.head(self.emb(tokens).mean(1))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_an_embedding_with_max_norm_is_refused_over_several_ranks(comm, frozen):
+    """Each rank's forward renormalises the rows its own micro-batch looks up, in place: the replicas
+    would drift apart (and the first step() blame a forgotten broadcast_parameters). One rank trains."""
+    model = MaxNormBag(frozen)
+    if comm.size == 1:
+        precond = KFACPreconditioner(model, comm=comm)
+        tokens = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(1))
+        model(tokens).sum().backward()
+        precond.step()
+        precond.remove_hooks()
+        assert model.emb.weight.norm(dim=1).max() <= 1.0 + 1e-6  # torch renormalised the rows looked up
+        return
+    with pytest.raises(ValueError, match=r"layer emb \(Embedding\) has max_norm=1\.0: .* use max_norm=None"):
+        KFACPreconditioner(model, comm=comm)
