@@ -188,6 +188,31 @@ def test_parametrized_layers_stay_first_order_with_the_reason():
             assert torch.equal(p.grad, plain[name]), name
 
 
+def test_a_weight_computed_in_forward_by_the_old_weight_norm_is_named():
+    """torch.nn.utils.weight_norm (deprecated, still common) leaves the weight a plain tensor set in a
+    forward pre-hook: the layer stays first-order with that reason, not a weight of shape None, and
+    its weight_g and weight_v get their plain gradient."""
+    import warnings
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its deprecation
+        layer = nn.utils.weight_norm(nn.Linear(5, 6))
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(6, 3)).double()
+    precond = KFACPreconditioner(model, comm=comm())
+    lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
+    assert "first-order: weight is a tensor, not a parameter of the layer" in lines["0"]
+    assert "torch.nn.utils.weight_norm" in lines["0"] and "None" not in lines["0"]
+    assert list(precond.modules) == [model[2]]
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters() if name.startswith("0.")}
+    assert set(plain) == {"0.bias", "0.weight_g", "0.weight_v"}
+    precond.step()
+    for name, p in model.named_parameters():
+        if name in plain:
+            assert torch.equal(p.grad, plain[name]), name
+
+
 def test_subclasses_inherit_and_bad_registrations_are_refused():
     class MyLinear(nn.Linear):
         pass

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -84,6 +85,15 @@ def block_for(name: str, module: nn.Module) -> CurvatureBlock | None:
             raise ValueError(f"{'/'.join(computed)} computed by a parametrization (torch.nn.utils.parametrize, e.g. "
                              "weight_norm, spectral_norm): the trained parameters are its inputs, not the "
                              "layer's weight, and are only averaged")
+        # The deprecated torch.nn.utils.weight_norm sets the weight in a forward pre-hook, from its
+        # weight_g and weight_v, as a plain tensor: otherwise a mismatch of shapes "None" is all that
+        # would be said.
+        plain = [n for n in entry.params if n is not None and isinstance(getattr(module, n, None), torch.Tensor)
+                 and not isinstance(getattr(module, n), nn.Parameter)]
+        if plain:
+            raise ValueError(f"{'/'.join(plain)} is a tensor, not a parameter of the layer (computed from "
+                             "other parameters in forward, as by the deprecated torch.nn.utils.weight_norm, or "
+                             "a buffer): the layer's parameters are only averaged")
     block = None if entry is None else entry.build(name, module)
     if block is None:
         return None
