@@ -637,7 +637,8 @@ class KFACPreconditioner:
                             f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward on "
                             "any rank, their weights used without calling them, or inside a "
                             "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
-                            "no gradient either); until they have statistics their gradients are only averaged")
+                            "no gradient either); their running factors keep what earlier steps gave them, and a layer "
+                            "with none yet has its gradient only averaged until it gets some")
 
     @property
     def other_params(self) -> list[nn.Parameter]:
