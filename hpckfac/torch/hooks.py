@@ -88,17 +88,20 @@ class CaptureHooks:
     current micro-batch's size; ``capturing()`` says whether this pass takes
     statistics: when it does not, ``on_input`` still sees every input (it
     counts examples) but no tensor hook is registered and nothing is expanded.
+    While the caller sets ``quiet``, calls that take no statistics skip ``on_input``
+    as well: it says that until it is cleared such a call would change nothing
+    ``on_input`` keeps (the examples of the pass already counted).
     """
 
     def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
                  broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[], bool]) -> None:
+        self.quiet = False
         self.handles = [module.register_forward_hook(OwnedHook(module, self._forward(
                             index, on_input, on_output_grad, broadcast[index], micro_batch, capturing,
                             _input_name(module))), with_kwargs=True)
                         for index, module in enumerate(modules)]
 
-    @staticmethod
-    def _forward(index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
+    def _forward(self, index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
                  micro_batch: Callable[[], int], capturing: Callable[[], bool], input_name: str | None):
         def hook(module: nn.Module, args, kwargs, output):
             if not counts_call(module):
@@ -112,7 +115,8 @@ class CaptureHooks:
                                 f"(expected it as the first argument{f' or {input_name}=' if input_name else ''})")
             replaced = None
             if not capturing():
-                on_input(index, a)
+                if not self.quiet:  # quiet: this pass is counted already, on_input would do nothing
+                    on_input(index, a)
                 return None
             batch = micro_batch()
             if broadcast and isinstance(output, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 < batch:

@@ -296,12 +296,16 @@ class KFACPreconditioner:
             self._count(sizes[0])
         else:  # none, or several: the first K-FAC layer's input decides
             self._count_pending = sizes
+            self._hooks.quiet = False
             if sizes:  # the likeliest until then: what a batch-shared layer firing first expands to
                 self._micro_batch = sizes[0]
 
     def _count(self, examples: int) -> None:
         """Count a micro-batch of ``examples`` (and the sample its statistics use)."""
         self._count_pending = False
+        # Until the next step(), a layer's call without statistics neither counts a pass (the
+        # model's own forward counted it) nor settles a count: its hook need not report it.
+        self._hooks.quiet = self._root_seen
         self._micro_batch = examples
         self._sample = math.ceil(self.statistics_fraction * examples)  # >= 1 unless the batch is empty
         self.local.add_examples(examples, self._sample)
@@ -472,6 +476,7 @@ class KFACPreconditioner:
             self._replicas_checked = True
         self._check_forwards()
         self._forwards, self._root_seen = 0, False
+        self._hooks.quiet = False
         self._fired = set()
         start = self.engine.clock()
         params = self._block_params()
