@@ -69,7 +69,10 @@ class AllGather:
 
     def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm: Communicator, xp: Any) -> None:
         self.blocks, self.layout, self.comm = list(blocks), layout, comm
-        self.gathered: Any = None  # the last step's whole gathered buffer
+        # The last step's whole gathered buffer, kept from step to step with the results' views
+        # of it: the caller's views of it (one per parameter in the torch bridge) are made once.
+        self.gathered: Any = None
+        self._results: list[Any] = []
         # Where each owner's partial KL sum sits in the gathered buffer (uploaded once, not per step).
         self._partial_at = xp.asarray([at for at in layout.partial_offsets if at is not None], dtype=np.int64)
         # The per-rank counts as an int64 array, made once (not P Python ints read at every step).
@@ -77,10 +80,16 @@ class AllGather:
 
     def __call__(self, out: Any, kl_clip: float | None, lr: float) -> tuple[list[Any], Any]:
         """``(nu * V_l for every block, nu)`` from this rank's segment ``out``; the results are
-        views of one buffer shaped like each block's gradient matrix (``nu`` None without a clip)."""
-        whole = self.gathered = self.comm.allgather_v(out, self.counts)
+        views of one buffer shaped like each block's gradient matrix, overwritten by the next
+        call (``nu`` None without a clip)."""
+        whole = self.comm.allgather_v(out, self.counts)
         nu = kl_clip_factor(whole, self._partial_at, kl_clip, lr)
-        if nu is not None:
-            whole *= nu.astype(whole.dtype)
-        return [whole[at:at + b.grad_size].reshape(b.grad_shape)
-                for at, b in zip(self.layout.gather_offsets, self.blocks)], nu
+        if self.gathered is None:
+            self.gathered = namespace(whole).empty_like(whole)
+            self._results = [self.gathered[at:at + b.grad_size].reshape(b.grad_shape)
+                             for at, b in zip(self.layout.gather_offsets, self.blocks)]
+        if nu is None:
+            self.gathered[...] = whole
+        else:  # the scaling writes the kept buffer: no pass more than scaling in place
+            namespace(whole).multiply(whole, nu.astype(whole.dtype), out=self.gathered)
+        return self._results, nu

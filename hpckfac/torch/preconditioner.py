@@ -222,7 +222,7 @@ class KFACPreconditioner:
         # covered at construction is covered at every step (or ``_block_params`` raises).
         self._covered_block = [l for l, slots in enumerate(self._slots) for kept in slots if kept]
         self._io = GradientIO(self.engine.blocks, self._block_params())
-        self._send_views: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._kept_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- setup
     def __repr__(self) -> str:
@@ -430,11 +430,12 @@ class KFACPreconditioner:
             raise ValueError(f"lr: expected a finite number >= 0 at step {self.engine.steps}, got {lr!r}")
         return value
 
-    def _send_tensor(self, buffer) -> torch.Tensor:
-        """The torch view of a send buffer (made once: the engine keeps its send buffers)."""
-        if self._send_views.get(id(buffer), (None,))[0] is not buffer:
-            self._send_views[id(buffer)] = (buffer, to_tensor(buffer))
-        return self._send_views[id(buffer)][1]
+    def _kept_tensor(self, buffer) -> torch.Tensor:
+        """The torch view of one of the engine's buffers, made once: it keeps its send buffers
+        and its gathered buffer from step to step."""
+        if self._kept_views.get(id(buffer), (None,))[0] is not buffer:
+            self._kept_views[id(buffer)] = (buffer, to_tensor(buffer))
+        return self._kept_views[id(buffer)][1]
 
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``
@@ -484,7 +485,7 @@ class KFACPreconditioner:
         missing = self._check_statistics(stats, params) if stats is not None and self.local.examples else []
         slots = self.engine.gradient_slots()
         buffer, offsets = self.engine.gradient_buffer()
-        self._io.read(self._send_tensor(buffer), offsets, params)
+        self._io.read(self._kept_tensor(buffer), offsets, params)
         self._io.read_generic(slots, params)
         if stats is not None and self.local.examples and not self._outside_checked:
             self._check_outside_statistics(stats, slots)
@@ -531,7 +532,7 @@ class KFACPreconditioner:
             "K-FAC layers not in the model's mode": other_mode, **current})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
-        self._io.write(to_tensor(whole), offsets, params)
+        self._io.write(self._kept_tensor(whole), offsets, params)
         self._io.write_generic(updates, params)
         for param in unreached:
             param.grad = None
