@@ -82,7 +82,8 @@ class AllGather:
         """``(nu * V_l for every block, nu)`` from this rank's segment ``out``; the results are
         views of one buffer shaped like each block's gradient matrix, overwritten by the next
         call (``nu`` None without a clip)."""
-        whole = self.comm.allgather_v(out, self.counts)
+        # At one rank the gathered buffer is ``out`` itself: the results are written elsewhere.
+        whole = out if self.comm.size == 1 else self.comm.allgather_v(out, self.counts)
         nu = kl_clip_factor(whole, self._partial_at, kl_clip, lr)
         if self.gathered is None:
             self.gathered = namespace(whole).empty_like(whole)

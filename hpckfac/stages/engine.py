@@ -202,6 +202,8 @@ class KFACEngine:
         self.reduce_scatter = ReduceScatter(self.blocks, self.layout, comm, self.comm_dtype, xp)
         self.state = OwnerState(self.blocks, self.layout, comm.rank, state_dtype, xp)
         self.all_gather = AllGather(self.blocks, self.layout, comm, xp)
+        # This rank's preconditioned gradients and partial KL sum, sent by every step's all-gather.
+        self._out = xp.empty(self.layout.gather_counts[comm.rank], dtype=self.comm_dtype)
         self.steps = 0
         self._agreed: dict[str, Any] | None = None  # the step settings every rank last agreed on
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
@@ -315,7 +317,7 @@ class KFACEngine:
         self.timings["inversion"] = self.clock() - start
 
         start = self.clock()
-        out = self.xp.empty(self.layout.gather_counts[self.comm.rank], dtype=self.comm_dtype)
+        out = self._out
         if self.owned:
             encode_partial(self.state.precondition(segment, factors, out[:-PARTIAL_SLOTS]), out[-PARTIAL_SLOTS:])
         self.timings["precondition"] = self.clock() - start

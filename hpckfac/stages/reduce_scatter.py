@@ -55,10 +55,14 @@ class ReduceScatter:
         return self._send[factors]
 
     def __call__(self, grads: Sequence[Any], stats: Sequence[Any] | None) -> Any:
-        """This rank's averaged segment; ``stats`` is None on steps without statistics,
-        else one packed array (or None: no statistics here this step) per block."""
+        """This rank's averaged segment (at one rank the send buffer itself, valid until the next
+        call); ``stats`` is None on steps without statistics, else one packed array (or None: no
+        statistics here this step) per block."""
         factors = stats is not None
-        return self.comm.reduce_scatter_v(self._fill(grads, stats), self.counts[factors], op="mean")
+        buf = self._fill(grads, stats)
+        if self.comm.size == 1:  # the mean over one rank is the buffer itself, which the owner only reads
+            return buf
+        return self.comm.reduce_scatter_v(buf, self.counts[factors], op="mean")
 
     def _fill(self, grads, stats):
         factors = stats is not None
