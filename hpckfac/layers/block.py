@@ -247,6 +247,12 @@ class CurvatureBlock(abc.ABC):
         those implement it."""
         raise NotImplementedError(f"{type(self).__name__}: a kind with a batch_key implements precondition_batch")
 
+    def precondition_batch_into(self, grads: Array, inverses: Sequence[Array], out: Array) -> None:
+        """``precondition_batch`` written into ``out`` (contiguous, 1-D, as long as ``grads``;
+        cast to its dtype), as the owner calls it. A kind whose product can write there
+        directly overrides it to skip the copy."""
+        out[...] = self.precondition_batch(grads, inverses)
+
     def outside_statistics(self, stats: Array, grad: Array) -> Array | None:
         """Whether the gradient matrix ``grad`` has parts that the layer's own calls, summed up
         in ``stats``, cannot have produced: a sign that something else reads the weight (an

@@ -214,9 +214,26 @@ class KronBlock(CurvatureBlock):
         """``G_j^-1 grad_j A_j^-1`` for every group of several blocks: ``grads`` is their
         ``(groups * d_G, d_A)`` matrices back to back, the inverses their ``(groups, ...)``
         stacks back to back (see ``CurvatureBlock.precondition_batch``)."""
+        inv_a, inv_g, grouped = self._batch_operands(grads, inverses)
+        return (inv_g @ grouped @ inv_a).reshape(-1)
+
+    def precondition_batch_into(self, grads: Array, inverses: Sequence[Array], out: Array) -> None:
+        """``precondition_batch`` into ``out``: the second product writes there when ``out``
+        has its dtype (the same product, so the same values), instead of into a new array
+        copied over."""
+        inv_a, inv_g, grouped = self._batch_operands(grads, inverses)
+        left = inv_g @ grouped
+        if out.dtype == np.result_type(left.dtype, inv_a.dtype):
+            array_module(left).matmul(left, inv_a, out=out.reshape(grouped.shape))
+        else:
+            out[...] = (left @ inv_a).reshape(-1)
+
+    def _batch_operands(self, grads: Array, inverses: Sequence[Array]) -> tuple[Array, Array, Array]:
+        """``inverses`` (A's, then G's stack) and ``grads`` as ``(groups, d_G, d_A)`` matrices,
+        their shapes checked."""
         inv_a, inv_g = inverses
         grouped = grads.reshape(-1, self.d_G, self.d_A)
         if inv_a.shape != (len(grouped), self.d_A, self.d_A) or inv_g.shape != (len(grouped), self.d_G, self.d_G):
             raise ValueError(f"inverses: expected {len(grouped)} pairs of {self.d_A}x{self.d_A} and "
                              f"{self.d_G}x{self.d_G}, got shapes {inv_a.shape} and {inv_g.shape}")
-        return (inv_g @ grouped @ inv_a).reshape(-1)
+        return inv_a, inv_g, grouped

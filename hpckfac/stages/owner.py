@@ -191,7 +191,7 @@ class OwnerState:
             stacks = self._stacks.get(r)
             if stacks is not None:  # one batched product for the whole run
                 size = self._run_sizes[r]
-                out[at:at + size] = self.blocks[lo].precondition_batch(grads[at:at + size], stacks)
+                self.blocks[lo].precondition_batch_into(grads[at:at + size], stacks, out[at:at + size])
                 at += size
                 continue
             for i in range(lo, hi):
