@@ -81,9 +81,10 @@ class OwnerState:
         presence = arrays.to_host(segment[self._presence_at]).tolist()
         if all(p == 1.0 for p in presence) and all(self.initialized):
             # The usual step: every rank had every block's statistics, every block has a running
-            # average: one copy, one check and one blend for all blocks (a few launches on a GPU
-            # instead of a few per block). Elementwise, so the same values as block by block.
-            new = segment[self._stats_at:self._stats_at + self._running.size].astype(self.dtype)
+            # average: one check and one blend for all blocks (a few launches on a GPU instead of
+            # a few per block). Elementwise, so the same values as block by block. The blend only
+            # reads the statistics: a view of the segment, cast only where its dtype differs.
+            new = segment[self._stats_at:self._stats_at + self._running.size].astype(self.dtype, copy=False)
             if bool(arrays.to_host(xp.isfinite(new).all())):
                 ops.ema_update(self._running, new, decay, finite=True)
                 return
