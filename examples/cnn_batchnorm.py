@@ -1,6 +1,7 @@
 """Distributed K-FAC on a small CNN with BatchNorm: the whole recipe in one script.
 
     mpiexec -n 2 python examples/cnn_batchnorm.py            # CPU or one GPU per rank
+    mpiexec -n 3 python examples/cnn_batchnorm.py --batch 66 # --batch (global) splits over the ranks
     python examples/cnn_batchnorm.py --steps 50              # one process
 
 Shows: binding each rank to its device, identical starting weights, each rank
@@ -43,7 +44,9 @@ def main() -> None:
     device = bind_device(args.device, comm)          # first: before anything touches CUDA
     if args.batch % comm.size:                        # every rank exits, rank 0 says why
         if comm.rank == 0:
-            parser.error(f"--batch {args.batch} does not split over {comm.size} ranks")
+            fit = -(-args.batch // comm.size) * comm.size
+            parser.error(f"--batch {args.batch} does not split over {comm.size} ranks: "
+                         f"give a multiple of {comm.size}, e.g. --batch {fit}")
         raise SystemExit(2)
     local = args.batch // comm.size
 

@@ -33,6 +33,7 @@ def test_a_batch_that_does_not_split_is_one_message_from_rank_0():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("--batch 64 does not split over 3 ranks") == 1, proc.stderr
+    assert "give a multiple of 3, e.g. --batch 66" in proc.stderr, proc.stderr
 
 def test_transformer_on_token_sequences():
     out = run("transformer_tokens.py")
