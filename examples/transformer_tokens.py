@@ -56,7 +56,8 @@ class Reverser(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=64, help="global batch, split over the ranks")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="global batch, split over the ranks (rounded down to a multiple of them)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
