@@ -62,16 +62,15 @@ class GradientIO:
         # (block, slot) of every window, in the order ``_views`` yields them.
         self._where = [(l, w.slot) for l, found in enumerate(self.windows) for w in found or ()]
         # The windows of the buffers ``read`` and ``write`` were given, made once per buffer: the
-        # engine keeps its send buffers (``KFACEngine.gradient_buffer``) and its gathered buffer
-        # (``KFACEngine.gathered``) from step to step.
-        self._read_views: dict[int, tuple[torch.Tensor, Sequence[int], list[torch.Tensor]]] = {}
-        self._write_views: dict[int, tuple[torch.Tensor, Sequence[int], list[torch.Tensor]]] = {}
+        # engine keeps its two send buffers (``KFACEngine.gradient_buffer``) and its gathered
+        # buffer (``KFACEngine.gathered``) from step to step.
+        self._kept: dict[int, tuple[torch.Tensor, Sequence[int], list[torch.Tensor]]] = {}
 
     def read(self, buffer: torch.Tensor, offsets: Sequence[int], params: Params) -> None:
         """``.grad`` of every windowed parameter into ``buffer`` (zeros for a missing
         gradient), block ``l`` starting at ``offsets[l]``; cast to the buffer's dtype."""
         with torch.no_grad():
-            for view, (l, slot) in zip(self._kept_views(self._read_views, buffer, offsets), self._where):
+            for view, (l, slot) in zip(self._kept_views(buffer, offsets), self._where):
                 param = params[l][slot]
                 if param.grad is None:
                     view.zero_()
@@ -82,20 +81,20 @@ class GradientIO:
         """Every windowed parameter's ``.grad`` from ``buffer`` (block ``l`` at ``offsets[l]``),
         cast to the parameter's dtype; frozen parameters keep ``.grad`` None."""
         with torch.no_grad():
-            for view, (l, slot) in zip(self._kept_views(self._write_views, buffer, offsets), self._where):
+            for view, (l, slot) in zip(self._kept_views(buffer, offsets), self._where):
                 grad = _grad_to_write(params[l][slot])
                 if grad is not None:
                     grad.copy_(view)
 
-    def _kept_views(self, kept_views: dict, buffer: torch.Tensor, offsets: Sequence[int]) -> list[torch.Tensor]:
-        """The windows of ``buffer`` (as ``_views`` yields them), kept in ``kept_views`` for the
-        next call with this same buffer and offsets."""
-        kept = kept_views.get(id(buffer))
+    def _kept_views(self, buffer: torch.Tensor, offsets: Sequence[int]) -> list[torch.Tensor]:
+        """The windows of ``buffer`` (as ``_views`` yields them), kept for the next call with this
+        same buffer and offsets."""
+        kept = self._kept.get(id(buffer))
         if kept is None or kept[0] is not buffer or kept[1] is not offsets:
             kept = (buffer, offsets, list(self._views(buffer, offsets)))
-            if len(kept_views) >= 2:  # the engine's are at most two; a caller's own buffers are not hoarded
-                kept_views.clear()
-            kept_views[id(buffer)] = kept
+            if len(self._kept) >= 3:  # the engine's are three; a caller's own buffers are not hoarded
+                self._kept.clear()
+            self._kept[id(buffer)] = kept
         return kept[2]
 
     def _views(self, buffer: torch.Tensor, offsets: Sequence[int]) -> Iterator[torch.Tensor]:
