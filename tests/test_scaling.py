@@ -37,11 +37,11 @@ def test_efficiency():
     assert runs[1]["efficiency"] == pytest.approx(1.6) and runs[3]["efficiency"] == pytest.approx(2.5)
 
 
-def test_options_validated():
-    with pytest.raises(ValueError, match="scale"):
-        scaling.parse(["--scale", "0"])
-    with pytest.raises(ValueError, match="repeat"):
-        scaling.parse(["--repeat", "0"])
+def test_options_validated(capsys):
+    for flag in ("--scale", "--repeat"):
+        with pytest.raises(SystemExit) as exit_info:
+            scaling.parse([flag, "0"])
+        assert exit_info.value.code == 2 and f"error: {flag}: expected an integer >= 1" in capsys.readouterr().err
     args = scaling.parse(["--mode", "strong", "--batch", "6"])
     assert args.image == 224 and args.scale == 8 and scaling.parse(["--model", "small"]).scale == 1
     with pytest.raises(ValueError, match="batch"):

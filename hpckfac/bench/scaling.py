@@ -369,9 +369,9 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         args.scale = DEFAULT_SCALE[args.model]
     for name in ("scale", "batch", "repeat"):
         if getattr(args, name) < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {getattr(args, name)!r}")
+            parser.error(f"--{name}: expected an integer >= 1, got {getattr(args, name)!r}")
     if args.warmup < 0:
-        raise ValueError(f"warmup: expected an integer >= 0, got {args.warmup!r}")
+        parser.error(f"--warmup: expected an integer >= 0, got {args.warmup!r}")
     if args.image is None:
         args.image = shapes.MODELS[args.model][1]
     if args.image < 1:

@@ -66,3 +66,19 @@ def test_convergence_refuses_rank_counts_its_batches_do_not_split_over(comm, cap
             capsys.readouterr().err.splitlines()[-1]
     assert time.perf_counter() - start < 10.0
     comm.barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("argv,message", [(["--scale", "0"], "--scale: expected an integer >= 1, got 0"),
+                                          (["--repeat", "0"], "--repeat: expected an integer >= 1, got 0"),
+                                          (["--warmup", "-1"], "--warmup: expected an integer >= 0, got -1")])
+def test_scaling_refuses_bad_sizes_once_on_every_rank(comm, argv, message, capsys):
+    """The same bad value on every rank: one line from rank 0 after the usage, status 2 everywhere,
+    no rank aborting the job with its own copy of the message."""
+    assert exit_code(["scaling", "--model", "small", *argv]) == 2
+    err = capsys.readouterr().err
+    if comm.rank == 0:
+        assert err.startswith("usage:") and err.splitlines()[-1] == f"python -m hpckfac.bench scaling: error: {message}"
+    else:
+        assert err == ""
+    comm.barrier()
