@@ -35,3 +35,22 @@ def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         step.parse(argv)
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_json_records_the_threads_and_ranks_it_ran_with(tmp_path, monkeypatch):
+    """``--threads 0`` (the default) leaves the pool as the process set it: the JSON must say
+    what that was, with the thread variables and the job's ranks."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "step.json"
+    try:
+        assert step.main(["--steps", "1", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
+                          "--configs", "sgd", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    environment = json.loads(out.read_text())["environment"]
+    assert environment["ranks"] == 1
+    assert environment["threads"]["torch"] == 1 and environment["threads"]["variables"] == {"OMP_NUM_THREADS": "1"}
+    assert all(isinstance(n, int) and n >= 1 for n in environment["threads"]["blas"].values())

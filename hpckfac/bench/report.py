@@ -51,7 +51,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def environment() -> dict[str, Any]:
-    """Where a result was measured: host, Python, library versions (hpckfac's included), thread settings."""
+    """Where a result was measured: host, Python, library versions (hpckfac's included), the
+    job's ranks and this process's thread settings (``threads``)."""
     import numpy
 
     import hpckfac
@@ -69,6 +70,7 @@ def environment() -> dict[str, Any]:
         from mpi4py import MPI
 
         info["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
+        info["ranks"] = MPI.COMM_WORLD.Get_size()
     except ImportError:
         pass
     try:
@@ -77,7 +79,26 @@ def environment() -> dict[str, Any]:
         info["torch"] = torch.__version__
     except ImportError:
         pass
+    info["threads"] = thread_settings()
     return info
+
+
+def thread_settings() -> dict[str, Any]:
+    """This process's pools as they ran: torch's threads, each BLAS library's threads (None
+    without threadpoolctl) and the thread variables that were set (``hpckfac.threads``)."""
+    from hpckfac.threads import USER_VARIABLES
+
+    settings: dict[str, Any] = {"variables": {v: os.environ[v] for v in USER_VARIABLES if v in os.environ}}
+    if "torch" in sys.modules:
+        settings["torch"] = sys.modules["torch"].get_num_threads()
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        settings["blas"] = None
+    else:
+        settings["blas"] = {pool["internal_api"]: pool["num_threads"] for pool in threadpool_info()
+                            if pool["user_api"] == "blas"}
+    return settings
 
 
 def output_problem(path: str, directory: bool = False) -> str | None:
