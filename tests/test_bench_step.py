@@ -54,3 +54,28 @@ def test_json_records_the_threads_and_ranks_it_ran_with(tmp_path, monkeypatch):
     assert environment["ranks"] == 1
     assert environment["threads"]["torch"] == 1 and environment["threads"]["variables"] == {"OMP_NUM_THREADS": "1"}
     assert all(isinstance(n, int) and n >= 1 for n in environment["threads"]["blas"].values())
+
+
+def test_means_cover_whole_update_periods(tmp_path, monkeypatch, capsys):
+    """12 steps of 1/10: its mean and stages are those of the first 10 (one inversion in ten steps),
+    SGD's mean for the ratio over the same 10; 10/100 has no whole period in 12 steps, and says so."""
+    calls = iter(range(10**6))
+
+    def scripted(fn, repeat, warmup, barrier):  # SGD 1 ms a step; K-FAC 10 ms on an update step, else 2 ms
+        fn()
+        k = next(calls)
+        config, index = k % 3, k // 3
+        return [1e-3 if config == 0 else 1e-2 if index % 10 == 0 else 2e-3]
+
+    monkeypatch.setattr(step, "time_calls", scripted)
+    out = tmp_path / "step.json"
+    assert step.main(["--steps", "12", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
+                      "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["sgd"]["mean_steps"] == 12 and rows["sgd"]["mean_ms"] == pytest.approx(1.0)
+    kfac = rows["kfac_1_10"]
+    assert (kfac["period"], kfac["mean_steps"]) == (10, 10)
+    assert kfac["mean_ms"] == pytest.approx(2.8) and kfac["mean_vs_sgd"] == pytest.approx(2.8)
+    assert kfac["median_ms"] == pytest.approx(2.0) and kfac["median_vs_sgd"] == pytest.approx(2.0)
+    assert (rows["kfac_10_100"]["period"], rows["kfac_10_100"]["mean_steps"]) == (100, 12)
+    assert "kfac_10_100: --steps 12 is under one update period (100 steps)" in capsys.readouterr().out

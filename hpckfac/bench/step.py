@@ -6,11 +6,15 @@ ResNet-style CNN with BatchNorm on random data -- CIFAR's ResNet-20
 224x224) -- and the configurations take turns step by step, so that they are
 measured side by side under the same machine load. ``--device cuda`` puts
 each rank on its GPU (``bind_device``) and ends every timed step with a device
-synchronisation. Reported per configuration: median and mean (amortised over
-the update intervals) milliseconds per iteration, the ratio to SGD, and the
-mean per-stage time of the preconditioner (rank 0's view; iteration times are
-the max over ranks). With ``--stage-sync`` the stages of a GPU step are timed
-with a synchronisation at each boundary (a separate run: it costs overlap).
+synchronisation. Reported per configuration: median and mean milliseconds per
+iteration, the ratios to SGD (its median, and its mean over the same steps), and
+the mean per-stage time of the preconditioner (rank 0's view; iteration times
+are the max over ranks). Means cover whole update periods (``period``: 10 steps
+for 1/10, 100 for 10/100), the first ``mean_steps`` timed steps, so that they
+amortise the factor and inverse updates; with ``--steps`` under one period they
+cover every step, and the table says that they do not amortise. With
+``--stage-sync`` the stages of a GPU step are timed with a synchronisation at
+each boundary (a separate run: it costs overlap).
 ``--profile PATH`` then runs a few more steps of every configuration under
 ``torch.profiler`` and ``cProfile`` and writes the tables to PATH
 (``hpckfac.bench.profile``).
@@ -18,6 +22,7 @@ with a synchronisation at each boundary (a separate run: it costs overlap).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -104,6 +109,11 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     return args
 
 
+def period(name: str) -> int:
+    """Steps after which configuration ``name``'s factor and inverse updates repeat (1: SGD)."""
+    return math.lcm(*CONFIGS[name]) if CONFIGS[name] else 1
+
+
 class Runner:
     """One configuration: model, optimizer, optional preconditioner, per-step timings."""
 
@@ -171,25 +181,28 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     for _ in progress(range(args.steps), "timed steps", enabled=comm.rank == 0):
         for runner in runners:
             runner.timed_step()
+    # The iteration time of a data-parallel step is the slowest rank's.
+    slowest = {r.name: np.max(np.array(comm.allgather_object(r.times)), axis=0) for r in runners}
     results = []
-    base = None
     for runner in runners:
-        # The iteration time of a data-parallel step is the slowest rank's.
-        times = np.max(np.array(comm.allgather_object(runner.times)), axis=0)
-        row = {"config": runner.name, "median_ms": 1e3 * median(times), "mean_ms": 1e3 * float(np.mean(times))}
-        row.update({f"{k}_ms": 1e3 * float(np.mean(v)) for k, v in runner.stages.items() if v})
-        if base is None and runner.name == "sgd":
-            base = row
+        times, cycle = slowest[runner.name], period(runner.name)
+        span = len(times) // cycle * cycle or len(times)
+        row = {"config": runner.name, "median_ms": 1e3 * median(times), "mean_ms": 1e3 * float(np.mean(times[:span])),
+               "period": cycle, "mean_steps": span}
+        row.update({f"{k}_ms": 1e3 * float(np.mean(v[:span])) for k, v in runner.stages.items() if v})
+        if "sgd" in slowest:
+            row["median_vs_sgd"] = median(times) / median(slowest["sgd"])
+            row["mean_vs_sgd"] = float(np.mean(times[:span]) / np.mean(slowest["sgd"][:span]))
         results.append(row)
-    for row in results:
-        if base is not None:
-            row["median_vs_sgd"] = row["median_ms"] / base["median_ms"]
-            row["mean_vs_sgd"] = row["mean_ms"] / base["mean_ms"]
     if comm.rank == 0:
         model = "resnet50" if args.model == "resnet50" else f"resnet{args.depth} width={args.width}"
         print(f"ranks={comm.size} device={device} batch/rank={args.batch} {model} "
               f"image={args.image} steps={args.steps}")
-        print(format_table(results, ["config", "median_ms", "mean_ms", "median_vs_sgd", "mean_vs_sgd"]))
+        print(format_table(results, ["config", "median_ms", "mean_ms", "mean_steps", "median_vs_sgd", "mean_vs_sgd"]))
+        for row in results:
+            if row["mean_steps"] < row["period"]:
+                print(f"{row['config']}: --steps {args.steps} is under one update period ({row['period']} steps): "
+                      f"its means do not amortise the updates")
         stage_cols = ["config", "forward_backward_ms"] + [f"{k}_ms" for k in ITERATION_STAGES]
         kfac_rows = [r for r in results if "local_factors_ms" in r]
         if kfac_rows:
