@@ -41,6 +41,20 @@ def test_summary_statistics_over_seeds_count_runs_that_never_reach():
     assert conv._cell(conv._stats([None, None]), ".1f") == "never (0/2)"
 
 
+def test_ratios_compare_means_over_every_seed_only():
+    """K-FAC at 97% in 10 steps on one seed of two (the other never), SGD in 20 on both: the
+    mean over the seed that got there would make K-FAC 2x faster; the ratio is not known."""
+    def summary(steps):
+        return conv.summarise([{"steps_95%": 4, "wall_95%": 1.0, "median_wall_95%": 1.0, "steps_97%": s,
+                                "wall_97%": s and s / 10, "median_wall_97%": s and s / 10, "steps_loss": 8,
+                                "final_acc": 0.97, "step_ms": 100.0} for s in steps])
+
+    best = [{"method": m, "summary": summary([10, None] if m == "kfac" else [20, 20])} for m in conv.METHODS]
+    ratios = conv._ratios(best)
+    assert ratios["kfac/sgd"] == {"steps_97%": None, "wall_97%": None, "median_wall_97%": None, "steps_loss": 1.0}
+    assert ratios["kfac-10/10/adam"]["steps_97%"] == 1.0
+
+
 def test_best_setting_prefers_fewest_steps_to_97_then_95_then_final_accuracy():
     a = {"steps_95%": 8, "steps_97%": 20, "final_acc": 0.98}
     b = {"steps_95%": 10, "steps_97%": 16, "final_acc": 0.975}

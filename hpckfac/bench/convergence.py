@@ -225,13 +225,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
 
 def _ratios(best: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """``{"K/O": {figure: ratio}}``: each K-FAC variant's mean steps and seconds to 97% over
-    SGD's and Adam's (None where one of the two never got there)."""
+    SGD's and Adam's, both means over every seed (None where a seed of either never got there:
+    a mean over the seeds that did leaves out the slowest and would flatter that method)."""
     by = {b["method"]: b["summary"] for b in best}
+    everyone = lambda stats: stats["reached"] == stats["runs"]
     out = {}
     for kfac, other in itertools.product([m for m in METHODS if METHODS[m][0] == "kfac"], ("sgd", "adam")):
         out[f"{kfac}/{other}"] = {
-            key: None if by[kfac][key]["mean"] is None or by[other][key]["mean"] is None
-            else by[kfac][key]["mean"] / by[other][key]["mean"]
+            key: by[kfac][key]["mean"] / by[other][key]["mean"] if everyone(by[kfac][key]) and everyone(by[other][key])
+            else None
             for key in ("steps_97%", "wall_97%", "median_wall_97%", "steps_loss")}
     return out
 
