@@ -26,6 +26,19 @@ def test_help_and_usage(capsys):
     assert "timed iterations per configuration (default: 100)" in " ".join(out.split())  # defaults shown
 
 
+def test_benchmark_help_describes_without_naming_another_program(capsys):
+    """Under ``hpckfac bench NAME`` the usage line gives the program; the description line
+    must not name ``python -m hpckfac.bench NAME`` nor carry the docstring's reST quotes."""
+    from hpckfac.bench.__main__ import BENCHMARKS
+
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit):
+            cli.main(["bench", name, "--help"])
+        description = capsys.readouterr().out.split("\n\n")[1]
+        assert "python -m" not in description and "``" not in description, description
+        assert description[0].isupper() and description.rstrip().endswith("."), description
+
+
 def test_every_train_and_benchmark_flag_has_help_text(monkeypatch):
     import argparse
     import importlib

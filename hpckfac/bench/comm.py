@@ -1,6 +1,6 @@
-"""``python -m hpckfac.bench comm``: bandwidth and latency of hpckfac's collectives.
+"""Bandwidth and latency of hpckfac's collectives.
 
-Under ``mpiexec -n N``. For buffer sizes from ``--min-bytes`` to ``--max-bytes``
+``python -m hpckfac.bench comm``, under ``mpiexec -n N``. For buffer sizes from ``--min-bytes`` to ``--max-bytes``
 (factors of 4) it times the ring allreduce against MPI's own ``Allreduce``
 (through the same ``Communicator.allreduce``, agreement check included unless
 ``--no-check``), and ``reduce_scatter_v`` (``rs_v``) / ``allgather_v``

@@ -1,4 +1,6 @@
-"""``python -m hpckfac.bench kernels``: the CUDA kernels against their obvious alternatives.
+"""The CUDA kernels against their obvious alternatives.
+
+``python -m hpckfac.bench kernels`` times:
 
 - factor accumulation (packed ``scale * X^T X``) by the syrk kernel and by the
   cuBLAS panel route vs CuPy/cuBLAS ``X.T @ X`` in the same input precision

@@ -1,6 +1,6 @@
-"""Performance model of one distributed K-FAC iteration: ``python -m hpckfac.bench model``.
+"""Performance model of one distributed K-FAC iteration.
 
-Each stage's time at ``P`` ranks is predicted from the layer shapes
+``python -m hpckfac.bench model``. Each stage's time at ``P`` ranks is predicted from the layer shapes
 (``hpckfac.bench.shapes``), compute rates and an alpha-beta model of the ring
 collectives (``alpha`` seconds per message, ``beta`` seconds per byte):
 

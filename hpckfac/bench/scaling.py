@@ -1,6 +1,6 @@
-"""``python -m hpckfac.bench scaling``: strong/weak scaling of one K-FAC iteration.
+"""Strong/weak scaling of one K-FAC iteration.
 
-Under ``mpiexec -n P``. Every rank builds the curvature blocks of a model's
+``python -m hpckfac.bench scaling``, under ``mpiexec -n P``. Every rank builds the curvature blocks of a model's
 real layer shapes (``hpckfac.bench.shapes``: ResNet-50, or the trainer's small
 CNN), draws random activations and output gradients of those shapes, and runs
 stages 1-4 of an iteration: stage 1 with ``hpckfac.stages.local_factors``

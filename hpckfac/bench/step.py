@@ -1,6 +1,6 @@
-"""``python -m hpckfac.bench step``: iteration time of SGD + ring-allreduce vs K-FAC.
+"""Iteration time of SGD + ring-allreduce vs K-FAC.
 
-Under ``mpiexec -n N``. Every configuration trains its own copy of a
+``python -m hpckfac.bench step``, under ``mpiexec -n N``. Every configuration trains its own copy of a
 ResNet-style CNN with BatchNorm on random data -- CIFAR's ResNet-20
 (``--model cifar``, 32x32) or ImageNet's ResNet-50 (``--model resnet50``,
 224x224) -- and the configurations take turns step by step, so that they are
