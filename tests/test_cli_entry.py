@@ -24,6 +24,11 @@ def test_help_and_usage(capsys):
         cli.main(["bench", "step", "--help"])
     out = capsys.readouterr().out
     assert "timed iterations per configuration (default: 100)" in " ".join(out.split())  # defaults shown
+    for name, default in (("kernels", "run one group (default: all three)"),
+                          ("scaling", "input height/width (default: the model's, 224 for resnet50, 8 for small)")):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", name, "--help"])
+        assert default in " ".join(capsys.readouterr().out.split())
 
 
 def test_benchmark_help_describes_without_naming_another_program(capsys):

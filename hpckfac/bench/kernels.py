@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench ker
                     formatter_class=HelpFormatter)
     parser.add_argument("--repeat", type=int, default=20, help="timed batches per case (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group")
+    parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group (default: all three)")
     args = parser.parse_args(argv)
     one_process(parser)
     check_outputs(parser, files=[("--json", args.json)])

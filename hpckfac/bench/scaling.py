@@ -344,7 +344,10 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
                         help="layer shapes to run")
     parser.add_argument("--scale", type=int, default=None,
                         help="divide every channel count by this (default: 8 for resnet50, 1 for small)")
-    parser.add_argument("--image", type=int, default=None, help="input height/width (default: the model's)")
+    parser.add_argument("--image", type=int, default=None,
+                        help="input height/width (default: the model's, "
+                             + ", ".join(f"{image} for {name}" for name, (_, image) in sorted(shapes.MODELS.items()))
+                             + ")")
     parser.add_argument("--batch", type=int, default=4, help="examples: global (strong) or per rank (weak)")
     parser.add_argument("--assignment", choices=("lpt", "contiguous", "both"), default="both",
                         help="owner assignment: balanced by cost (lpt), in layer order, or both side by side")
