@@ -178,3 +178,10 @@ def test_combine_refuses_duplicates_and_other_files(tmp_path, capsys):
     (tmp_path / "table.txt").write_text("ranks iter_ms\n1 0.8\n")
     with pytest.raises(ValueError, match="not JSON"):
         scaling.main(["--combine", one, str(tmp_path / "table.txt")])
+
+
+def test_table_says_what_its_columns_count(capsys):
+    assert scaling.main(["--model", "small", "--repeat", "1", "--warmup", "0", "--assignment", "lpt"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("stage columns: median ms (share of the stages' sum); MB_sent:")
+    assert lines[2].split()[:5] == ["assign", "P", "B/rank", "iter_ms", "local_factors"]

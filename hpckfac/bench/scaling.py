@@ -235,6 +235,14 @@ def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 COLUMNS = ["assign", "P", "B/rank", "iter_ms"] + list(ITERATION_STAGES) + ["MB_sent", "imbalance", "efficiency"]
 
 
+def print_table(title: str, runs: list[dict[str, Any]]) -> None:
+    """The runs' table under ``title``, with what its columns count."""
+    print(title)
+    print("stage columns: median ms (share of the stages' sum); MB_sent: the most any rank sends per iteration "
+          "(10^6 bytes); imbalance: max/mean inversion cost of the owners")
+    print(format_table(table_rows(runs), COLUMNS, ".2f"))
+
+
 def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
     """Stacked bars of median time per stage against rank count, one column per assignment,
     with the scaling efficiency beneath (where the runs have it: ``add_efficiency``)."""
@@ -321,8 +329,7 @@ def combine(paths: Sequence[str], json_path: str | None, png_path: str | None) -
                              f"{key[0]} ranks: give each rank count once")
         seen[key] = run["source"]
     add_efficiency(runs, config["mode"])
-    print(title_of(config))
-    print(format_table(table_rows(runs), COLUMNS, ".2f"))
+    print_table(title_of(config), runs)
     results = {"runs": runs, "imbalance_table": payloads[0]["results"].get("imbalance_table")}
     if json_path:
         write_json(json_path, "scaling", config, results)
@@ -430,8 +437,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     if comm.rank != 0:
         return 0
     add_efficiency(runs, args.mode)
-    print(f"{title_of(config)}, {comm.size} ranks")
-    print(format_table(table_rows(runs), COLUMNS, ".2f"))
+    print_table(f"{title_of(config)}, {comm.size} ranks", runs)
     results: dict[str, Any] = {"runs": runs}
     if args.model == "resnet50":
         table = perf.imbalance_table(shapes.resnet50(), IMBALANCE_RANKS, args.batchnorm)
