@@ -23,6 +23,9 @@ def test_conv_benchmark_times_both_routes_and_compares_them(tmp_path, capsys):
         assert r["best/patches"] == pytest.approx(min(r["fft_ms"], r["gemm_ms"], r["patches_ms"]) / r["patches_ms"])
         assert 0 <= r["max_difference"] < 1e-5  # float32 rounding, not a different factor
     assert results[0]["route"] in ("fft", "gemm") and results[2]["route"] == "patches"
+    # The table shows the difference itself, not 0.000.
+    shown = [line.split()[-1] for line in table.splitlines()[2:]]
+    assert shown == [f"{r['max_difference']:.1e}" for r in results]
 
 
 def test_shapes_parse_and_reject():

@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
         raise ValueError(f"--kernel: must be odd and >= 3, got {args.kernel}")
     results = [measure(n, c, spatial, args.kernel, args.repeat)
                for n, c, spatial in progress(parse_shapes(args.shapes), "shapes")]
-    print(format_table(results, ["shape", "kernel", "patches_ms", "fft_ms", "gemm_ms", "route", "best/patches",
-                                 "max_difference"]))
+    # The difference is float32 rounding, ~1e-7: three decimals would show 0.000.
+    print(format_table([dict(r, max_difference=f"{r['max_difference']:.1e}") for r in results],
+                       ["shape", "kernel", "patches_ms", "fft_ms", "gemm_ms", "route", "best/patches", "max_difference"]))
     if args.json:
         write_json(args.json, "conv", {"shapes": args.shapes, "kernel": args.kernel, "repeat": args.repeat},
                    results)
