@@ -345,6 +345,28 @@ def test_finds_layers_and_hooks_follow_modes(comm):
     assert precond.local.examples == 0 and all(s is None for s in precond.local.result())
 
 
+def test_a_model_cast_to_float64_after_construction_is_named(comm, caplog):
+    """factor_dtype=None takes the parameters' dtype when the preconditioner is built: cast to
+    float64 afterwards, the model keeps a float32 buffer, which a warning names, once; built
+    after the cast, or with factor_dtype given, there is nothing to say."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for build_after_cast, factor_dtype in [(False, None), (True, None), (False, torch.float32)]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
+        if build_after_cast:
+            model.double()
+        precond = KFACPreconditioner(model, comm=comm, factor_dtype=factor_dtype)
+        model.double()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            for _ in range(2):
+                model(x).pow(2).mean().backward()
+                precond.step()
+        named = "K-FAC layers 0, 2 have float64 parameters but the preconditioner's buffer is float32"
+        assert caplog.text.count(named) == (not build_after_cast and factor_dtype is None)
+        precond.remove_hooks()
+
+
 def test_a_preconditioner_rebuilt_on_the_same_layers_takes_them_over(comm, caplog):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))

@@ -95,7 +95,8 @@ class KFACPreconditioner:
             types to leave first-order.
         factor_dtype: dtype of the ReduceScatterV buffer (factors and the
             K-FAC gradients travel together): float64/float32/float16; None
-            takes the parameters' dtype (float32 for half-precision models).
+            takes the parameters' dtype at construction (float32 for half-precision
+            models; a model cast to float64 later keeps float32, with a warning).
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is undone in G.
         assignment: owner assignment, ``"lpt"`` or ``"contiguous"``.
         bucket_bytes: fusion bucket size of that allreduce (None: the
@@ -193,6 +194,9 @@ class KFACPreconditioner:
         self._first_order_names = {name for name, p in model.named_parameters() if id(p) not in found.covered}
         param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
         comm_dtype = opts["factor_dtype"] or (np.float64 if param_dtype == torch.float64 else np.float32)
+        # With the buffer's dtype taken from the parameters, a later cast to float64 is worth a word.
+        self._dtype_chosen = opts["factor_dtype"] is None
+        self._dtypes_seen: tuple | None = None  # the parameters' dtypes at the last step()
         self._check_agreement(opts)
         with device_scope(self.device):  # the stages' buffers on the model's GPU, whichever is current
             self.engine = KFACEngine(blocks, self.comm, damping=damping, factor_decay=factor_decay,
@@ -496,6 +500,10 @@ class KFACPreconditioner:
         covered = [p for ps in params for p in ps if p is not None]  # covered[i] is block _covered_block[i]'s
         first_order, frozen, added = self._classify(named, covered)
         self._warn_added(added)
+        dtypes = dtype_runs([p for _, p in named])
+        if dtypes != self._dtypes_seen:  # the first step, or a cast since the last one
+            self._dtypes_seen = dtypes
+            self._warn_narrow_buffer(params)
         # Which K-FAC layers some rank's backward reached: the others keep .grad None below, as
         # first-order parameters do (an optimizer skips a None gradient, but decays a zero one).
         # Frozen ones send a flag too: the same count on every rank, whatever each rank froze.
@@ -527,7 +535,7 @@ class KFACPreconditioner:
         other_mode = tuple(b.name for b, m in zip(self.engine.blocks, self.modules) if m.training != training)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen, "parameter dtypes": dtype_runs([p for _, p in named]),
+            "frozen parameters": frozen, "parameter dtypes": dtypes,
             "training mode": training,
             "K-FAC layers not in the model's mode": other_mode, **current})
         start = self.engine.clock()
@@ -696,6 +704,24 @@ class KFACPreconditioner:
             self._warn_once("added:" + ",".join(added), "parameters added to the model after the preconditioner "
                             f"was built are averaged first-order, not preconditioned: {', '.join(added)} (build "
                             "the KFACPreconditioner once the model is complete)")
+
+    def _warn_narrow_buffer(self, params: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> None:
+        """A warning, once, naming the K-FAC layers whose parameters are float64 while the
+        buffer is narrower because its dtype was taken from the parameters at construction
+        (``factor_dtype=None``) and the model was cast after it: their factors, inverses and
+        preconditioned gradients then carry float32's relative error (~1e-7), not float64's."""
+        if not self._dtype_chosen or np.dtype(self.engine.comm_dtype) == np.float64 or self.comm.rank != 0:
+            return  # a fact of the model, compared across ranks with the step's settings: said once
+        names = [b.name for b, ps in zip(self.engine.blocks, params)
+                 if any(p is not None and p.dtype == torch.float64 for p in ps)]
+        if names:
+            dtype = np.dtype(self.engine.comm_dtype).name
+            self._warn_once("narrow-buffer", (
+                f"K-FAC layers {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} have float64 parameters "
+                f"but the preconditioner's buffer is {dtype} (factor_dtype=None takes the parameters' dtype as it "
+                f"was when the preconditioner was built): their factors, inverses and preconditioned gradients "
+                f"carry {dtype} precision; build the KFACPreconditioner after model.double(), or pass "
+                "factor_dtype=torch.float64"))
 
     def synchronize_timings(self, enabled: bool = True) -> None:
         """Wait for the device at every stage boundary of ``step()`` so that ``timings`` and
