@@ -176,6 +176,54 @@ def test_load_rejects_a_different_model(comm):
         KFACPreconditioner(model_and_data()[0], comm=comm, **OPTIONS).load_state_dict(dict(state, blocks=renamed))
 
 
+class Declared(nn.Module):
+    """Two Linear layers declared in either order: the same layers, named alike, whose blocks
+    (in the order of named_modules) come in that order."""
+
+    def __init__(self, head_first: bool) -> None:
+        super().__init__()
+        if head_first:
+            self.head, self.body = nn.Linear(5, 3), nn.Linear(4, 5)
+        else:
+            self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_blocks_load_by_name_whatever_the_order_of_the_layers(comm):
+    """A state loads into a model whose layers are declared in another order (blocks matched by
+    name) and continues as the model that saved it; a block missing or foreign is named."""
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def run(model, precond, steps):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+            optimizer.step()
+
+    options = dict(OPTIONS, inverse_update_interval=2)
+    results = []
+    for head_first in (False, True):
+        torch.manual_seed(0)
+        saver = Declared(False).double()
+        precond = KFACPreconditioner(saver, comm=comm, **options)
+        run(saver, precond, 3)
+        state = precond.state_dict()
+        model = Declared(head_first).double()
+        model.load_state_dict(saver.state_dict())
+        resumed = KFACPreconditioner(model, comm=comm, **options)
+        assert [b.name for b in resumed.engine.blocks] == (["head", "body"] if head_first else ["body", "head"])
+        resumed.load_state_dict(state)
+        run(model, resumed, 2)
+        results.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    assert all(torch.equal(results[0][name], results[1][name]) for name in results[0])
+    with pytest.raises(ValueError, match="missing 'head'; not in this model 'tail'"):
+        resumed.load_state_dict(dict(state, blocks={"body": state["blocks"]["body"], "tail": state["blocks"]["head"]}))
+
+
 def one_update(dtype_context, comm):
     torch.manual_seed(0)
     model = resnet(depth=8, width=4, in_channels=1)

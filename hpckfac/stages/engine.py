@@ -384,8 +384,15 @@ class KFACEngine:
         check_state_keys(state)
         saved = state["blocks"]
         names = [b.name for b in self.blocks]
-        if list(saved) != names:
-            raise ValueError(f"state: saved blocks {list(saved)} differ from this model's {names}")
+        # By name, as torch's own load_state_dict: a model whose layers are declared in another
+        # order has the same blocks listed in another order.
+        known = set(names)
+        missing = [name for name in names if name not in saved]
+        unknown = [name for name in saved if name not in known]
+        if missing or unknown:
+            raise ValueError(f"state: saved blocks {list(saved)} differ from this model's {names}: "
+                             + "; ".join(f"{what} {', '.join(map(repr, which))}" for what, which in
+                                         (("missing", missing), ("not in this model", unknown)) if which))
         saved = {b.name: _with_stack_axes(b, saved[b.name]) for b in self.blocks}
         for block in self.blocks:  # every block, not only the owned ones, so that all ranks agree
             _check_block_state(block, saved[block.name], self.state.dtype)
