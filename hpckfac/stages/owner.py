@@ -50,8 +50,9 @@ class OwnerState:
         self.inverses: list[list | None] = [None] * len(self.blocks)
         self.refused = 0
         # The layout's runs (blocks sharing a batch_key, side by side) as (first, last + 1) here.
-        # A run whose inverses were computed together keeps them as one stack per slot (views
-        # of the inversion's result) and is preconditioned with one batched product.
+        # A run whose blocks all have inverses keeps them as one stack per slot (views of the
+        # inversion's result, or of a copy when they came from different steps or a checkpoint)
+        # and is preconditioned with one batched product.
         ends = np.cumsum([0] + [len(run) for run in layout.runs[rank]])
         self._runs = list(zip(ends[:-1].tolist(), ends[1:].tolist()))
         self._run_of = {i: r for r, (lo, hi) in enumerate(self._runs) for i in range(lo, hi)}
@@ -143,7 +144,12 @@ class OwnerState:
                 placed[(i, slot)] = (result, start, start + len(m))
                 start += len(m)
         for r in {self._run_of[i] for i, _ in placed}:
-            self._stacks[r] = self._run_stack(r, placed)
+            stacks = self._run_stack(r, placed)
+            if stacks is not None:
+                self._stacks[r] = stacks
+            else:  # not all inverted now: stacked if the others have inverses from earlier steps
+                self._stacks.pop(r, None)
+                self._restack_run(r)
 
     def _run_stack(self, r: int, placed: dict) -> list | None:
         """Run ``r``'s inverses as one stack per slot (views), if this inversion placed them
@@ -205,23 +211,29 @@ class OwnerState:
 
     def restack(self) -> None:
         """After loading inverses block by block: each run whose blocks all have inverses gets
-        them back as one stack per slot (the blocks' inverses become views of it), so that a
-        resumed run is preconditioned exactly as the uninterrupted one (batched products can
+        them back as one stack per slot (``_restack_run``)."""
+        for r in range(len(self._runs)):
+            self._restack_run(r)
+
+    def _restack_run(self, r: int) -> None:
+        """Run ``r``'s inverses as one stack per slot (copied together; the blocks' inverses
+        become views of it) when every block of the run has them, whether they were loaded or
+        inverted in different steps: a run is stacked exactly when its blocks all have inverses,
+        so that a resumed run is preconditioned as the uninterrupted one (batched products can
         round differently from single ones)."""
-        xp = self.xp
-        for r, (lo, hi) in enumerate(self._runs):
-            if self.blocks[lo].batch_key is None or any(self.inverses[i] is None for i in range(lo, hi)):
-                continue
-            stacks = []
-            for slot in range(len(self.inverses[lo])):
-                stack = xp.concatenate([self.inverses[i][slot] for i in range(lo, hi)])
-                start = 0
-                for i in range(lo, hi):
-                    count = len(self.inverses[i][slot])
-                    self.inverses[i][slot] = stack[start:start + count]
-                    start += count
-                stacks.append(stack)
-            self._stacks[r] = stacks
+        lo, hi = self._runs[r]
+        if self.blocks[lo].batch_key is None or any(self.inverses[i] is None for i in range(lo, hi)):
+            return
+        stacks = []
+        for slot in range(len(self.inverses[lo])):
+            stack = self.xp.concatenate([self.inverses[i][slot] for i in range(lo, hi)])
+            start = 0
+            for i in range(lo, hi):
+                count = len(self.inverses[i][slot])
+                self.inverses[i][slot] = stack[start:start + count]
+                start += count
+            stacks.append(stack)
+        self._stacks[r] = stacks
 
     def packed_state(self) -> np.ndarray:
         """Every owned block's running statistics (absent if never set) and inverses one after
