@@ -282,6 +282,27 @@ def test_a_resumed_run_preconditions_a_late_block_as_the_uninterrupted_one(comm,
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
 
 
+def test_numpy_numbers_assigned_between_steps_save_for_weights_only_loading(comm):
+    """damping, factor_decay and kl_clip assigned to the engine between steps as NumPy numbers
+    (the docs allow them), and an assignment given as np.str_, are saved as Python values:
+    torch.load(weights_only=True) refuses NumPy scalars, so the checkpoint could not be read back."""
+    model, data = model_and_data()
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS, assignment=np.str_("lpt"))
+    precond.engine.damping, precond.engine.factor_decay = np.float64(0.02), np.float32(0.5)
+    precond.engine.kl_clip = np.float64(0.03)
+    train(model, torch.optim.SGD(model.parameters(), lr=0.05), precond, data[:2])
+    buffer = io.BytesIO()
+    torch.save(precond.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    hyper = state["hyperparameters"]
+    assert (hyper["damping"], hyper["factor_decay"], hyper["kl_clip"]) == (0.02, float(np.float32(0.5)), 0.03)
+    assert all(type(hyper[k]) is float for k in ("damping", "factor_decay", "kl_clip")) and type(hyper["assignment"]) is str
+    fresh = KFACPreconditioner(model_and_data()[0], comm=comm, **OPTIONS)
+    fresh.load_state_dict(state)
+    assert (fresh.engine.damping, fresh.engine.kl_clip) == (0.02, 0.03)
+
+
 def one_update(dtype_context, comm):
     torch.manual_seed(0)
     model = resnet(depth=8, width=4, in_channels=1)

@@ -340,12 +340,15 @@ class KFACEngine:
         return 1.0 if self._nu is None else float(self._nu)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The engine's hyperparameters (part of ``state_dict``)."""
-        return {"damping": None if callable(self.damping) else self.damping,
-                "factor_decay": None if callable(self.factor_decay) else self.factor_decay,
-                "factor_update_interval": self.factor_update_interval,
-                "inverse_update_interval": self.inverse_update_interval,
-                "kl_clip": self.kl_clip, "assignment": self.assignment}
+        """The engine's hyperparameters (part of ``state_dict``), NumPy scalars (a number assigned
+        between steps, an ``np.str_`` assignment) as Python values: ``torch.load(weights_only=True)``
+        refuses NumPy scalars, so a checkpoint holding one could not be read back."""
+        values = {"damping": None if callable(self.damping) else self.damping,
+                  "factor_decay": None if callable(self.factor_decay) else self.factor_decay,
+                  "factor_update_interval": self.factor_update_interval,
+                  "inverse_update_interval": self.inverse_update_interval,
+                  "kl_clip": self.kl_clip, "assignment": self.assignment}
+        return {name: value.item() if isinstance(value, np.generic) else value for name, value in values.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Step count, hyperparameters, and every block's running factors and
