@@ -1378,6 +1378,24 @@ def test_float16_statistics_beyond_its_range_are_refused_with_hpckfacs_warning_a
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_statistics_refused_in_several_blocks_give_one_warning_naming_them(comm, caplog):
+    """A diverged model refuses every block's statistics at every update: one log line per
+    update names them all, rather than one line per block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2), nn.Linear(2, 2))
+    precond = KFACPreconditioner(model, comm=comm, factor_dtype="float16")
+    x = torch.full((4, 3), 1000.0)
+    x[:, 1] = torch.randn(4)
+    (1e-6 * model(x).sum()).backward()  # both first layers' A (and the next's) overflow float16
+    with caplog.at_level("WARNING", logger="hpckfac.stages.owner"):
+        precond.step()
+    lines = [r.getMessage() for r in caplog.records if "non-finite statistics refused" in r.getMessage()]
+    assert len(lines) == 1, lines
+    refused = [b.name for b, ok in zip(precond.engine.state.blocks, precond.engine.state.initialized) if not ok]
+    assert len(refused) >= 2 and precond.engine.state.refused == len(refused)
+    assert f"blocks {', '.join(refused)};" in lines[0] and "running averages keep their old values" in lines[0]
+
+
 def test_one_rank_averages_nothing_and_keeps_its_gradients(monkeypatch):
     """Over one rank each gradient is its own mean: the gradients stay the same tensors, a
     missing one stays None, and no array view or flag is built (on a GPU, a CuPy view per

@@ -97,8 +97,12 @@ class OwnerState:
         if not updates:
             return
         finite = arrays.to_host(xp.stack([xp.isfinite(new).all() for new in updates.values()])).tolist()
-        for (i, new), ok in zip(updates.items(), finite):
-            self._blend(i, new, decay, bool(ok))
+        refused = [self.blocks[i].name for (i, new), ok in zip(updates.items(), finite)
+                   if not self._blend(i, new, decay, bool(ok))]
+        if refused:  # one line per update, not one per block: a diverged model refuses them all
+            _log.warning("non-finite statistics refused for block%s %s; the running average%s keep%s "
+                         "%s old value%s", "s" if len(refused) > 1 else "", ", ".join(map(str, refused)),
+                         *(("s", "", "their", "s") if len(refused) > 1 else ("", "s", "its", "")))
 
     def _averaged(self, received, presence: float):
         """The mean over the ranks that contributed (the reduction averaged over all ranks)."""
@@ -107,14 +111,14 @@ class OwnerState:
             new /= presence
         return new
 
-    def _blend(self, i: int, new, decay: float, finite: bool) -> None:
-        """Block ``i``'s running average takes ``new`` unless it is not finite (refused, logged)."""
+    def _blend(self, i: int, new, decay: float, finite: bool) -> bool:
+        """Block ``i``'s running average takes ``new`` unless it is not finite (refused, counted);
+        whether it took it."""
         if not ops.ema_update(self.running[i], new, decay, first=not self.initialized[i], finite=finite):
             self.refused += 1
-            _log.warning("block %s: non-finite statistics refused; the running average keeps its old value",
-                         self.blocks[i].name)
-            return
+            return False
         self.initialized[i] = True
+        return True
 
     def invert(self, damping: float, missing_only: bool = False) -> None:
         """Damped inverses of every initialized block (or only of those without
