@@ -7,6 +7,9 @@ import os
 import re
 import subprocess
 import sys
+import time
+
+import pytest
 
 
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
@@ -195,3 +198,50 @@ def test_pbs_select_lines_agree_with_the_launch():
         assert int(select["ncpus"]) == ranks * threads and int(select["ngpus"]) == ranks
         assert f"RANKS_PER_NODE=${{RANKS_PER_NODE:-{ranks}}}" in text
         assert f"OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}" in text
+
+
+def run_gpu_validate(tmp_path, **env):
+    out = tmp_path / "out"
+    full = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""), OUT=str(out), QUICK="1", **env)
+    proc = subprocess.run(["bash", os.path.join(JOBS, "gpu_validate.sh")], capture_output=True, text=True,
+                          env=full, timeout=120)
+    return proc, out
+
+
+def archived(out):
+    import tarfile
+
+    with tarfile.open(out / "gpu_validate.tar.gz") as archive:
+        return {os.path.normpath(name) for name in archive.getnames()}
+
+
+def test_gpu_validate_without_a_gpu_stops_at_once_with_its_logs(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    proc, out = run_gpu_validate(tmp_path, PYTHON=sys.executable)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "FAIL     preflight" in proc.stdout and "sees no CUDA device" in proc.stdout
+    assert sorted(os.listdir(out)) == ["gpu_validate.tar.gz", "preflight.log", "summary.txt"]
+    assert {"summary.txt", "preflight.log"} <= archived(out)
+
+
+def test_gpu_validate_keeps_to_its_budget_and_reports_skipped_steps(tmp_path):
+    # A node whose GPU tests all skip (nothing validated) and whose first benchmark hangs.
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nif [[ $1 == - || $1 == -c ]]; then cat > /dev/null; echo ok; exit 0; fi\n'
+                    'if [[ " $* " == *" pytest "* ]]; then echo "5 skipped in 0.01s"; exit 0; fi\nexec sleep 1000\n')
+    stub.chmod(0o755)
+    start = time.monotonic()
+    proc, out = run_gpu_validate(tmp_path, PYTHON=str(stub), MPIEXEC="no-such-mpiexec", BUDGET="22")
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    words = {line.split()[1]: line.split()[0] for line in proc.stdout.splitlines()
+             if line.split() and line.split()[0] in ("OK", "FAIL", "SKIP", "TIMEOUT")}
+    assert words["env"] == "OK" and words["tests-kernels"] == words["tests-factors"] == "FAIL"
+    assert "no test passed: 5 skipped" in proc.stdout
+    assert words["mpi2-collectives"] == words["train-cuda-2rank"] == "SKIP" and "no no-such-mpiexec" in proc.stdout
+    assert words["bench-kernels"] == "TIMEOUT" and words["bench-step-profile"] == "SKIP"
+    assert "BUDGET=22 s spent" in proc.stdout
+    assert {"summary.txt", "bench-kernels.log", "tests-factors.log"} <= archived(out)
