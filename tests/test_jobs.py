@@ -245,3 +245,20 @@ def test_gpu_validate_keeps_to_its_budget_and_reports_skipped_steps(tmp_path):
     assert words["bench-kernels"] == "TIMEOUT" and words["bench-step-profile"] == "SKIP"
     assert "BUDGET=22 s spent" in proc.stdout
     assert {"summary.txt", "bench-kernels.log", "tests-factors.log"} <= archived(out)
+
+
+@pytest.mark.parametrize("name", ["slurm_scaling.sbatch", "pbs_scaling.pbs"])
+def test_scaling_templates_refuse_a_strong_batch_that_does_not_split_before_any_run(tmp_path, name):
+    stubs, log = stub_launchers(tmp_path, "srun", "mpirun", "python")
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("".join(f"n{i // 4}\n" for i in range(12)))
+    env = dict(os.environ, **stubs, SLURM_NTASKS="12", SLURM_NTASKS_PER_NODE="4", SLURM_CPUS_PER_TASK="2",
+               SLURM_JOB_ID="1", PBS_NODEFILE=str(nodefile), PBS_JOBID="1.pbs", OMP_NUM_THREADS="8",
+               OUT=str(tmp_path / "out"), RANKS="1 2 4 8 12")
+    proc = subprocess.run(["bash", os.path.join(JOBS, name)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "STRONG_BATCH: 128 does not split evenly over 12 ranks" in proc.stderr
+    assert not log.exists()  # nothing launched
+    subprocess.run(["bash", os.path.join(JOBS, name)], env=dict(env, MODES="weak"), check=True,
+                   capture_output=True, timeout=60)  # the weak study's batch is per rank: any count
+    subprocess.run(["bash", os.path.join(JOBS, name)], env=dict(env, STRONG_BATCH="96"), check=True,
+                   capture_output=True, timeout=60)
