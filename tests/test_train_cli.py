@@ -198,6 +198,25 @@ def test_resume_takes_the_runs_own_settings_and_says_when_it_is_finished(tmp_pat
     assert proc.returncode == 2 and "total_steps is 6 there, 9 here" in proc.stderr
 
 
+def test_resuming_a_finished_run_writes_the_log_and_plot_it_stopped_before(tmp_path):
+    # A run ended after its last checkpoint, before log.json and training.png: resuming it writes them.
+    out = tmp_path / "run"
+    proc = train(["--optimizer", "sgd", "--steps", 4, "--eval-every", 2, "--batch-size", 32, "--checkpoint-every", 4,
+                  "--out", out, "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    log = json.loads((out / "log.json").read_text())
+    (out / "log.json").unlink()
+    (out / "training.png").unlink()
+    proc = train(["--resume", out, "--no-progress"])
+    assert proc.returncode == 0 and "already finished (step 4 of 4)" in proc.stdout, proc.stderr
+    assert f"wrote {out / 'log.json'}, {out / 'training.png'}" in proc.stdout
+    resumed = json.loads((out / "log.json").read_text())
+    assert resumed["records"] == log["records"] and resumed["summary"] == log["summary"]
+    assert (out / "training.png").read_bytes()[:8] == PNG
+    proc = train(["--resume", out, "--no-progress"])  # both there: left as they are
+    assert proc.returncode == 0 and "wrote" not in proc.stdout
+
+
 def test_plain_progress_lines_divergence_advice_and_a_final_lr_of_zero(tmp_path):
     # Not on a terminal: one plain line per evaluation, no carriage returns, no "test=nan".
     proc = train(["--optimizer", "sgd", "--steps", 6, "--eval-every", 2, "--batch-size", 32, "--out", tmp_path / "a"])

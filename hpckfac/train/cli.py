@@ -214,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:  # e.g. the model does not fit in memory
         return _rank_failure(comm, exc)
     if trainer.step >= trainer.total_steps:
+        try:
+            written = trainer.write_missing_outputs()
+        except (Exception, KeyboardInterrupt) as exc:  # rank 0 alone writes: a full disk, say
+            return _rank_failure(comm, exc)
         if comm.rank == 0:
             print(f"{PROG}: the run in {config.resume} already finished (step {trainer.step} of "
-                  f"{trainer.total_steps}); nothing to train")
+                  f"{trainer.total_steps}); nothing to train" + (f"; wrote {', '.join(written)}" if written else ""))
         return 0
     try:
         result = trainer.run()

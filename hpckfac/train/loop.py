@@ -334,11 +334,29 @@ class Trainer:
         if not self.records or self.records[-1]["step"] != self.step:
             self.evaluate()
         self._write_log(final=True)
-        if c.out and self.rank == 0:
+        self._plot()
+        return TrainResult(self.records, self.step_seconds, self.total_steps, self.model, self.precond, self.summary())
+
+    def write_missing_outputs(self) -> list[str]:
+        """Rank 0 of a run resumed at its last step: ``log.json`` and ``training.png`` from the
+        checkpoint where either is missing (a run stopped after its last checkpoint, before
+        them; ``stages_ms`` is then empty); returns the paths written."""
+        if not self.config.out or self.rank != 0 or not self.records:
+            return []
+        written = []
+        if not os.path.exists(os.path.join(self.config.out, LOG_NAME)):
+            self._write_log(final=True)
+            written.append(os.path.join(self.config.out, LOG_NAME))
+        if not os.path.exists(os.path.join(self.config.out, PLOT_NAME)):
+            self._plot()
+            written.append(os.path.join(self.config.out, PLOT_NAME))
+        return written
+
+    def _plot(self) -> None:
+        if self.config.out and self.rank == 0:
             from hpckfac.train.plot import plot_history
 
-            plot_history(self.records, os.path.join(c.out, PLOT_NAME), title=self._title())
-        return TrainResult(self.records, self.step_seconds, self.total_steps, self.model, self.precond, self.summary())
+            plot_history(self.records, os.path.join(self.config.out, PLOT_NAME), title=self._title())
 
     def _steps(self, bar, lines: bool) -> None:
         """The steps of ``run``, with their evaluations and checkpoints."""
