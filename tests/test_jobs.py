@@ -262,3 +262,15 @@ def test_scaling_templates_refuse_a_strong_batch_that_does_not_split_before_any_
                    capture_output=True, timeout=60)  # the weak study's batch is per rank: any count
     subprocess.run(["bash", os.path.join(JOBS, name)], env=dict(env, STRONG_BATCH="96"), check=True,
                    capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", ["slurm_train.sbatch", "slurm_scaling.sbatch"])
+def test_slurm_templates_run_without_cpus_per_task(tmp_path, name):
+    # Without #SBATCH --cpus-per-task Slurm sets no SLURM_CPUS_PER_TASK: one core per rank, not an unbound variable.
+    stubs, log = stub_launchers(tmp_path, "srun", "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(stubs, SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_ID="3", OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", os.path.join(JOBS, name)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = launches(log, "srun")
+    assert steps and all(flag(words, "--cpus-per-task") == "1" for words in steps)
