@@ -99,6 +99,23 @@ def test_keep_only_the_newest_checkpoints(tmp_path):
     assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_checkpoints_of_another_run_are_named_without_keep_checkpoints(tmp_path):
+    """A fresh run writing checkpoints beside a later step of another run says so, since
+    ``--resume`` would pick that one, and removes nothing."""
+    import subprocess
+    import sys
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000100.pt").write_bytes(b"another run")
+    cmd = [sys.executable, "-m", "hpckfac", "train", "--steps", "4", "--batch-size", "32", "--no-progress",
+           "--checkpoint-every", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002.pt", "step_00000004.pt",
+                                                            "step_00000100.pt"]
+    assert proc.stderr.count("later steps than this run's (step_00000100.pt)") == 1
+
+
 def test_append_lines_refuses_symlinks(tmp_path):
     from hpckfac.train.files import append_lines
 

@@ -370,6 +370,9 @@ def test_prune_keeps_the_newest_and_reports_only_later_steps(tmp_path):
     # Nothing later than the step just written: nothing to report (the new checkpoint is not "later").
     assert ckpt.prune_checkpoints(str(tmp_path), 20, 5) == []
     assert len(os.listdir(tmp_path)) == 3
+    # keep=0 (--keep-checkpoints unset): nothing removed, later steps still reported.
+    assert ckpt.prune_checkpoints(str(tmp_path), 3, 0) == [ckpt.checkpoint_path(str(tmp_path), s) for s in (10, 20)]
+    assert len(os.listdir(tmp_path)) == 3
 
 
 def test_check_compatible_takes_a_missing_setting_as_its_default():

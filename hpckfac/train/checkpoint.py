@@ -75,10 +75,12 @@ def list_checkpoints(directory: str) -> list[str]:
 
 def prune_checkpoints(directory: str, step: int, keep: int) -> list[str]:
     """Remove all but the ``keep`` latest checkpoints of ``directory`` up to ``step`` (the one
-    just written); those of later steps (another run's) are left alone and returned."""
+    just written; ``keep=0``: remove none); those of later steps (another run's) are left alone
+    and returned."""
     found = _by_step(directory)
-    for _, old in [item for item in found if item[0] <= step][:-keep]:
-        os.remove(old)
+    if keep:
+        for _, old in [item for item in found if item[0] <= step][:-keep]:
+            os.remove(old)
     return [f for s, f in found if s > step]
 
 

@@ -296,12 +296,11 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(path, state)
             _log.info("checkpoint %s", path)
-            if self.config.keep_checkpoints:
-                later = prune_checkpoints(os.path.dirname(path), self.step, self.config.keep_checkpoints)
-                if later and not self._warned_later:
-                    self._warned_later = True
-                    _log.warning("%s holds checkpoints of later steps than this run's (%s): kept; --resume "
-                                 "picks the latest step", os.path.dirname(path), os.path.basename(later[-1]))
+            later = prune_checkpoints(os.path.dirname(path), self.step, self.config.keep_checkpoints)
+            if later and not self._warned_later:
+                self._warned_later = True
+                _log.warning("%s holds checkpoints of later steps than this run's (%s): kept; --resume "
+                             "picks the latest step", os.path.dirname(path), os.path.basename(later[-1]))
         self.comm.barrier()
         return path
 
