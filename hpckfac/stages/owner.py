@@ -100,9 +100,8 @@ class OwnerState:
         refused = [self.blocks[i].name for (i, new), ok in zip(updates.items(), finite)
                    if not self._blend(i, new, decay, bool(ok))]
         if refused:  # one line per update, not one per block: a diverged model refuses them all
-            _log.warning("non-finite statistics refused for block%s %s; the running average%s keep%s "
-                         "%s old value%s", "s" if len(refused) > 1 else "", ", ".join(map(str, refused)),
-                         *(("s", "", "their", "s") if len(refused) > 1 else ("", "s", "its", "")))
+            _log.warning("non-finite statistics refused for blocks %s; the running averages keep their old "
+                         "values", ", ".join(map(str, refused)))
 
     def _averaged(self, received, presence: float):
         """The mean over the ranks that contributed (the reduction averaged over all ranks)."""
