@@ -144,3 +144,44 @@ def test_an_embedding_read_outside_its_calls_is_named(head, caplog):
             precond.step()
     named = [r.getMessage() for r in caplog.records if "get gradient the layers' own calls cannot give" in r.getMessage()]
     assert len(named) == (0 if head == "module" else 1) and all("K-FAC layers emb:" in m for m in named)
+
+
+
+class Positions(torch.nn.Module):
+    """Token and position embeddings on ``(B, T)`` tokens; ``ids`` says how the positions are
+    passed: ``"(T,)"`` (nanoGPT's ``wpe(torch.arange(T))``), ``"(1, T)"``, or not at all, the
+    second table then looking up one label per example, ``(B,)``."""
+
+    def __init__(self, ids: str, length: int) -> None:
+        super().__init__()
+        self.ids = ids
+        self.tok, self.pos, self.head = torch.nn.Embedding(9, 4), torch.nn.Embedding(length, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1])
+        if self.ids == "(B,)":
+            extra = self.pos(tokens[:, 0] % self.pos.num_embeddings)[:, None]
+        else:
+            extra = self.pos(positions[None] if self.ids == "(1, T)" else positions)
+        return self.head(torch.tanh(self.tok(tokens) + extra)).mean(1)
+
+
+@pytest.mark.parametrize("length", [7, 10])
+@pytest.mark.parametrize("ids", ["(T,)", "(1, T)", "(B,)"])
+def test_one_dimensional_indices_other_than_the_batch_are_named(ids, length, caplog):
+    """A (T,) input shared by the batch cannot be told from the batch flattened to (B * k,)
+    indices (10 = 5 * 2 here), as which it is read: its A then counts each position once, not
+    once per example, and its G takes the batch's summed gradient. A warning names the layer and
+    the (1, T) form, which is expanded to the batch; the (1, T) ids and a (B,) lookup are not named."""
+    torch.manual_seed(6)
+    model = Positions(ids, length).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    tokens = torch.randint(0, 9, (5, length), generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):
+            model(tokens).square().sum().backward()
+            precond.step()
+    named = [r.getMessage() for r in caplog.records if "1-D input" in r.getMessage()]
+    assert len(named) == (ids == "(T,)")
+    assert all("layer pos" in m and f"({length},)" in m and "[None]" in m for m in named)
+

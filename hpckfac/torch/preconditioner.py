@@ -348,6 +348,15 @@ class KFACPreconditioner:
         self._fired.add(index)
         if not self.engine.is_factor_step():
             return None
+        if self._broadcast[index] and a.dim() == 1 and 0 < self._micro_batch != a.shape[0]:
+            # (T,) ids shared by the batch (nanoGPT's wpe(torch.arange(T))) and the batch flattened
+            # to (B * k,) ids look alike; read as the latter, shared ids count once, not per example.
+            self._warn_once("one-dimensional-shared", (
+                f"layer {self.engine.blocks[index].name} sees a 1-D input of shape {tuple(a.shape)} in a "
+                f"micro-batch of {self._micro_batch} examples: read as the examples' indices flattened "
+                f"({int(a.shape[0])} / {self._micro_batch} per example); if it is one input shared by the whole "
+                "batch (position ids torch.arange(T)), its K-FAC statistics are wrong: pass it as ids[None], "
+                "(1, T), which is expanded to the batch"))
         start = time.perf_counter()
         with device_scope(self.device):
             call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0))))
