@@ -185,3 +185,14 @@ def test_one_dimensional_indices_other_than_the_batch_are_named(ids, length, cap
     assert len(named) == (ids == "(T,)")
     assert all("layer pos" in m and f"({length},)" in m and "[None]" in m for m in named)
 
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_zero_dimensional_index_is_refused_by_name(shared):
+    """``nn.Embedding`` takes a 0-d index (one lookup, no batch axis): refused in the forward
+    pass with the layer's name, as other unbatched inputs are, not with an IndexError."""
+    emb, head = torch.nn.Embedding(5, 3).double(), torch.nn.Linear(3, 2).double()
+    KFACPreconditioner(torch.nn.ModuleDict({"emb": emb, "head": head}), comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer emb .*0-d input.*batch dimension"):
+        head(x + emb(torch.tensor(2))) if shared else emb(torch.tensor(2))

@@ -327,6 +327,9 @@ class KFACPreconditioner:
         return scale
 
     def _on_input(self, index: int, a: torch.Tensor) -> int | None:
+        if a.dim() == 0:  # an Embedding takes one index without a batch axis; no rows to count
+            raise ValueError(f"a: layer {self.engine.blocks[index].name} got a 0-d input: an unbatched input is "
+                             "not supported (add a batch dimension)")
         if self._count_pending is not False:
             candidates = self._count_pending
             size, guessed = batch_size(candidates, int(a.shape[0]), self._broadcast[index])
