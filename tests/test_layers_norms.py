@@ -3,9 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from mpi4py import MPI
 from torch.func import functional_call, grad, vmap
 
+from hpckfac.comm import Communicator
 from hpckfac.layers import GroupNormBlock, LayerNormBlock
+from hpckfac.torch import KFACPreconditioner
 
 EPS = 1e-4
 
@@ -110,3 +113,35 @@ def test_unit_wise_blocks_check_their_input_when_it_arrives():
             block.add_input(stats, wrong)
         right = np.ones((2, 3, 4)) if isinstance(block, LayerNormBlock) else np.ones((2, 4, 3))
         assert block.add_input(stats, right) is right
+
+
+class FlatWindows(torch.nn.Module):
+    """``layer`` on the batch of ``(B, k, T, d)`` flattened to ``(B * k, T, d)`` rows (windows of
+    ``T`` positions), a Linear head on the result."""
+
+    def __init__(self, layer: torch.nn.Module, k: int, t: int) -> None:
+        super().__init__()
+        self.layer, self.head = layer, torch.nn.Linear(k * t * 7, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(x.reshape(-1, *x.shape[2:]))).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm", "Linear"])
+@pytest.mark.parametrize("positions", [5, 3])
+def test_flattened_rows_with_as_many_positions_as_examples_are_named(kind, positions, caplog):
+    """``(B * k, T, d)`` rows with ``T = B`` are also a sequence-first ``(T', B, d)`` input, as which
+    they are read: a unit-wise block's per-example sums then run over other examples' rows. A
+    warning names the layer; none where ``T`` differs from the batch, nor for a Linear, whose
+    factors are the same under both readings."""
+    torch.manual_seed(2)
+    layer = {"LayerNorm": torch.nn.LayerNorm(7), "RMSNorm": torch.nn.RMSNorm(7), "Linear": torch.nn.Linear(7, 7)}[kind]
+    model = FlatWindows(layer, 3, positions).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), skip_layers=["head"])
+    x = torch.randn(5, 3, positions, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        model(x).square().sum().backward()
+        precond.step()
+    named = [r.getMessage() for r in caplog.records if "flattened" in r.getMessage()]
+    assert len(named) == (positions == 5 and kind != "Linear")
+    assert all("layer layer" in m and "(15, 5, 7)" in m for m in named)

@@ -376,7 +376,9 @@ class KFACPreconditioner:
         leading axes are all batch or positions (``feature_axes``) are moved; a leading size 1
         is a batch-shared input (``(1, T)`` position ids), not a sequence. As many positions
         as examples cannot be told apart: read batch-first, with a warning when the model has
-        a ``batch_first=False`` module, where that reading may be the wrong one.
+        a ``batch_first=False`` module, where that reading may be the wrong one. Nor can
+        ``(batch * k, batch, ...)`` rows: read sequence-first, with a warning for a block whose
+        statistics differ between the two readings (unit-wise ones).
         """
         axes = self.engine.blocks[index].feature_axes
         batch = self._micro_batch
@@ -398,6 +400,16 @@ class KFACPreconditioner:
                     "batch_first=False module) its statistics take the wrong axis: make the micro-batch "
                     "size differ from the sequence length, or run the model batch_first=True"))
             return t
+        if t.shape[0] % batch == 0 and not self.engine.blocks[index].averages_positions:
+            # The batch flattened to (batch * k, positions, ...) rows with as many positions as
+            # examples looks the same; a Kronecker block's factors agree under both readings, a
+            # unit-wise block's per-example sums do not.
+            self._warn_once("flattened-or-sequence-first", (
+                f"layer {self.engine.blocks[index].name} sees {tuple(t.shape)}: axis 1 has the micro-batch's "
+                "size, read as a sequence-first input (positions, batch, ...); if it sees the batch flattened "
+                "to (batch * k, positions, ...) rows with as many positions as examples, its statistics mix "
+                "the examples: make the micro-batch size differ from the positions' count, or flatten the "
+                "positions into the rows too"))
         return t.transpose(0, 1).contiguous()
 
     def _sampled(self, index: int, t: torch.Tensor) -> torch.Tensor:
