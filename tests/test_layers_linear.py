@@ -148,3 +148,54 @@ def test_an_unbatched_input_is_refused_not_read_as_examples():
     with pytest.raises(ValueError, match="unbatched input of shape"):
         model(torch.randn(4))
     model(torch.randn(2, 4))  # batched: fine
+
+
+class Latents(nn.Module):
+    """Attention of each example's ``(B, d)`` input over ``L`` learned latents projected by
+    ``proj``, times the input; with ``expand`` the latents are expanded to the batch before the projection."""
+
+    def __init__(self, count: int, expand: bool) -> None:
+        super().__init__()
+        self.expand = expand
+        self.latents, self.proj = nn.Parameter(torch.randn(count, 4)), nn.Linear(4, 4)
+
+    def forward(self, x):
+        latents = self.latents.expand(len(x), *self.latents.shape) if self.expand else self.latents
+        k = self.proj(latents)
+        return (torch.softmax(x[:, None] @ k.transpose(-1, -2), -1) @ k)[:, 0] * x
+
+
+@pytest.mark.parametrize("count", [1, 3, 10])
+def test_latents_shared_by_the_batch_take_the_examples_factors_once_expanded(count):
+    """A Linear on latents shared by the batch (docs/preconditioner.md, "Batch-shared inputs"): on
+    ``latents.expand(B, L, d)`` its factors are the per-example ones, each example's own output
+    gradient on each of its ``L`` positions (autograd, one example at a time), and ``step()`` writes
+    ``G^-1 [dW | db] A^-1``; on the latents themselves, ``(L, d)``, they are not."""
+    from mpi4py import MPI
+
+    from hpckfac.comm import Communicator
+    from hpckfac.torch import KFACPreconditioner
+
+    damping = 1e-3
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(count))
+    errors = []
+    for expand in (True, False):
+        torch.manual_seed(1)
+        model = Latents(count, expand).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), damping=damping, kl_clip=None)
+        model(x).sin().sum(1).mean().backward()  # per-example losses, their mean
+        w, b = model.proj.weight, model.proj.bias
+        k = nn.functional.linear(model.latents, w, b).detach().requires_grad_()
+        g = torch.stack([torch.autograd.grad((torch.softmax(xi[None] @ k.T, -1) @ k * xi).sin().sum(), k)[0]
+                         for xi in x])
+        rows = torch.cat([model.latents.detach(), torch.ones(count, 1, dtype=torch.float64)], 1).numpy()
+        a_factor = rows.T @ rows  # (1/B) sum over the B examples of each one's L rows
+        g_factor = torch.einsum("bld,ble->de", g, g).numpy() / (5 * count)
+        pi = np.sqrt((np.trace(a_factor) / 5) / (np.trace(g_factor) / 4))
+        grad_matrix = torch.cat([w.grad, b.grad[:, None]], 1).numpy()
+        want = (np.linalg.inv(g_factor + np.sqrt(damping) / pi * np.eye(4)) @ grad_matrix
+                @ np.linalg.inv(a_factor + pi * np.sqrt(damping) * np.eye(5)))
+        precond.step()
+        got = torch.cat([w.grad, b.grad[:, None]], 1).numpy()
+        errors.append(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert errors[0] < 1e-12 and errors[1] > 0.1
