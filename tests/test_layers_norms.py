@@ -145,3 +145,17 @@ def test_flattened_rows_with_as_many_positions_as_examples_are_named(kind, posit
     named = [r.getMessage() for r in caplog.records if "flattened" in r.getMessage()]
     assert len(named) == (positions == 5 and kind != "Linear")
     assert all("layer layer" in m and "(15, 5, 7)" in m for m in named)
+
+
+def test_flattened_rows_warning_is_silent_in_a_sequence_first_model(caplog):
+    """A model with a ``batch_first=False`` module runs sequence-first by design: the input that
+    warns above, ``(B * k, B, d)`` rows into a LayerNorm, is read sequence-first there without one."""
+    torch.manual_seed(2)
+    model = FlatWindows(torch.nn.LayerNorm(7), 3, 5).double()
+    model.batch_first = False
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), skip_layers=["head"])
+    x = torch.randn(5, 3, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        model(x).square().sum().backward()
+        precond.step()
+    assert not [r for r in caplog.records if "flattened" in r.getMessage()]

@@ -378,7 +378,8 @@ class KFACPreconditioner:
         as examples cannot be told apart: read batch-first, with a warning when the model has
         a ``batch_first=False`` module, where that reading may be the wrong one. Nor can
         ``(batch * k, batch, ...)`` rows: read sequence-first, with a warning for a block whose
-        statistics differ between the two readings (unit-wise ones).
+        statistics differ between the two readings (unit-wise ones) unless the model has a
+        ``batch_first=False`` module.
         """
         axes = self.engine.blocks[index].feature_axes
         batch = self._micro_batch
@@ -400,10 +401,13 @@ class KFACPreconditioner:
                     "batch_first=False module) its statistics take the wrong axis: make the micro-batch "
                     "size differ from the sequence length, or run the model batch_first=True"))
             return t
-        if t.shape[0] % batch == 0 and not self.engine.blocks[index].averages_positions:
+        if (t.shape[0] % batch == 0 and not self._sequence_first_model
+                and not self.engine.blocks[index].averages_positions):
             # The batch flattened to (batch * k, positions, ...) rows with as many positions as
             # examples looks the same; a Kronecker block's factors agree under both readings, a
-            # unit-wise block's per-example sums do not.
+            # unit-wise block's per-example sums do not. A model with a batch_first=False module
+            # runs sequence-first by design, where lengths that are multiples of the batch are
+            # common and the warning would be noise.
             self._warn_once("flattened-or-sequence-first", (
                 f"layer {self.engine.blocks[index].name} sees {tuple(t.shape)}: axis 1 has the micro-batch's "
                 "size, read as a sequence-first input (positions, batch, ...); if it sees the batch flattened "
