@@ -1,7 +1,7 @@
 """The names the docs cite exist: every dotted ``hpckfac.`` name in README.md, docs/ and
 jobs/README.md resolves, every repository path they cite is there, and the module maps of
 docs/design.md ("Layout") and README.md ("Layers of the library") list every module of the
-package and none that is not."""
+package and none that is not, and the layout every source in kernels/."""
 import ast
 import importlib
 import importlib.util
@@ -145,3 +145,11 @@ def test_readme_module_table_lists_every_module():
     modules = {p.stem for p in PACKAGE.glob("*.py")} | {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     modules -= {"__init__", "__main__"}
     assert named == modules, (sorted(modules - named), sorted(named - modules))
+
+
+def test_design_layout_lists_every_kernel_source_and_no_other():
+    block = re.search(r"## Layout\n\n```\n(.*?)```", TEXTS["docs/design.md"], re.S).group(1)
+    entry = re.search(r"^kernels/(.*?)(?=^\S)", block, re.M | re.S).group(1)
+    named = set(re.findall(r"(?<![\w/.])(\w+\.(?:cu|cuh|py))\b", entry))
+    files = {p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh", ".py")}
+    assert named == files, (sorted(files - named), sorted(named - files))
