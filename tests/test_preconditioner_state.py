@@ -347,6 +347,31 @@ def test_grad_scaler_scale_is_undone_in_the_factors(comm):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("kl_clip", [1e-2, None])
+def test_a_float16_buffer_overflow_makes_the_scaler_skip_the_step(comm, kl_clip):
+    """Finite float32 gradients beyond 65504 become inf in a float16 buffer (factor_dtype), after
+    scaler.unscale_ found them finite: the preconditioned .grad is not finite (NaN with the KL
+    clip, inf without), so the scaler must skip the step and lower its scale, not step with it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, factor_dtype="float16", kl_clip=kl_clip,
+                                 lr=1e-3)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(1e6 * model(x).pow(2).mean()).backward()
+    scaler.unscale_(opt)
+    grads = [p.grad for p in model.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads) and max(g.abs().max() for g in grads) > 65504
+    precond.step()
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters())
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert scaler.get_scale() == 0.5
+
+
 def test_non_finite_gradients_reach_grad_but_not_the_factors(comm):
     model, data = model_and_data()
     precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, factor_update_interval=1))

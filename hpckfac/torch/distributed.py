@@ -279,15 +279,13 @@ def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> 
     which the stream orders, no host read), and every recorded flag takes the sum (a
     collective). The flag is a few bytes, so it takes MPI's latency-bound allreduce (``log2 P``
     messages), not the ring's ``2(P-1)``, which would cost milliseconds every step at a thousand
-    ranks. The scaler keeps the flags in its per-optimizer state, which has no public
-    accessor.
+    ranks.
 
     Returns the agreed flag (a one-element float32 tensor on ``device``, > 0 when some rank
     overflowed: the same on every rank), or None without an enabled scaler."""
     if scaler is None or not scaler.is_enabled():
         return None
-    found = [flag for state in scaler._per_optimizer_states.values()
-             for flag in state.get("found_inf_per_device", {}).values()]
+    found = _found_inf(scaler)
     anyone = torch.zeros(1, dtype=torch.float32, device=device)
     for flag in found:  # none when unscale_ did not run before step(): scaler.step() checks later
         anyone = torch.maximum(anyone, flag.reshape(1).to(device, torch.float32))
@@ -295,6 +293,28 @@ def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> 
     for flag in found:
         flag.copy_(anyone.clamp(max=1.0).to(flag.device, flag.dtype).reshape(flag.shape))
     return anyone
+
+
+def flag_non_finite(scaler: Any, values: torch.Tensor) -> None:
+    """Record in an enabled GradScaler's ``found_inf`` flags (those ``scaler.unscale_`` set) that
+    ``values``, the preconditioned gradients, are not finite, so that ``scaler.step`` skips the
+    step and ``scaler.update`` lowers the scale. Finite gradients can overflow after ``unscale_``
+    checked them: beyond 65504 in a float16 buffer (``factor_dtype``), the KL clip's nu is then
+    NaN. ``values`` are the same on every rank, so every rank decides alike; no host read."""
+    if scaler is None or not scaler.is_enabled():
+        return
+    found = _found_inf(scaler)
+    if found:
+        bad = torch.isfinite(values).all().logical_not()
+        for flag in found:
+            flag.copy_(torch.maximum(flag, bad.to(flag.device, flag.dtype).reshape(flag.shape)))
+
+
+def _found_inf(scaler: Any) -> list[torch.Tensor]:
+    """The ``found_inf`` flags ``scaler.unscale_`` recorded since the last ``scaler.update()``.
+    The scaler keeps them in its per-optimizer state, which has no public accessor."""
+    return [flag for state in scaler._per_optimizer_states.values()
+            for flag in state.get("found_inf_per_device", {}).values()]
 
 
 def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> None:

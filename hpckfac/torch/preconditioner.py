@@ -33,7 +33,7 @@ from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tenso
 from hpckfac.torch.coverage import find_blocks
 from hpckfac.torch.device import model_device
 from hpckfac.torch.distributed import (DIFFERENT_MODELS, agree_on_overflow, average_grads, check_model, dtype_runs,
-                                      gradients_alike, replica_difference)
+                                      flag_non_finite, gradients_alike, replica_difference)
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, OwnedHook, counts_call
 from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
@@ -568,8 +568,10 @@ class KFACPreconditioner:
             "K-FAC layers not in the model's mode": other_mode, **current})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
-        self._io.write(self._kept_tensor(whole), offsets, params)
+        gathered = self._kept_tensor(whole)
+        self._io.write(gathered, offsets, params)
         self._io.write_generic(updates, params)
+        flag_non_finite(self.grad_scaler, gathered)
         for param in unreached:
             param.grad = None
         self.timings.update(self.engine.timings)

@@ -118,3 +118,25 @@ def test_a_skipped_step_takes_no_statistics_on_any_rank(comm):
     assert torch.equal(params, never_seen)
     everyone = comm.allgather_object(params)
     assert all(torch.equal(params, other) for other in everyone)
+
+
+@pytest.mark.mpi
+def test_a_float16_sum_over_ranks_beyond_its_range_skips_the_step_on_every_rank(comm):
+    """Each rank's gradient fits float16 (at two ranks and more) and unscale_ finds it finite, but
+    the ReduceScatterV's float16 sum over the ranks passes 65504: the preconditioned .grad is NaN
+    on every rank, so every rank's scaler skips the step and lowers its scale alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, factor_dtype="float16", lr=1e-3)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(x).pow(2).mean()).backward()
+    model[2].weight.grad[1, 3] = 1e5 / comm.size
+    scaler.unscale_(opt)
+    precond.step()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert comm.allgather_object(scaler.get_scale()) == [0.5] * comm.size
