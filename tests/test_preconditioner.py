@@ -1439,10 +1439,12 @@ def test_a_grad_scalers_scale_is_read_once_per_step(monkeypatch):
     plain, scaled = model(), model()
     pre_plain = KFACPreconditioner(plain, comm=Communicator(MPI.COMM_SELF))
     pre_scaled = KFACPreconditioner(scaled, comm=Communicator(MPI.COMM_SELF), grad_scaler=scaler)
+    opt = torch.optim.SGD(scaled.parameters(), lr=0.1)
     for step in range(2):
         x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
         plain(x).pow(2).mean().backward()
         scaler.scale(scaled(x).pow(2).mean()).backward()
+        scaler.unscale_(opt)
         pre_plain.step()
         pre_scaled.step()
         assert len(reads) == step + 1

@@ -372,6 +372,29 @@ def test_a_float16_buffer_overflow_makes_the_scaler_skip_the_step(comm, kl_clip)
     assert scaler.get_scale() == 0.5
 
 
+def test_a_step_without_unscale_raises_naming_it(comm):
+    """With an enabled GradScaler, step() before scaler.unscale_(optimizer) would precondition
+    gradients still multiplied by the scale: the KL clip shrinks the step by that factor (65536
+    by default) and training stalls without a word. It raises instead, before anything is
+    averaged, and the recipe with unscale_ then runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    scaler = torch.amp.GradScaler("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, lr=0.1)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(4))
+    scaler.scale(model(x).pow(2).mean()).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"grad_scaler: .*scaler\.unscale_\(optimizer\)"):
+        precond.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), scaled))
+    scaler.unscale_(opt)
+    precond.step()
+    scaler.step(opt)
+    scaler.update()
+    assert precond.steps == 1
+
+
 def test_non_finite_gradients_reach_grad_but_not_the_factors(comm):
     model, data = model_and_data()
     precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, factor_update_interval=1))

@@ -287,12 +287,25 @@ def agree_on_overflow(scaler: Any, comm: Communicator, device: torch.device) -> 
         return None
     found = _found_inf(scaler)
     anyone = torch.zeros(1, dtype=torch.float32, device=device)
-    for flag in found:  # none when unscale_ did not run before step(): scaler.step() checks later
+    for flag in found:  # none when unscale_ found no gradient
         anyone = torch.maximum(anyone, flag.reshape(1).to(device, torch.float32))
     comm.allreduce(to_array(anyone), op="sum", algorithm="mpi")
     for flag in found:
         flag.copy_(anyone.clamp(max=1.0).to(flag.device, flag.dtype).reshape(flag.shape))
     return anyone
+
+
+def check_unscaled(scaler: Any) -> None:
+    """ValueError naming ``grad_scaler`` when an enabled GradScaler has unscaled no optimizer's
+    gradients since its last ``update()``: ``step()`` would precondition gradients still
+    multiplied by the scale, which the KL clip reads as a step that many times too large (it
+    shrinks the update by the scale, 65536 by default), and the overflow flags it agrees on
+    would not exist yet."""
+    if scaler is not None and scaler.is_enabled() and not any(
+            "found_inf_per_device" in state for state in scaler._per_optimizer_states.values()):
+        raise ValueError("grad_scaler: step() was called before scaler.unscale_(optimizer), so .grad is still "
+                         "multiplied by the scale: call scaler.unscale_(optimizer) after the backward passes and "
+                         "before precond.step(), then scaler.step(optimizer) and scaler.update()")
 
 
 def flag_non_finite(scaler: Any, values: torch.Tensor) -> None:

@@ -32,8 +32,8 @@ from hpckfac.tables import format_table
 from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.coverage import find_blocks
 from hpckfac.torch.device import model_device
-from hpckfac.torch.distributed import (DIFFERENT_MODELS, agree_on_overflow, average_grads, check_model, dtype_runs,
-                                      flag_non_finite, gradients_alike, replica_difference)
+from hpckfac.torch.distributed import (DIFFERENT_MODELS, agree_on_overflow, average_grads, check_model,
+                                      check_unscaled, dtype_runs, flag_non_finite, gradients_alike, replica_difference)
 from hpckfac.torch.grad_io import GradientIO
 from hpckfac.torch.hooks import CaptureHooks, OwnedHook, counts_call
 from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
@@ -487,6 +487,7 @@ class KFACPreconditioner:
             _log.warning(message)
 
     def _step(self) -> None:
+        check_unscaled(self.grad_scaler)
         self._scaler_scale = None  # this step's hooks have run; the next ones read the scale anew
         lr = self.current_lr()  # validated before anything is reduced or written,
         current = self.engine.current_settings()  # as are the engine's schedules (run once a step)
