@@ -48,6 +48,19 @@ def test_non_finite_new_refused(bad, first):
     np.testing.assert_array_equal(running, before)
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_new_beyond_the_running_dtype_refused(first):
+    """float64 statistics finite in float64 but beyond float32's range would turn a float32
+    running average into inf: refused like NaN/Inf, the average untouched."""
+    rng = np.random.default_rng(35)
+    running = rng.standard_normal(8).astype(np.float32)
+    before = running.copy()
+    new = rng.standard_normal(8)
+    new[rng.integers(8)] = 1e39 * rng.choice([-1.0, 1.0])
+    assert ops.ema_update(running, new, 0.9, first=first) is False
+    np.testing.assert_array_equal(running, before)
+
+
 @pytest.mark.parametrize(
     "new, decay, name",
     [

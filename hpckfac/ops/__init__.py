@@ -161,7 +161,8 @@ def ema_update(running: ArrayLike, new: ArrayLike, decay: float, *, first: bool 
     """``running <- decay*running + (1-decay)*new`` in place; ``first``: ``running <- new``.
 
     ``decay`` (0 <= decay < 1) weighs the old value. If ``new`` holds NaN or
-    Inf nothing is written and False is returned (the caller logs or counts);
+    Inf, or values beyond the range of ``running``'s dtype, nothing is written
+    and False is returned (the caller logs or counts);
     True otherwise. ``finite`` is the caller's own verdict on ``new`` when it
     has one (e.g. many arrays checked with one device read), so that the
     check is not repeated; None checks here.
