@@ -195,6 +195,28 @@ def test_extreme_magnitudes_stay_finite(dtype, magnitude):
         assert np.isfinite(result.inverse).all()
 
 
+@pytest.mark.parametrize("case", ["damping", "entries"])
+def test_a_damped_matrix_beyond_float32_stays_finite(case):
+    """A finite damping beyond float32's range (valid, but inf once cast), or entries near its
+    maximum plus a damping, overflow S = M + damping*I in float32 though its inverse is
+    representable: the result is finite and, against a float64 oracle, that inverse."""
+    rng = np.random.default_rng(29)
+    n = int(rng.integers(2, 8))
+    mats = spd_batch(rng, 3, n)
+    mats /= np.abs(mats).max(axis=(1, 2), keepdims=True)
+    if case == "damping":
+        damping = np.array([0.1, 1e39, 3e40])
+    else:
+        mats[1:] *= float(np.finfo(np.float32).max) * 0.9
+        damping = np.array([0.1, 1e38, 1e38])
+    mats = mats.astype(np.float32)
+    result = ops.damped_inverse(mats, damping)
+    assert np.isfinite(result.inverse).all()
+    for m, lam, inv in zip(mats, damping, result.inverse):
+        oracle = np.linalg.inv(m.astype(np.float64) + lam * np.eye(n))
+        np.testing.assert_allclose(inv, oracle, rtol=1e-5, atol=1e-5 * np.abs(oracle).max() + 2e-45)
+
+
 @pytest.mark.parametrize("batched_with_indefinite", [False, True])
 def test_an_overflowing_inverse_is_not_accepted(batched_with_indefinite):
     """A well-conditioned matrix of subnormal scale factorises with sound pivots, but its inverse,

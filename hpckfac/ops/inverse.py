@@ -13,8 +13,10 @@ For each matrix ``S = (M + M^T)/2 + damping*I``:
 2. JITTER: Cholesky of ``S + j * s * I`` for ``j`` in ``JITTERS``
    (1e-6 ... 1e-1) where ``s`` is the mean of ``|diag(S)|`` (1 if that is 0);
    the first ``j`` accepted as in 1 wins.
-3. EIGEN: ``S = V diag(w) V^T`` (``eigh``) and the inverse
-   ``V diag(1/max(w, floor)) V^T`` with
+3. EIGEN: ``(M + M^T)/2 = V diag(u) V^T`` (``eigh``), ``w = u + damping``
+   (in float64: ``S`` itself may overflow the working dtype, a damping beyond
+   its range or entries near its maximum, where its inverse does not), and the
+   inverse ``V diag(1/max(w, floor)) V^T`` with
    ``floor = max(damping, EIGEN_RFLOOR * max|w|, sqrt(tiny))``
    (``max|w|`` taken as 1 when 0): eigenvalues of a PSD matrix plus damping
    are ``>= damping``, so only what rounding or corruption pushed below that is
@@ -48,7 +50,8 @@ def damped_inverse(mats: np.ndarray, damping: float | np.ndarray) -> tuple[np.nd
     if bad.size:
         raise ValueError(f"mats: non-finite values in batch indices {bad.tolist()}")
     batch, n = mats.shape[:2]
-    damping = np.broadcast_to(np.asarray(damping, dtype=dtype), (batch,))
+    # Kept in float64 for the eigen fallback: a finite damping may overflow the working dtype.
+    damping = np.broadcast_to(np.asarray(damping, dtype=np.float64), (batch,))
     # Symmetrise before factorising: LAPACK's Cholesky and eigh read one triangle
     # only, so an input that rounding left slightly asymmetric (fp32 accumulation,
     # fp16 communication) would otherwise be inverted as a matrix that depends on
@@ -57,7 +60,8 @@ def damped_inverse(mats: np.ndarray, damping: float | np.ndarray) -> tuple[np.nd
     # The damping goes on the diagonal only (adding damping * I adds zeros everywhere else).
     half = 0.5 * mats
     damped = half + half.swapaxes(1, 2)
-    damped.reshape(batch, n * n)[:, ::n + 1] += damping[:, None]
+    with np.errstate(over="ignore"):  # an overflowed S fails Cholesky and goes to the eigen fallback
+        damped.reshape(batch, n * n)[:, ::n + 1] += damping.astype(dtype)[:, None]
 
     status = np.full(batch, CHOLESKY, dtype=np.int8)
     factors, ok = _cholesky_batch(damped)
@@ -74,16 +78,20 @@ def damped_inverse(mats: np.ndarray, damping: float | np.ndarray) -> tuple[np.nd
         if jittered is not None:
             inverse[i], status[i] = jittered, JITTER
         else:
-            inverse[i], status[i] = _clipped_eigen_inverse(damped[i], float(damping[i])), EIGEN
+            inverse[i], status[i] = _clipped_eigen_inverse(half[i] + half[i].T, float(damping[i])), EIGEN
     return inverse, status
 
 
 def _jittered_inverse(mat: np.ndarray) -> np.ndarray | None:
     """Inverse of ``mat + j*s*I`` for the first ``j`` in JITTERS whose Cholesky is usable."""
+    # Summed in float64: a float32 diagonal near its maximum would overflow the sum.
+    diag_scale = float(np.abs(np.diagonal(mat)).mean(dtype=np.float64)) or 1.0
+    if not np.isfinite(diag_scale):  # S overflowed: no jitter makes it finite
+        return None
     eye = np.eye(mat.shape[0], dtype=mat.dtype)
-    diag_scale = float(np.abs(np.diagonal(mat)).mean()) or 1.0
     for jitter in JITTERS:
-        factor = _cholesky(mat + (jitter * diag_scale) * eye)
+        with np.errstate(over="ignore"):  # a shifted diagonal beyond the dtype's range fails Cholesky
+            factor = _cholesky(mat + (jitter * diag_scale) * eye)
         if factor is not None:
             with np.errstate(over="ignore", invalid="ignore"):
                 inverse = _inverse_from_cholesky(factor)
@@ -127,10 +135,14 @@ def _inverse_from_cholesky(factors: np.ndarray) -> np.ndarray:
     return (half + half.mT).numpy()
 
 
-def _clipped_eigen_inverse(mat: np.ndarray, damping: float) -> np.ndarray:
-    """``V diag(1/max(w, floor)) V^T`` for a symmetric ``mat`` (see module docstring)."""
-    eigvals, eigvecs = np.linalg.eigh(mat)
+def _clipped_eigen_inverse(sym: np.ndarray, damping: float) -> np.ndarray:
+    """``V diag(1/max(w, floor)) V^T`` for ``sym + damping*I``, ``sym`` symmetric and undamped
+    (see module docstring)."""
+    # In float64 (NumPy's eigh computes a float32 matrix in float64 anyway), the damping added to
+    # the eigenvalues: S and its eigenvalues may overflow the working dtype where S^-1 does not.
+    eigvals, eigvecs = np.linalg.eigh(sym.astype(np.float64))
+    eigvals += damping
     top = float(np.abs(eigvals).max(initial=0.0)) or 1.0
-    floor = max(damping, EIGEN_RFLOOR * top, float(np.sqrt(np.finfo(mat.dtype).tiny)))
-    inverse = (eigvecs / np.maximum(eigvals, floor)) @ eigvecs.T
+    floor = max(damping, EIGEN_RFLOOR * top, float(np.sqrt(np.finfo(sym.dtype).tiny)))
+    inverse = ((eigvecs / np.maximum(eigvals, floor)) @ eigvecs.T).astype(sym.dtype)
     return 0.5 * inverse + 0.5 * inverse.T
