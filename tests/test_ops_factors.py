@@ -49,6 +49,22 @@ def test_fp16_squares_overflowing_fp16():
     assert np.all(np.abs(got - oracle(x, 1.0 / 40)) <= fp32_bound(x, 1.0 / 40))
 
 
+@pytest.mark.parametrize("magnitude", [1e-18, 1e18, 1e-25, 1e25])
+def test_bfloat16_products_beyond_float32s_range(magnitude):
+    """bfloat16 has float32's exponent range: rows of magnitude 1e-18 or 1e18 keep the fp32 bound;
+    at 1e-25 the products (1e-50) flush to zero, at 1e25 (1e50) they overflow, as documented."""
+    rng = np.random.default_rng(9)
+    x = (rng.uniform(1.0, 2.0, size=(30, 4)) * magnitude).astype(ml_dtypes.bfloat16)
+    with np.errstate(over="ignore"):
+        got = ops.accumulate_factor(x, 1.0 / 30)
+    if magnitude == 1e-25:
+        assert (got == 0).all()
+    elif magnitude == 1e25:
+        assert np.isinf(got).all()
+    else:
+        assert np.all(np.abs(got - oracle(x, 1.0 / 30)) <= fp32_bound(x, 1.0 / 30))
+
+
 @pytest.mark.parametrize("d", [127, 128, 129, 200, 513, 1100])
 @pytest.mark.parametrize("packed", [False, True])
 def test_wide_factors_in_column_panels(d, packed):
