@@ -303,6 +303,18 @@ def test_well_conditioned_error_is_a_few_kappa_eps(dtype, n):
         assert error <= 3 * kappa * np.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("dtype, cond", [(np.float32, 1e5), (np.float64, 1e14)])
+@pytest.mark.parametrize("n", [2, 10, 40])
+def test_cholesky_is_kept_below_the_jitter_onset(dtype, cond, n):
+    """The pivot test, not kappa itself, decides: on random eigenvectors and log-spaced
+    eigenvalues Cholesky is kept in float32 up to kappa 1e5 and in float64 up to 1e14 (the
+    onsets measured: 1e6-1e8 and 1e15-1e17, later for larger orders)."""
+    rng = np.random.default_rng(70 + n)
+    mats = np.stack([with_spectrum(rng, np.logspace(0, -np.log10(cond), n)) for _ in range(8)])
+    result = ops.damped_inverse(mats.astype(dtype), 0.0)
+    assert (result.status == ops.CHOLESKY).all()
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_float32_beyond_its_precision_inverts_a_jittered_matrix(seed):
     """Damped condition number 1e9 in float32 (a pivot below PIVOT_RTOL eps32): the status says
