@@ -174,6 +174,11 @@ def test_ema_update_on_device():
     assert bool((running == before).all())
     new[7] = 1.0
     assert ops.ema_update(running, new, 0.8, first=True) and bool((running == new).all())
+    beyond = cupy.asarray(rng.standard_normal(50))  # float64, one value beyond float32's range
+    beyond[11] = -1e39
+    before = running.copy()
+    assert ops.ema_update(running, beyond, 0.8) is False and ops.ema_update(running, beyond, 0.8, first=True) is False
+    assert bool((running == before).all())
 
 
 GEMM_CASES = [(1, 7), (3, 5000), (65, 300), (513, 2000), (577, 100), (1152, 3000), (4608, 600), (300, 0)]

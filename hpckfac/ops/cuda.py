@@ -358,14 +358,16 @@ def batchnorm_fisher(x: cupy.ndarray, g: cupy.ndarray, eps: float, scale: float,
 def ema_update(running: Any, new: Any, decay: float, first: bool, check: bool = True) -> bool:
     """``running <- decay*running + (1-decay)*new`` in place (``first``: ``running <- new``);
     False, leaving ``running`` untouched, when ``new`` holds NaN or Inf (``check=False``:
-    the caller knows it does not, and the device is not asked)."""
+    the caller knows it does not, and the device is not asked). Checked after the cast, as on
+    the CPU: float64 statistics beyond float32's range become inf in a float32 average."""
+    new = cupy.asarray(new).astype(running.dtype, copy=False)
     if check and not bool(cupy.isfinite(new).all()):
         return False
     if first:
         running[...] = new
     else:
         running *= decay
-        running += (1.0 - decay) * cupy.asarray(new, dtype=running.dtype)
+        running += (1.0 - decay) * new
     return True
 
 
@@ -425,13 +427,17 @@ def _cholesky_inverse(mats, damping, shift=None):
     return _solver_inverse(mats, damping, shift)
 
 
-def _clipped_eigen_inverse(damped, damping):
-    """``V diag(1/max(w, floor)) V^T`` per matrix (CPU reference's floor, batched)."""
-    eigvals, eigvecs = cupy.linalg.eigh(damped)
+def _clipped_eigen_inverse(mats, damping):
+    """``V diag(1/max(w, floor)) V^T`` per matrix of ``(M + M^T)/2 + damping*I`` (the CPU
+    reference's floor, batched), ``damping`` float64. As on the CPU, in float64 with the damping
+    added to the eigenvalues: the damped matrix may overflow a float32 where its inverse does not."""
+    sym = 0.5 * mats.astype(np.float64)
+    eigvals, eigvecs = cupy.linalg.eigh(sym + sym.swapaxes(1, 2))
+    eigvals += damping[:, None]
     top = cupy.abs(eigvals).max(axis=1)
     top = cupy.where(top == 0, 1.0, top)
-    floor = cupy.maximum(cupy.maximum(damping, EIGEN_RFLOOR * top), math.sqrt(np.finfo(damped.dtype).tiny))
-    inverse = (eigvecs / cupy.maximum(eigvals, floor[:, None])[:, None, :]) @ eigvecs.swapaxes(1, 2)
+    floor = cupy.maximum(cupy.maximum(damping, EIGEN_RFLOOR * top), math.sqrt(np.finfo(mats.dtype).tiny))
+    inverse = ((eigvecs / cupy.maximum(eigvals, floor[:, None])[:, None, :]) @ eigvecs.swapaxes(1, 2)).astype(mats.dtype)
     return 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
 
 
@@ -444,7 +450,9 @@ def damped_inverse(mats: Any, damping: float | Any) -> tuple[Any, Any]:
     if bad.size:
         raise ValueError(f"mats: non-finite values in batch indices {bad.tolist()}")
     batch = mats.shape[0]
-    damping = cupy.ascontiguousarray(cupy.broadcast_to(cupy.asarray(damping, dtype=dtype), (batch,)))
+    # Kept in float64 for the eigen fallback: a finite damping may overflow the working dtype.
+    damping64 = cupy.ascontiguousarray(cupy.broadcast_to(cupy.asarray(damping, dtype=np.float64), (batch,)))
+    damping = damping64.astype(dtype)
     status = cupy.full(batch, CHOLESKY, dtype=np.int8)
     if batch == 0 or mats.shape[-1] == 0:
         return cupy.empty_like(mats), status
@@ -452,7 +460,7 @@ def damped_inverse(mats: Any, damping: float | Any) -> tuple[Any, Any]:
     pending = cupy.flatnonzero(~ok)
     if pending.size:
         damped = _damped(mats[pending], damping[pending])
-        scale = cupy.abs(cupy.diagonal(damped, axis1=1, axis2=2)).mean(axis=1).astype(np.float64)
+        scale = cupy.abs(cupy.diagonal(damped, axis1=1, axis2=2)).astype(np.float64).mean(axis=1)
         scale = cupy.where(scale == 0, 1.0, scale)
         left = cupy.arange(pending.size)
         for jitter in JITTERS:
@@ -466,6 +474,6 @@ def damped_inverse(mats: Any, damping: float | Any) -> tuple[Any, Any]:
                 break
         if left.size:
             rest = pending[left]
-            inverse[rest] = _clipped_eigen_inverse(damped[left], damping[rest])
+            inverse[rest] = _clipped_eigen_inverse(mats[rest], damping64[rest])
             status[rest] = EIGEN
     return inverse, status
