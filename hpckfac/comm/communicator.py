@@ -372,7 +372,7 @@ class Communicator:
 
         backend, cnt = self._enter("reduce_scatter_v", validate)
         if self.size == 1:  # the sum (or mean) over one rank is the buffer itself: no staging, no MPI
-            return sendbuf.copy()
+            return sendbuf.flatten()  # a new 1-D array, as over several ranks
         work = backend.stage_in(sendbuf)
         out = vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
                                      backend, op == "mean", algorithm)
@@ -402,7 +402,7 @@ class Communicator:
         with self._waiting(named):
             backend, cnt = self._enter("allgather_v", validate, label=named)
             if self.size == 1:
-                return segment.copy()
+                return segment.flatten()  # a new 1-D array, as over several ranks
             out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
                                     algorithm)
         return backend.result(out)

@@ -221,3 +221,22 @@ def test_topology(comm):
     assert cpu_sets == comm.allgather_object(cpu_set())
     gpus = visible_gpu_count()
     assert comm.device == (comm.local_rank % gpus if gpus else None)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_v_collectives_of_multidimensional_buffers_return_flat_arrays(comm, algorithm):
+    """Whatever the input's shape, reduce_scatter_v returns ``counts[rank]`` elements and
+    allgather_v ``sum(counts)``, as 1-D arrays: at one rank as at several."""
+    counts = random_counts(np.random.default_rng(21), comm.size)
+    counts[-1] += 6 + sum(counts) % 2  # an even total: a (2, n) buffer on every rank
+    total = sum(counts)
+    xs = inputs(21, comm.size, total, np.float32)
+    got = comm.reduce_scatter_v(xs[comm.rank].reshape(2, -1), counts, algorithm=algorithm)
+    start = sum(counts[:comm.rank])
+    assert got.shape == (counts[comm.rank],)
+    check_reduced(got, [x[start:start + counts[comm.rank]] for x in xs], "sum")
+    segments = [np.random.default_rng([22, r]).standard_normal((1, counts[r])) for r in range(comm.size)]
+    whole = comm.allgather_v(segments[comm.rank], counts, algorithm=algorithm)
+    assert whole.shape == (total,)
+    np.testing.assert_array_equal(whole, np.concatenate(segments, axis=1)[0])
