@@ -147,6 +147,7 @@ def test_unsupported_buffer_type(comm):
     (lambda c: c.allreduce_many([np.ones(2)], op="prod"), "'prod'"),
     (lambda c: c.allreduce_many([np.ones(2)], algorithm="nccl"), "'nccl'"),
     (lambda c: c.allreduce_many([np.ones(2)], bucket_bytes=0), "bucket_bytes"),
+    (lambda c: c.allreduce_many([np.ones(2)], bucket_bytes=2**63), "bucket_bytes"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [3]), "counts sum to 3 but sendbuf holds 4"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [4, 0]), "one entry per rank"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [[4]]), "one entry per rank"),  # the right size, but 2-D

@@ -327,8 +327,10 @@ class Communicator:
 
         def validate():
             op_index, alg = _op_index(op), _algorithm_index(algorithm)
-            if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes <= 0:
-                raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+            # Below 2**63: the agreement check sends it as an int64.
+            if (isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral)
+                    or not 0 < bucket_bytes < 2**63):
+                raise ValueError(f"bucket_bytes must be a positive integer below 2**63, got {bucket_bytes!r}")
             backends = [backend_for(a) for a in arrays]
             for i, a in enumerate(arrays):
                 _check_writeable(a, f"arrays[{i}]")

@@ -93,6 +93,21 @@ def test_one_rank_with_a_bad_op(comm):
 
 
 @pytest.mark.mpi
+def test_one_rank_with_a_bucket_size_past_int64(comm):
+    """A bucket_bytes the agreement check cannot carry (2**63 or more) is a bad argument like a
+    non-positive one: ValueError on that rank, its peers told, not an OverflowError there alone."""
+    arrays = [np.random.default_rng([31, comm.rank]).standard_normal(5)]
+    huge = odd_one_out(comm) or comm.size == 1
+    bucket_bytes = 2**63 if huge else 2**20
+    if huge:
+        with pytest.raises(ValueError, match="bucket_bytes"):
+            comm.allreduce_many(arrays, bucket_bytes=bucket_bytes)
+        still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: comm.allreduce_many(arrays, bucket_bytes=bucket_bytes), "arguments")
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("call", ["allreduce", "allreduce_many", "broadcast"])
 def test_one_rank_with_a_read_only_buffer(comm, call):
     buf = np.ones(4)
