@@ -12,12 +12,17 @@ from hpckfac.comm.backend import Backend
 
 
 def check_counts(counts: Sequence[int], size: int) -> np.ndarray:
-    """``counts`` as int64, one non-negative integer per rank; ValueError otherwise."""
+    """``counts`` as int64, one non-negative integer per rank, their sum below 2**63;
+    ValueError otherwise."""
     arr = np.asarray(counts)
     if arr.ndim != 1 or arr.size != size:
         raise ValueError(f"counts must hold one entry per rank ({size}), got {list(np.ravel(arr))}")
     if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0):
         raise ValueError(f"counts must be non-negative integers, got {arr.tolist()}")
+    # Summed in Python: in int64 a larger total wraps and can pass for a buffer's length.
+    total = sum(arr.tolist())
+    if total >= 2**63:
+        raise ValueError(f"counts sum to {total}, more elements than an array can hold")
     return arr.astype(np.int64)
 
 

@@ -108,6 +108,18 @@ def test_one_rank_with_a_bucket_size_past_int64(comm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_counts_summing_past_int64_are_refused(comm, algorithm):
+    """Counts that sum to 2**64 (0 in int64) are a ValueError on every rank before any data
+    moves, not taken for the counts of an empty buffer."""
+    counts = [2**64 // comm.size] * comm.size
+    counts[-1] += 2**64 % comm.size
+    with pytest.raises(ValueError, match="counts"):
+        comm.reduce_scatter_v(np.empty(0), counts, algorithm=algorithm)
+    still_works(comm)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("call", ["allreduce", "allreduce_many", "broadcast"])
 def test_one_rank_with_a_read_only_buffer(comm, call):
     buf = np.ones(4)
