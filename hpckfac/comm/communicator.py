@@ -455,7 +455,7 @@ class Communicator:
         longer than ``HPCKFAC_WAIT_NOTICE`` seconds (default 60) logs a warning naming the
         call (the others may never come, e.g. when they have finished the script).
         """
-        if what is None or self.size == 1:
+        if what is None:
             return self.mpi.allgather(obj)
         named = what if isinstance(what, str) else None
 
