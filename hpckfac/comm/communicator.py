@@ -323,34 +323,33 @@ class Communicator:
         """Allreduce every array in ``arrays`` in place, fused into buffers of at most
         ``bucket_bytes`` per dtype (an array larger than that is reduced on its own);
         with ``algorithm="auto"`` each bucket by the algorithm its size calls for."""
-        arrays = list(arrays)
-
         def validate():
+            items = list(arrays)  # within the check: a TypeError here is refused on every rank
             op_index, alg = _op_index(op), _algorithm_index(algorithm)
             # Below 2**63: the agreement check sends it as an int64.
             if (isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral)
                     or not 0 < bucket_bytes < 2**63):
                 raise ValueError(f"bucket_bytes must be a positive integer below 2**63, got {bucket_bytes!r}")
-            backends = [backend_for(a) for a in arrays]
-            for i, a in enumerate(arrays):
+            backends = [backend_for(a) for a in items]
+            for i, a in enumerate(items):
                 _check_writeable(a, f"arrays[{i}]")
             if len({b.name for b in backends}) > 1:
                 raise TypeError(f"allreduce_many: arrays of mixed types {sorted({b.name for b in backends})}")
-            dtypes = [check_dtype(a.dtype) for a in arrays]
-            buckets = plan_buckets([a.nbytes for a in arrays], dtypes, bucket_bytes)
-            layout = digest([x for a, d in zip(arrays, dtypes) for x in (DTYPE_CODES[d], a.size)])
+            dtypes = [check_dtype(a.dtype) for a in items]
+            buckets = plan_buckets([a.nbytes for a in items], dtypes, bucket_bytes)
+            layout = digest([x for a, d in zip(items, dtypes) for x in (DTYPE_CODES[d], a.size)])
             backend = backends[0] if backends else HostBackend()
             # A bucket holds one dtype, hence one backend, and runs one algorithm.
-            chosen = [reduction_algorithm(algorithm, sum(arrays[i].nbytes for i in b), self.size) for b in buckets]
+            chosen = [reduction_algorithm(algorithm, sum(items[i].nbytes for i in b), self.size) for b in buckets]
             plan = [(b, _for_reduction(backend, dtypes[b[0]], how), how) for b, how in zip(buckets, chosen)]
-            return plan, signature("allreduce_many", length=sum(a.size for a in arrays), op=op_index,
-                                   algorithm=alg, parameter=bucket_bytes, layout=layout)
+            return (items, plan), signature("allreduce_many", length=sum(a.size for a in items), op=op_index,
+                                            algorithm=alg, parameter=bucket_bytes, layout=layout)
 
-        plan = self._enter("allreduce_many", validate)
+        items, plan = self._enter("allreduce_many", validate)
         if self.size == 1:  # nothing to reduce: a device buffer would make a round trip through the host
             return
         for bucket, backend, chosen in plan:
-            reduce_fused(arrays, [bucket], backend, self._fusion,
+            reduce_fused(items, [bucket], backend, self._fusion,
                          lambda flat: self._reduce_flat(flat, op == "mean", chosen, backend))
 
     def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: ReduceOp = "sum",

@@ -108,6 +108,20 @@ def test_one_rank_with_a_bucket_size_past_int64(comm):
 
 
 @pytest.mark.mpi
+def test_one_rank_passing_allreduce_many_no_sequence(comm):
+    """``arrays`` that cannot be listed (None) is a bad argument like any other: TypeError on that
+    rank after the agreement check, its peers told, and the next collective pairs up again."""
+    arrays = [np.random.default_rng([32, comm.rank]).standard_normal(4)]
+    bad = odd_one_out(comm) or comm.size == 1
+    if bad:
+        with pytest.raises(TypeError):
+            comm.allreduce_many(None)
+        still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: comm.allreduce_many(arrays), "arguments")
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
 def test_counts_summing_past_int64_are_refused(comm, algorithm):
     """Counts that sum to 2**64 (0 in int64) are a ValueError on every rank before any data
