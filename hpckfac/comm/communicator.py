@@ -465,7 +465,7 @@ class Communicator:
             # check on every rank instead of leaving the others waiting in the exchange.
             try:
                 data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            except (pickle.PicklingError, TypeError, AttributeError) as err:
+            except Exception as err:  # any: a __reduce__ may raise anything (a closed file: ValueError)
                 raise TypeError(f"{what}: the object to gather is not picklable: {err}") from err
             return data, signature("allgather_object", layout=digest(what.encode()))
 
@@ -495,7 +495,7 @@ class Communicator:
             # rather than comparing values that were never meant to match.
             mine = signature(collective, parameter=digest(label.encode()),
                              layout=digest(pickle.dumps(value, protocol=4)))
-        except (pickle.PicklingError, TypeError, AttributeError) as err:
+        except Exception as err:  # any: a __reduce__ may raise anything, and the peers must be told
             disagreement(self.mpi, rejected(collective), self._call_name(label))
             raise TypeError(f"{unpicklable}: {err}") from err
         call = self._call_name(label)

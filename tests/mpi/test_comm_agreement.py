@@ -291,6 +291,31 @@ def test_a_rank_rejecting_its_arguments_inside_a_call_is_named_in_that_call(comm
     still_works(comm)
 
 
+class RefusesPickling:
+    """A value whose pickling raises ValueError, as a closed file's does."""
+
+    def __reduce__(self):
+        raise ValueError("I/O operation on closed file")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("call", ["same_everywhere", "check_same", "allgather_object"])
+def test_a_value_whose_pickling_raises_value_error_fails_on_every_rank(comm, call):
+    """Whatever pickling raises, the rank whose value cannot be pickled announces it in the
+    check: TypeError naming the call there, CollectiveMismatchError on its peers, and the next
+    collective pairs up."""
+    run = {"same_everywhere": lambda v: comm.same_everywhere(v, "settings"),
+           "check_same": lambda v: comm.check_same(v, "settings"),
+           "allgather_object": lambda v: comm.allgather_object(v, what="settings")}[call]
+    value = np.random.default_rng([33, comm.rank]).standard_normal(3).tolist()
+    if odd_one_out(comm) or comm.size == 1:
+        with pytest.raises(TypeError, match="settings.*not picklable"):
+            run([value, RefusesPickling()])
+        still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: run([value]), "arguments")
+
+
 @pytest.mark.mpi
 def test_same_everywhere(comm):
     """One digest allreduce: True on every rank when every rank passed the same value, False on
