@@ -141,6 +141,9 @@ def test_unsupported_buffer_type(comm):
         comm.allreduce([1.0, 2.0])
 
 
+DUPLICATE = np.random.default_rng(36).standard_normal(6)  # passed twice to allreduce_many
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda c: c.allreduce(np.ones(2), op="max"), "op.*'max'"),
     (lambda c: c.allreduce(np.ones(2), algorithm="tree"), "algorithm.*'tree'"),
@@ -148,6 +151,8 @@ def test_unsupported_buffer_type(comm):
     (lambda c: c.allreduce_many([np.ones(2)], algorithm="nccl"), "'nccl'"),
     (lambda c: c.allreduce_many([np.ones(2)], bucket_bytes=0), "bucket_bytes"),
     (lambda c: c.allreduce_many([np.ones(2)], bucket_bytes=2**63), "bucket_bytes"),
+    (lambda c: c.allreduce_many([DUPLICATE, np.ones(3), DUPLICATE]), r"arrays\[0\] and arrays\[2\] are the same"),
+    (lambda c: c.allreduce_many([DUPLICATE.reshape(2, 3), DUPLICATE]), r"arrays\[0\] and arrays\[1\] are the same"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [3]), "counts sum to 3 but sendbuf holds 4"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [4, 0]), "one entry per rank"),
     (lambda c: c.reduce_scatter_v(np.ones(4), [[4]]), "one entry per rank"),  # the right size, but 2-D

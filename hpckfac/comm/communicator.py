@@ -58,6 +58,19 @@ def reduction_algorithm(algorithm: str, nbytes: int, size: int) -> str:
     return "ring" if nbytes >= RING_MIN_CHUNK_BYTES * size else "mpi"
 
 
+def _check_distinct(arrays: list[Any]) -> None:
+    """ValueError when two of ``arrays`` are the same memory (one array, or views of one
+    tensor, passed twice): each copy would be reduced in turn, the sum taken P**2 times."""
+    seen: dict[tuple[int, int], int] = {}
+    for i, a in enumerate(arrays):
+        if a.size:  # empty arrays may share an address and hold nothing to reduce
+            face = getattr(a, "__array_interface__", None) or a.__cuda_array_interface__
+            j = seen.setdefault((face["data"][0], a.nbytes), i)
+            if j != i:
+                raise ValueError(f"arrays[{j}] and arrays[{i}] are the same memory: each array is reduced "
+                                 "once, so pass it once")
+
+
 def _check_writeable(buf: Any, name: str) -> None:
     """ValueError for a read-only buffer, before any rank starts a collective that writes it."""
     if not getattr(getattr(buf, "flags", None), "writeable", True):
@@ -335,6 +348,7 @@ class Communicator:
                 _check_writeable(a, f"arrays[{i}]")
             if len({b.name for b in backends}) > 1:
                 raise TypeError(f"allreduce_many: arrays of mixed types {sorted({b.name for b in backends})}")
+            _check_distinct(items)
             dtypes = [check_dtype(a.dtype) for a in items]
             buckets = plan_buckets([a.nbytes for a in items], dtypes, bucket_bytes)
             layout = digest([x for a, d in zip(items, dtypes) for x in (DTYPE_CODES[d], a.size)])

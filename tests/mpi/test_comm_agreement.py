@@ -387,3 +387,21 @@ def test_allgather_v_with_a_bad_what_fails_on_every_rank(comm):
             still_works(comm)
     else:
         expect_mismatch(comm, lambda: comm.allgather_v(np.ones(2), counts, what="state_dict()"), "rejected")
+
+
+@pytest.mark.mpi
+def test_one_rank_passing_an_array_twice_to_allreduce_many(comm):
+    """The same memory twice in ``allreduce_many`` (one rank's views of one gradient) would be
+    reduced twice: a ValueError on that rank, its peers told, and the result of the next call
+    the ranks' sum."""
+    arrays = [np.random.default_rng([37, comm.rank, i]).standard_normal(5) for i in range(2)]
+    if odd_one_out(comm) or comm.size == 1:
+        with pytest.raises(ValueError, match="same memory"):
+            comm.allreduce_many([arrays[0], arrays[1], arrays[0][:]])
+        if comm.size > 1:
+            still_works(comm)  # as expect_mismatch does on the peers
+    else:
+        expect_mismatch(comm, lambda: comm.allreduce_many(arrays), "arguments")
+    want = sum(np.random.default_rng([37, r, 1]).standard_normal(5) for r in range(comm.size))
+    comm.allreduce_many([arrays[1]], op="sum")
+    np.testing.assert_allclose(arrays[1], want, rtol=1e-13)
