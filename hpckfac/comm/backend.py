@@ -59,6 +59,7 @@ class HostBackend:
     def stage_in(self, array: np.ndarray) -> np.ndarray:
         """A flat view of a contiguous ``array`` (no copy), else a contiguous copy, so that
         MPI sees one contiguous block."""
+        array = np.asarray(array)  # a subclass (np.matrix) may keep two axes under reshape(-1)
         return array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
 
     def stage_out(self, work: np.ndarray, array: np.ndarray) -> None:

@@ -89,6 +89,19 @@ def test_allreduce_of_strided_and_multidimensional_buffers(comm):
     np.testing.assert_array_equal(mine[:, untouched], whole[comm.rank][:, untouched])
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix's own
+def test_allreduce_of_an_ndarray_subclass_that_stays_2d(comm, algorithm):
+    """A ``np.matrix`` keeps two axes under ``reshape(-1)``: reduced as the plain array it holds,
+    in place, with the ranks' sum (the ring's chunks otherwise ran along the wrong axis)."""
+    whole = [np.random.default_rng([38, r]).integers(-50, 50, (3, 7)).astype(np.float64)
+             for r in range(comm.size)]
+    mine = np.asmatrix(whole[comm.rank].copy())
+    comm.allreduce(mine, op="sum", algorithm=algorithm)
+    np.testing.assert_array_equal(np.asarray(mine), np.sum(whole, axis=0))
+
+
 def random_counts(rng, size):
     counts = rng.integers(0, 40, size)
     counts[rng.random(size) < 0.4] = 0  # ranks owning nothing
