@@ -5,6 +5,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from gpu_helpers import cupy, host, requires_gpu
 from hpckfac import ops
 from hpckfac.ops import inverse as cpu_inverse
 
@@ -196,11 +197,13 @@ def test_extreme_magnitudes_stay_finite(dtype, magnitude):
         assert np.isfinite(result.inverse).all()
 
 
+@pytest.mark.parametrize("on", ["cpu", pytest.param("gpu", marks=requires_gpu)])
 @pytest.mark.parametrize("case", ["damping", "entries"])
-def test_a_damped_matrix_beyond_float32_stays_finite(case):
+def test_a_damped_matrix_beyond_float32_stays_finite(case, on):
     """A finite damping beyond float32's range (valid, but inf once cast), or entries near its
     maximum plus a damping, overflow S = M + damping*I in float32 though its inverse is
-    representable: the result is finite and, against a float64 oracle, that inverse."""
+    representable: the result is finite and, against a float64 oracle, that inverse; on the
+    GPU too, with the CPU's statuses."""
     rng = np.random.default_rng(29)
     n = int(rng.integers(2, 8))
     mats = spd_batch(rng, 3, n)
@@ -212,8 +215,13 @@ def test_a_damped_matrix_beyond_float32_stays_finite(case):
         damping = np.array([0.1, 1e38, 1e38])
     mats = mats.astype(np.float32)
     result = ops.damped_inverse(mats, damping)
-    assert np.isfinite(result.inverse).all()
-    for m, lam, inv in zip(mats, damping, result.inverse):
+    if on == "gpu":
+        gpu = ops.damped_inverse(cupy.asarray(mats), cupy.asarray(damping))
+        assert host(gpu.status).tolist() == result.status.tolist()
+        result = gpu
+    inverse = host(result.inverse)
+    assert np.isfinite(inverse).all()
+    for m, lam, inv in zip(mats, damping, inverse):
         oracle = np.linalg.inv(m.astype(np.float64) + lam * np.eye(n))
         np.testing.assert_allclose(inv, oracle, rtol=1e-5, atol=1e-5 * np.abs(oracle).max() + 2e-45)
 
