@@ -12,11 +12,17 @@ its built-in data set).
 3], stride on the 3x3 convolution), with torchvision's module names. It is also
 the benchmarks' ResNet-50: ``hpckfac.bench.shapes.resnet50()`` reads its layer
 shapes from it.
+
+``transformer(depth, width)`` is a causal language model of ``depth`` pre-LayerNorm
+GPT-style blocks: many small layers (eight per block: two LayerNorms, the four
+attention projections as ``nn.Linear``, the two of the MLP), the case where the
+host work per layer counts (``python -m hpckfac.bench step --model transformer``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class BasicBlock(nn.Module):
@@ -134,3 +140,56 @@ def resnet50(num_classes: int = 1000) -> ResNet50:
     if num_classes < 1:
         raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
     return ResNet50(num_classes)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm causal self-attention and a GELU MLP (``4 * width`` hidden), each added to
+    its input. The attention projections are ``nn.Linear`` modules of their own, which K-FAC
+    preconditions (``nn.MultiheadAttention`` reads its output projection's weight directly)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, T, width)`` through attention over earlier positions, then the MLP."""
+        n, t, width = x.shape
+        y = self.ln1(x)
+        q, k, v = (layer(y).view(n, t, self.heads, width // self.heads).transpose(1, 2)
+                   for layer in (self.query, self.key, self.value))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(n, t, width))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TransformerLM(nn.Module):
+    """Token and position embeddings, ``depth`` blocks, a final LayerNorm and a Linear head."""
+
+    def __init__(self, depth: int, width: int, heads: int, vocab: int, positions: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(positions, width)
+        self.blocks = nn.Sequential(*[TransformerBlock(width, heads) for _ in range(depth)])
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(N, T, vocab)`` of token ids ``(N, T)``, ``T`` at most ``positions``."""
+        # Positions as (1, T): one input shared by the batch, which K-FAC's Embedding expands.
+        at = torch.arange(ids.shape[1], device=ids.device)[None]
+        return self.head(self.ln(self.blocks(self.tokens(ids) + self.positions(at))))
+
+
+def transformer(depth: int = 24, width: int = 64, heads: int = 4, vocab: int = 512,
+                positions: int = 128) -> TransformerLM:
+    """Causal transformer LM of ``depth`` blocks of ``width`` features (``heads`` heads)."""
+    if min(depth, width, heads, vocab, positions) < 1 or width % heads:
+        raise ValueError(f"depth, width, heads, vocab, positions: expected positive integers with width a "
+                         f"multiple of heads, got {depth!r}, {width!r}, {heads!r}, {vocab!r}, {positions!r}")
+    return TransformerLM(depth, width, heads, vocab, positions)

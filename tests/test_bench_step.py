@@ -27,9 +27,23 @@ def test_step_benchmark_writes_results_and_profiles(tmp_path, capsys):
     assert f"profiles: {profile}" in capsys.readouterr().out
 
 
+def test_transformer_model_runs_every_configuration(tmp_path):
+    """``--model transformer``: a causal LM of token ids, every one of its layers preconditioned."""
+    out = tmp_path / "step.json"
+    argv = ["--model", "transformer", "--depth", "2", "--width", "8", "--seq", "5", "--steps", "2", "--warmup", "1",
+            "--batch", "3", "--json", str(out)]
+    assert step.main(argv) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"sgd", "kfac_1_10", "kfac_10_100"} and rows["kfac_1_10"]["local_factors_ms"] > 0
+    runner = step.Runner("kfac_1_10", step.parse(argv), step.Communicator(), step.torch.device("cpu"))
+    assert tuple(runner.x.shape) == (3, 5) and len(runner.precond.engine.blocks) == 2 * 8 + 4
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--threads", "100000"], "--threads must be in \\[0, "), (["--threads", "-1"], "--threads must be in"),
     (["--warmup", "-5"], "--warmup must be >= 0"), (["--steps", "0"], "--steps and --batch must be positive"),
+    (["--model", "transformer", "--width", "10"], "--width a multiple of 4"),
+    (["--model", "transformer", "--seq", "129"], "--seq in \\[1, 128\\]"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

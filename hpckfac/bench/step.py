@@ -1,9 +1,10 @@
 """Iteration time of SGD + ring-allreduce vs K-FAC.
 
 ``python -m hpckfac.bench step``, under ``mpiexec -n N``. Every configuration trains its own copy of a
-ResNet-style CNN with BatchNorm on random data -- CIFAR's ResNet-20
-(``--model cifar``, 32x32) or ImageNet's ResNet-50 (``--model resnet50``,
-224x224) -- and the configurations take turns step by step, so that they are
+model on random data -- CIFAR's ResNet-20 (``--model cifar``, 32x32), ImageNet's ResNet-50
+(``--model resnet50``, 224x224), both with BatchNorm, or a deep, narrow causal transformer LM
+(``--model transformer``: ``--depth`` blocks of ``--width`` features, ``--seq`` tokens, many small
+layers) -- and the configurations take turns step by step, so that they are
 measured side by side under the same machine load. ``--device cuda`` puts
 each rank on its GPU (``bind_device``) and ends every timed step with a device
 synchronisation. Reported per configuration: median and mean milliseconds per
@@ -34,13 +35,14 @@ from hpckfac.bench.profile import profile_steps
 from hpckfac.bench.report import (Parser, check_memory, check_outputs, make_parent, median, progress, time_calls,
                                   write_json)
 from hpckfac.comm import Communicator
-from hpckfac.models import resnet, resnet50
+from hpckfac.models import resnet, resnet50, transformer
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.torch import KFACPreconditioner, allreduce_gradients, bind_device, broadcast_parameters
 from hpckfac.cli import HelpFormatter
 
 CONFIGS = {"sgd": None, "kfac_1_10": (1, 10), "kfac_10_100": (10, 100)}
+VOCAB = 512  # the transformer's tokens
 
 
 PROG = "python -m hpckfac.bench step"
@@ -53,10 +55,13 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--batch", type=int, default=128, help="examples per rank per iteration")
-    parser.add_argument("--model", choices=("cifar", "resnet50"), default="cifar",
-                        help="CIFAR ResNet (--depth, --width) or ImageNet ResNet-50")
-    parser.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth (6n+2)")
-    parser.add_argument("--width", type=int, default=16, help="channels of the CIFAR ResNet's first stage")
+    parser.add_argument("--model", choices=("cifar", "resnet50", "transformer"), default="cifar",
+                        help="CIFAR ResNet (--depth, --width), ImageNet ResNet-50, or a causal transformer LM "
+                             "(--depth blocks, --width features, --seq tokens)")
+    parser.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth (6n+2); transformer: blocks")
+    parser.add_argument("--width", type=int, default=16,
+                        help="channels of the CIFAR ResNet's first stage; transformer: features (4 heads)")
+    parser.add_argument("--seq", type=int, default=32, help="transformer: tokens per sequence (at most 128)")
     parser.add_argument("--image", type=int, default=None, help="input height and width (32 cifar, 224 resnet50)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="cuda: one GPU per rank (local rank %% visible GPUs); auto: CUDA when present")
@@ -94,6 +99,15 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         parser.error(f"--depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {args.depth}")
     if args.width < 1:
         parser.error(f"--width must be positive, got {args.width}")
+    if args.model == "transformer":
+        if args.depth < 1 or args.width % 4 or not 1 <= args.seq <= 128:
+            parser.error(f"--model transformer needs --depth >= 1, --width a multiple of 4 (heads) and --seq in "
+                         f"[1, 128], got {args.depth}, {args.width}, {args.seq}")
+        # Every configuration keeps its batch's activations for the backward pass: the logits
+        # and about 16 tensors of width features per block, per token.
+        check_memory(parser, len(args.configs) * 4 * args.batch * args.seq * (VOCAB + 16 * args.depth * args.width),
+                     "--batch, --seq, --depth, --width")
+        return args
     if not 0 < args.statistics_fraction <= 1:  # NaN fails too
         parser.error(f"--statistics-fraction must be in (0, 1], got {args.statistics_fraction}")
     # Training-mode BatchNorm needs two values per channel: the last stage's map (the input
@@ -120,7 +134,10 @@ class Runner:
     def __init__(self, name: str, args: argparse.Namespace, comm: Communicator, device: torch.device) -> None:
         torch.manual_seed(0)
         self.name, self.comm, self.device = name, comm, device
-        model = resnet50() if args.model == "resnet50" else resnet(depth=args.depth, width=args.width)
+        if args.model == "transformer":
+            model = transformer(depth=args.depth, width=args.width)
+        else:
+            model = resnet50() if args.model == "resnet50" else resnet(depth=args.depth, width=args.width)
         self.model = model.to(device)
         broadcast_parameters(self.model, comm)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -133,9 +150,13 @@ class Runner:
             if args.stage_sync:
                 self.precond.synchronize_timings()
         gen = torch.Generator().manual_seed(comm.rank)
-        classes = 1000 if args.model == "resnet50" else 10
-        self.x = torch.randn(args.batch, 3, args.image, args.image, generator=gen).to(device)
-        self.y = torch.randint(0, classes, (args.batch,), generator=gen).to(device)
+        if args.model == "transformer":  # next-token targets: one class per position
+            self.x = torch.randint(0, VOCAB, (args.batch, args.seq), generator=gen).to(device)
+            self.y = torch.randint(0, VOCAB, (args.batch, args.seq), generator=gen).to(device)
+        else:
+            classes = 1000 if args.model == "resnet50" else 10
+            self.x = torch.randn(args.batch, 3, args.image, args.image, generator=gen).to(device)
+            self.y = torch.randint(0, classes, (args.batch,), generator=gen).to(device)
         self.times: list[float] = []
         self.stages: dict[str, list[float]] = {k: [] for k in ("forward_backward",) + ITERATION_STAGES}
 
@@ -148,7 +169,8 @@ class Runner:
         """One training iteration of this configuration: forward, backward, allreduce or K-FAC, update."""
         start = time.perf_counter()
         self.opt.zero_grad()
-        nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        logits = self.model(self.x)  # (batch, classes), or (batch, positions, tokens)
+        nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.y.reshape(-1)).backward()
         self.sync()
         self.fb = time.perf_counter() - start
         if self.precond is None:
@@ -195,9 +217,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             row["mean_vs_sgd"] = float(np.mean(times[:span]) / np.mean(slowest["sgd"][:span]))
         results.append(row)
     if comm.rank == 0:
-        model = "resnet50" if args.model == "resnet50" else f"resnet{args.depth} width={args.width}"
-        print(f"ranks={comm.size} device={device} batch/rank={args.batch} {model} "
-              f"image={args.image} steps={args.steps}")
+        model = {"resnet50": f"resnet50 image={args.image}",
+                 "transformer": f"transformer depth={args.depth} width={args.width} seq={args.seq}"}.get(
+                     args.model, f"resnet{args.depth} width={args.width} image={args.image}")
+        print(f"ranks={comm.size} device={device} batch/rank={args.batch} {model} steps={args.steps}")
         print(format_table(results, ["config", "median_ms", "mean_ms", "mean_steps", "median_vs_sgd", "mean_vs_sgd"]))
         for row in results:
             if row["mean_steps"] < row["period"]:
