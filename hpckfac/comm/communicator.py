@@ -64,8 +64,8 @@ def _check_distinct(arrays: list[Any]) -> None:
     seen: dict[tuple[int, int], int] = {}
     for i, a in enumerate(arrays):
         if a.size:  # empty arrays may share an address and hold nothing to reduce
-            face = getattr(a, "__array_interface__", None) or a.__cuda_array_interface__
-            j = seen.setdefault((face["data"][0], a.nbytes), i)
+            face = getattr(a, "__array_interface__", None)  # NumPy; device arrays: CuPy's data.ptr
+            j = seen.setdefault((face["data"][0] if face is not None else a.data.ptr, a.nbytes), i)
             if j != i:
                 raise ValueError(f"arrays[{j}] and arrays[{i}] are the same memory: each array is reduced "
                                  "once, so pass it once")

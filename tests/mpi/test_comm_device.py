@@ -170,3 +170,15 @@ def test_auto_routes_each_bucket_of_a_device_memory_backend(comm):
     assert sorted(log, key=str) == sorted([("standin-staged", np.float16, 33), ("standin-aware", np.float32, 5),
                                            ("standin-aware", np.float32, large),
                                            ("standin-staged", np.float16, 33)], key=str), log
+
+
+@pytest.mark.mpi
+def test_the_same_device_array_twice_is_refused(comm, device):
+    """Device arrays passed twice to ``allreduce_many`` (by their device address) are refused on
+    every rank, as host arrays are, and leave the buffers as they were."""
+    to_device, xp = device
+    x = np.random.default_rng([39, comm.rank]).standard_normal(6)
+    buf = to_device(x.copy())
+    with pytest.raises(ValueError, match="same memory"):
+        comm.allreduce_many([buf, to_device(x.copy()), buf], op="sum")
+    np.testing.assert_array_equal(buf.get(), x)
