@@ -44,6 +44,7 @@ def test_transformer_model_runs_every_configuration(tmp_path):
     (["--warmup", "-5"], "--warmup must be >= 0"), (["--steps", "0"], "--steps and --batch must be positive"),
     (["--model", "transformer", "--width", "10"], "--width a multiple of 4"),
     (["--model", "transformer", "--seq", "129"], "--seq in \\[1, 128\\]"),
+    (["--model", "transformer", "--statistics-fraction", "1.5"], "--statistics-fraction must be in"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -99,6 +99,8 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         parser.error(f"--depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {args.depth}")
     if args.width < 1:
         parser.error(f"--width must be positive, got {args.width}")
+    if not 0 < args.statistics_fraction <= 1:  # NaN fails too
+        parser.error(f"--statistics-fraction must be in (0, 1], got {args.statistics_fraction}")
     if args.model == "transformer":
         if args.depth < 1 or args.width % 4 or not 1 <= args.seq <= 128:
             parser.error(f"--model transformer needs --depth >= 1, --width a multiple of 4 (heads) and --seq in "
@@ -108,8 +110,6 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
         check_memory(parser, len(args.configs) * 4 * args.batch * args.seq * (VOCAB + 16 * args.depth * args.width),
                      "--batch, --seq, --depth, --width")
         return args
-    if not 0 < args.statistics_fraction <= 1:  # NaN fails too
-        parser.error(f"--statistics-fraction must be in (0, 1], got {args.statistics_fraction}")
     # Training-mode BatchNorm needs two values per channel: the last stage's map (the input
     # halved 2 times by the CIFAR ResNet, 5 by ResNet-50) times the batch.
     last = -(-args.image // (4 if args.model == "cifar" else 32))
