@@ -63,6 +63,26 @@ def test_a_missing_header_is_named(no_system_cuda):
         cuda_module.include_dirs(13)
 
 
+# What cupy-cudaXXx[ctk] installs: the runtime's headers, without crt/mma.h.
+CTK_LAYOUT = {12: {"cuda_runtime/include": ALL[:3]}, 13: {"cu13/include": ALL[:3]}}
+
+
+@pytest.mark.parametrize("major, package", [(12, "nvidia-cuda-nvcc-cu12"), (13, "nvidia-cuda-crt")])
+def test_a_missing_header_names_its_pip_package(no_system_cuda, monkeypatch, major, package):
+    fake_tree(no_system_cuda / "site" / "nvidia", CTK_LAYOUT[major])
+    monkeypatch.setattr(cuda_module, "_nvrtc_version", lambda: (major, 0))
+    with pytest.raises(cuda_module.KernelBuildError,
+                       match=rf"crt/mma\.h not found .*pip install '{package}=={major}\.0\.\*'"):
+        cuda_module.include_dirs(major)
+
+
+def test_a_missing_header_without_nvrtc_names_both_packages(no_system_cuda, monkeypatch):
+    fake_tree(no_system_cuda / "site" / "nvidia", CTK_LAYOUT[13])
+    monkeypatch.setattr(cuda_module, "_nvrtc_version", lambda: None)
+    with pytest.raises(cuda_module.KernelBuildError, match="nvidia-cuda-nvcc-cu12 .*nvidia-cuda-crt"):
+        cuda_module.include_dirs(None)
+
+
 def test_module_code_changes_with_the_included_header(monkeypatch, tmp_path):
     # CuPy's on-disk cache keys a binary by the code string only: an edit of common.cuh must
     # change the code of every source that includes it, or the old binary is loaded.

@@ -21,7 +21,9 @@ Headers: NVRTC needs ``cuda_fp16.h``, ``cuda_bf16.h``, ``mma.h`` and the
 under pip's CUDA packages of the NVRTC's major version (CUDA 12:
 ``nvidia/cuda_runtime``, ``nvidia/cuda_nvcc``, ...; CUDA 13: ``nvidia/cu13``),
 then ``$CUDA_PATH``, CuPy's CUDA path and ``/usr/local/cuda``; a header found
-nowhere raises ``KernelBuildError`` naming it and the folders searched.
+nowhere raises ``KernelBuildError`` naming it, the folders searched and the pip package
+that holds it (``PIP_HEADER_PACKAGES``: CuPy's ``[ctk]`` extra brings the runtime headers,
+not ``crt/mma.h``).
 
 Importing this module does not import CuPy.
 """
@@ -42,6 +44,16 @@ from numpy.typing import DTypeLike
 
 # Headers the kernels include (``mma.h`` pulls in ``crt/mma.h``).
 REQUIRED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h")
+
+# The pip package holding each header, per CUDA major version. ``cupy-cuda12x[ctk]`` and
+# ``cupy-cuda13x[ctk]`` install the runtime's (``cuda-toolkit[cudart,nvrtc,...]``) but not the
+# one holding ``crt/mma.h``: the nvcc package on CUDA 12, the crt package on CUDA 13.
+PIP_HEADER_PACKAGES: dict[int, dict[str, str]] = {
+    12: {"cuda_fp16.h": "nvidia-cuda-runtime-cu12", "cuda_bf16.h": "nvidia-cuda-runtime-cu12",
+         "mma.h": "nvidia-cuda-runtime-cu12", "crt/mma.h": "nvidia-cuda-nvcc-cu12"},
+    13: {"cuda_fp16.h": "nvidia-cuda-runtime", "cuda_bf16.h": "nvidia-cuda-runtime",
+         "mma.h": "nvidia-cuda-runtime", "crt/mma.h": "nvidia-cuda-crt"},
+}
 
 
 class KernelBuildError(RuntimeError):
@@ -166,13 +178,32 @@ def _nvidia_roots() -> list[Path]:
     return [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
 
 
-def _nvrtc_major() -> int | None:
+def _nvrtc_version() -> tuple[int, int] | None:
     try:
         import cupy
 
-        return int(cupy.cuda.nvrtc.getVersion()[0])
+        major, minor = cupy.cuda.nvrtc.getVersion()
+        return int(major), int(minor)
     except Exception:  # no CuPy, or no NVRTC library
         return None
+
+
+def _nvrtc_major() -> int | None:
+    version = _nvrtc_version()
+    return None if version is None else version[0]
+
+
+def install_hint(header: str, major: int | None) -> str:
+    """How to install ``header`` from pip for an NVRTC of CUDA ``major`` (at NVRTC's minor
+    version where CuPy reports it), or a toolkit through ``CUDA_PATH``."""
+    if major not in PIP_HEADER_PACKAGES:
+        packages = " or ".join(f"{PIP_HEADER_PACKAGES[m][header]} (CUDA {m})" for m in sorted(PIP_HEADER_PACKAGES))
+        return f"install {packages}, matching your CuPy's CUDA version, or set CUDA_PATH to a CUDA toolkit"
+    version = _nvrtc_version()
+    pin = f"=={version[0]}.{version[1]}.*" if version is not None and version[0] == major else ""
+    package = PIP_HEADER_PACKAGES[major][header]
+    note = "" if package.startswith("nvidia-cuda-runtime") else " (CuPy's [ctk] extra does not bring it)"
+    return f"pip install '{package}{pin}'{note} or set CUDA_PATH to a CUDA {major} toolkit"
 
 
 def header_candidates(major: int | None = None) -> list[Path]:
@@ -197,16 +228,15 @@ def header_candidates(major: int | None = None) -> list[Path]:
 def include_dirs(major: int | None = None) -> list[str]:
     """``-I`` folders: the kernel sources (for ``common.cuh``), then for each required
     header the first candidate folder holding it. ``KernelBuildError`` names a missing header."""
-    candidates = header_candidates(_nvrtc_major() if major is None else major)
+    major = _nvrtc_major() if major is None else major
+    candidates = header_candidates(major)
     dirs = [str(kernel_dir())]
     for header in REQUIRED_HEADERS:
         folder = next((c for c in candidates if (c / header).is_file()), None)
         if folder is None:
             searched = ", ".join(map(str, candidates)) or "none found"
             raise KernelBuildError(
-                f"CUDA header {header} not found (searched: {searched}); install the CUDA headers of your "
-                f"CuPy's CUDA version (pip install 'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]') or set "
-                f"CUDA_PATH to a CUDA toolkit")
+                f"CUDA header {header} not found (searched: {searched}); {install_hint(header, major)}")
         dirs.append(str(folder))
     return list(dict.fromkeys(dirs))
 
