@@ -132,7 +132,7 @@ step env 60 bash -c "set -e; nvidia-smi -L || true; \"\$0\" -c 'import cupy, tor
 FACTOR_FILTER=()
 [[ "$QUICK" == 1 ]] && FACTOR_FILTER=(-k "not 4608 and not 30000")
 step tests-kernels 240 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_pack.py tests/test_gpu_inverse.py \
-    tests/test_gpu_comm.py tests/test_gpu_batchnorm.py tests/test_gpu_bench.py tests/test_kernel_loader.py tests/test_device_path.py \
+    tests/test_gpu_comm.py tests/test_gpu_batchnorm.py tests/test_gpu_bench.py tests/test_kernel_loader.py tests/test_kernels_nvrtc.py tests/test_device_path.py \
     tests/test_ops_inverse.py
 step tests-factors 240 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_gpu_factors.py "${FACTOR_FILTER[@]}"
 step mpi2-collectives 120 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \

@@ -9,7 +9,9 @@ the ``.cuh`` headers, which CuPy's key would otherwise miss.
 
 The instantiations a file provides are listed here and nowhere else:
 ``tests/test_kernels_compile.py`` compiles the same sources with ``nvcc`` for
-exactly ``name_expressions(file, arch)`` and ``BASE_OPTIONS``.
+exactly ``name_expressions(file, arch)`` and ``BASE_OPTIONS``, and
+``tests/test_kernels_nvrtc.py`` with NVRTC for ``module_code(file)``, those names and
+``options()`` as CuPy passes them (both need no GPU; each skips without its compiler).
 
 Sources: from the installed package ``hpckfac.kernels`` (a wheel or an
 editable install), else from the ``kernels/`` folder of the checkout this
