@@ -314,9 +314,10 @@ class KFACPreconditioner:
         self._sample = math.ceil(self.statistics_fraction * examples)  # >= 1 unless the batch is empty
         self.local.add_examples(examples, self._sample)
 
-    def _grad_scale(self) -> float:
-        """Factor turning this micro-batch's output gradients into per-example ones."""
-        scale = self._micro_batch * self.accumulation_steps
+    def _grad_scale(self, batch: int) -> float:
+        """Factor turning the output gradients of a micro-batch of ``batch`` examples into
+        per-example ones."""
+        scale = batch * self.accumulation_steps
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             if self._scaler_scale is None:
                 # get_scale() reads the scale back from the GPU, waiting for its queue: once per
@@ -326,7 +327,7 @@ class KFACPreconditioner:
             scale /= self._scaler_scale
         return scale
 
-    def _on_input(self, index: int, a: torch.Tensor) -> int | None:
+    def _on_input(self, index: int, a: torch.Tensor) -> tuple[int, int, int] | None:
         if a.dim() == 0:  # an Embedding takes one index without a batch axis; no rows to count
             raise ValueError(f"a: layer {self.engine.blocks[index].name} got a 0-d input: an unbatched input is "
                              "not supported (add a batch dimension)")
@@ -361,12 +362,17 @@ class KFACPreconditioner:
                 "batch (position ids torch.arange(T)), its K-FAC statistics are wrong: pass it as ids[None], "
                 "(1, T), which is expanded to the batch"))
         start = time.perf_counter()
+        batch, sample = self._micro_batch, self._sample
         with device_scope(self.device):
-            call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0))))
+            call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0, batch),
+                                                                       batch, sample)))
         self._hook_seconds += time.perf_counter() - start
-        return call
+        # The call's micro-batch goes with it to its output gradient: forwards of several sizes
+        # may all run before one backward (two batches whose losses are added), and the later
+        # forwards have changed the count by then.
+        return call, batch, sample
 
-    def _batch_first(self, index: int, t: torch.Tensor, side: int) -> torch.Tensor:
+    def _batch_first(self, index: int, t: torch.Tensor, side: int, batch: int) -> torch.Tensor:
         """``t`` (a layer's input, ``side`` 0, or output gradient, 1) with the batch axis first.
 
         A layer inside a ``batch_first=False`` module (``nn.TransformerEncoderLayer``, an
@@ -382,7 +388,6 @@ class KFACPreconditioner:
         ``batch_first=False`` module.
         """
         axes = self.engine.blocks[index].feature_axes
-        batch = self._micro_batch
         if axes is None or t.ndim < 2 + axes[side] or t.shape[1] != batch:
             return t
         if t.shape[0] == 1:
@@ -416,29 +421,31 @@ class KFACPreconditioner:
                 "positions into the rows too"))
         return t.transpose(0, 1).contiguous()
 
-    def _sampled(self, index: int, t: torch.Tensor) -> torch.Tensor:
+    def _sampled(self, index: int, t: torch.Tensor, batch: int, sample: int) -> torch.Tensor:
         """The leading rows of a layer's input or output gradient ``t`` that its statistics
         take: all of them unless ``statistics_fraction`` < 1, then the same share of the rows
-        as of the micro-batch (``ceil``): the first examples' rows where the layer sees the
-        batch flattened example-major, ``(batch * positions, ...)``."""
-        if self._sample >= self._micro_batch or not self.engine.blocks[index].uses_sample:
+        as of the micro-batch of ``batch`` examples (``sample`` of them, ``ceil``): the first
+        examples' rows where the layer sees the batch flattened example-major,
+        ``(batch * positions, ...)``."""
+        if sample >= batch or not self.engine.blocks[index].uses_sample:
             return t
         rows = int(t.shape[0])
-        return t[:-(-rows * self._sample // self._micro_batch)]
+        return t[:-(-rows * sample // batch)]
 
-    def _on_output_grad(self, index: int, g: torch.Tensor, call: int) -> None:
+    def _on_output_grad(self, index: int, g: torch.Tensor, token: tuple[int, int, int]) -> None:
         if not self.engine.is_factor_step():
             return
+        call, batch, sample = token  # from the call's forward (_on_input)
         start = time.perf_counter()
-        scale = self._grad_scale() ** 2
-        g = self._batch_first(index, g, 1)
+        scale = self._grad_scale(batch) ** 2
+        g = self._batch_first(index, g, 1, batch)
         rows = int(g.shape[0])
-        if self.engine.blocks[index].averages_positions and rows > self._micro_batch > 0:
+        if self.engine.blocks[index].averages_positions and rows > batch > 0:
             # The micro-batch flattened to (batch * k, ...) rows: G averages each example's k rows
             # as the positions of a sequence, so the factors are those of the unflattened layer.
-            scale *= self._micro_batch / rows
+            scale *= batch / rows
         with device_scope(self.device):
-            taken = self.local.add_output_grads(index, to_array(self._sampled(index, g)), scale, call)
+            taken = self.local.add_output_grads(index, to_array(self._sampled(index, g, batch, sample)), scale, call)
         self._hook_seconds += time.perf_counter() - start
         if not taken:
             self._warn_once("backward-twice", (

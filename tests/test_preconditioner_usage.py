@@ -1,0 +1,94 @@
+"""KFACPreconditioner under the ways training scripts run models: forwards of several sizes before
+one backward, activation checkpointing across several forwards, and torch.compile, each against
+factors computed independently here (autograd's own tensors, or the eager model's factors)."""
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hpckfac.comm import Communicator
+from hpckfac.torch import KFACPreconditioner, checkpoint_context_fn
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def kfac(model, **kw):
+    return KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), **kw)
+
+
+def two_losses(y1, y2):
+    """Each term a mean over its own forward's examples."""
+    return y1.pow(2).mean() + torch.tanh(y2).sum(1).mean()
+
+
+def oracle(model, xs, loss):
+    """A and G of each Linear of ``model`` by autograd alone: every call's input rows with a ones
+    column, and its output gradient times its own forward's size (the per-example gradient of a
+    mean), summed over the calls and divided by all the forwards' examples."""
+    calls = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        calls.append((module, args[0].detach(), out))
+
+    handles = [layer.register_forward_hook(keep) for layer in (model[0], model[2])]
+    sizes = [x.shape[0] for x in xs]
+    loss(*[model(x) for x in xs]).backward()
+    for handle in handles:
+        handle.remove()
+    total = sum(sizes)
+    want = []
+    for layer in (model[0], model[2]):
+        mine = [(a, out, out.shape[0]) for module, a, out in calls if module is layer]
+        rows = [torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1) for a, _, _ in mine]
+        grads = [out.grad * n for _, out, n in mine]
+        want += [sum(r.T @ r for r in rows) / total, sum(g.T @ g for g in grads) / total]
+    return [w.numpy() for w in want]
+
+
+def factors(precond):
+    got = []
+    for block, stats in zip(precond.engine.blocks, precond.local.result()):
+        a, g = block.factors(stats)
+        got += [a[0], g[0]]
+    return got
+
+
+def test_forwards_of_different_sizes_before_one_backward_take_each_forwards_own_size():
+    """Two forwards (6 and 3 examples) whose mean losses are added and backpropagated once: each
+    call's output gradient is made per-example with its own forward's size, not the latest
+    forward's (which scaled the first call's G by (3/6)^2)."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 5, dtype=torch.float64, generator=gen) for n in (6, 3)]
+    model = mlp()
+    precond = kfac(model)
+    two_losses(model(xs[0]), model(xs[1])).backward()
+    got = factors(precond)
+    model.eval()  # the oracle's forwards add no statistics
+    for g, w in zip(got, oracle(model, xs, two_losses)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_a_whole_model_checkpoint_over_two_forwards_of_different_sizes(mode):
+    """The same with the whole model checkpointed: a reentrant checkpoint counts each forward at
+    its recomputation, a non-reentrant one (with ``checkpoint_context_fn``) at its forward."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 5, dtype=torch.float64, generator=gen) for n in (6, 3)]
+    model = mlp()
+    precond = kfac(model)
+    if mode == "reentrant":
+        run = lambda x: checkpoint(model, x.clone().requires_grad_(), use_reentrant=True)  # noqa: E731
+    else:
+        run = lambda x: checkpoint(model, x, use_reentrant=False, context_fn=checkpoint_context_fn)  # noqa: E731
+    two_losses(run(xs[0]), run(xs[1])).backward()
+    got = factors(precond)
+    model.eval()
+    for g, w in zip(got, oracle(model, xs, two_losses)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
