@@ -47,6 +47,9 @@ _log = get_logger("hpckfac.torch")
 # as the model: one replaced without remove_hooks() would go on taking statistics at every forward.
 _HOOKED: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
 
+# The id of the backward pass running on this thread, -1 outside one (torch >= 2.0; None: not known).
+_graph_task = getattr(torch._C, "_current_graph_task_id", None)
+
 
 def _refuse_renormalised_embeddings(model: nn.Module) -> None:
     """ValueError naming an ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm``, over several ranks.
@@ -171,6 +174,9 @@ class KFACPreconditioner:
         # False, or the candidate batch sizes waiting for the first K-FAC layer's input.
         self._count_pending: list[int] | bool = False
         self._forwards = 0  # training forwards since the last step()
+        # The backward pass the hooks last ran in, the training forwards counted when it began,
+        # and how many of them had not been counted by the backward pass before it.
+        self._task, self._forwards_then, self._forwards_new = -1, 0, 0
         self._root_seen = False  # whether the model's own forward ran since the last step()
         self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
@@ -352,6 +358,16 @@ class KFACPreconditioner:
         self._fired.add(index)
         if not self.engine.is_factor_step():
             return None
+        if self._in_backward() and self._forwards_new > 1:
+            # A reentrant checkpoint's recomputation: its forward ran without autograd, so the call is
+            # seen only now, after every forward of the backward, and is counted with the latest.
+            self._warn_once("recomputed-after-forwards", (
+                f"layer {self.engine.blocks[index].name} was first seen in a backward pass that follows "
+                f"{self._forwards_new} training forwards (torch.utils.checkpoint(use_reentrant=True) runs a "
+                "block without autograd and calls it again in backward): its statistics are counted with the "
+                "latest forward's examples, which is wrong when the forwards differ in size or the layers of "
+                "an earlier one are all checkpointed; backpropagate each forward before the next, or use "
+                "use_reentrant=False with context_fn=hpckfac.torch.checkpoint_context_fn"))
         if self._broadcast[index] and a.dim() == 1 and 0 < self._micro_batch != a.shape[0]:
             # (T,) ids shared by the batch (nanoGPT's wpe(torch.arange(T))) and the batch flattened
             # to (B * k,) ids look alike; read as the latter, shared ids count once, not per example.
@@ -371,6 +387,16 @@ class KFACPreconditioner:
         # may all run before one backward (two batches whose losses are added), and the later
         # forwards have changed the count by then.
         return call, batch, sample
+
+    def _in_backward(self) -> bool:
+        """Whether a backward pass is running on this thread. At the first hook of each backward
+        pass it notes how many training forwards were counted since the one before began
+        (``_forwards_new``)."""
+        task = -1 if _graph_task is None else _graph_task()
+        if task != -1 and task != self._task:
+            self._task = task
+            self._forwards_new, self._forwards_then = self._forwards - self._forwards_then, self._forwards
+        return task != -1
 
     def _batch_first(self, index: int, t: torch.Tensor, side: int, batch: int) -> torch.Tensor:
         """``t`` (a layer's input, ``side`` 0, or output gradient, 1) with the batch axis first.
@@ -436,6 +462,7 @@ class KFACPreconditioner:
         if not self.engine.is_factor_step():
             return
         call, batch, sample = token  # from the call's forward (_on_input)
+        self._in_backward()
         start = time.perf_counter()
         scale = self._grad_scale(batch) ** 2
         g = self._batch_first(index, g, 1, batch)
@@ -517,6 +544,7 @@ class KFACPreconditioner:
             self._replicas_checked = True
         self._check_forwards()
         self._forwards, self._root_seen = 0, False
+        self._forwards_then = self._forwards_new = 0
         self._hooks.quiet = False
         self._fired = set()
         start = self.engine.clock()
