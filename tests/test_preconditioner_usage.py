@@ -132,3 +132,55 @@ def test_a_reentrant_recomputation_after_several_forwards_is_named(caplog):
         two_losses(model(xs[0]), model(xs[1])).backward()
     assert "layer seq.2 was first seen in a backward pass that follows 2 training forwards" in caplog.text
     assert "use_reentrant=False with context_fn=hpckfac.torch.checkpoint_context_fn" in caplog.text
+
+
+def compile_available():
+    try:
+        torch.compile(lambda x: x + 1, backend="eager")(torch.zeros(1))
+    except Exception:  # noqa: BLE001 (any failure: no usable torch.compile here)
+        return False
+    return True
+
+
+needs_compile = pytest.mark.skipif(not hasattr(torch, "compile") or not compile_available(),
+                                   reason="torch.compile is not available")
+
+
+def train(model, run, precond, steps=2):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(6, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+        model.zero_grad()
+        nn.functional.cross_entropy(run(x), y).backward()
+        precond.step()
+    return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy() for p in model.parameters()]
+
+
+@needs_compile
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo's import
+@pytest.mark.parametrize("compiled_first", ["this model", "another instance"])
+def test_a_preconditioner_built_after_a_compiled_forward_gets_its_statistics(compiled_first, caplog):
+    """Code that torch.compile compiled before the hooks existed runs the model without them
+    (dynamo does not guard on module hooks), whether it was this model's forward or another
+    instance's of the same class: every K-FAC layer was silently first-order. The preconditioner
+    discards it (torch.compiler.reset(), with a warning), and the factors and gradients are the
+    eager model's."""
+    torch.compiler.reset()
+    model = mlp()
+    want = train(model, model, kfac(model, inverse_update_interval=1))
+    torch.compiler.reset()
+
+    model = mlp()
+    compiled = torch.compile(model if compiled_first == "this model" else mlp(), backend="eager")
+    compiled(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
+    if compiled_first == "another instance":
+        compiled = torch.compile(model, backend="eager")
+    model.zero_grad()
+    with caplog.at_level(logging.WARNING, logger="hpckfac"):
+        precond = kfac(model, inverse_update_interval=1)
+        got = train(model, compiled, precond)
+    assert "discarded with torch.compiler.reset()" in caplog.text
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+    torch.compiler.reset()

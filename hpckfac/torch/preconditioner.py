@@ -12,6 +12,7 @@ GradScaler, dtypes) are in docs/preconditioner.md.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import weakref
 from typing import Any, Callable, Iterable
@@ -49,6 +50,26 @@ _HOOKED: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
 
 # The id of the backward pass running on this thread, -1 outside one (torch >= 2.0; None: not known).
 _graph_task = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _compiled_code_exists() -> bool:
+    """Whether ``torch.compile`` holds compiled code, which may run module calls without looking at
+    their hooks: dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``,
+    True by default), so code it compiled before a hook was registered (for this model, or for
+    another instance of its classes) runs without it. True when that cannot be told (a torch
+    whose internals differ)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return False
+    try:
+        if not dynamo.config.skip_nnmodule_hook_guards:
+            return False  # dynamo guards on the hooks and recompiles when they change
+        from torch._dynamo.convert_frame import input_codes
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        codes = [ref() for ref in input_codes.seen]
+        return any(code is not None and _debug_get_cache_entry_list(code) for code in codes)
+    except Exception:  # noqa: BLE001 (private internals: assume the worst)
+        return True
 
 
 def _refuse_renormalised_embeddings(model: nn.Module) -> None:
@@ -222,6 +243,7 @@ class KFACPreconditioner:
                                    self.engine.is_factor_step)
         self._root_hook = model.register_forward_pre_hook(OwnedHook(model, self._on_model_input), with_kwargs=True)
         _HOOKED.add(self)  # once its hooks are in place: a later preconditioner may remove them
+        self._discard_compiled_code()
         # The parameter slots each block covers: a bias given to a bias-free K-FAC layer later is
         # not the block's (it is averaged first-order, and named as added).
         # The attribute names are those of the kind each module was registered as, looked up once.
@@ -281,6 +303,17 @@ class KFACPreconditioner:
         self._hooks.remove()
         self._root_hook.remove()
         _HOOKED.discard(self)
+
+    def _discard_compiled_code(self) -> None:
+        """Discard ``torch.compile``'s compiled code when there is any (``torch.compiler.reset()``):
+        compiled before the hooks were registered, it would go on running without them, every
+        K-FAC layer silently first-order."""
+        if not _compiled_code_exists():
+            return
+        torch.compiler.reset()
+        self._note("torch.compile had compiled code from before this preconditioner's hooks were registered, "
+                   "which would run the model without them (dynamo does not guard on module hooks): discarded "
+                   "with torch.compiler.reset(), so compiled models compile again at their next call")
 
     def _take_over_layers(self) -> None:
         """Remove the hooks of earlier preconditioners on any of this one's layers, with a
