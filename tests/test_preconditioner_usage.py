@@ -184,3 +184,32 @@ def test_a_preconditioner_built_after_a_compiled_forward_gets_its_statistics(com
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
     torch.compiler.reset()
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_evaluation_forwards_in_train_mode_add_nothing(context):
+    """Forwards under no_grad/inference_mode in train() mode, between steps and between a
+    training forward and its backward, of another batch size: the factors and gradients are
+    those of the run without them, bit for bit."""
+    def run(evaluate):
+        model = mlp()
+        precond = kfac(model, inverse_update_interval=1)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            x, y = torch.randn(8, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            other = torch.randn(5, 5, dtype=torch.float64, generator=gen)
+            if evaluate:
+                with context():
+                    model(other)
+            model.zero_grad()
+            out = model(x)
+            if evaluate:
+                with context():
+                    model(other)
+            nn.functional.cross_entropy(out, y).backward()
+            precond.step()
+        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
+                                                                       for p in model.parameters()]
+
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_array_equal(got, want)
