@@ -702,6 +702,43 @@ def test_resuming_with_another_accumulation_keeps_the_callers_and_the_trajectory
     np.testing.assert_allclose(flat(model), flat(whole[0]), rtol=1e-10, atol=1e-12)
 
 
+def test_a_load_drops_the_statistics_of_micro_batches_taken_before_it(comm, caplog):
+    """A state loaded between micro-batches (a script that restores its last checkpoint after
+    some forwards of the next step) replaces that step: the statistics its forwards took are
+    dropped, with a warning, so the run goes on as one that loaded into a fresh preconditioner
+    (kept, they were added to the next factor step's)."""
+    model, data = model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    train(model, opt, precond, data[:4])  # the next step, 4, is a factor step
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "kfac": precond.state_dict()}, buffer)
+
+    def resumed(interrupted):
+        state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        model, _ = model_and_data()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+        if interrupted:
+            x, y = data[7]
+            nn.functional.cross_entropy(model(x[:3]), y[:3]).backward()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            precond.load_state_dict(state["kfac"])
+        train(model, opt, precond, data[4:])
+        return flat(model), precond.state_dict()
+
+    caplog.clear()
+    fresh, fresh_state = resumed(False)
+    assert "dropping the statistics" not in caplog.text
+    after, after_state = resumed(True)
+    assert "dropping the statistics of 1 training forward(s)" in caplog.text
+    np.testing.assert_array_equal(after, fresh)
+    for name, block in fresh_state["blocks"].items():
+        assert torch.equal(after_state["blocks"][name]["factors"], block["factors"]), name
+
+
 @pytest.mark.parametrize("name, bad", [("damping", -1.0), ("damping", float("nan")), ("factor_decay", 1.5)])
 def test_a_bad_scheduled_value_is_refused_before_any_gradient_is_averaged(comm, monkeypatch, name, bad):
     """A schedule of ``damping`` or ``factor_decay`` returning a bad value raises

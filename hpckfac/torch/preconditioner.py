@@ -908,4 +908,17 @@ class KFACPreconditioner:
         if lr is not None and self.lr != lr:
             self._note("load_state_dict: the checkpoint's lr %r replaces %r", lr, self.lr)
             self.lr = lr
+        self._discard_pending()
+
+    def _discard_pending(self) -> None:
+        """Forget the statistics of forwards taken since the last ``step()`` (micro-batches of a
+        step the loaded state replaces): kept, the next factor step would add them to its own."""
+        if self._forwards or self.local.passes:
+            self._note("load_state_dict: dropping the statistics of %d training forward(s) taken since the last "
+                       "step(); zero the gradients as well (optimizer.zero_grad()) and run the loaded step's "
+                       "micro-batches from the first", max(self._forwards, self.local.passes))
+        self.local.reset()
+        self._forwards, self._root_seen, self._fired = 0, False, set()
+        self._hooks.quiet = False
+        self._hook_seconds = 0.0
 
