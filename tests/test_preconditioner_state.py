@@ -739,6 +739,43 @@ def test_a_load_drops_the_statistics_of_micro_batches_taken_before_it(comm, capl
         assert torch.equal(after_state["blocks"][name]["factors"], block["factors"]), name
 
 
+def test_a_load_forgets_the_grad_scalers_scale_read_before_it(comm):
+    """The GradScaler's scale is read once per step, in the first backward: one read before a
+    load (whose script then restores the scaler's saved state, another scale) is not the scale
+    of the loaded step's gradients, and the factors would be scaled by the square of the ratio."""
+    model, data = model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    train(model, opt, precond, data[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "kfac": precond.state_dict(),
+                "scaler": torch.amp.GradScaler("cpu", init_scale=2.0).state_dict()}, buffer)
+
+    def resumed(interrupted):
+        state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        model, _ = model_and_data()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, **OPTIONS)
+        if interrupted:
+            x, y = data[7]
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        scaler.load_state_dict(state["scaler"])
+        precond.load_state_dict(state["kfac"])
+        x, y = data[4]  # step 4: a factor step
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        precond.step()
+        return precond.state_dict()["blocks"]
+
+    fresh, after = resumed(False), resumed(True)
+    for name, block in fresh.items():
+        assert torch.equal(after[name]["factors"], block["factors"]), name
+
+
 @pytest.mark.parametrize("name, bad", [("damping", -1.0), ("damping", float("nan")), ("factor_decay", 1.5)])
 def test_a_bad_scheduled_value_is_refused_before_any_gradient_is_averaged(comm, monkeypatch, name, bad):
     """A schedule of ``damping`` or ``factor_decay`` returning a bad value raises

@@ -921,4 +921,7 @@ class KFACPreconditioner:
         self._forwards, self._root_seen, self._fired = 0, False, set()
         self._hooks.quiet = False
         self._hook_seconds = 0.0
+        # A GradScaler's scale read by those backwards: the caller may restore the scaler's saved
+        # state with the preconditioner's, and the next backward must read the scale it sets.
+        self._scaler_scale = None
 
