@@ -576,10 +576,7 @@ class KFACPreconditioner:
                            "DataLoader(shuffle=True) alone gives ranks seeded alike the same batches)", self.comm.size)
             self._replicas_checked = True
         self._check_forwards()
-        self._forwards, self._root_seen = 0, False
-        self._forwards_then = self._forwards_new = 0
-        self._hooks.quiet = False
-        self._fired = set()
+        self._restart_forward_counts()
         start = self.engine.clock()
         params = self._block_params()
         stats = self.local.result() if self.engine.is_factor_step() else None
@@ -910,6 +907,13 @@ class KFACPreconditioner:
             self.lr = lr
         self._discard_pending()
 
+    def _restart_forward_counts(self) -> None:
+        """Forget the forwards counted since the last ``step()``: a new step's begin."""
+        self._forwards, self._root_seen = 0, False
+        self._forwards_then = self._forwards_new = 0
+        self._hooks.quiet = False
+        self._fired = set()
+
     def _discard_pending(self) -> None:
         """Forget the statistics of forwards taken since the last ``step()`` (micro-batches of a
         step the loaded state replaces): kept, the next factor step would add them to its own."""
@@ -918,8 +922,7 @@ class KFACPreconditioner:
                        "step(); zero the gradients as well (optimizer.zero_grad()) and run the loaded step's "
                        "micro-batches from the first", max(self._forwards, self.local.passes))
         self.local.reset()
-        self._forwards, self._root_seen, self._fired = 0, False, set()
-        self._hooks.quiet = False
+        self._restart_forward_counts()
         self._hook_seconds = 0.0
         # A GradScaler's scale read by those backwards: the caller may restore the scaler's saved
         # state with the preconditioner's, and the next backward must read the scale it sets.
