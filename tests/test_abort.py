@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from hpckfac.comm import Communicator
 from hpckfac.comm.abort import ABORT_ENV, install_abort_on_error
-from test_multirank import mpiexec
+from test_multirank import last_line, mpiexec
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -18,7 +18,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 def run(tmp_path, script, ranks=2, timeout=120, cwd=None, **env):
     path = tmp_path / "script.py"
     path.write_text(textwrap.dedent(script))
-    return subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(path)], capture_output=True,
+    return subprocess.run([*mpiexec(), "-n", str(ranks), sys.executable, str(path)], capture_output=True,
                           text=True, timeout=timeout, env=dict(ENV, **env), cwd=cwd)
 
 
@@ -104,11 +104,11 @@ def test_an_unexpected_error_on_one_rank_is_named_with_its_type(tmp_path):
 
 def test_output_folder_is_checked_before_training_on_every_rank(tmp_path):
     (tmp_path / "o" / "training.png").mkdir(parents=True)
-    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac", "train", "--no-progress", "--steps", "5",
+    cmd = [*mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac", "train", "--no-progress", "--steps", "5",
            "--batch-size", "16", "--out", str(tmp_path / "o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert last_line(proc.stderr) == (
         f"hpckfac train: error: --out: {tmp_path / 'o' / 'training.png'} is a directory; the run writes a file there")
     (tmp_path / "p").write_text("a file")
     proc = subprocess.run(cmd[:-1] + [str(tmp_path / "p" / "sub")], capture_output=True, text=True, timeout=120, env=ENV)
@@ -197,7 +197,7 @@ def test_benchmark_output_checks_agree_across_ranks(tmp_path):
             (tmp_path / name / "sub").write_text("a file")
     bench = [sys.executable, "-m", "hpckfac.bench", "scaling", "--model", "small", "--repeat", "1",
              "--json", "sub"]
-    proc = subprocess.run([mpiexec(), "-n", "1", "-wdir", str(tmp_path / "a"), *bench, ":",
+    proc = subprocess.run([*mpiexec(), "-n", "1", "-wdir", str(tmp_path / "a"), *bench, ":",
                            "-n", "1", "-wdir", str(tmp_path / "b"), *bench], capture_output=True, text=True,
                           timeout=60, env=ENV)
     assert proc.returncode == 2 and "--json sub:" in proc.stderr and "is a directory" in proc.stderr, proc.stderr
@@ -233,7 +233,7 @@ def test_a_helper_without_comm_on_one_rank_meets_a_duplicated_world(tmp_path):
 def test_benchmark_parsing_before_mpi_prints_its_error_once(name):
     """A benchmark that parses its arguments before it first uses MPI (and a name that is no
     benchmark) still prints the usage and error on rank 0 alone; every rank exits 2."""
-    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac.bench", name, "--no-such-flag"],
+    proc = subprocess.run([*mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac.bench", name, "--no-such-flag"],
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error:") == 1 and proc.stderr.count("usage:") == 1, proc.stderr
@@ -257,7 +257,7 @@ def test_a_checkpoint_only_some_ranks_can_read_is_an_error_not_a_hang(tmp_path):
         sys.exit(cli.main(["--resume", "run", "--no-progress"]))
     """, timeout=90)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert last_line(proc.stderr) == (
         "hpckfac train: error: --resume: rank 1 of 2 cannot read the checkpoint the others resume from "
         "(resume: no checkpoint file or directory at run)"), proc.stderr
 
@@ -292,7 +292,7 @@ def test_ranks_that_resume_different_checkpoints_fail_together(tmp_path, case):
     assert proc.returncode == 1, proc.stderr
     expected = ("(step 2 on rank 0, step 4 on rank 1)" if case == "steps" else
                 "of step 2 (stem.0.weight has 2 different values (ranks [0]; ranks [1]))")
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert last_line(proc.stderr) == (
         f"hpckfac train: error: --resume: the ranks resumed from different checkpoints {expected}; every rank "
         "must resume from the same one"), proc.stderr
 
@@ -306,7 +306,7 @@ def test_ranks_started_with_different_settings_fail_together(tmp_path):
         sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--no-progress", "--width", width]))
     """, timeout=90)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert last_line(proc.stderr) == (
         "hpckfac train: error: the ranks were started with different settings: --width is 4 on rank 0, "
         "8 on rank 1"), proc.stderr
 

@@ -46,6 +46,6 @@ def test_script_runs_as_its_first_line_says(header, source, tmp_path):
     name, ranks, launched = header.groups()
     assert launched == name, f"the block is {name} but its command runs {launched}"
     (tmp_path / name).write_text(source, encoding="utf-8")
-    cmd = [sys.executable, name] if ranks is None else [mpiexec(), "-n", ranks, sys.executable, name]
+    cmd = [sys.executable, name] if ranks is None else [*mpiexec(), "-n", ranks, sys.executable, name]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
     assert proc.returncode == 0, f"{' '.join(cmd)} (rc={proc.returncode}):\n{proc.stdout}{proc.stderr}"

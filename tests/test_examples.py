@@ -13,7 +13,7 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
 
 def run(script, *args, ranks=2):
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, os.path.join(EXAMPLES, script), *map(str, args)]
+    cmd = [*mpiexec(), "-n", str(ranks), sys.executable, os.path.join(EXAMPLES, script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -29,7 +29,7 @@ def test_cnn_with_batchnorm(tmp_path):
 
 
 def test_a_batch_that_does_not_split_is_one_message_from_rank_0():
-    cmd = [mpiexec(), "-n", "3", sys.executable, os.path.join(EXAMPLES, "cnn_batchnorm.py")]
+    cmd = [*mpiexec(), "-n", "3", sys.executable, os.path.join(EXAMPLES, "cnn_batchnorm.py")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("--batch 64 does not split over 3 ranks") == 1, proc.stderr
@@ -69,7 +69,7 @@ def test_the_readme_snippet_runs_at_two_ranks(tmp_path):
              "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),\n"
              "                         nn.Flatten(), nn.Linear(512, 4))\n")
     (tmp_path / "train.py").write_text(setup + snippet)
-    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "train.py"], capture_output=True, text=True,
+    proc = subprocess.run([*mpiexec(), "-n", "2", sys.executable, "train.py"], capture_output=True, text=True,
                           timeout=300, env=ENV, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "checkpoint.pt").is_file() and "total" in proc.stdout

@@ -9,8 +9,7 @@ import pytest
 
 from hpckfac.bench import model, scaling, shapes
 from hpckfac.stages.engine import ITERATION_STAGES
-
-BIN = os.path.dirname(sys.executable)
+from test_multirank import mpiexec
 
 
 def test_ring_bytes_hand_computed():
@@ -64,7 +63,7 @@ def test_synthetic_tensors_have_layer_shapes():
 
 
 def mpirun(ranks, *args):
-    cmd = [os.path.join(BIN, "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpckfac.bench", "scaling", *args]
+    cmd = [*mpiexec(), "-n", str(ranks), sys.executable, "-m", "hpckfac.bench", "scaling", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -20,7 +20,7 @@ def train(args, ranks=None, timeout=300, cwd=None):
     """Run ``hpckfac train args`` (under ``mpiexec -n ranks`` if given)."""
     cmd = [sys.executable, "-m", "hpckfac", "train", *map(str, args)]
     if ranks is not None:
-        cmd = [mpiexec(), "-n", str(ranks), *cmd]
+        cmd = [*mpiexec(), "-n", str(ranks), *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
 
 
