@@ -25,6 +25,13 @@ PYTHON=${PYTHON:-python}
 MPIEXEC=${MPIEXEC:-mpiexec}
 DRY_RUN=${DRY_RUN:-0}               # 1: print the commands, run nothing
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per rank, like one GPU per rank
+# mpiexec's flags (MPIEXEC_FLAGS, split on spaces); unset: --oversubscribe for Open MPI's mpiexec,
+# which refuses more ranks than cores unless told, nothing for MPICH's, which runs them.
+if [[ -z ${MPIEXEC_FLAGS+set} ]]; then
+    MPIEXEC_FLAGS=""
+    version=$("$MPIEXEC" --version 2>/dev/null || true)
+    if [[ $version == *"Open MPI"* || $version == *OpenRTE* ]]; then MPIEXEC_FLAGS=--oversubscribe; fi
+fi
 
 run() {
     echo "+ $*"
@@ -35,7 +42,7 @@ if [[ "$DRY_RUN" != 1 ]]; then mkdir -p "$OUT"; fi
 for mode in $MODES; do
     files=()
     for p in $RANKS; do
-        run "$MPIEXEC" -n "$p" "$PYTHON" -m hpckfac.bench scaling --mode "$mode" --model "$MODEL" \
+        run "$MPIEXEC" $MPIEXEC_FLAGS -n "$p" "$PYTHON" -m hpckfac.bench scaling --mode "$mode" --model "$MODEL" \
             --scale "$SCALE" --image "$IMAGE" --batch "$BATCH" --assignment "$ASSIGNMENT" \
             --repeat "$REPEAT" --device "$DEVICE" --json "$OUT/${mode}_${p}.json"
         files+=("$OUT/${mode}_${p}.json")

@@ -271,3 +271,21 @@ def test_slurm_templates_run_without_cpus_per_task(tmp_path, name):
     assert proc.returncode == 0, proc.stderr
     steps = launches(log, "srun")
     assert steps and all(flag(words, "--cpus-per-task") == "1" for words in steps)
+
+
+@pytest.mark.parametrize("version, flags", [("mpiexec (Open MPI) 5.0.11", "--oversubscribe "),
+                                            ("mpiexec (OpenRTE) 4.1.6", "--oversubscribe "),
+                                            ("HYDRA build details:\n    Version: 5.0.2", "")])
+@pytest.mark.parametrize("name", ["local_train.sh", "local_scaling.sh"])
+def test_local_scripts_oversubscribe_under_open_mpi(tmp_path, name, version, flags):
+    """Open MPI's mpiexec refuses 4 ranks on a 2-core machine unless told --oversubscribe;
+    MPICH's runs them and needs no flag. MPIEXEC_FLAGS, when set, replaces the choice."""
+    launcher = tmp_path / "mpiexec"
+    launcher.write_text(f"#!/bin/sh\necho '{version}'\n")
+    launcher.chmod(0o755)
+    env = {"DRY_RUN": "1", "RANKS": "4", "MODES": "strong", "MPIEXEC": str(launcher)}
+    lines = [l for l in run_script(name, env).splitlines() if l.startswith(f"+ {launcher} ")]
+    assert lines and all(l.startswith(f"+ {launcher} {flags}-n 4 ") for l in lines), lines
+    lines = [l for l in run_script(name, dict(env, MPIEXEC_FLAGS="--bind-to core")).splitlines()
+             if l.startswith(f"+ {launcher} ")]
+    assert lines and all(l.startswith(f"+ {launcher} --bind-to core -n 4 ") for l in lines), lines
