@@ -8,8 +8,8 @@ one pool do the work: torch gets the rank's share of the cores (its CPU set
 divided among the node's ranks that may run on it: all cores of a set the
 launcher gave the rank alone, the node's cores divided by its ranks when
 nothing is bound, torchrun's convention), and NumPy's BLAS one thread,
-because the K-FAC products run in torch's pool (``hpckfac.ops.factors``)
-and NumPy is left with small work. It runs once per process, when the first
+because the K-FAC products run in torch's pool (``hpckfac.ops.factors``,
+``hpckfac.ops.kron_apply``) and NumPy is left with small work. It runs once per process, when the first
 Communicator is created, and logs its choice.
 """
 from __future__ import annotations

@@ -169,8 +169,10 @@ def test_engine_buffers_live_in_the_gradients_namespace():
             out = engine.step(grads, local.result(), lr=0.1)
             assert all(arrays.namespace(o) is xp for o in out)
             results.append([arrays.to_host(o) for o in out])
+    # The host path's preconditioning products run in torch's pool, the device path's in its
+    # namespace: the same float32 products from another GEMM library, equal up to rounding.
     for host, device in zip(*results):
-        assert np.array_equal(host, device)
+        np.testing.assert_allclose(host, device, rtol=1e-5, atol=1e-7)
 
 
 def test_array_operations_per_step_do_not_grow_with_same_shape_blocks():

@@ -28,6 +28,7 @@ from hpckfac.checks import check_bool, check_integer
 from hpckfac.layers.block import Array, CurvatureBlock, array_module, check_name, check_shape, pack_stack
 from hpckfac.layers.damping import pi_damping_terms
 from hpckfac.ops.checks import accumulation_dtype
+from hpckfac.ops.kron_apply import kron_apply
 
 
 class KronBlock(CurvatureBlock):
@@ -215,13 +216,20 @@ class KronBlock(CurvatureBlock):
         ``(groups * d_G, d_A)`` matrices back to back, the inverses their ``(groups, ...)``
         stacks back to back (see ``CurvatureBlock.precondition_batch``)."""
         inv_a, inv_g, grouped = self._batch_operands(grads, inverses)
-        return (inv_g @ grouped @ inv_a).reshape(-1)
+        out = array_module(grouped).empty(grouped.size, dtype=np.result_type(inv_g.dtype, grouped.dtype,
+                                                                               inv_a.dtype))
+        self.precondition_batch_into(grads, inverses, out)
+        return out
 
     def precondition_batch_into(self, grads: Array, inverses: Sequence[Array], out: Array) -> None:
         """``precondition_batch`` into ``out``: the second product writes there when ``out``
         has its dtype (the same product, so the same values), instead of into a new array
-        copied over."""
+        copied over. On the CPU both products run in torch's thread pool
+        (``hpckfac.ops.kron_apply``): NumPy's would run on its BLAS's one thread."""
         inv_a, inv_g, grouped = self._batch_operands(grads, inverses)
+        if isinstance(grouped, np.ndarray):
+            kron_apply(inv_g, grouped, inv_a, out.reshape(grouped.shape))
+            return
         left = inv_g @ grouped
         if out.dtype == np.result_type(left.dtype, inv_a.dtype):
             array_module(left).matmul(left, inv_a, out=out.reshape(grouped.shape))
