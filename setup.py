@@ -42,7 +42,11 @@ setup(
         "cuda12": ["cupy-cuda12x>=14", "numpy>=2.1.2"],
         "cuda13": ["cupy-cuda13x>=14", "numpy>=2.1.2"],
         # transformers: the Hugging Face BERT and GPT-2 coverage tests (skipped without it).
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "transformers>=4.40"],
+        # setuptools: tests/test_packaging.py builds a wheel without build isolation, with the
+        # environment's setuptools, which builds wheels by itself from 70.1 on (before, only with
+        # the `wheel` package). A venv of Python 3.12+ has no setuptools and 3.10/3.11's is 65.5;
+        # torch 2.13 requires a newer one, an older torch may not.
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "transformers>=4.40", "setuptools>=70.1"],
     },
     entry_points={"console_scripts": ["hpckfac=hpckfac.cli:main"]},
 )
