@@ -7,17 +7,21 @@ import os
 _FORMAT = "%(asctime)s [rank %(rank)s/%(world)s] %(name)s %(levelname)s: %(message)s"
 
 
-def _rank_and_size() -> tuple[int, int]:
-    # Read the launcher's environment rather than MPI so that logging works before
-    # (and without) MPI initialisation; set_rank() overrides once a communicator exists.
+def _rank_and_size() -> tuple[int, int | str]:
+    """This process's rank and the job's size from the launcher's variables (MPICH, Open MPI,
+    Slurm, PMIx), ``"?"`` for a size the launcher does not say; ``(0, 1)`` without a launcher.
+
+    Read from the environment rather than MPI so that logging works before (and without) MPI
+    initialisation; ``set_rank()`` overrides it once a communicator exists."""
     for rank_var, size_var in (
         ("PMI_RANK", "PMI_SIZE"),
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
         ("SLURM_PROCID", "SLURM_NTASKS"),
-        ("PMIX_RANK", "PMIX_SIZE"),
+        ("PMIX_RANK", "PMIX_SIZE"),  # PMIx itself exports no size: "?" rather than a wrong 1
     ):
         if rank_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1"))
+            size = os.environ.get(size_var)
+            return int(os.environ[rank_var]), int(size) if size is not None else "?"
     return 0, 1
 
 
