@@ -121,3 +121,48 @@ def test_mixed_input_dtypes_promote():
 def test_invalid_arguments(call, name):
     with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("]", r"\]")):
         call()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_large_orders_round_trip(seed):
+    """Orders past the cached gather indices (copied row by row) keep the layout and the
+    values exactly, in stacks and from non-contiguous matrices too."""
+    from hpckfac.layers.block import pack_stack, unpack_stack
+    from hpckfac.ops.factors import finish_factor
+
+    rng = np.random.default_rng(seed)
+    n, count = int(rng.integers(65, 400)), int(rng.integers(1, 4))
+    stack = np.stack([random_symmetric(rng, n, np.float32) for _ in range(count)])
+    rows, cols = np.triu_indices(n)
+    expected = np.concatenate([m[rows, cols] for m in stack])
+    np.testing.assert_array_equal(pack_stack(stack), expected)
+    np.testing.assert_array_equal(ops.pack_sym([m.T for m in stack]), expected)  # Fortran-ordered
+    np.testing.assert_array_equal(unpack_stack(expected, count, n), stack)
+    for mat, back in zip(stack, ops.unpack_sym(expected, [n] * count), strict=True):
+        np.testing.assert_array_equal(back, mat)
+    upper = np.triu(stack[0]) + np.tril(rng.standard_normal((n, n)).astype(np.float32), -1)  # lower: not read
+    np.testing.assert_array_equal(finish_factor(upper.copy(), packed=True), expected[:rows.size])
+    np.testing.assert_array_equal(finish_factor(upper, packed=False), stack[0])
+
+
+def test_large_orders_keep_no_memory():
+    """Packing and unpacking a large matrix keeps nothing of its size once they return: cached
+    int64 indices (n^2 entries, twice a float32 matrix) would stay for the process's lifetime."""
+    import gc
+    import tracemalloc
+
+    from hpckfac.layers.block import pack_stack, unpack_stack
+
+    rng = np.random.default_rng()
+    n = int(rng.integers(300, 600))
+    stack = random_symmetric(rng, n, np.float32)[None]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        ops.unpack_sym(ops.pack_sym(list(stack)), [n])
+        unpack_stack(pack_stack(stack), 1, n)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < stack.nbytes // 4, f"{kept} bytes kept after packing a {n}x{n} matrix"

@@ -34,7 +34,7 @@ from typing import Any, Hashable, Iterable, Sequence
 import numpy as np
 
 from hpckfac import arrays, ops
-from hpckfac.ops.packing import sym_gather, triu_flat
+from hpckfac.ops.packing import pack_upper, sym_gather, triu_flat, unpack_upper
 from hpckfac.arrays import namespace as array_module
 
 # A NumPy array, or a CuPy array on the GPU path.
@@ -83,7 +83,9 @@ def pack_stack(mats: Array) -> Array:
     """Upper triangles of a ``(count, n, n)`` stack, matrix after matrix (``pack_sym`` order), 1-D."""
     xp = array_module(mats)
     count, n = mats.shape[0], mats.shape[-1]
-    if xp is not np and n > DEVICE_INDEX_MAX_N:
+    if xp is np:
+        return pack_upper(mats)
+    if n > DEVICE_INDEX_MAX_N:
         return ops.pack_sym([mats[k] for k in range(count)])
     # One gather with a single index array: much less host work than indexing by (rows, cols).
     return xp.take(mats.reshape(count, n * n), _gather_index(n, True, xp), axis=1).reshape(-1)
@@ -92,7 +94,9 @@ def pack_stack(mats: Array) -> Array:
 def unpack_stack(packed: Array, count: int, n: int) -> Array:
     """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds, in its dtype."""
     xp = array_module(packed)
-    if xp is not np and n > DEVICE_INDEX_MAX_N:
+    if xp is np:
+        return unpack_upper(packed, count, n)
+    if n > DEVICE_INDEX_MAX_N:
         mats = ops.unpack_sym(packed, [n] * count)
         return mats[0][None] if count == 1 else xp.stack(mats)
     return xp.take(packed.reshape(count, -1), _gather_index(n, False, xp), axis=1).reshape(count, n, n)

@@ -17,7 +17,7 @@ import torch
 
 from hpckfac.ops.average import ema_update
 from hpckfac.ops.checks import accumulation_dtype
-from hpckfac.ops.packing import triu_flat
+from hpckfac.ops.packing import mirror_upper, pack_upper
 
 
 # Column panels of the upper triangle: about 64 columns each, at most 8 (the flops of k panels
@@ -85,9 +85,8 @@ def host_tensor(x: np.ndarray) -> torch.Tensor:
 def finish_factor(factor: np.ndarray, packed: bool) -> np.ndarray:
     """A factor from its upper triangle: packed, or made symmetric in place."""
     if packed:
-        return np.take(factor.reshape(-1), triu_flat(factor.shape[0]))
-    lower = np.tril_indices(factor.shape[0], -1)
-    factor[lower] = factor.T[lower]
+        return pack_upper(factor[None])
+    mirror_upper(factor)
     return factor
 
 

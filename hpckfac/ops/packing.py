@@ -6,6 +6,11 @@ Layout. Matrices follow one another in the order given; matrix ``m`` of order
 of ``M[np.triu_indices(n)]``: ``(0,0), (0,1), ..., (0,n-1), (1,1), ..., (n-1,n-1)``.
 Element ``(i, j)`` with ``i <= j`` sits at ``offsets[m] + i*n - i*(i-1)/2 + (j - i)``.
 Only the upper triangle is read when packing; unpacking mirrors it.
+
+Matrices of order up to ``INDEX_MAX_N`` go through cached gather indices (one ``np.take``);
+larger ones are copied row by row: an index of their ``n^2`` (or ``n (n + 1) / 2``) int64
+entries is two to four times the size of a float32 matrix, and a cached one would stay for the
+process's lifetime, after the preconditioner that needed it is gone.
 """
 from __future__ import annotations
 
@@ -27,6 +32,13 @@ def packed_offsets(sizes: Sequence[int]) -> np.ndarray:
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum([packed_size(n) for n in sizes], out=offsets[1:])
     return offsets
+
+
+# The largest order packed and unpacked through cached gather indices (a few KiB each, the
+# fastest way for the many small matrices of normalisation layers).
+INDEX_MAX_N = 64
+# Columns mirrored at a time by ``mirror_upper``: a band that stays in cache while transposed.
+MIRROR_TILE = 256
 
 
 @lru_cache(maxsize=256)
@@ -59,9 +71,45 @@ def sym_gather(n: int) -> np.ndarray:
     return flat
 
 
-def _upper(mat: np.ndarray, n: int) -> np.ndarray:
-    """``mat[triu(n)]``, by one flat gather when ``mat`` is C-contiguous."""
-    return np.take(mat.reshape(-1), triu_flat(n)) if mat.flags.c_contiguous else mat[triu(n)]
+def pack_upper(mats: np.ndarray) -> np.ndarray:
+    """Upper triangles of a ``(count, n, n)`` stack, matrix after matrix (``pack_sym`` order),
+    1-D, in ``mats``' dtype."""
+    count, n = mats.shape[0], mats.shape[-1]
+    if n <= INDEX_MAX_N:
+        return np.take(np.ascontiguousarray(mats).reshape(count, n * n), triu_flat(n), axis=1).reshape(-1)
+    out = np.empty((count, packed_size(n)), dtype=mats.dtype)
+    at = 0
+    for i in range(n):
+        out[:, at:at + n - i] = mats[:, i, i:]
+        at += n - i
+    return out.reshape(-1)
+
+
+def unpack_upper(packed: np.ndarray, count: int, n: int) -> np.ndarray:
+    """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds
+    (``pack_upper``), in its dtype."""
+    if n <= INDEX_MAX_N:
+        return np.take(packed.reshape(count, -1), sym_gather(n), axis=1).reshape(count, n, n)
+    rows = packed.reshape(count, -1)
+    mats = np.empty((count, n, n), dtype=packed.dtype)
+    at = 0
+    for i in range(n):
+        mats[:, i, i:] = rows[:, at:at + n - i]
+        at += n - i
+    mirror_upper(mats)
+    return mats
+
+
+def mirror_upper(mats: np.ndarray) -> None:
+    """Copy the upper triangle of each ``(..., n, n)`` matrix onto its strict lower triangle,
+    in place, a band of ``MIRROR_TILE`` columns at a time (a whole transposed copy reads
+    memory ~14x slower at n = 4609)."""
+    n = mats.shape[-1]
+    for a in range(0, n, MIRROR_TILE):
+        b = min(a + MIRROR_TILE, n)
+        mats[..., b:, a:b] = mats[..., a:b, b:].swapaxes(-1, -2)
+        tile = mats[..., a:b, a:b]
+        np.copyto(tile, tile.swapaxes(-1, -2).copy(), where=np.tri(b - a, k=-1, dtype=bool))
 
 
 def pack_sym(
@@ -72,7 +120,7 @@ def pack_sym(
     if out is None:
         out = np.empty(int(offsets[-1]), dtype=dtype)
     for mat, n, start, stop in zip(mats, sizes, offsets[:-1], offsets[1:]):
-        out[start:stop] = cast(_upper(np.asarray(mat), n), out.dtype)
+        out[start:stop] = cast(pack_upper(np.asarray(mat).reshape(1, n, n)), out.dtype)
     return out
 
 
@@ -81,5 +129,5 @@ def unpack_sym(buffer: np.ndarray, sizes: list[int], dtype: np.dtype) -> list[np
     offsets = packed_offsets(sizes)
     mats = []
     for n, start, stop in zip(sizes, offsets[:-1], offsets[1:]):
-        mats.append(np.take(cast(buffer[start:stop], dtype), sym_gather(n)).reshape(n, n))
+        mats.append(unpack_upper(cast(buffer[start:stop], dtype), 1, n)[0])
     return mats
