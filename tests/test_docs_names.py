@@ -1,10 +1,14 @@
 """The names the docs cite exist: every dotted ``hpckfac.`` name in README.md, docs/ and
-jobs/README.md resolves, every repository path they cite is there, and the module maps of
+jobs/README.md resolves, every repository path they cite is there, every benchmark and
+command-line option of their ``hpckfac train`` and ``hpckfac.bench`` commands exists (and
+docs/training.md's options table lists every option of ``hpckfac train``), and the module maps of
 docs/design.md ("Layout") and README.md ("Layers of the library") list every module of the
 package and none that is not, and the layout every source in kernels/."""
 import ast
+import contextlib
 import importlib
 import importlib.util
+import io
 import pathlib
 import re
 
@@ -153,3 +157,56 @@ def test_design_layout_lists_every_kernel_source_and_no_other():
     named = set(re.findall(r"(?<![\w/.])(\w+\.(?:cu|cuh|py))\b", entry))
     files = {p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh", ".py")}
     assert named == files, (sorted(files - named), sorted(named - files))
+
+
+def _long_options(command: str) -> set[str]:
+    """The long options that ``hpckfac train`` or ``python -m hpckfac.bench COMMAND`` accept,
+    read from its parser's help (each benchmark builds its parser inside its ``main``)."""
+    if command == "train":
+        from hpckfac.train.cli import build_parser
+
+        text = build_parser().format_help()
+    else:
+        module = importlib.import_module(f"hpckfac.bench.{command}")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            module.main(["--help"], prog=f"python -m hpckfac.bench {command}")
+        text = out.getvalue()
+    return set(re.findall(r"--[a-z][\w-]*", text))
+
+
+def _commands():
+    """(doc, line, command, options) of every ``hpckfac train``, ``hpckfac bench NAME`` and
+    ``python -m hpckfac.bench NAME`` the docs give, options up to the end of the line (a
+    ``\\``-continued line included), the code span or the table cell."""
+    pattern = re.compile(r"\bhpckfac(?: (train)\b|(?:\.| )bench (\w+))((?:[^`|\n\\]|\\\n)*)")
+    found = []
+    for doc, text in TEXTS.items():
+        for match in pattern.finditer(text):
+            command = match.group(1) or match.group(2)
+            if command in ("NAME", "X"):  # the placeholder of "python -m hpckfac.bench NAME"
+                continue
+            line = text.count("\n", 0, match.start()) + 1
+            found.append((doc, line, command, re.findall(r"(?<![\w-])--[a-z][\w-]*", match.group(3))))
+    return found
+
+
+def test_the_docs_commands_name_benchmarks_and_options_that_exist():
+    benchmarks = importlib.import_module("hpckfac.bench.__main__").BENCHMARKS
+    commands = _commands()
+    assert len(commands) > 30
+    options, problems = {}, []
+    for doc, line, command, flags in commands:
+        if command != "train" and command not in benchmarks:
+            problems.append(f"{doc}:{line}: no benchmark {command!r}")
+            continue
+        if command not in options:
+            options[command] = _long_options(command)
+        problems += [f"{doc}:{line}: {command} has no {flag}" for flag in flags if flag not in options[command]]
+    assert not problems, problems
+
+
+def test_training_options_table_lists_every_option_of_the_parser():
+    table = re.search(r"## Options\n\n(.*?)\n\n", TEXTS["docs/training.md"], re.S).group(1)
+    named = set(re.findall(r"--[a-z][\w-]*", table))
+    assert named == _long_options("train") - {"--help"}

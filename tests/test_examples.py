@@ -1,4 +1,5 @@
 """The scripts in examples/ run as the README says (2 ranks, a minute at most) and learn."""
+import ast
 import os
 import re
 import subprocess
@@ -55,6 +56,26 @@ def test_huggingface_gpt2():
     losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
     assert losses[-1] < 1.0 < losses[0]  # counting learnt (chance: log 16 = 2.77)
     assert out.count("Conv1D       K-FAC") == 8 and "(tied weights)" in out
+
+
+def test_the_commands_of_the_examples_docstrings_give_options_they_have():
+    """Each example's docstring shows how to run it: the script it runs is the example itself and
+    every option it passes is one the script's parser defines."""
+    problems = []
+    for name in sorted(os.listdir(EXAMPLES)):
+        if not name.endswith(".py"):
+            continue
+        source = open(os.path.join(EXAMPLES, name), encoding="utf-8").read()
+        defined = set(re.findall(r"add_argument\(\"(--[\w-]+)\"", source))
+        commands = re.findall(r"^ +(?:mpiexec -n \d+ )?python (examples/\S+)(.*)$", ast.get_docstring(ast.parse(source)), re.M)
+        if not commands:
+            problems.append(f"{name}: no command in its docstring")
+        for script, rest in commands:
+            if script != f"examples/{name}":
+                problems.append(f"{name}: its docstring runs {script}")
+            options = re.findall(r"(?<![\w-])--[a-z][\w-]*", rest.split("#")[0])
+            problems += [f"{name}: no option {o}" for o in options if o not in defined]
+    assert not problems, problems
 
 
 def test_the_readme_snippet_runs_at_two_ranks(tmp_path):
