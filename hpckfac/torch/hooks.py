@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import threading
 import weakref
 from typing import Any, Callable, ContextManager, Sequence
@@ -176,14 +177,29 @@ class _Inert:
 def _eager(hook: Callable) -> Callable:
     """``hook``, run as Python under ``torch.compile`` rather than traced: it keeps host state
     (NumPy sums, counters) that dynamo would trace into, recompiling for every layer until its
-    limit. Outside compilation ``hook`` itself runs, without the disabling wrapper's cost."""
-    disabled = torch.compiler.disable(hook)
-    # torch.compiler.is_compiling is torch >= 2.3; before, dynamo's own (imported by disable).
-    compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    limit. Outside compilation ``hook`` itself runs, without the disabling wrapper's cost. The
+    wrapper is made at the first call under compilation: making it imports dynamo, seconds of
+    start-up (and a storm of file reads on a parallel file system) a run that never compiles
+    need not pay."""
+    # torch.compiler.is_compiling is torch >= 2.3; before, dynamo's own.
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    disabled = None
 
     def run(*args):
-        return disabled(*args) if compiling() else hook(*args)
+        nonlocal disabled
+        if not (compiling() if compiling is not None else _dynamo_compiling()):
+            return hook(*args)
+        if disabled is None:
+            disabled = torch.compiler.disable(hook)
+        return disabled(*args)
     return run
+
+
+def _dynamo_compiling() -> bool:
+    """Dynamo's own ``is_compiling``, for torch before 2.3 (nothing compiles before dynamo is
+    imported)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and dynamo.is_compiling()
 
 
 def _input_name(module: nn.Module) -> str | None:
