@@ -108,3 +108,57 @@ def test_parameters_replaced_after_construction_are_the_ones_written():
     precond.step()
     assert all(p.grad is None for p in old)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in new)
+
+
+def test_generic_blocks_read_missing_gradients_as_zeros_and_leave_frozen_ones_none():
+    """A block that is no plain window (ConvTranspose's flipped kernel) goes through
+    grad_matrix/split_matrix: a missing bias gradient reads as zeros, as for the windowed
+    blocks, and a frozen weight keeps ``.grad`` None when the results are written back."""
+    torch.manual_seed(2)
+    conv_t = nn.ConvTranspose2d(3, 4, (2, 3)).double()
+    blocks, params = blocks_and_params([conv_t])
+    io = GradientIO(blocks, params)
+    assert io.windows == [None]
+    conv_t.weight.grad = torch.randn_like(conv_t.weight)
+    conv_t.bias.grad = None
+    slot = np.full(blocks[0].grad_shape, 7.0)
+    io.read_generic([slot], params)
+    want = np.zeros(blocks[0].grad_shape)
+    blocks[0].grad_matrix(conv_t.weight.grad.numpy(), np.zeros(4), out=want)
+    np.testing.assert_array_equal(slot, want)
+
+    conv_t.weight.requires_grad_(False)
+    conv_t.weight.grad = None
+    conv_t.bias.grad = None
+    result = np.random.default_rng(3).standard_normal(blocks[0].grad_shape)
+    io.write_generic([result], params)
+    assert conv_t.weight.grad is None
+    np.testing.assert_array_equal(conv_t.bias.grad.numpy(), blocks[0].split_matrix(result)[1])
+
+
+def test_one_buffer_at_new_offsets_is_read_at_those_offsets():
+    """The windows kept for a buffer are those of its offsets: the same buffer given other
+    offsets (another layout) is read and written at the new ones."""
+    torch.manual_seed(4)
+    modules = [nn.Linear(3, 2), nn.Conv1d(2, 3, 3)]
+    blocks, params = blocks_and_params(modules)
+    for ps in params:
+        for p in ps:
+            p.grad = torch.randn_like(p)
+    io = GradientIO(blocks, params)
+    first, size = layout(blocks, gap=1)
+    second, _ = layout(blocks, gap=4)
+    buffer = torch.zeros(size + 3 * len(blocks) + 3)
+    io.read(buffer, first, params)
+    buffer.zero_()
+    io.read(buffer, second, params)
+    for l, (block, ps) in enumerate(zip(blocks, params)):
+        want = np.zeros(block.grad_shape, dtype=np.float32)
+        block.grad_matrix(*[p.grad.numpy() for p in ps], out=want)
+        got = buffer[second[l]:second[l] + block.grad_size].numpy().reshape(block.grad_shape)
+        np.testing.assert_array_equal(got, want)
+    io.write(buffer * 2, second, params)
+    for l, (block, ps) in enumerate(zip(blocks, params)):
+        parts = block.split_matrix((buffer * 2)[second[l]:second[l] + block.grad_size].numpy().reshape(block.grad_shape))
+        for p, part in zip(ps, parts):
+            assert torch.equal(p.grad, torch.from_numpy(np.ascontiguousarray(part))), block.name
