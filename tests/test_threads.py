@@ -49,3 +49,41 @@ def test_configuration_when_nothing_is_set(monkeypatch):
             assert threads.configure_threads(cpus(0, 2), [cpus(0, 2)] * 2) == {"torch": 1, "blas": 1}  # once per process
         finally:
             torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS"])
+def test_each_documented_variable_leaves_the_pools_alone(monkeypatch, name):
+    """Any one of the four variables the documentation names is the user's choice: the pools
+    are left as they are, and that decision holds for the process (a second call, with the
+    variable gone, still changes nothing)."""
+    import torch
+
+    for other in threads.USER_VARIABLES:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setattr(threads, "_done", {})
+    monkeypatch.setenv(name, "2")
+    before = torch.get_num_threads()
+    assert threads.configure_threads(cpus(0, 4), [cpus(0, 4)]) == {}
+    monkeypatch.delenv(name)
+    assert threads.configure_threads(cpus(0, 4), [cpus(0, 4)]) == {}
+    assert torch.get_num_threads() == before
+
+
+def test_the_first_decision_holds_for_the_process(monkeypatch):
+    """``configure_threads`` decides once: a later call, even with other CPU sets, returns the
+    first decision and leaves torch's pool as the first call sized it."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    for name in threads.USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "_done", {})
+    before = torch.get_num_threads()
+    with threadpool_limits():
+        try:
+            first = threads.configure_threads(cpus(0, 1), [cpus(0, 1)])
+            assert first["torch"] == 1 and torch.get_num_threads() == 1
+            assert threads.configure_threads(cpus(0, 2), [cpus(0, 2)]) == first
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)
