@@ -696,6 +696,109 @@ def test_statistics_fraction_leaves_batchnorm_the_whole_batch():
     np.testing.assert_allclose(state.running[i], want, rtol=1e-10, atol=1e-14)
     precond.remove_hooks()
 
+
+def test_statistics_fraction_of_rows_that_are_not_a_multiple_of_the_batch():
+    """A layer that sees fewer rows than the micro-batch has examples (``fc(x[:3])`` of 8) takes
+    the same share of its rows as of the examples, rounded up: with a fraction of 1/4 (2 of 8
+    examples) one row of 3, never none; A is that row's outer product over the 2 sampled
+    examples (float64 oracle)."""
+    class FirstRows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x[:3])
+
+    torch.manual_seed(0)
+    model = FirstRows().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=0.25)
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    model(x).pow(2).sum().backward()
+    stats = precond.local.result()[0]
+    assert stats is not None and precond.local.sampled == 2
+    a, _ = precond.engine.blocks[0].factors(stats)
+    row = np.append(x[0].numpy(), 1.0)
+    np.testing.assert_allclose(a[0], np.outer(row, row) / 2, rtol=1e-13, atol=1e-15)
+    precond.remove_hooks()
+
+
+def test_each_step_starts_its_own_forward_count(caplog):
+    """``step()`` forgets how the last step's forwards were counted: after a step whose model
+    forward counted the examples, a next step that calls a layer directly (an auxiliary head,
+    not reached by the model's forward) counts its examples, on a step without statistics (no
+    warning that there was no forward) as on a factor step (A of its own rows, float64 oracle)."""
+    class WithAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(4, 3), nn.Linear(3, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    model = WithAux().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), factor_update_interval=2,
+                                 inverse_update_interval=2)
+    gen = torch.Generator().manual_seed(5)
+    model(torch.randn(6, 4, dtype=torch.float64, generator=gen)).pow(2).sum().backward()
+    precond.step()
+    z = torch.randn(7, 4, dtype=torch.float64, generator=gen)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):  # a step without statistics, then a factor step
+            model.zero_grad()
+            model.aux(z).pow(2).sum().backward()
+            if precond.engine.is_factor_step():
+                assert precond.local.examples == 7
+                (index,) = [i for i, m in enumerate(precond.modules) if m is model.aux]
+                a, _ = precond.engine.blocks[index].factors(precond.local.result()[index])
+                rows = np.hstack([z.numpy(), np.ones((7, 1))])
+                np.testing.assert_allclose(a[0], rows.T @ rows / 7, rtol=1e-13, atol=1e-15)
+            precond.step()
+    assert "without a training forward" not in caplog.text
+    precond.remove_hooks()
+
+
+def test_layers_called_directly_count_each_pass_once():
+    """Without the model's own forward a pass starts when the first layer fires, and again when
+    a layer that already fired fires again: two passes through two layers (5 and 3 examples)
+    count 8 examples, not a pass per later layer, and A of the first layer is that of both
+    passes' rows over 8 (float64 oracle)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(n, 4, dtype=torch.float64, generator=gen) for n in (5, 3)]
+    for x in xs:
+        model[2](torch.tanh(model[0](x))).pow(2).sum().backward()
+    assert precond.local.examples == 8 and precond.local.passes == 2
+    a, _ = precond.engine.blocks[0].factors(precond.local.result()[0])
+    rows = np.hstack([torch.cat(xs).numpy(), np.ones((8, 1))])
+    np.testing.assert_allclose(a[0], rows.T @ rows / 8, rtol=1e-13, atol=1e-15)
+    precond.remove_hooks()
+
+
+def test_statistics_from_part_of_the_batch_are_not_read_as_outside_gradients(caplog):
+    """With ``statistics_fraction`` < 1 the gradient comes from every example and the statistics
+    from the first ones: an embedding row looked up only by the unsampled examples has gradient
+    and no count, which is no sign of another reader of the weight (no warning); with the whole
+    batch sampled, a gradient added outside the lookups is still named."""
+    ids = torch.tensor([[0, 1], [1, 0], [5, 6], [6, 5]])
+    for fraction, named in ((0.5, False), (1.0, True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), statistics_fraction=fraction)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            loss = model(ids).pow(2).sum()
+            if named:  # a penalty on a row no example looks up
+                loss = loss + model[0].weight[9].pow(2).sum()
+            loss.backward()
+            precond.step()
+        assert ("own calls cannot give" in caplog.text) == named, fraction
+        precond.remove_hooks()
+
+
 class FlatRows(nn.Module):
     """A Linear fed the batch flattened to ``(batch * positions, features)`` rows (or the
     ``(batch, positions, features)`` sequence itself with ``flat=False``)."""
@@ -1095,6 +1198,7 @@ def test_batch_candidates():
     assert batch_size([], 8) == (8, False) and batch_size([3, 5], 0) == (3, True)
     assert batch_size([4, 1], 1) == (1, False) and batch_size([4, 1], 1, shared=True) == (4, False)
     assert batch_size([4, 1], 12) == (4, False) and batch_size([4, 1], 3) == (4, False)
+    assert batch_size([1, 3], 7) == (1, False)  # none divides: the first, not the first larger
 
 
 class MaskedAttention(nn.Module):
@@ -1631,6 +1735,57 @@ def test_recomputing_hides_every_call_in_its_block():
     assert precond.local.examples == 0
     model(x).sum().backward()
     assert precond.local.examples == 6
+
+
+def test_nested_recomputing_blocks_hide_calls_until_the_outer_one_ends():
+    """A checkpoint inside a checkpointed block recomputes inside the outer recomputation: the
+    inner block's end leaves the calls hidden until the outer one ends."""
+    from hpckfac.torch.hooks import recomputing_now
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with recomputing():
+        with recomputing():
+            assert recomputing_now() == 2
+        assert recomputing_now() == 1
+        model(x).sum().backward()
+    assert recomputing_now() == 0 and precond.local.examples == 0
+    model(x).sum().backward()
+    assert precond.local.examples == 5
+
+
+def test_a_step_without_statistics_leaves_a_batch_shared_output_unexpanded():
+    """On a factor step a batch-shared layer's ``(1, T)`` output is expanded to the micro-batch
+    (so that its output gradient is every example's own); on a step without statistics nothing
+    is captured, and the output keeps its one row."""
+    torch.manual_seed(0)
+    model = PositionsFirst().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), factor_update_interval=2,
+                                 inverse_update_interval=2)
+    shapes = []  # the output the model goes on with: a hook registered after the preconditioner's sees it
+    model.pos.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    ids = torch.randint(0, 9, (5, 6), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(6).unsqueeze(0)
+    for _ in range(2):
+        model.zero_grad()
+        model(ids, positions).sum().backward()
+        precond.step()
+    assert shapes == [(5, 6, 4), (1, 6, 4)]
+
+
+def test_the_input_name_of_a_positional_only_forward_is_none():
+    """A layer whose ``forward`` takes its input positionally only cannot be given it by
+    keyword: no name is looked up in a call's keywords (nor offered in the error)."""
+    from hpckfac.torch.hooks import _input_name
+
+    class PositionalOnly(nn.Linear):
+        def forward(self, x, /):
+            return super().forward(x)
+
+    assert _input_name(nn.Linear(2, 2)) == "input"
+    assert _input_name(PositionalOnly(2, 2)) is None
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo's import
