@@ -2,6 +2,9 @@
 one backward, activation checkpointing across several forwards, and torch.compile, each against
 factors computed independently here (autograd's own tensors, or the eager model's factors)."""
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -184,6 +187,27 @@ def test_a_preconditioner_built_after_a_compiled_forward_gets_its_statistics(com
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
     torch.compiler.reset()
+
+
+def test_a_run_that_never_compiles_does_not_import_dynamo():
+    """Hooks that run eagerly under torch.compile need dynamo's disabling wrapper only once
+    something compiles: importing dynamo costs seconds at every rank's start-up (a storm of
+    file reads on a parallel file system), so a run without torch.compile never imports it."""
+    script = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from hpckfac.torch import KFACPreconditioner\n"
+        "model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 2))\n"
+        "precond = KFACPreconditioner(model, inverse_update_interval=1)\n"
+        "for _ in range(2):\n"
+        "    model(torch.randn(4, 2, 4, 4)).square().sum().backward()\n"
+        "    precond.step()\n"
+        "assert model[0].weight.grad is not None\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "False", "a run without torch.compile imported torch._dynamo"
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
