@@ -2020,3 +2020,34 @@ def test_a_deep_copy_of_the_model_is_not_seen_and_pickles_without_the_preconditi
     examples = precond.local.examples
     loaded(torch.randn(6, 2, 5, 5, dtype=torch.float64)).sum().backward()
     assert precond.local.examples == examples and precond.steps == 3
+
+
+def test_layers_skipped_at_random_are_named_once_each(comm, caplog):
+    """A model that skips layers at random (LayerDrop) misses another set of layers at nearly
+    every step: each missing layer is named once, in the first step it misses, not once per set."""
+    layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+    gen = torch.Generator().manual_seed(3)
+
+    class LayerDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            for layer in self.layers:
+                if torch.rand((), generator=gen) < 0.5:
+                    x = x + layer(x)
+            return x
+
+    model = LayerDrop().double()
+    precond = KFACPreconditioner(model, comm=comm)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(12):
+            model(torch.randn(3, 4, dtype=torch.float64)).square().sum().backward()
+            precond.step()
+            model.zero_grad()
+    named = [line.split(": ", 1)[1].split(" (")[0].split(", ")
+             for line in caplog.text.splitlines() if "without statistics" in line]
+    flat = [name for names in named for name in names]
+    assert len(flat) == len(set(flat)), f"a layer named twice: {named}"
+    assert len(flat) >= 3  # this draw skips most layers at least once

@@ -741,14 +741,17 @@ class KFACPreconditioner:
                 if stats[i] is None and anyone[i] and module.training and i not in dropped:
                     stats[i] = self.xp.zeros(block.stat_size, dtype=self.local.dtype)
         names = {b.name: had for b, had in zip(self.engine.blocks, anyone)}
-        missing = [name for name in missing if not names[name]]
+        # Once per layer, not per set of layers: a model that skips layers at random (LayerDrop)
+        # misses another set at nearly every step.
+        missing = [name for name in missing if not names[name] and "missing:" + name not in self._warned]
         if missing:
-            self._warn_once("missing:" + ",".join(missing), f"K-FAC layers without statistics at step "
-                            f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward on "
-                            "any rank, their weights used without calling them, or inside a "
-                            "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
-                            "no gradient either); their running factors keep what earlier steps gave them, and a layer "
-                            "with none yet has its gradient only averaged until it gets some")
+            self._warned.update("missing:" + name for name in missing)
+            _log.warning(f"K-FAC layers without statistics at step "
+                         f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward on "
+                         "any rank, their weights used without calling them, or inside a "
+                         "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
+                         "no gradient either); their running factors keep what earlier steps gave them, and a layer "
+                         "with none yet has its gradient only averaged until it gets some (said once per layer)")
 
     @property
     def other_params(self) -> list[nn.Parameter]:
