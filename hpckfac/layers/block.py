@@ -91,15 +91,24 @@ def pack_stack(mats: Array) -> Array:
     return xp.take(mats.reshape(count, n * n), _gather_index(n, True, xp), axis=1).reshape(-1)
 
 
-def unpack_stack(packed: Array, count: int, n: int) -> Array:
-    """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds, in its dtype."""
+def unpack_stack(packed: Array, count: int, n: int, out: Array | None = None) -> Array:
+    """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds, in its dtype;
+    written into ``out`` (C-contiguous, of that shape and dtype) and returned when given."""
     xp = array_module(packed)
     if xp is np:
-        return unpack_upper(packed, count, n)
+        return unpack_upper(packed, count, n, out)
     if n > DEVICE_INDEX_MAX_N:
         mats = ops.unpack_sym(packed, [n] * count)
-        return mats[0][None] if count == 1 else xp.stack(mats)
-    return xp.take(packed.reshape(count, -1), _gather_index(n, False, xp), axis=1).reshape(count, n, n)
+        if out is None:
+            return mats[0][None] if count == 1 else xp.stack(mats)
+        for k, mat in enumerate(mats):
+            out[k] = mat
+        return out
+    index = _gather_index(n, False, xp)
+    if out is None:
+        return xp.take(packed.reshape(count, -1), index, axis=1).reshape(count, n, n)
+    xp.take(packed.reshape(count, -1), index, axis=1, out=out.reshape(count, n * n))
+    return out
 
 
 class CurvatureBlock(abc.ABC):
@@ -215,13 +224,15 @@ class CurvatureBlock(abc.ABC):
             check_shape(bias_grad, bias_shape, "bias_grad")
 
     # ------------------------------------------------------------------- solve
-    def factors(self, stats: Array) -> list[Array]:
-        """The symmetric ``(count, n, n)`` stacks held in the packed ``stats``, in its dtype."""
+    def factors(self, stats: Array, out: Sequence[Array] | None = None) -> list[Array]:
+        """The symmetric ``(count, n, n)`` stacks held in the packed ``stats``, in its dtype;
+        written into ``out`` (one C-contiguous array per stack, of its shape and that dtype)
+        when given, which spares the owner a copy of every stack into its batch."""
         check_shape(stats, (self.stat_size,), "stats")
         stacks, at = [], 0
-        for count, n in self.factor_shapes:
+        for slot, (count, n) in enumerate(self.factor_shapes):
             size = count * n * (n + 1) // 2
-            stacks.append(unpack_stack(stats[at:at + size], count, n))
+            stacks.append(unpack_stack(stats[at:at + size], count, n, None if out is None else out[slot]))
             at += size
         return stacks
 

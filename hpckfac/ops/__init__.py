@@ -182,7 +182,7 @@ class InverseResult(NamedTuple):
     status: ArrayLike   # (batch,) int8: CHOLESKY, JITTER or EIGEN per matrix
 
 
-def damped_inverse(mats: ArrayLike, damping: float | ArrayLike) -> InverseResult:
+def damped_inverse(mats: ArrayLike, damping: float | ArrayLike, overwrite_mats: bool = False) -> InverseResult:
     """Inverses of ``mats[i] + damping[i]*I`` for a (batch, n, n) stack of SPD-ish matrices.
 
     ``damping`` is a scalar or a (batch,) array, finite and >= 0. Each matrix is
@@ -191,13 +191,15 @@ def damped_inverse(mats: ArrayLike, damping: float | ArrayLike) -> InverseResult
     path each took; see hpckfac.ops.inverse and docs/numerics.md). The result is
     always finite; fallbacks are counted (``inversion_counters``) and logged as a
     warning. Non-finite input raises ValueError naming the batch indices.
+    With ``overwrite_mats`` the CPU path forms the damped matrices in ``mats`` itself (its
+    contents are then undefined): a caller that no longer needs them saves their copy.
     """
     batch, _ = checks.check_square_batch(mats)
     if not (arrays.is_device(damping) or np.ndim(damping) == 0):
         damping = np.asarray(damping)
     damping = checks.check_damping(damping, batch)
     backend = _backend(mats)
-    inv, status = (backend or inverse).damped_inverse(mats, damping)
+    inv, status = (backend or inverse).damped_inverse(mats, damping, overwrite_mats)
     _record(arrays.to_host(status))
     return InverseResult(inv, status)
 

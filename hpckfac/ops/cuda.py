@@ -441,9 +441,10 @@ def _clipped_eigen_inverse(mats, damping):
     return 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
 
 
-def damped_inverse(mats: Any, damping: float | Any) -> tuple[Any, Any]:
+def damped_inverse(mats: Any, damping: float | Any, overwrite_mats: bool = False) -> tuple[Any, Any]:
     """Inverses of ``mats + damping*I`` (batch, n, n) and their int8 status (batch,),
-    on the GPU, with the CPU reference's acceptance test and fallbacks."""
+    on the GPU, with the CPU reference's acceptance test and fallbacks. ``mats`` is left as it
+    is whatever ``overwrite_mats`` says: the retries and the eigen fallback read it again."""
     dtype = accumulation_dtype(mats.dtype)
     mats = cupy.ascontiguousarray(mats.astype(dtype, copy=False))
     bad = cupy.flatnonzero(~cupy.isfinite(mats).all(axis=(1, 2))).get()

@@ -37,15 +37,20 @@ PIVOT_RTOL = 100.0
 EIGEN_RFLOOR = 1e-6
 
 
-def damped_inverse(mats: np.ndarray, damping: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def damped_inverse(mats: np.ndarray, damping: float | np.ndarray,
+                   overwrite_mats: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Inverses of ``mats + damping*I`` (batch, n, n) and their int8 status (batch,).
 
     ``damping`` is a float or a (batch,) array, already validated. Works in
     float64 for float64 input, float32 otherwise. Non-finite input raises
-    ValueError naming the offending batch indices.
+    ValueError naming the offending batch indices. With ``overwrite_mats`` the
+    damped matrices are formed in ``mats`` itself, which the caller gives up.
+    The inverses are C-contiguous.
     """
     dtype = accumulation_dtype(mats.dtype)
-    mats = mats.astype(dtype, copy=False)
+    cast = mats.astype(dtype, copy=False)
+    private = overwrite_mats or cast is not mats  # a cast is a copy of our own
+    mats = cast
     bad = np.flatnonzero(~np.isfinite(mats).all(axis=(1, 2)))
     if bad.size:
         raise ValueError(f"mats: non-finite values in batch indices {bad.tolist()}")
@@ -57,9 +62,14 @@ def damped_inverse(mats: np.ndarray, damping: float | np.ndarray) -> tuple[np.nd
     # fp16 communication) would otherwise be inverted as a matrix that depends on
     # which triangle the backend reads; the average is the nearest symmetric matrix.
     # Halving before adding keeps entries near the dtype's maximum finite.
+    # The halves, their sum and the damped matrix share one buffer (``mats`` when it is ours):
+    # the same products and sums as separate arrays, without two batch-sized temporaries.
+    damped = np.multiply(mats, 0.5, out=mats if private else None)
+    _add_transpose(damped)
+    # The undamped diagonal: with the damped matrix's off-diagonal entries it gives back
+    # ``(M + M^T)/2`` for the eigen fallback, without a copy of the batch kept for it.
+    undamped_diag = np.diagonal(damped, axis1=1, axis2=2).copy()
     # The damping goes on the diagonal only (adding damping * I adds zeros everywhere else).
-    half = 0.5 * mats
-    damped = half + half.swapaxes(1, 2)
     with np.errstate(over="ignore"):  # an overflowed S fails Cholesky and goes to the eigen fallback
         damped.reshape(batch, n * n)[:, ::n + 1] += damping.astype(dtype)[:, None]
 
@@ -67,19 +77,41 @@ def damped_inverse(mats: np.ndarray, damping: float | np.ndarray) -> tuple[np.nd
     factors, ok = _cholesky_batch(damped)
     with np.errstate(over="ignore", invalid="ignore"):
         if ok.all():  # the usual case: no gather and scatter of the accepted matrices
-            inverse = _inverse_from_cholesky(factors)
+            half = _half_inverse(factors)
+            del factors  # released before the inverse is summed: one batch fewer at the peak
+            inverse = _symmetric_sum(half, damped.dtype)
+            del half
             ok = np.isfinite(inverse).all(axis=(1, 2))
         else:
             inverse = np.empty_like(damped)
             inverse[ok] = _inverse_from_cholesky(factors[ok])
+            del factors
             ok[ok] = np.isfinite(inverse[ok]).all(axis=(1, 2))
     for i in np.flatnonzero(~ok):
         jittered = _jittered_inverse(damped[i])
         if jittered is not None:
             inverse[i], status[i] = jittered, JITTER
         else:
-            inverse[i], status[i] = _clipped_eigen_inverse(half[i] + half[i].T, float(damping[i])), EIGEN
+            sym = damped[i].copy()
+            np.fill_diagonal(sym, undamped_diag[i])
+            inverse[i], status[i] = _clipped_eigen_inverse(sym, float(damping[i])), EIGEN
     return inverse, status
+
+
+# Matrices whose transposes ``_add_transpose`` copies at once: NumPy copies an overlapping
+# operand of an in-place operation, so this bounds that copy (or it is one matrix, if larger).
+TRANSPOSE_CHUNK_BYTES = 1 << 22
+
+
+def _add_transpose(mats: np.ndarray) -> None:
+    """``mats += mats^T`` per matrix, in place, the transposed operand copied a chunk at a time
+    (each entry the same sum as ``mats + mats.swapaxes(1, 2)``)."""
+    if not mats.size:
+        return
+    step = max(1, TRANSPOSE_CHUNK_BYTES // (mats[0].size * mats.itemsize))
+    for start in range(0, len(mats), step):
+        chunk = mats[start:start + step]
+        np.add(chunk, chunk.swapaxes(1, 2), out=chunk)
 
 
 def _jittered_inverse(mat: np.ndarray) -> np.ndarray | None:
@@ -127,12 +159,24 @@ def _cholesky_batch(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _inverse_from_cholesky(factors: np.ndarray) -> np.ndarray:
     """``L^-T L^-1`` for a batch of lower factors (LAPACK ``potri``-class, batched, through
-    torch), symmetrised exactly."""
-    if not factors.size:
-        return np.empty_like(factors)
-    # Symmetrised in torch's pool rather than NumPy's one thread: the same halves, the same sums.
-    half = torch.cholesky_inverse(torch.from_numpy(np.ascontiguousarray(factors))).mul_(0.5)
-    return (half + half.mT).numpy()
+    torch), symmetrised exactly; C-contiguous."""
+    return _symmetric_sum(_half_inverse(factors), factors.dtype)
+
+
+def _half_inverse(factors: np.ndarray) -> torch.Tensor:
+    """Half of ``L^-T L^-1`` for a batch of lower factors (LAPACK ``potri``-class, batched,
+    through torch), in the layout torch gives it."""
+    # Read through its strides: torch copies the factors into LAPACK's layout anyway.
+    return torch.cholesky_inverse(torch.from_numpy(factors)).mul_(0.5)
+
+
+def _symmetric_sum(half: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """``half + half^T`` per matrix (exactly symmetric) in a new C-contiguous ``dtype`` array."""
+    # Summed in torch's pool rather than NumPy's one thread, straight into C order (the owner's
+    # and the checkpoints' layout) rather than torch's column-major one and a copy.
+    out = np.empty(tuple(half.shape), dtype=dtype)
+    torch.add(half, half.mT, out=torch.from_numpy(out))
+    return out
 
 
 def _clipped_eigen_inverse(sym: np.ndarray, damping: float) -> np.ndarray:

@@ -85,13 +85,17 @@ def pack_upper(mats: np.ndarray) -> np.ndarray:
     return out.reshape(-1)
 
 
-def unpack_upper(packed: np.ndarray, count: int, n: int) -> np.ndarray:
+def unpack_upper(packed: np.ndarray, count: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
     """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds
-    (``pack_upper``), in its dtype."""
+    (``pack_upper``), in its dtype; written into ``out`` (C-contiguous, of that shape and dtype)
+    and returned when given."""
     if n <= INDEX_MAX_N:
-        return np.take(packed.reshape(count, -1), sym_gather(n), axis=1).reshape(count, n, n)
+        if out is None:
+            return np.take(packed.reshape(count, -1), sym_gather(n), axis=1).reshape(count, n, n)
+        np.take(packed.reshape(count, -1), sym_gather(n), axis=1, out=out.reshape(count, n * n))
+        return out
     rows = packed.reshape(count, -1)
-    mats = np.empty((count, n, n), dtype=packed.dtype)
+    mats = np.empty((count, n, n), dtype=packed.dtype) if out is None else out
     at = 0
     for i in range(n):
         mats[:, i, i:] = rows[:, at:at + n - i]

@@ -121,31 +121,45 @@ class OwnerState:
 
     def invert(self, damping: float, missing_only: bool = False) -> None:
         """Damped inverses of every initialized block (or only of those without
-        one), same-order matrices of all blocks batched into one ``damped_inverse`` call."""
+        one), same-order matrices of all blocks batched into one ``damped_inverse`` call.
+
+        Memory: each order's matrices are unpacked straight into that order's batch (no
+        unpacked stacks and a concatenation of them), the inversion forms the damped matrices in
+        that batch, and each batch is released once inverted, before the next order's; the
+        inverses being replaced are released before the new ones are formed."""
         xp = self.xp
-        groups: dict[int, list] = {}  # order -> [(matrices (k, n, n), damping (k,), block, slot)]
-        for i, block in enumerate(self.blocks):
-            if not self.initialized[i] or (missing_only and self.inverses[i] is not None):
-                continue
-            stacks = block.factors(self.running[i])
-            for slot, (mats, damp) in enumerate(zip(stacks, block.damping(stacks, damping))):
-                groups.setdefault(mats.shape[-1], []).append((mats, damp, i, slot))
-            self.inverses[i] = [None] * len(stacks)
-        placed = {}  # (block, slot) -> (the inversion's result, start, stop)
-        for items in groups.values():
+        chosen = [i for i in range(len(self.blocks))
+                  if self.initialized[i] and not (missing_only and self.inverses[i] is not None)]
+        groups: dict[int, list] = {}  # order -> [(slot, block, count)]
+        for i in chosen:
+            for slot, (count, n) in enumerate(self.blocks[i].factor_shapes):
+                groups.setdefault(n, []).append((slot, i, count))
+            self.inverses[i] = [None] * len(self.blocks[i].factor_shapes)
+            self._stacks.pop(self._run_of[i], None)  # replaced below, or the run restacked
+        batches, spans = {}, {}  # order -> its matrices; (block, slot) -> (order, start, stop)
+        for n, items in groups.items():
             # Slot by slot, blocks in order: a run's matrices of one slot end up consecutive.
-            items.sort(key=lambda item: (item[3], item[2]))
-            mats = xp.concatenate([m for m, _, _, _ in items]) if len(items) > 1 else items[0][0]
-            damp = xp.concatenate([d for _, d, _, _ in items]) if len(items) > 1 else items[0][1]
-            # C order whatever the solver returned (LAPACK's are column-major per matrix): inverses
+            items.sort(key=lambda item: (item[0], item[1]))
+            batches[n] = xp.empty((sum(count for _, _, count in items), n, n), dtype=self.dtype)
+            start = 0
+            for slot, i, count in items:
+                spans[(i, slot)] = (n, start, start + count)
+                start += count
+        damps = self._unpack(chosen, batches, spans, damping)
+        placed = {}  # (block, slot) -> (the inversion's result, start, stop)
+        for n, items in groups.items():
+            damp = [damps.pop((i, slot)) for slot, i, _ in items]
+            damp = xp.concatenate(damp) if len(damp) > 1 else damp[0]
+            # The batch is ours (unpacked above): the inversion may overwrite it. C order
+            # whatever the solver returned (LAPACK's are column-major per matrix): inverses
             # loaded from a checkpoint are C-ordered, and the products must round the same way
             # for a resumed run to follow the uninterrupted one bit for bit.
-            result = xp.ascontiguousarray(ops.damped_inverse(mats, damp.astype(self.dtype)).inverse)
-            start = 0
-            for m, _, i, slot in items:
-                self.inverses[i][slot] = result[start:start + len(m)]
-                placed[(i, slot)] = (result, start, start + len(m))
-                start += len(m)
+            result = xp.ascontiguousarray(ops.damped_inverse(batches.pop(n), damp.astype(self.dtype),
+                                                             overwrite_mats=True).inverse)
+            for slot, i, count in items:
+                _, start, stop = spans[(i, slot)]
+                self.inverses[i][slot] = result[start:stop]
+                placed[(i, slot)] = (result, start, stop)
         for r in {self._run_of[i] for i, _ in placed}:
             stacks = self._run_stack(r, placed)
             if stacks is not None:
@@ -153,6 +167,19 @@ class OwnerState:
             else:  # not all inverted now: stacked if the others have inverses from earlier steps
                 self._stacks.pop(r, None)
                 self._restack_run(r)
+
+    def _unpack(self, chosen: list[int], batches: dict, spans: dict, damping: float) -> dict:
+        """Unpack the running statistics of the ``chosen`` blocks into their places in
+        ``batches`` (``spans``: (block, slot) -> (order, start, stop)) and return each stack's
+        damping by (block, slot). Keeps no views of the batches: each is released once inverted."""
+        damps = {}
+        for i in chosen:
+            block = self.blocks[i]
+            where = [spans[(i, slot)] for slot in range(len(block.factor_shapes))]
+            stacks = block.factors(self.running[i], [batches[n][a:b] for n, a, b in where])
+            for slot, damp in enumerate(block.damping(stacks, damping)):
+                damps[(i, slot)] = damp
+        return damps
 
     def _run_stack(self, r: int, placed: dict) -> list | None:
         """Run ``r``'s inverses as one stack per slot (views), if this inversion placed them
