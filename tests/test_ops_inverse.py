@@ -342,3 +342,30 @@ def test_float32_beyond_its_precision_inverts_a_jittered_matrix(seed):
 
     assert min(error(j * np.diag(s).mean()) for j in cpu_inverse.JITTERS) < 2e-2
     assert error(0.0) > 0.5
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("layout", ["transposed", "fortran", "strided"])
+def test_non_c_contiguous_input_is_damped(dtype, overwrite, layout):
+    """Matrices laid out other than in C order (each transposed, Fortran order, every other one
+    of a stack) get their damping like a C-ordered copy, against NumPy's inverse; the caller's
+    array is left as it was unless it was given up."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 7, 12))
+    spd = x @ x.swapaxes(1, 2) / 12
+    damping = rng.uniform(0.5, 2.0, 3)
+    if layout == "transposed":
+        mats = spd[:3].astype(dtype).swapaxes(1, 2)
+    elif layout == "fortran":
+        mats = np.asfortranarray(spd[:3].astype(dtype))
+    else:
+        mats = spd.astype(dtype)[::2]
+    assert not mats.flags.c_contiguous
+    given = mats.copy()
+    expected = np.linalg.inv(given.astype(np.float64) + damping[:, None, None] * np.eye(7))
+    result = cpu_inverse.damped_inverse(mats, damping, overwrite_mats=overwrite)[0]
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(result, expected, rtol=tol, atol=tol)
+    if not overwrite:
+        np.testing.assert_array_equal(mats, given)

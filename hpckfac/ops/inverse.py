@@ -48,7 +48,8 @@ def damped_inverse(mats: np.ndarray, damping: float | np.ndarray,
     The inverses are C-contiguous.
     """
     dtype = accumulation_dtype(mats.dtype)
-    cast = mats.astype(dtype, copy=False)
+    # C order: the damping goes on the diagonal through a flat view, which must not be a copy.
+    cast = mats.astype(dtype, order="C", copy=False)
     private = overwrite_mats or cast is not mats  # a cast is a copy of our own
     mats = cast
     bad = np.flatnonzero(~np.isfinite(mats).all(axis=(1, 2)))
