@@ -153,7 +153,7 @@ def test_large_orders_keep_no_memory():
 
     from hpckfac.layers.block import pack_stack, unpack_stack
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(11)
     n = int(rng.integers(300, 600))
     stack = random_symmetric(rng, n, np.float32)[None]
     tracemalloc.start()
@@ -166,3 +166,19 @@ def test_large_orders_keep_no_memory():
     finally:
         tracemalloc.stop()
     assert kept < stack.nbytes // 4, f"{kept} bytes kept after packing a {n}x{n} matrix"
+
+
+@pytest.mark.parametrize("n", [5, 90])
+def test_unpacking_into_a_non_contiguous_out_is_refused(n):
+    """An ``out`` that is not C-contiguous would be written through a reshaped copy and the
+    result lost: refused, naming ``out``; a C-contiguous one receives the exact stack."""
+    from hpckfac.layers.block import unpack_stack
+
+    rng = np.random.default_rng(n)
+    stack = np.stack([random_symmetric(rng, n, np.float64) for _ in range(2)])
+    packed = ops.pack_sym(list(stack))
+    with pytest.raises(ValueError, match="out"):
+        unpack_stack(packed, 2, n, np.empty((2, n, n)).swapaxes(1, 2))
+    out = np.empty((2, n, n))
+    assert unpack_stack(packed, 2, n, out) is out
+    np.testing.assert_array_equal(out, stack)

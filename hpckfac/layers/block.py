@@ -97,6 +97,8 @@ def unpack_stack(packed: Array, count: int, n: int, out: Array | None = None) ->
     xp = array_module(packed)
     if xp is np:
         return unpack_upper(packed, count, n, out)
+    if out is not None and not out.flags.c_contiguous:  # a reshape of it would be a copy, lost
+        raise ValueError("out: expected a C-contiguous array")
     if n > DEVICE_INDEX_MAX_N:
         mats = ops.unpack_sym(packed, [n] * count)
         if out is None:

@@ -89,6 +89,8 @@ def unpack_upper(packed: np.ndarray, count: int, n: int, out: np.ndarray | None 
     """The ``(count, n, n)`` symmetric stack whose upper triangles ``packed`` holds
     (``pack_upper``), in its dtype; written into ``out`` (C-contiguous, of that shape and dtype)
     and returned when given."""
+    if out is not None and not out.flags.c_contiguous:  # a reshape of it would be a copy, lost
+        raise ValueError("out: expected a C-contiguous array")
     if n <= INDEX_MAX_N:
         if out is None:
             return np.take(packed.reshape(count, -1), sym_gather(n), axis=1).reshape(count, n, n)

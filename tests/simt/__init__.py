@@ -223,7 +223,7 @@ def build(name: str, code: str, names: Sequence[str]) -> Library:
     unit.write_text(launcher_source(code, names))
     target = folder / f"emulate_{name}.so"
     cmd = [cxx, *CXXFLAGS, f"-I{INCLUDE}", f"-I{cuda_module.kernel_dir()}", str(unit), "-o", str(target)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # a hung compiler fails the build
     if done.returncode != 0:
         raise EmulationError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
     bounds = {kernel: int(threads) for threads, kernel in _LAUNCH_BOUNDS.findall(_full_text(code))}
