@@ -1070,6 +1070,63 @@ def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(com
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+
+class PackedRNN(nn.Module):
+    """An LSTM (first-order) on a ``PackedSequence``, then LayerNorm and a Linear head on the
+    last layer's final state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.ln, self.head = nn.LSTM(3, 5, batch_first=True), nn.LayerNorm(5), nn.Linear(5, 2)
+
+    def forward(self, packed):
+        _, (h, _) = self.rnn(packed)
+        return self.head(torch.tanh(self.ln(h[-1])))
+
+
+def test_a_packed_sequence_counts_its_sequences(comm):
+    """``model(pack_padded_sequence(...))``: the data's 22 rows are the time steps of 6
+    sequences, and the statistics are those of 6 examples, against factors computed here from
+    each example's LayerNorm input and output gradient (before, 22 examples were counted and
+    the preconditioned gradients were off by 60%)."""
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 7, 3, dtype=torch.float64, generator=gen), torch.randint(0, 2, (6,), generator=gen)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([7, 2, 5, 1, 4, 3]), batch_first=True,
+                                               enforce_sorted=False)
+    torch.manual_seed(0)
+    model = PackedRNN().double()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+        model.ln.bias.uniform_(-0.5, 0.5)
+    precond = KFACPreconditioner(model, comm=comm, damping=DAMPING, kl_clip=None)
+    seen = {}
+
+    def capture(module, args, out):
+        seen[module] = [args[0].detach().clone()]
+        out.register_hook(lambda g: seen[module].append(g.detach() * len(x)))  # each example's own
+    for module in (model.ln, model.head):
+        module.register_forward_hook(capture)
+    nn.functional.cross_entropy(model(packed), y).backward()
+    ln_grads = [model.ln.weight.grad.clone(), model.ln.bias.grad.clone()]
+    head_grad = torch.cat([model.head.weight.grad, model.head.bias.grad[:, None]], 1).numpy()
+    precond.step()
+
+    (a, g), (h, gh) = seen[model.ln], seen[model.head]
+    x_hat = ((a - a.mean(1, keepdim=True)) / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + model.ln.eps))
+    u = torch.stack([g * x_hat, g], -1).numpy()  # (examples, elements, 2)
+    fisher = np.einsum("nci,ncj->cij", u, u) / len(x)
+    want = np.einsum("cij,jc->ic", np.linalg.inv(fisher + DAMPING * np.eye(2)),
+                     torch.stack(ln_grads).numpy())
+    np.testing.assert_allclose(torch.stack([model.ln.weight.grad, model.ln.bias.grad]).numpy(), want, rtol=1e-10)
+    rows = np.hstack([h.numpy(), np.ones((len(h), 1))])
+    A, G = rows.T @ rows / len(x), gh.numpy().T @ gh.numpy() / len(x)
+    pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+    want = (np.linalg.inv(G + math.sqrt(DAMPING) / pi * np.eye(len(G))) @ head_grad
+            @ np.linalg.inv(A + pi * math.sqrt(DAMPING) * np.eye(len(A))))
+    got = torch.cat([model.head.weight.grad, model.head.bias.grad[:, None]], 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
 @dataclasses.dataclass
 class Batch:
     x: torch.Tensor

@@ -12,12 +12,17 @@ from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:
     """The tensors in ``value`` and in the mappings (dicts, Hugging Face's ``BatchEncoding``),
-    lists, tuples and dataclass instances it nests, in order."""
-    if isinstance(value, torch.Tensor):
+    lists, tuples and dataclass instances it nests, in order. A ``PackedSequence`` stands as an
+    empty ``(sequences, 0)`` tensor: its data's rows are the time steps of every sequence, not
+    examples, and its first batch size is the number of sequences."""
+    if isinstance(value, PackedSequence):
+        yield value.data.new_empty((int(value.batch_sizes[0]), 0))
+    elif isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, Mapping):
         for item in value.values():
