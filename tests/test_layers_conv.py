@@ -160,6 +160,19 @@ def test_wrong_inputs_name_the_argument():
         block.grad_matrix(np.zeros((2, 27)), np.zeros(2))
 
 
+
+def test_an_output_of_another_size_than_the_inputs_is_refused():
+    """An output gradient whose spatial size the input and the block's settings do not give (a
+    forward that pads its input itself) would pair G with patches of other positions."""
+    block = ConvBlock("conv", 2, 3, (3, 3), (2, 2), (0, 0), (1, 1), True)
+    x = np.random.default_rng(3).standard_normal((2, 2, 8, 8))
+    stats = np.zeros(block.stat_size)
+    saved = block.add_input(stats, x)
+    assert tuple(saved) == (3, 3)
+    with pytest.raises(ValueError, match=r"g: block 'conv' expected an output of spatial size \(3, 3\).*\(4, 4\)"):
+        block.add_output_grad(stats, np.ones((2, 3, 4, 4)), 1.0, saved)
+    block.add_output_grad(stats, np.ones((2, 3, 3, 3)), 1.0, saved)
+
 @pytest.mark.parametrize("kwargs,name", [
     ({"in_channels": 0}, "in_channels"), ({"out_channels": 1.5}, "out_channels"),
     ({"kernel_size": ()}, "kernel_size"), ({"kernel_size": (0, 3)}, "kernel_size"), ({"kernel_size": 3}, "kernel_size"),

@@ -1071,6 +1071,43 @@ def test_examples_are_counted_from_the_layers_when_the_input_is_not_a_tensor(com
 
 
 
+class Conv2dSame(nn.Conv2d):
+    """A convolution padded in forward to TensorFlow's "same" output size, as timm's
+    ``Conv2dSame``: the module's own ``padding`` is 0, the input it convolves is not its hook's."""
+
+    def forward(self, x):
+        pads = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+                for n, k, s, d in zip(x.shape[2:], self.kernel_size, self.stride, self.dilation)]
+        x = nn.functional.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("side", [8, 9])
+def test_a_convolution_padding_in_forward_is_refused_naming_it(comm, side):
+    """The patches of A would be those of the unpadded input while G takes the padded output's
+    positions (before, both were added without a word: 3x3 against 4x4 positions at side 8; at
+    side 9 the layer is an nn.Conv2d with padding 1 whose A lacked the border patches). Listed in
+    skip_layers, its gradient is averaged."""
+    x = torch.randn(4, 2, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(2))
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(Conv2dSame(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(),
+                             nn.Linear(3 * ((side + 1) // 2) ** 2, 3)).double()
+    net = model()
+    precond = KFACPreconditioner(net, comm=comm)
+    with pytest.raises(ValueError, match=r"block '0' expected an output of spatial size .* Conv2dSame"):
+        nn.functional.cross_entropy(net(x), y).backward()
+    precond.remove_hooks()
+    net = model()
+    precond = KFACPreconditioner(net, comm=comm, skip_layers=[Conv2dSame])
+    nn.functional.cross_entropy(net(x), y).backward()
+    want = net[0].weight.grad.clone()
+    precond.step()
+    assert torch.equal(net[0].weight.grad, want)
+
+
 class PackedRNN(nn.Module):
     """An LSTM (first-order) on a ``PackedSequence``, then LayerNorm and a Linear head on the
     last layer's final state."""

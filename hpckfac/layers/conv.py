@@ -210,6 +210,26 @@ class ConvBlock(SpatialKronBlock):
                                        packed)
         return super().a_factor(a, scale, packed=packed)
 
+    def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
+        """Add ``a``'s ``A`` to ``stats``; return the output's spatial size, which
+        ``add_output_grad`` checks the output gradient against."""
+        super().add_input(stats, a)
+        return self.output_size(a.shape[2:])
+
+    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: tuple[int, ...]) -> None:
+        """Add ``g``'s ``G`` to ``stats``; ValueError unless ``g`` has the spatial size ``saved``
+        that ``add_input`` expected."""
+        # A subclass that pads in forward (timm's Conv2dSame) convolves another input than the one
+        # its hook sees: the patches of A would not be those of the output positions of G.
+        if tuple(g.shape[2:]) != tuple(saved):
+            raise ValueError(f"g: block {self.name!r} expected an output of spatial size {tuple(saved)} from "
+                             f"its input (padding {self.padding}, stride {self.stride}, dilation "
+                             f"{self.dilation}), got {tuple(g.shape[2:])}: the layer's forward does not convolve "
+                             "its input with the module's own settings (a subclass that pads in forward, as "
+                             "timm's Conv2dSame?); list it in skip_layers, or register_layer its type with a "
+                             "block that describes it")
+        super().add_output_grad(stats, g, scale, saved)
+
     def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:
         """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``,
         columns ``(C_in, *kernel)`` (``(*kernel, C_in)`` with ``kernel_major``)."""
