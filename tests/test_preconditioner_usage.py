@@ -79,6 +79,43 @@ def test_forwards_of_different_sizes_before_one_backward_take_each_forwards_own_
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
 
 
+
+def test_a_gan_discriminator_frozen_for_the_generators_step_takes_only_its_own_forwards():
+    """A GAN's discriminator step (real and generated batches, 6 and 4 examples), then the
+    generator's step through the discriminator with its parameters frozen (pix2pix's
+    ``set_requires_grad(D, False)``): the generator's loss gives the discriminator's parameters no
+    gradient and adds nothing to its statistics, so its next step's factors are those of its own
+    two forwards (before, the generator's forward through it was added to them)."""
+    gen = torch.Generator().manual_seed(5)
+    disc = mlp()
+    torch.manual_seed(1)
+    generator = nn.Linear(2, 5).double()
+    precond = kfac(disc)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (disc, generator)]
+
+    def batches():
+        return torch.randn(6, 5, dtype=torch.float64, generator=gen), torch.randn(4, 2, dtype=torch.float64,
+                                                                                   generator=gen)
+    for _ in range(2):
+        real, z = batches()
+        fake = generator(z)
+        optimizers[0].zero_grad()
+        two_losses(disc(real), disc(fake.detach())).backward()
+        precond.step()
+        optimizers[0].step()
+        optimizers[1].zero_grad()
+        disc.requires_grad_(False)
+        torch.tanh(disc(fake)).sum(1).mean().backward()
+        disc.requires_grad_(True)
+        optimizers[1].step()
+    real, z = batches()
+    fake = generator(z).detach()
+    two_losses(disc(real), disc(fake)).backward()
+    got = factors(precond)
+    disc.eval()
+    for g, w in zip(got, oracle(disc, [real, fake], two_losses)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
 def test_a_whole_model_checkpoint_over_two_forwards_of_different_sizes(mode):
     """The same with the whole model checkpointed: a reentrant checkpoint counts each forward at

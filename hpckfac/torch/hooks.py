@@ -11,8 +11,9 @@ respect to the value the layer produced. ``on_input`` returns a token for the
 call (or None), which the tensor hook hands to ``on_output_grad`` with the
 gradient, so each gradient meets its own call's input whatever order the
 backward passes run in. Nothing is captured in ``eval()``
-mode or with autograd disabled, and on steps without statistics no tensor
-hook is registered at all. A module called several times in a step
+mode or with autograd disabled, and on calls that take no statistics (steps
+without them, a layer whose parameters are all frozen) no tensor hook is
+registered at all. A module called several times in a step
 fires once per call; a module not called fires nothing.
 Inside ``recomputing()`` (activation checkpointing's recomputation, through
 ``checkpoint_context_fn``) no call is seen at all. A hook acts on the calls of the
@@ -86,7 +87,7 @@ class CaptureHooks:
     """Hooks on ``modules``; callbacks receive the module's index in ``modules``.
 
     ``broadcast[i]`` marks module ``i`` as above; ``micro_batch()`` returns the
-    current micro-batch's size; ``capturing()`` says whether this pass takes
+    current micro-batch's size; ``capturing(i)`` says whether module ``i``'s call takes
     statistics: when it does not, ``on_input`` still sees every input (it
     counts examples) but no tensor hook is registered and nothing is expanded.
     While the caller sets ``quiet``, calls that take no statistics skip ``on_input``
@@ -95,7 +96,7 @@ class CaptureHooks:
     """
 
     def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
-                 broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[], bool]) -> None:
+                 broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[int], bool]) -> None:
         self.quiet = False
         self.handles = [module.register_forward_hook(OwnedHook(module, self._forward(
                             index, on_input, on_output_grad, broadcast[index], micro_batch, capturing,
@@ -103,7 +104,7 @@ class CaptureHooks:
                         for index, module in enumerate(modules)]
 
     def _forward(self, index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
-                 micro_batch: Callable[[], int], capturing: Callable[[], bool], input_name: str | None):
+                 micro_batch: Callable[[], int], capturing: Callable[[int], bool], input_name: str | None):
         def hook(module: nn.Module, args, kwargs, output):
             if not counts_call(module):
                 return None
@@ -115,7 +116,7 @@ class CaptureHooks:
                 raise TypeError(f"K-FAC layer {type(module).__name__} was called without its input "
                                 f"(expected it as the first argument{f' or {input_name}=' if input_name else ''})")
             replaced = None
-            if not capturing():
+            if not capturing(index):
                 if not self.quiet:  # quiet: this pass is counted already, on_input would do nothing
                     on_input(index, a)
                 return None

@@ -239,8 +239,7 @@ class KFACPreconditioner:
         self._broadcast = [broadcasts_batch(m) for m in self.modules]
         self._take_over_layers()
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
-                                   self._broadcast, lambda: self._micro_batch,
-                                   self.engine.is_factor_step)
+                                   self._broadcast, lambda: self._micro_batch, self._takes_statistics)
         self._root_hook = model.register_forward_pre_hook(OwnedHook(model, self._on_model_input), with_kwargs=True)
         _HOOKED.add(self)  # once its hooks are in place: a later preconditioner may remove them
         self._discard_compiled_code()
@@ -389,7 +388,7 @@ class KFACPreconditioner:
             self._count(int(a.shape[0]))
             self._fired = set()
         self._fired.add(index)
-        if not self.engine.is_factor_step():
+        if not self._takes_statistics(index):
             return None
         if self._in_backward() and self._forwards_new > 1:
             # A reentrant checkpoint's recomputation: its forward ran without autograd, so the call is
@@ -420,6 +419,15 @@ class KFACPreconditioner:
         # may all run before one backward (two batches whose losses are added), and the later
         # forwards have changed the count by then.
         return call, batch, sample
+
+    def _takes_statistics(self, index: int) -> bool:
+        """Whether a call of K-FAC layer ``index`` takes statistics now: on a factor-update step,
+        unless every parameter its block covers is frozen. A pass that gives a layer's parameters
+        no gradient is no part of their curvature: a GAN's generator step through a discriminator
+        frozen for it would otherwise add the generator's loss to the discriminator's next step."""
+        return self.engine.is_factor_step() and any(
+            kept and p is not None and p.requires_grad
+            for p, kept in zip(block_params(self.modules[index], self._param_names[index]), self._slots[index]))
 
     def _in_backward(self) -> bool:
         """Whether a backward pass is running on this thread. At the first hook of each backward
