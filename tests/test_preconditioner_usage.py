@@ -1,6 +1,7 @@
 """KFACPreconditioner under the ways training scripts run models: forwards of several sizes before
 one backward, activation checkpointing across several forwards, and torch.compile, each against
 factors computed independently here (autograd's own tensors, or the eager model's factors)."""
+import contextlib
 import logging
 import os
 import subprocess
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hpckfac.comm import Communicator
-from hpckfac.torch import KFACPreconditioner, checkpoint_context_fn
+from hpckfac.torch import KFACPreconditioner, checkpoint_context_fn, recomputing
 
 
 def mlp():
@@ -114,6 +115,35 @@ def test_a_gan_discriminator_frozen_for_the_generators_step_takes_only_its_own_f
     got = factors(precond)
     disc.eval()
     for g, w in zip(got, oracle(disc, [real, fake], two_losses)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("hidden", [True, False], ids=["under_recomputing", "seen"])
+def test_a_gradient_penalty_forward_under_recomputing_adds_nothing(hidden, caplog):
+    """WGAN-GP's critic step: real and generated batches, and a forward on their interpolates
+    differentiated by torch.autograd.grad(create_graph=True) for the penalty, all backpropagated
+    once. Under ``recomputing()`` the interpolates' calls are not seen, and the factors are those
+    of the two batches (autograd's oracle); seen, their output gradient is the penalty's input
+    gradient, not a loss's, and the warning says to run that forward under ``recomputing()``."""
+    gen = torch.Generator().manual_seed(6)
+    real, fake = (torch.randn(n, 5, dtype=torch.float64, generator=gen) for n in (6, 4))
+    mix = torch.rand(4, 1, dtype=torch.float64, generator=gen)
+    interpolates = (mix * real[:4] + (1 - mix) * fake).requires_grad_()
+    critic = mlp()
+    precond = kfac(critic)
+    with caplog.at_level(logging.WARNING, logger="hpckfac"):
+        loss = two_losses(critic(real), critic(fake))
+        with recomputing() if hidden else contextlib.nullcontext():
+            scores = critic(interpolates)
+        slopes, = torch.autograd.grad(scores.sum(), interpolates, create_graph=True)
+        (loss + ((slopes.norm(dim=1) - 1) ** 2).mean()).backward()
+    if not hidden:
+        assert "recomputing()" in caplog.text
+        return
+    assert "second output gradient" not in caplog.text
+    got = factors(precond)
+    critic.eval()
+    for g, w in zip(got, oracle(critic, [real, fake], two_losses)):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
 
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])

@@ -520,7 +520,10 @@ class KFACPreconditioner:
                 f"layer {self.engine.blocks[index].name} got a second output gradient from one forward "
                 "(backward() called more than once through its graph, e.g. one per loss with "
                 "retain_graph=True): its K-FAC statistics take the first backward's gradient only, not "
-                "the sum the parameters get; add the losses and call backward() once"))
+                "the sum the parameters get; add the losses and call backward() once. A forward "
+                "differentiated by torch.autograd.grad(..., create_graph=True) before its backward (a gradient "
+                "penalty, as WGAN-GP's on interpolates) took that gradient, which is no loss's: run such a "
+                "forward under hpckfac.torch.recomputing(), where K-FAC layers' calls are not seen"))
 
     # ------------------------------------------------------------------ step
     def current_lr(self) -> float:
