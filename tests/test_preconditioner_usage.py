@@ -304,3 +304,49 @@ def test_evaluation_forwards_in_train_mode_add_nothing(context):
 
     for got, want in zip(run(True), run(False)):
         np.testing.assert_array_equal(got, want)
+
+
+class AutocastNet(nn.Module):
+    """A Linear on float32 inputs, a Conv1d and a Linear on the bfloat16 activations that CPU
+    autocast gives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.conv, self.head = nn.Linear(6, 8), nn.Conv1d(4, 4, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)).view(-1, 4, 2)
+        return self.head(torch.tanh(self.conv(h + 1)).flatten(1))
+
+
+def test_statistics_under_bf16_autocast_are_float32_sums_of_what_the_layers_saw():
+    """Forward and backward inside ``torch.autocast("cpu", dtype=torch.bfloat16)``: each layer's
+    A and G equal float64 sums of the inputs and output gradients it saw (float32 for the first
+    Linear, bfloat16 for the others) to float32's precision, far below bfloat16's 4e-3."""
+    torch.manual_seed(0)
+    model = AutocastNet()
+    precond = kfac(model)
+    seen = {}
+
+    def capture(module, args, out):
+        seen[module] = [args[0].detach().double()]
+        out.register_hook(lambda g: seen[module].append(g.detach().double() * 16))
+    for layer in (model.fc, model.conv, model.head):
+        layer.register_forward_hook(capture)
+    gen = torch.Generator().manual_seed(7)
+    x, y = 3 * torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert seen[model.conv][0].dtype == torch.float64 and seen[model.conv][1].dtype == torch.float64
+    for block, stats, layer in zip(precond.engine.blocks, precond.local.result(), (model.fc, model.conv, model.head)):
+        a, g = seen[layer]
+        if layer is model.conv:
+            a = nn.functional.unfold(a.unsqueeze(-1), (3, 1), padding=(1, 0)).transpose(1, 2).reshape(-1, 12)
+            g, positions = g.transpose(1, 2).reshape(-1, 4), 2
+        else:
+            positions = 1
+        rows = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1).numpy()
+        want = [rows.T @ rows / 16, g.numpy().T @ g.numpy() / (16 * positions)]
+        assert stats.dtype == np.float32
+        for got, w in zip(block.factors(stats), want):
+            np.testing.assert_allclose(got[0], w, rtol=0, atol=1e-6 * np.abs(w).max())
