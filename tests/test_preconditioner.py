@@ -1505,6 +1505,104 @@ def test_a_kfac_weight_no_longer_a_parameter_is_named(change):
         precond.step()
 
 
+def resizable(kind):
+    """A Linear or Conv2d K-FAC layer ``0`` before a Linear head, and an input for it."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double(), torch.randn(6, 5).double()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    return model, torch.randn(6, 3, 7, 7).double()
+
+
+def resize(model, kind, how):
+    """Layer 0 of ``resizable(kind)`` given other shapes (the head follows where the output changes)."""
+    layer, head = model[0], model[-1]
+    weight = (6, 5) if kind == "linear" else (4, 3, 2, 2)  # more outputs; a smaller kernel
+    if how == "parameter":
+        layer.weight = nn.Parameter(torch.randn(weight, dtype=torch.float64))
+    else:
+        layer.weight.data = torch.randn(weight, dtype=torch.float64)
+    if kind == "linear":
+        layer.bias.data = torch.zeros(6, dtype=torch.float64)
+        head.weight = nn.Parameter(torch.randn(3, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("how", ["parameter", "data"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_kfac_layer_resized_after_construction_is_named_by_step(comm, kind, how):
+    """A K-FAC layer given other shapes after construction (a new Parameter or ``.data``) has a
+    block of the old ones: step() raises ValueError naming the layer and both shapes, at a step
+    whose hooks took nothing, before any gradient is read (a shape error deep in the gradient
+    copy, or for a smaller kernel statistics of the wrong patches, before)."""
+    model, x = resizable(kind)
+    precond = KFACPreconditioner(model, comm=comm, factor_update_interval=2)
+    model(x).pow(2).mean().backward()
+    precond.step()
+    resize(model, kind, how)
+    model.zero_grad()
+    model(x).pow(2).mean().backward()  # not a factor step: no hook looks at the shapes
+    old, new = ("(4, 5)", "(6, 5)") if kind == "linear" else ("(4, 3, 3, 3)", "(4, 3, 2, 2)")
+    kind_name = "Linear" if kind == "linear" else "Conv2d"
+    with pytest.raises(ValueError, match=rf"^model: K-FAC layer 0 \({kind_name}\) was resized after the "
+                                         rf"preconditioner was built: weight has shape {re.escape(new)}, its block "
+                                         rf"was built for {re.escape(old)}"):
+        precond.step()
+
+
+def test_a_kfac_layer_resized_after_construction_is_named_by_its_hook(comm):
+    """At a factor step the hooks meet the resized layer's tensors first: the block's shape
+    error comes as ValueError naming the layer and both shapes, raised in backward."""
+    model, x = resizable("linear")
+    precond = KFACPreconditioner(model, comm=comm)
+    model(x).pow(2).mean().backward()
+    precond.step()
+    model[2].weight = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))  # a head of 5 outputs, not 3
+    model[2].bias = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"K-FAC layer 2 \(Linear\) was resized .*: weight has shape \(5, 4\), "
+                                         r"its block was built for \(3, 4\); bias has shape \(5,\), its block "
+                                         r"was built for \(3,\)") as info:
+        model(x).pow(2).mean().backward()
+    assert "expects 3 features" in str(info.value.__cause__)  # the block's own error, kept as the cause
+
+
+def test_a_kfac_layer_removed_after_construction_is_named_and_its_block_idles(comm, caplog):
+    """A K-FAC layer taken out of the model on every rank: step() goes on, the others
+    preconditioned as before, with a warning naming the layer; its block precondition nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    model(x).pow(2).mean().backward()
+    precond.step()
+    removed = model[2]
+    model[2] = nn.Identity()
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    raw = model[0].weight.grad.clone()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond.step()
+    assert "K-FAC layers no longer in the model: 2 (removed, or replaced by a new module" in caplog.text
+    assert removed.weight.grad is None and removed.bias.grad is None
+    assert not torch.allclose(model[0].weight.grad, raw)  # still preconditioned
+
+
+def test_a_kfac_layer_frozen_after_construction_keeps_no_gradient_until_unfrozen(comm):
+    """Freezing a K-FAC layer after construction (on every rank) leaves its .grad None at each
+    step while frozen; unfrozen, it is preconditioned by its block again."""
+    model, x = resizable("linear")
+    precond = KFACPreconditioner(model, comm=comm)
+    for frozen in (False, True, False):
+        model[0].requires_grad_(not frozen)
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        raw = None if frozen else model[0].weight.grad.clone()
+        precond.step()
+        if frozen:
+            assert model[0].weight.grad is None and model[0].bias.grad is None
+        else:
+            assert not torch.allclose(model[0].weight.grad, raw)
+
+
 def test_parameters_unfrozen_or_added_after_construction_are_averaged(caplog):
     """step() averages the first-order parameters as they are at that step: a head frozen at
     construction and unfrozen later, and a layer appended afterwards (named in a warning), get

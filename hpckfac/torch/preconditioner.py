@@ -24,6 +24,7 @@ from torch import nn
 
 from hpckfac.arrays import to_host
 from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicator
+from hpckfac.comm.agreement import digest
 from hpckfac.log import get_logger
 from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
@@ -252,6 +253,16 @@ class KFACPreconditioner:
         # The block of each covered parameter, in the order ``_block_params`` lists them: a slot
         # covered at construction is covered at every step (or ``_block_params`` raises).
         self._covered_block = [l for l, slots in enumerate(self._slots) for kept in slots if kept]
+        # The shapes each block was built for, per slot: a layer resized later is named, not met by
+        # a shape error deep in a hook or the gradient copy.
+        self._shapes = [tuple(None if p is None else tuple(p.shape) for p in block_params(m, names))
+                        for m, names in zip(self.modules, self._param_names)]
+        # The model's structure (``_structure``) as this rank last saw it, its digest, and the one
+        # every rank last agreed on.
+        self._seen_structure: tuple | None = None
+        self._structure_digest = 0
+        self._agreed_structure: tuple | None = None
+        self._gone: list[int] = []  # the blocks none of whose parameters the agreed structure has
         self._io = GradientIO(self.engine.blocks, self._block_params())
         self._kept_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
@@ -412,8 +423,12 @@ class KFACPreconditioner:
         start = time.perf_counter()
         batch, sample = self._micro_batch, self._sample
         with device_scope(self.device):
-            call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0, batch),
-                                                                       batch, sample)))
+            try:
+                call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0, batch),
+                                                                           batch, sample)))
+            except (ValueError, RuntimeError) as err:
+                self._raise_if_resized(index, err)
+                raise
         self._hook_seconds += time.perf_counter() - start
         # The call's micro-batch goes with it to its output gradient: forwards of several sizes
         # may all run before one backward (two batches whose losses are added), and the later
@@ -513,7 +528,12 @@ class KFACPreconditioner:
             # as the positions of a sequence, so the factors are those of the unflattened layer.
             scale *= batch / rows
         with device_scope(self.device):
-            taken = self.local.add_output_grads(index, to_array(self._sampled(index, g, batch, sample)), scale, call)
+            try:
+                taken = self.local.add_output_grads(index, to_array(self._sampled(index, g, batch, sample)), scale,
+                                                    call)
+            except (ValueError, RuntimeError) as err:
+                self._raise_if_resized(index, err)
+                raise
         self._hook_seconds += time.perf_counter() - start
         if not taken:
             self._warn_once("backward-twice", (
@@ -559,6 +579,11 @@ class KFACPreconditioner:
         if self.comm.rank == 0:
             _log.warning(message, *args)
 
+    def _note_once(self, key: str, message: str) -> None:
+        """``_warn_once`` for what every rank has alike: said by rank 0 only."""
+        if self.comm.rank == 0:
+            self._warn_once(key, message)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -589,7 +614,14 @@ class KFACPreconditioner:
         self._check_forwards()
         self._restart_forward_counts()
         start = self.engine.clock()
-        params = self._block_params()
+        named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
+        now = self._current_params()
+        self._agree_on_structure(named, now)  # before this rank alone can raise on its model
+        params = self._block_params(now)
+        for i in self._gone:  # a removed layer's last gradient, kept, would be preconditioned again
+            for p in params[i]:
+                if p is not None:
+                    p.grad = None
         stats = self.local.result() if self.engine.is_factor_step() else None
         missing = self._check_statistics(stats, params) if stats is not None and self.local.examples else []
         slots = self.engine.gradient_slots()
@@ -601,9 +633,8 @@ class KFACPreconditioner:
         self.timings["local_factors"] = self._hook_seconds + self.engine.clock() - start
 
         start = self.engine.clock()
-        named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
         covered = [p for ps in params for p in ps if p is not None]  # covered[i] is block _covered_block[i]'s
-        first_order, frozen, added = self._classify(named, covered)
+        first_order, added = self._classify(named, covered)
         self._warn_added(added)
         dtypes = dtype_runs([p for _, p in named])
         if dtypes != self._dtypes_seen:  # the first step, or a cast since the last one
@@ -631,8 +662,7 @@ class KFACPreconditioner:
             stats = [None] * len(stats)
         self.timings["allreduce"] = self.engine.clock() - start
 
-        # A parameter frozen on one rank only would send zeros there and leave the replicas apart;
-        # a model, or one of its K-FAC layers, in eval() on one rank only takes no statistics there
+        # A model, or one of its K-FAC layers, in eval() on one rank only takes no statistics there
         # and runs other forwards; a layer cast on one rank only (its gradient travels in the
         # buffer's dtype, a bfloat16 one as float32) runs another forward there and its optimizer
         # rounds the weights otherwise.
@@ -640,8 +670,7 @@ class KFACPreconditioner:
         other_mode = tuple(b.name for b, m in zip(self.engine.blocks, self.modules) if m.training != training)
         updates = self.engine.step(slots, stats, lr=lr, settings={
             "accumulation_steps": self.accumulation_steps, "statistics_fraction": self.statistics_fraction,
-            "frozen parameters": frozen, "parameter dtypes": dtypes,
-            "training mode": training,
+            "parameter dtypes": dtypes, "training mode": training,
             "K-FAC layers not in the model's mode": other_mode, **current})
         start = self.engine.clock()
         whole, offsets = self.engine.gathered()
@@ -772,39 +801,144 @@ class KFACPreconditioner:
         covered = [p for ps in self._block_params() for p in ps if p is not None]
         return self._classify(list(self.model.named_parameters()), covered)[0]
 
-    def _block_params(self) -> list[tuple[nn.Parameter | None, nn.Parameter | None]]:
+    def _current_params(self) -> list[tuple[nn.Parameter | None, nn.Parameter | None]]:
         """Each K-FAC layer's parameters as they are now (one replaced since construction, as
         by ``load_state_dict(assign=True)``, is the new one), in the slots its block covers (None
-        elsewhere: a bias given later to a layer built without one is first-order). ValueError
-        naming a layer that lost a covered parameter since construction."""
+        elsewhere, and where the layer no longer has one: ``_block_params`` refuses that)."""
         out = []
-        for i, (module, names, (keep_weight, keep_bias)) in enumerate(zip(self.modules, self._param_names,
-                                                                          self._slots)):
+        for module, names, (keep_weight, keep_bias) in zip(self.modules, self._param_names, self._slots):
             weight, bias = block_params(module, names)
-            if (keep_weight and weight is None) or (keep_bias and bias is None):
+            out.append((weight if keep_weight else None, bias if keep_bias else None))
+        return out
+
+    def _block_params(self, current: list[tuple[nn.Parameter | None, nn.Parameter | None]] | None = None
+                      ) -> list[tuple[nn.Parameter | None, nn.Parameter | None]]:
+        """``current`` (default ``_current_params()``), checked: ValueError naming a layer that
+        lost a covered parameter, or whose parameters no longer have the shapes its block was
+        built for, since construction."""
+        current = self._current_params() if current is None else current
+        for i, (params, slots) in enumerate(zip(current, self._slots)):
+            if any(kept and p is None for p, kept in zip(params, slots)):
                 raise ValueError(f"model: K-FAC layer {self.engine.blocks[i].name} no longer has every parameter "
                                  "its block covers as an nn.Parameter (one set to None, or replaced by a plain "
                                  "tensor or a parametrization, since the preconditioner was built): build the "
                                  "KFACPreconditioner once the model is complete")
-            out.append((weight if keep_weight else None, bias if keep_bias else None))
-        return out
+            if any(p is not None and p.shape != shape for p, shape in zip(params, self._shapes[i])):
+                raise ValueError(self._resized(i))
+        return current
+
+    def _resized(self, index: int) -> str | None:
+        """The message naming K-FAC layer ``index``'s parameters whose shapes differ from those
+        its block was built for, None when they do not."""
+        module, names = self.modules[index], self._param_names[index]
+        changed = [f"{name} has shape {tuple(p.shape)}, its block was built for {shape}"
+                   for name, p, shape in zip(names, block_params(module, names), self._shapes[index])
+                   if p is not None and shape is not None and p.shape != shape]
+        if not changed:
+            return None
+        return (f"model: K-FAC layer {self.engine.blocks[index].name} ({type(module).__name__}) was resized after "
+                f"the preconditioner was built: {'; '.join(changed)}; its curvature block has the old shapes: "
+                "build the KFACPreconditioner once the model has its final shapes (a new one after resizing)")
+
+    def _raise_if_resized(self, index: int, err: Exception) -> None:
+        """ValueError from ``err`` (a hook's failure on K-FAC layer ``index``'s tensors) when
+        that layer was resized since construction: the shape error alone names the block's
+        sizes, not the change that caused it."""
+        resized = self._resized(index)
+        if resized is not None:
+            raise ValueError(resized) from err
+
+    def _structure(self, named: list[tuple[str, nn.Parameter]],
+                   current: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> tuple:
+        """The model's structure as ``step()`` compares it across ranks: ``(name, shape,
+        requires_grad, block)`` of every parameter, ``block`` the index of the K-FAC block that
+        covers it (-1: first-order), so that a K-FAC layer removed or replaced by a new module
+        shows as well as one resized, added or frozen. A few tuples per parameter: cheap enough
+        to build at every step."""
+        kfac = {id(p): i for i, params in enumerate(current) for p in params if p is not None}
+        return tuple((name, tuple(p.shape), p.requires_grad, kfac.get(id(p), -1)) for name, p in named)
+
+    def _agree_on_structure(self, named: list[tuple[str, nn.Parameter]],
+                            current: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> None:
+        """Compare the model's structure (``_structure``) across ranks, before anything is
+        reduced: a layer removed, replaced, added or resized, or a parameter frozen or unfrozen,
+        on some ranks only would make the collectives disagree (or, where the shapes still match,
+        train the replicas apart). One digest allreduce at every step on every rank, whether
+        or not this rank's model changed, so that every rank makes the same collective calls;
+        on a difference an allgather of the structures, and every rank raises
+        CollectiveMismatchError naming the ranks and what differs."""
+        structure = self._structure(named, current)
+        if structure != self._seen_structure:  # digested only when it changed here
+            self._seen_structure = structure
+            self._structure_digest = digest(repr(structure).encode())
+        what = "the model's structure"
+        if self.comm.size > 1 and not self.comm.same_everywhere(self._structure_digest, what):
+            everyone = self.comm.allgather_object(structure, what=what)
+            raise CollectiveMismatchError(self._structure_difference(everyone))
+        if structure != self._agreed_structure:
+            self._agreed_structure = structure
+            present = {block for *_, block in structure}
+            self._gone = [i for i in range(len(self.modules)) if i not in present]
+            if self._gone:
+                names = ", ".join(self.engine.blocks[i].name for i in self._gone)
+                self._note_once("removed:" + names, (
+                    f"K-FAC layers no longer in the model: {names} (removed, or replaced by a new module, since "
+                    "the preconditioner was built): their blocks precondition nothing from now on and their "
+                    ".grad is set to None (a module in their place is averaged first-order)"))
+
+    def _structure_difference(self, everyone: list[tuple]) -> str:
+        """The message, alike on every rank, naming the ranks whose structure differs from the
+        one every rank agreed on at the last ``step()`` (when some rank still has it) or else
+        from the one most ranks have, and what differs."""
+        reference = self._agreed_structure if self._agreed_structure in everyone else \
+            max(everyone, key=lambda s: (everyone.count(s), -everyone.index(s)))
+        alike = [r for r, s in enumerate(everyone) if s == reference]
+        told = [f"rank {r} has {self._structure_changes(reference, s)}" for r, s in enumerate(everyone)
+                if s != reference]
+        than = "at the last step()" if reference == self._agreed_structure else "there"
+        return (f"ranks disagree on the model's structure at step {self.engine.steps}: {'; '.join(told)} (than "
+                f"ranks {alike} have {than}); every rank must change its model alike (a layer removed, replaced, "
+                "added or resized, or a parameter frozen or unfrozen, on some ranks only trains the replicas apart)")
+
+    def _structure_changes(self, reference: tuple, other: tuple, limit: int = 4) -> str:
+        """What ``other`` has that ``reference`` has not (two ``_structure`` tuples), the first
+        ``limit`` differences."""
+        ref = {name: rest for name, *rest in reference}
+        new = {name: rest for name, *rest in other}
+        blocks = self.engine.blocks
+        found = []
+        for name, (shape, trained, block) in ref.items():
+            if name not in new:
+                found.append(f"no parameter {name}" + (f" (K-FAC layer {blocks[block].name})" if block >= 0 else ""))
+                continue
+            now_shape, now_trained, now_block = new[name]
+            if now_shape != shape:
+                found.append(f"{name} of shape {now_shape}, not {shape}")
+            if now_trained != trained:
+                found.append(f"{name} {'trainable' if now_trained else 'frozen'}")
+            if now_block != block:
+                found.append(f"{name} in a new module, not K-FAC layer {blocks[block].name}'s" if now_block < 0
+                             else f"{name} in K-FAC layer {blocks[now_block].name}")
+        found += [f"an extra parameter {name} of shape {shape}" for name, (shape, _, _) in new.items()
+                  if name not in ref]
+        if not found:
+            return "its parameters in another order"
+        more = len(found) - limit
+        return ", ".join(found[:limit]) + (f" and {more} more differences" if more > 0 else "")
 
     def _classify(self, named: list[tuple[str, nn.Parameter]], covered: list[nn.Parameter]
-                  ) -> tuple[list[nn.Parameter], tuple[int, ...], list[str]]:
+                  ) -> tuple[list[nn.Parameter], list[str]]:
         """One pass over the model's ``named_parameters()``: the trainable parameters that no
-        K-FAC block covers (``covered``: the blocks' parameters), the indices of the frozen
-        ones, and the names of those first-order ones that were not first-order at
-        construction (``_warn_added``)."""
+        K-FAC block covers (``covered``: the blocks' parameters), and the names of those that
+        were not first-order at construction (``_warn_added``)."""
         kfac = {id(p) for p in covered}
-        first_order, frozen, added = [], [], []
-        for i, (name, p) in enumerate(named):
-            if not p.requires_grad:
-                frozen.append(i)
-            elif id(p) not in kfac:
+        first_order, added = [], []
+        for name, p in named:
+            if p.requires_grad and id(p) not in kfac:
                 first_order.append(p)
                 if name not in self._first_order_names:
                     added.append(name)
-        return first_order, tuple(frozen), added
+        return first_order, added
 
     def _warn_added(self, added: list[str]) -> None:
         """A warning, once, naming the parameters ``added``: averaged first-order but not at

@@ -1,4 +1,5 @@
 """A rank with a different model or different options fails on every rank, fast."""
+import re
 import time
 
 import pytest
@@ -56,12 +57,12 @@ def test_a_rank_with_another_dtype_or_scaler_fails_on_every_rank(comm, odd):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("option", ["lr", "damping", "kl_clip", "inverse_update_interval", "accumulation_steps",
-                                    "statistics_fraction", "frozen parameters", "training mode",
+                                    "statistics_fraction", "training mode",
                                     "K-FAC layers not in the model's mode"])
 @pytest.mark.parametrize("when", ["from the start", "from step 2"])
 def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option):
     """Different learning rates, damping, KL clips, intervals, accumulation, statistics samples,
-    frozen parameters, or a model or one of its K-FAC layers in eval() on one rank would make
+    or a model or one of its K-FAC layers in eval() on one rank would make
     replicas drift: every rank raises instead, whether a schedule differs or an attribute is
     changed on one rank."""
     import torch
@@ -79,8 +80,6 @@ def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option)
                 setattr(precond.engine, option, 2 * getattr(precond.engine, option))
             elif option in ("accumulation_steps", "statistics_fraction"):
                 setattr(precond, option, {"accumulation_steps": 2, "statistics_fraction": 0.5}[option])
-            elif option == "frozen parameters":
-                net[0].weight.requires_grad_(False)
             elif option == "training mode":
                 net.eval()
             else:  # a K-FAC layer alone (a BatchNorm frozen for fine-tuning) takes no statistics there
@@ -94,6 +93,98 @@ def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option)
                 precond.step()
             return
         precond.step()
+
+
+class Surgical(nn.Module):
+    """Three K-FAC layers by name: ``a``, ``b`` (4 to 4: removable) and the head ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def operate(net, change):
+    """``change`` made to a ``Surgical`` after its preconditioner was built; returns the words
+    the structure check names it by."""
+    torch.manual_seed(1)
+    if change == "removed":
+        net.b = nn.Identity()
+        return r"no parameter b\.weight \(K-FAC layer b\)"
+    if change == "replaced":
+        net.b = nn.Linear(4, 4)
+        return r"b\.weight in a new module, not K-FAC layer b's"
+    if change == "added":
+        net.extra = nn.Linear(3, 3)
+        return r"an extra parameter extra\.weight of shape \(3, 3\)"
+    if change == "frozen":
+        net.a.weight.requires_grad_(False)
+        return r"a\.weight frozen"
+    net.c.weight = nn.Parameter(torch.randn(2, 4))  # resized: two outputs, not three
+    net.c.bias = nn.Parameter(torch.randn(2))
+    return r"c\.weight of shape \(2, 4\), not \(3, 4\)"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("change", ["removed", "replaced", "added", "frozen", "resized"])
+def test_a_model_changed_on_one_rank_only_fails_on_every_rank(comm, change):
+    """The last rank changes its model between steps: a K-FAC layer removed, replaced by a new
+    module or resized, a layer added, or a parameter frozen. step() compares every rank's
+    structure before reducing anything, so every rank, those that changed nothing included,
+    raises CollectiveMismatchError naming the rank and the change (where the replicas would have
+    trained apart, or the collectives disagreed on lengths); the ranks stay in step, for the
+    next test. Alone, the rank goes on, a resized layer named in a ValueError."""
+    net = Surgical()
+    precond = KFACPreconditioner(net, comm=comm, factor_update_interval=2)  # step 1: no hook looks
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    net(x).pow(2).mean().backward()
+    precond.step()
+    last = comm.rank == comm.size - 1
+    named = operate(net, change) if last else None
+    net.zero_grad()
+    net(x).pow(2).mean().backward()
+    start = time.perf_counter()
+    if comm.size == 1:
+        if change == "resized":
+            with pytest.raises(ValueError, match=r"K-FAC layer c \(Linear\) was resized"):
+                precond.step()
+        else:
+            precond.step()
+        precond.remove_hooks()
+        return
+    with pytest.raises(CollectiveMismatchError) as info:
+        precond.step()
+    message = str(info.value)
+    named = comm.allgather_object(named)[-1]  # what the last rank did, checked on every rank
+    others = list(range(comm.size - 1))
+    assert re.search(rf"ranks disagree on the model's structure at step 1: rank {comm.size - 1} has {named}", message)
+    assert f"(than ranks {others} have at the last step())" in message
+    assert comm.allgather_object(message) == [message] * comm.size
+    assert time.perf_counter() - start < LIVENESS_S
+    precond.remove_hooks()
+
+
+@pytest.mark.mpi(min_size=3)
+def test_models_changed_differently_on_two_ranks_are_both_named(comm):
+    """Two ranks change their models, each its own way: the message names both, on every rank,
+    against the structure the ranks agreed on at the last step()."""
+    net = Surgical()
+    precond = KFACPreconditioner(net, comm=comm)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    net(x).pow(2).mean().backward()
+    precond.step()
+    changes = {1: "frozen", 2: "added"}
+    if comm.rank in changes:
+        operate(net, changes[comm.rank])
+    net.zero_grad()
+    net(x).pow(2).mean().backward()
+    with pytest.raises(CollectiveMismatchError, match=r"rank 1 has a\.weight frozen; rank 2 has an extra parameter "
+                                                      r"extra\.weight of shape \(3, 3\)"):
+        precond.step()
+    precond.remove_hooks()
 
 
 @pytest.mark.mpi(min_size=2)
