@@ -1603,6 +1603,26 @@ def test_a_kfac_layer_frozen_after_construction_keeps_no_gradient_until_unfrozen
             assert not torch.allclose(model[0].weight.grad, raw)
 
 
+def test_weights_loaded_after_construction_stay_preconditioned(comm):
+    """``load_state_dict`` after construction copies into the same parameters: they are
+    preconditioned as before (the gradient differs from the raw one). A state of other shapes
+    is torch's to refuse, ``assign=True`` or not, and leaves the model as it was."""
+    model, x = resizable("linear")
+    precond = KFACPreconditioner(model, comm=comm)
+    model(x).pow(2).mean().backward()
+    precond.step()
+    model.load_state_dict({k: v + 0.5 for k, v in model.state_dict().items()})
+    state = model.state_dict()
+    state["2.weight"] = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="size mismatch for 2.weight"):
+        model.load_state_dict(state, assign=True)
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    raw = model[0].weight.grad.clone()
+    precond.step()
+    assert not torch.allclose(model[0].weight.grad, raw)
+
+
 def test_parameters_unfrozen_or_added_after_construction_are_averaged(caplog):
     """step() averages the first-order parameters as they are at that step: a head frozen at
     construction and unfrozen later, and a layer appended afterwards (named in a warning), get

@@ -263,8 +263,8 @@ class KFACEngine:
                 ignored on other steps.
             lr: learning rate used by the KL clip.
             settings: further settings every rank must share (the torch bridge's
-                ``accumulation_steps``, ``statistics_fraction`` and frozen
-                parameters), compared with the step's own whenever they change;
+                ``accumulation_steps``, ``statistics_fraction`` and training
+                modes), compared with the step's own whenever they change;
                 ``damping``, ``factor_decay`` and ``kl_clip`` among them are this
                 step's values (from ``current_settings``), checked, not evaluated again.
 

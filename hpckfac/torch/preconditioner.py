@@ -856,7 +856,8 @@ class KFACPreconditioner:
         shows as well as one resized, added or frozen. A few tuples per parameter: cheap enough
         to build at every step."""
         kfac = {id(p): i for i, params in enumerate(current) for p in params if p is not None}
-        return tuple((name, tuple(p.shape), p.requires_grad, kfac.get(id(p), -1)) for name, p in named)
+        block = kfac.get
+        return tuple([(name, p.shape, p.requires_grad, block(id(p), -1)) for name, p in named])
 
     def _agree_on_structure(self, named: list[tuple[str, nn.Parameter]],
                             current: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> None:
@@ -871,11 +872,12 @@ class KFACPreconditioner:
         if structure != self._seen_structure:  # digested only when it changed here
             self._seen_structure = structure
             self._structure_digest = digest(repr(structure).encode())
+        structure = self._seen_structure  # the agreed one itself when nothing changed: no second comparison
         what = "the model's structure"
         if self.comm.size > 1 and not self.comm.same_everywhere(self._structure_digest, what):
             everyone = self.comm.allgather_object(structure, what=what)
             raise CollectiveMismatchError(self._structure_difference(everyone))
-        if structure != self._agreed_structure:
+        if structure is not self._agreed_structure:
             self._agreed_structure = structure
             present = {block for *_, block in structure}
             self._gone = [i for i in range(len(self.modules)) if i not in present]
@@ -913,13 +915,13 @@ class KFACPreconditioner:
                 continue
             now_shape, now_trained, now_block = new[name]
             if now_shape != shape:
-                found.append(f"{name} of shape {now_shape}, not {shape}")
+                found.append(f"{name} of shape {tuple(now_shape)}, not {tuple(shape)}")
             if now_trained != trained:
                 found.append(f"{name} {'trainable' if now_trained else 'frozen'}")
             if now_block != block:
                 found.append(f"{name} in a new module, not K-FAC layer {blocks[block].name}'s" if now_block < 0
                              else f"{name} in K-FAC layer {blocks[now_block].name}")
-        found += [f"an extra parameter {name} of shape {shape}" for name, (shape, _, _) in new.items()
+        found += [f"an extra parameter {name} of shape {tuple(shape)}" for name, (shape, _, _) in new.items()
                   if name not in ref]
         if not found:
             return "its parameters in another order"
