@@ -897,10 +897,10 @@ class KFACPreconditioner:
         alike = [r for r, s in enumerate(everyone) if s == reference]
         told = [f"rank {r} has {self._structure_changes(reference, s)}" for r, s in enumerate(everyone)
                 if s != reference]
-        than = "at the last step()" if reference == self._agreed_structure else "there"
-        return (f"ranks disagree on the model's structure at step {self.engine.steps}: {'; '.join(told)} (than "
-                f"ranks {alike} have {than}); every rank must change its model alike (a layer removed, replaced, "
-                "added or resized, or a parameter frozen or unfrozen, on some ranks only trains the replicas apart)")
+        whose = ", whose model every rank had at the last step()" if reference == self._agreed_structure else ""
+        return (f"ranks disagree on the model's structure at step {self.engine.steps}: {'; '.join(told)}, against "
+                f"ranks {alike}{whose}; every rank must change its model alike (a layer removed, replaced, added or "
+                "resized, or a parameter frozen or unfrozen, on some ranks only trains the replicas apart)")
 
     def _structure_changes(self, reference: tuple, other: tuple, limit: int = 4) -> str:
         """What ``other`` has that ``reference`` has not (two ``_structure`` tuples), the first
