@@ -108,7 +108,7 @@ class CaptureHooks:
         def hook(module: nn.Module, args, kwargs, output):
             # Most calls first: a quiet pass that takes no statistics, its input present, returns
             # None whatever the mode (1.5 -> 0.7 us per call, measured alone; once per layer per forward).
-            if self.quiet and (args or input_name in kwargs) and not capturing():
+            if self.quiet and (args or input_name in kwargs) and not capturing(index):
                 return None
             if not counts_call(module):
                 return None
