@@ -122,6 +122,25 @@ class SpatialKronBlock(KronBlock):
         factor = ops.accumulate_factor(rows, scale, packed=packed)
         return channel_major(factor, (self.d_A - self.has_bias) // volume, volume, self.has_bias, packed)
 
+    def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
+        """Add ``a``'s ``A`` to ``stats``; return the output's spatial size, which
+        ``add_output_grad`` checks the output gradient against."""
+        super().add_input(stats, a)
+        return self.output_size(a.shape[2:])
+
+    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: tuple[int, ...]) -> None:
+        """Add ``g``'s ``G`` to ``stats``; ValueError unless ``g`` has the spatial size ``saved``
+        that ``add_input`` expected: ``A``'s rows describe the output positions of that size."""
+        if tuple(g.shape[2:]) != tuple(saved):
+            raise ValueError(f"g: block {self.name!r} expected an output of spatial size {tuple(saved)} from "
+                             f"its input, got {tuple(g.shape[2:])} ({self._output_size_cause()})")
+        super().add_output_grad(stats, g, scale, saved)
+
+    @abc.abstractmethod
+    def _output_size_cause(self) -> str:
+        """The settings ``output_size`` used and the likely cause when a call's output has
+        another spatial size, for ``add_output_grad``'s error."""
+
     def _arguments(self, in_channels: int, out_channels: int, groups: int, kernel_size: tuple,
                    **tuples: tuple[Any, int]) -> int:
         """Validate and store the channels, ``kernel_size`` and each ``name=(value, minimum)``
@@ -210,25 +229,13 @@ class ConvBlock(SpatialKronBlock):
                                        packed)
         return super().a_factor(a, scale, packed=packed)
 
-    def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
-        """Add ``a``'s ``A`` to ``stats``; return the output's spatial size, which
-        ``add_output_grad`` checks the output gradient against."""
-        super().add_input(stats, a)
-        return self.output_size(a.shape[2:])
-
-    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: tuple[int, ...]) -> None:
-        """Add ``g``'s ``G`` to ``stats``; ValueError unless ``g`` has the spatial size ``saved``
-        that ``add_input`` expected."""
+    def _output_size_cause(self) -> str:
         # A subclass that pads in forward (timm's Conv2dSame) convolves another input than the one
         # its hook sees: the patches of A would not be those of the output positions of G.
-        if tuple(g.shape[2:]) != tuple(saved):
-            raise ValueError(f"g: block {self.name!r} expected an output of spatial size {tuple(saved)} from "
-                             f"its input (padding {self.padding}, stride {self.stride}, dilation "
-                             f"{self.dilation}), got {tuple(g.shape[2:])}: the layer's forward does not convolve "
-                             "its input with the module's own settings (a subclass that pads in forward, as "
-                             "timm's Conv2dSame?); list it in skip_layers, or register_layer its type with a "
-                             "block that describes it")
-        super().add_output_grad(stats, g, scale, saved)
+        return (f"padding {self.padding}, stride {self.stride}, dilation {self.dilation}: the layer's forward "
+                "does not convolve its input with the module's own settings (a subclass that pads in forward, "
+                "as timm's Conv2dSame?); list it in skip_layers, or register_layer its type with a block that "
+                "describes it")
 
     def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:
         """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the input ``(N, C_in, *spatial)``,

@@ -65,22 +65,11 @@ class ConvTransposeBlock(SpatialKronBlock):
         return patch_rows(padded, self.kernel_size, (1,) * ndim, self.dilation, out_size,
                           self.in_channels * prod(self.kernel_size) + ones, ones, kernel_major)
 
-    def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
-        """Add ``a``'s ``A`` to ``stats``; return the output's spatial size, which
-        ``add_output_grad`` checks the output gradient against."""
-        super().add_input(stats, a)
-        return self.output_size(a.shape[2:])
-
-    def add_output_grad(self, stats: Array, g: Array, scale: float, saved: tuple[int, ...]) -> None:
-        """Add ``g``'s ``G`` to ``stats``; ValueError unless ``g`` has the spatial size ``saved``
-        that ``add_input`` expected."""
+    def _output_size_cause(self) -> str:
         # forward(x, output_size=...) changes the output padding per call, which the rows of A,
         # built from the module's output_padding, would not match.
-        if tuple(g.shape[2:]) != tuple(saved):
-            raise ValueError(f"g: block {self.name!r} expected an output of spatial size {tuple(saved)} "
-                             f"(output_padding {self.output_padding}), got {tuple(g.shape[2:])}; "
-                             f"forward(..., output_size=...) is not supported, set output_padding instead")
-        super().add_output_grad(stats, g, scale, saved)
+        return (f"output_padding {self.output_padding}; forward(..., output_size=...) is not supported, "
+                "set output_padding instead")
 
     def _spatial_axes(self) -> tuple[int, ...]:
         return tuple(range(3, 3 + len(self.kernel_size)))
