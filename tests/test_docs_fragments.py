@@ -44,6 +44,7 @@ FRAGMENTS = {
     ("preconditioner.md", "from hpckfac.comm import Communicator"),
     ("preconditioner.md", 'scaler = torch.amp.GradScaler("cuda")'),
     ("training.md", "from hpckfac.train.config import TrainConfig"),
+    ("training.md", "from hpckfac.stop import StopOnSignal"),
     ("gpu.md", "from hpckfac.torch import KFACPreconditioner, bind_device"),
 }
 
@@ -136,6 +137,28 @@ def test_trainer_from_python(tmp_path):
                           env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "'step': 20" in proc.stdout
+
+
+def test_stop_on_signal_block():
+    """training.md's loop with StopOnSignal: a signal during step 3 of 10 stops it after step 3,
+    checkpointed there, and the handlers that were there before are back."""
+    import signal
+
+    from hpckfac.comm import Communicator
+
+    taken, saved = [], []
+
+    def train_one_step():
+        taken.append(len(taken))
+        if len(taken) == 4:  # steps 0-3: the fourth raises the signal
+            signal.raise_signal(signal.SIGUSR1)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    scope = {"comm": Communicator(), "start": 0, "steps": 10, "train_one_step": train_one_step,
+             "save_checkpoint": lambda: saved.append(len(taken))}
+    exec(block("training.md", "from hpckfac.stop import StopOnSignal"), scope)
+    assert taken == [0, 1, 2, 3] and saved == [4] and scope["stop"].stopping_ranks == {0: "SIGUSR1"}
+    assert signal.getsignal(signal.SIGUSR1) is before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

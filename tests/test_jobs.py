@@ -289,3 +289,33 @@ def test_local_scripts_oversubscribe_under_open_mpi(tmp_path, name, version, fla
     lines = [l for l in run_script(name, dict(env, MPIEXEC_FLAGS="--bind-to core")).splitlines()
              if l.startswith(f"+ {launcher} ")]
     assert lines and all(l.startswith(f"+ {launcher} --bind-to core -n 4 ") for l in lines), lines
+
+
+@pytest.mark.parametrize("name", ["slurm_train.sbatch", "pbs_train.pbs"])
+def test_training_templates_checkpoint_and_resume_a_stopped_run(tmp_path, name):
+    """The training templates checkpoint on a schedule and resume from OUT once it holds
+    checkpoints (a run stopped before the time limit, submitted again); Slurm signals the
+    ranks before the limit with a signal hpckfac train stops on by default."""
+    stubs, log = stub_launchers(tmp_path, "srun", "mpirun", "python")
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("n0\nn0\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_"))}
+    env.update(stubs, SLURM_NTASKS="2", SLURM_JOB_ID="3", PBS_NODEFILE=str(nodefile), OUT=str(out))
+    launcher = "srun" if name.startswith("slurm") else "mpirun"
+    for resumed in (False, True):
+        if resumed:
+            (out / "checkpoints").mkdir(parents=True)
+            log.unlink()
+        proc = subprocess.run(["bash", os.path.join(JOBS, name)], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (words,) = launches(log, launcher)
+        assert words[words.index("--checkpoint-every") + 1] == "200"
+        assert ("--resume" in words) is resumed and (not resumed or words[words.index("--resume") + 1] == str(out))
+    if name.startswith("slurm"):
+        signal_line = re.search(r"^#SBATCH --signal=(\w+)@(\d+)", open(os.path.join(JOBS, name)).read(), re.M)
+        from hpckfac.train.config import TrainConfig, stop_signals
+
+        assert signal_line and stop_signals(signal_line[1]) and \
+            set(stop_signals(signal_line[1])) <= set(stop_signals(TrainConfig().stop_signals))

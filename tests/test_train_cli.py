@@ -117,6 +117,7 @@ def _write(path, **arrays):
     ("edited_data", "--data: expected a path, got 7"),
     ("edited_rng", "does not fit this run (Expected a CPUGeneratorImplState"),
     ("edited_history", "is corrupt: history record"),
+    ("stop_signal", "--stop-signals: SIGKILL cannot be caught"),
 ])
 def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac_run):
     base = ["--steps", 2, "--batch-size", 32, "--no-progress"]
@@ -137,6 +138,7 @@ def test_bad_arguments_one_line_error_no_traceback(case, message, tmp_path, kfac
         "huge_seed": base + ["--seed", 2**70],
         "huge_lr": base + ["--lr", 1e300],
         "huge_weight_decay": base + ["--optimizer", "sgd", "--weight-decay", 1e300],
+        "stop_signal": base + ["--stop-signals", "USR1,KILL"],
         "edited_data": ["--resume", tmp_path / "step_00000004.pt", "--out", tmp_path / "out", "--no-progress"],
         "edited_rng": ["--resume", tmp_path / "step_00000004.pt", "--out", tmp_path / "out", "--no-progress"],
         "edited_history": ["--resume", tmp_path / "step_00000004.pt", "--out", tmp_path / "out", "--no-progress"],

@@ -187,6 +187,7 @@ def test_schedule_validation_names_the_parameter(kwargs, name):
     ("factor_decay", 1.0), ("factor_update_interval", 0), ("inverse_update_interval", 0),
     ("kl_clip", -1.0), ("width", 0), ("seed", -1), ("eval_every", 0), ("checkpoint_every", -2),
     ("batch_size", 2.5), ("steps", True), ("data", 7), ("out", ["runs"]), ("resume", 3.0),
+    ("stop_signals", "KILL"), ("stop_signals", "TERM,NOPE"), ("stop_signals", 10),
 ])
 def test_config_validation_names_the_setting(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):

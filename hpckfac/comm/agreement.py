@@ -20,7 +20,7 @@ from mpi4py import MPI
 from hpckfac.comm.dtypes import DTYPE_CODES
 
 COLLECTIVES = ("allreduce", "allreduce_many", "reduce_scatter_v", "allgather_v", "broadcast", "check_same",
-               "allgather_object", "the end of the script", "same_everywhere")
+               "allgather_object", "the end of the script", "same_everywhere", "nonzero_ranks")
 ReduceOp = Literal["sum", "mean"]
 Algorithm = Literal["ring", "mpi"]
 # An allreduce may also leave the choice to the buffer's size ("auto").

@@ -158,6 +158,20 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _mismatch(call: str, mine: Signature, found: tuple[list[Signature], list[str]]) -> CollectiveMismatchError:
+    """The error of a comparing collective (``same_everywhere``, ``nonzero_ranks``) whose ranks
+    differ in more than the values compared: ranks in the same collective that name different
+    things (each rank's name given), or in different calls."""
+    everyone, calls = found
+    if all(sig.valid and sig.collective == mine.collective for sig in everyone):
+        holders: dict[str, list[int]] = {}  # grouped, as ``describe`` does: one entry per name
+        for rank, name in enumerate(calls):
+            holders.setdefault(name, []).append(rank)
+        held = "; ".join(f"{name} on ranks {ranks}" for name, ranks in holders.items())
+        return CollectiveMismatchError(f"{call}: ranks compare different things ({held})")
+    return CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
+
+
 class Communicator:
     """Collectives over the ranks of an MPI communicator.
 
@@ -498,6 +512,30 @@ class Communicator:
         CollectiveMismatchError)."""
         return self._same_digest("same_everywhere", value, what, f"{what}: the value to compare is not picklable")
 
+    def nonzero_ranks(self, value: int, what: str) -> dict[int, int]:
+        """Every rank's ``value`` that is not 0, by rank (a collective, the same answer on every
+        rank): one small allreduce when every rank passes the same value, an allgather of the
+        values only when they differ. For a flag that any rank may raise between two calls, such
+        as a signal received (``hpckfac.stop``). A rank in another call makes every rank raise
+        CollectiveMismatchError naming ``what``, as do ranks that pass different ``what``s; a
+        ``value`` that is not an integer in ``[0, 2**62)`` raises ValueError (its peers
+        CollectiveMismatchError)."""
+        if not isinstance(what, str):
+            disagreement(self.mpi, rejected("nonzero_ranks"), str(what))
+            raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**62:
+            disagreement(self.mpi, rejected("nonzero_ranks"), self._call_name(what))
+            raise ValueError(f"{what}: value must be an integer in [0, 2**62), got {value!r}")
+        mine = signature("nonzero_ranks", parameter=int(value), layout=digest(what.encode()))
+        call = self._call_name(what)
+        found = disagreement(self.mpi, mine, call)  # no waiting notice: its timer thread would cost more than the call
+        if found is None:
+            return {rank: int(value) for rank in range(self.size)} if value else {}
+        everyone, _ = found
+        if any(sig._replace(parameter=0) != mine._replace(parameter=0) for sig in everyone):
+            raise _mismatch(call, mine, found)
+        return {rank: sig.parameter for rank, sig in enumerate(everyone) if sig.parameter}
+
     def _same_digest(self, collective: str, value: Any, label: str, unpicklable: str) -> bool:
         """``same_everywhere`` as ``collective`` (named ``label`` in errors); ``unpicklable``
         starts the TypeError of a value that cannot be pickled."""
@@ -516,15 +554,9 @@ class Communicator:
         found = disagreement(self.mpi, mine, call)
         if found is None:
             return True
-        everyone, calls = found
+        everyone, _ = found
         if any(sig._replace(layout=0) != everyone[0]._replace(layout=0) for sig in everyone):
-            if all(sig.valid and sig.collective == mine.collective for sig in everyone):
-                holders: dict[str, list[int]] = {}  # grouped, as ``describe`` does: one entry per name
-                for rank, name in enumerate(calls):
-                    holders.setdefault(name, []).append(rank)
-                held = "; ".join(f"{name} on ranks {ranks}" for name, ranks in holders.items())
-                raise CollectiveMismatchError(f"{call}: ranks compare different things ({held})")
-            raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
+            raise _mismatch(call, mine, found)
         return False
 
     def check_same(self, value: Any, what: str) -> None:

@@ -2,7 +2,8 @@
 
 Launch with ``mpiexec -n N hpckfac train [options]`` (or plainly, as one rank).
 Bad arguments, data or checkpoints give one line on stderr and exit status 2;
-a diverged run exits with 1.
+a diverged run exits with 1; a run that one of ``--stop-signals`` stopped (a batch
+system's warning before its time limit) exits with 75 after its checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from hpckfac.torch.device import DEVICE_CHOICES
 from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig
 
 PROG = "hpckfac train"
+# EX_TEMPFAIL of sysexits.h: stopped by a signal with a checkpoint, to be resumed.
+STOPPED = 75
 
 
 class _UsageError(Exception):
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K-FAC statistics from the first F of each rank's batch (0 < F <= 1)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default=d.device,
                    help="auto: one GPU per rank (local rank %% visible GPUs) when CUDA is present, else CPU")
+    p.add_argument("--stop-signals", metavar="LIST", default=d.stop_signals,
+                   help="signals (comma-separated, or none) on which every rank stops after the same step, "
+                        f"checkpoints into --out and exits with status {STOPPED}; --resume continues")
     return p
 
 
@@ -101,7 +107,7 @@ def _cli_message(exc: Exception) -> str:
 
 
 # Settings of the machine running the resumed job, not of the run: never taken from a checkpoint.
-_LOCAL_SETTINGS = ("resume", "progress", "device")
+_LOCAL_SETTINGS = ("resume", "progress", "device", "stop_signals")
 
 
 def _explicit(argv: list[str] | None) -> set[str]:
@@ -230,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         return _rank_failure(comm, exc)
     s = result.summary
     if comm.rank == 0:
+        if trainer.stopped_by:
+            held = ", ".join(f"{name} on rank {rank}" for rank, name in trainer.stopped_by.items())
+            print(f"{PROG}: stopped after step {trainer.step} of {trainer.total_steps} ({held}); " + (
+                f"continue with --resume {config.out}" if config.out else "no --out: no checkpoint to resume from"))
         print(f"{PROG}: {s['optimizer']} on {trainer.data.name}, {s['ranks']} rank(s) on {s['device']}, global batch "
               f"{config.batch_size}: {s['steps']} steps ({s['epochs']:.1f} epochs) in {s['wall']:.1f} s of training\n"
               f"test accuracy {100 * s['test_acc']:.2f}% (loss {s['test_loss']:.4f}), "
@@ -238,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
             print(f"log: {os.path.join(config.out, LOG_NAME)}  plot: {os.path.join(config.out, PLOT_NAME)}")
     if result.preconditioner is not None:
         result.preconditioner.report(gather=True)  # collective; prints the per-stage table on rank 0
-    return 0
+    return STOPPED if trainer.stopped_by else 0

@@ -8,6 +8,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from hpckfac.checks import check_integer, check_real
+from hpckfac.stop import DEFAULT_SIGNALS, parse_signal
 from hpckfac.torch.device import DEVICE_CHOICES, DeviceChoice
 from hpckfac.torch.options import DEFAULTS, check_options
 
@@ -19,6 +20,17 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 Progress = Literal["auto", "bar", "lines", "none"]
 PROGRESS: tuple[str, ...] = get_args(Progress)
 DEFAULT_LR = {"kfac": 0.05, "sgd": 0.1, "adam": 0.003}
+
+
+def stop_signals(spec: str) -> tuple:
+    """The signals of a ``stop_signals`` setting: comma-separated names (``"TERM,USR1"``) or
+    numbers, or ``"none"`` (or empty) for none; ValueError naming ``stop_signals`` otherwise."""
+    if not isinstance(spec, str):
+        raise ValueError(f"stop_signals: expected comma-separated signal names or 'none', got {spec!r}")
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if parts in ([], ["none"]):
+        return ()
+    return tuple(dict.fromkeys(parse_signal(int(p) if p.isdigit() else p, "stop_signals") for p in parts))
 
 
 def progress_mode(progress: str | bool) -> str:
@@ -48,7 +60,9 @@ class TrainConfig:
     epochs; ``kl_clip=0`` disables the KL clip; ``progress`` is one of ``PROGRESS`` (True
     is ``"auto"``, False ``"none"``); ``device`` is ``auto`` (a GPU
     per rank when CUDA is present), ``cuda`` or ``cpu``. ``momentum`` is SGD's and
-    K-FAC's heavy-ball momentum (Adam keeps its default betas).
+    K-FAC's heavy-ball momentum (Adam keeps its default betas). ``stop_signals`` are
+    the signals that stop every rank after the same step, checkpointed with ``out``
+    (``hpckfac.stop``): comma-separated names or ``"none"``.
     """
 
     optimizer: Optimizer = "kfac"
@@ -76,6 +90,7 @@ class TrainConfig:
     progress: Progress | bool = "auto"
     device: DeviceChoice = "auto"
     statistics_fraction: float = DEFAULTS["statistics_fraction"]
+    stop_signals: str = ",".join(name.removeprefix("SIG") for name in DEFAULT_SIGNALS)
 
     def validate(self) -> "TrainConfig":
         """Check every value; returns self with ``lr`` filled in."""
@@ -84,6 +99,7 @@ class TrainConfig:
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         self.progress = progress_mode(self.progress)
+        stop_signals(self.stop_signals)
         for name in ("data", "out", "resume"):  # paths (a resumed run takes data and out from its checkpoint)
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):

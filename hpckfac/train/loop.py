@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -24,9 +25,10 @@ from torch import nn
 
 from hpckfac.log import get_logger
 from hpckfac.models import resnet
+from hpckfac.stop import StopOnSignal
 from hpckfac.train.checkpoint import (CheckpointError, check_compatible, check_history, checkpoint_path,
                                       find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint)
-from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig
+from hpckfac.train.config import TRAJECTORY_KEYS, TrainConfig, stop_signals
 from hpckfac.train.data import BatchOrder, Dataset, load_dataset
 from hpckfac.train.files import append_lines, atomic_write, check_output_dir
 from hpckfac.train.schedule import WarmupPolynomialDecay
@@ -167,6 +169,7 @@ class Trainer:
                 inverse_update_interval=config.inverse_update_interval,
                 kl_clip=config.kl_clip or None, statistics_fraction=config.statistics_fraction, comm=self.comm)
         self.step, self.wall, self.records, self.step_seconds = 0, 0.0, [], []
+        self.stopped_by: dict[int, str] = {}  # rank -> signal, when a signal ended the last run()
         self._logged: int | None = None  # records already in records.jsonl (None: not written yet)
         self._interval = np.zeros(3)  # loss sum, correct, examples since the last evaluation (this rank)
         if config.resume:
@@ -313,7 +316,12 @@ class Trainer:
         is a terminal and, elsewhere (a batch job's log file, or under mpiexec, which forwards
         output through pipes), one line per evaluation instead of a bar redrawn with carriage
         returns; ``"bar"`` and ``"lines"`` choose, ``"none"`` is silent. Log records print
-        above the bar."""
+        above the bar.
+
+        One of ``config.stop_signals`` on any rank (a batch system's warning before the time
+        limit) ends the run after the same step on every rank: with ``--out``, evaluated and
+        checkpointed there, so that ``--resume`` continues it; ``stopped_by`` then names the
+        ranks and signals."""
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -325,11 +333,14 @@ class Trainer:
             mode = "bar" if sys.stderr.isatty() else "lines"
         bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=mode != "bar",
                    dynamic_ncols=True, leave=True)
+        stop = self._stop_on_signal()
         try:
             with logging_redirect_tqdm(loggers=[logging.getLogger("hpckfac")]):
-                self._steps(bar, lines=mode == "lines")
+                self._steps(bar, lines=mode == "lines", stop=stop)
         finally:
             bar.close()
+            if stop is not None:
+                stop.close()
         if not self.records or self.records[-1]["step"] != self.step:
             self.evaluate()
         self._write_log(final=True)
@@ -357,14 +368,30 @@ class Trainer:
 
             plot_history(self.records, os.path.join(self.config.out, PLOT_NAME), title=self._title())
 
-    def _steps(self, bar, lines: bool) -> None:
-        """The steps of ``run``, with their evaluations and checkpoints."""
+    def _stop_on_signal(self) -> StopOnSignal | None:
+        """The handler of ``config.stop_signals`` for one ``run`` (None without any, or outside
+        the main thread, where Python cannot handle signals)."""
+        signals = stop_signals(self.config.stop_signals)
+        if not signals:
+            return None
+        if threading.current_thread() is not threading.main_thread():
+            _log.warning("stop_signals: run() is not in the main thread, where Python handles signals alone; "
+                         "%s will end the run without a checkpoint", ", ".join(s.name for s in signals))
+            return None
+        return StopOnSignal(self.comm, signals)
+
+    def _steps(self, bar, lines: bool, stop: StopOnSignal | None = None) -> None:
+        """The steps of ``run``, with their evaluations and checkpoints, until the last step or
+        until ``stop`` says every rank stops."""
         c = self.config
         test_acc = self.records[-1]["test_acc"] if self.records else float("nan")
         while self.step < self.total_steps:
             seconds, loss, accuracy = self.train_step()
-            checkpoint = c.checkpoint_every and (self.step % c.checkpoint_every == 0
-                                                 or self.step == self.total_steps)
+            stopping = stop is not None and stop.should_stop()  # every rank, after every step
+            if stopping:
+                self.stopped_by = stop.stopping_ranks
+            checkpoint = (c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps)
+                          or stopping and bool(c.out))
             if self.step % c.eval_every == 0 or self.step == self.total_steps or checkpoint:
                 record = self.evaluate()
                 test_acc = record["test_acc"]
@@ -378,13 +405,16 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}",
                             test="-" if math.isnan(test_acc) else f"{test_acc:.3f}",
                             ms=f"{1e3 * seconds:.1f}", refresh=False)
+            if stopping:
+                return
 
     def summary(self) -> dict[str, Any]:
         """Final and best test accuracy, steps, epochs, training seconds."""
         last = self.records[-1]
         best = max(self.records, key=lambda r: r["test_acc"])
         return {"optimizer": self.config.optimizer, "ranks": self.size, "device": str(self.device),
-                "steps": self.step,
+                "steps": self.step, "total_steps": self.total_steps,
+                "stopped_by": {str(rank): name for rank, name in self.stopped_by.items()},
                 "epochs": last["epoch"], "wall": self.wall, "test_acc": last["test_acc"],
                 "test_loss": last["test_loss"], "best_test_acc": best["test_acc"], "best_step": best["step"]}
 

@@ -321,6 +321,32 @@ def test_a_value_whose_pickling_raises_value_error_fails_on_every_rank(comm, cal
 
 
 @pytest.mark.mpi
+def test_nonzero_ranks(comm):
+    """Every rank's nonzero value by rank, on every rank: from the allreduce alone when all pass
+    the same value, from the gathered values when they differ; bad values and ranks in other
+    calls fail every rank promptly."""
+    values = [(3 * rank + 1) % 4 for rank in range(comm.size)]  # 1, 0, 3, 2: one rank passes 0
+    assert comm.nonzero_ranks(values[comm.rank], "flags") == {r: v for r, v in enumerate(values) if v}
+    assert comm.nonzero_ranks(2**61, "flags") == {r: 2**61 for r in range(comm.size)}
+    assert comm.nonzero_ranks(0, "flags") == {}
+    with pytest.raises(TypeError, match="^what must be a string naming the call, got int$"):
+        comm.nonzero_ranks(1, 5)
+    bad = odd_one_out(comm) or comm.size == 1
+    if bad:
+        with pytest.raises(ValueError, match=r"^flags: value must be an integer in \[0, 2\*\*62\), got -1$"):
+            comm.nonzero_ranks(-1, "flags")
+        still_works(comm)
+    else:
+        expect_mismatch(comm, lambda: comm.nonzero_ranks(1, "flags"), "arguments")
+    what = "other" if odd_one_out(comm) else "flags"
+    expect_mismatch(comm, lambda: comm.nonzero_ranks(1, what),
+                    rf"ranks compare different things \(flags on ranks \[0(, \d+)*\]; other on ranks \[{comm.size - 1}\]\)")
+    call = (lambda: comm.same_everywhere(1, "settings")) if odd_one_out(comm) else \
+        (lambda: comm.nonzero_ranks(1, "flags"))
+    expect_mismatch(comm, call, rf"ranks disagree on the call \(flags on ranks \[0(, \d+)*\]; settings on ranks \[{comm.size - 1}\]\)")
+
+
+@pytest.mark.mpi
 def test_same_everywhere(comm):
     """One digest allreduce: True on every rank when every rank passed the same value, False on
     every rank when one differs; a rank in another call, or with a value that cannot be pickled,

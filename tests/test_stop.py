@@ -1,0 +1,167 @@
+"""Stopping on a signal: the handler, the decision at one rank, the trainer's checkpoint and
+its resume (bit for bit the uninterrupted run), and ``hpckfac train`` under mpiexec stopped by a
+signal the launcher passes on to every rank (exit status 75)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from hpckfac.comm import Communicator
+from hpckfac.stop import StopOnSignal, parse_signal
+from hpckfac.train.config import TrainConfig, stop_signals
+from hpckfac.train.loop import Trainer
+from test_multirank import mpiexec
+from test_train_cli import ENV, checkpoint, train
+
+
+@pytest.fixture
+def comm():
+    return Communicator()
+
+
+@pytest.mark.parametrize("spec, expected", [("USR1", signal.SIGUSR1), ("sigterm", signal.SIGTERM),
+                                            (" SIGUSR2 ", signal.SIGUSR2), (int(signal.SIGUSR1), signal.SIGUSR1)])
+def test_signals_by_name_or_number(spec, expected):
+    assert parse_signal(spec) is expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("KILL", "SIGKILL cannot be caught"), ("SIGSTOP", "SIGSTOP cannot be caught"),
+    ("NOPE", "'NOPE' is not a signal on this platform"), (999, "999 is not a signal"),
+    (True, "expected signal names or numbers"), (None, "expected signal names or numbers"),
+])
+def test_signals_that_cannot_stop_a_run_are_refused(spec, message):
+    with pytest.raises(ValueError, match=f"^signals: {message}"):
+        parse_signal(spec)
+
+
+def test_stop_signals_setting():
+    assert stop_signals("TERM, usr1,TERM") == (signal.SIGTERM, signal.SIGUSR1)
+    assert stop_signals(str(int(signal.SIGUSR2))) == (signal.SIGUSR2,)
+    assert stop_signals("none") == stop_signals("") == ()
+    assert TrainConfig().validate().stop_signals == "TERM,USR1"
+
+
+def test_a_signal_is_noted_and_every_later_decision_is_to_stop(comm):
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopOnSignal(comm, ["USR1"]) as stop:
+        assert stop.received is None and not stop.should_stop() and stop.stopping_ranks == {}
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.received == "SIGUSR1"
+        assert stop.should_stop() and stop.should_stop()
+        assert stop.stopping_ranks == {0: "SIGUSR1"}
+    assert signal.getsignal(signal.SIGUSR1) is before
+    with pytest.raises(ValueError, match="^signals: expected at least one signal"):
+        StopOnSignal(comm, [])
+
+
+def test_a_second_signal_goes_to_the_handler_that_was_there_before(comm):
+    calls = []
+
+    def previous(signum, frame):
+        calls.append(signum)
+
+    old = signal.signal(signal.SIGUSR2, previous)
+    try:
+        stop = StopOnSignal(comm, "USR2")
+        signal.raise_signal(signal.SIGUSR2)
+        assert calls == [] and stop.received == "SIGUSR2"
+        signal.raise_signal(signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2]
+        stop.close()
+        assert signal.getsignal(signal.SIGUSR2) is previous
+        signal.raise_signal(signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2] * 2 and stop.received == "SIGUSR2"
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_a_second_sigterm_ends_a_process_that_did_not_stop():
+    code = ("import signal\nfrom hpckfac.comm import Communicator\nfrom hpckfac.stop import StopOnSignal\n"
+            "stop = StopOnSignal(Communicator())\nsignal.raise_signal(signal.SIGTERM)\n"
+            "print(stop.received, flush=True)\nsignal.raise_signal(signal.SIGTERM)\nprint('still here')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == -signal.SIGTERM and proc.stdout == "SIGTERM\n", proc.stdout + proc.stderr
+
+
+def test_only_the_main_thread_can_install_handlers(comm):
+    errors = []
+
+    def make():
+        try:
+            StopOnSignal(comm)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    assert errors and "main thread" in errors[0]
+
+
+def test_the_trainer_stops_after_the_signalled_step_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """A signal during step 5 of 9: the run stops after step 5 with a checkpoint there (not on
+    the checkpoint schedule), its log names the signal, and resuming ends with the weights of
+    the run that was never stopped, bit for bit."""
+    base = dict(optimizer="kfac", batch_size=32, steps=9, eval_every=4, warmup_steps=2, seed=5, progress="none",
+                factor_update_interval=2, inverse_update_interval=4, stop_signals="USR1")
+    whole = Trainer(TrainConfig(**base)).run()
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = Trainer(TrainConfig(**base, out=str(tmp_path)))
+    step = trainer.train_step
+
+    def signalled():
+        result = step()
+        if trainer.step == 5:
+            signal.raise_signal(signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", signalled)
+    trainer.run()
+    assert trainer.step == 5 and trainer.stopped_by == {0: "SIGUSR1"}
+    assert signal.getsignal(signal.SIGUSR1) is before
+    log = json.load(open(tmp_path / "log.json"))
+    assert log["summary"]["stopped_by"] == {"0": "SIGUSR1"} and log["summary"]["steps"] == 5
+    assert [r["step"] for r in log["records"]] == [4, 5]
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000005.pt"]
+    resumed = Trainer(TrainConfig(**base, out=str(tmp_path), resume=str(tmp_path))).run()
+    assert resumed.summary["steps"] == 9 and resumed.summary["stopped_by"] == {}
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    assert whole.records[-1]["test_acc"] == resumed.records[-1]["test_acc"]
+
+
+def test_train_under_mpiexec_stops_on_a_forwarded_signal_and_resumes(tmp_path):
+    """SIGUSR1 to mpiexec reaches both ranks (MPICH and Open MPI pass it on): they stop after the
+    same step, checkpoint, say how to go on and exit with 75; ``--resume`` finishes the run."""
+    out = tmp_path / "run"
+    args = ["--batch-size", 32, "--steps", 300, "--eval-every", 5, "--progress", "lines", "--out", out, "--seed", 1]
+    cmd = [*mpiexec(), "-n", "2", sys.executable, "-m", "hpckfac", "train", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "records.jsonl").exists():  # the first evaluation: both ranks are in run()
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first evaluation"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 75, stdout + stderr
+    summary = json.load(open(out / "log.json"))["summary"]
+    step = summary["steps"]
+    assert 5 <= step < 300 and summary["stopped_by"] == {"0": "SIGUSR1", "1": "SIGUSR1"}
+    assert f"stopped after step {step} of 300 (SIGUSR1 on rank 0, SIGUSR1 on rank 1); continue with --resume {out}" \
+        in stdout
+    assert checkpoint(out, step)["step"] == step and "Traceback" not in stderr
+    again = train(["--resume", out, "--no-progress"], ranks=2)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.load(open(out / "log.json"))["summary"]["steps"] == 300
