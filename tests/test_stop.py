@@ -165,3 +165,16 @@ def test_train_under_mpiexec_stops_on_a_forwarded_signal_and_resumes(tmp_path):
     again = train(["--resume", out, "--no-progress"], ranks=2)
     assert again.returncode == 0, again.stdout + again.stderr
     assert json.load(open(out / "log.json"))["summary"]["steps"] == 300
+
+
+def test_a_trainer_run_outside_the_main_thread_says_signals_stay_as_they_are(caplog):
+    """Python handles signals in the main thread alone: a run in another thread trains as
+    usual and says that its stop signals will not checkpoint."""
+    results, before = [], signal.getsignal(signal.SIGTERM)
+    config = TrainConfig(optimizer="sgd", batch_size=32, steps=2, progress="none")
+    thread = threading.Thread(target=lambda: results.append(Trainer(config).run()))
+    with caplog.at_level("WARNING", logger="hpckfac.train"):
+        thread.start()
+        thread.join()
+    assert results and results[0].summary["steps"] == 2 and signal.getsignal(signal.SIGTERM) is before
+    assert "stop_signals: run() is not in the main thread" in caplog.text and "SIGTERM, SIGUSR1" in caplog.text
