@@ -68,6 +68,9 @@ def test_miniature_study_writes_table_json_and_plot(tmp_path, monkeypatch, capsy
     tiny = (conv.Study(batch=64, steps=3, eval_every=1, warmup=0,
                        lrs={"sgd": (0.1,), "adam": (3e-3,), "kfac": (0.05, 0.1)}, dampings=(1e-2,)),)
     monkeypatch.setattr(conv, "QUICK", tiny)
+    # A signal ends the study as it ends any script, not one of its runs (then reported as complete).
+    import hpckfac.train.loop as loop
+    monkeypatch.setattr(loop, "StopOnSignal", lambda *args, **kwargs: pytest.fail("a run installed stop handlers"))
     assert conv.main(["--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "steps→97%" in out and "kfac/sgd to 97%" in out

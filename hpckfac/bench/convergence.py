@@ -89,9 +89,11 @@ def run_one(comm: Communicator, method: str, batch: int, lr: float, damping: flo
     from hpckfac.train.loop import Trainer
 
     optimizer, fixed = METHODS[method]
+    # A signal ends the study as it would any script: a run stopped early and then reported
+    # beside complete ones would be a wrong figure (the study writes no checkpoints).
     config = TrainConfig(optimizer=optimizer, batch_size=batch, steps=study.steps, lr=lr,
                          warmup_steps=study.warmup, damping=damping or TrainConfig.damping, seed=seed,
-                         eval_every=study.eval_every, progress=False, **fixed)
+                         eval_every=study.eval_every, progress=False, stop_signals="none", **fixed)
     result = Trainer(config, comm).run()
     run: dict[str, Any] = {"method": method, "batch": batch, "lr": lr, "damping": damping, "seed": seed,
                            "final_acc": result.records[-1]["test_acc"],
