@@ -178,3 +178,20 @@ def test_a_trainer_run_outside_the_main_thread_says_signals_stay_as_they_are(cap
         thread.join()
     assert results and results[0].summary["steps"] == 2 and signal.getsignal(signal.SIGTERM) is before
     assert "stop_signals: run() is not in the main thread" in caplog.text and "SIGTERM, SIGUSR1" in caplog.text
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish(monkeypatch):
+    """A run that reached its last step is done: a signal in that step does not turn it into
+    a stopped run (which would exit with 75 and ask to be resumed)."""
+    trainer = Trainer(TrainConfig(optimizer="sgd", batch_size=32, steps=3, progress="none", stop_signals="USR1"))
+    step = trainer.train_step
+
+    def signalled():
+        result = step()
+        if trainer.step == 3:
+            signal.raise_signal(signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", signalled)
+    result = trainer.run()
+    assert trainer.step == 3 and trainer.stopped_by == {} and result.summary["stopped_by"] == {}

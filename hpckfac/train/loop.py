@@ -334,6 +334,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=mode != "bar",
                    dynamic_ncols=True, leave=True)
         stop = self._stop_on_signal()
+        self.stopped_by = {}
         try:
             with logging_redirect_tqdm(loggers=[logging.getLogger("hpckfac")]):
                 self._steps(bar, lines=mode == "lines", stop=stop)
@@ -387,7 +388,8 @@ class Trainer:
         test_acc = self.records[-1]["test_acc"] if self.records else float("nan")
         while self.step < self.total_steps:
             seconds, loss, accuracy = self.train_step()
-            stopping = stop is not None and stop.should_stop()  # every rank, after every step
+            # Every rank alike, after every step but the last (a run that reached its end is done).
+            stopping = stop is not None and self.step < self.total_steps and stop.should_stop()
             if stopping:
                 self.stopped_by = stop.stopping_ranks
             checkpoint = (c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == self.total_steps)
