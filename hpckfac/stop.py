@@ -16,9 +16,9 @@ every rank stops after the same step, with the same answer, and can checkpoint t
             save_checkpoint()                 # every rank stops after this same step
             break
 
-A second delivery of a signal already received goes to the handler that was there
-before (by default: the process ends), so that a run that does not stop can still be
-ended by signalling it again. Python runs signal handlers between bytecodes of the main
+Any signal after the first goes to the handler that was there before (by default: the
+process ends), so that a run that does not stop can still be ended by signalling it again,
+and Slurm's SIGTERM at the limit still ends a run its earlier ``--signal`` did not stop. Python runs signal handlers between bytecodes of the main
 thread: a rank blocked inside an MPI call notes the signal only when the call returns.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from hpckfac.log import get_logger
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator
 
-DEFAULT_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+# Those of them this platform has (Windows has no SIGUSR1).
+DEFAULT_SIGNALS: tuple[str, ...] = tuple(name for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 _log = get_logger("hpckfac.stop")
 
 
@@ -90,8 +91,8 @@ class StopOnSignal:
         if self._received is None:
             self._received = sig
             return
-        # Asked again: the run did not stop in time (or the user insists), so the handler
-        # that was there before takes this one.
+        # A signal after the first: the run did not stop in time (or the user insists), so
+        # the handler that was there before takes this one.
         previous = self._previous.get(sig, signal.SIG_DFL)
         if callable(previous):
             previous(signum, frame)

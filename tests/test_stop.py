@@ -82,12 +82,14 @@ def test_a_second_signal_goes_to_the_handler_that_was_there_before(comm):
         signal.signal(signal.SIGUSR2, old)
 
 
-def test_a_second_sigterm_ends_a_process_that_did_not_stop():
+@pytest.mark.parametrize("first", ["SIGTERM", "SIGUSR1"])
+def test_a_sigterm_after_the_first_signal_ends_a_process_that_did_not_stop(first):
+    """Slurm's SIGTERM at the limit ends a run that its earlier --signal=USR1 did not stop."""
     code = ("import signal\nfrom hpckfac.comm import Communicator\nfrom hpckfac.stop import StopOnSignal\n"
-            "stop = StopOnSignal(Communicator())\nsignal.raise_signal(signal.SIGTERM)\n"
+            f"stop = StopOnSignal(Communicator())\nsignal.raise_signal(signal.{first})\n"
             "print(stop.received, flush=True)\nsignal.raise_signal(signal.SIGTERM)\nprint('still here')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
-    assert proc.returncode == -signal.SIGTERM and proc.stdout == "SIGTERM\n", proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM and proc.stdout == f"{first}\n", proc.stdout + proc.stderr
 
 
 def test_only_the_main_thread_can_install_handlers(comm):
