@@ -210,3 +210,14 @@ def test_training_options_table_lists_every_option_of_the_parser():
     table = re.search(r"## Options\n\n(.*?)\n\n", TEXTS["docs/training.md"], re.S).group(1)
     named = set(re.findall(r"--[a-z][\w-]*", table))
     assert named == _long_options("train") - {"--help"}
+
+
+def test_result_files_name_no_path_outside_the_repository():
+    """The recorded results stand alone: no file under docs/results cites a path of the machine
+    that measured them (a benchmark records where it wrote its JSON; in the repository that is the
+    file's own path)."""
+    outside = re.compile(r'"(?:/tmp/|/home/|/root/|/work/|/Users/)[^"]*"')
+    found = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in sorted((ROOT / "docs" / "results").rglob("*"))
+             if path.is_file() and path.suffix in (".json", ".txt", ".log", ".md")
+             for match in outside.finditer(path.read_text(encoding="utf-8", errors="replace"))]
+    assert not found, found
