@@ -197,3 +197,48 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(monkeypatch):
     monkeypatch.setattr(trainer, "train_step", signalled)
     result = trainer.run()
     assert trainer.step == 3 and trainer.stopped_by == {} and result.summary["stopped_by"] == {}
+
+
+DATALOADER_SCRIPT = """
+import os, sys, time, torch
+from torch.utils.data import DataLoader, TensorDataset
+from hpckfac.comm import Communicator
+from hpckfac.stop import StopOnSignal
+
+stop = StopOnSignal(Communicator())  # before the loader forks its workers: they inherit the handler
+out = sys.argv[1]
+
+def started(worker):
+    open(os.path.join(out, f"worker_{worker}"), "w").write(str(os.getpid()))
+
+data = TensorDataset(torch.arange(10**6))
+loader = DataLoader(data, batch_size=4, num_workers=2, worker_init_fn=started, multiprocessing_context="fork")
+for step, (x,) in enumerate(loader):
+    time.sleep(0.01)
+    if stop.should_stop():
+        print("stopped after step", step, flush=True)
+        break
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked DataLoader workers")
+def test_sigusr1_to_every_process_of_the_job_stops_a_loop_with_dataloader_workers(tmp_path):
+    """A batch system signals every process of the job, DataLoader workers included. Workers
+    forked after StopOnSignal inherit its handler and only note SIGUSR1, so the loop stops and
+    ends its workers as usual, instead of a worker dying and taking the rank with it."""
+    proc = subprocess.Popen([sys.executable, "-c", DATALOADER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("worker_*"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.05)
+        workers = [int(path.read_text()) for path in tmp_path.glob("worker_*")]
+        for pid in [proc.pid, *workers]:
+            os.kill(pid, signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "stopped after step" in stdout, stdout + stderr
