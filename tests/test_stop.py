@@ -107,6 +107,19 @@ def test_only_the_main_thread_can_install_handlers(comm):
     assert errors and "main thread" in errors[0]
 
 
+def signal_in_step(trainer, number, monkeypatch):
+    """SIGUSR1 to this process at the end of ``trainer``'s step ``number`` (counted from 1)."""
+    step = trainer.train_step
+
+    def signalled():
+        result = step()
+        if trainer.step == number:
+            signal.raise_signal(signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", signalled)
+
+
 def test_the_trainer_stops_after_the_signalled_step_and_resumes_bit_for_bit(tmp_path, monkeypatch):
     """A signal during step 5 of 9: the run stops after step 5 with a checkpoint there (not on
     the checkpoint schedule), its log names the signal, and resuming ends with the weights of
@@ -116,15 +129,7 @@ def test_the_trainer_stops_after_the_signalled_step_and_resumes_bit_for_bit(tmp_
     whole = Trainer(TrainConfig(**base)).run()
     before = signal.getsignal(signal.SIGUSR1)
     trainer = Trainer(TrainConfig(**base, out=str(tmp_path)))
-    step = trainer.train_step
-
-    def signalled():
-        result = step()
-        if trainer.step == 5:
-            signal.raise_signal(signal.SIGUSR1)
-        return result
-
-    monkeypatch.setattr(trainer, "train_step", signalled)
+    signal_in_step(trainer, 5, monkeypatch)
     trainer.run()
     assert trainer.step == 5 and trainer.stopped_by == {0: "SIGUSR1"}
     assert signal.getsignal(signal.SIGUSR1) is before
@@ -186,15 +191,7 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(monkeypatch):
     """A run that reached its last step is done: a signal in that step does not turn it into
     a stopped run (which would exit with 75 and ask to be resumed)."""
     trainer = Trainer(TrainConfig(optimizer="sgd", batch_size=32, steps=3, progress="none", stop_signals="USR1"))
-    step = trainer.train_step
-
-    def signalled():
-        result = step()
-        if trainer.step == 3:
-            signal.raise_signal(signal.SIGUSR1)
-        return result
-
-    monkeypatch.setattr(trainer, "train_step", signalled)
+    signal_in_step(trainer, 3, monkeypatch)
     result = trainer.run()
     assert trainer.step == 3 and trainer.stopped_by == {} and result.summary["stopped_by"] == {}
 
