@@ -319,3 +319,18 @@ def test_training_templates_checkpoint_and_resume_a_stopped_run(tmp_path, name):
 
         assert signal_line and stop_signals(signal_line[1]) and \
             set(stop_signals(signal_line[1])) <= set(stop_signals(TrainConfig().stop_signals))
+
+
+@pytest.mark.parametrize("status, requeue, requeued", [(75, "1", True), (75, "0", False), (1, "1", False),
+                                                       (0, "1", False)])
+def test_slurm_training_template_requeues_a_stopped_run_when_asked(tmp_path, status, requeue, requeued):
+    """Exit status 75 (stopped with a checkpoint) and REQUEUE=1: the job goes back in the queue;
+    the template exits with the run's status either way."""
+    stubs, log = stub_launchers(tmp_path, "srun", "python", "scontrol")
+    (tmp_path / "bin" / "srun").write_text(f'#!/bin/sh\necho "srun $*" >> "{log}"\nexit {status}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(stubs, SLURM_NTASKS="2", SLURM_JOB_ID="77", OUT=str(tmp_path / "out"), REQUEUE=requeue)
+    proc = subprocess.run(["bash", os.path.join(JOBS, "slurm_train.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == status, proc.stderr
+    assert launches(log, "scontrol") == ([["scontrol", "requeue", "77"]] if requeued else [])
