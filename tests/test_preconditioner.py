@@ -1468,6 +1468,40 @@ def test_misuse_warnings_and_tied_weights(comm, caplog):
     assert torch.isfinite(shared.weight.grad).all()
 
 
+def test_tied_embedding_and_head_warning_names_the_embedding_to_skip(comm, caplog):
+    """An embedding tied to its output head: the warning says to skip the embedding. Skipping the
+    head instead leaves the embedding's block a gradient in rows its batch never looked up (the
+    head's share), which its token counts cannot give (the first factor step names it); skipping
+    the embedding leaves the head's block, whose calls reach every row, and no such warning."""
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(11, 6), nn.Linear(6, 11)
+            self.out.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.out(torch.tanh(self.emb(tokens)))
+
+    tokens = torch.randint(0, 5, (4, 3))  # tokens 5..10 never looked up: their rows get the head's gradient
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond = KFACPreconditioner(TiedLM().double(), comm=comm)
+    assert "put emb in skip_layers (not the other" in caplog.text
+    assert not precond.engine.blocks
+    precond.remove_hooks()
+    for skip, kfac, outside in (("out", "emb", True), ("emb", "out", False)):
+        torch.manual_seed(0)
+        model = TiedLM().double()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            precond = KFACPreconditioner(model, skip_layers=[skip], comm=comm)
+            assert [block.name for block in precond.engine.blocks] == [kfac]
+            nn.functional.cross_entropy(model(tokens).reshape(-1, 11), tokens.roll(1, 1).reshape(-1)).backward()
+            precond.step()
+        assert ("get gradient the layers' own calls cannot give" in caplog.text) is outside, skip
+        precond.remove_hooks()
+
+
 def test_a_kfac_layer_replaced_by_a_new_module_is_averaged_and_named(caplog):
     """A K-FAC layer swapped for a new module under the same name (a new head) has no hooks or
     block: its parameters are averaged first-order and named in the warning, although the

@@ -69,8 +69,9 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
     for name, module, block in candidates:
         tied = sorted({other for p in _covered(module) for other in users[id(p)] if other != name})
         if tied:
-            note("layer %s (%s) stays first-order: it shares a parameter with %s (tied weights)",
-                 name, type(module).__name__, ", ".join(tied))
+            note("layer %s (%s) stays first-order: it shares a parameter with %s (tied weights); %s",
+                 name, type(module).__name__, ", ".join(tied),
+                 _tie_remedy({n: m for n, m, _ in candidates if n == name or n in tied}))
             status[name] = f"first-order: shares a parameter with {', '.join(map(repr, tied))} (tied weights)"
             continue
         wrong = sorted({str(p.dtype).removeprefix("torch.") for p in _covered(module) if not p.is_floating_point()})
@@ -103,6 +104,19 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
         note("no layer of the model is preconditioned (see print(preconditioner) for why); every "
              "gradient is only averaged over ranks")
     return Coverage(modules, blocks, covered, rows)
+
+
+def _tie_remedy(layers: dict[str, nn.Module]) -> str:
+    """How to precondition a weight tied between ``layers`` (name -> module) by one layer's
+    curvature: skip the others. An embedding must be among those skipped: its block's statistics
+    hold only the rows the micro-batch looks up, while the other layer (an output head) gives the
+    shared weight gradient in every row, which that block would scale by the damping alone."""
+    embeddings = sorted(n for n, m in layers.items() if isinstance(m, nn.Embedding))
+    if embeddings and len(embeddings) < len(layers):
+        return (f"to precondition it by the other layer's curvature, put {', '.join(embeddings)} in skip_layers "
+                "(not the other: an embedding's block sees only the rows its batch looks up, while the "
+                "other layer gives every row gradient)")
+    return "to precondition it by one layer's curvature, put the others in skip_layers"
 
 
 def _skipped(name: str, module: nn.Module, skip_layers: Sequence[str | type]) -> bool:
