@@ -23,7 +23,7 @@ class _KeywordOnly(nn.Module):
 def _hooked(module: nn.Module, capturing: bool):
     """``module`` under ``CaptureHooks`` whose callbacks record what they receive."""
     inputs, grads = [], []
-    hooks = CaptureHooks([module], lambda i, a: inputs.append((i, a)) or "token",
+    hooks = CaptureHooks([module], lambda i, a, output: inputs.append((i, a)) or "token",
                          lambda i, g, token: grads.append((i, g, token)), [False], lambda: 4, lambda index: capturing)
     return hooks, inputs, grads
 

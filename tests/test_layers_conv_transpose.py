@@ -122,8 +122,36 @@ def test_invalid_arguments_name_the_parameter(kwargs, name):
         ConvTransposeBlock(**args)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] == 1 and max(c[3]) > 1])
+def test_a_calls_output_size_gives_the_rows_of_that_output(case):
+    """forward(x, output_size=...) pads the output beyond the module's output_padding: given
+    that size, add_input takes the rows of its output positions (the definition's, loop-built),
+    pairs them with an output gradient of that size, and refuses a size no padding gives."""
+    x, block = make(case, np.random.default_rng(7))
+    largest = tuple(n + max(s, d) - 1 - op for n, s, d, op in
+                    zip(block.output_size(x.shape[2:]), block.stride, block.dilation, block.output_padding))
+    padded = ConvTransposeBlock("up", block.in_channels, block.out_channels, block.kernel_size, block.stride,
+                                block.padding, tuple(o - n + op for o, n, op in zip(
+                                    largest, block.output_size(x.shape[2:]), block.output_padding)),
+                                block.dilation, block.has_bias)
+    rows = loop_rows(x, padded, largest)
+    stats = np.zeros(block.stat_size)
+    saved = block.add_input(stats, x, output_size=largest)
+    assert tuple(saved) == largest
+    np.testing.assert_allclose(stats[:block.d_A * (block.d_A + 1) // 2], (rows.T @ rows)[np.triu_indices(block.d_A)],
+                               rtol=1e-13, atol=1e-13)
+    block.add_output_grad(stats, np.ones((x.shape[0], block.out_channels, *largest)), 1.0, saved)
+    with pytest.raises(ValueError, match="output_size: block 'up' cannot give"):
+        block.add_input(stats, x, output_size=tuple(o + 1 for o in largest))
+    given, plain = np.zeros(block.stat_size), np.zeros(block.stat_size)
+    block.add_input(given, x, output_size=block.output_size(x.shape[2:]))
+    block.add_input(plain, x)
+    np.testing.assert_array_equal(given, plain)
+
+
 def test_output_size_other_than_the_modules_is_refused():
-    """forward(x, output_size=...) pads the output differently from the module's output_padding."""
+    """An output gradient of another size than the one add_input was given (a subclass whose
+    forward changes its output) is refused."""
     x, block = make(CASES[0], np.random.default_rng(6))
     stats = np.zeros(block.stat_size)
     saved = block.add_input(stats, x)

@@ -2041,9 +2041,9 @@ def test_a_compiled_model_runs_the_hooks_eagerly_and_takes_the_eager_statistics(
     seen = []
     on_input = KFACPreconditioner._on_input
 
-    def spy(self, index, a):
+    def spy(self, index, a, output):
         seen.append(torch.compiler.is_compiling())
-        return on_input(self, index, a)
+        return on_input(self, index, a, output)
 
     monkeypatch.setattr(KFACPreconditioner, "_on_input", spy)
 

@@ -36,11 +36,37 @@ class ConvTransposeBlock(SpatialKronBlock):
         cin, cout = self.in_channels // groups, self.out_channels // groups
         super().__init__(name, cin * prod(self.kernel_size), cout, bias, (self.in_channels, cout, *self.kernel_size),
                          groups)
+        self._by_output_padding: dict[tuple[int, ...], ConvTransposeBlock] = {}
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
         return tuple((n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, k, s, p, op, d in
                      zip(input_size, self.kernel_size, self.stride, self.padding, self.output_padding,
                          self.dilation))
+
+    def add_input(self, stats: Array, a: Array, output_size: Sequence[int] | None = None) -> tuple[int, ...]:
+        """As ``SpatialKronBlock.add_input``; ``output_size``, the spatial size of this call's
+        output, when a call (``forward(x, output_size=...)``, a U-Net matching its skip
+        connection) chose another than ``output_padding`` gives: ``A`` then takes the rows of
+        that call's output positions, as PyTorch pads the output for it."""
+        if output_size is None or tuple(output_size) == self.output_size(a.shape[2:]):
+            return super().add_input(stats, a)
+        return self._with_output_size(a, output_size).add_input(stats, a)
+
+    def _with_output_size(self, a: Array, output_size: Sequence[int]) -> ConvTransposeBlock:
+        """This block with the output padding that gives ``a`` the spatial ``output_size``
+        (its factors' layout is the same), built once per padding. ValueError naming this block
+        where no padding below ``max(stride, dilation)`` gives that size, as PyTorch refuses."""
+        padding = tuple(int(o) - (n - op) for o, n, op in
+                        zip(output_size, self.output_size(a.shape[2:]), self.output_padding))
+        if len(padding) != len(self.kernel_size) or any(
+                not 0 <= op < max(s, d) for op, s, d in zip(padding, self.stride, self.dilation)):
+            raise ValueError(f"output_size: block {self.name!r} cannot give an input of spatial size "
+                             f"{tuple(a.shape[2:])} the output size {tuple(output_size)}")
+        if padding not in self._by_output_padding:
+            self._by_output_padding[padding] = ConvTransposeBlock(
+                self.name, self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                padding, self.dilation, self.has_bias, self.groups)
+        return self._by_output_padding[padding]
 
     def input_rows(self, a: Array, ones: bool = False, kernel_major: bool = False) -> Array:
         """im2col rows ``(N * T, in_channels * prod(kernel) + ones)`` of the zero-inserted,
@@ -66,10 +92,10 @@ class ConvTransposeBlock(SpatialKronBlock):
                           self.in_channels * prod(self.kernel_size) + ones, ones, kernel_major)
 
     def _output_size_cause(self) -> str:
-        # forward(x, output_size=...) changes the output padding per call, which the rows of A,
-        # built from the module's output_padding, would not match.
-        return (f"output_padding {self.output_padding}; forward(..., output_size=...) is not supported, "
-                "set output_padding instead")
+        # A call's output size (forward(x, output_size=...)) reaches add_input from the hooks;
+        # a size other than the one A was built for means the output seen is not this call's.
+        return (f"output_padding {self.output_padding}: a subclass whose forward changes its output, or a "
+                "forward(..., output_size=...) whose output size add_input was not given")
 
     def _spatial_axes(self) -> tuple[int, ...]:
         return tuple(range(3, 3 + len(self.kernel_size)))

@@ -101,9 +101,11 @@ class LocalStatistics:
         blocks take ``sampled`` (default: all of them)."""
         self._passes.append([int(count), int(count if sampled is None else sampled), False])
 
-    def add_inputs(self, block: int, a: Any) -> int:
+    def add_inputs(self, block: int, a: Any, output_size: Sequence[int] | None = None) -> int:
         """Add the contribution of block ``block``'s layer input ``a`` (one call, in the
-        latest forward pass; ``a``'s first axis holds the examples). Returns the call's id,
+        latest forward pass; ``a``'s first axis holds the examples). ``output_size``: the
+        spatial size of the call's output, for a block whose ``A`` depends on it beyond its
+        input (``ConvTransposeBlock``: ``forward(x, output_size=...)``). Returns the call's id,
         which ``add_output_grads`` takes to pair this call's output gradient with it."""
         self._calls += 1
         # An empty batch: nothing to add, only the call to pair. So too for rows in a pass of no
@@ -112,8 +114,9 @@ class LocalStatistics:
         if not a.shape[0] or (self._passes and not self._passes[-1][0]):
             self._saved[block][self._calls] = (-1, _EMPTY)
             return self._calls
+        extra = {} if output_size is None else {"output_size": output_size}
         self._saved[block][self._calls] = (len(self._passes) - 1,
-                                           self.blocks[block].add_input(self._sums[block], a))
+                                           self.blocks[block].add_input(self._sums[block], a, **extra))
         self._seen[block][0] = True
         return self._calls
 

@@ -79,12 +79,14 @@ def checkpoint_context_fn() -> tuple[ContextManager, ContextManager]:
     return contextlib.nullcontext(), recomputing()
 
 
-InputCallback = Callable[[int, torch.Tensor], Any]
+InputCallback = Callable[[int, torch.Tensor, Any], Any]
 GradCallback = Callable[[int, torch.Tensor, Any], None]
 
 
 class CaptureHooks:
-    """Hooks on ``modules``; callbacks receive the module's index in ``modules``.
+    """Hooks on ``modules``; callbacks receive the module's index in ``modules``, and
+    ``on_input(index, input, output)`` the call's output too (a transposed convolution's
+    depends on more than its input: ``forward(x, output_size=...)``).
 
     ``broadcast[i]`` marks module ``i`` as above; ``micro_batch()`` returns the
     current micro-batch's size; ``capturing(i)`` says whether module ``i``'s call takes
@@ -122,13 +124,13 @@ class CaptureHooks:
             replaced = None
             if not capturing(index):
                 if not self.quiet:  # quiet: this pass is counted already, on_input would do nothing
-                    on_input(index, a)
+                    on_input(index, a, output)
                 return None
             batch = micro_batch()
             if broadcast and isinstance(output, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 < batch:
                 a = a.expand(batch, *a.shape[1:])
                 output = replaced = output.expand(batch, *output.shape[1:])
-            token = on_input(index, a)
+            token = on_input(index, a, output)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda grad: on_output_grad(index, grad, token))
             return replaced

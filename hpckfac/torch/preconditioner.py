@@ -25,6 +25,7 @@ from torch import nn
 from hpckfac.arrays import to_host
 from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicator
 from hpckfac.comm.agreement import digest
+from hpckfac.layers import ConvTransposeBlock
 from hpckfac.log import get_logger
 from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
@@ -376,7 +377,7 @@ class KFACPreconditioner:
             scale /= self._scaler_scale
         return scale
 
-    def _on_input(self, index: int, a: torch.Tensor) -> tuple[int, int, int] | None:
+    def _on_input(self, index: int, a: torch.Tensor, output: Any = None) -> tuple[int, int, int] | None:
         if a.dim() == 0:  # an Embedding takes one index without a batch axis; no rows to count
             raise ValueError(f"a: layer {self.engine.blocks[index].name} got a 0-d input: an unbatched input is "
                              "not supported (add a batch dimension)")
@@ -425,7 +426,8 @@ class KFACPreconditioner:
         with device_scope(self.device):
             try:
                 call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0, batch),
-                                                                           batch, sample)))
+                                                                           batch, sample)),
+                                             output_size=self._output_size(index, output))
             except (ValueError, RuntimeError) as err:
                 self._raise_if_resized(index, err)
                 raise
@@ -434,6 +436,15 @@ class KFACPreconditioner:
         # may all run before one backward (two batches whose losses are added), and the later
         # forwards have changed the count by then.
         return call, batch, sample
+
+    def _output_size(self, index: int, output: Any) -> tuple[int, ...] | None:
+        """The spatial size of a transposed convolution's output, which its ``A`` needs: a call
+        ``forward(x, output_size=...)`` pads the output beyond what the module's
+        ``output_padding`` gives (a U-Net matching an odd-sized skip connection). None for
+        other blocks."""
+        if isinstance(self.engine.blocks[index], ConvTransposeBlock) and isinstance(output, torch.Tensor):
+            return tuple(output.shape[2:])
+        return None
 
     def _takes_statistics(self, index: int) -> bool:
         """Whether a call of K-FAC layer ``index`` takes statistics now: on a factor-update step,
