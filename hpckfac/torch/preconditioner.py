@@ -204,6 +204,10 @@ class KFACPreconditioner:
         self._fired: set[int] = set()  # K-FAC layers called since the last count
         self._warned: set[str] = set()
         self._replicas_checked = False  # the weights are compared across ranks at the first step()
+        # Until then: each trainable parameter's in-place version as the last backward pass left
+        # it, and that pass's id (_note_versions).
+        self._versions: dict[str, int] = {}
+        self._versions_task: int | None = None
         self._outside_checked = False  # gradients against the statistics, at the first factor step
         # A module running sequence-first (nn.LSTM, nn.MultiheadAttention, nn.Transformer with
         # batch_first=False) makes an input of as many positions as examples ambiguous (_batch_first).
@@ -446,6 +450,22 @@ class KFACPreconditioner:
             return tuple(output.shape[2:])
         return None
 
+    def _note_versions(self) -> None:
+        """Before the first ``step()``, once per backward pass: each trainable parameter's
+        in-place version counter, which ``step()`` compares with its own reading
+        (``_changed_since_backward``)."""
+        if self._task == -1 or self._versions_task != self._task:  # -1: the pass's id is not known
+            self._versions_task = self._task
+            self._versions = {name: p._version for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _changed_since_backward(self) -> list[str]:
+        """The parameters changed in place since the last backward pass the hooks saw (none when
+        they saw none): an ``optimizer.step()`` run before ``step()`` has applied each rank's own
+        gradient, and the preconditioned one this step writes comes too late."""
+        named = dict(self.model.named_parameters())
+        return [name for name, version in self._versions.items()
+                if name in named and named[name]._version != version]
+
     def _takes_statistics(self, index: int) -> bool:
         """Whether a call of K-FAC layer ``index`` takes statistics now: on a factor-update step,
         unless every parameter its block covers is frozen. A pass that gives a layer's parameters
@@ -530,6 +550,8 @@ class KFACPreconditioner:
             return
         call, batch, sample = token  # from the call's forward (_on_input)
         self._in_backward()
+        if not self._replicas_checked:
+            self._note_versions()
         start = time.perf_counter()
         scale = self._grad_scale(batch) ** 2
         g = self._batch_first(index, g, 1, batch)
@@ -606,16 +628,25 @@ class KFACPreconditioner:
         lr = self.current_lr()  # validated before anything is reduced or written,
         current = self.engine.current_settings()  # as are the engine's schedules (run once a step)
         if not self._replicas_checked:
+            changed = self._changed_since_backward()
+            early = (f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed in place after "
+                     "this step's backward: optimizer.step() before precond.step()? The optimizer then applies "
+                     "each rank's own plain gradient, and the preconditioned, averaged .grad that step() writes "
+                     "comes too late; call precond.step() between backward() and optimizer.step()")
             # Averaged gradients keep replicas apart forever if they start apart: say so now.
             found = replica_difference(self.model, self.comm)
             if found is not None and found.endswith(DIFFERENT_MODELS):
                 raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must build "
                                               "the same model and change it alike (a module added or removed on "
                                               "some ranks only after the KFACPreconditioner was built?)")
+            if found is not None and changed:
+                raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; {early}")
             if found is not None:
                 raise CollectiveMismatchError(f"replicas differ at the first step(): {found}; every rank must "
                                               "start from the same weights: call broadcast_parameters(model, "
                                               "comm) on every rank before training")
+            if changed:
+                self._warn_once("stepped-early", f"parameters {early}")
             if self.comm.size > 1 and not self._ddp and gradients_alike(self.model, self.comm):
                 self._note("every rank has the same gradients at the first step(): the %d ranks took the same "
                            "batch and train as one would; give each rank its own shard of every global batch "

@@ -93,6 +93,38 @@ def test_first_step_without_broadcast_raises_on_every_rank(comm):
     precond.remove_hooks()
 
 
+@pytest.mark.mpi
+def test_optimizer_step_before_the_first_step_is_named(comm, caplog):
+    """optimizer.step() before precond.step() applies each rank's own plain gradient: over
+    several ranks the replicas then differ at the first step(), which names that order rather
+    than a missing broadcast_parameters; on one rank nothing differs, and a warning says it
+    (there the step is plain SGD's, silently). The right order, with an Embedding whose max_norm
+    renormalises rows in place during the forward (one rank only), gets neither."""
+    from hpckfac.torch import KFACPreconditioner
+
+    for wrong in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0 if comm.size == 1 else None), nn.Tanh(),
+                              nn.Linear(3, 2))
+        broadcast_parameters(model, comm)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        precond = KFACPreconditioner(model, comm=comm)
+        gen = torch.Generator().manual_seed(comm.rank + 1)
+        model(torch.randint(0, 6, (5,), generator=gen)).sum().backward()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            if wrong:
+                optimizer.step()
+            if wrong and comm.size > 1:
+                with pytest.raises(CollectiveMismatchError, match=r"first step\(\): 0\.weight has .*changed in place "
+                                   r"after this step's backward: optimizer\.step\(\) before precond\.step\(\)"):
+                    precond.step()
+            else:
+                precond.step()
+        assert ("optimizer.step() before precond.step()" in caplog.text) is (wrong and comm.size == 1)
+        precond.remove_hooks()
+
+
 @pytest.mark.mpi(min_size=2)
 def test_first_step_names_a_module_added_on_one_rank_only(comm):
     """A module added after construction on one rank is in no layer list that construction
