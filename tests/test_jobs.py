@@ -294,8 +294,10 @@ def test_local_scripts_oversubscribe_under_open_mpi(tmp_path, name, version, fla
 @pytest.mark.parametrize("name", ["slurm_train.sbatch", "pbs_train.pbs"])
 def test_training_templates_checkpoint_and_resume_a_stopped_run(tmp_path, name):
     """The training templates checkpoint on a schedule and resume from OUT once it holds
-    checkpoints (a run stopped before the time limit, submitted again); Slurm signals the
-    ranks before the limit with a signal hpckfac train stops on by default."""
+    checkpoints (a run stopped before the time limit, submitted again), not when its checkpoints
+    folder holds only the temporary file of a run killed while writing its first one (hpckfac train
+    --resume would refuse it: no checkpoint); Slurm signals the ranks before the limit with a
+    signal hpckfac train stops on by default."""
     stubs, log = stub_launchers(tmp_path, "srun", "mpirun", "python")
     nodefile = tmp_path / "nodes"
     nodefile.write_text("n0\nn0\n")
@@ -303,9 +305,11 @@ def test_training_templates_checkpoint_and_resume_a_stopped_run(tmp_path, name):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_"))}
     env.update(stubs, SLURM_NTASKS="2", SLURM_JOB_ID="3", PBS_NODEFILE=str(nodefile), OUT=str(out))
     launcher = "srun" if name.startswith("slurm") else "mpirun"
-    for resumed in (False, True):
-        if resumed:
-            (out / "checkpoints").mkdir(parents=True)
+    for files, resumed in (([], False), ([".step_00000200.pt.x1y2.tmp"], False), (["step_00000200.pt"], True)):
+        if files:
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for file in files:
+                (out / "checkpoints" / file).write_bytes(b"")
             log.unlink()
         proc = subprocess.run(["bash", os.path.join(JOBS, name)], env=env, capture_output=True, text=True,
                               timeout=60)
