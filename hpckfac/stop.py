@@ -81,6 +81,7 @@ class StopOnSignal:
         self.comm = comm
         self.signals: tuple[signal.Signals, ...] = tuple(wanted)
         self._received: signal.Signals | None = None
+        self._closed = False
         self._stopping: dict[int, int] = {}
         self._previous: dict[signal.Signals, Any] = {}
         for sig in self.signals:
@@ -88,11 +89,13 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
-        if self._received is None:
+        if self._received is None and not self._closed:
             self._received = sig
             return
         # A signal after the first: the run did not stop in time (or the user insists), so
-        # the handler that was there before takes this one.
+        # the handler that was there before takes this one. So does every signal after close():
+        # this handler may still be installed, as the previous one of a StopOnSignal made after
+        # this one and closed later, and must not keep a signal that nobody will ask about.
         previous = self._previous.get(sig, signal.SIG_DFL)
         if callable(previous):
             previous(signum, frame)
@@ -134,12 +137,14 @@ class StopOnSignal:
         return bool(ranks)
 
     def close(self) -> None:
-        """Restore the handlers that were there before (those not replaced since)."""
+        """Restore the handlers that were there before (those not replaced since); from then on
+        this one, wherever it is still installed (under a StopOnSignal made after it and not
+        yet closed), passes every signal on to them."""
+        self._closed = True
         handle: Callable = self._handle
         for sig, previous in self._previous.items():
             if signal.getsignal(sig) == handle:
                 signal.signal(sig, previous)
-        self._previous = {}
 
     def __enter__(self) -> "StopOnSignal":
         return self

@@ -82,6 +82,28 @@ def test_a_second_signal_goes_to_the_handler_that_was_there_before(comm):
         signal.signal(signal.SIGUSR2, old)
 
 
+def test_handlers_closed_in_any_order_hand_signals_back_to_the_original_one(comm):
+    """Two StopOnSignal closed in the order they were made: the first one's handler, which the
+    second restores as its previous, passes signals on to the handler that was there before
+    both, instead of keeping the next signal in a closed StopOnSignal that nobody asks."""
+    calls = []
+
+    def previous(signum, frame):
+        calls.append(signum)
+
+    old = signal.signal(signal.SIGUSR2, previous)
+    try:
+        first, second = StopOnSignal(comm, "USR2"), StopOnSignal(comm, "USR2")
+        first.close()
+        second.close()
+        signal.raise_signal(signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2] and first.received is None and second.received is None
+        first.close()  # a second close() restores the handler of before, now that it can
+        assert signal.getsignal(signal.SIGUSR2) is previous
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
 @pytest.mark.parametrize("first", ["SIGTERM", "SIGUSR1"])
 def test_a_sigterm_after_the_first_signal_ends_a_process_that_did_not_stop(first):
     """Slurm's SIGTERM at the limit ends a run that its earlier --signal=USR1 did not stop."""
