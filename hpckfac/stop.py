@@ -125,10 +125,7 @@ class StopOnSignal:
         point of each step (one small allreduce, a second exchange only when the ranks'
         flags differ); with one rank, no communication."""
         value = 0 if self._received is None else int(self._received)
-        if self.comm.size == 1:
-            ranks = {0: value} if value else {}
-        else:
-            ranks = self.comm.nonzero_ranks(value, "StopOnSignal.should_stop()")
+        ranks = self.comm.nonzero_ranks(value, "StopOnSignal.should_stop()")
         if ranks and not self._stopping:
             self._stopping = ranks
             if self.comm.rank == 0:

@@ -515,17 +515,19 @@ class Communicator:
     def nonzero_ranks(self, value: int, what: str) -> dict[int, int]:
         """Every rank's ``value`` that is not 0, by rank (a collective, the same answer on every
         rank): one small allreduce when every rank passes the same value, an allgather of the
-        values only when they differ. For a flag that any rank may raise between two calls, such
-        as a signal received (``hpckfac.stop``). A rank in another call makes every rank raise
-        CollectiveMismatchError naming ``what``, as do ranks that pass different ``what``s; a
-        ``value`` that is not an integer in ``[0, 2**62)`` raises ValueError (its peers
-        CollectiveMismatchError)."""
+        values only when they differ, no communication with one rank. For a flag that any rank
+        may raise between two calls, such as a signal received (``hpckfac.stop``). A rank in
+        another call makes every rank raise CollectiveMismatchError naming ``what``, as do ranks
+        that pass different ``what``s; a ``value`` that is not an integer in ``[0, 2**62)``
+        raises ValueError (its peers CollectiveMismatchError)."""
         if not isinstance(what, str):
             disagreement(self.mpi, rejected("nonzero_ranks"), str(what))
             raise TypeError(f"what must be a string naming the call, got {type(what).__name__}")
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**62:
             disagreement(self.mpi, rejected("nonzero_ranks"), self._call_name(what))
             raise ValueError(f"{what}: value must be an integer in [0, 2**62), got {value!r}")
+        if self.size == 1:  # nobody to disagree with: no allreduce on a per-step path
+            return {0: int(value)} if value else {}
         mine = signature("nonzero_ranks", parameter=int(value), layout=digest(what.encode()))
         call = self._call_name(what)
         found = disagreement(self.mpi, mine, call)  # no waiting notice: its timer thread would cost more than the call
