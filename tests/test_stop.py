@@ -218,6 +218,58 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(monkeypatch):
     assert trainer.step == 3 and trainer.stopped_by == {} and result.summary["stopped_by"] == {}
 
 
+SIGNAL_IN_SCRIPT = """
+import os, signal, sys
+from hpckfac.train import cli
+from hpckfac.train.loop import Trainer
+
+where, sig = getattr(Trainer, sys.argv[1]), signal.Signals[sys.argv[2]]
+
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), sig)  # the batch system's warning, at this point of the run
+    return where(*args, **kwargs)
+
+setattr(Trainer, sys.argv[1], signalled)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def train_signalled_in(where: str, sig: str, args: list) -> subprocess.CompletedProcess:
+    """``hpckfac train args`` in one process that sends itself ``sig`` as ``Trainer.<where>`` starts."""
+    return subprocess.run([sys.executable, "-c", SIGNAL_IN_SCRIPT, where, sig, *map(str, args)], capture_output=True,
+                          text=True, timeout=240, env=ENV)
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
+def test_a_signal_during_the_setup_stops_the_run_after_its_first_step(tmp_path, sig):
+    """A signal while the Trainer loads its data or checkpoint, before the first step, is noted
+    as any other: the run stops after one step with a checkpoint and exits with 75, where
+    SIGTERM ended the process and SIGUSR1 went to MPICH's own handler (installed at MPI_Init),
+    which drops it, so the run went on to be killed at the limit. Resuming it ends with the
+    weights of the uninterrupted run."""
+    out = tmp_path / "run"
+    args = ["--optimizer", "sgd", "--batch-size", 32, "--steps", 6, "--checkpoint-every", 3, "--no-progress"]
+    proc = train_signalled_in("__init__", sig, [*args, "--out", out])
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert f"stopped after step 1 of 6 ({sig} on rank 0)" in proc.stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    again = train(["--resume", out, "--no-progress"])
+    whole = train([*args, "--out", tmp_path / "whole"])
+    assert again.returncode == whole.returncode == 0, again.stderr + whole.stderr
+    for name, tensor in checkpoint(tmp_path / "whole", 6)["model"].items():
+        assert torch.equal(tensor, checkpoint(out, 6)["model"][name]), name
+
+
+def test_a_signal_after_the_last_step_lets_the_finished_run_write_its_log(tmp_path):
+    """A signal after the last step, while the finished run writes its log and plot, is no
+    stop: the run ends with status 0 and all its outputs, instead of the signal ending it."""
+    proc = train_signalled_in("_plot", "SIGUSR1", ["--optimizer", "sgd", "--batch-size", 32, "--steps", 3, "--no-progress",
+                                        "--out", tmp_path])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.load(open(tmp_path / "log.json"))["summary"]
+    assert summary["steps"] == 3 and summary["stopped_by"] == {} and (tmp_path / "training.png").exists()
+
+
 DATALOADER_SCRIPT = """
 import os, sys, time, torch
 from torch.utils.data import DataLoader, TensorDataset

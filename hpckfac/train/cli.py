@@ -11,10 +11,15 @@ import argparse
 import os
 import sys
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from hpckfac.cli import HelpFormatter
 from hpckfac.torch.device import DEVICE_CHOICES
 from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig
+
+if TYPE_CHECKING:
+    from hpckfac.comm import Communicator
+    from hpckfac.stop import StopOnSignal
 
 PROG = "hpckfac train"
 # EX_TEMPFAIL of sysexits.h: stopped by a signal with a checkpoint, to be resumed.
@@ -204,13 +209,29 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
-    from hpckfac.comm import CollectiveMismatchError, world_communicator
+    from hpckfac.comm import world_communicator
     from hpckfac.log import get_logger
-    from hpckfac.train.loop import LOG_NAME, PLOT_NAME, Trainer, TrainingDiverged
+    from hpckfac.train.loop import stop_on_signal
 
     comm = world_communicator()
     if "HPCKFAC_LOG_LEVEL" not in os.environ:
         get_logger("hpckfac.train").setLevel(logging.INFO if comm.rank == 0 else logging.WARNING)
+    # Installed before the setup and kept until the end, so that a batch system's signal while
+    # the Trainer loads its data or checkpoint stops the run after its first step, and one after
+    # the last step leaves the finished run to write its log, rather than ending the process.
+    stop = stop_on_signal(config, comm)
+    try:
+        return _train(config, comm, stop)
+    finally:
+        if stop is not None:
+            stop.close()
+
+
+def _train(config: TrainConfig, comm: "Communicator", stop: "StopOnSignal | None") -> int:
+    """``main`` from the Trainer's setup on, with ``stop`` (None: no stop signals) installed."""
+    from hpckfac.comm import CollectiveMismatchError
+    from hpckfac.train.loop import LOG_NAME, PLOT_NAME, Trainer, TrainingDiverged
+
     try:
         trainer = Trainer(config, comm)
     except ValueError as exc:  # data, checkpoint, batch split: the same on every rank
@@ -229,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{trainer.total_steps}); nothing to train" + (f"; wrote {', '.join(written)}" if written else ""))
         return 0
     try:
-        result = trainer.run()
+        result = trainer.run(stop)
     except (TrainingDiverged, CollectiveMismatchError) as exc:  # raised on every rank together
         return _fail(_cli_message(exc), code=1)
     except (Exception, KeyboardInterrupt) as exc:  # this rank alone: the others would wait forever

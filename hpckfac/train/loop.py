@@ -118,6 +118,19 @@ def check_fits(build: Callable[[], nn.Module], kfac: bool, device: torch.device,
                          f"{'the GPU' if device.type == 'cuda' else 'this machine'} (lower --width)")
 
 
+def stop_on_signal(config: TrainConfig, comm: Communicator) -> StopOnSignal | None:
+    """The handler of ``config.stop_signals`` over ``comm`` (None without any, or outside the
+    main thread, where Python cannot handle signals). Not a collective."""
+    signals = stop_signals(config.stop_signals)
+    if not signals:
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        _log.warning("stop_signals: run() is not in the main thread, where Python handles signals alone; "
+                     "%s will end the run without a checkpoint", ", ".join(s.name for s in signals))
+        return None
+    return StopOnSignal(comm, signals)
+
+
 class Trainer:
     """One training run: data, model, optimizer (and preconditioner), schedule, state.
 
@@ -308,7 +321,7 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- run
-    def run(self) -> TrainResult:
+    def run(self, stop: StopOnSignal | None = None) -> TrainResult:
         """Train from ``self.step`` to ``total_steps``; evaluate every ``eval_every``
         steps, at checkpoints and at the end; write the log, plot and checkpoints.
 
@@ -321,7 +334,9 @@ class Trainer:
         One of ``config.stop_signals`` on any rank (a batch system's warning before the time
         limit) ends the run after the same step on every rank: with ``--out``, evaluated and
         checkpointed there, so that ``--resume`` continues it; ``stopped_by`` then names the
-        ranks and signals."""
+        ranks and signals. ``stop`` asks another StopOnSignal instead, left installed (one made
+        before this Trainer, so that a signal during its setup stops the run too, after its first
+        step); by default one for ``config.stop_signals``, from the first step to the last."""
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -333,14 +348,16 @@ class Trainer:
             mode = "bar" if sys.stderr.isatty() else "lines"
         bar = tqdm(total=self.total_steps, initial=self.step, desc=c.optimizer, disable=mode != "bar",
                    dynamic_ncols=True, leave=True)
-        stop = self._stop_on_signal()
+        own = stop is None
+        if own:
+            stop = stop_on_signal(self.config, self.comm)
         self.stopped_by = {}
         try:
             with logging_redirect_tqdm(loggers=[logging.getLogger("hpckfac")]):
                 self._steps(bar, lines=mode == "lines", stop=stop)
         finally:
             bar.close()
-            if stop is not None:
+            if own and stop is not None:
                 stop.close()
         if not self.records or self.records[-1]["step"] != self.step:
             self.evaluate()
@@ -368,18 +385,6 @@ class Trainer:
             from hpckfac.train.plot import plot_history
 
             plot_history(self.records, os.path.join(self.config.out, PLOT_NAME), title=self._title())
-
-    def _stop_on_signal(self) -> StopOnSignal | None:
-        """The handler of ``config.stop_signals`` for one ``run`` (None without any, or outside
-        the main thread, where Python cannot handle signals)."""
-        signals = stop_signals(self.config.stop_signals)
-        if not signals:
-            return None
-        if threading.current_thread() is not threading.main_thread():
-            _log.warning("stop_signals: run() is not in the main thread, where Python handles signals alone; "
-                         "%s will end the run without a checkpoint", ", ".join(s.name for s in signals))
-            return None
-        return StopOnSignal(self.comm, signals)
 
     def _steps(self, bar, lines: bool, stop: StopOnSignal | None = None) -> None:
         """The steps of ``run``, with their evaluations and checkpoints, until the last step or
