@@ -18,8 +18,9 @@ every rank stops after the same step, with the same answer, and can checkpoint t
 
 Any signal after the first goes to the handler that was there before (by default: the
 process ends), so that a run that does not stop can still be ended by signalling it again,
-and Slurm's SIGTERM at the limit still ends a run its earlier ``--signal`` did not stop. Python runs signal handlers between bytecodes of the main
-thread: a rank blocked inside an MPI call notes the signal only when the call returns.
+and Slurm's SIGTERM at the limit still ends a run its earlier ``--signal`` did not stop.
+Python runs signal handlers between bytecodes of the main thread: a rank blocked inside an
+MPI call notes the signal only when the call returns.
 """
 from __future__ import annotations
 
