@@ -1,5 +1,7 @@
 """ResNet-style CNNs with BatchNorm: small ones for 8x8 digits and CIFAR-like
-32x32 inputs, and ImageNet's ResNet-50 for benchmarks at real layer shapes.
+32x32 inputs, and ImageNet's ResNet-50 for benchmarks at real layer shapes; and a
+small causal transformer LM (``transformer``: ``python -m hpckfac.bench step --model
+transformer``, a deep model of many small layers).
 
 ``resnet(depth=20, width=16)`` is He et al.'s CIFAR ResNet-20: a 3x3 stem,
 three stages of ``(depth - 2) // 6`` basic blocks with ``width``, ``2*width``,
