@@ -90,3 +90,10 @@ def test_curvature_block_table_gives_each_constructor():
         if actual != documented:
             problems.append(f"{name}: docs/curvature.md says ({documented}), the code takes ({actual})")
     assert not problems, problems
+
+
+def test_the_shared_defaults_pass_their_own_checks():
+    """``check_options(**DEFAULTS)`` accepts every default as it is (``bucket_bytes=None`` was refused)."""
+    from hpckfac.torch.options import DEFAULTS, check_options
+
+    assert check_options(**DEFAULTS) == DEFAULTS

@@ -72,7 +72,8 @@ def _grad_scaler(value: Any):
 CHECKS = {
     **ENGINE_CHECKS,
     "lr": _lr,
-    "bucket_bytes": lambda v: check_integer(v, "bucket_bytes", 1),
+    # None, the default, takes the Communicator's fusion size.
+    "bucket_bytes": lambda v: None if v is None else check_integer(v, "bucket_bytes", 1),
     "accumulation_steps": lambda v: check_integer(v, "accumulation_steps", 1),
     "skip_layers": _skip_layers,
     "statistics_fraction": lambda v: check_real(v, "statistics_fraction", above=0.0, at_most=1.0),
@@ -82,8 +83,9 @@ CHECKS = {
 
 def check_options(**options: Any) -> dict[str, Any]:
     """Validated copies of the engine's and the bridge's options (ValueError naming the
-    first bad one): ``lr`` > 0 or a callable of the step; ``accumulation_steps``,
-    ``bucket_bytes`` integers >= 1; 0 < ``statistics_fraction`` <= 1;
+    first bad one): ``lr`` > 0, a callable of the step or a torch LR scheduler;
+    ``accumulation_steps`` an integer >= 1, ``bucket_bytes`` one or None (the Communicator's
+    fusion size); 0 < ``statistics_fraction`` <= 1;
     ``skip_layers`` names or module types; ``grad_scaler`` None or an object with
     ``get_scale()``; the engine's options as ``hpckfac.stages.options.check_options``."""
     return _check(CHECKS, **options)

@@ -116,7 +116,7 @@ class KFACPreconditioner:
             ``callable(step) -> float``.
         factor_update_interval: statistics are taken every that many steps.
         inverse_update_interval: inverses are recomputed every that many steps.
-        kl_clip: kappa of the KL clip, None to disable.
+        kl_clip: kappa of the KL clip, None or 0 to disable.
         skip_layers: module names (a name also skips its children) or module
             types to leave first-order.
         factor_dtype: dtype of the ReduceScatterV buffer (factors and the
@@ -167,8 +167,7 @@ class KFACPreconditioner:
                              inverse_update_interval=inverse_update_interval, kl_clip=kl_clip,
                              skip_layers=skip_layers, factor_dtype=factor_dtype, grad_scaler=grad_scaler,
                              assignment=assignment, accumulation_steps=accumulation_steps,
-                             statistics_fraction=statistics_fraction,
-                             **({} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}))
+                             statistics_fraction=statistics_fraction, bucket_bytes=bucket_bytes)
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm: expected an hpckfac.comm.Communicator, got {type(comm).__name__} (wrap an "
                             "mpi4py communicator as Communicator(mpi_comm))")
