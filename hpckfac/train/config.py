@@ -62,7 +62,7 @@ class TrainConfig:
     per rank when CUDA is present), ``cuda`` or ``cpu``. ``momentum`` is SGD's and
     K-FAC's heavy-ball momentum (Adam keeps its default betas). ``stop_signals`` are
     the signals that stop every rank after the same step, checkpointed with ``out``
-    (``hpckfac.stop``): comma-separated names or ``"none"``.
+    (``hpckfac.stop``): comma-separated names or numbers, or ``"none"``.
     """
 
     optimizer: Optimizer = "kfac"
