@@ -4,7 +4,8 @@ Batch systems warn a job before they end it: Slurm sends ``SIGTERM`` at the time
 (and ``SIGKILL`` ``KillWait`` seconds later, 30 by default), or any signal chosen with
 ``#SBATCH --signal=USR1@120`` that long before; PBS sends ``SIGTERM`` on ``qdel`` and at
 the walltime. MPICH's and Open MPI's launchers pass ``SIGUSR1`` on to every rank (MPICH's
-``SIGTERM`` too). A rank that receives one cannot simply stop: the others would wait for
+``SIGTERM`` too: Open MPI's ``mpirun`` passes it on but kills the ranks about half a second
+later). A rank that receives one cannot simply stop: the others would wait for
 it in their next collective, and a checkpoint is a collective too. ``StopOnSignal`` turns
 the signal into a flag that the ranks compare once per step (``should_stop``), so that
 every rank stops after the same step, with the same answer, and can checkpoint together::
