@@ -215,7 +215,7 @@ class KFACPreconditioner:
         # a head on it sees (1, batch, ...), which reads as an input shared by the batch.
         self._layer_first_model = self._sequence_first_model or any(isinstance(m, nn.RNNBase)
                                                                    for m in model.modules())
-        self.bucket_bytes = opts.get("bucket_bytes")
+        self.bucket_bytes = opts["bucket_bytes"]
         self.skip_layers = opts["skip_layers"]
         self.device = model_device(model)
         self.xp = namespace_for(self.device)
