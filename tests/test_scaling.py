@@ -98,6 +98,7 @@ def test_resnet50_runs_and_combines(tmp_path):
         assert len(run["iteration_samples"]) == 2 and run["warmup"] == 1
         assert run["iteration"] == pytest.approx(float(np.median(run["iteration_samples"])))
         assert len(run["rank_iteration"]) == len(run["hosts"]) == 3
+        assert run["host_cpus"] == [os.cpu_count()] * 3
         assert max(run["rank_iteration"]) <= run["iteration"] * (1 + 1e-12)
         # A rank's compute stages are part of its iteration, in every iteration, so in the median.
         assert len(run["rank_compute"]) == 3
@@ -183,4 +184,23 @@ def test_table_says_what_its_columns_count(capsys):
     assert scaling.main(["--model", "small", "--repeat", "1", "--warmup", "0", "--assignment", "lpt"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("stage columns: median ms (share of the stages' sum); MB_sent:")
-    assert lines[2].split()[:5] == ["assign", "P", "B/rank", "iter_ms", "local_factors"]
+    assert lines[2].startswith("threads per rank: ")
+    assert lines[3].split()[:5] == ["assign", "P", "B/rank", "iter_ms", "local_factors"]
+
+
+def test_placement_note_flags_oversubscription():
+    one = {"ranks": 1, "hosts": ["a"], "host_cpus": [2], "threads_per_rank": 1}
+    two = {"ranks": 2, "hosts": ["a", "a"], "host_cpus": [2, 2], "threads_per_rank": 1}
+    # 3 ranks of 2 threads: 4 threads on a's 2 cores (2:1), 2 on b's 4 (not crowded).
+    three = {"ranks": 3, "hosts": ["a", "a", "b"], "host_cpus": [2, 2, 4], "threads_per_rank": 2}
+    assert scaling.oversubscription(one) is None and scaling.oversubscription(two) is None
+    assert scaling.oversubscription(three) == (4, 2, "a")
+    # Unset OMP_NUM_THREADS counts one thread per rank, the least a rank runs: 4 ranks on 2 cores.
+    four = {"ranks": 4, "hosts": ["a"] * 4, "host_cpus": [2] * 4, "threads_per_rank": None}
+    assert scaling.oversubscription(four) == (4, 2, "a")
+    assert scaling.placement_note([one, two]) == "threads per rank: 1; no host oversubscribed at P=1/2"
+    note = scaling.placement_note([one, two, dict(four, threads_per_rank=1)])
+    assert note == "threads per rank: 1; oversubscribed, compute stages slowed: P=4: 4 threads on the 2 cores of a"
+    assert "unset (OMP_NUM_THREADS)" in scaling.placement_note([four])
+    # Runs from before the field say nothing of cores.
+    assert scaling.oversubscription({"ranks": 2, "hosts": ["a", "a"]}) is None

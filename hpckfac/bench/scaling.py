@@ -23,7 +23,8 @@ collectives (the last rank to arrive waits least, so its time is the
 collective's own cost); the iteration time is the maximum over ranks of the
 whole step. Medians over ``--repeat`` iterations (after ``--warmup`` untimed
 ones) are reported; the JSON also keeps every timed iteration's time, each
-rank's median iteration and compute time and each rank's host. With them go bytes
+rank's median iteration and compute time, each rank's host and its cores, and the threads
+per rank; the table notes every rank count whose ranks oversubscribe a host. With them go bytes
 sent per rank (by the ring algorithms of the model), the load imbalance
 (max/mean inversion cost over ranks) of the owner assignment, and, for
 ResNet-50, the imbalance of ``lpt`` vs ``contiguous`` at 2..1024 ranks
@@ -177,7 +178,7 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         it()
         per_iteration.append((it.clock() - start, dict(it.timings)))
     everyone = comm.allgather_object(per_iteration)
-    hosts = comm.allgather_object(platform.node())
+    hosts, host_cpus = zip(*comm.allgather_object((platform.node(), os.cpu_count() or 1)))
     stages, totals = {s: [] for s in ITERATION_STAGES}, []
     for k in range(args.repeat):
         totals.append(max(rank[k][0] for rank in everyone))
@@ -195,13 +196,55 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         "rank_iteration": [median([t for t, _ in rank]) for rank in everyone],
         # Each rank's own compute (its collectives' waits excluded): where a straggler shows.
         "rank_compute": [median([sum(st[s] for s in COMPUTE) for _, st in rank]) for rank in everyone],
-        "hosts": hosts, "warmup": args.warmup,
+        "hosts": list(hosts), "warmup": args.warmup,
+        # How the ranks sat on the cores: each rank's host's core count, and the threads each rank
+        # was allowed (None where OMP_NUM_THREADS was unset: a BLAS pool may take every core).
+        "host_cpus": list(host_cpus), "threads_per_rank": threads_per_rank(),
         "bytes_sent": it.bytes_sent(),
         "imbalance": perf.imbalance(costs, it.engine.owners, comm.size),
         "inversion_time_imbalance": max(inversion) / max(np.mean(inversion), 1e-12),
         "owners": comm.size - sum(1 for r in range(comm.size) if not it.engine.layout.owned[r]),
         "blocks": len(costs),
     }
+
+
+def threads_per_rank() -> int | None:
+    """The threads this rank was allowed by ``OMP_NUM_THREADS``, or None where it is unset or not a count."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def oversubscription(run: dict[str, Any]) -> tuple[int, int, str] | None:
+    """``(threads, cores, host)`` of the most crowded host of ``run`` where its ranks' threads
+    (one per rank at least) outnumber its cores, or None where no host is oversubscribed (or the
+    run predates ``host_cpus``)."""
+    if "host_cpus" not in run:
+        return None
+    threads = run.get("threads_per_rank") or 1
+    cores = dict(zip(run["hosts"], run["host_cpus"]))
+    crowded = [(threads * run["hosts"].count(host), cores[host], host) for host in cores]
+    worst = max(crowded, key=lambda c: c[0] / c[1])
+    return worst if worst[0] > worst[1] else None
+
+
+def placement_note(runs: list[dict[str, Any]]) -> str:
+    """One line on the threads and cores behind the runs' times: the threads per rank, and each
+    rank count whose ranks outnumber a host's cores, whose compute stages then share cores."""
+    counts = sorted({r["ranks"] for r in runs})
+    threads = {r.get("threads_per_rank") for r in runs}
+    note = ("threads per rank: " + ", ".join("unset (OMP_NUM_THREADS)" if t is None else str(t)
+                                             for t in sorted(threads, key=lambda t: t or 0)))
+    crowded = {}
+    for run in runs:
+        worst = oversubscription(run)
+        if worst:
+            crowded[run["ranks"]] = worst
+    if crowded:
+        note += "; oversubscribed, compute stages slowed: " + ", ".join(
+            f"P={p}: {t} threads on the {c} cores of {h}" for p, (t, c, h) in sorted(crowded.items()))
+    elif any("host_cpus" in r for r in runs):
+        note += f"; no host oversubscribed at P={'/'.join(map(str, counts))}"
+    return note
 
 
 def add_efficiency(runs: list[dict[str, Any]], mode: str) -> None:
@@ -240,6 +283,7 @@ def print_table(title: str, runs: list[dict[str, Any]]) -> None:
     print(title)
     print("stage columns: median ms (share of the stages' sum); MB_sent: the most any rank sends per iteration "
           "(10^6 bytes); imbalance: max/mean inversion cost of the owners")
+    print(placement_note(runs))
     print(format_table(table_rows(runs), COLUMNS, ".2f"))
 
 
