@@ -294,6 +294,7 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
                        "--json", str(out), "--png", str(png)]) == 0
     text = capsys.readouterr().out
     assert "OTU+18" in text and "error_pct" in text
+    assert "measured_ms: the sum of the measured stage medians (not the scaling table's iter_ms)" in text
     result = json.loads(out.read_text())["results"]
     assert set(result["predictions"]) == set(model.PRESETS)
     assert set(result["calibration"]) == {"lpt", "contiguous"}

@@ -533,7 +533,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
                   f"alpha={machine.alpha * 1e6:.1f} us, beta={machine.beta * 1e9:.3f} s/GB, "
                   f"factor {machine.factor_flops / 1e9:.2f} GF/s, inversion {machine.inverse_rate / 1e9:.2f} "
                   f"G/s, preconditioning {machine.gemm_flops / 1e9:.2f} GF/s, {cores} cores")
-            print("stage columns: measured/predicted ms")
+            # The model predicts a sum of stages, so that is what it is held against: not the
+            # scaling table's iter_ms (median of whole iterations), which differs from it.
+            print("stage columns: measured/predicted ms; measured_ms: the sum of the measured stage medians "
+                  "(not the scaling table's iter_ms)")
             print(format_table(rows, ["ranks"] + [f"{s}_ms" for s in ITERATION_STAGES]
                                + ["measured_ms", "predicted_ms", "error_pct"], ".1f"))
             doubts = calibration_doubts(machine, rows)
