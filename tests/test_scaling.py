@@ -92,6 +92,11 @@ def test_resnet50_runs_and_combines(tmp_path):
         work = model.stage_work(model.workload_from_config(config, 3), 3)
         assert 2 / 3 * work["reduce_scatter"] <= run["bytes_sent"]["reduce_scatter"] <= work["reduce_scatter"]
         assert run["bytes_sent"]["allreduce"] == pytest.approx(2 * 2 / 3 * work["allreduce"], abs=1)
+        # One rank's total: at least the larger collective's maximum plus the allreduce, at most the
+        # maxima summed (reached only where one rank sends the most in both).
+        sent = run["bytes_sent"]
+        assert (max(sent["reduce_scatter"], sent["all_gather"]) + sent["allreduce"] <= sent["rank_most"]
+                <= sent["reduce_scatter"] + sent["all_gather"] + sent["allreduce"])
         assert run["imbalance"] >= 1.0
         # The spread behind the median: the reported time is the median of the timed iterations
         # (max over ranks each); every rank's own median is at most that (it never exceeds the max).
@@ -103,7 +108,7 @@ def test_resnet50_runs_and_combines(tmp_path):
         # A rank's compute stages are part of its iteration, in every iteration, so in the median.
         assert len(run["rank_compute"]) == 3
         assert all(0 < c <= t for c, t in zip(run["rank_compute"], run["rank_iteration"]))
-    assert all(r["bytes_sent"] == {"reduce_scatter": 0, "all_gather": 0, "allreduce": 0}
+    assert all(r["bytes_sent"] == {"reduce_scatter": 0, "all_gather": 0, "allreduce": 0, "rank_most": 0}
                for r in one["results"]["runs"])
     png, merged = tmp_path / "all.png", tmp_path / "all.json"
     assert scaling.main(["--combine", *files, "--json", str(merged), "--png", str(png)]) == 0
