@@ -9,6 +9,7 @@ import pytest
 
 from hpckfac.bench import model, scaling, shapes
 from hpckfac.stages.engine import ITERATION_STAGES
+from hpckfac.threads import USER_VARIABLES
 from test_multirank import mpiexec
 
 
@@ -103,7 +104,11 @@ def test_resnet50_runs_and_combines(tmp_path):
         assert len(run["iteration_samples"]) == 2 and run["warmup"] == 1
         assert run["iteration"] == pytest.approx(float(np.median(run["iteration_samples"])))
         assert len(run["rank_iteration"]) == len(run["hosts"]) == 3
-        assert run["host_cpus"] == [os.cpu_count()] * 3
+        # One host: its cores are the union of the three ranks' CPU sets; each rank's pool as the
+        # Communicator sized it (the cores split among 3 ranks, at least one thread each).
+        assert run["host_cpus"] == [len(os.sched_getaffinity(0))] * 3
+        if not any(v in os.environ for v in USER_VARIABLES):
+            assert run["threads_per_rank"] == [max(1, len(os.sched_getaffinity(0)) // 3)] * 3
         assert max(run["rank_iteration"]) <= run["iteration"] * (1 + 1e-12)
         # A rank's compute stages are part of its iteration, in every iteration, so in the median.
         assert len(run["rank_compute"]) == 3
@@ -189,23 +194,23 @@ def test_table_says_what_its_columns_count(capsys):
     assert scaling.main(["--model", "small", "--repeat", "1", "--warmup", "0", "--assignment", "lpt"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("stage columns: median ms (share of the stages' sum); MB_sent:")
-    assert lines[2].startswith("threads per rank: ")
+    assert lines[2].startswith("torch threads per rank: ")
     assert lines[3].split()[:5] == ["assign", "P", "B/rank", "iter_ms", "local_factors"]
 
 
 def test_placement_note_flags_oversubscription():
-    one = {"ranks": 1, "hosts": ["a"], "host_cpus": [2], "threads_per_rank": 1}
-    two = {"ranks": 2, "hosts": ["a", "a"], "host_cpus": [2, 2], "threads_per_rank": 1}
+    one = {"ranks": 1, "hosts": ["a"], "host_cpus": [2], "threads_per_rank": [2]}
+    two = {"ranks": 2, "hosts": ["a", "a"], "host_cpus": [2, 2], "threads_per_rank": [1, 1]}
     # 3 ranks of 2 threads: 4 threads on a's 2 cores (2:1), 2 on b's 4 (not crowded).
-    three = {"ranks": 3, "hosts": ["a", "a", "b"], "host_cpus": [2, 2, 4], "threads_per_rank": 2}
+    three = {"ranks": 3, "hosts": ["a", "a", "b"], "host_cpus": [2, 2, 4], "threads_per_rank": [2, 2, 2]}
     assert scaling.oversubscription(one) is None and scaling.oversubscription(two) is None
     assert scaling.oversubscription(three) == (4, 2, "a")
-    # Unset OMP_NUM_THREADS counts one thread per rank, the least a rank runs: 4 ranks on 2 cores.
-    four = {"ranks": 4, "hosts": ["a"] * 4, "host_cpus": [2] * 4, "threads_per_rank": None}
-    assert scaling.oversubscription(four) == (4, 2, "a")
-    assert scaling.placement_note([one, two]) == "threads per rank: 1; no host oversubscribed at P=1/2"
-    note = scaling.placement_note([one, two, dict(four, threads_per_rank=1)])
-    assert note == "threads per rank: 1; oversubscribed, compute stages slowed: P=4: 4 threads on the 2 cores of a"
-    assert "unset (OMP_NUM_THREADS)" in scaling.placement_note([four])
-    # Runs from before the field say nothing of cores.
+    # Ranks of one thread each, more of them than cores: the threads are summed per host.
+    four = {"ranks": 4, "hosts": ["a"] * 3 + ["b"], "host_cpus": [2, 2, 2, 1], "threads_per_rank": [1] * 4}
+    assert scaling.oversubscription(four) == (3, 2, "a")
+    assert scaling.placement_note([one, two]) == "torch threads per rank: 1, 2; no host oversubscribed at P=1/2"
+    note = scaling.placement_note([two, four])
+    assert note == "torch threads per rank: 1; oversubscribed, compute stages slowed: P=4: 3 threads on the 2 cores of a"
+    # Runs from before the fields say nothing of cores.
     assert scaling.oversubscription({"ranks": 2, "hosts": ["a", "a"]}) is None
+    assert scaling.placement_note([{"ranks": 2, "hosts": ["a", "a"]}]) == "torch threads per rank: not recorded"

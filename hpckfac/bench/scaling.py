@@ -51,6 +51,7 @@ from hpckfac.bench.report import Parser, check_memory, check_outputs, make_paren
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
+from hpckfac.comm.topology import cpu_set
 
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator
@@ -181,7 +182,13 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         it()
         per_iteration.append((it.clock() - start, dict(it.timings)))
     everyone = comm.allgather_object(per_iteration)
-    hosts, host_cpus = zip(*comm.allgather_object((platform.node(), os.cpu_count() or 1)))
+    placed = comm.allgather_object(rank_placement())
+    hosts = [host for host, _, _ in placed]
+    # A host's cores are those any of its ranks may run on: under a scheduler that shares nodes,
+    # the job's CPU sets, not the machine's count.
+    job_cpus: dict[str, set[int]] = {}
+    for host, cpus, _ in placed:
+        job_cpus.setdefault(host, set()).update(cpus)
     stages, totals = {s: [] for s in ITERATION_STAGES}, []
     for k in range(args.repeat):
         totals.append(max(rank[k][0] for rank in everyone))
@@ -199,10 +206,10 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         "rank_iteration": [median([t for t, _ in rank]) for rank in everyone],
         # Each rank's own compute (its collectives' waits excluded): where a straggler shows.
         "rank_compute": [median([sum(st[s] for s in COMPUTE) for _, st in rank]) for rank in everyone],
-        "hosts": list(hosts), "warmup": args.warmup,
-        # How the ranks sat on the cores: each rank's host's core count, and the threads each rank
-        # was allowed (None where OMP_NUM_THREADS was unset: a BLAS pool may take every core).
-        "host_cpus": list(host_cpus), "threads_per_rank": threads_per_rank(),
+        "hosts": hosts, "warmup": args.warmup,
+        # How the ranks sat on the cores: the cores the job has on each rank's host, and each
+        # rank's torch pool, where the compute stages' products run.
+        "host_cpus": [len(job_cpus[host]) for host in hosts], "threads_per_rank": [t for _, _, t in placed],
         "bytes_sent": it.bytes_sent(),
         "imbalance": perf.imbalance(costs, it.engine.owners, comm.size),
         "inversion_time_imbalance": max(inversion) / max(np.mean(inversion), 1e-12),
@@ -211,37 +218,35 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
     }
 
 
-def threads_per_rank() -> int | None:
-    """The threads this rank was allowed by ``OMP_NUM_THREADS``, or None where it is unset or not a count."""
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
+def rank_placement() -> tuple[str, list[int], int]:
+    """This rank's host, the CPUs it may run on, and the size of torch's pool (set by the
+    Communicator to the rank's share of the cores unless the user chose)."""
+    import torch
+
+    return platform.node(), sorted(cpu_set()), torch.get_num_threads()
 
 
 def oversubscription(run: dict[str, Any]) -> tuple[int, int, str] | None:
     """``(threads, cores, host)`` of the most crowded host of ``run`` where its ranks' threads
-    (one per rank at least) outnumber its cores, or None where no host is oversubscribed (or the
-    run predates ``host_cpus``)."""
+    outnumber the job's cores there, or None where no host is oversubscribed (or the run
+    predates ``host_cpus``)."""
     if "host_cpus" not in run:
         return None
-    threads = run.get("threads_per_rank") or 1
+    threads: dict[str, int] = {}
+    for host, count in zip(run["hosts"], run["threads_per_rank"]):
+        threads[host] = threads.get(host, 0) + count
     cores = dict(zip(run["hosts"], run["host_cpus"]))
-    crowded = [(threads * run["hosts"].count(host), cores[host], host) for host in cores]
-    worst = max(crowded, key=lambda c: c[0] / c[1])
+    worst = max(((threads[h], cores[h], h) for h in cores), key=lambda c: c[0] / c[1])
     return worst if worst[0] > worst[1] else None
 
 
 def placement_note(runs: list[dict[str, Any]]) -> str:
     """One line on the threads and cores behind the runs' times: the threads per rank, and each
-    rank count whose ranks outnumber a host's cores, whose compute stages then share cores."""
+    rank count whose ranks' threads outnumber a host's cores, whose compute stages then share cores."""
     counts = sorted({r["ranks"] for r in runs})
-    threads = {r.get("threads_per_rank") for r in runs}
-    note = ("threads per rank: " + ", ".join("unset (OMP_NUM_THREADS)" if t is None else str(t)
-                                             for t in sorted(threads, key=lambda t: t or 0)))
-    crowded = {}
-    for run in runs:
-        worst = oversubscription(run)
-        if worst:
-            crowded[run["ranks"]] = worst
+    threads = sorted({t for r in runs for t in r.get("threads_per_rank", [])})
+    note = "torch threads per rank: " + (", ".join(map(str, threads)) or "not recorded")
+    crowded = {run["ranks"]: worst for run in runs if (worst := oversubscription(run))}
     if crowded:
         note += "; oversubscribed, compute stages slowed: " + ", ".join(
             f"P={p}: {t} threads on the {c} cores of {h}" for p, (t, c, h) in sorted(crowded.items()))
