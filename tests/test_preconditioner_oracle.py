@@ -221,3 +221,38 @@ def test_the_smallest_damping_on_a_singular_factor_is_raised_by_the_jitter():
         return np.linalg.norm(got - oracle) / np.linalg.norm(oracle)
 
     assert min(error(j) for j in cpu_inverse.JITTERS) < 1e-6
+
+
+class ScaledLinear(nn.Module):
+    """A float32 first-order scale registered before a float64 Linear layer: the model's first
+    parameter is float32, its only K-FAC layer float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 1.5))
+        self.linear = nn.Linear(6, 4).double()
+
+    def forward(self, x):
+        return self.linear(x) * self.scale.double()
+
+
+def test_a_float32_first_order_parameter_leaves_a_float64_layer_in_float64():
+    """factor_dtype=None takes float64 from the K-FAC layers, not from whichever parameter the
+    model registers first: the float64 layer's .grad matches the float64 oracle to float64's
+    precision (a float32 buffer would leave ~1e-7)."""
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(32, 6, generator=gen, dtype=torch.float64), torch.randn(32, 4, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    net = ScaledLinear()
+    precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF), damping=1e-3, kl_clip=None)
+    seen = {}
+    out = net.linear(x)
+    out.register_hook(lambda g: seen.__setitem__("g", g.numpy() * len(x)))
+    (out * net.scale.double() - y).pow(2).mean().backward()
+    grad = gradient_matrix(net.linear)
+    precond.step()
+    a = with_ones(x.numpy())
+    g = seen["g"]  # the layer's output gradient, the scale's factor in it
+    inv_a, inv_g = inverses_at([a.T @ a / len(x), g.T @ g / len(x)], 1e-3)
+    np.testing.assert_allclose(gradient_matrix(net.linear), inv_g @ grad @ inv_a, rtol=1e-12, atol=1e-15)
+    assert np.dtype(precond.engine.comm_dtype) == np.float64

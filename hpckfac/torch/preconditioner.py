@@ -121,8 +121,9 @@ class KFACPreconditioner:
             types to leave first-order.
         factor_dtype: dtype of the ReduceScatterV buffer (factors and the
             K-FAC gradients travel together): float64/float32/float16; None
-            takes the parameters' dtype at construction (float32 for half-precision
-            models; a model cast to float64 later keeps float32, with a warning).
+            takes float64 if any K-FAC layer's parameters are float64 at
+            construction, else float32 (half-precision models too); a model cast
+            to float64 later keeps float32, with a warning.
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is undone in G.
         assignment: owner assignment, ``"lpt"`` or ``"contiguous"``.
         bucket_bytes: fusion bucket size of that allreduce (None: the
@@ -224,8 +225,10 @@ class KFACPreconditioner:
         # By name: a parameter object replaced later (load_state_dict(assign=True)) keeps its name,
         # while the id of the one it replaced may by then be another tensor's.
         self._first_order_names = {name for name, p in model.named_parameters() if id(p) not in found.covered}
-        param_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
-        comm_dtype = opts["factor_dtype"] or (np.float64 if param_dtype == torch.float64 else np.float32)
+        # float64 if any K-FAC layer is: the model's first parameter may be a first-order float32
+        # one (a scale, a frozen stem) beside float64 layers, whose precision the buffer must keep.
+        wide = any(p.dtype == torch.float64 for p in model.parameters() if id(p) in found.covered)
+        comm_dtype = opts["factor_dtype"] or (np.float64 if wide else np.float32)
         # With the buffer's dtype taken from the parameters, a later cast to float64 is worth a word.
         self._dtype_chosen = opts["factor_dtype"] is None
         self._dtypes_seen: tuple | None = None  # the parameters' dtypes at the last step()
