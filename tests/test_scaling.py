@@ -188,6 +188,9 @@ def test_combine_refuses_duplicates_and_other_files(tmp_path, capsys):
     (tmp_path / "table.txt").write_text("ranks iter_ms\n1 0.8\n")
     with pytest.raises(ValueError, match="not JSON"):
         scaling.main(["--combine", one, str(tmp_path / "table.txt")])
+    # A file that is not there: named, with the system's reason, as for every other refusal.
+    with pytest.raises(ValueError, match=r"combine: cannot read .*s3\.json \(No such file or directory\)"):
+        scaling.main(["--combine", one, str(tmp_path / "s3.json")])
 
 
 def test_table_says_what_its_columns_count(capsys):

@@ -357,11 +357,13 @@ def combine(paths: Sequence[str], json_path: str | None, png_path: str | None) -
     """Merge the runs of several JSON files (same workload, different rank counts)."""
     payloads = []
     for path in paths:
-        with open(path, encoding="utf-8") as fh:
-            try:
+        try:
+            with open(path, encoding="utf-8") as fh:
                 payload = json.load(fh)
-            except ValueError as exc:
-                raise ValueError(f"combine: {path} is not JSON ({exc})") from None
+        except OSError as exc:
+            raise ValueError(f"combine: cannot read {path} ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"combine: {path} is not JSON ({exc})") from None
         if not (isinstance(payload, dict) and payload.get("benchmark") == "scaling"
                 and isinstance(payload.get("results"), dict) and isinstance(payload["results"].get("runs"), list)
                 and "config" in payload):
