@@ -15,16 +15,25 @@ MICRO, TOKENS, DAMPING = 5, 3, 1e-2
 
 
 class Sequence(nn.Module):
-    """A Linear on a (B, T, 5) sequence and, with ``head``, a bias-free Linear on its mean."""
+    """A Linear on a (B, T, 5) sequence and, with ``head``, a bias-free Linear on its mean; with
+    ``scale``, a first-order float32 factor on the output, registered as the first parameter."""
 
-    def __init__(self, head: bool) -> None:
+    def __init__(self, head: bool, scale: bool = False) -> None:
         super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 1.25)) if scale else None
         self.fc = nn.Linear(5, 4 if head else 3)
         self.head = nn.Linear(4, 3, bias=False) if head else None
 
+    def double(self):
+        super().double()
+        if self.scale is not None:  # stays float32 beside the float64 K-FAC layers
+            self.scale.data = self.scale.data.float()
+        return self
+
     def forward(self, x):
         h = self.fc(x)
-        return h.mean(1) if self.head is None else self.head(torch.tanh(h).mean(1))
+        out = h.mean(1) if self.head is None else self.head(torch.tanh(h).mean(1))
+        return out if self.scale is None else out * self.scale.double()
 
 
 def global_batch(size):
@@ -72,10 +81,13 @@ def oracle(model, x, y, ranks, sample):
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("head", [False, True], ids=["one_block", "two_blocks"])
 @pytest.mark.parametrize("assignment", ["lpt", "contiguous"])
-def test_ranks_equal_the_oracle_of_the_global_batch(comm, fraction, head, assignment):
+@pytest.mark.parametrize("scale", [False, True], ids=["float64", "float32_first"])
+def test_ranks_equal_the_oracle_of_the_global_batch(comm, fraction, head, assignment, scale):
+    """With ``scale`` the model's first parameter is a float32 first-order one: the buffer still
+    takes the K-FAC layers' float64, and the ranks meet the oracle to float64's precision."""
     torch.manual_seed(0)
-    model = Sequence(head).double()
-    reference = Sequence(head).double()
+    model = Sequence(head, scale).double()
+    reference = Sequence(head, scale).double()
     reference.load_state_dict(model.state_dict())
     x, y = global_batch(comm.size)
     precond = KFACPreconditioner(model, comm=comm, damping=DAMPING, kl_clip=None, statistics_fraction=fraction,
@@ -83,6 +95,7 @@ def test_ranks_equal_the_oracle_of_the_global_batch(comm, fraction, head, assign
     mine = slice(comm.rank * MICRO, (comm.rank + 1) * MICRO)
     nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
     precond.step()
+    assert np.dtype(precond.engine.comm_dtype) == np.float64
     blocks = 1 + head
     if comm.size > blocks:  # the case this test is for: ranks that own nothing
         assert len(set(precond.engine.owners)) == blocks
