@@ -52,9 +52,12 @@ def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
-def test_json_records_the_threads_and_ranks_it_ran_with(tmp_path, monkeypatch):
+def test_json_records_the_threads_and_ranks_it_ran_with(tmp_path, monkeypatch, capsys):
     """``--threads 0`` (the default) leaves the pool as the process set it: the JSON must say
-    what that was, with the thread variables and the job's ranks."""
+    what that was, with the thread variables, the job's ranks and the cores they had; the
+    table's second line says whether the threads outnumbered the cores."""
+    import os
+
     import torch
 
     threads = torch.get_num_threads()
@@ -65,8 +68,13 @@ def test_json_records_the_threads_and_ranks_it_ran_with(tmp_path, monkeypatch):
                           "--configs", "sgd", "--threads", "1", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-    environment = json.loads(out.read_text())["environment"]
+    result = json.loads(out.read_text())
+    environment, config = result["environment"], result["config"]
     assert environment["ranks"] == 1
+    cores = len(os.sched_getaffinity(0))
+    assert config["ranks"] == 1 and config["host_cpus"] == [cores] and config["threads_per_rank"] == [1]
+    assert config["hosts"] == [environment["host"]]
+    assert capsys.readouterr().out.splitlines()[1] == "torch threads per rank: 1; no host oversubscribed at P=1"
     assert environment["threads"]["torch"] == 1 and environment["threads"]["variables"] == {"OMP_NUM_THREADS": "1"}
     assert all(isinstance(n, int) and n >= 1 for n in environment["threads"]["blas"].values())
 

@@ -199,21 +199,3 @@ def test_table_says_what_its_columns_count(capsys):
     assert lines[1].startswith("stage columns: median ms (share of the stages' sum); MB_sent:")
     assert lines[2].startswith("torch threads per rank: ")
     assert lines[3].split()[:5] == ["assign", "P", "B/rank", "iter_ms", "local_factors"]
-
-
-def test_placement_note_flags_oversubscription():
-    one = {"ranks": 1, "hosts": ["a"], "host_cpus": [2], "threads_per_rank": [2]}
-    two = {"ranks": 2, "hosts": ["a", "a"], "host_cpus": [2, 2], "threads_per_rank": [1, 1]}
-    # 3 ranks of 2 threads: 4 threads on a's 2 cores (2:1), 2 on b's 4 (not crowded).
-    three = {"ranks": 3, "hosts": ["a", "a", "b"], "host_cpus": [2, 2, 4], "threads_per_rank": [2, 2, 2]}
-    assert scaling.oversubscription(one) is None and scaling.oversubscription(two) is None
-    assert scaling.oversubscription(three) == (4, 2, "a")
-    # Ranks of one thread each, more of them than cores: the threads are summed per host.
-    four = {"ranks": 4, "hosts": ["a"] * 3 + ["b"], "host_cpus": [2, 2, 2, 1], "threads_per_rank": [1] * 4}
-    assert scaling.oversubscription(four) == (3, 2, "a")
-    assert scaling.placement_note([one, two]) == "torch threads per rank: 1, 2; no host oversubscribed at P=1/2"
-    note = scaling.placement_note([two, four])
-    assert note == "torch threads per rank: 1; oversubscribed, compute stages slowed: P=4: 3 threads on the 2 cores of a"
-    # Runs from before the fields say nothing of cores.
-    assert scaling.oversubscription({"ranks": 2, "hosts": ["a", "a"]}) is None
-    assert scaling.placement_note([{"ranks": 2, "hosts": ["a", "a"]}]) == "torch threads per rank: not recorded"

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -47,11 +46,11 @@ import numpy as np
 
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
+from hpckfac.bench.placement import placement, placement_note
 from hpckfac.bench.report import Parser, check_memory, check_outputs, make_parent, median, one_process, progress, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.cli import HelpFormatter
-from hpckfac.comm.topology import cpu_set
 
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator
@@ -182,13 +181,7 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         it()
         per_iteration.append((it.clock() - start, dict(it.timings)))
     everyone = comm.allgather_object(per_iteration)
-    placed = comm.allgather_object(rank_placement())
-    hosts = [host for host, _, _ in placed]
-    # A host's cores are those any of its ranks may run on: under a scheduler that shares nodes,
-    # the job's CPU sets, not the machine's count.
-    job_cpus: dict[str, set[int]] = {}
-    for host, cpus, _ in placed:
-        job_cpus.setdefault(host, set()).update(cpus)
+    placed = placement(comm)
     stages, totals = {s: [] for s in ITERATION_STAGES}, []
     for k in range(args.repeat):
         totals.append(max(rank[k][0] for rank in everyone))
@@ -206,53 +199,16 @@ def measure(comm: Communicator, args: argparse.Namespace, assignment: str, xp: A
         "rank_iteration": [median([t for t, _ in rank]) for rank in everyone],
         # Each rank's own compute (its collectives' waits excluded): where a straggler shows.
         "rank_compute": [median([sum(st[s] for s in COMPUTE) for _, st in rank]) for rank in everyone],
-        "hosts": hosts, "warmup": args.warmup,
-        # How the ranks sat on the cores: the cores the job has on each rank's host, and each
+        "warmup": args.warmup,
+        # How the ranks sat on the cores: each rank's host, the cores the job has there, and each
         # rank's torch pool, where the compute stages' products run.
-        "host_cpus": [len(job_cpus[host]) for host in hosts], "threads_per_rank": [t for _, _, t in placed],
+        **placed,
         "bytes_sent": it.bytes_sent(),
         "imbalance": perf.imbalance(costs, it.engine.owners, comm.size),
         "inversion_time_imbalance": max(inversion) / max(np.mean(inversion), 1e-12),
         "owners": comm.size - sum(1 for r in range(comm.size) if not it.engine.layout.owned[r]),
         "blocks": len(costs),
     }
-
-
-def rank_placement() -> tuple[str, list[int], int]:
-    """This rank's host, the CPUs it may run on, and the size of torch's pool (set by the
-    Communicator to the rank's share of the cores unless the user chose)."""
-    import torch
-
-    return platform.node(), sorted(cpu_set()), torch.get_num_threads()
-
-
-def oversubscription(run: dict[str, Any]) -> tuple[int, int, str] | None:
-    """``(threads, cores, host)`` of the most crowded host of ``run`` where its ranks' threads
-    outnumber the job's cores there, or None where no host is oversubscribed (or the run
-    predates ``host_cpus``)."""
-    if "host_cpus" not in run:
-        return None
-    threads: dict[str, int] = {}
-    for host, count in zip(run["hosts"], run["threads_per_rank"]):
-        threads[host] = threads.get(host, 0) + count
-    cores = dict(zip(run["hosts"], run["host_cpus"]))
-    worst = max(((threads[h], cores[h], h) for h in cores), key=lambda c: c[0] / c[1])
-    return worst if worst[0] > worst[1] else None
-
-
-def placement_note(runs: list[dict[str, Any]]) -> str:
-    """One line on the threads and cores behind the runs' times: the threads per rank, and each
-    rank count whose ranks' threads outnumber a host's cores, whose compute stages then share cores."""
-    counts = sorted({r["ranks"] for r in runs})
-    threads = sorted({t for r in runs for t in r.get("threads_per_rank", [])})
-    note = "torch threads per rank: " + (", ".join(map(str, threads)) or "not recorded")
-    crowded = {run["ranks"]: worst for run in runs if (worst := oversubscription(run))}
-    if crowded:
-        note += "; oversubscribed, compute stages slowed: " + ", ".join(
-            f"P={p}: {t} threads on the {c} cores of {h}" for p, (t, c, h) in sorted(crowded.items()))
-    elif any("host_cpus" in r for r in runs):
-        note += f"; no host oversubscribed at P={'/'.join(map(str, counts))}"
-    return note
 
 
 def add_efficiency(runs: list[dict[str, Any]], mode: str) -> None:

@@ -10,7 +10,8 @@ each rank on its GPU (``bind_device``) and ends every timed step with a device
 synchronisation. Reported per configuration: median and mean milliseconds per
 iteration, the ratios to SGD (its median, and its mean over the same steps), and
 the mean per-stage time of the preconditioner (rank 0's view; iteration times
-are the max over ranks). Means cover whole update periods (``period``: 10 steps
+are the max over ranks), under a line with each rank's torch pool that says when the
+ranks' threads outnumber a host's cores (``hpckfac.bench.placement``). Means cover whole update periods (``period``: 10 steps
 for 1/10, 100 for 10/100), the first ``mean_steps`` timed steps, so that they
 amortise the factor and inverse updates; with ``--steps`` under one period they
 cover every step, and the table says that they do not amortise. With
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpckfac.bench.placement import placement, placement_note
 from hpckfac.bench.profile import profile_steps
 from hpckfac.bench.report import (Parser, check_memory, check_outputs, make_parent, median, progress, time_calls,
                                   write_json)
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             runner.timed_step()
     # The iteration time of a data-parallel step is the slowest rank's.
     slowest = {r.name: np.max(np.array(comm.allgather_object(r.times)), axis=0) for r in runners}
+    placed = {"ranks": comm.size, **placement(comm)}
     results = []
     for runner in runners:
         times, cycle = slowest[runner.name], period(runner.name)
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
                  "transformer": f"transformer depth={args.depth} width={args.width} seq={args.seq}"}.get(
                      args.model, f"resnet{args.depth} width={args.width} image={args.image}")
         print(f"ranks={comm.size} device={device} batch/rank={args.batch} {model} steps={args.steps}")
+        print(placement_note([placed]))
         print(format_table(results, ["config", "median_ms", "mean_ms", "mean_steps", "median_vs_sgd", "mean_vs_sgd"]))
         for row in results:
             if row["mean_steps"] < row["period"]:
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if kfac_rows:
             print(format_table(kfac_rows, stage_cols))
         if args.json:
-            write_json(args.json, "step", {**vars(args), "ranks": comm.size}, results)
+            write_json(args.json, "step", {**vars(args), **placed}, results)
     if args.profile:
         write_profiles(args.profile, runners, args.profile_steps, comm)
     return 0

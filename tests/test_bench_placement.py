@@ -1,0 +1,33 @@
+"""``hpckfac.bench.placement``: where a benchmark's ranks ran, and the line that says when
+their threads outnumbered a host's cores."""
+import os
+
+import torch
+
+from hpckfac.bench import placement
+from hpckfac.comm import Communicator
+
+
+def test_placement_note_flags_oversubscription():
+    one = {"ranks": 1, "hosts": ["a"], "host_cpus": [2], "threads_per_rank": [2]}
+    two = {"ranks": 2, "hosts": ["a", "a"], "host_cpus": [2, 2], "threads_per_rank": [1, 1]}
+    # 3 ranks of 2 threads: 4 threads on a's 2 cores (2:1), 2 on b's 4 (not crowded).
+    three = {"ranks": 3, "hosts": ["a", "a", "b"], "host_cpus": [2, 2, 4], "threads_per_rank": [2, 2, 2]}
+    assert placement.oversubscription(one) is None and placement.oversubscription(two) is None
+    assert placement.oversubscription(three) == (4, 2, "a")
+    # Ranks of one thread each, more of them than cores: the threads are summed per host.
+    four = {"ranks": 4, "hosts": ["a"] * 3 + ["b"], "host_cpus": [2, 2, 2, 1], "threads_per_rank": [1] * 4}
+    assert placement.oversubscription(four) == (3, 2, "a")
+    assert placement.placement_note([one, two]) == "torch threads per rank: 1, 2; no host oversubscribed at P=1/2"
+    note = placement.placement_note([two, four])
+    assert note == "torch threads per rank: 1; oversubscribed, compute stages slowed: P=4: 3 threads on the 2 cores of a"
+    # Runs from before the fields say nothing of cores.
+    assert placement.oversubscription({"ranks": 2, "hosts": ["a", "a"]}) is None
+    assert placement.placement_note([{"ranks": 2, "hosts": ["a", "a"]}]) == "torch threads per rank: not recorded"
+
+
+def test_placement_of_one_process_is_its_own_cores_and_pool():
+    record = placement.placement(Communicator())
+    assert record["hosts"] == [os.uname().nodename]
+    assert record["host_cpus"] == [len(os.sched_getaffinity(0))]
+    assert record["threads_per_rank"] == [torch.get_num_threads()]
