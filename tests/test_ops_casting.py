@@ -66,9 +66,14 @@ def test_nan_stays_nan_and_other_casts_are_numpys():
 @pytest.mark.parametrize("direction", ["pack", "unpack"])
 def test_packing_to_bfloat16_rounds_once(direction):
     rng = np.random.default_rng(1)
-    base = rng.standard_normal((9, 9)).astype(BF16).astype(np.float64)
-    mat = base + np.abs(base) * 2.0 ** -8 * (1 + 2.0 ** -30)  # just above the ties
-    mat = (mat + mat.T) / 2
+    upper = np.triu(rng.standard_normal((9, 9)).astype(BF16).astype(np.float64))
+    base = upper + np.triu(upper, 1).T  # symmetric bfloat16 values
+    # Half a bfloat16 ulp (8 significant bits) above each, and a hair more: rounded to float32
+    # first, every one of these lands on the tie and half of them then round the wrong way.
+    half_ulp = np.ldexp(1.0, np.frexp(base)[1] - 9)
+    mat = base + half_ulp * (1 + 2.0 ** -30)
+    assert np.array_equal(mat, mat.T)
+    assert not np.array_equal(mat.astype(BF16).view(np.uint16), nearest_bfloat16(mat).view(np.uint16))
     if direction == "pack":
         got = ops.pack_sym([mat], dtype=BF16)
         want = nearest_bfloat16(mat[np.triu_indices(9)])
