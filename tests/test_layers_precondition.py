@@ -168,7 +168,9 @@ def test_kron_apply_dtypes():
 
 def test_kron_apply_reads_read_only_inputs_without_a_warning():
     """Read-only operands (a received buffer, a broadcast view) are copied for torch, which
-    would otherwise warn that the memory is not writable; the result is the same."""
+    would otherwise warn that the memory is not writable (once per process unless told to warn
+    always: a read-only array torch read earlier, e.g. through ``conv_lags``, would silence this
+    test); the result is the same."""
     import warnings
 
     from hpckfac.ops.kron_apply import kron_apply
@@ -179,7 +181,12 @@ def test_kron_apply_reads_read_only_inputs_without_a_warning():
     for array in (inv_g, grads, inv_a):
         array.flags.writeable = False
     out = np.empty((2, 3, 5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        kron_apply(inv_g, grads, inv_a, out)
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            kron_apply(inv_g, grads, inv_a, out)
+    finally:
+        torch.set_warn_always(always)
     np.testing.assert_allclose(out, kron_oracle(inv_g, grads, inv_a), rtol=1e-12, atol=1e-12)

@@ -151,6 +151,35 @@ def test_integer_input_rejected():
         ops.accumulate_factor(np.ones((3, 2), dtype=np.int32))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_read_only_rows_without_a_warning(dtype):
+    """Read-only rows (a received buffer, a broadcast view) are copied for torch, which would
+    otherwise warn that the memory is not writable (once per process unless told to warn
+    always); the factor is the same."""
+    import warnings
+
+    import torch
+
+    from hpckfac.ops.factors import example_gram
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 6, 5)).astype(dtype)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rows = ops.accumulate_factor(frozen.reshape(-1, 5), 0.5)
+            gram = example_gram(frozen, 0.5, packed=False)
+    finally:
+        torch.set_warn_always(always)
+    np.testing.assert_array_equal(rows, ops.accumulate_factor(x.reshape(-1, 5), 0.5))
+    np.testing.assert_array_equal(gram, example_gram(x, 0.5, packed=False))
+    bound = np.full((5, 5), 1e-13 if dtype == np.float64 else 1e-5)
+    assert np.all(np.abs(rows - oracle(x.reshape(-1, 5), 0.5)) <= bound * np.abs(rows).max())
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16])
 def test_example_gram_is_the_gram_of_the_channels_last_rows(dtype):
     from hpckfac.ops.factors import example_gram
