@@ -67,6 +67,17 @@ def test_gradient_layout_and_solve():
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
 
 
+def test_precondition_orientation_on_general_matrices():
+    """``precondition`` is ``G^-1 X A^-1`` with the diagonal ``A^-1`` scaling the columns: checked
+    with a non-symmetric ``G^-1``, for which its transpose gives another result (the symmetric
+    inverses of the pipeline cannot tell the two apart)."""
+    rng = np.random.default_rng(8)
+    block = EmbeddingBlock("emb", 5, 3)
+    inv_a, inv_g = rng.standard_normal((5, 1, 1)), rng.standard_normal((1, 3, 3))
+    grad = rng.standard_normal((3, 5))
+    want = inv_g[0] @ grad @ np.diag(inv_a[:, 0, 0])
+    np.testing.assert_allclose(block.precondition(grad, [inv_a, inv_g]), want, rtol=1e-12, atol=1e-12)
+
 def test_bad_inputs_name_the_argument():
     block = EmbeddingBlock("emb", 4, 2)
     with pytest.raises(ValueError, match="a:.*integer"):

@@ -85,6 +85,18 @@ def test_solve_and_gradient_layout():
     assert single.grad_matrix(weight[0]).shape == (3, 1) and single.split_matrix(np.ones((3, 1)))[1] is None
 
 
+def test_unit_wise_preconditioning_orientation_on_general_matrices():
+    """``precondition`` and ``precondition_batch`` apply unit ``c``'s matrix as ``inv[c] @ grad[c]``:
+    checked on non-symmetric matrices, for which applying the transposed matrix gives another
+    result (the symmetric inverses of the pipeline cannot tell the two apart)."""
+    rng = np.random.default_rng(12)
+    block = LayerNormBlock("ln", (2, 3), EPS)
+    inv, grad = rng.standard_normal((6, 2, 2)), rng.standard_normal((6, 2))
+    want = np.stack([m @ v for m, v in zip(inv, grad)])
+    np.testing.assert_allclose(block.precondition(grad, [inv]), want, rtol=1e-13, atol=1e-14)
+    got = block.precondition_batch(grad.reshape(-1), [inv])
+    np.testing.assert_allclose(got, want.reshape(-1), rtol=1e-13, atol=1e-14)
+
 def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="num_groups"):
         GroupNormBlock("gn", 4, 6, EPS)

@@ -119,6 +119,20 @@ def test_precondition_batch_equals_each_blocks_own(blocks):
         blocks[0].precondition_batch(np.concatenate([g.reshape(-1) for g in grads]), [s[1:] for s in stacks])
 
 
+@pytest.mark.parametrize("block", [
+    LinearBlock("fc", 6, 4, bias=True), ConvBlock("g", 4, 6, (3,), (1,), (1,), (1,), False, groups=2),
+], ids=["one group", "grouped"])
+def test_precondition_orientation_on_general_matrices(block):
+    """``precondition`` computes ``G_j^-1 X_j A_j^-1`` for each group ``j``: checked on
+    non-symmetric matrices, for which a transposed inverse gives another result (the symmetric
+    inverses of the pipeline cannot tell the two apart)."""
+    rng = np.random.default_rng(35)
+    k = block.groups
+    inv_a, inv_g = rng.standard_normal((k, block.d_A, block.d_A)), rng.standard_normal((k, block.d_G, block.d_G))
+    grad = rng.standard_normal(block.grad_shape)
+    want = kron_oracle(inv_g, grad.reshape(k, block.d_G, block.d_A), inv_a).reshape(block.grad_shape)
+    np.testing.assert_allclose(block.precondition(grad, [inv_a, inv_g]), want, rtol=1e-12, atol=1e-12)
+
 def spd_matrix(rng, n):
     x = rng.standard_normal((n, n + 1))
     return x @ x.T / (n + 1) + 0.1 * np.eye(n)

@@ -76,6 +76,7 @@ def test_fisher_is_the_dense_fisher_of_the_per_example_slope_gradients(shape, sl
     assert max_rel(block.split_matrix(got)[0], want) < 1e-10
 
 
+
 @pytest.mark.parametrize("shape,slopes", CASES)
 def test_step_writes_the_damped_natural_gradient(shape, slopes):
     """Through the hooks and the pipeline (one rank): a model that is the PReLU alone, trained on
@@ -107,6 +108,16 @@ def test_coverage_and_gradient_layout():
     back, bias = block.split_matrix(mat)
     assert bias is None and np.array_equal(back, weight) and np.shares_memory(back, mat)
 
+
+def test_precondition_orientation_on_general_matrices():
+    """``precondition`` is ``inv @ grad``, row ``i`` the sum over ``j`` of ``inv[i, j] grad[j]``:
+    checked on a non-symmetric matrix, for which its transpose gives another result (the
+    symmetric inverse of the pipeline cannot tell the two apart)."""
+    rng = np.random.default_rng(8)
+    block = PReLUBlock("prelu", 4)
+    inv, grad = rng.standard_normal((1, 4, 4)), rng.standard_normal((4, 1))
+    want = (inv[0] * grad[:, 0]).sum(axis=1)[:, None]
+    np.testing.assert_allclose(block.precondition(grad, [inv]), want, rtol=1e-12, atol=1e-12)
 
 def test_bad_arguments_and_inputs_are_refused():
     for bad in (0, -1, 2.5, "3"):
