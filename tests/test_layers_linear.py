@@ -101,6 +101,25 @@ def test_narrow_inputs_accumulate_in_float32(dtype):
     np.testing.assert_allclose(got, exact.T @ exact / 64, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("a_dtype,g_dtype", [(np.float64, np.float32), (np.float32, np.float64)])
+def test_statistics_of_mixed_dtypes_are_float64(a_dtype, g_dtype):
+    """An input and an output gradient of different precisions (a float64 layer fed float32
+    gradients, or the reverse): the packed statistics are float64, each factor as exact as its
+    own operands allow, not rounded to float32 where the other operand is float32."""
+    rng = np.random.default_rng(12)
+    a, g = rng.standard_normal((7, 4)).astype(a_dtype), rng.standard_normal((7, 3)).astype(g_dtype)
+    block = LinearBlock("fc", 4, 3, bias=True)
+    stats = block.statistics(a, g, 1 / 7)
+    assert stats.dtype == np.float64
+    rows = np.hstack([a.astype(np.float64), np.ones((7, 1))])
+    want_a, want_g = rows.T @ rows / 7, g.astype(np.float64).T @ g.astype(np.float64) / 7
+    got_a, got_g = block.factors(stats)
+    # float64 operands: float64 rounding; float32 ones: products and sums in float32.
+    for got, want, dtype in ((got_a[0], want_a, a_dtype), (got_g[0], want_g, g_dtype)):
+        rtol = 1e-13 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
 def test_wrong_shapes_name_the_argument():
     block = LinearBlock("fc", 5, 3, bias=True)
     with pytest.raises(ValueError, match="a:"):

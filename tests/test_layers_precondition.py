@@ -133,6 +133,18 @@ def test_precondition_orientation_on_general_matrices(block):
     want = kron_oracle(inv_g, grad.reshape(k, block.d_G, block.d_A), inv_a).reshape(block.grad_shape)
     np.testing.assert_allclose(block.precondition(grad, [inv_a, inv_g]), want, rtol=1e-12, atol=1e-12)
 
+def test_precondition_batch_keeps_the_wider_dtype():
+    """float32 gradients with float64 inverses: ``precondition_batch`` returns float64, as each
+    block's own ``precondition`` does, not the float64 result rounded to float32."""
+    rng = np.random.default_rng(34)
+    block = LinearBlock("fc", 4, 3, bias=True)
+    inv_a, inv_g = spd_matrix(rng, 5)[None], spd_matrix(rng, 3)[None]
+    grad = rng.standard_normal(block.grad_shape).astype(np.float32)
+    got = block.precondition_batch(grad.reshape(-1), [inv_a, inv_g])
+    assert got.dtype == np.float64
+    want = kron_oracle(inv_g, grad[None], inv_a).reshape(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
 def spd_matrix(rng, n):
     x = rng.standard_normal((n, n + 1))
     return x @ x.T / (n + 1) + 0.1 * np.eye(n)

@@ -77,6 +77,23 @@ def test_fisher_is_the_dense_fisher_of_the_per_example_slope_gradients(shape, sl
 
 
 
+@pytest.mark.parametrize("x_dtype,g_dtype", [(np.float32, np.float64), (np.float64, np.float32)])
+def test_mixed_input_and_gradient_dtypes_compute_in_the_wider(x_dtype, g_dtype):
+    """A float32 input with float64 gradients (or the other way round): the slopes' gradients
+    and their Fisher are computed in float64, from the narrower operand widened exactly, not
+    rounded to float32."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((6, 3, 5)) * 2 + 0.5).astype(x_dtype)
+    g = rng.standard_normal((6, 3, 5)).astype(g_dtype)
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    u = np.stack([[sum(g64[i, c, t] * min(x64[i, c, t], 0.0) for t in range(5)) for c in range(3)]
+                  for i in range(6)])
+    block = PReLUBlock("prelu", 3)
+    got = block.slope_gradients(x, g)
+    assert got.dtype == np.float64 and max_rel(got, u) < 1e-14
+    fisher = block.fisher(x, g, scale=1 / 6)
+    assert fisher.dtype == np.float64 and max_rel(fisher, u.T @ u / 6) < 1e-14
+
 @pytest.mark.parametrize("shape,slopes", CASES)
 def test_step_writes_the_damped_natural_gradient(shape, slopes):
     """Through the hooks and the pipeline (one rank): a model that is the PReLU alone, trained on
