@@ -71,6 +71,19 @@ def test_asymmetric_input_uses_symmetric_part():
     np.testing.assert_allclose(result.inverse, np.linalg.inv(mats + 0.2 * np.eye(5)), rtol=1e-9, atol=1e-12)
 
 
+
+def test_asymmetric_input_is_symmetrised_chunk_by_chunk(monkeypatch):
+    """The transposes are added a chunk of matrices at a time (``TRANSPOSE_CHUNK_BYTES``): with
+    chunks of two matrices, a batch of five (the last chunk short) is inverted as the symmetric
+    parts of all five."""
+    monkeypatch.setattr(cpu_inverse, "TRANSPOSE_CHUNK_BYTES", 2 * 5 * 5 * 8)
+    rng = np.random.default_rng(27)
+    mats = spd_batch(rng, 5, 5) + rng.standard_normal((5, 5, 5)) * 0.1
+    result = ops.damped_inverse(mats, 0.2)
+    assert (result.status == ops.CHOLESKY).all()
+    for m, inv in zip(mats, result.inverse):
+        np.testing.assert_allclose(inv, np.linalg.inv((m + m.T) / 2 + 0.2 * np.eye(5)), rtol=1e-9, atol=1e-12)
+
 def test_singular_psd_without_damping_takes_jitter():
     rng = np.random.default_rng(24)
     n = 8
