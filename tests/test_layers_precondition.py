@@ -133,6 +133,7 @@ def test_precondition_orientation_on_general_matrices(block):
     want = kron_oracle(inv_g, grad.reshape(k, block.d_G, block.d_A), inv_a).reshape(block.grad_shape)
     np.testing.assert_allclose(block.precondition(grad, [inv_a, inv_g]), want, rtol=1e-12, atol=1e-12)
 
+
 def test_precondition_batch_keeps_the_wider_dtype():
     """float32 gradients with float64 inverses: ``precondition_batch`` returns float64, as each
     block's own ``precondition`` does, not the float64 result rounded to float32."""
@@ -144,6 +145,7 @@ def test_precondition_batch_keeps_the_wider_dtype():
     assert got.dtype == np.float64
     want = kron_oracle(inv_g, grad[None], inv_a).reshape(-1)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
 
 def spd_matrix(rng, n):
     x = rng.standard_normal((n, n + 1))
