@@ -78,6 +78,7 @@ def test_precondition_orientation_on_general_matrices():
     want = inv_g[0] @ grad @ np.diag(inv_a[:, 0, 0])
     np.testing.assert_allclose(block.precondition(grad, [inv_a, inv_g]), want, rtol=1e-12, atol=1e-12)
 
+
 def test_bad_inputs_name_the_argument():
     block = EmbeddingBlock("emb", 4, 2)
     with pytest.raises(ValueError, match="a:.*integer"):

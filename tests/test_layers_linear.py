@@ -120,6 +120,7 @@ def test_statistics_of_mixed_dtypes_are_float64(a_dtype, g_dtype):
         rtol = 1e-13 if dtype == np.float64 else 1e-5
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
+
 def test_wrong_shapes_name_the_argument():
     block = LinearBlock("fc", 5, 3, bias=True)
     with pytest.raises(ValueError, match="a:"):

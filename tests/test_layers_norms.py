@@ -97,6 +97,7 @@ def test_unit_wise_preconditioning_orientation_on_general_matrices():
     got = block.precondition_batch(grad.reshape(-1), [inv])
     np.testing.assert_allclose(got, want.reshape(-1), rtol=1e-13, atol=1e-14)
 
+
 def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="num_groups"):
         GroupNormBlock("gn", 4, 6, EPS)

@@ -94,6 +94,7 @@ def test_mixed_input_and_gradient_dtypes_compute_in_the_wider(x_dtype, g_dtype):
     fisher = block.fisher(x, g, scale=1 / 6)
     assert fisher.dtype == np.float64 and max_rel(fisher, u.T @ u / 6) < 1e-14
 
+
 @pytest.mark.parametrize("shape,slopes", CASES)
 def test_step_writes_the_damped_natural_gradient(shape, slopes):
     """Through the hooks and the pipeline (one rank): a model that is the PReLU alone, trained on
@@ -135,6 +136,7 @@ def test_precondition_orientation_on_general_matrices():
     inv, grad = rng.standard_normal((1, 4, 4)), rng.standard_normal((4, 1))
     want = (inv[0] * grad[:, 0]).sum(axis=1)[:, None]
     np.testing.assert_allclose(block.precondition(grad, [inv]), want, rtol=1e-12, atol=1e-12)
+
 
 def test_bad_arguments_and_inputs_are_refused():
     for bad in (0, -1, 2.5, "3"):

@@ -180,6 +180,7 @@ def test_read_only_rows_without_a_warning(dtype):
     bound = np.full((5, 5), 1e-13 if dtype == np.float64 else 1e-5)
     assert np.all(np.abs(rows - oracle(x.reshape(-1, 5), 0.5)) <= bound * np.abs(rows).max())
 
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16])
 def test_example_gram_is_the_gram_of_the_channels_last_rows(dtype):
     from hpckfac.ops.factors import example_gram

@@ -84,6 +84,7 @@ def test_asymmetric_input_is_symmetrised_chunk_by_chunk(monkeypatch):
     for m, inv in zip(mats, result.inverse):
         np.testing.assert_allclose(inv, np.linalg.inv((m + m.T) / 2 + 0.2 * np.eye(5)), rtol=1e-9, atol=1e-12)
 
+
 def test_singular_psd_without_damping_takes_jitter():
     rng = np.random.default_rng(24)
     n = 8
