@@ -173,6 +173,27 @@ def test_allreduce_many_layouts_differ(comm):
 
 
 @pytest.mark.mpi
+def test_allreduce_many_splits_of_one_length_differ(comm):
+    """The same dtype and total length cut into arrays of other sizes on one rank: one bucket of
+    the same bytes on every rank, so only the arrays' sizes tell the calls apart."""
+    sizes = [4, 3] if odd_one_out(comm) else [3, 4]
+    arrays = [np.ones(n) for n in sizes]
+    expect_mismatch(comm, lambda: comm.allreduce_many(arrays, bucket_bytes=64), "layout")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_allgather_v_counts_differ(comm, algorithm):
+    """Rank 0 passes another split of the same total, its own segment matching it: only the
+    counts tell the calls apart (each rank's segment fits its own counts)."""
+    counts = [2] * comm.size
+    if comm.size > 1 and comm.rank == 0:
+        counts[0], counts[-1] = 1, 3
+    segment = np.ones(counts[comm.rank])
+    expect_mismatch(comm, lambda: comm.allgather_v(segment, counts, algorithm=algorithm), "layout")
+
+
+@pytest.mark.mpi
 def test_check_same(comm):
     comm.check_same({"lr": 0.1, "layers": [3, 4]}, "settings")
     # Equal sets of strings may pickle in different orders on different ranks.
