@@ -42,3 +42,26 @@ def test_a_checkpoint_loaded_on_one_rank_only_is_named(comm):
     model(x).pow(2).mean().backward()
     with pytest.raises(CollectiveMismatchError, match=r"load_state_dict\(\) must run on every rank"):
         fresh.step()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_an_earlier_checkpoint_loaded_on_one_rank_only_during_training_fails_on_every_rank(comm):
+    """A preconditioner that has stepped loads an earlier checkpoint on rank 0 alone, with the
+    settings every rank agreed on: its step count differs from the others', so the next step()
+    fails on every rank instead of running the ranks at different steps."""
+    from hpckfac.comm import CollectiveMismatchError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
+    for k in range(3):
+        model(x).pow(2).mean().backward()
+        precond.step()
+        if k == 0:
+            state = precond.state_dict()
+    if comm.rank == 0:
+        precond.load_state_dict(state)
+    model(x).pow(2).mean().backward()
+    with pytest.raises(CollectiveMismatchError):
+        precond.step()
