@@ -288,6 +288,57 @@ def test_engine_state_dict_holds_every_owners_blocks_as_they_are(comm, n, monkey
             assert x.shape == y.shape and np.array_equal(x, y)
 
 
+def assert_same_state(got, want):
+    """Two ``state_dict()``s hold the same steps, hyperparameters and blocks, None where absent."""
+    assert got["steps"] == want["steps"] and got["hyperparameters"] == want["hyperparameters"]
+    assert list(got["blocks"]) == list(want["blocks"])
+    for name, block in want["blocks"].items():
+        mine = got["blocks"][name]
+        assert (mine["factors"] is None) == (block["factors"] is None), name
+        assert (mine["inverses"] is None) == (block["inverses"] is None), name
+        if block["factors"] is not None:
+            np.testing.assert_array_equal(mine["factors"], block["factors"])
+        for x, y in zip(mine["inverses"] or [], block["inverses"] or []):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("trained", [False, True])
+def test_engine_state_round_trips_a_block_without_statistics_and_resumes(comm, trained):
+    """A state whose first block never had statistics loads into an engine (a fresh one, or one
+    whose every block has factors and inverses of its own) built with other hyperparameters, as it
+    was saved: the checkpoint's hyperparameters, that block without factors or inverses (not
+    zeros nor what the engine had). Both engines then follow the same steps, that block's first
+    statistics taken as its running average as they are."""
+    kwargs = dict(damping=DAMPING, factor_decay=DECAY, inverse_update_interval=2, kl_clip=1e-3,
+                  comm_dtype=np.float64)
+    engine = KFACEngine(make_blocks(), comm, **kwargs)
+    rng = np.random.default_rng(17)
+    for _ in range(3):
+        _, packed, grads = draw(rng, engine.blocks, comm.size)
+        engine.step(grads[comm.rank], [None] + packed[comm.rank][1:], lr=LR)
+    state = engine.state_dict()
+    assert state["blocks"]["fc1"] == {"factors": None, "inverses": None}
+    # Every hyperparameter other than the checkpoint's: the checkpoint's win.
+    resumed = KFACEngine(make_blocks(), comm, damping=0.5, factor_decay=0.5, factor_update_interval=2,
+                         inverse_update_interval=3, kl_clip=None, comm_dtype=np.float64)
+    other = np.random.default_rng(18)
+    for _ in range(2 if trained else 0):
+        _, packed, grads = draw(other, resumed.blocks, comm.size)
+        resumed.step(grads[comm.rank], packed[comm.rank], lr=LR)
+    resumed.load_state_dict(state)
+    settings = ("damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "kl_clip")
+    assert [getattr(resumed, name) for name in settings] == [DAMPING, DECAY, 1, 2, 1e-3]
+    assert_same_state(resumed.state_dict(), state)
+    for _ in range(3):  # the first block's statistics from now on
+        _, packed, grads = draw(rng, engine.blocks, comm.size)
+        want = engine.step(grads[comm.rank], packed[comm.rank], lr=LR)
+        got = resumed.step(grads[comm.rank], packed[comm.rank], lr=LR)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+    assert_same_state(resumed.state_dict(), engine.state_dict())
+
+
 @pytest.mark.mpi
 def test_engine_steps_read_no_per_rank_lists(comm, monkeypatch):
     """A step's cost must not grow with the rank count in Python: the collectives get the per-rank
