@@ -24,6 +24,25 @@ def test_rank_zero_weights_everywhere(comm, dtype):
     assert torch.equal(model[1].running_mean, torch.full((4,), (comm.size - 1) / 2, dtype=dtype))
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_last_ranks_weights_everywhere(comm, dtype):
+    """``root`` other than 0: every tensor, the float ones and those that travel as bytes
+    (bfloat16, the integer count of batches), comes from that rank."""
+    root = comm.size - 1
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(dtype)
+        model[1].num_batches_tracked += 7 * seed + 1
+        return model
+
+    model = make(comm.rank)
+    broadcast_parameters(model, comm, root=root)
+    for mine, theirs in zip(model.state_dict().values(), make(root).state_dict().values()):
+        assert torch.equal(mine, theirs)
+
+
 @pytest.mark.mpi(min_size=2)
 def test_different_models_raise_on_every_rank(comm):
     width = 5 if comm.rank == comm.size - 1 else 4
