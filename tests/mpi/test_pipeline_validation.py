@@ -29,13 +29,16 @@ def test_mismatched_model_fails_on_every_rank(comm):
 
 
 @pytest.mark.mpi
-def test_mismatched_options_fail_on_every_rank(comm):
-    interval = 2 if comm.rank == comm.size - 1 and comm.size > 1 else 1
+@pytest.mark.parametrize("option,usual,other", [("factor_update_interval", 1, 2), ("damping", 1e-2, 2e-2),
+                                                ("kl_clip", 1e-2, None), ("statistics_fraction", 1.0, 0.5)])
+def test_mismatched_options_fail_on_every_rank(comm, option, usual, other):
+    """Every option but the learning rate is compared at construction, before any step."""
+    value = other if comm.rank == comm.size - 1 and comm.size > 1 else usual
     if comm.size == 1:
-        KFACPreconditioner(model(3), comm=comm, factor_update_interval=interval).remove_hooks()
+        KFACPreconditioner(model(3), comm=comm, **{option: value}).remove_hooks()
         return
-    with pytest.raises(CollectiveMismatchError, match="factor_update_interval"):
-        KFACPreconditioner(model(3), comm=comm, factor_update_interval=interval)
+    with pytest.raises(CollectiveMismatchError, match=f"option {option}"):
+        KFACPreconditioner(model(3), comm=comm, **{option: value})
 
 
 @pytest.mark.mpi
