@@ -47,6 +47,30 @@ def test_one_ranks_overflow_skips_the_step_on_every_rank(comm, device):
 
 
 @pytest.mark.mpi
+def test_an_overflow_in_one_ranks_first_order_gradient_alone_skips_the_step_on_every_rank(comm):
+    """Only the first-order PReLU's gradient overflows, on the last rank: the K-FAC layers'
+    preconditioned gradients stay finite, so only the overflow flag agreed over the ranks tells
+    the other ranks' scalers to skip the step their averaged PReLU gradient would poison."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.PReLU())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, lr=0.1, skip_layers=[nn.PReLU])
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(x).pow(2).mean()).backward()
+    if comm.rank == comm.size - 1:
+        model[3].weight.grad.fill_(math.inf)
+    scaler.unscale_(opt)
+    precond.step()
+    assert all(torch.isfinite(p.grad).all() for p in model[:3].parameters())  # the K-FAC layers' updates
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # skipped on every rank
+    assert scaler.get_scale() == 512.0
+
+
+@pytest.mark.mpi
 def test_the_overflow_flag_takes_mpis_allreduce(comm, monkeypatch):
     """The scaler's one-element overflow flag goes by MPI's allreduce (``log2 P`` messages), not
     the ring's ``2(P-1)``, and still skips the step on every rank when one rank overflowed."""
