@@ -139,6 +139,25 @@ def test_a_step_after_an_unpaired_call_starts_from_zero():
     np.testing.assert_allclose(local.result()[0], block.statistics(a, g) / 6, rtol=1e-13, atol=1e-15)
 
 
+def test_a_step_that_reached_some_blocks_only_leaves_nothing_behind():
+    """A step whose forward reached one of two blocks: the next step's sums start from zero for
+    that block too (the clearing of a step that touched only some blocks goes block by block)."""
+    rng = np.random.default_rng(10)
+    fc1, fc2 = LinearBlock("fc1", 3, 2, True), LinearBlock("fc2", 2, 4, False)
+    local = LocalStatistics([fc1, fc2], np.float64)
+    local.add_examples(5)
+    local.add_output_grads(0, rng.standard_normal((5, 2)), 1.0, local.add_inputs(0, rng.standard_normal((5, 3))))
+    assert local.result()[1] is None
+    local.reset()
+    (a1, g1), (a2, g2) = [(rng.standard_normal((6, m)), rng.standard_normal((6, n))) for m, n in ((3, 2), (2, 4))]
+    local.add_examples(6)
+    local.add_output_grads(0, g1, 1.0, local.add_inputs(0, a1))
+    local.add_output_grads(1, g2, 1.0, local.add_inputs(1, a2))
+    out = local.result()
+    np.testing.assert_allclose(out[0], fc1.statistics(a1, g1) / 6, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(out[1], fc2.statistics(a2, g2) / 6, rtol=1e-13, atol=1e-15)
+
+
 def test_two_forwards_and_one_backward_count_both_passes():
     """``loss = f(model(x1)) + f(model(x2))``: backward reaches pass 2's call first, then pass
     1's; both passes count, and the statistics are those of the stacked rows over n1 + n2."""
