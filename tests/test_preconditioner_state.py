@@ -631,6 +631,23 @@ def test_checkpoint_hyperparameters_win_with_a_warning(comm, caplog):
     assert "damping 0.5 -> 0.01" in caplog.text
 
 
+def test_a_checkpoints_learning_rate_wins_unless_the_caller_schedules_it(comm, caplog):
+    """A constant lr saved in the checkpoint replaces the caller's, named in a warning; a schedule
+    passed by the caller stays, read at the loaded step count."""
+    state = trained(comm).state_dict()
+    assert state["hyperparameters"]["lr"] == OPTIONS["lr"]
+    model, _ = model_and_data()
+    other = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, lr=0.5))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        other.load_state_dict(state)
+    assert other.lr == OPTIONS["lr"] and other.current_lr() == OPTIONS["lr"]
+    assert "the checkpoint's lr 0.05 replaces 0.5" in caplog.text
+    schedule = lambda k: 0.5 / (k + 1)  # noqa: E731
+    scheduled = KFACPreconditioner(model_and_data()[0], comm=comm, **dict(OPTIONS, lr=schedule))
+    scheduled.load_state_dict(state)
+    assert scheduled.lr is schedule and scheduled.current_lr() == 0.5 / (state["steps"] + 1)
+
+
 def test_checkpoints_with_unstacked_kronecker_inverses_still_load(comm):
     """Checkpoints from before every factor became a (count, n, n) stack held (n, n) inverses."""
     model, data = model_and_data()
