@@ -71,8 +71,15 @@ def test_describe_explains_a_settings_check_only_where_one_runs():
     assert "compare settings" not in said, said
 
 
+def test_describe_names_the_preconditioners_of_one_collective():
+    """Ranks in the same collective of different preconditioners are told which each is in."""
+    mine, theirs = (signature("allgather_v", length=4, instance=n) for n in (1, 2))
+    said = describe([mine, mine, theirs], ["allgather_v in step()"] * 3)
+    assert said.startswith("the preconditioner (#1 on ranks [0, 1]; #2 on ranks [2]; numbered in the order"), said
+
+
 def test_digest_fits_int64_with_room_to_negate():
     values = [digest([i, 2 * i]) for i in range(100)] + [digest(b"x" * 1000)]
     assert all(0 <= v < 2**56 for v in values) and len(set(values)) == len(values)
     assert digest([1, 2]) == digest(np.array([1, 2], np.int32))
-    assert len(Signature._fields) == 8
+    assert len(Signature._fields) == 9

@@ -3,9 +3,10 @@
 Each rank describes its call as a fixed-length vector of integers (which
 collective, whether its arguments passed local validation, dtype, length, op,
 algorithm, a parameter such as the root, and a digest of counts, array layouts
-or a value). One MAX allreduce of ``[v, -v]`` yields both the element-wise maximum
+or a value, and the number of the preconditioner whose call it is).
+One MAX allreduce of ``[v, -v]`` yields both the element-wise maximum
 and minimum over ranks; they are equal exactly when all ranks agree. Cost: one
-allreduce of 16 int64 values (a latency-bound message) per collective. Only
+allreduce of 18 int64 values (a latency-bound message) per collective. Only
 when ranks disagree is there a second step, an allgather of the vectors, to
 name the ranks in the error raised on every rank.
 """
@@ -41,6 +42,7 @@ class Signature(NamedTuple):
     algorithm: int = 0  # index into ALGORITHMS
     parameter: int = 0  # root, or bucket size
     layout: int = 0  # digest of counts, of array sizes and dtypes, or of a value
+    instance: int = 0  # the preconditioner (or engine) whose call it is (``Communicator.new_instance``), 0: none
 
 
 def signature(collective: str, **fields: int) -> Signature:
@@ -73,6 +75,8 @@ def _show(field: str, value: int) -> str:
         return "accepted" if value else "rejected (raised its own error)"
     if field == "layout":
         return f"digest {value:014x}"
+    if field == "instance":
+        return f"#{value}" if value else "none"
     return str(value)
 
 
@@ -95,7 +99,12 @@ def describe(everyone: Sequence[Signature], calls: Sequence[str] | None = None) 
         if len(groups) > 1:
             held = "; ".join(f"{value if named else _show(field, value)} on ranks {ranks}"
                              for value, ranks in groups.items())
-            parts.append(f"{'arguments' if field == 'valid' else 'the call' if named else field} ({held})")
+            if field == "instance":
+                parts.append(f"the preconditioner ({held}; numbered in the order each rank built its "
+                             f"KFACPreconditioners and KFACEngines on this communicator: every rank must run "
+                             f"the collectives of the same one at the same time)")
+            else:
+                parts.append(f"{'arguments' if field == 'valid' else 'the call' if named else field} ({held})")
     checking = [rank for rank, sig in enumerate(everyone) if sig.collective == COLLECTIVES.index("check_same")]
     # A step's settings are compared only where they changed, so a rank alone in that check is
     # explained by its own message; other checks (broadcast_parameters') run on every rank, and

@@ -163,7 +163,7 @@ def _mismatch(call: str, mine: Signature, found: tuple[list[Signature], list[str
     differ in more than the values compared: ranks in the same collective that name different
     things (each rank's name given), or in different calls."""
     everyone, calls = found
-    if all(sig.valid and sig.collective == mine.collective for sig in everyone):
+    if all(sig.valid and sig.collective == mine.collective and sig.instance == mine.instance for sig in everyone):
         holders: dict[str, list[int]] = {}  # grouped, as ``describe`` does: one entry per name
         for rank, name in enumerate(calls):
             holders.setdefault(name, []).append(rank)
@@ -223,6 +223,8 @@ class Communicator:
         self.local_rank, self.local_size, cpu_sets = node_placement(mpi_comm)
         self._fusion = FusionBuffers()
         self._calls: list[str] = []  # the library calls this rank is in (``calling``)
+        self._instances: list[int] = []  # the preconditioners whose calls this rank is in (``instance``)
+        self._instance_count = 0  # preconditioners (engines) numbered so far (``new_instance``)
         set_rank(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
         install_abort_on_error()
         configure_threads(cpu_sets[self.local_rank], cpu_sets)
@@ -288,6 +290,30 @@ class Communicator:
         finally:
             self._calls.pop()
 
+    def new_instance(self) -> int:
+        """A number for a new object whose collectives must not be mistaken for those of another
+        of the same shapes (a ``KFACEngine``, and with it its ``KFACPreconditioner``): 1 for the
+        first made on this communicator, then 2, 3, ... Every rank builds them in the same order,
+        so one object has the same number on every rank (call it on every rank alike)."""
+        self._instance_count += 1
+        return self._instance_count
+
+    @contextlib.contextmanager
+    def instance(self, number: int) -> Iterator[None]:
+        """Within the block, the agreement check compares ``number`` (from ``new_instance``) as
+        well: ranks that run the same collective for different objects (two preconditioners of
+        same-shaped models, stepped in another order on some ranks) raise
+        ``CollectiveMismatchError`` instead of summing one object's buffers with another's."""
+        self._instances.append(number)
+        try:
+            yield
+        finally:
+            self._instances.pop()
+
+    def _numbered(self, mine: Signature) -> Signature:
+        """``mine`` with the number of the object whose call this is (``instance``)."""
+        return mine._replace(instance=self._instances[-1]) if self._instances else mine
+
     def _call_name(self, label: str) -> str:
         return f"{label} in {self._calls[-1]}" if self._calls else label
 
@@ -303,6 +329,7 @@ class Communicator:
         except (TypeError, ValueError):
             disagreement(self.mpi, rejected(collective), self._call_name(label or collective))  # peers raise too
             raise
+        mine = self._numbered(mine)
         if mode == "on_change" and mine in self._agreed:
             return plan
         call = self._call_name(label or collective)
@@ -528,7 +555,7 @@ class Communicator:
             raise ValueError(f"{what}: value must be an integer in [0, 2**62), got {value!r}")
         if self.size == 1:  # nobody to disagree with: no allreduce on a per-step path
             return {0: int(value)} if value else {}
-        mine = signature("nonzero_ranks", parameter=int(value), layout=digest(what.encode()))
+        mine = self._numbered(signature("nonzero_ranks", parameter=int(value), layout=digest(what.encode())))
         call = self._call_name(what)
         found = disagreement(self.mpi, mine, call)  # no waiting notice: its timer thread would cost more than the call
         if found is None:
@@ -547,8 +574,8 @@ class Communicator:
         try:
             # The label rides in the signature: two ranks comparing different things are told so,
             # rather than comparing values that were never meant to match.
-            mine = signature(collective, parameter=digest(label.encode()),
-                             layout=digest(pickle.dumps(value, protocol=4)))
+            mine = self._numbered(signature(collective, parameter=digest(label.encode()),
+                                            layout=digest(pickle.dumps(value, protocol=4))))
         except Exception as err:  # any: a __reduce__ may raise anything, and the peers must be told
             disagreement(self.mpi, rejected(collective), self._call_name(label))
             raise TypeError(f"{unpicklable}: {err}") from err

@@ -187,6 +187,9 @@ class KFACEngine:
                              inverse_update_interval=inverse_update_interval,
                              kl_clip=kl_clip, assignment=assignment, factor_dtype=comm_dtype)
         self.comm = comm
+        # Its number on the communicator, alike on every rank: the agreement check of its collectives
+        # compares it, so ranks that step two engines of the same shapes in another order are told.
+        self.instance = comm.new_instance()
         self.xp = xp
         self.blocks = list(blocks)
         self.damping, self.factor_decay, self.kl_clip = opts["damping"], opts["factor_decay"], opts["kl_clip"]
@@ -273,6 +276,11 @@ class KFACEngine:
             ``comm_dtype``, identical on every rank (views of one buffer,
             valid until the next step).
         """
+        with self.comm.instance(self.instance):
+            return self._step(grads, stats, lr, settings)
+
+    def _step(self, grads: Sequence[Any], stats: Sequence[Any | None] | None, lr: float,
+              settings: dict[str, Any] | None) -> list[Any]:
         factors = self.is_factor_step()
         if factors and (stats is None or len(stats) != len(self.blocks)):
             raise ValueError(f"stats: a factor-update step needs one entry per block ({len(self.blocks)})")
@@ -363,7 +371,8 @@ class KFACEngine:
         """
         sizes = [state_elements(b) for b in self.blocks]
         counts = [sum(sizes[l] for l in owned) for owned in self.layout.owned]
-        whole = self.comm.allgather_v(self.state.packed_state(), counts, what="state_dict()")
+        with self.comm.instance(self.instance):
+            whole = self.comm.allgather_v(self.state.packed_state(), counts, what="state_dict()")
         blocks: dict[str, Any] = {}
         at = 0
         for owned in self.layout.owned:

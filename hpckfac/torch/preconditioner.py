@@ -605,7 +605,7 @@ class KFACPreconditioner:
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``
         (a collective: call it on every rank, once per optimizer step)."""
-        with device_scope(self.device), self.comm.calling("step()"):
+        with device_scope(self.device), self.comm.calling("step()"), self.comm.instance(self.engine.instance):
             self._step()
 
     def _note(self, message: str, *args: Any) -> None:
@@ -1046,7 +1046,8 @@ class KFACPreconditioner:
         collective (call it on every rank): the table shows the mean and max over
         ranks, printed on rank 0 and returned on every rank."""
         mean = self.stage_means()
-        everyone = self.comm.allgather_object(mean, what="report(gather=True)") if gather else [mean]
+        with self.comm.instance(self.engine.instance):
+            everyone = self.comm.allgather_object(mean, what="report(gather=True)") if gather else [mean]
         rows = [{"stage": name, "mean_ms": float(np.mean([m[name] for m in everyone])),
                  "max_ms": float(np.max([m[name] for m in everyone]))} for name in ITERATION_STAGES]
         rows.append({"stage": "total", "mean_ms": sum(r["mean_ms"] for r in rows),
