@@ -390,6 +390,40 @@ def test_a_preconditioner_rebuilt_on_the_same_layers_takes_them_over(comm, caplo
         p.remove_hooks()
 
 
+@pytest.mark.parametrize("how", ["remove_hooks", "taken over"])
+def test_step_after_the_hooks_are_removed_raises(comm, how):
+    """A preconditioner without its hooks sees no forward: its step() would precondition with old
+    factors and take no statistics (its warning blaming a missing forward). It raises instead,
+    before touching .grad, which keeps the plain gradient of the loss."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    precond = KFACPreconditioner(model, comm=comm)
+    nn.functional.cross_entropy(model(x), y).backward()
+    precond.step()
+    later = None
+    if how == "remove_hooks":
+        precond.remove_hooks()
+    else:
+        later = KFACPreconditioner(model, comm=comm)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    # Plain autograd on a copy without hooks: the gradient step() must leave in place.
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    plain.load_state_dict(model.state_dict())
+    nn.functional.cross_entropy(plain(x), y).backward()
+    reason = "remove_hooks\\(\\) was called" if how == "remove_hooks" else "a KFACPreconditioner built later on the same layers"
+    with pytest.raises(RuntimeError, match=f"hooks are removed \\({reason}"):
+        precond.step()
+    for got, want in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+    assert precond.steps == 1 and precond.state_dict()["steps"] == 1  # the state stays readable
+    if later is not None:
+        later.step()  # the preconditioner holding the layers steps as usual
+        assert later.steps == 1
+        later.remove_hooks()
+
+
 def test_repeated_and_unused_modules(comm):
     torch.manual_seed(1)
     shared, unused = nn.Linear(3, 3).double(), nn.Linear(3, 2).double()

@@ -246,6 +246,7 @@ class KFACPreconditioner:
         self._timed_steps = 0
         self._broadcast = [broadcasts_batch(m) for m in self.modules]
         self._take_over_layers()
+        self._removed: str | None = None  # why the hooks were removed (remove_hooks), None while in place
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
                                    self._broadcast, lambda: self._micro_batch, self._takes_statistics)
         self._root_hook = model.register_forward_pre_hook(OwnedHook(model, self._on_model_input), with_kwargs=True)
@@ -316,10 +317,16 @@ class KFACPreconditioner:
                                               f"{options.get(name)}, rank {rank} has {other_options.get(name)}")
 
     def remove_hooks(self) -> None:
-        """Remove every hook this preconditioner registered."""
+        """Remove every hook this preconditioner registered. It then sees no forward, and its
+        ``step()`` raises RuntimeError; ``state_dict()`` and ``report()`` still work."""
+        self._remove_hooks("remove_hooks() was called")
+
+    def _remove_hooks(self, why: str) -> None:
         self._hooks.remove()
         self._root_hook.remove()
         _HOOKED.discard(self)
+        if self._removed is None:
+            self._removed = why
 
     def _discard_compiled_code(self) -> None:
         """Discard ``torch.compile``'s compiled code when there is any (``torch.compiler.reset()``):
@@ -342,7 +349,7 @@ class KFACPreconditioner:
                        "removed, so that it stops taking statistics at every forward (call remove_hooks() "
                        "on a preconditioner before replacing it)", ", ".join(shared[:3]),
                        ", ..." if len(shared) > 3 else "")
-            earlier.remove_hooks()
+            earlier._remove_hooks("a KFACPreconditioner built later on the same layers took them over")
 
     # ----------------------------------------------------------------- hooks
     def _on_model_input(self, module: nn.Module, args, kwargs) -> None:
@@ -605,6 +612,12 @@ class KFACPreconditioner:
     def step(self) -> None:
         """Stages 1-4 and the allreduce of the other gradients; overwrites ``.grad``
         (a collective: call it on every rank, once per optimizer step)."""
+        if self._removed is not None:
+            # Before any collective: every rank removed the hooks alike (and one alone ends the job).
+            raise RuntimeError(f"step() of a KFACPreconditioner whose hooks are removed ({self._removed}): it "
+                               f"sees no forward, so it would average the gradients and precondition them with "
+                               f"the factors it had, taking no statistics; step the preconditioner that holds "
+                               f"the layers now, or build a new one")
         with device_scope(self.device), self.comm.calling("step()"), self.comm.instance(self.engine.instance):
             self._step()
 
