@@ -186,6 +186,42 @@ def test_exit_check_runs_when_a_later_communicator_checks(tmp_path):
     assert proc.returncode != 0 and "the end of the script on ranks [1])" in proc.stderr, proc.stderr
 
 
+SPLIT_GROUPS = """
+    import numpy as np
+    from mpi4py import MPI
+    from hpckfac.comm import Communicator
+    world = MPI.COMM_WORLD.Get_rank()
+    group = Communicator(MPI.COMM_WORLD.Split(world % 2, world))  # no Communicator on COMM_WORLD
+    total = np.zeros(1)
+    for step in range(3):
+        if world == {leaver} and step == 1:
+            break  # leaves its group's loop early
+        total += group.allreduce(np.full(1, world + 1.0))
+    print(f"rank {{world}}: {{total[0]:g}}", flush=True)
+"""
+
+
+def test_a_rank_leaving_a_group_early_ends_the_job(tmp_path):
+    """Communicators made on a Split of COMM_WORLD alone: a rank that leaves its group's loop
+    runs the end-of-script check on that communicator, which meets its peer's allreduce: the job
+    ends with the mismatch named instead of the peer waiting forever."""
+    proc = run(tmp_path, SPLIT_GROUPS.format(leaver=2), ranks=4, timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    assert "the end of the script on ranks [1])" in proc.stderr and "aborting the job" in proc.stderr, proc.stderr
+
+
+def test_groups_that_finish_together_pass_the_end_of_script_check(tmp_path):
+    """Every rank of both groups reaches the end: the checks agree, the job succeeds, and each
+    group's sums are its own ranks' (ranks 0 and 2: 1 + 3 per step; ranks 1 and 3: 2 + 4)."""
+    proc = run(tmp_path, SPLIT_GROUPS.format(leaver=-1) + """
+    if world % 2:
+        group.mpi.Free()  # a freed communicator (a collective: both of its ranks) is skipped at exit
+    """, ranks=4, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for rank, total in ((0, 12), (1, 18), (2, 12), (3, 18)):
+        assert f"rank {rank}: {total}" in proc.stdout, proc.stdout
+
+
 def test_benchmark_output_checks_agree_across_ranks(tmp_path):
     """Ranks in different directories see different paths: rank 0 (which writes) decides for
     all, so no rank exits while another waits, and the answer is printed once."""

@@ -83,6 +83,11 @@ def _check_writeable(buf: Any, name: str) -> None:
 # happens at exit.
 _world_checks: list[bool] = []
 
+# The MPI communicators other than COMM_WORLD that a checking Communicator of several ranks was
+# made on, in the order they were made (the same on every rank of each: constructing one is
+# collective). The mpi4py objects are kept, not the Communicators, for the same reason.
+_other_checks: list[MPI.Intracomm] = []
+
 
 # The first Communicator made on COMM_WORLD, kept for the process's lifetime: whether it exists
 # decides whether a helper called without ``comm`` creates one (a collective), so it must not be
@@ -103,16 +108,35 @@ def _register_exit_check(comm: "Communicator") -> None:
     """At the end of the script, one agreement check on COMM_WORLD when any Communicator made
     on it checks agreement: a rank still waiting in a checked collective that the others never
     call (``if rank == 0: torch.save(precond.state_dict(), ...)`` as the last line) then gets an
-    error instead of waiting forever, and the job ends."""
-    if not _world_checks:
+    error instead of waiting forever, and the job ends. In a script that made no Communicator on
+    COMM_WORLD, one such check on each other communicator a checking Communicator was made on
+    (a ``Split`` of it: a group of ranks training a model of its own), latest first."""
+    if not (_world_checks or _other_checks):
         atexit.register(_check_at_exit)
-    _world_checks.append(comm.check_agreement != "off")
+    if comm.mpi == MPI.COMM_WORLD:
+        _world_checks.append(comm.check_agreement != "off")
+    elif comm.check_agreement != "off":
+        _other_checks.append(comm.mpi)
 
 
 def _check_at_exit() -> None:
-    if MPI.Is_finalized() or not any(_world_checks):
+    if MPI.Is_finalized():
         return
-    found = disagreement(MPI.COMM_WORLD, signature("the end of the script"), "the end of the script")
+    if _world_checks:
+        # Not the other communicators as well: a rank waiting there for this one, and one of this
+        # rank's peers there waiting on COMM_WORLD, cannot both be met, whichever comes first.
+        if any(_world_checks):
+            _end_of_script(MPI.COMM_WORLD)
+        return
+    for mpi_comm in reversed(_other_checks):
+        if mpi_comm != MPI.COMM_NULL:  # not freed since
+            _end_of_script(mpi_comm)
+
+
+def _end_of_script(mpi_comm: MPI.Intracomm) -> None:
+    """The end-of-script agreement check on ``mpi_comm``: ends the job when any rank of it waits in
+    another collective."""
+    found = disagreement(mpi_comm, signature("the end of the script"), "the end of the script")
     if found is not None:
         abort_job(f"hpckfac: the end of the script: ranks disagree on {describe(*found)}: this rank reached "
                   f"the end of the script while others wait in a collective it never calls (every rank must "
@@ -230,7 +254,7 @@ class Communicator:
         configure_threads(cpu_sets[self.local_rank], cpu_sets)
         if not _world and MPI.Comm.Compare(mpi_comm, MPI.COMM_WORLD) in (MPI.IDENT, MPI.CONGRUENT):
             _world.append(self)  # COMM_WORLD itself or a duplicate of it (same ranks, same order)
-        if self.size > 1 and mpi_comm == MPI.COMM_WORLD:  # every rank made it: every rank checks at exit
+        if self.size > 1:  # every rank of mpi_comm made it: every rank of it checks at exit
             _register_exit_check(self)
 
     def _agree_on_mode(self, mode: AgreementMode | bool) -> None:
