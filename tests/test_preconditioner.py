@@ -424,6 +424,22 @@ def test_step_after_the_hooks_are_removed_raises(comm, how):
         later.remove_hooks()
 
 
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "copy", "deepcopy"])
+def test_a_preconditioner_refuses_to_be_pickled_or_copied_naming_state_dict(comm, how):
+    import copy
+    import pickle
+    model = nn.Sequential(nn.Linear(4, 3))
+    precond = KFACPreconditioner(model, comm=comm)
+    call = {"pickle": pickle.dumps, "torch.save": lambda p: torch.save(p, io.BytesIO()),
+            "copy": copy.copy, "deepcopy": copy.deepcopy}[how]
+    with pytest.raises(TypeError, match=r"cannot be pickled or copied .*save precond.state_dict\(\)"):
+        call(precond)
+    state = precond.state_dict()  # the remedy works, and the model itself still copies
+    assert state["steps"] == 0 and set(state["blocks"]) == {"0"}
+    assert isinstance(copy.deepcopy(model), nn.Sequential)
+    precond.remove_hooks()
+
+
 def test_repeated_and_unused_modules(comm):
     torch.manual_seed(1)
     shared, unused = nn.Linear(3, 3).double(), nn.Linear(3, 2).double()

@@ -275,6 +275,15 @@ class KFACPreconditioner:
         self._kept_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- setup
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refused (``pickle``, ``torch.save``, ``copy.copy``, ``copy.deepcopy``), with the remedy:
+        a preconditioner holds its communicator, hooks on the model's modules and each block's
+        running factors on its owner rank only, none of which a copy could carry."""
+        raise TypeError("a KFACPreconditioner cannot be pickled or copied (torch.save(precond), "
+                        "copy.deepcopy): it holds hooks on the model, a communicator and the running factors "
+                        "of the blocks this rank owns; save precond.state_dict() (a collective: on every rank) and "
+                        "load_state_dict() it into a new KFACPreconditioner built on the model")
+
     def __repr__(self) -> str:
         width = max([len(n or "(model)") for n, _, _ in self.coverage] + [6])
         lines = [f"KFACPreconditioner(device={self.device}, ranks={self.comm.size}, "
