@@ -54,6 +54,9 @@ def test_user_npz_with_and_without_test_arrays(tmp_path):
     mean, std = x[:, 0].mean(), x[:, 0].std()
     np.testing.assert_allclose(data.x_test[:, 0], (x[:7, 0] + 1 - mean) / std, rtol=1e-5, atol=1e-5)
     assert data.num_classes == int(y.max()) + 1
+    # A class seen only among the test labels still gets its output: K is the largest label of either + 1.
+    np.savez(path, x=x[:, 0], y=y, x_test=x[:3, 0], y_test=np.array([0, 6, 1]))
+    assert load_dataset(str(path)).num_classes == 7
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -170,6 +173,23 @@ def test_warmup_then_polynomial_decay():
     assert [flat(k) for k in range(5)] == [0.1] * 5
 
 
+def test_schedule_of_random_settings_against_the_formula():
+    # Powers other than 2 and 0, warmups other than 4: the formula written out at every step.
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        base, total = float(rng.uniform(0.01, 1.0)), int(rng.integers(2, 40))
+        warmup, power = int(rng.integers(0, total)), float(rng.uniform(0.1, 4.0))
+        s = WarmupPolynomialDecay(base, total_steps=total, warmup_steps=warmup, power=power)
+        for k in range(total):
+            if k < warmup:
+                want = base * (k + 1) / warmup
+            else:
+                want = base * (1 - (k - warmup) / (total - warmup)) ** power
+            assert math.isclose(s(k), want, rel_tol=1e-12), (base, total, warmup, power, k)
+        # Zero from one step after the last on (a real number for every power).
+        assert s(total) == 0.0 and s(total + 3) == 0.0
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"base_lr": 0.0}, "lr"), ({"base_lr": float("nan")}, "lr"), ({"total_steps": 0}, "steps"),
     ({"warmup_steps": 10}, "warmup_steps"), ({"warmup_steps": -1}, "warmup_steps"), ({"power": -1.0}, "decay_power"),
@@ -185,7 +205,7 @@ def test_schedule_validation_names_the_parameter(kwargs, name):
     ("optimizer", "lbfgs"), ("batch_size", 0), ("steps", 0), ("epochs", -1), ("lr", -0.1),
     ("lr", float("inf")), ("momentum", 1.0), ("weight_decay", -1e-4), ("damping", 0.0), ("damping", 1e300),
     ("factor_decay", 1.0), ("factor_update_interval", 0), ("inverse_update_interval", 0),
-    ("kl_clip", -1.0), ("width", 0), ("seed", -1), ("eval_every", 0), ("checkpoint_every", -2),
+    ("kl_clip", -1.0), ("width", 0), ("seed", -1), ("seed", 2**64), ("eval_every", 0), ("checkpoint_every", -2),
     ("batch_size", 2.5), ("steps", True), ("data", 7), ("out", ["runs"]), ("resume", 3.0),
     ("stop_signals", "KILL"), ("stop_signals", "TERM,NOPE"), ("stop_signals", 10),
 ])
@@ -204,8 +224,24 @@ def test_config_paths_may_be_path_objects(tmp_path):
 def test_config_defaults_and_checkpoint_needs_out():
     assert TrainConfig(optimizer="adam").validate().lr == 0.003
     assert TrainConfig(optimizer="sgd", lr=0.5).validate().lr == 0.5
+    assert TrainConfig(seed=2**64 - 1).validate().seed == 2**64 - 1  # torch.manual_seed's largest
     with pytest.raises(ValueError, match="^checkpoint_every: needs --out"):
         TrainConfig(checkpoint_every=5).validate()
+
+
+def test_memory_needed_counts_weights_four_times_and_the_factors():
+    from torch import nn
+
+    from hpckfac.train.loop import memory_needed
+
+    def build():
+        return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    # float32 weights, gradients, momentum and gradient buffers: 4 x 4 bytes a parameter.
+    first_order = 4 * 4 * ((3 * 4 + 4) + (4 * 2 + 2))
+    assert memory_needed(build, kfac=False) == first_order
+    # K-FAC: each Linear's A (inputs + bias) and G factors, float32.
+    assert memory_needed(build, kfac=True) == first_order + 4 * ((4 ** 2 + 4 ** 2) + (5 ** 2 + 2 ** 2))
 
 
 # ------------------------------------------------------------ checkpoint
