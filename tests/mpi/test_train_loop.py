@@ -1,6 +1,10 @@
 """The training loop at any number of ranks: every rank ends with the same model and
 log, and the SGD path equals an independent single-process emulation (each shard's
 gradient computed separately, averaged, one SGD step)."""
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +65,108 @@ def test_sgd_path_equals_single_process_shard_emulation(comm):
         opt.step()
     for (name, p), q in zip(model.named_parameters(), trained.parameters()):
         np.testing.assert_allclose(q.detach().numpy(), p.detach().numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.mpi
+def test_records_follow_the_schedule_and_equal_a_single_process_emulation(comm):
+    """A decaying schedule after a warmup, an evaluation after every step: each record's training
+    loss and accuracy are those of the global batch's shards (weighted by their examples), its
+    lr the schedule's formula at the step just taken, and the last record's test loss and
+    accuracy those of the final model on the whole test set, evaluated in one process."""
+    seed, steps, lr, warmup, power = 2, 3, 0.05, 1, 1.5
+    config = TrainConfig(optimizer="sgd", batch_size=BATCH, steps=steps, lr=lr, warmup_steps=warmup,
+                         decay_power=power, width=4, seed=seed, eval_every=1, progress=False)
+    result = Trainer(config, comm).run()
+
+    def schedule(k):
+        return lr * (k + 1) / warmup if k < warmup else lr * (1 - (k - warmup) / (steps - warmup)) ** power
+
+    data = load_dataset()
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    torch.manual_seed(seed)
+    model = resnet(depth=8, width=4, in_channels=1, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    perm = np.random.default_rng([seed, 0]).permutation(len(data.x_train))
+    local = BATCH // comm.size
+    want = []
+    for step in range(steps):
+        batch = perm[step * BATCH:(step + 1) * BATCH]
+        grads = [torch.zeros_like(p) for p in model.parameters()]
+        loss_sum, correct = 0.0, 0
+        for r in range(comm.size):
+            shard = torch.from_numpy(batch[r * local:(r + 1) * local])
+            model.zero_grad()
+            logits = model(x[shard])
+            loss = nn.functional.cross_entropy(logits, y[shard])
+            loss.backward()
+            loss_sum += float(loss) * local
+            correct += int((logits.argmax(1) == y[shard]).sum())
+            for g, p in zip(grads, model.parameters()):
+                g += p.grad / comm.size
+        for g, p in zip(grads, model.parameters()):
+            p.grad = g
+        for group in opt.param_groups:
+            group["lr"] = schedule(step)
+        opt.step()
+        want.append({"step": step + 1, "epoch": (step + 1) / (len(data.x_train) // BATCH),
+                     "loss": loss_sum / BATCH, "train_acc": correct / BATCH, "lr": schedule(step)})
+    assert len(result.records) == steps
+    for got, expected in zip(result.records, want):
+        assert got["step"] == expected["step"] and got["epoch"] == pytest.approx(expected["epoch"], rel=1e-12)
+        assert got["lr"] == pytest.approx(expected["lr"], rel=1e-12)
+        assert got["train_acc"] == expected["train_acc"]
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    final = result.model
+    final.eval()
+    with torch.no_grad():
+        logits = final(torch.from_numpy(data.x_test))
+        labels = torch.from_numpy(data.y_test)
+        test_loss = float(nn.functional.cross_entropy(logits.double(), labels))
+        test_acc = float((logits.argmax(1) == labels).double().mean())
+    assert result.records[-1]["test_loss"] == pytest.approx(test_loss, rel=1e-4)
+    assert result.records[-1]["test_acc"] == pytest.approx(test_acc, rel=1e-12)
+
+
+def _without_wall(records):
+    return [{k: v for k, v in r.items() if k != "wall"} for r in records]
+
+
+@pytest.mark.mpi
+def test_a_resumed_trainer_restores_its_step_wall_and_history_and_finishes_alike(comm):
+    """Checkpoints every 3 steps of 4 (and at the last), evaluations every 2 and at checkpoints:
+    a Trainer resumed from step 3 starts at its step, wall time and records, and ends with the
+    weights and records of the uninterrupted run; a decay power other than the checkpoint's is
+    refused, as is another value of any setting the trajectory depends on."""
+    from hpckfac.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+
+    out = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
+    try:
+        config = dict(optimizer="sgd", batch_size=BATCH, steps=4, lr=0.05, warmup_steps=1, width=4, seed=3,
+                      eval_every=2, checkpoint_every=3, progress=False, stop_signals="none")
+        whole = Trainer(TrainConfig(**config, out=out), comm).run()
+        folder = os.path.join(out, "checkpoints")
+        assert [os.path.basename(f) for f in list_checkpoints(folder)] == ["step_00000003.pt", "step_00000004.pt"]
+        assert [r["step"] for r in whole.records] == [2, 3, 4]
+        best = max(whole.records, key=lambda r: r["test_acc"])
+        assert (whole.summary["best_test_acc"], whole.summary["best_step"]) == (best["test_acc"], best["step"])
+        saved = load_checkpoint(os.path.join(folder, "step_00000003.pt"))
+        resumed = Trainer(TrainConfig(**config, out=out, resume=os.path.join(folder, "step_00000003.pt")), comm)
+        # Each rank times its own steps; the checkpoint holds rank 0's records and wall time.
+        assert resumed.step == 3 and resumed.wall == saved["wall"] > 0 and resumed.records == saved["history"]
+        assert _without_wall(resumed.records) == _without_wall(whole.records[:2])
+        result = resumed.run()
+        assert _without_wall(result.records) == _without_wall(whole.records)
+        assert result.records[-1]["wall"] > saved["wall"]
+        np.testing.assert_array_equal(_state(result.model), _state(whole.model))
+        with pytest.raises(CheckpointError, match="decay_power is 2.0 there, 1.0 here"):
+            Trainer(TrainConfig(**dict(config, decay_power=1.0), out=out, resume=folder), comm)
+        # Every setting the trajectory depends on must match the checkpoint's.
+        for name, value, compared in (("momentum", 0.5, "momentum"), ("weight_decay", 0.0, "weight_decay"),
+                                      ("seed", 4, "seed"), ("lr", 0.1, "lr"), ("warmup_steps", 0, "warmup_steps"),
+                                      ("steps", 5, "total_steps"), ("batch_size", 2 * BATCH, "batch_size")):
+            with pytest.raises(CheckpointError, match=f"does not match this run: {compared} is "):
+                Trainer(TrainConfig(**dict(config, **{name: value}), out=out, resume=folder), comm)
+    finally:
+        comm.barrier()
+        if comm.rank == 0:
+            shutil.rmtree(out)
