@@ -125,6 +125,19 @@ def test_stage_work_hand_computed():
     assert w["all_gather"] == 4 * (72 + 8 + 15 + 2)  # + the owner's partial KL sum, mantissa and exponent
     assert w["allreduce"] == 0
     assert w["forward_backward"] == 3 * 5 * (2 * 16 * 4 * 18 + 2 * 3 * 4)
+    # Running averages: 3 x the packed statistics (A 171 + G 10, BN 3 per channel, A 15 + G 6);
+    # writing .grad: every block's gradient elements.
+    assert w["running_average"] == 3 * ((171 + 10) + 3 * 4 + (15 + 6))
+    assert w["write_grads"] == 72 + 8 + 15
+
+
+def test_stage_work_of_the_most_loaded_owner_at_two_ranks():
+    # lpt at two ranks: the conv block (cost 18^3 + 4^3) alone on one rank, BN and fc on the other.
+    w = model.stage_work(model.Workload(tiny_model(), batch=5, comm_bytes=4), 2)
+    assert w["inversion"] == 18 ** 3 + 4 ** 3
+    assert w["running_average"] == 3 * (171 + 10)
+    assert w["precondition"] == 2 * 4 * 18 * 22
+    assert w["write_grads"] == 72 + 8 + 15  # every gradient is written on every rank
 
 
 def test_intervals_amortise_and_batchnorm_allreduce():
@@ -158,6 +171,28 @@ def test_predict_hand_computed():
     alone = model.predict(work, machine, 4)
     assert shared["local_factors"] == pytest.approx(2 * alone["local_factors"])
     assert shared["all_gather"] == pytest.approx(alone["all_gather"])
+    # Fewer ranks than cores: each rank has its own, compute at the full rate (never faster).
+    few = model.predict(work, model.Machine("m", 1e9, 1e8, 2e9, 1e-5, 1e-9, cores=2), 1)
+    assert few["local_factors"] == pytest.approx(model.predict(work, machine, 1)["local_factors"])
+
+
+def test_predict_sgd_hand_computed():
+    # 3 x forward flops (2 * 16 * 4 * 18 + 2 * 3 * 4 a example) at the training rate, then one fused
+    # bucket of every gradient (72 + 8 + 15 elements of 2 bytes) by MPI's recursive doubling at 4 ranks.
+    work = model.Workload(tiny_model(), batch=5, comm_bytes=2)
+    machine = model.Machine("m", 1e9, 1e8, 2e9, alpha=1e-5, beta=1e-9, train_flops=1e9)
+    compute = 3 * 5 * (2 * 16 * 4 * 18 + 2 * 3 * 4) / 1e9
+    assert model.predict_sgd(work, machine, 4) == pytest.approx(compute + 2 * (1e-5 + 2 * 95 * 1e-9))
+    rows = model.prediction_rows(tiny_model(), machine, [4], 5, comm_bytes=2)
+    assert rows[0]["sgd_ms"] == pytest.approx(1e3 * (compute + 2 * (1e-5 + 2 * 95 * 1e-9)))
+    assert rows[0]["kfac/sgd"] == pytest.approx(rows[0]["total_ms"] / rows[0]["sgd_ms"])
+
+
+def test_workload_from_config_splits_a_strong_batch():
+    config = scaling_config()
+    assert [model.workload_from_config(config, p).batch for p in (1, 2, 4)] == [8, 4, 2]
+    assert model.workload_from_config(dict(config, mode="weak"), 4).batch == 8
+    assert model.workload_from_config(dict(config, comm_dtype="float64"), 1).comm_bytes == 8
 
 
 def test_strong_scaling_divides_the_batch():
@@ -236,6 +271,14 @@ def test_imbalance_table_resnet50():
     assert rows[1024]["lpt"] == pytest.approx(max(costs) / (sum(costs) / 1024))
 
 
+def test_imbalance_bound_hand_computed():
+    # Block costs 5896, 32 and 152 (sum 6080): the largest block or the mean, over the mean.
+    rows = model.imbalance_table(tiny_model(), [1, 2, 3, 5])
+    assert [r["bound"] for r in rows] == pytest.approx([1.0, 5896 / 3040, 5896 / (6080 / 3), 5896 / (6080 / 5)])
+    assert [r["owners_max"] for r in rows] == [1, 2, 3, 3]
+    assert rows[1]["lpt"] == pytest.approx(5896 / 3040)
+
+
 # ----------------------------------------------------------------------------- calibration
 
 def scaling_config():
@@ -258,6 +301,11 @@ def test_calibration_recovers_known_machine():
     assert all(abs(r["error_pct"]) < 1e-6 for r in rows)
     with pytest.raises(ValueError, match="one-rank"):
         model.calibrate(config, runs[1:], cores=2)
+    # The streaming stages at different rates: one rate for both, their work over their time.
+    work1 = model.stage_work(model.workload_from_config(config, 1), 1)
+    runs[0]["stages"] = dict(runs[0]["stages"], running_average=3e-6, write_grads=1e-6)
+    fitted = model.calibrate(config, runs, cores=2)
+    assert fitted.memory_rate == pytest.approx((work1["running_average"] + work1["write_grads"]) / 4e-6)
 
 
 def test_calibration_doubts():
