@@ -23,6 +23,23 @@ def test_ring_bytes_hand_computed():
     assert scatter == gather == [3 / 4 * 16 * 4] * 4
 
 
+def test_bytes_sent_by_the_busiest_rank():
+    """Reduce-scatter segments 2, 9, 3 and all-gather segments 1, 8, 6 (float64): the scatter's
+    maximum falls on rank 0, the gather's on rank 2, so one rank's most is less than their sum."""
+    from types import SimpleNamespace
+
+    layout = SimpleNamespace(reduce_counts=lambda factors: [2, 9, 3], gather_counts=[1, 8, 6])
+    it = SimpleNamespace(engine=SimpleNamespace(comm_dtype=np.float64, layout=layout), comm=SimpleNamespace(size=3),
+                         reduced=[np.zeros(5), np.zeros(7)])
+    scatter = [8 * (14 - 2), 8 * (14 - 9), 8 * (14 - 3)]
+    gather = [8 * (15 - 8), 8 * (15 - 6), 8 * (15 - 1)]  # all but the successor's segment
+    allreduce = round(2 * 2 / 3 * 8 * 12)
+    assert scaling.Iteration.bytes_sent(it) == {
+        "reduce_scatter": max(scatter), "all_gather": max(gather), "allreduce": allreduce,
+        "rank_most": max(s + g for s, g in zip(scatter, gather)) + allreduce}
+    assert max(s + g for s, g in zip(scatter, gather)) < max(scatter) + max(gather)
+
+
 def test_efficiency():
     runs = [{"ranks": 1, "assignment": "lpt", "iteration": 1.0},
             {"ranks": 2, "assignment": "lpt", "iteration": 0.625},
@@ -35,6 +52,82 @@ def test_efficiency():
     assert [r["efficiency_base"] for r in runs] == [1, 1, 4, 4]
     scaling.add_efficiency(runs, "weak")
     assert runs[1]["efficiency"] == pytest.approx(1.6) and runs[3]["efficiency"] == pytest.approx(2.5)
+    # The base is the fewest ranks, wherever that run is in the list.
+    backwards = [dict(r) for r in reversed(runs)]
+    scaling.add_efficiency(backwards, "strong")
+    assert [r["efficiency"] for r in backwards] == pytest.approx([0.625, 1.0, 0.8, 1.0])
+    assert [r["efficiency_base"] for r in backwards] == [4, 4, 1, 1]
+
+
+def test_table_rows_count_the_most_one_rank_sends():
+    run = {"assignment": "lpt", "ranks": 3, "batch_per_rank": 2, "iteration": 0.5, "imbalance": 1.25,
+           "stages": dict(dict.fromkeys(ITERATION_STAGES, 0.1), local_factors=0.3),
+           "bytes_sent": {"reduce_scatter": 3e6, "all_gather": 2e6, "allreduce": 1e6, "rank_most": 4.5e6}}
+    row = scaling.table_rows([run])[0]
+    assert row["MB_sent"] == pytest.approx(4.5) and row["iter_ms"] == pytest.approx(500.0)
+    assert row["local_factors"] == f"300.0 ({100 * 0.3 / (0.3 + 0.1 * (len(ITERATION_STAGES) - 1)):.0f}%)"
+    # Files written before rank_most was kept: the collectives' maxima summed.
+    del run["bytes_sent"]["rank_most"]
+    assert scaling.table_rows([run])[0]["MB_sent"] == pytest.approx(6.0)
+
+
+def test_measure_reduces_scripted_times_over_ranks_and_iterations(monkeypatch):
+    """Times of three ranks over five iterations, scripted: per stage the median over iterations of
+    the maximum over ranks (compute) or the minimum (collectives), each rank's own medians, and
+    who owns what, computed here with NumPy."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    size, repeat = 3, 5
+    scripted = [[(float(rng.uniform(1, 2)), {s: float(rng.uniform(0, 1)) for s in ITERATION_STAGES})
+                 for _ in range(repeat)] for _ in range(size)]
+
+    class Comm:
+        rank = 1
+
+        def __init__(self):
+            self.size = size
+
+        def barrier(self):
+            pass
+
+        def allgather_object(self, mine):
+            assert len(mine) == repeat
+            return scripted
+
+    class Iteration:
+        def __init__(self, comm, args, assignment, xp, sync):
+            blocks = [SimpleNamespace(cost=lambda c=c: c) for c in (8.0, 1.0, 1.0)]
+            self.batch, self.timings = 2, {}
+            layout = SimpleNamespace(owned=[[0], [], [1, 2]])  # rank 1 owns nothing
+            self.engine = SimpleNamespace(blocks=blocks, owners=[0, 2, 2], layout=layout)
+
+        def clock(self):
+            return 0.0
+
+        def __call__(self):
+            pass
+
+        def bytes_sent(self):
+            return {}
+
+    monkeypatch.setattr(scaling, "Iteration", Iteration)
+    monkeypatch.setattr(scaling, "placement", lambda comm: {})
+    run = scaling.measure(Comm(), SimpleNamespace(warmup=0, repeat=repeat), "lpt")
+    totals = np.array([[t for t, _ in rank] for rank in scripted])  # (rank, iteration)
+    stage = {s: np.array([[st[s] for _, st in rank] for rank in scripted]) for s in ITERATION_STAGES}
+    assert run["iteration"] == pytest.approx(np.median(totals.max(axis=0)))
+    assert run["iteration_samples"] == pytest.approx(totals.max(axis=0))
+    for s in ITERATION_STAGES:
+        over_ranks = stage[s].max(axis=0) if s in scaling.COMPUTE else stage[s].min(axis=0)
+        assert run["stages"][s] == pytest.approx(np.median(over_ranks)), s
+    assert run["rank_iteration"] == pytest.approx(np.median(totals, axis=1))
+    compute = sum(stage[s] for s in ("local_factors", "running_average", "inversion", "precondition", "write_grads"))
+    assert run["rank_compute"] == pytest.approx(np.median(compute, axis=1))
+    inversion = np.median(stage["inversion"], axis=1)
+    assert run["inversion_time_imbalance"] == pytest.approx(inversion.max() / inversion.mean())
+    assert run["imbalance"] == pytest.approx(8.0 / (10.0 / 3))  # loads 8, 0, 2
+    assert run["owners"] == 2 and run["blocks"] == 3 and run["batch_per_rank"] == 2 and run["ranks"] == size
 
 
 def test_options_validated(capsys):

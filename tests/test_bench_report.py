@@ -1,0 +1,54 @@
+"""The benchmarks' shared plumbing (hpckfac.bench.report): timing, medians, output and memory checks."""
+import os
+
+import pytest
+
+from hpckfac.bench import report
+
+
+def test_median_of_odd_and_even_counts():
+    assert report.median([5.0, 1.0, 100.0]) == 5.0
+    assert report.median([4.0, 1.0, 3.0, 100.0]) == 3.5
+    assert isinstance(report.median([1, 2, 4]), float)
+
+
+def test_time_calls_times_each_call_after_the_warmup(monkeypatch):
+    """A clock that only the calls move: each timed call's seconds are its own, the warmup calls
+    are untimed, and the barrier runs before each timed call."""
+    clock, events = [0.0], []
+    durations = iter([7.0, 11.0, 0.5, 2.0, 3.0])
+
+    def fn():
+        events.append("call")
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(report.time, "perf_counter", lambda: clock[0])
+    times = report.time_calls(fn, repeat=3, warmup=2, barrier=lambda: events.append("barrier"))
+    assert times == [0.5, 2.0, 3.0]
+    assert events == ["call", "call"] + ["barrier", "call"] * 3
+
+
+def test_output_problem_names_what_cannot_be_written(tmp_path, monkeypatch):
+    assert report.output_problem(str(tmp_path / "new" / "deeper" / "out.json")) is None
+    assert report.output_problem(str(tmp_path)) == f"{tmp_path} is a directory"
+    (tmp_path / "file").write_text("")
+    file = tmp_path / "file"
+    assert report.output_problem(str(file / "out.json")) == f"{file} is a file, not a directory"
+    assert report.output_problem(str(file), directory=True) == f"{file} exists and is not a directory"
+    # A folder the user may read and enter but not write into (faked: root may write anywhere).
+    real = os.access
+    monkeypatch.setattr(report.os, "access", lambda path, mode: real(path, mode) and not mode & os.W_OK)
+    assert report.output_problem(str(tmp_path / "out.json")) == f"cannot write in {tmp_path}"
+
+
+def test_check_memory_counts_the_ranks_that_share_the_machine(monkeypatch):
+    """Three ranks of 1 GiB each on a machine of 2 GiB do not fit, though one would."""
+    from hpckfac.comm import topology
+
+    monkeypatch.setattr(topology, "node_placement", lambda comm: (0, 3))
+    monkeypatch.setattr(report, "host_memory", lambda: 2 * 2**30)
+    parser = report.Parser(prog="bench")
+    with pytest.raises(SystemExit):
+        report.check_memory(parser, 2**30, "--batch")
+    monkeypatch.setattr(topology, "node_placement", lambda comm: (0, 1))
+    report.check_memory(parser, 2**30, "--batch")
