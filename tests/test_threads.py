@@ -51,6 +51,24 @@ def test_configuration_when_nothing_is_set(monkeypatch):
             torch.set_num_threads(before)
 
 
+def test_blas_gets_one_thread_whatever_torch_gets(monkeypatch):
+    """Two cores for the rank: torch's pool takes both, NumPy's BLAS still one (the products run in torch's)."""
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    for name in threads.USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "_done", {})
+    before = torch.get_num_threads()
+    with threadpool_limits():
+        try:
+            assert threads.configure_threads(cpus(0, 4), [cpus(0, 4)] * 2) == {"torch": 2, "blas": 1}
+            assert torch.get_num_threads() == 2
+            assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+        finally:
+            torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS"])
 def test_each_documented_variable_leaves_the_pools_alone(monkeypatch, name):
     """Any one of the four variables the documentation names is the user's choice: the pools

@@ -49,6 +49,9 @@ def test_check_output_dir(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         check_output_dir(str(tmp_path / "file"), (), ())
+    (tmp_path / "other" / "log.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match="log.json is a directory; the run writes a file there"):
+        check_output_dir(str(tmp_path / "other"), ("records.jsonl", "log.json"), ())
 
 
 def test_temporary_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
