@@ -117,8 +117,8 @@ class StopOnSignal:
 
     @property
     def stopping_ranks(self) -> dict[int, str]:
-        """The ranks that had received a signal at the last ``should_stop`` that said True,
-        with the signal's name (empty before)."""
+        """The ranks that had received a signal at the first ``should_stop`` that said True,
+        with the signal's name (empty before); ranks signalled later are not added."""
         return {rank: signal.Signals(number).name for rank, number in self._stopping.items()}
 
     def should_stop(self) -> bool:

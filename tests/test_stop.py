@@ -104,6 +104,25 @@ def test_handlers_closed_in_any_order_hand_signals_back_to_the_original_one(comm
         signal.signal(signal.SIGUSR2, old)
 
 
+def test_closing_an_earlier_handler_leaves_a_later_one_installed(comm):
+    """The first StopOnSignal closed while the second is open: the second's handler stays, and
+    the next signal is the second's, not the handler of before both."""
+    calls = []
+
+    def previous(signum, frame):
+        calls.append(signum)
+
+    old = signal.signal(signal.SIGUSR2, previous)
+    try:
+        first, second = StopOnSignal(comm, "USR2"), StopOnSignal(comm, "USR2")
+        first.close()
+        signal.raise_signal(signal.SIGUSR2)
+        assert second.received == "SIGUSR2" and first.received is None and calls == []
+        second.close()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
 @pytest.mark.parametrize("first", ["SIGTERM", "SIGUSR1"])
 def test_a_sigterm_after_the_first_signal_ends_a_process_that_did_not_stop(first):
     """Slurm's SIGTERM at the limit ends a run that its earlier --signal=USR1 did not stop."""
