@@ -59,6 +59,15 @@ def test_user_npz_with_and_without_test_arrays(tmp_path):
     assert load_dataset(str(path)).num_classes == 7
 
 
+def test_constant_images_are_centred_not_scaled(tmp_path):
+    # No spread to divide by: the images are only centred (all zero), never NaN.
+    path = tmp_path / "flat.npz"
+    np.savez(path, x=np.full((10, 4, 4), 3.0), y=np.arange(10) % 2, x_test=np.full((2, 4, 4), 5.0), y_test=np.arange(2))
+    data = load_dataset(str(path))
+    assert not data.x_train.any()
+    np.testing.assert_array_equal(data.x_test, np.full((2, 1, 4, 4), 2.0, dtype=np.float32))
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"y": np.zeros(4, int)}, "missing array(s) 'x'"),
     ({"x": np.zeros((4, 8, 8)), "y": np.zeros(5, int)}, "'y' must be an integer array of shape (4,)"),
@@ -453,3 +462,28 @@ def test_curves_that_stay_below_half_are_in_view(tmp_path, monkeypatch):
     plot_curves([("high", {"a": [high]}), ("low", {"a": [low], "b": [high]})], str(tmp_path / "c.png"))
     assert limits[0] == (50, 100)  # the top row: accuracy, one panel per study
     assert limits[1][0] <= 100 * max(r["test_acc"] for r in low) - 5 and limits[1][1] == 100
+
+
+def test_history_plot_draws_each_quantity_against_steps_and_wall_time(tmp_path, monkeypatch):
+    """Top row against steps, bottom against wall seconds: train and test loss on the left,
+    test accuracy in percent on the right."""
+    from hpckfac.train import plot
+
+    rng = np.random.default_rng(4)
+    walls, (loss, test_loss, test_acc) = np.cumsum(rng.uniform(0.1, 1, 7)), rng.uniform(0.05, 1, (3, 7))
+    records = [{"step": s + 1, "wall": float(walls[s]), "loss": float(loss[s]), "test_loss": float(test_loss[s]),
+                "test_acc": float(test_acc[s])} for s in range(7)]
+    figures = []
+    monkeypatch.setattr(plot, "_save", lambda fig, path: figures.append(fig))
+    plot_history(records, str(tmp_path / "h.png"))
+    (loss_steps, acc_steps), (loss_wall, acc_wall) = np.reshape(figures[0].axes, (2, 2))
+    for key, loss_ax, acc_ax in (("step", loss_steps, acc_steps), ("wall", loss_wall, acc_wall)):
+        xs = [r[key] for r in records]
+        train, test = loss_ax.get_lines()
+        np.testing.assert_array_equal(train.get_xdata(), xs)
+        np.testing.assert_array_equal(train.get_ydata(), [r["loss"] for r in records])
+        np.testing.assert_array_equal(test.get_ydata(), [r["test_loss"] for r in records])
+        (accuracy,) = acc_ax.get_lines()
+        np.testing.assert_array_equal(accuracy.get_xdata(), xs)
+        np.testing.assert_allclose(accuracy.get_ydata(), [100 * r["test_acc"] for r in records])
+    plot.plt.close(figures[0])
