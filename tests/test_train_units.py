@@ -217,6 +217,7 @@ def test_schedule_validation_names_the_parameter(kwargs, name):
     ("kl_clip", -1.0), ("width", 0), ("seed", -1), ("seed", 2**64), ("eval_every", 0), ("checkpoint_every", -2),
     ("batch_size", 2.5), ("steps", True), ("data", 7), ("out", ["runs"]), ("resume", 3.0),
     ("stop_signals", "KILL"), ("stop_signals", "TERM,NOPE"), ("stop_signals", 10),
+    ("statistics_fraction", 0.0), ("statistics_fraction", 1.5),
 ])
 def test_config_validation_names_the_setting(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -419,6 +420,14 @@ def test_prune_keeps_the_newest_and_reports_only_later_steps(tmp_path):
     # keep=0 (--keep-checkpoints unset): nothing removed, later steps still reported.
     assert ckpt.prune_checkpoints(str(tmp_path), 3, 0) == [ckpt.checkpoint_path(str(tmp_path), s) for s in (10, 20)]
     assert len(os.listdir(tmp_path)) == 3
+
+
+def test_history_records_need_a_number_for_every_field_read_back():
+    record = {"step": 2, "epoch": 0.5, "loss": 1.5, "test_loss": 1.7, "test_acc": 0.25, "wall": 3.0}
+    ckpt.check_history({"history": [record]}, "c.pt")
+    for key, value in (("test_acc", True), ("loss", "1.5"), ("wall", None)):
+        with pytest.raises(ckpt.CheckpointError, match=f"has no number '{key}'"):
+            ckpt.check_history({"history": [record, dict(record, **{key: value})]}, "c.pt")
 
 
 def test_check_compatible_takes_a_missing_setting_as_its_default():
