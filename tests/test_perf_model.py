@@ -13,6 +13,7 @@ from hpckfac.stages.engine import ITERATION_STAGES
 
 # ----------------------------------------------------------------------------- shapes
 
+
 def test_resnet50_shapes():
     net = shapes.resnet50()
     assert len(net.kron) == 54 and len(net.batchnorm) == 53
@@ -72,6 +73,7 @@ def test_small_cnn_matches_torch():
 
 # ----------------------------------------------------------------------------- collectives
 
+
 def test_ring_formulas_hand_computed():
     n, alpha, beta = 1e6, 1e-5, 1e-9
     # 2*3/4*1e6*1e-9 + 2*3*1e-5
@@ -102,6 +104,7 @@ def test_ring_formulas_hand_computed():
 
 
 # ----------------------------------------------------------------------------- work and prediction
+
 
 def tiny_model():
     """conv (3x3, 2->4 channels, 4x4 output) + BN + Linear(4 -> 3, bias)."""
@@ -240,6 +243,7 @@ def test_resnet50_inversion_stage_stops_at_the_largest_block():
 
 # ----------------------------------------------------------------------------- imbalance
 
+
 def brute_force_imbalance(costs, ranks):
     best = min(max(owner_loads(costs, o, ranks)) for o in itertools.product(range(ranks), repeat=len(costs)))
     return best / (sum(costs) / ranks)
@@ -280,6 +284,7 @@ def test_imbalance_bound_hand_computed():
 
 
 # ----------------------------------------------------------------------------- calibration
+
 
 def scaling_config():
     return {"model": "small", "image": 8, "scale": 1, "batch": 8, "mode": "strong",
@@ -327,6 +332,7 @@ def test_alpha_beta_fit_never_negative():
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def test_cli_writes_json_and_png(tmp_path, capsys):
     config = scaling_config()

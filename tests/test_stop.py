@@ -244,6 +244,7 @@ from hpckfac.train.loop import Trainer
 
 where, sig = getattr(Trainer, sys.argv[1]), signal.Signals[sys.argv[2]]
 
+
 def signalled(*args, **kwargs):
     os.kill(os.getpid(), sig)  # the batch system's warning, at this point of the run
     return where(*args, **kwargs)
@@ -297,6 +298,7 @@ from hpckfac.stop import StopOnSignal
 
 stop = StopOnSignal(Communicator())  # before the loader forks its workers: they inherit the handler
 out = sys.argv[1]
+
 
 def started(worker):
     open(os.path.join(out, f"worker_{worker}"), "w").write(str(os.getpid()))

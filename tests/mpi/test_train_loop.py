@@ -99,7 +99,7 @@ def test_records_follow_the_schedule_and_equal_a_single_process_emulation(comm):
             logits = model(x[shard])
             loss = nn.functional.cross_entropy(logits, y[shard])
             loss.backward()
-            loss_sum += float(loss) * local
+            loss_sum += float(loss.detach()) * local
             correct += int((logits.argmax(1) == y[shard]).sum())
             for g, p in zip(grads, model.parameters()):
                 g += p.grad / comm.size
