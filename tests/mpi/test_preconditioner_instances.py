@@ -78,6 +78,15 @@ def backward_both(comm, models, step):
         nn.functional.cross_entropy(model(x), y).backward()
 
 
+def stepped_once(comm):
+    """Both models and their preconditioners after a first step taken alike on every rank."""
+    models, preconds = build(comm)
+    backward_both(comm, models, 0)
+    for precond in preconds:
+        precond.step()
+    return models, preconds
+
+
 def expect_mismatch(comm, call):
     """``call()`` raises CollectiveMismatchError naming both preconditioners on every rank, promptly."""
     start = time.perf_counter()
@@ -90,10 +99,7 @@ def expect_mismatch(comm, call):
 
 @pytest.mark.mpi
 def test_two_preconditioners_each_take_their_own_gradients(comm):
-    models, preconds = build(comm)
-    backward_both(comm, models, 0)
-    for precond in preconds:
-        precond.step()
+    models, preconds = stepped_once(comm)
     for seed, model in enumerate(models):
         expected = oracle_first_step(seed, *global_batch(0, seed))
         for layer, want in zip((model[0], model[2]), expected):
@@ -105,10 +111,7 @@ def test_two_preconditioners_each_take_their_own_gradients(comm):
 
 @pytest.mark.mpi
 def test_steps_in_another_order_on_one_rank_raise(comm):
-    models, preconds = build(comm)
-    backward_both(comm, models, 0)
-    for precond in preconds:  # the first step alike everywhere: each model's replicas checked
-        precond.step()
+    models, preconds = stepped_once(comm)  # the first step alike everywhere: each model's replicas checked
     backward_both(comm, models, 1)
     order = preconds[::-1] if comm.rank == comm.size - 1 else preconds
 
@@ -125,10 +128,7 @@ def test_steps_in_another_order_on_one_rank_raise(comm):
 
 @pytest.mark.mpi
 def test_state_dicts_in_another_order_on_one_rank_raise(comm):
-    models, preconds = build(comm)
-    backward_both(comm, models, 0)
-    for precond in preconds:
-        precond.step()
+    _, preconds = stepped_once(comm)
     mine = preconds[1] if comm.rank == comm.size - 1 else preconds[0]
     if comm.size == 1:
         assert mine.state_dict()["steps"] == 1
