@@ -4,6 +4,7 @@ BatchNorm statistics averaging."""
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -330,7 +331,8 @@ def _found_inf(scaler: Any) -> list[torch.Tensor]:
             for flag in state.get("found_inf_per_device", {}).values()]
 
 
-def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> None:
+def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None,
+                         examples: float | None = None) -> None:
     """Average BatchNorm ``running_mean`` and ``running_var`` over ranks in place (a
     collective: call it on every rank).
 
@@ -338,13 +340,54 @@ def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None) -> 
     training; call this before evaluating or checkpointing. The variance is the
     mean of the ranks' running variances (the spread of the running means
     between ranks is not added).
+
+    ``examples`` (given on every rank or on none): how many examples this rank's statistics
+    come from since they were last synchronised; the ranks' statistics are then weighted by
+    it, so that a rank whose shard was short counts less and one that saw no example (its
+    statistics unchanged) counts not at all. ValueError naming ``examples`` unless it is a
+    finite number >= 0, or when every rank passes 0; ranks that disagree on whether they pass
+    it raise ``CollectiveMismatchError`` on every rank. On failure the statistics are unchanged.
     """
     check_model(model)
     comm = _comm(comm)
     tensors = [tensor for module in model.modules()
                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
                for tensor in (module.running_mean, module.running_var)]
-    carried = _carried(tensors)
     with _scope(tensors), comm.calling("sync_batchnorm_stats()"):
-        comm.allreduce_many([to_array(t) for t in carried], op="mean", algorithm="auto")
+        if examples is None:
+            carried = _carried(tensors)
+            comm.allreduce_many([to_array(t) for t in carried], op="mean", algorithm="auto")
+        else:
+            carried = _weighted(tensors, examples, comm)
     _write_back(tensors, carried)
+
+
+def _weighted(tensors: Sequence[torch.Tensor], examples: Any, comm: Communicator) -> list[torch.Tensor]:
+    """The ranks' ``tensors`` averaged with weights ``examples`` (the rank's share of the
+    total), in copies, so that a refused collective leaves the statistics as they were. The
+    total and a count of invalid ``examples`` travel together, so that a bad value on one rank
+    raises on every rank. A rank with no examples sends zeros rather than a zero multiple of
+    its statistics (NaN stays NaN)."""
+    import numpy as np
+
+    valid = (not isinstance(examples, bool) and isinstance(examples, numbers.Real)
+             and math.isfinite(examples) and examples >= 0)
+    total = np.array([float(examples) if valid else 0.0, 0.0 if valid else 1.0])
+    comm.allreduce(total, op="sum", algorithm="mpi")
+    if not valid:
+        raise ValueError(f"examples: expected a finite number >= 0 (this rank's examples since the last "
+                         f"sync), got {examples!r}")
+    if total[1]:
+        raise ValueError(f"examples: {int(total[1])} other rank(s) passed an invalid value")
+    if total[0] == 0:
+        raise ValueError("examples: every rank passed 0, so no rank's statistics can be kept")
+    share = float(examples) / total[0]
+    with torch.no_grad():
+        carried = [t.float() if t.dtype == torch.bfloat16 else t.clone() for t in tensors]
+        for copy in carried:
+            if share:
+                copy.mul_(share)
+            else:
+                copy.zero_()
+    comm.allreduce_many([to_array(t) for t in carried], op="sum", algorithm="auto")
+    return carried

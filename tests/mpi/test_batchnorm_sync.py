@@ -1,0 +1,97 @@
+"""sync_batchnorm_stats weighted by each rank's examples: the float64 weighted mean of the
+ranks' running statistics, a rank without examples left out, bad weights refused on every
+rank with the statistics unchanged."""
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.comm import CollectiveMismatchError
+from hpckfac.torch import sync_batchnorm_stats
+
+
+def _model(rank: int, dtype: torch.dtype) -> nn.Module:
+    """Two BatchNorms whose running statistics are drawn per rank (variances positive)."""
+    model = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 5), nn.BatchNorm2d(3)).to(dtype)
+    g = torch.Generator().manual_seed(100 + rank)
+    with torch.no_grad():
+        for norm in (model[0], model[2]):
+            norm.running_mean.copy_(torch.randn(norm.num_features, generator=g))
+            norm.running_var.copy_(torch.rand(norm.num_features, generator=g) + 0.5)
+    return model
+
+
+def _stats(model: nn.Module) -> list[torch.Tensor]:
+    return [t.detach().clone() for m in (model[0], model[2]) for t in (m.running_mean, m.running_var)]
+
+
+def _examples(rank: int) -> int:
+    """Uneven shards, rank 1 (of two or more) without any example."""
+    return 0 if rank == 1 else 7 + 13 * rank
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_statistics_are_the_examples_weighted_mean(comm, dtype):
+    """Every rank ends with sum_r n_r s_r / sum_r n_r of the float64 statistics, rounded once
+    to the buffers' dtype (float32, bfloat16: within their rounding); a rank with 0
+    examples contributes nothing, even where its statistics are NaN."""
+    model = _model(comm.rank, dtype)
+    if comm.rank == 1:
+        with torch.no_grad():
+            model[0].running_mean.fill_(float("nan"))
+    weights = [_examples(r) for r in range(comm.size)]
+    stats = [_stats(_model(r, dtype)) for r in range(comm.size)]
+    expected = [sum(w * s[i].double() for w, s in zip(weights, stats) if w) / sum(weights)
+                for i in range(len(stats[0]))]
+    sync_batchnorm_stats(model, comm, examples=_examples(comm.rank))
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    for got, want in zip(_stats(model), expected):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    if comm.size > 1:  # the weights matter: the plain mean differs
+        plain = sum(s[0].double() for s in stats) / comm.size
+        assert (plain - expected[0]).abs().max() > 1e-3
+
+
+@pytest.mark.mpi
+def test_equal_examples_give_the_plain_mean(comm):
+    """The same count on every rank is the unweighted average the call makes without it."""
+    weighted, plain = _model(comm.rank, torch.float64), _model(comm.rank, torch.float64)
+    sync_batchnorm_stats(weighted, comm, examples=32)
+    sync_batchnorm_stats(plain, comm)
+    for a, b in zip(_stats(weighted), _stats(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), True, "12"])
+def test_an_invalid_count_on_the_last_rank_raises_everywhere_and_changes_nothing(comm, bad):
+    model = _model(comm.rank, torch.float64)
+    before = _stats(model)
+    last = comm.rank == comm.size - 1
+    with pytest.raises(ValueError, match="examples: " + ("expected a finite number" if last else "1 other rank")):
+        sync_batchnorm_stats(model, comm, examples=bad if last else 10)
+    for got, want in zip(_stats(model), before):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.mpi
+def test_zero_examples_on_every_rank_raise_everywhere_and_change_nothing(comm):
+    model = _model(comm.rank, torch.float32)
+    before = _stats(model)
+    with pytest.raises(ValueError, match="examples: every rank passed 0"):
+        sync_batchnorm_stats(model, comm, examples=0)
+    for got, want in zip(_stats(model), before):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_rank_without_examples_argument_raises_everywhere(comm):
+    """Rank 0 weighs, the others average plainly: the collectives differ, every rank raises
+    and the statistics stay as they were."""
+    model = _model(comm.rank, torch.float64)
+    before = _stats(model)
+    with pytest.raises(CollectiveMismatchError):
+        sync_batchnorm_stats(model, comm, examples=5 if comm.rank == 0 else None)
+    for got, want in zip(_stats(model), before):
+        assert torch.equal(got, want)
