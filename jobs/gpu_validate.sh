@@ -140,7 +140,7 @@ step mpi2-collectives 120 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE
 step mpi2-equivalence 180 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
     tests/mpi/test_pipeline_equivalence.py -k "device or kind or cuda"
 step mpi2-first-order 120 "$MPIEXEC" -n 2 "$PYTHON" -m pytest --with-mpi -q -rfE -p no:cacheprovider \
-    tests/mpi/test_first_order.py tests/mpi/test_grad_scaler.py -k cuda
+    tests/mpi/test_first_order.py tests/mpi/test_grad_scaler.py tests/mpi/test_batchnorm_sync.py -k cuda
 for run in "cpu 1" "cuda 1" "cuda 2"; do
     set -- $run
     step "train-$1-$2rank" 150 "$MPIEXEC" -n "$2" "$PYTHON" -m hpckfac train --optimizer kfac --batch-size 256 \

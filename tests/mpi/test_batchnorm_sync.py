@@ -9,19 +9,22 @@ from hpckfac.comm import CollectiveMismatchError
 from hpckfac.torch import sync_batchnorm_stats
 
 
-def _model(rank: int, dtype: torch.dtype) -> nn.Module:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and CuPy)")
+
+
+def _model(rank: int, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
     """Two BatchNorms whose running statistics are drawn per rank (variances positive)."""
-    model = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 5), nn.BatchNorm2d(3)).to(dtype)
+    model = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 5), nn.BatchNorm2d(3)).to(device, dtype)
     g = torch.Generator().manual_seed(100 + rank)
     with torch.no_grad():
         for norm in (model[0], model[2]):
-            norm.running_mean.copy_(torch.randn(norm.num_features, generator=g))
-            norm.running_var.copy_(torch.rand(norm.num_features, generator=g) + 0.5)
+            norm.running_mean.copy_(torch.randn(norm.num_features, generator=g).to(device))
+            norm.running_var.copy_((torch.rand(norm.num_features, generator=g) + 0.5).to(device))
     return model
 
 
 def _stats(model: nn.Module) -> list[torch.Tensor]:
-    return [t.detach().clone() for m in (model[0], model[2]) for t in (m.running_mean, m.running_var)]
+    return [t.detach().cpu().clone() for m in (model[0], model[2]) for t in (m.running_mean, m.running_var)]
 
 
 def _examples(rank: int) -> int:
@@ -30,12 +33,13 @@ def _examples(rank: int) -> int:
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_statistics_are_the_examples_weighted_mean(comm, dtype):
+def test_statistics_are_the_examples_weighted_mean(comm, dtype, device):
     """Every rank ends with sum_r n_r s_r / sum_r n_r of the float64 statistics, rounded once
     to the buffers' dtype (float32, bfloat16: within their rounding); a rank with 0
     examples contributes nothing, even where its statistics are NaN."""
-    model = _model(comm.rank, dtype)
+    model = _model(comm.rank, dtype, device)
     if comm.rank == 1:
         with torch.no_grad():
             model[0].running_mean.fill_(float("nan"))
