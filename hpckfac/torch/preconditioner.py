@@ -24,7 +24,6 @@ from torch import nn
 
 from hpckfac.arrays import to_host
 from hpckfac.comm import CollectiveMismatchError, Communicator, world_communicator
-from hpckfac.comm.agreement import digest
 from hpckfac.layers import ConvTransposeBlock
 from hpckfac.log import get_logger
 from hpckfac.ops.checks import accumulation_dtype
@@ -43,6 +42,7 @@ from hpckfac.torch.micro_batch import batch_candidates, batch_size, tensors_in
 from hpckfac.torch.options import DEFAULTS, check_options
 from hpckfac.torch.registry import block_params, broadcasts_batch, param_names
 from hpckfac.torch.state import blocks_as_arrays, blocks_as_tensors
+from hpckfac.torch.structure import StructureAgreement
 
 _log = get_logger("hpckfac.torch")
 
@@ -265,12 +265,7 @@ class KFACPreconditioner:
         # a shape error deep in a hook or the gradient copy.
         self._shapes = [tuple(None if p is None else tuple(p.shape) for p in block_params(m, names))
                         for m, names in zip(self.modules, self._param_names)]
-        # The model's structure (``_structure``) as this rank last saw it, its digest, and the one
-        # every rank last agreed on.
-        self._seen_structure: tuple | None = None
-        self._structure_digest = 0
-        self._agreed_structure: tuple | None = None
-        self._gone: list[int] = []  # the blocks none of whose parameters the agreed structure has
+        self._structure = StructureAgreement(self.comm, [b.name for b in self.engine.blocks])
         self._io = GradientIO(self.engine.blocks, self._block_params())
         self._kept_views: dict[int, tuple[Any, torch.Tensor]] = {}
 
@@ -682,9 +677,15 @@ class KFACPreconditioner:
         start = self.engine.clock()
         named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
         now = self._current_params()
-        self._agree_on_structure(named, now)  # before this rank alone can raise on its model
+        removed = self._structure.agree(named, now, self.engine.steps)  # before this rank alone can raise
+        if removed:
+            names = ", ".join(self.engine.blocks[i].name for i in removed)
+            self._note_once("removed:" + names, (
+                f"K-FAC layers no longer in the model: {names} (removed, or replaced by a new module, since "
+                "the preconditioner was built): their blocks precondition nothing from now on and their "
+                ".grad is set to None (a module in their place is averaged first-order)"))
         params = self._block_params(now)
-        for i in self._gone:  # a removed layer's last gradient, kept, would be preconditioned again
+        for i in self._structure.gone:  # a removed layer's last gradient, kept, would be preconditioned again
             for p in params[i]:
                 if p is not None:
                     p.grad = None
@@ -913,86 +914,6 @@ class KFACPreconditioner:
         resized = self._resized(index)
         if resized is not None:
             raise ValueError(resized) from err
-
-    def _structure(self, named: list[tuple[str, nn.Parameter]],
-                   current: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> tuple:
-        """The model's structure as ``step()`` compares it across ranks: ``(name, shape,
-        requires_grad, block)`` of every parameter, ``block`` the index of the K-FAC block that
-        covers it (-1: first-order), so that a K-FAC layer removed or replaced by a new module
-        shows as well as one resized, added or frozen. A few tuples per parameter: cheap enough
-        to build at every step."""
-        kfac = {id(p): i for i, params in enumerate(current) for p in params if p is not None}
-        block = kfac.get
-        return tuple([(name, p.shape, p.requires_grad, block(id(p), -1)) for name, p in named])
-
-    def _agree_on_structure(self, named: list[tuple[str, nn.Parameter]],
-                            current: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> None:
-        """Compare the model's structure (``_structure``) across ranks, before anything is
-        reduced: a layer removed, replaced, added or resized, or a parameter frozen or unfrozen,
-        on some ranks only would make the collectives disagree (or, where the shapes still match,
-        train the replicas apart). One digest allreduce at every step on every rank, whether
-        or not this rank's model changed, so that every rank makes the same collective calls;
-        on a difference an allgather of the structures, and every rank raises
-        CollectiveMismatchError naming the ranks and what differs."""
-        structure = self._structure(named, current)
-        if structure != self._seen_structure:  # digested only when it changed here
-            self._seen_structure = structure
-            self._structure_digest = digest(repr(structure).encode())
-        structure = self._seen_structure  # the agreed one itself when nothing changed: no second comparison
-        what = "the model's structure"
-        if self.comm.size > 1 and not self.comm.same_everywhere(self._structure_digest, what):
-            everyone = self.comm.allgather_object(structure, what=what)
-            raise CollectiveMismatchError(self._structure_difference(everyone))
-        if structure is not self._agreed_structure:
-            self._agreed_structure = structure
-            present = {block for *_, block in structure}
-            self._gone = [i for i in range(len(self.modules)) if i not in present]
-            if self._gone:
-                names = ", ".join(self.engine.blocks[i].name for i in self._gone)
-                self._note_once("removed:" + names, (
-                    f"K-FAC layers no longer in the model: {names} (removed, or replaced by a new module, since "
-                    "the preconditioner was built): their blocks precondition nothing from now on and their "
-                    ".grad is set to None (a module in their place is averaged first-order)"))
-
-    def _structure_difference(self, everyone: list[tuple]) -> str:
-        """The message, alike on every rank, naming the ranks whose structure differs from the
-        one every rank agreed on at the last ``step()`` (when some rank still has it) or else
-        from the one most ranks have, and what differs."""
-        reference = self._agreed_structure if self._agreed_structure in everyone else \
-            max(everyone, key=lambda s: (everyone.count(s), -everyone.index(s)))
-        alike = [r for r, s in enumerate(everyone) if s == reference]
-        told = [f"rank {r} has {self._structure_changes(reference, s)}" for r, s in enumerate(everyone)
-                if s != reference]
-        whose = ", whose model every rank had at the last step()" if reference == self._agreed_structure else ""
-        return (f"ranks disagree on the model's structure at step {self.engine.steps}: {'; '.join(told)}, against "
-                f"ranks {alike}{whose}; every rank must change its model alike (a layer removed, replaced, added or "
-                "resized, or a parameter frozen or unfrozen, on some ranks only trains the replicas apart)")
-
-    def _structure_changes(self, reference: tuple, other: tuple, limit: int = 4) -> str:
-        """What ``other`` has that ``reference`` has not (two ``_structure`` tuples), the first
-        ``limit`` differences."""
-        ref = {name: rest for name, *rest in reference}
-        new = {name: rest for name, *rest in other}
-        blocks = self.engine.blocks
-        found = []
-        for name, (shape, trained, block) in ref.items():
-            if name not in new:
-                found.append(f"no parameter {name}" + (f" (K-FAC layer {blocks[block].name})" if block >= 0 else ""))
-                continue
-            now_shape, now_trained, now_block = new[name]
-            if now_shape != shape:
-                found.append(f"{name} of shape {tuple(now_shape)}, not {tuple(shape)}")
-            if now_trained != trained:
-                found.append(f"{name} {'trainable' if now_trained else 'frozen'}")
-            if now_block != block:
-                found.append(f"{name} in a new module, not K-FAC layer {blocks[block].name}'s" if now_block < 0
-                             else f"{name} in K-FAC layer {blocks[now_block].name}")
-        found += [f"an extra parameter {name} of shape {tuple(shape)}" for name, (shape, _, _) in new.items()
-                  if name not in ref]
-        if not found:
-            return "its parameters in another order"
-        more = len(found) - limit
-        return ", ".join(found[:limit]) + (f" and {more} more differences" if more > 0 else "")
 
     def _classify(self, named: list[tuple[str, nn.Parameter]], covered: list[nn.Parameter]
                   ) -> tuple[list[nn.Parameter], list[str]]:
