@@ -720,6 +720,7 @@ class KFACPreconditioner:
             if had and p.requires_grad:
                 reached[block] = True
         unreached = [p for block, p in zip(self._covered_block, covered) if not reached[block] and p.requires_grad]
+        self._warn_no_gradient(reached, covered, first_order)
         overflow = agree_on_overflow(self.grad_scaler, self.comm, self.device)
         if stats is not None and overflow is not None and bool(overflow.item()):
             # scaler.step() skips this step on every rank: its statistics are left out too (every
@@ -770,7 +771,7 @@ class KFACPreconditioner:
             # (a model with no K-FAC layer has no statistics to take: construction said so)
             self._warn_once("no-statistics", "a factor-update step without statistics on this rank: no "
                             "examples reached a K-FAC layer in a backpropagated training forward (an empty batch, "
-                            "eval() mode or torch.no_grad())")
+                            "eval() mode, torch.no_grad(), or step() before the loss's backward())")
         passes = self.local.passes
         # Fewer forwards after the first step: an epoch's uneven last group, its losses divided by
         # accumulation_steps all the same in torch's recipe.
@@ -782,6 +783,25 @@ class KFACPreconditioner:
                 "micro-batch divided by accumulation_steps: if these forwards accumulate micro-batches with "
                 "their losses divided by their number, set accumulation_steps to it; forwards whose undivided "
                 "losses are added in one backward (a GAN's real and generated batches) are right as they are"))
+
+    def _warn_no_gradient(self, reached: list[bool], covered: list[nn.Parameter],
+                          first_order: list[nn.Parameter]) -> None:
+        """Warn, once, about a step at which no rank has a gradient for any trained parameter:
+        ``step()`` then writes no ``.grad``, and a loop in that order does so at every step
+        without any error of torch's, training the replicas apart on their own plain gradients
+        (a backward after ``step()``) or not at all (``zero_grad()`` before it). ``reached``
+        and the first-order ``.grad`` after their average say what any rank had, so every rank
+        sees the same; rank 0 says it."""
+        if any(reached) or any(p.grad is not None for p in first_order):
+            return
+        if not first_order and not any(p.requires_grad for p in covered):
+            return  # nothing is trained: no gradient is expected
+        self._note_once("no-gradient", "step() found no gradient on any rank: no trained parameter has a .grad, "
+                        "so it averaged and preconditioned nothing. Called before loss.backward(), it leaves "
+                        "optimizer.step() each rank's own plain gradient, and the replicas train apart; after "
+                        "optimizer.zero_grad() between backward() and step(), optimizer.step() leaves the model "
+                        "as it is. The order is optimizer.zero_grad(), forward, loss.backward(), precond.step(), "
+                        "optimizer.step()")
 
     def _check_statistics(self, stats: list, params: list) -> list[str]:
         """Warn, once each, about trained K-FAC layers whose statistics were dropped (an unpaired

@@ -1,5 +1,7 @@
 """broadcast_parameters: rank 0's weights everywhere (bfloat16 models too); ranks whose models
 differ raise on every rank instead of hanging."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -142,6 +144,59 @@ def test_optimizer_step_before_the_first_step_is_named(comm, caplog):
                 precond.step()
         assert ("optimizer.step() before precond.step()" in caplog.text) is (wrong and comm.size == 1)
         precond.remove_hooks()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("order", ["right", "step before backward", "zero_grad between", "last rank idle"])
+def test_a_step_with_no_gradient_anywhere_is_named(comm, caplog, order):
+    """A loop that calls step() before backward(), or zero_grad() between them, leaves step() no
+    gradient on any rank and no error of torch's: the optimizer then applies each rank's own plain
+    gradient (the weights are those of plain SGD on this rank's batches alone) or nothing (the
+    weights stay as built). Rank 0 says so, once. A rank without a backward while others have one
+    (an empty shard) is not that mistake, except where it is the only rank."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    plain = copy.deepcopy(model)  # before the preconditioner: its hooks are not copied along
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm, lr=0.1)
+    gen = torch.Generator().manual_seed(comm.rank + 1)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(3):
+            x, y = torch.randn(5, 3, generator=gen), torch.randint(0, 2, (5,), generator=gen)
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if order == "step before backward":
+                precond.step()
+                loss.backward()
+            elif order == "zero_grad between":
+                loss.backward()
+                optimizer.zero_grad()
+                precond.step()
+            elif order == "last rank idle" and comm.rank == comm.size - 1:
+                precond.step()  # this rank's forward is not backpropagated
+            else:
+                loss.backward()
+                precond.step()
+            optimizer.step()
+            plain_optimizer.zero_grad()
+            nn.functional.cross_entropy(plain(x), y).backward()
+            plain_optimizer.step()
+    precond.remove_hooks()
+    said = caplog.text.count("step() found no gradient on any rank")
+    wrong = order in ("step before backward", "zero_grad between") or (order == "last rank idle" and comm.size == 1)
+    assert said == (1 if wrong and comm.rank == 0 else 0), caplog.text
+    if order == "zero_grad between" or (order == "last rank idle" and comm.size == 1):
+        for p, q in zip(model.parameters(), start):
+            assert torch.equal(p, q)
+    elif order == "step before backward":
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    else:
+        assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
 
 
 @pytest.mark.mpi(min_size=2)
