@@ -807,8 +807,10 @@ class KFACPreconditioner:
         """Warn, once each, about trained K-FAC layers whose statistics were dropped (an unpaired
         call) or not taken (in eval() mode) on this rank; returns the names of the trained layers
         in train() mode without statistics here, for ``_absent_as_zeros`` to warn about."""
-        # A layer whose parameters are all frozen has no output gradient to take: not worth a word.
-        trained = [any(p is not None and p.requires_grad for p in ps) for ps in params]
+        # A layer whose parameters are all frozen has no output gradient to take: not worth a word;
+        # nor has one no longer in the model, which ``_agree_on_structure`` has named already.
+        gone = set(self._gone)
+        trained = [i not in gone and any(p is not None and p.requires_grad for p in ps) for i, ps in enumerate(params)]
         unpaired = [self.engine.blocks[i].name for i in self.local.unpaired if trained[i]]
         if unpaired:
             self._warn_once("unpaired:" + ",".join(unpaired), f"K-FAC statistics of {', '.join(unpaired)} "
