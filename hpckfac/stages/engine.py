@@ -298,7 +298,10 @@ class KFACEngine:
                 self.comm.check_same({"step": self.steps, **settings}, "the step's settings")
             except CollectiveMismatchError as err:
                 if self._agreed is None:
-                    if "step:" in str(err):  # the step counts differ: most often a load on some ranks only
+                    # The step counts differ, or this rank compares while the others, whose
+                    # settings have not changed, went on: most often a load on some ranks only
+                    # (after construction every rank compares at its first step).
+                    if "step:" in str(err) or "changed there alone" in str(err):
                         raise CollectiveMismatchError(f"{err}; a checkpoint loaded on some ranks only? "
                                                       "load_state_dict() must run on every rank") from None
                     raise

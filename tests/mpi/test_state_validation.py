@@ -48,7 +48,9 @@ def test_a_checkpoint_loaded_on_one_rank_only_is_named(comm):
 def test_an_earlier_checkpoint_loaded_on_one_rank_only_during_training_fails_on_every_rank(comm):
     """A preconditioner that has stepped loads an earlier checkpoint on rank 0 alone, with the
     settings every rank agreed on: its step count differs from the others', so the next step()
-    fails on every rank instead of running the ranks at different steps."""
+    fails on every rank instead of running the ranks at different steps. Only rank 0 compares the
+    settings there, the others having no change to compare: its message says what most likely
+    happened, theirs point to it."""
     from hpckfac.comm import CollectiveMismatchError
 
     torch.manual_seed(0)
@@ -63,5 +65,7 @@ def test_an_earlier_checkpoint_loaded_on_one_rank_only_during_training_fails_on_
     if comm.rank == 0:
         precond.load_state_dict(state)
     model(x).pow(2).mean().backward()
-    with pytest.raises(CollectiveMismatchError):
+    with pytest.raises(CollectiveMismatchError) as info:
         precond.step()
+    assert "ranks [0] compare settings that changed there alone" in str(info.value)
+    assert ("load_state_dict() must run on every rank" in str(info.value)) is (comm.rank == 0), str(info.value)
