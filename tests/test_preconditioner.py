@@ -1649,6 +1649,34 @@ def test_a_kfac_layer_resized_after_construction_is_named_by_its_hook(comm):
     assert "expects 3 features" in str(info.value.__cause__)  # the block's own error, kept as the cause
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_a_model_moved_after_construction_is_named(comm, device):
+    """A model moved to another device after the preconditioner was built for it (``meta``
+    stands in for a GPU where none exists): the hooks of a factor step, and step() at a step
+    without statistics, raise ValueError naming both devices and the remedy (torch's "can't
+    convert ... to numpy" from deep in the gradient copy, before)."""
+    want = rf"^model: its K-FAC layers are on {device}(:0)?, but the KFACPreconditioner was built for them on cpu"
+    for factor_step in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        precond = KFACPreconditioner(model, comm=comm, factor_update_interval=2)
+        x = torch.randn(6, 5, dtype=torch.float64)
+        if not factor_step:
+            model(x).pow(2).mean().backward()
+            precond.step()  # step 1 takes no statistics
+        model.to(device)
+        model.zero_grad()
+        if factor_step:
+            with pytest.raises(ValueError, match=want + r".*after model\.to\(device\)$"):
+                model(x.to(device))
+        else:
+            model(x.to(device)).pow(2).mean().backward()
+            with pytest.raises(ValueError, match=want + r".*after model\.to\(device\)$"):
+                precond.step()
+        precond.remove_hooks()
+
+
 def test_a_kfac_layer_removed_after_construction_is_named_and_its_block_idles(comm, caplog):
     """A K-FAC layer taken out of the model on every rank: step() goes on, the others
     preconditioned as before, with one warning naming the layer; its block preconditions nothing."""

@@ -438,6 +438,8 @@ class KFACPreconditioner:
                 f"({int(a.shape[0])} / {self._micro_batch} per example); if it is one input shared by the whole "
                 "batch (position ids torch.arange(T)), its K-FAC statistics are wrong: pass it as ids[None], "
                 "(1, T), which is expanded to the batch"))
+        if a.device != self.device:  # torch's forward ran, so the layer's weights are there too
+            raise self._moved(a.device)
         start = time.perf_counter()
         batch, sample = self._micro_batch, self._sample
         with device_scope(self.device):
@@ -684,6 +686,11 @@ class KFACPreconditioner:
                 f"K-FAC layers no longer in the model: {names} (removed, or replaced by a new module, since "
                 "the preconditioner was built): their blocks precondition nothing from now on and their "
                 ".grad is set to None (a module in their place is averaged first-order)"))
+        # The buffers, the inverses and the hooks' arrays live where the model was at construction:
+        # a K-FAC layer moved since would fail in the gradient copy with torch's "can't convert".
+        moved = next((p.device for ps in now for p in ps if p is not None and p.device != self.device), None)
+        if moved is not None:
+            raise self._moved(moved)
         params = self._block_params(now)
         for i in self._structure.gone:  # a removed layer's last gradient, kept, would be preconditioned again
             for p in params[i]:
@@ -803,13 +810,20 @@ class KFACPreconditioner:
                         "as it is. The order is optimizer.zero_grad(), forward, loss.backward(), precond.step(), "
                         "optimizer.step()")
 
+    def _moved(self, device: torch.device) -> ValueError:
+        """The error for a model found on ``device`` after the preconditioner was built for it
+        on another."""
+        return ValueError(f"model: its K-FAC layers are on {device}, but the KFACPreconditioner was built for "
+                          f"them on {self.device}, where its buffers and factors live; build it after "
+                          f"model.to(device)")
+
     def _check_statistics(self, stats: list, params: list) -> list[str]:
         """Warn, once each, about trained K-FAC layers whose statistics were dropped (an unpaired
         call) or not taken (in eval() mode) on this rank; returns the names of the trained layers
         in train() mode without statistics here, for ``_absent_as_zeros`` to warn about."""
         # A layer whose parameters are all frozen has no output gradient to take: not worth a word;
-        # nor has one no longer in the model, which ``_agree_on_structure`` has named already.
-        gone = set(self._gone)
+        # nor has one no longer in the model, which ``StructureAgreement.agree`` has named already.
+        gone = set(self._structure.gone)
         trained = [i not in gone and any(p is not None and p.requires_grad for p in ps) for i, ps in enumerate(params)]
         unpaired = [self.engine.blocks[i].name for i in self.local.unpaired if trained[i]]
         if unpaired:
