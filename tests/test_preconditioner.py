@@ -1,6 +1,7 @@
 """KFACPreconditioner on one process: option validation, hooks, and one step
 against a dense np.kron oracle built from independently captured tensors."""
 import ast
+import copy
 import dataclasses
 import functools
 import io
@@ -1489,6 +1490,55 @@ def test_a_forward_never_backpropagated_leaves_the_factors_as_they_were(comm, ca
     nn.functional.cross_entropy(model(data[2][0]), data[2][1]).backward()
     precond.step()
     assert all(not torch.equal(old, new) for old, new in zip(before, factors()))
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+@pytest.mark.parametrize("zeroing", ["missing", "set_to_none", "zeros", "data", "model", "late", "late zeros"])
+def test_a_loop_without_zero_grad_is_named(comm, caplog, zeroing, accumulation_steps):
+    """Without zero_grad() the next backward adds its gradient to the preconditioned one that
+    step() wrote, which the next step() preconditions again: the .grad it finds is that sum
+    (checked against autograd on a copy of the model), and it says so, once. Every way of
+    zeroing (None, zeros, through .data, the model's zero_grad) hears nothing, nor does a
+    zero_grad(), to None or to zeros, after another backward into the model (a GAN's
+    discriminator's, here in eval() mode to take no statistics) that met the written .grad."""
+    model = mlp()
+    plain = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm, accumulation_steps=accumulation_steps)
+    gen = torch.Generator().manual_seed(4)
+    batches = [[(torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen))
+                for _ in range(accumulation_steps)] for _ in range(3)]
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for k, batch in enumerate(batches):
+            if zeroing == "set_to_none":
+                optimizer.zero_grad()
+            elif zeroing == "zeros":
+                optimizer.zero_grad(set_to_none=False)
+            elif zeroing == "data" and k > 0:
+                for p in model.parameters():
+                    p.grad.data.zero_()
+            elif zeroing == "model":
+                model.zero_grad()
+            elif zeroing in ("late", "late zeros"):
+                model.eval()
+                model(batch[0][0]).sum().backward()
+                model.train()
+                optimizer.zero_grad(set_to_none=zeroing == "late")
+            kept = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+            plain.load_state_dict(model.state_dict())
+            plain.zero_grad()
+            for x, y in batch:
+                (nn.functional.cross_entropy(model(x), y) / accumulation_steps).backward()
+                (nn.functional.cross_entropy(plain(x), y) / accumulation_steps).backward()
+            for p, q, old in zip(model.parameters(), plain.parameters(), kept):
+                want = q.grad if zeroing != "missing" or old is None else old + q.grad
+                torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-14)
+            precond.step()
+            optimizer.step()
+    said = caplog.text.count("the .grad that the first step() wrote was still in place")
+    assert said == (1 if zeroing == "missing" else 0), caplog.text
+    precond.remove_hooks()
+    assert all(not p._backward_hooks for p in model.parameters())
 
 
 def test_misuse_warnings_and_tied_weights(comm, caplog):

@@ -268,6 +268,10 @@ class KFACPreconditioner:
         self._structure = StructureAgreement(self.comm, [b.name for b in self.engine.blocks])
         self._io = GradientIO(self.engine.blocks, self._block_params())
         self._kept_views: dict[int, tuple[Any, torch.Tensor]] = {}
+        # Hooks on the K-FAC parameters between the first step() and the second, and what each
+        # follows: whether backwards met the .grad the first wrote still in place (``_watch_written``).
+        self._written_hooks: list[Any] = []
+        self._written_watch: list[list] = []
 
     # ----------------------------------------------------------------- setup
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -326,6 +330,7 @@ class KFACPreconditioner:
         self._remove_hooks("remove_hooks() was called")
 
     def _remove_hooks(self, why: str) -> None:
+        self._remove_written_hooks()
         self._hooks.remove()
         self._root_hook.remove()
         _HOOKED.discard(self)
@@ -644,6 +649,7 @@ class KFACPreconditioner:
             _log.warning(message)
 
     def _step(self) -> None:
+        self._check_written()
         check_unscaled(self.grad_scaler)
         self._scaler_scale = None  # this step's hooks have run; the next ones read the scale anew
         lr = self.current_lr()  # validated before anything is reduced or written,
@@ -762,6 +768,8 @@ class KFACPreconditioner:
         for name in ITERATION_STAGES:
             self._totals[name] += self.timings[name]
         self._timed_steps += 1
+        if self._timed_steps == 1:
+            self._watch_written(params)
 
     def _check_forwards(self) -> None:
         """Warn, once each, about a step() without a training forward, a factor step without
@@ -809,6 +817,57 @@ class KFACPreconditioner:
                         "optimizer.zero_grad() between backward() and step(), optimizer.step() leaves the model "
                         "as it is. The order is optimizer.zero_grad(), forward, loss.backward(), precond.step(), "
                         "optimizer.step()")
+
+    def _watch_written(self, params: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> None:
+        """After the first ``step()``: a hook on each K-FAC parameter with a ``.grad`` follows
+        whether every backward before the next ``step()`` meets that ``.grad`` as ``step()`` wrote
+        it, or as the backward before added to it (the same tensor, its version one more per
+        backward, not all zeros), i.e. no ``zero_grad()`` ran in between: the backward then adds
+        the new gradient to the preconditioned one, and each later ``step()`` preconditions that
+        sum, silently. Checked once, from the first step to the second, so that the hooks cost
+        nothing afterwards; ``_check_written`` tells at the second step."""
+        seen = set()
+        for p in (p for ps in params for p in ps if p is not None and p.grad is not None):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            # The .grad followed, the version it has while no one else changed it, and whether a
+            # backward met it so: a list, which the hook updates in place.
+            watch = [p, p.grad, p.grad._version, False]
+
+            def hook(incoming: torch.Tensor, watch: list = watch) -> None:
+                p, grad, version, _ = watch
+                # Zeroed through ``.data`` the version stays, so the values decide (one read, only
+                # where the tensor is still the one followed).
+                if grad is not None and p.grad is grad and grad._version == version and bool(grad.any()):
+                    watch[2:] = [version + 1, True]  # the accumulation that follows adds one
+                else:  # zeroed, in place or to None, since: this parameter's backwards start anew
+                    watch[1:] = [None, 0, False]
+
+            self._written_watch.append(watch)
+            self._written_hooks.append(p.register_hook(hook))
+
+    def _remove_written_hooks(self) -> None:
+        for handle in self._written_hooks:
+            handle.remove()
+        self._written_hooks = []
+
+    def _check_written(self) -> None:
+        """At the second ``step()``: the hooks of ``_watch_written`` removed, and a warning where
+        the ``.grad`` this step finds is the one the first ``step()`` wrote with every later
+        backward added to it, nonzero. A gradient zeroed after such a backward (to None or in
+        place, as a GAN's generator's after a discriminator's backward through it) was zeroed in
+        time."""
+        if not self._written_hooks:
+            return
+        self._remove_written_hooks()
+        watched, self._written_watch = self._written_watch, []
+        if any(met and p.grad is grad and grad._version == version and bool(grad.any())
+               for p, grad, version, met in watched):
+            self._warn_once("grad-kept", "the .grad that the first step() wrote was still in place when the next "
+                            "backward() added to it: optimizer.zero_grad() missing from the loop? Each step() then "
+                            "averages and preconditions the new gradient plus the last preconditioned one; call "
+                            "optimizer.zero_grad() before each step's first backward()")
 
     def _moved(self, device: torch.device) -> ValueError:
         """The error for a model found on ``device`` after the preconditioner was built for it
