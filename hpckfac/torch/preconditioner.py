@@ -770,6 +770,7 @@ class KFACPreconditioner:
         self._timed_steps += 1
         if self._timed_steps == 1:
             self._watch_written(params)
+            self._warn_zero_gradient(covered, first_order)
 
     def _check_forwards(self) -> None:
         """Warn, once each, about a step() without a training forward, a factor step without
@@ -868,6 +869,19 @@ class KFACPreconditioner:
                             "backward() added to it: optimizer.zero_grad() missing from the loop? Each step() then "
                             "averages and preconditions the new gradient plus the last preconditioned one; call "
                             "optimizer.zero_grad() before each step's first backward()")
+
+    def _warn_zero_gradient(self, covered: list[nn.Parameter], first_order: list[nn.Parameter]) -> None:
+        """After the first ``step()``: a warning, by rank 0, where every gradient it wrote or averaged
+        is zero, as ``optimizer.zero_grad(set_to_none=False)`` between ``backward()`` and ``step()``
+        leaves them at every step, the model then never changing. The gradients are averaged, so
+        every rank reads the same; one read per parameter, at this step only. A step without any
+        gradient is ``_warn_no_gradient``'s."""
+        grads = [p.grad for p in (*covered, *first_order) if p.requires_grad and p.grad is not None]
+        if grads and self.comm.rank == 0 and not any(bool(g.any()) for g in grads):
+            self._warn_once("zero-gradient", "every gradient is zero at the first step(), on every rank: "
+                            "optimizer.zero_grad(set_to_none=False) between backward() and step()? Then "
+                            "optimizer.step() never changes the model. The order is optimizer.zero_grad(), forward, "
+                            "loss.backward(), precond.step(), optimizer.step()")
 
     def _moved(self, device: torch.device) -> ValueError:
         """The error for a model found on ``device`` after the preconditioner was built for it

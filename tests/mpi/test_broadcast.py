@@ -147,13 +147,15 @@ def test_optimizer_step_before_the_first_step_is_named(comm, caplog):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("order", ["right", "step before backward", "zero_grad between", "last rank idle"])
+@pytest.mark.parametrize("order", ["right", "step before backward", "zero_grad between", "zeros between",
+                                   "last rank idle"])
 def test_a_step_with_no_gradient_anywhere_is_named(comm, caplog, order):
     """A loop that calls step() before backward(), or zero_grad() between them, leaves step() no
     gradient on any rank and no error of torch's: the optimizer then applies each rank's own plain
     gradient (the weights are those of plain SGD on this rank's batches alone) or nothing (the
     weights stay as built). Rank 0 says so, once. A rank without a backward while others have one
-    (an empty shard) is not that mistake, except where it is the only rank."""
+    (an empty shard) is not that mistake, except where it is the only rank. zero_grad() to zeros
+    between them leaves the gradients all zero, which the first step() names as such."""
     from hpckfac.torch import KFACPreconditioner
 
     torch.manual_seed(0)
@@ -172,9 +174,9 @@ def test_a_step_with_no_gradient_anywhere_is_named(comm, caplog, order):
             if order == "step before backward":
                 precond.step()
                 loss.backward()
-            elif order == "zero_grad between":
+            elif order in ("zero_grad between", "zeros between"):
                 loss.backward()
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=order == "zero_grad between")
                 precond.step()
             elif order == "last rank idle" and comm.rank == comm.size - 1:
                 precond.step()  # this rank's forward is not backpropagated
@@ -189,7 +191,9 @@ def test_a_step_with_no_gradient_anywhere_is_named(comm, caplog, order):
     said = caplog.text.count("step() found no gradient on any rank")
     wrong = order in ("step before backward", "zero_grad between") or (order == "last rank idle" and comm.size == 1)
     assert said == (1 if wrong and comm.rank == 0 else 0), caplog.text
-    if order == "zero_grad between" or (order == "last rank idle" and comm.size == 1):
+    zeros = caplog.text.count("every gradient is zero at the first step(), on every rank")
+    assert zeros == (1 if order == "zeros between" and comm.rank == 0 else 0), caplog.text
+    if order in ("zero_grad between", "zeros between") or (order == "last rank idle" and comm.size == 1):
         for p, q in zip(model.parameters(), start):
             assert torch.equal(p, q)
     elif order == "step before backward":
