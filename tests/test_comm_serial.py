@@ -196,3 +196,27 @@ def test_wait_notice_setting(monkeypatch, caplog, value, seconds):
     with caplog.at_level("WARNING", logger="hpckfac"):
         assert _wait_notice_seconds() == seconds
     assert (f"{WAIT_NOTICE_ENV}={value!r}: expected a number of seconds > 0" in caplog.text) == (seconds == 60.0)
+
+
+@pytest.mark.parametrize("pick", [
+    lambda g: [g[:5], g[:3]],  # the same start, another length
+    lambda g: [g[0:6], g[3:9]],  # overlapping runs
+    lambda g: [g[2:], g[::-1]],  # a reversed view of the whole
+    lambda g: [g.reshape(2, 6)[:, 1:4], g[8:10]],  # a block of a 2-D view and a run inside it
+    lambda g: [g[::3], g[6:7]],  # a strided view and one element it holds
+])
+def test_overlapping_views_in_allreduce_many_are_refused(comm, pick):
+    grad = np.random.default_rng(43).standard_normal(12)
+    before = grad.copy()
+    with pytest.raises(ValueError, match=r"arrays\[0\] and arrays\[1\] are the same memory in part"):
+        comm.allreduce_many(pick(grad), op="sum")
+    np.testing.assert_array_equal(grad, before)
+
+
+def test_interleaved_views_in_allreduce_many_are_not_refused(comm):
+    grad = np.random.default_rng(44).standard_normal(12)
+    before = grad.copy()
+    blocks = grad.reshape(3, 4)
+    comm.allreduce_many([grad[::2], grad[1::2]], op="sum")  # no element shared
+    comm.allreduce_many([blocks[:, :2], blocks[:, 2:], blocks[:0]], op="sum")
+    np.testing.assert_array_equal(grad, before)  # the sum over one rank

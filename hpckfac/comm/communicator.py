@@ -58,17 +58,49 @@ def reduction_algorithm(algorithm: str, nbytes: int, size: int) -> str:
     return "ring" if nbytes >= RING_MIN_CHUNK_BYTES * size else "mpi"
 
 
+def _address_view(a: Any) -> np.ndarray:
+    """A NumPy array with ``a``'s address, shape, strides and dtype, for address arithmetic only:
+    NumPy arrays are their own; for a device array (CuPy's ``data.ptr``) it points into device
+    memory and must never be read, which ``np.shares_memory`` does not (it compares addresses)."""
+    if isinstance(a, np.ndarray):
+        return a
+
+    class Face:
+        __array_interface__ = {"version": 3, "shape": tuple(a.shape), "strides": tuple(a.strides),
+                               "typestr": np.dtype(a.dtype).str, "data": (a.data.ptr, False)}
+
+    return np.asarray(Face())
+
+
 def _check_distinct(arrays: list[Any]) -> None:
-    """ValueError when two of ``arrays`` are the same memory (one array, or views of one
-    tensor, passed twice): each copy would be reduced in turn, the sum taken P**2 times."""
-    seen: dict[tuple[int, int], int] = {}
+    """ValueError when two of ``arrays`` share memory: one array, or views of one tensor that
+    are the same or overlap, passed twice. Each would be reduced in turn, so the shared elements
+    would be summed again from already summed values (taken P**2 times), and which copy is
+    written last would depend on the bucket plan. Views that interleave without sharing an
+    element (``x[::2]`` and ``x[1::2]``) are fine."""
+    spans = []  # (first byte, one past the last byte, position) of each non-empty array
     for i, a in enumerate(arrays):
         if a.size:  # empty arrays may share an address and hold nothing to reduce
-            face = getattr(a, "__array_interface__", None)  # NumPy; device arrays: CuPy's data.ptr
-            j = seen.setdefault((face["data"][0] if face is not None else a.data.ptr, a.nbytes), i)
-            if j != i:
-                raise ValueError(f"arrays[{j}] and arrays[{i}] are the same memory: each array is reduced "
-                                 "once, so pass it once")
+            face = _address_view(a)
+            lo = hi = face.__array_interface__["data"][0]
+            for n, stride in zip(face.shape, face.strides):
+                lo, hi = (lo + (n - 1) * stride, hi) if stride < 0 else (lo, hi + (n - 1) * stride)
+            spans.append((lo, hi + face.itemsize, i))
+    spans.sort()
+    open_spans: list[tuple[int, int]] = []  # (end, position) of the arrays whose bytes may reach further
+    for lo, hi, i in spans:
+        # Only arrays whose byte ranges overlap can share an element: disjoint tensors (the usual
+        # case) cost one sort, however many there are.
+        open_spans = [(end, j) for end, j in open_spans if end > lo]
+        for _, j in open_spans:
+            first, second = sorted((j, i))
+            x, y = _address_view(arrays[first]), _address_view(arrays[second])
+            if np.shares_memory(x, y):
+                whole = x.__array_interface__["data"][0] == y.__array_interface__["data"][0] and x.nbytes == y.nbytes
+                raise ValueError(f"arrays[{first}] and arrays[{second}] are the same memory"
+                                 f"{'' if whole else ' in part'}: each array is reduced once, so pass it once "
+                                 "and no two arrays that overlap")
+        open_spans.append((hi, i))
 
 
 def _check_writeable(buf: Any, name: str) -> None:

@@ -253,3 +253,26 @@ def test_v_collectives_of_multidimensional_buffers_return_flat_arrays(comm, algo
     whole = comm.allgather_v(segments[comm.rank], counts, algorithm=algorithm)
     assert whole.shape == (total,)
     np.testing.assert_array_equal(whole, np.concatenate(segments, axis=1)[0])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bucket_bytes", [1, 2**20])
+def test_allreduce_many_refuses_overlapping_views_and_sums_interleaved_ones(comm, bucket_bytes):
+    """Views of one gradient that overlap without starting at the same element (``g[:n]`` and
+    ``g[k:m]``) would have their shared elements summed again from summed values: refused on
+    every rank before any data moves. Views that interleave without sharing an element
+    (``g[::2]``, ``g[1::2]``) are summed like separate arrays."""
+    cases = np.random.default_rng(41)  # the same cases on every rank
+    for seed in range(20):
+        length = int(cases.integers(4, 300))
+        first = sorted(int(i) for i in cases.choice(length + 1, 2, replace=False))
+        start = int(cases.integers(first[0], first[1]))  # inside the first view: they overlap
+        second = [start, int(cases.integers(start + 1, length + 1))]
+        xs = inputs(4100 + seed, comm.size, length, np.float64)
+        grad = xs[comm.rank].copy()
+        views = [grad[first[0]:first[1]], grad[second[0]:second[1]]]
+        with pytest.raises(ValueError, match=r"arrays\[0\] and arrays\[1\] are the same memory"):
+            comm.allreduce_many(views[::-1] if seed % 2 else views, op="sum", bucket_bytes=bucket_bytes)
+        np.testing.assert_array_equal(grad, xs[comm.rank])  # nothing moved
+        comm.allreduce_many([grad[1::2], grad[::2]], op="sum", bucket_bytes=bucket_bytes)
+        check_reduced(grad, xs, "sum")
