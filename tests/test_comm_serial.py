@@ -220,3 +220,25 @@ def test_interleaved_views_in_allreduce_many_are_not_refused(comm):
     comm.allreduce_many([grad[::2], grad[1::2]], op="sum")  # no element shared
     comm.allreduce_many([blocks[:, :2], blocks[:, 2:], blocks[:0]], op="sum")
     np.testing.assert_array_equal(grad, before)  # the sum over one rank
+
+
+def test_check_same_fallback_takes_nan_as_equal():
+    """The comparison ``check_same`` falls back to when pickles differ agrees with the digest,
+    which passes equal NaNs: NaN matches NaN at any depth, other values by ``==``."""
+    from collections import OrderedDict
+
+    from hpckfac.comm.communicator import _same
+
+    rng = np.random.default_rng(46)
+    for _ in range(50):
+        values = [float("nan") if rng.random() < 0.5 else float(rng.standard_normal()) for _ in range(5)]
+        shuffled = [values[i] for i in rng.permutation(5)]
+        a = {"x": values, "y": tuple(values), "z": {str(i): v for i, v in enumerate(values)}}
+        b = {"z": {str(i): values[i] for i in reversed(range(5))}, "y": tuple(values), "x": list(values)}
+        assert _same(a, b) and _same(values, list(values)) and _same(np.float64("nan"), float("nan"))
+        want = all(np.isnan(u) and np.isnan(v) or u == v for u, v in zip(values, shuffled))
+        assert _same(values, shuffled) == want
+        assert not _same({"x": values}, {"x": values + [float("nan")]})
+    assert not _same([float("nan")], (float("nan"),))  # a list is not a tuple, as for ==
+    assert not _same(OrderedDict(a=1, b=2), OrderedDict(b=2, a=1))  # ordered, as for ==
+    assert not _same(float("nan"), 1.0) and not _same(None, float("nan"))

@@ -208,6 +208,31 @@ def test_check_same(comm):
 
 
 @pytest.mark.mpi
+def test_check_same_takes_nan_as_equal_where_values_pickle_differently(comm):
+    """Equal settings whose pickles differ (a dict built in another order on each rank) are
+    compared value by value; a NaN there is the same setting as on the other ranks, as it is
+    where the pickles match, and a value that does differ is still named."""
+    rng = np.random.default_rng(45)  # the same settings on every rank
+    for case in range(10):
+        names = [f"s{i}" for i in range(int(rng.integers(2, 9)))]
+        values = [float("nan") if rng.random() < 0.4 else float(rng.standard_normal()) for _ in names]
+        values[0] = float("nan")
+        nested = {"nested": [float("nan"), (1.0, float("nan"))]}
+        order = np.random.default_rng([45, case, comm.rank]).permutation(len(names))  # per rank
+        settings = {names[i]: values[i] for i in order} | nested
+        comm.check_same(settings, "settings")
+        comm.check_same([float("nan"), settings], "a list of settings")
+        finite = [i for i, v in enumerate(values) if not np.isnan(v)]
+        if not finite:
+            continue
+        changed = names[finite[0]]
+        if odd_one_out(comm):
+            settings[changed] += 1.0
+        expect_mismatch(comm, lambda: comm.check_same(settings, "settings"),
+                        rf"ranks disagree on settings: {changed}: rank 0 has .*, rank {comm.size - 1} has ")
+
+
+@pytest.mark.mpi
 def test_agreement_check_can_be_switched_off(comm):
     quiet = Communicator(comm.mpi, check_agreement=False)
     xs = [np.random.default_rng([9, r]).integers(-9, 9, 31).astype(np.float64) for r in range(comm.size)]
