@@ -1541,6 +1541,30 @@ def test_a_loop_without_zero_grad_is_named(comm, caplog, zeroing, accumulation_s
     assert all(not p._backward_hooks for p in model.parameters())
 
 
+def test_a_layer_frozen_with_a_gradient_left_from_before_is_not_watched(comm, caplog):
+    """A warm start with zero_grad(set_to_none=False) leaves zeros in every .grad; a layer frozen
+    after it keeps them. The first step() watches only trained parameters for a loop without
+    zero_grad() (torch refuses a hook on a frozen one), and the run goes on without a word."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+            optimizer.step()
+    assert caplog.text == ""
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model[0].parameters())
+    precond.remove_hooks()
+
+
 def test_misuse_warnings_and_tied_weights(comm, caplog):
     model = mlp()
     precond = KFACPreconditioner(model, comm=comm)

@@ -828,7 +828,9 @@ class KFACPreconditioner:
         sum, silently. Checked once, from the first step to the second, so that the hooks cost
         nothing afterwards; ``_check_written`` tells at the second step."""
         seen = set()
-        for p in (p for ps in params for p in ps if p is not None and p.grad is not None):
+        # A frozen parameter gets no backward, and torch refuses a hook on it; its .grad may still
+        # be one from before it was frozen (a warm start with zero_grad(set_to_none=False)).
+        for p in (p for ps in params for p in ps if p is not None and p.requires_grad and p.grad is not None):
             if id(p) in seen:
                 continue
             seen.add(id(p))
