@@ -660,6 +660,36 @@ def test_model_without_kfac_layers_gets_no_missing_statistics_warning(comm, capl
     assert "without statistics" not in caplog.text
 
 
+def test_every_k_fac_layer_frozen_takes_no_statistics_without_a_word(comm, caplog):
+    """Fine-tuning only first-order parameters (a LayerNorm in skip_layers) with every K-FAC
+    layer frozen: those layers take no statistics by design, so the factor steps without any
+    are not warned about; once the head is unfrozen, a step in which it saw no example is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    precond = KFACPreconditioner(model, comm=comm, skip_layers=nn.LayerNorm)
+    assert len(precond.engine.blocks) == 2
+    for layer in (model[0], model[3]):
+        layer.requires_grad_(False)
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for k in range(4):
+            if k == 2:
+                model[3].requires_grad_(True)
+                optimizer.add_param_group({"params": model[3].parameters()})
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+            optimizer.step()
+    assert caplog.text == "" and model[3].weight.grad is not None
+    with caplog.at_level("WARNING", logger="hpckfac"):  # a trained head that saw no example is named
+        optimizer.zero_grad()
+        model(x[:0]).sum().backward()
+        precond.step()
+    assert caplog.text.count("a factor-update step without statistics on this rank") == 1, caplog.text
+    precond.remove_hooks()
+
+
 def test_lazy_modules_are_refused_until_their_first_forward_then_preconditioned(comm):
     """Before its first forward a lazy module has no shapes to build a block from: a ValueError
     naming it; after it, the layers are preconditioned as their plain twins are."""

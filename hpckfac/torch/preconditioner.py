@@ -783,8 +783,9 @@ class KFACPreconditioner:
                             "statistics taken (a second step() for one backward preconditions its gradients "
                             "twice: call step() once per optimizer step; in eval() mode or under torch.no_grad() "
                             "no statistics are taken)")
-        elif self.engine.blocks and self.engine.is_factor_step() and self.local.examples == 0:
-            # (a model with no K-FAC layer has no statistics to take: construction said so)
+        elif self.local.examples == 0 and any(self._takes_statistics(i) for i in range(len(self.engine.blocks))):
+            # (a model with no K-FAC layer has no statistics to take: construction said so; nor has
+            # one whose K-FAC layers are all frozen, fine-tuning only first-order parameters)
             self._warn_once("no-statistics", "a factor-update step without statistics on this rank: no "
                             "examples reached a K-FAC layer in a backpropagated training forward (an empty batch, "
                             "eval() mode, torch.no_grad(), or step() before the loss's backward())")
