@@ -272,6 +272,12 @@ class KFACPreconditioner:
         # follows: whether backwards met the .grad the first wrote still in place (``_watch_written``).
         self._written_hooks: list[Any] = []
         self._written_watch: list[list] = []
+        # Until the first step(), whether each trained parameter's .grad had a nonzero entry after
+        # the last backward that added to it (``_note_accumulated``): zeros that a zero_grad()
+        # between backward() and step() left are told from a loss without any gradient.
+        self._accumulated: dict[int, torch.Tensor] = {}
+        self._accumulated_hooks = [p.register_post_accumulate_grad_hook(self._note_accumulated)
+                                   for p in model.parameters() if p.requires_grad]
 
     # ----------------------------------------------------------------- setup
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -331,6 +337,7 @@ class KFACPreconditioner:
 
     def _remove_hooks(self, why: str) -> None:
         self._remove_written_hooks()
+        self._remove_accumulated_hooks()
         self._hooks.remove()
         self._root_hook.remove()
         _HOOKED.discard(self)
@@ -771,6 +778,7 @@ class KFACPreconditioner:
         if self._timed_steps == 1:
             self._watch_written(params)
             self._warn_zero_gradient(covered, first_order)
+            self._remove_accumulated_hooks()
 
     def _check_forwards(self) -> None:
         """Warn, once each, about a step() without a training forward, a factor step without
@@ -873,14 +881,31 @@ class KFACPreconditioner:
                             "averages and preconditions the new gradient plus the last preconditioned one; call "
                             "optimizer.zero_grad() before each step's first backward()")
 
+    def _note_accumulated(self, param: nn.Parameter) -> None:
+        """A post-accumulate-grad hook on each trained parameter until the first ``step()``: whether
+        its ``.grad`` has a nonzero entry once a backward added to it, kept on the device (read only
+        where ``_warn_zero_gradient`` finds every gradient zero)."""
+        grad = param.grad
+        if grad is not None and grad.layout == torch.strided:
+            self._accumulated[id(param)] = grad.ne(0).any()
+
+    def _remove_accumulated_hooks(self) -> None:
+        for handle in self._accumulated_hooks:
+            handle.remove()
+        self._accumulated_hooks = []
+        self._accumulated = {}
+
     def _warn_zero_gradient(self, covered: list[nn.Parameter], first_order: list[nn.Parameter]) -> None:
         """After the first ``step()``: a warning, by rank 0, where every gradient it wrote or averaged
-        is zero, as ``optimizer.zero_grad(set_to_none=False)`` between ``backward()`` and ``step()``
-        leaves them at every step, the model then never changing. The gradients are averaged, so
-        every rank reads the same; one read per parameter, at this step only. A step without any
-        gradient is ``_warn_no_gradient``'s."""
+        is zero though a backward on rank 0 left a nonzero one, as ``optimizer.zero_grad(
+        set_to_none=False)`` between ``backward()`` and ``step()`` does at every step, the model then
+        never changing. A loss without any gradient at this step (already met by every rank's
+        batch: a margin, a reward no better than its baseline) leaves zeros too, right as they are.
+        The gradients are averaged, so every rank reads the same; one read per parameter, at this
+        step only. A step without any gradient is ``_warn_no_gradient``'s."""
         grads = [p.grad for p in (*covered, *first_order) if p.requires_grad and p.grad is not None]
-        if grads and self.comm.rank == 0 and not any(bool(g.any()) for g in grads):
+        if (grads and self.comm.rank == 0 and not any(bool(g.any()) for g in grads)
+                and any(bool(nonzero) for nonzero in self._accumulated.values())):
             self._warn_once("zero-gradient", "every gradient is zero at the first step(), on every rank: "
                             "optimizer.zero_grad(set_to_none=False) between backward() and step()? Then "
                             "optimizer.step() never changes the model. The order is optimizer.zero_grad(), forward, "

@@ -203,6 +203,36 @@ def test_a_step_with_no_gradient_anywhere_is_named(comm, caplog, order):
         assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_first_loss_without_any_gradient_is_not_named(comm, caplog, set_to_none):
+    """A loss whose weight warms up from 0 gives every rank zero gradients at the first step,
+    right as they are: not the zero_grad() between backward() and step() that the first step()
+    names, which leaves zeros where the backward left others. optimizer.zero_grad() to None or
+    to zeros before the forward; the model trains from the second step on."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm, lr=0.1)
+    gen = torch.Generator().manual_seed(comm.rank + 1)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for k in range(3):
+            x, y = torch.randn(5, 3, generator=gen), torch.randint(0, 2, (5,), generator=gen)
+            optimizer.zero_grad(set_to_none=set_to_none)
+            (k / 2 * nn.functional.cross_entropy(model(x), y)).backward()
+            precond.step()
+            if k == 0:
+                assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+            optimizer.step()
+    precond.remove_hooks()
+    assert caplog.text == ""
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
 @pytest.mark.mpi(min_size=2)
 def test_first_step_names_a_module_added_on_one_rank_only(comm):
     """A module added after construction on one rank is in no layer list that construction
