@@ -1571,6 +1571,37 @@ def test_a_loop_without_zero_grad_is_named(comm, caplog, zeroing, accumulation_s
     assert all(not p._backward_hooks for p in model.parameters())
 
 
+@pytest.mark.parametrize("write", ["copy", "assign"])
+def test_gradients_of_autograd_grad_written_into_grad_are_not_a_missing_zero_grad(comm, caplog, write):
+    """torch.autograd.grad(loss, params) adds nothing to .grad; a loop that writes its gradients
+    into .grad (copied into the one there, or assigned) gives step() each step's own gradient,
+    as autograd's on a copy of the model: no zero_grad() is missing, and nothing is said."""
+    model = mlp()
+    plain = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm)
+    gen = torch.Generator().manual_seed(4)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(3):
+            x, y = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen)
+            grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+            for p, g in zip(model.parameters(), grads):
+                if write == "copy" and p.grad is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g
+            plain.load_state_dict(model.state_dict())
+            plain.zero_grad()
+            nn.functional.cross_entropy(plain(x), y).backward()
+            for p, q in zip(model.parameters(), plain.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+            precond.step()
+            optimizer.step()
+    assert caplog.text == ""
+    precond.remove_hooks()
+    assert all(not p._backward_hooks and not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
 def test_a_layer_frozen_with_a_gradient_left_from_before_is_not_watched(comm, caplog):
     """A warm start with zero_grad(set_to_none=False) leaves zeros in every .grad; a layer frozen
     after it keeps them. The first step() watches only trained parameters for a loop without

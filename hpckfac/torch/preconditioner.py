@@ -829,13 +829,13 @@ class KFACPreconditioner:
                         "optimizer.step()")
 
     def _watch_written(self, params: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> None:
-        """After the first ``step()``: a hook on each K-FAC parameter with a ``.grad`` follows
-        whether every backward before the next ``step()`` meets that ``.grad`` as ``step()`` wrote
-        it, or as the backward before added to it (the same tensor, its version one more per
-        backward, not all zeros), i.e. no ``zero_grad()`` ran in between: the backward then adds
-        the new gradient to the preconditioned one, and each later ``step()`` preconditions that
-        sum, silently. Checked once, from the first step to the second, so that the hooks cost
-        nothing afterwards; ``_check_written`` tells at the second step."""
+        """After the first ``step()``: hooks on each K-FAC parameter with a ``.grad`` follow
+        whether every backward before the next ``step()`` that adds to ``.grad`` meets it as
+        ``step()`` wrote it, or as the backward before added to it (the same tensor, its version
+        one more per backward, not all zeros), i.e. no ``zero_grad()`` ran in between: the
+        backward then adds the new gradient to the preconditioned one, and each later ``step()``
+        preconditions that sum, silently. Checked once, from the first step to the second, so
+        that the hooks cost nothing afterwards; ``_check_written`` tells at the second step."""
         seen = set()
         # A frozen parameter gets no backward, and torch refuses a hook on it; its .grad may still
         # be one from before it was frozen (a warm start with zero_grad(set_to_none=False)).
@@ -843,21 +843,28 @@ class KFACPreconditioner:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            # The .grad followed, the version it has while no one else changed it, and whether a
-            # backward met it so: a list, which the hook updates in place.
-            watch = [p, p.grad, p.grad._version, False]
+            # The .grad followed, the version it has while no one else changed it, whether a
+            # backward met it so, and whether the gradient arriving now meets it so: a list, which
+            # the hooks update in place.
+            watch = [p, p.grad, p.grad._version, False, False]
 
-            def hook(incoming: torch.Tensor, watch: list = watch) -> None:
-                p, grad, version, _ = watch
+            def arriving(incoming: torch.Tensor, watch: list = watch) -> None:
+                p, grad, version, _, _ = watch
                 # Zeroed through ``.data`` the version stays, so the values decide (one read, only
                 # where the tensor is still the one followed).
-                if grad is not None and p.grad is grad and grad._version == version and bool(grad.any()):
-                    watch[2:] = [version + 1, True]  # the accumulation that follows adds one
+                watch[4] = grad is not None and p.grad is grad and grad._version == version and bool(grad.any())
+
+            def accumulated(p: nn.Parameter, watch: list = watch) -> None:
+                # Only a gradient added to .grad counts: torch.autograd.grad(loss, params) runs the
+                # hook above too but adds nothing (its gradients may then be copied into .grad).
+                if watch[4]:
+                    watch[2:] = [watch[2] + 1, True, False]  # the accumulation added one
                 else:  # zeroed, in place or to None, since: this parameter's backwards start anew
-                    watch[1:] = [None, 0, False]
+                    watch[1:] = [None, 0, False, False]
 
             self._written_watch.append(watch)
-            self._written_hooks.append(p.register_hook(hook))
+            self._written_hooks.append(p.register_hook(arriving))
+            self._written_hooks.append(p.register_post_accumulate_grad_hook(accumulated))
 
     def _remove_written_hooks(self) -> None:
         for handle in self._written_hooks:
@@ -875,7 +882,7 @@ class KFACPreconditioner:
         self._remove_written_hooks()
         watched, self._written_watch = self._written_watch, []
         if any(met and p.grad is grad and grad._version == version and bool(grad.any())
-               for p, grad, version, met in watched):
+               for p, grad, version, met, _ in watched):
             self._warn_once("grad-kept", "the .grad that the first step() wrote was still in place when the next "
                             "backward() added to it: optimizer.zero_grad() missing from the loop? Each step() then "
                             "averages and preconditions the new gradient plus the last preconditioned one; call "
