@@ -1602,6 +1602,28 @@ def test_gradients_of_autograd_grad_written_into_grad_are_not_a_missing_zero_gra
     assert all(not p._backward_hooks and not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_layer_left_out_of_the_optimizer_is_named_as_such(comm, caplog, frozen):
+    """A K-FAC layer left out of the optimizer but still requiring grad is never zeroed by its
+    zero_grad(): the warning names that cause beside a missing zero_grad(); frozen with
+    requires_grad_(False), it is not met, and nothing is said."""
+    model = mlp()
+    model[0].requires_grad_(not frozen)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+            optimizer.step()
+    said = caplog.text.count("or a K-FAC layer left out of the optimizer that still requires grad")
+    assert said == (0 if frozen else 1), caplog.text
+    assert frozen or caplog.text.count("WARNING") == 1
+    precond.remove_hooks()
+
+
 def test_a_layer_frozen_with_a_gradient_left_from_before_is_not_watched(comm, caplog):
     """A warm start with zero_grad(set_to_none=False) leaves zeros in every .grad; a layer frozen
     after it keeps them. The first step() watches only trained parameters for a loop without

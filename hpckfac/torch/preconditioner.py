@@ -883,10 +883,15 @@ class KFACPreconditioner:
         watched, self._written_watch = self._written_watch, []
         if any(met and p.grad is grad and grad._version == version and bool(grad.any())
                for p, grad, version, met, _ in watched):
+            # A layer left out of the optimizer but still requiring grad is never zeroed by its
+            # zero_grad(): the same sum, which the KL clip of every layer then counts, growing.
             self._warn_once("grad-kept", "the .grad that the first step() wrote was still in place when the next "
-                            "backward() added to it: optimizer.zero_grad() missing from the loop? Each step() then "
-                            "averages and preconditions the new gradient plus the last preconditioned one; call "
-                            "optimizer.zero_grad() before each step's first backward()")
+                            "backward() added to it: optimizer.zero_grad() missing from the loop, or a K-FAC layer "
+                            "left out of the optimizer that still requires grad (zero_grad() zeroes only the "
+                            "optimizer's parameters)? Each step() then averages and preconditions the new gradient "
+                            "plus the last preconditioned one, and the KL clip counts that sum for every layer's "
+                            "step; call optimizer.zero_grad() before each step's first backward(), and freeze a "
+                            "layer the optimizer does not train with requires_grad_(False)")
 
     def _note_accumulated(self, param: nn.Parameter) -> None:
         """A post-accumulate-grad hook on each trained parameter until the first ``step()``: whether
