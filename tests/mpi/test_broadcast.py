@@ -285,7 +285,7 @@ def test_gradients_averaged_by_distributed_data_parallel_are_not_misread(comm, c
     import torch.distributed as dist
 
     from hpckfac.torch import KFACPreconditioner
-    from hpckfac.torch import preconditioner as module
+    from hpckfac.torch import usage_checks as module
 
     compared = []
     real = module.gradients_alike
