@@ -345,8 +345,9 @@ def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None,
     come from since they were last synchronised; the ranks' statistics are then weighted by
     it, so that a rank whose shard was short counts less and one that saw no example (its
     statistics unchanged) counts not at all. ValueError naming ``examples`` unless it is a
-    finite number >= 0, or when every rank passes 0; ranks that disagree on whether they pass
-    it raise ``CollectiveMismatchError`` on every rank. On failure the statistics are unchanged.
+    finite number >= 0, or when every rank passes 0 or their sum is not a finite float64;
+    ranks that disagree on whether they pass it raise ``CollectiveMismatchError`` on every
+    rank. On failure the statistics are unchanged.
     """
     check_model(model)
     comm = _comm(comm)
@@ -362,6 +363,16 @@ def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None,
     _write_back(tensors, carried)
 
 
+def _finite(value: numbers.Real) -> bool:
+    """Whether ``value`` is a finite float64: an int too large for one (``10**400``) is not,
+    where ``math.isfinite`` would raise OverflowError on this rank alone, before the collective
+    that tells the other ranks."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _weighted(tensors: Sequence[torch.Tensor], examples: Any, comm: Communicator) -> list[torch.Tensor]:
     """The ranks' ``tensors`` averaged with weights ``examples`` (the rank's share of the
     total), in copies, so that a refused collective leaves the statistics as they were. The
@@ -370,8 +381,8 @@ def _weighted(tensors: Sequence[torch.Tensor], examples: Any, comm: Communicator
     its statistics (NaN stays NaN)."""
     import numpy as np
 
-    valid = (not isinstance(examples, bool) and isinstance(examples, numbers.Real)
-             and math.isfinite(examples) and examples >= 0)
+    valid = not isinstance(examples, bool) and isinstance(examples, numbers.Real) and _finite(examples) \
+        and examples >= 0
     total = np.array([float(examples) if valid else 0.0, 0.0 if valid else 1.0])
     comm.allreduce(total, op="sum", algorithm="mpi")
     if not valid:
@@ -381,6 +392,8 @@ def _weighted(tensors: Sequence[torch.Tensor], examples: Any, comm: Communicator
         raise ValueError(f"examples: {int(total[1])} other rank(s) passed an invalid value")
     if total[0] == 0:
         raise ValueError("examples: every rank passed 0, so no rank's statistics can be kept")
+    if not math.isfinite(total[0]):  # each share would be 0: every statistic zeroed
+        raise ValueError("examples: the ranks' counts add up to more than a float64 holds")
     share = float(examples) / total[0]
     with torch.no_grad():
         carried = [t.float() if t.dtype == torch.bfloat16 else t.clone() for t in tensors]

@@ -68,7 +68,8 @@ def test_equal_examples_give_the_plain_mean(comm):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), True, "12"])
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), pytest.param(10**400, id="beyond-float64"),
+                                 True, "12"])
 def test_an_invalid_count_on_the_last_rank_raises_everywhere_and_changes_nothing(comm, bad):
     model = _model(comm.rank, torch.float64)
     before = _stats(model)
@@ -97,5 +98,17 @@ def test_a_rank_without_examples_argument_raises_everywhere(comm):
     before = _stats(model)
     with pytest.raises(CollectiveMismatchError):
         sync_batchnorm_stats(model, comm, examples=5 if comm.rank == 0 else None)
+    for got, want in zip(_stats(model), before):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_counts_whose_total_overflows_raise_everywhere_and_change_nothing(comm):
+    """Each count a finite float64 but their sum not: every share would be 0, every statistic
+    zeroed; every rank raises instead."""
+    model = _model(comm.rank, torch.float64)
+    before = _stats(model)
+    with pytest.raises(ValueError, match="examples: the ranks' counts add up"):
+        sync_batchnorm_stats(model, comm, examples=1e308)
     for got, want in zip(_stats(model), before):
         assert torch.equal(got, want)
