@@ -9,6 +9,7 @@ import math
 import os
 import re
 import warnings
+import weakref
 from collections import UserDict
 
 import numpy as np
@@ -1600,6 +1601,25 @@ def test_gradients_of_autograd_grad_written_into_grad_are_not_a_missing_zero_gra
     assert caplog.text == ""
     precond.remove_hooks()
     assert all(not p._backward_hooks and not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_gradients_the_first_step_wrote_are_freed_by_zero_grad(comm):
+    """The hooks that follow the .grad the first step() wrote, up to the second, do not keep it:
+    zero_grad() frees it before the next forward, as it does without a preconditioner, so the
+    second step's forward and backward do not hold a second copy of the gradients."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, comm=comm)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    nn.functional.cross_entropy(model(x), y).backward()
+    precond.step()
+    optimizer.step()
+    written = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.zero_grad()
+    assert all(ref() is None for ref in written)
+    nn.functional.cross_entropy(model(x), y).backward()
+    precond.step()
+    precond.remove_hooks()
 
 
 @pytest.mark.parametrize("frozen", [False, True])

@@ -11,6 +11,7 @@ what each says.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -139,11 +140,13 @@ class UsageChecks:
             seen.add(id(p))
             # The .grad followed, the version it has while no one else changed it, whether a
             # backward met it so, and whether the gradient arriving now meets it so: a list, which
-            # the hooks update in place.
-            watch = [p, p.grad, p.grad._version, False, False]
+            # the hooks update in place. The .grad by weak reference: zero_grad() must free it
+            # before the next forward, not leave a second copy of the gradients through it.
+            watch = [p, weakref.ref(p.grad), p.grad._version, False, False]
 
             def arriving(incoming: torch.Tensor, watch: list = watch) -> None:
-                p, grad, version, _, _ = watch
+                p, ref, version, _, _ = watch
+                grad = None if ref is None else ref()
                 # Zeroed through ``.data`` the version stays, so the values decide (one read, only
                 # where the tensor is still the one followed).
                 watch[4] = grad is not None and p.grad is grad and grad._version == version and bool(grad.any())
@@ -175,8 +178,8 @@ class UsageChecks:
             return
         self._remove_written_hooks()
         watched, self._written_watch = self._written_watch, []
-        if any(met and p.grad is grad and grad._version == version and bool(grad.any())
-               for p, grad, version, met, _ in watched):
+        if any(met and grad is not None and p.grad is grad and grad._version == version and bool(grad.any())
+               for p, ref, version, met, _ in watched for grad in [None if ref is None else ref()]):
             # A layer left out of the optimizer but still requiring grad is never zeroed by its
             # zero_grad(): the same sum, which the KL clip of every layer then counts, growing.
             self._warn_once("grad-kept", "the .grad that the first step() wrote was still in place when the next "
