@@ -236,6 +236,7 @@ def test_check_same_fallback_takes_nan_as_equal():
         a = {"x": values, "y": tuple(values), "z": {str(i): v for i, v in enumerate(values)}}
         b = {"z": {str(i): values[i] for i in reversed(range(5))}, "y": tuple(values), "x": list(values)}
         assert _same(a, b) and _same(values, list(values)) and _same(np.float64("nan"), float("nan"))
+        assert _same(np.float32("nan"), np.float32("nan")) and _same([np.float16("nan")], [float("nan")])
         want = all(np.isnan(u) and np.isnan(v) or u == v for u, v in zip(values, shuffled))
         assert _same(values, shuffled) == want
         assert not _same({"x": values}, {"x": values + [float("nan")]})

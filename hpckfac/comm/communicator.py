@@ -198,7 +198,7 @@ def _same(a: Any, b: Any) -> bool:
     ``==``, except that a NaN matches a NaN, also inside dicts, lists and tuples. Values whose
     pickles match pass without this comparison, NaNs included, so it must not fail the same
     NaN where something else in the value (a set, a dict's order) pickles differently."""
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    if isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)) and math.isnan(a) and math.isnan(b):
         return True
     if type(a) is dict and type(b) is dict:  # not an OrderedDict, whose == also compares the order
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)

@@ -396,7 +396,9 @@ def _weighted(tensors: Sequence[torch.Tensor], examples: Any, comm: Communicator
         raise ValueError("examples: the ranks' counts add up to more than a float64 holds")
     share = float(examples) / total[0]
     with torch.no_grad():
-        carried = [t.float() if t.dtype == torch.bfloat16 else t.clone() for t in tensors]
+        # Half-precision statistics weighted in float32, so that the result is rounded once, not
+        # each rank's share (bfloat16 would travel as float32 anyway: MPI has no bfloat16 sum).
+        carried = [t.float() if t.dtype in (torch.bfloat16, torch.float16) else t.clone() for t in tensors]
         for copy in carried:
             if share:
                 copy.mul_(share)

@@ -34,11 +34,12 @@ def _examples(rank: int) -> int:
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_statistics_are_the_examples_weighted_mean(comm, dtype, device):
     """Every rank ends with sum_r n_r s_r / sum_r n_r of the float64 statistics, rounded once
-    to the buffers' dtype (float32, bfloat16: within their rounding); a rank with 0
-    examples contributes nothing, even where its statistics are NaN."""
+    to the buffers' dtype (float32: within its rounding; float16 within half a unit in the last
+    place, as one rounding gives, not each rank's share rounded; bfloat16 within its rounding);
+    a rank with 0 examples contributes nothing, even where its statistics are NaN."""
     model = _model(comm.rank, dtype, device)
     if comm.rank == 1:
         with torch.no_grad():
@@ -48,10 +49,11 @@ def test_statistics_are_the_examples_weighted_mean(comm, dtype, device):
     expected = [sum(w * s[i].double() for w, s in zip(weights, stats) if w) / sum(weights)
                 for i in range(len(stats[0]))]
     sync_batchnorm_stats(model, comm, examples=_examples(comm.rank))
-    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    rtol, atol = {torch.float64: (1e-14, 1e-14), torch.float32: (1e-6, 1e-6), torch.float16: (4.9e-4, 3e-8),
+                  torch.bfloat16: (1e-2, 1e-2)}[dtype]
     for got, want in zip(_stats(model), expected):
         assert got.dtype == dtype
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
     if comm.size > 1:  # the weights matter: the plain mean differs
         plain = sum(s[0].double() for s in stats) / comm.size
         assert (plain - expected[0]).abs().max() > 1e-3
@@ -112,3 +114,19 @@ def test_counts_whose_total_overflows_raise_everywhere_and_change_nothing(comm):
         sync_batchnorm_stats(model, comm, examples=1e308)
     for got, want in zip(_stats(model), before):
         assert torch.equal(got, want)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_float16_statistics_are_rounded_once(comm):
+    """Rank r's float16 running means r + 1 (times a per-channel factor) weighted by r + 1
+    examples: within half a unit in the last place of the float64 weighted mean of the values
+    the ranks hold, which rounding each rank's share to float16 before the sum misses (here
+    at 3 and 4 ranks)."""
+    norm = nn.BatchNorm1d(64).to(torch.float16)
+    scale = 1 + torch.arange(64, dtype=torch.float64) / 7
+    with torch.no_grad():
+        norm.running_mean.copy_((comm.rank + 1) * scale)
+    sync_batchnorm_stats(norm, comm, examples=comm.rank + 1)
+    held = [((r + 1) * scale).to(torch.float16).double() for r in range(comm.size)]  # as each rank stores them
+    want = sum((r + 1) * h for r, h in enumerate(held)) / sum(range(1, comm.size + 1))
+    torch.testing.assert_close(norm.running_mean.double(), want, rtol=4.9e-4, atol=0)
