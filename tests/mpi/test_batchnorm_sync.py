@@ -69,51 +69,43 @@ def test_equal_examples_give_the_plain_mean(comm):
         torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
 
 
+def _refused(comm, examples, error: type, match: str | None) -> None:
+    """``sync_batchnorm_stats`` with this rank's ``examples`` raises ``error`` matching ``match``
+    here (every rank calls it alike) and leaves the statistics as they were."""
+    model = _model(comm.rank, torch.float64)
+    before = _stats(model)
+    with pytest.raises(error, match=match):
+        sync_batchnorm_stats(model, comm, examples=examples)
+    for got, want in zip(_stats(model), before):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), pytest.param(10**400, id="beyond-float64"),
                                  True, "12"])
 def test_an_invalid_count_on_the_last_rank_raises_everywhere_and_changes_nothing(comm, bad):
-    model = _model(comm.rank, torch.float64)
-    before = _stats(model)
     last = comm.rank == comm.size - 1
-    with pytest.raises(ValueError, match="examples: " + ("expected a finite number" if last else "1 other rank")):
-        sync_batchnorm_stats(model, comm, examples=bad if last else 10)
-    for got, want in zip(_stats(model), before):
-        assert torch.equal(got, want)
+    _refused(comm, bad if last else 10, ValueError,
+             "examples: " + ("expected a finite number" if last else "1 other rank"))
 
 
 @pytest.mark.mpi
 def test_zero_examples_on_every_rank_raise_everywhere_and_change_nothing(comm):
-    model = _model(comm.rank, torch.float32)
-    before = _stats(model)
-    with pytest.raises(ValueError, match="examples: every rank passed 0"):
-        sync_batchnorm_stats(model, comm, examples=0)
-    for got, want in zip(_stats(model), before):
-        assert torch.equal(got, want)
+    _refused(comm, 0, ValueError, "examples: every rank passed 0")
 
 
 @pytest.mark.mpi(min_size=2)
 def test_a_rank_without_examples_argument_raises_everywhere(comm):
     """Rank 0 weighs, the others average plainly: the collectives differ, every rank raises
     and the statistics stay as they were."""
-    model = _model(comm.rank, torch.float64)
-    before = _stats(model)
-    with pytest.raises(CollectiveMismatchError):
-        sync_batchnorm_stats(model, comm, examples=5 if comm.rank == 0 else None)
-    for got, want in zip(_stats(model), before):
-        assert torch.equal(got, want)
+    _refused(comm, 5 if comm.rank == 0 else None, CollectiveMismatchError, None)
 
 
 @pytest.mark.mpi(min_size=2)
 def test_counts_whose_total_overflows_raise_everywhere_and_change_nothing(comm):
     """Each count a finite float64 but their sum not: every share would be 0, every statistic
     zeroed; every rank raises instead."""
-    model = _model(comm.rank, torch.float64)
-    before = _stats(model)
-    with pytest.raises(ValueError, match="examples: the ranks' counts add up"):
-        sync_batchnorm_stats(model, comm, examples=1e308)
-    for got, want in zip(_stats(model), before):
-        assert torch.equal(got, want)
+    _refused(comm, 1e308, ValueError, "examples: the ranks' counts add up")
 
 
 @pytest.mark.mpi(min_size=2)
