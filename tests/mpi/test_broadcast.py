@@ -146,6 +146,15 @@ def test_optimizer_step_before_the_first_step_is_named(comm, caplog):
         precond.remove_hooks()
 
 
+def _tanh_net(comm) -> tuple[nn.Module, list[torch.Tensor], torch.optim.Optimizer, torch.Generator]:
+    """A small model built alike on every rank, its starting weights, SGD on it, and this rank's
+    data generator."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    return (model, [p.detach().clone() for p in model.parameters()], torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.Generator().manual_seed(comm.rank + 1))
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ["right", "step before backward", "zero_grad between", "zeros between",
                                    "last rank idle"])
@@ -158,14 +167,10 @@ def test_a_step_with_no_gradient_anywhere_is_named(comm, caplog, order):
     between them leaves the gradients all zero, which the first step() names as such."""
     from hpckfac.torch import KFACPreconditioner
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model, start, optimizer, gen = _tanh_net(comm)
     plain = copy.deepcopy(model)  # before the preconditioner: its hooks are not copied along
-    start = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
     precond = KFACPreconditioner(model, comm=comm, lr=0.1)
-    gen = torch.Generator().manual_seed(comm.rank + 1)
     with caplog.at_level("WARNING", logger="hpckfac"):
         for _ in range(3):
             x, y = torch.randn(5, 3, generator=gen), torch.randint(0, 2, (5,), generator=gen)
@@ -212,12 +217,8 @@ def test_a_first_loss_without_any_gradient_is_not_named(comm, caplog, set_to_non
     to zeros before the forward; the model trains from the second step on."""
     from hpckfac.torch import KFACPreconditioner
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    start = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, start, optimizer, gen = _tanh_net(comm)
     precond = KFACPreconditioner(model, comm=comm, lr=0.1)
-    gen = torch.Generator().manual_seed(comm.rank + 1)
     with caplog.at_level("WARNING", logger="hpckfac"):
         for k in range(3):
             x, y = torch.randn(5, 3, generator=gen), torch.randint(0, 2, (5,), generator=gen)
