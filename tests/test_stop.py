@@ -61,7 +61,10 @@ def test_a_signal_is_noted_and_every_later_decision_is_to_stop(comm):
         StopOnSignal(comm, [])
 
 
-def test_a_second_signal_goes_to_the_handler_that_was_there_before(comm):
+@pytest.fixture
+def previous_usr2():
+    """A handler of SIGUSR2 installed before the test's own, and the signals it received; the
+    handler of before the test restored afterwards."""
     calls = []
 
     def previous(signum, frame):
@@ -69,58 +72,47 @@ def test_a_second_signal_goes_to_the_handler_that_was_there_before(comm):
 
     old = signal.signal(signal.SIGUSR2, previous)
     try:
-        stop = StopOnSignal(comm, "USR2")
-        signal.raise_signal(signal.SIGUSR2)
-        assert calls == [] and stop.received == "SIGUSR2"
-        signal.raise_signal(signal.SIGUSR2)
-        assert calls == [signal.SIGUSR2]
-        stop.close()
-        assert signal.getsignal(signal.SIGUSR2) is previous
-        signal.raise_signal(signal.SIGUSR2)
-        assert calls == [signal.SIGUSR2] * 2 and stop.received == "SIGUSR2"
+        yield previous, calls
     finally:
         signal.signal(signal.SIGUSR2, old)
 
 
-def test_handlers_closed_in_any_order_hand_signals_back_to_the_original_one(comm):
+def test_a_second_signal_goes_to_the_handler_that_was_there_before(comm, previous_usr2):
+    previous, calls = previous_usr2
+    stop = StopOnSignal(comm, "USR2")
+    signal.raise_signal(signal.SIGUSR2)
+    assert calls == [] and stop.received == "SIGUSR2"
+    signal.raise_signal(signal.SIGUSR2)
+    assert calls == [signal.SIGUSR2]
+    stop.close()
+    assert signal.getsignal(signal.SIGUSR2) is previous
+    signal.raise_signal(signal.SIGUSR2)
+    assert calls == [signal.SIGUSR2] * 2 and stop.received == "SIGUSR2"
+
+
+def test_handlers_closed_in_any_order_hand_signals_back_to_the_original_one(comm, previous_usr2):
     """Two StopOnSignal closed in the order they were made: the first one's handler, which the
     second restores as its previous, passes signals on to the handler that was there before
     both, instead of keeping the next signal in a closed StopOnSignal that nobody asks."""
-    calls = []
-
-    def previous(signum, frame):
-        calls.append(signum)
-
-    old = signal.signal(signal.SIGUSR2, previous)
-    try:
-        first, second = StopOnSignal(comm, "USR2"), StopOnSignal(comm, "USR2")
-        first.close()
-        second.close()
-        signal.raise_signal(signal.SIGUSR2)
-        assert calls == [signal.SIGUSR2] and first.received is None and second.received is None
-        first.close()  # a second close() restores the handler of before, now that it can
-        assert signal.getsignal(signal.SIGUSR2) is previous
-    finally:
-        signal.signal(signal.SIGUSR2, old)
+    previous, calls = previous_usr2
+    first, second = StopOnSignal(comm, "USR2"), StopOnSignal(comm, "USR2")
+    first.close()
+    second.close()
+    signal.raise_signal(signal.SIGUSR2)
+    assert calls == [signal.SIGUSR2] and first.received is None and second.received is None
+    first.close()  # a second close() restores the handler of before, now that it can
+    assert signal.getsignal(signal.SIGUSR2) is previous
 
 
-def test_closing_an_earlier_handler_leaves_a_later_one_installed(comm):
+def test_closing_an_earlier_handler_leaves_a_later_one_installed(comm, previous_usr2):
     """The first StopOnSignal closed while the second is open: the second's handler stays, and
     the next signal is the second's, not the handler of before both."""
-    calls = []
-
-    def previous(signum, frame):
-        calls.append(signum)
-
-    old = signal.signal(signal.SIGUSR2, previous)
-    try:
-        first, second = StopOnSignal(comm, "USR2"), StopOnSignal(comm, "USR2")
-        first.close()
-        signal.raise_signal(signal.SIGUSR2)
-        assert second.received == "SIGUSR2" and first.received is None and calls == []
-        second.close()
-    finally:
-        signal.signal(signal.SIGUSR2, old)
+    _, calls = previous_usr2
+    first, second = StopOnSignal(comm, "USR2"), StopOnSignal(comm, "USR2")
+    first.close()
+    signal.raise_signal(signal.SIGUSR2)
+    assert second.received == "SIGUSR2" and first.received is None and calls == []
+    second.close()
 
 
 @pytest.mark.parametrize("first", ["SIGTERM", "SIGUSR1"])

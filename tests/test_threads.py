@@ -22,23 +22,27 @@ def test_rank_cores(mine, node, want):
     assert threads.rank_cores(mine, node) == want
 
 
-def test_user_settings_are_left_alone(monkeypatch):
+@pytest.fixture
+def nothing_set(monkeypatch):
+    """No thread variable in the environment and no decision taken yet in this process."""
+    for name in threads.USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "_done", {})
+
+
+def test_user_settings_are_left_alone(monkeypatch, nothing_set):
     import torch
 
-    monkeypatch.setattr(threads, "_done", {})
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     before = torch.get_num_threads()
     assert threads.configure_threads(cpus(0, 2), [cpus(0, 2)] * 2) == {}
     assert torch.get_num_threads() == before
 
 
-def test_configuration_when_nothing_is_set(monkeypatch):
+def test_configuration_when_nothing_is_set(monkeypatch, nothing_set):
     import torch
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    for name in threads.USER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(threads, "_done", {})
     monkeypatch.setattr(threads, "rank_cores", lambda mine, node: 1)
     before = torch.get_num_threads()
     with threadpool_limits():  # restores the BLAS pools afterwards
@@ -51,14 +55,11 @@ def test_configuration_when_nothing_is_set(monkeypatch):
             torch.set_num_threads(before)
 
 
-def test_blas_gets_one_thread_whatever_torch_gets(monkeypatch):
+def test_blas_gets_one_thread_whatever_torch_gets(nothing_set):
     """Two cores for the rank: torch's pool takes both, NumPy's BLAS still one (the products run in torch's)."""
     import torch
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    for name in threads.USER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(threads, "_done", {})
     before = torch.get_num_threads()
     with threadpool_limits():
         try:
@@ -70,15 +71,12 @@ def test_blas_gets_one_thread_whatever_torch_gets(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS"])
-def test_each_documented_variable_leaves_the_pools_alone(monkeypatch, name):
+def test_each_documented_variable_leaves_the_pools_alone(monkeypatch, name, nothing_set):
     """Any one of the four variables the documentation names is the user's choice: the pools
     are left as they are, and that decision holds for the process (a second call, with the
     variable gone, still changes nothing)."""
     import torch
 
-    for other in threads.USER_VARIABLES:
-        monkeypatch.delenv(other, raising=False)
-    monkeypatch.setattr(threads, "_done", {})
     monkeypatch.setenv(name, "2")
     before = torch.get_num_threads()
     assert threads.configure_threads(cpus(0, 4), [cpus(0, 4)]) == {}
@@ -87,15 +85,12 @@ def test_each_documented_variable_leaves_the_pools_alone(monkeypatch, name):
     assert torch.get_num_threads() == before
 
 
-def test_the_first_decision_holds_for_the_process(monkeypatch):
+def test_the_first_decision_holds_for_the_process(nothing_set):
     """``configure_threads`` decides once: a later call, even with other CPU sets, returns the
     first decision and leaves torch's pool as the first call sized it."""
     import torch
     from threadpoolctl import threadpool_limits
 
-    for name in threads.USER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(threads, "_done", {})
     before = torch.get_num_threads()
     with threadpool_limits():
         try:

@@ -22,19 +22,28 @@ def test_bad_inverse_raises_on_every_rank(comm):
     comm.barrier()  # every rank got here: nobody is left waiting
 
 
+def _stepped(comm) -> tuple[nn.Module, torch.Tensor, KFACPreconditioner, dict]:
+    """A small model, this rank's input, and its preconditioner after three steps, with the
+    state it had after the first (a collective)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
+    for k in range(3):
+        model(x).pow(2).mean().backward()
+        precond.step()
+        if k == 0:
+            first = precond.state_dict()
+    return model, x, precond, first
+
+
 @pytest.mark.mpi(min_size=2)
 def test_a_checkpoint_loaded_on_one_rank_only_is_named(comm):
     """load_state_dict() on rank 0 alone: the next step() fails on every rank, and the message
     says what most likely happened."""
     from hpckfac.comm import CollectiveMismatchError
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
-    precond = KFACPreconditioner(model, comm=comm)
-    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
-    for _ in range(3):
-        model(x).pow(2).mean().backward()
-        precond.step()
+    model, x, precond, _ = _stepped(comm)
     state = precond.state_dict()
     fresh = KFACPreconditioner(model, comm=comm)
     if comm.rank == 0:
@@ -53,15 +62,7 @@ def test_an_earlier_checkpoint_loaded_on_one_rank_only_during_training_fails_on_
     happened, theirs point to it."""
     from hpckfac.comm import CollectiveMismatchError
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
-    precond = KFACPreconditioner(model, comm=comm)
-    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(comm.rank))
-    for k in range(3):
-        model(x).pow(2).mean().backward()
-        precond.step()
-        if k == 0:
-            state = precond.state_dict()
+    model, x, precond, state = _stepped(comm)
     if comm.rank == 0:
         precond.load_state_dict(state)
     model(x).pow(2).mean().backward()
