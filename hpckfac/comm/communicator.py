@@ -58,16 +58,22 @@ def reduction_algorithm(algorithm: str, nbytes: int, size: int) -> str:
     return "ring" if nbytes >= RING_MIN_CHUNK_BYTES * size else "mpi"
 
 
+def _address(a: Any) -> int:
+    """The address of ``a``'s first element: NumPy's array interface, CuPy's ``data.ptr``."""
+    face = getattr(a, "__array_interface__", None)
+    return face["data"][0] if face is not None else a.data.ptr
+
+
 def _address_view(a: Any) -> np.ndarray:
     """A NumPy array with ``a``'s address, shape, strides and dtype, for address arithmetic only:
-    NumPy arrays are their own; for a device array (CuPy's ``data.ptr``) it points into device
-    memory and must never be read, which ``np.shares_memory`` does not (it compares addresses)."""
+    NumPy arrays are their own; for a device array it points into device memory and must never
+    be read, which ``np.shares_memory`` does not (it compares addresses)."""
     if isinstance(a, np.ndarray):
         return a
 
     class Face:
         __array_interface__ = {"version": 3, "shape": tuple(a.shape), "strides": tuple(a.strides),
-                               "typestr": np.dtype(a.dtype).str, "data": (a.data.ptr, False)}
+                               "typestr": np.dtype(a.dtype).str, "data": (_address(a), False)}
 
     return np.asarray(Face())
 
@@ -81,22 +87,21 @@ def _check_distinct(arrays: list[Any]) -> None:
     spans = []  # (first byte, one past the last byte, position) of each non-empty array
     for i, a in enumerate(arrays):
         if a.size:  # empty arrays may share an address and hold nothing to reduce
-            face = _address_view(a)
-            lo = hi = face.__array_interface__["data"][0]
-            for n, stride in zip(face.shape, face.strides):
+            lo = hi = _address(a)
+            for n, stride in zip(a.shape, a.strides):
                 lo, hi = (lo + (n - 1) * stride, hi) if stride < 0 else (lo, hi + (n - 1) * stride)
-            spans.append((lo, hi + face.itemsize, i))
+            spans.append((lo, hi + a.itemsize, i))
     spans.sort()
     open_spans: list[tuple[int, int]] = []  # (end, position) of the arrays whose bytes may reach further
     for lo, hi, i in spans:
         # Only arrays whose byte ranges overlap can share an element: disjoint tensors (the usual
-        # case) cost one sort, however many there are.
+        # case) cost one sort, however many there are, and no address view.
         open_spans = [(end, j) for end, j in open_spans if end > lo]
         for _, j in open_spans:
             first, second = sorted((j, i))
-            x, y = _address_view(arrays[first]), _address_view(arrays[second])
-            if np.shares_memory(x, y):
-                whole = x.__array_interface__["data"][0] == y.__array_interface__["data"][0] and x.nbytes == y.nbytes
+            x, y = arrays[first], arrays[second]
+            if np.shares_memory(_address_view(x), _address_view(y)):
+                whole = _address(x) == _address(y) and x.nbytes == y.nbytes
                 raise ValueError(f"arrays[{first}] and arrays[{second}] are the same memory"
                                  f"{'' if whole else ' in part'}: each array is reduced once, so pass it once "
                                  "and no two arrays that overlap")

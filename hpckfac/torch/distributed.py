@@ -8,6 +8,7 @@ import math
 import numbers
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -379,8 +380,6 @@ def _weighted(tensors: Sequence[torch.Tensor], examples: Any, comm: Communicator
     total and a count of invalid ``examples`` travel together, so that a bad value on one rank
     raises on every rank. A rank with no examples sends zeros rather than a zero multiple of
     its statistics (NaN stays NaN)."""
-    import numpy as np
-
     valid = not isinstance(examples, bool) and isinstance(examples, numbers.Real) and _finite(examples) \
         and examples >= 0
     total = np.array([float(examples) if valid else 0.0, 0.0 if valid else 1.0])
