@@ -114,15 +114,17 @@ def _check_writeable(buf: Any, name: str) -> None:
         raise ValueError(f"{name} is read-only; the collective writes its result into it")
 
 
-# Whether each Communicator made on COMM_WORLD checks agreement, in the order they were made
-# (the same on every rank: constructing one is collective). Flags, not the objects: a
-# Communicator that is collected on one rank and not yet on another must not change what
-# happens at exit.
-_world_checks: list[bool] = []
+# Whether the Communicators made on COMM_WORLD check agreement: the distinct flags, so that a
+# sweep making one per run keeps at most two (the same on every rank: constructing one is
+# collective). Flags, not the objects: a Communicator that is collected on one rank and not yet
+# on another must not change what happens at exit.
+_world_checks: set[bool] = set()
 
 # The MPI communicators other than COMM_WORLD that a checking Communicator of several ranks was
-# made on, in the order they were made (the same on every rank of each: constructing one is
-# collective). The mpi4py objects are kept, not the Communicators, for the same reason.
+# made on, each once, in the order they were last wrapped (the same on every rank of each:
+# constructing one is collective). The mpi4py objects are kept, not the Communicators, for the
+# same reason; freed ones are dropped as new ones come, so a sweep that splits and frees a
+# communicator per run keeps only those still in use.
 _other_checks: list[MPI.Intracomm] = []
 
 
@@ -151,8 +153,11 @@ def _register_exit_check(comm: "Communicator") -> None:
     if not (_world_checks or _other_checks):
         atexit.register(_check_at_exit)
     if comm.mpi == MPI.COMM_WORLD:
-        _world_checks.append(comm.check_agreement != "off")
+        _world_checks.add(comm.check_agreement != "off")
     elif comm.check_agreement != "off":
+        # ``==`` compares MPI handles: a freed communicator equals COMM_NULL, and another mpi4py
+        # object for the same communicator equals this one.
+        _other_checks[:] = [c for c in _other_checks if c != MPI.COMM_NULL and c != comm.mpi]
         _other_checks.append(comm.mpi)
 
 

@@ -481,3 +481,29 @@ def test_one_rank_passing_an_array_twice_to_allreduce_many(comm):
     want = sum(np.random.default_rng([37, r, 1]).standard_normal(5) for r in range(comm.size))
     comm.allreduce_many([arrays[1]], op="sum")
     np.testing.assert_allclose(arrays[1], want, rtol=1e-13)
+
+
+@pytest.mark.mpi
+def test_the_end_of_script_checks_stay_bounded_over_a_sweep_of_communicators(comm):
+    """A sweep that makes Communicators run after run (on COMM_WORLD, on one kept duplicate of it,
+    and on a duplicate freed after its run) keeps what the end-of-script check needs, not one
+    entry per Communicator ever made."""
+    from mpi4py import MPI
+
+    from hpckfac.comm import communicator
+
+    kept = MPI.COMM_WORLD.Dup()
+
+    def run():
+        Communicator()
+        Communicator(kept)
+        freed = MPI.COMM_WORLD.Dup()
+        Communicator(freed)
+        freed.Free()
+        return len(communicator._world_checks), len(communicator._other_checks)
+
+    try:
+        first = run()
+        assert [run() for _ in range(20)] == [first] * 20
+    finally:
+        kept.Free()
