@@ -10,8 +10,8 @@ few questions that code needs:
   (None for NumPy, whose reference implementation lives in ``hpckfac.ops``);
 - ``to_host(x)`` / ``from_host(a, xp)``: the explicit copies between the two,
   used only where data must leave the device (checkpoints, logs);
-- ``constant(host, xp, key)``: a host array needed on the device at every
-  step (index tables), uploaded once per key and device.
+- ``constant(host, xp, key, cache)``: a host array needed on the device at
+  every step (index tables), uploaded once per key and device.
 
 CuPy is imported only when a CuPy array arrives. ``register`` adds another
 kind of array; the test suite uses it for a stand-in device array that
@@ -101,13 +101,17 @@ def from_host(a: Any, xp: Any) -> Any:
 _constants: dict[tuple, Any] = {}
 
 
-def constant(host: np.ndarray, xp: Any, key: Hashable) -> Any:
+def constant(host: np.ndarray, xp: Any, key: Hashable, cache: dict[tuple, Any] | None = None) -> Any:
     """``host`` as an ``xp`` array, uploaded once per ``key`` (which must identify ``host``'s
     contents) and device: an upload from host memory waits for everything queued on the
-    device, so arrays needed at every step are not uploaded at every step."""
+    device, so arrays needed at every step are not uploaded at every step. ``cache`` holds the
+    uploads: by default this module's, kept for the process's lifetime (for a few small tables);
+    an object's own dict for tables that should go with the object (one per layer shape, which a
+    sweep over model sizes would otherwise pile up on the device)."""
     if xp is np:
         return host
+    cache = _constants if cache is None else cache
     cache_key = (key, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
-    if cache_key not in _constants:
-        _constants[cache_key] = xp.asarray(host)
-    return _constants[cache_key]
+    if cache_key not in cache:
+        cache[cache_key] = xp.asarray(host)
+    return cache[cache_key]

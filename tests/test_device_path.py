@@ -325,3 +325,18 @@ def test_the_embedding_checks_of_the_first_factor_step_read_the_device_once(capl
     assert "K-FAC layers embed: their weights get gradient the layers' own calls cannot give" in caplog.text
     for got, want in zip(device, host):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_sweep_over_convolution_widths_keeps_no_gather_index_on_the_device():
+    """The channel-major gather index of a convolution's ``A`` (as large as the packed factor)
+    goes with its block: blocks of many widths, each used and dropped, leave nothing in the
+    process-wide table of device constants."""
+    rng = np.random.default_rng(7)
+    before = set(arrays._constants)
+    with standin.installed():
+        for channels in range(2, 12):
+            block = ConvBlock(f"conv{channels}", channels, 3, (3, 3), (1, 1), (1, 1), (1, 1), True)
+            a = rng.standard_normal((2, channels, 5, 5))
+            want = block.a_factor(a, packed=True)
+            np.testing.assert_array_equal(block.a_factor(standin.to_device(a), packed=True).get(), want)
+    assert set(arrays._constants) == before
