@@ -2335,6 +2335,27 @@ def test_hooks_run_on_a_torch_without_torch_compiler_is_compiling(monkeypatch):
     assert hook(1, 2) == "out" and calls == [(1, 2)]
 
 
+def test_layers_dropped_in_changing_sets_are_named_once_each(comm, caplog):
+    """Layers whose training calls get no backward, another set at each step (probes of layers
+    picked at random), are named once per layer: neither a warning nor a noted key per set."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4) for _ in range(3)]
+    model = nn.Sequential(*layers)
+    precond = KFACPreconditioner(model, comm=comm)
+    warned = []
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for step in range(12):
+            x = torch.randn(2, 4)
+            for i in (step % 3, (step + 1) % 3):
+                layers[i](x)  # a training call that no backward reaches
+            model(x).sum().backward()
+            precond.step()
+            warned.append(set(precond._warned))
+    dropped = [r.getMessage() for r in caplog.records if "dropped at step" in r.getMessage()]
+    assert [m.split(" dropped")[0] for m in dropped] == ["K-FAC statistics of 0, 1", "K-FAC statistics of 2"]
+    assert warned[-1] == warned[2]
+
+
 def test_a_layer_in_eval_mode_inside_a_training_model_is_named_as_such(caplog):
     """A BatchNorm put in eval() while the rest trains (fine-tuning) takes no statistics: the
     warning says eval() mode, not that the layer was not called; without a KL clip its gradient

@@ -756,11 +756,9 @@ class KFACPreconditioner(UsageChecks):
                 if stats[i] is None and anyone[i] and module.training and i not in dropped:
                     stats[i] = self.xp.zeros(block.stat_size, dtype=self.local.dtype)
         names = {b.name: had for b, had in zip(self.engine.blocks, anyone)}
-        # Once per layer, not per set of layers: a model that skips layers at random (LayerDrop)
-        # misses another set at nearly every step.
-        missing = [name for name in missing if not names[name] and "missing:" + name not in self._warned]
+        # Once per layer: a model that skips layers at random (LayerDrop) misses another set at nearly every step.
+        missing = self._first_mentions("missing", [name for name in missing if not names[name]])
         if missing:
-            self._warned.update("missing:" + name for name in missing)
             _log.warning(f"K-FAC layers without statistics at step "
                          f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward on "
                          "any rank, their weights used without calling them, or inside a "

@@ -236,26 +236,34 @@ class UsageChecks:
         gone = set(self._structure.gone)
         trained = [i not in gone and any(p is not None and p.requires_grad for p in ps) for i, ps in enumerate(params)]
         unpaired = [self.engine.blocks[i].name for i in self.local.unpaired if trained[i]]
-        if unpaired:
-            self._warn_once("unpaired:" + ",".join(unpaired), f"K-FAC statistics of {', '.join(unpaired)} "
-                            f"dropped at step {self.engine.steps}: they ran in a training forward whose output "
-                            "got no backward (a forward not backpropagated: run those under model.eval() or "
-                            "torch.no_grad(); an exception between forward and backward; the recomputation "
-                            "of torch.utils.checkpoint(use_reentrant=False): pass it "
-                            "context_fn=hpckfac.torch.checkpoint_context_fn (checkpoint_sequential takes "
-                            "none: use use_reentrant=True there); or an output outside the loss)")
+        fresh = self._first_mentions("unpaired", unpaired)
+        if fresh:
+            _log.warning(f"K-FAC statistics of {', '.join(fresh)} dropped at step {self.engine.steps}: they ran in "
+                         "a training forward whose output got no backward (a forward not backpropagated: run those "
+                         "under model.eval() or torch.no_grad(); an exception between forward and backward; the "
+                         "recomputation of torch.utils.checkpoint(use_reentrant=False): pass it "
+                         "context_fn=hpckfac.torch.checkpoint_context_fn (checkpoint_sequential takes none: use "
+                         "use_reentrant=True there); or an output outside the loss)")
         without = [(b.name, m.training) for b, st, m, t in zip(self.engine.blocks, stats, self.modules, trained)
                    if st is None and t and b.name not in unpaired]
         # A layer put in eval() inside a training model (a frozen BatchNorm while fine-tuning):
         # its hooks take nothing by design, which is not the mistake ``_absent_as_zeros`` suspects.
         evaluated = [name for name, training in without if not training]
         missing = [name for name, training in without if training]
-        if evaluated:
-            self._warn_once("eval:" + ",".join(evaluated), f"K-FAC layers in eval() mode at step "
-                            f"{self.engine.steps}: {', '.join(evaluated)}; statistics are taken in train() "
-                            "mode only, so until they have some their gradients are only averaged (freeze "
-                            "their parameters, or list them in skip_layers, to say so)")
+        fresh = self._first_mentions("eval", evaluated)
+        if fresh:
+            _log.warning(f"K-FAC layers in eval() mode at step {self.engine.steps}: {', '.join(fresh)}; statistics "
+                         "are taken in train() mode only, so until they have some their gradients are only averaged "
+                         "(freeze their parameters, or list them in skip_layers, to say so)")
         return missing
+
+    def _first_mentions(self, kind: str, names: list[str]) -> list[str]:
+        """Those of ``names`` not yet named in a warning of ``kind``, noted as named now: once per
+        layer, not per set of layers, which may differ from step to step (layers skipped at random)
+        and would make a warning, and an entry of ``_warned``, at nearly every step."""
+        fresh = [name for name in names if f"{kind}:{name}" not in self._warned]
+        self._warned.update(f"{kind}:{name}" for name in fresh)
+        return fresh
 
     def _check_outside_statistics(self, stats: list, slots: list) -> None:
         """Warn, once, about layers whose gradient the statistics of their own calls cannot
