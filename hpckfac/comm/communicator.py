@@ -8,6 +8,7 @@ import numbers
 import os
 import pickle
 import threading
+import weakref
 from functools import cached_property
 from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 
@@ -366,13 +367,23 @@ class Communicator:
         finally:
             self._calls.pop()
 
-    def new_instance(self) -> int:
+    def new_instance(self, owner: object | None = None) -> int:
         """A number for a new object whose collectives must not be mistaken for those of another
         of the same shapes (a ``KFACEngine``, and with it its ``KFACPreconditioner``): 1 for the
         first made on this communicator, then 2, 3, ... Every rank builds them in the same order,
-        so one object has the same number on every rank (call it on every rank alike)."""
+        so one object has the same number on every rank (call it on every rank alike). When
+        ``owner`` (the object numbered) is collected, what ``check_agreement="on_change"``
+        remembers of its calls is forgotten: no later call can carry its number, and a sweep
+        building one object per run on a shared Communicator would otherwise keep every run's."""
         self._instance_count += 1
+        if owner is not None:
+            weakref.finalize(owner, self._forget_instance, self._instance_count).atexit = False
         return self._instance_count
+
+    def _forget_instance(self, number: int) -> None:
+        # A new set rather than removals in place: this may run in a garbage collection started
+        # inside a collective's check of the set.
+        self._agreed = {sig for sig in self._agreed if sig.instance != number}
 
     @contextlib.contextmanager
     def instance(self, number: int) -> Iterator[None]:

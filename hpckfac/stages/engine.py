@@ -189,7 +189,7 @@ class KFACEngine:
         self.comm = comm
         # Its number on the communicator, alike on every rank: the agreement check of its collectives
         # compares it, so ranks that step two engines of the same shapes in another order are told.
-        self.instance = comm.new_instance()
+        self.instance = comm.new_instance(self)
         self.xp = xp
         self.blocks = list(blocks)
         self.damping, self.factor_decay, self.kl_clip = opts["damping"], opts["factor_decay"], opts["kl_clip"]
