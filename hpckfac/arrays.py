@@ -10,7 +10,7 @@ few questions that code needs:
   (None for NumPy, whose reference implementation lives in ``hpckfac.ops``);
 - ``to_host(x)`` / ``from_host(a, xp)``: the explicit copies between the two,
   used only where data must leave the device (checkpoints, logs);
-- ``constant(host, xp, key, cache)``: a host array needed on the device at
+- ``constant(host, xp, key, owner)``: a host array needed on the device at
   every step (index tables), uploaded once per key and device.
 
 CuPy is imported only when a CuPy array arrives. ``register`` adds another
@@ -19,6 +19,7 @@ refuses implicit conversion to host memory.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
@@ -99,19 +100,33 @@ def from_host(a: Any, xp: Any) -> Any:
 
 
 _constants: dict[tuple, Any] = {}
+# The owners (by id) of each upload made for owners: it is dropped when the last is collected.
+_owners: dict[tuple, set[int]] = {}
 
 
-def constant(host: np.ndarray, xp: Any, key: Hashable, cache: dict[tuple, Any] | None = None) -> Any:
+def constant(host: np.ndarray, xp: Any, key: Hashable, owner: object | None = None) -> Any:
     """``host`` as an ``xp`` array, uploaded once per ``key`` (which must identify ``host``'s
     contents) and device: an upload from host memory waits for everything queued on the
-    device, so arrays needed at every step are not uploaded at every step. ``cache`` holds the
-    uploads: by default this module's, kept for the process's lifetime (for a few small tables);
-    an object's own dict for tables that should go with the object (one per layer shape, which a
-    sweep over model sizes would otherwise pile up on the device)."""
+    device, so arrays needed at every step are not uploaded at every step. Without ``owner``
+    the upload is kept for the process's lifetime (a few small tables); with one, it is shared
+    by every owner of the same key and freed once they are all collected (a convolution's
+    index, as large as its packed factor: a sweep over model sizes would otherwise pile them up
+    on the device)."""
     if xp is np:
         return host
-    cache = _constants if cache is None else cache
     cache_key = (key, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
-    if cache_key not in cache:
-        cache[cache_key] = xp.asarray(host)
-    return cache[cache_key]
+    if cache_key not in _constants:
+        _constants[cache_key] = xp.asarray(host)
+    if owner is not None and id(owner) not in _owners.setdefault(cache_key, set()):
+        _owners[cache_key].add(id(owner))
+        weakref.finalize(owner, _release, cache_key, id(owner)).atexit = False
+    return _constants[cache_key]
+
+
+def _release(cache_key: tuple, owner: int) -> None:
+    """An owner of ``constant``'s upload ``cache_key`` was collected: the upload goes with its last."""
+    owners = _owners.get(cache_key, set())
+    owners.discard(owner)
+    if not owners:
+        _owners.pop(cache_key, None)
+        _constants.pop(cache_key, None)

@@ -3,6 +3,7 @@
 the engine or the torch bridge fails here rather than on a cluster, and the
 result must equal the host path's bit for bit (same kernels underneath)."""
 import contextlib
+import gc
 import importlib.util
 
 import numpy as np
@@ -327,16 +328,30 @@ def test_the_embedding_checks_of_the_first_factor_step_read_the_device_once(capl
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_a_sweep_over_convolution_widths_keeps_no_gather_index_on_the_device():
+def test_a_convolution_gather_index_is_shared_by_its_shape_and_freed_with_its_last_block():
     """The channel-major gather index of a convolution's ``A`` (as large as the packed factor)
-    goes with its block: blocks of many widths, each used and dropped, leave nothing in the
-    process-wide table of device constants."""
+    is uploaded once for the blocks of one shape and goes with the last of them: blocks of many
+    widths, each used and dropped, leave nothing in the table of device constants."""
     rng = np.random.default_rng(7)
     before = set(arrays._constants)
+
+    def used(channels: int, name: str) -> ConvBlock:
+        block = ConvBlock(name, channels, 3, (3, 3), (1, 1), (1, 1), (1, 1), True)
+        a = rng.standard_normal((2, channels, 5, 5))
+        want = block.a_factor(a, packed=True)
+        np.testing.assert_array_equal(block.a_factor(standin.to_device(a), packed=True).get(), want)
+        return block
+
     with standin.installed():
+        first, second = used(4, "first"), used(4, "second")
+        assert len(set(arrays._constants) - before) == 1  # one upload for both
+        del first
+        gc.collect()
+        assert len(set(arrays._constants) - before) == 1  # the second still uses it
+        del second
+        gc.collect()
+        assert set(arrays._constants) == before
         for channels in range(2, 12):
-            block = ConvBlock(f"conv{channels}", channels, 3, (3, 3), (1, 1), (1, 1), (1, 1), True)
-            a = rng.standard_normal((2, channels, 5, 5))
-            want = block.a_factor(a, packed=True)
-            np.testing.assert_array_equal(block.a_factor(standin.to_device(a), packed=True).get(), want)
+            used(channels, f"conv{channels}")
+        gc.collect()
     assert set(arrays._constants) == before

@@ -92,12 +92,12 @@ def _channel_major(channels: int, volume: int, bias: bool, packed: bool) -> np.n
 
 
 def channel_major(factor: Array, channels: int, volume: int, bias: bool, packed: bool,
-                  cache: dict[tuple, Any] | None = None) -> Array:
+                  owner: object | None = None) -> Array:
     """``factor`` (dense or packed, over kernel-major columns) over channel-major columns
-    (``cache``: where a device keeps the gather index, ``arrays.constant``)."""
+    (``owner``: the object whose life a device's gather index follows, ``arrays.constant``)."""
     xp = array_module(factor)
     index = arrays.constant(_channel_major(channels, volume, bias, packed), xp,
-                            ("channel major", channels, volume, bias, packed), cache)
+                            ("channel major", channels, volume, bias, packed), owner)
     if packed:
         return xp.take(factor, index)
     return xp.take(xp.take(factor, index, axis=0), index, axis=1)
@@ -108,12 +108,6 @@ class SpatialKronBlock(KronBlock):
     the input shape check, the output-gradient rows, the positions ``|T|``, ``A`` from
     kernel-major patches and, on the CPU, ``G`` without a channels-last copy. Subclasses
     give the spatial ``output_size`` of an input size and the im2col ``input_rows``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The gather index of ``a_factor`` on a device, as large as the packed factor: kept by
-        # the block, so that it goes when the block does.
-        self._device_constants: dict[tuple, Any] = {}
 
     @abc.abstractmethod
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
@@ -128,8 +122,9 @@ class SpatialKronBlock(KronBlock):
             return super().a_factor(a, scale, packed=packed)
         rows = self.input_rows(a, ones=self.has_bias, kernel_major=True)
         factor = ops.accumulate_factor(rows, scale, packed=packed)
-        return channel_major(factor, (self.d_A - self.has_bias) // volume, volume, self.has_bias, packed,
-                             self._device_constants)
+        # On a device the gather index (as large as the packed factor) is shared by the blocks of
+        # one shape and freed with the last of them.
+        return channel_major(factor, (self.d_A - self.has_bias) // volume, volume, self.has_bias, packed, self)
 
     def add_input(self, stats: Array, a: Array) -> tuple[int, ...]:
         """Add ``a``'s ``A`` to ``stats``; return the output's spatial size, which
