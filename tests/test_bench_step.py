@@ -4,8 +4,9 @@ import json
 import re
 
 import pytest
+import torch
 
-from hpckfac.bench import step
+from hpckfac.bench import profile, step
 
 
 def test_step_benchmark_writes_results_and_profiles(tmp_path, capsys):
@@ -102,3 +103,20 @@ def test_means_cover_whole_update_periods(tmp_path, monkeypatch, capsys):
     assert kfac["median_ms"] == pytest.approx(2.0) and kfac["median_vs_sgd"] == pytest.approx(2.0)
     assert (rows["kfac_10_100"]["period"], rows["kfac_10_100"]["mean_steps"]) == (100, 12)
     assert "kfac_10_100: --steps 12 is under one update period (100 steps)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["acc_events_if_known", "without_acc_events"])
+def test_profile_counts_every_operator_call_with_and_without_acc_events(monkeypatch, keep):
+    """The operator table counts each call of every profiled step, whether or not ``acc_events``
+    is passed: torch before 2.5 has no such option, and the profile is taken without it."""
+    if not keep:
+        monkeypatch.setattr(profile, "_KEEP_EVENTS", {})
+    a = torch.randn(8, 8)
+
+    def one_step():
+        for _ in range(3):
+            torch.mm(a, a)
+
+    report = profile.profile_steps(one_step, 2, cuda=False, sync=lambda: None)
+    rows = [line.split() for line in report.splitlines() if line.split()[:1] == ["aten::mm"]]
+    assert len(rows) == 1 and rows[0][-1] == "6"  # 2 steps of 3 products

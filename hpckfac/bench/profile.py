@@ -10,6 +10,7 @@ launches: compare the device's busy time with the wall time.
 from __future__ import annotations
 
 import cProfile
+import inspect
 import io
 import pstats
 import time
@@ -20,13 +21,17 @@ from torch.profiler import ProfilerActivity, profile
 
 ROWS = 25
 
+# acc_events=True (torch >= 2.5) has the events processed when the profiler stops rather than at
+# their first read; an older torch has no such option and always processes them when it stops.
+_KEEP_EVENTS = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
+
 
 def profile_steps(step: Callable[[], None], steps: int, cuda: bool, sync: Callable[[], None]) -> str:
     """A text report of ``steps`` calls of ``step`` (``sync`` waits for the device)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
     start = time.perf_counter()
-    with profile(activities=activities, acc_events=True) as prof:
+    with profile(activities=activities, **_KEEP_EVENTS) as prof:
         for _ in range(steps):
             step()
         sync()
