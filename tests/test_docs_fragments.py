@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from torch_features import import_transformers, needs_amp_grad_scaler
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -70,7 +72,7 @@ def _losses(model, precond, steps=3, shape=(16, 8), classes=2):
 
 
 def test_registering_gpt2_conv1d():
-    pytest.importorskip("transformers")
+    import_transformers()
     from hpckfac.torch import KFACPreconditioner
 
     scope = {}
@@ -103,6 +105,7 @@ def test_binding_the_device_block():
     assert next(scope["model"].parameters()).device.type == expected
 
 
+@needs_amp_grad_scaler
 def test_mixed_precision_block():
     """As the doc shows it, on a GPU; without one, GradScaler("cuda") and autocast("cuda")
     disable themselves (with a warning) and the same lines run in float32."""

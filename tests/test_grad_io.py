@@ -10,8 +10,9 @@ from hpckfac.torch.registry import block_for, block_params
 
 MODULES = [nn.Linear(5, 3), nn.Linear(4, 2, bias=False), nn.Conv2d(4, 6, 3, groups=2), nn.Conv1d(3, 2, 2, bias=False),
            nn.ConvTranspose2d(4, 2, 3, groups=2), nn.BatchNorm2d(3), nn.LayerNorm((2, 3)), nn.GroupNorm(2, 4),
-           nn.InstanceNorm2d(3, affine=True), nn.RMSNorm((2, 3)), nn.Embedding(7, 3), nn.PReLU(3),
-           nn.PReLU()]
+           nn.InstanceNorm2d(3, affine=True), nn.Embedding(7, 3), nn.PReLU(3), nn.PReLU()]
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    MODULES.append(nn.RMSNorm((2, 3)))
 
 
 def blocks_and_params(modules):

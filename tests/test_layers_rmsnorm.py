@@ -14,6 +14,9 @@ from hpckfac.layers import LayerNormBlock, RMSNormBlock
 from hpckfac.torch import KFACPreconditioner
 from hpckfac.torch.bridge import to_array
 from hpckfac.torch.registry import block_for
+from torch_features import needs_rmsnorm
+
+pytestmark = needs_rmsnorm
 
 
 def weighted_module(normalized, eps, seed):

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet
 from hpckfac.torch import KFACPreconditioner
+from torch_features import needs_amp_grad_scaler
 
 OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_interval=3, kl_clip=1e-2)
 
@@ -327,6 +328,7 @@ def test_bf16_autocast_is_finite_and_close_to_fp32(comm):
     assert rel(pre16, pre32) <= 2 * rel(raw16, raw32) and rel(pre16, pre32) < 0.5
 
 
+@needs_amp_grad_scaler
 def test_grad_scaler_scale_is_undone_in_the_factors(comm):
     model, data = model_and_data()
     x, y = data[0]
@@ -347,6 +349,7 @@ def test_grad_scaler_scale_is_undone_in_the_factors(comm):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
+@needs_amp_grad_scaler
 @pytest.mark.parametrize("kl_clip", [1e-2, None])
 def test_a_float16_buffer_overflow_makes_the_scaler_skip_the_step(comm, kl_clip):
     """Finite float32 gradients beyond 65504 become inf in a float16 buffer (factor_dtype), after
@@ -372,6 +375,7 @@ def test_a_float16_buffer_overflow_makes_the_scaler_skip_the_step(comm, kl_clip)
     assert scaler.get_scale() == 0.5
 
 
+@needs_amp_grad_scaler
 def test_a_step_without_unscale_raises_naming_it(comm):
     """With an enabled GradScaler, step() before scaler.unscale_(optimizer) would precondition
     gradients still multiplied by the scale: the KL clip shrinks the step by that factor (65536
@@ -756,6 +760,7 @@ def test_a_load_drops_the_statistics_of_micro_batches_taken_before_it(comm, capl
         assert torch.equal(after_state["blocks"][name]["factors"], block["factors"]), name
 
 
+@needs_amp_grad_scaler
 def test_a_load_forgets_the_grad_scalers_scale_read_before_it(comm):
     """The GradScaler's scale is read once per step, in the first backward: one read before a
     load (whose script then restores the scaler's saved state, another scale) is not the scale

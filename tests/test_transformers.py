@@ -1,7 +1,6 @@
 """Hugging Face models: every parameter of a BERT preconditioned (Linear layers on token
 sequences, LayerNorm, word/position/token-type embeddings) and trained with finite updates;
 GPT-2's Conv1D layers preconditioned once registered, its tied embedding/head kept first-order."""
-import pytest
 import torch
 from mpi4py import MPI
 from torch import nn
@@ -9,8 +8,9 @@ from torch import nn
 from hpckfac.comm import Communicator
 from hpckfac.layers import LinearBlock
 from hpckfac.torch import KFACPreconditioner, register_layer, registry
+from torch_features import import_transformers
 
-transformers = pytest.importorskip("transformers")
+transformers = import_transformers()
 
 
 def comm():

@@ -6,6 +6,9 @@ import torch
 from torch import nn
 
 from hpckfac.torch import KFACPreconditioner
+from torch_features import needs_amp_grad_scaler
+
+pytestmark = needs_amp_grad_scaler
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and CuPy)")
