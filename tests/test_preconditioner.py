@@ -2326,18 +2326,29 @@ def test_a_compiled_model_runs_the_hooks_eagerly_and_takes_the_eager_statistics(
         np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
-def test_hooks_run_on_a_torch_without_torch_compiler_is_compiling(monkeypatch):
+@pytest.mark.parametrize("tracing", [False, True])
+def test_hooks_run_on_a_torch_without_torch_compiler_is_compiling(monkeypatch, tracing):
     """torch 2.1 and 2.2 (setup.py takes torch >= 2.1) have no ``torch.compiler.is_compiling``:
-    a hook asks dynamo's own instead of failing in every K-FAC layer's forward. (The hook is
-    called directly: newer torch's own module calls need the attribute.)"""
-    import torch._dynamo  # noqa: F401  (here, it imports torch.compiler.is_compiling)
+    a hook asks ``torch._utils.is_compiling``, which their dynamo reads as True while it traces,
+    and runs as itself outside compilation, through ``torch.compiler.disable`` inside it. (The
+    hook is called directly, with that function answering as inside a trace or outside one:
+    newer torch's own module calls need the attribute, and its ``torch._utils.is_compiling``
+    asks it.)"""
     from hpckfac.torch.hooks import _eager
 
-    monkeypatch.delattr(torch.compiler, "is_compiling")
-    monkeypatch.setattr(torch._dynamo, "is_compiling", lambda: False)  # 2.1's does not ask torch.compiler
+    monkeypatch.delattr(torch.compiler, "is_compiling", raising=False)
+    monkeypatch.setattr(torch._utils, "is_compiling", lambda: tracing)
+    disabled = []
+    monkeypatch.setattr(torch.compiler, "disable", lambda fn: disabled.append(fn) or fn)
     calls = []
-    hook = _eager(lambda *args: calls.append(args) or "out")
+
+    def body(*args):
+        calls.append(args)
+        return "out"
+
+    hook = _eager(body)
     assert hook(1, 2) == "out" and calls == [(1, 2)]
+    assert disabled == ([body] if tracing else [])
 
 
 def test_layers_dropped_in_changing_sets_are_named_once_each(comm, caplog):

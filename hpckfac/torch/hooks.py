@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 import threading
 import weakref
 from typing import Any, Callable, ContextManager, Sequence
@@ -188,25 +187,20 @@ def _eager(hook: Callable) -> Callable:
     wrapper is made at the first call under compilation: making it imports dynamo, seconds of
     start-up (and a storm of file reads on a parallel file system) a run that never compiles
     need not pay."""
-    # torch.compiler.is_compiling is torch >= 2.3; before, dynamo's own.
-    compiling = getattr(torch.compiler, "is_compiling", None)
+    # torch.compiler.is_compiling is torch >= 2.3. Before, torch._utils.is_compiling, which dynamo
+    # also reads as True while it traces, without importing dynamo: a check it cannot trace breaks
+    # the graph, and dynamo then traces the rest of this function, the hook included.
+    compiling = getattr(torch.compiler, "is_compiling", None) or torch._utils.is_compiling
     disabled = None
 
     def run(*args):
         nonlocal disabled
-        if not (compiling() if compiling is not None else _dynamo_compiling()):
+        if not compiling():
             return hook(*args)
         if disabled is None:
             disabled = torch.compiler.disable(hook)
         return disabled(*args)
     return run
-
-
-def _dynamo_compiling() -> bool:
-    """Dynamo's own ``is_compiling``, for torch before 2.3 (nothing compiles before dynamo is
-    imported)."""
-    dynamo = sys.modules.get("torch._dynamo")
-    return dynamo is not None and dynamo.is_compiling()
 
 
 def _input_name(module: nn.Module) -> str | None:
