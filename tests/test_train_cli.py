@@ -13,7 +13,10 @@ from test_multirank import mpiexec
 
 PNG = b"\x89PNG\r\n\x1a\n"
 RECORD_KEYS = {"step", "epoch", "loss", "train_acc", "test_loss", "test_acc", "wall", "lr"}
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+# Other libraries' notices off, so that stderr holds hpckfac's lines: torch before 2.2 imports
+# transformers, where installed, at its first optimizer (through torch.onnx), and transformers 5
+# then prints two lines about that torch being too old for it.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
 
 
 def train(args, ranks=None, timeout=300, cwd=None):

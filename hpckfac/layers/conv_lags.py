@@ -76,7 +76,8 @@ def _read_view(x: np.ndarray) -> torch.Tensor:
     bits = x.dtype.name == "bfloat16"  # ml_dtypes' bfloat16, which torch.from_numpy does not know
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        tensor = torch.from_numpy(x.view(np.uint16) if bits else x)
+        # The bits as int16, not uint16: torch.from_numpy takes uint16 only from torch 2.3 on.
+        tensor = torch.from_numpy(x.view(np.int16) if bits else x)
     return tensor.view(torch.bfloat16) if bits else tensor
 
 
