@@ -115,12 +115,16 @@ def constant(host: np.ndarray, xp: Any, key: Hashable, owner: object | None = No
     if xp is np:
         return host
     cache_key = (key, xp.__name__, xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None)
-    if cache_key not in _constants:
-        _constants[cache_key] = xp.asarray(host)
-    if owner is not None and id(owner) not in _owners.setdefault(cache_key, set()):
-        _owners[cache_key].add(id(owner))
+    upload = _constants.get(cache_key)
+    if upload is None:
+        upload = xp.asarray(host)
+    if owner is not None and id(owner) not in _owners.get(cache_key, ()):
+        _owners.setdefault(cache_key, set()).add(id(owner))
         weakref.finalize(owner, _release, cache_key, id(owner)).atexit = False
-    return _constants[cache_key]
+    # Stored after the owner is noted, from the local reference: a collection at any allocation
+    # above may have released the last earlier owner, and with it the table's entry.
+    _constants[cache_key] = upload
+    return upload
 
 
 def _release(cache_key: tuple, owner: int) -> None:

@@ -356,3 +356,40 @@ def test_a_convolution_gather_index_is_shared_by_its_shape_and_freed_with_its_la
             used(channels, f"conv{channels}")
         gc.collect()
     assert set(arrays._constants) == before
+
+
+def test_a_collection_while_a_new_block_takes_a_shared_gather_index_keeps_the_index():
+    """The last earlier owner of an upload may be collected at any allocation, also while
+    ``arrays.constant`` notes a new owner of the same key: the new owner still gets the index
+    (the same values as the host's), shared, until it is collected itself."""
+    class Owner:
+        pass
+
+    class CollectingOwners(dict):
+        # A garbage collection at the point where noting a new owner allocates.
+        def setdefault(self, *args):
+            gc.collect()
+            return super().setdefault(*args)
+
+    host = np.arange(6, dtype=np.int32)
+    key = ("a test's index", 6)
+    gc.collect()  # no other test's garbage for the collection below to release
+    with standin.installed():
+        gone = Owner()
+        gone.cycle = gone  # freed by the collector only
+        arrays.constant(host, standin.xp, key, gone)
+        del gone
+        plain = arrays._owners
+        arrays._owners = CollectingOwners(plain)
+        try:
+            new = Owner()
+            got = arrays.constant(host, standin.xp, key, new)
+        finally:
+            plain.clear()
+            plain.update(arrays._owners)
+            arrays._owners = plain
+        np.testing.assert_array_equal(got.get(), host)
+        assert arrays.constant(host, standin.xp, key) is got  # still kept, not uploaded again
+        del new
+        gc.collect()
+        assert not any(cache_key[0] == key for cache_key in arrays._constants)
