@@ -162,3 +162,31 @@ def test_a_sweep_on_one_on_change_communicator_keeps_no_dropped_preconditioners_
 
     first = run(0)
     assert [run(seed) for seed in range(1, 6)] == [first] * 5
+
+
+@pytest.mark.mpi
+def test_a_dropped_preconditioner_takes_only_its_own_agreed_calls_along():
+    """Ranks collect garbage at different times, so a live preconditioner's agreed calls must not
+    go with another's: a rank that forgot them would run the agreement check where the others
+    skip it. Dropping one of two keeps the other's entries as they were and leaves none of the
+    dropped one's number."""
+    import gc
+
+    from hpckfac.comm import Communicator
+
+    comm = Communicator(check_agreement="on_change")
+    if comm.size == 1:
+        pytest.skip("one rank has nothing to agree with")
+    models = [make_model(seed) for seed in (0, 1)]
+    preconds = [KFACPreconditioner(m, comm=comm, damping=DAMPING, lr=LR, kl_clip=KL_CLIP) for m in models]
+    x, y = shard(comm, *global_batch(0, 0))
+    for i in (0, 1):
+        nn.functional.cross_entropy(models[i](x), y).backward()
+        preconds[i].step()
+    kept, dropped = (p.engine.instance for p in preconds)
+    mine = {sig for sig in comm._agreed if sig.instance == kept}
+    assert mine and any(sig.instance == dropped for sig in comm._agreed)
+    del models[1], preconds[1]
+    gc.collect()
+    assert {sig for sig in comm._agreed if sig.instance == kept} == mine
+    assert not any(sig.instance == dropped for sig in comm._agreed)
