@@ -2372,6 +2372,28 @@ def test_layers_dropped_in_changing_sets_are_named_once_each(comm, caplog):
     assert warned[-1] == warned[2]
 
 
+def test_layers_in_eval_mode_in_changing_sets_are_named_once_each(comm, caplog):
+    """Layers put in eval() inside a training model, another set at each step, are named once per
+    layer: neither a warning nor a noted key per set."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4) for _ in range(3)]
+    model = nn.Sequential(*layers)
+    precond = KFACPreconditioner(model, comm=comm)
+    warned = []
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for step in range(12):
+            model.train()
+            for i in (step % 3, (step + 1) % 3):
+                layers[i].eval()
+            model(torch.randn(2, 4)).sum().backward()
+            precond.step()
+            warned.append(set(precond._warned))
+    named = [r.getMessage() for r in caplog.records if "in eval() mode" in r.getMessage()]
+    assert [m.split(";")[0] for m in named] == ["K-FAC layers in eval() mode at step 0: 0, 1",
+                                                "K-FAC layers in eval() mode at step 1: 2"]
+    assert warned[-1] == warned[2]
+
+
 def test_a_layer_in_eval_mode_inside_a_training_model_is_named_as_such(caplog):
     """A BatchNorm put in eval() while the rest trains (fine-tuning) takes no statistics: the
     warning says eval() mode, not that the layer was not called; without a KL clip its gradient
