@@ -53,6 +53,25 @@ def test_narrow_inputs_accumulate_in_float32(dtype, method, autocast):
     np.testing.assert_allclose(got, exact[np.triu_indices(len(exact))], rtol=2e-5, atol=2e-4)
 
 
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+def test_bfloat16_inputs_on_a_torch_without_uint16_arrays(monkeypatch, method):
+    """torch before 2.3 (setup.py takes 2.1) refuses a uint16 array in ``torch.from_numpy``: a
+    bfloat16 input is read through int16 bits there, with the same factor as a float64 Gram of
+    its values."""
+    from_numpy = torch.from_numpy
+
+    def old_from_numpy(a):
+        if a.dtype == np.uint16:
+            raise TypeError("can't convert np.ndarray of type numpy.uint16")
+        return from_numpy(a)
+
+    monkeypatch.setattr(torch, "from_numpy", old_from_numpy)
+    x = (np.random.default_rng(6).standard_normal((4, 16, 8, 8)) * 3).astype(ml_dtypes.bfloat16)
+    got = lagged_a_factor(x, (3, 3), (1, 1), (1, 1), True, 0.25, packed=True, method=method)
+    exact = patch_factor(x.astype(np.float64), (3, 3), (1, 1), (1, 1), True, 0.25)
+    np.testing.assert_allclose(got, exact[np.triu_indices(len(exact))], rtol=2e-5, atol=2e-4)
+
+
 def test_conv_block_takes_the_lags_where_they_pay(monkeypatch):
     calls = []
     monkeypatch.setattr("hpckfac.layers.conv.lagged_a_factor",
