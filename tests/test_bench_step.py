@@ -1,5 +1,6 @@
 """``python -m hpckfac.bench step`` end to end on a tiny ResNet: the table's configurations and
 ratios in the JSON, and the profile report of every configuration."""
+import importlib
 import json
 import re
 
@@ -118,5 +119,29 @@ def test_profile_counts_every_operator_call_with_and_without_acc_events(monkeypa
             torch.mm(a, a)
 
     report = profile.profile_steps(one_step, 2, cuda=False, sync=lambda: None)
+    rows = [line.split() for line in report.splitlines() if line.split()[:1] == ["aten::mm"]]
+    assert len(rows) == 1 and rows[0][-1] == "6"  # 2 steps of 3 products
+
+
+def test_the_profile_leaves_acc_events_out_on_a_torch_without_it(monkeypatch):
+    """Where ``torch.profiler.profile`` takes no ``acc_events`` (torch before 2.5) the module does
+    not pass it, and the operator table still counts every call of every profiled step."""
+    class OldProfile(torch.profiler.profile):
+        def __init__(self, *, activities=None):  # the keywords profile_steps needs, acc_events not among them
+            super().__init__(activities=activities)
+
+    monkeypatch.setattr(torch.profiler, "profile", OldProfile)
+    try:
+        old = importlib.reload(profile)
+        a = torch.randn(8, 8)
+
+        def one_step():
+            for _ in range(3):
+                torch.mm(a, a)
+
+        report = old.profile_steps(one_step, 2, cuda=False, sync=lambda: None)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(profile)
     rows = [line.split() for line in report.splitlines() if line.split()[:1] == ["aten::mm"]]
     assert len(rows) == 1 and rows[0][-1] == "6"  # 2 steps of 3 products
