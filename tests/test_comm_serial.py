@@ -204,6 +204,8 @@ def test_wait_notice_setting(monkeypatch, caplog, value, seconds):
     lambda g: [g[2:], g[::-1]],  # a reversed view of the whole
     lambda g: [g.reshape(2, 6)[:, 1:4], g[8:10]],  # a block of a 2-D view and a run inside it
     lambda g: [g[::3], g[6:7]],  # a strided view and one element it holds
+    lambda g: [g[:3], g[::-1]],  # a reversed view, whose first element is the last in memory
+    lambda g: [g[0:6], g[5:9]],  # runs sharing one element, the last of the first
 ])
 def test_overlapping_views_in_allreduce_many_are_refused(comm, pick):
     grad = np.random.default_rng(43).standard_normal(12)
