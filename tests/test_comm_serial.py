@@ -1,5 +1,7 @@
 """hpckfac.comm in a world of one process (plain ``python``/``pytest``, no mpiexec):
 properties, in-place semantics, and argument validation."""
+import pickle
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -238,6 +240,9 @@ def test_check_same_fallback_takes_nan_as_equal():
         a = {"x": values, "y": tuple(values), "z": {str(i): v for i, v in enumerate(values)}}
         b = {"z": {str(i): values[i] for i in reversed(range(5))}, "y": tuple(values), "x": list(values)}
         assert _same(a, b) and _same(values, list(values)) and _same(np.float64("nan"), float("nan"))
+        # Another rank's value arrives unpickled: its NaNs are other objects, which == inside a
+        # dict or list does not take as equal (it tries identity first).
+        assert _same(a, pickle.loads(pickle.dumps(b))) and _same(values, pickle.loads(pickle.dumps(values)))
         assert _same(np.float32("nan"), np.float32("nan")) and _same([np.float16("nan")], [float("nan")])
         want = all(np.isnan(u) and np.isnan(v) or u == v for u, v in zip(values, shuffled))
         assert _same(values, shuffled) == want
