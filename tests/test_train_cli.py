@@ -171,6 +171,21 @@ def test_batch_that_does_not_split_over_ranks():
         proc.stderr
 
 
+@pytest.mark.parametrize("damage", ["none", "corrupt"])
+def test_resume_alone_without_a_readable_checkpoint_names_it_at_any_rank_count(tmp_path, damage):
+    """``--resume DIR`` alone takes the run's settings from its checkpoint; with none readable
+    the defaults stay in their place, and the default global batch of 128 does not split over
+    3 ranks: the error must name the checkpoint, not that batch."""
+    if damage == "corrupt":
+        (tmp_path / "step_00000002.pt").write_bytes(os.urandom(3000))
+    proc = train(["--resume", tmp_path, "--no-progress"], ranks=3)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    expected = ("is corrupt or unreadable" if damage == "corrupt"
+                else f"--resume: no step_*.pt checkpoint in {tmp_path} or {tmp_path / 'checkpoints'}")
+    assert len(lines) == 1 and lines[0].startswith("hpckfac train: error: ") and expected in lines[0], proc.stderr
+
+
 def test_bad_log_level_is_one_warning():
     """(A model too large for memory is refused up front: ``huge_width`` above.)"""
     proc = subprocess.run([sys.executable, "-m", "hpckfac", "train", "--steps", "1", "--batch-size", "32",

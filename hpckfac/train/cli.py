@@ -127,8 +127,8 @@ def _resumed_settings(path: str, explicit: set[str], settings: dict) -> tuple[di
     """The run's own settings from its checkpoint, for every setting not given on the
     command line, so that ``--resume DIR`` alone continues the run as it was started, and
     why none could be read (None when they were). A missing or unreadable checkpoint is
-    reported later, with the run's other checks, unless only some ranks can read it
-    (``_settings_disagree``)."""
+    reported by ``_settings_disagree``, before any other check: the settings then left at
+    their defaults are not the run's, and an error about one of them would hide the cause."""
     from hpckfac.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
     try:
@@ -149,13 +149,15 @@ def _settings_disagree(config: TrainConfig, unreadable: str | None) -> str | Non
     settings (``--out`` and ``--data`` may be other paths on other nodes, but given on all
     or none), or they call the setup's collectives a different number of times and wait
     forever. With ``--resume`` they differ when only some ranks can read the checkpoint
-    (a path on a node-local disk): that rank's reason is the message. A collective of
-    ``COMM_WORLD``, before anything else is communicated."""
+    (a path on a node-local disk): that rank's reason is the message; when no rank can
+    read it, rank 0's reason (``unreadable``), since the defaults taken in place of the
+    checkpoint's settings (``--batch-size 128`` at 3 ranks, say) would fail first and
+    mislead. A collective of ``COMM_WORLD``, before anything else is communicated."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     if world.Get_size() == 1:
-        return None
+        return None if unreadable is None else _cli_message(ValueError(unreadable))
     mine = {key: repr(bool(value) if key in ("out", "data") else value)  # repr: a NaN equals itself
             for key, value in config.as_dict().items() if key not in _LOCAL_SETTINGS}
     everyone = world.allgather((mine, unreadable))
@@ -168,6 +170,8 @@ def _settings_disagree(config: TrainConfig, unreadable: str | None) -> str | Non
         key = next(k for k in mine if theirs.get(k) != everyone[0][0].get(k))
         return (f"the ranks were started with different settings: --{key.replace('_', '-')} is "
                 f"{everyone[0][0].get(key)} on rank 0, {theirs.get(key)} on rank {rank}")
+    if all(reason is not None for _, reason in everyone):
+        return _cli_message(ValueError(everyone[0][1]))
     return None
 
 
