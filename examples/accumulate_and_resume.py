@@ -59,7 +59,7 @@ def main() -> None:
 
     model, optimizer, precond = build(device, comm, args.micro)
     train(model, optimizer, precond, range(half), comm, args.micro, device)
-    buffer = io.BytesIO()  # a file on rank 0 in a real job: torch.save(state, path) there only
+    buffer = io.BytesIO()  # a file on rank 0 in a real job, written there only (README: atomic_write)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "preconditioner": precond.state_dict()}, buffer)   # state_dict(): on every rank
     train(model, optimizer, precond, range(half, args.steps), comm, args.micro, device)

@@ -19,6 +19,7 @@ from torch import nn
 
 from hpckfac.comm import Communicator
 from hpckfac.torch import KFACPreconditioner, bind_device, broadcast_parameters, sync_batchnorm_stats
+from hpckfac.train.files import atomic_write
 
 
 def make_data(n: int, seed: int):
@@ -90,7 +91,8 @@ def main() -> None:
              "preconditioner": precond.state_dict()}  # collective: every rank calls it
     if comm.rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        torch.save(state, os.path.join(args.out, "checkpoint.pt"))
+        # A temporary file renamed over the old one: a job killed mid-save keeps the previous file.
+        atomic_write(os.path.join(args.out, "checkpoint.pt"), lambda fh: torch.save(state, fh), binary=True)
         print(f"test accuracy {accuracy:.3f}; checkpoint in {args.out}/checkpoint.pt")
 
 

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -79,8 +80,9 @@ def test_the_commands_of_the_examples_docstrings_give_options_they_have():
     assert not problems, problems
 
 
-def test_the_readme_snippet_runs_at_two_ranks(tmp_path):
-    """The README's "Using it in your training script" block, with a model and data filled in."""
+def _readme_script(tmp_path, extra=""):
+    """The README's "Using it in your training script" block, with a model and data filled in
+    (and ``extra`` run before it), as ``tmp_path/train.py``."""
     readme = open(os.path.join(os.path.dirname(EXAMPLES), "README.md"), encoding="utf-8").read()
     snippet = re.search(r"```python\n(import torch\nfrom torch.utils.data.*?)```", readme, re.S).group(1)
     setup = ("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
@@ -90,8 +92,43 @@ def test_the_readme_snippet_runs_at_two_ranks(tmp_path):
              "def MyModel():\n"
              "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),\n"
              "                         nn.Flatten(), nn.Linear(512, 4))\n")
-    (tmp_path / "train.py").write_text(setup + snippet)
-    proc = subprocess.run([*mpiexec(), "-n", "2", sys.executable, "train.py"], capture_output=True, text=True,
+    (tmp_path / "train.py").write_text(setup + extra + snippet)
+    return subprocess.run([*mpiexec(), "-n", "2", sys.executable, "train.py"], capture_output=True, text=True,
                           timeout=300, env=ENV, cwd=tmp_path)
+
+
+def test_the_readme_snippet_runs_at_two_ranks(tmp_path):
+    proc = _readme_script(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "checkpoint.pt").is_file() and "total" in proc.stdout
+
+
+def test_the_readme_snippet_killed_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    """Rank 0 killed (SIGKILL: nothing runs after it) halfway through the README's save: the
+    checkpoint of an earlier job is still there, whole, and loads; the half-written bytes are
+    in a temporary file beside it, which ``verify_checksums`` refuses."""
+    import torch
+
+    from hpckfac.train.checkpoint import verify_checksums
+
+    torch.save({"step": 7}, tmp_path / "checkpoint.pt")
+    previous = (tmp_path / "checkpoint.pt").read_bytes()
+    # torch.save, as the README calls it, cut off halfway by a kill of its process.
+    extra = ("import io, os, signal\n"
+             "_save = torch.save\n"
+             "def _killed_halfway(obj, f, *args, **kwargs):\n"
+             "    buffer = io.BytesIO()\n"
+             "    _save(obj, buffer)\n"
+             "    fh = open(f, 'wb') if isinstance(f, (str, os.PathLike)) else f\n"
+             "    fh.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])\n"
+             "    fh.flush()\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n"
+             "torch.save = _killed_halfway\n")
+    proc = _readme_script(tmp_path, extra)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert (tmp_path / "checkpoint.pt").read_bytes() == previous
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True) == {"step": 7}
+    torn = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert len(torn) == 1 and torn[0].startswith(".checkpoint.pt."), os.listdir(tmp_path)
+    with pytest.raises(zipfile.BadZipFile):
+        verify_checksums(tmp_path / torn[0])

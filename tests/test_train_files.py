@@ -80,6 +80,35 @@ def test_any_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
             load_checkpoint(str(path))
 
 
+def test_verify_checksums_refuses_what_torch_load_reads_as_other_weights(tmp_path):
+    """A training script's own ``torch.save`` file (the README's pattern): one flipped bit in a
+    tensor's bytes loads silently as another value, a file cut short fails in torch's words;
+    ``verify_checksums`` refuses both as ``zipfile.BadZipFile``."""
+    import zipfile
+
+    import torch
+
+    from hpckfac.train.checkpoint import verify_checksums
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {"w": torch.arange(256.0)}}, path)
+    verify_checksums(path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename)
+    local = data[member.header_offset:member.header_offset + 30]
+    start = member.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    data[start + 8] ^= 0x01
+    path.write_bytes(bytes(data))
+    loaded = torch.load(path, weights_only=True)["model"]["w"]
+    assert not torch.equal(loaded, torch.arange(256.0))  # why the checksums must be read
+    with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
+        verify_checksums(path)
+    path.write_bytes(bytes(data[:len(data) // 2]))
+    with pytest.raises(zipfile.BadZipFile, match="not a zip file"):
+        verify_checksums(path)
+
+
 def test_keep_only_the_newest_checkpoints(tmp_path):
     import subprocess
     import sys

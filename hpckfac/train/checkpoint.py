@@ -97,10 +97,12 @@ def find_checkpoint(path: str) -> str:
     raise CheckpointError(f"resume: no step_*.pt checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
 
 
-def _verify_checksums(path: str) -> None:
-    """Read every member of the zip archive ``torch.save`` wrote, which raises
-    ``zipfile.BadZipFile`` for one whose bytes differ from the CRC-32 recorded at writing:
-    ``torch.load`` does not compare them, so damaged tensor data would load as other weights.
+def verify_checksums(path: str) -> None:
+    """Read every member of the zip archive ``torch.save`` wrote to ``path``, which raises
+    ``zipfile.BadZipFile`` for one whose bytes differ from the CRC-32 recorded at writing, and
+    for a file cut short (``File is not a zip file``): ``torch.load`` does not compare them, so
+    damaged tensor data would load as other weights. Any ``torch.save`` file, a training
+    script's own checkpoint too (README, "Using it in your training script").
     Members written without a checksum (CRC 0, after ``torch.serialization.set_crc32_options(False)``)
     are not checked."""
     with zipfile.ZipFile(path) as archive:
@@ -113,9 +115,9 @@ def _verify_checksums(path: str) -> None:
 
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Read and check the structure of a checkpoint written by ``save_checkpoint``
-    (its checksums first: ``_verify_checksums``)."""
+    (its checksums first: ``verify_checksums``)."""
     try:
-        _verify_checksums(path)
+        verify_checksums(path)
         with warnings.catch_warnings():  # torch warns about the "protocol" of arbitrary bytes
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
