@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Callable
+
+# The exit status of a Unix tool that SIGPIPE ended: 128 + 13.
+BROKEN_PIPE_STATUS = 141
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -15,8 +20,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def quiet_on_broken_pipe(run: Callable[[], int]) -> int:
+    """``run()``'s exit status; when the reader of stdout goes away first (``hpckfac ... | head``),
+    ``BROKEN_PIPE_STATUS`` and nothing on stderr, as a Unix tool ends, instead of a traceback."""
+    try:
+        status = run()
+        sys.stdout.flush()  # here, not in the interpreter's exit, whose failure would print
+        return status
+    except BrokenPipeError:
+        # Python's own flush at exit would fail again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``hpckfac <command> [args]`` to the command's own ``main``."""
+    return quiet_on_broken_pipe(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str] | None) -> int:
+    """``main``'s work: the usage, or the command's own ``main`` with the remaining arguments."""
     from hpckfac.bench.__main__ import BENCHMARKS  # a dict of names: imports nothing heavy
 
     argv = list(sys.argv[1:] if argv is None else argv)

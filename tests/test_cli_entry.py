@@ -137,3 +137,23 @@ def test_bad_sizes_are_refused_by_their_flag_before_anything_is_built(argv, caps
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m hpckfac.bench step: error: ") and argv[1] in err[-1]
+
+
+@pytest.mark.parametrize("argv", [["-m", "hpckfac", "--help"], ["-m", "hpckfac.bench", "--help"],
+                                  ["-m", "hpckfac", "train", "--steps", "2", "--batch-size", "16", "--no-progress"]])
+def test_a_closed_stdout_ends_quietly(argv):
+    """``hpckfac ... | head``: the reader of stdout gone before the first line, the command ends
+    with the status of a Unix tool ended by SIGPIPE and says nothing on stderr. (argparse's
+    ``--help`` of a command ignores the failed write itself and exits 0.)"""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # closed before the command starts: its first write fails, whatever the timing
+    try:
+        done = subprocess.run([sys.executable, *argv], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")

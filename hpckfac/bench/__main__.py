@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
     module = importlib.import_module(f"hpckfac.bench.{argv[0]}")
     try:
         return int(module.main(argv[1:], prog=f"{prog} {argv[0]}") or 0)
+    except BrokenPipeError:
+        raise  # stdout's reader went away: no error of the benchmark's (hpckfac.cli.quiet_on_broken_pipe)
     except (ValueError, OSError, MemoryError, RuntimeError) as exc:
         # A bad argument, an unreadable file or sizes too large for the machine are the user's
         # to fix: one line, no traceback. In a job of several ranks the error may be this rank's
@@ -68,4 +70,6 @@ def _rank_0() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hpckfac.cli import quiet_on_broken_pipe
+
+    sys.exit(quiet_on_broken_pipe(main))

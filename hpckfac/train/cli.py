@@ -180,6 +180,8 @@ def _rank_failure(comm, exc: BaseException) -> int:
     (``MPI_Abort`` with several ranks, so that no rank waits forever); returns 1."""
     from hpckfac.comm.abort import abort_job
 
+    if isinstance(exc, BrokenPipeError) and comm.size == 1:
+        raise exc  # stdout's reader went away (`| head`): the entry point ends quietly
     cause = _cli_message(exc)
     if not isinstance(exc, (OSError, ValueError)) and str(exc).strip():  # a bare "'test_acc'" names nothing
         cause = f"{type(exc).__name__}: {cause}"
