@@ -6,8 +6,9 @@ import os
 import sys
 from typing import Callable
 
-# The exit status of a Unix tool that SIGPIPE ended: 128 + 13.
+# The exit statuses of a Unix tool that SIGPIPE (128 + 13) or SIGINT (128 + 2) ended.
 BROKEN_PIPE_STATUS = 141
+INTERRUPTED_STATUS = 130
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -20,9 +21,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def quiet_on_broken_pipe(run: Callable[[], int]) -> int:
-    """``run()``'s exit status; when the reader of stdout goes away first (``hpckfac ... | head``),
-    ``BROKEN_PIPE_STATUS`` and nothing on stderr, as a Unix tool ends, instead of a traceback."""
+def exit_status(run: Callable[[], int], prog: str) -> int:
+    """``run()``'s exit status, ending as a Unix tool ends where the user ends it: when the
+    reader of stdout goes away first (``hpckfac ... | head``), ``BROKEN_PIPE_STATUS`` and nothing
+    on stderr; on Ctrl-C outside the training loop (which reports it itself: while torch loads,
+    say), one line and ``INTERRUPTED_STATUS``; a traceback in neither case."""
     try:
         status = run()
         sys.stdout.flush()  # here, not in the interpreter's exit, whose failure would print
@@ -31,11 +34,14 @@ def quiet_on_broken_pipe(run: Callable[[], int]) -> int:
         # Python's own flush at exit would fail again on the closed pipe.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE_STATUS
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``hpckfac <command> [args]`` to the command's own ``main``."""
-    return quiet_on_broken_pipe(lambda: _dispatch(argv))
+    return exit_status(lambda: _dispatch(argv), "hpckfac")
 
 
 def _dispatch(argv: list[str] | None) -> int:

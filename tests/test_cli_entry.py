@@ -157,3 +157,13 @@ def test_a_closed_stdout_ends_quietly(argv):
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
+    """Ctrl-C while the command starts (torch loading, say): one line and 130, no traceback."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert cli.exit_status(interrupted, "hpckfac") == cli.INTERRUPTED_STATUS == 130
+    assert capsys.readouterr().err == "hpckfac: interrupted\n"
+    assert cli.exit_status(lambda: 3, "hpckfac") == 3

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
     try:
         return int(module.main(argv[1:], prog=f"{prog} {argv[0]}") or 0)
     except BrokenPipeError:
-        raise  # stdout's reader went away: no error of the benchmark's (hpckfac.cli.quiet_on_broken_pipe)
+        raise  # stdout's reader went away: no error of the benchmark's (hpckfac.cli.exit_status)
     except (ValueError, OSError, MemoryError, RuntimeError) as exc:
         # A bad argument, an unreadable file or sizes too large for the machine are the user's
         # to fix: one line, no traceback. In a job of several ranks the error may be this rank's
@@ -70,6 +70,6 @@ def _rank_0() -> bool:
 
 
 if __name__ == "__main__":
-    from hpckfac.cli import quiet_on_broken_pipe
+    from hpckfac.cli import exit_status
 
-    sys.exit(quiet_on_broken_pipe(main))
+    sys.exit(exit_status(main, "python -m hpckfac.bench"))
