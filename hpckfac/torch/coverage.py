@@ -9,6 +9,7 @@ module with parameters of its own gets a line saying which, the table that
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -98,12 +99,42 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
                  and not any(n == s or n.startswith(s + ".") for n in names)]
     if unmatched:  # most likely a typo: the layer meant is preconditioned after all
         note("skip_layers: no module is named %s (the model's names are those of "
-             "model.named_modules(), e.g. %s)", ", ".join(map(repr, unmatched)),
-             ", ".join(repr(n) for n in names[1:4]) or "none")
+             "model.named_modules(), e.g. %s)%s", ", ".join(map(repr, unmatched)),
+             ", ".join(repr(n) for n in names[1:4]) or "none", _unmatched_hints(model, unmatched))
     if not blocks:
         note("no layer of the model is preconditioned (see print(preconditioner) for why); every "
              "gradient is only averaged over ranks")
     return Coverage(modules, blocks, covered, rows)
+
+
+def _unmatched_hints(model: nn.Module, unmatched: list[str]) -> str:
+    """What the strings of ``skip_layers`` that name no module may have meant, as text to append
+    to the warning ("" when nothing fits): a string that is the class name of some of the model's
+    modules (pass the class itself), and one that, read as a regular expression searched in the
+    modules' names and class names, would match some (each is taken as one exact name)."""
+    named = [(name, type(module).__name__) for name, module in model.named_modules() if name]
+    hints = []
+    for text in unmatched:
+        typed = [name for name, kind in named if kind == text]
+        if typed:
+            hints.append(f"{text!r} is the class name of {_some(typed)}: to skip every module of that type, "
+                         "pass the class itself (a string names one module)")
+            continue
+        try:
+            pattern = re.compile(text)
+        except re.error:
+            continue
+        found = [name for name, kind in named if pattern.search(name) or pattern.search(kind)]
+        if found:
+            hints.append(f"{text!r} read as a regular expression would match {_some(found)}: skip_layers takes "
+                         "exact module names (a name also skips its children) or module types, so list those")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """Up to ``shown`` of ``names`` quoted, and how many more."""
+    text = ", ".join(map(repr, names[:shown]))
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _tie_remedy(layers: dict[str, nn.Module]) -> str:

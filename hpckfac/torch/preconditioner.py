@@ -75,6 +75,26 @@ def _compiled_code_exists() -> bool:
         return True
 
 
+class EngineSetting:
+    """A class attribute of ``KFACPreconditioner`` for a setting its engine holds (``damping``,
+    ``factor_decay``, ``kl_clip`` and the two update intervals): reading it gives the engine's
+    value as given (a number, or the schedule for ``damping`` and ``factor_decay``), and an
+    assignment is checked at once (ValueError naming the setting, the old value kept) before it
+    reaches the engine. Without it, ``precond.damping = 0.1`` would make a new attribute that
+    nothing reads."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.engine, self._name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.engine, self._name, check_options(**{self._name: value})[self._name])
+
+
 def _refuse_renormalised_embeddings(model: nn.Module) -> None:
     """ValueError naming an ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm``, over several ranks.
 
@@ -142,6 +162,10 @@ class KFACPreconditioner(UsageChecks):
     CuPy buffers on the same GPU for a CUDA model (CuPy required), sharing
     memory with the tensors (zero-copy views) and running on torch's current
     stream. ``hpckfac.torch.bind_device`` picks each rank's GPU.
+
+    Between steps, ``lr``, ``damping``, ``factor_decay``, ``kl_clip``, the two update intervals,
+    ``accumulation_steps`` and ``statistics_fraction`` may be reassigned on the preconditioner
+    (each checked when assigned); ``current_settings()`` gives this step's values as numbers.
     """
 
     # Settings users reassign between steps, checked when assigned: accumulation_steps 0 would
@@ -149,6 +173,12 @@ class KFACPreconditioner(UsageChecks):
     lr = CheckedOption(check_options)
     accumulation_steps = CheckedOption(check_options)
     statistics_fraction = CheckedOption(check_options)
+    # The engine's settings, read and assigned here as there (``precond.engine.damping``).
+    damping = EngineSetting()
+    factor_decay = EngineSetting()
+    kl_clip = EngineSetting()
+    factor_update_interval = EngineSetting()
+    inverse_update_interval = EngineSetting()
 
     def __init__(self, model: nn.Module, *, lr: float | Callable[[int], float] = DEFAULTS["lr"],
                  damping: float | Callable[[int], float] = DEFAULTS["damping"],
@@ -620,6 +650,13 @@ class KFACPreconditioner(UsageChecks):
         if not (math.isfinite(value) and value >= 0.0):
             raise ValueError(f"lr: expected a finite number >= 0 at step {self.engine.steps}, got {lr!r}")
         return value
+
+    def current_settings(self) -> dict[str, float | None]:
+        """This step's ``lr``, ``damping``, ``factor_decay`` and ``kl_clip`` as numbers (a
+        schedule evaluated at ``steps``; ``kl_clip`` None when the clip is off), e.g. to log
+        them; ValueError naming a setting whose value is invalid at this step, as ``step()``
+        would raise."""
+        return {"lr": self.current_lr(), **self.engine.current_settings()}
 
     def _kept_tensor(self, buffer) -> torch.Tensor:
         """The torch view of one of the engine's buffers, made once: it keeps its send buffers

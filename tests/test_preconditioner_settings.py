@@ -1,0 +1,97 @@
+"""The engine's settings read and assigned through the preconditioner (``precond.damping``,
+``.factor_decay``, ``.kl_clip`` and the update intervals), ``current_settings()``, and the
+warning for ``skip_layers`` strings that name no module but a class, or match as a pattern."""
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from hpckfac.comm import Communicator
+from hpckfac.torch import KFACPreconditioner
+
+
+@pytest.fixture
+def comm():
+    return Communicator(MPI.COMM_SELF)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def one_step(model, precond):
+    """One step on a fixed batch; the preconditioned gradients written into ``.grad``."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    precond.step()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_damping_assigned_on_the_preconditioner_is_the_engines_and_acts(comm):
+    built = mlp()
+    want = one_step(built, KFACPreconditioner(built, comm=comm, damping=0.5, kl_clip=None))
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, damping=1e-2, kl_clip=None)
+    precond.damping = 0.5
+    assert precond.damping == 0.5 == precond.engine.damping and "damping" not in vars(precond)
+    got = one_step(model, precond)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    other = mlp()
+    unchanged = one_step(other, KFACPreconditioner(other, comm=comm, damping=1e-2, kl_clip=None))
+    assert not torch.allclose(got[0], unchanged[0])  # the assignment changed the step
+
+
+def test_kl_clip_and_intervals_assigned_on_the_preconditioner(comm):
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, lr=1.0, kl_clip=1e-2)
+    precond.kl_clip = 1e-8
+    one_step(model, precond)
+    assert precond.last_nu < 1.0
+    precond.kl_clip = None
+    assert precond.engine.kl_clip is None
+    one_step(model, precond)
+    assert precond.last_nu == 1.0
+    precond.inverse_update_interval = 3
+    precond.factor_update_interval = 2
+    assert precond.engine.inverse_update_interval == 3 and precond.engine.factor_update_interval == 2
+    assert precond.steps == 2 and precond.engine.is_factor_step() and not precond.engine.is_inverse_step()
+
+
+@pytest.mark.parametrize("name,value", [("damping", -1.0), ("factor_decay", 1.0), ("kl_clip", lambda step: 1e-3),
+                                        ("factor_update_interval", 0), ("inverse_update_interval", 2.5)])
+def test_a_bad_value_assigned_is_named_at_once_and_the_old_one_kept(comm, name, value):
+    precond = KFACPreconditioner(mlp(), comm=comm)
+    before = getattr(precond, name)
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        setattr(precond, name, value)
+    assert getattr(precond, name) == before == getattr(precond.engine, name)
+
+
+def test_current_settings_evaluates_the_schedules_at_the_step(comm):
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm, lr=lambda step: 0.1 * (step + 1),
+                                 damping=lambda step: 1e-2 / (step + 1), factor_decay=0.9, kl_clip=0)
+    assert callable(precond.damping)
+    assert precond.current_settings() == {"lr": 0.1, "damping": 1e-2, "factor_decay": 0.9, "kl_clip": None}
+    one_step(model, precond)
+    settings = precond.current_settings()
+    assert settings["lr"] == pytest.approx(0.2) and settings["damping"] == pytest.approx(5e-3)
+
+
+def test_skip_layers_given_class_names_or_patterns_say_what_they_would_match(comm, caplog):
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond = KFACPreconditioner(mlp(), comm=comm, skip_layers=["Linear", "^[02]$", "fc9"])
+    text = caplog.text
+    assert "'Linear' is the class name of '0', '2': to skip every module of that type, pass the class itself" in text
+    assert "'^[02]$' read as a regular expression would match '0', '2'" in text
+    assert "'fc9' read as" not in text  # a plain typo gets no hint
+    assert [b.name for b in precond.engine.blocks] == ["0", "2"]  # nothing was skipped
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        skipped = KFACPreconditioner(mlp(), comm=comm, skip_layers=[nn.Linear])
+    assert skipped.engine.blocks == [] and "skip_layers: no module" not in caplog.text
