@@ -52,6 +52,17 @@ def test_accumulation_and_resume(ranks):
     assert "resumed run matches the uninterrupted one: True" in out
 
 
+def test_kfac_pytorch_port(tmp_path):
+    out = run("kfac_pytorch_port.py", "--out", tmp_path, "--kfac-skip-layers", "BatchNorm2d")
+    accuracy = float(re.search(r"test accuracy ([0-9.]+)", out).group(1))
+    assert accuracy > 0.9  # chance is 0.25
+    losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
+    assert losses[-1] < losses[0]
+    assert "BatchNorm2d  first-order: in skip_layers" in out and out.count("K-FAC (A") == 3
+    assert re.findall(r"damping ([0-9.]+)", out) == ["0.0300"] * 3 + ["0.0150"]  # halved at epoch 3
+    assert "resumes at step 64" in out and (tmp_path / "checkpoint.pt").is_file()
+
+
 def test_huggingface_gpt2():
     import_transformers()
     out = run("huggingface_gpt2.py")
