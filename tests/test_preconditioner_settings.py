@@ -95,3 +95,18 @@ def test_skip_layers_given_class_names_or_patterns_say_what_they_would_match(com
     with caplog.at_level("WARNING", logger="hpckfac"):
         skipped = KFACPreconditioner(mlp(), comm=comm, skip_layers=[nn.Linear])
     assert skipped.engine.blocks == [] and "skip_layers: no module" not in caplog.text
+
+
+@pytest.mark.parametrize("name", ["kl_clip", "factor_update_interval", "inverse_update_interval"])
+def test_a_schedule_for_a_setting_that_takes_none_says_how_to_change_it(comm, name):
+    """Other K-FAC libraries take a callable of the step for these; here each is a value, changed
+    by assignment between steps, and the refusal says so, at construction and on assignment."""
+    schedule = lambda step: 1  # noqa: E731
+    with pytest.raises(ValueError, match=rf"^{name}: expected .*, not a schedule \(got <lambda>\); to change it "
+                                         rf"during training, assign a new value between steps \(precond\.{name} = "):
+        KFACPreconditioner(mlp(), comm=comm, **{name: schedule})
+    precond = KFACPreconditioner(mlp(), comm=comm)
+    before = getattr(precond, name)
+    with pytest.raises(ValueError, match="not a schedule"):
+        setattr(precond, name, schedule)
+    assert getattr(precond, name) == before

@@ -129,11 +129,30 @@ STEP_CHECKS: dict[str, Callable[[Any], Any]] = {"damping": _damping, "factor_dec
 # The step options that may be schedules (callables of the step); kl_clip is a number or None
 # (a callable one would also leave an unsaveable state_dict()).
 SCHEDULED = ("damping", "factor_decay")
+
+
+def _unscheduled(name: str, kind: str, check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``check`` for option ``name``, which takes ``kind``, not a schedule: a callable (a
+    schedule, as other K-FAC libraries take for it) is refused with a ValueError that says so and
+    how to change the value during training, rather than the check's "expected a number"."""
+
+    def checked(value: Any) -> Any:
+        if callable(value):
+            raise ValueError(f"{name}: expected {kind}, not a schedule (got {_label(value)}); to change it "
+                             f"during training, assign a new value between steps (precond.{name} = value, "
+                             "checked when assigned)")
+        return check(value)
+
+    return checked
+
+
 CHECKS: dict[str, Callable[[Any], Any]] = {
     **{name: _scheduled(name, STEP_CHECKS[name]) for name in SCHEDULED},
-    "factor_update_interval": lambda v: check_integer(v, "factor_update_interval", 1),
-    "inverse_update_interval": lambda v: check_integer(v, "inverse_update_interval", 1),
-    "kl_clip": _kl_clip,
+    "factor_update_interval": _unscheduled("factor_update_interval", "an integer >= 1",
+                                           lambda v: check_integer(v, "factor_update_interval", 1)),
+    "inverse_update_interval": _unscheduled("inverse_update_interval", "an integer >= 1",
+                                            lambda v: check_integer(v, "inverse_update_interval", 1)),
+    "kl_clip": _unscheduled("kl_clip", "a number > 0, or None or 0 for no clip", _kl_clip),
     "assignment": _assignment,
     "factor_dtype": _factor_dtype,
 }
