@@ -110,3 +110,20 @@ def test_a_schedule_for_a_setting_that_takes_none_says_how_to_change_it(comm, na
     with pytest.raises(ValueError, match="not a schedule"):
         setattr(precond, name, schedule)
     assert getattr(precond, name) == before
+
+
+def test_a_kfac_pytorch_state_dict_is_named_as_such(comm):
+    """The keys kfac-pytorch's KFACPreconditioner.state_dict() returns: the refusal says what to
+    do instead, and the preconditioner is left as it was."""
+    model = mlp()
+    precond = KFACPreconditioner(model, comm=comm)
+    one_step(model, precond)
+    peer = {"steps": 3, "factor_update_steps": 1, "inv_update_steps": 10, "damping": 1e-3, "factor_decay": 0.95,
+            "kl_clip": 1e-3, "lr": 0.1, "layers": {"0": {"A": torch.eye(6), "G": torch.eye(4)}}}
+    with pytest.raises(ValueError, match=r"^state: not a preconditioner's state_dict\(\): no hyperparameters, blocks "
+                                         r".*these are the keys of kfac-pytorch's state_dict\(\).*start afresh"):
+        precond.load_state_dict(peer)
+    assert precond.steps == 1
+    with pytest.raises(ValueError) as other:
+        precond.load_state_dict({"steps": 3, "layers": {}})
+    assert "kfac-pytorch" not in str(other.value)

@@ -61,8 +61,13 @@ def check_state_keys(state: Any) -> None:
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         keys = sorted(str(k) for k in state)
+        # kfac-pytorch's state_dict() has these (its factors per layer under "layers").
+        peer = {"layers", "factor_update_steps", "inv_update_steps"} <= set(state)
         raise ValueError(f"state: not a preconditioner's state_dict(): no {', '.join(missing)} (its keys: "
-                         f"{', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})")
+                         f"{', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" +
+                         ("; these are the keys of kfac-pytorch's state_dict(), whose factors are scaled "
+                          "otherwise and which holds no inverses: restore the model and optimizer from that "
+                          "checkpoint and let this preconditioner start afresh (docs/migrating.md)" if peer else ""))
     for key in ("hyperparameters", "blocks"):
         if not isinstance(state[key], dict):
             raise ValueError(f"state: {key} must be a dict, got {type(state[key]).__name__}")
