@@ -146,8 +146,8 @@ def resnet50(num_classes: int = 1000) -> ResNet50:
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm causal self-attention and a GELU MLP (``4 * width`` hidden), each added to
-    its input. The attention projections are ``nn.Linear`` modules of their own, which K-FAC
-    preconditions (``nn.MultiheadAttention`` reads its output projection's weight directly)."""
+    its input. The attention projections are ``nn.Linear`` modules of their own (query, key,
+    value and output), each its own K-FAC block."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()

@@ -10,7 +10,8 @@ from hpckfac.torch.registry import block_for, block_params
 
 MODULES = [nn.Linear(5, 3), nn.Linear(4, 2, bias=False), nn.Conv2d(4, 6, 3, groups=2), nn.Conv1d(3, 2, 2, bias=False),
            nn.ConvTranspose2d(4, 2, 3, groups=2), nn.BatchNorm2d(3), nn.LayerNorm((2, 3)), nn.GroupNorm(2, 4),
-           nn.InstanceNorm2d(3, affine=True), nn.Embedding(7, 3), nn.PReLU(3), nn.PReLU()]
+           nn.InstanceNorm2d(3, affine=True), nn.Embedding(7, 3), nn.PReLU(3), nn.PReLU(),
+           nn.MultiheadAttention(4, 2), nn.MultiheadAttention(4, 2, bias=False)]  # their in_proj_weight/bias
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     MODULES.append(nn.RMSNorm((2, 3)))
 

@@ -621,8 +621,9 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     assert "K-FAC (2 groups of A 19x19, G 2x2)" in lines["4"]
     assert "K-FAC (1 slope, 1x1)" in lines["5"]
     assert "first-order: in skip_layers" in lines["7"]
-    attention = repr(KFACPreconditioner(nn.MultiheadAttention(4, 2), comm=Communicator(MPI.COMM_SELF)))
-    assert "first-order: no curvature block for this type (averaged only: in_proj_weight, in_proj_bias)" in attention
+    rnn = repr(KFACPreconditioner(nn.GRU(2, 2), comm=Communicator(MPI.COMM_SELF)))
+    assert ("first-order: no curvature block for this type (averaged only: weight_ih_l0, weight_hh_l0, bias_ih_l0, "
+            "bias_hh_l0)") in rnn
     # "same" at stride 1 with an odd kernel is plain symmetric padding: the factors match padding=1.
     x = torch.randn(3, 2, 5, 5)
     blocks = [KFACPreconditioner(nn.Sequential(nn.Conv2d(2, 4, 3, padding=p)), comm=Communicator(MPI.COMM_SELF))

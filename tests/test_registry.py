@@ -265,8 +265,9 @@ def test_positions_shared_by_the_batch_give_per_example_statistics():
 
 
 def test_attention_and_unused_layers_are_named(caplog):
-    """MultiheadAttention's out_proj is used through its weight only: first-order with the reason; a
-    K-FAC layer the forward never calls is named once in a warning."""
+    """MultiheadAttention's in-projection and out_proj, applied inside its forward rather than
+    called as modules, are K-FAC layers that get statistics; a K-FAC layer the forward never
+    calls is named once in a warning."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -280,7 +281,7 @@ def test_attention_and_unused_layers_are_named(caplog):
     with caplog.at_level("WARNING", logger="hpckfac"):
         precond = KFACPreconditioner(net, comm=comm())
         lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
-        assert "first-order: nn.MultiheadAttention uses this projection" in lines["attn.out_proj"]
+        assert "K-FAC (A 5x5, G 12x12)" in lines["attn"] and "K-FAC (A 5x5, G 4x4)" in lines["attn.out_proj"]
         for _ in range(2):
             net(torch.randn(3, 5, 4)).sum().backward()
             precond.step()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from hpckfac.layers import CurvatureBlock
+from hpckfac.torch.attention import CROSS_ATTENTION, cross_attention_layers
 from hpckfac.torch.registry import block_for, block_params
 
 
@@ -40,6 +41,7 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
     for trainable complex parameters averaged first-order, which the collectives cannot carry."""
     candidates = []  # (name, module, block) of every module a block could cover
     status: dict[str, str] = {}
+    cross = cross_attention_layers(model)
     for name, module in model.named_modules():
         if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             raise ValueError(f"model: layer {name} ({type(module).__name__}) has sparse=True; its sparse "
@@ -50,6 +52,9 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
             if own:
                 status[name] = "first-order: in skip_layers"
             continue
+        if id(module) in cross:  # its in_proj; its out_proj is a module of its own
+            status[name] = f"first-order: {CROSS_ATTENTION}"
+            continue
         try:
             block = block_for(name, module)
         except ValueError as exc:
@@ -57,7 +62,7 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
             status[name] = f"first-order: {exc}"
             continue
         if block is None:
-            if own:  # name the parameters: nn.MultiheadAttention's in_proj_weight is easy to miss
+            if own:  # name the parameters: an nn.LSTM's weight_ih_l0 and the like are easy to miss
                 names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
                 status[name] = f"first-order: no curvature block for this type (averaged only: {names})"
             continue

@@ -20,6 +20,13 @@ Inside ``recomputing()`` (activation checkpointing's recomputation, through
 module it was registered on only (``OwnedHook``): a deep copy of the model (an EMA or
 ``AveragedModel`` copy) carries the hook along but is not seen.
 
+An ``nn.MultiheadAttention`` applies its projections inside one function call, not as module
+calls: its hooks enter a ``ProjectionTap`` (``hpckfac.torch.attention``) for the length of the
+call, which hands each projection's input and output to the same callbacks as a module's hook
+would, batch-first (``on_input(..., batch_first=True)``). Under ``torch.compile`` these hooks do
+nothing (the attention runs as compiled code, where a mode entered by a hook has no place): its
+projections take no statistics.
+
 A module marked ``broadcast`` whose input has batch size 1 while the
 micro-batch has more examples returns its output expanded to the micro-batch
 (a view with the same values) and reports the input expanded the same way, so
@@ -36,6 +43,11 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
+
+from hpckfac.log import get_logger
+from hpckfac.torch.attention import Projection, ProjectionTap
+
+_log = get_logger("hpckfac.torch")
 
 # Per thread: the autograd engine may run a backward, and so a recomputation, on a thread of its own.
 _recompute = threading.local()
@@ -94,22 +106,37 @@ class CaptureHooks:
     While the caller sets ``quiet``, calls that take no statistics skip ``on_input``
     as well: it says that until it is cleared such a call would change nothing
     ``on_input`` keeps (the examples of the pass already counted).
+
+    ``attention``: ``(name, layer, weights)`` of each ``nn.MultiheadAttention`` whose projections
+    are among ``modules`` (``hpckfac.torch.attention.attention_taps``), ``weights`` mapping the id
+    of each such projection's weight to its index; such a layer gets a tap, not the module hook.
     """
 
     def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
-                 broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[int], bool]) -> None:
+                 broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[int], bool],
+                 attention: Sequence[tuple[str, nn.MultiheadAttention, dict[int, int]]] = ()) -> None:
         self.quiet = False
+        self._on_input, self._on_output_grad, self._capturing = on_input, on_output_grad, capturing
+        self._micro_batch = micro_batch
+        # Attention layers are seen through their tap only: their own call's input is the query,
+        # its output a tuple, neither the in-projection's.
+        tapped = {id(layer) for _, layer, _ in attention}
         self.handles = [module.register_forward_hook(OwnedHook(module, self._forward(
-                            index, on_input, on_output_grad, broadcast[index], micro_batch, capturing,
-                            _input_name(module))), with_kwargs=True)
-                        for index, module in enumerate(modules)]
+                            index, broadcast[index], _input_name(module))), with_kwargs=True)
+                        for index, module in enumerate(modules) if id(module) not in tapped]
+        self._open = threading.local()  # per thread, the taps entered and not yet left
+        self._told: set[int] = set()  # the attention layers a warning named as called for cross-attention
+        for name, layer, weights in attention:
+            self.handles.append(layer.register_forward_pre_hook(
+                OwnedHook(layer, self._enter(name, weights), compiled=False), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(OwnedHook(layer, self._leave, compiled=False),
+                                                            with_kwargs=True, always_call=True))
 
-    def _forward(self, index: int, on_input: InputCallback, on_output_grad: GradCallback, broadcast: bool,
-                 micro_batch: Callable[[], int], capturing: Callable[[int], bool], input_name: str | None):
+    def _forward(self, index: int, broadcast: bool, input_name: str | None):
         def hook(module: nn.Module, args, kwargs, output):
             # Most calls first: a quiet pass that takes no statistics, its input present, returns
             # None whatever the mode (1.5 -> 0.7 us per call, measured alone; once per layer per forward).
-            if self.quiet and (args or input_name in kwargs) and not capturing(index):
+            if self.quiet and (args or input_name in kwargs) and not self._capturing(index):
                 return None
             if not counts_call(module):
                 return None
@@ -120,20 +147,65 @@ class CaptureHooks:
             else:
                 raise TypeError(f"K-FAC layer {type(module).__name__} was called without its input "
                                 f"(expected it as the first argument{f' or {input_name}=' if input_name else ''})")
-            replaced = None
-            if not capturing(index):
-                if not self.quiet:  # quiet: this pass is counted already, on_input would do nothing
-                    on_input(index, a, output)
-                return None
-            batch = micro_batch()
-            if broadcast and isinstance(output, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 < batch:
-                a = a.expand(batch, *a.shape[1:])
-                output = replaced = output.expand(batch, *output.shape[1:])
-            token = on_input(index, a, output)
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda grad: on_output_grad(index, grad, token))
-            return replaced
+            return self._seen(index, a, output, broadcast)
         return hook
+
+    def _seen(self, index: int, a: torch.Tensor, output: Any, broadcast: bool = False,
+              batch_first: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
+        """Hand one call of K-FAC layer ``index`` to the callbacks; returns the output that replaces
+        the call's (a ``broadcast`` layer's batch-shared one, expanded), or None. ``batch_first``:
+        the view turning the output's gradient batch-first, ``a`` being batch-first already."""
+        layout = {} if batch_first is None else {"batch_first": True}
+        if not self._capturing(index):
+            if not self.quiet:  # quiet: this pass is counted already, on_input would do nothing
+                self._on_input(index, a, output, **layout)
+            return None
+        replaced = None
+        batch = self._micro_batch()
+        if broadcast and isinstance(output, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 < batch:
+            a = a.expand(batch, *a.shape[1:])
+            output = replaced = output.expand(batch, *output.shape[1:])
+        token = self._on_input(index, a, output, **layout)
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            on_output_grad, view = self._on_output_grad, batch_first or (lambda grad: grad)
+            output.register_hook(lambda grad: on_output_grad(index, view(grad), token))
+        return replaced
+
+    def _enter(self, name: str, weights: dict[int, int]):
+        """The pre-hook of an attention layer: enters its tap when the call is seen at all."""
+        def hook(module: nn.MultiheadAttention, args, kwargs):
+            if not counts_call(module) or self.quiet and not any(self._capturing(i) for i in weights.values()):
+                return None
+            query, key, value = (args[i] if len(args) > i else kwargs.get(n)
+                                 for i, n in enumerate(("query", "key", "value")))
+            if not isinstance(query, torch.Tensor):
+                return None
+            if not (query is key is value) and id(module.in_proj_weight) in weights \
+                    and id(module) not in self._told:
+                self._told.add(id(module))
+                _log.warning(f"attention layer {name or '(model)'} is called as cross-attention (query, key and "
+                             "value not one tensor), whose in-projection K-FAC does not model: such calls give "
+                             f"in_proj_weight no statistics (out_proj takes them); put {name!r} in "
+                             "skip_layers to keep the in-projection first-order")
+            tap = ProjectionTap(weights, query, module.batch_first, self._projection)
+            tap.__enter__()
+            self._stack().append((module, tap))
+            return None
+        return hook
+
+    def _leave(self, module: nn.Module, args, kwargs, output) -> None:
+        """The forward hook of an attention layer (also when its forward raised): leaves its tap."""
+        stack = self._stack()
+        if stack and stack[-1][0] is module:
+            stack.pop()[1].__exit__(None, None, None)
+
+    def _stack(self) -> list:
+        if not hasattr(self._open, "taps"):
+            self._open.taps = []
+        return self._open.taps
+
+    def _projection(self, call: Projection) -> None:
+        self._seen(call.index, call.a, call.output, batch_first=call.batch_first)
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
@@ -144,7 +216,8 @@ class CaptureHooks:
 
 class OwnedHook:
     """A module hook, ``hook(module, ...)``, that acts on calls of the module it was registered on
-    only, and runs as Python under ``torch.compile`` (``_eager``).
+    only, and runs as Python under ``torch.compile`` (``_eager``), or with ``compiled=False`` not
+    at all there (``_outside_compilation``).
 
     ``copy.deepcopy(model)`` (``torch.optim.swa_utils.AveragedModel``, an EMA or best-so-far copy)
     copies every module's hooks with it. A deep copy of this hook is the hook itself, not a copy of
@@ -153,9 +226,9 @@ class OwnedHook:
     be added to this one's. A pickled one (``torch.save(model)``) loads as a hook that does nothing.
     """
 
-    def __init__(self, module: nn.Module, hook: Callable) -> None:
+    def __init__(self, module: nn.Module, hook: Callable, compiled: bool = True) -> None:
         self._owner = weakref.ref(module)
-        self._run = _eager(hook)
+        self._run = _eager(hook) if compiled else _outside_compilation(hook)
 
     def __call__(self, module: nn.Module, *args: Any) -> Any:
         if module is not self._owner():
@@ -200,6 +273,16 @@ def _eager(hook: Callable) -> Callable:
         if disabled is None:
             disabled = torch.compiler.disable(hook)
         return disabled(*args)
+    return run
+
+
+def _outside_compilation(hook: Callable) -> Callable:
+    """``hook``, not run at all under ``torch.compile``: dynamo traces the check to nothing, with
+    neither a graph break nor a recompilation per hook."""
+    compiling = getattr(torch.compiler, "is_compiling", None) or torch._utils.is_compiling
+
+    def run(*args):
+        return None if compiling() else hook(*args)
     return run
 
 

@@ -31,6 +31,7 @@ from hpckfac.stages.engine import ITERATION_STAGES, KFACEngine, check_state_keys
 from hpckfac.stages.local_factors import LocalStatistics
 from hpckfac.stages.options import Assignment, CheckedOption, call_schedule
 from hpckfac.tables import format_table
+from hpckfac.torch.attention import attention_taps
 from hpckfac.torch.bridge import device_scope, namespace_for, to_array, to_tensor
 from hpckfac.torch.coverage import find_blocks
 from hpckfac.torch.device import model_device
@@ -279,7 +280,8 @@ class KFACPreconditioner(UsageChecks):
         self._take_over_layers()
         self._removed: str | None = None  # why the hooks were removed (remove_hooks), None while in place
         self._hooks = CaptureHooks(self.modules, self._on_input, self._on_output_grad,
-                                   self._broadcast, lambda: self._micro_batch, self._takes_statistics)
+                                   self._broadcast, lambda: self._micro_batch, self._takes_statistics,
+                                   attention_taps(self.modules, model))
         self._root_hook = model.register_forward_pre_hook(OwnedHook(model, self._on_model_input), with_kwargs=True)
         _HOOKED.add(self)  # once its hooks are in place: a later preconditioner may remove them
         self._discard_compiled_code()
@@ -437,7 +439,10 @@ class KFACPreconditioner(UsageChecks):
             scale /= self._scaler_scale
         return scale
 
-    def _on_input(self, index: int, a: torch.Tensor, output: Any = None) -> tuple[int, int, int] | None:
+    def _on_input(self, index: int, a: torch.Tensor, output: Any = None, batch_first: bool = False
+                  ) -> tuple[int, int, int, bool] | None:
+        """Take a call's input ``a`` (``batch_first``: known to be batch-first, as an attention
+        layer's projections hand it over); returns the token its output gradient comes with."""
         if a.dim() == 0:  # an Embedding takes one index without a batch axis; no rows to count
             raise ValueError(f"a: layer {self.engine.blocks[index].name} got a 0-d input: an unbatched input is "
                              "not supported (add a batch dimension)")
@@ -487,8 +492,8 @@ class KFACPreconditioner(UsageChecks):
         batch, sample = self._micro_batch, self._sample
         with device_scope(self.device):
             try:
-                call = self.local.add_inputs(index, to_array(self._sampled(index, self._batch_first(index, a, 0, batch),
-                                                                           batch, sample)),
+                a = a if batch_first else self._batch_first(index, a, 0, batch)
+                call = self.local.add_inputs(index, to_array(self._sampled(index, a, batch, sample)),
                                              output_size=self._output_size(index, output))
             except (ValueError, RuntimeError) as err:
                 self._raise_if_resized(index, err)
@@ -497,7 +502,7 @@ class KFACPreconditioner(UsageChecks):
         # The call's micro-batch goes with it to its output gradient: forwards of several sizes
         # may all run before one backward (two batches whose losses are added), and the later
         # forwards have changed the count by then.
-        return call, batch, sample
+        return call, batch, sample, batch_first
 
     def _output_size(self, index: int, output: Any) -> tuple[int, ...] | None:
         """The spatial size of a transposed convolution's output, which its ``A`` needs: a call
@@ -603,16 +608,16 @@ class KFACPreconditioner(UsageChecks):
         rows = int(t.shape[0])
         return t[:-(-rows * sample // batch)]
 
-    def _on_output_grad(self, index: int, g: torch.Tensor, token: tuple[int, int, int]) -> None:
+    def _on_output_grad(self, index: int, g: torch.Tensor, token: tuple[int, int, int, bool]) -> None:
         if not self.engine.is_factor_step():
             return
-        call, batch, sample = token  # from the call's forward (_on_input)
+        call, batch, sample, batch_first = token  # from the call's forward (_on_input)
         self._in_backward()
         if not self._replicas_checked:
             self._note_versions()
         start = time.perf_counter()
         scale = self._grad_scale(batch) ** 2
-        g = self._batch_first(index, g, 1, batch)
+        g = g if batch_first else self._batch_first(index, g, 1, batch)
         rows = int(g.shape[0])
         if self.engine.blocks[index].averages_positions and rows > batch > 0:
             # The micro-batch flattened to (batch * k, ...) rows: G averages each example's k rows
@@ -798,7 +803,8 @@ class KFACPreconditioner(UsageChecks):
         if missing:
             _log.warning(f"K-FAC layers without statistics at step "
                          f"{self.engine.steps}: {', '.join(missing)} (not called in this training forward on "
-                         "any rank, their weights used without calling them, or inside a "
+                         "any rank, their weights used without calling them, an nn.MultiheadAttention's "
+                         "projections run under torch.compile or in cross-attention, or inside a "
                          "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
                          "no gradient either); their running factors keep what earlier steps gave them, and a layer "
                          "with none yet has its gradient only averaged until it gets some (said once per layer)")

@@ -10,7 +10,10 @@ parent's builder unless it has its own. The block covers the module's
 
 Built in: ``Linear``, ``Conv1d/2d/3d`` (groups included), ``ConvTranspose1d/2d/3d``,
 ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm`` (torch >= 2.4), ``GroupNorm``,
-``InstanceNorm1d/2d/3d``, ``Embedding`` and ``PReLU``. A type of your own that computes one of these
+``InstanceNorm1d/2d/3d``, ``Embedding``, ``PReLU`` and ``MultiheadAttention`` (its packed
+``in_proj_weight``/``in_proj_bias`` as one ``E -> 3E`` Linear map on the query, taken from
+self-attention calls; its ``out_proj`` is a Linear, and ``hpckfac.torch.attention`` says how
+the hooks see both). A type of your own that computes one of these
 (Hugging Face's GPT-2 ``Conv1D`` is a Linear with an ``(in, out)`` weight) is one call::
 
     from hpckfac.layers import LinearBlock
@@ -155,11 +158,16 @@ def _linear(name: str, module: nn.Linear) -> LinearBlock:
     return LinearBlock(name, module.in_features, module.out_features, bias=module.bias is not None)
 
 
-def _attention_projection(name: str, module: nn.Linear) -> None:
-    # nn.MultiheadAttention reads its out_proj's weight directly and never calls its forward,
-    # so hooks would see nothing: first-order, with the reason in print(preconditioner).
-    raise ValueError("nn.MultiheadAttention uses this projection's weight without calling it, so no "
-                     "statistics can be captured")
+def _attention(name: str, module: nn.MultiheadAttention) -> LinearBlock:
+    """The in-projection of self-attention, one ``E -> 3E`` linear map on the query (its
+    ``out_proj`` is an ``nn.Linear`` of its own); the hooks see it through
+    ``hpckfac.torch.attention``."""
+    if not module._qkv_same_embed_dim:
+        raise ValueError("kdim/vdim differ from embed_dim: the query, key and value projections are separate "
+                         "weights (q_proj_weight, k_proj_weight, v_proj_weight) on inputs of other widths, "
+                         "which one Kronecker pair does not describe (out_proj is preconditioned)")
+    embed = module.embed_dim
+    return LinearBlock(name, embed, 3 * embed, bias=module.in_proj_bias is not None)
 
 
 def _conv(name: str, module: nn.modules.conv._ConvNd) -> ConvBlock:
@@ -225,4 +233,4 @@ for _type, _build in ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _con
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register_layer(nn.RMSNorm, _rmsnorm)
 register_layer(nn.Embedding, _embedding, broadcast_batch=True)
-register_layer(nn.modules.linear.NonDynamicallyQuantizableLinear, _attention_projection)
+register_layer(nn.MultiheadAttention, _attention, params=("in_proj_weight", "in_proj_bias"))

@@ -143,6 +143,26 @@ class SequenceFirstModel(nn.Module):
         return self.head(torch.tanh(self.fc(self.ln(h))).mean(0))
 
 
+class AttentionModel(nn.Module):
+    """An ``nn.TransformerEncoderLayer`` (its attention's in-projection and out_proj K-FAC blocks,
+    seen inside ``F.multi_head_attention_forward``) on the image as 9 tokens of 8 features,
+    batch-first or sequence-first, with a key padding mask from the data; a Linear head on the
+    mean token."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = x.reshape(x.shape[0], 9, 8)
+        padded = h[:, :, 0] > 1.0
+        padded[:, 0] = False
+        h = self.layer(h if self.batch_first else h.transpose(0, 1), src_key_padding_mask=padded)
+        return self.head((h if self.batch_first else h.transpose(0, 1)).mean(1))
+
+
 class BranchModel(nn.Module):
     """A Linear applied only to the examples whose first pixel exceeds 1 (about one in six), and not
     called at all on a micro-batch without one: some ranks' forwards skip it on a step where others'
@@ -297,6 +317,31 @@ def test_sequence_first_layers_equal_the_whole_batch(comm, device):
     dist, _ = check(SequenceFirstModel, (2, 6, 6), 4, comm, device, **options)
     np.testing.assert_allclose(dist, whole_batch(SequenceFirstModel, comm.size, **options), rtol=1e-9,
                                atol=1e-12)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+def test_attention_equals_one_process_and_the_whole_batch(comm, device, fraction, batch_first):
+    """nn.MultiheadAttention's two projection blocks (and the encoder layer's others) at P ranks
+    equal one process taking the P micro-batches, and, with every example's statistics, one
+    process taking the whole global batch in one pass."""
+    make = lambda: AttentionModel(batch_first)  # noqa: E731
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2,
+                   statistics_fraction=fraction)
+    dist, nus = check(make, (2, 6, 6), 4, comm, device, **options)
+    assert min(nus) < 1.0  # the KL clip was active
+    torch.manual_seed(0)
+    probe = KFACPreconditioner(make().double(), comm=Communicator(MPI.COMM_SELF))
+    assert len(probe.modules) == 7 and not probe.other_params  # self_attn, out_proj, 2 Linear, 2 LayerNorm, head
+    if fraction == 1.0:
+        np.testing.assert_allclose(dist, whole_batch(make, comm.size, **options), rtol=1e-9, atol=1e-12)
+    if device != "cpu":
+        host, host_nus = train(make, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
+        np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
+        np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
 
 
 @pytest.mark.mpi

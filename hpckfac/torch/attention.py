@@ -1,0 +1,148 @@
+"""What the hooks see of ``nn.MultiheadAttention``: its projections' inputs and outputs.
+
+``nn.MultiheadAttention`` hands its weights to ``F.multi_head_attention_forward``, which applies
+them with ``linear`` calls of its own: ``in_proj_weight`` (``E -> 3E``, the query, key and value
+rows) on the query, and ``out_proj.weight`` (``E -> E``) on the heads' outputs. Neither is a
+module call a hook could see. While an attention layer that takes statistics runs, a
+``ProjectionTap`` (a ``TorchFunctionMode``, entered and left by the layer's own hooks) sends its
+``F.multi_head_attention_forward`` call to that very function bound to a ``linear`` that also
+reports each projection (``tapped_attention``): the same code on the same tensors, so the same
+values and gradients. (A mode cannot just re-enter itself around the call: the function would
+hand itself to the mode again before running its body.)
+
+A self-attention call (query, key and value the same tensor) applies ``in_proj_weight`` whole to
+one input: one ``E -> 3E`` linear layer. A cross-attention call applies row-slices of it to two
+or three inputs (query rows on the query, key and value rows on the memory), which one Kronecker
+pair does not describe: no block is fed from such a call (``CROSS_ATTENTION``), and the
+``multihead_attn`` of an ``nn.TransformerDecoderLayer``, always one, keeps its in-projection
+first-order (``cross_attention_layers``). The output projection is the same map in both.
+"""
+from __future__ import annotations
+
+import threading
+import types
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+CROSS_ATTENTION = ("cross-attention (the decoder's attention on the memory): in_proj_weight's query rows "
+                   "act on the query and its key and value rows on the memory, which one Kronecker pair "
+                   "does not describe (out_proj is preconditioned)")
+
+# Per thread: the tap of the attention call running on it, which the tapped linear reports to.
+_active = threading.local()
+_tapped: Callable | None = None
+
+
+def tapped_attention() -> Callable:
+    """``F.multi_head_attention_forward`` (with the helpers it projects through) bound to a
+    ``linear`` that reports each call to the thread's active ``ProjectionTap``: new function
+    objects over torch's own code, with a copy of its module's names, so nothing of torch's is
+    changed and every other caller keeps the original."""
+    global _tapped
+    if _tapped is None:
+        names = dict(vars(F))
+        names["linear"] = _linear
+        for name in ("_in_projection_packed", "_in_projection", "multi_head_attention_forward"):
+            if name in names:
+                names[name] = _rebound(names[name], names)
+        _tapped = names["multi_head_attention_forward"]
+    return _tapped
+
+
+def _rebound(function: types.FunctionType, names: dict) -> types.FunctionType:
+    """``function`` with ``names`` as its module's globals."""
+    rebound = types.FunctionType(function.__code__, names, function.__name__, function.__defaults__,
+                                 function.__closure__)
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    return rebound
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    output = F.linear(input, weight, bias)
+    tap = getattr(_active, "tap", None)
+    if tap is not None:
+        tap.saw(input, weight, output)
+    return output
+
+
+class Projection(NamedTuple):
+    """A projection call as the statistics take it: the K-FAC block's index, its input
+    batch-first, its output, and the view that turns the output's gradient batch-first."""
+
+    index: int
+    a: torch.Tensor
+    output: torch.Tensor
+    batch_first: Callable[[torch.Tensor], torch.Tensor]
+
+
+class ProjectionTap(TorchFunctionMode):
+    """While entered, sends ``F.multi_head_attention_forward`` through ``tapped_attention`` and
+    hands each projection of the weights ``indices`` maps (by identity: a cross-attention call
+    projects through slices of ``in_proj_weight``, which match nothing) to ``report``.
+
+    ``query`` is the call's query as the layer got it: ``(T, B, E)``, ``(B, T, E)`` with
+    ``batch_first``, or unbatched ``(T, E)``, whose rows are then the examples, as for a Linear
+    layer called on it."""
+
+    def __init__(self, indices: dict[int, int], query: torch.Tensor, batch_first: bool,
+                 report: Callable[[Projection], None]) -> None:
+        super().__init__()
+        self.indices, self.report = indices, report
+        self.batched = query.dim() == 3
+        self.positions, self.batch = (query.shape[1], query.shape[0]) if batch_first and self.batched \
+            else (query.shape[0], query.shape[1] if self.batched else 1)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.multi_head_attention_forward:
+            return func(*args, **kwargs)
+        outer = getattr(_active, "tap", None)
+        _active.tap = self
+        try:
+            return tapped_attention()(*args, **kwargs)
+        finally:
+            _active.tap = outer
+
+    def saw(self, input: torch.Tensor, weight: torch.Tensor, output: torch.Tensor) -> None:
+        """Report a ``linear`` call of one of the tapped weights. Inside the attention function the
+        in-projection sees ``(T, B, E)`` and the out-projection ``(T * B, E)``, position-major."""
+        index = self.indices.get(id(weight))
+        if index is None:
+            return
+        if not self.batched:  # (T, 1, ...) or (T, ...): T rows, as a Linear layer on (T, E) sees them
+            flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+            self.report(Projection(index, flat(input), output, flat))
+            return
+        t, b = self.positions, self.batch
+        turn = lambda x: x.reshape(t, b, x.shape[-1]).transpose(0, 1)  # noqa: E731
+        self.report(Projection(index, turn(input), output, turn))
+
+
+def attention_taps(modules: list[nn.Module], model: nn.Module
+                   ) -> list[tuple[str, nn.MultiheadAttention, dict[int, int]]]:
+    """Each ``nn.MultiheadAttention`` of ``model`` one of whose projections is among the K-FAC
+    layers ``modules``: its name, the layer, and the ids of those projections' weights mapped to
+    their indices in ``modules``."""
+    index = {id(m): i for i, m in enumerate(modules)}
+    taps = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, nn.MultiheadAttention):
+            continue
+        weights = {}
+        if id(layer) in index and layer.in_proj_weight is not None:
+            weights[id(layer.in_proj_weight)] = index[id(layer)]
+        if id(layer.out_proj) in index:
+            weights[id(layer.out_proj.weight)] = index[id(layer.out_proj)]
+        if weights:
+            taps.append((name, layer, weights))
+    return taps
+
+
+def cross_attention_layers(model: nn.Module) -> set[int]:
+    """The ids of the ``nn.MultiheadAttention`` layers ``model`` uses as cross-attention by
+    construction: the ``multihead_attn`` of each ``nn.TransformerDecoderLayer``."""
+    return {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}

@@ -1,0 +1,313 @@
+"""``nn.MultiheadAttention`` preconditioned by K-FAC: its in-projection a Linear ``E -> 3E`` on the
+query, its ``out_proj`` a Linear ``E -> E``. The oracle is the same attention written out with
+``nn.Linear`` modules holding the same weights, whose factors and preconditioned gradients the
+attention layer's must equal in float64; and, for one example of one position, the exact
+Fisher ``vec(grad) vec(grad)^T`` of each projection."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hpckfac import ops
+from hpckfac.comm import Communicator
+from hpckfac.layers.kron import KronBlock
+from hpckfac.torch import KFACPreconditioner, checkpoint_context_fn
+
+E, HEADS, BATCH, TOKENS = 6, 2, 5, 4
+
+
+class ExplicitAttention(nn.Module):
+    """``nn.MultiheadAttention``'s self-attention (no dropout) with its projections as
+    ``nn.Linear`` modules: ``inp`` (E -> 3E: query, key, value rows) and ``out`` (E -> E), each
+    applied to the layout the layer gets, ``(B, T, E)`` with ``batch_first``, else ``(T, B, E)``."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        bias = attention.in_proj_bias is not None
+        self.batch_first, self.heads = attention.batch_first, attention.num_heads
+        dtype = attention.in_proj_weight.dtype
+        self.inp, self.out = nn.Linear(E, 3 * E, bias=bias, dtype=dtype), nn.Linear(E, E, bias=bias, dtype=dtype)
+        with torch.no_grad():
+            self.inp.weight.copy_(attention.in_proj_weight)
+            self.out.weight.copy_(attention.out_proj.weight)
+            if bias:
+                self.inp.bias.copy_(attention.in_proj_bias)
+                self.out.bias.copy_(attention.out_proj.bias)
+
+    def forward(self, x, key_padding_mask=None, attn_mask=None):
+        proj = self.inp(x)
+        proj = proj if self.batch_first else proj.transpose(0, 1)
+        b, t, _ = proj.shape
+        q, k, v = proj.view(b, t, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(E // self.heads)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
+        heads = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, E)
+        return self.out(heads if self.batch_first else heads.transpose(0, 1))
+
+
+class Net(nn.Module):
+    """Self-attention on a batch-first ``(B, T, E)`` input (turned sequence-first for a layer
+    without ``batch_first``) and a Linear head on the mean over positions."""
+
+    def __init__(self, attention: nn.Module, batch_first: bool, need_weights: bool = True,
+                 causal: bool = False) -> None:
+        super().__init__()
+        self.attn, self.batch_first, self.need_weights, self.causal = attention, batch_first, need_weights, causal
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, x, key_padding_mask=None):
+        # The mask made here, not passed: a (T, T) argument beside (B, T, E) would leave the
+        # micro-batch's size to a guess.
+        attn_mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype) if self.causal \
+            else None
+        h = x if self.batch_first else x.transpose(0, 1)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            h = self.attn(h, h, h, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                          need_weights=self.need_weights)[0]
+        else:
+            h = self.attn(h, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+        h = h if self.batch_first else h.transpose(0, 1)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def pair(bias: bool, batch_first: bool, causal: bool = False) -> tuple[Net, Net]:
+    """The attention network and its explicit twin, with the same random weights."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(E, HEADS, bias=bias, batch_first=batch_first).double()
+    with torch.no_grad():  # torch starts the biases at zero: random ones, so that they count
+        for p in attention.parameters():
+            p.uniform_(-0.6, 0.6)
+    twin = Net(ExplicitAttention(attention), batch_first, causal=causal).double()
+    # need_weights=False: the causal case runs torch's other branch (scaled_dot_product_attention).
+    net = Net(attention, batch_first, need_weights=not causal, causal=causal).double()
+    twin.head.load_state_dict(net.head.state_dict())
+    return net, twin
+
+
+def padding(kind: str, gen: torch.Generator) -> dict:
+    """With ``kind`` "padding", a key padding mask: some keys of each example, never the first."""
+    if kind != "padding":
+        return {}
+    padded = torch.rand(BATCH, TOKENS, generator=gen) < 0.4
+    padded[:, 0] = False
+    return {"key_padding_mask": padded}
+
+
+def run(net: Net, steps: int = 2, kind: str = "none", micro: int = 1, **options) -> tuple[list, list]:
+    """Every block's running factors (dense) and every parameter's .grad after each step."""
+    precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF), damping=1e-2, factor_update_interval=1,
+                                 inverse_update_interval=1, kl_clip=None, accumulation_steps=micro, **options)
+    gen = torch.Generator().manual_seed(1)
+    factors, grads = [], []
+    for _ in range(steps):
+        net.zero_grad()
+        for _ in range(micro):
+            x = torch.randn(BATCH, TOKENS, E, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 3, (BATCH,), generator=gen)
+            (nn.functional.cross_entropy(net(x, **padding(kind, gen)), y) / micro).backward()
+        precond.step()
+        factors.append(dense_factors(precond))
+        grads.append([p.grad.clone() for p in net.parameters()])
+    return factors, grads
+
+
+def dense_factors(precond: KFACPreconditioner) -> list[list[np.ndarray]]:
+    """Each Kronecker block's running ``[A, G]``, dense (another block's packed factors; None
+    for a block without any yet)."""
+    out = []
+    for state, block in zip(precond.state_dict()["blocks"].values(), precond.engine.blocks):
+        packed = None if state["factors"] is None else state["factors"].numpy()
+        dense = packed is not None and isinstance(block, KronBlock)
+        out.append(ops.unpack_sym(packed, [block.d_A, block.d_G]) if dense else packed)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["none", "padding", "causal"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_factors_and_gradients_equal_explicit_linear_layers(bias, batch_first, kind):
+    net, twin = pair(bias, batch_first, causal=kind == "causal")
+    precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF))
+    lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
+    d_a = E + bias
+    assert f"K-FAC (A {d_a}x{d_a}, G {3 * E}x{3 * E})" in lines["attn"]
+    assert f"K-FAC (A {d_a}x{d_a}, G {E}x{E})" in lines["attn.out_proj"]
+    assert not precond.other_params
+    precond.remove_hooks()
+    factors, grads = run(net, kind=kind)
+    twin_factors, twin_grads = run(twin, kind=kind)
+    for step in range(2):
+        for mine, theirs in zip(factors[step], twin_factors[step]):
+            for m, t in zip(mine, theirs):
+                np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
+        assert len(grads[step]) == len(twin_grads[step]) == (6 if bias else 4)  # the same order
+        for mine, theirs in zip(grads[step], twin_grads[step]):
+            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+def test_statistics_fraction_and_accumulation_equal_explicit_linear_layers(batch_first):
+    """The first ceil(f * n) examples of each micro-batch, over two micro-batches per step: the
+    sampled rows are the same examples' in both layouts."""
+    net, twin = pair(True, batch_first)
+    factors, grads = run(net, kind="padding", micro=2, statistics_fraction=0.5)
+    twin_factors, twin_grads = run(twin, kind="padding", micro=2, statistics_fraction=0.5)
+    for step in range(2):
+        for mine, theirs in zip(factors[step], twin_factors[step]):
+            for m, t in zip(mine, theirs):
+                np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
+        for mine, theirs in zip(grads[step], twin_grads[step]):
+            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+def test_one_example_of_one_position_gives_the_exact_fisher(batch_first):
+    """With one example of one position each projection's ``A ⊗ G`` is that example's
+    ``vec(grad) vec(grad)^T`` (column-major ``vec`` of ``[W | b]``), from autograd alone."""
+    net, _ = pair(True, batch_first)
+    precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(1, 1, E, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    nn.functional.cross_entropy(net(x), torch.tensor([2])).backward()
+    attention = net.attn
+    grads = [torch.cat([attention.in_proj_weight.grad, attention.in_proj_bias.grad[:, None]], 1),
+             torch.cat([attention.out_proj.weight.grad, attention.out_proj.bias.grad[:, None]], 1)]
+    precond.step()
+    for (a, g), grad in zip(dense_factors(precond)[:2], grads):
+        vec = grad.numpy().T.reshape(-1)
+        np.testing.assert_allclose(np.kron(a, g), np.outer(vec, vec), rtol=1e-10, atol=1e-14)
+
+
+def test_a_checkpointed_encoder_layer_takes_the_statistics_once():
+    """Under a non-reentrant checkpoint with ``checkpoint_context_fn`` the recomputation takes no
+    statistics: the factors equal the uncheckpointed layer's."""
+    def factors(checkpointed: bool):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(E, HEADS, 8, dropout=0.0, batch_first=True).double()
+        precond = KFACPreconditioner(layer, comm=Communicator(MPI.COMM_SELF))
+        x = torch.randn(BATCH, TOKENS, E, generator=torch.Generator().manual_seed(4), dtype=torch.float64,
+                        requires_grad=True)
+        out = checkpoint(layer, x, use_reentrant=False, context_fn=checkpoint_context_fn) if checkpointed \
+            else layer(x)
+        out.pow(2).mean().backward()
+        precond.step()
+        return dense_factors(precond)
+
+    plain, checkpointed = factors(False), factors(True)
+    assert len(plain) == 6
+    for mine, theirs in zip(checkpointed, plain):
+        for m, t in zip(mine, theirs):
+            np.testing.assert_allclose(m, t, rtol=1e-13, atol=1e-15)
+
+
+def test_cross_attention_layers_keep_the_in_projection_first_order(caplog):
+    """A decoder layer's attention on the memory keeps its in-projection first-order by
+    construction; another layer called as cross-attention is named once in a warning and its
+    in-projection gets no statistics, while each out_proj is preconditioned; kdim/vdim other than
+    embed_dim keep the separate projections first-order."""
+    decoder = nn.TransformerDecoderLayer(E, HEADS, 8, dropout=0.0, batch_first=True)
+    lines = {line.split()[0]: line for line in
+             repr(KFACPreconditioner(decoder, comm=Communicator(MPI.COMM_SELF))).splitlines()[1:]}
+    assert "first-order: cross-attention" in lines["multihead_attn"]
+    assert "K-FAC (A 7x7, G 6x6)" in lines["multihead_attn.out_proj"]
+    assert "K-FAC (A 7x7, G 18x18)" in lines["self_attn"]
+    separate = nn.MultiheadAttention(E, HEADS, kdim=4, vdim=5)
+    lines = {line.split()[0]: line for line in
+             repr(KFACPreconditioner(separate, comm=Communicator(MPI.COMM_SELF))).splitlines()[1:]}
+    assert "first-order: kdim/vdim differ from embed_dim" in lines["(model)"]
+    assert "K-FAC" in lines["out_proj"]
+
+    model = nn.ModuleDict({"cross": nn.MultiheadAttention(E, HEADS, batch_first=True)})
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    gen = torch.Generator().manual_seed(5)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):
+            query, memory = torch.randn(BATCH, TOKENS, E, generator=gen), torch.randn(BATCH, 3, E, generator=gen)
+            model.zero_grad()
+            model["cross"](query, memory, memory)[0].pow(2).mean().backward()
+            precond.step()
+    assert caplog.text.count("attention layer cross is called as cross-attention") == 1
+    assert "K-FAC layers without statistics at step 0: cross " in caplog.text
+    in_factors, out_factors = dense_factors(precond)
+    assert in_factors is None and all(np.trace(f) > 0 for f in out_factors)
+
+
+def test_a_failing_forward_leaves_no_mode_behind():
+    """The tap entered before the forward is left when the forward raises (a mask of a wrong
+    shape), so later torch calls run as usual."""
+    attention = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    KFACPreconditioner(attention, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(BATCH, TOKENS, E)
+    with pytest.raises(RuntimeError):
+        attention(x, x, x, attn_mask=torch.zeros(TOKENS + 1, TOKENS))
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_eval_and_no_grad_calls_take_the_fast_path_unseen():
+    """Outside training the layer runs as without hooks (torch's fast path where it applies)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 8, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(BATCH, TOKENS, E)
+    with torch.no_grad():
+        before = layer(x)
+    precond = KFACPreconditioner(layer, comm=Communicator(MPI.COMM_SELF))
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+    assert precond.local.passes == 0
+
+
+def test_bfloat16_autocast_matches_the_explicit_layers_to_its_rounding():
+    """Under bfloat16 autocast the projections run in bfloat16 as the explicit Linear layers do;
+    the factors agree to bfloat16's rounding of the attention in between."""
+    results = []
+    for net in pair(True, True):
+        net.float()
+        precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF))
+        x = torch.randn(BATCH, TOKENS, E, generator=torch.Generator().manual_seed(6))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(net(x), torch.arange(BATCH) % 3)
+        loss.backward()
+        precond.step()
+        results.append(dense_factors(precond))
+    for mine, theirs in zip(*results):
+        for m, t in zip(mine, theirs):
+            assert np.isfinite(m).all()
+            np.testing.assert_allclose(m, t, rtol=5e-2, atol=5e-2 * np.abs(t).max())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo's import
+def test_a_compiled_layer_runs_and_leaves_the_projections_without_statistics(caplog):
+    """Under ``torch.compile`` the attention's hooks do nothing where dynamo traces the layer: its
+    projections take no statistics (named in the step's warning); where it runs the layer as
+    Python (torch 2.1 around a module with hooks), their statistics are the eager ones. The other
+    layers' factors equal the eager run's."""
+    def factors(compiled: bool):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(E, HEADS, 8, dropout=0.0, batch_first=True).double()
+        precond = KFACPreconditioner(layer, comm=Communicator(MPI.COMM_SELF))
+        run = torch.compile(layer) if compiled else layer
+        x = torch.randn(BATCH, TOKENS, E, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        run(x).pow(2).mean().backward()
+        precond.step()
+        assert torch._C._len_torch_function_stack() == 0
+        return dense_factors(precond)
+
+    eager = factors(False)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        compiled = factors(True)
+    traced = compiled[0] is None
+    assert compiled[:2] == [None, None] if traced else compiled[1] is not None
+    assert traced == ("without statistics at step 0: self_attn, self_attn.out_proj" in caplog.text)
+    for mine, theirs in zip(compiled[2 if traced else 0:], eager[2 if traced else 0:]):
+        for m, t in zip(mine, theirs):
+            np.testing.assert_allclose(m, t, rtol=1e-10, atol=1e-14)
+
