@@ -34,6 +34,7 @@ from hpckfac.log import get_logger
 from hpckfac.ops.checks import accumulation_dtype
 from hpckfac.stages.all_gather import AllGather, encode_partial
 from hpckfac.stages.layout import PARTIAL_SLOTS, SegmentLayout
+from hpckfac.stages.memory import held_bytes
 from hpckfac.stages.options import DEFAULTS, Assignment, CheckedOption, check_options, resolve
 from hpckfac.stages.owner import OwnerState
 from hpckfac.stages.reduce_scatter import ReduceScatter
@@ -343,6 +344,28 @@ class KFACEngine:
         self.timings["all_gather"] = self.clock() - start
         self.steps += 1
         return result
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of the buffers this rank keeps between steps, by kind (``hpckfac.stages.memory``):
+
+        - ``send_buffers``: the ReduceScatterV's two send buffers, every block's gradient in
+          each and, in the factor steps' one, every block's statistics and presence element
+          (``comm_dtype``);
+        - ``running_factors``: the owned blocks' running statistics, packed (the state's dtype);
+        - ``inverses``: the owned blocks' inverses, full matrices (none before the first inversion);
+        - ``results``: this rank's segment of the AllGatherV, its owned blocks' preconditioned
+          gradients and partial KL sum;
+        - ``gathered``: every block's preconditioned gradient and the owners' partial KL sums
+          (from the first step).
+        """
+        state = self.state
+        inverses = [x for inv in state.inverses if inv is not None for x in inv]
+        inverses += [x for stacks in state._stacks.values() for x in stacks]
+        return held_bytes({"send_buffers": [self.reduce_scatter.buffer(f) for f in (False, True)],
+                           "running_factors": [state._running],
+                           "inverses": inverses,
+                           "results": [self._out],
+                           "gathered": [self.all_gather.gathered]})
 
     def clock(self) -> float:
         """``time.perf_counter()``, after ``synchronize`` when one is set."""

@@ -55,6 +55,11 @@ class LocalStatistics:
         # Per forward pass: [examples, sampled examples, whether a backward reached it].
         self._passes: list[list] = []
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the accumulators: every block's packed statistics, in ``dtype``."""
+        return int(self._flat.nbytes)
+
     def reset(self) -> None:
         """Forget everything accumulated (start of a step)."""
         self._passes.clear()

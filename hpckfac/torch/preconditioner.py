@@ -903,6 +903,14 @@ class KFACPreconditioner(UsageChecks):
         """This rank's mean milliseconds per ``step()`` of each stage since construction."""
         return {k: 1e3 * v / max(self._timed_steps, 1) for k, v in self._totals.items()}
 
+    def memory(self) -> dict[str, int]:
+        """Bytes of the buffers K-FAC keeps on this rank between steps, by kind:
+        ``local_statistics`` (every block's statistics of a factor step, summed by the hooks),
+        then ``KFACEngine.memory``'s kinds (send buffers, the received segment, the owned
+        blocks' running factors and inverses, the gathered results). Each buffer counts once.
+        Not collective; on a GPU they are device bytes. docs/design.md, "Memory per rank"."""
+        return {"local_statistics": self.local.nbytes, **self.engine.memory()}
+
     def report(self, gather: bool = False) -> str:
         """Per-stage mean milliseconds per step since construction, as a table.
 

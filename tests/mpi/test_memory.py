@@ -1,0 +1,99 @@
+"""The K-FAC buffers each rank keeps, counted by ``KFACEngine.memory`` and
+``KFACPreconditioner.memory``, against their sizes written out here from the layers' shapes
+(docs/design.md, "Memory per rank"), at every rank count, ranks that own nothing included."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hpckfac.layers import BatchNormBlock, LinearBlock
+from hpckfac.stages.engine import KFACEngine
+from hpckfac.torch import KFACPreconditioner
+
+F32 = 4  # bytes of float32: the buffers' dtype and the state's
+
+
+def linear_sizes(d_in, d_out, bias):
+    """(packed statistics, gradient matrix, full inverses) elements of a Linear layer: A is
+    (d_in + 1)^2 with a bias, G is d_out^2, each packed as its upper triangle."""
+    d_a = d_in + bias
+    return d_a * (d_a + 1) // 2 + d_out * (d_out + 1) // 2, d_out * d_a, d_a ** 2 + d_out ** 2
+
+
+def batchnorm_sizes(channels):
+    """A 2x2 Fisher of (gamma, beta) per channel: 3 packed, 2 gradients, 4 inverse elements each."""
+    return 3 * channels, 2 * channels, 4 * channels
+
+
+SETS = {
+    "four": ([LinearBlock("fc1", 30, 20, bias=True), LinearBlock("fc2", 20, 10, bias=False),
+              BatchNormBlock("bn", 8, 1e-5), LinearBlock("fc3", 10, 5, bias=True)],
+             [linear_sizes(30, 20, True), linear_sizes(20, 10, False), batchnorm_sizes(8),
+              linear_sizes(10, 5, True)]),
+    "one": ([LinearBlock("fc", 12, 7, bias=True)], [linear_sizes(12, 7, True)]),
+}
+
+
+def expected(sizes, owners, rank, ranks, inverted, stepped=True):
+    """Bytes per kind on ``rank`` from the blocks' element counts and owners."""
+    stats, grads, invs = (sum(s[k] for s in sizes) for k in range(3))
+    mine = [s for s, o in zip(sizes, owners) if o == rank]
+    own_stats, own_grads, own_invs = (sum(s[k] for s in mine) for k in range(3))
+    owners_with_blocks = len(set(owners))
+    return {
+        # The factor step's buffer: statistics, one presence element per block, gradients; the
+        # other step's: gradients.
+        "send_buffers": F32 * ((stats + len(sizes) + grads) + grads),
+        "running_factors": F32 * own_stats,
+        "inverses": F32 * own_invs if inverted else 0,
+        # The owned blocks' results and their (mantissa, exponent) pair.
+        "results": F32 * (own_grads + 2 * bool(mine)),
+        # Every gradient and a pair per owner of blocks.
+        "gathered": F32 * (grads + 2 * owners_with_blocks) if stepped else 0,
+    }
+
+
+def engine_inputs(blocks, rng):
+    grads = [rng.standard_normal(b.grad_shape).astype(np.float32) for b in blocks]
+    stats = []
+    for b in blocks:
+        mats = [np.eye(n) + 0.1 * np.ones((n, n)) for count, n in b.factor_shapes for _ in range(count)]
+        stats.append(np.concatenate([m[np.triu_indices(len(m))] for m in mats]).astype(np.float32))
+    return grads, stats
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("which", list(SETS))
+def test_engine_memory_is_the_layout_written_out(comm, which):
+    blocks, sizes = SETS[which]
+    engine = KFACEngine(blocks, comm, factor_update_interval=1, inverse_update_interval=2)
+    assert engine.memory() == expected(sizes, engine.owners, comm.rank, comm.size, inverted=False, stepped=False)
+    grads, stats = engine_inputs(blocks, np.random.default_rng(0))
+    for _ in range(3):  # inverting, then not, then inverting again: the same buffers
+        engine.step(grads, stats, lr=0.1)
+        assert engine.memory() == expected(sizes, engine.owners, comm.rank, comm.size, inverted=True)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+@pytest.mark.mpi
+def test_preconditioner_memory_adds_the_local_statistics(comm):
+    """Every rank sums every block's statistics: their packed sizes in float32, beside the
+    engine's kinds; the first step leaves the owners holding their inverses."""
+    torch.manual_seed(0)
+    model = Net()
+    precond = KFACPreconditioner(model, comm=comm, lr=0.1, factor_update_interval=1, inverse_update_interval=1)
+    sizes = [linear_sizes(6, 8, True), batchnorm_sizes(8), linear_sizes(8, 3, False)]
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    precond.step()
+    want = {"local_statistics": F32 * sum(s[0] for s in sizes),
+            **expected(sizes, precond.engine.owners, comm.rank, comm.size, inverted=True)}
+    assert precond.memory() == want
