@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 import numpy as np
 from mpi4py import MPI
 
+from hpckfac.arrays import namespace
 from hpckfac.comm import ring, vcoll
 from hpckfac.comm.abort import abort_job, install_abort_on_error
 from hpckfac.comm.agreement import (ALGORITHMS, OPS, Algorithm, ReduceAlgorithm, ReduceOp, Signature, describe, digest,
@@ -107,6 +108,34 @@ def _check_distinct(arrays: list[Any]) -> None:
                                  f"{'' if whole else ' in part'}: each array is reduced once, so pass it once "
                                  "and no two arrays that overlap")
         open_spans.append((hi, i))
+
+
+def _check_out(out: Any, like: Any, length: int) -> None:
+    """ValueError (TypeError for another kind of array) unless ``out`` can take a V-collective's
+    result: an array of ``like``'s library and dtype, one axis of ``length`` elements, contiguous,
+    writeable, and not overlapping ``like``, the input."""
+    if out is None:
+        return
+    if backend_for(out) is not backend_for(like):
+        raise TypeError(f"out: expected an array of the input's kind, got {type(out).__module__}."
+                        f"{type(out).__qualname__}")
+    if out.dtype != like.dtype or out.shape != (length,) or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a contiguous 1-D array of {length} {like.dtype} elements, got shape "
+                         f"{tuple(out.shape)} of {out.dtype}{'' if out.flags.c_contiguous else ', not contiguous'}")
+    _check_writeable(out, "out")
+    if out.size and like.size and namespace(out).may_share_memory(out, like):
+        raise ValueError("out: overlaps the input; the collective reads the input while it writes out")
+
+
+def _received(result: Any, out: Any, backend: Any) -> Any:
+    """A V-collective's ``result`` (an array of ``backend.xp``) as the caller gets it: ``out``
+    when given (written directly, or copied into it from a staging buffer), else the
+    backend's result."""
+    if out is None:
+        return backend.result(result)
+    if result is not out:
+        backend.stage_out(result, out)
+    return out
 
 
 def _check_writeable(buf: Any, name: str) -> None:
@@ -495,9 +524,11 @@ class Communicator:
                          lambda flat: self._reduce_flat(flat, op == "mean", chosen, backend))
 
     def reduce_scatter_v(self, sendbuf: Any, counts: Sequence[int], op: ReduceOp = "sum",
-                         algorithm: Algorithm = "mpi") -> Any:
+                         algorithm: Algorithm = "mpi", out: Any = None) -> Any:
         """Sum (or mean) ``sendbuf`` over ranks and return this rank's segment: elements
-        ``sum(counts[:rank])`` to ``sum(counts[:rank+1])`` of the result (a new array).
+        ``sum(counts[:rank])`` to ``sum(counts[:rank+1])`` of the result, in ``out`` (a
+        contiguous 1-D array of ``counts[rank]`` elements, ``sendbuf``'s kind and dtype, kept by
+        a caller that reduces every step) or, when None, in a new array.
 
         ``counts`` (one non-negative integer per rank, zeros allowed) must sum to
         ``sendbuf.size`` and be the same on every rank. ``algorithm``: ``"mpi"``
@@ -509,22 +540,30 @@ class Communicator:
             cnt = vcoll.check_counts(counts, self.size)
             if int(cnt.sum()) != sendbuf.size:
                 raise ValueError(f"counts sum to {int(cnt.sum())} but sendbuf holds {sendbuf.size} elements")
+            _check_out(out, sendbuf, int(cnt[self.rank]))
             return (_for_reduction(backend, dtype, algorithm), cnt), signature(
                 "reduce_scatter_v", dtype=DTYPE_CODES[dtype], length=sendbuf.size, op=op_index, algorithm=alg,
                 layout=digest(cnt))
 
         backend, cnt = self._enter("reduce_scatter_v", validate)
         if self.size == 1:  # the sum (or mean) over one rank is the buffer itself: no staging, no MPI
-            return sendbuf.flatten()  # a new 1-D array, as over several ranks
+            if out is None:
+                return sendbuf.flatten()  # a new 1-D array, as over several ranks
+            out[...] = sendbuf.reshape(-1)
+            return out
         work = backend.stage_in(sendbuf)
-        out = vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
-                                     backend, op == "mean", algorithm)
-        return backend.result(out)
+        # MPI writes ``out`` itself when it reaches its memory (not through a staging buffer).
+        direct = out if out is not None and type(out) is type(work) else None
+        result = vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
+                                        backend, op == "mean", algorithm, out=direct)
+        return _received(result, out, backend)
 
     def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: Algorithm = "mpi",
-                    what: str | None = None) -> Any:
+                    what: str | None = None, out: Any = None) -> Any:
         """Concatenate every rank's ``segment`` (``counts[rank]`` elements) in rank
-        order; returns the whole buffer (a new 1-D array of ``sum(counts)`` elements).
+        order; returns the whole buffer: ``out`` (a contiguous 1-D array of ``sum(counts)``
+        elements, ``segment``'s kind and dtype, kept by a caller that gathers every step) or,
+        when None, a new 1-D array.
         ``algorithm``: ``"mpi"`` (``MPI_Allgatherv``) or ``"ring"``. ``what`` names the
         call a user makes (e.g. ``"state_dict()"``), as in ``allgather_object``: in the
         agreement check's error, and in a notice if this rank waits long for the others."""
@@ -537,6 +576,7 @@ class Communicator:
             if segment.size != cnt[self.rank]:
                 raise ValueError(f"segment holds {segment.size} elements but counts[{self.rank}] "
                                  f"is {int(cnt[self.rank])}")
+            _check_out(out, segment, int(cnt.sum()))
             layout = digest(cnt) if what is None else digest(cnt.tobytes() + what.encode())
             return (backend, cnt), signature("allgather_v", dtype=DTYPE_CODES[dtype], length=int(cnt.sum()),
                                              algorithm=alg, layout=layout)
@@ -545,10 +585,14 @@ class Communicator:
         with self._waiting(named):
             backend, cnt = self._enter("allgather_v", validate, label=named)
             if self.size == 1:
-                return segment.flatten()  # a new 1-D array, as over several ranks
-            out = vcoll.allgather_v(self.mpi, backend.stage_in(segment), cnt, mpi_type(segment.dtype), backend,
-                                    algorithm)
-        return backend.result(out)
+                if out is None:
+                    return segment.flatten()  # a new 1-D array, as over several ranks
+                out[...] = segment.reshape(-1)
+                return out
+            work = backend.stage_in(segment)
+            direct = out if out is not None and type(out) is type(work) else None
+            result = vcoll.allgather_v(self.mpi, work, cnt, mpi_type(segment.dtype), backend, algorithm, out=direct)
+        return _received(result, out, backend)
 
     @contextlib.contextmanager
     def _waiting(self, what: str | None) -> Iterator[None]:

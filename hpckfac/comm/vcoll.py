@@ -32,16 +32,22 @@ def bounds(counts: np.ndarray) -> list[int]:
 
 
 def reduce_scatter_v(mpi: MPI.Comm, send: Any, counts: np.ndarray, datatype: MPI.Datatype,
-                     op: MPI.Op, backend: Backend, mean: bool, algorithm: str) -> Any:
+                     op: MPI.Op, backend: Backend, mean: bool, algorithm: str, out: Any = None) -> Any:
     """Sum ``send`` (contiguous, length ``counts.sum()``) over ranks; this rank's
-    segment as a new array of ``backend.xp`` (``send`` is left unchanged)."""
+    segment in ``out`` (contiguous, ``counts[rank]`` elements of ``backend.xp``), or in a
+    new array when None (``send`` is left unchanged)."""
     rank, size = mpi.Get_rank(), mpi.Get_size()
     if algorithm == "ring":
         work = backend.xp.array(send, copy=True)  # the ring sums in place
         backend.synchronize()
-        out = ring.reduce_scatter(mpi, work, bounds(counts), datatype, backend, shift=0).copy()
+        mine = ring.reduce_scatter(mpi, work, bounds(counts), datatype, backend, shift=0)
+        if out is None:
+            out = mine.copy()
+        else:
+            out[...] = mine
     else:
-        out = backend.xp.empty(int(counts[rank]), dtype=send.dtype)
+        if out is None:
+            out = backend.xp.empty(int(counts[rank]), dtype=send.dtype)
         mpi.Reduce_scatter([send, datatype], [out, datatype], recvcounts=counts.tolist(), op=op)
     if mean and size > 1:
         out /= size
@@ -49,10 +55,12 @@ def reduce_scatter_v(mpi: MPI.Comm, send: Any, counts: np.ndarray, datatype: MPI
 
 
 def allgather_v(mpi: MPI.Comm, segment: Any, counts: np.ndarray, datatype: MPI.Datatype,
-                backend: Backend, algorithm: str) -> Any:
-    """Concatenate every rank's ``segment`` (length ``counts[rank]``) on every rank,
-    in a new array of ``backend.xp``."""
-    out = backend.xp.empty(int(counts.sum()), dtype=segment.dtype)
+                backend: Backend, algorithm: str, out: Any = None) -> Any:
+    """Concatenate every rank's ``segment`` (length ``counts[rank]``) on every rank, in
+    ``out`` (contiguous, ``counts.sum()`` elements of ``backend.xp``), or in a new array
+    when None."""
+    if out is None:
+        out = backend.xp.empty(int(counts.sum()), dtype=segment.dtype)
     if algorithm == "ring":
         edges = bounds(counts)
         out[edges[mpi.Get_rank()]:edges[mpi.Get_rank() + 1]] = segment

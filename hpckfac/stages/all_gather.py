@@ -65,32 +65,36 @@ def kl_clip_factor(gathered: Any, partial_at: Any, kl_clip: float | None, lr: fl
 
 
 class AllGather:
-    """The AllGatherV of the preconditioned gradients, then the clip, for ``blocks`` under ``layout``."""
+    """The AllGatherV of the preconditioned gradients, then the clip, for ``blocks`` under ``layout``.
 
-    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm: Communicator, xp: Any) -> None:
+    Both buffers are allocated once, in ``dtype`` and ``xp``: ``segment``, where this rank's
+    owner writes its results and partial KL sum, and ``gathered``, every owner's segment after
+    the collective, scaled in place by the clip. At one rank they are one buffer: the owner's
+    results are the whole result.
+    """
+
+    def __init__(self, blocks: Sequence[Any], layout: SegmentLayout, comm: Communicator, dtype: Any,
+                 xp: Any) -> None:
         self.blocks, self.layout, self.comm = list(blocks), layout, comm
-        # The last step's whole gathered buffer, kept from step to step with the results' views
-        # of it: the caller's views of it (one per parameter in the torch bridge) are made once.
-        self.gathered: Any = None
-        self._results: list[Any] = []
+        self.gathered = xp.empty(sum(layout.gather_counts), dtype=dtype)
+        self.segment = self.gathered if comm.size == 1 else xp.empty(layout.gather_counts[comm.rank], dtype=dtype)
+        # The results' views of the gathered buffer, made once: the caller's views of it (one per
+        # parameter in the torch bridge) are made once too.
+        self._results = [self.gathered[at:at + b.grad_size].reshape(b.grad_shape)
+                         for at, b in zip(layout.gather_offsets, self.blocks)]
         # Where each owner's partial KL sum sits in the gathered buffer (uploaded once, not per step).
         self._partial_at = xp.asarray([at for at in layout.partial_offsets if at is not None], dtype=np.int64)
         # The per-rank counts as an int64 array, made once (not P Python ints read at every step).
         self.counts = np.asarray(layout.gather_counts, dtype=np.int64)
 
-    def __call__(self, out: Any, kl_clip: float | None, lr: float) -> tuple[list[Any], Any]:
-        """``(nu * V_l for every block, nu)`` from this rank's segment ``out``; the results are
-        views of one buffer shaped like each block's gradient matrix, overwritten by the next
+    def __call__(self, kl_clip: float | None, lr: float) -> tuple[list[Any], Any]:
+        """``(nu * V_l for every block, nu)`` from every rank's ``segment``; the results are
+        views of ``gathered`` shaped like each block's gradient matrix, overwritten by the next
         call (``nu`` None without a clip)."""
-        # At one rank the gathered buffer is ``out`` itself: the results are written elsewhere.
-        whole = out if self.comm.size == 1 else self.comm.allgather_v(out, self.counts)
+        whole = self.gathered
+        if self.comm.size > 1:
+            self.comm.allgather_v(self.segment, self.counts, out=whole)
         nu = kl_clip_factor(whole, self._partial_at, kl_clip, lr)
-        if self.gathered is None:
-            self.gathered = namespace(whole).empty_like(whole)
-            self._results = [self.gathered[at:at + b.grad_size].reshape(b.grad_shape)
-                             for at, b in zip(self.layout.gather_offsets, self.blocks)]
-        if nu is None:
-            self.gathered[...] = whole
-        else:  # the scaling writes the kept buffer: no pass more than scaling in place
-            namespace(whole).multiply(whole, nu.astype(whole.dtype), out=self.gathered)
+        if nu is not None:  # in place: the same products as into another buffer
+            namespace(whole).multiply(whole, nu.astype(whole.dtype), out=whole)
         return self._results, nu

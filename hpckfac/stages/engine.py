@@ -210,9 +210,8 @@ class KFACEngine:
         state_dtype = accumulation_dtype(self.comm_dtype)
         self.reduce_scatter = ReduceScatter(self.blocks, self.layout, comm, self.comm_dtype, xp)
         self.state = OwnerState(self.blocks, self.layout, comm.rank, state_dtype, xp)
-        self.all_gather = AllGather(self.blocks, self.layout, comm, xp)
-        # This rank's preconditioned gradients and partial KL sum, sent by every step's all-gather.
-        self._out = xp.empty(self.layout.gather_counts[comm.rank], dtype=self.comm_dtype)
+        # Its segment takes this rank's preconditioned gradients and partial KL sum every step.
+        self.all_gather = AllGather(self.blocks, self.layout, comm, self.comm_dtype, xp)
         self.steps = 0
         self._agreed: dict[str, Any] | None = None  # the step settings every rank last agreed on
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
@@ -334,13 +333,13 @@ class KFACEngine:
         self.timings["inversion"] = self.clock() - start
 
         start = self.clock()
-        out = self._out
+        out = self.all_gather.segment
         if self.owned:
             encode_partial(self.state.precondition(segment, factors, out[:-PARTIAL_SLOTS]), out[-PARTIAL_SLOTS:])
         self.timings["precondition"] = self.clock() - start
 
         start = self.clock()
-        result, self._nu = self.all_gather(out, kl_clip, lr)
+        result, self._nu = self.all_gather(kl_clip, lr)
         self.timings["all_gather"] = self.clock() - start
         self.steps += 1
         return result
@@ -351,21 +350,22 @@ class KFACEngine:
         - ``send_buffers``: the ReduceScatterV's two send buffers, every block's gradient in
           each and, in the factor steps' one, every block's statistics and presence element
           (``comm_dtype``);
+        - ``received``: this rank's averaged segment of a factor step, over several ranks;
         - ``running_factors``: the owned blocks' running statistics, packed (the state's dtype);
         - ``inverses``: the owned blocks' inverses, full matrices (none before the first inversion);
-        - ``results``: this rank's segment of the AllGatherV, its owned blocks' preconditioned
-          gradients and partial KL sum;
-        - ``gathered``: every block's preconditioned gradient and the owners' partial KL sums
-          (from the first step).
+        - ``gathered``: every block's preconditioned gradient and the owners' partial KL sums;
+        - ``results``: this rank's segment of the AllGatherV, over several ranks (at one rank it
+          is the gathered buffer).
         """
         state = self.state
         inverses = [x for inv in state.inverses if inv is not None for x in inv]
         inverses += [x for stacks in state._stacks.values() for x in stacks]
         return held_bytes({"send_buffers": [self.reduce_scatter.buffer(f) for f in (False, True)],
+                           "received": [self.reduce_scatter.received],
                            "running_factors": [state._running],
                            "inverses": inverses,
-                           "results": [self._out],
-                           "gathered": [self.all_gather.gathered]})
+                           "gathered": [self.all_gather.gathered],
+                           "results": [self.all_gather.segment]})
 
     def clock(self) -> float:
         """``time.perf_counter()``, after ``synchronize`` when one is set."""

@@ -49,20 +49,25 @@ class ReduceScatter:
         # The per-rank counts as int64 arrays, made once: the collective reads a list of P
         # Python ints element by element at every call, an array at once.
         self.counts = {f: np.asarray(layout.reduce_counts(f), dtype=np.int64) for f in (False, True)}
+        # Over several ranks, where this rank's averaged segment is received, allocated once: the
+        # larger one, of factor steps; a step without statistics fills its first part.
+        rank = comm.rank
+        self.received = None if comm.size == 1 else xp.empty(int(self.counts[True][rank]), dtype=dtype)
 
     def buffer(self, factors: bool) -> Any:
         """The send buffer of a step with (``factors``) or without statistics."""
         return self._send[factors]
 
     def __call__(self, grads: Sequence[Any], stats: Sequence[Any] | None) -> Any:
-        """This rank's averaged segment (at one rank the send buffer itself, valid until the next
-        call); ``stats`` is None on steps without statistics, else one packed array (or None: no
-        statistics here this step) per block."""
+        """This rank's averaged segment (at one rank the send buffer itself, over several a view
+        of ``received``; valid until the next call); ``stats`` is None on steps without
+        statistics, else one packed array (or None: no statistics here this step) per block."""
         factors = stats is not None
         buf = self._fill(grads, stats)
         if self.comm.size == 1:  # the mean over one rank is the buffer itself, which the owner only reads
             return buf
-        return self.comm.reduce_scatter_v(buf, self.counts[factors], op="mean")
+        mine = self.received[:int(self.counts[factors][self.comm.rank])]
+        return self.comm.reduce_scatter_v(buf, self.counts[factors], op="mean", out=mine)
 
     def _fill(self, grads, stats):
         factors = stats is not None

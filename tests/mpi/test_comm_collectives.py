@@ -151,6 +151,38 @@ def test_allgather_v(comm, dtype, algorithm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_v_collectives_write_a_given_out(comm, algorithm, op):
+    """``out=``: the same values as a new array, written into ``out``, which is returned."""
+    counts = random_counts(np.random.default_rng(5), comm.size)
+    xs = inputs(5, comm.size, sum(counts), np.float32)
+    mine = np.full(counts[comm.rank], np.nan, np.float32)
+    got = comm.reduce_scatter_v(xs[comm.rank], counts, op=op, algorithm=algorithm, out=mine)
+    assert got is mine
+    np.testing.assert_array_equal(mine, comm.reduce_scatter_v(xs[comm.rank], counts, op=op, algorithm=algorithm))
+    whole = np.full(sum(counts), np.nan, np.float32)
+    assert comm.allgather_v(mine, counts, algorithm=algorithm, out=whole) is whole
+    np.testing.assert_array_equal(whole, comm.allgather_v(mine, counts, algorithm=algorithm))
+
+
+@pytest.mark.mpi
+def test_v_collectives_refuse_an_out_that_does_not_fit(comm):
+    counts = [3] * comm.size
+    send = np.ones(3 * comm.size, np.float32)
+    for out, why in [(np.empty(4, np.float32), "contiguous 1-D array of 3"), (np.empty(3, np.float64), "float32"),
+                     (np.empty(6, np.float32)[::2], "not contiguous"), (send[:3], "overlaps")]:
+        with pytest.raises(ValueError, match=why):
+            comm.reduce_scatter_v(send, counts, out=out)
+    with pytest.raises(ValueError, match="overlaps"):
+        comm.allgather_v(send[:3], counts, out=send)
+    frozen = np.empty(3, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        comm.reduce_scatter_v(send, counts, out=frozen)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_broadcast(comm, dtype):
     for seed in range(4):

@@ -1,6 +1,9 @@
 """The K-FAC buffers each rank keeps, counted by ``KFACEngine.memory`` and
 ``KFACPreconditioner.memory``, against their sizes written out here from the layers' shapes
-(docs/design.md, "Memory per rank"), at every rank count, ranks that own nothing included."""
+(docs/design.md, "Memory per rank"), at every rank count, ranks that own nothing included;
+and a step that allocates no buffer of the gradients' size."""
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +37,7 @@ SETS = {
 }
 
 
-def expected(sizes, owners, rank, ranks, inverted, stepped=True):
+def expected(sizes, owners, rank, ranks, inverted):
     """Bytes per kind on ``rank`` from the blocks' element counts and owners."""
     stats, grads, invs = (sum(s[k] for s in sizes) for k in range(3))
     mine = [s for s, o in zip(sizes, owners) if o == rank]
@@ -44,12 +47,12 @@ def expected(sizes, owners, rank, ranks, inverted, stepped=True):
         # The factor step's buffer: statistics, one presence element per block, gradients; the
         # other step's: gradients.
         "send_buffers": F32 * ((stats + len(sizes) + grads) + grads),
+        "received": 0 if ranks == 1 else F32 * (own_stats + len(mine) + own_grads),
         "running_factors": F32 * own_stats,
         "inverses": F32 * own_invs if inverted else 0,
-        # The owned blocks' results and their (mantissa, exponent) pair.
-        "results": F32 * (own_grads + 2 * bool(mine)),
-        # Every gradient and a pair per owner of blocks.
-        "gathered": F32 * (grads + 2 * owners_with_blocks) if stepped else 0,
+        # Every gradient and a (mantissa, exponent) pair per owner of blocks.
+        "gathered": F32 * (grads + 2 * owners_with_blocks),
+        "results": 0 if ranks == 1 else F32 * (own_grads + 2 * bool(mine)),
     }
 
 
@@ -67,11 +70,38 @@ def engine_inputs(blocks, rng):
 def test_engine_memory_is_the_layout_written_out(comm, which):
     blocks, sizes = SETS[which]
     engine = KFACEngine(blocks, comm, factor_update_interval=1, inverse_update_interval=2)
-    assert engine.memory() == expected(sizes, engine.owners, comm.rank, comm.size, inverted=False, stepped=False)
+    assert engine.memory() == expected(sizes, engine.owners, comm.rank, comm.size, inverted=False)
     grads, stats = engine_inputs(blocks, np.random.default_rng(0))
     for _ in range(3):  # inverting, then not, then inverting again: the same buffers
         engine.step(grads, stats, lr=0.1)
         assert engine.memory() == expected(sizes, engine.owners, comm.rank, comm.size, inverted=True)
+
+
+@pytest.mark.mpi
+def test_a_step_allocates_no_buffer_of_the_gradients_size(comm):
+    """Beyond the owner's products for the KL-clip sum (its gradients' size), a step without
+    statistics allocates nothing the size of the gradients: the reduce-scatter receives into
+    a kept segment and the all-gather into the kept gathered buffer, scaled in place (a new
+    gathered array and a copy of it, every step, before)."""
+    blocks = [LinearBlock("wide", 512, 256, bias=True), LinearBlock("head", 256, 3, bias=True)]
+    engine = KFACEngine(blocks, comm, factor_update_interval=100, inverse_update_interval=100)
+    grads, stats = engine_inputs(blocks, np.random.default_rng(1))
+    engine.step(grads, stats, lr=0.1)  # statistics and inverses
+    engine.step(grads, lr=0.1)
+    own = sum(b.grad_size for b, o in zip(blocks, engine.owners) if o == comm.rank)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        engine.step(grads, lr=0.1)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    # NumPy's float64 sum of float32 products casts through buffers of its own (64 KiB).
+    slack = 2 ** 17
+    gathered = engine.memory()["gathered"]
+    assert gathered > 4 * slack
+    assert peak < F32 * own + slack, (peak, own, gathered)
 
 
 class Net(nn.Module):
