@@ -41,6 +41,45 @@ def test_transformer_model_runs_every_configuration(tmp_path):
     assert tuple(runner.x.shape) == (3, 5) and len(runner.precond.engine.blocks) == 2 * 8 + 4
 
 
+def test_json_records_each_configuration_s_buffers_and_the_peak_resident_set(tmp_path, capsys):
+    """The K-FAC row's buffers are those of ResNet-8's layers, written out from their shapes
+    (one rank: every block owned here): each convolution a pair of ``(C_in k_h k_w)^2`` and
+    ``C_out^2`` factors, each BatchNorm a 2x2 Fisher per channel, the head a pair of
+    ``(d_in + 1)^2`` and ``d_out^2``; packed statistics hold upper triangles, inverses whole
+    matrices, all float32."""
+    out = tmp_path / "step.json"
+    argv = ["--steps", "2", "--warmup", "0", "--batch", "4", "--depth", "8", "--width", "4",
+            "--configs", "sgd,kfac_1_10", "--json", str(out)]
+    assert step.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = {r["config"]: r for r in result["results"]}
+    stats = grads = invs = blocks = 0
+    for module in step.resnet(depth=8, width=4).modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            if isinstance(module, torch.nn.Conv2d):
+                d_a, d_g = module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+            else:
+                d_a, d_g = module.in_features, module.out_features
+            d_a += module.bias is not None
+            stats += d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2
+            grads, invs = grads + d_g * d_a, invs + d_a ** 2 + d_g ** 2
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            c = module.num_features
+            stats, grads, invs = stats + 3 * c, grads + 2 * c, invs + 4 * c
+        else:
+            continue
+        blocks += 1
+    want = {"local_statistics": 4 * stats, "send_buffers": 4 * (stats + blocks + 2 * grads), "received": 0,
+            "running_factors": 4 * stats, "inverses": 4 * invs, "gathered": 4 * (grads + 2), "results": 0}
+    assert rows["kfac_1_10"]["state_bytes"] == want
+    assert rows["kfac_1_10"]["state_mib"] == sum(want.values()) / 2**20
+    assert "state_bytes" not in rows["sgd"]
+    peaks = result["config"]["peak_rss_bytes"]
+    assert len(peaks) == 1 and peaks[0] > 2**20 and "peak_device_bytes" not in result["config"]
+    text = capsys.readouterr().out
+    assert "peak resident set per rank" in text and "K-FAC buffers per rank, MiB" in text
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--threads", "100000"], "--threads must be in \\[0, "), (["--threads", "-1"], "--threads must be in"),
     (["--warmup", "-5"], "--warmup must be >= 0"), (["--steps", "0"], "--steps and --batch must be positive"),

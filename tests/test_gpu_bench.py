@@ -36,3 +36,25 @@ def test_runs_and_writes_json(tmp_path, capsys):
     assert payload["benchmark"] == "kernels" and len(payload["results"]["pack"]) == 4
     assert payload["results"]["device"]["gpu"]
     assert "pack fp32->float16" in capsys.readouterr().out
+
+
+def test_peak_device_bytes_is_none_on_the_cpu():
+    import torch
+
+    from hpckfac.bench.memory import peak_device_bytes
+
+    assert peak_device_bytes(torch.device("cpu")) is None
+
+
+@requires_gpu
+def test_peak_device_bytes_counts_torch_and_cupy_allocations():
+    import cupy
+    import torch
+
+    from hpckfac.bench.memory import peak_device_bytes
+
+    device = torch.device("cuda", 0)
+    kept = (torch.empty(2**22, dtype=torch.uint8, device=device), cupy.empty(2**22, dtype=cupy.uint8))
+    held = torch.cuda.memory_allocated(device) + cupy.get_default_memory_pool().used_bytes()
+    assert peak_device_bytes(device) >= held >= 2 * 2**22
+    del kept

@@ -20,6 +20,10 @@ each boundary (a separate run: it costs overlap).
 ``--profile PATH`` then runs a few more steps of every configuration under
 ``torch.profiler`` and ``cProfile`` and writes the tables to PATH
 (``hpckfac.bench.profile``).
+Memory: each K-FAC configuration's buffers per rank (``KFACPreconditioner.memory``, by kind;
+the largest rank's), and the process's peak resident set (on a GPU also the device's peak;
+``hpckfac.bench.memory``), which covers every configuration the process ran: run one
+configuration per process to compare them.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpckfac.bench.memory import peak_device_bytes, peak_host_bytes
 from hpckfac.bench.placement import placement, placement_note
 from hpckfac.bench.profile import profile_steps
 from hpckfac.bench.report import (Parser, check_memory, check_outputs, make_parent, median, progress, time_calls,
@@ -208,6 +213,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     # The iteration time of a data-parallel step is the slowest rank's.
     slowest = {r.name: np.max(np.array(comm.allgather_object(r.times)), axis=0) for r in runners}
     placed = {"ranks": comm.size, **placement(comm)}
+    # Memory: each configuration's K-FAC buffers, kind by kind the largest rank's; the process's peaks per rank.
+    held = {r.name: comm.allgather_object(r.precond.memory()) for r in runners if r.precond is not None}
+    peaks = comm.allgather_object((peak_host_bytes(), peak_device_bytes(device)))
+    placed["peak_rss_bytes"] = [host for host, _ in peaks]
+    if device.type == "cuda":
+        placed["peak_device_bytes"] = [dev for _, dev in peaks]
     results = []
     for runner in runners:
         times, cycle = slowest[runner.name], period(runner.name)
@@ -218,6 +229,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if "sgd" in slowest:
             row["median_vs_sgd"] = median(times) / median(slowest["sgd"])
             row["mean_vs_sgd"] = float(np.mean(times[:span]) / np.mean(slowest["sgd"][:span]))
+        if runner.name in held:
+            kinds = {k: max(rank[k] for rank in held[runner.name]) for k in held[runner.name][0]}
+            row["state_bytes"] = kinds
+            row["state_mib"] = max(sum(rank.values()) for rank in held[runner.name]) / 2**20
+            row.update({f"{k}_mib": v / 2**20 for k, v in kinds.items()})
         results.append(row)
     if comm.rank == 0:
         model = {"resnet50": f"resnet50 image={args.image}",
@@ -225,7 +241,13 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
                      args.model, f"resnet{args.depth} width={args.width} image={args.image}")
         print(f"ranks={comm.size} device={device} batch/rank={args.batch} {model} steps={args.steps}")
         print(placement_note([placed]))
-        print(format_table(results, ["config", "median_ms", "mean_ms", "mean_steps", "median_vs_sgd", "mean_vs_sgd"]))
+        peak = f"peak resident set per rank (all configurations of this process): " \
+               f"{', '.join(f'{b / 2**20:.0f}' for b in placed['peak_rss_bytes'])} MiB"
+        if "peak_device_bytes" in placed:
+            peak += f"; device peak: {', '.join(f'{b / 2**20:.0f}' for b in placed['peak_device_bytes'])} MiB"
+        print(peak)
+        print(format_table(results, ["config", "median_ms", "mean_ms", "mean_steps", "median_vs_sgd", "mean_vs_sgd",
+                                     "state_mib"]))
         for row in results:
             if row["mean_steps"] < row["period"]:
                 print(f"{row['config']}: --steps {args.steps} is under one update period ({row['period']} steps): "
@@ -234,6 +256,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         kfac_rows = [r for r in results if "local_factors_ms" in r]
         if kfac_rows:
             print(format_table(kfac_rows, stage_cols))
+            kinds = list(kfac_rows[0]["state_bytes"])
+            print("K-FAC buffers per rank, MiB (each kind the largest rank's; state_mib: the largest rank's sum)")
+            print(format_table(kfac_rows, ["config"] + [f"{k}_mib" for k in kinds] + ["state_mib"]))
         if args.json:
             write_json(args.json, "step", {**vars(args), **placed}, results)
     if args.profile:
