@@ -186,6 +186,50 @@ def test_one_example_of_one_position_gives_the_exact_fisher(batch_first):
         np.testing.assert_allclose(np.kron(a, g), np.outer(vec, vec), rtol=1e-10, atol=1e-14)
 
 
+def test_parameters_replaced_after_construction_still_take_statistics():
+    """``load_state_dict(..., assign=True)`` after the preconditioner was built puts new parameter
+    objects in the layer: its projections are still the K-FAC layers' and take the statistics the
+    explicit layers do."""
+    net, twin = pair(True, True)
+    precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF), damping=1e-2, factor_update_interval=1,
+                                 inverse_update_interval=1, kl_clip=None)
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, TOKENS, E, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (BATCH,), generator=gen)
+    nn.functional.cross_entropy(net(x), y).backward()
+    precond.step()
+    twin_factors, twin_grads = run(twin, steps=1)
+    for mine, theirs in zip(dense_factors(precond), twin_factors[0]):
+        assert mine is not None
+        for m, t in zip(mine, theirs):
+            np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
+    for mine, theirs in zip(net.parameters(), twin_grads[0]):
+        np.testing.assert_allclose(mine.grad.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_an_out_proj_replaced_by_a_new_module_feeds_no_statistics_to_the_old_block():
+    """As for any K-FAC layer replaced by a new module: the old block keeps its factors and the new
+    module is averaged first-order."""
+    net, _ = pair(True, True)
+    precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF), kl_clip=None)
+    gen = torch.Generator().manual_seed(1)
+
+    def step():
+        x = torch.randn(BATCH, TOKENS, E, generator=gen, dtype=torch.float64)
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), torch.randint(0, 3, (BATCH,), generator=gen)).backward()
+        precond.step()
+        return dense_factors(precond)[1]
+
+    before = step()
+    net.attn.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(E, E, dtype=torch.float64)
+    after = step()
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert net.attn.out_proj.weight.grad is not None
+
+
 def test_a_checkpointed_encoder_layer_takes_the_statistics_once():
     """Under a non-reentrant checkpoint with ``checkpoint_context_fn`` the recomputation takes no
     statistics: the factors equal the uncheckpointed layer's."""

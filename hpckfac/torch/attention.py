@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import types
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,23 +122,39 @@ class ProjectionTap(TorchFunctionMode):
         self.report(Projection(index, turn(input), output, turn))
 
 
+class TapIndices(NamedTuple):
+    """The indices among the K-FAC layers of an attention layer's in-projection and out-projection
+    (None for one that is not a K-FAC layer)."""
+
+    in_proj: int | None
+    out_proj: int | None
+
+    def weights(self, layer: nn.MultiheadAttention, modules: Sequence[nn.Module]) -> dict[int, int]:
+        """The ids of ``layer``'s projection weights as they are now mapped to their indices among
+        the K-FAC layers ``modules``: read at every call, as a parameter replaced since
+        (``load_state_dict(..., assign=True)``) is another object, which a mapping made once
+        would no longer match. An ``out_proj`` replaced by another module is not the K-FAC layer."""
+        weights = {}
+        if self.in_proj is not None and layer.in_proj_weight is not None:
+            weights[id(layer.in_proj_weight)] = self.in_proj
+        if self.out_proj is not None and layer.out_proj is modules[self.out_proj]:
+            weights[id(layer.out_proj.weight)] = self.out_proj
+        return weights
+
+
 def attention_taps(modules: list[nn.Module], model: nn.Module
-                   ) -> list[tuple[str, nn.MultiheadAttention, dict[int, int]]]:
+                   ) -> list[tuple[str, nn.MultiheadAttention, TapIndices]]:
     """Each ``nn.MultiheadAttention`` of ``model`` one of whose projections is among the K-FAC
-    layers ``modules``: its name, the layer, and the ids of those projections' weights mapped to
-    their indices in ``modules``."""
+    layers ``modules``: its name, the layer, and those projections' indices in ``modules``."""
     index = {id(m): i for i, m in enumerate(modules)}
     taps = []
     for name, layer in model.named_modules():
         if not isinstance(layer, nn.MultiheadAttention):
             continue
-        weights = {}
-        if id(layer) in index and layer.in_proj_weight is not None:
-            weights[id(layer.in_proj_weight)] = index[id(layer)]
-        if id(layer.out_proj) in index:
-            weights[id(layer.out_proj.weight)] = index[id(layer.out_proj)]
-        if weights:
-            taps.append((name, layer, weights))
+        found = TapIndices(index.get(id(layer)) if layer.in_proj_weight is not None else None,
+                           index.get(id(layer.out_proj)))
+        if found != (None, None):
+            taps.append((name, layer, found))
     return taps
 
 

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from hpckfac.log import get_logger
-from hpckfac.torch.attention import Projection, ProjectionTap
+from hpckfac.torch.attention import Projection, ProjectionTap, TapIndices
 
 _log = get_logger("hpckfac.torch")
 
@@ -107,17 +107,17 @@ class CaptureHooks:
     as well: it says that until it is cleared such a call would change nothing
     ``on_input`` keeps (the examples of the pass already counted).
 
-    ``attention``: ``(name, layer, weights)`` of each ``nn.MultiheadAttention`` whose projections
-    are among ``modules`` (``hpckfac.torch.attention.attention_taps``), ``weights`` mapping the id
-    of each such projection's weight to its index; such a layer gets a tap, not the module hook.
+    ``attention``: ``(name, layer, indices)`` of each ``nn.MultiheadAttention`` whose projections
+    are among ``modules`` (``hpckfac.torch.attention.attention_taps``), ``indices`` those
+    projections' indices; such a layer gets a tap, not the module hook.
     """
 
     def __init__(self, modules: Sequence[nn.Module], on_input: InputCallback, on_output_grad: GradCallback,
                  broadcast: Sequence[bool], micro_batch: Callable[[], int], capturing: Callable[[int], bool],
-                 attention: Sequence[tuple[str, nn.MultiheadAttention, dict[int, int]]] = ()) -> None:
+                 attention: Sequence[tuple[str, nn.MultiheadAttention, TapIndices]] = ()) -> None:
         self.quiet = False
         self._on_input, self._on_output_grad, self._capturing = on_input, on_output_grad, capturing
-        self._micro_batch = micro_batch
+        self._micro_batch, self._modules = micro_batch, list(modules)
         # Attention layers are seen through their tap only: their own call's input is the query,
         # its output a tuple, neither the in-projection's.
         tapped = {id(layer) for _, layer, _ in attention}
@@ -126,9 +126,9 @@ class CaptureHooks:
                         for index, module in enumerate(modules) if id(module) not in tapped]
         self._open = threading.local()  # per thread, the taps entered and not yet left
         self._told: set[int] = set()  # the attention layers a warning named as called for cross-attention
-        for name, layer, weights in attention:
+        for name, layer, indices in attention:
             self.handles.append(layer.register_forward_pre_hook(
-                OwnedHook(layer, self._enter(name, weights), compiled=False), with_kwargs=True))
+                OwnedHook(layer, self._enter(name, indices), compiled=False), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(OwnedHook(layer, self._leave, compiled=False),
                                                             with_kwargs=True, always_call=True))
 
@@ -171,15 +171,17 @@ class CaptureHooks:
             output.register_hook(lambda grad: on_output_grad(index, view(grad), token))
         return replaced
 
-    def _enter(self, name: str, weights: dict[int, int]):
+    def _enter(self, name: str, indices: TapIndices):
         """The pre-hook of an attention layer: enters its tap when the call is seen at all."""
         def hook(module: nn.MultiheadAttention, args, kwargs):
-            if not counts_call(module) or self.quiet and not any(self._capturing(i) for i in weights.values()):
+            if not counts_call(module) or self.quiet and not any(
+                    self._capturing(i) for i in indices if i is not None):
                 return None
             query, key, value = (args[i] if len(args) > i else kwargs.get(n)
                                  for i, n in enumerate(("query", "key", "value")))
             if not isinstance(query, torch.Tensor):
                 return None
+            weights = indices.weights(module, self._modules)
             if not (query is key is value) and id(module.in_proj_weight) in weights \
                     and id(module) not in self._told:
                 self._told.add(id(module))
