@@ -171,7 +171,8 @@ def test_v_collectives_refuse_an_out_that_does_not_fit(comm):
     counts = [3] * comm.size
     send = np.ones(3 * comm.size, np.float32)
     for out, why in [(np.empty(4, np.float32), "contiguous 1-D array of 3"), (np.empty(3, np.float64), "float32"),
-                     (np.empty(6, np.float32)[::2], "not contiguous"), (send[:3], "overlaps")]:
+                     (np.empty(6, np.float32)[::2], "not contiguous"), (send[:3], "overlaps"),
+                     (np.empty((3, 1), np.float32), r"got shape \(3, 1\)")]:
         with pytest.raises(ValueError, match=why):
             comm.reduce_scatter_v(send, counts, out=out)
     with pytest.raises(ValueError, match="overlaps"):

@@ -73,6 +73,25 @@ def test_reduce_scatter_v_and_allgather_v(comm, device, algorithm, dtype):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+def test_reduce_scatter_v_and_allgather_v_into_a_given_out(comm, device, algorithm):
+    """``out=`` on device arrays: the results (staged through the host where MPI cannot reach the
+    device's memory) land in the caller's ``out``, which is returned."""
+    to_device, xp = device
+    size = comm.size
+    counts = [3 * r + 1 for r in range(size)]
+    xs = inputs(7, size, sum(counts), np.float32)
+    lo = sum(counts[:comm.rank])
+    mean = (np.sum([x.astype(np.float64) for x in xs], axis=0) / size).astype(np.float32)
+    mine = to_device(np.full(counts[comm.rank], np.nan, np.float32))
+    assert comm.reduce_scatter_v(to_device(xs[comm.rank]), counts, op="mean", algorithm=algorithm, out=mine) is mine
+    same(mine, mean[lo:lo + counts[comm.rank]], xp)
+    whole = to_device(np.full(sum(counts), np.nan, np.float32))
+    assert comm.allgather_v(mine, counts, algorithm=algorithm, out=whole) is whole
+    same(whole, mean, xp)
+
+
+@pytest.mark.mpi
 def test_fused_allreduce_of_mixed_dtypes(comm, device):
     to_device, xp = device
     shapes, dtypes = [(3, 4), (1000,), (0,), (257, 3), (5,)], [np.float32, np.float64, np.float32, np.float16,
