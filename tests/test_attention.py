@@ -5,6 +5,7 @@ attention layer's must equal in float64; and, for one example of one position, t
 Fisher ``vec(grad) vec(grad)^T`` of each projection."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -355,3 +356,55 @@ def test_a_compiled_layer_runs_and_leaves_the_projections_without_statistics(cap
         for m, t in zip(mine, theirs):
             np.testing.assert_allclose(m, t, rtol=1e-10, atol=1e-14)
 
+
+
+class Unbatched(nn.Module):
+    """Self-attention on one unbatched sequence ``(T, E)``, whose rows a Linear layer would take as
+    its examples, and a Linear head on each position; with an ``ExplicitAttention`` it runs the
+    sequence as a batch of one, ``(T, 1, E)``, whose leading axis is again the ``T`` rows."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attn, self.head = attention, nn.Linear(E, 3)
+
+    def forward(self, x):
+        h = self.attn(x, x, x)[0] if isinstance(self.attn, nn.MultiheadAttention) else self.attn(x[:, None])[:, 0]
+        return self.head(torch.tanh(h))
+
+
+def test_an_unbatched_call_equals_explicit_linear_layers_on_its_rows():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(E, HEADS).double()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.uniform_(-0.6, 0.6)
+    twin = Unbatched(ExplicitAttention(attention)).double()
+    net = Unbatched(attention).double()
+    twin.head.load_state_dict(net.head.state_dict())
+    results = []
+    for model in (net, twin):
+        precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), factor_update_interval=1,
+                                     inverse_update_interval=1, kl_clip=None)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            x = torch.randn(TOKENS + 3, E, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 3, (TOKENS + 3,), generator=gen)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            precond.step()
+        results.append((dense_factors(precond), [p.grad.clone() for p in model.parameters()]))
+    (factors, grads), (twin_factors, twin_grads) = results
+    assert all(f is not None for f in factors)
+    for mine, theirs in zip(factors, twin_factors):
+        for m, t in zip(mine, theirs):
+            np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
+    for mine, theirs in zip(grads, twin_grads):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+    # A key padding mask and per-head weights of an unbatched call: the values torch gives unhooked.
+    plain = copy.deepcopy(attention)  # a copy's hooks act on the original only
+    x = torch.randn(TOKENS + 3, E, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mask = torch.arange(TOKENS + 3) % 3 == 1
+    for got, want in zip(attention(x, x, x, key_padding_mask=mask, average_attn_weights=False),
+                         plain(x, x, x, key_padding_mask=mask, average_attn_weights=False)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-12, atol=1e-14)

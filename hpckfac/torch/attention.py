@@ -8,7 +8,10 @@ module call a hook could see. While an attention layer that takes statistics run
 ``F.multi_head_attention_forward`` call to that very function bound to a ``linear`` that also
 reports each projection (``tapped_attention``): the same code on the same tensors, so the same
 values and gradients. (A mode cannot just re-enter itself around the call: the function would
-hand itself to the mode again before running its body.)
+hand itself to the mode again before running its body.) An unbatched self-attention call,
+``(T, E)``, is handed over as the batch of one the function makes of it, with one tensor for
+query, key and value (``_as_one_batch``): its in-projection then runs packed, as a batched call's
+does, where the function alone would run it as three row-slices, equal to rounding.
 
 A self-attention call (query, key and value the same tensor) applies ``in_proj_weight`` whole to
 one input: one ``E -> 3E`` linear layer. A cross-attention call applies row-slices of it to two
@@ -19,6 +22,7 @@ first-order (``cross_attention_layers``). The output projection is the same map 
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import types
 from typing import Callable, NamedTuple, Sequence
@@ -59,6 +63,24 @@ def _rebound(function: types.FunctionType, names: dict) -> types.FunctionType:
                                  function.__closure__)
     rebound.__kwdefaults__ = function.__kwdefaults__
     return rebound
+
+
+def _as_one_batch(attention: Callable, args: tuple, kwargs: dict) -> tuple:
+    """``attention(*args, **kwargs)`` (an ``F.multi_head_attention_forward``) of an unbatched
+    self-attention call, ``(T, E)``, made a batch of one as that function makes it itself, but
+    with one tensor for the query, key and value: it would unsqueeze each apart, and its
+    in-projection, seeing three tensors, would apply row-slices of ``in_proj_weight`` to each
+    (its cross-attention branch), which no tap matches. Any other call runs as it is."""
+    bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+    query, key, value = (bound.arguments[name] for name in ("query", "key", "value"))
+    if not (query is key is value) or query.dim() != 2:
+        return attention(*args, **kwargs)
+    one = query.unsqueeze(1)
+    bound.arguments.update(query=one, key=one, value=one)
+    if bound.arguments.get("key_padding_mask") is not None:
+        bound.arguments["key_padding_mask"] = bound.arguments["key_padding_mask"].unsqueeze(0)
+    output, weights = attention(*bound.args, **bound.kwargs)
+    return output.squeeze(1), None if weights is None else weights.squeeze(0)
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +125,8 @@ class ProjectionTap(TorchFunctionMode):
         outer = getattr(_active, "tap", None)
         _active.tap = self
         try:
-            return tapped_attention()(*args, **kwargs)
+            return _as_one_batch(tapped_attention(), args, kwargs) if not self.batched \
+                else tapped_attention()(*args, **kwargs)
         finally:
             _active.tap = outer
 
