@@ -283,6 +283,12 @@ def test_cross_attention_layers_keep_the_in_projection_first_order(caplog):
     assert "K-FAC layers without statistics at step 0: cross " in caplog.text
     in_factors, out_factors = dense_factors(precond)
     assert in_factors is None and all(np.trace(f) > 0 for f in out_factors)
+    caplog.clear()
+    shared = nn.ModuleDict({"qk": nn.MultiheadAttention(E, HEADS, batch_first=True)})
+    KFACPreconditioner(shared, comm=Communicator(MPI.COMM_SELF))
+    with caplog.at_level("WARNING", logger="hpckfac"):  # query and key one tensor, value another
+        shared["qk"](query, query, memory[:, :1].expand(-1, TOKENS, -1))
+    assert "attention layer qk is called as cross-attention" in caplog.text
 
 
 def test_a_failing_forward_leaves_no_mode_behind():

@@ -90,6 +90,13 @@ def test_skip_layers_given_class_names_or_patterns_say_what_they_would_match(com
     assert "'Linear' is the class name of '0', '2': to skip every module of that type, pass the class itself" in text
     assert "'^[02]$' read as a regular expression would match '0', '2'" in text
     assert "'fc9' read as" not in text  # a plain typo gets no hint
+    assert "'Linear' read as" not in text  # a class name gets that hint alone
+    caplog.clear()
+    wide = nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)])
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        KFACPreconditioner(wide, comm=comm, skip_layers=["^Lin", "Linear"])
+    assert "'^Lin' read as a regular expression would match '0', '1', '2', '3' and 2 more" in caplog.text
+    assert "'Linear' is the class name of '0', '1', '2', '3' and 2 more" in caplog.text
     assert [b.name for b in precond.engine.blocks] == ["0", "2"]  # nothing was skipped
     caplog.clear()
     with caplog.at_level("WARNING", logger="hpckfac"):
