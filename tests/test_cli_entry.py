@@ -139,6 +139,14 @@ def test_bad_sizes_are_refused_by_their_flag_before_anything_is_built(argv, caps
     assert err[-1].startswith("python -m hpckfac.bench step: error: ") and argv[1] in err[-1]
 
 
+def buffered_env(**extra: str) -> dict[str, str]:
+    """The environment with ``extra``, stdout block-buffered into a pipe as a user's shell has it
+    (``PYTHONUNBUFFERED``, set by some CI runners, would make every print fail at once instead)."""
+    import os
+
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **extra}
+
+
 @pytest.mark.parametrize("argv", [["-m", "hpckfac", "--help"], ["-m", "hpckfac.bench", "--help"],
                                   ["-m", "hpckfac", "train", "--steps", "2", "--batch-size", "16", "--no-progress"]])
 def test_a_closed_stdout_ends_quietly(argv):
@@ -153,7 +161,7 @@ def test_a_closed_stdout_ends_quietly(argv):
     os.close(read)  # closed before the command starts: its first write fails, whatever the timing
     try:
         done = subprocess.run([sys.executable, *argv], stdout=write, stderr=subprocess.PIPE, text=True,
-                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              timeout=300, env=buffered_env(OMP_NUM_THREADS="1"))
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
@@ -167,3 +175,22 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
     assert cli.exit_status(interrupted, "hpckfac") == cli.INTERRUPTED_STATUS == 130
     assert capsys.readouterr().err == "hpckfac: interrupted\n"
     assert cli.exit_status(lambda: 3, "hpckfac") == 3
+
+
+def test_output_still_buffered_when_the_command_returns_ends_quietly_too():
+    """A command that returns with its output still in stdout's buffer (a pipe's, flushed only
+    when full): the failed flush is the broken pipe, and Python's own flush at exit finds nothing
+    more to fail on."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from hpckfac import cli; sys.exit(cli.exit_status(lambda: print('x') or 0, 'p'))"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=120, env=buffered_env())
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
