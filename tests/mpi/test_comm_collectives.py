@@ -309,3 +309,26 @@ def test_allreduce_many_refuses_overlapping_views_and_sums_interleaved_ones(comm
         np.testing.assert_array_equal(grad, xs[comm.rank])  # nothing moved
         comm.allreduce_many([grad[1::2], grad[::2]], op="sum", bucket_bytes=bucket_bytes)
         check_reduced(grad, xs, "sum")
+
+
+@pytest.mark.mpi
+def test_v_collectives_given_out_allocate_no_result(comm):
+    """With ``out=`` MPI receives there: no array of the result's size is made and copied from
+    (the values would be the same)."""
+    import tracemalloc
+
+    counts = [50_000 + 7 * r for r in range(comm.size)]
+    send = np.ones(sum(counts), np.float32)
+    mine, whole = np.empty(counts[comm.rank], np.float32), np.empty(sum(counts), np.float32)
+    comm.reduce_scatter_v(send, counts, out=mine)  # any first-call set-up outside the measure
+    comm.allgather_v(mine, counts, out=whole)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        comm.reduce_scatter_v(send, counts, op="mean", out=mine)
+        comm.allgather_v(mine, counts, out=whole)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(whole, np.ones(sum(counts), np.float32))
+    assert peak < mine.nbytes // 4, (peak, mine.nbytes)
