@@ -131,6 +131,11 @@ def test_a_kfac_pytorch_state_dict_is_named_as_such(comm):
                                          r".*these are the keys of kfac-pytorch's state_dict\(\).*start afresh"):
         precond.load_state_dict(peer)
     assert precond.steps == 1
+    # state_dict(include_factors=False), and a state whose intervals were callables (left out there)
+    for partial in ({k: v for k, v in peer.items() if k != "layers"},
+                    {k: v for k, v in peer.items() if not k.endswith("update_steps")}):
+        with pytest.raises(ValueError, match="kfac-pytorch's state_dict"):
+            precond.load_state_dict(partial)
     with pytest.raises(ValueError) as other:
         precond.load_state_dict({"steps": 3, "layers": {}})
     assert "kfac-pytorch" not in str(other.value)

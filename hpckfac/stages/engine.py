@@ -54,6 +54,19 @@ ITERATION_STAGES = ("local_factors",) + STAGES + ("write_grads", "allreduce")
 STATE_KEYS = ("steps", "hyperparameters", "blocks")
 
 
+def _is_kfac_pytorch_state(state: dict) -> bool:
+    """Whether ``state`` has the keys of kfac-pytorch's ``state_dict()``: ``steps``, its update
+    intervals (there unless they are callables) or its factors per layer under ``layers`` (there
+    unless ``include_factors=False``), each layer's an ``A`` and a ``G``."""
+    if "steps" not in state:
+        return False
+    if {"factor_update_steps", "inv_update_steps"} & set(state):
+        return True
+    layers = state.get("layers")
+    return isinstance(layers, dict) and bool(layers) and all(
+        isinstance(layer, dict) and {"A", "G"} <= set(layer) for layer in layers.values())
+
+
 def check_state_keys(state: Any) -> None:
     """ValueError naming what is missing unless ``state`` is a dict with the keys of a
     ``state_dict()`` (not a model's, an optimizer's, or a checkpoint holding several)."""
@@ -62,8 +75,7 @@ def check_state_keys(state: Any) -> None:
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         keys = sorted(str(k) for k in state)
-        # kfac-pytorch's state_dict() has these (its factors per layer under "layers").
-        peer = {"layers", "factor_update_steps", "inv_update_steps"} <= set(state)
+        peer = _is_kfac_pytorch_state(state)
         raise ValueError(f"state: not a preconditioner's state_dict(): no {', '.join(missing)} (its keys: "
                          f"{', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" +
                          ("; these are the keys of kfac-pytorch's state_dict(), whose factors are scaled "
