@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from hpckfac import ops
 from hpckfac.comm import Communicator
 from hpckfac.layers.kron import KronBlock
-from hpckfac.torch import KFACPreconditioner, checkpoint_context_fn
+from hpckfac.torch import KFACPreconditioner, attention, checkpoint_context_fn
 
 E, HEADS, BATCH, TOKENS = 6, 2, 5, 4
 
@@ -289,6 +289,30 @@ def test_cross_attention_layers_keep_the_in_projection_first_order(caplog):
     with caplog.at_level("WARNING", logger="hpckfac"):  # query and key one tensor, value another
         shared["qk"](query, query, memory[:, :1].expand(-1, TOKENS, -1))
     assert "attention layer qk is called as cross-attention" in caplog.text
+
+
+def test_a_torch_whose_attention_cannot_be_tapped_keeps_it_first_order(monkeypatch, caplog):
+    """Where the rebound attention function reports no projection (a torch that projects
+    otherwise than through torch.nn.functional's linear, stood in for by torch's own function),
+    every attention layer and its out_proj stay first-order, with the reason in the table and a
+    warning at construction; the other layers are preconditioned and steps raise no warning."""
+    monkeypatch.setattr(attention, "_tapped", torch.nn.functional.multi_head_attention_forward)
+    monkeypatch.setattr(attention, "_taps", None)
+    assert not attention.tap_works()
+    layer = nn.TransformerEncoderLayer(E, HEADS, 8, dropout=0.0, batch_first=True)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond = KFACPreconditioner(layer, comm=Communicator(MPI.COMM_SELF))
+    assert "every nn.MultiheadAttention and its out_proj stay first-order" in caplog.text
+    lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
+    assert f"first-order: {attention.NO_TAP}" in lines["self_attn"]
+    assert f"first-order: {attention.NO_TAP}" in lines["self_attn.out_proj"]
+    assert "K-FAC" in lines["linear1"] and "K-FAC" in lines["norm1"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        layer(torch.randn(BATCH, TOKENS, E)).pow(2).mean().backward()
+        precond.step()
+    assert caplog.text == ""
+    assert all(f is not None for f in dense_factors(precond))
 
 
 def test_a_failing_forward_leaves_no_mode_behind():

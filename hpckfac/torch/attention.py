@@ -19,6 +19,12 @@ or three inputs (query rows on the query, key and value rows on the memory), whi
 pair does not describe: no block is fed from such a call (``CROSS_ATTENTION``), and the
 ``multihead_attn`` of an ``nn.TransformerDecoderLayer``, always one, keeps its in-projection
 first-order (``cross_attention_layers``). The output projection is the same map in both.
+
+All of this rests on torch's code: ``F.multi_head_attention_forward`` a Python function that
+projects through its module's ``linear``, as in each torch run (2.1 to 2.14). A torch where the
+tapped function does not report both projections keeps every attention layer and its
+``out_proj`` first-order (``untapped_layers``, ``NO_TAP``), rather than leaving blocks without
+statistics.
 """
 from __future__ import annotations
 
@@ -36,9 +42,13 @@ CROSS_ATTENTION = ("cross-attention (the decoder's attention on the memory): in_
                    "act on the query and its key and value rows on the memory, which one Kronecker pair "
                    "does not describe (out_proj is preconditioned)")
 
+NO_TAP = ("this torch's F.multi_head_attention_forward does not apply the projections through "
+          "torch.nn.functional's linear, which the statistics are taken from")
+
 # Per thread: the tap of the attention call running on it, which the tapped linear reports to.
 _active = threading.local()
 _tapped: Callable | None = None
+_taps: bool | None = None  # whether tapped_attention reports both projections; found on first use
 
 
 def tapped_attention() -> Callable:
@@ -55,6 +65,32 @@ def tapped_attention() -> Callable:
                 names[name] = _rebound(names[name], names)
         _tapped = names["multi_head_attention_forward"]
     return _tapped
+
+
+def tap_works() -> bool:
+    """Whether ``tapped_attention`` reports both projections of a self-attention call, found once
+    per process by running it on constant tensors (no random numbers drawn)."""
+    global _taps
+    if _taps is None:
+        seen: list[int] = []
+        probe = types.SimpleNamespace(saw=lambda input, weight, output: seen.append(id(weight)))
+        # float32 on the CPU whatever the default dtype and device: a failure must mean no tap.
+        w_in, w_out, x = (torch.ones(*shape, dtype=torch.float32, device="cpu")
+                          for shape in ((6, 2), (2, 2), (1, 1, 2)))
+        outer = getattr(_active, "tap", None)
+        _active.tap = probe
+        try:
+            tapped_attention()(query=x, key=x, value=x, embed_dim_to_check=2, num_heads=1,
+                               in_proj_weight=w_in, in_proj_bias=None, bias_k=None, bias_v=None,
+                               add_zero_attn=False, dropout_p=0.0, out_proj_weight=w_out,
+                               out_proj_bias=None, training=True, need_weights=False)
+            _taps = {id(w_in), id(w_out)} <= set(seen)
+        # Any failure (a builtin without code to rebind, a changed signature) means the same: no tap.
+        except Exception:
+            _taps = False
+        finally:
+            _active.tap = outer
+    return _taps
 
 
 def _rebound(function: types.FunctionType, names: dict) -> types.FunctionType:
@@ -179,6 +215,15 @@ def attention_taps(modules: list[nn.Module], model: nn.Module
         if found != (None, None):
             taps.append((name, layer, found))
     return taps
+
+
+def untapped_layers(model: nn.Module) -> set[int]:
+    """The ids of ``model``'s ``nn.MultiheadAttention`` layers and their ``out_proj`` when this
+    torch's attention cannot be tapped (``tap_works``), which then stay first-order; else none."""
+    layers = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not layers or tap_works():
+        return set()
+    return {id(m) for layer in layers for m in (layer, layer.out_proj)}
 
 
 def cross_attention_layers(model: nn.Module) -> set[int]:

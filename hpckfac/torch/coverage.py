@@ -3,7 +3,9 @@
 ``find_blocks`` walks the model once: a module in ``skip_layers``, of a type without a
 registered kind (``hpckfac.torch.registry``), or whose kind refuses this instance stays
 first-order; so does a module sharing a parameter with another candidate (tied weights,
-whose curvature is the sum of both layers', which no single block describes). Every
+whose curvature is the sum of both layers', which no single block describes), and every
+``nn.MultiheadAttention`` with its ``out_proj`` on a torch whose attention the hooks cannot tap
+(``hpckfac.torch.attention.untapped_layers``). Every
 module with parameters of its own gets a line saying which, the table that
 ``print(preconditioner)`` shows.
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from hpckfac.layers import CurvatureBlock
-from hpckfac.torch.attention import CROSS_ATTENTION, cross_attention_layers
+from hpckfac.torch.attention import CROSS_ATTENTION, NO_TAP, cross_attention_layers, untapped_layers
 from hpckfac.torch.registry import block_for, block_params
 
 
@@ -41,7 +43,9 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
     for trainable complex parameters averaged first-order, which the collectives cannot carry."""
     candidates = []  # (name, module, block) of every module a block could cover
     status: dict[str, str] = {}
-    cross = cross_attention_layers(model)
+    cross, untapped = cross_attention_layers(model), untapped_layers(model)
+    if untapped:
+        note("every nn.MultiheadAttention and its out_proj stay first-order: %s", NO_TAP)
     for name, module in model.named_modules():
         if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             raise ValueError(f"model: layer {name} ({type(module).__name__}) has sparse=True; its sparse "
@@ -51,6 +55,10 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
         if _skipped(name, module, skip_layers):
             if own:
                 status[name] = "first-order: in skip_layers"
+            continue
+        if id(module) in untapped:
+            if own:
+                status[name] = f"first-order: {NO_TAP}"
             continue
         if id(module) in cross:  # its in_proj; its out_proj is a module of its own
             status[name] = f"first-order: {CROSS_ATTENTION}"
