@@ -127,6 +127,21 @@ def _check_out(out: Any, like: Any, length: int) -> None:
         raise ValueError("out: overlaps the input; the collective reads the input while it writes out")
 
 
+def _alone(buf: Any, out: Any) -> Any:
+    """A V-collective's result over one rank, ``buf`` itself: in ``out`` when given, else a new
+    1-D array, as over several ranks."""
+    if out is None:
+        return buf.flatten()
+    out[...] = buf.reshape(-1)
+    return out
+
+
+def _direct(out: Any, work: Any) -> Any:
+    """``out`` where MPI can write it itself (the array kind of ``work``, the buffer MPI reads:
+    not behind a staging buffer), else None."""
+    return out if out is not None and type(out) is type(work) else None
+
+
 def _received(result: Any, out: Any, backend: Any) -> Any:
     """A V-collective's ``result`` (an array of ``backend.xp``) as the caller gets it: ``out``
     when given (written directly, or copied into it from a staging buffer), else the
@@ -547,15 +562,10 @@ class Communicator:
 
         backend, cnt = self._enter("reduce_scatter_v", validate)
         if self.size == 1:  # the sum (or mean) over one rank is the buffer itself: no staging, no MPI
-            if out is None:
-                return sendbuf.flatten()  # a new 1-D array, as over several ranks
-            out[...] = sendbuf.reshape(-1)
-            return out
+            return _alone(sendbuf, out)
         work = backend.stage_in(sendbuf)
-        # MPI writes ``out`` itself when it reaches its memory (not through a staging buffer).
-        direct = out if out is not None and type(out) is type(work) else None
         result = vcoll.reduce_scatter_v(self.mpi, work, cnt, mpi_type(work.dtype), sum_op(work.dtype),
-                                        backend, op == "mean", algorithm, out=direct)
+                                        backend, op == "mean", algorithm, out=_direct(out, work))
         return _received(result, out, backend)
 
     def allgather_v(self, segment: Any, counts: Sequence[int], algorithm: Algorithm = "mpi",
@@ -585,13 +595,10 @@ class Communicator:
         with self._waiting(named):
             backend, cnt = self._enter("allgather_v", validate, label=named)
             if self.size == 1:
-                if out is None:
-                    return segment.flatten()  # a new 1-D array, as over several ranks
-                out[...] = segment.reshape(-1)
-                return out
+                return _alone(segment, out)
             work = backend.stage_in(segment)
-            direct = out if out is not None and type(out) is type(work) else None
-            result = vcoll.allgather_v(self.mpi, work, cnt, mpi_type(segment.dtype), backend, algorithm, out=direct)
+            result = vcoll.allgather_v(self.mpi, work, cnt, mpi_type(segment.dtype), backend, algorithm,
+                                       out=_direct(out, work))
         return _received(result, out, backend)
 
     @contextlib.contextmanager
