@@ -60,6 +60,23 @@ def test_scaled_shapes():
         shapes.scaled(shapes.resnet50(), 0)
 
 
+def test_from_torch_string_padding():
+    # padding="same" and "valid" are the explicit zeros they stand for: the same shapes, and
+    # blocks that take the recorded sizes' tensors.
+    import torch
+
+    def net(first, second):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=first), torch.nn.Conv2d(4, 5, 5, padding=second))
+
+    named = shapes.from_torch("net", net("same", "valid"), (1, 3, 8, 8))
+    assert named == shapes.from_torch("net", net(1, 0), (1, 3, 8, 8))
+    assert [(s.padding, s.h_in, s.h_out) for s in named.kron] == [(1, 8, 8), (0, 8, 4)]
+    for block, s in zip(shapes.blocks(named)[0], named.kron):
+        assert block.output_size((s.h_in, s.h_in)) == (s.h_out, s.h_out)
+    with pytest.raises(ValueError, match="same"):  # an even kernel pads one side more: no one padding
+        shapes.from_torch("net", torch.nn.Conv2d(3, 4, 4, padding="same"), (1, 3, 8, 8))
+
+
 def test_small_cnn_matches_torch():
     from hpckfac.models import digits_cnn
 
