@@ -34,8 +34,9 @@ MAX_BYTES = 4 * 2**30  # the largest buffer --max-bytes may ask for
 PROG = "python -m hpckfac.bench comm"
 
 
-def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
-    """The parsed command line (argparse exits with a usage message on bad input)."""
+def parse(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
+    """The parsed command line ``argv`` (None: ``sys.argv[1:]``; argparse exits with a usage
+    message on bad input)."""
     parser = Parser(prog=prog, description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")

@@ -55,8 +55,9 @@ VOCAB = 512  # the transformer's tokens
 PROG = "python -m hpckfac.bench step"
 
 
-def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
-    """The parsed command line (argparse exits with a usage message on bad input)."""
+def parse(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
+    """The parsed command line ``argv`` (None: ``sys.argv[1:]``; argparse exits with a usage
+    message on bad input)."""
     parser = Parser(prog=prog, description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
