@@ -24,7 +24,10 @@ class Backend(Protocol):
 
     name: str
     xp: Any  # the array module (numpy, cupy) used for scratch buffers
-    device_memory: bool  # MPI reads and writes device memory directly
+    # MPI reads and writes device memory directly. Such a backend also needs ``staged``, a backend
+    # of the same arrays staged through host memory: MPI's float16 sum, a Python user op that reads
+    # host memory, goes through it (``Communicator``'s reductions by ``algorithm="mpi"``).
+    device_memory: bool
 
     def accepts(self, array: Any) -> bool:
         """Whether ``array`` belongs to this backend."""
