@@ -153,7 +153,7 @@ def from_torch(name: str, model: nn.Module, input_shape: Sequence[int]) -> Model
     by one forward pass of zeros shaped ``input_shape`` (batch first)."""
     import torch
 
-    from hpckfac.torch.registry import _conv_padding
+    from hpckfac.torch.registry import conv_padding
 
     layers: list[KronShape | BatchNormShape] = []
 
@@ -164,7 +164,7 @@ def from_torch(name: str, model: nn.Module, input_shape: Sequence[int]) -> Model
                 raise ValueError(f"model: layer {label} is not a square, ungrouped convolution")
             # padding="same" or "valid" as the zeros it stands for, as the preconditioner's block takes it.
             layers.append(KronShape(label, module.in_channels, module.out_channels, module.kernel_size[0],
-                                  module.stride[0], _conv_padding(module)[0], inputs[0].shape[-1],
+                                  module.stride[0], conv_padding(module)[0], inputs[0].shape[-1],
                                   output.shape[-1], module.bias is not None))
         elif isinstance(module, torch.nn.Linear):
             layers.append(KronShape(label, module.in_features, module.out_features,

@@ -135,7 +135,7 @@ def broadcasts_batch(module: nn.Module) -> bool:
     return entry is not None and entry.broadcast_batch
 
 
-def _conv_padding(module: nn.Module) -> tuple[int, ...]:
+def conv_padding(module: nn.Module) -> tuple[int, ...]:
     """Explicit zero padding of a convolution, also for ``padding="valid"`` and ``"same"``
     (stride 1; ValueError where "same" pads one side more than the other)."""
     if not isinstance(module.padding, str):
@@ -173,7 +173,7 @@ def _attention(name: str, module: nn.MultiheadAttention) -> LinearBlock:
 def _conv(name: str, module: nn.modules.conv._ConvNd) -> ConvBlock:
     _zeros_padding(module)
     return ConvBlock(name, module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                     _conv_padding(module), module.dilation, bias=module.bias is not None, groups=module.groups)
+                     conv_padding(module), module.dilation, bias=module.bias is not None, groups=module.groups)
 
 
 def _conv_transpose(name: str, module: nn.modules.conv._ConvTransposeNd) -> ConvTransposeBlock:
