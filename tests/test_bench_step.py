@@ -120,6 +120,29 @@ def test_json_records_the_threads_and_ranks_it_ran_with(tmp_path, monkeypatch, c
     assert all(isinstance(n, int) and n >= 1 for n in environment["threads"]["blas"].values())
 
 
+def test_threads_option_outlasts_the_automatic_division(tmp_path, monkeypatch):
+    """``--threads T`` with no thread variable set: the Communicator the benchmark makes sizes
+    torch's pool for the rank (``hpckfac.threads``), and T must still be what the steps ran with."""
+    from threadpoolctl import threadpool_limits
+
+    from hpckfac import threads as pools
+
+    for name in pools.USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pools, "_done", {})
+    monkeypatch.setattr(pools, "rank_cores", lambda mine, node: 2)  # the division would give 2
+    before = torch.get_num_threads()
+    out = tmp_path / "step.json"
+    with threadpool_limits():
+        try:
+            assert step.main(["--steps", "1", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
+                              "--configs", "sgd", "--threads", "1", "--json", str(out)]) == 0
+        finally:
+            torch.set_num_threads(before)
+    result = json.loads(out.read_text())
+    assert result["config"]["threads_per_rank"] == [1] and result["environment"]["threads"]["torch"] == 1
+
+
 def test_means_cover_whole_update_periods(tmp_path, monkeypatch, capsys):
     """12 steps of 1/10: its mean and stages are those of the first 10 (one inversion in ten steps),
     SGD's mean for the ratio over the same 10; 10/100 has no whole period in 12 steps, and says so."""

@@ -200,9 +200,9 @@ class Runner:
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Run the configurations in turns on every rank; rank 0 prints the tables and writes the JSON. Exit status."""
     args = parse(argv, prog)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     comm = Communicator()
+    if args.threads:  # after the Communicator, which sizes torch's pool when no thread variable is set
+        torch.set_num_threads(args.threads)
     device = bind_device(args.device, comm)
     runners = [Runner(name, args, comm, device) for name in args.configs]
     for _ in range(args.warmup):
