@@ -3,7 +3,7 @@
 Both pools busy-wait between calls. Left at their defaults, every rank of a
 node starts a full pool of each on the same cores and they fight for them
 (measured: K-FAC steps 2-5x slower, SGD steps too). Unless the user chose
-thread counts (any of ``USER_VARIABLES`` set), ``configure_threads`` makes
+thread counts (any of ``USER_VARIABLES`` set to a count), ``configure_threads`` makes
 one pool do the work: torch gets the rank's share of the cores (its CPU set
 divided among the node's ranks that may run on it: all cores of a set the
 launcher gave the rank alone, the node's cores divided by its ranks when
@@ -36,13 +36,25 @@ def _sharing(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> int:
     return sum(1 for other in node_sets if other & mine)
 
 
+def _is_count(value: str) -> bool:
+    """Whether ``value`` is a thread count: a positive whole number (OMP_NUM_THREADS: the first of
+    its list of nested levels). OpenMP and the BLAS libraries start their full pools on anything
+    else, so an empty or invalid variable is no choice of the user's."""
+    first = value.split(",")[0].strip()
+    return first.isdigit() and int(first) > 0
+
+
 def configure_threads(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> dict:
     """Size torch's and NumPy's pools for a rank that may run on the CPUs ``mine``, among the
     node's ranks whose CPU sets are ``node_sets`` (once per process); returns what was decided
     (``{}`` when the user decided)."""
     if "decided" in _done:
         return _done["decided"]
-    chosen = [v for v in USER_VARIABLES if v in os.environ]
+    invalid = [v for v in USER_VARIABLES if v in os.environ and not _is_count(os.environ[v])]
+    if invalid:
+        _log.warning("%s: not a thread count, which the thread libraries ignore; sizing the pools as if "
+                     "unset", ", ".join(f"{v}={os.environ[v]!r}" for v in invalid))
+    chosen = [v for v in USER_VARIABLES if v in os.environ and v not in invalid]
     if chosen:
         _log.info("thread counts left as set (%s)", ", ".join(f"{v}={os.environ[v]}" for v in chosen))
         _done["decided"] = {}

@@ -100,3 +100,34 @@ def test_the_first_decision_holds_for_the_process(nothing_set):
             assert torch.get_num_threads() == 1
         finally:
             torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["", " ", "0", "auto", "-2"])
+def test_a_variable_that_is_no_thread_count_is_not_a_choice(monkeypatch, caplog, nothing_set, value):
+    """``export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK`` outside ``--cpus-per-task`` leaves it empty:
+    the thread libraries reject such a value and start their full pools, so the pools are sized as
+    with nothing set, and a warning names the variable."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    monkeypatch.setattr(threads, "rank_cores", lambda mine, node: 1)
+    before = torch.get_num_threads()
+    with threadpool_limits(), caplog.at_level("WARNING", logger="hpckfac"):
+        try:
+            assert threads.configure_threads(cpus(0, 2), [cpus(0, 2)] * 2) == {"torch": 1, "blas": 1}
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)
+    assert f"OMP_NUM_THREADS={value!r}" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["3", " 3", "3,1"])
+def test_a_thread_count_is_a_choice(monkeypatch, nothing_set, value):
+    """A positive count, also with spaces or as OMP_NUM_THREADS' list of nested levels, is the user's."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    before = torch.get_num_threads()
+    assert threads.configure_threads(cpus(0, 2), [cpus(0, 2)] * 2) == {}
+    assert torch.get_num_threads() == before
