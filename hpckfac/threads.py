@@ -9,7 +9,9 @@ divided among the node's ranks that may run on it: all cores of a set the
 launcher gave the rank alone, the node's cores divided by its ranks when
 nothing is bound, torchrun's convention), and NumPy's BLAS one thread,
 because the K-FAC products run in torch's pool (``hpckfac.ops.factors``,
-``hpckfac.ops.kron_apply``) and NumPy is left with small work. It runs once per process, when the first
+``hpckfac.ops.kron_apply``) and NumPy is left with small work. A BLAS variable
+alone (``OPENBLAS_NUM_THREADS``, ``BLIS_NUM_THREADS``) leaves NumPy's pool as set
+and torch's still sized. It runs once per process, when the first
 Communicator is created, and logs its choice.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Sequence
 from hpckfac.log import get_logger
 
 USER_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS")
+TORCH_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # those torch sizes its own pool from
 _log = get_logger("hpckfac.threads")
 _done: dict = {}
 
@@ -47,7 +50,7 @@ def _is_count(value: str) -> bool:
 def configure_threads(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> dict:
     """Size torch's and NumPy's pools for a rank that may run on the CPUs ``mine``, among the
     node's ranks whose CPU sets are ``node_sets`` (once per process); returns what was decided
-    (``{}`` when the user decided)."""
+    (``{}`` when the user decided both; ``"blas": None`` where the BLAS pool was left as it is)."""
     if "decided" in _done:
         return _done["decided"]
     invalid = [v for v in USER_VARIABLES if v in os.environ and not _is_count(os.environ[v])]
@@ -55,22 +58,26 @@ def configure_threads(mine: frozenset[int], node_sets: Sequence[frozenset[int]])
         _log.warning("%s: not a thread count, which the thread libraries ignore; sizing the pools as if "
                      "unset", ", ".join(f"{v}={os.environ[v]!r}" for v in invalid))
     chosen = [v for v in USER_VARIABLES if v in os.environ and v not in invalid]
-    if chosen:
-        _log.info("thread counts left as set (%s)", ", ".join(f"{v}={os.environ[v]}" for v in chosen))
+    as_set = ", ".join(f"{v}={os.environ[v]}" for v in chosen)
+    if any(v in TORCH_VARIABLES for v in chosen):
+        _log.info("thread counts left as set (%s)", as_set)
         _done["decided"] = {}
         return {}
     import torch
 
-    decided = {"torch": rank_cores(mine, node_sets), "blas": 1}
+    # A BLAS variable alone sizes NumPy's pool only: torch's still needs the rank's share.
+    decided = {"torch": rank_cores(mine, node_sets), "blas": None if chosen else 1}
     torch.set_num_threads(decided["torch"])
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # the BLAS pool stays as it is
-        decided["blas"] = None
-    else:
-        threadpool_limits(limits=1, user_api="blas")
-    _log.info("%d rank(s) on this node, %d of them on this rank's %d CPU(s): %d torch thread(s), %s BLAS "
-              "thread(s) per rank (set OMP_NUM_THREADS or OPENBLAS_NUM_THREADS to choose)", len(node_sets),
-              _sharing(mine, node_sets), len(mine), decided["torch"], decided["blas"] if decided["blas"] else "default")
+    if not chosen:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # the BLAS pool stays as it is
+            decided["blas"] = None
+        else:
+            threadpool_limits(limits=1, user_api="blas")
+    blas = f"BLAS thread(s) as set ({as_set})" if chosen else f"{decided['blas'] or 'default'} BLAS thread(s)"
+    _log.info("%d rank(s) on this node, %d of them on this rank's %d CPU(s): %d torch thread(s), %s per rank "
+              "(set OMP_NUM_THREADS to choose)", len(node_sets), _sharing(mine, node_sets), len(mine),
+              decided["torch"], blas)
     _done["decided"] = decided
     return decided

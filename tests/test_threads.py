@@ -70,11 +70,11 @@ def test_blas_gets_one_thread_whatever_torch_gets(nothing_set):
             torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS"])
-def test_each_documented_variable_leaves_the_pools_alone(monkeypatch, name, nothing_set):
-    """Any one of the four variables the documentation names is the user's choice: the pools
-    are left as they are, and that decision holds for the process (a second call, with the
-    variable gone, still changes nothing)."""
+@pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_each_torch_variable_leaves_the_pools_alone(monkeypatch, name, nothing_set):
+    """Either variable torch sizes its pool from is the user's choice: the pools are left as
+    they are, and that decision holds for the process (a second call, with the variable gone,
+    still changes nothing)."""
     import torch
 
     monkeypatch.setenv(name, "2")
@@ -83,6 +83,25 @@ def test_each_documented_variable_leaves_the_pools_alone(monkeypatch, name, noth
     monkeypatch.delenv(name)
     assert threads.configure_threads(cpus(0, 4), [cpus(0, 4)]) == {}
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("name", ["OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS"])
+def test_a_blas_variable_leaves_torch_to_the_division(monkeypatch, name, nothing_set):
+    """A site that sets only ``OPENBLAS_NUM_THREADS=1`` (for NumPy) chose no size for torch's pool,
+    which torch does not read it for: torch still gets the rank's share, NumPy's BLAS stays as set."""
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    monkeypatch.setenv(name, "2")
+    monkeypatch.setattr(threads, "rank_cores", lambda mine, node: 1)
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=2, user_api="blas"):
+        try:
+            assert threads.configure_threads(cpus(0, 2), [cpus(0, 2)] * 2) == {"torch": 1, "blas": None}
+            assert torch.get_num_threads() == 1
+            assert all(p["num_threads"] == 2 for p in threadpool_info() if p["user_api"] == "blas")
+        finally:
+            torch.set_num_threads(before)
 
 
 def test_the_first_decision_holds_for_the_process(nothing_set):
