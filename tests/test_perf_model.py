@@ -378,6 +378,26 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert math.isfinite(result["predictions"]["h100-ndr"]["rows"][-1]["total_ms"])
 
 
+def test_cli_calibrates_on_the_cores_it_may_run_on(tmp_path, monkeypatch, capsys):
+    """Without ``--cores`` the calibration takes the CPUs this process may run on, as the runs
+    of a study started in the same shell had them (``taskset -c 0 jobs/local_scaling.sh``: one
+    core of a larger machine, its 2-rank runs sharing it), not the machine's count."""
+    import os
+
+    config = scaling_config()
+    truth = model.Machine("truth", 3e9, 5e8, 2e9, 4e-5, 2e-9, cores=1)
+    runs = [{"ranks": p, "assignment": "lpt",
+             "stages": {s: v for s, v in model.predict(model.workload_from_config(config, p), truth, p).items()
+                        if s in ITERATION_STAGES}}
+            for p in (1, 2)]
+    combined = tmp_path / "combined.json"
+    combined.write_text(json.dumps({"config": config, "results": {"runs": runs}}))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert model.main(["--calibrate", str(combined), "--ranks", "1,8"]) == 0
+    assert "GF/s, 1 cores" in capsys.readouterr().out
+
+
 def test_measured_rates_are_positive():
     rates = model.measure_rates(tiny_model(), batch=3, repeat=1)
     assert set(rates) == {"factor_flops", "inverse_rate", "gemm_flops", "plain_gemm"}

@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
                         help="time the NumPy compute rates here on ResNet-50 with channels / SCALE "
                              "(64x64 images, 32 examples per product)")
     parser.add_argument("--cores", type=int, default=None,
-                        help="cores the calibration runs shared (default: this machine's count)")
+                        help="cores the calibration runs shared (default: the CPUs this process may run on, "
+                             "as the runs of a study started from the same shell had them)")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
                         help="machines to extrapolate to (default: all)")
     parser.add_argument("--ranks", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
@@ -521,10 +522,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
     results: dict[str, Any] = {}
 
     if args.calibrate:
-        import os
+        from hpckfac.comm.topology import cpu_set
 
         config, runs = _load_runs(args.calibrate)
-        cores = args.cores or os.cpu_count() or 1  # --cores 0 or less was refused above
+        # Not the machine's count: a study started under taskset or in a job's CPU set had fewer.
+        cores = args.cores or len(cpu_set())  # --cores 0 or less was refused above
         for method in sorted({r["assignment"] for r in runs}):
             mine = [r for r in runs if r["assignment"] == method]
             machine = calibrate(config, mine, cores)
