@@ -100,3 +100,29 @@ def test_a_float16_pipeline_whose_kl_sum_passes_65504_gives_the_clipped_update()
     nu = math.sqrt(kl_clip / (lr * lr * total))
     assert engine.last_nu == pytest.approx(nu, rel=1e-2)
     np.testing.assert_allclose(np.asarray(out, dtype=np.float64), nu * v, rtol=2e-2, atol=2e-2 * np.abs(nu * v).max())
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("magnitude", [1e22, 1e30])
+def test_a_float32_kl_sum_whose_products_pass_float32s_range_gives_the_clipped_update(seed, magnitude):
+    """Finite float32 gradients and preconditioned gradients whose products ``V * grad`` are
+    beyond float32's 3.4e38 while their float64 sum is not: nu and the update are the float64
+    oracle's, not NaN."""
+    rng = np.random.default_rng(seed)
+    block = LinearBlock("fc", 30, 20, bias=True)
+    a, g = (x @ x.T / (2 * n) + np.eye(n) for n in (31, 20) for x in [rng.standard_normal((n, 2 * n))])
+    grad = (magnitude * rng.standard_normal((20, 31))).astype(np.float32).astype(np.float64)
+    stats = np.concatenate([a[np.triu_indices(31)], g[np.triu_indices(20)]]).astype(np.float32).astype(np.float64)
+    a, g = (np.asarray(m, dtype=np.float32).astype(np.float64) for m in (a, g))
+    damping, lr, kl_clip = 1e-3, 0.1, 1e-2
+    engine = KFACEngine([block], Communicator(MPI.COMM_SELF), damping=damping, factor_decay=0.9, kl_clip=kl_clip,
+                        comm_dtype=np.float32)
+    (out,) = engine.step([grad], [stats], lr=lr)
+    pi = math.sqrt((np.trace(a) / 31) / (np.trace(g) / 20))
+    v = np.linalg.inv(g + math.sqrt(damping) / pi * np.eye(20)) @ grad @ np.linalg.inv(
+        a + pi * math.sqrt(damping) * np.eye(31))
+    total = float(np.sum(v * grad))
+    assert np.abs(v * grad).max() > np.finfo(np.float32).max and math.isfinite(total)
+    nu = math.sqrt(kl_clip / (lr * lr * total))
+    assert engine.last_nu == pytest.approx(nu, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(out, dtype=np.float64), nu * v, rtol=1e-4, atol=1e-5 * np.abs(nu * v).max())

@@ -19,11 +19,22 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from hpckfac import arrays, ops
+from hpckfac.arrays import namespace
 from hpckfac.log import get_logger
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.stages.state_buffer import pack_block_state, state_elements
 
 _log = get_logger("hpckfac.stages.owner")
+
+
+def float64_dot(x: Any, y: Any) -> Any:
+    """``sum(x * y)`` of two 1-D arrays as a float64 0-d array of their namespace, the products
+    taken in float64 too: in float32 a product of finite elements beyond 3.4e38 (gradients of
+    1e20) is inf, and the KL clip would make the update NaN."""
+    xp = namespace(x)
+    if xp is np:  # casts through NumPy's small buffers: no float64 copy of the gradients
+        return np.asarray(np.einsum("i,i->", x, y, dtype=np.float64))
+    return xp.multiply(x, y, dtype=np.float64).sum()
 
 
 class OwnerState:
@@ -216,10 +227,9 @@ class OwnerState:
         # Non-finite gradients (a GradScaler's overflow step) give non-finite products on purpose.
         with np.errstate(invalid="ignore", over="ignore"):
             self._precondition_runs(grads, out)
-            # One sum for all blocks rather than a dot per block (one launch instead of hundreds
-            # on a GPU); products in the state's dtype, accumulated in float64 without a float64
-            # copy. Non-finite gradients make it NaN: the KL clip then passes them on.
-            return (out * grads).sum(dtype=np.float64)
+            # One sum for all blocks rather than a dot per block (a few launches instead of
+            # hundreds on a GPU). Non-finite gradients make it NaN: the KL clip then passes them on.
+            return float64_dot(out, grads)
 
     def _precondition_runs(self, grads, out) -> None:
         """Each owned run's preconditioned gradients (read from ``grads``) into ``out``."""
