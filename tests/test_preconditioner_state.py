@@ -835,3 +835,50 @@ def test_a_damping_schedule_runs_once_per_step(comm):
         nn.functional.cross_entropy(model(x), y).backward()
         precond.step()
     assert calls == [0, 1, 2]
+
+
+@needs_amp_grad_scaler
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 70, 2.0 ** 100])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_grown_grad_scaler_scale_leaves_the_float32_factors_those_of_the_true_gradients(comm, seed, scale,
+                                                                                          autocast):
+    """A float32 model (or bf16 autocast, where nothing overflows to stop the scale from
+    growing) under a GradScaler whose scale has grown large: the gradients the hooks see are the
+    true ones times the scale, their Gram beyond float32's range and the scale's square below
+    it, while the factors of the true gradients fit. The preconditioned .grad is the float64
+    oracle's, from the layers' inputs and unscaled per-example output gradients."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    seen = {}
+
+    def capture(name):
+        def forward(module, args, out):
+            seen[name] = {"a": args[0].detach().double().numpy().copy()}
+            out.register_hook(lambda g: seen[name].__setitem__("g", g.detach().double().numpy() / scale))
+        return forward
+
+    for name in ("0", "2"):
+        model.get_submodule(name).register_forward_hook(capture(name))
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    damping = 1e-2
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=scaler, kl_clip=None, damping=damping)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    scaler.scale(nn.functional.cross_entropy(out.float(), y)).backward()
+    scaler.unscale_(opt)
+    grads = {name: np.hstack([m.weight.grad.double().numpy(), m.bias.grad.double().numpy()[:, None]])
+             for name, m in (("0", model[0]), ("2", model[2]))}
+    precond.step()
+    for name, m in (("0", model[0]), ("2", model[2])):
+        a = np.hstack([seen[name]["a"], np.ones((16, 1))])
+        g = seen[name]["g"] * 16  # per-example: the mean loss's times the batch
+        fa, fg = a.T @ a / 16, g.T @ g / 16
+        pi = np.sqrt((np.trace(fa) / len(fa)) / (np.trace(fg) / len(fg)))
+        want = np.linalg.inv(fg + np.sqrt(damping) / pi * np.eye(len(fg))) @ grads[name] @ np.linalg.inv(
+            fa + pi * np.sqrt(damping) * np.eye(len(fa)))
+        got = np.hstack([m.weight.grad.double().numpy(), m.bias.grad.double().numpy()[:, None]])
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5, name

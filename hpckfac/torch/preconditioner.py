@@ -427,17 +427,30 @@ class KFACPreconditioner(UsageChecks):
         self.local.add_examples(examples, self._sample)
 
     def _grad_scale(self, batch: int) -> float:
-        """Factor turning the output gradients of a micro-batch of ``batch`` examples into
-        per-example ones."""
-        scale = batch * self.accumulation_steps
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            if self._scaler_scale is None:
-                # get_scale() reads the scale back from the GPU, waiting for its queue: once per
-                # step, not once per layer in backward. The scale changes only in scaler.update(),
-                # after step(), which forgets this reading.
-                self._scaler_scale = float(self.grad_scaler.get_scale())
-            scale /= self._scaler_scale
-        return scale
+        """Factor turning the output gradients of a micro-batch of ``batch`` examples, with any
+        GradScaler's scale undone (``_unscaled``), into per-example ones."""
+        return batch * self.accumulation_steps
+
+    def _unscaled(self, g: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(g', f)``: the output gradient ``g`` and the factor still to apply to its statistics
+        to undo an enabled GradScaler's scale ``s`` (``(g, 1)`` without one). float16 ``g`` is
+        kept, ``f = 1/s²``: its values are below 65504, so their Gram fits float32, and the
+        kernels read half the bytes. Any other ``g`` is divided by ``s`` before the factor's
+        product, in a float32 (float64) copy, ``f = 1``: a scale grown to 2^70 (under float32 or
+        bf16 nothing overflows to stop its growth) makes the Gram of the scaled gradients
+        overflow float32 and ``1/s²`` underflow, where the Gram of the true ones fits. The
+        scaler keeps a power of two: either way the division is exact."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return g, 1.0
+        if self._scaler_scale is None:
+            # get_scale() reads the scale back from the GPU, waiting for its queue: once per
+            # step, not once per layer in backward. The scale changes only in scaler.update(),
+            # after step(), which forgets this reading.
+            self._scaler_scale = float(self.grad_scaler.get_scale())
+        if g.dtype == torch.float16:
+            return g, self._scaler_scale ** -2
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        return g.to(dtype, copy=True).mul_(1.0 / self._scaler_scale), 1.0
 
     def _on_input(self, index: int, a: torch.Tensor, output: Any = None, batch_first: bool = False
                   ) -> tuple[int, int, int, bool] | None:
@@ -624,9 +637,9 @@ class KFACPreconditioner(UsageChecks):
             # as the positions of a sequence, so the factors are those of the unflattened layer.
             scale *= batch / rows
         with device_scope(self.device):
+            g, unscale = self._unscaled(self._sampled(index, g, batch, sample))
             try:
-                taken = self.local.add_output_grads(index, to_array(self._sampled(index, g, batch, sample)), scale,
-                                                    call)
+                taken = self.local.add_output_grads(index, to_array(g), scale * unscale, call)
             except (ValueError, RuntimeError) as err:
                 self._raise_if_resized(index, err)
                 raise
