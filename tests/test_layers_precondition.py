@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock, pi_damping
+from hpckfac.layers import BatchNormBlock, ConvBlock, EmbeddingBlock, LinearBlock, pi_damping
 
 DAMPING = 0.03
 
@@ -85,6 +85,32 @@ def test_pi_damping_guards_an_overflowing_term():
     a, g = np.diag([3e-310, 0.0]), np.diag([1.0, 2.0, 0.0])
     assert math.isinf(math.sqrt(1e308) / math.sqrt(1.5e-310 / 1.0))
     assert pi_damping(a, g, 1e308) == pytest.approx((1e154, 1e154), rel=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pi_of_float32_factors_whose_trace_passes_float32s_range(seed):
+    """Float32 factors with finite entries whose trace is beyond 3.4e38 (601 diagonal entries of
+    ~1e36: a layer fed activations of ~1e18): pi is the float64 oracle's, from the traces summed
+    in float64, not the pi = 1 of a float32 trace's inf."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((700, 601)) * 1e18
+    y = rng.standard_normal((700, 5))
+    a, g = (np.asarray(m.T @ m / len(m), dtype=np.float32) for m in (x, y))
+    with np.errstate(over="ignore"):
+        assert np.isfinite(a).all() and np.isinf(np.trace(a, dtype=np.float32))
+    root = math.sqrt(DAMPING)
+
+    def pi_of(f_a, f_g):
+        return math.sqrt((np.trace(f_a, dtype=np.float64) / len(f_a)) / (np.trace(f_g, dtype=np.float64) / len(f_g)))
+
+    pi = pi_of(a, g)
+    assert pi_damping(a, g, DAMPING) == pytest.approx((pi * root, root / pi), rel=1e-6)
+    damp_a, damp_g = LinearBlock("fc", 600, 5, bias=True).damping([a[None], g[None]], DAMPING)
+    assert (float(damp_a[0]), float(damp_g[0])) == pytest.approx((pi * root, root / pi), rel=1e-6)
+    counts = np.asarray(rng.integers(1, 9, size=5), dtype=np.float32)[:, None, None]  # A's 1x1 entries
+    damp_a, damp_g = EmbeddingBlock("emb", 5, 601).damping([counts, a[None]], DAMPING)
+    pi = pi_of(np.diag(counts.ravel()), a)
+    assert (float(damp_a[0]), float(damp_g[0])) == pytest.approx((pi * root, root / pi), rel=1e-6)
 
 
 @pytest.mark.parametrize("damping", [-1e-3, math.nan, math.inf, "big", None])

@@ -26,8 +26,9 @@ def pi_damping(a: Array, g: Array, damping: float) -> tuple[float, float]:
     for mat, name in ((a, "a"), (g, "g")):
         if getattr(mat, "ndim", None) != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] == 0:
             raise ValueError(f"{name}: expected a non-empty square matrix, got shape {getattr(mat, 'shape', None)}")
-    mean_a = np.float64(float(a.trace()) / a.shape[0])
-    mean_g = np.float64(float(g.trace()) / g.shape[0])
+    # Summed in float64: a float32 factor's trace passes float32's range long before its entries do.
+    mean_a = np.float64(float(a.trace(dtype=np.float64)) / a.shape[0])
+    mean_g = np.float64(float(g.trace(dtype=np.float64)) / g.shape[0])
     terms = pi_damping_terms(mean_a, mean_g, damping, np)
     return float(terms[0]), float(terms[1])
 

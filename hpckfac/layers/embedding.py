@@ -111,7 +111,7 @@ class EmbeddingBlock(CurvatureBlock):
         a, g = factors
         xp = array_module(a)
         mean_a = a.sum(dtype=np.float64).reshape(1) / np.float64(self.num_embeddings)
-        mean_g = xp.trace(g, axis1=1, axis2=2).astype(np.float64) / np.float64(self.embedding_dim)
+        mean_g = xp.trace(g, axis1=1, axis2=2, dtype=np.float64) / np.float64(self.embedding_dim)
         damp_a, damp_g = pi_damping_terms(mean_a, mean_g, damping, xp)
         return [xp.broadcast_to(damp_a, (self.num_embeddings,)), damp_g]
 

@@ -187,8 +187,9 @@ class KronBlock(CurvatureBlock):
         """pi-corrected Tikhonov damping of each group's pair (``hpckfac.layers.damping``)."""
         a, g = factors
         xp = array_module(a)
-        mean_a = xp.trace(a, axis1=1, axis2=2).astype(np.float64) / np.float64(self.d_A)
-        mean_g = xp.trace(g, axis1=1, axis2=2).astype(np.float64) / np.float64(self.d_G)
+        # Summed in float64: a float32 factor's trace passes float32's range long before its entries do.
+        mean_a = xp.trace(a, axis1=1, axis2=2, dtype=np.float64) / np.float64(self.d_A)
+        mean_g = xp.trace(g, axis1=1, axis2=2, dtype=np.float64) / np.float64(self.d_G)
         return list(pi_damping_terms(mean_a, mean_g, damping, xp))
 
     def precondition(self, grad: Array, inverses: Sequence[Array]) -> Array:
