@@ -13,7 +13,9 @@ from torch import nn
 
 from hpckfac import ops
 from hpckfac.comm import Communicator
+from hpckfac.layers import LinearBlock
 from hpckfac.ops import inverse as cpu_inverse
+from hpckfac.stages.engine import KFACEngine
 from hpckfac.torch import KFACPreconditioner
 
 LR, DAMPING, DECAY, KL_CLIP = 0.1, 1e-2, 0.8, 1e-4
@@ -256,3 +258,25 @@ def test_a_float32_first_order_parameter_leaves_a_float64_layer_in_float64():
     inv_a, inv_g = inverses_at([a.T @ a / len(x), g.T @ g / len(x)], 1e-3)
     np.testing.assert_allclose(gradient_matrix(net.linear), inv_g @ grad @ inv_a, rtol=1e-12, atol=1e-15)
     assert np.dtype(precond.engine.comm_dtype) == np.float64
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_damping_term_beyond_float32s_range_is_inverted_not_refused(seed):
+    """Float32 factors of ~1e30 (inputs of 1e15) and ~1e-30 (output gradients of 1e-15) under the
+    largest damping allowed, 1e18: ``pi * sqrt(damping)`` (1e39) is finite in float64 and beyond
+    float32's range. The step inverts ``A + pi sqrt(l) I`` (its float64 eigen fallback) and gives
+    the float64 oracle's update instead of raising on a damping cast to inf."""
+    rng = np.random.default_rng(seed)
+    block = LinearBlock("fc", 7, 4, bias=False)
+    x, y = rng.standard_normal((64, 7)) * 1e15, rng.standard_normal((64, 4)) * 1e-15
+    a, g = (np.asarray(m.T @ m / 64, dtype=np.float32).astype(np.float64) for m in (x, y))
+    stats = np.concatenate([a[np.triu_indices(7)], g[np.triu_indices(4)]])
+    grad = rng.standard_normal((4, 7)).astype(np.float32).astype(np.float64)
+    damping = 1e18
+    engine = KFACEngine([block], Communicator(MPI.COMM_SELF), damping=damping, kl_clip=None, comm_dtype=np.float32)
+    (got,) = engine.step([grad], [stats], lr=0.1)
+    inv_a, inv_g = inverses_at([a, g], damping)
+    pi = math.sqrt((np.trace(a) / 7) / (np.trace(g) / 4))
+    assert float(np.finfo(np.float32).max) < pi * math.sqrt(damping) < math.inf
+    want = inv_g @ grad @ inv_a
+    assert np.linalg.norm(np.asarray(got, dtype=np.float64) - want) / np.linalg.norm(want) < 1e-4

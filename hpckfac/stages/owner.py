@@ -164,9 +164,11 @@ class OwnerState:
             # The batch is ours (unpacked above): the inversion may overwrite it. C order
             # whatever the solver returned (LAPACK's are column-major per matrix): inverses
             # loaded from a checkpoint are C-ordered, and the products must round the same way
-            # for a resumed run to follow the uninterrupted one bit for bit.
-            result = xp.ascontiguousarray(ops.damped_inverse(batches.pop(n), damp.astype(self.dtype),
-                                                             overwrite_mats=True).inverse)
+            # for a resumed run to follow the uninterrupted one bit for bit. The damping is passed
+            # as the blocks give it (float64): a term beyond the state's dtype (pi*sqrt(l) of 1e39
+            # in float32) is the inversion's to take (its float64 eigen fallback), where the cast
+            # would make it an inf that the inversion refuses.
+            result = xp.ascontiguousarray(ops.damped_inverse(batches.pop(n), damp, overwrite_mats=True).inverse)
             for slot, i, count in items:
                 _, start, stop = spans[(i, slot)]
                 self.inverses[i][slot] = result[start:stop]
