@@ -19,7 +19,6 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from hpckfac import arrays, ops
-from hpckfac.arrays import namespace
 from hpckfac.log import get_logger
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.stages.state_buffer import pack_block_state, state_elements
@@ -31,7 +30,7 @@ def float64_dot(x: Any, y: Any) -> Any:
     """``sum(x * y)`` of two 1-D arrays as a float64 0-d array of their namespace, the products
     taken in float64 too: in float32 a product of finite elements beyond 3.4e38 (gradients of
     1e20) is inf, and the KL clip would make the update NaN."""
-    xp = namespace(x)
+    xp = arrays.namespace(x)
     if xp is np:  # casts through NumPy's small buffers: no float64 copy of the gradients
         return np.asarray(np.einsum("i,i->", x, y, dtype=np.float64))
     return xp.multiply(x, y, dtype=np.float64).sum()
