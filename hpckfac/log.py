@@ -10,6 +10,8 @@ _FORMAT = "%(asctime)s [rank %(rank)s/%(world)s] %(name)s %(levelname)s: %(messa
 def _rank_and_size() -> tuple[int, int | str]:
     """This process's rank and the job's size from the launcher's variables (MPICH, Open MPI,
     Slurm, PMIx), ``"?"`` for a size the launcher does not say; ``(0, 1)`` without a launcher.
+    A value that is no whole number (an empty ``SLURM_NTASKS`` left by a wrapper script) is
+    passed over: a log tag must not stop ``import hpckfac``.
 
     Read from the environment rather than MPI so that logging works before (and without) MPI
     initialisation; ``set_rank()`` overrides it once a communicator exists."""
@@ -19,9 +21,10 @@ def _rank_and_size() -> tuple[int, int | str]:
         ("SLURM_PROCID", "SLURM_NTASKS"),
         ("PMIX_RANK", "PMIX_SIZE"),  # PMIx itself exports no size: "?" rather than a wrong 1
     ):
-        if rank_var in os.environ:
-            size = os.environ.get(size_var)
-            return int(os.environ[rank_var]), int(size) if size is not None else "?"
+        rank = os.environ.get(rank_var, "")
+        if rank.isdigit():
+            size = os.environ.get(size_var, "")
+            return int(rank), int(size) if size.isdigit() else "?"
     return 0, 1
 
 

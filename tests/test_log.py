@@ -17,6 +17,9 @@ LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORL
     ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "7", "PMIX_RANK": "2"}, (2, 7)),
     ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, (1, 4)),
     ({"PMIX_RANK": "6"}, (6, "?")),
+    ({"PMI_RANK": "abc", "SLURM_PROCID": "2", "SLURM_NTASKS": "3"}, (2, 3)),  # not a number: the next launcher's
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": ""}, (1, "?")),
+    ({"PMI_RANK": ""}, (0, 1)),
 ])
 def test_rank_and_size_from_the_launcher(monkeypatch, env, expected):
     for name in LAUNCHER_VARS:
