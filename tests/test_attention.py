@@ -103,8 +103,10 @@ def padding(kind: str, gen: torch.Generator) -> dict:
     return {"key_padding_mask": padded}
 
 
-def run(net: Net, steps: int = 2, kind: str = "none", micro: int = 1, **options) -> tuple[list, list]:
-    """Every block's running factors (dense) and every parameter's .grad after each step."""
+def run(net: Net, steps: int = 2, kind: str = "none", micro: int = 1, tokens: int = TOKENS,
+        **options) -> tuple[list, list]:
+    """Every block's running factors (dense) and every parameter's .grad after each step, on
+    inputs of ``tokens`` positions."""
     precond = KFACPreconditioner(net, comm=Communicator(MPI.COMM_SELF), damping=1e-2, factor_update_interval=1,
                                  inverse_update_interval=1, kl_clip=None, accumulation_steps=micro, **options)
     gen = torch.Generator().manual_seed(1)
@@ -112,7 +114,7 @@ def run(net: Net, steps: int = 2, kind: str = "none", micro: int = 1, **options)
     for _ in range(steps):
         net.zero_grad()
         for _ in range(micro):
-            x = torch.randn(BATCH, TOKENS, E, generator=gen, dtype=torch.float64)
+            x = torch.randn(BATCH, tokens, E, generator=gen, dtype=torch.float64)
             y = torch.randint(0, 3, (BATCH,), generator=gen)
             (nn.functional.cross_entropy(net(x, **padding(kind, gen)), y) / micro).backward()
         precond.step()
@@ -162,6 +164,25 @@ def test_statistics_fraction_and_accumulation_equal_explicit_linear_layers(batch
     net, twin = pair(True, batch_first)
     factors, grads = run(net, kind="padding", micro=2, statistics_fraction=0.5)
     twin_factors, twin_grads = run(twin, kind="padding", micro=2, statistics_fraction=0.5)
+    for step in range(2):
+        for mine, theirs in zip(factors[step], twin_factors[step]):
+            for m, t in zip(mine, theirs):
+                np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
+        for mine, theirs in zip(grads[step], twin_grads[step]):
+            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_as_many_positions_as_examples_are_read_by_the_layers_own_layout(caplog):
+    """A ``(T, B, E)`` query with ``T == B`` reads the same either way round; the tap hands the
+    projections over batch-first from the layer's ``batch_first``: a sequence-first layer's
+    factors and gradients equal the batch-first explicit twin's on the same data, and no warning
+    calls its layout ambiguous (as it would for an ``nn.Linear`` in a sequence-first model)."""
+    net, _ = pair(True, batch_first=False)
+    _, twin = pair(True, batch_first=True)  # the same weights, nn.Linear projections on (B, T, E)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        factors, grads = run(net, tokens=BATCH)
+    assert "as many positions as examples" not in caplog.text
+    twin_factors, twin_grads = run(twin, tokens=BATCH)
     for step in range(2):
         for mine, theirs in zip(factors[step], twin_factors[step]):
             for m, t in zip(mine, theirs):
