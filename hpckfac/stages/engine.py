@@ -370,8 +370,9 @@ class KFACEngine:
           is the gathered buffer).
         """
         state = self.state
+        # A run's stacked inverses need no entry: the stack and its blocks' inverses are views of
+        # one buffer, which the blocks' reach.
         inverses = [x for inv in state.inverses if inv is not None for x in inv]
-        inverses += [x for stacks in state._stacks.values() for x in stacks]
         return held_bytes({"send_buffers": [self.reduce_scatter.buffer(f) for f in (False, True)],
                            "received": [self.reduce_scatter.received],
                            "running_factors": [state._running],

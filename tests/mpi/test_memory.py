@@ -34,6 +34,9 @@ SETS = {
              [linear_sizes(30, 20, True), linear_sizes(20, 10, False), batchnorm_sizes(8),
               linear_sizes(10, 5, True)]),
     "one": ([LinearBlock("fc", 12, 7, bias=True)], [linear_sizes(12, 7, True)]),
+    # Equal blocks an owner inverts and preconditions as one run: its inverses stacked, each
+    # block's a view of the stack, which counts once.
+    "run": ([LinearBlock(f"fc{i}", 9, 7, bias=True) for i in range(5)], [linear_sizes(9, 7, True)] * 5),
 }
 
 
