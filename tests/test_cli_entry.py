@@ -147,25 +147,44 @@ def buffered_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **extra}
 
 
-@pytest.mark.parametrize("argv", [["-m", "hpckfac", "--help"], ["-m", "hpckfac.bench", "--help"],
-                                  ["-m", "hpckfac", "train", "--steps", "2", "--batch-size", "16", "--no-progress"]])
-def test_a_closed_stdout_ends_quietly(argv):
-    """``hpckfac ... | head``: the reader of stdout gone before the first line, the command ends
-    with the status of a Unix tool ended by SIGPIPE and says nothing on stderr. (argparse's
-    ``--help`` of a command ignores the failed write itself and exits 0.)"""
+def into_closed_pipe(argv: list[str], env: dict[str, str], stderr_too: bool = False):
+    """``python argv`` with stdout (and stderr with ``stderr_too``, as ``2>&1 | head`` has it) into a
+    pipe whose reader is gone before the command starts: its first write there fails, whatever the
+    timing. The completed process, its stderr captured unless it went into the pipe."""
     import os
     import subprocess
     import sys
 
     read, write = os.pipe()
-    os.close(read)  # closed before the command starts: its first write fails, whatever the timing
+    os.close(read)
     try:
         # transformers 5 beside a torch older than 2.6 prints its own notices on stderr when torch's
         # optimizers import it; they are not the command's to silence.
-        done = subprocess.run([sys.executable, *argv], stdout=write, stderr=subprocess.PIPE, text=True,
-                              timeout=300, env=buffered_env(OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"))
+        return subprocess.run([sys.executable, *argv], stdout=write, stderr=write if stderr_too else subprocess.PIPE,
+                              text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1",
+                                                           "TRANSFORMERS_VERBOSITY": "error"})
     finally:
         os.close(write)
+
+
+TRAIN = ["-m", "hpckfac", "train", "--steps", "2", "--batch-size", "16"]
+
+
+@pytest.mark.parametrize("argv", [["-m", "hpckfac", "--help"], ["-m", "hpckfac.bench", "--help"],
+                                  TRAIN + ["--no-progress"]])
+def test_a_closed_stdout_ends_quietly(argv):
+    """``hpckfac ... | head``: the reader of stdout gone before the first line, the command ends
+    with the status of a Unix tool ended by SIGPIPE and says nothing on stderr. (argparse's
+    ``--help`` of a command ignores the failed write itself and exits 0.)"""
+    done = into_closed_pipe(argv, buffered_env())
+    assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
+
+
+def test_a_write_that_fails_inside_a_benchmark_is_no_error_of_its_own():
+    """Unbuffered, the first print fails inside the benchmark rather than at exit: its handling of
+    the user's errors (OSError among them) must not report the broken pipe as one."""
+    done = into_closed_pipe(["-m", "hpckfac.bench", "model", "--ranks", "1,2", "--preset", "h100-ndr"],
+                            buffered_env(PYTHONUNBUFFERED="1"))
     assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
 
 
