@@ -23,16 +23,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def exit_status(run: Callable[[], int], prog: str) -> int:
     """``run()``'s exit status, ending as a Unix tool ends where the user ends it: when the
-    reader of stdout goes away first (``hpckfac ... | head``), ``BROKEN_PIPE_STATUS`` and nothing
-    on stderr; on Ctrl-C outside the training loop (which reports it itself: while torch loads,
-    say), one line and ``INTERRUPTED_STATUS``; a traceback in neither case."""
+    reader of stdout goes away first (``hpckfac ... | head``, also with stderr in the pipe:
+    ``2>&1 | head``), ``BROKEN_PIPE_STATUS`` and nothing on stderr; on Ctrl-C outside the
+    training loop (which reports it itself: while torch loads, say), one line and
+    ``INTERRUPTED_STATUS``; a traceback in neither case."""
     try:
         status = run()
         sys.stdout.flush()  # here, not in the interpreter's exit, whose failure would print
         return status
     except BrokenPipeError:
-        # Python's own flush at exit would fail again on the closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # Python's own flush at exit would fail again on the closed pipe: stdout's, and stderr's
+        # where the pipe took it too (``2>&1 | head``), holding the line that failed.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            sys.stderr.flush()
+        except BrokenPipeError:
+            os.dup2(devnull, sys.stderr.fileno())
         return BROKEN_PIPE_STATUS
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -188,6 +188,14 @@ def test_a_write_that_fails_inside_a_benchmark_is_no_error_of_its_own():
     assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
 
 
+def test_a_closed_pipe_taking_stderr_too_ends_quietly():
+    """``hpckfac train ... 2>&1 | head``: the progress lines (stderr) meet the closed pipe inside
+    the training loop; the command still ends with SIGPIPE's status, not Python's 120 for a
+    failed flush of stderr at exit."""
+    done = into_closed_pipe(TRAIN + ["--progress", "lines"], buffered_env(), stderr_too=True)
+    assert done.returncode == cli.BROKEN_PIPE_STATUS
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
     """Ctrl-C while the command starts (torch loading, say): one line and 130, no traceback."""
     def interrupted():
