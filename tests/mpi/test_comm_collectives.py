@@ -312,23 +312,27 @@ def test_allreduce_many_refuses_overlapping_views_and_sums_interleaved_ones(comm
 
 
 @pytest.mark.mpi
-def test_v_collectives_given_out_allocate_no_result(comm):
-    """With ``out=`` MPI receives there: no array of the result's size is made and copied from
-    (the values would be the same)."""
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_v_collectives_given_out_allocate_no_result(comm, algorithm):
+    """With ``out=`` the result is received there: no array of the result's size is made and
+    copied from (the values would be the same). The ring's reduce-scatter sums a copy of its
+    input in place, receiving each segment into a scratch buffer, which it may allocate."""
     import tracemalloc
 
     counts = [50_000 + 7 * r for r in range(comm.size)]
-    send = np.ones(sum(counts), np.float32)
+    xs = inputs(11, comm.size, sum(counts), np.float32, integer=True)
+    send = xs[comm.rank]
     mine, whole = np.empty(counts[comm.rank], np.float32), np.empty(sum(counts), np.float32)
-    comm.reduce_scatter_v(send, counts, out=mine)  # any first-call set-up outside the measure
-    comm.allgather_v(mine, counts, out=whole)
-    tracemalloc.start()
-    try:
-        start = tracemalloc.get_traced_memory()[0]
-        comm.reduce_scatter_v(send, counts, op="mean", out=mine)
-        comm.allgather_v(mine, counts, out=whole)
-        peak = tracemalloc.get_traced_memory()[1] - start
-    finally:
-        tracemalloc.stop()
-    np.testing.assert_array_equal(whole, np.ones(sum(counts), np.float32))
-    assert peak < mine.nbytes // 4, (peak, mine.nbytes)
+    ring_work = send.nbytes + send.itemsize * max(counts) if algorithm == "ring" and comm.size > 1 else 0
+    for call, work in [(lambda: comm.reduce_scatter_v(send, counts, algorithm=algorithm, out=mine), ring_work),
+                       (lambda: comm.allgather_v(mine, counts, algorithm=algorithm, out=whole), 0)]:
+        call()  # any first-call set-up outside the measure
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            call()
+            peak = tracemalloc.get_traced_memory()[1] - start
+        finally:
+            tracemalloc.stop()
+        assert peak < work + mine.nbytes // 4, (peak, work, mine.nbytes)
+    np.testing.assert_array_equal(whole, np.sum(xs, axis=0))
