@@ -130,3 +130,40 @@ def test_preconditioner_memory_adds_the_local_statistics(comm):
     want = {"local_statistics": F32 * sum(s[0] for s in sizes),
             **expected(sizes, precond.engine.owners, comm.rank, comm.size, inverted=True)}
     assert precond.memory() == want
+
+
+@pytest.mark.mpi
+def test_bench_step_reports_each_kind_at_its_largest_rank(comm):
+    """``bench step``'s ``state_bytes`` are, kind by kind, the largest over the ranks (which own
+    different blocks) of what each rank's preconditioner holds, and ``state_mib`` the largest
+    rank's total; each rank's from a preconditioner here over the same model and intervals,
+    after a first step that inverts, as the benchmark's did."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from hpckfac.bench import step
+
+    folder = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
+    try:
+        path = os.path.join(folder, "step.json")
+        assert step.main(["--steps", "1", "--warmup", "0", "--batch", "4", "--depth", "8", "--width", "4",
+                          "--configs", "kfac_1_10", "--json", path]) == 0
+        torch.manual_seed(0)
+        model = step.resnet(depth=8, width=4)
+        precond = KFACPreconditioner(model, comm=comm, factor_update_interval=1, inverse_update_interval=10)
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        ranks = comm.allgather_object(precond.memory())
+        comm.barrier()  # the JSON is written
+        if comm.rank == 0:
+            with open(path) as fh:
+                row = json.load(fh)["results"][0]
+            assert row["state_bytes"] == {kind: max(rank[kind] for rank in ranks) for kind in ranks[0]}
+            assert row["state_mib"] == max(sum(rank.values()) for rank in ranks) / 2**20
+    finally:
+        comm.barrier()  # every rank done with the folder, and none left waiting for one that failed
+        if comm.rank == 0:
+            shutil.rmtree(folder)
