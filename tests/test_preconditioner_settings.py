@@ -54,6 +54,8 @@ def test_kl_clip_and_intervals_assigned_on_the_preconditioner(comm):
     assert precond.last_nu < 1.0
     precond.kl_clip = None
     assert precond.engine.kl_clip is None
+    precond.kl_clip = 0  # off too, read back as None
+    assert precond.kl_clip is None and precond.engine.kl_clip is None
     one_step(model, precond)
     assert precond.last_nu == 1.0
     precond.inverse_update_interval = 3

@@ -79,10 +79,10 @@ def _compiled_code_exists() -> bool:
 class EngineSetting:
     """A class attribute of ``KFACPreconditioner`` for a setting its engine holds (``damping``,
     ``factor_decay``, ``kl_clip`` and the two update intervals): reading it gives the engine's
-    value as given (a number, or the schedule for ``damping`` and ``factor_decay``), and an
-    assignment is checked at once (ValueError naming the setting, the old value kept) before it
-    reaches the engine. Without it, ``precond.damping = 0.1`` would make a new attribute that
-    nothing reads."""
+    value as given (a number, or the schedule for ``damping`` and ``factor_decay``; a ``kl_clip``
+    of 0 as None, the clip off), and an assignment is checked at once (ValueError naming the
+    setting, the old value kept) before it reaches the engine. Without it, ``precond.damping =
+    0.1`` would make a new attribute that nothing reads."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._name = name
