@@ -116,7 +116,11 @@ def _check_out(out: Any, like: Any, length: int) -> None:
     writeable, and not overlapping ``like``, the input."""
     if out is None:
         return
-    if backend_for(out) is not backend_for(like):
+    try:
+        kind = backend_for(out)
+    except TypeError as err:  # named: the input's own refusal reads the same
+        raise TypeError(f"out: {err}") from None
+    if kind is not backend_for(like):
         raise TypeError(f"out: expected an array of the input's kind, got {type(out).__module__}."
                         f"{type(out).__qualname__}")
     if out.dtype != like.dtype or out.shape != (length,) or not out.flags.c_contiguous:

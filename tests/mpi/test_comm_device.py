@@ -92,6 +92,25 @@ def test_reduce_scatter_v_and_allgather_v_into_a_given_out(comm, device, algorit
 
 
 @pytest.mark.mpi
+def test_v_collectives_refuse_an_out_of_another_kind(comm):
+    """``out=`` of another array library than the input's (the device array for host input and
+    the other way round, or a torch tensor): a TypeError naming ``out`` on every rank, before any
+    rank starts the collective."""
+    import torch
+
+    counts = [3] * comm.size
+    host = np.ones(3 * comm.size, np.float32)
+    with standin.installed():
+        for send, out in [(host, standin.to_device(np.empty(3, np.float32))),
+                          (standin.to_device(host), np.empty(3, np.float32)), (host, torch.empty(3))]:
+            with pytest.raises(TypeError, match="^out: "):
+                comm.reduce_scatter_v(send, counts, out=out)
+        with pytest.raises(TypeError, match="^out: "):
+            comm.allgather_v(host[:3], counts, out=standin.to_device(np.empty(3 * comm.size, np.float32)))
+        comm.allgather_v(host[:3], counts, out=np.empty(3 * comm.size, np.float32))  # the ranks still agree
+
+
+@pytest.mark.mpi
 def test_fused_allreduce_of_mixed_dtypes(comm, device):
     to_device, xp = device
     shapes, dtypes = [(3, 4), (1000,), (0,), (257, 3), (5,)], [np.float32, np.float64, np.float32, np.float16,
