@@ -253,6 +253,21 @@ class KFACEngine:
         return {name: resolve(name, given[name], self.steps) if name in given else self.current(name)
                 for name in ("damping", "factor_decay", "kl_clip")}
 
+    def _changes(self, settings: dict[str, Any]) -> str:
+        """``settings`` that differ from those every rank last agreed on, as ``name old -> new``."""
+        return ", ".join(f"{k} {self._agreed.get(k)!r} -> {v!r}" for k, v in settings.items()
+                         if self._agreed.get(k) != v)
+
+    def changed_intervals(self) -> str:
+        """The update intervals changed on this rank since every rank last agreed on the step's
+        settings (``name old -> new``; empty before the first agreement). Such a rank takes
+        statistics at other steps than the rest, which its first collective of the step meets
+        before the settings are compared: the caller names the change there."""
+        if self._agreed is None:
+            return ""
+        return self._changes({"factor_update_interval": self.factor_update_interval,
+                              "inverse_update_interval": self.inverse_update_interval})
+
     def gradient_slots(self) -> list[Any]:
         """Where the next ``step()`` sends each block's gradient matrix (``grad_shape`` views of
         its send buffer): gradients written there (``block.grad_matrix(..., out=slot)``) and
@@ -322,9 +337,8 @@ class KFACEngine:
                         raise CollectiveMismatchError(f"{err}; a checkpoint loaded on some ranks only? "
                                                       "load_state_dict() must run on every rank") from None
                     raise
-                changed = ", ".join(f"{k} {self._agreed.get(k)!r} -> {v!r}" for k, v in settings.items()
-                                    if self._agreed.get(k) != v)
-                raise CollectiveMismatchError(f"{err}; changed on rank {self.comm.rank}: {changed}") from None
+                raise CollectiveMismatchError(f"{err}; changed on rank {self.comm.rank}: "
+                                              f"{self._changes(settings)}") from None
             self._agreed = settings
         damping, decay, kl_clip = settings["damping"], settings["factor_decay"], settings["kl_clip"]
 

@@ -747,8 +747,14 @@ class KFACPreconditioner(UsageChecks):
         # Which K-FAC layers some rank's backward reached: the others keep .grad None below, as
         # first-order parameters do (an optimizer skips a None gradient, but decays a zero one).
         # Frozen ones send a flag too: the same count on every rank, whatever each rank froze.
-        present = average_grads(first_order, self.comm, "auto", self.bucket_bytes, presence=covered,
-                                held=[] if stats is None else [st is not None for st in stats])
+        try:
+            present = average_grads(first_order, self.comm, "auto", self.bucket_bytes, presence=covered,
+                                    held=[] if stats is None else [st is not None for st in stats])
+        except CollectiveMismatchError as err:
+            changed = self.engine.changed_intervals()
+            if changed:  # this rank's statistics flags made the lengths differ: name the cause
+                raise CollectiveMismatchError(f"{err}; changed on rank {self.comm.rank}: {changed}") from None
+            raise
         if stats is not None:
             self._absent_as_zeros(stats, present[len(covered):], missing)
         # A frozen parameter's flag says present whatever was reached: only the trained ones tell.

@@ -99,6 +99,29 @@ def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option)
         precond.step()
 
 
+@pytest.mark.mpi
+def test_a_factor_interval_set_on_one_rank_only_is_named(comm):
+    """A factor_update_interval changed on one rank makes that rank's step take no statistics
+    while the others' do: the steps' first collective differs in length before the settings are
+    compared. Every rank raises; the changed rank names the interval and its change."""
+    if comm.size == 1:
+        pytest.skip("needs a second rank to disagree with")
+    odd = comm.rank == comm.size - 1
+    net = model(3)
+    precond = KFACPreconditioner(net, comm=comm, factor_update_interval=1)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    for step in range(3):
+        net(x).pow(2).mean().backward()
+        if step == 2:
+            if odd:
+                precond.factor_update_interval = 3  # step 2 takes no statistics here
+            pattern = f"changed on rank {comm.rank}: factor_update_interval 1 -> 3" if odd else "allreduce_many"
+            with pytest.raises(CollectiveMismatchError, match=pattern):
+                precond.step()
+            return
+        precond.step()
+
+
 class Surgical(nn.Module):
     """Three K-FAC layers by name: ``a``, ``b`` (4 to 4: removable) and the head ``c``."""
 
