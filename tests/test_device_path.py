@@ -23,6 +23,8 @@ from hpckfac.torch import KFACPreconditioner
 
 # Where CuPy and a GPU are present the device tests also run on CuPy.
 CUDA = importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
+# A "cuda" parameter of the device tests, skipped without CuPy and a GPU.
+ON_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CuPy and a CUDA device"))
 # The PReLU of model_and_data() is kept first-order, so that a step also averages a parameter by the ring.
 OPTIONS = dict(lr=0.05, damping=1e-2, factor_update_interval=2, inverse_update_interval=4, kl_clip=1e-3,
                skip_layers=[nn.PReLU])
@@ -128,8 +130,7 @@ def _each_tensor(value, change):
     return value
 
 
-@pytest.mark.parametrize("where", ["requires_grad", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("where", ["requires_grad", ON_CUDA])
 def test_a_state_whose_tensors_numpy_refuses_loads(where):
     """A state as ``torch.load(map_location="cuda")`` returns it (tensors on the GPU), or with
     tensors that require grad: ``Tensor.numpy()`` refuses both, the load takes them through the
@@ -208,8 +209,7 @@ def test_array_operations_per_step_do_not_grow_with_same_shape_blocks():
     assert few == many, (few, many)
 
 
-@pytest.mark.parametrize("device", ["standin", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["standin", ON_CUDA])
 @pytest.mark.parametrize("make", [lambda: LinearBlock("fc", 100, 70, True),
                                   lambda: ConvBlock("grouped", 16, 6, (3, 3), (1, 1), (1, 1), (1, 1), True, groups=2)],
                          ids=["one-pair-of-101-and-70", "two-groups-of-73"])

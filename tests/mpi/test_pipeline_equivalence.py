@@ -18,7 +18,7 @@ from hpckfac.comm import Communicator
 from hpckfac.layers import conv, conv_lags
 from hpckfac.torch import KFACPreconditioner, bind_device
 
-from test_device_path import CUDA, device_path
+from test_device_path import ON_CUDA, device_path
 from torch_features import needs_rmsnorm
 
 MICRO, STEPS, LR = 4, 10, 0.1
@@ -226,17 +226,22 @@ def check(make_model, shape, classes, comm, device="cpu", **options):
     return dist, nus
 
 
+def check_host(make_model, comm, device, dist, nus, **options):
+    """The parameters ``dist`` and KL factors ``nus`` of a run on ``device`` equal this rank's run
+    of the same micro-batches on the host path."""
+    host, host_nus = train(make_model, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
+    np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
+    np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["standin", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["standin", ON_CUDA])
 def test_device_path_equals_one_process(comm, device):
     options = dict(damping=1e-2, factor_update_interval=2, inverse_update_interval=3, kl_clip=1e-3,
                    **FIRST_ORDER_PRELU)
     dist, nus = check(bn_model, (2, 6, 6), 4, comm, device, **options)
     assert min(nus) < 1.0  # the KL clip was active
-    host, host_nus = train(bn_model, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
-    np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
-    np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
+    check_host(bn_model, comm, device, dist, nus, **options)
 
 
 @pytest.mark.mpi
@@ -261,92 +266,82 @@ def whole_batch(make, ranks, **options):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
 
 
+def check_whole_batch(make, comm, dist, **options):
+    """The parameters ``dist`` of the ranks' run equal one process's taking the whole global batch."""
+    np.testing.assert_allclose(dist, whole_batch(make, comm.size, **options), rtol=1e-9, atol=1e-12)
+
+
+def check_clipped(make, comm, device, fraction):
+    """``check`` of ``make`` with an active KL clip and ``statistics_fraction=fraction``; with every
+    example's statistics (per-example kinds), one process taking the whole global batch in one
+    pass agrees too, and off the CPU so does the host path. Returns a one-process preconditioner
+    of ``make()``, to look at its blocks."""
+    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2,
+                   statistics_fraction=fraction)
+    dist, nus = check(make, (2, 6, 6), 4, comm, device, **options)
+    assert min(nus) < 1.0  # the KL clip was active
+    if fraction == 1.0:
+        check_whole_batch(make, comm, dist, **options)
+    if device != "cpu":
+        check_host(make, comm, device, dist, nus, **options)
+    torch.manual_seed(0)
+    return KFACPreconditioner(make().double(), comm=Communicator(MPI.COMM_SELF))
+
+
 @pytest.mark.mpi
 def test_plain_model_equals_whole_batch_on_one_rank(comm):
     options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=1, kl_clip=None)
     dist, _ = check(plain_model, (2, 6, 6), 4, comm, **options)
-    np.testing.assert_allclose(dist, whole_batch(plain_model, comm.size, **options), rtol=1e-9, atol=1e-12)
+    check_whole_batch(plain_model, comm, dist, **options)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", "standin", ON_CUDA])
 def test_every_block_kind_equals_one_process(comm, device):
     options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2)
     dist, nus = check(KindsModel, (2, 6, 6), 4, comm, device, **options)
     assert min(nus) < 1.0
     if device != "cpu":
-        host, host_nus = train(KindsModel, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
-        np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
-        np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
+        check_host(KindsModel, comm, device, dist, nus, **options)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", "standin", ON_CUDA])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("make,kind,count", [(InstanceNormModel, "InstanceNormBlock", 3),
                                              pytest.param(RMSNormModel, "RMSNormBlock", 2, marks=needs_rmsnorm),
                                              (PReLUModel, "PReLUBlock", 3)],
                          ids=["instancenorm", "rmsnorm", "prelu"])
 def test_per_example_kind_equals_one_process_and_the_whole_batch(comm, device, fraction, make, kind, count):
-    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2,
-                   statistics_fraction=fraction)
-    dist, nus = check(make, (2, 6, 6), 4, comm, device, **options)
-    assert min(nus) < 1.0  # the KL clip was active
-    torch.manual_seed(0)
-    probe = KFACPreconditioner(make().double(), comm=Communicator(MPI.COMM_SELF))
+    probe = check_clipped(make, comm, device, fraction)
     assert [type(b).__name__ for b in probe.engine.blocks].count(kind) == count
-    if fraction == 1.0:
-        # Per-example statistics: one process taking the whole global batch in one pass agrees too.
-        np.testing.assert_allclose(dist, whole_batch(make, comm.size, **options), rtol=1e-9, atol=1e-12)
-    if device != "cpu":
-        host, host_nus = train(make, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
-        np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
-        np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 def test_sequence_first_layers_equal_the_whole_batch(comm, device):
     """The sequence-first layers' factors do not depend on the ranks' share of the batch: P ranks
     equal one process taking the whole global batch in one pass (on CUDA, through the device
     copies of the transposed inputs and output gradients)."""
     options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2)
     dist, _ = check(SequenceFirstModel, (2, 6, 6), 4, comm, device, **options)
-    np.testing.assert_allclose(dist, whole_batch(SequenceFirstModel, comm.size, **options), rtol=1e-9,
-                               atol=1e-12)
+    check_whole_batch(SequenceFirstModel, comm, dist, **options)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", "standin", ON_CUDA])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
 def test_attention_equals_one_process_and_the_whole_batch(comm, device, fraction, batch_first):
     """nn.MultiheadAttention's two projection blocks (and the encoder layer's others) at P ranks
     equal one process taking the P micro-batches, and, with every example's statistics, one
     process taking the whole global batch in one pass."""
-    make = lambda: AttentionModel(batch_first)  # noqa: E731
-    options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2,
-                   statistics_fraction=fraction)
-    dist, nus = check(make, (2, 6, 6), 4, comm, device, **options)
-    assert min(nus) < 1.0  # the KL clip was active
-    torch.manual_seed(0)
-    probe = KFACPreconditioner(make().double(), comm=Communicator(MPI.COMM_SELF))
+    probe = check_clipped(lambda: AttentionModel(batch_first), comm, device, fraction)
     assert len(probe.modules) == 7 and not probe.other_params  # self_attn, out_proj, 2 Linear, 2 LayerNorm, head
-    if fraction == 1.0:
-        np.testing.assert_allclose(dist, whole_batch(make, comm.size, **options), rtol=1e-9, atol=1e-12)
-    if device != "cpu":
-        host, host_nus = train(make, (2, 6, 6), 4, comm, [comm.rank], comm.size, "cpu", **options)
-        np.testing.assert_allclose(dist, host, rtol=HOST_RTOL[device], atol=1e-12)
-        np.testing.assert_allclose(nus, host_nus, rtol=HOST_RTOL[device])
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", "standin", ON_CUDA])
 def test_a_layer_some_ranks_skip_equals_one_process_and_the_whole_batch(comm, device):
     """A layer that some ranks' micro-batches bypass on a step has zero statistics there, not
     none: one process taking every micro-batch divides the layer's sums by all the examples."""
@@ -355,7 +350,7 @@ def test_a_layer_some_ranks_skip_equals_one_process_and_the_whole_batch(comm, de
         assert any(any(step) and not all(step) for step in taken)
     options = dict(damping=1e-2, factor_update_interval=1, inverse_update_interval=2, kl_clip=1e-2)
     dist, _ = check(BranchModel, (2, 6, 6), 4, comm, device, **options)
-    np.testing.assert_allclose(dist, whole_batch(BranchModel, comm.size, **options), rtol=1e-9, atol=1e-12)
+    check_whole_batch(BranchModel, comm, dist, **options)
 
 
 @pytest.mark.mpi
@@ -378,8 +373,7 @@ def test_two_layers_more_ranks_than_layers(comm):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs CuPy and a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 def test_a_rank_with_an_empty_batch_adds_no_statistics(comm, device):
     """The last rank's shard is empty (an uneven split): the factors are those of the other ranks'
     examples alone, so the preconditioned gradient is the one process's over those micro-batches,
