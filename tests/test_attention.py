@@ -134,6 +134,16 @@ def dense_factors(precond: KFACPreconditioner) -> list[list[np.ndarray]]:
     return out
 
 
+def assert_same_step(factors: list, grads: list, twin_factors: list, twin_grads: list) -> None:
+    """One step's factors (as ``dense_factors`` gives them) and parameter gradients equal the
+    twin's, block by block and parameter by parameter."""
+    for mine, theirs in zip(factors, twin_factors):
+        for m, t in zip(mine, theirs):
+            np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
+    for mine, theirs in zip(grads, twin_grads):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("kind", ["none", "padding", "causal"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -149,12 +159,8 @@ def test_factors_and_gradients_equal_explicit_linear_layers(bias, batch_first, k
     factors, grads = run(net, kind=kind)
     twin_factors, twin_grads = run(twin, kind=kind)
     for step in range(2):
-        for mine, theirs in zip(factors[step], twin_factors[step]):
-            for m, t in zip(mine, theirs):
-                np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
         assert len(grads[step]) == len(twin_grads[step]) == (6 if bias else 4)  # the same order
-        for mine, theirs in zip(grads[step], twin_grads[step]):
-            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+        assert_same_step(factors[step], grads[step], twin_factors[step], twin_grads[step])
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
@@ -165,11 +171,7 @@ def test_statistics_fraction_and_accumulation_equal_explicit_linear_layers(batch
     factors, grads = run(net, kind="padding", micro=2, statistics_fraction=0.5)
     twin_factors, twin_grads = run(twin, kind="padding", micro=2, statistics_fraction=0.5)
     for step in range(2):
-        for mine, theirs in zip(factors[step], twin_factors[step]):
-            for m, t in zip(mine, theirs):
-                np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
-        for mine, theirs in zip(grads[step], twin_grads[step]):
-            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+        assert_same_step(factors[step], grads[step], twin_factors[step], twin_grads[step])
 
 
 def test_as_many_positions_as_examples_are_read_by_the_layers_own_layout(caplog):
@@ -184,11 +186,7 @@ def test_as_many_positions_as_examples_are_read_by_the_layers_own_layout(caplog)
     assert "as many positions as examples" not in caplog.text
     twin_factors, twin_grads = run(twin, tokens=BATCH)
     for step in range(2):
-        for mine, theirs in zip(factors[step], twin_factors[step]):
-            for m, t in zip(mine, theirs):
-                np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
-        for mine, theirs in zip(grads[step], twin_grads[step]):
-            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+        assert_same_step(factors[step], grads[step], twin_factors[step], twin_grads[step])
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
@@ -222,12 +220,9 @@ def test_parameters_replaced_after_construction_still_take_statistics():
     nn.functional.cross_entropy(net(x), y).backward()
     precond.step()
     twin_factors, twin_grads = run(twin, steps=1)
-    for mine, theirs in zip(dense_factors(precond), twin_factors[0]):
-        assert mine is not None
-        for m, t in zip(mine, theirs):
-            np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
-    for mine, theirs in zip(net.parameters(), twin_grads[0]):
-        np.testing.assert_allclose(mine.grad.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+    factors = dense_factors(precond)
+    assert all(f is not None for f in factors)
+    assert_same_step(factors, [p.grad for p in net.parameters()], twin_factors[0], twin_grads[0])
 
 
 def test_an_out_proj_replaced_by_a_new_module_feeds_no_statistics_to_the_old_block():
@@ -446,11 +441,7 @@ def test_an_unbatched_call_equals_explicit_linear_layers_on_its_rows():
         results.append((dense_factors(precond), [p.grad.clone() for p in model.parameters()]))
     (factors, grads), (twin_factors, twin_grads) = results
     assert all(f is not None for f in factors)
-    for mine, theirs in zip(factors, twin_factors):
-        for m, t in zip(mine, theirs):
-            np.testing.assert_allclose(m, t, rtol=1e-12, atol=1e-14)
-    for mine, theirs in zip(grads, twin_grads):
-        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-10, atol=1e-14)
+    assert_same_step(factors, grads, twin_factors, twin_grads)
     # A key padding mask and per-head weights of an unbatched call: the values torch gives unhooked.
     plain = copy.deepcopy(attention)  # a copy's hooks act on the original only
     x = torch.randn(TOKENS + 3, E, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
