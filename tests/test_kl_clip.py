@@ -82,24 +82,35 @@ def test_non_finite_partials_stay_non_finite():
     assert decoded[0] == np.inf and np.isnan(decoded[1])
 
 
-def test_a_float16_pipeline_whose_kl_sum_passes_65504_gives_the_clipped_update():
-    rng = np.random.default_rng(5)
-    block = LinearBlock("fc", 30, 20, bias=True)
-    a, g = (x @ x.T / (2 * n) + np.eye(n) for n in (31, 20) for x in [rng.standard_normal((n, 2 * n))])
-    grad = 100.0 * rng.standard_normal((20, 31))
+def random_factors(rng):
+    """Random well-conditioned factors ``A`` (31x31) and ``G`` (20x20) of a Linear layer of 30
+    inputs, a bias and 20 outputs."""
+    return tuple(x @ x.T / (2 * n) + np.eye(n) for n in (31, 20) for x in [rng.standard_normal((n, 2 * n))])
+
+
+def clipped_step(a, g, grad, comm_dtype, damping=1e-3, lr=0.1, kl_clip=1e-2):
+    """A KFACEngine's first step on that layer with statistics ``a``, ``g`` and gradient ``grad``,
+    its buffers in ``comm_dtype``: the update (float64) and nu, with the float64 oracle's
+    preconditioned gradient ``V``, sum of ``V * grad`` and nu."""
     stats = np.concatenate([a[np.triu_indices(31)], g[np.triu_indices(20)]])
-    damping, lr, kl_clip = 1e-3, 0.1, 1e-2
-    engine = KFACEngine([block], Communicator(MPI.COMM_SELF), damping=damping, factor_decay=0.9, kl_clip=kl_clip,
-                        comm_dtype=np.float16)
+    engine = KFACEngine([LinearBlock("fc", 30, 20, bias=True)], Communicator(MPI.COMM_SELF), damping=damping,
+                        factor_decay=0.9, kl_clip=kl_clip, comm_dtype=comm_dtype)
     (out,) = engine.step([grad], [stats], lr=lr)
     pi = math.sqrt((np.trace(a) / 31) / (np.trace(g) / 20))
     v = np.linalg.inv(g + math.sqrt(damping) / pi * np.eye(20)) @ grad @ np.linalg.inv(
         a + pi * math.sqrt(damping) * np.eye(31))
     total = float(np.sum(v * grad))
+    return np.asarray(out, dtype=np.float64), engine.last_nu, v, total, math.sqrt(kl_clip / (lr * lr * total))
+
+
+def test_a_float16_pipeline_whose_kl_sum_passes_65504_gives_the_clipped_update():
+    rng = np.random.default_rng(5)
+    a, g = random_factors(rng)
+    grad = 100.0 * rng.standard_normal((20, 31))
+    out, last_nu, v, total, nu = clipped_step(a, g, grad, np.float16)
     assert np.abs(v).max() < 65504 < total  # every element fits in float16, their sum does not
-    nu = math.sqrt(kl_clip / (lr * lr * total))
-    assert engine.last_nu == pytest.approx(nu, rel=1e-2)
-    np.testing.assert_allclose(np.asarray(out, dtype=np.float64), nu * v, rtol=2e-2, atol=2e-2 * np.abs(nu * v).max())
+    assert last_nu == pytest.approx(nu, rel=1e-2)
+    np.testing.assert_allclose(out, nu * v, rtol=2e-2, atol=2e-2 * np.abs(nu * v).max())
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -109,20 +120,9 @@ def test_a_float32_kl_sum_whose_products_pass_float32s_range_gives_the_clipped_u
     beyond float32's 3.4e38 while their float64 sum is not: nu and the update are the float64
     oracle's, not NaN."""
     rng = np.random.default_rng(seed)
-    block = LinearBlock("fc", 30, 20, bias=True)
-    a, g = (x @ x.T / (2 * n) + np.eye(n) for n in (31, 20) for x in [rng.standard_normal((n, 2 * n))])
+    a, g = (m.astype(np.float32).astype(np.float64) for m in random_factors(rng))
     grad = (magnitude * rng.standard_normal((20, 31))).astype(np.float32).astype(np.float64)
-    stats = np.concatenate([a[np.triu_indices(31)], g[np.triu_indices(20)]]).astype(np.float32).astype(np.float64)
-    a, g = (np.asarray(m, dtype=np.float32).astype(np.float64) for m in (a, g))
-    damping, lr, kl_clip = 1e-3, 0.1, 1e-2
-    engine = KFACEngine([block], Communicator(MPI.COMM_SELF), damping=damping, factor_decay=0.9, kl_clip=kl_clip,
-                        comm_dtype=np.float32)
-    (out,) = engine.step([grad], [stats], lr=lr)
-    pi = math.sqrt((np.trace(a) / 31) / (np.trace(g) / 20))
-    v = np.linalg.inv(g + math.sqrt(damping) / pi * np.eye(20)) @ grad @ np.linalg.inv(
-        a + pi * math.sqrt(damping) * np.eye(31))
-    total = float(np.sum(v * grad))
+    out, last_nu, v, total, nu = clipped_step(a, g, grad, np.float32)
     assert np.abs(v * grad).max() > np.finfo(np.float32).max and math.isfinite(total)
-    nu = math.sqrt(kl_clip / (lr * lr * total))
-    assert engine.last_nu == pytest.approx(nu, rel=1e-5)
-    np.testing.assert_allclose(np.asarray(out, dtype=np.float64), nu * v, rtol=1e-4, atol=1e-5 * np.abs(nu * v).max())
+    assert last_nu == pytest.approx(nu, rel=1e-5)
+    np.testing.assert_allclose(out, nu * v, rtol=1e-4, atol=1e-5 * np.abs(nu * v).max())
