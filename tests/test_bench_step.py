@@ -93,23 +93,26 @@ def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
+def one_sgd_step_on_one_thread(out):
+    """The JSON of one timed SGD step of a tiny ResNet under ``--threads 1``, written to ``out``;
+    torch's pool is set back afterwards, so that the tests that follow keep theirs."""
+    before = torch.get_num_threads()
+    try:
+        assert step.main(["--steps", "1", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
+                          "--configs", "sgd", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return json.loads(out.read_text())
+
+
 def test_json_records_the_threads_and_ranks_it_ran_with(tmp_path, monkeypatch, capsys):
     """``--threads 0`` (the default) leaves the pool as the process set it: the JSON must say
     what that was, with the thread variables, the job's ranks and the cores they had; the
     table's second line says whether the threads outnumbered the cores."""
     import os
 
-    import torch
-
-    threads = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = tmp_path / "step.json"
-    try:
-        assert step.main(["--steps", "1", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
-                          "--configs", "sgd", "--threads", "1", "--json", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    result = json.loads(out.read_text())
+    result = one_sgd_step_on_one_thread(tmp_path / "step.json")
     environment, config = result["environment"], result["config"]
     assert environment["ranks"] == 1
     cores = len(os.sched_getaffinity(0))
@@ -131,15 +134,8 @@ def test_threads_option_outlasts_the_automatic_division(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(pools, "_done", {})
     monkeypatch.setattr(pools, "rank_cores", lambda mine, node: 2)  # the division would give 2
-    before = torch.get_num_threads()
-    out = tmp_path / "step.json"
     with threadpool_limits():
-        try:
-            assert step.main(["--steps", "1", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
-                              "--configs", "sgd", "--threads", "1", "--json", str(out)]) == 0
-        finally:
-            torch.set_num_threads(before)
-    result = json.loads(out.read_text())
+        result = one_sgd_step_on_one_thread(tmp_path / "step.json")
     assert result["config"]["threads_per_rank"] == [1] and result["environment"]["threads"]["torch"] == 1
 
 
