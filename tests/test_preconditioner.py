@@ -2352,9 +2352,9 @@ def test_hooks_run_on_a_torch_without_torch_compiler_is_compiling(monkeypatch, t
     assert disabled == ([body] if tracing else [])
 
 
-def test_layers_dropped_in_changing_sets_are_named_once_each(comm, caplog):
-    """Layers whose training calls get no backward, another set at each step (probes of layers
-    picked at random), are named once per layer: neither a warning nor a noted key per set."""
+def steps_with_changing_sets(comm, caplog, mark):
+    """The preconditioner's noted warnings after each of 12 steps of three Linear layers, where
+    ``mark(layer, x)`` is first called on another two of them at each step (``x``: the step's input)."""
     torch.manual_seed(0)
     layers = [nn.Linear(4, 4) for _ in range(3)]
     model = nn.Sequential(*layers)
@@ -2363,11 +2363,19 @@ def test_layers_dropped_in_changing_sets_are_named_once_each(comm, caplog):
     with caplog.at_level("WARNING", logger="hpckfac"):
         for step in range(12):
             x = torch.randn(2, 4)
+            model.train()  # undoes the last step's eval() marks
             for i in (step % 3, (step + 1) % 3):
-                layers[i](x)  # a training call that no backward reaches
+                mark(layers[i], x)
             model(x).sum().backward()
             precond.step()
             warned.append(set(precond._warned))
+    return warned
+
+
+def test_layers_dropped_in_changing_sets_are_named_once_each(comm, caplog):
+    """Layers whose training calls get no backward, another set at each step (probes of layers
+    picked at random), are named once per layer: neither a warning nor a noted key per set."""
+    warned = steps_with_changing_sets(comm, caplog, lambda layer, x: layer(x))  # a call no backward reaches
     dropped = [r.getMessage() for r in caplog.records if "dropped at step" in r.getMessage()]
     assert [m.split(" dropped")[0] for m in dropped] == ["K-FAC statistics of 0, 1", "K-FAC statistics of 2"]
     assert warned[-1] == warned[2]
@@ -2376,19 +2384,7 @@ def test_layers_dropped_in_changing_sets_are_named_once_each(comm, caplog):
 def test_layers_in_eval_mode_in_changing_sets_are_named_once_each(comm, caplog):
     """Layers put in eval() inside a training model, another set at each step, are named once per
     layer: neither a warning nor a noted key per set."""
-    torch.manual_seed(0)
-    layers = [nn.Linear(4, 4) for _ in range(3)]
-    model = nn.Sequential(*layers)
-    precond = KFACPreconditioner(model, comm=comm)
-    warned = []
-    with caplog.at_level("WARNING", logger="hpckfac"):
-        for step in range(12):
-            model.train()
-            for i in (step % 3, (step + 1) % 3):
-                layers[i].eval()
-            model(torch.randn(2, 4)).sum().backward()
-            precond.step()
-            warned.append(set(precond._warned))
+    warned = steps_with_changing_sets(comm, caplog, lambda layer, x: layer.eval())
     named = [r.getMessage() for r in caplog.records if "in eval() mode" in r.getMessage()]
     assert [m.split(";")[0] for m in named] == ["K-FAC layers in eval() mode at step 0: 0, 1",
                                                 "K-FAC layers in eval() mode at step 1: 2"]
