@@ -2,6 +2,7 @@
 import numpy as np
 
 from hpckfac.layers import LayerNormBlock, LinearBlock
+from hpckfac.ops.packing import unpack_upper
 from hpckfac.stages.local_factors import LocalStatistics
 
 
@@ -177,3 +178,37 @@ def test_two_forwards_and_one_backward_count_both_passes():
     iu_a, iu_g = np.triu_indices(4), np.triu_indices(2)
     want = np.concatenate([(a.T @ a)[iu_a], (g.T @ g)[iu_g]]) / 10
     np.testing.assert_allclose(local.result()[0], want, rtol=1e-13, atol=1e-15)
+
+
+def _dense_a(a: np.ndarray, bias: bool) -> np.ndarray:
+    """Float64 oracle: ``sum_rows [a, 1]^T [a, 1]`` of ``a``'s rows (the 1 with a bias)."""
+    rows = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    if bias:
+        rows = np.hstack([rows, np.ones((len(rows), 1))])
+    return rows.T @ rows
+
+
+def test_blocks_of_one_input_key_share_the_input_part_of_one_source_only():
+    rng = np.random.default_rng(6)
+    # Three projections of one input (as query, key, value), one without a bias (another key),
+    # then the same array changed in place under a new version, then another array.
+    blocks = [LinearBlock("q", 6, 4, True), LinearBlock("k", 6, 3, True, transposed=True),
+              LinearBlock("v", 6, 4, False), LinearBlock("o", 6, 2, True), LinearBlock("p", 6, 2, True)]
+    local = LocalStatistics(blocks, np.float32)
+    local.add_examples(5)
+    h, other = rng.standard_normal((5, 7, 6)).astype(np.float32), rng.standard_normal((5, 7, 6)).astype(np.float32)
+    inputs = []
+    for i, (a, version) in enumerate([(h, 0), (h, 0), (h, 0), (h, 1), (other, 0)]):
+        if i == 3:
+            h *= 2  # the caller's tensor changed in place: its version counter moved on
+        inputs.append(a.copy())
+        call = local.add_inputs(i, a, source=(h if a is h else other, version, 5, 5, False))
+        local.add_output_grads(i, rng.standard_normal((5, 7, blocks[i].d_G)).astype(np.float32), 1.0, call)
+    out = local.result()
+    for block, a, stats in zip(blocks, inputs, out):
+        got = unpack_upper(stats[:block.d_A * (block.d_A + 1) // 2], 1, block.d_A)[0]
+        np.testing.assert_allclose(got, _dense_a(a, block.has_bias) / 5, rtol=2e-6, atol=2e-6)
+    # A shared part is the same reduction of the same values: bit for bit the block's own.
+    for i in (1, 3):
+        own = blocks[i].a_factor(inputs[i], packed=True) * np.float32(1 / 5)
+        assert np.array_equal(out[i][:own.size], own)

@@ -2609,3 +2609,32 @@ def test_layers_skipped_at_random_are_named_once_each(comm, caplog):
     flat = [name for names in named for name in names]
     assert len(flat) == len(set(flat)), f"a layer named twice: {named}"
     assert len(flat) >= 3  # this draw skips most layers at least once
+
+
+class _Projections(nn.Module):
+    """Three projections of one hidden state (query, key, value), then one of a copy of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(5, 4), nn.Linear(5, 3), nn.Linear(5, 4, bias=False), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        return torch.cat([self.q(h), self.k(h), self.v(h), self.o(h.clone())], dim=-1)
+
+
+def test_projections_of_one_input_take_each_its_own_a():
+    """The A part one projection's call shares with the next of the same input (LocalStatistics'
+    source) is each layer's own: against the float64 oracle sum_t [h, 1]^T [h, 1] / B."""
+    torch.manual_seed(0)
+    model = _Projections().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(6, 7, 5, dtype=torch.float64)
+    model(x).square().sum().backward()
+    h = torch.tanh(x).reshape(-1, 5).numpy()
+    with_ones = np.hstack([h, np.ones((len(h), 1))])
+    for block, stats in zip(precond.engine.blocks, precond.local.result()):
+        rows = with_ones if block.has_bias else h
+        got = stats[:block.d_A * (block.d_A + 1) // 2]
+        want = (rows.T @ rows / 6)[np.triu_indices(block.d_A)]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)

@@ -185,6 +185,14 @@ class CurvatureBlock(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, {self.describe()})"
 
     # -------------------------------------------------------------- statistics
+    @property
+    def input_key(self) -> Hashable | None:
+        """Blocks with equal keys (not None) add the same input part for the same input:
+        ``add_input`` is ``add_input_part(stats, input_part(a))``, and one part serves every
+        such block that takes the same input (a transformer's query, key and value
+        projections of one hidden state). None: the block's part is its own."""
+        return None
+
     @abc.abstractmethod
     def add_input(self, stats: Array, a: Array) -> Any:
         """Add the contribution of the layer input ``a`` of one call to ``stats``;

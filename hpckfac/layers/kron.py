@@ -152,8 +152,15 @@ class KronBlock(CurvatureBlock):
 
     # ------------------------------------------------------------ statistics
     def add_input(self, stats: Array, a: Array) -> None:
-        stats[:self.groups * self.d_A * (self.d_A + 1) // 2] += self.a_factor(a, packed=True)
-        return None
+        self.add_input_part(stats, self.input_part(a))
+
+    def input_part(self, a: Array) -> Array:
+        """The packed ``A`` of input ``a``: what ``add_input`` adds to the statistics."""
+        return self.a_factor(a, packed=True)
+
+    def add_input_part(self, stats: Array, part: Array) -> None:
+        """Add an input part (``input_part``) to the statistics."""
+        stats[:self.groups * self.d_A * (self.d_A + 1) // 2] += part
 
     def add_output_grad(self, stats: Array, g: Array, scale: float, saved: None) -> None:
         stats[self.groups * self.d_A * (self.d_A + 1) // 2:] += self.g_factor(g, scale, packed=True)

@@ -43,6 +43,12 @@ class LinearBlock(KronBlock):
         super().__init__(name, in_features, out_features, bias, shape)
         self.in_features, self.out_features = in_features, out_features
 
+    @property
+    def input_key(self) -> tuple:
+        """The input's rows and so its ``A`` depend on its width and the bias only (not on
+        ``out_features`` nor ``transposed``)."""
+        return ("linear", self.in_features, self.has_bias)
+
     def input_rows(self, a: Array, ones: bool = False) -> Array:
         """``a.reshape(-1, in_features)`` (+ a column of ones with ``ones``)."""
         _check_features(a, "a", self.name, self.in_features)

@@ -52,6 +52,9 @@ class LocalStatistics:
         # forward brings another gradient for them.
         self._paired: set[int] = set()
         self._calls = 0
+        # The latest call's (input key, source, input part): the next call of a block with that
+        # key on the same source adds the part again instead of reducing the input anew.
+        self._last_input: tuple | None = None
         # Per forward pass: [examples, sampled examples, whether a backward reached it].
         self._passes: list[list] = []
 
@@ -64,6 +67,7 @@ class LocalStatistics:
         """Forget everything accumulated (start of a step)."""
         self._passes.clear()
         self._paired.clear()
+        self._last_input = None  # it holds the caller's input
         # Only what was added to: steps without statistics clear nothing; a factor step that
         # reached every block clears them all at once.
         touched = [seen[0] or seen[1] for seen in self._seen]
@@ -106,13 +110,19 @@ class LocalStatistics:
         blocks take ``sampled`` (default: all of them)."""
         self._passes.append([int(count), int(count if sampled is None else sampled), False])
 
-    def add_inputs(self, block: int, a: Any, output_size: Sequence[int] | None = None) -> int:
+    def add_inputs(self, block: int, a: Any, output_size: Sequence[int] | None = None,
+                   source: tuple | None = None) -> int:
         """Add the contribution of block ``block``'s layer input ``a`` (one call, in the
         latest forward pass; ``a``'s first axis holds the examples). ``output_size``: the
         spatial size of the call's output, for a block whose ``A`` depends on it beyond its
-        input (``ConvTransposeBlock``: ``forward(x, output_size=...)``). Returns the call's id,
-        which ``add_output_grads`` takes to pair this call's output gradient with it."""
+        input (``ConvTransposeBlock``: ``forward(x, output_size=...)``). ``source``: what ``a``
+        was made from, a tuple whose first item is compared by identity and the others by
+        ``==``, equal for two calls only when their ``a`` holds the same values; a call on the
+        source of the call before, by a block of the same ``input_key``, reuses that call's
+        input part (the same values: the same reduction of the same input). Returns the
+        call's id, which ``add_output_grads`` takes to pair this call's output gradient with it."""
         self._calls += 1
+        last, self._last_input = self._last_input, None
         # An empty batch: nothing to add, only the call to pair. So too for rows in a pass of no
         # examples (a batch-shared input, (1, T) positions, beside an empty batch): they stand
         # for no example, and the step's count would not include them.
@@ -120,8 +130,18 @@ class LocalStatistics:
             self._saved[block][self._calls] = (-1, _EMPTY)
             return self._calls
         extra = {} if output_size is None else {"output_size": output_size}
-        self._saved[block][self._calls] = (len(self._passes) - 1,
-                                           self.blocks[block].add_input(self._sums[block], a, **extra))
+        target = self.blocks[block]
+        key = None if source is None else target.input_key
+        if key is None:
+            saved = target.add_input(self._sums[block], a, **extra)
+        else:
+            if last is not None and last[0] == key and _same_source(last[1], source):
+                part = last[2]
+            else:
+                part = target.input_part(a)
+            saved = target.add_input_part(self._sums[block], part)
+            self._last_input = (key, source, part)
+        self._saved[block][self._calls] = (len(self._passes) - 1, saved)
         self._seen[block][0] = True
         return self._calls
 
@@ -168,3 +188,9 @@ class LocalStatistics:
             count = sampled if block.uses_sample else examples
             out.append(total * (1.0 / count) if all(seen) and i not in unpaired and count else None)
         return out
+
+
+def _same_source(old: tuple, new: tuple) -> bool:
+    """Whether two ``add_inputs`` sources are the same: the first items the same object, the
+    others equal."""
+    return len(old) == len(new) and old[0] is new[0] and old[1:] == new[1:]

@@ -503,11 +503,14 @@ class KFACPreconditioner(UsageChecks):
             raise self._moved(a.device)
         start = time.perf_counter()
         batch, sample = self._micro_batch, self._sample
+        # The rows below are a function of the call's tensor, its contents (version) and these;
+        # an inference tensor keeps no version, so it shares nothing.
+        source = None if a.is_inference() else (a, a._version, batch, sample, batch_first)
         with device_scope(self.device):
             try:
                 a = a if batch_first else self._batch_first(index, a, 0, batch)
                 call = self.local.add_inputs(index, to_array(self._sampled(index, a, batch, sample)),
-                                             output_size=self._output_size(index, output))
+                                             output_size=self._output_size(index, output), source=source)
             except (ValueError, RuntimeError) as err:
                 self._raise_if_resized(index, err)
                 raise
