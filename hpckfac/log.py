@@ -21,10 +21,11 @@ def _rank_and_size() -> tuple[int, int | str]:
         ("SLURM_PROCID", "SLURM_NTASKS"),
         ("PMIX_RANK", "PMIX_SIZE"),  # PMIx itself exports no size: "?" rather than a wrong 1
     ):
+        # isdecimal, not isdigit: a superscript "²" is a digit that int() refuses.
         rank = os.environ.get(rank_var, "")
-        if rank.isdigit():
+        if rank.isdecimal():
             size = os.environ.get(size_var, "")
-            return int(rank), int(size) if size.isdigit() else "?"
+            return int(rank), int(size) if size.isdecimal() else "?"
     return 0, 1
 
 

@@ -20,6 +20,8 @@ LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORL
     ({"PMI_RANK": "abc", "SLURM_PROCID": "2", "SLURM_NTASKS": "3"}, (2, 3)),  # not a number: the next launcher's
     ({"SLURM_PROCID": "1", "SLURM_NTASKS": ""}, (1, "?")),
     ({"SLURM_PROCID": "1", "SLURM_NTASKS": "four"}, (1, "?")),
+    ({"PMI_RANK": "\u00b2", "SLURM_PROCID": "2", "SLURM_NTASKS": "3"}, (2, 3)),  # a digit, but no number
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "\u00b2"}, (1, "?")),
     ({"PMI_RANK": ""}, (0, 1)),
 ])
 def test_rank_and_size_from_the_launcher(monkeypatch, env, expected):
