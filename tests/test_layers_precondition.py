@@ -107,6 +107,11 @@ def test_pi_of_float32_factors_whose_trace_passes_float32s_range(seed):
     assert pi_damping(a, g, DAMPING) == pytest.approx((pi * root, root / pi), rel=1e-6)
     damp_a, damp_g = LinearBlock("fc", 600, 5, bias=True).damping([a[None], g[None]], DAMPING)
     assert (float(damp_a[0]), float(damp_g[0])) == pytest.approx((pi * root, root / pi), rel=1e-6)
+    # The same factor as G (output gradients of ~1e18): its trace summed in float64 too.
+    pi = pi_of(g, a)
+    assert pi_damping(g, a, DAMPING) == pytest.approx((pi * root, root / pi), rel=1e-6)
+    damp_a, damp_g = LinearBlock("fc", 4, 601, bias=True).damping([g[None], a[None]], DAMPING)
+    assert (float(damp_a[0]), float(damp_g[0])) == pytest.approx((pi * root, root / pi), rel=1e-6)
     counts = np.asarray(rng.integers(1, 9, size=5), dtype=np.float32)[:, None, None]  # A's 1x1 entries
     damp_a, damp_g = EmbeddingBlock("emb", 5, 601).damping([counts, a[None]], DAMPING)
     pi = pi_of(np.diag(counts.ravel()), a)
