@@ -2638,3 +2638,33 @@ def test_projections_of_one_input_take_each_its_own_a():
         got = stats[:block.d_A * (block.d_A + 1) // 2]
         want = (rows.T @ rows / 6)[np.triu_indices(block.d_A)]
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+class _ChangedInPlace(nn.Module):
+    """Two projections of one tensor, changed in place between them (its version moves on); the
+    output is the second's (the first saved the tensor for a backward that the change spoiled)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(5, 4), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = x.clone()
+        self.q(h)
+        h.mul_(3.0).add_(1.0)
+        return self.k(h)
+
+
+def test_a_projection_of_an_input_changed_in_place_takes_the_changed_values():
+    """The second projection's A is that of the tensor as changed in place, not the part the
+    first projection took of the same tensor: against the float64 oracle of its changed rows."""
+    torch.manual_seed(1)
+    model = _ChangedInPlace().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(6, 7, 5, dtype=torch.float64)
+    model(x).square().sum().backward()
+    rows = np.hstack([(x * 3.0 + 1.0).reshape(-1, 5).numpy(), np.ones((42, 1))])
+    block = precond.engine.blocks[1]
+    assert block.name == "k"
+    got = precond.local.result()[1][:block.d_A * (block.d_A + 1) // 2]
+    np.testing.assert_allclose(got, (rows.T @ rows / 6)[np.triu_indices(block.d_A)], rtol=1e-12, atol=1e-14)
