@@ -882,3 +882,27 @@ def test_a_grown_grad_scaler_scale_leaves_the_float32_factors_those_of_the_true_
             fa + pi * np.sqrt(damping) * np.eye(len(fa)))
         got = np.hstack([m.weight.grad.double().numpy(), m.bias.grad.double().numpy()[:, None]])
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5, name
+
+
+@needs_amp_grad_scaler
+@pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-3), (torch.float64, 1e-12)])
+def test_grad_scaler_scale_is_undone_in_g_of_float16_and_float64_gradients(comm, dtype, rtol):
+    """G of a float16 model (its Gram taken of the scaled gradients, then divided by the scale's
+    square) and of a float64 one (unscaled in float64 before its Gram) under a GradScaler: the
+    float64 oracle's of the true per-example output gradients."""
+    torch.manual_seed(3)
+    scale = 2.0 ** 12
+    model = nn.Linear(8, 6).to(dtype)
+    seen = {}
+
+    def capture(module, args, out):
+        out.register_hook(lambda g: seen.__setitem__("g", g.double().numpy() / scale))
+
+    model.register_forward_hook(capture)
+    precond = KFACPreconditioner(model, comm=comm, grad_scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+    x = torch.randn(16, 8).to(dtype)
+    precond.grad_scaler.scale(model(x).float().square().mean()).backward()
+    g = seen["g"] * 16  # per-example: the mean loss's times the batch
+    block, stats = precond.engine.blocks[0], precond.local.result()[0]
+    got = stats[block.d_A * (block.d_A + 1) // 2:].astype(np.float64)
+    np.testing.assert_allclose(got, (g.T @ g / 16)[np.triu_indices(6)], rtol=rtol, atol=0)
