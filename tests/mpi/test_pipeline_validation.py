@@ -100,22 +100,27 @@ def test_a_rank_with_other_step_settings_fails_on_every_rank(comm, when, option)
 
 
 @pytest.mark.mpi
-def test_a_factor_interval_set_on_one_rank_only_is_named(comm):
+@pytest.mark.parametrize("inverse", [False, True])
+def test_a_factor_interval_set_on_one_rank_only_is_named(comm, inverse):
     """A factor_update_interval changed on one rank makes that rank's step take no statistics
     while the others' do: the steps' first collective differs in length before the settings are
-    compared. Every rank raises; the changed rank names the interval and its change."""
+    compared. Every rank raises; the changed rank names the interval and its change (and the
+    inverse interval's, changed with it)."""
     if comm.size == 1:
         pytest.skip("needs a second rank to disagree with")
     odd = comm.rank == comm.size - 1
     net = model(3)
-    precond = KFACPreconditioner(net, comm=comm, factor_update_interval=1)
+    precond = KFACPreconditioner(net, comm=comm, factor_update_interval=1, inverse_update_interval=2)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
     for step in range(3):
         net(x).pow(2).mean().backward()
         if step == 2:
             if odd:
                 precond.factor_update_interval = 3  # step 2 takes no statistics here
-            pattern = f"changed on rank {comm.rank}: factor_update_interval 1 -> 3" if odd else "allreduce_many"
+                if inverse:
+                    precond.inverse_update_interval = 6
+            pattern = f"changed on rank {comm.rank}: factor_update_interval 1 -> 3"
+            pattern = (pattern + (", inverse_update_interval 2 -> 6$" if inverse else "$")) if odd else "allreduce_many"
             with pytest.raises(CollectiveMismatchError, match=pattern):
                 precond.step()
             return
