@@ -44,7 +44,7 @@ def _is_count(value: str) -> bool:
     its list of nested levels). OpenMP and the BLAS libraries start their full pools on anything
     else, so an empty or invalid variable is no choice of the user's."""
     first = value.split(",")[0].strip()
-    return first.isdigit() and int(first) > 0
+    return first.isdecimal() and int(first) > 0  # isdigit would take "²", which int() refuses
 
 
 def configure_threads(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> dict:

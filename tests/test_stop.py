@@ -46,6 +46,8 @@ def test_stop_signals_setting():
     assert stop_signals(str(int(signal.SIGUSR2))) == (signal.SIGUSR2,)
     assert stop_signals("none") == stop_signals("") == ()
     assert TrainConfig().validate().stop_signals == "TERM,USR1"
+    with pytest.raises(ValueError, match="stop_signals"):  # a digit int() refuses: named, not int()'s error
+        stop_signals("\u00b2")
 
 
 def test_a_signal_is_noted_and_every_later_decision_is_to_stop(comm):

@@ -30,7 +30,7 @@ def stop_signals(spec: str) -> tuple:
     parts = [part.strip() for part in spec.split(",") if part.strip()]
     if parts in ([], ["none"]):
         return ()
-    return tuple(dict.fromkeys(parse_signal(int(p) if p.isdigit() else p, "stop_signals") for p in parts))
+    return tuple(dict.fromkeys(parse_signal(int(p) if p.isdecimal() else p, "stop_signals") for p in parts))
 
 
 def progress_mode(progress: str | bool) -> str:
