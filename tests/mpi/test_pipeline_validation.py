@@ -105,9 +105,8 @@ def test_a_factor_interval_set_on_one_rank_only_is_named(comm, inverse):
     """A factor_update_interval changed on one rank makes that rank's step take no statistics
     while the others' do: the steps' first collective differs in length before the settings are
     compared. Every rank raises; the changed rank names the interval and its change (and the
-    inverse interval's, changed with it)."""
-    if comm.size == 1:
-        pytest.skip("needs a second rank to disagree with")
+    inverse interval's, changed with it). One rank, with nobody to disagree with, takes the new
+    interval: step 2 then takes no statistics and leaves the running factors as they were."""
     odd = comm.rank == comm.size - 1
     net = model(3)
     precond = KFACPreconditioner(net, comm=comm, factor_update_interval=1, inverse_update_interval=2)
@@ -119,6 +118,12 @@ def test_a_factor_interval_set_on_one_rank_only_is_named(comm, inverse):
                 precond.factor_update_interval = 3  # step 2 takes no statistics here
                 if inverse:
                     precond.inverse_update_interval = 6
+            if comm.size == 1:
+                before = {k: b["factors"].clone() for k, b in precond.state_dict()["blocks"].items()}
+                precond.step()
+                after = precond.state_dict()["blocks"]
+                assert all(torch.equal(factors, after[name]["factors"]) for name, factors in before.items())
+                return
             pattern = f"changed on rank {comm.rank}: factor_update_interval 1 -> 3"
             pattern = (pattern + (", inverse_update_interval 2 -> 6$" if inverse else "$")) if odd else "allreduce_many"
             with pytest.raises(CollectiveMismatchError, match=pattern):
