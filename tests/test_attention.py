@@ -281,9 +281,13 @@ def test_cross_attention_layers_keep_the_in_projection_first_order(caplog):
     assert "K-FAC (A 7x7, G 6x6)" in lines["multihead_attn.out_proj"]
     assert "K-FAC (A 7x7, G 18x18)" in lines["self_attn"]
     separate = nn.MultiheadAttention(E, HEADS, kdim=4, vdim=5)
-    lines = {line.split()[0]: line for line in
-             repr(KFACPreconditioner(separate, comm=Communicator(MPI.COMM_SELF))).splitlines()[1:]}
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        lines = {line.split()[0]: line for line in
+                 repr(KFACPreconditioner(separate, comm=Communicator(MPI.COMM_SELF))).splitlines()[1:]}
     assert "first-order: kdim/vdim differ from embed_dim" in lines["(model)"]
+    # the warning names the model itself as the table does, not an empty name
+    assert "layer (model) (MultiheadAttention) stays first-order: kdim/vdim" in caplog.text
+    caplog.clear()
     assert "K-FAC" in lines["out_proj"]
 
     model = nn.ModuleDict({"cross": nn.MultiheadAttention(E, HEADS, batch_first=True)})

@@ -66,7 +66,7 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
         try:
             block = block_for(name, module)
         except ValueError as exc:
-            note("layer %s (%s) stays first-order: %s", name, type(module).__name__, exc)
+            note("layer %s (%s) stays first-order: %s", _label(name), type(module).__name__, exc)
             status[name] = f"first-order: {exc}"
             continue
         if block is None:
@@ -90,7 +90,7 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
             continue
         wrong = sorted({str(p.dtype).removeprefix("torch.") for p in _covered(module) if not p.is_floating_point()})
         if wrong:  # the statistics and the K-FAC gradient buffer are real: a hook would fail on the input
-            raise ValueError(f"model: layer {name or '(model)'} ({type(module).__name__}) has {', '.join(wrong)} "
+            raise ValueError(f"model: layer {_label(name)} ({type(module).__name__}) has {', '.join(wrong)} "
                              "parameters; K-FAC layers need real floating-point parameters (float64, float32, "
                              "float16 or bfloat16)")
         modules.append(module)
@@ -118,6 +118,11 @@ def find_blocks(model: nn.Module, skip_layers: Sequence[str | type],
         note("no layer of the model is preconditioned (see print(preconditioner) for why); every "
              "gradient is only averaged over ranks")
     return Coverage(modules, blocks, covered, rows)
+
+
+def _label(name: str) -> str:
+    """A module's name for messages: the model itself has the empty name."""
+    return name or "(model)"
 
 
 def _unmatched_hints(model: nn.Module, unmatched: list[str]) -> str:
