@@ -333,18 +333,26 @@ def test_ranks_that_resume_different_checkpoints_fail_together(tmp_path, case):
         "must resume from the same one"), proc.stderr
 
 
-def test_ranks_started_with_different_settings_fail_together(tmp_path):
-    proc = run(tmp_path, """
+@pytest.mark.parametrize("flag, mine, theirs, expected", [
+    ("--width", "4", "8", "--width is 4 on rank 0, 8 on rank 1"),
+    # without signals a rank skips the others' per-step stop exchange
+    ("--stop-signals", "none", "TERM", "--stop-signals is none on rank 0, TERM on rank 1"),
+    ("--stop-signals", "15,SIGUSR1", "TERM,USR1", None),  # the same signals, spelt otherwise
+])
+def test_ranks_started_with_different_settings_fail_together(tmp_path, flag, mine, theirs, expected):
+    proc = run(tmp_path, f"""
         import sys
         from mpi4py import MPI
         from hpckfac.train import cli
-        width = "4" if MPI.COMM_WORLD.Get_rank() == 0 else "8"
-        sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--no-progress", "--width", width]))
+        value = {mine!r} if MPI.COMM_WORLD.Get_rank() == 0 else {theirs!r}
+        sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--no-progress", {flag!r}, value]))
     """, timeout=90)
+    if expected is None:
+        assert proc.returncode == 0, proc.stderr
+        return
     assert proc.returncode == 2, proc.stderr
     assert last_line(proc.stderr) == (
-        "hpckfac train: error: the ranks were started with different settings: --width is 4 on rank 0, "
-        "8 on rank 1"), proc.stderr
+        f"hpckfac train: error: the ranks were started with different settings: {expected}"), proc.stderr
 
 
 def test_trainer_setup_checks_are_checked_collectives(tmp_path):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from hpckfac.cli import HelpFormatter
 from hpckfac.torch.device import DEVICE_CHOICES
-from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig
+from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig, stop_signals
 
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator
@@ -160,6 +160,8 @@ def _settings_disagree(config: TrainConfig, unreadable: str | None) -> str | Non
         return None if unreadable is None else _cli_message(ValueError(unreadable))
     mine = {key: repr(bool(value) if key in ("out", "data") else value)  # repr: a NaN equals itself
             for key, value in config.as_dict().items() if key not in _LOCAL_SETTINGS}
+    # Ranks with and without stop signals would call StopOnSignal's per-step allreduce apart.
+    mine["stop_signals"] = _signal_names(config.stop_signals)
     everyone = world.allgather((mine, unreadable))
     for rank, (theirs, reason) in enumerate(everyone):
         if theirs == everyone[0][0]:
@@ -173,6 +175,15 @@ def _settings_disagree(config: TrainConfig, unreadable: str | None) -> str | Non
     if all(reason is not None for _, reason in everyone):
         return _cli_message(ValueError(everyone[0][1]))
     return None
+
+
+def _signal_names(spec: str) -> str:
+    """The signals of a ``--stop-signals`` value by name (``TERM,USR1`` for ``15,SIGUSR1``), or
+    the value itself when it names none validly (its own error follows)."""
+    try:
+        return ",".join(s.name.removeprefix("SIG") for s in stop_signals(spec)) or "none"
+    except ValueError:
+        return repr(spec)
 
 
 def _rank_failure(comm, exc: BaseException) -> int:
