@@ -197,6 +197,71 @@ def test_cholesky_failures_and_jitter_match_cpu_statuses(gpu, n, dtype):
         assert np.abs(inv[i] - cpu.inverse[i]).max() / np.abs(cpu.inverse[i]).max() <= tol, i
 
 
+def _flush_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` with its float32 subnormals as signed zeros, in place (what CUDA's ``.ftz``
+    instructions make of them)."""
+    if a.dtype == np.float32:
+        small = np.abs(a) < np.finfo(np.float32).tiny
+        a[small] = np.copysign(0.0, a[small])
+    return a
+
+
+class _FlushedOps:
+    """CuPy's own float32 kernels as ``-ftz=true`` compiles them (CuPy passes it to every
+    module): array operations and ``astype`` read and write float32 subnormals as zeros."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        args = [_flush_float32(np.array(x)) if isinstance(x, np.ndarray) else x for x in inputs]
+        outs = kwargs.get("out")
+        if outs is not None:
+            kwargs["out"] = tuple(np.asarray(o) for o in outs)
+        with np.errstate(all="ignore"):  # CuPy warns of nothing
+            result = getattr(ufunc, method)(*args, **kwargs)
+        results = result if isinstance(result, tuple) else (result,)
+        for r in results:
+            if isinstance(r, np.ndarray):
+                _flush_float32(r)
+        if outs is not None:
+            return outs if isinstance(result, tuple) else outs[0]
+        wrapped = tuple(r.view(host_cupy.DeviceArray) if isinstance(r, np.ndarray) else r for r in results)
+        return wrapped if isinstance(result, tuple) else wrapped[0]
+
+    def astype(self, dtype, *args, **kwargs):
+        with np.errstate(all="ignore"):
+            cast = np.ndarray.astype(np.asarray(self), dtype, *args, **kwargs)
+        if np.dtype(dtype) != self.dtype:  # a conversion: a kernel (a same-dtype copy moves bits only)
+            _flush_float32(cast)
+        return cast.view(host_cupy.DeviceArray)
+
+
+@pytest.mark.parametrize("case", ["damping", "entries"])
+def test_eigen_fallback_keeps_float32_subnormal_inverses_under_ftz(gpu, monkeypatch, case):
+    """A damping beyond float32's range (or entries near its maximum plus a damping) overflows
+    S in float32 and takes the eigen fallback, whose inverse lies in float32's subnormal range:
+    under CuPy's ``-ftz=true`` a float32 ``astype`` or product of it is zero, so the fallback
+    narrows through the pack kernels' conversion (``hk::narrow``) and gives the CPU's inverse."""
+    monkeypatch.setattr(host_cupy.DeviceArray, "__array_ufunc__", _FlushedOps.__array_ufunc__, raising=False)
+    monkeypatch.setattr(host_cupy.DeviceArray, "astype", _FlushedOps.astype, raising=False)
+    rng = np.random.default_rng(29)
+    n = 4
+    mats = random_spd(rng, 3, n)
+    mats /= np.abs(mats).max(axis=(1, 2), keepdims=True)
+    if case == "damping":
+        damping = np.array([0.1, 1e39, 3e40])
+    else:
+        mats[1:] *= float(np.finfo(np.float32).max) * 0.9
+        damping = np.array([0.1, 1e38, 1e38])
+    mats = mats.astype(np.float32)
+    cpu = ops.damped_inverse(mats, damping)
+    inverse, status = gpu.damped_inverse(device(gpu, mats), device(gpu, damping))
+    assert np.asarray(status).tolist() == cpu.status.tolist() == [ops.CHOLESKY, ops.EIGEN, ops.EIGEN]
+    inv = np.asarray(inverse)
+    assert inv.dtype == np.float32 and (inv == inv.swapaxes(1, 2)).all()
+    for m, lam, got in zip(mats[1:], damping[1:], inv[1:]):
+        oracle = np.linalg.inv(m.astype(np.float64) + lam * np.eye(n))
+        np.testing.assert_allclose(got, oracle, rtol=1e-5, atol=1e-5 * np.abs(oracle).max() + 2e-45)
+
+
 def test_cholesky_kernel_flags_failures_and_leaves_their_output(gpu):
     """failed[b] = 1 for a non-positive pivot, a NaN and a pivot below the relative
     tolerance; nothing written to out[b] then (it stays poisoned); 0 for the others."""

@@ -437,8 +437,15 @@ def _clipped_eigen_inverse(mats, damping):
     top = cupy.abs(eigvals).max(axis=1)
     top = cupy.where(top == 0, 1.0, top)
     floor = cupy.maximum(cupy.maximum(damping, EIGEN_RFLOOR * top), math.sqrt(np.finfo(mats.dtype).tiny))
-    inverse = ((eigvecs / cupy.maximum(eigvals, floor[:, None])[:, None, :]) @ eigvecs.swapaxes(1, 2)).astype(mats.dtype)
-    return 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
+    inverse = (eigvecs / cupy.maximum(eigvals, floor[:, None])[:, None, :]) @ eigvecs.swapaxes(1, 2)
+    inverse = 0.5 * inverse + 0.5 * inverse.swapaxes(1, 2)
+    if mats.dtype == np.float64:
+        return inverse
+    # Narrowed by the pack kernels' conversion (hk::narrow), not astype: CuPy compiles its own
+    # kernels with -ftz=true too, so astype, and any float32 arithmetic after it, would flush
+    # float32 subnormals to zero, and the inverse of a damping beyond float32's range is one.
+    count, n = inverse.shape[:2]
+    return cupy.stack(unpack_sym(pack_sym(list(inverse), [n] * count, mats.dtype, None), [n] * count, mats.dtype))
 
 
 def damped_inverse(mats: Any, damping: float | Any, overwrite_mats: bool = False) -> tuple[Any, Any]:
