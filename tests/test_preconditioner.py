@@ -2668,3 +2668,23 @@ def test_a_projection_of_an_input_changed_in_place_takes_the_changed_values():
     assert block.name == "k"
     got = precond.local.result()[1][:block.d_A * (block.d_A + 1) // 2]
     np.testing.assert_allclose(got, (rows.T @ rows / 6)[np.triu_indices(block.d_A)], rtol=1e-12, atol=1e-14)
+
+
+def test_a_linear_on_a_buffer_refilled_between_micro_batches_takes_each_ones_a():
+    """A tensor viewing a NumPy buffer refilled between accumulated micro-batches keeps its version:
+    the second pass's call takes the new rows' A, not the part the first pass's call took of the
+    same tensor (float64 oracle of both passes' rows over their 12 examples)."""
+    torch.manual_seed(2)
+    model = nn.Linear(5, 3).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), accumulation_steps=2)
+    rng = np.random.default_rng(3)
+    buffer = np.empty((6, 5))
+    x = torch.from_numpy(buffer)
+    rows = []
+    for _ in range(2):
+        buffer[...] = rng.standard_normal(buffer.shape)
+        rows.append(np.hstack([buffer, np.ones((6, 1))]))
+        model(x).square().sum().backward()
+    rows = np.vstack(rows)
+    got = precond.local.result()[0][:21]
+    np.testing.assert_allclose(got, (rows.T @ rows / 12)[np.triu_indices(6)], rtol=1e-12, atol=1e-14)

@@ -108,6 +108,9 @@ class LocalStatistics:
     def add_examples(self, count: int, sampled: int | None = None) -> None:
         """Start a forward pass of ``count`` examples, of which the statistics of sampling
         blocks take ``sampled`` (default: all of them)."""
+        # A new pass shares no input part with the one before: a tensor it takes again may hold new
+        # values under the same version (a NumPy buffer refilled under torch.from_numpy).
+        self._last_input = None
         self._passes.append([int(count), int(count if sampled is None else sampled), False])
 
     def add_inputs(self, block: int, a: Any, output_size: Sequence[int] | None = None,
@@ -118,9 +121,10 @@ class LocalStatistics:
         input (``ConvTransposeBlock``: ``forward(x, output_size=...)``). ``source``: what ``a``
         was made from, a tuple whose first item is compared by identity and the others by
         ``==``, equal for two calls only when their ``a`` holds the same values; a call on the
-        source of the call before, by a block of the same ``input_key``, reuses that call's
-        input part (the same values: the same reduction of the same input). Returns the
-        call's id, which ``add_output_grads`` takes to pair this call's output gradient with it."""
+        source of the call before in the same forward pass, by a block of the same
+        ``input_key``, reuses that call's input part (the same values: the same reduction of the
+        same input). Returns the call's id, which ``add_output_grads`` takes to pair this call's
+        output gradient with it."""
         self._calls += 1
         last, self._last_input = self._last_input, None
         # An empty batch: nothing to add, only the call to pair. So too for rows in a pass of no
