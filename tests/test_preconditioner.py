@@ -2688,3 +2688,31 @@ def test_a_linear_on_a_buffer_refilled_between_micro_batches_takes_each_ones_a()
     rows = np.vstack(rows)
     got = precond.local.result()[0][:21]
     np.testing.assert_allclose(got, (rows.T @ rows / 12)[np.triu_indices(6)], rtol=1e-12, atol=1e-14)
+
+
+class _TwoProjections(nn.Module):
+    """Two projections of the model's input itself (as query and key)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(5, 4), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.k(x)], dim=-1)
+
+
+def test_projections_of_an_inference_tensor_with_their_biases_trained_take_its_a():
+    """An input made under inference_mode keeps no version, which sharing A parts reads: with only
+    the biases trained (BitFit; autograd saves no input then) both projections take the input's A
+    of the float64 oracle instead of failing on the missing version."""
+    torch.manual_seed(3)
+    model = _TwoProjections().double()
+    for layer in (model.q, model.k):
+        layer.weight.requires_grad_(False)
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    with torch.inference_mode():
+        x = torch.randn(6, 7, 5, dtype=torch.float64)
+    model(x).square().sum().backward()
+    rows = np.hstack([x.reshape(-1, 5).numpy(), np.ones((42, 1))])
+    for stats in precond.local.result():
+        np.testing.assert_allclose(stats[:21], (rows.T @ rows / 6)[np.triu_indices(6)], rtol=1e-12, atol=1e-14)
