@@ -2716,3 +2716,16 @@ def test_projections_of_an_inference_tensor_with_their_biases_trained_take_its_a
     rows = np.hstack([x.reshape(-1, 5).numpy(), np.ones((42, 1))])
     for stats in precond.local.result():
         np.testing.assert_allclose(stats[:21], (rows.T @ rows / 6)[np.triu_indices(6)], rtol=1e-12, atol=1e-14)
+
+
+def test_the_input_a_shared_part_came_from_is_not_kept_past_step():
+    """The tensor whose A part the next projection may share is dropped by step(): the caller's
+    input is freed when the caller lets it go, not held until the next forward."""
+    model = _TwoProjections().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    x = torch.randn(6, 7, 5, dtype=torch.float64)
+    model(x).square().sum().backward()
+    precond.step()
+    taken = weakref.ref(x)
+    del x
+    assert taken() is None
