@@ -1,4 +1,5 @@
 """A rank with a different model or different options fails on every rank, fast."""
+import copy
 import re
 import time
 
@@ -130,6 +131,29 @@ def test_a_factor_interval_set_on_one_rank_only_is_named(comm, inverse):
                 precond.step()
             return
         precond.step()
+
+
+@pytest.mark.mpi
+def test_a_state_loaded_on_one_rank_only_fails_on_every_rank_naming_no_interval(comm):
+    """A state of step 0 loaded on one rank after step 0 (factor_update_interval 2): that rank
+    takes statistics at its step while the others do not, so the step's first collective differs
+    in length before any settings are compared. Every rank raises the mismatch as it is: the
+    loaded rank, whose settings no rank has agreed on since the load, and the others, whose
+    intervals are unchanged, name no changed interval."""
+    if comm.size == 1:  # nobody to disagree with
+        return
+    net = model(3)
+    precond = KFACPreconditioner(net, comm=comm, factor_update_interval=2, inverse_update_interval=2)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    state = copy.deepcopy(precond.state_dict())
+    net(x).pow(2).mean().backward()
+    precond.step()
+    if comm.rank == comm.size - 1:
+        precond.load_state_dict(state)
+    net(x).pow(2).mean().backward()
+    with pytest.raises(CollectiveMismatchError) as raised:
+        precond.step()
+    assert "changed on rank" not in str(raised.value)
 
 
 class Surgical(nn.Module):
