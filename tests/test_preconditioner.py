@@ -2729,3 +2729,17 @@ def test_the_input_a_shared_part_came_from_is_not_kept_past_step():
     taken = weakref.ref(x)
     del x
     assert taken() is None
+
+
+def test_a_forward_never_backpropagated_frees_its_activations_when_dropped():
+    """A training forward whose loss is left out of backward (a micro-batch's NaN loss) frees its
+    graph and the activations it saved once the caller drops its output, as without a
+    preconditioner: the input whose A part the next projection may share is not kept for that."""
+    model = _TwoProjections().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    h = torch.tanh(torch.randn(6, 7, 5, dtype=torch.float64, requires_grad=True))
+    taken = weakref.ref(h)
+    out = model(h)
+    del h, out
+    assert taken() is None
+    precond.remove_hooks()

@@ -10,7 +10,8 @@ passed in must be the per-example loss gradients (see ``hpckfac.torch``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import weakref
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -52,8 +53,9 @@ class LocalStatistics:
         # forward brings another gradient for them.
         self._paired: set[int] = set()
         self._calls = 0
-        # The latest call's (input key, source, input part): the next call of a block with that
-        # key on the same source adds the part again instead of reducing the input anew.
+        # The latest call's (input key, source, input part), the source's first item held weakly:
+        # the next call of a block with that key on the same source adds the part again instead
+        # of reducing the input anew.
         self._last_input: tuple | None = None
         # Per forward pass: [examples, sampled examples, whether a backward reached it].
         self._passes: list[list] = []
@@ -67,7 +69,7 @@ class LocalStatistics:
         """Forget everything accumulated (start of a step)."""
         self._passes.clear()
         self._paired.clear()
-        self._last_input = None  # it holds the caller's input
+        self._last_input = None  # the part of an input of the step before
         # Only what was added to: steps without statistics clear nothing; a factor step that
         # reached every block clears them all at once.
         touched = [seen[0] or seen[1] for seen in self._seen]
@@ -144,7 +146,9 @@ class LocalStatistics:
             else:
                 part = target.input_part(a)
             saved = target.add_input_part(self._sums[block], part)
-            self._last_input = (key, source, part)
+            # Weakly: a tensor held here would keep the autograd graph of a forward never
+            # backpropagated, and every activation it saved, after the caller let it go.
+            self._last_input = (key, (_weak(source[0]),) + tuple(source[1:]), part)
         self._saved[block][self._calls] = (len(self._passes) - 1, saved)
         self._seen[block][0] = True
         return self._calls
@@ -194,7 +198,16 @@ class LocalStatistics:
         return out
 
 
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj``, or for an object that takes none a call returning it."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
 def _same_source(old: tuple, new: tuple) -> bool:
-    """Whether two ``add_inputs`` sources are the same: the first items the same object, the
+    """Whether an ``add_inputs`` source kept with its first item as a reference (``_weak``) is
+    the same as ``new``: the first items the same object (a freed one matches nothing), the
     others equal."""
-    return len(old) == len(new) and old[0] is new[0] and old[1:] == new[1:]
+    return len(old) == len(new) and old[0]() is new[0] and old[1:] == new[1:]
