@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from hpckfac.comm import Communicator
 
 _log = get_logger("hpckfac.stages.engine")
+_LOAD_EVERYWHERE = "load_state_dict() must run on every rank"
 # The engine's timed parts of one step, in order.
 STAGES = ("reduce_scatter", "running_average", "inversion", "precondition", "all_gather")
 # Every timed part of one iteration: stage 1 (local statistics, in the hooks), the engine's
@@ -226,6 +227,7 @@ class KFACEngine:
         self.all_gather = AllGather(self.blocks, self.layout, comm, self.comm_dtype, xp)
         self.steps = 0
         self._agreed: dict[str, Any] | None = None  # the step settings every rank last agreed on
+        self._loaded = False  # a state loaded since then
         self._nu: Any = None  # 0-d float64 array in the engine's namespace, None without clipping
         self.timings = dict.fromkeys(STAGES, 0.0)
         # Called before every clock reading when set (e.g. a device synchronisation, so that
@@ -258,15 +260,19 @@ class KFACEngine:
         return ", ".join(f"{k} {self._agreed.get(k)!r} -> {v!r}" for k, v in settings.items()
                          if self._agreed.get(k) != v)
 
-    def changed_intervals(self) -> str:
-        """The update intervals changed on this rank since every rank last agreed on the step's
-        settings (``name old -> new``; empty before the first agreement). Such a rank takes
+    def local_change(self) -> str:
+        """What this rank changed alone since every rank last agreed on the step's settings, as
+        a clause for an error message ("" for nothing, and before the first agreement): update
+        intervals (``changed on rank r: name old -> new``) or a loaded state. Such a rank takes
         statistics at other steps than the rest, which its first collective of the step meets
         before the settings are compared: the caller names the change there."""
+        if self._loaded:
+            return f"a state loaded on rank {self.comm.rank} since the ranks last agreed? {_LOAD_EVERYWHERE}"
         if self._agreed is None:
             return ""
-        return self._changes({"factor_update_interval": self.factor_update_interval,
-                              "inverse_update_interval": self.inverse_update_interval})
+        changed = self._changes({"factor_update_interval": self.factor_update_interval,
+                                 "inverse_update_interval": self.inverse_update_interval})
+        return f"changed on rank {self.comm.rank}: {changed}" if changed else ""
 
     def gradient_slots(self) -> list[Any]:
         """Where the next ``step()`` sends each block's gradient matrix (``grad_shape`` views of
@@ -335,11 +341,11 @@ class KFACEngine:
                     # (after construction every rank compares at its first step).
                     if "step:" in str(err) or "changed there alone" in str(err):
                         raise CollectiveMismatchError(f"{err}; a checkpoint loaded on some ranks only? "
-                                                      "load_state_dict() must run on every rank") from None
+                                                      f"{_LOAD_EVERYWHERE}") from None
                     raise
                 raise CollectiveMismatchError(f"{err}; changed on rank {self.comm.rank}: "
                                               f"{self._changes(settings)}") from None
-            self._agreed = settings
+            self._agreed, self._loaded = settings, False
         damping, decay, kl_clip = settings["damping"], settings["factor_decay"], settings["kl_clip"]
 
         start = self.clock()
@@ -490,4 +496,4 @@ class KFACEngine:
         for i, l in enumerate(self.owned):
             self.state.load_block_state(i, saved[self.blocks[l].name])
         self.state.restack()
-        self._agreed = None  # the loaded step count and settings are compared at the next step
+        self._agreed, self._loaded = None, True  # the loaded step count and settings are compared at the next step

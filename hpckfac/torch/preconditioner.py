@@ -754,9 +754,9 @@ class KFACPreconditioner(UsageChecks):
             present = average_grads(first_order, self.comm, "auto", self.bucket_bytes, presence=covered,
                                     held=[] if stats is None else [st is not None for st in stats])
         except CollectiveMismatchError as err:
-            changed = self.engine.changed_intervals()
+            changed = self.engine.local_change()
             if changed:  # this rank's statistics flags made the lengths differ: name the cause
-                raise CollectiveMismatchError(f"{err}; changed on rank {self.comm.rank}: {changed}") from None
+                raise CollectiveMismatchError(f"{err}; {changed}") from None
             raise
         if stats is not None:
             self._absent_as_zeros(stats, present[len(covered):], missing)

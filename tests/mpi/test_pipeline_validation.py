@@ -134,12 +134,11 @@ def test_a_factor_interval_set_on_one_rank_only_is_named(comm, inverse):
 
 
 @pytest.mark.mpi
-def test_a_state_loaded_on_one_rank_only_fails_on_every_rank_naming_no_interval(comm):
+def test_a_state_loaded_on_one_rank_only_fails_on_every_rank_naming_the_load(comm):
     """A state of step 0 loaded on one rank after step 0 (factor_update_interval 2): that rank
     takes statistics at its step while the others do not, so the step's first collective differs
-    in length before any settings are compared. Every rank raises the mismatch as it is: the
-    loaded rank, whose settings no rank has agreed on since the load, and the others, whose
-    intervals are unchanged, name no changed interval."""
+    in length before any settings are compared. Every rank raises the mismatch: the loaded rank
+    names its load, the others, whose intervals are unchanged, name no change of theirs."""
     if comm.size == 1:  # nobody to disagree with
         return
     net = model(3)
@@ -153,7 +152,10 @@ def test_a_state_loaded_on_one_rank_only_fails_on_every_rank_naming_no_interval(
     net(x).pow(2).mean().backward()
     with pytest.raises(CollectiveMismatchError) as raised:
         precond.step()
-    assert "changed on rank" not in str(raised.value)
+    message = str(raised.value)
+    assert "changed on rank" not in message
+    loaded = f"a state loaded on rank {comm.rank} since the ranks last agreed? load_state_dict() must run on every rank"
+    assert (loaded in message) == (comm.rank == comm.size - 1), message
 
 
 class Surgical(nn.Module):
