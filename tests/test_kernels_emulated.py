@@ -20,6 +20,7 @@ from simt import host_cupy
 from test_gpu_factors import case, tolerance
 from test_gpu_batchnorm import TOL as BN_TOL
 from test_ops_batchnorm import draw, oracle
+from test_ops_inverse import assert_inverses_beyond_float32, beyond_float32
 
 pytestmark = pytest.mark.skipif(simt.compiler() is None, reason="no C++ compiler (g++, c++ or clang++) found")
 
@@ -242,24 +243,13 @@ def test_eigen_fallback_keeps_float32_subnormal_inverses_under_ftz(gpu, monkeypa
     narrows through the pack kernels' conversion (``hk::narrow``) and gives the CPU's inverse."""
     monkeypatch.setattr(host_cupy.DeviceArray, "__array_ufunc__", _FlushedOps.__array_ufunc__, raising=False)
     monkeypatch.setattr(host_cupy.DeviceArray, "astype", _FlushedOps.astype, raising=False)
-    rng = np.random.default_rng(29)
-    n = 4
-    mats = random_spd(rng, 3, n)
-    mats /= np.abs(mats).max(axis=(1, 2), keepdims=True)
-    if case == "damping":
-        damping = np.array([0.1, 1e39, 3e40])
-    else:
-        mats[1:] *= float(np.finfo(np.float32).max) * 0.9
-        damping = np.array([0.1, 1e38, 1e38])
-    mats = mats.astype(np.float32)
+    mats, damping = beyond_float32(np.random.default_rng(29), case, 4)
     cpu = ops.damped_inverse(mats, damping)
     inverse, status = gpu.damped_inverse(device(gpu, mats), device(gpu, damping))
     assert np.asarray(status).tolist() == cpu.status.tolist() == [ops.CHOLESKY, ops.EIGEN, ops.EIGEN]
     inv = np.asarray(inverse)
     assert inv.dtype == np.float32 and (inv == inv.swapaxes(1, 2)).all()
-    for m, lam, got in zip(mats[1:], damping[1:], inv[1:]):
-        oracle = np.linalg.inv(m.astype(np.float64) + lam * np.eye(n))
-        np.testing.assert_allclose(got, oracle, rtol=1e-5, atol=1e-5 * np.abs(oracle).max() + 2e-45)
+    assert_inverses_beyond_float32(mats, damping, inv)
 
 
 def test_cholesky_kernel_flags_failures_and_leaves_their_output(gpu):

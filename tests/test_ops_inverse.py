@@ -211,6 +211,28 @@ def test_extreme_magnitudes_stay_finite(dtype, magnitude):
         assert np.isfinite(result.inverse).all()
 
 
+def beyond_float32(rng: np.random.Generator, case: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three float32 SPD matrices of order ``n`` and their dampings: the first ordinary, the
+    other two with S = M + damping*I beyond float32's range though its inverse is representable,
+    by a damping beyond it (``case`` "damping") or by entries near its maximum ("entries")."""
+    mats = spd_batch(rng, 3, n)
+    mats /= np.abs(mats).max(axis=(1, 2), keepdims=True)
+    if case == "damping":
+        damping = np.array([0.1, 1e39, 3e40])
+    else:
+        mats[1:] *= float(np.finfo(np.float32).max) * 0.9
+        damping = np.array([0.1, 1e38, 1e38])
+    return mats.astype(np.float32), damping
+
+
+def assert_inverses_beyond_float32(mats: np.ndarray, damping: np.ndarray, inverse: np.ndarray) -> None:
+    """``inverse`` is (M + damping*I)^-1 of the float64 oracle, matrix by matrix."""
+    n = mats.shape[-1]
+    for m, lam, inv in zip(mats, damping, inverse):
+        oracle = np.linalg.inv(m.astype(np.float64) + lam * np.eye(n))
+        np.testing.assert_allclose(inv, oracle, rtol=1e-5, atol=1e-5 * np.abs(oracle).max() + 2e-45)
+
+
 @pytest.mark.parametrize("on", ["cpu", pytest.param("gpu", marks=requires_gpu)])
 @pytest.mark.parametrize("case", ["damping", "entries"])
 def test_a_damped_matrix_beyond_float32_stays_finite(case, on):
@@ -219,15 +241,7 @@ def test_a_damped_matrix_beyond_float32_stays_finite(case, on):
     representable: the result is finite and, against a float64 oracle, that inverse; on the
     GPU too, with the CPU's statuses."""
     rng = np.random.default_rng(29)
-    n = int(rng.integers(2, 8))
-    mats = spd_batch(rng, 3, n)
-    mats /= np.abs(mats).max(axis=(1, 2), keepdims=True)
-    if case == "damping":
-        damping = np.array([0.1, 1e39, 3e40])
-    else:
-        mats[1:] *= float(np.finfo(np.float32).max) * 0.9
-        damping = np.array([0.1, 1e38, 1e38])
-    mats = mats.astype(np.float32)
+    mats, damping = beyond_float32(rng, case, int(rng.integers(2, 8)))
     result = ops.damped_inverse(mats, damping)
     if on == "gpu":
         gpu = ops.damped_inverse(cupy.asarray(mats), cupy.asarray(damping))
@@ -235,9 +249,7 @@ def test_a_damped_matrix_beyond_float32_stays_finite(case, on):
         result = gpu
     inverse = host(result.inverse)
     assert np.isfinite(inverse).all()
-    for m, lam, inv in zip(mats, damping, inverse):
-        oracle = np.linalg.inv(m.astype(np.float64) + lam * np.eye(n))
-        np.testing.assert_allclose(inv, oracle, rtol=1e-5, atol=1e-5 * np.abs(oracle).max() + 2e-45)
+    assert_inverses_beyond_float32(mats, damping, inverse)
 
 
 @pytest.mark.parametrize("batched_with_indefinite", [False, True])
