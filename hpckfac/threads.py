@@ -44,7 +44,9 @@ def _is_count(value: str) -> bool:
     its list of nested levels). OpenMP and the BLAS libraries start their full pools on anything
     else, so an empty or invalid variable is no choice of the user's."""
     first = value.split(",")[0].strip()
-    return first.isdecimal() and int(first) > 0  # isdigit would take "²", which int() refuses
+    # ASCII decimal digits only, as the libraries parse them: isdigit would take "²", which int()
+    # refuses, and isdecimal "٣", which int() reads as 3 but OpenMP as no number.
+    return first.isascii() and first.isdecimal() and int(first) > 0
 
 
 def configure_threads(mine: frozenset[int], node_sets: Sequence[frozenset[int]]) -> dict:

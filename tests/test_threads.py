@@ -121,7 +121,7 @@ def test_the_first_decision_holds_for_the_process(nothing_set):
             torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("value", ["", " ", "0", "auto", "-2", "\u00b2"])
+@pytest.mark.parametrize("value", ["", " ", "0", "auto", "-2", "\u00b2", "\u0663"])
 def test_a_variable_that_is_no_thread_count_is_not_a_choice(monkeypatch, caplog, nothing_set, value):
     """``export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK`` outside ``--cpus-per-task`` leaves it empty:
     the thread libraries reject such a value and start their full pools, so the pools are sized as
