@@ -57,6 +57,20 @@ def test_allreduce_algorithms_differ(comm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("call", ["allreduce", "allreduce_many", "reduce_scatter_v"])
+def test_ops_differ(comm, call):
+    """One rank takes the mean where the others take the sum: every rank sends the same
+    messages, so only the check tells, instead of that rank alone ending with other values."""
+    x = np.random.default_rng([33, comm.rank]).standard_normal(2 * comm.size + 1)
+    op = "mean" if odd_one_out(comm) else "sum"
+    run = {"allreduce": lambda: comm.allreduce(x, op=op),
+           "allreduce_many": lambda: comm.allreduce_many([x[:3], x[3:]], op=op, bucket_bytes=16),
+           "reduce_scatter_v": lambda: comm.reduce_scatter_v(x, [2] * (comm.size - 1) + [3], op=op)}[call]
+    expect_mismatch(comm, run, rf"{call}: ranks disagree on op \(sum on ranks \[.*\]; "
+                               rf"mean on ranks \[{comm.size - 1}\]\)")
+
+
+@pytest.mark.mpi
 def test_different_collectives(comm):
     buf = np.ones(4)
     call = (lambda: comm.broadcast(buf)) if odd_one_out(comm) else (lambda: comm.allreduce(buf))
