@@ -51,6 +51,19 @@ def test_allreduce_dtypes_differ(comm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("call", ["reduce_scatter_v", "allgather_v", "broadcast"])
+def test_dtypes_differ(comm, call):
+    """The same number of elements of another dtype on one rank: other bytes on the wire."""
+    dtype = np.float32 if odd_one_out(comm) else np.float64
+    x = np.random.default_rng([35, comm.rank]).standard_normal(2 * comm.size).astype(dtype)
+    run = {"reduce_scatter_v": lambda: comm.reduce_scatter_v(x, [2] * comm.size),
+           "allgather_v": lambda: comm.allgather_v(x[:2], [2] * comm.size),
+           "broadcast": lambda: comm.broadcast(x)}[call]
+    expect_mismatch(comm, run, rf"{call}: ranks disagree on dtype \(float64 on ranks \[.*\]; "
+                               rf"float32 on ranks \[{comm.size - 1}\]\)")
+
+
+@pytest.mark.mpi
 def test_allreduce_algorithms_differ(comm):
     algorithm = "mpi" if odd_one_out(comm) else "ring"
     expect_mismatch(comm, lambda: comm.allreduce(np.ones(4), algorithm=algorithm), "algorithm")
