@@ -188,6 +188,14 @@ def test_allgather_v_algorithms_differ(comm):
 
 
 @pytest.mark.mpi
+def test_reduce_scatter_v_algorithms_differ(comm):
+    x = np.random.default_rng([34, comm.rank]).standard_normal(2 * comm.size)
+    algorithm = "ring" if odd_one_out(comm) else "mpi"
+    expect_mismatch(comm, lambda: comm.reduce_scatter_v(x, [2] * comm.size, algorithm=algorithm),
+                    r"reduce_scatter_v: ranks disagree on algorithm \(mpi on ranks .*ring on ranks")
+
+
+@pytest.mark.mpi
 def test_broadcast_roots_differ(comm):
     root = comm.size - 1 if odd_one_out(comm) else 0
     expect_mismatch(comm, lambda: comm.broadcast(np.ones(3), root=root), "parameter")
