@@ -217,6 +217,19 @@ def test_allreduce_many_splits_of_one_length_differ(comm):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+def test_allreduce_many_bucket_sizes_differ(comm, algorithm):
+    """The same arrays under another bucket size on one rank: fused into one buffer there, one
+    buffer per array on the others."""
+    rng = np.random.default_rng([36, comm.rank])
+    arrays = [rng.standard_normal(3), rng.standard_normal(4)]
+    bucket_bytes = 64 if odd_one_out(comm) else 32
+    expect_mismatch(comm, lambda: comm.allreduce_many(arrays, bucket_bytes=bucket_bytes, algorithm=algorithm),
+                    rf"allreduce_many: ranks disagree on parameter \(32 on ranks \[.*\]; "
+                    rf"64 on ranks \[{comm.size - 1}\]\)")
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
 def test_allgather_v_counts_differ(comm, algorithm):
     """Rank 0 passes another split of the same total, its own segment matching it: only the
