@@ -218,6 +218,18 @@ def test_allreduce_many_splits_of_one_length_differ(comm):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+def test_allreduce_many_dtypes_of_one_layout_differ(comm, algorithm):
+    """The same sizes, in the same order, with the dtypes of two arrays swapped on one rank: the
+    same total length and bucket plan there, so only the arrays' dtypes tell the calls apart."""
+    rng = np.random.default_rng([37, comm.rank])
+    dtypes = [np.float32, np.float64] if odd_one_out(comm) else [np.float64, np.float32]
+    arrays = [rng.standard_normal(n).astype(d) for n, d in zip([3, 4], dtypes)]
+    expect_mismatch(comm, lambda: comm.allreduce_many(arrays, bucket_bytes=64, algorithm=algorithm),
+                    "allreduce_many: ranks disagree on layout")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
 def test_allreduce_many_bucket_sizes_differ(comm, algorithm):
     """The same arrays under another bucket size on one rank: fused into one buffer there, one
     buffer per array on the others."""
