@@ -526,6 +526,17 @@ def test_allgather_v_with_a_bad_what_fails_on_every_rank(comm):
 
 
 @pytest.mark.mpi
+def test_allgather_v_whats_differ(comm):
+    """Ranks gathering for different calls (``report()`` on one rank, ``state_dict()`` on the
+    others) with the same counts: each would take the others' segments for its own call's."""
+    what = "report()" if odd_one_out(comm) else "state_dict()"
+    segment = np.random.default_rng([38, comm.rank]).standard_normal(2)
+    expect_mismatch(comm, lambda: comm.allgather_v(segment, [2] * comm.size, what=what),
+                    rf"ranks disagree on the call \(state_dict\(\) on ranks \[.*\]; report\(\) on ranks "
+                    rf"\[{comm.size - 1}\]\)")
+
+
+@pytest.mark.mpi
 def test_one_rank_passing_an_array_twice_to_allreduce_many(comm):
     """The same memory twice in ``allreduce_many`` (one rank's views of one gradient) would be
     reduced twice: a ValueError on that rank, its peers told, and the result of the next call
