@@ -335,6 +335,18 @@ def test_on_change_checks_each_new_call_once_and_still_catches_disagreement(comm
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+def test_on_change_refuses_a_disagreement_each_time_it_is_made(comm, algorithm):
+    """A call the ranks disagreed on is not remembered as agreed: made again, it is checked and
+    refused again rather than run unchecked with buffers of other lengths."""
+    steady = Communicator(comm.mpi, check_agreement="on_change")
+    x = np.random.default_rng([39, comm.rank]).standard_normal(11 if odd_one_out(comm) else 10)
+    for _ in range(2):
+        expect_mismatch(comm, lambda: steady.allreduce(x.copy(), algorithm=algorithm),
+                        r"allreduce: ranks disagree on length \(10 on ranks")
+
+
+@pytest.mark.mpi
 def test_a_named_object_gather_that_cannot_pickle_fails_on_every_rank(comm):
     """The rank whose object cannot be pickled raises TypeError; the others are told instead of
     waiting for it in the exchange; the communicator stays usable. At one rank the same errors."""
