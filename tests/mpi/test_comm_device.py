@@ -210,6 +210,32 @@ def test_auto_routes_each_bucket_of_a_device_memory_backend(comm):
                                            ("standin-staged", np.float16, 33)], key=str), log
 
 
+@pytest.mark.mpi(min_size=2)
+def test_reduce_scatter_v_routes_mpi_float16_sums_to_the_staged_twin(comm):
+    """On a CUDA-aware backend ``reduce_scatter_v`` by MPI sums float16 with MPI's user op, which
+    reads host memory: it goes through the staged twin, as the allreduces do, while float32 and
+    the ring's float16 sums (our own adds) stay in device memory."""
+    from hpckfac.comm import backend as comm_backend
+
+    log = []
+    aware = _AwareBackend(log)
+    counts = [3 * r + 1 for r in range(comm.size)]
+    lo = sum(counts[:comm.rank])
+    cases = [(np.float16, "mpi"), (np.float32, "mpi"), (np.float16, "ring")]
+    with standin.installed():
+        comm_backend.register_backend(aware)
+        try:
+            for seed, (dtype, algorithm) in enumerate(cases):
+                xs = inputs(300 + seed, comm.size, sum(counts), dtype)
+                seg = comm.reduce_scatter_v(standin.to_device(xs[comm.rank]), counts, op="mean", algorithm=algorithm)
+                mean = np.sum([x.astype(np.float64) for x in xs], axis=0) / comm.size
+                same(seg, mean[lo:lo + counts[comm.rank]].astype(dtype), standin.xp)
+        finally:
+            comm_backend._BACKENDS.remove(aware)
+    assert log == [("standin-staged", np.float16, sum(counts)), ("standin-aware", np.float32, sum(counts)),
+                   ("standin-aware", np.float16, sum(counts))], log
+
+
 @pytest.mark.mpi
 def test_the_same_device_array_twice_is_refused(comm, device):
     """Device arrays passed twice to ``allreduce_many`` (by their device address) are refused on
