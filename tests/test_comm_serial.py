@@ -143,6 +143,21 @@ def test_unsupported_buffer_type(comm):
         comm.allreduce([1.0, 2.0])
 
 
+def test_mixed_array_kinds_in_allreduce_many_are_a_type_error_before_any_data_moves(comm):
+    """Host and device arrays in one ``allreduce_many``, whose buckets all run through one
+    backend: a TypeError naming both kinds, at one rank as at several, after at most the
+    agreement check."""
+    import standin
+
+    spy = SpyMPI(comm.mpi)
+    comm.mpi = spy
+    rng = np.random.default_rng(47)
+    with standin.installed():
+        with pytest.raises(TypeError, match=r"mixed types \['numpy', 'standin-staged'\]"):
+            comm.allreduce_many([rng.standard_normal(3), standin.to_device(rng.standard_normal(2))])
+    assert spy.calls == (["Allreduce"] if comm.check_agreement != "off" else [])
+
+
 DUPLICATE = np.random.default_rng(36).standard_normal(6)  # passed twice to allreduce_many
 
 
