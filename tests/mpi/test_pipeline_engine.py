@@ -379,3 +379,46 @@ def test_engine_steps_read_no_per_rank_lists(comm, monkeypatch):
     for g, w in zip(got, want):
         for a, b in zip(g, w):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.mpi
+def test_engine_timings_are_each_stages_own_seconds(comm, monkeypatch):
+    """``timings`` holds each stage's own seconds of the last step, as on a device that runs
+    the work queued so far when ``synchronize`` is called: here every stage queues its own
+    amount of seconds, and so does the work before each step (a backward pass), which no stage
+    may count. Statistics every second step, inverses every third; with two blocks some ranks
+    own nothing and precondition nothing."""
+    import time
+
+    from hpckfac.stages.engine import STAGES
+
+    blocks = make_blocks(2)
+    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, factor_update_interval=2,
+                        inverse_update_interval=3, kl_clip=1e-3, comm_dtype=np.float64)
+    clock = {"now": 0.0, "queued": 0.0}
+    seconds = dict(zip(STAGES, (1.0, 2.0, 4.0, 8.0, 16.0)))
+
+    def synchronize():
+        clock["now"], clock["queued"] = clock["now"] + clock["queued"], 0.0
+
+    def queueing(stage, real):
+        def run(*args, **kwargs):
+            clock["queued"] += seconds[stage]
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    for stage, owner, name in (("reduce_scatter", type(engine.reduce_scatter), "__call__"),
+                               ("running_average", engine.state, "update_all"), ("inversion", engine.state, "invert"),
+                               ("precondition", engine.state, "precondition"),
+                               ("all_gather", type(engine.all_gather), "__call__")):
+        monkeypatch.setattr(owner, name, queueing(stage, getattr(owner, name)))
+    engine.synchronize = synchronize
+    rng = np.random.default_rng(2)
+    for k in range(7):
+        _, packed, grads = draw(rng, blocks, comm.size)
+        clock["queued"] += 100.0  # the step's backward pass, still running when the step starts
+        engine.step(grads[comm.rank], packed[comm.rank] if k % 2 == 0 else None, lr=LR)
+        ran = {"reduce_scatter": True, "running_average": k % 2 == 0, "inversion": k % 3 == 0,
+               "precondition": bool(engine.owned), "all_gather": True}
+        assert engine.timings == {stage: seconds[stage] if ran[stage] else 0.0 for stage in STAGES}, k
