@@ -32,6 +32,13 @@ def triu_pack(mat):
     return mat[np.triu_indices(mat.shape[0])]
 
 
+def triu_unpack(packed, n):
+    """The symmetric matrix whose upper triangle ``triu_pack`` gave."""
+    mat = np.zeros((n, n))
+    mat[np.triu_indices(n)] = packed
+    return mat + np.triu(mat, 1).T
+
+
 def draw(rng, blocks, size):
     """Per rank: dense statistics per block and packed ones (the engine's input), and gradients."""
     dense, packed, grads = [], [], []
@@ -422,3 +429,47 @@ def test_engine_timings_are_each_stages_own_seconds(comm, monkeypatch):
         ran = {"reduce_scatter": True, "running_average": k % 2 == 0, "inversion": k % 3 == 0,
                "precondition": bool(engine.owned), "all_gather": True}
         assert engine.timings == {stage: seconds[stage] if ran[stage] else 0.0 for stage in STAGES}, k
+
+
+@pytest.mark.mpi
+def test_engine_state_with_factors_but_no_inverses_round_trips_and_inverts_them(comm):
+    """A block saved with factors and no inverses (inverted at the step that first needs them)
+    loads as such, into an engine with inverses of its own, at any rank count (with two blocks
+    some ranks own nothing): ``state_dict()`` holds those factors and None for its inverses, not
+    arrays of zeros, which no state would load again; the next step, one that does not invert,
+    inverts it from those factors: its inverses and results are those of an engine that loaded
+    the same factors with their dense damped inverses."""
+    kwargs = dict(damping=DAMPING, factor_decay=DECAY, factor_update_interval=2, inverse_update_interval=3,
+                  kl_clip=1e-3, comm_dtype=np.float64)
+    blocks = make_blocks(2)
+    engine = KFACEngine(blocks, comm, **kwargs)
+    rng = np.random.default_rng(23)
+    for k in range(5):
+        _, packed, grads = draw(rng, blocks, comm.size)
+        engine.step(grads[comm.rank], packed[comm.rank] if k % 2 == 0 else None, lr=LR)
+    state = engine.state_dict()
+    name = blocks[1].name
+    state["blocks"][name] = {"factors": state["blocks"][name]["factors"].copy(), "inverses": None}
+    resumed = KFACEngine(make_blocks(2), comm, **kwargs)
+    other = np.random.default_rng(24)
+    for _ in range(2):  # inverses of its own, which the load replaces with none
+        _, packed, grads = draw(other, blocks, comm.size)
+        resumed.step(grads[comm.rank], packed[comm.rank], lr=LR)
+    resumed.load_state_dict(state)
+    assert_same_state(resumed.state_dict(), state)
+    oracle = Oracle(blocks, None)
+    factors, d_A = state["blocks"][name]["factors"], blocks[1].d_A
+    oracle.running[1] = [triu_unpack(factors[:d_A * (d_A + 1) // 2], d_A),
+                         triu_unpack(factors[d_A * (d_A + 1) // 2:], blocks[1].d_G)]
+    oracle.invert(DAMPING)
+    state["blocks"][name]["inverses"] = [x[None] for x in oracle.inverse[1]]
+    inverted = KFACEngine(make_blocks(2), comm, **kwargs)
+    inverted.load_state_dict(state)
+    _, _, grads = draw(rng, blocks, comm.size)  # step 5: no statistics, no inversion
+    got = resumed.step(grads[comm.rank], None, lr=LR)
+    want = inverted.step(grads[comm.rank], None, lr=LR)
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+    saved = resumed.state_dict()["blocks"][name]["inverses"]
+    for x, y in zip(saved, state["blocks"][name]["inverses"]):
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
