@@ -265,7 +265,7 @@ def test_engine_state_dict_holds_every_owners_blocks_as_they_are(comm, n, monkey
     """state_dict() on every rank holds each block's factors and inverses exactly as its owner
     has them (gathered here by pickles, independently), None where absent: a block without
     statistics so far has neither; with 2 blocks some ranks own nothing. The arrays travel as
-    one flat AllGatherV, never as pickles."""
+    one flat AllGatherV, never as pickles, and are returned as views of it."""
     blocks = make_blocks(n)
     engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, factor_update_interval=1,
                         inverse_update_interval=1, comm_dtype=np.float64)
@@ -284,6 +284,11 @@ def test_engine_state_dict_holds_every_owners_blocks_as_they_are(comm, n, monkey
     monkeypatch.setattr(comm, "allgather_object", lambda *a, **k: pytest.fail("state_dict() pickled its arrays"))
     state = engine.state_dict()
     assert list(state["blocks"]) == [b.name for b in blocks]
+    # Views of the one gathered buffer, every block's fixed share of it: one copy of the state.
+    held = [x for b in state["blocks"].values() for x in [b["factors"], *(b["inverses"] or [])] if x is not None]
+    assert len({id(x.base) for x in held}) == 1 and held[0].base is not None
+    assert held[0].base.nbytes == sum(2 + b.stat_size + sum(math.prod(s) for s in b.inverse_shapes)
+                                      for b in blocks) * np.dtype(np.float64).itemsize
     for block in blocks:
         got, want = state["blocks"][block.name], owners[block.name]
         if block is blocks[0]:
