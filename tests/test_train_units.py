@@ -351,7 +351,7 @@ def test_a_checkpoint_with_damaged_tensor_bytes_is_refused(tmp_path, crc):
 
 @pytest.mark.parametrize("key,value", [("step", -4), ("step", 6.5), ("step", True), ("config", None),
                                        ("config", [1]), ("history", 5), ("history", [1, 2]), ("data_order", None),
-                                       ("wall", float("nan")), ("wall", -1.0), ("torch_rng", torch.zeros(3)),
+                                       ("wall", float("nan")), ("wall", float("inf")), ("wall", -1.0), ("torch_rng", torch.zeros(3)),
                                        ("torch_rng", torch.zeros((2, 3), dtype=torch.uint8)),
                                        ("model", 3), ("model", {"w": torch.tensor([1.0, float("nan")])}),
                                        ("data", 7), ("preconditioner", "x"),
