@@ -170,3 +170,29 @@ def test_a_resumed_trainer_restores_its_step_wall_and_history_and_finishes_alike
         comm.barrier()
         if comm.rank == 0:
             shutil.rmtree(out)
+
+
+@pytest.mark.mpi
+def test_a_kfac_checkpoint_resumes_only_with_its_own_kfac_settings(comm):
+    """Each K-FAC setting shapes the trajectory: a K-FAC Trainer resumed with another value of
+    any of them is refused, naming it (loaded anyway, the preconditioner would take the
+    checkpoint's damping with a warning, and the run's intervals and statistics fraction silently)."""
+    from hpckfac.train.checkpoint import CheckpointError
+
+    out = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
+    try:
+        config = dict(optimizer="kfac", batch_size=BATCH, steps=2, width=4, seed=2, eval_every=2, checkpoint_every=2,
+                      damping=0.003, factor_decay=0.9, factor_update_interval=1, inverse_update_interval=2,
+                      kl_clip=0.01, statistics_fraction=0.75, progress=False, stop_signals="none")
+        Trainer(TrainConfig(**config, out=out), comm).run()
+        folder = os.path.join(out, "checkpoints")
+        assert Trainer(TrainConfig(**config, out=out, resume=folder), comm).step == 2
+        for name, value in (("damping", 0.01), ("factor_decay", 0.95), ("factor_update_interval", 2),
+                            ("inverse_update_interval", 1), ("kl_clip", 0.0), ("statistics_fraction", 1.0)):
+            with pytest.raises(CheckpointError, match=f"does not match this run: {name} is {config[name]!r} there, "
+                                                      f"{value!r} here"):
+                Trainer(TrainConfig(**dict(config, **{name: value}), out=out, resume=folder), comm)
+    finally:
+        comm.barrier()
+        if comm.rank == 0:
+            shutil.rmtree(out)
