@@ -23,12 +23,17 @@ def test_atomic_write_replaces_and_leaves_no_temporaries(tmp_path):
 
 def test_the_rename_is_synced_to_disk_after_the_data(tmp_path, monkeypatch):
     """The new name lives in the folder: it is flushed after the file's contents, or a crash
-    right after the write could bring back the old file."""
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real_fsync(fd)))
+    right after the write could bring back the old file. The rename comes between the two: a
+    crash after a rename made before the data reached the disk leaves an empty file under the
+    target's name, in place of the old one."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.fstat(fd).st_mode), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda *paths: (events.append("rename"), real_replace(*paths)))
     atomic_write(str(tmp_path / "log.json"), lambda fh: fh.write("data"))
-    assert [stat.S_ISREG(m) for m in synced] == [True, False] and stat.S_ISDIR(synced[1])
+    assert len(events) == 3 and events[1] == "rename", events
+    assert stat.S_ISREG(events[0]) and stat.S_ISDIR(events[2])
+    assert (tmp_path / "log.json").read_text() == "data"
 
 
 def test_a_planted_symlink_is_not_followed(tmp_path):
