@@ -174,6 +174,9 @@ def test_the_trainer_stops_after_the_signalled_step_and_resumes_bit_for_bit(tmp_
     assert os.listdir(tmp_path / "checkpoints") == ["step_00000005.pt"]
     resumed = Trainer(TrainConfig(**base, out=str(tmp_path), resume=str(tmp_path))).run()
     assert resumed.summary["steps"] == 9 and resumed.summary["stopped_by"] == {}
+    # The stopped run's records.jsonl held steps 4 and 5: the resumed one has each record once.
+    assert [json.loads(line) for line in open(tmp_path / "records.jsonl")] == resumed.records
+    assert [r["step"] for r in resumed.records] == [4, 5, 8, 9]
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
     assert whole.records[-1]["test_acc"] == resumed.records[-1]["test_acc"]
