@@ -127,6 +127,18 @@ def test_a_sigterm_after_the_first_signal_ends_a_process_that_did_not_stop(first
     assert proc.returncode == -signal.SIGTERM and proc.stdout == f"{first}\n", proc.stdout + proc.stderr
 
 
+def test_a_signal_ignored_before_stays_ignored_after_the_first():
+    """A process started with the signal ignored (``nohup``, a launcher's setting) keeps ignoring
+    it after the first one, which asks for the stop: passing the second on must not end it."""
+    code = ("import signal\nfrom hpckfac.comm import Communicator\nfrom hpckfac.stop import StopOnSignal\n"
+            "signal.signal(signal.SIGUSR2, signal.SIG_IGN)\nstop = StopOnSignal(Communicator(), 'USR2')\n"
+            "for _ in range(3):\n    signal.raise_signal(signal.SIGUSR2)\n"
+            "print(stop.received, stop.should_stop(), flush=True)\nstop.close()\n"
+            "print(signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0 and proc.stdout == "SIGUSR2 True\nTrue\n", proc.stdout + proc.stderr
+
+
 def test_only_the_main_thread_can_install_handlers(comm):
     errors = []
 
