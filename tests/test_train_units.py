@@ -168,8 +168,9 @@ def test_batch_order_epochs_shards_and_seeds():
     with pytest.raises(ValueError, match="batch_size: expected 1..103"):
         BatchOrder(103, 104, seed=0)
     order.check_state(order.state_dict())
-    with pytest.raises(ValueError, match="seed"):
-        order.check_state({**order.state_dict(), "seed": 4})
+    for key, value in (("num_examples", 102), ("global_batch", 10), ("seed", 4)):
+        with pytest.raises(ValueError, match=f"data order: checkpoint has {key}={value}, this run"):
+            order.check_state({**order.state_dict(), key: value})
 
 
 # -------------------------------------------------------------- schedule
