@@ -222,7 +222,7 @@ def test_resuming_a_finished_run_writes_the_log_and_plot_it_stopped_before(tmp_p
     # A run ended after its last checkpoint, before log.json and training.png: resuming it writes them.
     out = tmp_path / "run"
     proc = train(["--optimizer", "sgd", "--steps", 4, "--eval-every", 2, "--batch-size", 32, "--checkpoint-every", 4,
-                  "--out", out, "--no-progress"])
+                  "--out", out, "--no-progress", "--stop-signals", "USR1"])
     assert proc.returncode == 0, proc.stderr
     log = json.loads((out / "log.json").read_text())
     (out / "log.json").unlink()
@@ -232,6 +232,8 @@ def test_resuming_a_finished_run_writes_the_log_and_plot_it_stopped_before(tmp_p
     assert f"wrote {out / 'log.json'}, {out / 'training.png'}" in proc.stdout
     resumed = json.loads((out / "log.json").read_text())
     assert resumed["records"] == log["records"] and resumed["summary"] == log["summary"]
+    # The signals are the resumed job's own setting (its batch system's), not taken from the checkpoint.
+    assert log["config"]["stop_signals"] == "USR1" and resumed["config"]["stop_signals"] == "TERM,USR1"
     assert (out / "training.png").read_bytes()[:8] == PNG
     proc = train(["--resume", out, "--no-progress"])  # both there: left as they are
     assert proc.returncode == 0 and "wrote" not in proc.stdout
