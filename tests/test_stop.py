@@ -246,6 +246,19 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(monkeypatch):
     assert trainer.step == 3 and trainer.stopped_by == {} and result.summary["stopped_by"] == {}
 
 
+def test_a_run_without_out_stops_after_the_signalled_step_and_writes_nothing(tmp_path, monkeypatch):
+    """Without ``out`` there is nowhere to checkpoint: a signal in step 2 of 5 still stops the run
+    after that step, evaluated there, and nothing is written (the CLI then says there is no
+    checkpoint to resume from)."""
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(TrainConfig(optimizer="sgd", batch_size=32, steps=5, eval_every=4, progress="none",
+                                  stop_signals="USR1"))
+    signal_in_step(trainer, 2, monkeypatch)
+    result = trainer.run()
+    assert trainer.step == 2 and result.summary["stopped_by"] == {"0": "SIGUSR1"}
+    assert [r["step"] for r in result.records] == [2] and os.listdir(tmp_path) == []
+
+
 SIGNAL_IN_SCRIPT = """
 import os, signal, sys
 from hpckfac.train import cli
