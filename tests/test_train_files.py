@@ -85,6 +85,21 @@ def test_any_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
             load_checkpoint(str(path))
 
 
+def _flip_a_tensor_bit(path, byte):
+    """Flip the lowest bit of byte ``byte`` of the first tensor's data in the ``torch.save`` file
+    ``path``; returns the file's new bytes."""
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename)
+    local = data[member.header_offset:member.header_offset + 30]
+    start = member.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    data[start + byte] ^= 0x01
+    path.write_bytes(bytes(data))
+    return data
+
+
 def test_verify_checksums_refuses_what_torch_load_reads_as_other_weights(tmp_path):
     """A training script's own ``torch.save`` file (the README's pattern): one flipped bit in a
     tensor's bytes loads silently as another value, a file cut short fails in torch's words;
@@ -98,19 +113,32 @@ def test_verify_checksums_refuses_what_torch_load_reads_as_other_weights(tmp_pat
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": {"w": torch.arange(256.0)}}, path)
     verify_checksums(path)
-    data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as archive:
-        member = next(i for i in archive.infolist() if "/data/" in i.filename)
-    local = data[member.header_offset:member.header_offset + 30]
-    start = member.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-    data[start + 8] ^= 0x01
-    path.write_bytes(bytes(data))
+    data = _flip_a_tensor_bit(path, 8)
     loaded = torch.load(path, weights_only=True)["model"]["w"]
     assert not torch.equal(loaded, torch.arange(256.0))  # why the checksums must be read
     with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
         verify_checksums(path)
     path.write_bytes(bytes(data[:len(data) // 2]))
     with pytest.raises(zipfile.BadZipFile, match="not a zip file"):
+        verify_checksums(path)
+
+
+def test_verify_checksums_reads_a_tensor_larger_than_one_read_to_its_end(tmp_path):
+    """The CRC-32 is compared when a member has been read to its end: a tensor of more than one
+    read's 16 MiB with a bit flipped near its start is refused as well."""
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    from hpckfac.train.checkpoint import verify_checksums
+
+    path = tmp_path / "checkpoint.pt"
+    weights = np.random.default_rng(2).standard_normal((1 << 22) + 1000).astype(np.float32)
+    torch.save({"model": {"w": torch.from_numpy(weights)}}, path)
+    verify_checksums(path)
+    _flip_a_tensor_bit(path, 100)
+    with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
         verify_checksums(path)
 
 
