@@ -196,3 +196,29 @@ def test_a_kfac_checkpoint_resumes_only_with_its_own_kfac_settings(comm):
         comm.barrier()
         if comm.rank == 0:
             shutil.rmtree(out)
+
+
+@pytest.mark.mpi
+def test_a_checkpoint_of_replicas_that_drifted_apart_is_refused_on_every_rank(comm):
+    """Rank 0 writes the weights of every rank: replicas that differ (one rank's weights moved
+    apart) make save() raise CollectiveMismatchError on every rank, and nothing is written."""
+    from hpckfac.comm import CollectiveMismatchError
+
+    if comm.size == 1:
+        return  # one replica cannot differ from another
+    out = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
+    try:
+        trainer = Trainer(TrainConfig(optimizer="sgd", batch_size=BATCH, steps=2, width=4, seed=1, out=out,
+                                      progress=False, stop_signals="none"), comm)
+        trainer.train_step()
+        if comm.rank == comm.size - 1:
+            weight = next(trainer.model.parameters())
+            with torch.no_grad():
+                weight.add_(1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(7)))
+        with pytest.raises(CollectiveMismatchError, match="replicas differ"):
+            trainer.save()
+        assert not os.path.exists(os.path.join(out, "checkpoints"))
+    finally:
+        comm.barrier()
+        if comm.rank == 0:
+            shutil.rmtree(out)
