@@ -314,7 +314,10 @@ def test_corrupt_or_foreign_checkpoints_raise_checkpoint_error(tmp_path, damage)
         else:
             state["version"] = 99
         torch.save(state, path)
-    with pytest.raises(ckpt.CheckpointError) as info:
+    reason = {"truncate": "is corrupt or unreadable", "garbage": "is corrupt or unreadable",
+              "foreign": "is not an hpckfac training checkpoint", "incomplete": "is incomplete \\(missing optimizer\\)",
+              "version": "has format version 99, this hpckfac reads 1"}[damage]
+    with pytest.raises(ckpt.CheckpointError, match=reason) as info:
         ckpt.load_checkpoint(path)
     assert path in str(info.value) and "\n" not in str(info.value)
 
