@@ -18,6 +18,16 @@ from hpckfac.train.loop import Trainer
 BATCH = 24  # splits over 1, 2, 3 and 4 ranks
 
 
+@pytest.fixture
+def out(comm):
+    """A fresh folder that every rank writes to: made by rank 0, removed after the test."""
+    folder = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
+    yield folder
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(folder)
+
+
 def _state(model):
     return np.concatenate([t.detach().double().numpy().ravel() for t in model.state_dict().values()
                            if t.is_floating_point()])
@@ -132,93 +142,75 @@ def _without_wall(records):
 
 
 @pytest.mark.mpi
-def test_a_resumed_trainer_restores_its_step_wall_and_history_and_finishes_alike(comm):
+def test_a_resumed_trainer_restores_its_step_wall_and_history_and_finishes_alike(comm, out):
     """Checkpoints every 3 steps of 4 (and at the last), evaluations every 2 and at checkpoints:
     a Trainer resumed from step 3 starts at its step, wall time and records, and ends with the
     weights and records of the uninterrupted run; a decay power other than the checkpoint's is
     refused, as is another value of any setting the trajectory depends on."""
     from hpckfac.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
-    out = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
-    try:
-        config = dict(optimizer="sgd", batch_size=BATCH, steps=4, lr=0.05, warmup_steps=1, width=4, seed=3,
-                      eval_every=2, checkpoint_every=3, progress=False, stop_signals="none")
-        whole = Trainer(TrainConfig(**config, out=out), comm).run()
-        folder = os.path.join(out, "checkpoints")
-        assert [os.path.basename(f) for f in list_checkpoints(folder)] == ["step_00000003.pt", "step_00000004.pt"]
-        assert [r["step"] for r in whole.records] == [2, 3, 4]
-        best = max(whole.records, key=lambda r: r["test_acc"])
-        assert (whole.summary["best_test_acc"], whole.summary["best_step"]) == (best["test_acc"], best["step"])
-        saved = load_checkpoint(os.path.join(folder, "step_00000003.pt"))
-        resumed = Trainer(TrainConfig(**config, out=out, resume=os.path.join(folder, "step_00000003.pt")), comm)
-        # Each rank times its own steps; the checkpoint holds rank 0's records and wall time.
-        assert resumed.step == 3 and resumed.wall == saved["wall"] > 0 and resumed.records == saved["history"]
-        assert _without_wall(resumed.records) == _without_wall(whole.records[:2])
-        result = resumed.run()
-        assert _without_wall(result.records) == _without_wall(whole.records)
-        assert result.records[-1]["wall"] > saved["wall"]
-        np.testing.assert_array_equal(_state(result.model), _state(whole.model))
-        with pytest.raises(CheckpointError, match="decay_power is 2.0 there, 1.0 here"):
-            Trainer(TrainConfig(**dict(config, decay_power=1.0), out=out, resume=folder), comm)
-        # Every setting the trajectory depends on must match the checkpoint's.
-        for name, value, compared in (("momentum", 0.5, "momentum"), ("weight_decay", 0.0, "weight_decay"),
-                                      ("seed", 4, "seed"), ("lr", 0.1, "lr"), ("warmup_steps", 0, "warmup_steps"),
-                                      ("steps", 5, "total_steps"), ("batch_size", 2 * BATCH, "batch_size")):
-            with pytest.raises(CheckpointError, match=f"does not match this run: {compared} is "):
-                Trainer(TrainConfig(**dict(config, **{name: value}), out=out, resume=folder), comm)
-    finally:
-        comm.barrier()
-        if comm.rank == 0:
-            shutil.rmtree(out)
+    config = dict(optimizer="sgd", batch_size=BATCH, steps=4, lr=0.05, warmup_steps=1, width=4, seed=3,
+                  eval_every=2, checkpoint_every=3, progress=False, stop_signals="none")
+    whole = Trainer(TrainConfig(**config, out=out), comm).run()
+    folder = os.path.join(out, "checkpoints")
+    assert [os.path.basename(f) for f in list_checkpoints(folder)] == ["step_00000003.pt", "step_00000004.pt"]
+    assert [r["step"] for r in whole.records] == [2, 3, 4]
+    best = max(whole.records, key=lambda r: r["test_acc"])
+    assert (whole.summary["best_test_acc"], whole.summary["best_step"]) == (best["test_acc"], best["step"])
+    saved = load_checkpoint(os.path.join(folder, "step_00000003.pt"))
+    resumed = Trainer(TrainConfig(**config, out=out, resume=os.path.join(folder, "step_00000003.pt")), comm)
+    # Each rank times its own steps; the checkpoint holds rank 0's records and wall time.
+    assert resumed.step == 3 and resumed.wall == saved["wall"] > 0 and resumed.records == saved["history"]
+    assert _without_wall(resumed.records) == _without_wall(whole.records[:2])
+    result = resumed.run()
+    assert _without_wall(result.records) == _without_wall(whole.records)
+    assert result.records[-1]["wall"] > saved["wall"]
+    np.testing.assert_array_equal(_state(result.model), _state(whole.model))
+    with pytest.raises(CheckpointError, match="decay_power is 2.0 there, 1.0 here"):
+        Trainer(TrainConfig(**dict(config, decay_power=1.0), out=out, resume=folder), comm)
+    # Every setting the trajectory depends on must match the checkpoint's.
+    for name, value, compared in (("momentum", 0.5, "momentum"), ("weight_decay", 0.0, "weight_decay"),
+                                  ("seed", 4, "seed"), ("lr", 0.1, "lr"), ("warmup_steps", 0, "warmup_steps"),
+                                  ("steps", 5, "total_steps"), ("batch_size", 2 * BATCH, "batch_size")):
+        with pytest.raises(CheckpointError, match=f"does not match this run: {compared} is "):
+            Trainer(TrainConfig(**dict(config, **{name: value}), out=out, resume=folder), comm)
 
 
 @pytest.mark.mpi
-def test_a_kfac_checkpoint_resumes_only_with_its_own_kfac_settings(comm):
+def test_a_kfac_checkpoint_resumes_only_with_its_own_kfac_settings(comm, out):
     """Each K-FAC setting shapes the trajectory: a K-FAC Trainer resumed with another value of
     any of them is refused, naming it (loaded anyway, the preconditioner would take the
     checkpoint's damping with a warning, and the run's intervals and statistics fraction silently)."""
     from hpckfac.train.checkpoint import CheckpointError
 
-    out = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
-    try:
-        config = dict(optimizer="kfac", batch_size=BATCH, steps=2, width=4, seed=2, eval_every=2, checkpoint_every=2,
-                      damping=0.003, factor_decay=0.9, factor_update_interval=1, inverse_update_interval=2,
-                      kl_clip=0.01, statistics_fraction=0.75, progress=False, stop_signals="none")
-        Trainer(TrainConfig(**config, out=out), comm).run()
-        folder = os.path.join(out, "checkpoints")
-        assert Trainer(TrainConfig(**config, out=out, resume=folder), comm).step == 2
-        for name, value in (("damping", 0.01), ("factor_decay", 0.95), ("factor_update_interval", 2),
-                            ("inverse_update_interval", 1), ("kl_clip", 0.0), ("statistics_fraction", 1.0)):
-            with pytest.raises(CheckpointError, match=f"does not match this run: {name} is {config[name]!r} there, "
-                                                      f"{value!r} here"):
-                Trainer(TrainConfig(**dict(config, **{name: value}), out=out, resume=folder), comm)
-    finally:
-        comm.barrier()
-        if comm.rank == 0:
-            shutil.rmtree(out)
+    config = dict(optimizer="kfac", batch_size=BATCH, steps=2, width=4, seed=2, eval_every=2, checkpoint_every=2,
+                  damping=0.003, factor_decay=0.9, factor_update_interval=1, inverse_update_interval=2,
+                  kl_clip=0.01, statistics_fraction=0.75, progress=False, stop_signals="none")
+    Trainer(TrainConfig(**config, out=out), comm).run()
+    folder = os.path.join(out, "checkpoints")
+    assert Trainer(TrainConfig(**config, out=out, resume=folder), comm).step == 2
+    for name, value in (("damping", 0.01), ("factor_decay", 0.95), ("factor_update_interval", 2),
+                        ("inverse_update_interval", 1), ("kl_clip", 0.0), ("statistics_fraction", 1.0)):
+        with pytest.raises(CheckpointError, match=f"does not match this run: {name} is {config[name]!r} there, "
+                                                  f"{value!r} here"):
+            Trainer(TrainConfig(**dict(config, **{name: value}), out=out, resume=folder), comm)
 
 
 @pytest.mark.mpi
-def test_a_checkpoint_of_replicas_that_drifted_apart_is_refused_on_every_rank(comm):
+def test_a_checkpoint_of_replicas_that_drifted_apart_is_refused_on_every_rank(comm, out):
     """Rank 0 writes the weights of every rank: replicas that differ (one rank's weights moved
     apart) make save() raise CollectiveMismatchError on every rank, and nothing is written."""
     from hpckfac.comm import CollectiveMismatchError
 
     if comm.size == 1:
         return  # one replica cannot differ from another
-    out = comm.mpi.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0)
-    try:
-        trainer = Trainer(TrainConfig(optimizer="sgd", batch_size=BATCH, steps=2, width=4, seed=1, out=out,
-                                      progress=False, stop_signals="none"), comm)
-        trainer.train_step()
-        if comm.rank == comm.size - 1:
-            weight = next(trainer.model.parameters())
-            with torch.no_grad():
-                weight.add_(1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(7)))
-        with pytest.raises(CollectiveMismatchError, match="replicas differ"):
-            trainer.save()
-        assert not os.path.exists(os.path.join(out, "checkpoints"))
-    finally:
-        comm.barrier()
-        if comm.rank == 0:
-            shutil.rmtree(out)
+    trainer = Trainer(TrainConfig(optimizer="sgd", batch_size=BATCH, steps=2, width=4, seed=1, out=out,
+                                  progress=False, stop_signals="none"), comm)
+    trainer.train_step()
+    if comm.rank == comm.size - 1:
+        weight = next(trainer.model.parameters())
+        with torch.no_grad():
+            weight.add_(1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(7)))
+    with pytest.raises(CollectiveMismatchError, match="replicas differ"):
+        trainer.save()
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
