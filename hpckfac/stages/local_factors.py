@@ -11,7 +11,7 @@ passed in must be the per-example loss gradients (see ``hpckfac.torch``).
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -121,12 +121,12 @@ class LocalStatistics:
         latest forward pass; ``a``'s first axis holds the examples). ``output_size``: the
         spatial size of the call's output, for a block whose ``A`` depends on it beyond its
         input (``ConvTransposeBlock``: ``forward(x, output_size=...)``). ``source``: what ``a``
-        was made from, a tuple whose first item is compared by identity and the others by
-        ``==``, equal for two calls only when their ``a`` holds the same values; a call on the
-        source of the call before in the same forward pass, by a block of the same
-        ``input_key``, reuses that call's input part (the same values: the same reduction of the
-        same input). Returns the call's id, which ``add_output_grads`` takes to pair this call's
-        output gradient with it."""
+        was made from, a tuple whose first item (a tensor or an array, held weakly) is compared
+        by identity and the others by ``==``, equal for two calls only when their ``a`` holds
+        the same values; a call on the source of the call before in the same forward pass, by
+        a block of the same ``input_key``, reuses that call's input part (the same values: the
+        same reduction of the same input). Returns the call's id, which ``add_output_grads``
+        takes to pair this call's output gradient with it."""
         self._calls += 1
         last, self._last_input = self._last_input, None
         # An empty batch: nothing to add, only the call to pair. So too for rows in a pass of no
@@ -148,7 +148,7 @@ class LocalStatistics:
             saved = target.add_input_part(self._sums[block], part)
             # Weakly: a tensor held here would keep the autograd graph of a forward never
             # backpropagated, and every activation it saved, after the caller let it go.
-            self._last_input = (key, (_weak(source[0]),) + tuple(source[1:]), part)
+            self._last_input = (key, (weakref.ref(source[0]),) + tuple(source[1:]), part)
         self._saved[block][self._calls] = (len(self._passes) - 1, saved)
         self._seen[block][0] = True
         return self._calls
@@ -198,16 +198,8 @@ class LocalStatistics:
         return out
 
 
-def _weak(obj: Any) -> Callable[[], Any]:
-    """A weak reference to ``obj``, or for an object that takes none a call returning it."""
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return lambda: obj
-
-
 def _same_source(old: tuple, new: tuple) -> bool:
-    """Whether an ``add_inputs`` source kept with its first item as a reference (``_weak``) is
+    """Whether an ``add_inputs`` source kept with its first item as a weak reference is
     the same as ``new``: the first items the same object (a freed one matches nothing), the
     others equal."""
     return len(old) == len(new) and old[0]() is new[0] and old[1:] == new[1:]
