@@ -90,15 +90,23 @@ def test_grad_matrix_matches_torch_layout_and_splits_back():
     assert bias is None and np.array_equal(weight, layer.weight.grad.numpy())
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
-def test_narrow_inputs_accumulate_in_float32(dtype):
+@pytest.mark.parametrize("dtype,g_dtype", [(np.float32, np.float32), (np.float16, np.float16),
+                                           (ml_dtypes.bfloat16, ml_dtypes.bfloat16), (ml_dtypes.bfloat16, np.float16)])
+def test_narrow_inputs_accumulate_in_float32(dtype, g_dtype):
     rng = np.random.default_rng(4)
-    a = rng.standard_normal((64, 6)).astype(dtype)
+    a, g = rng.standard_normal((64, 6)).astype(dtype), rng.standard_normal((64, 2)).astype(g_dtype)
     block = LinearBlock("fc", 6, 2, bias=True)
     exact = np.hstack([a.astype(np.float64), np.ones((64, 1))])
     got = block.a_factor(a, 1 / 64)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, exact.T @ exact / 64, rtol=1e-5, atol=1e-6)
+    # The packed statistics too: a half-precision buffer would round every sum to 8 or 11 bits.
+    stats = block.statistics(a, g, 1 / 64)
+    assert stats.dtype == np.float32
+    got_a, got_g = block.factors(stats)
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(got_a[0], exact.T @ exact / 64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_g[0], g64.T @ g64 / 64, rtol=1e-5, atol=1e-6)
 
 
 

@@ -206,7 +206,9 @@ class CurvatureBlock(abc.ABC):
     def statistics(self, a: Array, g: Array, scale: float = 1.0) -> Array:
         """Packed statistics of one call, ``scale`` applied to every part (``1/B`` gives
         the block's curvature for a batch of ``B``); float32, or float64 for float64 ``a``/``g``."""
-        dtype = ops.checks.accumulation_dtype(np.result_type(*[x.dtype for x in (a, g) if x.dtype.kind == "f"]))
+        # The wider of the two accumulation dtypes, without a promotion of the inputs' own: NumPy has
+        # none for bfloat16 (no float kind to it) with float16, and an integer a (token indices) has no say.
+        dtype = np.result_type(*[ops.checks.accumulation_dtype(x.dtype) for x in (a, g)])
         stats = array_module(g).zeros(self.stat_size, dtype=dtype)
         saved = self.add_input(stats, a)
         self.add_output_grad(stats, g, 1.0, saved)
