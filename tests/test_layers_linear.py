@@ -88,6 +88,10 @@ def test_grad_matrix_matches_torch_layout_and_splits_back():
     nobias = LinearBlock("fc", 5, 3, bias=False)
     weight, bias = nobias.split_matrix(nobias.grad_matrix(layer.weight.grad.numpy()))
     assert bias is None and np.array_equal(weight, layer.weight.grad.numpy())
+    # A float32 weight with a float64 bias: the matrix takes the wider dtype, the bias not rounded.
+    mixed = block.grad_matrix(layer.weight.grad.numpy().astype(np.float32), layer.bias.grad.numpy())
+    assert mixed.dtype == np.float64
+    np.testing.assert_array_equal(mixed[:, -1], layer.bias.grad.numpy())
 
 
 @pytest.mark.parametrize("dtype,g_dtype", [(np.float32, np.float32), (np.float16, np.float16),
@@ -143,6 +147,8 @@ def test_wrong_shapes_name_the_argument():
         LinearBlock("fc", 5, 3, bias=False).grad_matrix(np.zeros((3, 5)), np.zeros(3))
     with pytest.raises(ValueError, match="mat"):
         block.split_matrix(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="stats"):  # one element short: not silently unpacked
+        block.factors(np.zeros(block.stat_size - 1))
     with pytest.raises(ValueError, match="inverses"):
         block.precondition(np.zeros((3, 6)), [np.eye(5)[None], np.eye(3)[None]])
 

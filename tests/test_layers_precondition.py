@@ -124,9 +124,10 @@ def test_pi_damping_rejects_bad_damping(damping):
         pi_damping(np.eye(2), np.eye(2), damping)
 
 
-def test_pi_damping_rejects_non_square_factors():
+@pytest.mark.parametrize("g", [np.ones((2, 3)), np.zeros((0, 0))])
+def test_pi_damping_rejects_non_square_factors(g):
     with pytest.raises(ValueError, match="g:"):
-        pi_damping(np.eye(2), np.ones((2, 3)), 0.1)
+        pi_damping(np.eye(2), g, 0.1)
 
 
 @pytest.mark.parametrize("blocks", [
