@@ -156,6 +156,8 @@ def test_wrong_inputs_name_the_argument():
         block.a_rows(np.zeros((2, 3, 2, 5)))
     with pytest.raises(ValueError, match="g:"):
         block.g_rows(np.zeros((2, 3, 3, 3)))
+    with pytest.raises(ValueError, match="g:"):  # 4 channels for 2: would reshape to 2 of 18 positions
+        block.g_factor(np.zeros((2, 4, 3, 3)))
     with pytest.raises(ValueError, match="weight_grad"):
         block.grad_matrix(np.zeros((2, 27)), np.zeros(2))
 
