@@ -87,6 +87,8 @@ def test_bad_inputs_name_the_argument():
         block.statistics(np.array([[1, 4]]), np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match="g:"):
         block.statistics(np.array([[1, 2]]), np.zeros((1, 2, 3)))
+    with pytest.raises(ValueError, match="g:"):  # one vector: its features are not examples
+        block.statistics(np.array([1]), np.zeros(2))
     with pytest.raises(ValueError, match="weight_grad"):
         block.grad_matrix(np.zeros((2, 4)))
     with pytest.raises(ValueError, match="num_embeddings"):
@@ -94,6 +96,7 @@ def test_bad_inputs_name_the_argument():
     for padding_idx in (4, -5, 1.0):
         with pytest.raises(ValueError, match="padding_idx"):
             EmbeddingBlock("emb", 4, 2, padding_idx)
+    assert EmbeddingBlock("emb", 4, 2, -4).padding_idx == 0  # counted from the end, as PyTorch stores it
 
 
 def test_the_preconditioner_takes_the_modules_padding_and_leaves_frequency_scaling_first_order():
