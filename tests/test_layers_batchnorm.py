@@ -109,6 +109,10 @@ def test_grad_matrix_columns_and_split():
     back = block.split_matrix(mat)
     np.testing.assert_array_equal(back[0], gamma)
     np.testing.assert_array_equal(back[1], beta)
+    # A float32 gamma with a float64 beta: the matrix takes the wider dtype, beta unrounded.
+    mixed = block.grad_matrix(gamma.astype(np.float32), beta)
+    assert mixed.dtype == np.float64
+    np.testing.assert_array_equal(mixed[:, 1], beta)
 
 
 def test_bad_arguments_name_the_parameter():
@@ -120,6 +124,10 @@ def test_bad_arguments_name_the_parameter():
         block.solve(stats[:5], np.ones((2, 2)), 0.1)
     with pytest.raises(ValueError, match="grad"):
         block.solve(stats, np.ones((3, 2)), 0.1)
+    with pytest.raises(ValueError, match="inverses"):  # one unit's inverse would broadcast to both
+        block.precondition(np.ones((2, 2)), [np.eye(2)[None]])
+    with pytest.raises(ValueError, match="x:"):  # unbatched: no channel axis to find the units on
+        block.check_input(np.ones(2))
     with pytest.raises(ValueError, match="damping"):
         block.solve(stats, np.ones((2, 2)), -1.0)
     with pytest.raises(ValueError, match="bias_grad"):

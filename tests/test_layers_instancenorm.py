@@ -119,6 +119,8 @@ def test_unbatched_input_is_refused():
     block = block_for("in", nn.InstanceNorm1d(3, affine=True))
     with pytest.raises(ValueError, match="x: .*expects 3 dimensions"):
         block.fisher(np.ones((3, 3)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="x: .*expects 3 dimensions"):  # InstanceNorm1d refuses 2-d maps too
+        block.fisher(np.ones((2, 3, 4, 4)), np.ones((2, 3, 4, 4)))
     with pytest.raises(ValueError, match="x: .*expects 3 units"):
         block.fisher(np.ones((2, 4, 3)), np.ones((2, 4, 3)))
     with pytest.raises(ValueError, match="x: .*expects at least 3 dimensions"):  # spatial_dims=None

@@ -106,8 +106,12 @@ def test_bad_inputs_name_the_argument():
         LayerNormBlock("ln", 3, 0.0)
     with pytest.raises(ValueError, match="normalized_shape"):
         LayerNormBlock("ln", (3, 0), EPS)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        LayerNormBlock("ln", (), EPS)
     with pytest.raises(ValueError, match="x:"):
         LayerNormBlock("ln", 3, EPS).fisher(np.ones((2, 4)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="x:"):  # unbatched: no example axis before the normalised ones
+        LayerNormBlock("ln", (2, 3), EPS).check_input(np.ones((2, 3)))
     with pytest.raises(ValueError, match="g:"):
         GroupNormBlock("gn", 2, 4, EPS).fisher(np.ones((2, 4, 3)), np.ones((2, 4, 2)))
 
