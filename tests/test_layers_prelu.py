@@ -149,6 +149,8 @@ def test_bad_arguments_and_inputs_are_refused():
         block.statistics(np.zeros((2, 3, 5)), np.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="bias_grad"):
         block.grad_matrix(np.zeros(3), np.zeros(3))
+    with pytest.raises(ValueError, match="inverses"):
+        block.precondition(np.ones((3, 1)), [np.eye(2)[None]])
     # A shared slope takes a 1-D input too: one example's features, which would be read as examples.
     module = nn.PReLU().double()
     KFACPreconditioner(module, comm=Communicator(MPI.COMM_SELF))
