@@ -157,6 +157,23 @@ def test_the_warning_names_a_few_indices_of_a_large_batch(warnings_seen):
     assert len(message) < 200
 
 
+def test_jitter_scale_of_a_float32_diagonal_beyond_its_range():
+    """A singular float32 matrix whose diagonal entries sum past float32's maximum: the jitter's
+    scale, their mean, is taken in float64 (finite), so the matrix is jittered, to the float64
+    oracle's inverse of M + 1e-5 s I, rather than sent to the eigen fallback by an inf scale."""
+    rng = np.random.default_rng(41)
+    v = rng.uniform(0.8, 1.2, size=(4, 1))
+    mat = (v @ v.T * 2e38).astype(np.float32)  # rank 1
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.diagonal(mat).sum(dtype=np.float32))
+    result = ops.damped_inverse(mat[None], 0.0)
+    assert result.status.tolist() == [ops.JITTER]
+    scale = np.diagonal(mat).mean(dtype=np.float64)
+    want = np.linalg.inv(mat.astype(np.float64) + 1e-5 * scale * np.eye(4))
+    # float32 at a condition number near 1e5: about 1e-2 of the largest entry.
+    np.testing.assert_allclose(result.inverse[0], want, atol=2e-2 * np.abs(want).max())
+
+
 def test_zero_matrix_gets_unit_scale_jitter():
     # mean |diag| is 0, so the jitter scale falls back to 1: the first jitter 1e-6 * I succeeds.
     result = ops.damped_inverse(np.zeros((1, 3, 3)), 0.0)
