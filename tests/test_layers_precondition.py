@@ -206,17 +206,20 @@ def test_kron_apply_orientation_on_general_matrices():
     np.testing.assert_allclose(out, kron_oracle(inv_g, grads, inv_a), rtol=1e-12, atol=1e-12)
 
 
-def test_kron_apply_dtypes():
-    """The products run in the operands' common dtype and are cast to ``out``'s: float32
-    gradients with float64 inverses into a float64 ``out`` keep float64 accuracy, and into a
-    float32 ``out`` are the float64 result rounded once (within half an ulp, where a product
-    taken in float32 is off by several ulps of the smaller entries)."""
+@pytest.mark.parametrize("narrow", ["grads", "inv_g", "inv_a"])
+def test_kron_apply_dtypes(narrow):
+    """The products run in the operands' common dtype and are cast to ``out``'s: one float32
+    operand (gradients or an inverse) with float64 others into a float64 ``out`` keeps float64
+    accuracy, and into a float32 ``out`` is the float64 result rounded once (within half an ulp,
+    where a product taken in float32 is off by several ulps of the smaller entries)."""
     from hpckfac.ops.kron_apply import kron_apply
 
     rng = np.random.default_rng(32)
     k, d_g, d_a = 4, 9, 11
-    inv_g, inv_a = rng.standard_normal((k, d_g, d_g)), rng.standard_normal((k, d_a, d_a))
-    grads = rng.standard_normal((k, d_g, d_a)).astype(np.float32)
+    operands = {"inv_g": rng.standard_normal((k, d_g, d_g)), "grads": rng.standard_normal((k, d_g, d_a)),
+                "inv_a": rng.standard_normal((k, d_a, d_a))}
+    operands[narrow] = operands[narrow].astype(np.float32)
+    inv_g, grads, inv_a = operands["inv_g"], operands["grads"], operands["inv_a"]
     exact = kron_oracle(inv_g, grads, inv_a)
     wide = np.empty((k, d_g, d_a))
     kron_apply(inv_g, grads, inv_a, wide)
