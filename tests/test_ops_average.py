@@ -75,6 +75,16 @@ def test_invalid_arguments(new, decay, name):
         ops.ema_update(np.zeros(4), new, decay)
 
 
+@pytest.mark.parametrize("running_dtype, new_dtype", [(np.float32, np.complex64), (np.int64, np.float64)])
+def test_a_new_value_of_another_kind_is_refused(running_dtype, new_dtype):
+    """A cast that would drop imaginary parts or truncate to integers is a TypeError, not a quiet update."""
+    running = np.zeros(3, dtype=running_dtype)
+    new = (np.random.default_rng(5).standard_normal(3) + 0.5).astype(new_dtype)
+    with pytest.raises(TypeError, match="same_kind"):
+        ops.ema_update(running, new, 0.5)
+    assert not running.any()
+
+
 def test_import_does_not_load_cupy():
     code = "import sys, hpckfac.ops; assert 'cupy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
