@@ -45,6 +45,8 @@ def test_each_group_gets_the_factors_of_its_own_channels(case):
     x, block = make(case, rng)
     cin_g, cout_g = c_in // groups, c_out // groups
     assert (block.groups, block.d_A, block.d_G) == (groups, cin_g * math.prod(kernel) + bias, cout_g)
+    # print(preconditioner)'s line: the pair is each group's, not the layer's.
+    assert block.describe() == f"{groups} groups of A {block.d_A}x{block.d_A}, G {cout_g}x{cout_g}"
     rows = [loop_rows(x[:, j * cin_g:(j + 1) * cin_g], kernel, stride, padding, dilation, bias)[0]
             for j in range(groups)]
     out = loop_rows(x[:, :cin_g], kernel, stride, padding, dilation, bias)[1]
