@@ -52,6 +52,8 @@ def test_per_matrix_damping():
     result = ops.damped_inverse(mats, damping)
     for m, lam, inv in zip(mats, damping, result.inverse):
         np.testing.assert_allclose(inv, np.linalg.inv(m + lam * np.eye(6)), rtol=1e-9, atol=1e-12)
+    # A list is taken as the array it holds, not refused as a malformed scalar.
+    np.testing.assert_array_equal(ops.damped_inverse(mats, damping.tolist()).inverse, result.inverse)
 
 
 def test_half_input_computed_in_float32():
@@ -137,6 +139,8 @@ def test_mixed_batch_status_counters_and_warning(warnings_seen):
     assert len(warnings_seen) == 1 and warnings_seen[0].levelno == logging.WARNING
     assert "jitter (indices [2])" in warnings_seen[0].getMessage()
     assert "eigen fallback (indices [1])" in warnings_seen[0].getMessage()
+    ops.damped_inverse(mats[:3], 0.0)  # the counters add up across calls
+    assert ops.inversion_counters() == {"cholesky": 3, "jitter": 2, "eigen": 2}
     ops.reset_inversion_counters()
     assert ops.inversion_counters() == {"cholesky": 0, "jitter": 0, "eigen": 0}
 
