@@ -146,9 +146,10 @@ def test_invalid_arguments(kwargs, name):
         ops.accumulate_factor(**kwargs)
 
 
-def test_integer_input_rejected():
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex64])
+def test_non_float_input_rejected(dtype):
     with pytest.raises(TypeError, match="x"):
-        ops.accumulate_factor(np.ones((3, 2), dtype=np.int32))
+        ops.accumulate_factor(np.ones((3, 2), dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

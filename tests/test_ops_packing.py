@@ -116,6 +116,7 @@ def test_mixed_input_dtypes_promote():
         (lambda: ops.packed_offsets([2, -1]), "sizes"),
         (lambda: ops.packed_size(-3), "n"),
         (lambda: ops.packed_size(2.5), "n"),
+        (lambda: ops.packed_offsets([2, True]), "sizes"),  # a bool is no matrix order
     ],
 )
 def test_invalid_arguments(call, name):
