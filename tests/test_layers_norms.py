@@ -177,3 +177,29 @@ def test_flattened_rows_warning_is_silent_in_a_sequence_first_model(caplog):
         model(x).square().sum().backward()
         precond.step()
     assert not [r for r in caplog.records if "flattened" in r.getMessage()]
+
+
+def test_adjacent_layernorms_with_and_without_bias_each_take_their_own_solve():
+    """A LayerNorm without beta (1x1 unit Fishers) beside one with beta (2x2): preconditioned in one
+    step, each weight's gradient becomes (F_c + damping I)^-1 grad_c with F_c from per-example
+    gradients (autograd, one example at a time), its own k, not batched with the other's."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4, bias=False), torch.nn.Tanh(),
+                                torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).double()
+    damping = 1e-2
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF), damping=damping, kl_clip=None)
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(7, 3, dtype=torch.float64, generator=gen), torch.randint(0, 2, (7,), generator=gen)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    params = [model[1].weight, model[3].weight, model[3].bias]
+    model.eval()  # the oracle's forwards take no statistics
+    u = [torch.cat([p.reshape(-1, 1) for p in torch.autograd.grad(
+        torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)], 1).numpy() for i in range(7)]
+    u = np.stack(u)  # (examples, units, 3): d gamma of the first, (d gamma, d beta) of the second
+    precond.step()
+    for cols, got in (([0], model[1].weight.grad[:, None]), ([1, 2], torch.stack([model[3].weight.grad,
+                                                                                 model[3].bias.grad], 1))):
+        for c in range(4):
+            uc = u[:, c, cols]
+            want = np.linalg.solve(uc.T @ uc / 7 + damping * np.eye(len(cols)), uc.mean(0))
+            np.testing.assert_allclose(got[c].numpy(), want, rtol=1e-9)
