@@ -97,6 +97,8 @@ def test_bad_inputs_name_the_argument():
         with pytest.raises(ValueError, match="padding_idx"):
             EmbeddingBlock("emb", 4, 2, padding_idx)
     assert EmbeddingBlock("emb", 4, 2, -4).padding_idx == 0  # counted from the end, as PyTorch stores it
+    with pytest.raises(ValueError, match="grad"):  # the table's layout, (4, 2), not the gradient matrix's
+        block.outside_statistics(np.ones(block.stat_size), np.zeros((4, 2)))
 
 
 def test_the_preconditioner_takes_the_modules_padding_and_leaves_frequency_scaling_first_order():
@@ -113,6 +115,7 @@ def test_the_preconditioner_takes_the_modules_padding_and_leaves_frequency_scali
     a_stack, _ = precond.engine.blocks[0].factors(precond.local.result()[0])
     counts = np.eye(7)[tokens.numpy()][..., :6].sum((0, 1))  # the padding column, 6, left out
     np.testing.assert_array_equal(a_stack[:, 0, 0], np.append(counts, 0.0) / 3)
+    assert "A diagonal 7, G 3x3" in repr(precond)  # one 1x1 per token, G over the embedding's width
     scaled = torch.nn.Sequential(torch.nn.Embedding(7, 3, scale_grad_by_freq=True), torch.nn.Linear(3, 2))
     lines = repr(KFACPreconditioner(scaled, comm=Communicator(MPI.COMM_SELF))).splitlines()
     assert "first-order: scale_grad_by_freq" in next(line for line in lines if line.split()[0] == "0")
