@@ -29,6 +29,27 @@ def test_factors_are_those_of_a_linear_layer_on_one_hot_inputs(padding_idx):
     assert block.factor_shapes == ((7, 1), (1, 3)) and block.stat_size == 7 + 6
 
 
+def test_a_call_on_an_empty_sequence_adds_nothing():
+    """Token batches of shape (B, 0), which nn.Embedding takes: no lookups, no rows, so such a call
+    leaves another call's factors (a Linear layer's on one-hot inputs) as they were, and the
+    preconditioner steps through it, rather than dividing G by its zero positions."""
+    rng = np.random.default_rng(14)
+    tokens, g = rng.integers(0, 7, size=(5, 4)), rng.standard_normal((5, 4, 3))
+    block, linear = EmbeddingBlock("emb", 7, 3), LinearBlock("lin", 7, 3, bias=False)
+    stats = block.statistics(tokens, g, 1 / 5)
+    block.add_input(stats, np.empty((5, 0), dtype=np.int64))
+    block.add_output_grad(stats, np.empty((5, 0, 3)), 1 / 5, None)
+    a_stack, g_stack = block.factors(stats)
+    np.testing.assert_allclose(np.diag(a_stack[:, 0, 0]), linear.a_factor(np.eye(7)[tokens], 1 / 5), rtol=1e-15)
+    np.testing.assert_allclose(g_stack[0], linear.g_factor(g, 1 / 5), rtol=1e-14)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 3), torch.nn.Linear(3, 2)).double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    model(torch.from_numpy(tokens)).sum().backward()
+    model(torch.zeros(5, 0, dtype=torch.long)).sum().backward()
+    precond.step()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("token,padding_idx", [(4, None), (4, 2), (2, 2), (5, -1)])
 def test_one_token_gives_the_exact_fisher(token, padding_idx):
     """Also with padding_idx; a padding token's gradient, and so its Fisher, is zero."""

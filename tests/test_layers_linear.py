@@ -72,6 +72,21 @@ def test_extra_dimensions_are_positions(shape):
     np.testing.assert_allclose(block.g_factor(g, scale), want_g * scale / positions, rtol=1e-13)
 
 
+def test_a_call_on_an_empty_sequence_adds_nothing():
+    """nn.Linear takes (B, 0, d) inputs: no rows, so such a call leaves the statistics of another
+    call (the explicit sums) as they were, rather than dividing G by its zero positions."""
+    rng = np.random.default_rng(13)
+    a, g = rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 4, 2))
+    block = LinearBlock("proj", 5, 2, bias=True)
+    stats = block.statistics(a, g, 1 / 3)
+    saved = block.add_input(stats, np.empty((3, 0, 5)))
+    block.add_output_grad(stats, np.empty((3, 0, 2)), 1 / 3, saved)
+    rows = np.hstack([a.reshape(-1, 5), np.ones((12, 1))])
+    got_a, got_g = block.factors(stats)
+    np.testing.assert_allclose(got_a[0], rows.T @ rows / 3, rtol=1e-13)
+    np.testing.assert_allclose(got_g[0], g.reshape(-1, 2).T @ g.reshape(-1, 2) / (3 * 4), rtol=1e-13)
+
+
 def test_grad_matrix_matches_torch_layout_and_splits_back():
     torch.manual_seed(3)
     layer = nn.Linear(5, 3).double()

@@ -82,7 +82,7 @@ class EmbeddingBlock(CurvatureBlock):
         if getattr(g, "ndim", 0) < 2 or g.shape[-1] != self.embedding_dim:
             raise ValueError(f"g: block {self.name!r} expects (N, ..., {self.embedding_dim}), "
                              f"got shape {getattr(g, 'shape', None)}")
-        positions = prod(g.shape[1:-1])
+        positions = max(prod(g.shape[1:-1]), 1)  # none: no rows, nothing added (an empty sequence)
         stats[self.num_embeddings:] += ops.accumulate_factor(g.reshape(-1, self.embedding_dim),
                                                              scale / positions, packed=True)
 

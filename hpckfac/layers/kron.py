@@ -148,7 +148,8 @@ class KronBlock(CurvatureBlock):
         ``g`` must be the gradients of the *per-example* losses with respect
         to the layer output (undo a mean reduction). Layout as ``a_factor``.
         """
-        return self._gram(self.output_rows(g), self.d_G, False, scale / self.positions(g), packed)
+        # No positions (an empty sequence, which PyTorch's layers take): no rows, a zero G whatever it is divided by.
+        return self._gram(self.output_rows(g), self.d_G, False, scale / max(self.positions(g), 1), packed)
 
     # ------------------------------------------------------------ statistics
     def add_input(self, stats: Array, a: Array) -> None:
