@@ -179,6 +179,7 @@ def test_an_output_of_another_size_than_the_inputs_is_refused():
     ({"in_channels": 0}, "in_channels"), ({"out_channels": 1.5}, "out_channels"),
     ({"kernel_size": ()}, "kernel_size"), ({"kernel_size": (0, 3)}, "kernel_size"), ({"kernel_size": 3}, "kernel_size"),
     ({"stride": (0, 1)}, "stride"), ({"stride": (1, 1, 1)}, "stride"), ({"padding": (-1, 0)}, "padding"),
+    ({"padding": (True, 0)}, "padding"),  # a bool is no size, though an Integral
     ({"dilation": 0}, "dilation"), ({"bias": None}, "bias"), ({"groups": 0}, "groups"), ({"name": None}, "name"),
 ])
 def test_invalid_constructor_arguments(kwargs, name):
