@@ -115,9 +115,10 @@ def test_indefinite_takes_eigen_fallback():
         assert np.isfinite(inv).all()
         np.testing.assert_array_equal(inv, inv.T)
         assert np.linalg.eigvalsh(inv).min() > 0
-        # Oracle: clipped eigendecomposition as documented, from an independent float64 eigh.
+        # Oracle: clipped eigendecomposition as documented (docs/numerics.md: the floor is
+        # max(damping, 1e-6 max|w|)), from an independent float64 eigh.
         w, v = np.linalg.eigh(m + lam * np.eye(6))
-        floor = max(lam, cpu_inverse.EIGEN_RFLOOR * np.abs(w).max())
+        floor = max(lam, 1e-6 * np.abs(w).max())
         np.testing.assert_allclose(inv, v @ np.diag(1.0 / np.maximum(w, floor)) @ v.T, rtol=1e-9, atol=1e-9)
 
 
