@@ -119,7 +119,7 @@ def run(net: Net, steps: int = 2, kind: str = "none", micro: int = 1, tokens: in
             (nn.functional.cross_entropy(net(x, **padding(kind, gen)), y) / micro).backward()
         precond.step()
         factors.append(dense_factors(precond))
-        grads.append([p.grad.clone() for p in net.parameters()])
+        grads.append([p.grad.clone() for p in net.parameters() if p.requires_grad])
     return factors, grads
 
 
@@ -172,6 +172,23 @@ def test_statistics_fraction_and_accumulation_equal_explicit_linear_layers(batch
     twin_factors, twin_grads = run(twin, kind="padding", micro=2, statistics_fraction=0.5)
     for step in range(2):
         assert_same_step(factors[step], grads[step], twin_factors[step], twin_grads[step])
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+def test_a_frozen_out_proj_leaves_the_in_projection_its_statistics(batch_first):
+    """With ``out_proj`` frozen only the in-projection takes statistics: the passes after the
+    model's input was counted still tap the attention call for it, and its factors and the
+    gradients equal the explicit twin's, whose ``out`` is frozen alike."""
+    net, twin = pair(True, batch_first)
+    for frozen in (net.attn.out_proj, twin.attn.out):
+        frozen.requires_grad_(False)
+    factors, grads = run(net)
+    twin_factors, twin_grads = run(twin)
+    for step in range(2):
+        assert factors[step][0] is not None  # the in-projection's
+        assert factors[step][1] is None and twin_factors[step][1] is None
+        assert_same_step(factors[step][:1] + factors[step][2:], grads[step],
+                         twin_factors[step][:1] + twin_factors[step][2:], twin_grads[step])
 
 
 def test_as_many_positions_as_examples_are_read_by_the_layers_own_layout(caplog):
