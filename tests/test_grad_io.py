@@ -1,5 +1,7 @@
 """Gradients between .grad and the engine's buffers as strided windows: the same bits as each
 block's grad_matrix / split_matrix, for every block kind, dtype, frozen and missing gradients."""
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,24 @@ def test_one_buffer_at_new_offsets_is_read_at_those_offsets():
         parts = block.split_matrix((buffer * 2)[second[l]:second[l] + block.grad_size].numpy().reshape(block.grad_shape))
         for p, part in zip(ps, parts):
             assert torch.equal(p.grad, torch.from_numpy(np.ascontiguousarray(part))), block.name
+
+
+def test_buffers_beyond_the_engines_three_are_let_go():
+    """The windows of a buffer are kept for its next call (the engine's two send buffers and its
+    gathered one, step after step), but a caller's buffers beyond three are not held alive by
+    the GradientIO: they are freed once the caller drops them."""
+    torch.manual_seed(5)
+    linear = nn.Linear(3, 2)
+    blocks, params = blocks_and_params([linear])
+    linear.weight.grad, linear.bias.grad = torch.randn(2, 3), torch.randn(2)
+    io = GradientIO(blocks, params)
+    offsets, size = layout(blocks)
+    buffers = [torch.zeros(size) for _ in range(4)]
+    first = weakref.ref(buffers[0])
+    for buffer in buffers:
+        io.read(buffer, offsets, params)
+    want = np.zeros(blocks[0].grad_shape, dtype=np.float32)
+    blocks[0].grad_matrix(linear.weight.grad.numpy(), linear.bias.grad.numpy(), out=want)
+    np.testing.assert_array_equal(buffers[3][offsets[0]:offsets[0] + blocks[0].grad_size].numpy(), want.ravel())
+    del buffers, buffer
+    assert first() is None
