@@ -624,11 +624,17 @@ def test_coverage_is_printed_and_same_padding_is_preconditioned(caplog):
     rnn = repr(KFACPreconditioner(nn.GRU(2, 2), comm=Communicator(MPI.COMM_SELF)))
     assert ("first-order: no curvature block for this type (averaged only: weight_ih_l0, weight_hh_l0, bias_ih_l0, "
             "bias_hh_l0)") in rnn
-    # "same" at stride 1 with an odd kernel is plain symmetric padding: the factors match padding=1.
-    x = torch.randn(3, 2, 5, 5)
-    blocks = [KFACPreconditioner(nn.Sequential(nn.Conv2d(2, 4, 3, padding=p)), comm=Communicator(MPI.COMM_SELF))
-              .engine.blocks[0] for p in ("same", 1)]
-    assert np.array_equal(blocks[0].a_rows(x.numpy()), blocks[1].a_rows(x.numpy()))
+    # "same" at stride 1 with an odd (dilated) kernel is plain symmetric padding, d * (k - 1) / 2 on
+    # each side: the factors match that padding.
+    x = torch.randn(3, 2, 7, 7, generator=torch.Generator().manual_seed(6))
+    for kernel, dilation, explicit in ((3, 1, 1), (3, 2, 2), ((3, 5), (2, 1), (2, 2))):
+        blocks = [KFACPreconditioner(nn.Sequential(nn.Conv2d(2, 4, kernel, padding=p, dilation=dilation)),
+                                     comm=Communicator(MPI.COMM_SELF)).engine.blocks[0] for p in ("same", explicit)]
+        assert np.array_equal(blocks[0].a_rows(x.numpy()), blocks[1].a_rows(x.numpy())), (kernel, dilation)
+    # Reflected or circular padding is no zero padding: im2col's patches would not be the layer's.
+    reflect = repr(KFACPreconditioner(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"),
+                                      comm=Communicator(MPI.COMM_SELF)))
+    assert "first-order: padding_mode: 'reflect' padding is not supported (zeros only)" in reflect
     with caplog.at_level("WARNING", logger="hpckfac"):
         KFACPreconditioner(nn.Sequential(nn.GRU(2, 2)), comm=Communicator(MPI.COMM_SELF))
     assert "no layer of the model is preconditioned" in caplog.text
