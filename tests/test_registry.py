@@ -290,6 +290,38 @@ def test_attention_and_unused_layers_are_named(caplog):
     assert net.unused.weight.grad is None and net.unused.bias.grad is None
 
 
+def built_in_kinds() -> list[tuple[nn.Module, object]]:
+    """A module of each built-in kind with settings other than torch's defaults, and the block
+    written out from those settings that it must get."""
+    from hpckfac.layers import (BatchNormBlock, ConvTransposeBlock, EmbeddingBlock, GroupNormBlock,
+                                InstanceNormBlock, LayerNormBlock, PReLUBlock, RMSNormBlock)
+    kinds = [
+        (nn.Linear(3, 2, bias=False), LinearBlock("m", 3, 2, bias=False)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
+         ConvBlock("m", 4, 6, (3,), (2,), (2,), (2,), bias=False, groups=2)),
+        (nn.ConvTranspose2d(2, 4, (3, 2), stride=3, padding=(2, 1), output_padding=(1, 0), groups=2),
+         ConvTransposeBlock("m", 2, 4, (3, 2), (3, 3), (2, 1), (1, 0), (1, 1), bias=True, groups=2)),
+        (nn.BatchNorm1d(3, eps=1e-3), BatchNormBlock("m", 3, 1e-3)),
+        (nn.LayerNorm((2, 4), eps=1e-3, bias=False), LayerNormBlock("m", (2, 4), 1e-3, bias=False)),
+        (nn.GroupNorm(2, 4, eps=1e-3), GroupNormBlock("m", 2, 4, 1e-3)),
+        (nn.Embedding(7, 3, padding_idx=2), EmbeddingBlock("m", 7, 3, 2)),
+        (nn.PReLU(3), PReLUBlock("m", 3)),
+        (nn.MultiheadAttention(4, 2, bias=False), LinearBlock("m", 4, 12, bias=False)),
+    ]
+    kinds += [(kind(3, eps=1e-3, affine=True), InstanceNormBlock("m", 3, 1e-3, dims))
+              for dims, kind in ((1, nn.InstanceNorm1d), (2, nn.InstanceNorm2d), (3, nn.InstanceNorm3d))]
+    if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+        kinds.append((nn.RMSNorm((2, 3), eps=1e-3), RMSNormBlock("m", (2, 3), 1e-3)))
+    return kinds
+
+
+@pytest.mark.parametrize("module, block", built_in_kinds(), ids=lambda k: type(k).__name__)
+def test_built_in_kinds_build_their_block_from_the_modules_settings(module, block):
+    """eps, bias, padding, output padding, dilation, groups, a padding index and the spatial
+    dimensions are the module's own, not defaults."""
+    assert vars(registry.block_for("m", module)) == vars(block)
+
+
 def test_every_built_in_kind_is_in_the_docs():
     """Each public torch module type the registry builds a block for, and each built-in block
     class, appears in docs/preconditioner.md's table; each type in README.md's layer list."""
