@@ -106,6 +106,19 @@ def test_skip_layers_given_class_names_or_patterns_say_what_they_would_match(com
     assert skipped.engine.blocks == [] and "skip_layers: no module" not in caplog.text
 
 
+def test_a_name_in_skip_layers_skips_that_module_and_its_children_only(comm):
+    """"1" skips module 1 and the layers inside it ("1.0", "1.1"), not "10", whose name only
+    starts with the same characters."""
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
+    model[1] = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    precond = KFACPreconditioner(model, comm=comm, skip_layers=["1"])
+    assert [b.name for b in precond.engine.blocks] == ["0", *map(str, range(2, 11))]
+    lines = {line.split()[0]: line for line in repr(precond).splitlines()[1:]}
+    assert "first-order: in skip_layers" in lines["1.0"] and "first-order: in skip_layers" in lines["1.1"]
+    assert "K-FAC" in lines["10"]
+    assert "1" not in lines  # the container has no parameters of its own: no line of its own
+
+
 @pytest.mark.parametrize("name", ["kl_clip", "factor_update_interval", "inverse_update_interval"])
 def test_a_schedule_for_a_setting_that_takes_none_says_how_to_change_it(comm, name):
     """Other K-FAC libraries take a callable of the step for these; here each is a value, changed
