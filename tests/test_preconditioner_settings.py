@@ -101,6 +101,10 @@ def test_skip_layers_given_class_names_or_patterns_say_what_they_would_match(com
     assert "'Linear' is the class name of '0', '1', '2', '3' and 2 more" in caplog.text
     assert [b.name for b in precond.engine.blocks] == ["0", "2"]  # nothing was skipped
     caplog.clear()
+    with caplog.at_level("WARNING", logger="hpckfac"):  # four names: all shown, none left to count
+        KFACPreconditioner(wide[:4], comm=comm, skip_layers=["Linear"])
+    assert "'Linear' is the class name of '0', '1', '2', '3': to skip" in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="hpckfac"):
         skipped = KFACPreconditioner(mlp(), comm=comm, skip_layers=[nn.Linear])
     assert skipped.engine.blocks == [] and "skip_layers: no module" not in caplog.text
