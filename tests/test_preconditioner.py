@@ -1735,6 +1735,15 @@ def test_tied_embedding_and_head_warning_names_the_embedding_to_skip(comm, caplo
             precond.step()
         assert ("get gradient the layers' own calls cannot give" in caplog.text) is outside, skip
         precond.remove_hooks()
+    # Two embeddings sharing one table: no layer of another kind to keep, so the remedy is the
+    # general one, not to skip both.
+    pair = nn.ModuleDict({"src": nn.Embedding(11, 6), "tgt": nn.Embedding(11, 6)})
+    pair["tgt"].weight = pair["src"].weight
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        KFACPreconditioner(pair, comm=comm).remove_hooks()
+    assert "to precondition it by one layer's curvature, put the others in skip_layers" in caplog.text
+    assert "(not the other" not in caplog.text
 
 
 def test_a_kfac_layer_replaced_by_a_new_module_is_averaged_and_named(caplog):
