@@ -483,6 +483,8 @@ def test_frozen_weights_keep_no_gradient(comm):
     before = model[0].weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
     precond = KFACPreconditioner(model, comm=comm, **OPTIONS)
+    # Its bias is trained: the layer takes statistics, not "frozen now" as a wholly frozen one.
+    assert "K-FAC" in repr(precond).splitlines()[1] and "frozen now" not in repr(precond)
     for x, y in data[:4]:
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
