@@ -669,6 +669,21 @@ def test_model_without_kfac_layers_gets_no_missing_statistics_warning(comm, capl
     assert "without statistics" not in caplog.text
 
 
+def test_a_model_with_nothing_trained_is_not_told_that_no_gradient_reached_it(comm, caplog):
+    """Every parameter frozen (the model stepped through while nothing of it is trained): no
+    gradient is expected, so step() says nothing of one missing, and every .grad stays None."""
+    model = mlp().requires_grad_(False)
+    precond = KFACPreconditioner(model, comm=comm)
+    gen = torch.Generator().manual_seed(3)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):
+            model(torch.randn(4, 5, dtype=torch.float64, generator=gen))
+            precond.step()
+    assert "found no gradient" not in caplog.text
+    assert all(p.grad is None for p in model.parameters())
+    precond.remove_hooks()
+
+
 def test_every_k_fac_layer_frozen_takes_no_statistics_without_a_word(comm, caplog):
     """Fine-tuning only first-order parameters (a LayerNorm in skip_layers) with every K-FAC
     layer frozen: those layers take no statistics by design, so the factor steps without any
