@@ -286,6 +286,7 @@ def test_attention_and_unused_layers_are_named(caplog):
             net(torch.randn(3, 5, 4)).sum().backward()
             precond.step()
     assert caplog.text.count("K-FAC layers without statistics at step 0: unused") == 1
+    assert "eval() mode" not in caplog.text  # it is in train() mode, only not called
     # No gradient on any rank: .grad stays None, as a first-order parameter's does.
     assert net.unused.weight.grad is None and net.unused.bias.grad is None
 
