@@ -1886,23 +1886,25 @@ def test_a_model_moved_after_construction_is_named(comm, device):
         precond.remove_hooks()
 
 
-def test_a_kfac_layer_removed_after_construction_is_named_and_its_block_idles(comm, caplog):
-    """A K-FAC layer taken out of the model on every rank: step() goes on, the others
-    preconditioned as before, with one warning naming the layer; its block preconditions nothing."""
+@pytest.mark.parametrize("index", [2, 4], ids=["middle", "last"])
+def test_a_kfac_layer_removed_after_construction_is_named_and_its_block_idles(comm, caplog, index):
+    """A K-FAC layer taken out of the model on every rank (a middle one, or the last block's):
+    step() goes on, the others preconditioned as before, with one warning naming the layer; its
+    block preconditions nothing."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     precond = KFACPreconditioner(model, comm=comm)
     x = torch.randn(6, 5, dtype=torch.float64)
     model(x).pow(2).mean().backward()
     precond.step()
-    removed = model[2]
-    model[2] = nn.Identity()
+    removed = model[index]
+    model[index] = nn.Identity()
     model.zero_grad()
     model(x).pow(2).mean().backward()
     raw = model[0].weight.grad.clone()
     with caplog.at_level("WARNING", logger="hpckfac"):
         precond.step()
-    assert "K-FAC layers no longer in the model: 2 (removed, or replaced by a new module" in caplog.text
+    assert f"K-FAC layers no longer in the model: {index} (removed, or replaced by a new module" in caplog.text
     assert "without statistics" not in caplog.text  # named once, as gone, not also as a layer not called
     assert removed.weight.grad is None and removed.bias.grad is None
     assert not torch.allclose(model[0].weight.grad, raw)  # still preconditioned
