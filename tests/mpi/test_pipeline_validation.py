@@ -7,8 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from hpckfac.comm import CollectiveMismatchError
+from mpi4py import MPI
+
+from hpckfac.comm import CollectiveMismatchError, Communicator
 from hpckfac.torch import KFACPreconditioner
+from hpckfac.torch.structure import StructureAgreement
 from liveness import LIVENESS_S
 from torch_features import needs_amp_grad_scaler
 
@@ -228,6 +231,57 @@ def test_a_model_changed_on_one_rank_only_fails_on_every_rank(comm, change):
     assert comm.allgather_object(message) == [message] * comm.size
     assert time.perf_counter() - start < LIVENESS_S
     precond.remove_hooks()
+
+
+# (name, shape, requires_grad, K-FAC block or -1) of each parameter, as ``structure`` gives them:
+# two K-FAC layers "a" and "b" and a first-order "n".
+AGREED = (("a.weight", (3, 2), True, 0), ("a.bias", (3,), True, 0), ("b.weight", (1, 3), True, 1),
+          ("b.bias", (1,), True, 1), ("n.weight", (3,), True, -1))
+
+
+def varied(*changes: tuple[str, int, object]) -> tuple:
+    """``AGREED`` with field ``i`` (1: shape, 2: requires_grad, 3: block) of parameter ``name``
+    set to ``value``, for each ``(name, i, value)`` of ``changes``."""
+    rows = [list(row) for row in AGREED]
+    for name, i, value in changes:
+        next(row for row in rows if row[0] == name)[i] = value
+    return tuple(map(tuple, rows))
+
+
+@pytest.fixture
+def agreement() -> StructureAgreement:
+    """The agreement of layers "a" and "b" after a step at which every rank had ``AGREED``."""
+    found = StructureAgreement(Communicator(MPI.COMM_SELF), ["a", "b"])
+    found.agreed = AGREED
+    return found
+
+
+def test_the_structure_agreed_at_the_last_step_is_the_reference_while_a_rank_has_it(agreement):
+    """Two ranks of three froze the same weight: they are the ones named, against the rank that
+    still has the structure every rank agreed on, not the rank outside the majority."""
+    frozen = varied(("a.weight", 2, False))
+    assert agreement.difference([AGREED, frozen, frozen], 3).startswith(
+        "ranks disagree on the model's structure at step 3: rank 1 has a.weight frozen; rank 2 has a.weight "
+        "frozen, against ranks [0], whose model every rank had at the last step(); every rank must")
+
+
+def test_without_the_agreed_structure_the_most_common_one_then_the_lowest_rank_is_the_reference(agreement):
+    frozen, resized = varied(("a.weight", 2, False)), varied(("b.weight", 1, (2, 3)))
+    assert agreement.difference([frozen, resized, resized], 1).startswith(
+        "ranks disagree on the model's structure at step 1: rank 0 has a.weight frozen, "
+        "b.weight of shape (1, 3), not (2, 3), against ranks [1, 2]; every rank must")
+    assert agreement.difference([frozen, resized], 1).startswith(
+        "ranks disagree on the model's structure at step 1: rank 1 has a.weight trainable, "
+        "b.weight of shape (2, 3), not (1, 3), against ranks [0]; every rank must")
+
+
+def test_changes_names_a_parameter_moved_to_the_first_layer_and_counts_those_past_four(agreement):
+    assert agreement.changes(AGREED, varied(("b.weight", 3, 0))) == "b.weight in K-FAC layer a"
+    assert agreement.changes(AGREED, varied(("b.weight", 3, -1))) == "b.weight in a new module, not K-FAC layer b's"
+    many = varied(("a.weight", 2, False), ("a.bias", 2, False), ("b.weight", 1, (2, 3)), ("b.bias", 1, (2,)),
+                  ("n.weight", 2, False)) + (("x.weight", (2,), True, -1),)
+    assert agreement.changes(AGREED, many) == ("a.weight frozen, a.bias frozen, b.weight of shape (2, 3), not (1, 3), "
+                                               "b.bias of shape (2,), not (1,) and 2 more differences")
 
 
 @pytest.mark.mpi(min_size=3)
