@@ -471,3 +471,21 @@ def test_an_unbatched_call_equals_explicit_linear_layers_on_its_rows():
                          plain(x, x, x, key_padding_mask=mask, average_attn_weights=False)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_an_unbatched_cross_attention_call_keeps_its_key_and_value(caplog):
+    """An unbatched cross-attention call, ``(T, E)`` query on an ``(S, E)`` memory, returns what
+    torch's layer returns unhooked (a deep copy, which the hooks do not see): only a
+    self-attention call is made a batch of one with a single tensor for query, key and value."""
+    torch.manual_seed(0)
+    layer = nn.MultiheadAttention(E, HEADS).double()
+    plain = copy.deepcopy(layer)
+    precond = KFACPreconditioner(layer, comm=Communicator(MPI.COMM_SELF))
+    gen = torch.Generator().manual_seed(2)
+    query, memory = (torch.randn(n, E, generator=gen, dtype=torch.float64) for n in (TOKENS, TOKENS + 2))
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        got = layer(query, memory, memory)
+    assert "is called as cross-attention" in caplog.text  # the tap was entered
+    for mine, want in zip(got, plain(query, memory, memory)):
+        torch.testing.assert_close(mine, want, rtol=1e-14, atol=1e-15)
+    precond.remove_hooks()
