@@ -87,11 +87,12 @@ def test_current_settings_evaluates_the_schedules_at_the_step(comm):
 
 def test_skip_layers_given_class_names_or_patterns_say_what_they_would_match(comm, caplog):
     with caplog.at_level("WARNING", logger="hpckfac"):
-        precond = KFACPreconditioner(mlp(), comm=comm, skip_layers=["Linear", "^[02]$", "fc9"])
+        precond = KFACPreconditioner(mlp(), comm=comm, skip_layers=["Linear", "^[02]$", "fc9", "fc["])
     text = caplog.text
+    assert "no module is named 'Linear', '^[02]$', 'fc9', 'fc['" in text  # "fc[" is no regular expression
     assert "'Linear' is the class name of '0', '2': to skip every module of that type, pass the class itself" in text
     assert "'^[02]$' read as a regular expression would match '0', '2'" in text
-    assert "'fc9' read as" not in text  # a plain typo gets no hint
+    assert "'fc9' read as" not in text and "'fc[' read as" not in text  # a plain typo gets no hint
     assert "'Linear' read as" not in text  # a class name gets that hint alone
     caplog.clear()
     wide = nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)])
