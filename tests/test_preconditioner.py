@@ -368,6 +368,17 @@ def test_a_model_cast_to_float64_after_construction_is_named(comm, caplog):
         named = "K-FAC layers 0, 2 have float64 parameters but the preconditioner's buffer is float32"
         assert caplog.text.count(named) == (not build_after_cast and factor_dtype is None)
         precond.remove_hooks()
+    # The head alone cast: it alone is named.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
+    precond = KFACPreconditioner(model, comm=comm)
+    model[2].double()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        model[2](model[:2](x.float()).double()).pow(2).mean().backward()
+        precond.step()
+    assert "K-FAC layers 2 have float64 parameters but the preconditioner's buffer is float32" in caplog.text
+    precond.remove_hooks()
 
 
 def test_a_preconditioner_rebuilt_on_the_same_layers_takes_them_over(comm, caplog):
