@@ -1557,12 +1557,14 @@ def test_a_forward_never_backpropagated_leaves_the_factors_as_they_were(comm, ca
     assert all(not torch.equal(old, new) for old, new in zip(before, factors()))
 
 
+@pytest.mark.parametrize("clipped", [False, True], ids=["", "clipped"])
 @pytest.mark.parametrize("accumulation_steps", [1, 2])
 @pytest.mark.parametrize("zeroing", ["missing", "set_to_none", "zeros", "data", "model", "late", "late zeros"])
-def test_a_loop_without_zero_grad_is_named(comm, caplog, zeroing, accumulation_steps):
+def test_a_loop_without_zero_grad_is_named(comm, caplog, zeroing, accumulation_steps, clipped):
     """Without zero_grad() the next backward adds its gradient to the preconditioned one that
     step() wrote, which the next step() preconditions again: the .grad it finds is that sum
-    (checked against autograd on a copy of the model), and it says so, once. Every way of
+    (checked against autograd on a copy of the model), and it says so, once, also when
+    clip_grad_norm_ scales .grad in place between step() and optimizer.step(). Every way of
     zeroing (None, zeros, through .data, the model's zero_grad) hears nothing, nor does a
     zero_grad(), to None or to zeros, after another backward into the model (a GAN's
     discriminator's, here in eval() mode to take no statistics) that met the written .grad."""
@@ -1599,6 +1601,8 @@ def test_a_loop_without_zero_grad_is_named(comm, caplog, zeroing, accumulation_s
                 want = q.grad if zeroing != "missing" or old is None else old + q.grad
                 torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-14)
             precond.step()
+            if clipped:  # a norm far below the gradients': every .grad scaled in place
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
             optimizer.step()
     said = caplog.text.count("the .grad that the first step() wrote was still in place")
     assert said == (1 if zeroing == "missing" else 0), caplog.text

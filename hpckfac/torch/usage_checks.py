@@ -126,10 +126,11 @@ class UsageChecks:
     def _watch_written(self, params: list[tuple[nn.Parameter | None, nn.Parameter | None]]) -> None:
         """After the first ``step()``: hooks on each K-FAC parameter with a ``.grad`` follow
         whether every backward before the next ``step()`` that adds to ``.grad`` meets it as
-        ``step()`` wrote it, or as the backward before added to it (the same tensor, its version
-        one more per backward, not all zeros), i.e. no ``zero_grad()`` ran in between: the
-        backward then adds the new gradient to the preconditioned one, and each later ``step()``
-        preconditions that sum, silently. Checked once, from the first step to the second, so
+        ``step()`` wrote it, or as the backward before added to it (the same tensor, not all
+        zeros), i.e. no ``zero_grad()`` ran in between: the backward then adds the new gradient
+        to the preconditioned one, and each later ``step()`` preconditions that sum, silently.
+        In-place writes in between (``clip_grad_norm_``'s scaling, a GradScaler's unscaling) leave
+        it the same tensor with the same sum to come, so only its identity and values decide. Checked once, from the first step to the second, so
         that the hooks cost nothing afterwards; ``_check_written`` tells at the second step."""
         seen = set()
         # A frozen parameter gets no backward, and torch refuses a hook on it; its .grad may still
@@ -138,26 +139,26 @@ class UsageChecks:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            # The .grad followed, the version it has while no one else changed it, whether a
-            # backward met it so, and whether the gradient arriving now meets it so: a list, which
-            # the hooks update in place. The .grad by weak reference: zero_grad() must free it
-            # before the next forward, not leave a second copy of the gradients through it.
-            watch = [p, weakref.ref(p.grad), p.grad._version, False, False]
+            # The .grad followed, whether a backward met it so, and whether the gradient arriving
+            # now meets it so: a list, which the hooks update in place. The .grad by weak
+            # reference: zero_grad() must free it before the next forward, not leave a second
+            # copy of the gradients through it.
+            watch = [p, weakref.ref(p.grad), False, False]
 
             def arriving(incoming: torch.Tensor, watch: list = watch) -> None:
-                p, ref, version, _, _ = watch
+                p, ref, _, _ = watch
                 grad = None if ref is None else ref()
-                # Zeroed through ``.data`` the version stays, so the values decide (one read, only
-                # where the tensor is still the one followed).
-                watch[4] = grad is not None and p.grad is grad and grad._version == version and bool(grad.any())
+                # Zeroed in place (``zero_grad(set_to_none=False)``, through ``.data``), the tensor
+                # stays, so the values decide (one read, only where it is still the one followed).
+                watch[3] = grad is not None and p.grad is grad and bool(grad.any())
 
             def accumulated(p: nn.Parameter, watch: list = watch) -> None:
                 # Only a gradient added to .grad counts: torch.autograd.grad(loss, params) runs the
                 # hook above too but adds nothing (its gradients may then be copied into .grad).
-                if watch[4]:
-                    watch[2:] = [watch[2] + 1, True, False]  # the accumulation added one
+                if watch[3]:
+                    watch[2:] = [True, False]
                 else:  # zeroed, in place or to None, since: this parameter's backwards start anew
-                    watch[1:] = [None, 0, False, False]
+                    watch[1:] = [None, False, False]
 
             self._written_watch.append(watch)
             self._written_hooks.append(p.register_hook(arriving))
@@ -178,8 +179,8 @@ class UsageChecks:
             return
         self._remove_written_hooks()
         watched, self._written_watch = self._written_watch, []
-        if any(met and grad is not None and p.grad is grad and grad._version == version and bool(grad.any())
-               for p, ref, version, met, _ in watched for grad in [None if ref is None else ref()]):
+        if any(met and grad is not None and p.grad is grad and bool(grad.any())
+               for p, ref, met, _ in watched for grad in [None if ref is None else ref()]):
             # A layer left out of the optimizer but still requiring grad is never zeroed by its
             # zero_grad(): the same sum, which the KL clip of every layer then counts, growing.
             self._warn_once("grad-kept", "the .grad that the first step() wrote was still in place when the next "
