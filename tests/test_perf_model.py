@@ -165,6 +165,11 @@ def test_intervals_amortise_and_batchnorm_allreduce():
     lazy = model.stage_work(model.Workload(tiny_model(), batch=5, factor_interval=2, inverse_interval=4), 2)
     assert lazy["local_factors"] == pytest.approx(base["local_factors"] / 2)
     assert lazy["inversion"] == pytest.approx(base["inversion"] / 4)
+    # The running averages blend new statistics only on factor steps; every step preconditions,
+    # gathers and writes its gradients.
+    assert lazy["running_average"] == pytest.approx(base["running_average"] / 2)
+    for stage in ("precondition", "all_gather", "write_grads"):
+        assert lazy[stage] == base[stage], stage
     grads_only = 4 * (72 + 8 + 15)
     assert lazy["reduce_scatter"] == pytest.approx((base["reduce_scatter"] + grads_only) / 2)
     bn = model.stage_work(model.Workload(tiny_model(), batch=5, batchnorm="allreduce"), 2)
@@ -189,8 +194,10 @@ def test_predict_hand_computed():
     # Four ranks on two cores: compute takes twice as long per rank.
     shared = model.predict(work, model.Machine("m", 1e9, 1e8, 2e9, 1e-5, 1e-9, cores=2), 4)
     alone = model.predict(work, machine, 4)
-    assert shared["local_factors"] == pytest.approx(2 * alone["local_factors"])
-    assert shared["all_gather"] == pytest.approx(alone["all_gather"])
+    for stage in ("local_factors", "running_average", "inversion", "precondition", "write_grads"):
+        assert shared[stage] == pytest.approx(2 * alone[stage]), stage
+    for stage in ("reduce_scatter", "all_gather", "allreduce"):
+        assert shared[stage] == pytest.approx(alone[stage]), stage
     # Fewer ranks than cores: each rank has its own, compute at the full rate (never faster).
     few = model.predict(work, model.Machine("m", 1e9, 1e8, 2e9, 1e-5, 1e-9, cores=2), 1)
     assert few["local_factors"] == pytest.approx(model.predict(work, machine, 1)["local_factors"])
