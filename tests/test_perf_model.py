@@ -315,8 +315,17 @@ def scaling_config():
             "comm_dtype": "float32", "batchnorm": "kfac"}
 
 
-def test_calibration_recovers_known_machine():
-    config = scaling_config()
+# BatchNorm allreduced in float64 on ResNet-50: at two ranks its gradients (53 layers, 424,960
+# bytes) go by the ring, so the calibration fits alpha and beta to an allreduce point too.
+RESNET50_ALLREDUCE = {"model": "resnet50", "image": 32, "batchnorm": "allreduce", "comm_dtype": "float64"}
+
+
+@pytest.mark.parametrize("changes", [{}, RESNET50_ALLREDUCE], ids=["small", "resnet50_bn_allreduce"])
+def test_calibration_recovers_known_machine(changes):
+    config = dict(scaling_config(), **changes)
+    if changes:
+        allreduce = model.stage_work(model.workload_from_config(config, 2), 2)["allreduce"]
+        assert model.reduction_algorithm("auto", int(allreduce), 2) == "ring"
     truth = model.Machine("truth", factor_flops=3e9, inverse_rate=5e8, gemm_flops=2e9,
                           alpha=4e-5, beta=2e-9, cores=2)
     runs = []
@@ -328,6 +337,10 @@ def test_calibration_recovers_known_machine():
         assert getattr(fitted, field) == pytest.approx(getattr(truth, field), rel=1e-6)
     rows = model.validation_rows(config, runs, fitted)
     assert all(abs(r["error_pct"]) < 1e-6 for r in rows)
+    # Stages measured 1.25 x the prediction: the prediction misses by 1 - 1/1.25 = 20% of the
+    # measured time, not 25% of the predicted one.
+    slower = [dict(r, stages={s: 1.25 * t for s, t in r["stages"].items()}) for r in runs]
+    assert [r["error_pct"] for r in model.validation_rows(config, slower, fitted)] == pytest.approx([-20.0] * 3)
     with pytest.raises(ValueError, match="one-rank"):
         model.calibrate(config, runs[1:], cores=2)
     # The streaming stages at different rates: one rate for both, their work over their time.
@@ -348,11 +361,60 @@ def test_calibration_doubts():
     assert "misses a measured total by 70%" in model.calibration_doubts(good, [{"error_pct": -70.0}])[0]
 
 
+def one_parameter_fits(points: list[tuple[float, float, float]]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The least-squares ``(alpha, 0)`` and ``(0, beta)`` of ``t = m alpha + b beta``, written out:
+    ``sum(m t) / sum(m^2)`` and ``sum(b t) / sum(b^2)``."""
+    m, b, t = (np.array(column, dtype=float) for column in zip(*points))
+    return (float(m @ t / (m @ m)), 0.0), (0.0, float(b @ t / (b @ b)))
+
+
+def squared_error(points: list[tuple[float, float, float]], fit: tuple[float, float]) -> float:
+    return sum((m * fit[0] + b * fit[1] - t) ** 2 for m, b, t in points)
+
+
+def test_alpha_beta_fit_recovers_noisy_timings():
+    """Collective times drawn from alpha 20 us and beta 1 ns/B with 1% noise, over the messages and
+    bytes of ring collectives at 2 to 16 ranks: the fit is the least-squares solution of the 2x2
+    normal equations, solved here by Cramer's rule, and close to the truth."""
+    rng = np.random.default_rng(7)
+    alpha, beta = 2e-5, 1e-9
+    points = []
+    for p in (2, 4, 8, 16):
+        for n in rng.uniform(1e5, 1e7, size=3):
+            m, b = p - 1, (p - 1) / p * n
+            points.append((m, b, (m * alpha + b * beta) * rng.uniform(0.99, 1.01)))
+    m, b, t = (np.array(column) for column in zip(*points))
+    det = (m @ m) * (b @ b) - (m @ b) ** 2
+    want = (((b @ b) * (m @ t) - (m @ b) * (b @ t)) / det, ((m @ m) * (b @ t) - (m @ b) * (m @ t)) / det)
+    assert model._fit_alpha_beta(points) == pytest.approx(want, rel=1e-9)
+    assert model._fit_alpha_beta(points) == pytest.approx((alpha, beta), rel=0.05)
+
+
 def test_alpha_beta_fit_never_negative():
-    # Times that fall with the message count would need alpha < 0: clipped to 0.
-    alpha, beta = model._fit_alpha_beta([(1, 1e6, 2e-3), (3, 1.5e6, 1.5e-3)])
-    assert alpha >= 0 and beta >= 0
+    # Times that fall with the message count would need alpha < 0: clipped to 0, beta alone is
+    # fitted (the better of the two one-parameter fits).
+    falling = [(1, 1e6, 2e-3), (3, 1.5e6, 1.5e-3)]
+    alpha_only, beta_only = one_parameter_fits(falling)
+    assert squared_error(falling, beta_only) < squared_error(falling, alpha_only)
+    assert model._fit_alpha_beta(falling) == pytest.approx(beta_only, rel=1e-12)
+    # Times that fall with the bytes would need beta < 0: alpha alone.
+    shrinking = [(1, 2e6, 1e-3), (3, 1e6, 3.1e-3)]
+    alpha_only, beta_only = one_parameter_fits(shrinking)
+    assert squared_error(shrinking, alpha_only) < squared_error(shrinking, beta_only)
+    assert model._fit_alpha_beta(shrinking) == pytest.approx(alpha_only, rel=1e-12)
     assert model._fit_alpha_beta([]) == (0.0, 0.0)
+
+
+def test_alpha_beta_fit_of_points_that_cannot_separate_them():
+    """Bytes proportional to messages (every point of one rank count and one size) cannot tell
+    latency from bandwidth: one parameter is fitted, the other 0, not a minimum-norm mixture."""
+    rng = np.random.default_rng(11)
+    points = [(m, 4e5 * m, float(t)) for m, t in zip((1, 2, 3, 5), rng.uniform(1e-3, 5e-3, size=4))]
+    fit = model._fit_alpha_beta(points)
+    assert 0.0 in fit and max(fit) > 0
+    # Either one-parameter fit predicts the same times (its column is the other's multiple).
+    alpha_only, _ = one_parameter_fits(points)
+    assert [m * fit[0] + b * fit[1] for m, b, _ in points] == pytest.approx([m * alpha_only[0] for m, _, _ in points])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -382,6 +444,9 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     with pytest.raises(SystemExit):
         model.main(["--batch", "0"])
     assert "error: --batch: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        model.main(["--ranks", f"1,{2**20 + 1}"])
+    assert f"error: --ranks: at most {2**20} ranks, got {2**20 + 1}" in capsys.readouterr().err
     assert math.isfinite(result["predictions"]["h100-ndr"]["rows"][-1]["total_ms"])
 
 
