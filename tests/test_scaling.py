@@ -131,10 +131,12 @@ def test_measure_reduces_scripted_times_over_ranks_and_iterations(monkeypatch):
 
 
 def test_options_validated(capsys):
-    for flag in ("--scale", "--repeat"):
+    for flag, value, bound in (("--scale", "0", 1), ("--repeat", "0", 1), ("--batch", "0", 1), ("--warmup", "-1", 0)):
         with pytest.raises(SystemExit) as exit_info:
-            scaling.parse([flag, "0"])
-        assert exit_info.value.code == 2 and f"error: {flag}: expected an integer >= 1" in capsys.readouterr().err
+            scaling.parse([flag, value])
+        assert exit_info.value.code == 2 and f"error: {flag}: expected an integer >= {bound}, got {value}" \
+            in capsys.readouterr().err
+    assert scaling.parse(["--warmup", "0"]).warmup == 0
     args = scaling.parse(["--mode", "strong", "--batch", "6"])
     assert args.image == 224 and args.scale == 8 and scaling.parse(["--model", "small"]).scale == 1
     with pytest.raises(ValueError, match="batch"):
@@ -154,6 +156,8 @@ def test_synthetic_tensors_have_layer_shapes():
         else:
             assert x.shape == (2, s.c_in, s.h_in, s.h_in) and g.shape == (2, s.c_out, s.h_out, s.h_out)
         assert x.dtype == np.float32 and np.std(x) > 0.5
+        # The memory check's count per example is what was drawn for that layer.
+        assert scaling.tensor_elements(s) == (x.size + g.size) // 2
 
 
 def mpirun(ranks, *args):
@@ -249,12 +253,14 @@ def test_the_device_workload_equals_the_host_one():
 
 
 def fake_run_file(path, ranks, iteration, **config):
-    """A ``bench scaling`` JSON of one lpt run at ``ranks``, as written by ``write_json``."""
+    """A ``bench scaling`` JSON of one lpt run at ``ranks``, as written by ``write_json``, with
+    an imbalance table of its own."""
     run = {"ranks": ranks, "assignment": "lpt", "batch_per_rank": 8 // ranks, "iteration": iteration,
            "stages": dict.fromkeys(ITERATION_STAGES, iteration / len(ITERATION_STAGES)),
            "bytes_sent": {"reduce_scatter": 0, "all_gather": 0, "allreduce": 0}, "imbalance": 1.0}
     payload = {"benchmark": "scaling", "config": {"mode": "strong", "model": "small", "scale": 1, "image": 8, "batch": 8, **config},
-               "environment": {"host": f"node{ranks}"}, "results": {"runs": [run]}}
+               "environment": {"host": f"node{ranks}"},
+               "results": {"runs": [run], "imbalance_table": [{"ranks": 2, "lpt": 1.0 + ranks / 10}]}}
     path.write_text(json.dumps(payload))
     return str(path)
 
@@ -267,6 +273,8 @@ def test_combine_refuses_duplicates_and_other_files(tmp_path, capsys):
     runs = {r["ranks"]: r for r in json.loads(merged.read_text())["results"]["runs"]}
     assert runs[2]["efficiency"] == pytest.approx(0.8 / (2 * 0.5))  # T1 / (P T_P)
     assert runs[2]["environment"] == {"host": "node2"} and runs[1]["environment"] == {"host": "node1"}
+    # The imbalance table (computed, the same in every file of one workload) is the first file's.
+    assert json.loads(merged.read_text())["results"]["imbalance_table"] == [{"ranks": 2, "lpt": 1.1}]
     # The same rank count twice (a file given twice, or an older run of it) would double its row.
     with pytest.raises(ValueError, match="2 ranks"):
         scaling.main(["--combine", one, two, two])
