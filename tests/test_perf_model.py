@@ -58,6 +58,10 @@ def test_scaled_shapes():
     assert shapes.scaled(shapes.resnet50(), 1) == shapes.resnet50()
     with pytest.raises(ValueError, match="factor"):
         shapes.scaled(shapes.resnet50(), 0)
+    # Past the widest layer every channel count is 1, never 0; the colour channels stay 3.
+    tiny = shapes.scaled(shapes.resnet50(), 4096)
+    assert {s.c_out for s in tiny.kron} == {1} and {s.channels for s in tiny.batchnorm} == {1}
+    assert tiny.kron[0].c_in == 3 and {s.c_in for s in tiny.kron[1:]} == {1}
 
 
 def test_from_torch_string_padding():
@@ -75,6 +79,16 @@ def test_from_torch_string_padding():
         assert block.output_size((s.h_in, s.h_in)) == (s.h_out, s.h_out)
     with pytest.raises(ValueError, match="same"):  # an even kernel pads one side more: no one padding
         shapes.from_torch("net", torch.nn.Conv2d(3, 4, 4, padding="same"), (1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=(3, 5)), dict(kernel_size=3, groups=2)], ids=["oblong", "grouped"])
+def test_from_torch_refuses_convolutions_it_cannot_describe(conv):
+    # KronShape holds one kernel side and a dense C_in k^2 patch: others would be counted wrong.
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 6, **conv))
+    with pytest.raises(ValueError, match="layer 1 is not a square, ungrouped convolution"):
+        shapes.from_torch("net", net, (1, 4, 8, 8))
 
 
 def test_small_cnn_matches_torch():
