@@ -141,27 +141,42 @@ def test_threads_option_outlasts_the_automatic_division(tmp_path, monkeypatch):
 
 def test_means_cover_whole_update_periods(tmp_path, monkeypatch, capsys):
     """12 steps of 1/10: its mean and stages are those of the first 10 (one inversion in ten steps),
-    SGD's mean for the ratio over the same 10; 10/100 has no whole period in 12 steps, and says so."""
+    SGD's mean for the ratio over the same 10; 10/100 has no whole period in 12 steps, and says so.
+    SGD slows down in the last two steps, so that its means over 10 and 12 steps and its median differ."""
     calls = iter(range(10**6))
 
-    def scripted(fn, repeat, warmup, barrier):  # SGD 1 ms a step; K-FAC 10 ms on an update step, else 2 ms
+    def scripted(fn, repeat, warmup, barrier):
+        # SGD 1 ms a step, 4 ms from step 10 on; K-FAC 10 ms on an update step, else 2 ms; the
+        # forward/backward a quarter of the step.
         fn()
         k = next(calls)
         config, index = k % 3, k // 3
-        return [1e-3 if config == 0 else 1e-2 if index % 10 == 0 else 2e-3]
+        seconds = (1e-3 if index < 10 else 4e-3) if config == 0 else 1e-2 if index % 10 == 0 else 2e-3
+        fn.__self__.fb = seconds / 4
+        return [seconds]
 
     monkeypatch.setattr(step, "time_calls", scripted)
     out = tmp_path / "step.json"
     assert step.main(["--steps", "12", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
                       "--json", str(out)]) == 0
     rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
-    assert rows["sgd"]["mean_steps"] == 12 and rows["sgd"]["mean_ms"] == pytest.approx(1.0)
+    sgd_ms = [1.0] * 10 + [4.0] * 2
+    kfac_ms = [10.0 if k % 10 == 0 else 2.0 for k in range(12)]
+    sgd = rows["sgd"]
+    assert (sgd["period"], sgd["mean_steps"]) == (1, 12) and sgd["mean_ms"] == pytest.approx(sum(sgd_ms) / 12)
+    assert sgd["median_ms"] == pytest.approx(1.0) and sgd["forward_backward_ms"] == pytest.approx(sum(sgd_ms) / 48)
     kfac = rows["kfac_1_10"]
     assert (kfac["period"], kfac["mean_steps"]) == (10, 10)
-    assert kfac["mean_ms"] == pytest.approx(2.8) and kfac["mean_vs_sgd"] == pytest.approx(2.8)
-    assert kfac["median_ms"] == pytest.approx(2.0) and kfac["median_vs_sgd"] == pytest.approx(2.0)
-    assert (rows["kfac_10_100"]["period"], rows["kfac_10_100"]["mean_steps"]) == (100, 12)
-    assert "kfac_10_100: --steps 12 is under one update period (100 steps)" in capsys.readouterr().out
+    assert kfac["mean_ms"] == pytest.approx(sum(kfac_ms[:10]) / 10)
+    assert kfac["mean_vs_sgd"] == pytest.approx(sum(kfac_ms[:10]) / sum(sgd_ms[:10]))
+    assert kfac["forward_backward_ms"] == pytest.approx(sum(kfac_ms[:10]) / 40)
+    assert kfac["median_ms"] == pytest.approx(2.0) and kfac["median_vs_sgd"] == pytest.approx(2.0 / 1.0)
+    lazy = rows["kfac_10_100"]
+    assert (lazy["period"], lazy["mean_steps"]) == (100, 12)
+    assert lazy["mean_vs_sgd"] == pytest.approx(sum(kfac_ms) / sum(sgd_ms))
+    text = capsys.readouterr().out
+    assert "kfac_10_100: --steps 12 is under one update period (100 steps)" in text
+    assert "kfac_1_10: --steps" not in text  # a whole period, exactly
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["acc_events_if_known", "without_acc_events"])
