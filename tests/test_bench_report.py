@@ -52,3 +52,19 @@ def test_check_memory_counts_the_ranks_that_share_the_machine(monkeypatch):
         report.check_memory(parser, 2**30, "--batch")
     monkeypatch.setattr(topology, "node_placement", lambda comm: (0, 1))
     report.check_memory(parser, 2**30, "--batch")
+
+
+def test_format_table_aligns_formatted_cells_under_their_headers():
+    from hpckfac.tables import format_table
+
+    rows = [{"name": "lpt", "ms": 12.34567, "ranks": 16}, {"name": "contiguous", "ms": 3.0, "ranks": 2.5}, {"ms": 0.5}]
+    # Floats in floatfmt (an int stays as written), missing cells blank, each column as wide as
+    # its widest cell or header and right-aligned, two spaces apart.
+    assert format_table(rows, ["name", "ranks", "ms"], ".2f").splitlines() == [
+        "      name  ranks     ms",
+        "----------  -----  -----",
+        "       lpt     16  12.35",
+        "contiguous   2.50   3.00",
+        "                    0.50",
+    ]
+    assert format_table(rows[:1], ["ms"]).splitlines()[2] == "12.346"  # the default .3f
