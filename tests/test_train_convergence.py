@@ -53,6 +53,10 @@ def test_ratios_compare_means_over_every_seed_only():
     ratios = conv._ratios(best)
     assert ratios["kfac/sgd"] == {"steps_97%": None, "wall_97%": None, "median_wall_97%": None, "steps_loss": 1.0}
     assert ratios["kfac-10/10/adam"]["steps_97%"] == 1.0
+    # The other way round: SGD misses on a seed, so its mean would flatter it just as well.
+    best = [{"method": m, "summary": summary([20, None] if m == "sgd" else [10, 10])} for m in conv.METHODS]
+    ratios = conv._ratios(best)
+    assert ratios["kfac/sgd"]["steps_97%"] is None and ratios["kfac/adam"]["steps_97%"] == pytest.approx(10 / 10)
 
 
 def test_best_setting_prefers_fewest_steps_to_97_then_95_then_final_accuracy():
@@ -62,6 +66,30 @@ def test_best_setting_prefers_fewest_steps_to_97_then_95_then_final_accuracy():
     d = {"steps_95%": 6, "steps_97%": 16, "final_acc": 0.97}
     assert min([a, b, c, d], key=conv._rank_key) is d
     assert min([a, c], key=conv._rank_key) is a
+    e = dict(d, final_acc=0.985)  # as fast as d to both targets, more accurate at the end
+    assert min([d, e], key=conv._rank_key) is e and min([e, d], key=conv._rank_key) is e
+
+
+def test_a_run_s_figures_come_from_its_records_and_step_times(monkeypatch):
+    """A scripted training run: accuracy 0.90, 0.96, 0.95, 0.975 at steps 2, 4, 6, 8; steps of 10,
+    30, 20 and 100 ms. The run reports the last and the best accuracy, the median step time, and
+    per target the first step and seconds there and the steps times the median step."""
+    from types import SimpleNamespace
+
+    import hpckfac.train.loop as loop
+
+    records = [dict(r, loss=loss) for r, loss in zip(_records([0.90, 0.96, 0.95, 0.975]), (0.5, 0.2, 0.045, 0.03))]
+    monkeypatch.setattr(loop, "Trainer", lambda config, comm: SimpleNamespace(
+        run=lambda: SimpleNamespace(records=records, step_seconds=[0.01, 0.03, 0.02, 0.1])))
+    study = conv.Study(batch=8, steps=8, eval_every=2, warmup=0, lrs={}, dampings=())
+    run = conv.run_one(None, "sgd", 8, 0.1, None, 0, study)
+    assert (run["final_acc"], run["best_acc"], run["wall"]) == (0.975, 0.975, 4.0)
+    assert run["step_ms"] == pytest.approx(25.0)  # the median of 10, 20, 30 and 100 ms
+    assert (run["steps_95%"], run["wall_95%"], run["steps_97%"], run["wall_97%"]) == (4, 2.0, 8, 4.0)
+    assert run["median_wall_95%"] == pytest.approx(4 * 0.025) and run["median_wall_97%"] == pytest.approx(8 * 0.025)
+    assert run["steps_loss"] == 6  # the first training loss at or below 0.05
+    records[-1]["test_acc"] = 0.93  # the best is no longer the last
+    assert conv.run_one(None, "sgd", 8, 0.1, None, 0, study)["best_acc"] == 0.96
 
 
 def test_miniature_study_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
