@@ -3,6 +3,7 @@ ratios in the JSON, and the profile report of every configuration."""
 import importlib
 import json
 import re
+from typing import Callable
 
 import pytest
 import torch
@@ -139,23 +140,28 @@ def test_threads_option_outlasts_the_automatic_division(tmp_path, monkeypatch):
     assert result["config"]["threads_per_rank"] == [1] and result["environment"]["threads"]["torch"] == 1
 
 
+def script_step_times(monkeypatch: pytest.MonkeyPatch, configs: int, seconds: Callable[[int, int], float]) -> None:
+    """Every timed step of configuration ``c`` (its index among the ``configs`` run) at step ``k``
+    takes ``seconds(c, k)``, its forward/backward a quarter of that; the step itself still runs."""
+    calls = iter(range(10**6))
+
+    def scripted(fn, repeat, warmup, barrier):
+        fn()
+        k = next(calls)
+        took = seconds(k % configs, k // configs)
+        fn.__self__.fb = took / 4
+        return [took]
+
+    monkeypatch.setattr(step, "time_calls", scripted)
+
+
 def test_means_cover_whole_update_periods(tmp_path, monkeypatch, capsys):
     """12 steps of 1/10: its mean and stages are those of the first 10 (one inversion in ten steps),
     SGD's mean for the ratio over the same 10; 10/100 has no whole period in 12 steps, and says so.
     SGD slows down in the last two steps, so that its means over 10 and 12 steps and its median differ."""
-    calls = iter(range(10**6))
-
-    def scripted(fn, repeat, warmup, barrier):
-        # SGD 1 ms a step, 4 ms from step 10 on; K-FAC 10 ms on an update step, else 2 ms; the
-        # forward/backward a quarter of the step.
-        fn()
-        k = next(calls)
-        config, index = k % 3, k // 3
-        seconds = (1e-3 if index < 10 else 4e-3) if config == 0 else 1e-2 if index % 10 == 0 else 2e-3
-        fn.__self__.fb = seconds / 4
-        return [seconds]
-
-    monkeypatch.setattr(step, "time_calls", scripted)
+    # SGD 1 ms a step, 4 ms from step 10 on; K-FAC 10 ms on an update step, else 2 ms.
+    script_step_times(monkeypatch, 3, lambda config, k: (1e-3 if k < 10 else 4e-3) if config == 0
+                      else 1e-2 if k % 10 == 0 else 2e-3)
     out = tmp_path / "step.json"
     assert step.main(["--steps", "12", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
                       "--json", str(out)]) == 0
@@ -177,6 +183,37 @@ def test_means_cover_whole_update_periods(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "kfac_10_100: --steps 12 is under one update period (100 steps)" in text
     assert "kfac_1_10: --steps" not in text  # a whole period, exactly
+
+
+def test_a_step_takes_the_slowest_rank_s_time_and_the_buffers_the_largest_rank_s(tmp_path, monkeypatch):
+    """A second rank, faked: slower than this one on odd steps, faster on even ones, and holding
+    twice this rank's inverses and nothing else. Each step's time is the slower rank's; each
+    kind of buffer the larger rank's, the total that of the rank holding most in all."""
+    mine = [1e-3, 2e-3, 3e-3, 4e-3]
+    other = [0.5 * t if k % 2 == 0 else 1.5 * t for k, t in enumerate(mine)]
+
+    class TwoRanks(step.Communicator):
+        def allgather_object(self, obj, what=None):
+            everyone = super().allgather_object(obj, what)
+            if what is None and isinstance(obj, list) and len(obj) == len(mine):  # a configuration's step times
+                return everyone + [other]
+            if what is None and isinstance(obj, dict):  # a preconditioner's buffers
+                return everyone + [{k: 2 * v if k == "inverses" else 0 for k, v in obj.items()}]
+            return everyone
+
+    script_step_times(monkeypatch, 2, lambda config, k: mine[k])
+    monkeypatch.setattr(step, "Communicator", TwoRanks)
+    out = tmp_path / "step.json"
+    assert step.main(["--steps", "4", "--warmup", "0", "--batch", "2", "--depth", "8", "--width", "2",
+                      "--configs", "sgd,kfac_1_10", "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    slowest = [max(a, b) for a, b in zip(mine, other)]  # 1, 3, 3, 6 ms
+    assert rows["sgd"]["mean_ms"] == pytest.approx(1e3 * sum(slowest) / 4)
+    assert rows["sgd"]["median_ms"] == pytest.approx(3.0)
+    held = rows["kfac_1_10"]["state_bytes"]
+    inverses = held["inverses"] / 2  # this rank's; the other holds twice as many
+    this_rank = sum(held.values()) - held["inverses"] + inverses
+    assert rows["kfac_1_10"]["state_mib"] == pytest.approx(max(this_rank, 2 * inverses) / 2**20)
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["acc_events_if_known", "without_acc_events"])
