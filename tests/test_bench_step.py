@@ -233,6 +233,25 @@ def test_profile_counts_every_operator_call_with_and_without_acc_events(monkeypa
     assert len(rows) == 1 and rows[0][-1] == "6"  # 2 steps of 3 products
 
 
+def test_profile_reports_the_profiled_time_per_step_and_runs_each_profiler_over_every_step(monkeypatch):
+    """A clock that only the steps move, 0.2 s a step: 3 profiled steps report 200.0 ms a step;
+    the step runs 3 times under each profiler, and cProfile's second table keeps hpckfac's functions."""
+    from hpckfac.tables import format_table
+
+    clock, calls = [100.0], []
+
+    def one_step():
+        calls.append(1)
+        clock[0] += 0.2
+        format_table([{"a": 1.0}], ["a"])
+
+    monkeypatch.setattr(profile.time, "perf_counter", lambda: clock[0])
+    report = profile.profile_steps(one_step, 3, cuda=False, sync=lambda: None)
+    assert report.splitlines()[0] == "torch.profiler, 3 steps: 200.0 ms per step (profiled)"
+    assert len(calls) == 2 * 3 and "cProfile, 3 steps" in report
+    assert "due to restriction <'hpckfac'>" in report and "tables.py" in report.split("<'hpckfac'>")[-1]
+
+
 def test_the_profile_leaves_acc_events_out_on_a_torch_without_it(monkeypatch):
     """Where ``torch.profiler.profile`` takes no ``acc_events`` (torch before 2.5) the module does
     not pass it, and the operator table still counts every call of every profiled step."""
