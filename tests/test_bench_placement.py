@@ -24,6 +24,10 @@ def test_placement_note_flags_oversubscription():
                  "threads_per_rank": [3] * 3 + [2] * 2}
     assert placement.oversubscription(two_hosts) == (4, 2, "b")
     assert placement.placement_note([one, two]) == "torch threads per rank: 1, 2; no host oversubscribed at P=1/2"
+    # Each rank count once, in order, whatever the order and number of the runs (two assignments each).
+    assert placement.placement_note([two, one, dict(two)]).endswith("no host oversubscribed at P=1/2")
+    crowded = placement.placement_note([four, three])
+    assert crowded.endswith("P=3: 4 threads on the 2 cores of a, P=4: 3 threads on the 2 cores of a")
     note = placement.placement_note([two, four])
     assert note == "torch threads per rank: 1; oversubscribed, compute stages slowed: P=4: 3 threads on the 2 cores of a"
     # Runs from before the fields say nothing of cores.
