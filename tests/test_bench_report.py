@@ -68,3 +68,14 @@ def test_format_table_aligns_formatted_cells_under_their_headers():
         "                    0.50",
     ]
     assert format_table(rows[:1], ["ms"]).splitlines()[2] == "12.346"  # the default .3f
+
+
+def test_progress_in_a_log_prints_a_line_per_tenth_of_the_items(capsys):
+    """Not on a terminal (pytest's captured stderr): every item passes through, and a line
+    after each tenth of them; ranks other than 0 print nothing."""
+    assert list(report.progress(range(20), "steps")) == list(range(20))
+    assert capsys.readouterr().err.splitlines() == [f"steps: {k}/20" for k in range(2, 21, 2)]
+    assert list(report.progress(range(3), "sizes")) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines() == ["sizes: 1/3", "sizes: 2/3", "sizes: 3/3"]
+    assert list(report.progress(range(20), "steps", enabled=False)) == list(range(20))
+    assert capsys.readouterr().err == ""
