@@ -69,6 +69,16 @@ def test_table_rows_count_the_most_one_rank_sends():
     # Files written before rank_most was kept: the collectives' maxima summed.
     del run["bytes_sent"]["rank_most"]
     assert scaling.table_rows([run])[0]["MB_sent"] == pytest.approx(6.0)
+    # Rows by assignment, then rank count, whatever the order of the runs.
+    runs = [dict(run, assignment=a, ranks=p) for a, p in (("lpt", 4), ("contiguous", 2), ("lpt", 1), ("contiguous", 8))]
+    assert [(r["assign"], r["P"]) for r in scaling.table_rows(runs)] == [
+        ("contiguous", 2), ("contiguous", 8), ("lpt", 1), ("lpt", 4)]
+
+
+def test_title_says_whether_the_batch_is_global_or_per_rank():
+    config = {"model": "resnet50", "scale": 8, "image": 64, "mode": "weak", "batch": 4}
+    assert scaling.title_of(config) == "resnet50 channels/8, 64px, weak scaling, batch 4 per rank"
+    assert scaling.title_of(dict(config, mode="strong")) == "resnet50 channels/8, 64px, strong scaling, batch 4 global"
 
 
 def test_measure_reduces_scripted_times_over_ranks_and_iterations(monkeypatch):
