@@ -464,6 +464,30 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert math.isfinite(result["predictions"]["h100-ndr"]["rows"][-1]["total_ms"])
 
 
+def test_cli_takes_the_cores_and_machine_settings_it_is_given(tmp_path, capsys):
+    """--cores sets the calibrated machine's cores; --alpha and --beta override the preset, whose
+    rows are then those of the overridden machine; a rank count below 1 is refused."""
+    config = scaling_config()
+    truth = model.Machine("truth", 3e9, 5e8, 2e9, 4e-5, 2e-9, cores=2)
+    runs = [{"ranks": p, "assignment": "lpt",
+             "stages": {s: model.predict(model.workload_from_config(config, p), truth, p)[s] for s in ITERATION_STAGES}}
+            for p in (1, 2)]
+    combined, out = tmp_path / "combined.json", tmp_path / "model.json"
+    combined.write_text(json.dumps({"config": config, "results": {"runs": runs}}))
+    assert model.main(["--calibrate", str(combined), "--cores", "5", "--preset", "v100-edr", "--ranks", "1,4",
+                       "--alpha", "1e-3", "--beta", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]
+    assert result["calibration"]["lpt"]["machine"]["cores"] == 5 and "GF/s, 5 cores" in capsys.readouterr().out
+    machine = result["predictions"]["v100-edr"]["machine"]
+    assert (machine["alpha"], machine["beta"], machine["inverse_rate"]) == (1e-3, 0.0, 2e12)
+    want = model.prediction_rows(shapes.resnet50(), model.Machine(**machine), [1, 4], 32)
+    for got, row in zip(result["predictions"]["v100-edr"]["rows"], want, strict=True):
+        assert got == pytest.approx(row)
+    assert want[1]["all_gather_ms"] == pytest.approx(3 * 1.0)  # (P-1) alpha at 4 ranks, no bandwidth term
+    with pytest.raises(ValueError, match="--ranks: expected comma-separated integers >= 1, got '0,2'"):
+        model.main(["--ranks", "0,2"])
+
+
 def test_cli_calibrates_on_the_cores_it_may_run_on(tmp_path, monkeypatch, capsys):
     """Without ``--cores`` the calibration takes the CPUs this process may run on, as the runs
     of a study started in the same shell had them (``taskset -c 0 jobs/local_scaling.sh``: one
