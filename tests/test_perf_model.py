@@ -174,6 +174,21 @@ def test_stage_work_of_the_most_loaded_owner_at_two_ranks():
     assert w["write_grads"] == 72 + 8 + 15  # every gradient is written on every rank
 
 
+def test_stage_work_follows_the_assignment():
+    """ResNet-50/8 at 16 ranks: the owners' loads of the assignment asked for, contiguous and lpt
+    apart (layer order leaves one owner far more than the balanced split)."""
+    net = shapes.scaled(shapes.resnet50(64), 8)
+    specs = model.block_specs(net)
+    costs, grads = [b.cost() for b in specs], [b.precondition_flops() for b in specs]
+    work = {}
+    for method in ("lpt", "contiguous"):
+        owners = assign_owners(costs, 16, method)
+        work[method] = model.stage_work(model.Workload(net, batch=2, assignment=method), 16)
+        assert work[method]["inversion"] == max(owner_loads(costs, owners, 16))
+        assert work[method]["precondition"] == max(owner_loads(grads, owners, 16))
+    assert work["contiguous"]["inversion"] > work["lpt"]["inversion"]
+
+
 def test_intervals_amortise_and_batchnorm_allreduce():
     base = model.stage_work(model.Workload(tiny_model(), batch=5), 2)
     lazy = model.stage_work(model.Workload(tiny_model(), batch=5, factor_interval=2, inverse_interval=4), 2)
@@ -355,6 +370,12 @@ def test_calibration_recovers_known_machine(changes):
     # measured time, not 25% of the predicted one.
     slower = [dict(r, stages={s: 1.25 * t for s, t in r["stages"].items()}) for r in runs]
     assert [r["error_pct"] for r in model.validation_rows(config, slower, fitted)] == pytest.approx([-20.0] * 3)
+    # A machine 1000 times as fast (stages of microseconds): every rate 1000 times as high.
+    fast = [dict(r, stages={s: t / 1000 for s, t in r["stages"].items()}) for r in runs]
+    quick = model.calibrate(config, fast, cores=2)
+    for field in ("factor_flops", "inverse_rate", "gemm_flops"):
+        assert getattr(quick, field) == pytest.approx(1000 * getattr(truth, field), rel=1e-6)
+    assert (quick.alpha, quick.beta) == pytest.approx((truth.alpha / 1000, truth.beta / 1000), rel=1e-6)
     with pytest.raises(ValueError, match="one-rank"):
         model.calibrate(config, runs[1:], cores=2)
     # The streaming stages at different rates: one rate for both, their work over their time.
