@@ -87,11 +87,27 @@ def test_json_records_each_configuration_s_buffers_and_the_peak_resident_set(tmp
     (["--model", "transformer", "--width", "10"], "--width a multiple of 4"),
     (["--model", "transformer", "--seq", "129"], "--seq in \\[1, 128\\]"),
     (["--model", "transformer", "--statistics-fraction", "1.5"], "--statistics-fraction must be in"),
+    (["--statistics-fraction", "0"], "--statistics-fraction must be in \\(0, 1\\], got 0.0"),
+    (["--configs", "sgd,adam"], "invalid --configs \\['adam'\\]"), (["--batch", "0"], "--steps and --batch must be positive"),
+    (["--image", "0"], "--image must be positive, got 0"), (["--width", "0"], "--width must be positive, got 0"),
+    (["--profile-steps", "0"], "--profile-steps must be positive"),
+    (["--depth", "10"], "--depth must be 6n\\+2 with n >= 1"), (["--depth", "2"], "--depth must be 6n\\+2 with n >= 1"),
+    (["--model", "transformer", "--depth", "0"], "needs --depth >= 1"),
+    # One example of 4x4 pixels: ResNet's last stage (4x smaller) has one value per channel.
+    (["--batch", "1", "--image", "4"], "--batch 1 with --image 4 leaves BatchNorm one value per channel"),
+    (["--model", "resnet50", "--batch", "1", "--image", "32"], "leaves BatchNorm one value per channel"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         step.parse(argv)
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_batchnorm_check_counts_the_last_stage_s_map_rounded_up():
+    # Strided 3x3 convolutions padded by 1 give ceil(h / 2): a 5x5 image ends on a 2x2 map in
+    # ResNet's last stage, a 33x33 one on 2x2 in ResNet-50's; one example then suffices.
+    assert step.parse(["--batch", "1", "--image", "5"]).image == 5
+    assert step.parse(["--model", "resnet50", "--batch", "1", "--image", "33"]).image == 33
 
 
 def one_sgd_step_on_one_thread(out):
