@@ -170,6 +170,16 @@ def test_synthetic_tensors_have_layer_shapes():
         assert scaling.tensor_elements(s) == (x.size + g.size) // 2
 
 
+def test_memory_check_asks_for_the_bytes_of_the_synthetic_tensors(monkeypatch):
+    """Before anything is drawn, each rank is checked for room for its synthetic inputs and
+    output gradients: the float32 arrays ``synthetic_tensors`` draws for its local batch."""
+    asked = []
+    monkeypatch.setattr(scaling, "check_memory", lambda parser, per_rank, flags: asked.append(per_rank))
+    scaling.parse(["--model", "resnet50", "--scale", "16", "--image", "48", "--batch", "3"])
+    net = shapes.scaled(shapes.resnet50(48), 16)
+    assert asked == [sum(x.nbytes + g.nbytes for x, g in scaling.synthetic_tensors(net, 3, seed=0))]
+
+
 def mpirun(ranks, *args):
     cmd = [*mpiexec(), "-n", str(ranks), sys.executable, "-m", "hpckfac.bench", "scaling", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
