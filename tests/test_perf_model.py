@@ -145,6 +145,18 @@ def tiny_model():
     return shapes.ModelShapes("tiny", (conv, bn, fc), 4)
 
 
+def test_blocks_of_the_shapes_in_model_order():
+    """The engine's blocks: a bias-free Linear's A without the bias row; BatchNorm among them
+    with "kfac", set aside for the allreduce with "allreduce"."""
+    fc = shapes.KronShape("head", 4, 3, bias=False, linear=True)
+    net = shapes.ModelShapes("tiny", tiny_model().layers + (fc,), 4)
+    engine, reduced = shapes.blocks(net)
+    assert [b.name for b in engine] == ["conv", "bn", "fc", "head"] and reduced == []
+    assert engine[-1].cost() == 4 ** 3 + 3 ** 3 and engine[-2].cost() == 5 ** 3 + 3 ** 3
+    engine, reduced = shapes.blocks(net, "allreduce")
+    assert [b.name for b in engine] == ["conv", "fc", "head"] and [b.name for b in reduced] == ["bn"]
+
+
 def test_stage_work_hand_computed():
     work = model.Workload(tiny_model(), batch=5, comm_bytes=4)
     w = model.stage_work(work, 1)
@@ -326,6 +338,13 @@ def test_imbalance_table_resnet50():
     costs = [b.cost() for b in model.block_specs(net)]
     assert len(costs) == 107 and rows[1024]["owners_max"] == 107
     assert rows[1024]["lpt"] == pytest.approx(max(costs) / (sum(costs) / 1024))
+    # Each column is its own assignment's max/mean owner load.
+    for p, row in rows.items():
+        for method in ("lpt", "contiguous"):
+            owners = assign_owners(costs, p, method)
+            loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(p)]
+            assert row[method] == pytest.approx(max(loads) / (sum(costs) / p)), (p, method)
+    assert rows[4]["contiguous"] > 3 * rows[4]["lpt"]
 
 
 def test_imbalance_bound_hand_computed():
