@@ -26,6 +26,32 @@ def test_labels_name_whole_units_only():
     assert [comm.label(n) for n in (4096, 3 * 2**20, 1536, 512)] == ["4 KiB", "3 MiB", "1536 B", "512 B"]
 
 
+def test_calls_split_the_buffer_into_near_equal_segments():
+    """At 4 ranks a buffer of 10 float64 elements: segments of 3, 3, 2, 2 (or some order of
+    them) in the reduce-scatter and the all-gather, rank 2 gathering from a segment of its own."""
+    seen = []
+
+    class Comm:
+        rank, size = 2, 4
+
+        def allreduce(self, buf, algorithm):
+            seen.append(("allreduce", buf.size, None, algorithm))
+
+        def reduce_scatter_v(self, buf, counts, algorithm):
+            seen.append(("reduce_scatter_v", buf.size, list(counts), algorithm))
+
+        def allgather_v(self, segment, counts, algorithm):
+            seen.append(("allgather_v", segment.size, list(counts), algorithm))
+
+    for fn in comm.calls(Comm(), 80, np.dtype(np.float64)).values():
+        fn()
+    counts = seen[2][2]
+    assert sorted(counts) == [2, 2, 3, 3] and sum(counts) == 10
+    assert seen == [("allreduce", 10, None, "ring"), ("allreduce", 10, None, "mpi"),
+                    ("reduce_scatter_v", 10, counts, "mpi"), ("reduce_scatter_v", 10, counts, "ring"),
+                    ("allgather_v", counts[2], counts, "mpi"), ("allgather_v", counts[2], counts, "ring")]
+
+
 def test_bus_bandwidth_of_the_slowest_rank_s_median(monkeypatch):
     """Four ranks, five calls of each collective: per call the slowest rank's seconds, their
     median, and the bytes a rank moves -- 2(P-1)/P of the buffer for an allreduce, (P-1)/P for
