@@ -262,6 +262,7 @@ def test_the_device_workload_equals_the_host_one():
     comm = Communicator(MPI.COMM_SELF)
     host = scaling.Iteration(comm, args, "lpt")
     host()
+    assert host.flags.size == 2 * len(host.blocks)  # the bridge's flags: a weight's and a bias's per block
     with standin.installed():
         device = scaling.Iteration(comm, args, "lpt", xp=standin.xp)
         device()
