@@ -79,3 +79,22 @@ def test_progress_in_a_log_prints_a_line_per_tenth_of_the_items(capsys):
     assert capsys.readouterr().err.splitlines() == ["sizes: 1/3", "sizes: 2/3", "sizes: 3/3"]
     assert list(report.progress(range(20), "steps", enabled=False)) == list(range(20))
     assert capsys.readouterr().err == ""
+
+
+def test_write_json_records_the_results_with_where_they_were_measured(tmp_path):
+    import json
+    import platform
+
+    import numpy
+    import torch
+
+    import hpckfac
+
+    out = tmp_path / "deeper" / "result.json"
+    report.write_json(out, "comm", {"repeat": 3}, [{"bytes": 4096}])
+    payload = json.loads(out.read_text())
+    assert (payload["benchmark"], payload["config"], payload["results"]) == ("comm", {"repeat": 3}, [{"bytes": 4096}])
+    env = payload["environment"]
+    assert (env["hpckfac"], env["host"], env["python"], env["numpy"], env["torch"]) == (
+        hpckfac.__version__, platform.node(), platform.python_version(), numpy.__version__, torch.__version__)
+    assert env["cpus"] == os.cpu_count() and env["ranks"] == 1 and env["threads"]["torch"] == torch.get_num_threads()
