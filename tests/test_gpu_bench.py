@@ -19,6 +19,15 @@ def test_rejects_invalid_repeat():
         kernels.main(["--repeat", "0"])
 
 
+@pytest.mark.parametrize("wins, want", [
+    ([True, True, True, True], 64), ([True, True, False, True], 16), ([False, True, True, True], 0),
+    ([True, False, False, False], 2), ([], 0)])
+def test_the_kernel_limit_is_the_last_size_of_its_first_run_of_wins(wins, want):
+    """CHOLESKY_KERNEL_MAX_N as measured: the kernel serves every n up to it, so a win after a
+    loss (here at 64 after the loss at 32) does not raise it."""
+    assert kernels.last_winning_size([2, 16, 32, 64][:len(wins)], wins) == want
+
+
 @requires_gpu
 def test_runs_and_writes_json(tmp_path, capsys):
     rows = kernels.bench_factors(1, shape_list=((300, 70),))

@@ -9,8 +9,8 @@
   ``GEMM_MIN_D`` (the ``auto`` route's switch);
 - batched damped Cholesky inversion vs ``torch.linalg.cholesky`` +
   ``torch.cholesky_inverse`` batched (aim: 2x faster for n <= 64), plus the
-  cuSOLVER route of ``hpckfac.ops.cuda`` at the same n: the largest n where the
-  kernel still wins is the measured value for ``CHOLESKY_KERNEL_MAX_N``;
+  cuSOLVER route of ``hpckfac.ops.cuda`` at the same n: the largest n up to which the
+  kernel wins at every size is the measured value for ``CHOLESKY_KERNEL_MAX_N``;
 - pack / unpack of all ResNet-50 factors in one buffer vs a device-to-device
   copy of the same bytes (aim: 80% of its bandwidth).
 
@@ -170,9 +170,22 @@ def bench_factor_crossover(repeat: int, widths: Sequence[int] = CROSSOVER_D,
     return rows_out, crossover
 
 
+def last_winning_size(sizes: Sequence[int], wins: Sequence[bool]) -> int:
+    """The largest of ascending ``sizes`` up to which every entry of ``wins`` holds (0: the first
+    loses): a route taken up to a size must win at every smaller size too, so one lucky timing
+    past a loss does not move the switch."""
+    end = 0
+    for n, won in zip(sizes, wins):
+        if not won:
+            break
+        end = n
+    return end
+
+
 def bench_cholesky(repeat: int, sizes: Sequence[int] = CHOLESKY_SIZES) -> tuple[list[dict[str, Any]], int]:
     """Batched damped inversion: kernel vs torch (cholesky + cholesky_inverse) vs
-    the cuSOLVER route; returns the rows and the measured kernel/cuSOLVER crossover."""
+    the cuSOLVER route; returns the rows and the measured kernel/cuSOLVER crossover
+    (``last_winning_size``: 0 when the kernel loses at the smallest size)."""
     import cupy
 
     from hpckfac.ops import cuda as ops_cuda
@@ -183,7 +196,7 @@ def bench_cholesky(repeat: int, sizes: Sequence[int] = CHOLESKY_SIZES) -> tuple[
         has_torch = torch.cuda.is_available()
     except ImportError:
         has_torch = False
-    rows_out, crossover = [], 0
+    rows_out, wins = [], []
     for n in sizes:
         batch = 4096 if n <= 8 else 1024 if n <= 32 else 256
         rng = np.random.default_rng(n)
@@ -193,8 +206,7 @@ def bench_cholesky(repeat: int, sizes: Sequence[int] = CHOLESKY_SIZES) -> tuple[
         kernel = _timed(lambda: ops_cuda._kernel_inverse(mats, damping, None), repeat)
         kernel_call = _call_timed(lambda: ops_cuda._kernel_inverse(mats, damping, None), repeat)
         solver = _timed(lambda: ops_cuda._solver_inverse(mats, damping, None), repeat)
-        if kernel < solver:
-            crossover = n
+        wins.append(kernel < solver)
         if has_torch:
             t = torch.from_dlpack(mats)
             eye = torch.eye(n, device=t.device, dtype=t.dtype)
@@ -211,7 +223,7 @@ def bench_cholesky(repeat: int, sizes: Sequence[int] = CHOLESKY_SIZES) -> tuple[
                          "baseline_ms": baseline * 1e3,
                          "ratio": kernel / baseline if has_torch else float("nan"), "aim": "<= 0.5",
                          "note": "" if has_torch else "torch without CUDA: no baseline"})
-    return rows_out, crossover
+    return rows_out, last_winning_size(sizes, wins)
 
 
 def _copy_row(kernel: str, elements: int, fn: Callable[[], Any], moved: int,
