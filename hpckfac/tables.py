@@ -1,6 +1,7 @@
 """Plain-text tables (the per-stage report, the benchmarks' output)."""
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any, Iterable, Sequence
 
 
@@ -8,7 +9,8 @@ def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str],
                  floatfmt: str = ".3f") -> str:
     """Render ``rows`` as an aligned plain-text table with the given ``columns``."""
     def cell(value: Any) -> str:
-        return format(value, floatfmt) if isinstance(value, float) else str(value)
+        # Any real that is not an integer: NumPy's float32 and float16 scalars are no Python floats.
+        return format(value, floatfmt) if isinstance(value, Real) and not isinstance(value, Integral) else str(value)
 
     body = [[cell(row.get(col, "")) for col in columns] for row in rows]
     widths = [max([len(col)] + [len(r[i]) for r in body]) for i, col in enumerate(columns)]

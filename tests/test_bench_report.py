@@ -1,6 +1,7 @@
 """The benchmarks' shared plumbing (hpckfac.bench.report): timing, medians, output and memory checks."""
 import os
 
+import numpy as np
 import pytest
 
 from hpckfac.bench import report
@@ -68,6 +69,8 @@ def test_format_table_aligns_formatted_cells_under_their_headers():
         "                    0.50",
     ]
     assert format_table(rows[:1], ["ms"]).splitlines()[2] == "12.346"  # the default .3f
+    # NumPy's narrower floats too (float32 is no Python float); its integers stay as written.
+    assert format_table([{"ms": np.float32(1.23456), "n": np.int64(7)}], ["ms", "n"]).splitlines()[2] == "1.235  7"
 
 
 def test_progress_in_a_log_prints_a_line_per_tenth_of_the_items(capsys):
