@@ -108,10 +108,12 @@ def test_test_images_that_overflow_float32_are_refused_without_a_warning(tmp_pat
             load_dataset(str(path))
 
 
-@pytest.mark.parametrize("size", [2.0 ** 515, 1e200, 1e308], ids=["variance overflows", "1e200", "1e308"])
+@pytest.mark.parametrize("size", [2.0 ** 515, 1e200, 1e308, 1e-160, 1e-200, 2.0 ** -1040],
+                         ids=["variance overflows", "1e200", "1e308", "squares subnormal", "1e-200", "subnormal"])
 def test_finite_images_near_float64s_range_are_standardised(tmp_path, size):
     """Values whose variance (from 2**512 on) or sum overflows float64 are finite all the same:
-    their images are standardised as smaller ones would be, not turned NaN (a 'diverged' run later)."""
+    their images are standardised as smaller ones would be, not turned NaN (a 'diverged' run later);
+    values whose squares underflow are not turned all zero either."""
     x = np.random.default_rng(0).random((20, 8, 8))
     path = tmp_path / "huge.npz"
     np.savez(path, x=x * size, y=np.arange(20) % 2, x_test=x[:5] * size, y_test=np.arange(5) % 2)

@@ -138,11 +138,13 @@ def load_dataset(path: str | None = None) -> Dataset:
     # would overflow and turn the images NaN) divide by a power of two first, which changes no
     # rounding, so that the standardised images are the same as if nothing had overflowed. Below
     # 2**256 no count of values can make the sum of squares overflow (above 2**500 a few dozen
-    # million values already did).
+    # million values already did). Values below 2**-256 are scaled up alike: their squares would
+    # underflow (below 2**-511 they lose bits, below 2**-538 they are 0 and the images all zero).
     peak = float(np.abs(x).max())
-    if peak > 2.0 ** 256:
-        power = 2.0 ** -np.frexp(peak)[1]
-        x, x_test = x * power, x_test * power
+    if peak > 2.0 ** 256 or 0.0 < peak < 2.0 ** -256:
+        exponent = -int(np.frexp(peak)[1])  # ldexp, as 2.0 ** 1074 (for a subnormal peak) overflows
+        with np.errstate(over="ignore"):  # an x_test that overflows is refused below
+            x, x_test = np.ldexp(x, exponent), np.ldexp(x_test, exponent)
     mean, std = x.mean(), x.std()
     scale = 1.0 / std if std > 0 else 1.0
     num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
