@@ -9,7 +9,7 @@ import torch
 
 from hpckfac.train import checkpoint as ckpt
 from hpckfac.train.config import TrainConfig
-from hpckfac.train.data import BatchOrder, DataError, load_dataset
+from hpckfac.train.data import BatchOrder, DataError, Dataset, load_dataset
 from hpckfac.train.plot import plot_curves, plot_history
 from hpckfac.train.schedule import WarmupPolynomialDecay
 from torch_features import needs_crc32_options
@@ -58,6 +58,40 @@ def test_user_npz_with_and_without_test_arrays(tmp_path):
     # A class seen only among the test labels still gets its output: K is the largest label of either + 1.
     np.savez(path, x=x[:, 0], y=y, x_test=x[:3, 0], y_test=np.array([0, 6, 1]))
     assert load_dataset(str(path)).num_classes == 7
+    # The largest K taken: labels up to MAX_CLASSES - 1 (one more is refused, as the errors' test shows).
+    np.savez(path, x=x[:, 0], y=y, x_test=x[:3, 0], y_test=np.array([0, 99_999, 1]))
+    assert load_dataset(str(path)).num_classes == 100_000
+
+
+def test_the_split_without_test_arrays_is_the_fixed_seeded_one(tmp_path):
+    """The test set is the first round(N / 5) of numpy's Generator(0) permutation of N, whatever
+    the training seed, and both sets keep the file's order. N = 48: rounding gives 10 test
+    examples where truncating would give 9."""
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(1.0, 3.0, (48, 5, 5)), rng.integers(0, 6, 48)
+    path = tmp_path / "own.npz"
+    np.savez(path, x=x, y=y)
+    data = load_dataset(str(path))
+    test = np.sort(np.random.default_rng(0).permutation(48)[:10])
+    train = np.setdiff1d(np.arange(48), test)
+    mean, std = x[train].mean(), x[train].std()
+    np.testing.assert_array_equal(data.y_train, y[train])
+    np.testing.assert_array_equal(data.y_test, y[test])
+    np.testing.assert_allclose(data.x_train[:, 0], (x[train] - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data.x_test[:, 0], (x[test] - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fingerprint_covers_every_array_and_its_shape():
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(12, 1, 4, 4)).astype(np.float32), rng.integers(0, 3, 12)
+    base = Dataset("d", x[:9], y[:9], x[9:], y[9:], 3)
+    others = [Dataset("d", x[:9], (y[:9] + 1) % 3, x[9:], y[9:], 3),
+              Dataset("d", x[:9], y[:9], x[9:], (y[9:] + 1) % 3, 3),
+              Dataset("d", x[:9].copy(), y[:9], -x[9:], y[9:], 3),
+              # the same bytes as other images: 2x8 instead of 4x4
+              Dataset("d", x[:9].reshape(9, 1, 2, 8), y[:9], x[9:].reshape(3, 1, 2, 8), y[9:], 3)]
+    assert len({base.fingerprint(), *(other.fingerprint() for other in others)}) == 5
+    assert Dataset("d", x[:9].copy(), y[:9].copy(), x[9:].copy(), y[9:].copy(), 3).fingerprint() == base.fingerprint()
 
 
 def test_constant_images_are_centred_not_scaled(tmp_path):
@@ -76,9 +110,15 @@ def test_constant_images_are_centred_not_scaled(tmp_path):
     ({"x": np.zeros((4, 64)), "y": np.zeros(4, int)}, "'x' must be a non-empty numeric array of shape (N, H, W)"),
     ({"x": np.array([[[np.nan]]] * 4), "y": np.arange(4)}, "'x' contains NaN or Inf"),
     ({"x": np.zeros((4, 8, 8)), "y": np.arange(4), "x_test": np.zeros((2, 8, 8))}, "given together"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.arange(4), "y_test": np.arange(2)}, "given together"),
     ({"x": np.zeros((4, 8, 8)), "y": np.arange(4), "x_test": np.zeros((2, 7, 8)), "y_test": np.arange(2)},
      "'x_test' examples have shape"),
+    ({"x": np.zeros((4, 1, 8, 8)), "y": np.arange(4), "x_test": np.zeros((2, 3, 8, 8)), "y_test": np.arange(2)},
+     "'x_test' examples have shape (3, 8, 8), 'x' has (1, 8, 8)"),
     ({"x": np.zeros((4, 8, 8)), "y": -np.arange(4)}, "negative labels"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, -1, 1])}, "negative labels"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.zeros(4, int)}, "labels must have at least 2 classes, got 1"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 0, 100_000])}, "labels go up to 100000 (3 distinct values)"),
     ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 2, 10**9])}, "labels go up to 1000000000 (4 distinct values)"),
     # uint64 labels beyond int64: named as they are, not wrapped to a negative class index.
     ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 2, 2**63], dtype=np.uint64)},
@@ -108,8 +148,8 @@ def test_test_images_that_overflow_float32_are_refused_without_a_warning(tmp_pat
             load_dataset(str(path))
 
 
-@pytest.mark.parametrize("size", [2.0 ** 515, 1e200, 1e308, 1e-160, 1e-200, 2.0 ** -1040],
-                         ids=["variance overflows", "1e200", "1e308", "squares subnormal", "1e-200", "subnormal"])
+@pytest.mark.parametrize("size", [2.0 ** 515, 1e200, 1e308, 1e-6, 1e-160, 1e-200, 2.0 ** -1040],
+                         ids=["variance overflows", "1e200", "1e308", "1e-6", "squares subnormal", "1e-200", "subnormal"])
 def test_finite_images_near_float64s_range_are_standardised(tmp_path, size):
     """Values whose variance (from 2**512 on) or sum overflows float64 are finite all the same:
     their images are standardised as smaller ones would be, not turned NaN (a 'diverged' run later);
@@ -132,10 +172,12 @@ def test_channels_last_images_are_flagged(tmp_path, caplog):
         data = load_dataset(str(path))
     assert "looks channels-last" in caplog.text and data.x_train.shape[1:] == (8, 8, 3)
     caplog.clear()
-    np.savez(path, x=np.random.default_rng(0).random((10, 3, 8, 8)), y=np.arange(10) % 2)
-    with caplog.at_level("WARNING", logger="hpckfac"):
-        load_dataset(str(path))
-    assert "channels-last" not in caplog.text
+    # Not flagged: a channel-like last axis after a channel-like second one (4x4 images of 3 channels)
+    for shape in ((10, 3, 8, 8), (10, 3, 8, 4)):
+        np.savez(path, x=np.random.default_rng(0).random(shape), y=np.arange(10) % 2)
+        with caplog.at_level("WARNING", logger="hpckfac"):
+            load_dataset(str(path))
+        assert "channels-last" not in caplog.text, shape
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -169,10 +211,17 @@ def test_batch_order_epochs_shards_and_seeds():
     assert not np.array_equal(BatchOrder(103, 20, seed=6).global_indices(0), order.global_indices(0))
     with pytest.raises(ValueError, match="batch_size: expected 1..103"):
         BatchOrder(103, 104, seed=0)
+    # The whole training set as one batch: one step an epoch, every example in it.
+    whole = BatchOrder(103, 103, seed=5)
+    assert whole.steps_per_epoch == 1
+    np.testing.assert_array_equal(whole.global_indices(1), perm)
     order.check_state(order.state_dict())
     for key, value in (("num_examples", 102), ("global_batch", 10), ("seed", 4)):
         with pytest.raises(ValueError, match=f"data order: checkpoint has {key}={value}, this run"):
             order.check_state({**order.state_dict(), key: value})
+        # A state without the field differs from this order too.
+        with pytest.raises(ValueError, match=f"data order: checkpoint has {key}=None, this run"):
+            order.check_state({k: v for k, v in order.state_dict().items() if k != key})
 
 
 # -------------------------------------------------------------- schedule
