@@ -59,15 +59,53 @@ def test_check_output_dir(tmp_path):
         check_output_dir(str(tmp_path / "other"), ("records.jsonl", "log.json"), ())
 
 
-def test_temporary_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("name", ["run", "run[1]", "lr=0.1*"])
+def test_temporary_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path, name):
+    """Also in a folder, or of a file, whose name holds glob characters (".x.json.abc.tmp" is
+    matched by the pattern of "[x].json" unescaped), and a symlink in a temporary's place, not
+    what it points to."""
+    out = tmp_path / name
     (out / "checkpoints").mkdir(parents=True)
-    left = [out / ".log.json.k2j9x.tmp", out / "checkpoints" / ".step_00000010.pt.a8f0q.tmp"]
-    kept = [out / "log.json", out / "notes.tmp", out / ".mine.abc.tmp", out / "checkpoints" / "step_00000010.pt"]
+    (out / "keep").mkdir()
+    left = [out / ".log.json.k2j9x.tmp", out / ".[x].json.u7t1c.tmp", out / "checkpoints" / ".step_00000010.pt.a8f0q.tmp"]
+    kept = [out / "log.json", out / "notes.tmp", out / ".mine.abc.tmp", out / ".x.json.abc.tmp", out / "keep" / "f",
+            out / "checkpoints" / "step_00000010.pt"]
     for path in left + kept:
         path.write_text("x")
-    check_output_dir(str(out), ("log.json",), ("checkpoints",))
+    os.symlink(out / "keep", out / ".log.json.p0q1r.tmp")
+    check_output_dir(str(out), ("log.json", "[x].json"), ("checkpoints",))
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert not os.path.lexists(out / ".log.json.p0q1r.tmp")
+
+
+def test_the_temporary_of_a_write_killed_before_its_rename_is_removed_by_the_next_check(tmp_path, monkeypatch):
+    """What a killed atomic_write leaves is what check_output_dir removes: a process killed
+    between write and rename runs neither the rename nor the cleanup."""
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    (tmp_path / "checkpoints").mkdir()
+    for target in (tmp_path / "log.json", tmp_path / "checkpoints" / "step_00000004.pt"):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", killed)
+            patch.setattr(os, "remove", lambda path: None)
+            with pytest.raises(KeyboardInterrupt):
+                atomic_write(str(target), lambda fh: fh.write("data"))
+        assert len(os.listdir(target.parent)) == (2 if target.parent == tmp_path else 1)
+    check_output_dir(str(tmp_path), ("log.json",), ("checkpoints",))
+    assert os.listdir(tmp_path) == ["checkpoints"] and os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_a_write_interrupted_by_ctrl_c_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "log.json"
+    atomic_write(str(target), lambda fh: fh.write("old"))
+
+    def interrupted(fh):
+        fh.write("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(target), interrupted)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["log.json"]
 
 
 def test_any_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
