@@ -2,13 +2,14 @@
 configuration, checkpoints and plots."""
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from hpckfac.train import checkpoint as ckpt
-from hpckfac.train.config import TrainConfig
+from hpckfac.train.config import TrainConfig, stop_signals
 from hpckfac.train.data import BatchOrder, DataError, Dataset, load_dataset
 from hpckfac.train.plot import plot_curves, plot_history
 from hpckfac.train.schedule import WarmupPolynomialDecay
@@ -271,6 +272,8 @@ def test_schedule_validation_names_the_parameter(kwargs, name):
     ("batch_size", 2.5), ("steps", True), ("data", 7), ("out", ["runs"]), ("resume", 3.0),
     ("stop_signals", "KILL"), ("stop_signals", "TERM,NOPE"), ("stop_signals", 10),
     ("statistics_fraction", 0.0), ("statistics_fraction", 1.5),
+    ("epochs", 0), ("warmup_steps", -1), ("keep_checkpoints", -1), ("decay_power", -0.5), ("progress", "fancy"),
+    ("device", "tpu"), ("lr", 1e39), ("weight_decay", 1e39),  # 1e39: beyond float32, which the parameters are
 ])
 def test_config_validation_names_the_setting(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -282,6 +285,25 @@ def test_config_paths_may_be_path_objects(tmp_path):
     config = TrainConfig(data=tmp_path / "d.npz", out=tmp_path, resume=tmp_path / "ckpt").validate()
     assert [os.fspath(p) for p in (config.data, config.out, config.resume)] == [
         os.fspath(p) for p in (tmp_path / "d.npz", tmp_path, tmp_path / "ckpt")]
+
+
+def test_config_relative_paths_become_absolute(tmp_path, monkeypatch):
+    """As the checkpoint records them: a run resumed from another directory finds them."""
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(data="d.npz", out="runs/a").validate()
+    assert (config.data, config.out) == (str(tmp_path / "d.npz"), str(tmp_path / "runs" / "a"))
+
+
+@pytest.mark.parametrize("spec, want", [("", ()), (" , ", ()), ("none", ()), (" none ", ()),
+                                        ("TERM,USR1,TERM", ("SIGTERM", "SIGUSR1")),
+                                        (str(int(signal.SIGUSR1)), ("SIGUSR1",))])
+def test_stop_signals_setting(spec, want):
+    assert tuple(signal.Signals(s).name for s in stop_signals(spec)) == want
+
+
+def test_progress_takes_a_bool_or_a_mode():
+    assert [TrainConfig(progress=p).validate().progress for p in (True, False, "bar", "lines")] == [
+        "auto", "none", "bar", "lines"]
 
 
 def test_config_defaults_and_checkpoint_needs_out():
