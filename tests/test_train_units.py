@@ -533,13 +533,17 @@ def test_check_compatible_names_the_differing_setting():
 
 # ------------------------------------------------------------------ plots
 def test_plots_are_png(tmp_path):
+    from matplotlib import pyplot
+
     records = [{"step": s, "wall": 0.1 * s, "loss": 2.0 / s, "test_loss": 2.2 / s, "test_acc": 1 - 0.5 / s}
                for s in range(1, 30)]
+    open_before = pyplot.get_fignums()
     plot_history(records, str(tmp_path / "h.png"), title="t")
     plot_curves([("batch 8", {"a": [records, records[:10]], "b": [records]}), ("full", {"a": [records]})],
                 str(tmp_path / "c.png"), targets=(0.95, 0.97))
     for name in ("h.png", "c.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert pyplot.get_fignums() == open_before  # closed: a run plotting at every evaluation holds none
 
 
 def test_curves_that_stay_below_half_are_in_view(tmp_path, monkeypatch):
@@ -547,12 +551,20 @@ def test_curves_that_stay_below_half_are_in_view(tmp_path, monkeypatch):
     from hpckfac.train import plot
 
     limits = []
-    monkeypatch.setattr(plot, "_save", lambda fig, path: limits.extend(ax.get_ylim() for ax in fig.axes[:2]))
+    legends = []
+
+    def save(fig, path):
+        limits.extend(ax.get_ylim() for ax in fig.axes[:2])
+        # One legend entry per label, however many runs (seeds) it has.
+        legends.extend([t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes)
+        plot.plt.close(fig)
+    monkeypatch.setattr(plot, "_save", save)
     low = [{"step": s, "loss": 2.0, "test_acc": 0.1 + 0.02 * s} for s in range(1, 7)]
     high = [dict(r, test_acc=0.2 + 0.1 * r["step"]) for r in low]
-    plot_curves([("high", {"a": [high]}), ("low", {"a": [low], "b": [high]})], str(tmp_path / "c.png"))
+    plot_curves([("high", {"a": [high]}), ("low", {"a": [low, high], "b": [high]})], str(tmp_path / "c.png"))
     assert limits[0] == (50, 100)  # the top row: accuracy, one panel per study
     assert limits[1][0] <= 100 * max(r["test_acc"] for r in low) - 5 and limits[1][1] == 100
+    assert legends == [["a"], ["a", "b"], ["a"], ["a", "b"]]
 
 
 def test_history_plot_draws_each_quantity_against_steps_and_wall_time(tmp_path, monkeypatch):
@@ -566,7 +578,8 @@ def test_history_plot_draws_each_quantity_against_steps_and_wall_time(tmp_path, 
                 "test_acc": float(test_acc[s])} for s in range(7)]
     figures = []
     monkeypatch.setattr(plot, "_save", lambda fig, path: figures.append(fig))
-    plot_history(records, str(tmp_path / "h.png"))
+    plot_history(records, str(tmp_path / "h.png"), title="digits, kfac")
+    assert figures[0].get_suptitle() == "digits, kfac"
     (loss_steps, acc_steps), (loss_wall, acc_wall) = np.reshape(figures[0].axes, (2, 2))
     for key, loss_ax, acc_ax in (("step", loss_steps, acc_steps), ("wall", loss_wall, acc_wall)):
         xs = [r[key] for r in records]
@@ -574,6 +587,7 @@ def test_history_plot_draws_each_quantity_against_steps_and_wall_time(tmp_path, 
         np.testing.assert_array_equal(train.get_xdata(), xs)
         np.testing.assert_array_equal(train.get_ydata(), [r["loss"] for r in records])
         np.testing.assert_array_equal(test.get_ydata(), [r["test_loss"] for r in records])
+        assert (loss_ax.get_yscale(), acc_ax.get_yscale()) == ("log", "linear")
         (accuracy,) = acc_ax.get_lines()
         np.testing.assert_array_equal(accuracy.get_xdata(), xs)
         np.testing.assert_allclose(accuracy.get_ydata(), [100 * r["test_acc"] for r in records])
