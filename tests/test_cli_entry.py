@@ -1,5 +1,8 @@
 """The ``hpckfac`` console entry point: help exits 0, unknown commands exit 2 with usage."""
 
+import argparse
+import signal
+
 import pytest
 
 from hpckfac import cli
@@ -29,6 +32,18 @@ def test_help_and_usage(capsys):
         with pytest.raises(SystemExit):
             cli.main(["bench", name, "--help"])
         assert default in " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_a_default_only_where_it_says_something():
+    """A default is added to a setting's help, not to a flag's (False), an unset one's (None) or
+    a help text that gives it already."""
+    parser = argparse.ArgumentParser(prog="p", formatter_class=cli.HelpFormatter)
+    parser.add_argument("--size", type=int, default=7, help="a size")
+    parser.add_argument("--flag", action="store_true", help="a flag")
+    parser.add_argument("--path", default=None, help="a path")
+    parser.add_argument("--threads", type=int, default=0, help="threads (default 0: the process's own)")
+    text = " ".join(parser.format_help().split())
+    assert "a size (default: 7)" in text and text.count("default") == 2, text
 
 
 def test_benchmark_help_describes_without_naming_another_program(capsys):
@@ -178,6 +193,7 @@ def test_a_closed_stdout_ends_quietly(argv):
     ``--help`` of a command ignores the failed write itself and exits 0.)"""
     done = into_closed_pipe(argv, buffered_env())
     assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
+    assert cli.BROKEN_PIPE_STATUS == 128 + signal.SIGPIPE  # what a shell reports for a tool SIGPIPE ended
 
 
 def test_a_write_that_fails_inside_a_benchmark_is_no_error_of_its_own():
