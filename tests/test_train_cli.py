@@ -282,3 +282,35 @@ def test_progress_setting_of_the_python_api():
     assert TrainConfig(progress=True).validate().progress == "auto"
     with pytest.raises(ValueError, match="progress"):
         TrainConfig(progress="loud").validate()
+
+
+def test_an_error_names_a_setting_as_its_option_and_nothing_else():
+    from hpckfac.train.cli import _cli_message
+    from hpckfac.train.data import DataError
+
+    assert _cli_message(ValueError("batch_size: expected 1..1438\nsecond line")) == "--batch-size: expected 1..1438"
+    # A path or any other word before a colon is no setting.
+    assert _cli_message(DataError("/data/x.npz: 'x' contains NaN")) == "/data/x.npz: 'x' contains NaN"
+    assert _cli_message(ValueError("data order: checkpoint has seed=4")) == "data order: checkpoint has seed=4"
+    assert _cli_message(KeyError()) == "KeyError"
+
+
+def test_resume_takes_every_setting_of_the_checkpoint_but_explicit_and_local_ones(tmp_path, monkeypatch):
+    """Without --out the run goes on in the folder above its checkpoints, wherever it was first
+    written; the machine's own settings (progress, device, stop signals) are never the checkpoint's."""
+    from hpckfac.train import checkpoint as ckpt
+    from hpckfac.train import cli
+    from hpckfac.train.config import TrainConfig
+
+    saved = TrainConfig(optimizer="sgd", batch_size=32, steps=40, seed=5, lr=0.2, out="/moved/run", data="/d.npz",
+                        progress="lines", device="cpu", stop_signals="none", resume="/old").as_dict()
+    found = str(tmp_path / "run" / "checkpoints" / "step_00000004.pt")
+    monkeypatch.setattr(ckpt, "find_checkpoint", lambda path: found)
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda path: {"config": saved})
+    local = ("resume", "progress", "device", "stop_signals")
+    for argv, out in ((["--resume", "x", "--seed", "9"], str(tmp_path / "run")), (["--resume", "x", "--out", "o"], None)):
+        settings = vars(cli.build_parser().parse_args(argv))
+        resumed, unreadable = cli._resumed_settings("x", cli._explicit(argv), settings)
+        explicit = {"--seed": "seed", "--out": "out"}[argv[2]]
+        want = {k: v for k, v in saved.items() if k not in local and k != explicit and k != "out"}
+        assert unreadable is None and resumed == (want if out is None else {**want, "out": out})
