@@ -171,14 +171,16 @@ def test_batch_that_does_not_split_over_ranks():
         proc.stderr
 
 
+@pytest.mark.parametrize("ranks, extra", [(3, []), (None, ["--checkpoint-every", 2])], ids=["3 ranks", "1 rank"])
 @pytest.mark.parametrize("damage", ["none", "corrupt"])
-def test_resume_alone_without_a_readable_checkpoint_names_it_at_any_rank_count(tmp_path, damage):
+def test_resume_alone_without_a_readable_checkpoint_names_it_at_any_rank_count(tmp_path, damage, ranks, extra):
     """``--resume DIR`` alone takes the run's settings from its checkpoint; with none readable
     the defaults stay in their place, and the default global batch of 128 does not split over
-    3 ranks: the error must name the checkpoint, not that batch."""
+    3 ranks, nor has --checkpoint-every the --out it would have taken: the error must name the
+    checkpoint, not that batch or --out."""
     if damage == "corrupt":
         (tmp_path / "step_00000002.pt").write_bytes(os.urandom(3000))
-    proc = train(["--resume", tmp_path, "--no-progress"], ranks=3)
+    proc = train(["--resume", tmp_path, "--no-progress", *extra], ranks=ranks)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     expected = ("is corrupt or unreadable" if damage == "corrupt"
