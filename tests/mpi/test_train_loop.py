@@ -214,3 +214,30 @@ def test_a_checkpoint_of_replicas_that_drifted_apart_is_refused_on_every_rank(co
     with pytest.raises(CollectiveMismatchError, match="replicas differ"):
         trainer.save()
     assert not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+@pytest.mark.mpi
+def test_rank_0_alone_writes_the_runs_files(comm, out, monkeypatch):
+    """Ranks that share a file system would otherwise race on the same files, and prune the
+    same old checkpoints twice."""
+    from hpckfac.train import loop
+
+    written = []
+    real_replace, real_append = os.replace, loop.append_lines
+
+    def replace(src, dst):
+        written.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    def append(path, lines):
+        written.append(os.path.basename(path))
+        real_append(path, lines)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(loop, "append_lines", append)
+    config = TrainConfig(optimizer="sgd", batch_size=BATCH, steps=4, eval_every=2, checkpoint_every=2,
+                         keep_checkpoints=1, width=4, progress=False, stop_signals="none", out=out)
+    Trainer(config, comm).run()
+    everyone = comm.allgather_object(sorted(set(written)))
+    assert {"step_00000002.pt", "step_00000004.pt", "log.json"} <= set(everyone[0]), everyone[0]
+    assert everyone[1:] == [[]] * (comm.size - 1)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_00000004.pt"]
