@@ -130,8 +130,9 @@ class UsageChecks:
         zeros), i.e. no ``zero_grad()`` ran in between: the backward then adds the new gradient
         to the preconditioned one, and each later ``step()`` preconditions that sum, silently.
         In-place writes in between (``clip_grad_norm_``'s scaling, a GradScaler's unscaling) leave
-        it the same tensor with the same sum to come, so only its identity and values decide. Checked once, from the first step to the second, so
-        that the hooks cost nothing afterwards; ``_check_written`` tells at the second step."""
+        it the same tensor with the same sum to come, so only its identity and values decide.
+        Checked once, from the first step to the second, so that the hooks cost nothing
+        afterwards; ``_check_written`` tells at the second step."""
         seen = set()
         # A frozen parameter gets no backward, and torch refuses a hook on it; its .grad may still
         # be one from before it was frozen (a warm start with zero_grad(set_to_none=False)).
@@ -146,7 +147,7 @@ class UsageChecks:
             watch = [p, weakref.ref(p.grad), False, False]
 
             def arriving(incoming: torch.Tensor, watch: list = watch) -> None:
-                p, ref, _, _ = watch
+                p, ref = watch[:2]
                 grad = None if ref is None else ref()
                 # Zeroed in place (``zero_grad(set_to_none=False)``, through ``.data``), the tensor
                 # stays, so the values decide (one read, only where it is still the one followed).
