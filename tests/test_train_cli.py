@@ -241,6 +241,24 @@ def test_resuming_a_finished_run_writes_the_log_and_plot_it_stopped_before(tmp_p
     assert proc.returncode == 0 and "wrote" not in proc.stdout
 
 
+def test_a_kfac_log_written_on_resuming_a_finished_run_has_no_stage_times(tmp_path):
+    # The resumed process takes no step: stages_ms is empty (docs/training.md), not every stage at 0 ms.
+    from hpckfac.stages.engine import ITERATION_STAGES
+
+    out = tmp_path / "run"
+    proc = train(["--steps", 4, "--batch-size", 32, "--checkpoint-every", 4, "--out", out, "--no-progress",
+                  "--seed", 5])
+    assert proc.returncode == 0, proc.stderr
+    log = json.loads((out / "log.json").read_text())
+    assert set(log["stages_ms"]) == set(ITERATION_STAGES) and sum(log["stages_ms"].values()) > 0
+    (out / "log.json").unlink()
+    proc = train(["--resume", out, "--no-progress"])
+    assert proc.returncode == 0 and f"wrote {out / 'log.json'}" in proc.stdout, proc.stderr
+    resumed = json.loads((out / "log.json").read_text())
+    assert resumed["stages_ms"] == {}
+    assert resumed["records"] == log["records"] and resumed["summary"] == log["summary"]
+
+
 def test_plain_progress_lines_divergence_advice_and_a_final_lr_of_zero(tmp_path):
     # Not on a terminal: one plain line per evaluation, no carriage returns, no "test=nan".
     proc = train(["--optimizer", "sgd", "--steps", 6, "--eval-every", 2, "--batch-size", 32, "--out", tmp_path / "a"])

@@ -426,8 +426,9 @@ class Trainer:
                 "test_loss": last["test_loss"], "best_test_acc": best["test_acc"], "best_step": best["step"]}
 
     def stage_means(self) -> dict[str, float]:
-        """This rank's mean milliseconds per step of each K-FAC stage (empty for first-order runs)."""
-        return self.precond.stage_means() if self.precond is not None else {}
+        """This rank's mean milliseconds per step of each K-FAC stage (empty for first-order runs,
+        and where this process ran no step: a finished run resumed to write its log)."""
+        return self.precond.stage_means() if self.precond is not None and self.step_seconds else {}
 
     def _title(self) -> str:
         c = self.config
