@@ -138,10 +138,16 @@ def test_mixed_batch_status_counters_and_warning(warnings_seen):
     for i in (0, 3):
         np.testing.assert_allclose(mats[i] @ result.inverse[i], np.eye(n), atol=1e-10)
     assert len(warnings_seen) == 1 and warnings_seen[0].levelno == logging.WARNING
-    assert "jitter (indices [2])" in warnings_seen[0].getMessage()
-    assert "eigen fallback (indices [1])" in warnings_seen[0].getMessage()
+    assert warnings_seen[0].getMessage() == ("damped_inverse: 1 of 4 matrices needed jitter (indices [2]), "
+                                             "1 of 4 matrices took the eigen fallback (indices [1])")
     ops.damped_inverse(mats[:3], 0.0)  # the counters add up across calls
     assert ops.inversion_counters() == {"cholesky": 3, "jitter": 2, "eigen": 2}
+    # A path no matrix took is not named.
+    ops.damped_inverse(mats[[0, 1]], 0.0)
+    assert warnings_seen[-1].getMessage() == "damped_inverse: 1 of 2 matrices took the eigen fallback (indices [1])"
+    ops.damped_inverse(mats[[2, 3]], 0.0)
+    assert warnings_seen[-1].getMessage() == "damped_inverse: 1 of 2 matrices needed jitter (indices [0])"
+    assert len(warnings_seen) == 4
     ops.reset_inversion_counters()
     assert ops.inversion_counters() == {"cholesky": 0, "jitter": 0, "eigen": 0}
 

@@ -185,8 +185,13 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         load_dataset(str(tmp_path / "nope.npz"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
-    with pytest.raises(DataError, match="not a readable .npz"):
+    with pytest.raises(DataError, match=r"junk\.npz: not a \.npz file \(neither a zip archive nor a NumPy array\)$"):
         load_dataset(str(tmp_path / "junk.npz"))
+    archive = tmp_path / "cut.npz"
+    np.savez(archive, x=np.random.default_rng(1).random((4, 8, 8)), y=np.arange(4))
+    archive.write_bytes(archive.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"cut\.npz: not a readable \.npz file \("):
+        load_dataset(str(archive))
     np.save(tmp_path / "x.npy", np.zeros((4, 8, 8)))
     with pytest.raises(DataError, match=r"x\.npy: a single array \(\.npy\), not a \.npz archive with arrays 'x'"):
         load_dataset(str(tmp_path / "x.npy"))

@@ -209,11 +209,10 @@ def _record(status: np.ndarray) -> None:
     counts = np.bincount(status, minlength=len(_STATUS_NAMES))
     for code, name in _STATUS_NAMES.items():
         _counters[name] += int(counts[code])
-    if counts[JITTER] or counts[EIGEN]:
-        _log.warning(
-            "damped_inverse: %d of %d matrices needed jitter (indices %s), %d the eigen fallback (indices %s)",
-            counts[JITTER], status.size, _indices(status == JITTER), counts[EIGEN], _indices(status == EIGEN),
-        )
+    paths = [f"{counts[code]} of {status.size} matrices {what} (indices {_indices(status == code)})"
+             for code, what in ((JITTER, "needed jitter"), (EIGEN, "took the eigen fallback")) if counts[code]]
+    if paths:
+        _log.warning("damped_inverse: %s", ", ".join(paths))
 
 
 def _indices(mask: np.ndarray, shown: int = 8) -> str:

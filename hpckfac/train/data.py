@@ -85,6 +85,11 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise DataError(f"{path} is a directory, not a .npz file")
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
+    with open(path, "rb") as head:
+        magic = head.read(6)
+    # np.load takes any other file for a pickle and says so, which misleads a user with a text file.
+    if not magic.startswith((b"PK", b"\x93NUMPY")):
+        raise DataError(f"{path}: not a .npz file (neither a zip archive nor a NumPy array)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
