@@ -1,7 +1,7 @@
 """Stage 1's per-step sums (LocalStatistics) against each block's own statistics."""
 import numpy as np
 
-from hpckfac.layers import LayerNormBlock, LinearBlock
+from hpckfac.layers import BatchNormBlock, LayerNormBlock, LinearBlock
 from hpckfac.ops.packing import unpack_upper
 from hpckfac.stages.local_factors import LocalStatistics
 
@@ -15,7 +15,8 @@ def test_calls_pair_inputs_with_output_gradients_and_unpaired_gradients_are_drop
     # An output gradient whose input was captured before the last reset (an earlier step) adds nothing.
     stale = local.add_inputs(0, rng.standard_normal((5, 6)))
     local.reset()
-    local.add_output_grads(0, rng.standard_normal((5, 4)), 1.0, stale)
+    # It is not a second backward through one forward: taken (True), though nothing is added.
+    assert local.add_output_grads(0, rng.standard_normal((5, 4)), 1.0, stale)
     assert local.result() == [None]
     # Two calls of one layer in a step: backward meets the second call's output first.
     local.add_examples(8)
@@ -125,6 +126,24 @@ def test_output_gradients_named_by_call_pair_with_it_in_any_order():
     np.testing.assert_allclose(fisher, np.einsum("nca,ncb->cab", u, u) / 5, rtol=1e-12, atol=1e-14)
 
 
+def test_a_step_whose_sample_is_empty_drops_the_sampling_blocks_only():
+    """Passes whose sampled share is 0 (a statistics fraction of none): a sampling block has no
+    examples to divide by and gives None, while a block that takes every example (BatchNorm)
+    divides by all of them."""
+    rng = np.random.default_rng(11)
+    fc, bn = LinearBlock("fc", 3, 2, True), BatchNormBlock("bn", 2, 1e-5)
+    assert fc.uses_sample and not bn.uses_sample
+    local = LocalStatistics([fc, bn], np.float64)
+    (a1, g1), (x2, g2) = [(rng.standard_normal((5, m)), rng.standard_normal((5, 2))) for m in (3, 2)]
+    local.add_examples(5, sampled=0)
+    local.add_output_grads(0, g1, 1.0, local.add_inputs(0, a1))
+    local.add_output_grads(1, g2, 1.0, local.add_inputs(1, x2))
+    assert local.examples == 5 and local.sampled == 0
+    out = local.result()
+    assert out[0] is None
+    np.testing.assert_allclose(out[1], bn.statistics(x2, g2) / 5, rtol=1e-13, atol=1e-15)
+
+
 def test_a_step_after_an_unpaired_call_starts_from_zero():
     """The sums a dropped block holds are cleared at the next step, not carried into it."""
     rng = np.random.default_rng(8)
@@ -212,3 +231,31 @@ def test_blocks_of_one_input_key_share_the_input_part_of_one_source_only():
     for i in (1, 3):
         own = blocks[i].a_factor(inputs[i], packed=True) * np.float32(1 / 5)
         assert np.array_equal(out[i][:own.size], own)
+
+
+def test_steps_leave_nothing_behind_in_memory():
+    """Each step's call ids and saved parts are forgotten at the next reset: a long run's
+    accumulators hold the same memory after thousands of steps as after a few."""
+    import tracemalloc
+
+    rng = np.random.default_rng(12)
+    block = LinearBlock("fc", 3, 2, True)
+    local = LocalStatistics([block], np.float64)
+    a, g = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+
+    def steps(count):
+        for _ in range(count):
+            local.reset()
+            local.add_examples(4)
+            local.add_output_grads(0, g, 1.0, local.add_inputs(0, a))
+
+    tracemalloc.start()
+    try:
+        steps(100)
+        before = tracemalloc.get_traced_memory()[0]
+        steps(4000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(local.result()[0], block.statistics(a, g) / 4, rtol=1e-13, atol=1e-15)
+    assert grown < 20_000, grown
