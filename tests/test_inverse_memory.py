@@ -2,6 +2,7 @@
 import tracemalloc
 
 import numpy as np
+import pytest
 from mpi4py import MPI
 
 from hpckfac.comm import Communicator
@@ -9,17 +10,20 @@ from hpckfac.layers import LinearBlock
 from hpckfac.stages.engine import KFACEngine
 
 
-def test_an_inversion_holds_less_than_the_dense_factors_beyond_the_state():
+@pytest.mark.parametrize("outputs", [(300, 10), (300, 300)], ids=["two-shapes", "one-run"])
+def test_an_inversion_holds_less_than_the_dense_factors_beyond_the_state(outputs):
     """Re-inverting (the inverses of the previous step held) peaks, in NumPy's allocations, at
     less than the dense factors' bytes beyond what the state held before: the inverses being
     replaced go first, each order's matrices are unpacked straight into one batch that the
     inversion overwrites, and the batch goes before the next order's. (Unpacked stacks, their
-    concatenation and the inversion's separate halves and damped copies peaked at ~3.7 times.)"""
-    blocks = [LinearBlock("wide", 300, 300, bias=True), LinearBlock("head", 300, 10, bias=True)]
+    concatenation and the inversion's separate halves and damped copies peaked at ~3.7 times.)
+    Two blocks of one shape form a run whose inverses are also held as one stack: it goes
+    first too."""
+    blocks = [LinearBlock("wide", 300, outputs[0], bias=True), LinearBlock("head", 300, outputs[1], bias=True)]
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(b.grad_shape).astype(np.float32) for b in blocks]
     stats = [b.statistics(rng.standard_normal((64, 300)), rng.standard_normal((64, o)), 1 / 64)
-             for b, o in zip(blocks, (300, 10))]
+             for b, o in zip(blocks, outputs)]
     tracemalloc.start()  # before the first inversion: releasing its inverses counts
     try:
         engine = KFACEngine(blocks, Communicator(MPI.COMM_SELF), factor_update_interval=1,
