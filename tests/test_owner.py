@@ -43,3 +43,40 @@ def test_a_state_without_factors_loaded_over_a_stacked_run_passes_its_gradients_
     grads = [rng.standard_normal(b.grad_shape) for b in blocks]
     for got, want in zip(engine.step(grads, [None, None]), grads):
         np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_a_loaded_run_holds_its_inverses_once():
+    """Inverses loaded block by block are copied into the run's one stack per slot and the
+    blocks' inverses become views of it: the engine holds one copy of them, whose values are
+    the loaded ones and which preconditions as the engine that saved them."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    blocks = [LinearBlock(name, 99, 100, True) for name in ("a", "b")]
+    stats = [b.statistics(rng.standard_normal((120, 99)), rng.standard_normal((120, 100)), 1 / 120) for b in blocks]
+    grads = [rng.standard_normal(b.grad_shape) for b in blocks]
+
+    def engine():
+        return KFACEngine([LinearBlock(b.name, 99, 100, True) for b in blocks], Communicator(MPI.COMM_SELF),
+                          factor_update_interval=1, inverse_update_interval=2, kl_clip=None)
+
+    saved = engine()
+    saved.step(grads, stats)
+    state = saved.state_dict()
+    inverse_bytes = sum(x.nbytes for b in state["blocks"].values() for x in b["inverses"])
+    loaded = engine()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        loaded.load_state_dict(state)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert inverse_bytes <= held < 1.25 * inverse_bytes, held / inverse_bytes
+    for i, name in enumerate(("a", "b")):
+        for got, want in zip(loaded.state.inverses[i], state["blocks"][name]["inverses"]):
+            np.testing.assert_array_equal(got, want)
+    # Not an inverse-update step: both precondition with the inverses of the first step.
+    grads = [rng.standard_normal(b.grad_shape) for b in blocks]
+    for got, want in zip(loaded.step(grads, stats), saved.step(grads, stats)):
+        np.testing.assert_array_equal(got, want)
