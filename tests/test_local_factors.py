@@ -142,6 +142,11 @@ def test_a_step_whose_sample_is_empty_drops_the_sampling_blocks_only():
     out = local.result()
     assert out[0] is None
     np.testing.assert_allclose(out[1], bn.statistics(x2, g2) / 5, rtol=1e-13, atol=1e-15)
+    # Without a sampling block, every block divides by all the examples, whatever the sample.
+    local = LocalStatistics([bn], np.float64)
+    local.add_examples(5, sampled=2)
+    local.add_output_grads(0, g2, 1.0, local.add_inputs(0, x2))
+    np.testing.assert_allclose(local.result()[0], bn.statistics(x2, g2) / 5, rtol=1e-13, atol=1e-15)
 
 
 def test_a_step_after_an_unpaired_call_starts_from_zero():
@@ -214,6 +219,9 @@ def test_blocks_of_one_input_key_share_the_input_part_of_one_source_only():
     blocks = [LinearBlock("q", 6, 4, True), LinearBlock("k", 6, 3, True, transposed=True),
               LinearBlock("v", 6, 4, False), LinearBlock("o", 6, 2, True), LinearBlock("p", 6, 2, True)]
     local = LocalStatistics(blocks, np.float32)
+    reduced = []  # the blocks that reduced their input themselves
+    for block in blocks:
+        block.input_part = lambda a, own=block.input_part, name=block.name: (reduced.append(name), own(a))[1]
     local.add_examples(5)
     h, other = rng.standard_normal((5, 7, 6)).astype(np.float32), rng.standard_normal((5, 7, 6)).astype(np.float32)
     inputs = []
@@ -223,6 +231,7 @@ def test_blocks_of_one_input_key_share_the_input_part_of_one_source_only():
         inputs.append(a.copy())
         call = local.add_inputs(i, a, source=(h if a is h else other, version, 5, 5, False))
         local.add_output_grads(i, rng.standard_normal((5, 7, blocks[i].d_G)).astype(np.float32), 1.0, call)
+    assert reduced == ["q", "v", "o", "p"]  # k took q's part
     out = local.result()
     for block, a, stats in zip(blocks, inputs, out):
         got = unpack_upper(stats[:block.d_A * (block.d_A + 1) // 2], 1, block.d_A)[0]
@@ -231,6 +240,23 @@ def test_blocks_of_one_input_key_share_the_input_part_of_one_source_only():
     for i in (1, 3):
         own = blocks[i].a_factor(inputs[i], packed=True) * np.float32(1 / 5)
         assert np.array_equal(out[i][:own.size], own)
+
+
+def test_the_source_of_a_shared_input_part_is_held_weakly():
+    """The source kept for the next call's comparison does not keep its first item alive (in
+    the torch bridge a tensor, and with it the graph of a forward never backpropagated)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(13)
+    local = LocalStatistics([LinearBlock("q", 3, 2, True)], np.float64)
+    local.add_examples(4)
+    source = rng.standard_normal((4, 3))
+    local.add_inputs(0, source, source=(source, 0))
+    alive = weakref.ref(source)
+    del source
+    gc.collect()
+    assert alive() is None
 
 
 def test_steps_leave_nothing_behind_in_memory():
