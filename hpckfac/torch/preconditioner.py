@@ -305,6 +305,8 @@ class KFACPreconditioner(UsageChecks):
         # follows: whether backwards met the .grad the first wrote still in place (``_watch_written``).
         self._written_hooks: list[Any] = []
         self._written_watch: list[list] = []
+        # One .grad the last step() wrote, its parameter and its version then (_note_written).
+        self._written_grad: tuple[Any, Any, int] | None = None
         # Until the first step(), whether each trained parameter's .grad had a nonzero entry after
         # the last backward that added to it (``_note_accumulated``): zeros that a zero_grad()
         # between backward() and step() left are told from a loss without any gradient.
@@ -708,11 +710,12 @@ class KFACPreconditioner(UsageChecks):
             self._check_first_step()
             self._replicas_checked = True
         self._check_forwards()
+        again = self._forwards == 0 and self._written_unchanged()
         self._restart_forward_counts()
         start = self.engine.clock()
         named = list(self.model.named_parameters())  # one walk of the modules per step serves all below
         now = self._current_params()
-        removed = self._structure.agree(named, now, self.engine.steps)  # before this rank alone can raise
+        removed = self._structure.agree(named, now, self.engine.steps, again)  # before this rank alone can raise
         if removed:
             names = ", ".join(self.engine.blocks[i].name for i in removed)
             self._note_once("removed:" + names, (
@@ -794,6 +797,7 @@ class KFACPreconditioner(UsageChecks):
         flag_non_finite(self.grad_scaler, gathered)
         for param in unreached:
             param.grad = None
+        self._note_written(covered)
         self.timings.update(self.engine.timings)
         self.timings["write_grads"] = self.engine.clock() - start
         self.local.reset()

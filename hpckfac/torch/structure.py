@@ -2,7 +2,8 @@
 
 A layer removed, replaced, added or resized, or a parameter frozen or unfrozen, on some ranks
 only would make the step's collectives disagree (or, where the shapes still match, train the
-replicas apart). ``StructureAgreement.agree`` sends one digest allreduce per step on every rank,
+replicas apart), and so would a second ``step()`` for one backward on some ranks only, which meets
+the others' next ``step()``. ``StructureAgreement.agree`` sends one digest allreduce per step on every rank,
 whether or not this rank's model changed, so that every rank makes the same collective calls;
 only on a difference does it gather the structures, and then every rank raises
 ``CollectiveMismatchError`` naming the ranks and what differs.
@@ -42,18 +43,23 @@ class StructureAgreement:
         self._seen: tuple | None = None  # this rank's structure at the last call, and its digest
         self._digest = 0
 
-    def agree(self, named: Sequence[tuple[str, nn.Parameter]], current: Params, step: int) -> list[int] | None:
+    def agree(self, named: Sequence[tuple[str, nn.Parameter]], current: Params, step: int,
+              again: bool = False) -> list[int] | None:
         """Compare the model's structure across ranks (a collective; ``step`` names the step in
-        the error). Returns ``gone`` when the agreed structure changed and some block is gone,
-        else None."""
+        the error), and ``again``: whether this rank's ``step()`` finds the ``.grad`` its last
+        one wrote untouched (a second ``step()`` for one backward), in the same digest. Returns
+        ``gone`` when the agreed structure changed and some block is gone, else None."""
         mine = structure(named, current)
         if mine != self._seen:  # digested only when it changed here
             self._seen, self._digest = mine, digest(repr(mine).encode())
         mine = self._seen  # the agreed one itself when nothing changed: no second comparison
         what = "the model's structure"
-        if self.comm.size > 1 and not self.comm.same_everywhere(self._digest, what):
-            everyone = self.comm.allgather_object(mine, what=what)
-            raise CollectiveMismatchError(self.difference(everyone, step))
+        if self.comm.size > 1 and not self.comm.same_everywhere((self._digest, again), what):
+            everyone = self.comm.allgather_object((mine, again), what=what)
+            structures = [s for s, _ in everyone]
+            if any(s != structures[0] for s in structures):
+                raise CollectiveMismatchError(self.difference(structures, step))
+            raise CollectiveMismatchError(self.repeated(everyone, step))
         if mine is self.agreed:
             return None
         self.agreed = mine
@@ -74,6 +80,17 @@ class StructureAgreement:
         return (f"ranks disagree on the model's structure at step {step}: {'; '.join(told)}, against "
                 f"ranks {alike}{whose}; every rank must change its model alike (a layer removed, replaced, added or "
                 "resized, or a parameter frozen or unfrozen, on some ranks only trains the replicas apart)")
+
+    @staticmethod
+    def repeated(everyone: Sequence[tuple[tuple, bool]], step: int) -> str:
+        """The message, alike on every rank, where the structures agree but some ranks' ``step()``
+        finds the ``.grad`` their last one wrote untouched while the others' have new gradients."""
+        again = [rank for rank, (_, flag) in enumerate(everyone) if flag]
+        new = [rank for rank, (_, flag) in enumerate(everyone) if not flag]
+        return (f"ranks disagree on the step at step {step}: ranks {again} call step() again on the .grad their last "
+                f"step() wrote, with no training forward and backward since, while ranks {new} have new gradients: "
+                "a second step() on some ranks only meets the others' next step(), and the replicas train apart; "
+                "call step() once per backward, on every rank")
 
     def changes(self, reference: tuple, other: tuple, limit: int = 4) -> str:
         """What ``other`` has that ``reference`` has not (two ``structure`` tuples), the first

@@ -192,6 +192,25 @@ class UsageChecks:
                             "step; call optimizer.zero_grad() before each step's first backward(), and freeze a "
                             "layer the optimizer does not train with requires_grad_(False)")
 
+    def _note_written(self, covered: list[nn.Parameter]) -> None:
+        """After a ``step()``: the first K-FAC parameter's ``.grad`` it wrote and that tensor's
+        version counter, which any backward adding to it or any zeroing in place advances (one
+        read per step, for ``_written_unchanged``)."""
+        param = next((p for p in covered if p.grad is not None), None)
+        self._written_grad = None if param is None else (weakref.ref(param), weakref.ref(param.grad),
+                                                         param.grad._version)
+
+    def _written_unchanged(self) -> bool:
+        """Whether the ``.grad`` the last ``step()`` wrote is still in place and untouched: this
+        ``step()`` would precondition it again (a second ``step()`` for one backward). Compared
+        across ranks with the model's structure, so that a rank doing so alone raises on every
+        rank, rather than pairing its extra step with the others' next one."""
+        if self._written_grad is None:
+            return False
+        param, grad, version = self._written_grad
+        param, grad = param(), grad()
+        return param is not None and grad is not None and param.grad is grad and grad._version == version
+
     def _note_accumulated(self, param: nn.Parameter) -> None:
         """A post-accumulate-grad hook on each trained parameter until the first ``step()``: whether
         its ``.grad`` has a nonzero entry once a backward added to it, kept on the device (read only

@@ -233,6 +233,59 @@ def test_a_model_changed_on_one_rank_only_fails_on_every_rank(comm, change):
     precond.remove_hooks()
 
 
+@pytest.mark.mpi
+def test_a_second_step_on_one_rank_only_fails_on_every_rank(comm):
+    """The last rank calls step() twice for one backward. Its extra step() meets the others' next
+    one, whose collectives have the same lengths: each rank's optimizer would then apply another
+    step's gradient and the replicas train apart without an error. Its step() finds the .grad its
+    last one wrote untouched, which travels with the structure's digest, so every rank raises
+    CollectiveMismatchError naming that rank, at that step. Alone, the second step() is a warning."""
+    net = model(3)
+    precond = KFACPreconditioner(net, comm=comm)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    net(x).pow(2).mean().backward()
+    precond.step()
+    last = comm.rank == comm.size - 1
+    if not last:
+        net.zero_grad()
+        net(x).pow(2).mean().backward()
+    start = time.perf_counter()
+    if comm.size == 1:
+        precond.step()
+        precond.remove_hooks()
+        return
+    with pytest.raises(CollectiveMismatchError) as info:
+        precond.step()
+    message = str(info.value)
+    assert message.startswith(f"ranks disagree on the step at step 1: ranks [{comm.size - 1}] call step() again "
+                              f"on the .grad their last step() wrote, with no training forward and backward since, "
+                              f"while ranks {list(range(comm.size - 1))} have new gradients")
+    assert comm.allgather_object(message) == [message] * comm.size
+    assert time.perf_counter() - start < LIVENESS_S
+    precond.remove_hooks()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_rank_that_zeroes_its_gradients_and_skips_its_backward_steps_with_the_others(comm, set_to_none):
+    """An empty shard: the last rank zeroes its gradients (to None or to zeros) and runs no
+    forward before its step(). That is no second step() for one backward: every rank steps, and
+    the gradients are the others' share."""
+    net = model(3)
+    precond = KFACPreconditioner(net, comm=comm)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    net(x).pow(2).mean().backward()
+    precond.step()
+    net.zero_grad(set_to_none=set_to_none)
+    if comm.rank != comm.size - 1 or comm.size == 1:
+        net(x).pow(2).mean().backward()
+    precond.step()
+    grads = [p.grad.clone() for p in net.parameters()]
+    for mine, first in zip(grads, comm.allgather_object(grads)[0]):
+        torch.testing.assert_close(mine, first, rtol=0, atol=0)
+    precond.remove_hooks()
+
+
 # (name, shape, requires_grad, K-FAC block or -1) of each parameter, as ``structure`` gives them:
 # two K-FAC layers "a" and "b" and a first-order "n".
 AGREED = (("a.weight", (3, 2), True, 0), ("a.bias", (3,), True, 0), ("b.weight", (1, 3), True, 1),
