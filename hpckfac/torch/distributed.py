@@ -108,20 +108,30 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     if comm.size == 1:  # nothing to compare with: no hashing of every tensor
         return None
     named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
-    digests = [(name, _digest(t)) for name, t in named]
+    # The shape and dtype beside the digest: bytes alone would call a tensor of another shape
+    # (a layer of another width on some ranks) one of "different values", to be broadcast.
+    digests = [(name, _digest(t), f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}") for name, t in named]
     if comm.same_everywhere(digests, "check_replicas()"):  # one small allreduce when they agree
         return None
     everyone = comm.allgather_object(digests, what="check_replicas()")
     # Tensors that some ranks lack first: compared by position, they would read as other values.
-    names = [{name for name, _ in theirs} for theirs in everyone]
+    names = [{name for name, *_ in theirs} for theirs in everyone]
     common = set.intersection(*names)  # one pass over every rank's names, not one per name
     for theirs in everyone:
-        for name, _ in theirs:
+        for name, *_ in theirs:
             if name not in common:  # e.g. a module added on some ranks only
                 having = [rank for rank, held in enumerate(names) if name in held]
                 return f"{name} is a tensor of ranks {having} only: {DIFFERENT_MODELS}"
-    for index, (name, mine) in enumerate(everyone[0]):
+    kinds = [{name: kind for name, _, kind in theirs} for theirs in everyone]
+    for name, _, kind in everyone[0]:  # tensors of other shapes or dtypes before other values
         holders: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(kinds):
+            holders.setdefault(theirs[name], []).append(rank)
+        if len(holders) > 1:
+            groups = ", ".join(f"{kind} on ranks {ranks}" for kind, ranks in holders.items())
+            return f"{name} is {groups}: {DIFFERENT_MODELS}"
+    for index, (name, *_) in enumerate(everyone[0]):
+        holders = {}
         for rank, theirs in enumerate(everyone):
             value = theirs[index][1] if index < len(theirs) and theirs[index][0] == name else "missing"
             holders.setdefault(value, []).append(rank)

@@ -1,6 +1,7 @@
 """broadcast_parameters: rank 0's weights everywhere (bfloat16 models too); ranks whose models
 differ raise on every rank instead of hanging."""
 import copy
+import time
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from hpckfac.comm import CollectiveMismatchError
 from hpckfac.torch import broadcast_parameters, sync_batchnorm_stats
+from liveness import LIVENESS_S
 
 
 @pytest.mark.mpi
@@ -97,6 +99,32 @@ def test_check_replicas_names_the_tensor_that_drifted(comm, dtype):
         with pytest.raises(CollectiveMismatchError, match=rf"2\.bias has 2 different values \(ranks \[0(, \d)*\]; ranks \[{comm.size - 1}\]\)"):
             check_replicas(model, comm)
 
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("change", ["width", "dtype"])
+def test_check_replicas_names_a_tensor_of_another_shape_or_dtype(comm, change):
+    """The last rank's model has a wider first layer, or is float64: check_replicas names the
+    tensor, each rank's shape and dtype and that the models differ, on every rank (it read the
+    other bytes as other values, which no broadcast_parameters can make alike)."""
+    from hpckfac.torch import check_replicas
+
+    last = comm.rank == comm.size - 1 and comm.size > 1
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5 if last and change == "width" else 4), nn.Linear(4, 2))
+    if last and change == "dtype":
+        model.double()
+    if comm.size == 1:
+        check_replicas(model, comm)
+        return
+    start = time.perf_counter()
+    with pytest.raises(CollectiveMismatchError) as info:
+        check_replicas(model, comm)
+    others = list(range(comm.size - 1))
+    other = "(5, 3) float32" if change == "width" else "(4, 3) float64"
+    assert str(info.value) == (f"replicas differ: 0.weight is (4, 3) float32 on ranks {others}, {other} on ranks "
+                               f"[{comm.size - 1}]: the ranks' models differ")
+    assert time.perf_counter() - start < LIVENESS_S
 
 
 @pytest.mark.mpi(min_size=2)
