@@ -111,9 +111,11 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     # The shape and dtype beside the digest: bytes alone would call a tensor of another shape
     # (a layer of another width on some ranks) one of "different values", to be broadcast.
     digests = [(name, _digest(t), f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}") for name, t in named]
-    if comm.same_everywhere(digests, "check_replicas()"):  # one small allreduce when they agree
+    # buffers=True on some ranks only is a call of its own there, named as such, not models that differ.
+    what = "check_replicas(buffers=True)" if buffers else "check_replicas()"
+    if comm.same_everywhere(digests, what):  # one small allreduce when they agree
         return None
-    everyone = comm.allgather_object(digests, what="check_replicas()")
+    everyone = comm.allgather_object(digests, what=what)
     # Tensors that some ranks lack first: compared by position, they would read as other values.
     names = [{name for name, *_ in theirs} for theirs in everyone]
     common = set.intersection(*names)  # one pass over every rank's names, not one per name

@@ -127,6 +127,27 @@ def test_check_replicas_names_a_tensor_of_another_shape_or_dtype(comm, change):
     assert time.perf_counter() - start < LIVENESS_S
 
 
+@pytest.mark.mpi
+def test_check_replicas_with_buffers_on_one_rank_only_names_the_calls(comm):
+    """buffers=True on the last rank alone: every rank raises naming each rank's call, where the
+    last rank's BatchNorm buffers read as tensors of its model alone ('the ranks' models differ')."""
+    from hpckfac.torch import check_replicas
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    last = comm.rank == comm.size - 1
+    if comm.size == 1:
+        check_replicas(model, comm, buffers=True)
+        return
+    start = time.perf_counter()
+    with pytest.raises(CollectiveMismatchError) as info:
+        check_replicas(model, comm, buffers=last)
+    assert str(info.value).endswith(f"ranks compare different things (check_replicas() on ranks "
+                                    f"{list(range(comm.size - 1))}; check_replicas(buffers=True) on ranks "
+                                    f"[{comm.size - 1}])")
+    assert time.perf_counter() - start < LIVENESS_S
+
+
 @pytest.mark.mpi(min_size=2)
 def test_first_step_without_broadcast_raises_on_every_rank(comm):
     """Averaged gradients would keep replicas that start apart apart for good: the first
