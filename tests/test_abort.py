@@ -298,6 +298,31 @@ def test_a_checkpoint_only_some_ranks_can_read_is_an_error_not_a_hang(tmp_path):
         "(resume: no checkpoint file or directory at run)"), proc.stderr
 
 
+@pytest.mark.parametrize("readable", [True, False])
+def test_resume_given_to_some_ranks_only_is_named(tmp_path, readable):
+    """``--resume`` on rank 1 alone: a rank that read the checkpoint took its settings, and the
+    error named the first that differed (``--lr is None on rank 0, 0.05 on rank 1``); one that
+    could not read it started as the others, and the job ended on ``check_replicas() in step()``
+    against ``resuming``. Both now name ``--resume``, status 2."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run([sys.executable, "-m", "hpckfac", "train", "--optimizer", "sgd", "--steps", "2",
+                            "--batch-size", "16", "--width", "4", "--no-progress", "--checkpoint-every", "2",
+                            "--out", str(run_dir)], capture_output=True, text=True, timeout=120, env=ENV)
+    assert first.returncode == 0, first.stderr
+    path = str(run_dir if readable else tmp_path / "missing")
+    proc = run(tmp_path, f"""
+        import sys
+        from mpi4py import MPI
+        from hpckfac.train import cli
+        resume = ["--resume", {path!r}] if MPI.COMM_WORLD.Get_rank() == 1 else []
+        sys.exit(cli.main(["--steps", "2", "--batch-size", "16", "--width", "4", "--no-progress", *resume]))
+    """, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert last_line(proc.stderr) == (
+        "hpckfac train: error: the ranks were started with different settings: --resume is given on rank(s) [1] "
+        "only; give it to every rank, or to none"), proc.stderr
+
+
 @pytest.mark.parametrize("case", ["steps", "weights"])
 def test_ranks_that_resume_different_checkpoints_fail_together(tmp_path, case):
     """``--resume`` may name another path on each node: ranks that read checkpoints of

@@ -146,8 +146,8 @@ def _resumed_settings(path: str, explicit: set[str], settings: dict) -> tuple[di
 
 def _settings_disagree(config: TrainConfig, unreadable: str | None) -> str | None:
     """Why the ranks cannot start together, or None: every rank must run with the same
-    settings (``--out`` and ``--data`` may be other paths on other nodes, but given on all
-    or none), or they call the setup's collectives a different number of times and wait
+    settings (``--out``, ``--data`` and ``--resume`` may be other paths on other nodes, but
+    given on all or none), or they call the setup's collectives a different number of times and wait
     forever. With ``--resume`` they differ when only some ranks can read the checkpoint
     (a path on a node-local disk): that rank's reason is the message; when no rank can
     read it, rank 0's reason (``unreadable``), since the defaults taken in place of the
@@ -162,7 +162,14 @@ def _settings_disagree(config: TrainConfig, unreadable: str | None) -> str | Non
             for key, value in config.as_dict().items() if key not in _LOCAL_SETTINGS}
     # Ranks with and without stop signals would call StopOnSignal's per-step allreduce apart.
     mine["stop_signals"] = _signal_names(config.stop_signals)
+    mine["resume"] = repr(bool(config.resume))
     everyone = world.allgather((mine, unreadable))
+    # Before the settings a checkpoint gave some ranks, and before its readers' reasons: the
+    # others resume from nothing.
+    resuming = [rank for rank, (theirs, _) in enumerate(everyone) if theirs["resume"] == "True"]
+    if 0 < len(resuming) < len(everyone):
+        return (f"the ranks were started with different settings: --resume is given on rank(s) {resuming} only; "
+                "give it to every rank, or to none")
     for rank, (theirs, reason) in enumerate(everyone):
         if theirs == everyone[0][0]:
             continue
