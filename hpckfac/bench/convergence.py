@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
     from hpckfac.train.data import load_dataset
 
     comm = Communicator()
+    # Ranks with other settings run other studies: said here, not as the first option that differs.
+    comm.check_same(vars(args), "convergence benchmark settings")
     n_train = len(load_dataset().x_train)
     studies = QUICK if args.quick else FULL
     # Every study's global batch must split over the ranks: found here, not after the studies

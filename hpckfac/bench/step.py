@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Run the configurations in turns on every rank; rank 0 prints the tables and writes the JSON. Exit status."""
     args = parse(argv, prog)
     comm = Communicator()
+    # Ranks with other settings would run their steps' collectives and the unchecked barriers
+    # between them a different number of times, and wait for good.
+    comm.check_same(vars(args), "step benchmark settings")
     if args.threads:  # after the Communicator, which sizes torch's pool when no thread variable is set
         torch.set_num_threads(args.threads)
     device = bind_device(args.device, comm)

@@ -54,6 +54,31 @@ def test_sizes_beyond_one_machine_are_refused_on_every_rank(comm, argv, capsys, 
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("name", ["step", "convergence"])
+def test_benchmarks_started_with_other_settings_on_one_rank_fail_on_every_rank(comm, name, monkeypatch):
+    """The last rank asks for one more timed step, or one more seed: bench step ran its steps
+    and the unchecked barriers between them a different number of times and every rank waited
+    for good; bench convergence named the first option of a preconditioner that differed. Both
+    compare their settings first, as bench comm and bench scaling do."""
+    from hpckfac.bench import convergence
+    from hpckfac.comm import CollectiveMismatchError
+
+    if comm.size == 1:
+        return  # nothing to disagree with: they run (tests/test_bench_step.py, tests/test_train_convergence.py)
+    monkeypatch.setattr(convergence, "run_one", None)  # nothing may be trained
+    more = 1 + (comm.rank == comm.size - 1)
+    option, argv = {"step": ("steps", ["step", "--steps", str(more), "--warmup", "0", "--batch", "4", "--depth",
+                                       "8", "--width", "4", "--configs", "sgd"]),
+                    "convergence": ("seeds", ["convergence", "--quick", "--seeds", str(more)])}[name]
+    start = time.perf_counter()
+    with pytest.raises(CollectiveMismatchError) as info:
+        exit_code(argv)
+    assert str(info.value) == (f"ranks disagree on {name} benchmark settings: {option}: rank 0 has 1, "
+                               f"rank {comm.size - 1} has 2")
+    assert time.perf_counter() - start < LIVENESS_S
+
+
+@pytest.mark.mpi
 def test_convergence_refuses_rank_counts_its_batches_do_not_split_over(comm, capsys, monkeypatch):
     """At 3 or 4 ranks a study would fail, the batch-128 one at once, the full-batch one (1438
     examples) only after minutes of the other: every rank says so before the first run."""
