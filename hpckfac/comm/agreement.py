@@ -29,6 +29,8 @@ ReduceAlgorithm = Literal["ring", "mpi", "auto"]
 OPS: tuple[str, ...] = get_args(ReduceOp)
 ALGORITHMS: tuple[str, ...] = get_args(ReduceAlgorithm)
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in DTYPE_CODES.items()}
+# What the ``parameter`` field holds, named in an error, for the collectives that send one.
+_PARAMETER_NAMES = {"broadcast": "root", "allreduce_many": "bucket_bytes"}
 
 
 class Signature(NamedTuple):
@@ -104,6 +106,8 @@ def describe(everyone: Sequence[Signature], calls: Sequence[str] | None = None) 
                              f"KFACPreconditioners and KFACEngines on this communicator: every rank must run "
                              f"the collectives of the same one at the same time)")
             else:
+                if field == "parameter":  # one collective here: the fields differ only within one
+                    field = _PARAMETER_NAMES.get(COLLECTIVES[everyone[0].collective], field)
                 parts.append(f"{'arguments' if field == 'valid' else 'the call' if named else field} ({held})")
     checking = [rank for rank, sig in enumerate(everyone) if sig.collective == COLLECTIVES.index("check_same")]
     # A step's settings are compared only where they changed, so a rank alone in that check is
