@@ -71,6 +71,15 @@ def test_describe_explains_a_settings_check_only_where_one_runs():
     assert "compare settings" not in said, said
 
 
+def test_describe_names_only_the_calls_of_one_collective_under_other_names():
+    """Two digest comparisons under their own names (the model's structure in step(), a
+    check_replicas()): their digests are no arguments to compare, the calls say what differs."""
+    mine = signature("same_everywhere", parameter=5, layout=7, instance=1)
+    theirs = signature("same_everywhere", parameter=9, layout=3)
+    said = describe([mine, theirs], ["the model's structure in step()", "check_replicas()"])
+    assert said == "the call (the model's structure in step() on ranks [0]; check_replicas() on ranks [1])", said
+
+
 def test_describe_names_the_preconditioners_of_one_collective():
     """Ranks in the same collective of different preconditioners are told which each is in."""
     mine, theirs = (signature("allgather_v", length=4, instance=n) for n in (1, 2))

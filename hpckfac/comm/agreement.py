@@ -90,7 +90,10 @@ def describe(everyone: Sequence[Signature], calls: Sequence[str] | None = None) 
     # A rank that rejected its arguments sent no dtype, length etc. to compare, and the fields of
     # two different collectives mean different things: then the collective alone is named.
     other_call = len({sig.collective for sig in everyone}) > 1
-    fields = ("collective", "valid") if refused or other_call else Signature._fields
+    # The same collective under other calls' names (two checks that compare digests of other
+    # values): the calls say it, where their digests and values would read as arguments that differ.
+    other_name = calls is not None and len(set(calls)) > 1
+    fields = ("collective", "valid") if refused or other_call or other_name else Signature._fields
     parts = []
     for field in fields:
         i = Signature._fields.index(field)

@@ -57,14 +57,22 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
 
     Ranks whose models differ in the number, shapes or dtypes of their tensors, or that
     name different roots, raise ``CollectiveMismatchError`` on every rank instead of hanging."""
+    from hpckfac.comm import CollectiveMismatchError
+
     check_model(model)
     comm = _comm(comm)
-    tensors = list(model.parameters()) + list(model.buffers())
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    tensors = [t for _, t in named]
     with comm.calling("broadcast_parameters()"), _scope(tensors):
         # The root too: bfloat16 and integer tensors go by MPI's Bcast, which checks nothing, so
         # ranks naming different roots would keep their own values there.
-        comm.check_same({"root": root, "tensors": [(tuple(t.shape), str(t.dtype)) for t in tensors]},
-                        "the root and the model's parameters and buffers")
+        what = "the root and the model's parameters and buffers"
+        mine = {"root": root, "tensors": [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in tensors]}
+        if not comm.same_everywhere(mine, what):  # one small allreduce when they agree
+            # The names only now, to say which tensor differs (the shapes and dtypes are compared,
+            # not the names, as the broadcast pairs the tensors by position).
+            everyone = comm.allgather_object((mine, [name for name, _ in named]), what=what)
+            raise CollectiveMismatchError(f"ranks disagree on {what}: {_broadcast_difference(everyone)}")
         if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < comm.size:
             raise ValueError(f"root must be a rank in [0, {comm.size}), got {root!r}")  # alike on every rank
         for tensor in tensors:
@@ -75,6 +83,30 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
                 comm.mpi.Bcast(host.reshape(-1).view(torch.uint8).numpy(), root=root)
                 with torch.no_grad():
                     tensor.copy_(host)
+
+
+def _broadcast_difference(everyone: Sequence[tuple[dict[str, Any], list[str]]]) -> str:
+    """What differs between the ranks' roots, or else their tensors (each rank's ``{"root",
+    "tensors": [(shape, dtype)]}`` and the tensors' names), alike on every rank: the root, the
+    number of tensors, or the first tensor, by position, of another shape or dtype."""
+    values = [mine for mine, _ in everyone]
+    roots = [mine["root"] for mine in values]
+    if any(root != roots[0] for root in roots):
+        return "root: " + ", ".join(f"rank {r} has {root!r}" for r, root in enumerate(roots) if r == 0 or root != roots[0])
+    counts = [len(mine["tensors"]) for mine in values]
+    for index in range(min(counts)):
+        holders: dict[str, list[int]] = {}
+        for rank, (mine, names) in enumerate(everyone):
+            shape, dtype = mine["tensors"][index]
+            holders.setdefault(f"{names[index]} {shape} {dtype}", []).append(rank)
+        if len(holders) > 1:
+            held = ", ".join(f"{tensor} on ranks {ranks}" for tensor, ranks in holders.items())
+            return f"tensor {index} is {held}: the ranks' models differ"
+    held: dict[int, list[int]] = {}
+    for rank, count in enumerate(counts):
+        held.setdefault(count, []).append(rank)
+    return "tensors: " + ", ".join(f"{count} on ranks {ranks}" for count, ranks in held.items()) + \
+        ": the ranks' models differ"
 
 
 def check_replicas(model: nn.Module, comm: Communicator | None = None, buffers: bool = False) -> None:

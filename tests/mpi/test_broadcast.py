@@ -55,6 +55,52 @@ def test_different_models_raise_on_every_rank(comm):
         broadcast_parameters(model, comm)
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("change", ["width", "layer"])
+def test_different_models_name_the_first_tensor_that_differs(comm, change):
+    """The last rank's head is wider, or it has one more layer: every rank names the first tensor
+    of another shape with each rank's, or each rank's count of tensors (the lists of every
+    tensor's shape and dtype were printed cut at 200 characters, before the head's)."""
+    last = comm.rank == comm.size - 1 and comm.size > 1
+    layers = [nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 5 if last and change == "width" else 2)]
+    model = nn.Sequential(*layers, *([nn.Linear(2, 2)] if last and change == "layer" else []))
+    if comm.size == 1:
+        broadcast_parameters(model, comm)
+        return
+    start = time.perf_counter()
+    with pytest.raises(CollectiveMismatchError) as info:
+        broadcast_parameters(model, comm)
+    others = list(range(comm.size - 1))
+    differ = (f"tensor 6 is 3.weight (2, 4) float32 on ranks {others}, 3.weight (5, 4) float32 on ranks "
+              f"[{comm.size - 1}]" if change == "width" else f"tensors: 8 on ranks {others}, 10 on ranks [{comm.size - 1}]")
+    assert str(info.value) == f"ranks disagree on the root and the model's parameters and buffers: {differ}: the ranks' models differ"
+    assert time.perf_counter() - start < LIVENESS_S
+
+
+@pytest.mark.mpi
+def test_a_rank_in_broadcast_parameters_while_the_others_step_names_the_calls(comm):
+    """Two checks that compare digests, each under its own name: the error names the calls alone,
+    not their digests as arguments that differ."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    precond = KFACPreconditioner(model, comm=comm)
+    for step in range(2):
+        model.zero_grad()
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        if step == 0 or comm.size == 1:
+            precond.step()
+            continue
+        last = comm.rank == comm.size - 1
+        with pytest.raises(CollectiveMismatchError) as info:
+            broadcast_parameters(model, comm) if last else precond.step()
+        assert str(info.value).endswith(
+            f"ranks disagree on the call (the model's structure in step() on ranks {list(range(comm.size - 1))}; "
+            f"the root and the model's parameters and buffers in broadcast_parameters() on ranks [{comm.size - 1}])")
+    precond.remove_hooks()
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("model", ["bfloat16", "integer buffers"])
 def test_ranks_naming_different_roots_raise_on_every_rank(comm, model):
