@@ -193,10 +193,11 @@ class UsageChecks:
                             "layer the optimizer does not train with requires_grad_(False)")
 
     def _note_written(self, covered: list[nn.Parameter]) -> None:
-        """After a ``step()``: the first K-FAC parameter's ``.grad`` it wrote and that tensor's
-        version counter, which any backward adding to it or any zeroing in place advances (one
-        read per step, for ``_written_unchanged``)."""
-        param = next((p for p in covered if p.grad is not None), None)
+        """After a ``step()``: the first trained K-FAC parameter's ``.grad`` it wrote and that
+        tensor's version counter, which any backward adding to it or any zeroing in place advances
+        (one read per step, for ``_written_unchanged``). A frozen parameter's ``.grad`` is none that
+        ``step()`` wrote: one kept from before it was frozen stays in place whatever the loop does."""
+        param = next((p for p in covered if p.requires_grad and p.grad is not None), None)
         self._written_grad = None if param is None else (weakref.ref(param), weakref.ref(param.grad),
                                                          param.grad._version)
 
@@ -204,12 +205,16 @@ class UsageChecks:
         """Whether the ``.grad`` the last ``step()`` wrote is still in place and untouched: this
         ``step()`` would precondition it again (a second ``step()`` for one backward). Compared
         across ranks with the model's structure, so that a rank doing so alone raises on every
-        rank, rather than pairing its extra step with the others' next one."""
+        rank, rather than pairing its extra step with the others' next one. Zeroed through
+        ``.data`` (a version counter of its own), the tensor keeps its version: all zeros is no
+        second ``step()`` (one read, only where no forward ran and the version is unchanged)."""
         if self._written_grad is None:
             return False
         param, grad, version = self._written_grad
         param, grad = param(), grad()
-        return param is not None and grad is not None and param.grad is grad and grad._version == version
+        return (param is not None and grad is not None and param.requires_grad and param.grad is grad
+                and grad._version == version
+                and bool(grad.any()))
 
     def _note_accumulated(self, param: nn.Parameter) -> None:
         """A post-accumulate-grad hook on each trained parameter until the first ``step()``: whether

@@ -286,6 +286,54 @@ def test_a_rank_that_zeroes_its_gradients_and_skips_its_backward_steps_with_the_
     precond.remove_hooks()
 
 
+@pytest.mark.mpi
+def test_a_rank_that_zeroes_its_gradients_through_data_and_skips_its_backward_steps_with_the_others(comm):
+    """An empty shard zeroing as older loops do, ``p.grad.data.zero_()``: ``.data`` has a version
+    counter of its own, so the .grad the last step() wrote keeps its version. Its zeros are no
+    second step() for one backward: every rank steps, and the gradients are the others' share."""
+    net = model(3)
+    precond = KFACPreconditioner(net, comm=comm)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    net(x).pow(2).mean().backward()
+    precond.step()
+    for p in net.parameters():
+        p.grad.data.zero_()
+    if comm.rank != comm.size - 1 or comm.size == 1:
+        net(x).pow(2).mean().backward()
+    precond.step()
+    grads = [p.grad.clone() for p in net.parameters()]
+    for mine, first in zip(grads, comm.allgather_object(grads)[0]):
+        torch.testing.assert_close(mine, first, rtol=0, atol=0)
+    precond.remove_hooks()
+
+
+@pytest.mark.mpi
+def test_a_rank_that_skips_its_backward_under_a_frozen_first_layer_with_a_kept_grad_steps_with_the_others(comm):
+    """A warm start froze the first layer after a backward, its .grad kept (the optimizer trains
+    the other parameters and never zeroes it), and the last rank's shard is empty. That .grad is
+    none that step() wrote and stays in place at every step: it tells nothing of a second step(),
+    which the first trained K-FAC parameter's .grad does."""
+    net = model(3)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    net(x).pow(2).mean().backward()
+    net[0].requires_grad_(False)
+    precond = KFACPreconditioner(net, comm=comm)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = None
+    net(x).pow(2).mean().backward()
+    precond.step()
+    for p in trained:
+        p.grad = None
+    if comm.rank != comm.size - 1 or comm.size == 1:
+        net(x).pow(2).mean().backward()
+    precond.step()
+    grads = [p.grad.clone() for p in trained]
+    for mine, first in zip(grads, comm.allgather_object(grads)[0]):
+        torch.testing.assert_close(mine, first, rtol=0, atol=0)
+    precond.remove_hooks()
+
+
 # (name, shape, requires_grad, K-FAC block or -1) of each parameter, as ``structure`` gives them:
 # two K-FAC layers "a" and "b" and a first-order "n".
 AGREED = (("a.weight", (3, 2), True, 0), ("a.bias", (3,), True, 0), ("b.weight", (1, 3), True, 1),
