@@ -95,6 +95,8 @@ def _broadcast_difference(everyone: Sequence[tuple[dict[str, Any], list[str]]]) 
         return "root: " + ", ".join(f"rank {r} has {root!r}" for r, root in enumerate(roots) if r == 0 or root != roots[0])
     counts = [len(mine["tensors"]) for mine in values]
     for index in range(min(counts)):
+        if all(mine["tensors"][index] == values[0]["tensors"][index] for mine in values):
+            continue  # the same shape and dtype, whatever its name: the broadcast pairs it by position
         holders: dict[str, list[int]] = {}
         for rank, (mine, names) in enumerate(everyone):
             shape, dtype = mine["tensors"][index]

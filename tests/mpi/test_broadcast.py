@@ -78,6 +78,26 @@ def test_different_models_name_the_first_tensor_that_differs(comm, change):
 
 
 @pytest.mark.mpi
+def test_different_models_name_the_first_tensor_of_another_shape_not_of_another_name(comm):
+    """The last rank's layers have other names (its own Sequential of named modules) and its head
+    is wider: the first tensor of another shape is named, not the first of another name, which
+    the broadcast pairs by position all the same."""
+    from collections import OrderedDict
+
+    last = comm.rank == comm.size - 1 and comm.size > 1
+    layers = [nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 5 if last else 2)]
+    model = nn.Sequential(OrderedDict(zip("abcd", layers)) if last else layers[0], *([] if last else layers[1:]))
+    if comm.size == 1:
+        broadcast_parameters(model, comm)
+        return
+    with pytest.raises(CollectiveMismatchError) as info:
+        broadcast_parameters(model, comm)
+    assert str(info.value) == (f"ranks disagree on the root and the model's parameters and buffers: tensor 6 is "
+                               f"3.weight (2, 4) float32 on ranks {list(range(comm.size - 1))}, d.weight (5, 4) "
+                               f"float32 on ranks [{comm.size - 1}]: the ranks' models differ")
+
+
+@pytest.mark.mpi
 def test_a_rank_in_broadcast_parameters_while_the_others_step_names_the_calls(comm):
     """Two checks that compare digests, each under its own name: the error names the calls alone,
     not their digests as arguments that differ."""
