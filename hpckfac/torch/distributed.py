@@ -67,7 +67,7 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
         # The root too: bfloat16 and integer tensors go by MPI's Bcast, which checks nothing, so
         # ranks naming different roots would keep their own values there.
         what = "the root and the model's parameters and buffers"
-        mine = {"root": root, "tensors": [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in tensors]}
+        mine = {"root": root, "tensors": [_kind(t) for t in tensors]}
         if not comm.same_everywhere(mine, what):  # one small allreduce when they agree
             # The names only now, to say which tensor differs (the shapes and dtypes are compared,
             # not the names, as the broadcast pairs the tensors by position).
@@ -87,28 +87,36 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
 
 def _broadcast_difference(everyone: Sequence[tuple[dict[str, Any], list[str]]]) -> str:
     """What differs between the ranks' roots, or else their tensors (each rank's ``{"root",
-    "tensors": [(shape, dtype)]}`` and the tensors' names), alike on every rank: the root, the
-    number of tensors, or the first tensor, by position, of another shape or dtype."""
-    values = [mine for mine, _ in everyone]
-    roots = [mine["root"] for mine in values]
+    "tensors": [kind]}`` and the tensors' names), alike on every rank: the root, the number of
+    tensors, or the first tensor, by position, of another shape or dtype."""
+    roots = [mine["root"] for mine, _ in everyone]
     if any(root != roots[0] for root in roots):
         return "root: " + ", ".join(f"rank {r} has {root!r}" for r, root in enumerate(roots) if r == 0 or root != roots[0])
-    counts = [len(mine["tensors"]) for mine in values]
-    for index in range(min(counts)):
-        if all(mine["tensors"][index] == values[0]["tensors"][index] for mine in values):
-            continue  # the same shape and dtype, whatever its name: the broadcast pairs it by position
-        holders: dict[str, list[int]] = {}
-        for rank, (mine, names) in enumerate(everyone):
-            shape, dtype = mine["tensors"][index]
-            holders.setdefault(f"{names[index]} {shape} {dtype}", []).append(rank)
-        if len(holders) > 1:
-            held = ", ".join(f"{tensor} on ranks {ranks}" for tensor, ranks in holders.items())
-            return f"tensor {index} is {held}: the ranks' models differ"
-    held: dict[int, list[int]] = {}
-    for rank, count in enumerate(counts):
-        held.setdefault(count, []).append(rank)
-    return "tensors: " + ", ".join(f"{count} on ranks {ranks}" for count, ranks in held.items()) + \
-        ": the ranks' models differ"
+    kinds = [mine["tensors"] for mine, _ in everyone]
+    for index in range(min(map(len, kinds))):
+        # The same shape and dtype, whatever its name, is no difference: the broadcast pairs by position.
+        if any(theirs[index] != kinds[0][index] for theirs in kinds):
+            held = _ranks_by(f"{names[index]} {mine['tensors'][index]}" for mine, names in everyone)
+            return f"tensor {index} is {_on_ranks(held)}: {DIFFERENT_MODELS}"
+    return f"tensors: {_on_ranks(_ranks_by(len(theirs) for theirs in kinds))}: {DIFFERENT_MODELS}"
+
+
+def _ranks_by(values: Iterable[Any]) -> dict[Any, list[int]]:
+    """Each distinct value of ``values`` (one per rank, in rank order) and the ranks holding it."""
+    held: dict[Any, list[int]] = {}
+    for rank, value in enumerate(values):
+        held.setdefault(value, []).append(rank)
+    return held
+
+
+def _on_ranks(held: dict[Any, list[int]]) -> str:
+    """``_ranks_by``'s groups as ``"<value> on ranks [..], <value> on ranks [..]"``."""
+    return ", ".join(f"{value} on ranks {ranks}" for value, ranks in held.items())
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    """A tensor's shape and dtype as the mismatch errors show them: ``(4, 3) float32``."""
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
 
 
 def check_replicas(model: nn.Module, comm: Communicator | None = None, buffers: bool = False) -> None:
@@ -144,7 +152,7 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
     named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
     # The shape and dtype beside the digest: bytes alone would call a tensor of another shape
     # (a layer of another width on some ranks) one of "different values", to be broadcast.
-    digests = [(name, _digest(t), f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}") for name, t in named]
+    digests = [(name, _digest(t), _kind(t)) for name, t in named]
     # buffers=True on some ranks only is a call of its own there, named as such, not models that differ.
     what = "check_replicas(buffers=True)" if buffers else "check_replicas()"
     if comm.same_everywhere(digests, what):  # one small allreduce when they agree
@@ -159,18 +167,13 @@ def replica_difference(model: nn.Module, comm: Communicator | None = None, buffe
                 having = [rank for rank, held in enumerate(names) if name in held]
                 return f"{name} is a tensor of ranks {having} only: {DIFFERENT_MODELS}"
     kinds = [{name: kind for name, _, kind in theirs} for theirs in everyone]
-    for name, _, kind in everyone[0]:  # tensors of other shapes or dtypes before other values
-        holders: dict[str, list[int]] = {}
-        for rank, theirs in enumerate(kinds):
-            holders.setdefault(theirs[name], []).append(rank)
-        if len(holders) > 1:
-            groups = ", ".join(f"{kind} on ranks {ranks}" for kind, ranks in holders.items())
-            return f"{name} is {groups}: {DIFFERENT_MODELS}"
+    for name, *_ in everyone[0]:  # tensors of other shapes or dtypes before other values
+        held = _ranks_by(theirs[name] for theirs in kinds)
+        if len(held) > 1:
+            return f"{name} is {_on_ranks(held)}: {DIFFERENT_MODELS}"
     for index, (name, *_) in enumerate(everyone[0]):
-        holders = {}
-        for rank, theirs in enumerate(everyone):
-            value = theirs[index][1] if index < len(theirs) and theirs[index][0] == name else "missing"
-            holders.setdefault(value, []).append(rank)
+        holders = _ranks_by(theirs[index][1] if index < len(theirs) and theirs[index][0] == name else "missing"
+                            for theirs in everyone)
         if len(holders) > 1:
             groups = "; ".join(f"ranks {ranks}" for ranks in holders.values())
             return f"{name} has {len(holders)} different values ({groups})"
