@@ -288,13 +288,20 @@ def _mismatch(call: str, mine: Signature, found: tuple[list[Signature], list[str
     differ in more than the values compared: ranks in the same collective that name different
     things (each rank's name given), or in different calls."""
     everyone, calls = found
-    if all(sig.valid and sig.collective == mine.collective and sig.instance == mine.instance for sig in everyone):
+    if _one_collective(mine, everyone):
         holders: dict[str, list[int]] = {}  # grouped, as ``describe`` does: one entry per name
         for rank, name in enumerate(calls):
             holders.setdefault(name, []).append(rank)
         held = "; ".join(f"{name} on ranks {ranks}" for name, ranks in holders.items())
         return CollectiveMismatchError(f"{call}: ranks compare different things ({held})")
     return CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
+
+
+def _one_collective(mine: Signature, everyone: Sequence[Signature]) -> bool:
+    """Whether every rank's signature is an accepted call of ``mine``'s collective for the same
+    object: the ranks' arguments may differ, not what they are doing."""
+    return all(sig.valid and sig.collective == mine.collective and sig.instance == mine.instance
+               for sig in everyone)
 
 
 class Communicator:
@@ -470,7 +477,9 @@ class Communicator:
         call = self._call_name(label or collective)
         found = disagreement(self.mpi, mine, call)
         if found is not None:
-            raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}")
+            everyone, calls = found
+            raise CollectiveMismatchError(f"{call}: ranks disagree on {describe(*found)}",
+                                          same_call=_one_collective(mine, everyone) and len(set(calls)) == 1)
         if mode == "on_change":
             self._agreed.add(mine)
         return plan

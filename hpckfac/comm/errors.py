@@ -6,5 +6,11 @@ class CollectiveMismatchError(RuntimeError):
     counts, roots, values passed to ``check_same``).
 
     Raised on every rank of the communicator, so that no rank is left waiting
-    in a collective its peers will never enter.
+    in a collective its peers will never enter. ``same_call`` is True (alike on every
+    rank) when every rank is in the same collective of the same call and only the
+    arguments differ: the ranks may then exchange more to explain the difference.
     """
+
+    def __init__(self, message: str, same_call: bool = False) -> None:
+        super().__init__(message)
+        self.same_call = same_call

@@ -3,10 +3,11 @@ gradient averaging for first-order baselines, a GradScaler's overflow agreed by 
 BatchNorm statistics averaging."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
         if not comm.same_everywhere(mine, what):  # one small allreduce when they agree
             # The names only now, to say which tensor differs (the shapes and dtypes are compared,
             # not the names, as the broadcast pairs the tensors by position).
-            everyone = comm.allgather_object((mine, [name for name, _ in named]), what=what)
+            everyone = comm.allgather_object((root, _named_kinds(named)), what=what)
             raise CollectiveMismatchError(f"ranks disagree on {what}: {_broadcast_difference(everyone)}")
         if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < comm.size:
             raise ValueError(f"root must be a rank in [0, {comm.size}), got {root!r}")  # alike on every rank
@@ -85,20 +86,51 @@ def broadcast_parameters(model: nn.Module, comm: Communicator | None = None, roo
                     tensor.copy_(host)
 
 
-def _broadcast_difference(everyone: Sequence[tuple[dict[str, Any], list[str]]]) -> str:
-    """What differs between the ranks' roots, or else their tensors (each rank's ``{"root",
-    "tensors": [kind]}`` and the tensors' names), alike on every rank: the root, the number of
-    tensors, or the first tensor, by position, of another shape or dtype."""
-    roots = [mine["root"] for mine, _ in everyone]
+def _broadcast_difference(everyone: Sequence[tuple[Any, list[tuple[str, str]]]]) -> str:
+    """What differs between the ranks' roots, or else their tensors (each rank's root and
+    ``_named_kinds``), alike on every rank."""
+    roots = [root for root, _ in everyone]
     if any(root != roots[0] for root in roots):
         return "root: " + ", ".join(f"rank {r} has {root!r}" for r, root in enumerate(roots) if r == 0 or root != roots[0])
-    kinds = [mine["tensors"] for mine, _ in everyone]
-    for index in range(min(map(len, kinds))):
-        # The same shape and dtype, whatever its name, is no difference: the broadcast pairs by position.
-        if any(theirs[index] != kinds[0][index] for theirs in kinds):
-            held = _ranks_by(f"{names[index]} {mine['tensors'][index]}" for mine, names in everyone)
+    return _tensor_difference([tensors for _, tensors in everyone])
+
+
+def _named_kinds(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str]]:
+    """Each tensor's name and ``_kind``, in order."""
+    return [(name, _kind(tensor)) for name, tensor in named]
+
+
+def _tensor_difference(everyone: Sequence[Sequence[tuple[str, str]]]) -> str:
+    """The first tensor, by position, of another shape or dtype between the ranks (each rank's
+    ``_named_kinds``), or else their numbers of tensors, alike on every rank. Names are shown,
+    not compared: collectives pair tensors by position, whatever they are called."""
+    for index in range(min(map(len, everyone))):
+        if any(theirs[index][1] != everyone[0][index][1] for theirs in everyone):
+            held = _ranks_by(f"{name} {kind}" for name, kind in (theirs[index] for theirs in everyone))
             return f"tensor {index} is {_on_ranks(held)}: {DIFFERENT_MODELS}"
-    return f"tensors: {_on_ranks(_ranks_by(len(theirs) for theirs in kinds))}: {DIFFERENT_MODELS}"
+    return f"tensors: {_on_ranks(_ranks_by(len(theirs) for theirs in everyone))}: {DIFFERENT_MODELS}"
+
+
+@contextlib.contextmanager
+def _naming_tensors(comm: Communicator, named: Sequence[tuple[str, torch.Tensor]], call: str,
+                    what: str) -> Iterator[None]:
+    """Within the block (``call``, e.g. ``"allreduce_gradients()"``), a CollectiveMismatchError
+    that every rank raised in the same collective becomes one naming the first of ``named`` whose shape or dtype differs between the ranks
+    (an allgather of their names and kinds, only then): the collective itself can say only
+    that the buffers' lengths differ. Other mismatches (different calls, or equal tensors and
+    other arguments) pass unchanged."""
+    from hpckfac.comm import CollectiveMismatchError
+
+    try:
+        yield
+    except CollectiveMismatchError as err:
+        if not err.same_call:
+            raise
+        everyone = comm.allgather_object(_named_kinds(named), what=what)
+        if all([kind for _, kind in theirs] == [kind for _, kind in everyone[0]] for theirs in everyone):
+            raise
+        raise CollectiveMismatchError(f"{call}: ranks disagree on {what}: {_tensor_difference(everyone)}",
+                                      same_call=True) from err
 
 
 def _ranks_by(values: Iterable[Any]) -> dict[Any, list[int]]:
@@ -216,7 +248,9 @@ def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algo
     without a gradient on some ranks counts as zero there (``average_grads``)."""
     check_model(model)
     comm = _comm(comm)
-    with comm.calling("allreduce_gradients()"):
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    call = "allreduce_gradients()"
+    with comm.calling(call), _naming_tensors(comm, trained, call, "the model's trainable parameters"):
         average_grads(model.parameters(), comm, algorithm, bucket_bytes)
 
 
@@ -401,10 +435,12 @@ def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None,
     """
     check_model(model)
     comm = _comm(comm)
-    tensors = [tensor for module in model.modules()
-               if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-               for tensor in (module.running_mean, module.running_var)]
-    with _scope(tensors), comm.calling("sync_batchnorm_stats()"):
+    named = [(f"{name}.{stat}", getattr(module, stat)) for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+             for stat in ("running_mean", "running_var")]
+    tensors = [tensor for _, tensor in named]
+    call = "sync_batchnorm_stats()"
+    with _scope(tensors), comm.calling(call), _naming_tensors(comm, named, call, "the model's BatchNorm statistics"):
         if examples is None:
             carried = _carried(tensors)
             comm.allreduce_many([to_array(t) for t in carried], op="mean", algorithm="auto")

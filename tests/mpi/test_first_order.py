@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from hpckfac.torch import KFACPreconditioner, allreduce_gradients
+from hpckfac.comm import CollectiveMismatchError
+from hpckfac.torch import KFACPreconditioner, allreduce_gradients, sync_batchnorm_stats
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and CuPy)")
@@ -139,6 +140,82 @@ def test_a_helper_without_comm_on_one_rank_meets_the_scripts_communicator(comm):
             sync_batchnorm_stats(model)
         else:
             comm.allreduce(np.ones(3))
+
+
+def _model_of(change: str, last: bool) -> nn.Module:
+    """Three Linear layers and a BatchNorm; on the last rank (``last``) changed as ``change`` says."""
+    torch.manual_seed(0)
+    width = 5 if last and change == "width" else 4
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, width), nn.BatchNorm1d(width),
+                          nn.Linear(width, 2), *([nn.Linear(2, 2)] if last and change == "layer" else []))
+    if last and change == "dtype":
+        model.double()
+    if last and change == "frozen":
+        model[0].weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("change", ["width", "dtype", "frozen", "layer"])
+def test_different_models_name_the_first_trainable_parameter_that_differs(comm, change):
+    """The last rank's hidden layer is wider, its model float64, its first weight frozen, or it
+    has one more layer: allreduce_gradients names on every rank the first trainable parameter
+    of another shape or dtype, each rank's, or each rank's count of them (the collective alone
+    says only that the buffers' lengths differ); at one rank the gradients are their own mean."""
+    last = comm.rank == comm.size - 1 and comm.size > 1
+    model = _model_of(change, last)
+    model(torch.randn(6, 3, dtype=next(model.parameters()).dtype)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    if comm.size == 1:
+        allreduce_gradients(model, comm)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+        return
+    others, end = list(range(comm.size - 1)), [comm.size - 1]
+    differ = {"width": f"tensor 4 is 2.weight (4, 4) float32 on ranks {others}, 2.weight (5, 4) float32 on ranks {end}",
+              "dtype": f"tensor 0 is 0.weight (4, 3) float32 on ranks {others}, 0.weight (4, 3) float64 on ranks {end}",
+              "frozen": f"tensor 0 is 0.weight (4, 3) float32 on ranks {others}, 0.bias (4,) float32 on ranks {end}",
+              "layer": f"tensors: 10 on ranks {others}, 12 on ranks {end}"}[change]
+    with pytest.raises(CollectiveMismatchError) as info:
+        allreduce_gradients(model, comm)
+    assert str(info.value) == (f"allreduce_gradients(): ranks disagree on the model's trainable parameters: "
+                               f"{differ}: the ranks' models differ")
+    assert all(torch.equal(p.grad, g) for p, g in zip((p for p in model.parameters() if p.requires_grad), grads))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("change", ["width", "dtype"])
+def test_different_models_name_the_first_batchnorm_statistic_that_differs(comm, change):
+    """sync_batchnorm_stats on models whose second BatchNorm is wider, or float64, on the last
+    rank: every rank names its running mean with each rank's shape and dtype, and no rank's
+    statistics change; at one rank they are their own mean."""
+    last = comm.rank == comm.size - 1 and comm.size > 1
+    model = _model_of(change, last).train()
+    model(torch.randn(6, 3, dtype=next(model.parameters()).dtype))
+    before = [t.clone() for t in model.buffers()]
+    if comm.size == 1:
+        sync_batchnorm_stats(model, comm)
+    else:
+        others, end = list(range(comm.size - 1)), [comm.size - 1]
+        kinds = {"width": ("(4,) float32", "(5,) float32"), "dtype": ("(4,) float32", "(4,) float64")}[change]
+        index = 2 if change == "width" else 0
+        name = "3.running_mean" if change == "width" else "1.running_mean"
+        with pytest.raises(CollectiveMismatchError) as info:
+            sync_batchnorm_stats(model, comm)
+        assert str(info.value) == (f"sync_batchnorm_stats(): ranks disagree on the model's BatchNorm statistics: "
+                                   f"tensor {index} is {name} {kinds[0]} on ranks {others}, {name} {kinds[1]} on "
+                                   f"ranks {end}: the ranks' models differ")
+    assert all(torch.equal(t, b) for t, b in zip(model.buffers(), before))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_same_models_with_other_bucket_sizes_keep_the_collectives_message(comm):
+    """Ranks whose models agree but whose ``bucket_bytes`` differ: the message names the
+    bucket sizes, as the collective found them, not a model difference there is none of."""
+    model = _model_of("none", False)
+    model(torch.randn(6, 3)).sum().backward()
+    with pytest.raises(CollectiveMismatchError, match=r"allreduce_many in allreduce_gradients\(\): ranks disagree "
+                                                      r"on bucket_bytes \(64 on ranks \[0\]; 128 on ranks"):
+        allreduce_gradients(model, comm, bucket_bytes=64 if comm.rank == 0 else 128)
 
 
 @pytest.mark.mpi
