@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable, NoReturn, Sequence
 
 # The exit statuses of a Unix tool that SIGPIPE (128 + 13) or SIGINT (128 + 2) ended.
 BROKEN_PIPE_STATUS = 141
@@ -19,6 +19,76 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class RankParser(argparse.ArgumentParser):
+    """The argument parser of a command run as ``mpiexec -n N hpckfac ...``: usage, help and
+    errors are printed by world rank 0 alone (every rank parses, one copy of the answer is
+    enough), and ``parse_everywhere`` ends alike on every rank. The rank is read from MPI
+    itself, imported here if the command has not yet."""
+
+    _held: list[tuple[str, Any]] | None = None  # output kept back while the ranks compare outcomes
+    _failure: str | None = None  # the message of this rank's last error()
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if self._held is not None:
+            self._held.append((message, file))
+        elif _world().Get_rank() == 0:
+            super()._print_message(message, file)
+
+    def error(self, message: str) -> NoReturn:
+        self._failure = message
+        super().error(message)
+
+    def parse_everywhere(self, args: Sequence[str] | None = None, compare: bool = True) -> argparse.Namespace:
+        """``parse_args(args)``, a collective of ``COMM_WORLD`` in a job of several ranks: one
+        allgather of each rank's outcome, so that an error or ``--help`` on some ranks only (an
+        MPMD launch, an argument that expands otherwise on another node) ends every rank with
+        one message naming the first such rank, where the others would wait for good in their
+        first collective. With ``compare``, ranks whose arguments parse to other values are
+        refused too, naming the first option that differs, so that the checks that follow fail
+        or pass on every rank alike. Each outcome's output is printed once, by rank 0."""
+        world = _world()
+        if world.Get_size() == 1:
+            return self.parse_args(args)
+        self._held, self._failure, parsed, stop = [], None, None, None
+        try:
+            parsed = self.parse_args(args)
+            mine: tuple = ("args", {k: repr(v) for k, v in vars(parsed).items()} if compare else None)
+        except (SystemExit, Exception) as exc:  # any: a subclass's error() may raise its own type
+            stop = exc
+            said = self._failure if self._failure is not None or not isinstance(exc, SystemExit) else "--help"
+            mine = ("stop", said if said is not None else str(exc))
+        held, self._held = self._held, None
+        everyone = world.allgather((self.prog, mine))
+        if all(theirs == everyone[0] for theirs in everyone):
+            for message, file in held:  # rank 0's help or error, as it would have printed it
+                self._print_message(message, file)
+            if stop is not None:
+                raise stop
+            return parsed
+        self.error(f"the ranks were started with different arguments: {_first_difference(everyone)}")
+
+
+def _world():
+    """mpi4py's ``COMM_WORLD`` (MPI starts on first use: a command's help needs no MPI until now)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _first_difference(everyone: Sequence[tuple[str, tuple]]) -> str:
+    """What the first rank that differs from rank 0 does otherwise: another command, an error
+    or ``--help`` (``("stop", message)``), or the first option whose value differs."""
+    prog, (kind, value) = everyone[0]
+    rank, (their_prog, (their_kind, theirs)) = next((r, e) for r, e in enumerate(everyone) if e != everyone[0])
+    if their_prog != prog:
+        return f"rank 0 runs {prog}, rank {rank} {their_prog}"
+    if kind == "stop" or their_kind == "stop":
+        stopped, why = (0, value) if kind == "stop" else (rank, theirs)
+        return f"rank {stopped} of {len(everyone)}: {why}"
+    key = next(k for k in {**value, **theirs} if value.get(k) != theirs.get(k))
+    return f"--{key.replace('_', '-')} is {value.get(key)} on rank 0, {theirs.get(key)} on rank {rank}"
 
 
 def exit_status(run: Callable[[], int], prog: str) -> int:

@@ -380,6 +380,26 @@ def test_ranks_started_with_different_settings_fail_together(tmp_path, flag, min
         f"hpckfac train: error: the ranks were started with different settings: {expected}"), proc.stderr
 
 
+@pytest.mark.parametrize("theirs, expected", [
+    (["--steps", "x"], "rank 1 of 2: argument --steps: invalid int value: 'x'"),
+    (["--help"], "rank 1 of 2: --help"),
+])
+def test_an_error_or_help_on_one_rank_only_ends_every_rank(tmp_path, theirs, expected):
+    """Rank 1 alone cannot parse its arguments, or asks for --help: it returned while rank 0
+    waited for good in the settings' comparison. Both return 2, rank 0 naming rank 1's cause."""
+    proc = run(tmp_path, f"""
+        import sys
+        from mpi4py import MPI
+        from hpckfac.train import cli
+        mine = ["--steps", "2", "--batch-size", "16", "--no-progress"]
+        sys.exit(cli.main(mine if MPI.COMM_WORLD.Get_rank() == 0 else {theirs!r}))
+    """, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert last_line(proc.stderr) == (
+        f"hpckfac train: error: the ranks were started with different arguments: {expected}"), proc.stderr
+
+
 def test_trainer_setup_checks_are_checked_collectives(tmp_path):
     """From Python, ``out`` on rank 0 only made rank 0 run one more setup exchange than the
     others: a hang, now CollectiveMismatchError on every rank naming both steps."""

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from hpckfac.bench import report
+from hpckfac.cli import RankParser
 
 
 def test_median_of_odd_and_even_counts():
@@ -48,7 +49,7 @@ def test_check_memory_counts_the_ranks_that_share_the_machine(monkeypatch):
 
     monkeypatch.setattr(topology, "node_placement", lambda comm: (0, 3))
     monkeypatch.setattr(report, "host_memory", lambda: 2 * 2**30)
-    parser = report.Parser(prog="bench")
+    parser = RankParser(prog="bench")
     with pytest.raises(SystemExit):
         report.check_memory(parser, 2**30, "--batch")
     monkeypatch.setattr(topology, "node_placement", lambda comm: (0, 1))

@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpckfac.bench.report import Parser, check_memory, check_outputs, median, progress, time_calls, write_json
+from hpckfac.bench.report import check_memory, check_outputs, median, progress, time_calls, write_json
 from hpckfac.comm import Communicator
 from hpckfac.comm.ring import chunk_bounds
 from hpckfac.tables import format_table
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 
 COLLECTIVES = ("ring", "mpi", "rs_v_mpi", "rs_v_ring", "ag_v_mpi", "ag_v_ring")
 # Each collective's share of the buffer a rank sends, times P/(P-1).
@@ -37,7 +37,7 @@ PROG = "python -m hpckfac.bench comm"
 def parse(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
     """The parsed command line ``argv`` (None: ``sys.argv[1:]``; argparse exits with a usage
     message on bad input)."""
-    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
+    parser = RankParser(prog=prog, description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--min-bytes", type=int, default=4096, help="smallest buffer (bytes)")
     parser.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest buffer (bytes)")
@@ -47,7 +47,7 @@ def parse(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
                         help="element type of the buffers")
     parser.add_argument("--no-check", action="store_true", help="turn the agreement check off")
     parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
+    args = parser.parse_everywhere(argv)
     check_outputs(parser, files=[("--json", args.json)])
     for name in ("min_bytes", "max_bytes", "repeat"):
         if getattr(args, name) < 1:
@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = parse(argv, prog)
     comm = Communicator(check_agreement=not args.no_check)
     dtype = np.dtype(args.dtype)
-    comm.check_same(vars(args), "comm benchmark settings")
     rows = [measure(comm, nbytes, dtype, args.repeat)
             for nbytes in progress(sizes(args.min_bytes, args.max_bytes), "sizes", enabled=comm.rank == 0)]
     if comm.rank == 0:

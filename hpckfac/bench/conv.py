@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from hpckfac.bench.report import Parser, check_outputs, median, one_process, progress, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, one_process, progress, time_calls, write_json
 from hpckfac.tables import format_table
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 
 # ResNet-20's stride-1 layers at batch 64, narrow and tiny maps, and two ResNet-50 shapes at batch 32.
 DEFAULT_SHAPES = ("64:16:32x32,64:32:16x16,64:64:8x8,64:3:32x32,64:128:4x4,64:64:3x3,"
@@ -70,13 +70,13 @@ def measure(n: int, channels: int, spatial: tuple[int, ...], kernel: int, repeat
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench conv") -> int:
     """Time both routes for every shape; print a table, optionally write JSON."""
-    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
+    parser = RankParser(prog=prog, description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="inputs as N:C:HxW, comma-separated")
     parser.add_argument("--kernel", type=int, default=3, help="kernel size in every dimension, odd ('same' padding)")
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per route (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_everywhere(argv)
     one_process(parser)
     check_outputs(parser, files=[("--json", args.json)])
     if args.repeat < 1:

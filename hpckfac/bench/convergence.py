@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hpckfac.bench.report import Parser, check_outputs, write_json
+from hpckfac.bench.report import check_outputs, write_json
 from hpckfac.tables import format_table
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator
@@ -138,13 +138,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench convergence") -> int:
     """Run the study; print the table, write JSON and the plot."""
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0],
+    parser = RankParser(prog=prog, description=__doc__.split("\n\n")[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one setting per method, short runs (a smoke test)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for each method's best setting")
     parser.add_argument("--json", metavar="PATH", help="write the results here (default OUT/convergence.json)")
     parser.add_argument("--out", metavar="DIR", help="write convergence.json and convergence.png here")
-    args = parser.parse_args(argv)
+    args = parser.parse_everywhere(argv)
     check_outputs(parser, files=[("--json", args.json)], directories=[("--out", args.out)])
     if args.seeds < 1:
         parser.error("--seeds: expected an integer >= 1")
@@ -154,8 +154,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench con
     from hpckfac.train.data import load_dataset
 
     comm = Communicator()
-    # Ranks with other settings run other studies: said here, not as the first option that differs.
-    comm.check_same(vars(args), "convergence benchmark settings")
     n_train = len(load_dataset().x_train)
     studies = QUICK if args.quick else FULL
     # Every study's global batch must split over the ranks: found here, not after the studies

@@ -30,9 +30,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hpckfac.bench import shapes
-from hpckfac.bench.report import Parser, check_outputs, median, one_process, time_calls, write_json
+from hpckfac.bench.report import check_outputs, median, one_process, time_calls, write_json
 from hpckfac.tables import format_table
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 
 FACTOR_SHAPES = ((32768, 64), (32768, 576), (16384, 1152), (8192, 2304), (4096, 4608))
 FACTOR_DTYPES = ("float32", "float16", "bfloat16")
@@ -278,12 +278,12 @@ def device_info() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench kernels") -> int:
     """Run the kernel benchmarks; print tables, optionally write JSON."""
-    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
+    parser = RankParser(prog=prog, description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--repeat", type=int, default=20, help="timed batches per case (median reported)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--only", choices=("factor", "cholesky", "pack"), help="run one group (default: all three)")
-    args = parser.parse_args(argv)
+    args = parser.parse_everywhere(argv)
     one_process(parser)
     check_outputs(parser, files=[("--json", args.json)])
     if args.repeat < 1:

@@ -42,13 +42,13 @@ import numpy as np
 
 from hpckfac.assignment import assign_owners, owner_loads
 from hpckfac.bench import shapes
-from hpckfac.bench.report import Parser, check_outputs, make_parent, median, one_process, write_json
+from hpckfac.bench.report import check_outputs, make_parent, median, one_process, write_json
 from hpckfac.comm.communicator import reduction_algorithm
 from hpckfac.comm.fusion import DEFAULT_BUCKET_BYTES, plan_buckets
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.stages.layout import SegmentLayout
 from hpckfac.tables import format_table
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 
 COLLECTIVES = ("reduce_scatter", "all_gather", "allreduce")
 # OTU+18 = Osawa, Tsuji, Ueno et al. 2018 (arXiv 1811.12019): 1024 V100, batch 32,768, 1,760 iterations
@@ -472,7 +472,7 @@ MAX_RANKS = 2**20  # seconds of work per prediction up to here; minutes and giga
 
 def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench model") -> int:
     """CLI: calibrate on a scaling JSON (optional), then predict ResNet-50 at many GPUs."""
-    parser = Parser(prog=prog, description=__doc__.split("\n")[0],
+    parser = RankParser(prog=prog, description=__doc__.split("\n")[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--calibrate", metavar="JSON", help="combined scaling JSON (bench scaling --combine)")
     parser.add_argument("--measure", metavar="SCALE", type=int, default=None,
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench mod
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--png", help="stacked-bar plot of the predictions")
     _machine_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_everywhere(argv)
     one_process(parser)
     check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])
     if args.batch is None:  # a strong study at up to 4096 GPUs needs a global batch that splits over them all

@@ -122,21 +122,6 @@ def output_problem(path: str, directory: bool = False) -> str | None:
     return None
 
 
-class Parser(argparse.ArgumentParser):
-    """The benchmarks' argument parser: usage, help and errors printed by world rank 0 alone.
-
-    Every rank of ``mpiexec -n N python -m hpckfac.bench ...`` parses the same arguments and
-    exits the same way on a bad one; one copy of the message is enough. The rank is read from
-    MPI itself (imported here if the benchmark has not yet: conv, kernels and convergence
-    parse their arguments first)."""
-
-    def _print_message(self, message: str, file: Any = None) -> None:
-        from mpi4py import MPI
-
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            super()._print_message(message, file)
-
-
 def check_outputs(parser: argparse.ArgumentParser, files: Sequence[tuple[str, str | None]] = (),
                   directories: Sequence[tuple[str, str | None]] = ()) -> None:
     """``parser.error`` (one line, exit 2) for the first ``(flag, path)`` whose path cannot be

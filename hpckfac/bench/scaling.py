@@ -47,10 +47,10 @@ import numpy as np
 from hpckfac.bench import model as perf
 from hpckfac.bench import shapes
 from hpckfac.bench.placement import placement, placement_note
-from hpckfac.bench.report import Parser, check_memory, check_outputs, make_parent, median, one_process, progress, write_json
+from hpckfac.bench.report import check_memory, check_outputs, make_parent, median, one_process, progress, write_json
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 
 if TYPE_CHECKING:
     from hpckfac.comm import Communicator
@@ -355,7 +355,7 @@ PROG = "python -m hpckfac.bench scaling"
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     """The parsed command line (argparse exits with a usage message on bad input)."""
-    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
+    parser = RankParser(prog=prog, description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--mode", choices=("strong", "weak"), default="strong",
                         help="strong: --batch is global, split over ranks; weak: --batch per rank")
@@ -383,7 +383,7 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser.add_argument("--png", default=None, help="stacked-bar plot of the per-stage times")
     parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                         help="merge these results (runs at different rank counts); no MPI run")
-    args = parser.parse_args(argv)
+    args = parser.parse_everywhere(argv)
     if args.combine:
         one_process(parser, "--combine")
     check_outputs(parser, files=[("--json", args.json), ("--png", args.png)])

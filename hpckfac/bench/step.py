@@ -39,14 +39,14 @@ from torch import nn
 from hpckfac.bench.memory import peak_device_bytes, peak_host_bytes
 from hpckfac.bench.placement import placement, placement_note
 from hpckfac.bench.profile import profile_steps
-from hpckfac.bench.report import (Parser, check_memory, check_outputs, make_parent, median, progress, time_calls,
+from hpckfac.bench.report import (check_memory, check_outputs, make_parent, median, progress, time_calls,
                                   write_json)
 from hpckfac.comm import Communicator
 from hpckfac.models import resnet, resnet50, transformer
 from hpckfac.stages.engine import ITERATION_STAGES
 from hpckfac.tables import format_table
 from hpckfac.torch import KFACPreconditioner, allreduce_gradients, bind_device, broadcast_parameters
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 
 CONFIGS = {"sgd": None, "kfac_1_10": (1, 10), "kfac_10_100": (10, 100)}
 VOCAB = 512  # the transformer's tokens
@@ -58,7 +58,7 @@ PROG = "python -m hpckfac.bench step"
 def parse(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
     """The parsed command line ``argv`` (None: ``sys.argv[1:]``; argparse exits with a usage
     message on bad input)."""
-    parser = Parser(prog=prog, description=__doc__.splitlines()[0],
+    parser = RankParser(prog=prog, description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -85,7 +85,7 @@ def parse(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
                         help="after the timed steps, profile each configuration (torch.profiler and cProfile; "
                              "rank 0's view) and write the tables to PATH")
     parser.add_argument("--profile-steps", type=int, default=10, help="steps per configuration under each profiler")
-    args = parser.parse_args(argv)
+    args = parser.parse_everywhere(argv)
     check_outputs(parser, files=[("--json", args.json), ("--profile", args.profile)])
     args.configs = args.configs.split(",")
     if args.image is None:
@@ -201,9 +201,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Run the configurations in turns on every rank; rank 0 prints the tables and writes the JSON. Exit status."""
     args = parse(argv, prog)
     comm = Communicator()
-    # Ranks with other settings would run their steps' collectives and the unchecked barriers
-    # between them a different number of times, and wait for good.
-    comm.check_same(vars(args), "step benchmark settings")
     if args.threads:  # after the Communicator, which sizes torch's pool when no thread variable is set
         torch.set_num_threads(args.threads)
     device = bind_device(args.device, comm)

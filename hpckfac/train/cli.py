@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from hpckfac.cli import HelpFormatter
+from hpckfac.cli import HelpFormatter, RankParser
 from hpckfac.torch.device import DEVICE_CHOICES
 from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig, stop_signals
 
@@ -30,8 +30,8 @@ class _UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block, raised to main()
+class _Parser(RankParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block, raised to main()
         raise _UsageError(message)
 
 
@@ -213,7 +213,9 @@ def _rank_failure(comm, exc: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``hpckfac train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        # The outcome alike on every rank; the settings are compared below, where --out and
+        # --data may be other paths on other nodes.
+        args = build_parser().parse_everywhere(argv, compare=False)
     except _UsageError as exc:
         return _fail(str(exc))
     except SystemExit as exc:  # --help

@@ -54,28 +54,76 @@ def test_sizes_beyond_one_machine_are_refused_on_every_rank(comm, argv, capsys, 
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", ["step", "convergence"])
-def test_benchmarks_started_with_other_settings_on_one_rank_fail_on_every_rank(comm, name, monkeypatch):
-    """The last rank asks for one more timed step, or one more seed: bench step ran its steps
-    and the unchecked barriers between them a different number of times and every rank waited
-    for good; bench convergence named the first option of a preconditioner that differed. Both
-    compare their settings first, as bench comm and bench scaling do."""
+@pytest.mark.parametrize("name", ["step", "convergence", "comm"])
+def test_benchmarks_started_with_other_settings_on_one_rank_fail_on_every_rank(comm, name, capsys, monkeypatch):
+    """The last rank asks for one more timed step, one more seed or larger buffers: bench step
+    ran its steps and the unchecked barriers between them a different number of times and
+    every rank waited for good; bench convergence named the first option of a preconditioner
+    that differed. Every benchmark compares its arguments as it parses them: exit 2 on every
+    rank, rank 0 naming the option with the first rank's value and the last rank's."""
     from hpckfac.bench import convergence
-    from hpckfac.comm import CollectiveMismatchError
 
     if comm.size == 1:
         return  # nothing to disagree with: they run (tests/test_bench_step.py, tests/test_train_convergence.py)
     monkeypatch.setattr(convergence, "run_one", None)  # nothing may be trained
     more = 1 + (comm.rank == comm.size - 1)
-    option, argv = {"step": ("steps", ["step", "--steps", str(more), "--warmup", "0", "--batch", "4", "--depth",
-                                       "8", "--width", "4", "--configs", "sgd"]),
-                    "convergence": ("seeds", ["convergence", "--quick", "--seeds", str(more)])}[name]
+    option, argv, values = {
+        "step": ("steps", ["step", "--steps", str(more), "--warmup", "0", "--batch", "4", "--depth", "8", "--width",
+                           "4", "--configs", "sgd"], (1, 2)),
+        "convergence": ("seeds", ["convergence", "--quick", "--seeds", str(more)], (1, 2)),
+        "comm": ("max-bytes", ["comm", "--min-bytes", "64", "--max-bytes", str(1024 * more)], (1024, 2048))}[name]
     start = time.perf_counter()
-    with pytest.raises(CollectiveMismatchError) as info:
-        exit_code(argv)
-    assert str(info.value) == (f"ranks disagree on {name} benchmark settings: {option}: rank 0 has 1, "
-                               f"rank {comm.size - 1} has 2")
-    assert time.perf_counter() - start < LIVENESS_S
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    elapsed = time.perf_counter() - start
+    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    assert elapsed < LIVENESS_S
+    if comm.rank == 0:
+        assert err.splitlines()[-1] == (f"python -m hpckfac.bench {name}: error: the ranks were started with different "
+                                        f"arguments: --{option} is {values[0]} on rank 0, {values[1]} on rank "
+                                        f"{comm.size - 1}")
+    else:
+        assert err == ""  # one copy of the answer
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("last", [["comm", "--max-bytes", "x"], ["comm", "--help"], ["step"]],
+                         ids=["invalid", "help", "other benchmark"])
+def test_an_error_or_help_on_one_rank_only_ends_every_rank(comm, last, capsys):
+    """The last rank alone cannot parse its arguments, asks for --help or runs another benchmark
+    (an MPMD launch): it exited (or printed its help) while the others waited for good in their
+    first collective. Every rank exits 2 at once, rank 0 naming the last rank and its cause."""
+    argv = ["comm", "--min-bytes", "64", "--max-bytes", "1024", "--repeat", "1"]
+    if comm.size == 1:
+        assert exit_code(argv) == 0
+        return
+    start = time.perf_counter()
+    assert exit_code(last if comm.rank == comm.size - 1 else argv) == 2
+    err = capsys.readouterr().err
+    elapsed = time.perf_counter() - start
+    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    assert elapsed < LIVENESS_S
+    end = comm.size - 1
+    cause = {"x": f"rank {end} of {comm.size}: argument --max-bytes: invalid int value: 'x'",
+             "--help": f"rank {end} of {comm.size}: --help",
+             "step": f"rank 0 runs python -m hpckfac.bench comm, rank {end} python -m hpckfac.bench step"}[last[-1]]
+    if comm.rank == 0:
+        assert err.splitlines()[-1] == f"python -m hpckfac.bench comm: error: the ranks were started with different " \
+                                       f"arguments: {cause}"
+    else:
+        assert err == ""
+
+
+@pytest.mark.mpi
+def test_an_error_in_every_rank_is_said_once_as_it_is(comm, capsys):
+    """The same bad argument on every rank: argparse's own message, once, exit 2 everywhere."""
+    assert exit_code(["comm", "--max-bytes", "y"]) == 2
+    err = capsys.readouterr().err
+    if comm.rank == 0:
+        assert err.splitlines()[0].startswith("usage: python -m hpckfac.bench comm")
+        assert err.splitlines()[-1] == "python -m hpckfac.bench comm: error: argument --max-bytes: invalid int value: 'y'"
+    else:
+        assert err == ""
 
 
 @pytest.mark.mpi
