@@ -130,13 +130,19 @@ def _dispatch(argv: list[str] | None) -> int:
     usage = (f"usage: hpckfac {{{'|'.join(commands)}}} [options]  (hpckfac COMMAND --help)\n"
              "  train   train a ResNet with distributed K-FAC, SGD or Adam (mpiexec -n N hpckfac train)\n"
              f"  bench   benchmarks: {', '.join(BENCHMARKS)}")
+    if not (argv and argv[0] in commands) and _world().Get_size() > 1:
+        # Other ranks may have been given a command (an MPMD launch): meet them where they
+        # compare their arguments, so that every rank ends, together, rather than this one alone.
+        RankParser(prog=" ".join(["hpckfac", *argv[:1]]), add_help=False).parse_everywhere([])
     if argv and argv[0] in ("-h", "--help"):
-        print(usage)
+        if _world().Get_rank() == 0:  # one copy of the answer
+            print(usage)
         return 0
     if not argv or argv[0] not in commands:
-        print(usage, file=sys.stderr)
-        if argv:
-            print(f"hpckfac: error: unknown command {argv[0]!r}", file=sys.stderr)
+        if _world().Get_rank() == 0:
+            print(usage, file=sys.stderr)
+            if argv:
+                print(f"hpckfac: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
     import importlib
 

@@ -87,12 +87,13 @@ def test_benchmarks_started_with_other_settings_on_one_rank_fail_on_every_rank(c
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("last", [["comm", "--max-bytes", "x"], ["comm", "--help"], ["step"]],
-                         ids=["invalid", "help", "other benchmark"])
+@pytest.mark.parametrize("last", [["comm", "--max-bytes", "x"], ["comm", "--help"], ["step"], ["comm2"], []],
+                         ids=["invalid", "help", "other benchmark", "unknown benchmark", "no benchmark"])
 def test_an_error_or_help_on_one_rank_only_ends_every_rank(comm, last, capsys):
-    """The last rank alone cannot parse its arguments, asks for --help or runs another benchmark
-    (an MPMD launch): it exited (or printed its help) while the others waited for good in their
-    first collective. Every rank exits 2 at once, rank 0 naming the last rank and its cause."""
+    """The last rank alone cannot parse its arguments, asks for --help, runs another benchmark,
+    one that does not exist or none (an MPMD launch): it exited (or printed its help) while the
+    others waited for good in their first collective. Every rank exits 2 at once, rank 0 naming
+    the last rank and its cause."""
     argv = ["comm", "--min-bytes", "64", "--max-bytes", "1024", "--repeat", "1"]
     if comm.size == 1:
         assert exit_code(argv) == 0
@@ -106,7 +107,9 @@ def test_an_error_or_help_on_one_rank_only_ends_every_rank(comm, last, capsys):
     end = comm.size - 1
     cause = {"x": f"rank {end} of {comm.size}: argument --max-bytes: invalid int value: 'x'",
              "--help": f"rank {end} of {comm.size}: --help",
-             "step": f"rank 0 runs python -m hpckfac.bench comm, rank {end} python -m hpckfac.bench step"}[last[-1]]
+             "step": f"rank 0 runs python -m hpckfac.bench comm, rank {end} python -m hpckfac.bench step",
+             "comm2": f"rank 0 runs python -m hpckfac.bench comm, rank {end} python -m hpckfac.bench comm2",
+             None: f"rank 0 runs python -m hpckfac.bench comm, rank {end} python -m hpckfac.bench"}[(last or [None])[-1]]
     if comm.rank == 0:
         assert err.splitlines()[-1] == f"python -m hpckfac.bench comm: error: the ranks were started with different " \
                                        f"arguments: {cause}"
@@ -159,3 +162,32 @@ def test_scaling_refuses_bad_sizes_once_on_every_rank(comm, argv, message, capsy
     else:
         assert err == ""
     comm.barrier()
+
+
+@pytest.mark.mpi
+def test_an_unknown_command_on_one_rank_only_ends_every_rank(comm, capsys):
+    """``hpckfac trian`` on the last rank, ``hpckfac bench comm`` on the others: the last rank
+    printed the usage and returned while the others waited in the benchmark; every rank exits 2,
+    rank 0 naming both commands."""
+    from hpckfac.cli import main as hpckfac
+
+    argv = ["bench", "comm", "--min-bytes", "64", "--max-bytes", "1024", "--repeat", "1"]
+    last = comm.rank == comm.size - 1 and comm.size > 1
+    start = time.perf_counter()
+    try:
+        status = hpckfac(["trian"] if last else argv)
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err
+    elapsed = time.perf_counter() - start
+    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    assert elapsed < LIVENESS_S
+    if comm.size == 1:
+        assert status == 0
+        return
+    assert status == 2
+    if comm.rank == 0:
+        assert err.splitlines()[-1] == (f"hpckfac bench comm: error: the ranks were started with different arguments: "
+                                        f"rank 0 runs hpckfac bench comm, rank {comm.size - 1} hpckfac trian")
+    else:
+        assert err == ""
