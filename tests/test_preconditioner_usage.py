@@ -306,6 +306,68 @@ def test_evaluation_forwards_in_train_mode_add_nothing(context):
         np.testing.assert_array_equal(got, want)
 
 
+def _torch_func_calls(model, x, y):
+    """The model in train() mode under torch.func's transforms: per-example outputs (vmap), an
+    input gradient for an adversarial example (grad), a Jacobian (jacrev), and per-example
+    parameter gradients (vmap of grad over functional_call with the model's own parameters)."""
+    from torch.func import functional_call, grad, jacrev, vmap
+    params = dict(model.named_parameters())
+
+    def example_loss(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    vmap(model)(x)
+    grad(lambda inputs: nn.functional.cross_entropy(model(inputs), y))(x)
+    jacrev(model)(x[:2])
+    vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def test_forwards_inside_torch_func_transforms_add_nothing():
+    """torch.func transforms of the model in train() mode, between steps and between a training
+    forward and its backward: the factors and gradients are those of the run without them, bit for
+    bit (the hooks read functorch's wrapper tensors, which have no storage, and raised
+    'Cannot access data pointer of Tensor that doesn't have storage')."""
+    def run(transforms):
+        model = mlp()
+        precond = kfac(model, inverse_update_interval=1)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            x, y = torch.randn(8, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            other = torch.randn(5, 5, dtype=torch.float64, generator=gen)
+            if transforms:
+                _torch_func_calls(model, other, y[:5])
+            model.zero_grad()
+            out = model(x)
+            if transforms:
+                _torch_func_calls(model, other, y[:5])
+            nn.functional.cross_entropy(out, y).backward()
+            precond.step()
+        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
+                                                                       for p in model.parameters()]
+
+    got, want = run(True), run(False)
+    assert len(got) == len(want) == 6  # two running factor sets, four gradients
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_a_model_trained_through_vmap_takes_no_statistics_and_is_told(caplog):
+    """A loss on vmap(model)(x) backpropagated as usual: the calls inside vmap are not seen, so
+    step() averages the plain gradient (the same as autograd's, on one rank) and says why."""
+    from torch.func import vmap
+    model = mlp()
+    precond = kfac(model)
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(8, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    with caplog.at_level(logging.WARNING, logger="hpckfac"):
+        nn.functional.cross_entropy(vmap(model)(x), y).backward()
+        plain = [p.grad.clone() for p in model.parameters()]
+        precond.step()
+    assert "torch.func transform such as vmap" in caplog.text
+    for p, want in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+
+
 class AutocastNet(nn.Module):
     """A Linear on float32 inputs, a Conv1d and a Linear on the bfloat16 activations that CPU
     autocast gives them."""

@@ -16,7 +16,8 @@ without them, a layer whose parameters are all frozen) no tensor hook is
 registered at all. A module called several times in a step
 fires once per call; a module not called fires nothing.
 Inside ``recomputing()`` (activation checkpointing's recomputation, through
-``checkpoint_context_fn``) no call is seen at all. A hook acts on the calls of the
+``checkpoint_context_fn``) or a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``) no
+call is seen at all. A hook acts on the calls of the
 module it was registered on only (``OwnedHook``): a deep copy of the model (an EMA or
 ``AveragedModel`` copy) carries the hook along but is not seen.
 
@@ -76,10 +77,24 @@ def recomputing_now() -> int:
     return getattr(_recompute, "depth", 0)
 
 
+# The level of the innermost torch.func transform (vmap, grad, jacrev, jvp, ...) running, None
+# outside them; a torch without it has no such transforms to be inside of.
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+
+
+def in_torch_func() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``, ...) is running:
+    the tensors a module gets there are functorch's wrappers, with no storage to read, and the
+    transform's own derivatives never reach the hooks' tensor hooks."""
+    return _functorch_level is not None and _functorch_level() is not None
+
+
 def counts_call(module: nn.Module) -> bool:
     """Whether a call of ``module`` is a training call the statistics see: in ``train()`` mode,
-    with autograd enabled, and not inside ``recomputing()``."""
-    return module.training and torch.is_grad_enabled() and not recomputing_now()
+    with autograd enabled, not inside ``recomputing()`` and not inside a ``torch.func``
+    transform (``in_torch_func``)."""
+    return (module.training and torch.is_grad_enabled() and not recomputing_now()
+            and not in_torch_func())
 
 
 def checkpoint_context_fn() -> tuple[ContextManager, ContextManager]:

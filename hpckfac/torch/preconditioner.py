@@ -832,7 +832,8 @@ class KFACPreconditioner(UsageChecks):
                          "any rank, their weights used without calling them, an nn.MultiheadAttention's "
                          "projections run under torch.compile or in cross-attention, or inside a "
                          "checkpoint(use_reentrant=True) whose inputs do not require grad, where they get "
-                         "no gradient either); their running factors keep what earlier steps gave them, and a layer "
+                         "no gradient either, or only inside a torch.func transform such as vmap, whose "
+                         "calls are not seen); their running factors keep what earlier steps gave them, and a layer "
                          "with none yet has its gradient only averaged until it gets some (said once per layer)")
 
     @property

@@ -84,8 +84,8 @@ class UsageChecks:
             self._warn_once("no-forward", "step() without a training forward/backward since the last step(): the "
                             ".grad present are averaged and preconditioned with the current inverses, no "
                             "statistics taken (a second step() for one backward preconditions its gradients "
-                            "twice: call step() once per optimizer step; in eval() mode or under torch.no_grad() "
-                            "no statistics are taken)")
+                            "twice: call step() once per optimizer step; in eval() mode, under torch.no_grad() "
+                            "or inside a torch.func transform such as vmap no statistics are taken)")
         elif self.local.examples == 0 and any(self._takes_statistics(i) for i in range(len(self.engine.blocks))):
             # (a model with no K-FAC layer has no statistics to take: construction said so; nor has
             # one whose K-FAC layers are all frozen, fine-tuning only first-order parameters)
