@@ -368,6 +368,45 @@ def test_a_model_trained_through_vmap_takes_no_statistics_and_is_told(caplog):
         torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("change", ["load_state_dict", "double", "channels_last"])
+def test_parameters_swapped_by_torch_after_steps_train_as_converted_in_place(change):
+    """Under ``torch.__future__.set_swap_module_params_on_conversion(True)`` torch swaps each
+    parameter's and gradient's contents (``torch.utils.swap_tensors``) in ``load_state_dict`` and
+    in conversions, and refuses a tensor that has a weak reference: after a step() that was every
+    model (``Couldn't swap Conv2d.weight``). Done after the first and the second step, the run
+    gives the factors and gradients of the same run converting in place, the default, bit for bit."""
+    def run(swap):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        precond = kfac(model, inverse_update_interval=1)
+        gen = torch.Generator().manual_seed(7)
+        before = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        try:
+            for k in range(4):
+                x, y = torch.randn(5, 2, 4, 4, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+                if k in (1, 2) and change == "load_state_dict":
+                    model.load_state_dict({name: t.clone() for name, t in model.state_dict().items()})
+                elif k == 1 and change == "double":
+                    model.double()
+                elif k in (1, 2) and change == "channels_last":
+                    model.to(memory_format=torch.channels_last if k == 1 else torch.contiguous_format)
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x.to(model[0].weight.dtype)), y).backward()
+                precond.step()
+                optimizer.step()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(before)
+        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
+                                                                       for p in model.parameters()]
+
+    got, want = run(True), run(False)
+    assert len(got) == len(want) == 6  # two running factor sets, four gradients
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 class AutocastNet(nn.Module):
     """A Linear on float32 inputs, a Conv1d and a Linear on the bfloat16 activations that CPU
     autocast gives them."""

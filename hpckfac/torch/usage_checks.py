@@ -11,7 +11,6 @@ what each says.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,28 @@ from hpckfac.log import get_logger
 from hpckfac.torch.distributed import DIFFERENT_MODELS, gradients_alike, replica_difference
 
 _log = get_logger("hpckfac.torch")
+
+
+# Attributes naming the .grad tensors that step() wrote, by which the checks find them again.
+_WRITTEN, _WATCHED = "_hpckfac_written", "_hpckfac_watched"
+
+
+def _mark(grad: torch.Tensor, attribute: str) -> object:
+    """A new token, set on ``grad`` as ``attribute``: ``_marked`` tells by it whether a parameter's
+    ``.grad`` is still this very tensor. Neither a weak reference, as torch refuses to swap a
+    tensor that has one (``torch.__future__.set_swap_module_params_on_conversion(True)`` in
+    ``model.to(...)``, ``model.double()``, ``model.load_state_dict(...)``), nor a strong one, which
+    would keep the gradient's memory after ``zero_grad()``."""
+    token = object()
+    setattr(grad, attribute, token)
+    return token
+
+
+def _marked(param: torch.Tensor, token: object | None, attribute: str) -> torch.Tensor | None:
+    """``param.grad`` when it is the tensor ``_mark`` gave ``token``, else None (also for a
+    ``token`` of None: no tensor followed)."""
+    grad = param.grad
+    return grad if token is not None and grad is not None and getattr(grad, attribute, None) is token else None
 
 
 class UsageChecks:
@@ -141,17 +162,16 @@ class UsageChecks:
                 continue
             seen.add(id(p))
             # The .grad followed, whether a backward met it so, and whether the gradient arriving
-            # now meets it so: a list, which the hooks update in place. The .grad by weak
-            # reference: zero_grad() must free it before the next forward, not leave a second
+            # now meets it so: a list, which the hooks update in place. The .grad by a mark
+            # (``_mark``): zero_grad() must free it before the next forward, not leave a second
             # copy of the gradients through it.
-            watch = [p, weakref.ref(p.grad), False, False]
+            watch = [p, _mark(p.grad, _WATCHED), False, False]
 
             def arriving(incoming: torch.Tensor, watch: list = watch) -> None:
-                p, ref = watch[:2]
-                grad = None if ref is None else ref()
+                grad = _marked(*watch[:2], _WATCHED)
                 # Zeroed in place (``zero_grad(set_to_none=False)``, through ``.data``), the tensor
                 # stays, so the values decide (one read, only where it is still the one followed).
-                watch[3] = grad is not None and p.grad is grad and bool(grad.any())
+                watch[3] = grad is not None and bool(grad.any())
 
             def accumulated(p: nn.Parameter, watch: list = watch) -> None:
                 # Only a gradient added to .grad counts: torch.autograd.grad(loss, params) runs the
@@ -180,8 +200,8 @@ class UsageChecks:
             return
         self._remove_written_hooks()
         watched, self._written_watch = self._written_watch, []
-        if any(met and grad is not None and p.grad is grad and bool(grad.any())
-               for p, ref, met, _ in watched for grad in [None if ref is None else ref()]):
+        if any(met and grad is not None and bool(grad.any())
+               for p, token, met, _ in watched for grad in [_marked(p, token, _WATCHED)]):
             # A layer left out of the optimizer but still requiring grad is never zeroed by its
             # zero_grad(): the same sum, which the KL clip of every layer then counts, growing.
             self._warn_once("grad-kept", "the .grad that the first step() wrote was still in place when the next "
@@ -198,8 +218,8 @@ class UsageChecks:
         (one read per step, for ``_written_unchanged``). A frozen parameter's ``.grad`` is none that
         ``step()`` wrote: one kept from before it was frozen stays in place whatever the loop does."""
         param = next((p for p in covered if p.requires_grad and p.grad is not None), None)
-        self._written_grad = None if param is None else (weakref.ref(param), weakref.ref(param.grad),
-                                                         param.grad._version)
+        # The parameter itself: the model holds it anyway (a removed layer's .grad is set to None).
+        self._written_grad = None if param is None else (param, _mark(param.grad, _WRITTEN), param.grad._version)
 
     def _written_unchanged(self) -> bool:
         """Whether the ``.grad`` the last ``step()`` wrote is still in place and untouched: this
@@ -210,10 +230,9 @@ class UsageChecks:
         second ``step()`` (one read, only where no forward ran and the version is unchanged)."""
         if self._written_grad is None:
             return False
-        param, grad, version = self._written_grad
-        param, grad = param(), grad()
-        return (param is not None and grad is not None and param.requires_grad and param.grad is grad
-                and grad._version == version
+        param, token, version = self._written_grad
+        grad = _marked(param, token, _WRITTEN)
+        return (grad is not None and param.requires_grad and grad._version == version
                 and bool(grad.any()))
 
     def _note_accumulated(self, param: nn.Parameter) -> None:
