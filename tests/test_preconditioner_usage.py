@@ -2,6 +2,7 @@
 one backward, activation checkpointing across several forwards, and torch.compile, each against
 factors computed independently here (autograd's own tensors, or the eager model's factors)."""
 import contextlib
+import copy
 import logging
 import os
 import subprocess
@@ -405,6 +406,33 @@ def test_parameters_swapped_by_torch_after_steps_train_as_converted_in_place(cha
     assert len(got) == len(want) == 6  # two running factor sets, four gradients
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_a_forward_hook_registered_before_that_replaces_the_output_leaves_g_the_layers_own():
+    """A user's forward hook registered on a K-FAC layer before the preconditioner, returning
+    another output (here ``0.5 y + 0.1``): G is the layer's own output gradient's, from autograd
+    on a copy with the scaling written out, and A its input's (float64); before, the
+    preconditioner's hook ran second and took the gradient of the hook's output, 0.5 times the
+    layer's, so G was a quarter of it."""
+    from hpckfac.ops.packing import unpack_upper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    plain = copy.deepcopy(model)
+    model[0].register_forward_hook(lambda module, args, out: 0.5 * out + 0.1)
+    precond = kfac(model)
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(7, 6, dtype=torch.float64, generator=gen), torch.randint(0, 3, (7,), generator=gen)
+    nn.functional.cross_entropy(model(x), y).backward()
+    precond.step()
+    out = plain[0](x)
+    out.retain_grad()
+    nn.functional.cross_entropy(plain[2](plain[1](0.5 * out + 0.1)), y).backward()
+    rows, g = torch.cat([x, torch.ones(7, 1, dtype=torch.float64)], 1), out.grad * 7
+    packed = precond.state_dict()["blocks"]["0"]["factors"].numpy()
+    a, g_factor = unpack_upper(packed[:28], 1, 7)[0], unpack_upper(packed[28:], 1, 5)[0]
+    np.testing.assert_allclose(a, (rows.T @ rows / 7).numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(g_factor, (g.T @ g / 7).numpy(), rtol=1e-12, atol=1e-14)
 
 
 class AutocastNet(nn.Module):

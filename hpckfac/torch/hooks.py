@@ -4,7 +4,8 @@ its output tensor) the gradient of its output, to callbacks.
 A forward hook passes the module's input ``a`` (its first argument, positional
 or by keyword; further arguments are not captured) and registers a tensor hook on
 the output, which autograd calls with the gradient of the loss with respect
-to that output. Tensor hooks, unlike module backward hooks, leave the output
+to that output. It runs before the module's other forward hooks, so that it sees the
+output of the module's ``forward`` whatever they return in its place. Tensor hooks, unlike module backward hooks, leave the output
 as it is, so ``nn.ReLU(inplace=True)`` after a preconditioned layer works: a
 hook registered before an in-place change still receives the gradient with
 respect to the value the layer produced. ``on_input`` returns a token for the
@@ -136,8 +137,11 @@ class CaptureHooks:
         # Attention layers are seen through their tap only: their own call's input is the query,
         # its output a tuple, neither the in-projection's.
         tapped = {id(layer) for _, layer, _ in attention}
+        # First among the module's forward hooks: one registered before that returns another
+        # output (a scaled or masked activation) would otherwise hand its output, not the layer's,
+        # to the tensor hook, whose gradient G would then take. The input is forward's either way.
         self.handles = [module.register_forward_hook(OwnedHook(module, self._forward(
-                            index, broadcast[index], _input_name(module))), with_kwargs=True)
+                            index, broadcast[index], _input_name(module))), with_kwargs=True, prepend=True)
                         for index, module in enumerate(modules) if id(module) not in tapped]
         self._open = threading.local()  # per thread, the taps entered and not yet left
         self._told: set[int] = set()  # the attention layers a warning named as called for cross-attention
