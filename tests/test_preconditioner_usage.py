@@ -352,6 +352,38 @@ def test_forwards_inside_torch_func_transforms_add_nothing():
         np.testing.assert_array_equal(g, w)
 
 
+def test_a_vectorized_backward_between_forward_and_backward_adds_nothing():
+    """Rows of the input Jacobian of a training forward by a vectorized backward
+    (``torch.autograd.grad(..., is_grads_batched=True)``, autograd's own vmap), then the loss's
+    backward: the factors and gradients are those of the run without the Jacobian, bit for bit
+    (the output's tensor hook got the batched gradients and raised 'Batching rule not
+    implemented for aten::detach'); so with ``jacobian(..., vectorize=True)`` of a forward run
+    under ``recomputing()``, as the docs advise for forwards that are not the loss's."""
+    def run(jacobian):
+        model = mlp()
+        precond = kfac(model, inverse_update_interval=1)
+        gen = torch.Generator().manual_seed(9)
+        for _ in range(3):
+            x = torch.randn(8, 5, dtype=torch.float64, generator=gen).requires_grad_()
+            y = torch.randint(0, 3, (8,), generator=gen)
+            model.zero_grad()
+            out = model(x)
+            if jacobian:
+                rows = torch.eye(3, dtype=torch.float64)[:, None, :].expand(3, 8, 3)
+                torch.autograd.grad(out, x, grad_outputs=rows, is_grads_batched=True, retain_graph=True)
+                with recomputing():
+                    torch.autograd.functional.jacobian(model, x[:2].detach(), vectorize=True)
+            nn.functional.cross_entropy(out, y).backward()
+            precond.step()
+        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
+                                                                       for p in model.parameters()]
+
+    got, want = run(True), run(False)
+    assert len(got) == len(want) == 6  # two running factor sets, four gradients
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_a_model_trained_through_vmap_takes_no_statistics_and_is_told(caplog):
     """A loss on vmap(model)(x) backpropagated as usual: the calls inside vmap are not seen, so
     step() averages the plain gradient (the same as autograd's, on one rank) and says why."""

@@ -79,8 +79,13 @@ def recomputing_now() -> int:
 
 
 # The level of the innermost torch.func transform (vmap, grad, jacrev, jvp, ...) running, None
-# outside them; a torch without it has no such transforms to be inside of.
-_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+# outside them, and the tests for its wrapper tensors and for the batched tensors of autograd's
+# own vmap (torch.autograd.grad(..., is_grads_batched=True), jacobian(..., vectorize=True)); a
+# torch without them has none of these to meet.
+_functorch = getattr(torch._C, "_functorch", None)
+_functorch_level = getattr(_functorch, "maybe_current_level", None)
+_wrapper_tests = [test for test in (getattr(_functorch, "is_functorch_wrapped_tensor", None),
+                                    getattr(_functorch, "is_legacy_batchedtensor", None)) if test is not None]
 
 
 def in_torch_func() -> bool:
@@ -88,6 +93,14 @@ def in_torch_func() -> bool:
     the tensors a module gets there are functorch's wrappers, with no storage to read, and the
     transform's own derivatives never reach the hooks' tensor hooks."""
     return _functorch_level is not None and _functorch_level() is not None
+
+
+def batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a batch of tensors seen as one (a vmap's), as the output gradients of a
+    vectorized backward are (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``torch.autograd.functional.jacobian(..., vectorize=True)``): rows of a Jacobian, no loss's
+    gradient, and nothing a statistic could read (``detach()`` has no batching rule)."""
+    return any(test(t) for test in _wrapper_tests)
 
 
 def counts_call(module: nn.Module) -> bool:
@@ -187,7 +200,8 @@ class CaptureHooks:
         token = self._on_input(index, a, output, **layout)
         if isinstance(output, torch.Tensor) and output.requires_grad:
             on_output_grad, view = self._on_output_grad, batch_first or (lambda grad: grad)
-            output.register_hook(lambda grad: on_output_grad(index, view(grad), token))
+            # A vectorized backward's gradients are left for the call's loss backward to come.
+            output.register_hook(lambda grad: None if batched(grad) else on_output_grad(index, view(grad), token))
         return replaced
 
     def _enter(self, name: str, indices: TapIndices):
