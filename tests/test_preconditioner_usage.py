@@ -467,6 +467,26 @@ def test_a_forward_hook_registered_before_that_replaces_the_output_leaves_g_the_
     np.testing.assert_allclose(g_factor, (g.T @ g / 7).numpy(), rtol=1e-12, atol=1e-14)
 
 
+def test_gradients_that_step_wrote_save_and_load_with_weights_only():
+    """The .grad tensors step() wrote (the first K-FAC parameter's, marked for the second-step
+    check, and every one between the first and second step, marked for the zero_grad() check)
+    save with torch.save and load with torch.load(weights_only=True) as the same values."""
+    import io
+
+    model = mlp()
+    precond = kfac(model)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for _ in range(2):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        buffer = io.BytesIO()
+        torch.save([p.grad for p in model.parameters()], buffer)
+        buffer.seek(0)
+        for loaded, p in zip(torch.load(buffer, weights_only=True), model.parameters()):
+            torch.testing.assert_close(loaded, p.grad, rtol=0, atol=0)
+
+
 class AutocastNet(nn.Module):
     """A Linear on float32 inputs, a Conv1d and a Linear on the bfloat16 activations that CPU
     autocast gives them."""

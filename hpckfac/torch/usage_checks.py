@@ -11,6 +11,7 @@ what each says.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -25,26 +26,28 @@ from hpckfac.torch.distributed import DIFFERENT_MODELS, gradients_alike, replica
 _log = get_logger("hpckfac.torch")
 
 
-# Attributes naming the .grad tensors that step() wrote, by which the checks find them again.
+# Attributes naming the .grad tensors that step() wrote, by which the checks find them again, and
+# their tokens: integers, which a tensor saved with them loads with (torch.load(weights_only=True)).
 _WRITTEN, _WATCHED = "_hpckfac_written", "_hpckfac_watched"
+_tokens = itertools.count(1)
 
 
-def _mark(grad: torch.Tensor, attribute: str) -> object:
+def _mark(grad: torch.Tensor, attribute: str) -> int:
     """A new token, set on ``grad`` as ``attribute``: ``_marked`` tells by it whether a parameter's
     ``.grad`` is still this very tensor. Neither a weak reference, as torch refuses to swap a
     tensor that has one (``torch.__future__.set_swap_module_params_on_conversion(True)`` in
     ``model.to(...)``, ``model.double()``, ``model.load_state_dict(...)``), nor a strong one, which
     would keep the gradient's memory after ``zero_grad()``."""
-    token = object()
+    token = next(_tokens)
     setattr(grad, attribute, token)
     return token
 
 
-def _marked(param: torch.Tensor, token: object | None, attribute: str) -> torch.Tensor | None:
+def _marked(param: torch.Tensor, token: int | None, attribute: str) -> torch.Tensor | None:
     """``param.grad`` when it is the tensor ``_mark`` gave ``token``, else None (also for a
     ``token`` of None: no tensor followed)."""
     grad = param.grad
-    return grad if token is not None and grad is not None and getattr(grad, attribute, None) is token else None
+    return grad if token is not None and grad is not None and getattr(grad, attribute, None) == token else None
 
 
 class UsageChecks:
@@ -200,8 +203,12 @@ class UsageChecks:
             return
         self._remove_written_hooks()
         watched, self._written_watch = self._written_watch, []
-        if any(met and grad is not None and bool(grad.any())
-               for p, token, met, _ in watched for grad in [_marked(p, token, _WATCHED)]):
+        kept = any(met and grad is not None and bool(grad.any())
+                   for p, token, met, _ in watched for grad in [_marked(p, token, _WATCHED)])
+        for p, token, _, _ in watched:  # the marks are read no more
+            if _marked(p, token, _WATCHED) is not None:
+                delattr(p.grad, _WATCHED)
+        if kept:
             # A layer left out of the optimizer but still requiring grad is never zeroed by its
             # zero_grad(): the same sum, which the KL clip of every layer then counts, growing.
             self._warn_once("grad-kept", "the .grad that the first step() wrote was still in place when the next "
