@@ -37,14 +37,28 @@ def mlp():
 
 
 @pytest.mark.parametrize("name,value", [
-    ("lr", 0.0), ("lr", "fast"), ("damping", -1.0), ("damping", math.nan), ("damping", 1e300), ("factor_decay", 1.0),
-    ("factor_update_interval", 0), ("inverse_update_interval", 1.5), ("kl_clip", -1.0),
+    ("lr", 0.0), ("lr", "fast"), ("damping", -1.0), ("damping", 0.0), ("damping", math.nan), ("damping", 1e300),
+    ("damping", 2e18), ("factor_decay", 1.0), ("factor_update_interval", 0), ("kl_clip", False), ("inverse_update_interval", 1.5), ("kl_clip", -1.0),
     ("assignment", "random"), ("factor_dtype", "int8"), ("bucket_bytes", 0), ("accumulation_steps", 0),
     ("skip_layers", [3]), ("grad_scaler", object()),
 ])
 def test_invalid_options_name_the_parameter(comm, name, value):
     with pytest.raises(ValueError, match=name):
         KFACPreconditioner(mlp(), comm=comm, **{name: value})
+
+
+def test_check_options_names_an_unknown_option_and_a_bad_assignment():
+    """The engine's option table itself refuses a name it does not know and an assignment that is
+    not one of ``ASSIGNMENTS`` with a ValueError naming it (the bridge and ``hpckfac train`` pass
+    their options through it), rather than a KeyError or a later error of the assignment."""
+    from hpckfac.stages.options import check_options
+
+    with pytest.raises(ValueError, match=r"^damping_rate: unknown option \(known: damping, factor_decay, "):
+        check_options(damping_rate=0.1)
+    with pytest.raises(ValueError, match=r"^assignment: expected one of \('lpt', 'contiguous'\), got 'random'$"):
+        check_options(assignment="random")
+    assert check_options(assignment="contiguous", damping=1e18, factor_decay=0.0) == {
+        "assignment": "contiguous", "damping": 1e18, "factor_decay": 0.0}
 
 
 def test_skip_layers_none_skips_nothing(comm):
