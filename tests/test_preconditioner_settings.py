@@ -163,12 +163,13 @@ def test_a_kfac_pytorch_state_dict_is_named_as_such(comm):
 
 def test_a_state_with_other_keys_is_not_named_a_kfac_pytorch_one(comm):
     """Named as kfac-pytorch's only with its ``steps`` and every layer's ``A`` and ``G`` (or its
-    intervals): factors per layer without ``steps``, or layers holding something else, are some
-    other state, refused without the kfac-pytorch hint."""
+    intervals): factors per layer without ``steps``, or layers holding something else or an ``A``
+    alone, are some other state, refused without the kfac-pytorch hint."""
     precond = KFACPreconditioner(mlp(), comm=comm)
     factors = {"A": torch.randn(6, 6), "G": torch.randn(4, 4)}
     for other in ({"layers": {"0": factors}},
-                  {"steps": 3, "layers": {"0": factors, "2": {"weight": torch.randn(3, 4)}}}):
+                  {"steps": 3, "layers": {"0": factors, "2": {"weight": torch.randn(3, 4)}}},
+                  {"steps": 3, "layers": {"0": {"A": factors["A"]}}}):
         with pytest.raises(ValueError, match="not a preconditioner's state_dict") as refused:
             precond.load_state_dict(other)
         assert "kfac-pytorch" not in str(refused.value)

@@ -1,4 +1,5 @@
 """KFACPreconditioner checkpoints, bf16 autocast, GradScaler and non-finite gradients (one process)."""
+import copy
 import io
 
 import numpy as np
@@ -544,6 +545,8 @@ def trained(comm):
     (lambda s: s["blocks"]["1"]["factors"].__setitem__(0, float("nan")), "has non-finite factors"),
     (lambda s: s["blocks"]["4"]["inverses"][1].__setitem__((0, 0), float("inf")), "has non-finite inverses"),
     (lambda s: s.__setitem__("steps", -3), "steps must be an integer >= 0"),
+    (lambda s: s.__setitem__("steps", -1), "steps must be an integer >= 0"),
+    (lambda s: s.__setitem__("steps", True), "steps must be an integer >= 0, got True"),
     (lambda s: s.__setitem__("steps", 2.5), "steps must be an integer >= 0"),
     (lambda s: s.__setitem__("steps", torch.tensor(6.5)), "steps must be an integer >= 0"),
     (lambda s: s.__setitem__("steps", torch.tensor(1e20)), "steps must be an integer >= 0"),
@@ -554,6 +557,10 @@ def trained(comm):
     (lambda s: s.pop("hyperparameters"), "not a preconditioner's state_dict\\(\\): no hyperparameters"),
     (lambda s: s["blocks"]["4"]["inverses"][0].neg_(), "not symmetric with a positive diagonal"),
     (lambda s: s["blocks"]["4"]["inverses"][1][0, 0, 1].add_(1.0), "not symmetric with a positive diagonal"),
+    # A zero on the diagonal, and an asymmetry of 1% of the largest entry (ten times the tolerance).
+    (lambda s: s["blocks"]["4"]["inverses"][1].__setitem__((0, 1, 1), 0.0), "not symmetric with a positive diagonal"),
+    (lambda s: s["blocks"]["4"]["inverses"][1][0, 0, 1].add_(1e-2 * s["blocks"]["4"]["inverses"][1].abs().max()),
+     "not symmetric with a positive diagonal"),
     (lambda s: s["blocks"]["4"].__setitem__("inverses", "abc"), "block .4. has inverses of type ndarray, expected a list"),
     (lambda s: s["blocks"]["4"].__setitem__("inverses", [[1.0]]), "block .4. has inverses of shapes"),
     (lambda s: s["blocks"]["0"].__setitem__("factors", "abc"), "factors of shape"),
@@ -652,6 +659,51 @@ def test_a_checkpoints_learning_rate_wins_unless_the_caller_schedules_it(comm, c
     scheduled = KFACPreconditioner(model_and_data()[0], comm=comm, **dict(OPTIONS, lr=schedule))
     scheduled.load_state_dict(state)
     assert scheduled.lr is schedule and scheduled.current_lr() == 0.5 / (state["steps"] + 1)
+
+
+def test_a_checkpoint_without_a_kl_clip_switches_the_callers_clip_off(comm):
+    """A checkpoint saved without a KL clip (``kl_clip`` None) wins over the caller's clip as any
+    other saved hyperparameter: the loaded run steps as the uninterrupted one does, whose steps
+    the clip would have scaled."""
+    model, data = model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=OPTIONS["lr"])
+    precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, kl_clip=None))
+    train(model, opt, precond, data[:4])
+    state = copy.deepcopy(precond.state_dict())
+    assert state["hyperparameters"]["kl_clip"] is None
+    resumed_model = copy.deepcopy(model)
+    resumed = KFACPreconditioner(resumed_model, comm=comm, **OPTIONS)
+    resumed.load_state_dict(state)
+    assert resumed.engine.kl_clip is None
+    clipped_model = copy.deepcopy(model)
+    clipped = KFACPreconditioner(clipped_model, comm=comm, **OPTIONS)
+    clipped.load_state_dict({**state, "hyperparameters": {**state["hyperparameters"], "kl_clip": OPTIONS["kl_clip"]}})
+    x, y = data[4]
+    grads = []
+    for net, pre in ((model, precond), (resumed_model, resumed), (clipped_model, clipped)):
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        pre.step()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert resumed.engine.last_nu == 1.0 and clipped.engine.last_nu < 1.0
+    for got, want, clip in zip(grads[1], grads[0], grads[2]):
+        assert torch.equal(got, want)
+    assert not all(torch.allclose(c, w) for c, w in zip(grads[2], grads[0]))
+
+
+@pytest.mark.parametrize("name", ["damping", "factor_decay"])
+def test_a_callers_schedule_stays_over_a_checkpoints_constant(comm, name):
+    """A schedule passed by the caller for ``damping`` or ``factor_decay`` stays after loading a
+    checkpoint that saved a constant for it (as a scheduled lr does), read at the loaded step
+    count; the checkpoint's other settings win."""
+    state = trained(comm).state_dict()
+    assert state["hyperparameters"][name] == OPTIONS.get(name, 0.95)
+    schedule = {"damping": lambda k: 0.3 / (k + 1), "factor_decay": lambda k: 0.5 - 0.01 * k}[name]
+    scheduled = KFACPreconditioner(model_and_data()[0], comm=comm, **dict(OPTIONS, kl_clip=0.5, **{name: schedule}))
+    scheduled.load_state_dict(state)
+    assert getattr(scheduled.engine, name) is schedule
+    assert scheduled.engine.current(name) == schedule(state["steps"])
+    assert scheduled.engine.kl_clip == OPTIONS["kl_clip"]
 
 
 def test_checkpoints_with_unstacked_kronecker_inverses_still_load(comm):

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from hpckfac.comm import CollectiveMismatchError
 from hpckfac.layers import BatchNormBlock, ConvBlock, LinearBlock
 from hpckfac.stages.engine import KFACEngine
 
@@ -478,3 +479,79 @@ def test_engine_state_with_factors_but_no_inverses_round_trips_and_inverts_them(
     saved = resumed.state_dict()["blocks"][name]["inverses"]
     for x, y in zip(saved, state["blocks"][name]["inverses"]):
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("what", ["grads", "stats"])
+@pytest.mark.parametrize("count", [3, 5])
+def test_engine_refuses_another_count_of_gradients_or_statistics(comm, what, count):
+    """A step given fewer or more gradient matrices (or, at a factor step, statistics) than it
+    has blocks raises ValueError on every rank before any collective, naming the count, and leaves
+    the engine as it was: its next step matches the dense oracle's first."""
+    blocks = make_blocks()
+    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, kl_clip=None, comm_dtype=np.float64)
+    dense, packed, grads = draw(np.random.default_rng(3), blocks, comm.size)
+    given = {"grads": grads[comm.rank], "stats": packed[comm.rank]}
+    given[what] = (given[what] * 2)[:count]
+    message = (r"^grads: expected 4 gradient matrices, got %d$" % count if what == "grads" else
+               r"^stats: a factor-update step needs one entry per block \(4\)$")
+    with pytest.raises(ValueError, match=message):
+        engine.step(given["grads"], given["stats"], lr=LR)
+    assert engine.steps == 0
+    oracle = Oracle(blocks, None)
+    oracle.update(dense, [[True] * len(blocks)] * comm.size, DECAY)
+    oracle.invert(DAMPING)
+    want, _ = oracle.precondition(grads, DAMPING)
+    out = engine.step(grads[comm.rank], packed[comm.rank], lr=LR)
+    for got, expected in zip(out, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.mpi
+def test_engine_ranks_loaded_at_other_step_counts_fail_on_every_rank(comm):
+    """Ranks that load states of the same settings but other step counts (each rank its own
+    checkpoint) raise CollectiveMismatchError on every rank at the next step, naming the step
+    counts, rather than stepping on at different steps (both factor steps here, so their
+    collectives alone would match). At one rank the loaded count goes on."""
+    blocks = make_blocks()
+    kwargs = dict(damping=DAMPING, factor_decay=DECAY, inverse_update_interval=10, kl_clip=None,
+                  comm_dtype=np.float64)
+    engine = KFACEngine(blocks, comm, **kwargs)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        _, packed, grads = draw(rng, blocks, comm.size)
+        engine.step(grads[comm.rank], packed[comm.rank], lr=LR)
+    state = engine.state_dict()
+    last = comm.rank == comm.size - 1
+    engine.load_state_dict({**state, "steps": 3 + last})
+    _, packed, grads = draw(rng, blocks, comm.size)
+    if comm.size == 1:
+        engine.step(grads[0], packed[0], lr=LR)
+        assert engine.steps == 5
+        return
+    with pytest.raises(CollectiveMismatchError, match=r"step: .*rank %d has 4.*load_state_dict\(\) must run on "
+                                                      r"every rank" % (comm.size - 1)):
+        engine.step(grads[comm.rank], packed[comm.rank], lr=LR)
+
+
+@pytest.mark.mpi
+def test_engine_step_checks_and_uses_the_settings_it_is_given(comm):
+    """``damping`` passed to ``step`` in ``settings`` (a value the caller took from
+    ``current_settings``) is checked as the engine's own is: an invalid one raises ValueError
+    naming it, at that step, before anything runs; a valid one is the step's damping, not the
+    engine's attribute."""
+    blocks = make_blocks()
+    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, kl_clip=None, comm_dtype=np.float64)
+    dense, packed, grads = draw(np.random.default_rng(6), blocks, comm.size)
+    with pytest.raises(ValueError, match=r"^damping: .*got 0\.0 \(at step 0\)$"):
+        engine.step(grads[comm.rank], packed[comm.rank], lr=LR, settings={"damping": 0.0})
+    assert engine.steps == 0
+    given = 7 * DAMPING
+    oracle = Oracle(blocks, None)
+    oracle.update(dense, [[True] * len(blocks)] * comm.size, DECAY)
+    oracle.invert(given)
+    want, _ = oracle.precondition(grads, given)
+    out = engine.step(grads[comm.rank], packed[comm.rank], lr=LR, settings={"damping": given})
+    assert engine.damping == DAMPING
+    for got, expected in zip(out, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
