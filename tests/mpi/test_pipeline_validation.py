@@ -318,6 +318,31 @@ def test_a_rank_that_skips_its_backward_under_a_frozen_first_layer_with_a_kept_g
     precond.remove_hooks()
 
 
+@pytest.mark.mpi
+def test_ranks_in_eval_mode_that_zero_their_gradients_in_place_or_to_none_step_together(comm):
+    """Every rank backpropagates in eval() mode (no training forward, so no statistics) and the
+    last rank zeroes its gradients in place while the others set them to None: its backward adds
+    to the .grad the last step() wrote, which is then a new gradient, not a second step() for one
+    backward. Every rank steps, and each step's .grad is the mean of the ranks' plain gradients
+    (nothing inverted yet), computed here from every rank's batch."""
+    net = model(3).double().eval()
+    precond = KFACPreconditioner(net, comm=comm)
+    reference = copy.deepcopy(net)
+    batches = [[torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * k + r))
+                for r in range(comm.size)] for k in range(3)]
+    for k, xs in enumerate(batches):
+        net.zero_grad(set_to_none=comm.rank != comm.size - 1)
+        net(xs[comm.rank]).pow(2).mean().backward()
+        precond.step()
+        want = [torch.zeros_like(p) for p in reference.parameters()]
+        for x in xs:
+            for total, g in zip(want, torch.autograd.grad(reference(x).pow(2).mean(), list(reference.parameters()))):
+                total += g / comm.size
+        for p, w in zip(net.parameters(), want):
+            torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+    precond.remove_hooks()
+
+
 # (name, shape, requires_grad, K-FAC block or -1) of each parameter, as ``structure`` gives them:
 # two K-FAC layers "a" and "b" and a first-order "n".
 AGREED = (("a.weight", (3, 2), True, 0), ("a.bias", (3,), True, 0), ("b.weight", (1, 3), True, 1),
@@ -361,12 +386,16 @@ def test_without_the_agreed_structure_the_most_common_one_then_the_lowest_rank_i
 
 
 def test_changes_names_a_parameter_moved_to_the_first_layer_and_counts_those_past_four(agreement):
+    """Up to four differences are named; past them, how many more (none counted at four)."""
     assert agreement.changes(AGREED, varied(("b.weight", 3, 0))) == "b.weight in K-FAC layer a"
     assert agreement.changes(AGREED, varied(("b.weight", 3, -1))) == "b.weight in a new module, not K-FAC layer b's"
     many = varied(("a.weight", 2, False), ("a.bias", 2, False), ("b.weight", 1, (2, 3)), ("b.bias", 1, (2,)),
                   ("n.weight", 2, False)) + (("x.weight", (2,), True, -1),)
     assert agreement.changes(AGREED, many) == ("a.weight frozen, a.bias frozen, b.weight of shape (2, 3), not (1, 3), "
                                                "b.bias of shape (2,), not (1,) and 2 more differences")
+    four = varied(("a.weight", 2, False), ("a.bias", 2, False), ("b.weight", 1, (2, 3)), ("n.weight", 2, False))
+    assert agreement.changes(AGREED, four) == ("a.weight frozen, a.bias frozen, b.weight of shape (2, 3), not (1, 3), "
+                                               "n.weight frozen")
 
 
 @pytest.mark.mpi(min_size=3)
