@@ -234,15 +234,22 @@ def test_a_model_changed_on_one_rank_only_fails_on_every_rank(comm, change):
 
 
 @pytest.mark.mpi
-def test_a_second_step_on_one_rank_only_fails_on_every_rank(comm):
+@pytest.mark.parametrize("first", ["trained", "frozen with a kept .grad"])
+def test_a_second_step_on_one_rank_only_fails_on_every_rank(comm, first):
     """The last rank calls step() twice for one backward. Its extra step() meets the others' next
     one, whose collectives have the same lengths: each rank's optimizer would then apply another
     step's gradient and the replicas train apart without an error. Its step() finds the .grad its
     last one wrote untouched, which travels with the structure's digest, so every rank raises
-    CollectiveMismatchError naming that rank, at that step. Alone, the second step() is a warning."""
+    CollectiveMismatchError naming that rank, at that step. Alone, the second step() is a warning.
+    A first K-FAC layer frozen with a .grad kept from before (a warm start) is passed over: the
+    .grad followed is the first trained layer's."""
     net = model(3)
-    precond = KFACPreconditioner(net, comm=comm)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(comm.rank))
+    if first != "trained":
+        net(x).pow(2).mean().backward()
+        net[0].requires_grad_(False)
+        net[2].zero_grad()
+    precond = KFACPreconditioner(net, comm=comm)
     net(x).pow(2).mean().backward()
     precond.step()
     last = comm.rank == comm.size - 1
