@@ -349,6 +349,69 @@ def test_a_first_loss_without_any_gradient_is_not_named(comm, caplog, set_to_non
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
+@pytest.mark.mpi
+def test_zeros_between_backward_and_step_are_named_where_every_backward_left_some_zero_entries(comm, caplog):
+    """zero_grad() to zeros between backward() and step(), on a model whose every gradient has
+    zero entries of its own (an input feature that is always 0, a hidden unit whose weights are 0):
+    the backward still left nonzero entries, so the first step() names the zeroing, on rank 0,
+    and the model never changes."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight[0].zero_()  # hidden unit 0 is always 0: a zero column in the head's gradient
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(comm.rank + 1)
+    precond = KFACPreconditioner(model, comm=comm, lr=0.1)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):
+            x, y = torch.randn(5, 3, generator=gen), torch.randint(0, 2, (5,), generator=gen)
+            x[:, 0] = 0.0  # a zero column in the first layer's gradient
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            assert all(p.grad.eq(0).any() and p.grad.ne(0).any() for p in model.parameters())
+            optimizer.zero_grad(set_to_none=False)
+            precond.step()
+            optimizer.step()
+    precond.remove_hooks()
+    said = caplog.text.count("every gradient is zero at the first step(), on every rank")
+    assert comm.allgather_object(said) == [1] + [0] * (comm.size - 1), caplog.text  # failing on every rank
+    for p, q in zip(model.parameters(), start):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.mpi
+def test_parameters_added_after_construction_are_named_by_rank_zero_alone(comm, caplog):
+    """A layer appended to the model after the preconditioner was built, alike on every rank, is
+    averaged first-order: its gradient is the mean of the ranks' (computed here from every rank's
+    batch), and rank 0 alone names it, once."""
+    from hpckfac.torch import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    precond = KFACPreconditioner(model, comm=comm)
+    model.append(nn.Linear(2, 2).double())
+    reference = copy.deepcopy(model)
+    xs = [torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in range(comm.size)]
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        for _ in range(2):
+            model.zero_grad()
+            model(xs[comm.rank]).pow(2).mean().backward()
+            precond.step()
+    precond.remove_hooks()
+    said = caplog.text.count("added to the model after the preconditioner was built are averaged first-order")
+    assert comm.allgather_object(said) == [1] + [0] * (comm.size - 1), caplog.text  # failing on every rank
+    assert "3.weight, 3.bias" in caplog.text or comm.rank != 0
+    want = [torch.zeros_like(p) for p in reference[3].parameters()]
+    for x in xs:
+        for total, g in zip(want, torch.autograd.grad(reference(x).pow(2).mean(), list(reference[3].parameters()))):
+            total += g / comm.size
+    for p, w in zip(model[3].parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.mpi(min_size=2)
 def test_first_step_names_a_module_added_on_one_rank_only(comm):
     """A module added after construction on one rank is in no layer list that construction
