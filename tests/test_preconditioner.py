@@ -1324,6 +1324,24 @@ def test_examples_are_counted_in_mappings_and_dataclasses(comm, wrap):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+@dataclasses.dataclass
+class ScaledBatch:
+    x: torch.Tensor
+    scale: torch.Tensor = torch.full((3, 1), 2.0)  # a class attribute as well as each instance's default
+
+
+def test_tensors_in_reads_dataclass_instances_not_dataclass_types():
+    """An instance's fields are read, in order; a dataclass type passed as an argument (a config
+    class) holds no example, though its defaults are class attributes."""
+    from hpckfac.torch.micro_batch import tensors_in
+
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(4))
+    other = torch.randn(2, 5, generator=torch.Generator().manual_seed(5))
+    found = list(tensors_in([ScaledBatch, {"b": ScaledBatch(x, other)}, (x,)]))
+    assert len(found) == 3 and found[0] is x and found[1] is other and found[2] is x
+    assert list(tensors_in(ScaledBatch)) == []
+
+
 class ScaledInput(nn.Module):
     """``model(scale, x)`` or ``model(positions, x)``: a 1-D tensor before the batch; the batch
     flattened to ``(batch * positions, features)`` rows before the first layer."""
