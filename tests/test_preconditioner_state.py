@@ -563,6 +563,9 @@ def trained(comm):
      "not symmetric with a positive diagonal"),
     (lambda s: s["blocks"]["4"].__setitem__("inverses", "abc"), "block .4. has inverses of type ndarray, expected a list"),
     (lambda s: s["blocks"]["4"].__setitem__("inverses", [[1.0]]), "block .4. has inverses of shapes"),
+    # A single (2, 2) matrix where the BatchNorm block holds a stack of four: not taken as a stack of one.
+    (lambda s: s["blocks"]["1"]["inverses"].__setitem__(0, torch.eye(2, dtype=torch.float64)),
+     r"block '1' has inverses of shapes \[\(2, 2\)\], expected \[\(4, 2, 2\)\]"),
     (lambda s: s["blocks"]["0"].__setitem__("factors", "abc"), "factors of shape"),
     # An option that is not a saved hyperparameter (fixed at construction): named, not an AttributeError.
     (lambda s: s["hyperparameters"].__setitem__("factor_dtype", "float16"),
@@ -689,6 +692,25 @@ def test_a_checkpoint_without_a_kl_clip_switches_the_callers_clip_off(comm):
     for got, want, clip in zip(grads[1], grads[0], grads[2]):
         assert torch.equal(got, want)
     assert not all(torch.allclose(c, w) for c, w in zip(grads[2], grads[0]))
+
+
+@pytest.mark.parametrize("name", ["damping", "factor_decay"])
+def test_a_schedule_is_saved_as_none_and_the_state_loads_without_pickles(comm, name):
+    """A ``damping`` or ``factor_decay`` schedule is saved as None (a function cannot be read back
+    by ``torch.load(weights_only=True)``), and loading that state keeps the loader's own value."""
+    model, data = model_and_data()
+    schedule = {"damping": lambda k: 0.03 / (k + 1), "factor_decay": lambda k: 0.9 - 0.1 / (k + 1)}[name]
+    precond = KFACPreconditioner(model, comm=comm, **dict(OPTIONS, **{name: schedule}))
+    train(model, torch.optim.SGD(model.parameters(), lr=OPTIONS["lr"]), precond, data[:3])
+    buf = io.BytesIO()
+    torch.save(precond.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["hyperparameters"][name] is None and state["steps"] == 3
+    constant = {"damping": 0.02, "factor_decay": 0.8}[name]
+    other = KFACPreconditioner(model_and_data()[0], comm=comm, **dict(OPTIONS, **{name: constant}))
+    other.load_state_dict(state)
+    assert getattr(other.engine, name) == constant and other.steps == 3
 
 
 @pytest.mark.parametrize("name", ["damping", "factor_decay"])

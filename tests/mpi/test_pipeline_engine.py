@@ -174,6 +174,12 @@ def test_engine_preconditions_same_shape_blocks_together(comm):
     absent = lambda k, r, l: k == 0 and l == 2
     engine, nus = run(comm, repeated_blocks(), steps=7, fui=1, iui=3, kl_clip=1e-3, absent=absent)
     assert min(nus) < 1.0
+    # Each rank's owned blocks in model order, those of one batch_key at the first one's place.
+    key = {l: ("alone", l) if b.batch_key is None else b.batch_key for l, b in enumerate(engine.blocks)}
+    for rank, owned in enumerate(engine.layout.owned):
+        mine = [l for l, r in enumerate(engine.owners) if r == rank]
+        first = {k: min(m for m in mine if key[m] == k) for k in {key[m] for m in mine}}
+        assert owned == sorted(mine, key=lambda l: (first[key[l]], l)), (rank, owned)
     state = engine.state
     names = [b.name for b in state.blocks]
     for key in {b.batch_key for b in state.blocks}:  # the layout puts each key's blocks together
@@ -555,3 +561,21 @@ def test_engine_step_checks_and_uses_the_settings_it_is_given(comm):
     assert engine.damping == DAMPING
     for got, expected in zip(out, want):
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.mpi
+def test_engine_load_names_the_replaced_hyperparameters_on_rank_zero_alone(comm, caplog):
+    """Every rank loads the same state: the warning naming the checkpoint's hyperparameters that
+    replace the current ones is said once, by rank 0, and the values are the checkpoint's."""
+    blocks = make_blocks()
+    engine = KFACEngine(blocks, comm, damping=DAMPING, factor_decay=DECAY, comm_dtype=np.float64)
+    _, packed, grads = draw(np.random.default_rng(8), blocks, comm.size)
+    engine.step(grads[comm.rank], packed[comm.rank], lr=LR)
+    state = engine.state_dict()
+    other = KFACEngine(make_blocks(), comm, damping=3 * DAMPING, factor_decay=DECAY, comm_dtype=np.float64)
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        other.load_state_dict(state)
+    said = caplog.text.count("the checkpoint's hyperparameters replace the current ones: damping 0.03 -> 0.01")
+    # Gathered, so that a wrong count fails on every rank rather than leaving the others waiting.
+    assert comm.allgather_object(said) == [1] + [0] * (comm.size - 1), caplog.text
+    assert other.damping == DAMPING and other.steps == 1
