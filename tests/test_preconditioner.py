@@ -2491,6 +2491,32 @@ def test_a_layer_in_eval_mode_inside_a_training_model_is_named_as_such(caplog):
         torch.testing.assert_close(got.grad, want, rtol=0, atol=0)
 
 
+class Unreached(nn.Module):
+    """Three K-FAC layers, of which ``forward`` never calls ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.a(x)))
+
+
+def test_the_eval_mode_warning_names_only_the_layers_in_eval_mode(caplog):
+    """A layer in eval() beside one in train() mode that the forward never reaches: both lack
+    statistics, and the eval() warning names only the one in eval() mode."""
+    torch.manual_seed(0)
+    model = Unreached().double()
+    precond = KFACPreconditioner(model, comm=Communicator(MPI.COMM_SELF))
+    model.a.eval()
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model(x).pow(2).mean().backward()
+    with caplog.at_level("WARNING", logger="hpckfac"):
+        precond.step()
+    named = [r.getMessage().split(";")[0] for r in caplog.records if "in eval() mode at step" in r.getMessage()]
+    assert named == ["K-FAC layers in eval() mode at step 0: a"], caplog.text
+
+
 @pytest.mark.parametrize("steps", [1, 2])
 def test_forwards_per_step_other_than_accumulation_steps_are_named(steps, caplog):
     """Two micro-batches before one ``step()``, each loss divided by 2: only with
