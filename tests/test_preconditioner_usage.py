@@ -217,6 +217,18 @@ needs_compile = pytest.mark.skipif(not hasattr(torch, "compile") or not compile_
                                    reason="torch.compile is not available")
 
 
+def state_of(precond, model) -> list[np.ndarray]:
+    """The running factors and the parameters' gradients: what two runs that must agree share."""
+    return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy() for p in model.parameters()]
+
+
+def assert_bitwise(got: list[np.ndarray], want: list[np.ndarray], count: int) -> None:
+    """Two runs' ``state_of``, ``count`` arrays each, equal bit for bit."""
+    assert len(got) == len(want) == count
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def train(model, run, precond, steps=2):
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -224,7 +236,7 @@ def train(model, run, precond, steps=2):
         model.zero_grad()
         nn.functional.cross_entropy(run(x), y).backward()
         precond.step()
-    return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy() for p in model.parameters()]
+    return state_of(precond, model)
 
 
 @needs_compile
@@ -300,11 +312,9 @@ def test_evaluation_forwards_in_train_mode_add_nothing(context):
                     model(other)
             nn.functional.cross_entropy(out, y).backward()
             precond.step()
-        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
-                                                                       for p in model.parameters()]
+        return state_of(precond, model)
 
-    for got, want in zip(run(True), run(False)):
-        np.testing.assert_array_equal(got, want)
+    assert_bitwise(run(True), run(False), 6)  # two running factor sets, four gradients
 
 
 def _torch_func_calls(model, x, y):
@@ -343,13 +353,9 @@ def test_forwards_inside_torch_func_transforms_add_nothing():
                 _torch_func_calls(model, other, y[:5])
             nn.functional.cross_entropy(out, y).backward()
             precond.step()
-        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
-                                                                       for p in model.parameters()]
+        return state_of(precond, model)
 
-    got, want = run(True), run(False)
-    assert len(got) == len(want) == 6  # two running factor sets, four gradients
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
+    assert_bitwise(run(True), run(False), 6)  # two running factor sets, four gradients
 
 
 def test_a_vectorized_backward_between_forward_and_backward_adds_nothing():
@@ -375,13 +381,9 @@ def test_a_vectorized_backward_between_forward_and_backward_adds_nothing():
                     torch.autograd.functional.jacobian(model, x[:2].detach(), vectorize=True)
             nn.functional.cross_entropy(out, y).backward()
             precond.step()
-        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
-                                                                       for p in model.parameters()]
+        return state_of(precond, model)
 
-    got, want = run(True), run(False)
-    assert len(got) == len(want) == 6  # two running factor sets, four gradients
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
+    assert_bitwise(run(True), run(False), 6)  # two running factor sets, four gradients
 
 
 def test_a_model_trained_through_vmap_takes_no_statistics_and_is_told(caplog):
@@ -431,13 +433,9 @@ def test_parameters_swapped_by_torch_after_steps_train_as_converted_in_place(cha
                 optimizer.step()
         finally:
             torch.__future__.set_swap_module_params_on_conversion(before)
-        return [np.array(r) for r in precond.engine.state.running] + [p.grad.numpy().copy()
-                                                                       for p in model.parameters()]
+        return state_of(precond, model)
 
-    got, want = run(True), run(False)
-    assert len(got) == len(want) == 6  # two running factor sets, four gradients
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
+    assert_bitwise(run(True), run(False), 6)  # two running factor sets, four gradients
 
 
 def test_a_forward_hook_registered_before_that_replaces_the_output_leaves_g_the_layers_own():
