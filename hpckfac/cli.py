@@ -55,10 +55,11 @@ class RankParser(argparse.ArgumentParser):
         try:
             parsed = self.parse_args(args)
             mine: tuple = ("args", {k: repr(v) for k, v in vars(parsed).items()} if compare else None)
-        except (SystemExit, Exception) as exc:  # any: a subclass's error() may raise its own type
+        except BaseException as exc:  # any: a subclass's error() may raise its own type, and an
+            # interrupt on this rank alone must meet the others in the allgather, not leave them there
             stop = exc
             said = self._failure if self._failure is not None or not isinstance(exc, SystemExit) else "--help"
-            mine = ("stop", said if said is not None else str(exc))
+            mine = ("stop", said if said is not None else str(exc) or type(exc).__name__)
         held, self._held = self._held, None
         everyone = world.allgather((self.prog, mine))
         if all(theirs == everyone[0] for theirs in everyone):

@@ -419,3 +419,32 @@ def test_trainer_setup_checks_are_checked_collectives(tmp_path):
     for rank in (0, 1):
         said = (tmp_path / f"rank{rank}.txt").read_text()
         assert "ranks disagree on the call (checking --out on ranks [0]; loading the data on ranks [1])" in said, said
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_an_interrupt_while_one_rank_parses_ends_every_rank(tmp_path, ranks):
+    """A KeyboardInterrupt raised while the last rank alone parses its arguments: that rank
+    returned 130 while the others waited for good in the comparison of the outcomes. Every
+    rank ends with status 2, rank 0 naming the last rank and the interrupt once."""
+    proc = run(tmp_path, """
+        import sys
+        from mpi4py import MPI
+        from hpckfac.cli import RankParser, exit_status
+
+        def steps(text):
+            if MPI.COMM_WORLD.Get_rank() == MPI.COMM_WORLD.Get_size() - 1:
+                raise KeyboardInterrupt
+            return int(text)
+
+        def main():
+            parser = RankParser(prog="demo")
+            parser.add_argument("--steps", type=steps)
+            parser.parse_everywhere(["--steps", "3"])
+            return 0
+
+        sys.exit(exit_status(main, "demo"))
+    """, ranks=ranks, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert last_line(proc.stderr) == (f"demo: error: the ranks were started with different arguments: "
+                                      f"rank {ranks - 1} of {ranks}: KeyboardInterrupt"), proc.stderr
