@@ -191,3 +191,79 @@ def test_an_unknown_command_on_one_rank_only_ends_every_rank(comm, capsys):
                                         f"rank 0 runs hpckfac bench comm, rank {comm.size - 1} hpckfac trian")
     else:
         assert err == ""
+
+
+@pytest.mark.mpi
+def test_the_first_rank_whose_value_differs_is_named(comm, capsys):
+    """Every rank but rank 0 gives --max-bytes a value of its own (random): the message names
+    rank 1, the first that differs, with its value and rank 0's, on rank 0 alone."""
+    import numpy as np
+
+    seed = comm.mpi.bcast(int(np.random.SeedSequence().entropy % 2**32) if comm.rank == 0 else None, root=0)
+    values = 64 * (1 + np.random.default_rng(seed).choice(1000, size=comm.size, replace=False))
+    argv = ["comm", "--min-bytes", "64", "--max-bytes", str(values[comm.rank]), "--repeat", "1"]
+    if comm.size == 1:
+        assert exit_code(argv) == 0
+        return
+    start = time.perf_counter()
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    elapsed = time.perf_counter() - start
+    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    assert elapsed < LIVENESS_S
+    if comm.rank == 0:
+        assert err.splitlines()[-1] == ("python -m hpckfac.bench comm: error: the ranks were started with different "
+                                        f"arguments: --max-bytes is {values[0]} on rank 0, {values[1]} on rank 1")
+    else:
+        assert err == ""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("first", [["comm", "--max-bytes", "x"], ["comm", "--help"]], ids=["invalid", "help"])
+def test_an_error_or_help_on_rank_0_only_is_rank_0s(comm, first, capsys):
+    """Rank 0 alone cannot parse its arguments or asks for --help: the message names rank 0 and
+    its cause, not the first other rank (whose arguments parse), and rank 0's help is not printed."""
+    argv = ["comm", "--min-bytes", "64", "--max-bytes", "1024", "--repeat", "1"]
+    if comm.size == 1:
+        return  # one rank is always the first: test_an_error_in_every_rank_is_said_once_as_it_is
+    start = time.perf_counter()
+    assert exit_code(first if comm.rank == 0 else argv) == 2
+    captured = capsys.readouterr()
+    elapsed = time.perf_counter() - start
+    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    assert elapsed < LIVENESS_S
+    cause = {"x": "argument --max-bytes: invalid int value: 'x'", "--help": "--help"}[first[-1]]
+    if comm.rank == 0:
+        assert captured.err.splitlines()[-1] == ("python -m hpckfac.bench comm: error: the ranks were started with "
+                                                 f"different arguments: rank 0 of {comm.size}: {cause}")
+        assert captured.out == ""  # the help of a refused launch is not printed
+    else:
+        assert captured.err == "" and captured.out == ""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["-h"], 0), ([], 2), (["trian"], 2),
+                                          (["bench", "--help"], 0), (["bench"], 2), (["bench", "comm2"], 2)])
+def test_the_usage_of_every_rank_is_printed_once(comm, argv, status, capsys):
+    """The same request for the usage, or the same unknown name, on every rank: each rank ends
+    with the status of one process, and only rank 0 prints, what one process prints."""
+    from hpckfac.cli import main as hpckfac
+
+    start = time.perf_counter()
+    try:
+        got = hpckfac(argv)
+    except SystemExit as exc:
+        got = exc.code
+    captured = capsys.readouterr()
+    elapsed = time.perf_counter() - start
+    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    assert elapsed < LIVENESS_S
+    assert got == status
+    if comm.rank != 0:
+        assert captured.out == "" and captured.err == ""  # one copy of the answer
+        return
+    stream, other = (captured.out, captured.err) if status == 0 else (captured.err, captured.out)
+    assert stream.count("usage:") == 1 and other == "", captured
+    if argv[-1:] in (["trian"], ["comm2"]):
+        assert stream.splitlines()[-1].endswith(f"error: unknown {'benchmark' if argv[0] == 'bench' else 'command'} "
+                                                f"{argv[-1]!r}"), stream
