@@ -485,6 +485,26 @@ def test_gradients_that_step_wrote_save_and_load_with_weights_only():
             torch.testing.assert_close(loaded, p.grad, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_no_zero_grad_check_mark_is_left_on_the_gradients(set_to_none):
+    """The marks by which the zero_grad() check follows each .grad from the first step() to the
+    second are gone after the second, also where zero_grad(set_to_none=False) zeroed the marked
+    tensors in place and a backward added to them (the check stopped following them there)."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    model = mlp()
+    precond = kfac(model)
+    for step in range(3):
+        model.zero_grad(set_to_none=set_to_none)
+        x, y = torch.randn(6, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        if step > 0:
+            left = {name: [a for a in vars(p.grad) if a.startswith("_hpckfac_watched")]
+                    for name, p in model.named_parameters()}
+            assert not any(left.values()), left
+
+
 class AutocastNet(nn.Module):
     """A Linear on float32 inputs, a Conv1d and a Linear on the bfloat16 activations that CPU
     autocast gives them."""

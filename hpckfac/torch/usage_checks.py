@@ -50,6 +50,13 @@ def _marked(param: torch.Tensor, token: int | None, attribute: str) -> torch.Ten
     return grad if token is not None and grad is not None and getattr(grad, attribute, None) == token else None
 
 
+def _unmark(param: torch.Tensor, token: int | None, attribute: str) -> None:
+    """Remove the mark ``token`` from ``param.grad`` where it still carries it: the check that set
+    it reads it no more, and a user's tensor keeps no attribute of ours it does not need."""
+    if _marked(param, token, attribute) is not None:
+        delattr(param.grad, attribute)
+
+
 class UsageChecks:
     """The checks and warnings of ``KFACPreconditioner.step()`` (a base class: it holds no state
     of its own beyond what the preconditioner sets up)."""
@@ -182,6 +189,7 @@ class UsageChecks:
                 if watch[3]:
                     watch[2:] = [True, False]
                 else:  # zeroed, in place or to None, since: this parameter's backwards start anew
+                    _unmark(p, watch[1], _WATCHED)  # zeroed in place, the tensor is still the one marked
                     watch[1:] = [None, False, False]
 
             self._written_watch.append(watch)
@@ -206,8 +214,7 @@ class UsageChecks:
         kept = any(met and grad is not None and bool(grad.any())
                    for p, token, met, _ in watched for grad in [_marked(p, token, _WATCHED)])
         for p, token, _, _ in watched:  # the marks are read no more
-            if _marked(p, token, _WATCHED) is not None:
-                delattr(p.grad, _WATCHED)
+            _unmark(p, token, _WATCHED)
         if kept:
             # A layer left out of the optimizer but still requiring grad is never zeroed by its
             # zero_grad(): the same sum, which the KL clip of every layer then counts, growing.
