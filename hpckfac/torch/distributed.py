@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -112,11 +112,12 @@ def _tensor_difference(everyone: Sequence[Sequence[tuple[str, str]]]) -> str:
 
 
 @contextlib.contextmanager
-def _naming_tensors(comm: Communicator, named: Sequence[tuple[str, torch.Tensor]], call: str,
+def _naming_tensors(comm: Communicator, named: Callable[[], Sequence[tuple[str, torch.Tensor]]], call: str,
                     what: str) -> Iterator[None]:
     """Within the block (``call``, e.g. ``"allreduce_gradients()"``), a CollectiveMismatchError
-    that every rank raised in the same collective becomes one naming the first of ``named`` whose shape or dtype differs between the ranks
-    (an allgather of their names and kinds, only then): the collective itself can say only
+    that every rank raised in the same collective becomes one naming the first of ``named()``
+    whose shape or dtype differs between the ranks (an allgather of their names and kinds, only
+    then: ``named`` is called there alone): the collective itself can say only
     that the buffers' lengths differ. Other mismatches (different calls, or equal tensors and
     other arguments) pass unchanged."""
     from hpckfac.comm import CollectiveMismatchError
@@ -126,7 +127,7 @@ def _naming_tensors(comm: Communicator, named: Sequence[tuple[str, torch.Tensor]
     except CollectiveMismatchError as err:
         if not err.same_call:
             raise
-        everyone = comm.allgather_object(_named_kinds(named), what=what)
+        everyone = comm.allgather_object(_named_kinds(named()), what=what)
         if all([kind for _, kind in theirs] == [kind for _, kind in everyone[0]] for theirs in everyone):
             raise
         raise CollectiveMismatchError(f"{call}: ranks disagree on {what}: {_tensor_difference(everyone)}",
@@ -248,7 +249,10 @@ def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algo
     without a gradient on some ranks counts as zero there (``average_grads``)."""
     check_model(model)
     comm = _comm(comm)
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    def trained() -> list[tuple[str, torch.Tensor]]:
+        # Only on the error path: named_parameters() walks the model, a cost on every step.
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
     call = "allreduce_gradients()"
     with comm.calling(call), _naming_tensors(comm, trained, call, "the model's trainable parameters"):
         average_grads(model.parameters(), comm, algorithm, bucket_bytes)
@@ -440,7 +444,8 @@ def sync_batchnorm_stats(model: nn.Module, comm: Communicator | None = None,
              for stat in ("running_mean", "running_var")]
     tensors = [tensor for _, tensor in named]
     call = "sync_batchnorm_stats()"
-    with _scope(tensors), comm.calling(call), _naming_tensors(comm, named, call, "the model's BatchNorm statistics"):
+    what = "the model's BatchNorm statistics"
+    with _scope(tensors), comm.calling(call), _naming_tensors(comm, lambda: named, call, what):
         if examples is None:
             carried = _carried(tensors)
             comm.allreduce_many([to_array(t) for t in carried], op="mean", algorithm="auto")
