@@ -486,16 +486,18 @@ def test_gradients_that_step_wrote_save_and_load_with_weights_only():
 
 
 
-@pytest.mark.parametrize("set_to_none", [True, False])
-def test_no_zero_grad_check_mark_is_left_on_the_gradients(set_to_none):
+@pytest.mark.parametrize("zeroing", ["to none", "in place", "never"])
+def test_no_zero_grad_check_mark_is_left_on_the_gradients(zeroing):
     """The marks by which the zero_grad() check follows each .grad from the first step() to the
-    second are gone after the second, also where zero_grad(set_to_none=False) zeroed the marked
-    tensors in place and a backward added to them (the check stopped following them there)."""
+    second are gone after the second: where zero_grad(set_to_none=False) zeroed the marked
+    tensors in place and a backward added to them (the check stopped following them there), and
+    where no zero_grad() ran (the check followed them to the second step, and warned)."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**31))
     model = mlp()
     precond = kfac(model)
     for step in range(3):
-        model.zero_grad(set_to_none=set_to_none)
+        if zeroing != "never":
+            model.zero_grad(set_to_none=zeroing == "to none")
         x, y = torch.randn(6, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (6,), generator=gen)
         nn.functional.cross_entropy(model(x), y).backward()
         precond.step()
