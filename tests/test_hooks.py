@@ -86,3 +86,23 @@ def test_removed_hooks_see_nothing():
     hooks.remove()  # idempotent
     layer(torch.randn(4, 3)).sum().backward()
     assert inputs == [] and grads == [] and hooks.handles == []
+
+
+def test_torch_func_transforms_are_told_apart_without_maybe_current_level(monkeypatch):
+    """On a torch without ``maybe_current_level`` the level comes from ``current_level``, which
+    raises outside a transform: inside vmap and grad a transform runs, outside none does."""
+    from hpckfac.torch import hooks
+
+    monkeypatch.setattr(hooks, "_functorch_level", hooks._level_or_none)
+    seen = []
+
+    def probe(x):
+        seen.append(hooks.in_torch_func())
+        return (x * x).sum()
+
+    assert not hooks.in_torch_func()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.func.vmap(probe)(x)
+    torch.func.grad(probe)(x[0])
+    probe(x)
+    assert seen == [True, True, False]

@@ -249,6 +249,7 @@ def allreduce_gradients(model: nn.Module, comm: Communicator | None = None, algo
     without a gradient on some ranks counts as zero there (``average_grads``)."""
     check_model(model)
     comm = _comm(comm)
+
     def trained() -> list[tuple[str, torch.Tensor]]:
         # Only on the error path: named_parameters() walks the model, a cost on every step.
         return [(name, p) for name, p in model.named_parameters() if p.requires_grad]

@@ -83,7 +83,19 @@ def recomputing_now() -> int:
 # own vmap (torch.autograd.grad(..., is_grads_batched=True), jacobian(..., vectorize=True)); a
 # torch without them has none of these to meet.
 _functorch = getattr(torch._C, "_functorch", None)
-_functorch_level = getattr(_functorch, "maybe_current_level", None)
+
+
+def _level_or_none() -> int | None:
+    """The innermost transform's level, None outside them, from ``current_level`` on a torch
+    without ``maybe_current_level`` (it raises outside a transform there)."""
+    try:
+        return _functorch.current_level()
+    except RuntimeError:
+        return None
+
+
+_functorch_level = getattr(_functorch, "maybe_current_level",
+                           _level_or_none if hasattr(_functorch, "current_level") else None)
 _wrapper_tests = [test for test in (getattr(_functorch, "is_functorch_wrapped_tensor", None),
                                     getattr(_functorch, "is_legacy_batchedtensor", None)) if test is not None]
 
