@@ -208,14 +208,37 @@ def test_different_models_name_the_first_batchnorm_statistic_that_differs(comm, 
 
 
 @pytest.mark.mpi(min_size=2)
-def test_same_models_with_other_bucket_sizes_keep_the_collectives_message(comm):
+@pytest.mark.parametrize("names", ["same", "other"])
+def test_same_models_with_other_bucket_sizes_keep_the_collectives_message(comm, names):
     """Ranks whose models agree but whose ``bucket_bytes`` differ: the message names the
-    bucket sizes, as the collective found them, not a model difference there is none of."""
+    bucket sizes, as the collective found them, not a model difference there is none of, also
+    where rank 0's layers have other names (the collective pairs tensors by position)."""
+    from collections import OrderedDict
+
     model = _model_of("none", False)
+    if names == "other" and comm.rank == 0:
+        model = nn.Sequential(OrderedDict(zip("abcde", model)))
     model(torch.randn(6, 3)).sum().backward()
     with pytest.raises(CollectiveMismatchError, match=r"allreduce_many in allreduce_gradients\(\): ranks disagree "
                                                       r"on bucket_bytes \(64 on ranks \[0\]; 128 on ranks"):
         allreduce_gradients(model, comm, bucket_bytes=64 if comm.rank == 0 else 128)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_two_helpers_on_one_collective_keep_the_collectives_message(comm):
+    """Rank 0 averages BatchNorm statistics while the others average gradients, both through
+    allreduce_many: the message names the two calls, as the collective found them, and no rank
+    gathers tensor names for a comparison the others do not make."""
+    model = _model_of("none", False)
+    model(torch.randn(6, 3)).sum().backward()
+    others = list(range(1, comm.size))
+    with pytest.raises(CollectiveMismatchError) as info:
+        if comm.rank == 0:
+            sync_batchnorm_stats(model, comm)
+        else:
+            allreduce_gradients(model, comm)
+    assert str(info.value).endswith(f"ranks disagree on the call (allreduce_many in sync_batchnorm_stats() on ranks "
+                                    f"[0]; allreduce_many in allreduce_gradients() on ranks {others})"), str(info.value)
 
 
 @pytest.mark.mpi
