@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
+from hpckfac.log import launcher_rank_and_size
+
 # The exit statuses of a Unix tool that SIGPIPE (128 + 13) or SIGINT (128 + 2) ended.
 BROKEN_PIPE_STATUS = 141
 INTERRUPTED_STATUS = 130
@@ -24,8 +26,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class RankParser(argparse.ArgumentParser):
     """The argument parser of a command run as ``mpiexec -n N hpckfac ...``: usage, help and
     errors are printed by world rank 0 alone (every rank parses, one copy of the answer is
-    enough), and ``parse_everywhere`` ends alike on every rank. The rank is read from MPI
-    itself, imported here if the command has not yet."""
+    enough), and ``parse_everywhere`` ends alike on every rank (``job_rank_and_size``)."""
 
     _held: list[tuple[str, Any]] | None = None  # output kept back while the ranks compare outcomes
     _failure: str | None = None  # the message of this rank's last error()
@@ -33,7 +34,7 @@ class RankParser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         if self._held is not None:
             self._held.append((message, file))
-        elif _world().Get_rank() == 0:
+        elif job_rank_and_size()[0] == 0:
             super()._print_message(message, file)
 
     def error(self, message: str) -> NoReturn:
@@ -48,8 +49,7 @@ class RankParser(argparse.ArgumentParser):
         first collective. With ``compare``, ranks whose arguments parse to other values are
         refused too, naming the first option that differs, so that the checks that follow fail
         or pass on every rank alike. Each outcome's output is printed once, by rank 0."""
-        world = _world()
-        if world.Get_size() == 1:
+        if job_rank_and_size()[1] == 1:
             return self.parse_args(args)
         self._held, self._failure, parsed, stop = [], None, None, None
         try:
@@ -61,7 +61,7 @@ class RankParser(argparse.ArgumentParser):
             said = self._failure if self._failure is not None or not isinstance(exc, SystemExit) else "--help"
             mine = ("stop", said if said is not None else str(exc) or type(exc).__name__)
         held, self._held = self._held, None
-        everyone = world.allgather((self.prog, mine))
+        everyone = _world().allgather((self.prog, mine))
         if all(theirs == everyone[0] for theirs in everyone):
             for message, file in held:  # rank 0's help or error, as it would have printed it
                 self._print_message(message, file)
@@ -72,10 +72,20 @@ class RankParser(argparse.ArgumentParser):
 
 
 def _world():
-    """mpi4py's ``COMM_WORLD`` (MPI starts on first use: a command's help needs no MPI until now)."""
+    """mpi4py's ``COMM_WORLD`` (MPI starts on first use)."""
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
+
+
+def job_rank_and_size() -> tuple[int, int]:
+    """This process's rank in ``COMM_WORLD`` and the job's size; ``(0, 1)`` without MPI where no
+    launcher says otherwise (``hpckfac.log.launcher_rank_and_size``): ``--help`` or a usage error
+    on a login node, where some MPI libraries cannot start outside a job, starts none."""
+    if launcher_rank_and_size() == (0, 1):
+        return 0, 1
+    world = _world()
+    return world.Get_rank(), world.Get_size()
 
 
 def _first_difference(everyone: Sequence[tuple[str, tuple]]) -> str:
@@ -131,16 +141,16 @@ def _dispatch(argv: list[str] | None) -> int:
     usage = (f"usage: hpckfac {{{'|'.join(commands)}}} [options]  (hpckfac COMMAND --help)\n"
              "  train   train a ResNet with distributed K-FAC, SGD or Adam (mpiexec -n N hpckfac train)\n"
              f"  bench   benchmarks: {', '.join(BENCHMARKS)}")
-    if not (argv and argv[0] in commands) and _world().Get_size() > 1:
+    if not (argv and argv[0] in commands) and job_rank_and_size()[1] > 1:
         # Other ranks may have been given a command (an MPMD launch): meet them where they
         # compare their arguments, so that every rank ends, together, rather than this one alone.
         RankParser(prog=" ".join(["hpckfac", *argv[:1]]), add_help=False).parse_everywhere([])
     if argv and argv[0] in ("-h", "--help"):
-        if _world().Get_rank() == 0:  # one copy of the answer
+        if job_rank_and_size()[0] == 0:  # one copy of the answer
             print(usage)
         return 0
     if not argv or argv[0] not in commands:
-        if _world().Get_rank() == 0:
+        if job_rank_and_size()[0] == 0:
             print(usage, file=sys.stderr)
             if argv:
                 print(f"hpckfac: error: unknown command {argv[0]!r}", file=sys.stderr)

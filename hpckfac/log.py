@@ -7,7 +7,7 @@ import os
 _FORMAT = "%(asctime)s [rank %(rank)s/%(world)s] %(name)s %(levelname)s: %(message)s"
 
 
-def _rank_and_size() -> tuple[int, int | str]:
+def launcher_rank_and_size() -> tuple[int, int | str]:
     """This process's rank and the job's size from the launcher's variables (MPICH, Open MPI,
     Slurm, PMIx), ``"?"`` for a size the launcher does not say; ``(0, 1)`` without a launcher.
     A value that is no whole number (an empty ``SLURM_NTASKS`` left by a wrapper script) is
@@ -30,7 +30,7 @@ def _rank_and_size() -> tuple[int, int | str]:
 
 
 class _RankFilter(logging.Filter):
-    rank, world = _rank_and_size()
+    rank, world = launcher_rank_and_size()
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = self.rank

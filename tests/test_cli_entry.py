@@ -239,3 +239,24 @@ def test_output_still_buffered_when_the_command_returns_ends_quietly_too():
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_STATUS, "")
+
+
+@pytest.mark.parametrize("module", ["hpckfac", "hpckfac.bench"])
+@pytest.mark.parametrize("argv", [["--help"], [], ["nothing"]])
+def test_the_usage_starts_no_mpi_outside_a_launcher(module, argv):
+    """``hpckfac --help`` or a mistyped command on a login node, where no launcher's variables
+    are set: the usage is printed without starting MPI (some MPI libraries cannot start outside
+    a job); under a launcher the job's size is MPI's, so that every rank ends together."""
+    import os
+    import subprocess
+    import sys
+
+    script = (f"import sys, runpy\nsys.argv = [{module!r}] + {argv!r}\n"
+              f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n"
+              f"    status = e.code\nprint('mpi started' if 'mpi4py.MPI' in sys.modules else 'no mpi', status)\n")
+    launchers = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID",
+                 "SLURM_NTASKS", "PMIX_RANK", "PMIX_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launchers}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout.splitlines()[-1] == f"no mpi {0 if argv == ['--help'] else 2}", done.stderr
+    assert ("usage:" in done.stdout) == (argv == ["--help"]) and ("usage:" in done.stderr) == (argv != ["--help"])

@@ -29,7 +29,7 @@ def test_rank_and_size_from_the_launcher(monkeypatch, env, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert log._rank_and_size() == expected
+    assert log.launcher_rank_and_size() == expected
 
 
 @contextlib.contextmanager

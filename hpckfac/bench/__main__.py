@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from hpckfac.cli import RankParser, job_rank_and_size
+
 BENCHMARKS = {
     "comm": "collective bandwidth and latency: ring vs MPI allreduce, ReduceScatterV, AllGatherV",
     "step": "iteration time: SGD + ring-allreduce vs K-FAC, per-stage breakdown",
@@ -20,11 +22,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m hpckfac.bench") -
     argv = list(sys.argv[1:] if argv is None else argv)
     lines = "\n".join(f"  {name:12s} {text}" for name, text in BENCHMARKS.items())
     usage = f"usage: {prog} NAME [options]  ({prog} NAME --help)\n{lines}"
-    if not (argv and argv[0] in BENCHMARKS) and _world().Get_size() > 1:
+    if not (argv and argv[0] in BENCHMARKS) and job_rank_and_size()[1] > 1:
         # Other ranks may have been given a benchmark (an MPMD launch): meet them where they
         # compare their arguments, so that every rank ends, together, rather than this one alone.
-        from hpckfac.cli import RankParser
-
         RankParser(prog=" ".join([prog, *argv[:1]]), add_help=False).parse_everywhere([])
     if argv and argv[0] in ("-h", "--help"):
         if _rank_0():
@@ -68,16 +68,9 @@ def out_of_memory(exc: BaseException) -> bool:
         "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def _world():
-    """``COMM_WORLD`` of the job (of ``mpiexec -n N python -m hpckfac.bench``)."""
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD
-
-
 def _rank_0() -> bool:
-    """Whether this process is rank 0 of the job."""
-    return _world().Get_rank() == 0
+    """Whether this process is rank 0 of the job (of ``mpiexec -n N python -m hpckfac.bench``)."""
+    return job_rank_and_size()[0] == 0
 
 
 if __name__ == "__main__":
