@@ -7,12 +7,20 @@ from hpckfac.bench.__main__ import main as bench
 from liveness import LIVENESS_S
 
 
-def exit_code(argv):
-    """The status ``python -m hpckfac.bench ARGV`` ends with (argparse's errors raise SystemExit)."""
+def ended(comm, capsys, argv, run=bench):
+    """Every rank runs ``run(argv)`` (``python -m hpckfac.bench ARGV`` by default): the status it
+    ends with (argparse's errors raise SystemExit) and what it printed, once every rank has
+    ended, within ``LIVENESS_S`` (a barrier first: no assertion may fail on one rank alone)."""
+    start = time.perf_counter()
     try:
-        return bench(argv)
+        status = run(argv)
     except SystemExit as exc:
-        return exc.code
+        status = exc.code
+    captured = capsys.readouterr()
+    elapsed = time.perf_counter() - start
+    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    assert elapsed < LIVENESS_S
+    return status, captured
 
 
 @pytest.mark.mpi
@@ -21,16 +29,13 @@ def exit_code(argv):
 def test_one_process_benchmarks_refuse_several_ranks(comm, argv, capsys):
     if comm.size == 1:
         return  # they run (tests/test_cli_entry.py and the benchmarks' own tests)
-    start = time.perf_counter()
-    assert exit_code(argv) == 2
-    err = capsys.readouterr().err
+    status, captured = ended(comm, capsys, argv)
+    assert status == 2
+    err = captured.err
     if comm.rank == 0:
         assert f"runs in one process, not under mpiexec with {comm.size} ranks" in err.splitlines()[-1]
     else:
         assert err == ""  # one copy of the answer
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
 
 
 @pytest.mark.mpi
@@ -43,14 +48,11 @@ def test_sizes_beyond_one_machine_are_refused_on_every_rank(comm, argv, capsys, 
 
     last = comm.rank == comm.size - 1
     monkeypatch.setattr(report, "host_memory", lambda: 2**28 if last else 2**50)
-    start = time.perf_counter()
-    assert exit_code(argv) == 2
-    err = capsys.readouterr().err
+    status, captured = ended(comm, capsys, argv)
+    assert status == 2
+    err = captured.err
     if comm.rank == 0:
         assert "GiB of this machine" in err.splitlines()[-1] and "error: --" in err.splitlines()[-1]
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
 
 
 @pytest.mark.mpi
@@ -72,12 +74,9 @@ def test_benchmarks_started_with_other_settings_on_one_rank_fail_on_every_rank(c
                            "4", "--configs", "sgd"], (1, 2)),
         "convergence": ("seeds", ["convergence", "--quick", "--seeds", str(more)], (1, 2)),
         "comm": ("max-bytes", ["comm", "--min-bytes", "64", "--max-bytes", str(1024 * more)], (1024, 2048))}[name]
-    start = time.perf_counter()
-    assert exit_code(argv) == 2
-    err = capsys.readouterr().err
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
+    status, captured = ended(comm, capsys, argv)
+    assert status == 2
+    err = captured.err
     if comm.rank == 0:
         assert err.splitlines()[-1] == (f"python -m hpckfac.bench {name}: error: the ranks were started with different "
                                         f"arguments: --{option} is {values[0]} on rank 0, {values[1]} on rank "
@@ -96,14 +95,11 @@ def test_an_error_or_help_on_one_rank_only_ends_every_rank(comm, last, capsys):
     the last rank and its cause."""
     argv = ["comm", "--min-bytes", "64", "--max-bytes", "1024", "--repeat", "1"]
     if comm.size == 1:
-        assert exit_code(argv) == 0
+        assert ended(comm, capsys, argv)[0] == 0
         return
-    start = time.perf_counter()
-    assert exit_code(last if comm.rank == comm.size - 1 else argv) == 2
-    err = capsys.readouterr().err
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
+    status, captured = ended(comm, capsys, last if comm.rank == comm.size - 1 else argv)
+    assert status == 2
+    err = captured.err
     end = comm.size - 1
     cause = {"x": f"rank {end} of {comm.size}: argument --max-bytes: invalid int value: 'x'",
              "--help": f"rank {end} of {comm.size}: --help",
@@ -120,10 +116,9 @@ def test_an_error_or_help_on_one_rank_only_ends_every_rank(comm, last, capsys):
 @pytest.mark.mpi
 def test_an_error_in_every_rank_is_said_once_as_it_is(comm, capsys):
     """The same bad argument on every rank: argparse's own message, once, exit 2 everywhere."""
-    status = exit_code(["comm", "--max-bytes", "y"])
-    err = capsys.readouterr().err
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
+    status, captured = ended(comm, capsys, ["comm", "--max-bytes", "y"])
     assert status == 2
+    err = captured.err
     if comm.rank == 0:
         assert err.splitlines()[0].startswith("usage: python -m hpckfac.bench comm")
         assert err.splitlines()[-1] == "python -m hpckfac.bench comm: error: argument --max-bytes: invalid int value: 'y'"
@@ -140,14 +135,11 @@ def test_convergence_refuses_rank_counts_its_batches_do_not_split_over(comm, cap
     if comm.size <= 2:
         return  # both batches split: the study runs (tests/test_train_convergence.py)
     monkeypatch.setattr(convergence, "run_one", None)  # nothing may be trained
-    start = time.perf_counter()
-    assert exit_code(["convergence", "--quick"]) == 2
+    status, captured = ended(comm, capsys, ["convergence", "--quick"])
+    assert status == 2
     if comm.rank == 0:
         assert f"do not all split evenly over {comm.size} ranks: run with 1 or 2 rank(s)" in \
-            capsys.readouterr().err.splitlines()[-1]
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
+            captured.err.splitlines()[-1]
 
 
 @pytest.mark.mpi
@@ -157,13 +149,13 @@ def test_convergence_refuses_rank_counts_its_batches_do_not_split_over(comm, cap
 def test_scaling_refuses_bad_sizes_once_on_every_rank(comm, argv, message, capsys):
     """The same bad value on every rank: one line from rank 0 after the usage, status 2 everywhere,
     no rank aborting the job with its own copy of the message."""
-    assert exit_code(["scaling", "--model", "small", *argv]) == 2
-    err = capsys.readouterr().err
+    status, captured = ended(comm, capsys, ["scaling", "--model", "small", *argv])
+    assert status == 2
+    err = captured.err
     if comm.rank == 0:
         assert err.startswith("usage:") and err.splitlines()[-1] == f"python -m hpckfac.bench scaling: error: {message}"
     else:
         assert err == ""
-    comm.barrier()
 
 
 @pytest.mark.mpi
@@ -175,15 +167,8 @@ def test_an_unknown_command_on_one_rank_only_ends_every_rank(comm, capsys):
 
     argv = ["bench", "comm", "--min-bytes", "64", "--max-bytes", "1024", "--repeat", "1"]
     last = comm.rank == comm.size - 1 and comm.size > 1
-    start = time.perf_counter()
-    try:
-        status = hpckfac(["trian"] if last else argv)
-    except SystemExit as exc:
-        status = exc.code
-    err = capsys.readouterr().err
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
+    status, captured = ended(comm, capsys, ["trian"] if last else argv, run=hpckfac)
+    err = captured.err
     if comm.size == 1:
         assert status == 0
         return
@@ -204,15 +189,12 @@ def test_the_first_rank_whose_value_differs_is_named(comm, capsys):
     seed = comm.mpi.bcast(int(np.random.SeedSequence().entropy % 2**32) if comm.rank == 0 else None, root=0)
     values = 64 * (1 + np.random.default_rng(seed).choice(1000, size=comm.size, replace=False))
     argv = ["comm", "--min-bytes", "64", "--max-bytes", str(values[comm.rank]), "--repeat", "1"]
+    status, captured = ended(comm, capsys, argv)
     if comm.size == 1:
-        assert exit_code(argv) == 0
+        assert status == 0
         return
-    start = time.perf_counter()
-    assert exit_code(argv) == 2
-    err = capsys.readouterr().err
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
+    assert status == 2
+    err = captured.err
     if comm.rank == 0:
         assert err.splitlines()[-1] == ("python -m hpckfac.bench comm: error: the ranks were started with different "
                                         f"arguments: --max-bytes is {values[0]} on rank 0, {values[1]} on rank 1")
@@ -228,12 +210,8 @@ def test_an_error_or_help_on_rank_0_only_is_rank_0s(comm, first, capsys):
     argv = ["comm", "--min-bytes", "64", "--max-bytes", "1024", "--repeat", "1"]
     if comm.size == 1:
         return  # one rank is always the first: test_an_error_in_every_rank_is_said_once_as_it_is
-    start = time.perf_counter()
-    assert exit_code(first if comm.rank == 0 else argv) == 2
-    captured = capsys.readouterr()
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
+    status, captured = ended(comm, capsys, first if comm.rank == 0 else argv)
+    assert status == 2
     cause = {"x": "argument --max-bytes: invalid int value: 'x'", "--help": "--help"}[first[-1]]
     if comm.rank == 0:
         assert captured.err.splitlines()[-1] == ("python -m hpckfac.bench comm: error: the ranks were started with "
@@ -251,15 +229,7 @@ def test_the_usage_of_every_rank_is_printed_once(comm, argv, status, capsys):
     with the status of one process, and only rank 0 prints, what one process prints."""
     from hpckfac.cli import main as hpckfac
 
-    start = time.perf_counter()
-    try:
-        got = hpckfac(argv)
-    except SystemExit as exc:
-        got = exc.code
-    captured = capsys.readouterr()
-    elapsed = time.perf_counter() - start
-    comm.barrier()  # before any assertion can fail on one rank alone (see liveness)
-    assert elapsed < LIVENESS_S
+    got, captured = ended(comm, capsys, argv, run=hpckfac)
     assert got == status
     if comm.rank != 0:
         assert captured.out == "" and captured.err == ""  # one copy of the answer
