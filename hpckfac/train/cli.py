@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from typing import TYPE_CHECKING, NoReturn
 
-from hpckfac.cli import HelpFormatter, RankParser
+from hpckfac.cli import HelpFormatter, RankParser, job_rank_and_size
 from hpckfac.torch.device import DEVICE_CHOICES
 from hpckfac.train.config import DEFAULT_LR, OPTIMIZERS, PROGRESS, TrainConfig, stop_signals
 
@@ -89,15 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _world_rank() -> int:
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_rank()
-
-
 def _fail(message: str, code: int = 2) -> int:
     """Print one line on rank 0 and return the exit status."""
-    if _world_rank() == 0:
+    if job_rank_and_size()[0] == 0:
         print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
 
